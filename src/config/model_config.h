@@ -1,0 +1,47 @@
+// Hyper-parameters of a Llama-family model, parsed once (from GGUF metadata, config.json or a preset)
+// and passed by value everywhere else.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace shardlm {
+
+class GgufFile;
+
+struct RopeScaling {
+  // Llama 3.1 "llama3" frequency scaling; type "none" leaves frequencies alone.
+  std::string type = "none";
+  float factor = 1.0f;
+  float low_freq_factor = 1.0f;
+  float high_freq_factor = 4.0f;
+  int64_t original_context = 8192;
+};
+
+struct ModelConfig {
+  std::string arch = "llama";  // GGUF general.architecture: "llama" or "qwen2"
+  std::string name;            // general.name, informative
+  int64_t n_vocab = 0;
+  int64_t n_embd = 0;          // hidden size
+  int64_t n_layer = 0;
+  int64_t n_head = 0;          // query heads
+  int64_t n_head_kv = 0;       // key/value heads (GQA when < n_head)
+  int64_t head_dim = 0;        // usually n_embd / n_head
+  int64_t n_ff = 0;            // FFN hidden size
+  int64_t n_ctx_train = 0;     // trained context length
+  float rms_eps = 1e-5f;
+  float rope_freq_base = 10000.0f;
+  RopeScaling rope_scaling;
+  bool qkv_bias = false;       // qwen2
+  bool tied_output = false;    // output matrix is token_embd (no output.weight)
+
+  int64_t q_dim() const { return n_head * head_dim; }
+  int64_t kv_dim() const { return n_head_kv * head_dim; }
+  // Throws Error naming the first inconsistent field (zero sizes, n_head % n_head_kv != 0, ...).
+  void validate() const;
+};
+
+// Reads {arch}.* keys; throws Error naming the key for anything missing or out of range.
+ModelConfig config_from_gguf(const GgufFile& f);
+
+}  // namespace shardlm

@@ -1,0 +1,43 @@
+// Block formats of the weight types, byte-identical to ggml's, and the CPU row kernels on them.
+//
+// A "row" is ne[0] elements of one type, stored contiguously (n must be a multiple of the block size).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace shardlm {
+
+// fp16/bf16 scalar conversions (round to nearest even), usable from every layer.
+uint16_t fp32_to_fp16(float f);
+float fp16_to_fp32(uint16_t h);
+uint16_t fp32_to_bf16(float f);
+float bf16_to_fp32(uint16_t h);
+
+// Quantizes `n` floats into `dst` (row_bytes(type, n) bytes), with ggml's reference rounding so that
+// files we write match what llama.cpp's quantizer would produce in layout (values may differ only where
+// ggml uses an importance matrix; we do not).
+void quantize_row(GgmlType type, const float* src /* (n) */, void* dst, int64_t n);
+void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_t n);
+
+// Dot product of one weight row (`type`, n elements) with an fp32 vector. Dequantizes in registers;
+// SIMD (AVX2/AVX-512) selected at run time, portable fallback otherwise.
+float dot_row(GgmlType type, const void* row, const float* x /* (n) */, int64_t n);
+
+// y[r] = dot(row r of w, x) for r in [0, n_rows). `w` holds n_rows rows of n_cols elements, each
+// `row_stride` bytes apart. Single-threaded: callers split rows across threads.
+void matvec_rows(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                 const float* x /* (n_cols) */, float* y /* (n_rows) */);
+
+// Multi-token variant used by prefill: for each of n_rows rows and n_tok tokens,
+// y[t*ldy + r] = dot(row r, x + t*ldx). Blocks rows so a weight row is read once for all tokens.
+void matmul_rows(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                 const float* x /* (n_tok, ldx) */, int64_t ldx, int64_t n_tok,
+                 float* y /* (n_tok, ldy) */, int64_t ldy);
+
+// Name of the kernel family picked at run time ("avx512", "avx2", "scalar"), for bench output.
+const char* cpu_kernel_isa();
+
+}  // namespace shardlm
