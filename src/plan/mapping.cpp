@@ -1,0 +1,88 @@
+#include "plan/mapping.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace shardlm {
+
+std::vector<LayerRange> split_layers(int n_layer, int n_stages, const std::vector<double>& proportions) {
+  if (n_stages < 1) fail("pipeline stages: ", n_stages, " must be >= 1");
+  if (n_layer < n_stages)
+    fail("pipeline stages: ", n_stages, " stages need at least one layer each, but the model has ",
+         n_layer, " layers");
+  std::vector<double> w = proportions;
+  if (w.empty()) w.assign(static_cast<size_t>(n_stages), 1.0);
+  if (static_cast<int>(w.size()) != n_stages)
+    fail("layer split: ", w.size(), " proportions given for ", n_stages, " pipeline stages");
+  double total = 0;
+  for (double x : w) {
+    if (!std::isfinite(x) || x <= 0) fail("layer split: proportion ", x, " must be a positive number");
+    total += x;
+  }
+  // Each stage first gets one layer (the minimum); the rest is shared by largest remainder, which keeps
+  // every stage within one layer of its exact share of the remaining layers.
+  const int spare = n_layer - n_stages;
+  std::vector<int> count(static_cast<size_t>(n_stages), 1);
+  std::vector<std::pair<double, int>> rem;
+  int given = 0;
+  for (int s = 0; s < n_stages; ++s) {
+    const double exact = spare * w[static_cast<size_t>(s)] / total;
+    const int whole = static_cast<int>(std::floor(exact));
+    count[static_cast<size_t>(s)] += whole;
+    given += whole;
+    rem.emplace_back(exact - whole, s);
+  }
+  // Larger remainder first; ties go to the earlier stage.
+  std::stable_sort(rem.begin(), rem.end(), [](auto& a, auto& b) { return a.first > b.first; });
+  for (int i = 0; i < spare - given; ++i) count[static_cast<size_t>(rem[static_cast<size_t>(i)].second)] += 1;
+  std::vector<LayerRange> out;
+  int at = 0;
+  for (int c : count) {
+    out.push_back({at, at + c});
+    at += c;
+  }
+  return out;
+}
+
+Mapping::Mapping(int world_size, int rank, int tp_size, int pp_size, int n_layer,
+                 const std::vector<double>& layer_split)
+    : world_size_(world_size), rank_(rank), tp_size_(tp_size), pp_size_(pp_size) {
+  if (tp_size < 1) fail("tensor parallel size (--tp): ", tp_size, " must be >= 1");
+  if (pp_size < 1) fail("pipeline parallel size (--pp): ", pp_size, " must be >= 1");
+  if (world_size != tp_size * pp_size)
+    fail("world size ", world_size, " does not equal tp * pp = ", tp_size, " * ", pp_size, " = ",
+         tp_size * pp_size, " (launch exactly tp*pp ranks)");
+  if (rank < 0 || rank >= world_size) fail("rank ", rank, " is outside [0, ", world_size, ")");
+  stages_ = split_layers(n_layer, pp_size, layer_split);
+}
+
+std::vector<int> Mapping::tp_group() const {
+  std::vector<int> g;
+  for (int t = 0; t < tp_size_; ++t) g.push_back(rank_of(pp_rank(), t, tp_size_));
+  return g;
+}
+
+std::vector<int> Mapping::pp_group() const {
+  std::vector<int> g;
+  for (int p = 0; p < pp_size_; ++p) g.push_back(rank_of(p, tp_rank(), tp_size_));
+  return g;
+}
+
+int Mapping::prev_stage_rank() const {
+  return is_first_stage() ? -1 : rank_of(pp_rank() - 1, tp_rank(), tp_size_);
+}
+
+int Mapping::next_stage_rank() const {
+  return is_last_stage() ? -1 : rank_of(pp_rank() + 1, tp_rank(), tp_size_);
+}
+
+std::string Mapping::describe() const {
+  const LayerRange l = layers();
+  return cat("rank ", rank_, " (pp ", pp_rank(), "/", pp_size_, ", tp ", tp_rank(), "/", tp_size_,
+             ") layers ", l.begin, "..", l.end - 1);
+}
+
+}  // namespace shardlm

@@ -1,0 +1,103 @@
+#include "plan/shard.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace shardlm {
+
+Range even_split(int64_t n, int parts, int index) {
+  SHARDLM_CHECK(parts >= 1 && index >= 0 && index < parts);
+  const int64_t base = n / parts, extra = n % parts;
+  const int64_t begin = index * base + std::min<int64_t>(index, extra);
+  return {begin, begin + base + (index < extra ? 1 : 0)};
+}
+
+HeadShard head_shard(const ModelConfig& c, int tp_size, int tp_rank) {
+  const int64_t group = c.n_head / c.n_head_kv;  // query heads per KV head
+  HeadShard s;
+  if (tp_size <= c.n_head_kv) {
+    s.kv_heads = even_split(c.n_head_kv, tp_size, tp_rank);
+    s.q_heads = {s.kv_heads.begin * group, s.kv_heads.end * group};
+    return s;
+  }
+  // More ranks than KV heads: replicate each KV head over tp_size / n_head_kv ranks.
+  if (tp_size % c.n_head_kv != 0 || c.n_head % tp_size != 0)
+    fail("tensor parallel size ", tp_size, " cannot split ", c.n_head, " query heads and ", c.n_head_kv,
+         " KV heads: above n_head_kv it must be a multiple of n_head_kv (", c.n_head_kv,
+         ") and divide n_head (", c.n_head, ")");
+  const int64_t q_per_rank = c.n_head / tp_size;
+  s.q_heads = {tp_rank * q_per_rank, (tp_rank + 1) * q_per_rank};
+  const int64_t kv = s.q_heads.begin / group;
+  s.kv_heads = {kv, kv + 1};
+  return s;
+}
+
+Range ffn_shard(const ModelConfig& c, int64_t unit, int tp_size, int tp_rank) {
+  if (c.n_ff % unit != 0)
+    fail("n_ff ", c.n_ff, " is not a multiple of ffn_down's block size ", unit);
+  const int64_t units = c.n_ff / unit;
+  if (units < tp_size)
+    fail("tensor parallel size ", tp_size, " exceeds the ", units, " blocks of ", unit,
+         " FFN columns in ffn_down: a split would cut a quantization block");
+  const Range r = even_split(units, tp_size, tp_rank);
+  return {r.begin * unit, r.end * unit};
+}
+
+Range vocab_shard(const ModelConfig& c, int tp_size, int tp_rank) {
+  return even_split(c.n_vocab, tp_size, tp_rank);
+}
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+TensorShard make(ShardKind kind, Range r, int64_t ne0, int64_t ne1, GgmlType type, const std::string& name) {
+  TensorShard s;
+  s.kind = kind;
+  s.range = r;
+  s.ne0 = kind == ShardKind::kCols ? r.size() : ne0;
+  s.ne1 = kind == ShardKind::kRows ? r.size() : ne1;
+  if (kind == ShardKind::kCols && (r.begin % block_size(type) != 0 || r.end % block_size(type) != 0))
+    fail("tensor '", name, "' (", type_name(type), "): columns [", r.begin, ", ", r.end,
+         ") of this rank would cut a block of ", block_size(type),
+         " elements; choose a tensor parallel size that keeps whole blocks");
+  s.n_bytes = static_cast<uint64_t>(checked_mul<int64_t>(row_bytes(type, s.ne0), s.ne1, "shard bytes"));
+  return s;
+}
+
+}  // namespace
+
+TensorShard tensor_shard(const std::string& name, GgmlType type, int64_t ne0, int64_t ne1,
+                         const ModelConfig& c, GgmlType down_type, int tp_size, int tp_rank) {
+  if (tp_size == 1 || name == "token_embd.weight" || ends_with(name, "_norm.weight"))
+    return make(ShardKind::kReplicated, {0, ne1}, ne0, ne1, type, name);
+  if (name == "output.weight")
+    return make(ShardKind::kRows, vocab_shard(c, tp_size, tp_rank), ne0, ne1, type, name);
+  const HeadShard h = head_shard(c, tp_size, tp_rank);
+  const int64_t hd = c.head_dim;
+  if (ends_with(name, "attn_q.weight") || ends_with(name, "attn_q.bias"))
+    return make(ShardKind::kRows, {h.q_heads.begin * hd, h.q_heads.end * hd}, ne0, ne1, type, name);
+  if (ends_with(name, "attn_k.weight") || ends_with(name, "attn_v.weight") ||
+      ends_with(name, "attn_k.bias") || ends_with(name, "attn_v.bias"))
+    return make(ShardKind::kRows, {h.kv_heads.begin * hd, h.kv_heads.end * hd}, ne0, ne1, type, name);
+  if (ends_with(name, "attn_output.weight"))
+    return make(ShardKind::kCols, {h.q_heads.begin * hd, h.q_heads.end * hd}, ne0, ne1, type, name);
+  const Range f = ffn_shard(c, block_size(down_type), tp_size, tp_rank);
+  if (ends_with(name, "ffn_gate.weight") || ends_with(name, "ffn_up.weight"))
+    return make(ShardKind::kRows, f, ne0, ne1, type, name);
+  if (ends_with(name, "ffn_down.weight")) return make(ShardKind::kCols, f, ne0, ne1, type, name);
+  fail("tensor '", name, "' has no tensor-parallel sharding rule");
+}
+
+void check_shardable(const ModelConfig& c, GgmlType attn_output_type, GgmlType ffn_down_type, int tp_size) {
+  for (int r = 0; r < tp_size; ++r) {
+    tensor_shard("blk.0.attn_output.weight", attn_output_type, c.q_dim(), c.n_embd, c, ffn_down_type,
+                 tp_size, r);
+    tensor_shard("blk.0.ffn_down.weight", ffn_down_type, c.n_ff, c.n_embd, c, ffn_down_type, tp_size, r);
+  }
+}
+
+}  // namespace shardlm
