@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace shardlm {
 
@@ -32,6 +33,9 @@ struct ModelConfig {
   float rms_eps = 1e-5f;
   float rope_freq_base = 10000.0f;
   RopeScaling rope_scaling;
+  // (head_dim / 2) divisors of the rotary frequencies, as GGUF's rope_freqs.weight stores them for
+  // Llama 3.1; empty means none. Filled from rope_scaling by rope_freq_factors() when a file has no table.
+  std::vector<float> rope_freq_factors;
   bool qkv_bias = false;       // qwen2
   bool tied_output = false;    // output matrix is token_embd (no output.weight)
 
@@ -40,6 +44,10 @@ struct ModelConfig {
   // Throws Error naming the first inconsistent field (zero sizes, n_head % n_head_kv != 0, ...).
   void validate() const;
 };
+
+// Llama 3.1 "llama3" scaling as per-frequency divisors (the formula of Meta's reference and llama.cpp's
+// converter); empty when rope_scaling.type is "none".
+std::vector<float> llama3_rope_freq_factors(const ModelConfig& c);
 
 // Reads {arch}.* keys; throws Error naming the key for anything missing or out of range.
 ModelConfig config_from_gguf(const GgufFile& f);
