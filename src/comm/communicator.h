@@ -1,0 +1,50 @@
+// Collectives and point-to-point messages between ranks, on buffers in the backend's memory.
+//
+// The model calls all_reduce/all_gather inside its tensor-parallel group and send/recv along the pipeline;
+// implementations: a single-rank one (no-ops), MPI (host memory, any number of hosts) and NCCL (device
+// memory). Groups are created once from rank lists; each call names the group it runs in.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace shardlm {
+
+// A set of ranks that run collectives together (a TP group, a PP group, the world).
+class CommGroup {
+ public:
+  virtual ~CommGroup() = default;
+  virtual int size() const = 0;
+  virtual int rank() const = 0;  // index of this rank inside the group
+  // In-place sum over the group.
+  virtual void all_reduce_sum(float* buf /* (n) */, size_t n) = 0;
+  // out = concatenation of every member's `in` (member i's `counts[i]` floats), in group order.
+  virtual void all_gather(const float* in /* (counts[rank]) */, float* out /* (sum counts) */,
+                          const std::vector<size_t>& counts) = 0;
+  // Root's buffer is copied to every member.
+  virtual void broadcast(void* buf, size_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int world_size() const = 0;
+  virtual int rank() const = 0;
+  virtual std::string name() const = 0;
+  // Collective over the world: every rank must call it with the same list, ascending.
+  virtual std::unique_ptr<CommGroup> make_group(const std::vector<int>& ranks) = 0;
+  // Point-to-point in world ranks; a message is matched by (peer, tag).
+  virtual void send(const void* buf, size_t bytes, int peer, int tag) = 0;
+  virtual void recv(void* buf, size_t bytes, int peer, int tag) = 0;
+  // Seconds spent inside communication calls so far (bench reports the share).
+  virtual double comm_seconds() const = 0;
+};
+
+// One rank, no peers: every collective is the identity.
+std::unique_ptr<Communicator> make_single_rank_communicator();
+
+}  // namespace shardlm

@@ -1,0 +1,107 @@
+// The ops interface: everything the model math needs from a device, and nothing about which device.
+//
+// Model code (src/model) calls only this interface and the Communicator; backends (reference, CPU, CUDA)
+// implement it. Activations are float32, row-major (n_tok, width), in the backend's own memory; weights are
+// typed (any GgmlType the backend supports) and stored as rows of ne[0] elements, like GGUF.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/dtype.h"
+
+namespace shardlm {
+
+enum class DeviceKind { kCpu, kCuda };
+
+// Owning allocation in a backend's memory; freed by its destructor.
+class DeviceBuffer {
+ public:
+  virtual ~DeviceBuffer() = default;
+  virtual void* data() = 0;
+  virtual size_t size() const = 0;
+  template <typename T>
+  T* as() { return static_cast<T*>(data()); }
+};
+
+// Non-owning view of a 2-D weight matrix: n_rows rows of n_cols elements of `type`, `row_stride` bytes
+// apart. For GGUF tensors n_cols = ne[0], n_rows = ne[1].
+struct WeightView {
+  GgmlType type = GgmlType::F32;
+  int64_t n_cols = 0;       // elements per row (input width of a matmul)
+  int64_t n_rows = 0;       // rows (output width of a matmul)
+  size_t row_stride = 0;    // bytes between rows
+  const void* data = nullptr;
+};
+
+// One layer's KV cache in the backend's memory: (n_ctx, n_head_kv, head_dim) for K and for V.
+struct KvLayerView {
+  GgmlType type = GgmlType::F32;  // F32 or F16
+  int64_t n_ctx = 0;
+  int64_t n_head_kv = 0;
+  int64_t head_dim = 0;
+  void* k = nullptr;  // (n_ctx, n_head_kv, head_dim)
+  void* v = nullptr;  // (n_ctx, n_head_kv, head_dim)
+};
+
+// Positions of the tokens processed by one forward step. Backends that capture a step once and replay
+// it (CUDA graphs) read these from their own memory, so ops take no positions of their own.
+struct StepInfo {
+  int64_t pos0 = 0;   // position of the first token of the step
+  int64_t n_tok = 0;  // tokens in the step (1 in decode)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual DeviceKind device() const = 0;
+  // Whether matmul/get_rows accept weights of this type.
+  virtual bool supports(GgmlType weight_type) const = 0;
+
+  // Memory.
+  virtual std::unique_ptr<DeviceBuffer> alloc(size_t bytes) = 0;
+  virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+  // Bytes this backend has allocated and still holds (for per-device memory reports).
+  virtual size_t allocated_bytes() const = 0;
+
+  // Sets the positions every following op of this step uses.
+  virtual void begin_step(const StepInfo& step) = 0;
+
+  // out[t] = row ids[t] of `table` dequantized to f32. `ids` is (n_tok) in host memory.
+  virtual void get_rows(const WeightView& table /* (n_vocab rows, n_embd) */, const int32_t* ids, int64_t n_tok,
+                        float* out /* (n_tok, n_embd) */) = 0;
+  // y = x / rms(x) * w per token row.
+  virtual void rms_norm(const float* x /* (n_tok, n) */, const float* w /* (n) */, float* y /* (n_tok, n) */,
+                        int64_t n_tok, int64_t n, float eps) = 0;
+  // y[t, r] = sum_c w[r, c] * x[t, c].
+  virtual void matmul(const WeightView& w /* (n_rows, n_cols) */, const float* x /* (n_tok, n_cols) */,
+                      float* y /* (n_tok, n_rows) */, int64_t n_tok) = 0;
+  // y[t, i] += b[i].
+  virtual void add_bias(float* y /* (n_tok, n) */, const float* b /* (n) */, int64_t n_tok, int64_t n) = 0;
+  // y[i] += x[i].
+  virtual void add(float* y /* (n) */, const float* x /* (n) */, int64_t n) = 0;
+  // out = silu(gate) * up, element-wise.
+  virtual void swiglu(const float* gate /* (n) */, const float* up /* (n) */, float* out /* (n) */, int64_t n) = 0;
+  // Rotates adjacent pairs (x[2i], x[2i+1]) of every head by angle pos * theta_i, theta_i =
+  // freq_base^(-2i/head_dim) / freq_factors[i] (freq_factors may be null), pos = step.pos0 + t.
+  virtual void rope(float* x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+                    float freq_base, const float* freq_factors /* (head_dim/2) or null, host */) = 0;
+  // Writes the step's K and V rows into cache positions [pos0, pos0 + n_tok).
+  virtual void kv_store(const KvLayerView& kv, const float* k /* (n_tok, n_head_kv, head_dim) */,
+                        const float* v /* (n_tok, n_head_kv, head_dim) */, int64_t n_tok) = 0;
+  // Causal attention of the step's queries over cache positions [0, pos0 + t] for token t, grouped-query:
+  // query head h reads KV head h / (n_head / n_head_kv). Scale 1/sqrt(head_dim).
+  virtual void attention(const float* q /* (n_tok, n_head, head_dim) */, const KvLayerView& kv, int64_t n_tok,
+                         int64_t n_head, float* out /* (n_tok, n_head, head_dim) */) = 0;
+};
+
+// Plain, single-threaded implementation with fp64 accumulation: the yardstick for every other backend.
+std::unique_ptr<Backend> make_reference_backend();
+
+}  // namespace shardlm
