@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <variant>
 #include <vector>
 
@@ -115,6 +116,13 @@ class GgufFile {
   uint64_t data_offset_ = 0;
   std::vector<GgufKV> kvs_;
   std::vector<GgufTensorInfo> tensors_;
+  // Heterogeneous lookup so find(string_view) does not allocate.
+  struct NameHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  std::unordered_map<std::string, size_t, NameHash, std::equal_to<>> kv_index_;      // key -> kvs_ index
+  std::unordered_map<std::string, size_t, NameHash, std::equal_to<>> tensor_index_;  // name -> tensors_ index
 };
 
 // Writes GGUF v3. Tensor payloads are produced by callbacks at write time, so multi-GB files
