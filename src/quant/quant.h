@@ -40,4 +40,23 @@ void matmul_rows(GgmlType type, const void* w, size_t row_stride, int64_t n_rows
 // Name of the kernel family picked at run time ("avx512", "avx2", "scalar"), for bench output.
 const char* cpu_kernel_isa();
 
+// Kernel families. The default is the best one this CPU supports, unless the environment variable
+// SHARDLM_CPU_ISA=scalar|avx2|avx512 forces one (read once, at the first kernel call; an unknown or
+// unsupported value throws Error from that call). Tests and benches use the explicit-ISA overloads
+// below, so every path is covered on one machine without touching the environment.
+enum class CpuIsa { kScalar, kAvx2, kAvx512 };
+
+const char* cpu_isa_name(CpuIsa isa);
+bool cpu_isa_supported(CpuIsa isa);  // avx2 needs AVX2+FMA+F16C; avx512 needs AVX-512 F+BW+VL
+// Parses "scalar", "avx2", "avx512"; throws Error on an unknown name or an ISA this CPU lacks.
+CpuIsa parse_cpu_isa(const char* name);
+CpuIsa cpu_isa();  // the default family (environment override or best supported)
+
+float dot_row(CpuIsa isa, GgmlType type, const void* row, const float* x /* (n) */, int64_t n);
+void matvec_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,
+                 int64_t n_cols, const float* x /* (n_cols) */, float* y /* (n_rows) */);
+void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,
+                 int64_t n_cols, const float* x /* (n_tok, ldx) */, int64_t ldx, int64_t n_tok,
+                 float* y /* (n_tok, ldy) */, int64_t ldy);
+
 }  // namespace shardlm

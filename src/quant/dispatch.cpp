@@ -1,0 +1,144 @@
+// Public kernel entry points: validate every argument once, pick the ISA, hand off to one kernel family.
+#include <cstdlib>
+#include <string_view>
+
+#include "core/error.h"
+#include "quant/kernels.h"
+#include "quant/quant.h"
+
+namespace shardlm {
+
+using namespace quant_detail;
+
+namespace {
+
+bool has_kernels(GgmlType t) {
+  switch (t) {
+    case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: case GgmlType::Q8_0:
+    case GgmlType::Q4_0: case GgmlType::Q4_K: case GgmlType::Q6_K: return true;
+    default: return false;
+  }
+}
+
+MatmulFn kernel_for(CpuIsa isa) {
+  if (!cpu_isa_supported(isa))
+    fail_kind(ErrorKind::kUnsupported, "CPU kernel family '", cpu_isa_name(isa),
+              "' is not supported by this CPU");
+  switch (isa) {
+    case CpuIsa::kAvx512: return matmul_avx512;
+    case CpuIsa::kAvx2: return matmul_avx2;
+    case CpuIsa::kScalar: return matmul_scalar;
+  }
+  SHARDLM_CHECK(false, "unknown CpuIsa ", static_cast<int>(isa));
+}
+
+CpuIsa detect_cpu_isa() {
+  const char* env = std::getenv("SHARDLM_CPU_ISA");
+  if (env != nullptr && *env != '\0') return parse_cpu_isa(env);
+  if (cpu_isa_supported(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
+  if (cpu_isa_supported(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
+  return CpuIsa::kScalar;
+}
+
+void check_matmul_args(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                       const float* x, int64_t ldx, int64_t n_tok, const float* y, int64_t ldy) {
+  if (!has_kernels(type))
+    fail_kind(ErrorKind::kUnsupported, "weight type ", type_name(type), " has no CPU dot kernel");
+  const int64_t rb = row_bytes(type, n_cols);  // throws on n_cols < 0 or not a block multiple
+  if (n_rows < 0) fail("n_rows ", n_rows, " is negative");
+  if (n_tok < 0) fail("n_tok ", n_tok, " is negative");
+  if (n_rows == 0 || n_tok == 0) return;
+  if (n_rows > 1 && row_stride < static_cast<uint64_t>(rb))
+    fail("row_stride ", row_stride, " is smaller than one ", type_name(type), " row of ", n_cols,
+         " elements (", rb, " bytes)");
+  if (n_tok > 1 && ldx < n_cols) fail("ldx ", ldx, " is smaller than n_cols ", n_cols);
+  if (n_tok > 1 && ldy < n_rows) fail("ldy ", ldy, " is smaller than n_rows ", n_rows);
+  if (y == nullptr) fail("output y is null for ", n_tok, " x ", n_rows, " results");
+  if (n_cols > 0 && (w == nullptr || x == nullptr))
+    fail(w == nullptr ? "weights w" : "activations x", " is null for rows of ", n_cols, " elements");
+}
+
+}  // namespace
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kScalar: return "scalar";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512: return "avx512";
+  }
+  return "unknown";
+}
+
+bool cpu_isa_supported(CpuIsa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  switch (isa) {
+    case CpuIsa::kScalar: return true;
+    case CpuIsa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case CpuIsa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+  }
+  return false;
+#else
+  return isa == CpuIsa::kScalar;
+#endif
+}
+
+CpuIsa parse_cpu_isa(const char* name) {
+  if (name == nullptr) fail("SHARDLM_CPU_ISA: name is null (expected scalar, avx2 or avx512)");
+  const std::string_view s(name);
+  CpuIsa isa;
+  if (s == "scalar") isa = CpuIsa::kScalar;
+  else if (s == "avx2") isa = CpuIsa::kAvx2;
+  else if (s == "avx512") isa = CpuIsa::kAvx512;
+  else fail("SHARDLM_CPU_ISA: unknown value '", s, "' (expected scalar, avx2 or avx512)");
+  if (!cpu_isa_supported(isa))
+    fail_kind(ErrorKind::kUnsupported, "SHARDLM_CPU_ISA: '", s, "' is not supported by this CPU");
+  return isa;
+}
+
+CpuIsa cpu_isa() {
+  // Immutable after the first successful call; a throwing initialization is retried on the next call.
+  static const CpuIsa isa = detect_cpu_isa();
+  return isa;
+}
+
+const char* cpu_kernel_isa() { return cpu_isa_name(cpu_isa()); }
+
+void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,
+                 int64_t n_cols, const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  check_matmul_args(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+  const MatmulFn fn = kernel_for(isa);
+  if (n_rows == 0 || n_tok == 0) return;
+  fn(type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+
+void matvec_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,
+                 int64_t n_cols, const float* x, float* y) {
+  matmul_rows(isa, type, w, row_stride, n_rows, n_cols, x, n_cols, 1, y, n_rows);
+}
+
+float dot_row(CpuIsa isa, GgmlType type, const void* row, const float* x, int64_t n) {
+  float y = 0.0f;
+  matmul_rows(isa, type, row, 0, 1, n, x, n, 1, &y, 1);
+  return y;
+}
+
+void matmul_rows(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                 const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  matmul_rows(cpu_isa(), type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+
+void matvec_rows(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                 const float* x, float* y) {
+  matvec_rows(cpu_isa(), type, w, row_stride, n_rows, n_cols, x, y);
+}
+
+float dot_row(GgmlType type, const void* row, const float* x, int64_t n) {
+  return dot_row(cpu_isa(), type, row, x, n);
+}
+
+}  // namespace shardlm

@@ -1,0 +1,26 @@
+// Per-ISA kernel entry points behind the public dot/matvec/matmul functions. Arguments are validated by
+// the caller (dispatch.cpp); these only compute.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace shardlm::quant_detail {
+
+// y[t*ldy + r] = dot(row r of w, x + t*ldx) for r < n_rows, t < n_tok.
+//   w: n_rows rows of n_cols elements of `type`, row_stride bytes apart
+//   x: (n_tok, ldx) fp32 activations;  y: (n_tok, ldy) fp32 outputs
+using MatmulFn = void (*)(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows,
+                          int64_t n_cols, const float* x, int64_t ldx, int64_t n_tok, float* y,
+                          int64_t ldy);
+
+void matmul_scalar(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                   const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
+void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                 const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
+void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                   const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
+
+}  // namespace shardlm::quant_detail

@@ -1,0 +1,209 @@
+// dot_row / matvec_rows / matmul_rows for every type x ISA x shape against an fp64 dot on the
+// *dequantized* weights, so the tolerance measures the kernel, not the quantization.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "quant/quant.h"
+
+namespace shardlm {
+namespace {
+
+constexpr GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
+                               GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K};
+constexpr CpuIsa kIsas[] = {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512};
+constexpr float kSentinel = -12345.0f;
+
+std::vector<float> random_floats(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& f : v) f = dist(rng);
+  return v;
+}
+
+// Weights for n_rows rows, quantized, each row placed row_stride bytes apart starting at byte `offset`
+// of the buffer (an odd offset makes every row unaligned, as a row inside a GGUF tensor may be).
+struct Weights {
+  std::vector<uint8_t> bytes;
+  const uint8_t* base = nullptr;
+  size_t stride = 0;
+  std::vector<float> deq;  // (n_rows, n_cols) dequantized reference weights
+};
+
+Weights make_weights(GgmlType type, int64_t n_rows, int64_t n_cols, size_t extra_stride, size_t offset,
+                     uint32_t seed) {
+  Weights w;
+  const size_t rb = static_cast<size_t>(row_bytes(type, n_cols));
+  w.stride = rb + extra_stride;
+  w.bytes.assign(offset + w.stride * static_cast<size_t>(n_rows) + 1, 0xA5);
+  w.base = w.bytes.data() + offset;
+  w.deq.resize(static_cast<size_t>(n_rows * n_cols));
+  const auto src = random_floats(static_cast<size_t>(n_rows * n_cols), seed);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    uint8_t* row = w.bytes.data() + offset + static_cast<size_t>(r) * w.stride;
+    quantize_row(type, src.data() + r * n_cols, row, n_cols);
+    dequantize_row(type, row, w.deq.data() + r * n_cols, n_cols);
+  }
+  return w;
+}
+
+// Tolerance: fp32 accumulation of n products has a rounding error bounded by about n_terms * 2^-24 *
+// sum|w*x| per accumulator; with SIMD lanes (or several accumulators) each chain holds n/8..n/64 terms
+// and the errors add like a random walk, so 1e-5 * sum|w*x| is ample for n = 4096 while a wrong element
+// (any decode bug changes a term by >= one quantization step, ~1e-2 relative) exceeds it by orders of
+// magnitude. The 1e-6 absolute part covers sums that cancel to ~0.
+struct Check {
+  double worst_share = 0;
+  std::string worst;
+  void add(double got, double ref, double sum_abs, const std::string& where) {
+    const double tol = 1e-6 + 1e-5 * sum_abs;
+    const double share = std::isnan(got) ? 1e30 : std::fabs(got - ref) / tol;
+    if (share > worst_share) {
+      worst_share = share;
+      worst = where + ": got " + std::to_string(got) + " ref " + std::to_string(ref) + " tol " +
+              std::to_string(tol);
+    }
+  }
+};
+
+void run_case(CpuIsa isa, GgmlType type, int64_t n_rows, int64_t n_cols, int64_t n_tok) {
+  const std::string name = std::string(cpu_isa_name(isa)) + " " + type_name(type) + " rows=" +
+                           std::to_string(n_rows) + " cols=" + std::to_string(n_cols) + " tok=" +
+                           std::to_string(n_tok);
+  const auto w = make_weights(type, n_rows, n_cols, /*extra_stride=*/n_rows % 2 ? 3 : 0,
+                              /*offset=*/1, static_cast<uint32_t>(n_rows * 31 + n_cols));
+  const int64_t ldx = n_cols + 5, ldy = n_rows + 2;  // padded so stray writes/reads show up
+  const auto x = random_floats(static_cast<size_t>(n_tok * ldx), static_cast<uint32_t>(n_tok + 7));
+  std::vector<float> y(static_cast<size_t>(n_tok * ldy), kSentinel);
+  matmul_rows(isa, type, w.base, w.stride, n_rows, n_cols, x.data(), ldx, n_tok, y.data(), ldy);
+  Check c;
+  for (int64_t t = 0; t < n_tok; ++t) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+      double ref = 0, sum_abs = 0;
+      for (int64_t i = 0; i < n_cols; ++i) {
+        const double p = static_cast<double>(w.deq[r * n_cols + i]) * x[t * ldx + i];
+        ref += p;
+        sum_abs += std::fabs(p);
+      }
+      c.add(y[t * ldy + r], ref, sum_abs, "token " + std::to_string(t) + " row " + std::to_string(r));
+    }
+    for (int64_t r = n_rows; r < ldy; ++r)
+      ASSERT_EQ(y[t * ldy + r], kSentinel) << name << ": wrote past n_rows at token " << t;
+  }
+  EXPECT_LE(c.worst_share, 1.0) << name << ": worst " << c.worst << " (share " << c.worst_share << ")";
+
+  // matvec_rows and dot_row must agree with the same reference (token 0).
+  std::vector<float> yv(static_cast<size_t>(n_rows) + 1, kSentinel);
+  matvec_rows(isa, type, w.base, w.stride, n_rows, n_cols, x.data(), yv.data());
+  EXPECT_EQ(yv[static_cast<size_t>(n_rows)], kSentinel) << name;
+  Check cv;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    double ref = 0, sum_abs = 0;
+    for (int64_t i = 0; i < n_cols; ++i) {
+      const double p = static_cast<double>(w.deq[r * n_cols + i]) * x[i];
+      ref += p;
+      sum_abs += std::fabs(p);
+    }
+    cv.add(yv[r], ref, sum_abs, "matvec row " + std::to_string(r));
+    if (r == n_rows - 1) cv.add(dot_row(isa, type, w.base + r * w.stride, x.data(), n_cols), ref, sum_abs, "dot_row");
+  }
+  EXPECT_LE(cv.worst_share, 1.0) << name << ": worst " << cv.worst << " (share " << cv.worst_share << ")";
+}
+
+class KernelTest : public ::testing::TestWithParam<std::tuple<CpuIsa, GgmlType>> {};
+
+TEST_P(KernelTest, MatchesFp64OnDequantizedWeights) {
+  const auto [isa, type] = GetParam();
+  if (!cpu_isa_supported(isa)) GTEST_SKIP() << cpu_isa_name(isa) << " not supported by this CPU";
+  const int64_t bs = std::max<int64_t>(block_size(type), 32);
+  // One block, a few blocks (odd count), and a real hidden size; odd row counts hit the row-tile tail.
+  for (int64_t n_cols : {bs, 3 * bs, int64_t{4096}})
+    for (int64_t n_rows : {int64_t{1}, int64_t{3}, int64_t{8}, int64_t{13}})
+      for (int64_t n_tok = 1; n_tok <= 7; ++n_tok) {
+        if (n_cols == 4096 && n_tok % 3 != 1) continue;  // keep the big shape to n_tok 1, 4, 7
+        run_case(isa, type, n_rows, n_cols, n_tok);
+      }
+}
+
+std::string param_name(const ::testing::TestParamInfo<std::tuple<CpuIsa, GgmlType>>& info) {
+  return std::string(cpu_isa_name(std::get<0>(info.param))) + "_" + type_name(std::get<1>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(AllTypesAllIsas, KernelTest,
+                         ::testing::Combine(::testing::ValuesIn(kIsas), ::testing::ValuesIn(kTypes)),
+                         param_name);
+
+TEST(KernelIsa, AllFamiliesAgreeOnALargeMatmul) {
+  // Cross-check the SIMD families against the scalar one on a prefill-like shape (many tokens, so
+  // the token-tile loop runs several full tiles plus a tail).
+  for (GgmlType type : kTypes) {
+    const auto w = make_weights(type, 19, 512, 0, 0, 99);
+    const auto x = random_floats(static_cast<size_t>(23 * 512), 5);
+    std::vector<float> ys(23 * 19), yi(23 * 19);
+    matmul_rows(CpuIsa::kScalar, type, w.base, w.stride, 19, 512, x.data(), 512, 23, ys.data(), 19);
+    for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+      if (!cpu_isa_supported(isa)) continue;
+      matmul_rows(isa, type, w.base, w.stride, 19, 512, x.data(), 512, 23, yi.data(), 19);
+      for (size_t i = 0; i < ys.size(); ++i) {
+        double sum_abs = 0;
+        const size_t t = i / 19, r = i % 19;
+        for (int k = 0; k < 512; ++k) sum_abs += std::fabs(double(w.deq[r * 512 + k]) * x[t * 512 + k]);
+        // Both are within 1e-5*sum|w*x| of the exact value (see Check), so within twice that apart.
+        ASSERT_NEAR(yi[i], ys[i], 2e-6 + 2e-5 * sum_abs)
+            << cpu_isa_name(isa) << " " << type_name(type) << " token " << t << " row " << r;
+      }
+    }
+  }
+}
+
+TEST(KernelIsa, ParseAndSelect) {
+  EXPECT_EQ(parse_cpu_isa("scalar"), CpuIsa::kScalar);
+  EXPECT_THROW(parse_cpu_isa("sse9"), Error);
+  EXPECT_THROW(parse_cpu_isa(""), Error);
+  EXPECT_THROW(parse_cpu_isa(nullptr), Error);
+  try {
+    parse_cpu_isa("AVX-2");
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("AVX-2"), std::string::npos) << e.what();
+  }
+  for (CpuIsa isa : kIsas) {
+    if (cpu_isa_supported(isa)) {
+      EXPECT_EQ(parse_cpu_isa(cpu_isa_name(isa)), isa);
+    } else {
+      EXPECT_THROW(parse_cpu_isa(cpu_isa_name(isa)), Error);
+    }
+  }
+  EXPECT_TRUE(cpu_isa_supported(cpu_isa()));
+  EXPECT_STREQ(cpu_kernel_isa(), cpu_isa_name(cpu_isa()));
+}
+
+TEST(KernelValidation, RejectsBadArguments) {
+  const auto w = make_weights(GgmlType::Q4_0, 4, 64, 0, 0, 1);
+  std::vector<float> x(64 * 3, 0.5f), y(16);
+  const CpuIsa s = CpuIsa::kScalar;
+  EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 63, x.data(), y.data()), Error);
+  EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride - 1, 4, 64, x.data(), y.data()), Error);
+  EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, -1, 64, x.data(), y.data()), Error);
+  EXPECT_THROW(matvec_rows(s, GgmlType::Q5_0, w.base, w.stride, 4, 64, x.data(), y.data()), Error);
+  EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, nullptr, w.stride, 4, 64, x.data(), y.data()), Error);
+  EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, nullptr, y.data()), Error);
+  EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, x.data(), nullptr), Error);
+  EXPECT_THROW(matmul_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, x.data(), 63, 2, y.data(), 4), Error);
+  EXPECT_THROW(matmul_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, x.data(), 64, 2, y.data(), 3), Error);
+  EXPECT_THROW(matmul_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, x.data(), 64, -1, y.data(), 4), Error);
+  EXPECT_THROW(dot_row(s, GgmlType::Q4_K, w.base, x.data(), 64), Error);  // 64 is not a Q4_K multiple
+  // Empty work is valid.
+  EXPECT_NO_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, 0, 64, x.data(), y.data()));
+  EXPECT_NO_THROW(matmul_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, x.data(), 64, 0, y.data(), 4));
+}
+
+}  // namespace
+}  // namespace shardlm
