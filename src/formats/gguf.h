@@ -69,7 +69,12 @@ struct GgufTensorInfo {
 
 class GgufFile {
  public:
-  // Maps and validates the whole file; throws Error (kIo or kInvalidInput) with the path in the message.
+  // Maps and validates the whole file; throws Error with the path in the message: kIo when it cannot be
+  // opened/mapped (or is a directory), kUnsupported for GGUF v1, v4+ and big-endian files,
+  // kInvalidInput for any malformed field. Also validated: general.alignment (UINT32, power of two,
+  // <= 1 MiB), tokenizer.ggml.{tokens,merges} STRING arrays, scores FLOAT32 / token_type INT32 arrays
+  // as long as tokens, and every tokenizer.ggml.*_token_id an integer < the token count.
+  // With no tensors, data_offset() may lie past the end of the file (nothing is read there).
   static std::unique_ptr<GgufFile> open(const std::string& path);
   // Validates a buffer (for tests and fuzzing); the buffer must outlive the object.
   static std::unique_ptr<GgufFile> from_memory(const uint8_t* data, size_t size, std::string name);
@@ -97,6 +102,7 @@ class GgufFile {
   // Array getters: Error if the key holds another type or another element type.
   std::optional<std::vector<std::string>> get_string_array(std::string_view key) const;
   std::optional<std::vector<double>> get_float_array(std::string_view key) const;
+  // UINT64 elements are kept by bit pattern in GgufValue::ints; this getter refuses any above INT64_MAX.
   std::optional<std::vector<int64_t>> get_int_array(std::string_view key) const;
 
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
