@@ -36,6 +36,29 @@ struct Vocab {
   bool add_bos = true;                 // tokenizer.ggml.add_bos_token
   bool add_eos = false;
   bool add_space_prefix = true;        // SPM: prepend U+2581 (tokenizer.ggml.add_space_prefix)
+
+  // --- Additions (optional; the defaults keep llama.cpp's GGUF behaviour) ---
+  // BPE: a pre-tokenized word that is itself a token is emitted without merging (Llama 3's
+  // tokenizer.json "ignore_merges"; llama.cpp sets it for the llama3 pre-tokenizers).
+  bool ignore_merges = false;
+
+  // Hugging Face tokenizer.json semantics, set by vocab_from_hf_tokenizer (tokenizer/hf_tokenizer.h).
+  // With `enabled`, kSpm means Hugging Face's BPE over U+2581-marked text (merge ranks from `merges`,
+  // not SentencePiece scores), and text around special tokens is prepared per segment as below.
+  struct HfOptions {
+    bool enabled = false;
+    // kSpm: how U+2581 is put before each text segment (the text between two special tokens).
+    //   kFirst/kAlways: Metaspace prepend_scheme; only when the segment does not already start with
+    //     U+2581 (after spaces became U+2581); kFirst only for the segment at the start of the text.
+    //   kUnconditional: the older Prepend("▁") normalizer: every segment.
+    enum class Prepend { kNever, kFirst, kAlways, kUnconditional };
+    Prepend prepend = Prepend::kAlways;
+    bool split_on_marker = false;   // Metaspace split=true: each U+2581 starts a new word
+    bool byte_fallback = false;     // characters outside the vocabulary become <0xNN> tokens
+    bool fuse_unk = false;          // consecutive unknown characters give one unk token
+    bool add_prefix_space = false;  // kBpe: ByteLevel add_prefix_space (' ' before each segment)
+  };
+  HfOptions hf;
 };
 
 // Reads tokenizer.ggml.* from a GGUF file; throws Error naming the key on anything malformed
