@@ -1,10 +1,130 @@
+// AVX2 + FMA + F16C kernels: weights are dequantized to fp32 in registers, 32 elements (4 vectors) at a
+// time, and multiplied with fp32 activations. Compiled for that ISA via the pragma below and only called
+// after dispatch.cpp checked __builtin_cpu_supports, so the rest of the library stays baseline x86-64.
+#include <cstddef>
+#include <cstdint>
+
+#include "core/error.h"
+#include "quant/blocks.h"
 #include "quant/kernels.h"
 
-namespace shardlm::quant_detail {
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
 
+#include "quant/kernels_tile.h"
+
+namespace shardlm::quant_detail {
+namespace {
+
+float half(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
+
+// 8 int8 -> 8 floats.
+__m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+struct Avx2 {
+  using V = __m256;
+  static constexpr int L = 8;
+  static constexpr int kRowTile = 2;  // 2 rows x 4 vectors of weights + accumulators fit 16 registers
+  static constexpr int kTokTile = 3;
+
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+  // Chunk c of a row: 32 elements starting at element 32*c, dequantized into out[0..3].
+  template <GgmlType T>
+  static void decode(const uint8_t* row, int64_t c, V* out) {
+    if constexpr (T == GgmlType::F32) {
+      const float* p = reinterpret_cast<const float*>(row) + c * 32;
+      for (int k = 0; k < 4; ++k) out[k] = _mm256_loadu_ps(p + 8 * k);
+    } else if constexpr (T == GgmlType::F16) {
+      const uint8_t* p = row + c * 64;
+      for (int k = 0; k < 4; ++k)
+        out[k] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k)));
+    } else if constexpr (T == GgmlType::BF16) {
+      const uint8_t* p = row + c * 64;
+      for (int k = 0; k < 4; ++k) {
+        const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k)));
+        out[k] = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+      }
+    } else if constexpr (T == GgmlType::Q8_0) {
+      const uint8_t* b = row + c * kQ8_0Bytes;
+      const V d = _mm256_set1_ps(half(b));
+      for (int k = 0; k < 4; ++k)
+        out[k] = _mm256_mul_ps(d, i8x8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kQ8_0Qs + 8 * k))));
+    } else if constexpr (T == GgmlType::Q4_0) {
+      const uint8_t* b = row + c * kQ4_0Bytes;
+      const V d = _mm256_set1_ps(half(b));
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kQ4_0Qs));
+      const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+      const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);                     // elements 0..15
+      const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight);  // 16..31
+      out[0] = _mm256_mul_ps(d, i8x8(lo));
+      out[1] = _mm256_mul_ps(d, i8x8(_mm_unpackhi_epi64(lo, lo)));
+      out[2] = _mm256_mul_ps(d, i8x8(hi));
+      out[3] = _mm256_mul_ps(d, i8x8(_mm_unpackhi_epi64(hi, hi)));
+    } else if constexpr (T == GgmlType::Q4_K) {
+      // Sub-block j of super-block sb: its 32 quants are the low (even j) or high (odd j) nibbles of
+      // the 32 bytes of chunk j/2.
+      const uint8_t* b = row + (c >> 3) * kQ4_KBytes;
+      const int j = static_cast<int>(c & 7);
+      int sc, m;
+      q4k_scale_min(j, b + kQ4_KScales, sc, m);
+      const V d = _mm256_set1_ps(half(b) * static_cast<float>(sc));
+      const V neg_min = _mm256_set1_ps(-(half(b + kQ4_KDmin) * static_cast<float>(m)));
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQ4_KQs + (j >> 1) * 32));
+      const __m256i q = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+      const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+      const __m128i parts[4] = {q0, _mm_unpackhi_epi64(q0, q0), q1, _mm_unpackhi_epi64(q1, q1)};
+      for (int k = 0; k < 4; ++k)
+        out[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k])), neg_min);
+    } else if constexpr (T == GgmlType::Q6_K) {
+      // Chunk s (0..3) of half g: low 4 bits from ql[g*64 + (s&1)*32 + l] (high nibble for s >= 2),
+      // top 2 bits from qh[g*32 + l] at bit 2s; 16 elements per 8-bit scale.
+      const uint8_t* b = row + (c >> 3) * kQ6_KBytes;
+      const int q8 = static_cast<int>(c & 7), g = q8 >> 2, s = q8 & 3;
+      const auto* scales = reinterpret_cast<const int8_t*>(b + kQ6_KScales) + g * 8 + 2 * s;
+      const float d = half(b + kQ6_KD);
+      __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + (s & 1) * 32));
+      __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQ6_KQh + g * 32));
+      ql = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((s >> 1) * 4)), _mm256_set1_epi8(0x0F));
+      qh = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(3));
+      const __m256i q = _mm256_sub_epi8(_mm256_or_si256(ql, _mm256_slli_epi16(qh, 4)), _mm256_set1_epi8(32));
+      const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+      const V d0 = _mm256_set1_ps(d * scales[0]), d1 = _mm256_set1_ps(d * scales[1]);
+      out[0] = _mm256_mul_ps(d0, i8x8(q0));
+      out[1] = _mm256_mul_ps(d0, i8x8(_mm_unpackhi_epi64(q0, q0)));
+      out[2] = _mm256_mul_ps(d1, i8x8(q1));
+      out[3] = _mm256_mul_ps(d1, i8x8(_mm_unpackhi_epi64(q1, q1)));
+    }
+  }
+};
+
+}  // namespace
+
+void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                 const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  matmul_dispatch<Avx2>(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+
+}  // namespace shardlm::quant_detail
+#pragma GCC pop_options
+
+#else  // not x86-64: dispatch never selects this family (cpu_isa_supported is false)
+
+namespace shardlm::quant_detail {
 void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                  const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
-
 }  // namespace shardlm::quant_detail
+#endif

@@ -1,10 +1,115 @@
+// AVX-512 (F, BW, VL) kernels: same structure as the AVX2 family with 16-lane vectors, so a 32-element
+// chunk is two vectors and the 32-register file allows a 4 rows x 4 tokens tile.
+#include <cstddef>
+#include <cstdint>
+
+#include "core/error.h"
+#include "quant/blocks.h"
 #include "quant/kernels.h"
 
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+// GCC 12's own avx512fintrin.h passes a deliberately undefined vector (_mm512_undefined_*) as the
+// unused merge source of _mm512_cvtph_ps / _mm512_reduce_add_ps and then warns about it (GCC bug
+// 105593); the value is never read, so silence exactly these two diagnostics for this file.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "quant/kernels_tile.h"
+
 namespace shardlm::quant_detail {
+namespace {
+
+float half(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
+
+__m512 i8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+__m512 u8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+__m128i ld128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+__m256i ld256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int L = 16;
+  static constexpr int kRowTile = 4;
+  static constexpr int kTokTile = 4;
+
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+
+  template <GgmlType T>
+  static void decode(const uint8_t* row, int64_t c, V* out) {
+    if constexpr (T == GgmlType::F32) {
+      const float* p = reinterpret_cast<const float*>(row) + c * 32;
+      out[0] = _mm512_loadu_ps(p);
+      out[1] = _mm512_loadu_ps(p + 16);
+    } else if constexpr (T == GgmlType::F16) {
+      const uint8_t* p = row + c * 64;
+      out[0] = _mm512_cvtph_ps(ld256(p));
+      out[1] = _mm512_cvtph_ps(ld256(p + 32));
+    } else if constexpr (T == GgmlType::BF16) {
+      const uint8_t* p = row + c * 64;
+      out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(ld256(p)), 16));
+      out[1] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(ld256(p + 32)), 16));
+    } else if constexpr (T == GgmlType::Q8_0) {
+      const uint8_t* b = row + c * kQ8_0Bytes;
+      const V d = _mm512_set1_ps(half(b));
+      out[0] = _mm512_mul_ps(d, i8x16(ld128(b + kQ8_0Qs)));
+      out[1] = _mm512_mul_ps(d, i8x16(ld128(b + kQ8_0Qs + 16)));
+    } else if constexpr (T == GgmlType::Q4_0) {
+      const uint8_t* b = row + c * kQ4_0Bytes;
+      const V d = _mm512_set1_ps(half(b));
+      const __m128i q = ld128(b + kQ4_0Qs);
+      const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+      out[0] = _mm512_mul_ps(d, i8x16(_mm_sub_epi8(_mm_and_si128(q, m4), eight)));
+      out[1] = _mm512_mul_ps(d, i8x16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight)));
+    } else if constexpr (T == GgmlType::Q4_K) {
+      const uint8_t* b = row + (c >> 3) * kQ4_KBytes;
+      const int j = static_cast<int>(c & 7);
+      int sc, m;
+      q4k_scale_min(j, b + kQ4_KScales, sc, m);
+      const V d = _mm512_set1_ps(half(b) * static_cast<float>(sc));
+      const V neg_min = _mm512_set1_ps(-(half(b + kQ4_KDmin) * static_cast<float>(m)));
+      const __m256i raw = ld256(b + kQ4_KQs + (j >> 1) * 32);
+      const __m256i q = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+      out[0] = _mm512_fmadd_ps(d, u8x16(_mm256_castsi256_si128(q)), neg_min);
+      out[1] = _mm512_fmadd_ps(d, u8x16(_mm256_extracti128_si256(q, 1)), neg_min);
+    } else if constexpr (T == GgmlType::Q6_K) {
+      const uint8_t* b = row + (c >> 3) * kQ6_KBytes;
+      const int q8 = static_cast<int>(c & 7), g = q8 >> 2, s = q8 & 3;
+      const auto* scales = reinterpret_cast<const int8_t*>(b + kQ6_KScales) + g * 8 + 2 * s;
+      const float d = half(b + kQ6_KD);
+      __m256i ql = ld256(b + g * 64 + (s & 1) * 32);
+      __m256i qh = ld256(b + kQ6_KQh + g * 32);
+      ql = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((s >> 1) * 4)), _mm256_set1_epi8(0x0F));
+      qh = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(3));
+      const __m256i q = _mm256_sub_epi8(_mm256_or_si256(ql, _mm256_slli_epi16(qh, 4)), _mm256_set1_epi8(32));
+      out[0] = _mm512_mul_ps(_mm512_set1_ps(d * scales[0]), i8x16(_mm256_castsi256_si128(q)));
+      out[1] = _mm512_mul_ps(_mm512_set1_ps(d * scales[1]), i8x16(_mm256_extracti128_si256(q, 1)));
+    }
+  }
+};
+
+}  // namespace
 
 void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
-                 const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
-  matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+                   const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  matmul_dispatch<Avx512>(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 
 }  // namespace shardlm::quant_detail
+#pragma GCC pop_options
+
+#else  // not x86-64: dispatch never selects this family (cpu_isa_supported is false)
+
+namespace shardlm::quant_detail {
+void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                   const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+}  // namespace shardlm::quant_detail
+#endif

@@ -1,0 +1,92 @@
+// Register-tiled matmul driver shared by the SIMD kernel files. Each file includes this after its
+// `#pragma GCC target`, and everything here has internal linkage, so each ISA gets its own copy compiled
+// for its instruction set (no inline function can be merged across ISAs by the linker).
+//
+// `K` supplies the vector type V (L float lanes), load/fma/hsum, and decode<T>(row, chunk, out) which
+// dequantizes the 32 elements of chunk `chunk` of a weight row into kNv = 32 / L vectors in registers.
+// A tile is R weight rows x TB tokens: each chunk of the R rows is decoded once and multiplied with TB
+// tokens, so prefill reads each weight row from memory once and decodes it once per TB tokens.
+#pragma once
+
+namespace shardlm::quant_detail {
+namespace {
+
+template <class K, GgmlType T, int R, int TB, int A>
+void tile(const uint8_t* w /* (R rows, stride) */, size_t stride, int64_t n_chunks,
+          const float* x /* (TB, ldx) */, int64_t ldx, float* y /* (TB, ldy) */, int64_t ldy) {
+  using V = typename K::V;
+  constexpr int kNv = 32 / K::L;
+  V acc[R][TB][A];  // A > 1 splits each dot into independent FMA chains when the tile is small
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t)
+      for (int a = 0; a < A; ++a) acc[r][t][a] = K::zero();
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    V wv[R][kNv];  // (R, 32) decoded weights of this chunk
+    for (int r = 0; r < R; ++r) K::template decode<T>(w + r * stride, c, wv[r]);
+    for (int t = 0; t < TB; ++t) {
+      const float* xt = x + t * ldx + c * 32;
+      for (int k = 0; k < kNv; ++k) {
+        const V xv = K::load(xt + k * K::L);
+        for (int r = 0; r < R; ++r) acc[r][t][k % A] = K::fma(wv[r][k], xv, acc[r][t][k % A]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) {
+      V s = acc[r][t][0];
+      for (int a = 1; a < A; ++a) s = K::add(s, acc[r][t][a]);
+      y[t * ldy + r] = K::hsum(s);
+    }
+}
+
+// Rows of one group against all tokens: full token tiles of kTb, then one tail tile.
+template <class K, GgmlType T, int R>
+void rows_all_tokens(const uint8_t* w, size_t stride, int64_t n_chunks, const float* x, int64_t ldx,
+                     int64_t n_tok, float* y, int64_t ldy) {
+  constexpr int kTb = K::kTokTile;
+  int64_t t = 0;
+  if (n_tok == 1) {
+    tile<K, T, R, 1, 2>(w, stride, n_chunks, x, ldx, y, ldy);
+    return;
+  }
+  for (; t + kTb <= n_tok; t += kTb) tile<K, T, R, kTb, 1>(w, stride, n_chunks, x + t * ldx, ldx, y + t * ldy, ldy);
+  const float* xt = x + t * ldx;
+  float* yt = y + t * ldy;
+  switch (n_tok - t) {
+    case 0: break;
+    case 1: tile<K, T, R, 1, 2>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
+    case 2: tile<K, T, R, 2, 1>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
+    case 3: if constexpr (kTb > 3) tile<K, T, R, 3, 1>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
+    default: break;
+  }
+}
+
+template <class K, GgmlType T>
+void matmul_type(const uint8_t* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x,
+                 int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  constexpr int kR = K::kRowTile;
+  const int64_t n_chunks = n_cols / 32;
+  int64_t r = 0;
+  for (; r + kR <= n_rows; r += kR)
+    rows_all_tokens<K, T, kR>(w + r * stride, stride, n_chunks, x, ldx, n_tok, y + r, ldy);
+  for (; r < n_rows; ++r) rows_all_tokens<K, T, 1>(w + r * stride, stride, n_chunks, x, ldx, n_tok, y + r, ldy);
+}
+
+template <class K>
+void matmul_dispatch(GgmlType type, const uint8_t* w, size_t stride, int64_t n_rows, int64_t n_cols,
+                     const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  switch (type) {
+    case GgmlType::F32: return matmul_type<K, GgmlType::F32>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::F16: return matmul_type<K, GgmlType::F16>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::BF16: return matmul_type<K, GgmlType::BF16>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q8_0: return matmul_type<K, GgmlType::Q8_0>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q4_0: return matmul_type<K, GgmlType::Q4_0>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q4_K: return matmul_type<K, GgmlType::Q4_K>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q6_K: return matmul_type<K, GgmlType::Q6_K>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    default: break;
+  }
+  SHARDLM_CHECK(false, "no SIMD kernel for ", type_name(type));
+}
+
+}  // namespace
+}  // namespace shardlm::quant_detail
