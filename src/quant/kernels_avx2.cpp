@@ -26,8 +26,11 @@ __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 struct Avx2 {
   using V = __m256;
   static constexpr int L = 8;
-  static constexpr int kRowTile = 2;  // 2 rows x 4 vectors of weights + accumulators fit 16 registers
   static constexpr int kTokTile = 3;
+  template <GgmlType>
+  static constexpr int chunk() { return 32; }
+  template <GgmlType>
+  static constexpr int row_tile() { return 2; }  // 2 rows x 4 weight vectors + 6 accumulators: 16 regs
 
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }

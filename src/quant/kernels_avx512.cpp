@@ -32,8 +32,14 @@ __m256i ld256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<con
 struct Avx512 {
   using V = __m512;
   static constexpr int L = 16;
-  static constexpr int kRowTile = 4;
   static constexpr int kTokTile = 4;
+  // Q4_K decodes a whole 64-element chunk (one 32-byte load, low and high nibbles) so its scale
+  // unpacking and fp16 conversions are paid once per 64 weights; its 4 vectors per row then need a
+  // 2-row tile to keep weights + 4x4 accumulators within 32 registers.
+  template <GgmlType T>
+  static constexpr int chunk() { return T == GgmlType::Q4_K ? 64 : 32; }
+  template <GgmlType T>
+  static constexpr int row_tile() { return T == GgmlType::Q4_K ? 2 : 4; }
 
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -68,16 +74,23 @@ struct Avx512 {
       out[0] = _mm512_mul_ps(d, i8x16(_mm_sub_epi8(_mm_and_si128(q, m4), eight)));
       out[1] = _mm512_mul_ps(d, i8x16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight)));
     } else if constexpr (T == GgmlType::Q4_K) {
-      const uint8_t* b = row + (c >> 3) * kQ4_KBytes;
-      const int j = static_cast<int>(c & 7);
-      int sc, m;
-      q4k_scale_min(j, b + kQ4_KScales, sc, m);
-      const V d = _mm512_set1_ps(half(b) * static_cast<float>(sc));
-      const V neg_min = _mm512_set1_ps(-(half(b + kQ4_KDmin) * static_cast<float>(m)));
-      const __m256i raw = ld256(b + kQ4_KQs + (j >> 1) * 32);
-      const __m256i q = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
-      out[0] = _mm512_fmadd_ps(d, u8x16(_mm256_castsi256_si128(q)), neg_min);
-      out[1] = _mm512_fmadd_ps(d, u8x16(_mm256_extracti128_si256(q, 1)), neg_min);
+      // Chunk c = 64 elements = sub-blocks 2p and 2p+1 of super-block c/4: the low and high nibbles
+      // of the same 32 bytes.
+      const uint8_t* b = row + (c >> 2) * kQ4_KBytes;
+      const int p = static_cast<int>(c & 3);
+      int sc0, m0, sc1, m1;
+      q4k_scale_min(2 * p, b + kQ4_KScales, sc0, m0);
+      q4k_scale_min(2 * p + 1, b + kQ4_KScales, sc1, m1);
+      const float d = half(b), dmin = half(b + kQ4_KDmin);
+      const __m256i raw = ld256(b + kQ4_KQs + p * 32);
+      const __m256i m4 = _mm256_set1_epi8(0x0F);
+      const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+      const V d0 = _mm512_set1_ps(d * static_cast<float>(sc0)), n0 = _mm512_set1_ps(-(dmin * static_cast<float>(m0)));
+      const V d1 = _mm512_set1_ps(d * static_cast<float>(sc1)), n1 = _mm512_set1_ps(-(dmin * static_cast<float>(m1)));
+      out[0] = _mm512_fmadd_ps(d0, u8x16(_mm256_castsi256_si128(lo)), n0);
+      out[1] = _mm512_fmadd_ps(d0, u8x16(_mm256_extracti128_si256(lo, 1)), n0);
+      out[2] = _mm512_fmadd_ps(d1, u8x16(_mm256_castsi256_si128(hi)), n1);
+      out[3] = _mm512_fmadd_ps(d1, u8x16(_mm256_extracti128_si256(hi, 1)), n1);
     } else if constexpr (T == GgmlType::Q6_K) {
       const uint8_t* b = row + (c >> 3) * kQ6_KBytes;
       const int q8 = static_cast<int>(c & 7), g = q8 >> 2, s = q8 & 3;

@@ -3,7 +3,8 @@
 // for its instruction set (no inline function can be merged across ISAs by the linker).
 //
 // `K` supplies the vector type V (L float lanes), load/fma/hsum, and decode<T>(row, chunk, out) which
-// dequantizes the 32 elements of chunk `chunk` of a weight row into kNv = 32 / L vectors in registers.
+// dequantizes the C = K::chunk<T>() elements of chunk `chunk` of a weight row into kNv = C / L vectors
+// in registers (32 for most types; a family may pick 64 where that halves per-chunk scale decoding).
 // A tile is R weight rows x TB tokens: each chunk of the R rows is decoded once and multiplied with TB
 // tokens, so prefill reads each weight row from memory once and decodes it once per TB tokens.
 #pragma once
@@ -15,7 +16,8 @@ template <class K, GgmlType T, int R, int TB, int A>
 void tile(const uint8_t* w /* (R rows, stride) */, size_t stride, int64_t n_chunks,
           const float* x /* (TB, ldx) */, int64_t ldx, float* y /* (TB, ldy) */, int64_t ldy) {
   using V = typename K::V;
-  constexpr int kNv = 32 / K::L;
+  constexpr int kC = K::template chunk<T>();
+  constexpr int kNv = kC / K::L;
   V acc[R][TB][A];  // A > 1 splits each dot into independent FMA chains when the tile is small
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TB; ++t)
@@ -24,7 +26,7 @@ void tile(const uint8_t* w /* (R rows, stride) */, size_t stride, int64_t n_chun
     V wv[R][kNv];  // (R, 32) decoded weights of this chunk
     for (int r = 0; r < R; ++r) K::template decode<T>(w + r * stride, c, wv[r]);
     for (int t = 0; t < TB; ++t) {
-      const float* xt = x + t * ldx + c * 32;
+      const float* xt = x + t * ldx + c * kC;
       for (int k = 0; k < kNv; ++k) {
         const V xv = K::load(xt + k * K::L);
         for (int r = 0; r < R; ++r) acc[r][t][k % A] = K::fma(wv[r][k], xv, acc[r][t][k % A]);
@@ -64,8 +66,8 @@ void rows_all_tokens(const uint8_t* w, size_t stride, int64_t n_chunks, const fl
 template <class K, GgmlType T>
 void matmul_type(const uint8_t* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x,
                  int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
-  constexpr int kR = K::kRowTile;
-  const int64_t n_chunks = n_cols / 32;
+  constexpr int kR = K::template row_tile<T>();
+  const int64_t n_chunks = n_cols / K::template chunk<T>();
   int64_t r = 0;
   for (; r + kR <= n_rows; r += kR)
     rows_all_tokens<K, T, kR>(w + r * stride, stride, n_chunks, x, ldx, n_tok, y + r, ldy);
