@@ -366,8 +366,6 @@ class BpeTokenizer final : public TokenizerBase {
   explicit BpeTokenizer(Vocab v)
       : TokenizerBase(std::move(v)), byte_level_mode_(vocab_.model == Vocab::Model::kBpe) {
     split_ = byte_level_mode_ ? pre_split_from_name(vocab_.pre) : PreSplit::kNone;
-    if (byte_level_mode_ && vocab_.merges.empty() && !vocab_.hf.enabled)
-      fail("vocabulary: BPE model without merges (tokenizer.ggml.merges)");
     merges_.reserve(vocab_.merges.size());
     for (size_t i = 0; i < vocab_.merges.size(); ++i) {
       const std::string& m = vocab_.merges[i];
