@@ -78,11 +78,15 @@ TensorShard tensor_shard(const std::string& name, GgmlType type, int64_t ne0, in
     return make(ShardKind::kRows, vocab_shard(c, tp_size, tp_rank), ne0, ne1, type, name);
   const HeadShard h = head_shard(c, tp_size, tp_rank);
   const int64_t hd = c.head_dim;
+  // A bias is 1-D: ggml gives it ne = [n, 1], so its "output rows" are the elements of ne[0]. Slicing
+  // ne[1] (length 1) would keep the whole vector on every rank and count n * n bytes.
+  const bool vector = ends_with(name, ".bias") && ne1 == 1;
+  const ShardKind out_rows = vector ? ShardKind::kCols : ShardKind::kRows;
   if (ends_with(name, "attn_q.weight") || ends_with(name, "attn_q.bias"))
-    return make(ShardKind::kRows, {h.q_heads.begin * hd, h.q_heads.end * hd}, ne0, ne1, type, name);
+    return make(out_rows, {h.q_heads.begin * hd, h.q_heads.end * hd}, ne0, ne1, type, name);
   if (ends_with(name, "attn_k.weight") || ends_with(name, "attn_v.weight") ||
       ends_with(name, "attn_k.bias") || ends_with(name, "attn_v.bias"))
-    return make(ShardKind::kRows, {h.kv_heads.begin * hd, h.kv_heads.end * hd}, ne0, ne1, type, name);
+    return make(out_rows, {h.kv_heads.begin * hd, h.kv_heads.end * hd}, ne0, ne1, type, name);
   if (ends_with(name, "attn_output.weight"))
     return make(ShardKind::kCols, {h.q_heads.begin * hd, h.q_heads.end * hd}, ne0, ne1, type, name);
   const Range f = ffn_shard(c, block_size(down_type), tp_size, tp_rank);

@@ -1,0 +1,150 @@
+// `shardlm plan`: will this model fit this machine, how should it be split, and how fast will it run?
+// Exit status: 0 the model fits (plan printed), 3 nothing fits (the closest miss and the smallest
+// changes that would fit are printed), 2 bad input (flags, files), 1 other errors (thrown as Error).
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <iostream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+#include "config/presets.h"
+#include "core/error.h"
+#include "formats/gguf.h"
+#include "plan/cost_model.h"
+#include "plan/devices.h"
+#include "plan/planner.h"
+
+namespace shardlm {
+namespace {
+
+// llama.cpp spells some options as multi-letter single-dash flags (-ngl, -ts, -sm, -mg), which CLI11
+// does not accept as short names; they are rewritten to their long forms before parsing.
+std::vector<std::string> rewrite_llama_flags(int argc, const char* const* argv) {
+  static const std::pair<const char*, const char*> kMap[] = {
+      {"-ngl", "--n-gpu-layers"}, {"-ts", "--tensor-split"}, {"-sm", "--split-mode"}, {"-mg", "--main-gpu"}};
+  std::vector<std::string> out;
+  for (int i = 0; i < argc; ++i) {
+    std::string a = argv[i];
+    for (const auto& [from, to] : kMap) {
+      const std::string f = from;
+      if (a == f) a = to;
+      else if (a.rfind(f + "=", 0) == 0) a = std::string(to) + a.substr(f.size());
+    }
+    out.push_back(a);
+  }
+  return out;
+}
+
+std::vector<double> parse_split(const std::string& s) {
+  std::vector<double> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    std::istringstream is(item);
+    double x = 0;
+    if (!(is >> x) || !(is >> std::ws).eof() || !(x > 0))
+      fail("layer split (--layer-split): item '", item, "' of '", s, "' is not a positive number");
+    v.push_back(x);
+  }
+  if (v.empty()) fail("layer split (--layer-split): '", s, "' is empty");
+  return v;
+}
+
+bool looks_like_file(const std::string& m) {
+  return m.size() > 5 && m.compare(m.size() - 5, 5, ".gguf") == 0;
+}
+
+}  // namespace
+
+int cmd_plan(int argc, const char* const* argv) {
+  CLI::App app{
+      "Plan how a model is split over this machine's (or the given) GPUs and CPU: per-device memory, "
+      "whether it fits, predicted decode speed and the largest context.\n"
+      "Exit status: 0 fits, 3 nothing fits (suggestions printed), 2 bad input.",
+      "shardlm plan"};
+  std::string model, quant = "q4_k_m", kv_type = "f16", layer_split, split_mode;
+  std::optional<std::string> gpus, cpu_mem, link;
+  std::optional<double> cpu_bw;
+  std::optional<int> tp, pp, ngl;
+  int64_t ctx = 4096, batch = 512;
+  int main_gpu = 0;
+  bool explain = false, json = false;
+  app.add_option("-m,--model", model, "GGUF file, or a preset: " + preset_names())->required();
+  auto* quant_opt = app.add_option("--quant", quant, "quantization scheme for presets (" + scheme_names() +
+                                                         "); with a GGUF, plan as if re-quantized")
+                        ->capture_default_str();
+  app.add_option("--gpus", gpus,
+                 "GPUs: sizes (24G,24G; G = GiB), names (" + gpu_names() + ") or counts (rtx3090x2, h100x4)");
+  app.add_option("--cpu-mem", cpu_mem, "CPU RAM for offload / CPU ranks, e.g. 64G (default: /proc/meminfo)");
+  app.add_option("--cpu-bandwidth", cpu_bw, "CPU memory bandwidth in GB/s (default 20, an assumption)");
+  app.add_option("--link", link, "link between devices: nvlink, pcie4, pcie5, ethernet, shm");
+  app.add_option("--ctx,--max-model-len", ctx, "context length the KV cache must hold")->capture_default_str();
+  app.add_option("--batch", batch, "tokens per forward pass (prefill micro-batch)")->capture_default_str();
+  app.add_option("--kv-type", kv_type, "KV cache type: f16 or f32")->capture_default_str();
+  app.add_option("--tp,--tensor-parallel-size", tp, "pin the tensor parallel size");
+  app.add_option("--pp,--pipeline-parallel-size", pp, "pin the number of pipeline stages");
+  app.add_option("--layer-split,--tensor-split", layer_split,
+                 "layer proportions per pipeline stage, e.g. 3,1 (also -ts)");
+  app.add_option("--n-gpu-layers", ngl, "layers on the GPUs, the rest on the CPU (also -ngl; 99 = all)");
+  app.add_option("--split-mode", split_mode, "layer (pipeline), row/tensor (tensor parallel), none (also -sm)");
+  app.add_option("--main-gpu", main_gpu, "the GPU used with --split-mode none (also -mg)")->capture_default_str();
+  app.add_flag("--explain", explain, "list the candidate layouts and why each lost");
+  app.add_flag("--json", json, "print the plan as JSON");
+
+  const std::vector<std::string> args = rewrite_llama_flags(argc, argv);
+  std::vector<const char*> cargs;
+  for (const std::string& a : args) cargs.push_back(a.c_str());
+  try {
+    app.parse(static_cast<int>(cargs.size()), cargs.data());
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+
+  ModelDesc desc;
+  if (const Preset* p = find_preset(model); p != nullptr && !std::filesystem::exists(model)) {
+    desc = model_desc_from_preset(model, quant);
+  } else if (looks_like_file(model) || std::filesystem::exists(model)) {
+    const auto f = GgufFile::open(model);
+    desc = model_desc_from_gguf(*f);
+    if (quant_opt->count() > 0) {
+      const std::string src = desc.source;
+      desc = model_desc_from_config(desc.config, quant);
+      desc.source = cat(src, " re-quantized as ", quant);
+    }
+  } else {
+    fail("model (-m): '", model, "' is neither a GGUF file nor a preset; presets: ", preset_names());
+  }
+
+  DeviceRequest dreq;
+  dreq.gpus = gpus;
+  dreq.cpu_mem = cpu_mem;
+  dreq.cpu_bandwidth_gbs = cpu_bw;
+  dreq.link = link;
+  const DeviceInventory inv = make_inventory(dreq);  // GPU detection joins with the CUDA backend
+
+  PlanRequest req;
+  req.ctx = ctx;
+  req.batch = batch;
+  const std::optional<GgmlType> kv = parse_type(kv_type);
+  if (!kv) fail("KV cache type (--kv-type): '", kv_type, "' is unknown; use f16 or f32");
+  req.kv_type = *kv;
+  req.tp = tp;
+  req.pp = pp;
+  if (!layer_split.empty()) req.layer_split = parse_split(layer_split);
+  req.n_gpu_layers = ngl;
+  if (!split_mode.empty()) req.split_mode = parse_split_mode(split_mode);
+  req.main_gpu = main_gpu;
+
+  const Plan plan = make_plan(desc, inv, req);
+  if (json) std::cout << plan_to_json(plan).dump(2) << "\n";
+  else std::cout << plan_to_text(plan, explain);
+  return plan.fits ? 0 : 3;
+}
+
+}  // namespace shardlm

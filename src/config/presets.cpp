@@ -1,0 +1,214 @@
+#include "config/presets.h"
+
+#include <algorithm>
+#include <cctype>
+
+#include "core/error.h"
+
+namespace shardlm {
+namespace {
+
+// Builds a config from the published hyper-parameters (the models' config.json); head_dim is
+// n_embd / n_head for every model listed here.
+ModelConfig make(const char* arch, const char* name, int64_t n_vocab, int64_t n_embd, int64_t n_layer,
+                 int64_t n_head, int64_t n_head_kv, int64_t n_ff, int64_t n_ctx_train, float rms_eps,
+                 float rope_base) {
+  ModelConfig c;
+  c.arch = arch;
+  c.name = name;
+  c.n_vocab = n_vocab;
+  c.n_embd = n_embd;
+  c.n_layer = n_layer;
+  c.n_head = n_head;
+  c.n_head_kv = n_head_kv;
+  c.head_dim = n_embd / n_head;
+  c.n_ff = n_ff;
+  c.n_ctx_train = n_ctx_train;
+  c.rms_eps = rms_eps;
+  c.rope_freq_base = rope_base;
+  return c;
+}
+
+ModelConfig llama3(const char* name, int64_t n_embd, int64_t n_layer, int64_t n_head, int64_t n_ff,
+                   float rope_factor) {
+  ModelConfig c = make("llama", name, 128256, n_embd, n_layer, n_head, 8, n_ff, 131072, 1e-5f, 500000.0f);
+  c.rope_scaling.type = "llama3";
+  c.rope_scaling.factor = rope_factor;
+  c.rope_scaling.low_freq_factor = 1.0f;
+  c.rope_scaling.high_freq_factor = 4.0f;
+  c.rope_scaling.original_context = 8192;
+  return c;
+}
+
+std::vector<Preset> build_presets() {
+  std::vector<Preset> p;
+  {
+    ModelConfig c = llama3("Llama 3.2 1B", 2048, 16, 32, 8192, 32.0f);
+    c.tied_output = true;  // Llama 3.2 1B/3B reuse token_embd as the output matrix
+    p.push_back({"llama-3.2-1b", "Llama 3.2 1B (16 layers, GQA 32/8, tied output)", c});
+  }
+  p.push_back({"llama-3.1-8b", "Llama 3.1 8B (32 layers, GQA 32/8)",
+               llama3("Llama 3.1 8B", 4096, 32, 32, 14336, 8.0f)});
+  p.push_back({"llama-3.1-70b", "Llama 3.1 70B (80 layers, GQA 64/8)",
+               llama3("Llama 3.1 70B", 8192, 80, 64, 28672, 8.0f)});
+  p.push_back({"llama-3.1-405b", "Llama 3.1 405B (126 layers, GQA 128/8)",
+               llama3("Llama 3.1 405B", 16384, 126, 128, 53248, 8.0f)});
+  p.push_back({"llama-2-7b", "Llama 2 7B (32 layers, MHA 32 heads)",
+               make("llama", "Llama 2 7B", 32000, 4096, 32, 32, 32, 11008, 4096, 1e-5f, 10000.0f)});
+  p.push_back({"llama-2-13b", "Llama 2 13B (40 layers, MHA 40 heads)",
+               make("llama", "Llama 2 13B", 32000, 5120, 40, 40, 40, 13824, 4096, 1e-5f, 10000.0f)});
+  p.push_back({"llama-2-70b", "Llama 2 70B (80 layers, GQA 64/8)",
+               make("llama", "Llama 2 70B", 32000, 8192, 80, 64, 8, 28672, 4096, 1e-5f, 10000.0f)});
+  p.push_back({"mistral-7b", "Mistral 7B v0.3 (32 layers, GQA 32/8, vocab 32768)",
+               make("llama", "Mistral 7B v0.3", 32768, 4096, 32, 32, 8, 14336, 32768, 1e-5f, 1000000.0f)});
+  {
+    ModelConfig c = make("qwen2", "Qwen2.5 7B", 152064, 3584, 28, 28, 4, 18944, 32768, 1e-6f, 1000000.0f);
+    c.qkv_bias = true;
+    p.push_back({"qwen2.5-7b", "Qwen2.5 7B (28 layers, GQA 28/4, q/k/v biases)", c});
+  }
+  {
+    ModelConfig c = make("qwen2", "Qwen2.5 72B", 152064, 8192, 80, 64, 8, 29568, 32768, 1e-6f, 1000000.0f);
+    c.qkv_bias = true;
+    p.push_back({"qwen2.5-72b", "Qwen2.5 72B (80 layers, GQA 64/8, q/k/v biases)", c});
+  }
+  // Test shapes. "tiny" is the smallest useful Llama (head_dim 16, GQA 2): fine for f32/f16/q8_0/q4_0,
+  // while K-quant schemes fall back to 32-blocks on its 64-wide rows exactly as llama.cpp would.
+  // "tiny-k" and "tiny-qwen2" keep every row length a multiple of 256 so K-quants apply unchanged.
+  p.push_back({"tiny", "test model: dim 64, 4 layers, 4 heads / 2 KV heads, n_ff 192, vocab 512",
+               make("llama", "tiny", 512, 64, 4, 4, 2, 192, 512, 1e-5f, 10000.0f)});
+  p.push_back({"tiny-k", "test model for K-quants: dim 256, 4 layers, 4 heads / 2 KV heads, n_ff 512",
+               make("llama", "tiny-k", 512, 256, 4, 4, 2, 512, 512, 1e-5f, 10000.0f)});
+  {
+    ModelConfig c = make("qwen2", "tiny-qwen2", 1024, 256, 4, 4, 2, 768, 512, 1e-6f, 1000000.0f);
+    c.qkv_bias = true;
+    p.push_back({"tiny-qwen2", "test model, Qwen2 style: dim 256, 4 layers, q/k/v biases, n_ff 768", c});
+  }
+  return p;
+}
+
+std::string lower(std::string_view s) {
+  std::string r(s);
+  std::transform(r.begin(), r.end(), r.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  return r;
+}
+
+bool ends_with(const std::string& s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+constexpr std::array<const char*, 7> kSchemes = {"f32", "f16", "bf16", "q8_0", "q6_k", "q4_k_m", "q4_0"};
+
+// llama.cpp's use_more_bits(): the first and last eighth of the layers plus every third layer between.
+bool use_more_bits(int64_t i_layer, int64_t n_layer) {
+  return i_layer < n_layer / 8 || i_layer >= 7 * n_layer / 8 || (i_layer - n_layer / 8) % 3 == 2;
+}
+
+// llama.cpp's fallback when a row does not hold whole blocks of the chosen type (llama-quant.cpp,
+// "convert_incompatible_tensor"): K-types drop to a 32-block type, and to F16 if even that does not fit.
+GgmlType fallback(GgmlType t, const TensorSpec& spec) {
+  const int64_t nx = spec.ne.at(0);
+  if (nx % block_size(t) == 0) return t;
+  GgmlType f;
+  switch (t) {
+    case GgmlType::Q4_K: f = GgmlType::Q5_0; break;
+    case GgmlType::Q5_K: f = GgmlType::Q5_1; break;
+    case GgmlType::Q6_K: f = GgmlType::Q8_0; break;
+    default:
+      fail("tensor '", spec.name, "': row length ", nx, " is not a multiple of the ", type_name(t),
+           " block size ", block_size(t), " and llama.cpp has no fallback for ", type_name(t));
+  }
+  return nx % block_size(f) == 0 ? f : GgmlType::F16;
+}
+
+}  // namespace
+
+const std::vector<Preset>& presets() {
+  static const std::vector<Preset> kPresets = build_presets();  // immutable after first use
+  return kPresets;
+}
+
+const Preset* find_preset(std::string_view name) {
+  const std::string l = lower(name);
+  for (const Preset& p : presets())
+    if (p.name == l) return &p;
+  return nullptr;
+}
+
+std::string preset_names() {
+  std::string s;
+  for (const Preset& p : presets()) s += (s.empty() ? "" : ", ") + p.name;
+  return s;
+}
+
+std::vector<TensorSpec> model_tensors(const ModelConfig& c) {
+  std::vector<TensorSpec> t;
+  t.push_back({"token_embd.weight", {c.n_embd, c.n_vocab}, -1});
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const int l = static_cast<int>(i);
+    const std::string b = cat("blk.", i, ".");
+    t.push_back({b + "attn_norm.weight", {c.n_embd}, l});
+    t.push_back({b + "attn_q.weight", {c.n_embd, c.q_dim()}, l});
+    if (c.qkv_bias) t.push_back({b + "attn_q.bias", {c.q_dim()}, l});
+    t.push_back({b + "attn_k.weight", {c.n_embd, c.kv_dim()}, l});
+    if (c.qkv_bias) t.push_back({b + "attn_k.bias", {c.kv_dim()}, l});
+    t.push_back({b + "attn_v.weight", {c.n_embd, c.kv_dim()}, l});
+    if (c.qkv_bias) t.push_back({b + "attn_v.bias", {c.kv_dim()}, l});
+    t.push_back({b + "attn_output.weight", {c.q_dim(), c.n_embd}, l});
+    t.push_back({b + "ffn_norm.weight", {c.n_embd}, l});
+    t.push_back({b + "ffn_gate.weight", {c.n_embd, c.n_ff}, l});
+    t.push_back({b + "ffn_up.weight", {c.n_embd, c.n_ff}, l});
+    t.push_back({b + "ffn_down.weight", {c.n_ff, c.n_embd}, l});
+  }
+  t.push_back({"output_norm.weight", {c.n_embd}, -1});
+  if (!c.tied_output) t.push_back({"output.weight", {c.n_embd, c.n_vocab}, -1});
+  return t;
+}
+
+bool is_known_scheme(std::string_view scheme) {
+  const std::string l = lower(scheme);
+  return std::find(kSchemes.begin(), kSchemes.end(), l) != kSchemes.end();
+}
+
+std::string scheme_names() {
+  std::string s;
+  for (const char* k : kSchemes) s += (s.empty() ? "" : ", ") + std::string(k);
+  return s;
+}
+
+// Mirrors llama.cpp's llama_model_quantize_impl + llama_tensor_get_type (src/llama-quant.cpp) for the
+// schemes we support, without an importance matrix:
+// - 1-D tensors (norms, biases) are never quantized and stay F32 (as the converter writes them).
+// - Float schemes (f32/f16/bf16) convert every 2-D tensor; llama_tensor_get_type is not consulted.
+// - Quantized schemes: output.weight (or token_embd when the output is tied) becomes Q6_K unless the
+//   scheme's type is Q8_0 (then Q8_0), or Q8_0 if its rows do not hold whole blocks of the scheme type.
+// - q4_k_m: attn_v and ffn_down get Q6_K on use_more_bits() layers; on "70B" models (80 layers, which is
+//   how llama.cpp's llama/qwen2 loaders classify LLM_TYPE_70B) the remaining Q4_K attn_v become Q5_K.
+// - Every choice then falls back as llama.cpp does when the row length is not a block multiple.
+GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, const ModelConfig& c) {
+  const std::string s = lower(scheme);
+  if (!is_known_scheme(s)) fail("quantization scheme '", scheme, "' is unknown; known: ", scheme_names());
+  if (t.ne.empty()) fail("tensor '", t.name, "' has no dimensions");
+  if (t.ne.size() == 1) return GgmlType::F32;
+  if (s == "f32") return GgmlType::F32;
+  if (s == "f16") return GgmlType::F16;
+  if (s == "bf16") return GgmlType::BF16;
+
+  const GgmlType base = s == "q8_0"   ? GgmlType::Q8_0
+                        : s == "q6_k" ? GgmlType::Q6_K
+                        : s == "q4_0" ? GgmlType::Q4_0
+                                      : GgmlType::Q4_K;  // q4_k_m
+  const bool is_output = t.name == "output.weight" || (c.tied_output && t.name == "token_embd.weight");
+  GgmlType type = base;
+  if (is_output) {
+    if (t.ne.at(0) % block_size(base) != 0) type = GgmlType::Q8_0;
+    else if (base != GgmlType::Q8_0) type = GgmlType::Q6_K;
+  } else if (s == "q4_k_m" && ends_with(t.name, "attn_v.weight")) {
+    if (use_more_bits(t.layer, c.n_layer)) type = GgmlType::Q6_K;
+    if (c.n_layer == 80 && type == GgmlType::Q4_K) type = GgmlType::Q5_K;
+  } else if (s == "q4_k_m" && ends_with(t.name, "ffn_down.weight")) {
+    if (use_more_bits(t.layer, c.n_layer)) type = GgmlType::Q6_K;
+  }
+  return fallback(type, t);
+}
+
+}  // namespace shardlm

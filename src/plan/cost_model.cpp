@@ -1,0 +1,158 @@
+#include "plan/cost_model.h"
+
+#include <algorithm>
+
+#include "config/presets.h"
+#include "core/error.h"
+#include "plan/shard.h"
+
+namespace shardlm {
+namespace {
+
+bool ends_with(const std::string& s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+uint64_t tensor_bytes(GgmlType type, const std::vector<int64_t>& ne, const std::string& name) {
+  if (ne.empty()) fail("tensor '", name, "' has no dimensions");
+  int64_t rows = 1;
+  for (size_t i = 1; i < ne.size(); ++i) rows = checked_mul<int64_t>(rows, ne[i], "tensor rows");
+  return static_cast<uint64_t>(checked_mul<int64_t>(row_bytes(type, ne[0]), rows, "tensor bytes"));
+}
+
+}  // namespace
+
+int64_t TensorDesc::n_elements() const {
+  int64_t n = 1;
+  for (int64_t d : ne) n = checked_mul<int64_t>(n, d, "tensor elements");
+  return n;
+}
+
+uint64_t ModelDesc::weight_bytes() const {
+  uint64_t s = 0;
+  for (const TensorDesc& t : tensors) s = checked_add<uint64_t>(s, t.n_bytes, "model bytes");
+  return s;
+}
+
+int64_t ModelDesc::n_params() const {
+  int64_t s = 0;
+  for (const TensorDesc& t : tensors) s += t.n_elements();
+  return s;
+}
+
+const TensorDesc* ModelDesc::find(std::string_view name) const {
+  for (const TensorDesc& t : tensors)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+ModelDesc model_desc_from_config(const ModelConfig& c, std::string_view scheme) {
+  if (!is_known_scheme(scheme))
+    fail("quantization (--quant): '", scheme, "' is unknown; known: ", scheme_names());
+  ModelDesc m;
+  m.config = c;
+  m.scheme = std::string(scheme);
+  m.source = cat(c.name.empty() ? "model" : c.name, ", ", scheme);
+  for (const TensorSpec& s : model_tensors(c)) {
+    TensorDesc t;
+    t.name = s.name;
+    t.ne = s.ne;
+    t.layer = s.layer;
+    t.type = tensor_type_for_scheme(scheme, s, c);
+    t.n_bytes = tensor_bytes(t.type, t.ne, t.name);
+    m.tensors.push_back(std::move(t));
+  }
+  return m;
+}
+
+ModelDesc model_desc_from_preset(std::string_view preset, std::string_view scheme) {
+  const Preset* p = find_preset(preset);
+  if (p == nullptr) fail("model preset '", preset, "' is unknown; known presets: ", preset_names());
+  ModelDesc m = model_desc_from_config(p->config, scheme);
+  m.source = cat("preset ", p->name, ", ", scheme);
+  return m;
+}
+
+std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
+  const ModelConfig& c = m.config;
+  if (tp < 1) fail("tensor parallel size: ", tp, " must be >= 1");
+  if (c.n_layer < 1) fail("model: n_layer ", c.n_layer, " must be >= 1");
+  // ffn_down's type decides the FFN split unit of every FFN tensor of its layer.
+  std::vector<GgmlType> down(static_cast<size_t>(c.n_layer), GgmlType::F32);
+  std::vector<bool> have_down(static_cast<size_t>(c.n_layer), false);
+  for (const TensorDesc& t : m.tensors)
+    if (t.layer >= 0 && ends_with(t.name, "ffn_down.weight")) {
+      if (t.layer >= c.n_layer) fail("tensor '", t.name, "' is outside the model's ", c.n_layer, " layers");
+      down[static_cast<size_t>(t.layer)] = t.type;
+      have_down[static_cast<size_t>(t.layer)] = true;
+    }
+  for (int64_t l = 0; l < c.n_layer; ++l)
+    if (!have_down[static_cast<size_t>(l)]) fail("model: tensor 'blk.", l, ".ffn_down.weight' is missing");
+
+  std::vector<RankWeights> ranks(static_cast<size_t>(tp));
+  for (int r = 0; r < tp; ++r) {
+    RankWeights& w = ranks[static_cast<size_t>(r)];
+    w.layer_bytes.assign(static_cast<size_t>(c.n_layer), 0);
+    const HeadShard h = head_shard(c, tp, r);
+    w.kv_heads = h.kv_heads.size();
+    w.q_heads = h.q_heads.size();
+    w.ff_units = ffn_shard(c, block_size(down[0]), tp, r).size();
+    for (const TensorDesc& t : m.tensors) {
+      if (t.ne.size() > 2) fail("tensor '", t.name, "' has ", t.ne.size(), " dimensions; at most 2 are supported");
+      const int64_t ne1 = t.ne.size() > 1 ? t.ne[1] : 1;
+      const bool known = t.layer >= 0 || t.name == "token_embd.weight" || t.name == "output.weight" ||
+                         t.name == "output_norm.weight";
+      if (!known) {  // e.g. rope_freqs.weight: small, needed wherever layers run
+        w.other_bytes += t.n_bytes;
+        continue;
+      }
+      const GgmlType dt = t.layer >= 0 ? down[static_cast<size_t>(t.layer)] : down[0];
+      const TensorShard s = tensor_shard(t.name, t.type, t.ne[0], ne1, c, dt, tp, r);
+      if (t.layer >= 0) {
+        w.layer_bytes[static_cast<size_t>(t.layer)] += s.n_bytes;
+      } else if (t.name == "token_embd.weight") {
+        w.token_embd_bytes = s.n_bytes;
+        w.token_embd_row_bytes = static_cast<uint64_t>(row_bytes(t.type, t.ne[0]));
+      } else if (t.name == "output.weight") {
+        w.output_bytes = s.n_bytes;
+      } else {
+        w.output_norm_bytes = s.n_bytes;
+      }
+    }
+  }
+  return ranks;
+}
+
+void check_kv_type(GgmlType t) {
+  if (t != GgmlType::F16 && t != GgmlType::F32)
+    fail("KV cache type (--kv-type): '", type_name(t), "' is not supported; use f16 or f32");
+}
+
+uint64_t kv_bytes_per_token_layer(const ModelConfig& c, int64_t kv_heads, GgmlType kv_type) {
+  check_kv_type(kv_type);
+  // K and V, each kv_heads x head_dim elements.
+  return static_cast<uint64_t>(2 * kv_heads * c.head_dim * type_size(kv_type));
+}
+
+uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t batch, int64_t ctx,
+                         bool last_stage) {
+  const int64_t f = 4;  // fp32 activations
+  int64_t e = 0;
+  e += 4 * batch * c.n_embd;                                   // hidden, residual, norm, attention out
+  e += batch * (r.q_heads + 2 * r.kv_heads) * c.head_dim;      // q, k, v
+  e += batch * r.q_heads * ctx;                                // attention scores
+  e += 3 * batch * r.ff_units;                                 // gate, up, activation
+  e += 2 * batch * c.n_embd;                                   // all-reduce / pipeline send+receive
+  if (last_stage) e += batch * c.n_vocab;                      // logits
+  return static_cast<uint64_t>(checked_mul<int64_t>(e, f, "workspace bytes"));
+}
+
+double layer_flops_per_token(const ModelConfig& c, int64_t ctx) {
+  const double d = static_cast<double>(c.n_embd);
+  const double matmul = 2.0 * (d * static_cast<double>(c.q_dim()) * 2 + d * static_cast<double>(c.kv_dim()) * 2 +
+                               3.0 * d * static_cast<double>(c.n_ff));
+  const double attention = 4.0 * static_cast<double>(c.q_dim()) * static_cast<double>(ctx);
+  return matmul + attention;
+}
+
+}  // namespace shardlm

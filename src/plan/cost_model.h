@@ -1,0 +1,80 @@
+// What a model costs in bytes: every tensor (block types included), per layer and per rank under tensor
+// parallelism (through tensor_shard(), so the planner counts exactly what the loader will allocate), the
+// KV cache per token, and the workspace of one forward pass. Pure functions, no hardware.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "config/model_config.h"
+#include "core/dtype.h"
+
+namespace shardlm {
+
+class GgufFile;
+
+struct TensorDesc {
+  std::string name;          // GGUF name, e.g. "blk.3.ffn_down.weight"
+  GgmlType type = GgmlType::F32;
+  std::vector<int64_t> ne;   // ggml order, ne[0] = row length
+  int layer = -1;            // -1 outside the repeating blocks
+  uint64_t n_bytes = 0;      // the whole tensor: row_bytes(type, ne[0]) * ne[1] * ...
+  int64_t n_elements() const;
+};
+
+// A model as the planner sees it: hyper-parameters plus the type and shape of every tensor.
+struct ModelDesc {
+  ModelConfig config;
+  std::string source;  // "preset llama-3.1-70b, q4_k_m" or the GGUF path, for reports
+  std::string scheme;  // quantization scheme for presets; "" for files
+  std::vector<TensorDesc> tensors;
+
+  uint64_t weight_bytes() const;  // sum over all tensors
+  int64_t n_params() const;       // sum of elements
+  const TensorDesc* find(std::string_view name) const;  // nullptr if absent
+};
+
+// Throws Error naming the preset or scheme (and listing the known ones) when either is unknown.
+ModelDesc model_desc_from_preset(std::string_view preset, std::string_view scheme);
+ModelDesc model_desc_from_config(const ModelConfig& c, std::string_view scheme);
+// Types and shapes from the file's tensor infos, hyper-parameters from config_from_gguf(). Throws Error
+// when a repeating-block tensor the model needs is missing. (Defined in model_desc_gguf.cpp so that users
+// of the rest of the cost model do not link the GGUF reader.)
+ModelDesc model_desc_from_gguf(const GgufFile& f);
+
+// Bytes one tensor-parallel rank holds, split by where they live.
+struct RankWeights {
+  std::vector<uint64_t> layer_bytes;  // per layer, this rank's shards of blk.{i}.*
+  uint64_t token_embd_bytes = 0;      // replicated lookup table (first stage)
+  uint64_t token_embd_row_bytes = 0;  // what a lookup of one token reads
+  uint64_t output_bytes = 0;          // this rank's vocabulary rows of the output matrix (last stage)
+  uint64_t output_norm_bytes = 0;     // last stage
+  uint64_t other_bytes = 0;           // tensors outside the blocks we do not shard (rope_freqs), every rank
+  int64_t kv_heads = 0;               // KV heads this rank caches
+  int64_t q_heads = 0;
+  int64_t ff_units = 0;               // FFN columns this rank computes
+};
+
+// Per-rank weights at tensor-parallel size tp for every tp_rank; throws Error (from tensor_shard /
+// head_shard: the tensor, the slice and the block size) when tp cannot split this model.
+std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp);
+
+// Bytes of K and V for one token in one layer on a rank holding `kv_heads` heads (kv_type F16 or F32).
+uint64_t kv_bytes_per_token_layer(const ModelConfig& c, int64_t kv_heads, GgmlType kv_type);
+// Throws Error naming --kv-type unless t is F16 or F32.
+void check_kv_type(GgmlType t);
+
+// Scratch memory of one forward pass over `batch` tokens at context `ctx` on one rank (fp32 activations):
+// hidden states and residual, q/k/v, attention scores (batch x heads x ctx, no flash attention), FFN
+// intermediates, send/receive buffers for all-reduce and pipeline hops, and on the last stage the
+// logits (batch x n_vocab, gathered in full).
+uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t batch, int64_t ctx,
+                         bool last_stage);
+
+// Floating-point operations of one token through one layer at context `ctx` (2 per matmul weight plus
+// attention's q.k and p.v), for prefill estimates.
+double layer_flops_per_token(const ModelConfig& c, int64_t ctx);
+
+}  // namespace shardlm

@@ -1,0 +1,102 @@
+// The machine the planner plans for: GPUs (given on the command line or reported by a detection hook
+// the CUDA backend fills), the host CPU and the link between devices. Datasheet tables, parsers for the
+// user's strings, no hardware access except reading /proc/meminfo.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace shardlm {
+
+enum class DeviceKind { kGpu, kCpu };
+
+struct Device {
+  DeviceKind kind = DeviceKind::kGpu;
+  std::string name;             // "RTX 3090", "GPU (24 GiB)", "CPU"
+  uint64_t capacity_bytes = 0;  // total memory
+  double bandwidth = 0;         // memory bandwidth, bytes/s (datasheet or configured)
+  double matmul_flops = 0;      // dense FP16 (GPU) / FP32 (CPU) matmul rate, FLOP/s
+  std::string default_link = "pcie4";  // how such cards are usually connected (SXM: nvlink)
+};
+
+// Datasheet figures. Memory is the total nvidia-smi reports (MiB), bandwidth and dense FP16 tensor rate
+// are NVIDIA's published numbers.
+struct GpuSpec {
+  const char* key;         // canonical spelling for --gpus, e.g. "rtx3090", "a100-80g", "h100-sxm"
+  const char* name;        // "NVIDIA RTX 3090"
+  uint64_t mem_mib;
+  double bandwidth_gbs;    // GB/s (1e9)
+  double fp16_tflops;      // dense
+  const char* default_link;  // "nvlink" for SXM parts, "pcie4"/"pcie5" otherwise
+};
+const std::vector<GpuSpec>& gpu_table();
+// Accepts the key or an alias ("3090", "rtx-3090", "h100", "H100 SXM"); nullptr if unknown.
+const GpuSpec* find_gpu(std::string_view name);
+std::string gpu_names();
+
+// Link between devices of one stage (all-reduce) and between stages (activations). Latency is the
+// time of one small all-reduce / send as NCCL or MPI achieve it, not the wire latency.
+struct LinkSpec {
+  std::string name;
+  double latency_s = 0;
+  double bandwidth = 0;  // bytes/s, one direction
+};
+const std::vector<LinkSpec>& link_table();
+const LinkSpec& find_link(std::string_view name);  // throws Error naming --link and the known links
+
+// "24G", "24GiB", "512M", "1.5T", "64g" -> bytes (binary units: G = GiB). A unit is required. Throws
+// Error naming `field`, the value and what is accepted.
+uint64_t parse_size(std::string_view s, std::string_view field);
+std::string format_bytes(uint64_t bytes);  // "23.41 GiB"
+
+// --gpus: a comma-separated list of sizes ("24G,24G"), GPU names ("rtx3090,rtx4090") or either with a
+// count ("rtx3090x2", "h100x4", "24Gx2"). Throws Error naming the item.
+std::vector<Device> parse_gpus(std::string_view s);
+
+struct CpuInfo {
+  int cores = 1;
+  uint64_t mem_bytes = 0;
+  double bandwidth = 0;  // bytes/s
+  std::string note;      // where the figures came from
+};
+// Default CPU memory bandwidth when neither measured nor configured: 20 GB/s, what two DDR4 channels
+// deliver in practice to one socket's threads (a conservative figure; --cpu-bandwidth overrides it).
+constexpr double kDefaultCpuBandwidth = 20e9;
+// Sustained FP32 matmul rate per core assumed for prefill on the CPU (AVX2 FMA at ~3 GHz, ~30% of peak).
+constexpr double kCpuFlopsPerCore = 30e9;
+
+// MemTotal from the text of /proc/meminfo, in bytes; throws Error when the line is missing or malformed.
+uint64_t parse_meminfo(std::string_view text);
+// Cores (std::thread::hardware_concurrency) and /proc/meminfo of this machine; bandwidth = default.
+CpuInfo detect_cpu();
+
+// Hook for the CUDA backend: returns the GPUs it sees (capacity and, if measured, bandwidth). Empty
+// function = no GPU detection (CPU-only build).
+using GpuDetector = std::function<std::vector<Device>()>;
+
+struct DeviceInventory {
+  std::vector<Device> gpus;
+  Device cpu;       // kind kCpu; capacity = RAM
+  int cpu_cores = 1;
+  LinkSpec link;    // between GPUs (or CPU ranks: shared memory)
+  LinkSpec host_link;  // between the CPU and the GPUs (PCIe) for offloaded layers
+  std::vector<std::string> notes;
+};
+
+// What the user said about the machine; unset fields are detected.
+struct DeviceRequest {
+  std::optional<std::string> gpus;          // --gpus
+  std::optional<std::string> cpu_mem;       // --cpu-mem
+  std::optional<double> cpu_bandwidth_gbs;  // --cpu-bandwidth (GB/s)
+  std::optional<std::string> link;          // --link
+  std::optional<int> cpu_cores;             // for tests; detected otherwise
+};
+// Builds the inventory: given GPUs, else the detector's, else none (CPU only). CPU RAM and cores are
+// detected unless given. Default link: the first GPU's (nvlink for SXM parts, PCIe otherwise).
+DeviceInventory make_inventory(const DeviceRequest& req, const GpuDetector& detect = nullptr);
+
+}  // namespace shardlm

@@ -1,0 +1,134 @@
+// Text and JSON renderings of a Plan. The JSON field names are a stable interface (scripts and the
+// runtime read them); add fields, never rename.
+#include <iomanip>
+#include <sstream>
+
+#include "core/error.h"
+#include "plan/planner.h"
+
+namespace shardlm {
+namespace {
+
+nlohmann::json device_json(const DevicePlan& d) {
+  nlohmann::json j;
+  j["name"] = d.name;
+  j["kind"] = d.kind == DeviceKind::kGpu ? "gpu" : "cpu";
+  j["rank"] = d.rank;
+  j["tp_rank"] = d.tp_rank;
+  j["pp_rank"] = d.pp_rank;
+  j["capacity_bytes"] = d.capacity_bytes;
+  j["reserve_bytes"] = d.reserve_bytes;
+  j["weight_bytes"] = d.weight_bytes;
+  j["kv_bytes"] = d.kv_bytes;
+  j["workspace_bytes"] = d.workspace_bytes;
+  j["total_bytes"] = d.total_bytes;
+  j["layers"] = d.first_layer >= 0 ? nlohmann::json::array({d.first_layer, d.last_layer}) : nlohmann::json::array();
+  j["token_embd"] = d.has_token_embd;
+  j["output"] = d.has_output;
+  j["fits"] = d.fits;
+  return j;
+}
+
+std::string gib(uint64_t b) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(2) << static_cast<double>(b) / (1024.0 * 1024 * 1024);
+  return os.str();
+}
+
+std::string rate(double v) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(v < 10 ? 2 : 1) << v;
+  return os.str();
+}
+
+}  // namespace
+
+nlohmann::json plan_to_json(const Plan& p) {
+  nlohmann::json j;
+  const Layout& L = p.chosen.layout;
+  j["model"] = p.model;
+  j["n_params"] = p.n_params;
+  j["fits"] = p.fits;
+  j["weight_bytes"] = p.weight_bytes;
+  j["ctx"] = p.ctx;
+  j["batch"] = p.batch;
+  j["kv_type"] = type_name(p.kv_type);
+  j["layout"] = {{"tp", L.tp},
+                 {"pp", L.pp},
+                 {"layer_split", L.layer_split},
+                 {"n_gpu_layers", L.n_gpu_layers},
+                 {"cpu_ranks", L.cpu_ranks}};
+  j["devices"] = nlohmann::json::array();
+  for (const DevicePlan& d : p.chosen.devices) j["devices"].push_back(device_json(d));
+  j["predicted_decode_tokens_per_s"] = p.chosen.decode_tps;
+  j["predicted_prefill_tokens_per_s"] = p.chosen.prefill_tps;
+  j["all_gpu_decode_tokens_per_s"] = p.all_gpu_decode_tps;
+  j["max_context"] = p.max_context;
+  j["why_not"] = p.fits ? "" : p.chosen.why;
+  j["candidates"] = nlohmann::json::array();
+  for (const Candidate& c : p.ranked)
+    j["candidates"].push_back({{"verdict", c.verdict},
+                               {"fits", c.fits},
+                               {"tp", c.layout.tp},
+                               {"pp", c.layout.pp},
+                               {"layer_split", c.layout.layer_split},
+                               {"n_gpu_layers", c.layout.n_gpu_layers},
+                               {"predicted_decode_tokens_per_s", c.decode_tps}});
+  j["suggestions"] = p.suggestions;
+  j["notes"] = p.notes;
+  j["assumptions"] = {{"gpu_bandwidth_efficiency", p.params.gpu_bandwidth_efficiency},
+                      {"cpu_bandwidth_efficiency", p.params.cpu_bandwidth_efficiency},
+                      {"matmul_efficiency", p.params.matmul_efficiency},
+                      {"gpu_reserve_bytes", p.params.gpu_reserve_bytes},
+                      {"cpu_reserve_fraction", p.params.cpu_reserve_fraction},
+                      {"cpu_reserve_min_bytes", p.params.cpu_reserve_min_bytes}};
+  return j;
+}
+
+std::string plan_to_text(const Plan& p, bool explain) {
+  std::ostringstream os;
+  const Layout& L = p.chosen.layout;
+  os << "model: " << p.model << "  (" << rate(static_cast<double>(p.n_params) / 1e9) << "e9 params, "
+     << gib(p.weight_bytes) << " GiB = " << rate(static_cast<double>(p.weight_bytes) / 1e9) << " GB of weights)\n";
+  os << "context " << p.ctx << ", batch " << p.batch << ", KV cache " << type_name(p.kv_type) << "\n";
+  os << (p.fits ? "FITS" : "DOES NOT FIT") << ": " << (L.cpu_ranks ? "CPU ranks" : "GPU ranks") << " tp " << L.tp
+     << " x pp " << L.pp << ", " << L.n_gpu_layers << " GPU layers";
+  if (L.pp > 1) {
+    os << ", layers per stage";
+    for (size_t i = 0; i < L.layer_split.size(); ++i) os << (i ? "/" : " ") << L.layer_split[i];
+  }
+  os << "\n\n";
+  os << std::left << std::setw(22) << "device" << std::right << std::setw(6) << "rank" << std::setw(10) << "layers"
+     << std::setw(10) << "weights" << std::setw(9) << "KV" << std::setw(11) << "workspace" << std::setw(9) << "total"
+     << std::setw(10) << "usable" << "  (GiB)\n";
+  for (const DevicePlan& d : p.chosen.devices) {
+    const std::string layers = d.first_layer >= 0 ? cat(d.first_layer, "-", d.last_layer) : std::string("-");
+    const uint64_t usable = d.capacity_bytes > d.reserve_bytes ? d.capacity_bytes - d.reserve_bytes : 0;
+    os << std::left << std::setw(22) << d.name.substr(0, 21) << std::right << std::setw(6)
+       << (d.rank >= 0 ? std::to_string(d.rank) : std::string("-")) << std::setw(10) << layers << std::setw(10)
+       << gib(d.weight_bytes) << std::setw(9) << gib(d.kv_bytes) << std::setw(11) << gib(d.workspace_bytes)
+       << std::setw(9) << gib(d.total_bytes) << std::setw(10) << gib(usable) << (d.fits ? "  ok" : "  OVER")
+       << (d.has_token_embd ? " +embd" : "") << (d.has_output ? " +output" : "") << "\n";
+  }
+  os << "\npredicted decode: " << rate(p.chosen.decode_tps) << " tok/s (batch 1, context full), prefill: "
+     << rate(p.chosen.prefill_tps) << " tok/s\n";
+  os << "max context for this layout: " << p.max_context << "\n";
+  if (!p.fits) {
+    os << "why: " << p.chosen.why << "\n";
+    os << "smallest changes that would fit:\n";
+    for (const std::string& s : p.suggestions) os << "  - " << s << "\n";
+  }
+  for (const std::string& n : p.notes) os << "note: " << n << "\n";
+  if (explain) {
+    os << "\ncandidates (best first):\n";
+    for (const Candidate& c : p.ranked) os << "  " << c.verdict << "\n";
+    os << "\nassumptions: decode = sum over pipeline stages of (bytes read per token by the slowest rank / "
+          "bandwidth x efficiency) + 2 all-reduces per layer + hops; GPU efficiency "
+       << p.params.gpu_bandwidth_efficiency << ", CPU " << p.params.cpu_bandwidth_efficiency
+       << "; prefill at " << p.params.matmul_efficiency << " of the dense matmul rate; GPU reserve "
+       << gib(p.params.gpu_reserve_bytes) << " GiB; see docs/planner.md\n";
+  }
+  return os.str();
+}
+
+}  // namespace shardlm

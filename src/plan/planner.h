@@ -1,0 +1,111 @@
+// The planner: which layout (tensor parallel size, pipeline stages, layers per stage, layers left on the
+// CPU) runs a model on a machine, whether it fits, and how fast it should decode. docs/planner.md states
+// the cost model and its assumptions. Pure: it reads a ModelDesc and a DeviceInventory, touches nothing.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/dtype.h"
+#include "plan/cost_model.h"
+#include "plan/devices.h"
+
+namespace shardlm {
+
+// llama.cpp's -sm: layer = pipeline stages over the GPUs (tp 1), row/tensor = tensor parallel over the
+// GPUs (pp 1), none = one GPU (--main-gpu).
+enum class SplitMode { kNone, kLayer, kRow };
+SplitMode parse_split_mode(std::string_view s);  // throws Error naming --split-mode
+
+// What the user asked for; unset fields are searched.
+struct PlanRequest {
+  int64_t ctx = 4096;     // tokens of context the KV cache must hold (--ctx / --max-model-len)
+  int64_t batch = 512;    // tokens per forward pass (prefill micro-batch) for the workspace
+  GgmlType kv_type = GgmlType::F16;
+  std::optional<int> tp;
+  std::optional<int> pp;
+  std::vector<double> layer_split;  // proportions per pipeline stage (-ts); empty = by free memory
+  std::optional<int> n_gpu_layers;  // -ngl; values above n_layer mean all (llama.cpp's -ngl 99)
+  std::optional<SplitMode> split_mode;
+  int main_gpu = 0;
+};
+
+// The constants of the cost model, stated once so that reports can print them.
+struct CostParams {
+  double gpu_bandwidth_efficiency = 0.80;  // share of datasheet bandwidth a decode step achieves
+  double cpu_bandwidth_efficiency = 0.80;  // share of the configured CPU bandwidth
+  double matmul_efficiency = 0.50;         // share of the dense matmul rate prefill achieves
+  uint64_t gpu_reserve_bytes = 768ull << 20;  // CUDA context, cuBLAS workspace, allocator slack
+  double cpu_reserve_fraction = 0.10;         // RAM kept for the OS and other programs ...
+  uint64_t cpu_reserve_min_bytes = 2ull << 30;  // ... at least this much
+};
+
+struct DevicePlan {
+  std::string name;
+  DeviceKind kind = DeviceKind::kGpu;
+  int rank = -1;     // MPI/NCCL rank (rank = pp_rank * tp + tp_rank); -1 for the offload CPU
+  int tp_rank = 0;
+  int pp_rank = 0;
+  uint64_t capacity_bytes = 0;
+  uint64_t reserve_bytes = 0;
+  uint64_t weight_bytes = 0;
+  uint64_t kv_bytes = 0;
+  uint64_t workspace_bytes = 0;
+  uint64_t total_bytes = 0;  // weights + KV + workspace (the reserve is not included)
+  int first_layer = -1;      // inclusive; -1 when the device holds no layer
+  int last_layer = -1;
+  bool has_token_embd = false;
+  bool has_output = false;
+  bool fits = false;         // total + reserve <= capacity
+  double decode_read_bytes = 0;  // bytes read per decoded token
+};
+
+struct Layout {
+  int tp = 1;
+  int pp = 1;
+  std::vector<int> layer_split;  // layers per pipeline stage (on the ranks)
+  int n_gpu_layers = 0;          // layers on GPUs; the first n_layer - n_gpu_layers run on the CPU
+  bool cpu_ranks = false;        // the ranks are CPU processes (no GPU used)
+};
+
+struct Candidate {
+  Layout layout;
+  std::vector<DevicePlan> devices;  // ranks in rank order, then the offload CPU if any
+  bool fits = false;
+  std::string why;                  // first device that does not fit, or why the layout is invalid
+  double decode_tps = 0;            // predicted batch-1 decode tokens/s at the requested context
+  double prefill_tps = 0;
+  std::string verdict;              // filled for --explain: chosen / why it lost
+};
+
+struct Plan {
+  std::string model;
+  int64_t n_params = 0;
+  uint64_t weight_bytes = 0;
+  int64_t ctx = 0;
+  int64_t batch = 0;
+  GgmlType kv_type = GgmlType::F16;
+  bool fits = false;
+  Candidate chosen;              // the best fitting layout, or the closest miss when nothing fits
+  int64_t max_context = 0;       // largest context the chosen layout holds (0 when none)
+  double all_gpu_decode_tps = 0; // with CPU offload: the rate if those layers were on the GPUs too
+  std::vector<Candidate> ranked;     // best first, for --explain
+  std::vector<std::string> suggestions;  // when nothing fits: the smallest changes that would
+  std::vector<std::string> notes;        // assumptions and warnings
+  CostParams params;
+};
+
+// Throws Error for requests that contradict each other or the machine (tp*pp above the GPU count, a
+// pinned tp that cannot split the heads, layer_split of the wrong length, bad ctx/batch ...).
+Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest& req,
+               const CostParams& params = {});
+
+nlohmann::json plan_to_json(const Plan& p);
+std::string plan_to_text(const Plan& p, bool explain);
+
+}  // namespace shardlm

@@ -1,0 +1,77 @@
+// `shardlm plan` exit statuses: 0 fits, 3 nothing fits, 2 bad flags; bad values throw Error (main()
+// turns it into status 2).
+#include <gtest/gtest.h>
+
+#include <iostream>
+#include <sstream>
+#include <vector>
+
+#include "../../apps/shardlm/commands.h"
+#include "core/error.h"
+
+namespace shardlm {
+namespace {
+
+int run(const std::vector<const char*>& rest, std::string* out = nullptr) {
+  std::vector<const char*> args{"shardlm plan"};  // built whole: g++ 12 warns on insert() at begin
+  args.reserve(rest.size() + 1);
+  for (const char* a : rest) args.push_back(a);
+  std::ostringstream cap, err;
+  std::streambuf* old = std::cout.rdbuf(cap.rdbuf());
+  std::streambuf* old_err = std::cerr.rdbuf(err.rdbuf());
+  struct Restore {
+    std::streambuf* o;
+    std::streambuf* e;
+    ~Restore() {
+      std::cout.rdbuf(o);
+      std::cerr.rdbuf(e);
+    }
+  } restore{old, old_err};
+  const int rc = cmd_plan(static_cast<int>(args.size()), args.data());
+  if (out) *out = cap.str();
+  return rc;
+}
+
+TEST(CmdPlan, ExitStatuses) {
+  std::string out;
+  EXPECT_EQ(run({"-m", "llama-3.1-70b", "--gpus", "rtx3090x2", "--cpu-mem", "1K", "--json"}, &out), 0);
+  EXPECT_NE(out.find("\"fits\": true"), std::string::npos) << out;
+  EXPECT_EQ(run({"-m", "llama-3.1-70b", "--gpus", "rtx4090", "--cpu-mem", "64G", "-ngl", "99"}, &out), 3);
+  EXPECT_NE(out.find("DOES NOT FIT"), std::string::npos) << out;
+  EXPECT_EQ(run({"-m", "llama-3.1-70b", "--gpus", "24G,24G", "--cpu-mem", "1K", "-sm", "layer", "-ts", "1,1",
+                 "--max-model-len", "2048", "--explain"}, &out), 0);
+  EXPECT_NE(out.find("layers per stage 40/40"), std::string::npos) << out;
+  EXPECT_EQ(run({"-m", "tiny", "--quant", "f32", "--cpu-mem", "8G", "--tensor-parallel-size", "2"}), 0);
+  EXPECT_EQ(run({"--no-such-flag"}), 2);
+  EXPECT_EQ(run({"-m", "tiny", "--ctx", "many"}), 2);
+  EXPECT_EQ(run({"--help"}), 0);
+}
+
+TEST(CmdPlan, BadValuesThrowNamedErrors) {
+  struct Row {
+    std::vector<const char*> args;
+    const char* needle;
+  } rows[] = {
+      {{"-m", "llama-9b"}, "llama-9b"},
+      {{"-m", "tiny", "--quant", "q2_k"}, "q2_k"},
+      {{"-m", "tiny", "--gpus", "rtx9999"}, "rtx9999"},
+      {{"-m", "tiny", "--gpus", "24G,,24G"}, "--gpus"},
+      {{"-m", "tiny", "--cpu-mem", "64"}, "--cpu-mem"},
+      {{"-m", "tiny", "--gpus", "24G", "--link", "smoke"}, "--link"},
+      {{"-m", "tiny", "--kv-type", "q9"}, "--kv-type"},
+      {{"-m", "tiny", "--gpus", "24G", "-sm", "diagonal"}, "--split-mode"},
+      {{"-m", "tiny", "--gpus", "24G", "-ts", "1,x"}, "--layer-split"},
+  };
+  for (const Row& r : rows) {
+    try {
+      run(r.args);
+      ADD_FAILURE() << r.needle << ": accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(r.needle), std::string::npos) << e.what();
+      EXPECT_EQ(e.exit_code(), 2);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace shardlm

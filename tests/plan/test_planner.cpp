@@ -1,0 +1,199 @@
+// The planner's decisions on the machines of issue 4, checked against hand computations.
+#include <gtest/gtest.h>
+
+#include "config/presets.h"
+#include "core/error.h"
+#include "plan/planner.h"
+
+namespace shardlm {
+namespace {
+
+constexpr uint64_t GiB = uint64_t{1} << 30;
+
+DeviceInventory machine(const char* gpus, const char* cpu_mem, int cores = 16) {
+  DeviceRequest r;
+  if (gpus != nullptr) r.gpus = gpus;
+  r.cpu_mem = cpu_mem;
+  r.cpu_cores = cores;
+  return make_inventory(r);
+}
+
+int gpus_used(const Plan& p) {
+  int n = 0;
+  for (const DevicePlan& d : p.chosen.devices) n += d.kind == DeviceKind::kGpu && d.first_layer >= 0;
+  return n;
+}
+
+const ModelDesc& llama70() {
+  static const ModelDesc m = model_desc_from_preset("llama-3.1-70b", "q4_k_m");
+  return m;
+}
+
+TEST(Planner, Llama70bDoesNotFitOne4090) {
+  PlanRequest req;
+  // Without RAM to offload to, and with offload forbidden (-ngl 99) while RAM exists.
+  for (const auto& [inv, ngl] : {std::pair{machine("rtx4090", "1K"), std::optional<int>{}},
+                                 std::pair{machine("rtx4090", "64G"), std::optional<int>{99}}}) {
+    req.n_gpu_layers = ngl;
+    const Plan p = make_plan(llama70(), inv, req);
+    EXPECT_FALSE(p.fits);
+    EXPECT_FALSE(p.chosen.why.empty());
+    EXPECT_FALSE(p.suggestions.empty());
+    EXPECT_FALSE(plan_to_json(p)["fits"].get<bool>());
+  }
+}
+
+TEST(Planner, Llama70bFitsTwo3090sAt4096UsingBoth) {
+  const DeviceInventory inv = machine("24G,24G", "1K");
+  PlanRequest req;
+  req.ctx = 4096;
+  const Plan free = make_plan(llama70(), inv, req);
+  ASSERT_TRUE(free.fits) << plan_to_text(free, true);
+  EXPECT_EQ(gpus_used(free), 2);
+  EXPECT_EQ(free.chosen.layout.n_gpu_layers, 80);
+  EXPECT_GE(free.max_context, 4096);
+
+  req.split_mode = SplitMode::kLayer;
+  const Plan layer = make_plan(llama70(), inv, req);
+  ASSERT_TRUE(layer.fits) << plan_to_text(layer, true);
+  EXPECT_EQ(layer.chosen.layout.tp, 1);
+  ASSERT_EQ(layer.chosen.layout.layer_split.size(), 2u);
+  EXPECT_NEAR(layer.chosen.layout.layer_split[0], 40, 2);
+  EXPECT_NEAR(layer.chosen.layout.layer_split[1], 40, 2);
+  // Tensor parallel reads half the weights per GPU per token: faster than two stages in turn.
+  EXPECT_GT(free.chosen.decode_tps, layer.chosen.decode_tps);
+}
+
+TEST(Planner, MaxContextIsTheEdgeOfFitting) {
+  const DeviceInventory inv = machine("24G,24G", "1K");
+  PlanRequest req;
+  req.split_mode = SplitMode::kLayer;
+  const Plan p = make_plan(llama70(), inv, req);
+  ASSERT_TRUE(p.fits);
+  ASSERT_LT(p.max_context, 131072);  // 2 x 24 GiB cannot hold the full trained context
+  req.layer_split = {static_cast<double>(p.chosen.layout.layer_split[0]),
+                     static_cast<double>(p.chosen.layout.layer_split[1])};
+  req.ctx = p.max_context;
+  EXPECT_TRUE(make_plan(llama70(), inv, req).fits);
+  req.ctx = p.max_context + 1;
+  EXPECT_FALSE(make_plan(llama70(), inv, req).fits);
+}
+
+TEST(Planner, OneGpuPlusRamOffloadsAndPredictsSlowdown) {
+  const Plan p = make_plan(llama70(), machine("24G", "64G"), PlanRequest{});
+  ASSERT_TRUE(p.fits) << plan_to_text(p, true);
+  const int ngl = p.chosen.layout.n_gpu_layers;
+  EXPECT_GT(ngl, 20);
+  EXPECT_LT(ngl, 80);
+  const DevicePlan& cpu = p.chosen.devices.back();
+  ASSERT_EQ(cpu.kind, DeviceKind::kCpu);
+  EXPECT_EQ(cpu.first_layer, 0);
+  EXPECT_EQ(cpu.last_layer, 80 - ngl - 1);
+  // Decode can be no faster than the CPU reading its share once at 0.8 x 20 GB/s.
+  EXPECT_LT(p.chosen.decode_tps, 0.8 * 20e9 / cpu.decode_read_bytes);
+  EXPECT_GT(p.all_gpu_decode_tps, 5 * p.chosen.decode_tps);
+  EXPECT_EQ(plan_to_json(p)["layout"]["n_gpu_layers"].get<int>(), ngl);
+}
+
+TEST(Planner, Llama8bBf16OnH100IsTheHbmRoofline) {
+  const ModelDesc m = model_desc_from_preset("llama-3.1-8b", "bf16");
+  PlanRequest req;
+  req.ctx = 4096;
+  const Plan p = make_plan(m, machine("h100-sxm", "1K"), req);
+  ASSERT_TRUE(p.fits);
+  // Bytes per token by hand: every bf16 matrix but the embedding table (one 4096-wide row read),
+  // f32 norms, and the KV cache of 4096 tokens (32 layers x 2 x 8 heads x 128 x 2 bytes).
+  const double d = 4096, V = 128256, L = 32, kv = 1024, ff = 14336;
+  const double matrices = 2.0 * (2 * V * d + L * (2 * d * d + 2 * d * kv + 3 * d * ff));  // embd + output
+  const double norms = 4.0 * (d + L * 2 * d);
+  const double read = matrices - 2.0 * V * d + 2.0 * d + norms + L * 2 * 8 * 128 * 2 * 4096;
+  const double roofline = 3350e9 / read;
+  EXPECT_NEAR(p.chosen.decode_tps / (0.80 * roofline), 1.0, 1e-6);
+  EXPECT_NEAR(plan_to_json(p)["predicted_decode_tokens_per_s"].get<double>(), p.chosen.decode_tps, 1e-9);
+}
+
+TEST(Planner, CpuOnlyMachinePlansCpuRanks) {
+  const ModelDesc m = model_desc_from_preset("llama-3.1-8b", "q4_k_m");
+  const Plan p = make_plan(m, machine(nullptr, "64G"), PlanRequest{});
+  ASSERT_TRUE(p.fits);
+  EXPECT_TRUE(p.chosen.layout.cpu_ranks);
+  EXPECT_EQ(p.chosen.layout.tp * p.chosen.layout.pp, 1);  // ranks share one memory bus: no gain
+  PlanRequest pinned;
+  pinned.tp = 2;
+  const Plan p2 = make_plan(m, machine(nullptr, "64G"), pinned);
+  ASSERT_EQ(p2.chosen.devices.size(), 2u);
+  EXPECT_EQ(p2.chosen.devices[0].capacity_bytes, p2.chosen.devices[1].capacity_bytes);
+  EXPECT_LE(p2.chosen.devices[0].capacity_bytes * 2, 64 * GiB);
+}
+
+TEST(Planner, TensorParallelChoicesRespectHeadsAndBlocks) {
+  // Llama 2 13B q4_k_m: tp 3 would cut a 256-block of attn_output; the search must skip it.
+  const ModelDesc m = model_desc_from_preset("llama-2-13b", "q4_k_m");
+  const Plan p = make_plan(m, machine("24G,24G,24G", "1K"), PlanRequest{});
+  EXPECT_NE(p.chosen.layout.tp, 3);
+  PlanRequest req;
+  req.tp = 3;
+  try {
+    make_plan(m, machine("24G,24G,24G", "1K"), req);
+    FAIL() << "tp 3 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--tp"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Planner, RequestErrorsNameTheField) {
+  struct Row {
+    const char* what;
+    PlanRequest req;
+    const char* field;
+  };
+  std::vector<Row> rows;
+  { PlanRequest r; r.ctx = 0; rows.push_back({"ctx 0", r, "--ctx"}); }
+  { PlanRequest r; r.batch = -1; rows.push_back({"batch", r, "--batch"}); }
+  { PlanRequest r; r.kv_type = GgmlType::Q4_0; rows.push_back({"kv q4_0", r, "--kv-type"}); }
+  { PlanRequest r; r.tp = 2; r.pp = 2; rows.push_back({"4 ranks on 2 GPUs", r, "--tp"}); }
+  { PlanRequest r; r.layer_split = {1, 2, 3}; r.pp = 2; rows.push_back({"split length", r, "--layer-split"}); }
+  { PlanRequest r; r.n_gpu_layers = -1; rows.push_back({"ngl", r, "-ngl"}); }
+  { PlanRequest r; r.main_gpu = 5; rows.push_back({"main gpu", r, "--main-gpu"}); }
+  for (const Row& row : rows) {
+    try {
+      make_plan(llama70(), machine("24G,24G", "1K"), row.req);
+      ADD_FAILURE() << row.what << " accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(row.field), std::string::npos) << row.what << ": " << e.what();
+    }
+  }
+  EXPECT_THROW(parse_split_mode("diagonal"), Error);
+  EXPECT_EQ(parse_split_mode("tensor"), SplitMode::kRow);
+}
+
+TEST(Planner, JsonHasTheStableFields) {
+  const Plan p = make_plan(llama70(), machine("rtx3090x2", "1K"), PlanRequest{});
+  const nlohmann::json j = plan_to_json(p);
+  for (const char* k : {"fits", "weight_bytes", "layout", "devices", "predicted_decode_tokens_per_s", "max_context"})
+    EXPECT_TRUE(j.contains(k)) << k;
+  for (const char* k : {"tp", "pp", "layer_split", "n_gpu_layers"}) EXPECT_TRUE(j["layout"].contains(k)) << k;
+  ASSERT_EQ(j["devices"].size(), 2u);
+  for (const char* k : {"name", "capacity_bytes", "weight_bytes", "kv_bytes", "workspace_bytes", "total_bytes", "layers"})
+    EXPECT_TRUE(j["devices"][0].contains(k)) << k;
+  EXPECT_EQ(j["weight_bytes"].get<uint64_t>(), llama70().weight_bytes());
+  // Two tp ranks hold every layer: [0, 79].
+  EXPECT_EQ(j["devices"][0]["layers"], nlohmann::json::array({0, 79}));
+  const std::string text = plan_to_text(p, true);
+  EXPECT_NE(text.find("FITS"), std::string::npos);
+  EXPECT_NE(text.find("candidates"), std::string::npos);
+}
+
+TEST(Planner, NothingFitsSuggestsChanges) {
+  PlanRequest req;
+  req.n_gpu_layers = 99;
+  const Plan p = make_plan(llama70(), machine("24G", "64G"), req);
+  ASSERT_FALSE(p.fits);
+  std::string all;
+  for (const std::string& s : p.suggestions) all += s + "\n";
+  EXPECT_NE(all.find("more"), std::string::npos) << all;        // another GPU
+  EXPECT_NE(all.find("CPU offload"), std::string::npos) << all;  // RAM
+}
+
+}  // namespace
+}  // namespace shardlm
