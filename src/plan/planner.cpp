@@ -595,7 +595,10 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
           if (d.kind == DeviceKind::kCpu) cpu_need += d.total_bytes;
         const uint64_t ram = cpu_need + std::max(params.cpu_reserve_min_bytes,
                                                  static_cast<uint64_t>(static_cast<double>(cpu_need) * params.cpu_reserve_fraction / (1 - params.cpu_reserve_fraction)));
-        if (cpu_need > 0)
+        if (cpu_need > 0 && ram <= inv.cpu.capacity_bytes)  // only the pinned -ngl kept it off the CPU
+          plan.suggestions.push_back(cat("CPU offload with the RAM you have: -ngl ", cc.layout.n_gpu_layers, " (",
+                                         layout_name(cc.layout, n_layer), "), predicted ", tps(cc.decode_tps), " tok/s"));
+        else if (cpu_need > 0)
           plan.suggestions.push_back(cat("CPU offload with about ", format_bytes(ram), " of RAM (--cpu-mem; have ",
                                          format_bytes(inv.cpu.capacity_bytes), "): ", layout_name(cc.layout, n_layer),
                                          ", predicted ", tps(cc.decode_tps), " tok/s"));
