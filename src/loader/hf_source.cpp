@@ -1,0 +1,193 @@
+#include "loader/hf_source.h"
+
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <vector>
+
+#include "config/hf_config.h"
+#include "core/error.h"
+#include "formats/safetensors.h"
+
+namespace shardlm {
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+bool ends_with(const std::string& s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// One tensor the config says must exist.
+struct Expected {
+  std::string hf;              // name in the checkpoint
+  std::string gguf;            // name we expose
+  std::vector<int64_t> shape;  // torch order, as stored
+  int64_t rotary_heads = 0;    // > 0: permute rows per head (q: n_head, k: n_head_kv)
+};
+
+std::vector<Expected> expected_tensors(const ModelConfig& c) {
+  const bool permute = hf_rotary_permuted(c.arch);
+  const int64_t q_heads = permute ? c.n_head : 0;
+  const int64_t k_heads = permute ? c.n_head_kv : 0;
+  std::vector<Expected> e;
+  // GGUF names come from hf_to_gguf_name so that the table of names exists once.
+  auto add = [&](std::string hf, std::vector<int64_t> shape, int64_t heads) {
+    std::string gguf = hf_to_gguf_name(hf);
+    SHARDLM_CHECK(!gguf.empty(), hf);
+    e.push_back({std::move(hf), std::move(gguf), std::move(shape), heads});
+  };
+  add("model.embed_tokens.weight", {c.n_vocab, c.n_embd}, 0);
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string h = cat("model.layers.", i, ".");
+    add(h + "input_layernorm.weight", {c.n_embd}, 0);
+    add(h + "self_attn.q_proj.weight", {c.q_dim(), c.n_embd}, q_heads);
+    add(h + "self_attn.k_proj.weight", {c.kv_dim(), c.n_embd}, k_heads);
+    add(h + "self_attn.v_proj.weight", {c.kv_dim(), c.n_embd}, 0);
+    if (c.qkv_bias) {
+      add(h + "self_attn.q_proj.bias", {c.q_dim()}, q_heads);
+      add(h + "self_attn.k_proj.bias", {c.kv_dim()}, k_heads);
+      add(h + "self_attn.v_proj.bias", {c.kv_dim()}, 0);
+    }
+    add(h + "self_attn.o_proj.weight", {c.n_embd, c.q_dim()}, 0);
+    add(h + "post_attention_layernorm.weight", {c.n_embd}, 0);
+    add(h + "mlp.gate_proj.weight", {c.n_ff, c.n_embd}, 0);
+    add(h + "mlp.up_proj.weight", {c.n_ff, c.n_embd}, 0);
+    add(h + "mlp.down_proj.weight", {c.n_embd, c.n_ff}, 0);
+  }
+  add("model.norm.weight", {c.n_embd}, 0);
+  if (!c.tied_output) add("lm_head.weight", {c.n_vocab, c.n_embd}, 0);
+  return e;
+}
+
+class HfModelSource final : public ModelSource {
+ public:
+  explicit HfModelSource(const std::string& dir) : dir_(dir) {
+    hf_ = load_hf_config(dir);
+    ckpt_ = SafetensorsCheckpoint::open_dir(dir);
+    const ModelConfig& c = hf_.model;
+    const std::vector<Expected> expected = expected_tensors(c);
+
+    std::set<std::string> known;
+    for (const auto& x : expected) known.insert(x.hf);
+    for (const SafetensorsTensor* t : ckpt_->tensors()) {
+      if (known.count(t->name)) continue;
+      // Older checkpoints save the RoPE inverse-frequency buffer; it is recomputed from the config.
+      if (ends_with(t->name, ".rotary_emb.inv_freq")) continue;
+      // Some tied checkpoints also save lm_head; transformers ignores it and ties to the embedding.
+      if (c.tied_output && t->name == "lm_head.weight") continue;
+      fail(dir_, ": unexpected tensor '", t->name, "' (not part of a ", hf_.architecture, " with ", c.n_layer,
+           " layers", c.tied_output ? ", tied embeddings" : "", ")");
+    }
+
+    // Count permuted copies first so `owned_` never reallocates under the pointers handed out.
+    size_t n_owned = 0;
+    for (const auto& x : expected) n_owned += x.rotary_heads > 0;
+    owned_.reserve(n_owned);
+
+    for (const auto& x : expected) {
+      const SafetensorsTensor* t = ckpt_->find(x.hf);
+      if (t == nullptr) fail(dir_, ": tensor '", x.hf, "' (", x.gguf, ") is missing");
+      if (t->shape != x.shape)
+        fail(dir_, ": tensor '", x.hf, "' (", x.gguf, "): expected shape ", shape_str(x.shape), " from config.json, got ",
+             shape_str(t->shape));
+      SourceTensor s;
+      s.name = x.gguf;
+      s.type = t->type;
+      s.n_dims = static_cast<int>(t->shape.size());
+      for (int d = 0; d < s.n_dims; ++d) s.ne[d] = t->shape[s.n_dims - 1 - d];  // ggml order is reversed
+      s.n_bytes = t->n_bytes;
+      s.data = t->data;
+      if (x.rotary_heads > 0) {
+        const int64_t row_len = s.n_dims == 2 ? s.ne[0] : 1;
+        const uint64_t row_bytes = static_cast<uint64_t>(row_bytes_of(t->type, row_len));
+        owned_.emplace_back(t->n_bytes);
+        permute_rotary_rows(t->data, owned_.back().data(), x.rotary_heads, c.head_dim, row_bytes);
+        s.data = owned_.back().data();
+      }
+      tensors_.push_back(std::move(s));
+    }
+  }
+
+  const ModelConfig& config() const override { return hf_.model; }
+  const std::vector<SourceTensor>& tensors() const override { return tensors_; }
+  // The tokenizer.json loader (tokenizer/hf_tokenizer.h) is not in the tree yet; until it is, HF
+  // directories carry no vocabulary and callers must supply one (the fixtures ship none anyway).
+  const Vocab* vocab() const override { return nullptr; }
+  std::string format_name() const override { return "hf-safetensors"; }
+  std::string path() const override { return dir_; }
+
+ private:
+  static int64_t row_bytes_of(GgmlType t, int64_t n) { return checked_mul(n, type_size(t), "row bytes"); }
+
+  std::string dir_;
+  HfConfig hf_;
+  std::unique_ptr<SafetensorsCheckpoint> ckpt_;  // owns the mappings `tensors_` point into
+  std::vector<std::vector<uint8_t>> owned_;      // permuted q/k copies
+  std::vector<SourceTensor> tensors_;
+};
+
+}  // namespace
+
+bool hf_rotary_permuted(const std::string& /*arch*/) { return true; }
+
+void permute_rotary_rows(const uint8_t* src, uint8_t* dst, int64_t n_head, int64_t head_dim, uint64_t row_bytes) {
+  SHARDLM_CHECK(head_dim % 2 == 0, "head_dim ", head_dim);
+  const int64_t half = head_dim / 2;
+  for (int64_t h = 0; h < n_head; ++h) {
+    const uint64_t base = static_cast<uint64_t>(h * head_dim);
+    for (int64_t i = 0; i < half; ++i) {
+      std::memcpy(dst + (base + 2 * i) * row_bytes, src + (base + i) * row_bytes, row_bytes);
+      std::memcpy(dst + (base + 2 * i + 1) * row_bytes, src + (base + half + i) * row_bytes, row_bytes);
+    }
+  }
+}
+
+std::string hf_to_gguf_name(const std::string& hf_name) {
+  static const std::map<std::string, std::string> kTop = {
+      {"model.embed_tokens.weight", "token_embd.weight"},
+      {"model.norm.weight", "output_norm.weight"},
+      {"lm_head.weight", "output.weight"},
+  };
+  if (auto it = kTop.find(hf_name); it != kTop.end()) return it->second;
+  static const std::map<std::string, std::string> kLayer = {
+      {"input_layernorm.weight", "attn_norm.weight"},
+      {"self_attn.q_proj.weight", "attn_q.weight"},
+      {"self_attn.k_proj.weight", "attn_k.weight"},
+      {"self_attn.v_proj.weight", "attn_v.weight"},
+      {"self_attn.q_proj.bias", "attn_q.bias"},
+      {"self_attn.k_proj.bias", "attn_k.bias"},
+      {"self_attn.v_proj.bias", "attn_v.bias"},
+      {"self_attn.o_proj.weight", "attn_output.weight"},
+      {"post_attention_layernorm.weight", "ffn_norm.weight"},
+      {"mlp.gate_proj.weight", "ffn_gate.weight"},
+      {"mlp.up_proj.weight", "ffn_up.weight"},
+      {"mlp.down_proj.weight", "ffn_down.weight"},
+  };
+  static constexpr std::string_view kPrefix = "model.layers.";
+  if (hf_name.compare(0, kPrefix.size(), kPrefix) != 0) return {};
+  const size_t start = kPrefix.size();
+  size_t dot = start;
+  while (dot < hf_name.size() && hf_name[dot] >= '0' && hf_name[dot] <= '9') ++dot;
+  // A layer index: digits, no leading zero unless it is "0", then a dot.
+  if (dot == start || dot >= hf_name.size() || hf_name[dot] != '.' || (hf_name[start] == '0' && dot - start > 1))
+    return {};
+  auto it = kLayer.find(hf_name.substr(dot + 1));
+  if (it == kLayer.end()) return {};
+  return "blk." + hf_name.substr(start, dot - start) + "." + it->second;
+}
+
+std::unique_ptr<ModelSource> open_hf_model_source(const std::string& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec))
+    fail_kind(ErrorKind::kIo, dir, ": not a directory (a Hugging Face checkpoint is a folder with config.json)");
+  return std::make_unique<HfModelSource>(dir);
+}
+
+}  // namespace shardlm
