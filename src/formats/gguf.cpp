@@ -917,7 +917,14 @@ void GgufWriter::write(const std::string& path,
 
   static const uint8_t kZeros[kMaxAlignment] = {};
   uint64_t pos = 0, done = 0;
-  for (size_t i = 0; i < tensors_.size(); ++i) {
+  if (sparse_) {
+    // Header only; the data section becomes a hole of zeros that costs no disk blocks.
+    if (::ftruncate(fd.fd, static_cast<off_t>(h.buf.size() + data_size)) != 0) {
+      const int e = errno;
+      fail_kind(ErrorKind::kIo, tmp.path, ": cannot extend to ", h.buf.size() + data_size, " bytes: ", errno_text(e));
+    }
+  }
+  for (size_t i = 0; i < tensors_.size() && !sparse_; ++i) {
     const auto& t = tensors_[i];
     write_all(fd.fd, kZeros, offsets[i] - pos, tmp.path);
     // Exactly n_bytes, so a Fill that overruns is caught by the sanitizers.

@@ -154,6 +154,10 @@ class GgufWriter {
   void add_tensor(const std::string& name, GgmlType type, std::vector<int64_t> ne, Fill fill);
   void add_tensor(const std::string& name, GgmlType type, std::vector<int64_t> ne, const void* data);
 
+  // Sparse: write the header and leave the data section as a hole of zeros (no fill callbacks run).
+  // For testing metadata of 40+ GB presets on machines without the disk for them.
+  void set_sparse(bool sparse) { sparse_ = sparse; }
+
   // Writes the file; `progress(done_bytes, total_bytes)` is called after each tensor when set.
   void write(const std::string& path,
              const std::function<void(uint64_t, uint64_t)>& progress = nullptr) const;
@@ -167,6 +171,7 @@ class GgufWriter {
     Fill fill;
   };
   uint32_t alignment_ = 32;
+  bool sparse_ = false;
   std::vector<GgufKV> kvs_;
   std::vector<PendingTensor> tensors_;
 };

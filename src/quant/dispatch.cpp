@@ -111,8 +111,12 @@ const char* cpu_kernel_isa() { return cpu_isa_name(cpu_isa()); }
 void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,
                  int64_t n_cols, const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   check_matmul_args(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
-  const MatmulFn fn = kernel_for(isa);
+  MatmulFn fn = kernel_for(isa);
   if (n_rows == 0 || n_tok == 0) return;
+  // The SIMD families walk rows in chunks of up to 64 elements and have no tail loop; block types
+  // always fill whole chunks, but plain types can have any row length (the tiny models' n_ff of 172).
+  const bool plain = type == GgmlType::F32 || type == GgmlType::F16 || type == GgmlType::BF16;
+  if (plain && n_cols % 64 != 0) fn = matmul_scalar;
   fn(type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 

@@ -1,0 +1,184 @@
+#include "cli_common.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+
+#include "core/error.h"
+#ifdef SHARDLM_HAVE_MPI
+#include "comm/mpi/mpi_comm.h"
+#endif
+
+namespace shardlm {
+namespace {
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+std::vector<int32_t> parse_id_list(const std::string& s, const std::string& flag) {
+  std::vector<int32_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    size_t used = 0;
+    long long v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (...) {
+      used = 0;
+    }
+    if (used == 0 || used != item.size() || v < 0 || v > INT32_MAX)
+      fail(flag, ": '", item, "' is not a token id (a whole number in [0, 2147483647])");
+    out.push_back(static_cast<int32_t>(v));
+  }
+  if (out.empty()) fail(flag, ": no ids given (expected a comma-separated list like 1,2,3)");
+  return out;
+}
+
+std::vector<double> parse_proportions(const std::string& s, const std::string& flag) {
+  std::vector<double> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(item, &used);
+    } catch (...) {
+      used = 0;
+    }
+    if (used == 0 || used != item.size() || !std::isfinite(v) || v <= 0)
+      fail(flag, ": '", item, "' is not a positive number");
+    out.push_back(v);
+  }
+  if (out.empty()) fail(flag, ": no proportions given (expected e.g. 3,1)");
+  return out;
+}
+
+std::string default_model_path() {
+  if (const char* env = std::getenv("SHARDLM_DEFAULT_MODEL")) return env;
+  std::error_code ec;
+#ifdef SHARDLM_DEFAULT_MODEL_PATH
+  if (std::filesystem::exists(SHARDLM_DEFAULT_MODEL_PATH, ec)) return SHARDLM_DEFAULT_MODEL_PATH;
+#endif
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (auto dir = exe.parent_path(); !dir.empty() && dir != dir.root_path(); dir = dir.parent_path()) {
+      const auto p = dir / "models" / "aidreams260K.gguf";
+      if (std::filesystem::exists(p, ec)) return p.string();
+    }
+  }
+  fail_kind(ErrorKind::kIo, "no model given (-m) and the bundled default model models/aidreams260K.gguf was not "
+            "found; set SHARDLM_DEFAULT_MODEL or pass -m");
+}
+
+std::unique_ptr<ModelSource> open_model(const std::string& path) { return open_model_source(path); }
+
+int parse_cli(CLI::App& app, int argc, const char* const* argv) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "shardlm %s: %s\nRun 'shardlm %s --help' for the options.\n", app.get_name().c_str(),
+                 e.what(), app.get_name().c_str());
+    return 2;
+  }
+  return -1;
+}
+
+Progress::Progress(std::string label, bool enabled)
+    : label_(std::move(label)), enabled_(enabled), tty_(isatty(2)), t0_(now_s()) {}
+
+void Progress::operator()(uint64_t done, uint64_t total) {
+  if (!enabled_ || total == 0) return;
+  const int pct = static_cast<int>(100.0 * double(done) / double(total));
+  if (tty_) {
+    if (pct == last_pct_) return;
+    std::fprintf(stderr, "\r%s %3d%%  %s / %s", label_.c_str(), pct, human_bytes(done).c_str(),
+                 human_bytes(total).c_str());
+  } else {
+    if (pct / 25 == last_pct_ / 25 && last_pct_ >= 0) return;
+    std::fprintf(stderr, "%s %3d%%  %s / %s\n", label_.c_str(), pct, human_bytes(done).c_str(),
+                 human_bytes(total).c_str());
+  }
+  last_pct_ = pct;
+  std::fflush(stderr);
+}
+
+void Progress::finish() {
+  if (!enabled_) return;
+  if (tty_ && last_pct_ >= 0) std::fprintf(stderr, "\n");
+  std::fprintf(stderr, "%s done in %.2f s\n", label_.c_str(), now_s() - t0_);
+}
+
+std::string human_bytes(uint64_t b) {
+  const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = double(b);
+  int u = 0;
+  while (v >= 1024 && u < 4) v /= 1024, ++u;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u ? "%.2f %s" : "%.0f %s", v, unit[u]);
+  return buf;
+}
+
+int maybe_self_launch(int tp, int pp, int argc, const char* const* argv) {
+  const int world = tp * pp;
+  if (world <= 1) return -1;
+#ifdef SHARDLM_HAVE_MPI
+  if (launched_by_mpi()) return -1;
+  std::vector<std::string> args = {"mpirun", "-np", std::to_string(world), "--oversubscribe", "--bind-to", "none",
+                                   "--mca", "mpi_yield_when_idle", "1"};
+  if (geteuid() == 0) args.insert(args.begin() + 1, "--allow-run-as-root");
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  args.push_back(ec ? std::string(argv[0]) : exe.string());
+  // argv[0] is "shardlm <command>": split back into program and command words.
+  const std::string first = argv[0];
+  if (const auto sp = first.find(' '); sp != std::string::npos) args.push_back(first.substr(sp + 1));
+  for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
+  std::fflush(stdout);
+  std::fflush(stderr);
+  const pid_t pid = fork();
+  if (pid < 0) fail_kind(ErrorKind::kResource, "cannot start mpirun: fork failed");
+  if (pid == 0) {
+    std::vector<char*> cargs;
+    for (auto& a : args) cargs.push_back(a.data());
+    cargs.push_back(nullptr);
+    execvp("mpirun", cargs.data());
+    std::fprintf(stderr, "shardlm: cannot run mpirun (%s); install openmpi-bin or launch with mpirun yourself\n",
+                 std::strerror(errno));
+    _exit(127);
+  }
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return 1;
+#else
+  (void)argc;
+  (void)argv;
+  fail_kind(ErrorKind::kUnsupported, "--tp ", tp, " --pp ", pp, " needs ", world,
+            " ranks, but this build has no MPI (configure with -DSHARDLM_MPI=ON)");
+#endif
+}
+
+std::unique_ptr<Communicator> make_communicator(double timeout_s) {
+#ifdef SHARDLM_HAVE_MPI
+  if (launched_by_mpi()) return make_mpi_communicator(nullptr, nullptr, timeout_s);
+#endif
+  (void)timeout_s;
+  return make_single_rank_communicator();
+}
+
+}  // namespace shardlm

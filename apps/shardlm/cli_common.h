@@ -1,0 +1,57 @@
+// Helpers shared by the subcommands: value parsing with messages that name the flag, the default model,
+// progress lines, the communicator for this process and the `mpirun` self-launch.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "comm/communicator.h"
+#include "loader/model_source.h"
+
+namespace shardlm {
+
+// Parses "1,2,3" into ids; Error names `flag` and the bad element.
+std::vector<int32_t> parse_id_list(const std::string& s, const std::string& flag);
+// Parses "3,1" into positive proportions.
+std::vector<double> parse_proportions(const std::string& s, const std::string& flag);
+
+// The bundled model: $SHARDLM_DEFAULT_MODEL, else the path compiled in, else models/ next to the binary.
+std::string default_model_path();
+
+// Opens a model path (GGUF file or HF directory) with a clear error when it is missing.
+std::unique_ptr<ModelSource> open_model(const std::string& path);
+
+// Parses argv with CLI11; returns -1 to go on, else the exit status to return (0 after --help, 2 on
+// a parse error, with the message and a pointer to --help on stderr).
+int parse_cli(CLI::App& app, int argc, const char* const* argv);
+
+// A progress line on stderr ("loading  42% 1.2 GiB / 2.9 GiB"), redrawn in place on terminals and
+// printed at 25% steps otherwise; silent when `enabled` is false.
+class Progress {
+ public:
+  Progress(std::string label, bool enabled);
+  void operator()(uint64_t done, uint64_t total);
+  void finish();
+
+ private:
+  std::string label_;
+  bool enabled_, tty_;
+  int last_pct_ = -1;
+  double t0_;
+};
+
+std::string human_bytes(uint64_t b);
+
+// For commands that run on several ranks: when tp*pp > 1 and this process was not started by an MPI
+// launcher, re-runs the same command line under `mpirun -np tp*pp` and returns its exit status;
+// returns -1 when the caller should go on in this process.
+int maybe_self_launch(int tp, int pp, int argc, const char* const* argv);
+
+// The communicator for this process: MPI when launched by mpirun (or when world > 1), else single rank.
+std::unique_ptr<Communicator> make_communicator(double timeout_s);
+
+}  // namespace shardlm

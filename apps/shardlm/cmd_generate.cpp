@@ -1,0 +1,116 @@
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "cli_common.h"
+#include "commands.h"
+#include "core/error.h"
+#include "run_flags.h"
+
+namespace shardlm {
+
+int cmd_generate(int argc, const char* const* argv) {
+  CLI::App app("Generate a continuation of a prompt. With --tp/--pp the model is split across ranks "
+               "(started through mpirun unless already under MPI); only rank 0 prints.",
+               "generate");
+  RunFlags rf;
+  rf.add_to(app);
+  std::string prompt, prompt_ids, prompt_file;
+  int64_t n_predict = 64;
+  SamplerParams sp;
+  sp.temperature = 0.8f;
+  bool ignore_eos = false, json = false, greedy = false;
+  app.add_option("-p,--prompt", prompt, "prompt text");
+  app.add_option("-f,--file", prompt_file, "read the prompt text from a file");
+  app.add_option("--prompt-ids", prompt_ids, "prompt as token ids, e.g. 1,2,3 (no BOS is added)");
+  app.add_option("-n,--n-predict", n_predict, "tokens to generate (at most)");
+  app.add_option("--temp", sp.temperature, "temperature; 0 = greedy");
+  app.add_flag("--greedy", greedy, "same as --temp 0");
+  app.add_option("--top-k", sp.top_k, "keep the k most likely tokens (0 = off)");
+  app.add_option("--top-p", sp.top_p, "nucleus sampling threshold (1 = off)");
+  app.add_option("--min-p", sp.min_p, "drop tokens below min-p times the best one's probability (0 = off)");
+  app.add_option("--repeat-penalty", sp.repeat_penalty, "penalty for recently seen tokens (1 = off)");
+  app.add_option("--repeat-last-n", sp.repeat_last_n, "how many recent tokens the penalty considers");
+  app.add_option("--seed", sp.seed, "random seed (same seed, same output)");
+  app.add_flag("--ignore-eos", ignore_eos, "do not stop at the end-of-sequence token");
+  app.add_flag("--json", json, "print {\"prompt_ids\", \"generated_ids\", \"text\"} as JSON");
+  if (int rc = parse_cli(app, argc, argv); rc >= 0) return rc;
+  if (greedy) sp.temperature = 0;
+  sp.validate();
+  if (n_predict < 1 || n_predict > (1 << 24)) fail("-n ", n_predict, " is outside [1, 16777216]");
+  if (int(!prompt.empty()) + int(!prompt_ids.empty()) + int(!prompt_file.empty()) > 1)
+    fail("give only one of -p, -f and --prompt-ids");
+  EngineOptions eo = rf.engine_options();
+  if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv); rc >= 0) return rc;
+
+  auto comm = make_communicator(rf.comm_timeout);
+  const bool rank0 = comm->rank() == 0;
+  const std::string path = rf.model.empty() ? default_model_path() : rf.model;
+  auto src = open_model(path);
+  const Vocab* vocab = src->vocab();
+  std::unique_ptr<Tokenizer> tok;
+  if (vocab) tok = Tokenizer::create(*vocab);
+  if (!prompt_file.empty()) {
+    std::ifstream f(prompt_file);
+    if (!f) fail_kind(ErrorKind::kIo, "cannot read prompt file '", prompt_file, "'");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    prompt = ss.str();
+  }
+  std::vector<int32_t> ids;
+  if (!prompt_ids.empty()) {
+    ids = parse_id_list(prompt_ids, "--prompt-ids");
+  } else {
+    if (!tok) fail(path, " has no tokenizer: pass --prompt-ids");
+    ids = tok->encode(prompt, true, false);
+    if (ids.empty()) fail("the prompt is empty: give -p TEXT or --prompt-ids");
+  }
+  for (int32_t id : ids)
+    if (id >= src->config().n_vocab)
+      fail("--prompt-ids: id ", id, " is outside the vocabulary [0, ", src->config().n_vocab, ")");
+
+  Progress progress("loading", rank0 && !rf.quiet && !json);
+  Engine engine(*src, *comm, eo, [&](uint64_t d, uint64_t t) { progress(d, t); });
+  progress.finish();
+  const std::string report = engine.layout_report();
+  if (rank0 && !rf.quiet && !json)
+    std::fprintf(stderr, "layout: %d rank(s), tp %d x pp %d, backend %s, context %lld\n%s", comm->world_size(),
+                 eo.tp, eo.pp, engine.backend_name().c_str(), static_cast<long long>(engine.n_ctx()),
+                 report.c_str());
+  const int32_t eos = ignore_eos ? -1 : (vocab ? vocab->eos : -1);
+  std::string text;
+  auto on_token = [&](int32_t t) {
+    const std::string piece = tok ? tok->token_to_piece(t) : "";
+    text += piece;
+    if (rank0 && !json) {
+      std::fputs(piece.c_str(), stdout);
+      std::fflush(stdout);
+    }
+  };
+  if (rank0 && !json && !prompt.empty()) std::fputs(prompt.c_str(), stdout);
+  GenerateResult res = engine.generate(ids, n_predict, sp, eos, on_token);
+  if (rank0) {
+    if (json) {
+      nlohmann::json j;
+      j["prompt_ids"] = ids;
+      j["generated_ids"] = res.generated;
+      j["text"] = text;
+      std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    } else {
+      std::printf("\n");
+      if (!rf.quiet)
+        std::fprintf(stderr, "prompt: %lld tokens in %.3f s (%.1f tok/s); generated %lld tokens, %.1f tok/s; %.1f%% of "
+                     "decode time in communication\n",
+                     static_cast<long long>(res.times.prefill_tokens), res.times.prefill_s,
+                     res.times.prefill_tokens / std::max(res.times.prefill_s, 1e-9),
+                     static_cast<long long>(res.generated.size()),
+                     res.times.decode_tokens / std::max(res.times.decode_s, 1e-9),
+                     100.0 * res.times.comm_s / std::max(res.times.prefill_s + res.times.decode_s, 1e-9));
+    }
+  }
+  return 0;
+}
+
+}  // namespace shardlm

@@ -1,0 +1,56 @@
+#include "run_flags.h"
+
+#include "cli_common.h"
+#include "core/error.h"
+
+namespace shardlm {
+
+void RunFlags::add_to(CLI::App& app) {
+  app.add_option("-m,--model", model, "GGUF file or Hugging Face directory (default: the bundled model)");
+  app.add_option("--tp,--tensor-parallel-size", tp, "tensor-parallel ranks (heads and FFN columns split)");
+  app.add_option("--pp,--pipeline-parallel-size", pp, "pipeline stages (consecutive layer ranges)");
+  app.add_option("--layer-split,--tensor-split", layer_split,
+                 "layers per pipeline stage as proportions, e.g. 3,1 (rounded to whole layers); also -ts");
+  app.add_option("--split-mode", split_mode, "llama.cpp's -sm: layer, row or tensor (informational: give --tp/--pp)");
+  app.add_option("-c,--ctx-size,--max-model-len", n_ctx, "context size in tokens (default: model's, at most 4096)");
+  app.add_option("-b,--batch-size", n_batch, "largest number of tokens in one forward step");
+  app.add_option("--micro-batch", micro_batch, "prompt tokens per pipeline step (default: batch / pp)");
+  app.add_option("-t,--threads", threads, "CPU threads per rank (default: cores / ranks on this host)");
+  app.add_option("--kv-type,--cache-type-k,--cache-type-v", kv_type, "KV cache type: f32 or f16 (also -ctk/-ctv)");
+  app.add_option("--backend", backend, "cpu or reference (slow fp64 yardstick)");
+  app.add_option("--comm-timeout", comm_timeout, "seconds a rank waits for a silent peer before aborting the job");
+  app.add_flag("-q,--quiet", quiet, "no progress or layout report on stderr");
+}
+
+EngineOptions RunFlags::engine_options() const {
+  EngineOptions o;
+  if (tp < 1 || tp > 1024) fail("--tp ", tp, " is outside [1, 1024]");
+  if (pp < 1 || pp > 1024) fail("--pp ", pp, " is outside [1, 1024]");
+  o.tp = tp;
+  o.pp = pp;
+  if (!split_mode.empty() && split_mode != "layer" && split_mode != "row" && split_mode != "tensor" &&
+      split_mode != "none")
+    fail("--split-mode '", split_mode, "' is not one of layer, row, tensor, none");
+  if (!layer_split.empty()) o.layer_split = parse_proportions(layer_split, "--layer-split");
+  if (!o.layer_split.empty() && static_cast<int>(o.layer_split.size()) != pp)
+    fail("--layer-split has ", o.layer_split.size(), " proportions but --pp is ", pp);
+  if (n_ctx < 0) fail("-c ", n_ctx, " must be >= 0");
+  o.n_ctx = n_ctx;
+  if (n_batch < 1) fail("-b ", n_batch, " must be >= 1");
+  o.n_batch = n_batch;
+  if (micro_batch < 0) fail("--micro-batch ", micro_batch, " must be >= 0");
+  o.micro_batch = micro_batch;
+  if (threads < 0 || threads > 1024) fail("-t ", threads, " is outside [0, 1024]");
+  o.n_threads = threads;
+  if (kv_type == "f32")
+    o.kv_type = GgmlType::F32;
+  else if (kv_type == "f16")
+    o.kv_type = GgmlType::F16;
+  else
+    fail("--kv-type '", kv_type, "' is not f32 or f16");
+  o.backend = backend;
+  if (!(comm_timeout >= 1 && comm_timeout <= 86400)) fail("--comm-timeout ", comm_timeout, " is outside [1, 86400]");
+  return o;
+}
+
+}  // namespace shardlm

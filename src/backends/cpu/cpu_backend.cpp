@@ -1,0 +1,206 @@
+#include "backends/cpu/cpu_backend.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "backends/cpu/thread_pool.h"
+#include "core/error.h"
+#include "quant/quant.h"
+
+namespace shardlm {
+namespace {
+
+// 64-byte aligned so SIMD kernels never straddle cache lines on activation rows.
+class AlignedBuffer final : public DeviceBuffer {
+ public:
+  explicit AlignedBuffer(size_t n) : size_(n) {
+    ptr_ = n ? std::aligned_alloc(64, (n + 63) / 64 * 64) : nullptr;
+    if (n && !ptr_) fail_kind(ErrorKind::kResource, "out of host memory allocating ", n, " bytes");
+    if (ptr_) std::memset(ptr_, 0, n);
+  }
+  ~AlignedBuffer() override { std::free(ptr_); }
+  void* data() override { return ptr_; }
+  size_t size() const override { return size_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_;
+};
+
+inline float kv_at(GgmlType t, const void* base, int64_t i) {
+  return t == GgmlType::F16 ? fp16_to_fp32(static_cast<const uint16_t*>(base)[i])
+                            : static_cast<const float*>(base)[i];
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int n_threads) : pool_(n_threads > 0 ? n_threads : cpu_core_count()) {}
+
+  std::string name() const override { return cat("cpu(", pool_.size(), " threads, ", cpu_kernel_isa(), ")"); }
+  DeviceKind device() const override { return DeviceKind::kCpu; }
+  bool supports(GgmlType t) const override { return type_traits(t).compute; }
+
+  std::unique_ptr<DeviceBuffer> alloc(size_t bytes) override {
+    allocated_ += bytes;
+    return std::make_unique<AlignedBuffer>(bytes);
+  }
+  void upload(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+  void download(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+  void synchronize() override {}
+  size_t allocated_bytes() const override { return allocated_; }
+  void begin_step(const StepInfo& s) override { step_ = s; }
+
+  void get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) override {
+    for (int64_t t = 0; t < n_tok; ++t) {
+      SHARDLM_CHECK(ids[t] >= 0 && ids[t] < table.n_rows, "token id ", ids[t]);
+      dequantize_row(table.type, static_cast<const uint8_t*>(table.data) + table.row_stride * ids[t],
+                     out + t * table.n_cols, table.n_cols);
+    }
+  }
+
+  void rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) override {
+    pool_.parallel_for(n_tok, 8, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const float* xr = x + t * n;
+        float* yr = y + t * n;
+        double ss = 0;  // double: the golden logits are compared at 1e-4 and n can be 8192
+        for (int64_t i = 0; i < n; ++i) ss += double(xr[i]) * xr[i];
+        const float scale = float(1.0 / std::sqrt(ss / double(n) + eps));
+        for (int64_t i = 0; i < n; ++i) yr[i] = xr[i] * scale * w[i];
+      }
+    });
+  }
+
+  void matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) override {
+    // Rows are split across threads; every thread reads its rows once for all tokens.
+    const int64_t grain = std::max<int64_t>(16, w.n_rows / (pool_.size() * 4));
+    pool_.parallel_for(w.n_rows, grain, [&](int64_t b, int64_t e) {
+      const auto* rows = static_cast<const uint8_t*>(w.data) + w.row_stride * b;
+      if (n_tok == 1)
+        matvec_rows(w.type, rows, w.row_stride, e - b, w.n_cols, x, y + b);
+      else
+        matmul_rows(w.type, rows, w.row_stride, e - b, w.n_cols, x, w.n_cols, n_tok, y + b, w.n_rows);
+    });
+  }
+
+  void add_bias(float* y, const float* b, int64_t n_tok, int64_t n) override {
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t i = 0; i < n; ++i) y[t * n + i] += b[i];
+  }
+  void add(float* y, const float* x, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+  }
+  void swiglu(const float* g, const float* u, float* out, int64_t n) override {
+    pool_.parallel_for(n, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    });
+  }
+
+  void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t hd, float freq_base,
+            const float* freq_factors) override {
+    // Angles in double: at positions of 100k+ a float angle loses the low bits that the golden
+    // logits still see.
+    std::vector<double> theta(static_cast<size_t>(hd / 2));
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      theta[i] = std::pow(double(freq_base), -2.0 * double(i) / double(hd));
+      if (freq_factors) theta[i] /= freq_factors[i];
+    }
+    for (int64_t t = 0; t < n_tok; ++t) {
+      const double pos = double(step_.pos0 + t);
+      for (int64_t i = 0; i < hd / 2; ++i) {
+        const double a = pos * theta[i];
+        const float c = float(std::cos(a)), s = float(std::sin(a));
+        for (int64_t h = 0; h < n_heads; ++h) {
+          float* v = x + (t * n_heads + h) * hd;
+          const float x0 = v[2 * i], x1 = v[2 * i + 1];
+          v[2 * i] = x0 * c - x1 * s;
+          v[2 * i + 1] = x0 * s + x1 * c;
+        }
+      }
+    }
+  }
+
+  void kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) override {
+    const int64_t width = kv.n_head_kv * kv.head_dim;
+    SHARDLM_CHECK(step_.pos0 + n_tok <= kv.n_ctx, "kv cache overflow");
+    const int64_t off = step_.pos0 * width, n = n_tok * width;
+    if (kv.type == GgmlType::F16) {
+      auto* kd = static_cast<uint16_t*>(kv.k) + off;
+      auto* vd = static_cast<uint16_t*>(kv.v) + off;
+      for (int64_t i = 0; i < n; ++i) {
+        kd[i] = fp32_to_fp16(k[i]);
+        vd[i] = fp32_to_fp16(v[i]);
+      }
+    } else {
+      std::memcpy(static_cast<float*>(kv.k) + off, k, static_cast<size_t>(n) * sizeof(float));
+      std::memcpy(static_cast<float*>(kv.v) + off, v, static_cast<size_t>(n) * sizeof(float));
+    }
+  }
+
+  void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override {
+    const int64_t hd = kv.head_dim, width = kv.n_head_kv * hd, group = n_head / kv.n_head_kv;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    const int64_t pos0 = step_.pos0;
+    pool_.parallel_for(n_tok * n_head, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> p(static_cast<size_t>(pos0 + n_tok));
+      std::vector<float> acc(static_cast<size_t>(hd));
+      for (int64_t job = b; job < e; ++job) {
+        const int64_t t = job / n_head, h = job % n_head, kvh = h / group;
+        const int64_t n_pos = pos0 + t + 1;
+        const float* qh = q + (t * n_head + h) * hd;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < n_pos; ++s) {
+          const int64_t base = s * width + kvh * hd;
+          float d = 0;
+          if (kv.type == GgmlType::F32) {
+            const float* kr = static_cast<const float*>(kv.k) + base;
+            for (int64_t i = 0; i < hd; ++i) d += qh[i] * kr[i];
+          } else {
+            for (int64_t i = 0; i < hd; ++i) d += qh[i] * kv_at(kv.type, kv.k, base + i);
+          }
+          p[s] = d * scale;
+          mx = std::max(mx, p[s]);
+        }
+        float sum = 0;
+        for (int64_t s = 0; s < n_pos; ++s) sum += (p[s] = std::exp(p[s] - mx));
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t s = 0; s < n_pos; ++s) {
+          const int64_t base = s * width + kvh * hd;
+          const float ps = p[s];
+          if (kv.type == GgmlType::F32) {
+            const float* vr = static_cast<const float*>(kv.v) + base;
+            for (int64_t i = 0; i < hd; ++i) acc[i] += ps * vr[i];
+          } else {
+            for (int64_t i = 0; i < hd; ++i) acc[i] += ps * kv_at(kv.type, kv.v, base + i);
+          }
+        }
+        float* o = out + (t * n_head + h) * hd;
+        const float inv = 1.0f / sum;
+        for (int64_t i = 0; i < hd; ++i) o[i] = acc[i] * inv;
+      }
+    });
+  }
+
+ private:
+  ThreadPool pool_;
+  StepInfo step_;
+  size_t allocated_ = 0;
+};
+
+}  // namespace
+
+int cpu_core_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return 1;
+}
+
+std::unique_ptr<Backend> make_cpu_backend(int n_threads) { return std::make_unique<CpuBackend>(n_threads); }
+
+}  // namespace shardlm

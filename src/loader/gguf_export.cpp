@@ -1,0 +1,88 @@
+#include "loader/gguf_export.h"
+
+#include <cstring>
+#include <vector>
+
+#include "config/presets.h"
+#include "core/error.h"
+#include "quant/quant.h"
+
+namespace shardlm {
+
+void write_model_metadata(GgufWriter& w, const ModelConfig& c, const Vocab* vocab, const std::string& chat_template) {
+  const std::string a = c.arch + ".";
+  w.set_string("general.architecture", c.arch);
+  if (!c.name.empty()) w.set_string("general.name", c.name);
+  w.set_u32(a + "context_length", static_cast<uint32_t>(c.n_ctx_train));
+  w.set_u32(a + "embedding_length", static_cast<uint32_t>(c.n_embd));
+  w.set_u32(a + "block_count", static_cast<uint32_t>(c.n_layer));
+  w.set_u32(a + "feed_forward_length", static_cast<uint32_t>(c.n_ff));
+  w.set_u32(a + "attention.head_count", static_cast<uint32_t>(c.n_head));
+  w.set_u32(a + "attention.head_count_kv", static_cast<uint32_t>(c.n_head_kv));
+  w.set_f32(a + "attention.layer_norm_rms_epsilon", c.rms_eps);
+  w.set_f32(a + "rope.freq_base", c.rope_freq_base);
+  w.set_u32(a + "rope.dimension_count", static_cast<uint32_t>(c.head_dim));
+  if (c.head_dim * c.n_head != c.n_embd) {
+    w.set_u32(a + "attention.key_length", static_cast<uint32_t>(c.head_dim));
+    w.set_u32(a + "attention.value_length", static_cast<uint32_t>(c.head_dim));
+  }
+  w.set_u32(a + "vocab_size", static_cast<uint32_t>(c.n_vocab));
+  if (!vocab) return;
+  w.set_string("tokenizer.ggml.model", vocab->model == Vocab::Model::kSpm ? "llama" : "gpt2");
+  if (vocab->model == Vocab::Model::kBpe) w.set_string("tokenizer.ggml.pre", vocab->pre);
+  w.set_string_array("tokenizer.ggml.tokens", vocab->tokens);
+  if (!vocab->scores.empty()) w.set_f32_array("tokenizer.ggml.scores", vocab->scores);
+  if (!vocab->types.empty()) {
+    std::vector<int32_t> t;
+    for (TokenType x : vocab->types) t.push_back(static_cast<int32_t>(x));
+    w.set_i32_array("tokenizer.ggml.token_type", t);
+  }
+  if (!vocab->merges.empty()) w.set_string_array("tokenizer.ggml.merges", vocab->merges);
+  if (vocab->bos >= 0) w.set_u32("tokenizer.ggml.bos_token_id", static_cast<uint32_t>(vocab->bos));
+  if (vocab->eos >= 0) w.set_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(vocab->eos));
+  if (vocab->unk >= 0) w.set_u32("tokenizer.ggml.unknown_token_id", static_cast<uint32_t>(vocab->unk));
+  if (vocab->pad >= 0) w.set_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(vocab->pad));
+  w.set_bool("tokenizer.ggml.add_bos_token", vocab->add_bos);
+  w.set_bool("tokenizer.ggml.add_eos_token", vocab->add_eos);
+  if (vocab->model == Vocab::Model::kSpm) w.set_bool("tokenizer.ggml.add_space_prefix", vocab->add_space_prefix);
+  if (!chat_template.empty()) w.set_string("tokenizer.chat_template", chat_template);
+}
+
+void export_gguf(const ModelSource& src, const std::string& path, const std::string& scheme,
+                 const std::function<void(uint64_t, uint64_t)>& progress) {
+  if (!scheme.empty() && !is_known_scheme(scheme))
+    fail("type '", scheme, "' is not a known scheme (", scheme_names(), ")");
+  const ModelConfig& c = src.config();
+  GgufWriter w;
+  write_model_metadata(w, c, src.vocab(), src.chat_template());
+  if (!c.rope_freq_factors.empty() && !src.find_tensor("rope_freqs.weight"))
+    w.add_tensor("rope_freqs.weight", GgmlType::F32, {static_cast<int64_t>(c.rope_freq_factors.size())},
+                 c.rope_freq_factors.data());
+  for (const SourceTensor& t : src.tensors()) {
+    std::vector<int64_t> ne(t.ne.begin(), t.ne.begin() + std::max(1, t.n_dims));
+    GgmlType to = t.type;
+    if (!scheme.empty()) {
+      TensorSpec spec{t.name, ne, -1};
+      if (const auto p = t.name.find("blk."); p == 0) spec.layer = std::stoi(t.name.substr(4));
+      to = tensor_type_for_scheme(scheme, spec, c);
+    }
+    const int64_t n0 = t.ne[0], rows = t.ne[1] * t.ne[2] * t.ne[3];
+    const size_t in_row = static_cast<size_t>(row_bytes(t.type, n0));
+    const SourceTensor* tp = &t;
+    w.add_tensor(t.name, to, ne, [tp, to, n0, rows, in_row](uint8_t* dst, size_t) {
+      if (to == tp->type) {
+        std::memcpy(dst, tp->data, tp->n_bytes);
+        return;
+      }
+      std::vector<float> row(static_cast<size_t>(n0));
+      const size_t out_row = static_cast<size_t>(row_bytes(to, n0));
+      for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(tp->type, tp->data + in_row * static_cast<size_t>(r), row.data(), n0);
+        quantize_row(to, row.data(), dst + out_row * static_cast<size_t>(r), n0);
+      }
+    });
+  }
+  w.write(path, progress);
+}
+
+}  // namespace shardlm

@@ -1,0 +1,192 @@
+#include "loader/weights.h"
+
+#include <cstring>
+
+#include "core/error.h"
+#include "quant/quant.h"
+
+namespace shardlm {
+namespace {
+
+std::string blk(int l, const char* what) { return cat("blk.", l, ".", what); }
+
+// Expected ggml shape of every tensor, from the config alone; a file that disagrees is refused by name.
+std::pair<int64_t, int64_t> expected_shape(const ModelConfig& c, const std::string& name) {
+  const auto ends = [&](const char* s) {
+    const std::string suf(s);
+    return name.size() >= suf.size() && name.compare(name.size() - suf.size(), suf.size(), suf) == 0;
+  };
+  if (name == "token_embd.weight" || name == "output.weight") return {c.n_embd, c.n_vocab};
+  if (ends("_norm.weight")) return {c.n_embd, 1};
+  if (ends("attn_q.weight")) return {c.n_embd, c.q_dim()};
+  if (ends("attn_k.weight") || ends("attn_v.weight")) return {c.n_embd, c.kv_dim()};
+  if (ends("attn_q.bias")) return {c.q_dim(), 1};
+  if (ends("attn_k.bias") || ends("attn_v.bias")) return {c.kv_dim(), 1};
+  if (ends("attn_output.weight")) return {c.q_dim(), c.n_embd};
+  if (ends("ffn_gate.weight") || ends("ffn_up.weight")) return {c.n_embd, c.n_ff};
+  if (ends("ffn_down.weight")) return {c.n_ff, c.n_embd};
+  fail("no expected shape for tensor '", name, "'");
+}
+
+const SourceTensor& checked_tensor(const ModelSource& src, const std::string& name) {
+  const SourceTensor& t = src.tensor(name);
+  const auto [e0, e1] = expected_shape(src.config(), name);
+  const int64_t ne1 = t.ne[1] * t.ne[2] * t.ne[3];
+  if (t.ne[0] != e0 || ne1 != e1)
+    fail(src.path(), ": tensor '", name, "' has shape [", t.ne[0], ", ", ne1, "], the config implies [", e0, ", ",
+         e1, "]");
+  return t;
+}
+
+class Loader {
+ public:
+  Loader(const ModelSource& src, const Mapping& m, Backend& b, std::vector<HeldTensor>* held)
+      : src_(src), c_(src.config()), m_(m), b_(b), held_(held) {}
+
+  ModelWeights& out() { return w_; }
+
+  // A matrix this rank needs, sliced per the sharding rules of `name`.
+  WeightView matrix(const std::string& name, GgmlType down_type) {
+    return matrix_from(checked_tensor(src_, name), name, down_type, false);
+  }
+
+  // `t`'s bytes sliced by the rule of tensor `name` (tied models slice token_embd as output.weight).
+  // `already_mapped`: the bytes are already counted (a tied output on the rank that maps the embedding).
+  WeightView matrix_from(const SourceTensor& t, const std::string& name, GgmlType down_type, bool already_mapped) {
+    if (!b_.supports(t.type))
+      fail(src_.path(), ": tensor '", name, "' has type ", type_name(t.type), ", which the ", b_.name(),
+           " backend cannot compute with");
+    const int64_t ne1 = t.ne[1] * t.ne[2] * t.ne[3];
+    const TensorShard s = tensor_shard(name, t.type, t.ne[0], ne1, c_, down_type, m_.tp_size(), m_.tp_rank());
+    const size_t full_row = static_cast<size_t>(row_bytes(t.type, t.ne[0]));
+    WeightView v;
+    v.type = t.type;
+    v.n_cols = s.ne0;
+    v.n_rows = s.ne1;
+    v.row_stride = static_cast<size_t>(row_bytes(t.type, s.ne0));
+    const bool host = b_.device() == DeviceKind::kCpu;
+    if (s.kind != ShardKind::kCols) {
+      const uint8_t* first = t.data + full_row * static_cast<size_t>(s.kind == ShardKind::kRows ? s.range.begin : 0);
+      if (host) {
+        v.data = first;  // mapped in place
+      } else {
+        v.data = place(first, s.n_bytes);
+      }
+    } else {
+      // Column slice: each row's byte range [begin, end) of the row, gathered into one buffer.
+      const size_t off = static_cast<size_t>(row_bytes(t.type, s.range.begin));
+      std::vector<uint8_t> tmp(s.n_bytes);
+      for (int64_t r = 0; r < s.ne1; ++r)
+        std::memcpy(tmp.data() + static_cast<size_t>(r) * v.row_stride, t.data + full_row * static_cast<size_t>(r) + off,
+                    v.row_stride);
+      v.data = place(tmp.data(), s.n_bytes);
+    }
+    count(name, t.type, s, (already_mapped && host && s.kind != ShardKind::kCols) ? 0 : s.n_bytes);
+    return v;
+  }
+
+  // A vector (norm weight or bias), converted to f32; biases are sliced like their matrix's rows.
+  const float* vec(const std::string& name) {
+    const SourceTensor& t = checked_tensor(src_, name);
+    const int64_t n = t.ne[0];
+    Range r{0, n};
+    if (name.find(".bias") != std::string::npos && m_.tp_size() > 1) {
+      const TensorShard s = tensor_shard(name, GgmlType::F32, 1, n, c_, GgmlType::F32, m_.tp_size(), m_.tp_rank());
+      r = s.range;
+    }
+    std::vector<float> f(static_cast<size_t>(n));
+    if (t.type != GgmlType::F32 && t.type != GgmlType::F16 && t.type != GgmlType::BF16)
+      fail(src_.path(), ": tensor '", name, "' has type ", type_name(t.type), "; norms and biases must be f32/f16/bf16");
+    dequantize_row(t.type, t.data, f.data(), n);
+    const size_t bytes = static_cast<size_t>(r.size()) * sizeof(float);
+    TensorShard s;
+    s.kind = r.size() == n ? ShardKind::kReplicated : ShardKind::kRows;
+    s.range = r;
+    s.ne0 = r.size();
+    s.ne1 = 1;
+    s.n_bytes = bytes;
+    count(name, GgmlType::F32, s, bytes);
+    return static_cast<const float*>(place(f.data() + r.begin, bytes));
+  }
+
+ private:
+  const void* place(const void* host, size_t bytes) {
+    auto buf = b_.alloc(bytes);
+    b_.upload(buf->data(), host, bytes);
+    const void* p = buf->data();
+    w_.storage.push_back(std::move(buf));
+    return p;
+  }
+  void count(const std::string& name, GgmlType type, const TensorShard& s, uint64_t bytes) {
+    w_.weight_bytes += bytes;
+    if (held_) held_->push_back({name, type, s.ne0, s.ne1, s.range, s.kind, bytes});
+  }
+
+  const ModelSource& src_;
+  const ModelConfig& c_;
+  const Mapping& m_;
+  Backend& b_;
+  std::vector<HeldTensor>* held_;
+  ModelWeights w_;
+};
+
+}  // namespace
+
+void check_layout(const ModelSource& src, int tp_size) {
+  const ModelConfig& c = src.config();
+  for (int l = 0; l < c.n_layer; ++l) {
+    const GgmlType down = checked_tensor(src, blk(l, "ffn_down.weight")).type;
+    const GgmlType out = checked_tensor(src, blk(l, "attn_output.weight")).type;
+    check_shardable(c, out, down, tp_size);
+  }
+  head_shard(c, tp_size, 0);
+}
+
+ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, Backend& backend,
+                          std::vector<HeldTensor>* held, const std::function<void(uint64_t, uint64_t)>& progress) {
+  const ModelConfig& c = src.config();
+  check_layout(src, mapping.tp_size());
+  Loader ld(src, mapping, backend, held);
+  ModelWeights& w = ld.out();
+  const LayerRange layers = mapping.layers();
+  uint64_t total = 0, done = 0;
+  for (const SourceTensor& t : src.tensors()) total += t.n_bytes;
+  if (mapping.is_first_stage()) w.token_embd = ld.matrix("token_embd.weight", GgmlType::F32);
+  for (int l = layers.begin; l < layers.end; ++l) {
+    const GgmlType down = src.tensor(blk(l, "ffn_down.weight")).type;
+    LayerWeights lw;
+    lw.attn_norm = ld.vec(blk(l, "attn_norm.weight"));
+    lw.wq = ld.matrix(blk(l, "attn_q.weight"), down);
+    lw.wk = ld.matrix(blk(l, "attn_k.weight"), down);
+    lw.wv = ld.matrix(blk(l, "attn_v.weight"), down);
+    if (c.qkv_bias) {
+      lw.bq = ld.vec(blk(l, "attn_q.bias"));
+      lw.bk = ld.vec(blk(l, "attn_k.bias"));
+      lw.bv = ld.vec(blk(l, "attn_v.bias"));
+    }
+    lw.wo = ld.matrix(blk(l, "attn_output.weight"), down);
+    lw.ffn_norm = ld.vec(blk(l, "ffn_norm.weight"));
+    lw.w_gate = ld.matrix(blk(l, "ffn_gate.weight"), down);
+    lw.w_up = ld.matrix(blk(l, "ffn_up.weight"), down);
+    lw.w_down = ld.matrix(blk(l, "ffn_down.weight"), down);
+    w.layers.push_back(lw);
+    done += total / static_cast<uint64_t>(c.n_layer + 1);
+    if (progress) progress(done, total);
+  }
+  if (mapping.is_last_stage()) {
+    w.output_norm = ld.vec("output_norm.weight");
+    // Tied models reuse the embedding table as the output matrix (sliced by vocabulary like output).
+    if (c.tied_output) {
+      // On the CPU a rank that maps the whole embedding holds the output slice already.
+      w.output = ld.matrix_from(checked_tensor(src, "token_embd.weight"), "output.weight", GgmlType::F32,
+                                mapping.is_first_stage());
+    } else {
+      w.output = ld.matrix("output.weight", GgmlType::F32);
+    }
+  }
+  if (progress) progress(total, total);
+  w.rope_freq_factors = c.rope_freq_factors;
+  return std::move(w);
+}
+
+}  // namespace shardlm

@@ -1,0 +1,99 @@
+// The Llama-family forward pass (llama, mistral, qwen2) for one rank's slice of the model, written only
+// against the ops interface (Backend) and the communicator: the same code runs on one CPU, on tensor- and
+// pipeline-parallel CPU ranks over MPI, and on GPUs.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "config/model_config.h"
+#include "ops/backend.h"
+#include "plan/mapping.h"
+#include "plan/shard.h"
+
+namespace shardlm {
+
+// This rank's weights, in the backend's memory (or mapped from the file on the CPU).
+struct LayerWeights {
+  const float* attn_norm = nullptr;  // (n_embd)
+  WeightView wq;                     // (q_local * head_dim rows, n_embd)
+  WeightView wk;                     // (kv_local * head_dim rows, n_embd)
+  WeightView wv;                     // (kv_local * head_dim rows, n_embd)
+  const float* bq = nullptr;         // (q_local * head_dim) qwen2 only
+  const float* bk = nullptr;         // (kv_local * head_dim)
+  const float* bv = nullptr;         // (kv_local * head_dim)
+  WeightView wo;                     // (n_embd rows, q_local * head_dim)
+  const float* ffn_norm = nullptr;   // (n_embd)
+  WeightView w_gate;                 // (ff_local rows, n_embd)
+  WeightView w_up;                   // (ff_local rows, n_embd)
+  WeightView w_down;                 // (n_embd rows, ff_local)
+};
+
+struct ModelWeights {
+  WeightView token_embd;                 // (n_vocab rows, n_embd), first stage only
+  const float* output_norm = nullptr;    // (n_embd), last stage only
+  WeightView output;                     // (vocab_local rows, n_embd), last stage only
+  std::vector<LayerWeights> layers;      // this stage's layers, in order
+  std::vector<float> rope_freq_factors;  // (head_dim/2) host copy, empty when none
+  // Owns whatever had to be copied or converted; mapped weights point into the source instead.
+  std::vector<std::unique_ptr<DeviceBuffer>> storage;
+  uint64_t weight_bytes = 0;             // bytes of weights this rank holds (mapped or copied)
+};
+
+struct ModelOptions {
+  int64_t n_ctx = 0;                  // positions of KV cache
+  int64_t n_batch = 256;              // largest step (tokens per forward call)
+  GgmlType kv_type = GgmlType::F32;   // F32 or F16
+};
+
+class LlamaModel {
+ public:
+  // `comm` must outlive the model; TP/PP groups are created here (a collective over the world).
+  LlamaModel(const ModelConfig& config, const Mapping& mapping, Backend& backend, Communicator& comm,
+             ModelWeights weights, const ModelOptions& options);
+
+  const ModelConfig& config() const { return config_; }
+  const Mapping& mapping() const { return mapping_; }
+  Backend& backend() { return backend_; }
+  const ModelWeights& weights() const { return weights_; }
+  uint64_t kv_bytes() const { return kv_bytes_; }
+  uint64_t workspace_bytes() const { return workspace_bytes_; }
+  int64_t q_heads_local() const { return heads_.q_heads.size(); }
+  int64_t kv_heads_local() const { return heads_.kv_heads.size(); }
+
+  // One step of this stage: on the first stage embeds `ids` (n_tok, host), otherwise receives the
+  // hidden state from the previous stage; runs this stage's layers; sends to the next stage, or on the
+  // last stage computes logits. Every rank of the stage must call it with the same n_tok and pos0.
+  // Returns true when `logits` was filled (last stage, tp_rank 0 and every TP peer get the same).
+  // `all_logits`: logits for every token (n_tok, n_vocab), else for the last token only (n_vocab).
+  bool step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits, std::vector<float>* logits);
+
+  // Seconds spent in collectives and stage messages (from the communicator).
+  double comm_seconds() const { return comm_.comm_seconds(); }
+
+ private:
+  void layer(int index, int64_t n_tok);
+  void compute_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits);
+
+  ModelConfig config_;
+  Mapping mapping_;
+  Backend& backend_;
+  Communicator& comm_;
+  ModelWeights weights_;
+  ModelOptions options_;
+  HeadShard heads_;
+  Range vocab_;
+  int64_t ff_local_ = 0;
+  std::unique_ptr<CommGroup> tp_group_;
+  std::vector<size_t> vocab_counts_;  // per TP rank: vocabulary rows of the output shard
+
+  // KV cache of this stage's layers and the step's activations, in the backend's memory.
+  std::vector<std::unique_ptr<DeviceBuffer>> kv_;
+  std::vector<KvLayerView> kv_views_;
+  std::unique_ptr<DeviceBuffer> x_, xn_, q_, k_, v_, att_, o_, gate_, up_, logits_local_, logits_all_;
+  uint64_t kv_bytes_ = 0, workspace_bytes_ = 0;
+};
+
+}  // namespace shardlm

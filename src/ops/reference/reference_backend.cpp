@@ -1,0 +1,158 @@
+// The yardstick: every op written the obvious way, single-threaded, accumulating in double, weights
+// dequantized row by row with the quant library. Never optimize this file; other backends are tested
+// against it.
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+#include "ops/backend.h"
+#include "quant/quant.h"
+
+namespace shardlm {
+namespace {
+
+class HostBuffer final : public DeviceBuffer {
+ public:
+  explicit HostBuffer(size_t n) : bytes_(n) {}
+  void* data() override { return bytes_.data(); }
+  size_t size() const override { return bytes_.size(); }
+
+ private:
+  std::vector<uint8_t> bytes_;
+};
+
+float load_kv(const KvLayerView& kv, const void* base, int64_t i) {
+  if (kv.type == GgmlType::F16) return fp16_to_fp32(static_cast<const uint16_t*>(base)[i]);
+  return static_cast<const float*>(base)[i];
+}
+
+void store_kv(const KvLayerView& kv, void* base, int64_t i, float v) {
+  if (kv.type == GgmlType::F16)
+    static_cast<uint16_t*>(base)[i] = fp32_to_fp16(v);
+  else
+    static_cast<float*>(base)[i] = v;
+}
+
+class ReferenceBackend final : public Backend {
+ public:
+  std::string name() const override { return "reference"; }
+  DeviceKind device() const override { return DeviceKind::kCpu; }
+  bool supports(GgmlType t) const override { return type_traits(t).compute; }
+
+  std::unique_ptr<DeviceBuffer> alloc(size_t bytes) override {
+    allocated_ += bytes;
+    return std::make_unique<HostBuffer>(bytes);
+  }
+  void upload(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+  void download(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+  void synchronize() override {}
+  size_t allocated_bytes() const override { return allocated_; }
+  void begin_step(const StepInfo& s) override { step_ = s; }
+
+  void get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) override {
+    for (int64_t t = 0; t < n_tok; ++t) {
+      SHARDLM_CHECK(ids[t] >= 0 && ids[t] < table.n_rows, "token id ", ids[t]);
+      dequantize_row(table.type, static_cast<const uint8_t*>(table.data) + table.row_stride * ids[t],
+                     out + t * table.n_cols, table.n_cols);
+    }
+  }
+
+  void rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) override {
+    for (int64_t t = 0; t < n_tok; ++t) {
+      double ss = 0;
+      for (int64_t i = 0; i < n; ++i) ss += double(x[t * n + i]) * x[t * n + i];
+      const double scale = 1.0 / std::sqrt(ss / double(n) + eps);
+      for (int64_t i = 0; i < n; ++i) y[t * n + i] = float(x[t * n + i] * scale * w[i]);
+    }
+  }
+
+  void matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) override {
+    std::vector<float> row(static_cast<size_t>(w.n_cols));
+    for (int64_t r = 0; r < w.n_rows; ++r) {
+      dequantize_row(w.type, static_cast<const uint8_t*>(w.data) + w.row_stride * r, row.data(), w.n_cols);
+      for (int64_t t = 0; t < n_tok; ++t) {
+        double acc = 0;
+        for (int64_t c = 0; c < w.n_cols; ++c) acc += double(row[c]) * x[t * w.n_cols + c];
+        y[t * w.n_rows + r] = float(acc);
+      }
+    }
+  }
+
+  void add_bias(float* y, const float* b, int64_t n_tok, int64_t n) override {
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t i = 0; i < n; ++i) y[t * n + i] += b[i];
+  }
+  void add(float* y, const float* x, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+  }
+  void swiglu(const float* g, const float* u, float* out, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) out[i] = float(double(g[i]) / (1.0 + std::exp(-double(g[i]))) * u[i]);
+  }
+
+  void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t hd, float freq_base,
+            const float* freq_factors) override {
+    for (int64_t t = 0; t < n_tok; ++t) {
+      const double pos = double(step_.pos0 + t);
+      for (int64_t h = 0; h < n_heads; ++h) {
+        float* v = x + (t * n_heads + h) * hd;
+        for (int64_t i = 0; i < hd / 2; ++i) {
+          double theta = std::pow(double(freq_base), -2.0 * double(i) / double(hd));
+          if (freq_factors) theta /= freq_factors[i];
+          const double a = pos * theta, c = std::cos(a), s = std::sin(a);
+          const double x0 = v[2 * i], x1 = v[2 * i + 1];
+          v[2 * i] = float(x0 * c - x1 * s);
+          v[2 * i + 1] = float(x0 * s + x1 * c);
+        }
+      }
+    }
+  }
+
+  void kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) override {
+    const int64_t width = kv.n_head_kv * kv.head_dim;
+    SHARDLM_CHECK(step_.pos0 + n_tok <= kv.n_ctx, "kv cache overflow");
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t i = 0; i < width; ++i) {
+        store_kv(kv, kv.k, (step_.pos0 + t) * width + i, k[t * width + i]);
+        store_kv(kv, kv.v, (step_.pos0 + t) * width + i, v[t * width + i]);
+      }
+  }
+
+  void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override {
+    const int64_t hd = kv.head_dim, width = kv.n_head_kv * hd, group = n_head / kv.n_head_kv;
+    const double scale = 1.0 / std::sqrt(double(hd));
+    for (int64_t t = 0; t < n_tok; ++t) {
+      const int64_t n_pos = step_.pos0 + t + 1;
+      std::vector<double> p(static_cast<size_t>(n_pos));
+      for (int64_t h = 0; h < n_head; ++h) {
+        const float* qh = q + (t * n_head + h) * hd;
+        const int64_t kvh = h / group;
+        double mx = -INFINITY;
+        for (int64_t s = 0; s < n_pos; ++s) {
+          double d = 0;
+          for (int64_t i = 0; i < hd; ++i) d += double(qh[i]) * load_kv(kv, kv.k, s * width + kvh * hd + i);
+          p[s] = d * scale;
+          mx = std::max(mx, p[s]);
+        }
+        double sum = 0;
+        for (auto& e : p) sum += (e = std::exp(e - mx));
+        float* o = out + (t * n_head + h) * hd;
+        for (int64_t i = 0; i < hd; ++i) {
+          double acc = 0;
+          for (int64_t s = 0; s < n_pos; ++s) acc += p[s] * load_kv(kv, kv.v, s * width + kvh * hd + i);
+          o[i] = float(acc / sum);
+        }
+      }
+    }
+  }
+
+ private:
+  StepInfo step_;
+  size_t allocated_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_reference_backend() { return std::make_unique<ReferenceBackend>(); }
+
+}  // namespace shardlm

@@ -1,0 +1,177 @@
+#include "runtime/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+
+#include "backends/cpu/cpu_backend.h"
+#include "core/error.h"
+
+namespace shardlm {
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int ranks_on_this_host(int world) {
+  // OpenMPI tells each rank how many share its node; other launchers: assume all ranks are local.
+  if (const char* s = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) {
+    const int n = std::atoi(s);
+    if (n > 0) return n;
+  }
+  return world;
+}
+
+std::string human_bytes(uint64_t b) {
+  const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = double(b);
+  int u = 0;
+  while (v >= 1024 && u < 4) v /= 1024, ++u;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u ? "%.2f %s" : "%.0f %s", v, unit[u]);
+  return buf;
+}
+
+}  // namespace
+
+Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& options,
+               const std::function<void(uint64_t, uint64_t)>& load_progress)
+    : comm_(comm), options_(options) {
+  const ModelConfig& c = src.config();
+  if (options_.tp * options_.pp != comm.world_size())
+    fail("--tp ", options_.tp, " x --pp ", options_.pp, " = ", options_.tp * options_.pp, " ranks, but ",
+         comm.world_size(), " were launched");
+  if (options_.n_ctx == 0) options_.n_ctx = std::min<int64_t>(c.n_ctx_train, 4096);
+  if (options_.n_ctx < 1 || options_.n_ctx > c.n_ctx_train)
+    fail("context size -c ", options_.n_ctx, " is outside [1, ", c.n_ctx_train, "] (the model's training context)");
+  if (options_.n_batch < 1 || options_.n_batch > 65536) fail("batch size ", options_.n_batch, " is outside [1, 65536]");
+  options_.n_batch = std::min(options_.n_batch, options_.n_ctx);
+  if (options_.micro_batch <= 0) options_.micro_batch = std::max<int64_t>(1, options_.n_batch / options_.pp);
+  options_.micro_batch = std::min(options_.micro_batch, options_.n_batch);
+  const Mapping mapping(comm.world_size(), comm.rank(), options_.tp, options_.pp, static_cast<int>(c.n_layer),
+                        options_.layer_split);
+  int threads = options_.n_threads;
+  if (threads <= 0) threads = std::max(1, cpu_core_count() / ranks_on_this_host(comm.world_size()));
+  if (options_.backend == "cpu")
+    backend_ = make_cpu_backend(threads);
+  else if (options_.backend == "reference")
+    backend_ = make_reference_backend();
+  else
+    fail("backend '", options_.backend, "' is not available in this build (cpu, reference)");
+  ModelWeights w = load_weights(src, mapping, *backend_, &held_, load_progress);
+  ModelOptions mo;
+  mo.n_ctx = options_.n_ctx;
+  mo.n_batch = options_.n_batch;
+  mo.kv_type = options_.kv_type;
+  model_ = std::make_unique<LlamaModel>(c, mapping, *backend_, comm_, std::move(w), mo);
+  std::vector<int> all(static_cast<size_t>(comm.world_size()));
+  std::iota(all.begin(), all.end(), 0);
+  world_ = comm_.make_group(all);
+}
+
+Engine::~Engine() = default;
+
+void Engine::prefill(const std::vector<int32_t>& ids, int64_t pos0, std::vector<float>* last_logits, bool all,
+                     std::vector<float>* all_out) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t mb = options_.micro_batch;
+  // Chunks flow through the stages one after another: while stage s works on chunk i, stage s-1 is
+  // already on chunk i+1, because every stage is its own process and only waits for its input.
+  for (int64_t at = 0; at < n; at += mb) {
+    const int64_t len = std::min(mb, n - at);
+    std::vector<float> lg;
+    const bool last_chunk = at + len == n;
+    if (model_->step(ids.data() + at, len, pos0 + at, all, (all || last_chunk) ? &lg : nullptr)) {
+      if (all && all_out) all_out->insert(all_out->end(), lg.begin(), lg.end());
+      if (last_chunk && last_logits) {
+        if (all)
+          last_logits->assign(lg.end() - config().n_vocab, lg.end());
+        else
+          *last_logits = std::move(lg);
+      }
+    }
+  }
+}
+
+int32_t Engine::share_token(int32_t token) {
+  world_->broadcast(&token, sizeof token, model_->mapping().sampler_rank());
+  return token;
+}
+
+GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_predict, const SamplerParams& sp,
+                                int32_t eos, const std::function<void(int32_t)>& on_token) {
+  if (prompt.empty()) fail("the prompt is empty: give at least one token");
+  if (n_predict < 1) fail("-n ", n_predict, " must be >= 1");
+  const int64_t need = static_cast<int64_t>(prompt.size()) + n_predict - 1;
+  if (need > options_.n_ctx)
+    fail("the prompt (", prompt.size(), " tokens) plus ", n_predict, " generated tokens need ", need,
+         " positions, more than the context size ", options_.n_ctx, " (raise -c or lower -n)");
+  for (int32_t id : prompt)
+    if (id < 0 || id >= config().n_vocab)
+      fail("prompt token id ", id, " is outside the vocabulary [0, ", config().n_vocab, ")");
+  Sampler sampler(sp);
+  GenerateResult res;
+  std::vector<int32_t> history = prompt;
+  const double comm0 = comm_.comm_seconds();
+  double t0 = now_s();
+  std::vector<float> logits;
+  prefill(prompt, 0, &logits, false, nullptr);
+  int32_t tok = -1;
+  if (is_sampler()) tok = sampler.sample(logits.data(), config().n_vocab, history);
+  tok = share_token(tok);
+  res.times.prefill_s = now_s() - t0;
+  res.times.prefill_tokens = static_cast<int64_t>(prompt.size());
+  t0 = now_s();
+  int64_t pos = static_cast<int64_t>(prompt.size());
+  for (;;) {
+    res.generated.push_back(tok);
+    history.push_back(tok);
+    if (on_token) on_token(tok);
+    if (static_cast<int64_t>(res.generated.size()) >= n_predict || (eos >= 0 && tok == eos)) break;
+    logits.clear();
+    model_->step(&tok, 1, pos, false, &logits);
+    ++pos;
+    int32_t next = -1;
+    if (is_sampler()) next = sampler.sample(logits.data(), config().n_vocab, history);
+    tok = share_token(next);
+    ++res.times.decode_tokens;
+  }
+  res.times.decode_s = now_s() - t0;
+  res.times.comm_s = comm_.comm_seconds() - comm0;
+  return res;
+}
+
+std::vector<float> Engine::all_logits(const std::vector<int32_t>& ids) {
+  if (static_cast<int64_t>(ids.size()) > options_.n_ctx)
+    fail(ids.size(), " tokens do not fit the context size ", options_.n_ctx);
+  std::vector<float> out;
+  prefill(ids, 0, nullptr, true, &out);
+  if (!is_sampler()) out.clear();
+  return out;
+}
+
+std::string Engine::layout_report() {
+  const Mapping& m = model_->mapping();
+  std::string mine = cat("  ", m.describe(), ": weights ", human_bytes(model_->weights().weight_bytes), ", KV cache ",
+                         human_bytes(model_->kv_bytes()), ", workspace ", human_bytes(model_->workspace_bytes()),
+                         "; q heads [", head_shard(config(), m.tp_size(), m.tp_rank()).q_heads.begin, ", ",
+                         head_shard(config(), m.tp_size(), m.tp_rank()).q_heads.end, "), kv heads [",
+                         model_->kv_heads_local() ? head_shard(config(), m.tp_size(), m.tp_rank()).kv_heads.begin : 0,
+                         ", ", head_shard(config(), m.tp_size(), m.tp_rank()).kv_heads.end, ")",
+                         m.is_first_stage() ? ", embedding" : "", m.is_last_stage() ? ", output" : "");
+  // Gather every rank's line on rank 0 through fixed-size broadcasts (reports are tiny).
+  std::string all;
+  for (int r = 0; r < comm_.world_size(); ++r) {
+    char buf[512] = {0};
+    if (r == comm_.rank()) std::strncpy(buf, mine.c_str(), sizeof buf - 1);
+    world_->broadcast(buf, sizeof buf, r);
+    all += buf;
+    all += "\n";
+  }
+  return all;
+}
+
+}  // namespace shardlm

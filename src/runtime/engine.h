@@ -1,0 +1,84 @@
+// One rank's view of a running model: it loads this rank's shards, owns the model and the KV cache, and
+// runs prompt processing (micro-batched through the pipeline) and token-by-token generation. Every rank
+// calls the same methods with the same arguments; only the sampler rank's results are meaningful for
+// printing, and the generated token reaches every rank by broadcast.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "loader/model_source.h"
+#include "loader/weights.h"
+#include "model/llama.h"
+#include "runtime/sampler.h"
+
+namespace shardlm {
+
+struct EngineOptions {
+  int tp = 1;
+  int pp = 1;
+  std::vector<double> layer_split;  // pipeline stage proportions; empty = even
+  int64_t n_ctx = 0;                // 0: the model's training context (capped at 4096)
+  int64_t n_batch = 256;            // most tokens in one forward step
+  int64_t micro_batch = 0;          // prompt chunk per pipeline step; 0 = n_batch / pp (at least 1)
+  GgmlType kv_type = GgmlType::F32;
+  int n_threads = 0;                // CPU threads per rank; 0 = cores / ranks on this host
+  std::string backend = "cpu";      // "cpu" or "reference"
+};
+
+struct StepTimes {
+  double prefill_s = 0, decode_s = 0, comm_s = 0;
+  int64_t prefill_tokens = 0, decode_tokens = 0;
+};
+
+struct GenerateResult {
+  std::vector<int32_t> generated;
+  StepTimes times;
+};
+
+class Engine {
+ public:
+  Engine(const ModelSource& src, Communicator& comm, const EngineOptions& options,
+         const std::function<void(uint64_t, uint64_t)>& load_progress = nullptr);
+  ~Engine();
+
+  const Mapping& mapping() const { return model_->mapping(); }
+  const ModelConfig& config() const { return model_->config(); }
+  const LlamaModel& model() const { return *model_; }
+  const std::vector<HeldTensor>& held() const { return held_; }
+  int64_t n_ctx() const { return options_.n_ctx; }
+  std::string backend_name() const { return backend_->name(); }
+  bool is_sampler() const { return comm_.rank() == model_->mapping().sampler_rank(); }
+
+  // Generates up to n_predict tokens after `prompt`, stopping at `eos` unless it is < 0. The last token
+  // is not fed back, so the context must hold prompt.size() + n_predict - 1 positions. `on_token` runs on
+  // every rank as each token is known.
+  GenerateResult generate(const std::vector<int32_t>& prompt, int64_t n_predict, const SamplerParams& sp,
+                          int32_t eos, const std::function<void(int32_t)>& on_token = nullptr);
+
+  // Logits at every position of `ids` (n_ids, n_vocab), processed from position 0; returned on the
+  // sampler rank (empty elsewhere). For tests and perplexity.
+  std::vector<float> all_logits(const std::vector<int32_t>& ids);
+
+  // Per-rank report lines gathered on rank 0: layers, shards and bytes of each rank.
+  std::string layout_report();
+
+ private:
+  // Runs `ids` through the pipeline from position pos0 in micro-batches; returns the last token's logits
+  // on the last stage.
+  void prefill(const std::vector<int32_t>& ids, int64_t pos0, std::vector<float>* last_logits, bool all,
+               std::vector<float>* all_out);
+  int32_t share_token(int32_t token);
+
+  Communicator& comm_;
+  EngineOptions options_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<CommGroup> world_;
+  std::vector<HeldTensor> held_;
+};
+
+}  // namespace shardlm
