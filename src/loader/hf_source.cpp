@@ -3,12 +3,14 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <vector>
 
 #include "config/hf_config.h"
 #include "core/error.h"
 #include "formats/safetensors.h"
+#include "tokenizer/hf_tokenizer.h"
 
 namespace shardlm {
 
@@ -113,21 +115,58 @@ class HfModelSource final : public ModelSource {
       }
       tensors_.push_back(std::move(s));
     }
+    load_tokenizer();
   }
 
   const ModelConfig& config() const override { return hf_.model; }
   const std::vector<SourceTensor>& tensors() const override { return tensors_; }
-  // The tokenizer.json loader (tokenizer/hf_tokenizer.h) is not in the tree yet; until it is, HF
-  // directories carry no vocabulary and callers must supply one (the fixtures ship none anyway).
-  const Vocab* vocab() const override { return nullptr; }
+  const Vocab* vocab() const override { return vocab_.get(); }
+  std::string chat_template() const override { return chat_template_; }
   std::string format_name() const override { return "hf-safetensors"; }
   std::string path() const override { return dir_; }
 
  private:
   static int64_t row_bytes_of(GgmlType t, int64_t n) { return checked_mul(n, type_size(t), "row bytes"); }
 
+  // tokenizer.json is optional (the test fixtures have random vocabularies and ship none); when present
+  // it must parse, and its size must fit the embedding.
+  void load_tokenizer() {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const fs::path tj = fs::path(dir_) / "tokenizer.json";
+    const fs::path tc = fs::path(dir_) / "tokenizer_config.json";
+    const bool have_tc = fs::is_regular_file(tc, ec);
+    if (fs::is_regular_file(tj, ec)) {
+      vocab_ = std::make_unique<Vocab>(vocab_from_hf_tokenizer(tj.string(), have_tc ? tc.string() : ""));
+      // Embeddings are often padded past the tokenizer (Qwen2: 151936 rows, 151665 tokens); a tokenizer
+      // larger than the embedding would index past it.
+      if (static_cast<int64_t>(vocab_->tokens.size()) > hf_.model.n_vocab)
+        fail(tj.string(), ": ", vocab_->tokens.size(), " tokens exceed config.json vocab_size ", hf_.model.n_vocab);
+    }
+    if (have_tc) {
+      // Only chat_template is read here; the tokenizer loader reads the rest of the file.
+      const auto j = parse_json_checked(read_small_file(tc.string(), kMaxTokenizerConfigBytes), tc.string());
+      const auto it = j.is_object() ? j.find("chat_template") : j.end();
+      if (it != j.end() && it->is_string()) {
+        chat_template_ = it->get<std::string>();
+      } else if (it != j.end() && it->is_array()) {
+        // The list form [{name, template}, ...]: transformers uses the one named "default".
+        for (const auto& e : *it)
+          if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+            chat_template_ = e["template"].get<std::string>();
+      } else if (it != j.end() && !it->is_null()) {
+        fail(tc.string(), ": field 'chat_template' is a JSON ", it->type_name(), ", expected a string or a list");
+      }
+    }
+  }
+
+  // Configs with a chat template embedded are tens of kB; the cap bounds a wrong file.
+  static constexpr uint64_t kMaxTokenizerConfigBytes = 64 << 20;
+
   std::string dir_;
   HfConfig hf_;
+  std::unique_ptr<Vocab> vocab_;  // null without tokenizer.json
+  std::string chat_template_;
   std::unique_ptr<SafetensorsCheckpoint> ckpt_;  // owns the mappings `tensors_` point into
   std::vector<std::vector<uint8_t>> owned_;      // permuted q/k copies
   std::vector<SourceTensor> tensors_;

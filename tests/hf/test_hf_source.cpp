@@ -281,3 +281,37 @@ TEST(HfSource, HandMadeMixedDtypes) {
 
 }  // namespace
 }  // namespace shardlm
+
+namespace shardlm {
+namespace {
+
+TEST(HfSource, TokenizerAndChatTemplate) {
+  // A hand-made three-token BPE tokenizer.json and a tokenizer_config.json with a chat template.
+  EditedDir d("tiny-llama31", [](json&) {});
+  const json tok = {{"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}}}, {"merges", {"a b"}}}},
+                    {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+                    {"normalizer", nullptr},
+                    {"added_tokens", json::array()}};
+  test::write_text(d.dir.path / "tokenizer.json", tok.dump());
+  test::write_text(d.dir.path / "tokenizer_config.json", R"({"chat_template":"{{ messages }}"})");
+  auto s = open_hf_model_source(d.str());
+  ASSERT_NE(s->vocab(), nullptr);
+  EXPECT_EQ(s->vocab()->tokens, (std::vector<std::string>{"a", "b", "ab"}));
+  EXPECT_EQ(s->chat_template(), "{{ messages }}");
+
+  test::write_text(d.dir.path / "tokenizer_config.json", R"({"chat_template":[{"name":"x","template":"X"},)"
+                                                         R"({"name":"default","template":"D"}]})");
+  EXPECT_EQ(open_hf_model_source(d.str())->chat_template(), "D");
+  test::write_text(d.dir.path / "tokenizer_config.json", R"({"chat_template":5})");
+  expect_error([&] { open_hf_model_source(d.str()); }, {"tokenizer_config.json", "'chat_template'"});
+}
+
+TEST(HfSourceBad, TokenizerLargerThanEmbedding) {
+  // The Llama 2 tokenizer (32000 tokens) next to a 1024-row embedding.
+  EditedDir d("tiny-llama31", [](json&) {});
+  fs::copy_file(fs::path(SHARDLM_SHARED_DIR) / "fixtures/tokenizers/llama2/tokenizer.json", d.dir.path / "tokenizer.json");
+  expect_error([&] { open_hf_model_source(d.str()); }, {"tokenizer.json", "32000 tokens exceed", "vocab_size 1024"});
+}
+
+}  // namespace
+}  // namespace shardlm
