@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -22,6 +23,14 @@ json load_json(const std::string& path) {
   return json::parse(in);
 }
 
+// Parsing a 3.5 MB tokenizer.json takes seconds under the sanitizers: load each fixture once.
+const Tokenizer& fixture(const std::string& name) {
+  static std::map<std::string, std::unique_ptr<Tokenizer>> cache;
+  auto& t = cache[name];
+  if (!t) t = load_hf_tokenizer(kTok + name);
+  return *t;
+}
+
 class HfFixture : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(HfFixture, EveryTextEncodesToTheIdsOfHuggingFaceTokenizers) {
@@ -30,7 +39,7 @@ TEST_P(HfFixture, EveryTextEncodesToTheIdsOfHuggingFaceTokenizers) {
   const auto& ids = exp.at("ids");
   ASSERT_EQ(texts.size(), 46u);
   ASSERT_EQ(texts.size(), ids.size());
-  const auto tok = load_hf_tokenizer(kTok + GetParam());
+  const Tokenizer* tok = &fixture(GetParam());
   for (size_t i = 0; i < texts.size(); ++i) {
     const std::string text = texts[i];
     EXPECT_EQ(tok->encode(text, /*add_special=*/false, /*parse_special=*/false), ids[i].get<Ids>())
@@ -40,7 +49,7 @@ TEST_P(HfFixture, EveryTextEncodesToTheIdsOfHuggingFaceTokenizers) {
 
 TEST_P(HfFixture, DecodeRoundTrips) {
   const json exp = load_json(kTok + GetParam() + "/expected_ids.json");
-  const auto tok = load_hf_tokenizer(kTok + GetParam());
+  const Tokenizer* tok = &fixture(GetParam());
   for (const auto& t : exp.at("texts")) {
     const std::string text = t;
     // Metaspace cannot tell " x" from "x" (both give "▁x"), and its decoder drops the leading space.
@@ -52,6 +61,7 @@ TEST_P(HfFixture, DecodeRoundTrips) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfFixture, ::testing::Values("gpt2", "llama2"));
 
 TEST(HfTokenizer, Llama2SpecialsAndBosComeFromTheFiles) {
+  // Through the .json path here (the other tests pass the directory).
   const auto tok = load_hf_tokenizer(kTok + "llama2/tokenizer.json");
   EXPECT_EQ(tok->bos(), 1);
   EXPECT_EQ(tok->eos(), 2);
@@ -62,7 +72,7 @@ TEST(HfTokenizer, Llama2SpecialsAndBosComeFromTheFiles) {
   // "Hello" with BOS: ids from the llama2 expected_ids.json case "Hello".
   EXPECT_EQ(tok->encode("Hello", true, false), (Ids{1, 15043}));
   EXPECT_EQ(tok->encode("</s>", false, true), (Ids{2}));
-  const auto gpt2 = load_hf_tokenizer(kTok + "gpt2");
+  const Tokenizer* gpt2 = &fixture("gpt2");
   EXPECT_FALSE(gpt2->vocab().add_bos);
   EXPECT_EQ(gpt2->vocab().pre, "gpt-2");
   EXPECT_EQ(gpt2->eos(), 50256);  // "<|endoftext|>", found by name (no config)

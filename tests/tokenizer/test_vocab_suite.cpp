@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 
@@ -90,8 +91,12 @@ TEST_P(VocabSuite, EncodesHundredKilobytesQuickly) {
   const auto ids = tok->encode(big, false, false);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_GT(ids.size(), 10000u);
-  // Generous for sanitizer builds on a loaded CI runner; a release build takes a few milliseconds.
-  EXPECT_LT(s, 2.0) << "encoding 100 KB took " << s << " s";
+#if defined(__OPTIMIZE__) && !defined(__SANITIZE_ADDRESS__)
+  // An optimized build takes a few milliseconds; the bound leaves room for a loaded CI runner.
+  EXPECT_LT(s, 0.5) << "encoding 100 KB took " << s << " s";
+#else
+  std::printf("encoding 100 KB took %.3f s (unoptimized or sanitized build: not checked)\n", s);
+#endif
   EXPECT_EQ(tok->decode(ids), big);
 }
 
