@@ -26,7 +26,7 @@ namespace {
 
 // Limits that stop hostile or broken templates; real chat templates stay far below them.
 constexpr size_t kMaxOutputBytes = size_t{32} << 20;
-constexpr int64_t kMaxLoopIterations = 1'000'000;
+constexpr int64_t kMaxLoopIterations = 250'000;
 constexpr int kMaxParseDepth = 200;
 constexpr int kMaxCallDepth = 64;
 constexpr int kMaxEvalDepth = 1500;  // nested evaluation frames across macro calls
@@ -1727,49 +1727,63 @@ class Renderer {
   }
 
   Flow exec_for(const Node& n, const ScopeP& scope, std::string& out) {
-    ValueList items = iterate(eval(*n.expr, scope), n.line);
+    // Lists are iterated in place (no copy): a range() of 100k items inside another loop is common
+    // in hostile templates and would otherwise dominate.
+    const Value seq = eval(*n.expr, scope);
+    std::shared_ptr<const ValueList> items =
+        seq.kind == Value::Kind::kList ? seq.list : std::make_shared<const ValueList>(iterate(seq, n.line));
     if (n.cond) {
       ValueList kept;
-      for (auto& it : items) {
-        count_iteration(n.line);
-        auto s = std::make_shared<Scope>();
-        s->parent = scope;
-        bind_targets(n.targets, it, *s, n.line);
-        if (truthy(eval(*n.cond, s))) kept.push_back(std::move(it));
-      }
-      items = std::move(kept);
-    }
-    const auto len = static_cast<int64_t>(items.size());
-    for (int64_t idx = 0; idx < len; ++idx) {
-      count_iteration(n.line);
       auto s = std::make_shared<Scope>();
       s->parent = scope;
-      bind_targets(n.targets, items[static_cast<size_t>(idx)], *s, n.line);
-      auto loop = std::make_shared<DictData>();
-      auto put = [&](const char* k, Value v) { loop->items.emplace_back(Value::string(k), std::move(v)); };
-      put("index", Value::integer(idx + 1));
-      put("index0", Value::integer(idx));
-      put("revindex", Value::integer(len - idx));
-      put("revindex0", Value::integer(len - idx - 1));
-      put("first", Value::boolean(idx == 0));
-      put("last", Value::boolean(idx == len - 1));
-      put("length", Value::integer(len));
-      put("depth", Value::integer(1));
-      put("depth0", Value::integer(0));
-      put("previtem", idx > 0 ? items[static_cast<size_t>(idx - 1)] : Value::undefined("previtem"));
-      put("nextitem", idx + 1 < len ? items[static_cast<size_t>(idx + 1)] : Value::undefined("nextitem"));
-      auto cyc = std::make_shared<Callable>();
-      cyc->name = "cycle";
-      cyc->call = [idx](Renderer& r, CallArgs& a) -> Value {
-        if (a.pos.empty()) r.error(a.line, "loop.cycle() needs at least one argument");
-        return a.pos[static_cast<size_t>(idx) % a.pos.size()];
-      };
-      put("cycle", Value::callable(std::move(cyc)));
-      s->vars["loop"] = Value::make_dict(std::move(loop));
-      const Flow f = exec(n.body, s, out);
-      if (f == Flow::kBreak) break;
+      for (const auto& it : *items) {
+        count_iteration(n.line);
+        s->vars.clear();
+        bind_targets(n.targets, it, *s, n.line);
+        if (truthy(eval(*n.cond, s))) kept.push_back(it);
+      }
+      items = std::make_shared<const ValueList>(std::move(kept));
     }
+    const auto len = static_cast<int64_t>(items->size());
     if (len == 0) return exec(n.else_body, scope, out);
+    // One loop object per loop, updated in place: Jinja2's LoopContext is likewise a single object
+    // whose attributes advance with the iteration.
+    auto loop = std::make_shared<DictData>();
+    auto cycle_index = std::make_shared<int64_t>(0);
+    auto cyc = std::make_shared<Callable>();
+    cyc->name = "cycle";
+    cyc->call = [cycle_index](Renderer& r, CallArgs& a) -> Value {
+      if (a.pos.empty()) r.error(a.line, "loop.cycle() needs at least one argument");
+      return a.pos[static_cast<size_t>(*cycle_index) % a.pos.size()];
+    };
+    for (const char* k : {"index", "index0", "revindex", "revindex0", "first", "last", "length", "depth",
+                          "depth0", "previtem", "nextitem"})
+      loop->items.emplace_back(Value::string(k), Value());
+    loop->items.emplace_back(Value::string("cycle"), Value::callable(std::move(cyc)));
+    const Value loop_value = Value::make_dict(loop);
+    auto s = std::make_shared<Scope>();
+    s->parent = scope;
+    for (int64_t idx = 0; idx < len; ++idx) {
+      count_iteration(n.line);
+      // A fresh set of locals per iteration: Jinja2 does not carry a `set` over to the next one.
+      if (s->vars.size() > n.targets.size() + 1) s->vars.clear();  // the body set something
+      bind_targets(n.targets, (*items)[static_cast<size_t>(idx)], *s, n.line);
+      *cycle_index = idx;
+      auto& f = loop->items;
+      f[0].second = Value::integer(idx + 1);
+      f[1].second = Value::integer(idx);
+      f[2].second = Value::integer(len - idx);
+      f[3].second = Value::integer(len - idx - 1);
+      f[4].second = Value::boolean(idx == 0);
+      f[5].second = Value::boolean(idx == len - 1);
+      f[6].second = Value::integer(len);
+      f[7].second = Value::integer(1);
+      f[8].second = Value::integer(0);
+      f[9].second = idx > 0 ? (*items)[static_cast<size_t>(idx - 1)] : Value::undefined("previtem");
+      f[10].second = idx + 1 < len ? (*items)[static_cast<size_t>(idx + 1)] : Value::undefined("nextitem");
+      s->vars["loop"] = loop_value;
+      if (exec(n.body, s, out) == Flow::kBreak) break;
+    }
     return Flow::kNormal;
   }
 

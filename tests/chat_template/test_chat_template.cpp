@@ -117,6 +117,11 @@ const Case kControl[] = {
      R"({"messages":[{"role":"user"},{"role":"system"}]})", "True"},
     // A set inside a loop body is local to that iteration; the outer value is untouched.
     {"{% set x = 1 %}{% for i in [1,2] %}{% set x = x + 10 %}{{ x }}{% endfor %}{{ x }}", "{}", "11111"},
+    {"{% for i in [1,2] %}{{ y }}{% set y = i %}{{ y }}|{% endfor %}", "{}", "1|2|"},
+    {"{% for x in 'abc' %}{{ loop.cycle('o','e') }}{{ loop.previtem }}{{ loop.nextitem }},{% endfor %}", "{}",
+     "ob,eac,ob,"},
+    {"{%- for m in messages -%}\n{{- m.role | upper -}}: {{ m.content | trim }}\n{% endfor -%}\nEND",
+     R"({"messages":[{"role":"user","content":" a "},{"role":"assistant","content":"b"}]})", "USER: a\nASSISTANT: b\nEND"},
     {"{% if a %}A{% elif b %}B{% else %}C{% endif %}", R"({"b": 1})", "B"},
     {"{% macro greet(name, greeting='Hi') %}{{ greeting }} {{ name }}!{% endmacro %}"
      "{{ greet('Bob') }} {{ greet('Al', greeting='Yo') }}",
@@ -149,6 +154,12 @@ const Case kFilters[] = {
     {"{{ {'a': [1, 2.5, none, true], 'b': '\xc3\xa9\"\\n'}|tojson }}", "{}",
      "{\"a\": [1, 2.5, null, true], \"b\": \"\xc3\xa9\\\"\\n\"}"},
     {"{{ {'a': 1, 'b': [1]}|tojson(indent=2) }}", "{}", "{\n  \"a\": 1,\n  \"b\": [\n    1\n  ]\n}"},
+    // transformers' tojson takes ensure_ascii first, then indent, separators, sort_keys.
+    {"{{ {'n': '\xc3\xa9<'}|tojson(true) }}|{{ [1,{'a':2}]|tojson(separators=(',',':')) }}|"
+     "{{ {'b':1,'a':2}|tojson(sort_keys=true) }}",
+     "{}", "{\"n\": \"\\u00e9<\"}|[1,{\"a\":2}]|{\"a\": 2, \"b\": 1}"},
+    {"{{ 1.0 }} {{ 100.0 / 3 }} {{ 1e-5 }} {{ 123456789012345678.0 }} {{ -0.0 }} {{ 2.5e-3 }}", "{}",
+     "1.0 33.333333333333336 1e-05 1.2345678901234568e+17 -0.0 0.0025"},
     {"{{ messages|selectattr('role', 'equalto', 'user')|map(attribute='content')|join(',') }}|"
      "{{ messages|rejectattr('role', 'equalto', 'user')|list|length }}|{{ messages|selectattr('tool')|list|length }}",
      R"({"messages":[{"role":"user","content":"a"},{"role":"bot","content":"b","tool":1},{"role":"user","content":"c"}]})",
