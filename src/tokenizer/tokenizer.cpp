@@ -7,6 +7,7 @@
 #include "tokenizer/tokenizer.h"
 
 #include <algorithm>
+#include <array>
 #include <queue>
 #include <unordered_map>
 
@@ -112,6 +113,10 @@ class TokenizerBase : public Tokenizer {
     for (int b = 0; b < 256; ++b) {
       byte_ids_[b] = find(byte_token_text(static_cast<uint8_t>(b)));
     }
+    for (int parse = 0; parse < 2; ++parse)
+      for (int32_t id : specials_)
+        if (eligible(id, parse == 1))
+          by_first_byte_[parse][static_cast<uint8_t>(vocab_.tokens[id][0])].push_back(id);
   }
 
   std::vector<int32_t> encode(std::string_view text, bool add_special,
@@ -233,10 +238,7 @@ class TokenizerBase : public Tokenizer {
   // Hugging Face's AddedVocabulary: one left-to-right scan taking the longest token at each position.
   std::vector<Fragment> partition_leftmost_longest(std::string_view text, bool parse_special) const {
     std::vector<Fragment> frags;
-    std::array<std::vector<int32_t>, 256> by_first;
-    for (int32_t id : specials_)
-      if (eligible(id, parse_special))
-        by_first[static_cast<uint8_t>(vocab_.tokens[id][0])].push_back(id);
+    const auto& by_first = by_first_byte_[parse_special ? 1 : 0];
     size_t raw_begin = 0;
     for (size_t pos = 0; pos < text.size();) {
       int32_t match = -1;
@@ -262,6 +264,8 @@ class TokenizerBase : public Tokenizer {
   bool byte_level_;
   PieceMap piece_to_id_;
   std::vector<int32_t> specials_;
+  // Candidates for the Hugging Face scan by first byte, longest first; [1] when parsing specials.
+  std::array<std::array<std::vector<int32_t>, 256>, 2> by_first_byte_;
   std::array<int32_t, 256> byte_ids_{};
 };
 

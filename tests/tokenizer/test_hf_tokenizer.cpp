@@ -2,7 +2,10 @@
 // hand-written files for the semantics that differ from llama.cpp.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>

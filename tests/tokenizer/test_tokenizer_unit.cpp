@@ -2,7 +2,10 @@
 // one hand-made broken vocabulary per malformation.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <filesystem>
+#include <functional>
 
 #include "core/error.h"
 #include "formats/gguf.h"
