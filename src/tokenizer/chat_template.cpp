@@ -529,25 +529,26 @@ void to_json(std::string& out, const Value& v, const JsonStyle& st, int level, i
   }
 }
 
-Value from_json(const nlohmann::json& j, int depth = 0) {
+template <typename Json>
+Value from_json(const Json& j, int depth = 0) {
   if (depth > kMaxParseDepth) fail("chat template context: JSON nested too deeply");
   switch (j.type()) {
-    case nlohmann::json::value_t::null: return Value::none();
-    case nlohmann::json::value_t::boolean: return Value::boolean(j.get<bool>());
-    case nlohmann::json::value_t::number_integer: return Value::integer(j.get<int64_t>());
-    case nlohmann::json::value_t::number_unsigned: {
-      const auto u = j.get<uint64_t>();
+    case Json::value_t::null: return Value::none();
+    case Json::value_t::boolean: return Value::boolean(j.template get<bool>());
+    case Json::value_t::number_integer: return Value::integer(j.template get<int64_t>());
+    case Json::value_t::number_unsigned: {
+      const auto u = j.template get<uint64_t>();
       if (u > static_cast<uint64_t>(INT64_MAX)) return Value::number(static_cast<double>(u));
       return Value::integer(static_cast<int64_t>(u));
     }
-    case nlohmann::json::value_t::number_float: return Value::number(j.get<double>());
-    case nlohmann::json::value_t::string: return Value::string(j.get<std::string>());
-    case nlohmann::json::value_t::array: {
+    case Json::value_t::number_float: return Value::number(j.template get<double>());
+    case Json::value_t::string: return Value::string(j.template get<std::string>());
+    case Json::value_t::array: {
       ValueList items;
       for (const auto& e : j) items.push_back(from_json(e, depth + 1));
       return Value::make_list(std::move(items));
     }
-    case nlohmann::json::value_t::object: {
+    case Json::value_t::object: {
       auto d = std::make_shared<DictData>();
       for (auto it = j.begin(); it != j.end(); ++it)
         d->items.emplace_back(Value::string(it.key()), from_json(it.value(), depth + 1));
@@ -2860,18 +2861,31 @@ ChatTemplate::ChatTemplate(std::string source) {
   impl_ = std::move(impl);
 }
 
-std::string ChatTemplate::render(const nlohmann::json& context) const {
+namespace {
+
+template <typename Json>
+std::string render_json_context(const Body& body, const Json& context) {
   if (!context.is_object()) fail("chat template context must be a JSON object");
   auto top = std::make_shared<Scope>();
   for (auto it = context.begin(); it != context.end(); ++it) top->vars[it.key()] = from_json(it.value());
   Renderer r;
   std::string out;
   try {
-    r.exec(impl_->body, top, out);
+    r.exec(body, top, out);
   } catch (const TemplateRaise& e) {
     throw Error(e.message);
   }
   return out;
+}
+
+}  // namespace
+
+std::string ChatTemplate::render(const nlohmann::json& context) const {
+  return render_json_context(impl_->body, context);
+}
+
+std::string ChatTemplate::render(const nlohmann::ordered_json& context) const {
+  return render_json_context(impl_->body, context);
 }
 
 std::string ChatTemplate::render(const std::vector<ChatMessage>& messages, bool add_generation_prompt,

@@ -36,6 +36,9 @@ class ChatTemplate {
   // Throws shardlm::Error whose message is exactly the template's text on raise_exception(text), and
   // shardlm::Error naming the template line for runtime errors (e.g. adding a string to a number).
   std::string render(const nlohmann::json& context) const;
+  // Same, keeping the caller's key order: nlohmann::json sorts object keys, but a template that
+  // prints tool schemas with tojson must list keys in their original order to match transformers.
+  std::string render(const nlohmann::ordered_json& context) const;
 
   struct Impl;
 

@@ -198,6 +198,15 @@ TEST(ChatTemplate, Expressions) { run_cases(std::begin(kExpressions), std::end(k
 TEST(ChatTemplate, Filters) { run_cases(std::begin(kFilters), std::end(kFilters)); }
 TEST(ChatTemplate, TestsAndMethods) { run_cases(std::begin(kTestsAndMethods), std::end(kTestsAndMethods)); }
 
+TEST(ChatTemplate, OrderedJsonContextKeepsKeyOrderForTojson) {
+  const ChatTemplate t("{{ tool|tojson }}");
+  EXPECT_EQ(t.render(nlohmann::ordered_json::parse(R"({"tool": {"name": "f", "description": "d"}})")),
+            "{\"name\": \"f\", \"description\": \"d\"}");
+  // nlohmann::json itself sorts keys, so the plain overload sees them sorted.
+  EXPECT_EQ(t.render(nlohmann::json::parse(R"({"tool": {"name": "f", "description": "d"}})")),
+            "{\"description\": \"d\", \"name\": \"f\"}");
+}
+
 TEST(ChatTemplate, RaiseExceptionMessageIsVerbatim) {
   EXPECT_EQ(error_of("a{% if x %}{{ raise_exception('Bad role: ' ~ x) }}{% endif %}", R"({"x":"tool"})"),
             "Bad role: tool");
