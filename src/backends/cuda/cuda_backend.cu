@@ -1,0 +1,458 @@
+// CudaBackend: argument checks, buffers, dispatch to the kernels, cuBLAS for prefill, CUDA graphs.
+#include "backends/cuda/cuda_backend_impl.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+
+namespace shardlm {
+namespace cuda_detail {
+namespace {
+
+constexpr size_t kAlign = 256;                     // allocation granularity: every 16-byte load stays inside
+constexpr size_t kCublasWorkspace = 32u << 20;     // fixed workspace so GEMMs can be captured
+constexpr size_t kDequantScratch = 64u << 20;      // max bytes of 16-bit weights dequantized per GEMM chunk
+constexpr int64_t kQuantMatvecMaxTok = 8;          // up to this many tokens, quantized matmul = matvec per token
+
+size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+class CudaBuffer final : public DeviceBuffer {
+ public:
+  CudaBuffer(size_t bytes, std::shared_ptr<std::atomic<int64_t>> counter)
+      : mem_(round_up(std::max<size_t>(bytes, 1), kAlign)), size_(bytes), counter_(std::move(counter)) {
+    *counter_ += static_cast<int64_t>(mem_.size());
+  }
+  ~CudaBuffer() override { *counter_ -= static_cast<int64_t>(mem_.size()); }
+  void* data() override { return mem_.get(); }
+  size_t size() const override { return size_; }
+
+ private:
+  DevMem mem_;
+  size_t size_;
+  std::shared_ptr<std::atomic<int64_t>> counter_;
+};
+
+bool is_supported(GgmlType t) {
+  switch (t) {
+    case GgmlType::F32:
+    case GgmlType::F16:
+    case GgmlType::BF16:
+    case GgmlType::Q8_0:
+    case GgmlType::Q4_0:
+    case GgmlType::Q4_K:
+    case GgmlType::Q6_K:
+      return true;
+    default:
+      return false;
+  }
+}
+
+void check_weight(const WeightView& w, const char* op) {
+  if (!is_supported(w.type))
+    fail_kind(ErrorKind::kUnsupported, "cuda ", op, ": weight type ", type_name(w.type), " is not supported");
+  if (w.n_rows <= 0 || w.n_cols <= 0 || w.data == nullptr) fail("cuda ", op, ": empty weight view");
+  if (w.n_cols % block_size(w.type) != 0)
+    fail("cuda ", op, ": n_cols ", w.n_cols, " is not a multiple of the ", type_name(w.type), " block size ",
+         block_size(w.type));
+  if (w.row_stride < static_cast<size_t>(row_bytes(w.type, w.n_cols)))
+    fail("cuda ", op, ": row_stride ", w.row_stride, " is smaller than a row (", row_bytes(w.type, w.n_cols), ")");
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int checked_int(int64_t v, const char* what) {
+  if (v < 0 || v > INT_MAX) fail_kind(ErrorKind::kUnsupported, "cuda matmul: ", what, " = ", v, " exceeds cuBLAS's int");
+  return static_cast<int>(v);
+}
+
+}  // namespace
+
+CudaBackend& as_cuda(Backend& b, const char* caller) {
+  auto* c = dynamic_cast<CudaBackend*>(&b);
+  if (!c) fail(caller, ": backend '", b.name(), "' is not a CUDA backend");
+  return *c;
+}
+
+CudaBackend::CudaBackend(int device, GgmlType kv_type)
+    : device_(device), kv_type_(kv_type), user_bytes_(std::make_shared<std::atomic<int64_t>>(0)) {
+  const int count = cuda_device_count();
+  if (device < 0 || device >= count)
+    fail("cuda backend: device index ", device, " is out of range (", count, " CUDA device(s) visible)");
+  if (kv_type != GgmlType::F16 && kv_type != GgmlType::F32)
+    fail("cuda backend: KV cache type must be f16 or f32, got ", type_name(kv_type));
+  DeviceGuard g(device_);
+  SHARDLM_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
+  stream_ = std::make_unique<Stream>();
+  cublas_ = std::make_unique<CublasHandle>();
+  SHARDLM_CUBLAS_CHECK(cublasSetStream(cublas_->get(), stream_->get()));
+  cublas_ws_ = DevMem(kCublasWorkspace);
+  SHARDLM_CUBLAS_CHECK(cublasSetWorkspace(cublas_->get(), cublas_ws_.get(), cublas_ws_.size()));
+  SHARDLM_CUBLAS_CHECK(cublasSetMathMode(cublas_->get(), CUBLAS_DEFAULT_MATH));  // no TF32 for f32 weights
+  step_dev_ = DevMem(sizeof(StepDev));
+  const StepDev zero{0, 0};
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), &zero, sizeof zero, cudaMemcpyHostToDevice, stream_->get()));
+  argmax_dev_ = DevMem(sizeof(int32_t));
+  argmax_key_ = DevMem(sizeof(unsigned long long));
+  argmax_host_ = PinnedMem(sizeof(int32_t));
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream_->get()));
+}
+
+CudaBackend::~CudaBackend() {
+  // Let queued work finish before its buffers go away; errors are already reported by the failing call.
+  if (stream_) {
+    if (capturing_) {
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(stream_->get(), &g);
+      if (g) cudaGraphDestroy(g);
+    }
+    cudaStreamSynchronize(stream_->get());
+  }
+}
+
+std::string CudaBackend::name() const {
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, device_) != cudaSuccess) return cat("cuda:", device_);
+  return cat("cuda:", device_, " (", p.name, ")");
+}
+
+bool CudaBackend::supports(GgmlType t) const { return is_supported(t); }
+
+void CudaBackend::not_while_capturing(const char* what) const {
+  if (capturing_)
+    fail_kind(ErrorKind::kUnsupported, "cuda ", what,
+              " cannot run inside a CUDA graph capture (it needs the host); call it outside CudaGraphRunner::run's body");
+}
+
+std::unique_ptr<DeviceBuffer> CudaBackend::alloc(size_t bytes) {
+  not_while_capturing("alloc");
+  DeviceGuard g(device_);
+  return std::make_unique<CudaBuffer>(bytes, user_bytes_);
+}
+
+void CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
+  not_while_capturing("upload");
+  if (bytes == 0) return;
+  DeviceGuard g(device_);
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream()));
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+void CudaBackend::download(void* host_dst, const void* src, size_t bytes) {
+  not_while_capturing("download");
+  if (bytes == 0) return;
+  DeviceGuard g(device_);
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream()));
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+void CudaBackend::synchronize() {
+  not_while_capturing("synchronize");
+  DeviceGuard g(device_);
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+size_t CudaBackend::allocated_bytes() const {
+  size_t s = static_cast<size_t>(user_bytes_->load());
+  s += cublas_ws_.size() + step_dev_.size() + argmax_dev_.size() + argmax_key_.size() + ids_dev_.size() + attn_part_.size() +
+       x16_.size() + w16_.size();
+  for (const auto& f : freq_cache_) s += f.dev.size();
+  return s;
+}
+
+void* CudaBackend::scratch(DevMem& buf, size_t bytes, const char* what) {
+  if (buf.size() >= bytes) return buf.get();
+  if (capturing_)
+    fail_kind(ErrorKind::kInternal, "cuda: scratch buffer '", what, "' must grow to ", bytes,
+              " bytes during a graph capture; CudaGraphRunner runs the body once eagerly to avoid this, so the "
+              "body changed shape between calls");
+  // Queued kernels may still read the old buffer: free it only after they ran.
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  buf = DevMem(round_up(bytes + bytes / 4, kAlign));
+  ++scratch_gen_;
+  return buf.get();
+}
+
+const float* CudaBackend::freq_factors_on_device(const float* host, int64_t n) {
+  if (!host) return nullptr;
+  for (auto& f : freq_cache_)
+    if (f.key == host && static_cast<int64_t>(f.values.size()) == n &&
+        std::memcmp(f.values.data(), host, n * sizeof(float)) == 0)
+      return f.dev.as<float>();
+  if (capturing_)
+    fail_kind(ErrorKind::kInternal, "cuda rope: new freq_factors inside a graph capture; run the body eagerly first");
+  FreqFactors f{host, std::vector<float>(host, host + n), DevMem(n * sizeof(float))};
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(f.dev.get(), f.values.data(), n * sizeof(float), cudaMemcpyHostToDevice, stream()));
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));  // f.values may move when the vector grows
+  // Same host pointer with new contents: replace the old entry (after the sync above nothing reads it).
+  std::erase_if(freq_cache_, [&](const FreqFactors& e) { return e.key == host; });
+  freq_cache_.push_back(std::move(f));
+  ++scratch_gen_;
+  return freq_cache_.back().dev.as<float>();
+}
+
+void CudaBackend::begin_step(const StepInfo& step) {
+  if (step.pos0 < 0 || step.n_tok < 0) fail("cuda begin_step: negative pos0 ", step.pos0, " or n_tok ", step.n_tok);
+  if (capturing_) {
+    // Inside a capture the positions were already copied by CudaGraphRunner::run, outside the graph.
+    if (step.n_tok != step_.n_tok || step.pos0 != step_.pos0)
+      fail_kind(ErrorKind::kInternal, "cuda begin_step inside a capture with a step (", step.pos0, ", ", step.n_tok,
+                ") other than the one CudaGraphRunner::run was given (", step_.pos0, ", ", step_.n_tok, ")");
+    return;
+  }
+  DeviceGuard g(device_);
+  step_ = step;
+  const StepDev d{step.pos0, step.n_tok};
+  // Pageable source: the runtime stages it before returning, so `d` may go out of scope.
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), &d, sizeof d, cudaMemcpyHostToDevice, stream()));
+}
+
+void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) {
+  not_while_capturing("get_rows (token ids are host memory)");
+  check_weight(table, "get_rows");
+  if (n_tok <= 0) return;
+  for (int64_t t = 0; t < n_tok; ++t)
+    if (ids[t] < 0 || ids[t] >= table.n_rows)
+      fail("cuda get_rows: token id ", ids[t], " at ", t, " is outside [0, ", table.n_rows, ")");
+  DeviceGuard g(device_);
+  void* d_ids = scratch(ids_dev_, n_tok * sizeof(int32_t), "ids");
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(d_ids, ids, n_tok * sizeof(int32_t), cudaMemcpyHostToDevice, stream()));
+  launch_get_rows(table.type, table.data, table.row_stride, table.n_rows, table.n_cols,
+                  static_cast<const int32_t*>(d_ids), n_tok, out, stream());
+}
+
+void CudaBackend::rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) {
+  if (n <= 0) fail("cuda rms_norm: n = ", n);
+  DeviceGuard g(device_);
+  launch_rms_norm(x, w, y, n_tok, n, eps, stream());
+}
+
+void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) {
+  check_weight(w, "matmul");
+  if (n_tok <= 0) return;
+  DeviceGuard g(device_);
+  const bool quant = block_size(w.type) > 1;
+  if (n_tok == 1 || (quant && n_tok <= kQuantMatvecMaxTok) || force_generic_) {
+    const bool generic = force_generic_ || !aligned16(x) || (w.n_cols % 4 != 0);
+    for (int64_t t = 0; t < n_tok; ++t)
+      launch_matvec(w.type, w.data, w.row_stride, w.n_rows, w.n_cols, x + t * w.n_cols, y + t * w.n_rows, stream(),
+                    generic || !aligned16(x + t * w.n_cols));
+    return;
+  }
+  // Prefill: cuBLAS, y^T (n_rows, n_tok) = W (n_rows, n_cols) . x^T (n_cols, n_tok) in column-major terms.
+  const float alpha = 1.0f, beta = 0.0f;
+  const int m_all = checked_int(w.n_rows, "n_rows"), n = checked_int(n_tok, "n_tok"), k = checked_int(w.n_cols, "n_cols");
+  cublasHandle_t h = cublas_->get();
+  if (w.type == GgmlType::F32) {
+    if (w.row_stride % 4 != 0) fail("cuda matmul: f32 row_stride ", w.row_stride, " is not a multiple of 4");
+    SHARDLM_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m_all, n, k, &alpha, w.data, CUDA_R_32F,
+                                      checked_int(static_cast<int64_t>(w.row_stride / 4), "lda"), x, CUDA_R_32F, k,
+                                      &beta, y, CUDA_R_32F, m_all, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return;
+  }
+  // 16-bit operands, fp32 accumulation: bf16 weights pair with bf16 activations, everything else with fp16.
+  const bool bf16 = w.type == GgmlType::BF16;
+  const cudaDataType dt = bf16 ? CUDA_R_16BF : CUDA_R_16F;
+  void* x16 = scratch(x16_, static_cast<size_t>(n_tok * w.n_cols) * 2, "x16");
+  launch_f32_to_16(x, x16, n_tok * w.n_cols, bf16, stream());
+  if (!quant) {
+    if (w.row_stride % 2 != 0) fail("cuda matmul: 16-bit row_stride ", w.row_stride, " is odd");
+    SHARDLM_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m_all, n, k, &alpha, w.data, dt,
+                                      checked_int(static_cast<int64_t>(w.row_stride / 2), "lda"), x16, dt, k, &beta,
+                                      y, CUDA_R_32F, m_all, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return;
+  }
+  const int64_t chunk_rows = std::clamp<int64_t>(static_cast<int64_t>(kDequantScratch) / (2 * w.n_cols), 1, w.n_rows);
+  void* w16 = scratch(w16_, static_cast<size_t>(chunk_rows * w.n_cols) * 2, "w16");
+  for (int64_t r0 = 0; r0 < w.n_rows; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, w.n_rows - r0);
+    launch_dequant_rows(w.type, w.data, w.row_stride, r0, rows, w.n_cols, w16, false, stream());
+    SHARDLM_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), n, k, &alpha, w16, dt, k,
+                                      x16, dt, k, &beta, y + r0, CUDA_R_32F, m_all, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+void CudaBackend::add_bias(float* y, const float* b, int64_t n_tok, int64_t n) {
+  DeviceGuard g(device_);
+  launch_add_bias(y, b, n_tok, n, stream());
+}
+
+void CudaBackend::add(float* y, const float* x, int64_t n) {
+  DeviceGuard g(device_);
+  launch_add(y, x, n, stream());
+}
+
+void CudaBackend::swiglu(const float* gate, const float* up, float* out, int64_t n) {
+  DeviceGuard g(device_);
+  launch_swiglu(gate, up, out, n, stream());
+}
+
+void CudaBackend::rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, float freq_base,
+                       const float* freq_factors) {
+  if (head_dim <= 0 || head_dim % 2 != 0) fail("cuda rope: head_dim ", head_dim, " must be even and positive");
+  DeviceGuard g(device_);
+  const float* ff = freq_factors_on_device(freq_factors, head_dim / 2);
+  launch_rope(x, n_tok, n_heads, head_dim, freq_base, ff, step_dev_.as<StepDev>(), stream());
+}
+
+void CudaBackend::kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) {
+  if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
+    fail_kind(ErrorKind::kUnsupported, "cuda kv_store: KV type ", type_name(kv.type), " (f16 or f32 only)");
+  if (step_.pos0 + n_tok > kv.n_ctx)
+    fail("cuda kv_store: positions [", step_.pos0, ", ", step_.pos0 + n_tok, ") exceed the cache of ", kv.n_ctx);
+  DeviceGuard g(device_);
+  launch_kv_store(kv.type, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, k, v, n_tok, step_dev_.as<StepDev>(),
+                  stream());
+}
+
+void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) {
+  if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
+    fail_kind(ErrorKind::kUnsupported, "cuda attention: KV type ", type_name(kv.type), " (f16 or f32 only)");
+  if (kv.n_head_kv <= 0 || n_head % kv.n_head_kv != 0)
+    fail("cuda attention: n_head ", n_head, " is not a multiple of n_head_kv ", kv.n_head_kv);
+  if (step_.pos0 + n_tok > kv.n_ctx)
+    fail("cuda attention: positions [", step_.pos0, ", ", step_.pos0 + n_tok, ") exceed the cache of ", kv.n_ctx);
+  if (n_tok <= 0) return;
+  DeviceGuard g(device_);
+  const StepDev* sd = step_dev_.as<StepDev>();
+  if (n_tok == 1 && !force_generic_attn_ && attention_decode_supported(kv.head_dim, n_head / kv.n_head_kv)) {
+    const int n_split = attention_decode_splits(kv.n_ctx, kv.n_head_kv, sm_count_);
+    auto* part = static_cast<float*>(
+        scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
+    launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
+                            sd, stream());
+    return;
+  }
+  if (kv.head_dim > 256)
+    fail_kind(ErrorKind::kUnsupported, "cuda attention: head_dim ", kv.head_dim, " > 256 is not implemented");
+  launch_attention_generic(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_tok, n_head, out, sd,
+                           stream());
+}
+
+void CudaBackend::begin_capture() {
+  if (capturing_) fail_kind(ErrorKind::kInternal, "cuda: nested graph capture");
+  DeviceGuard g(device_);
+  // Relaxed: other threads may keep using CUDA (e.g. another rank's backend) while this stream captures.
+  SHARDLM_CUDA_CHECK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeRelaxed));
+  capturing_ = true;
+}
+
+cudaGraph_t CudaBackend::end_capture() {
+  DeviceGuard g(device_);
+  capturing_ = false;
+  cudaGraph_t graph = nullptr;
+  const cudaError_t e = cudaStreamEndCapture(stream(), &graph);
+  if (e != cudaSuccess) {
+    if (graph) cudaGraphDestroy(graph);
+    throw_cuda(e, "cudaStreamEndCapture", __FILE__, __LINE__);
+  }
+  return graph;
+}
+
+int32_t CudaBackend::argmax(const float* logits, int64_t n) {
+  not_while_capturing("argmax (waits for the result)");
+  if (n <= 0) fail("cuda argmax: n = ", n);
+  DeviceGuard g(device_);
+  launch_argmax(logits, n, argmax_dev_.as<int32_t>(), argmax_key_.as<unsigned long long>(), stream());
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(argmax_host_.as<int32_t>(), argmax_dev_.get(), sizeof(int32_t),
+                                     cudaMemcpyDeviceToHost, stream()));
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  return *argmax_host_.as<int32_t>();
+}
+
+void CudaBackend::argmax_async(const float* logits, int64_t n, int32_t* out) {
+  if (n <= 0) fail("cuda argmax: n = ", n);
+  DeviceGuard g(device_);
+  launch_argmax(logits, n, out, argmax_key_.as<unsigned long long>(), stream());
+}
+
+}  // namespace cuda_detail
+
+// ---- public API ---------------------------------------------------------------------------------------
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type) {
+  return std::make_unique<cuda_detail::CudaBackend>(device_index, kv_type);
+}
+
+int32_t cuda_argmax(Backend& backend, const float* logits, int64_t n) {
+  return cuda_detail::as_cuda(backend, "cuda_argmax").argmax(logits, n);
+}
+
+void cuda_argmax_async(Backend& backend, const float* logits, int64_t n, int32_t* out) {
+  cuda_detail::as_cuda(backend, "cuda_argmax_async").argmax_async(logits, n, out);
+}
+
+struct CudaGraphRunner::Impl {
+  cuda_detail::CudaBackend* backend = nullptr;
+  cuda_detail::Graph graph;
+  int64_t graph_n_tok = -1, graph_gen = -1;  // shape the graph was captured for
+  int64_t warm_n_tok = -1, warm_gen = -1;    // shape of the last eager run
+  int64_t captures = 0, replays = 0;
+};
+
+CudaGraphRunner::CudaGraphRunner(Backend& backend) : impl_(std::make_unique<Impl>()) {
+  impl_->backend = &cuda_detail::as_cuda(backend, "CudaGraphRunner");
+}
+
+CudaGraphRunner::~CudaGraphRunner() = default;
+
+void CudaGraphRunner::run(const StepInfo& step, const std::function<void()>& body) {
+  Impl& s = *impl_;
+  cuda_detail::CudaBackend& b = *s.backend;
+  b.begin_step(step);  // positions travel outside the graph
+  if (s.graph.valid() && s.graph_n_tok == step.n_tok && s.graph_gen == b.scratch_generation()) {
+    cuda_detail::DeviceGuard g(b.device_index());
+    SHARDLM_CUDA_CHECK(cudaGraphLaunch(s.graph.exec(), b.stream()));
+    ++s.replays;
+    return;
+  }
+  s.graph.reset();
+  if (s.warm_n_tok != step.n_tok || s.warm_gen != b.scratch_generation()) {
+    body();  // eager: sizes scratch buffers, uploads tables, warms cuBLAS
+    s.warm_n_tok = step.n_tok;
+    s.warm_gen = b.scratch_generation();
+    return;
+  }
+  b.begin_capture();
+  try {
+    body();
+  } catch (...) {
+    cudaGraph_t g = nullptr;
+    try {
+      g = b.end_capture();
+    } catch (...) {
+    }
+    if (g) cudaGraphDestroy(g);
+    throw;
+  }
+  s.graph.adopt(b.end_capture());
+  s.graph_n_tok = step.n_tok;
+  s.graph_gen = b.scratch_generation();
+  ++s.captures;
+  cuda_detail::DeviceGuard g(b.device_index());
+  SHARDLM_CUDA_CHECK(cudaGraphLaunch(s.graph.exec(), b.stream()));
+  ++s.replays;
+}
+
+void CudaGraphRunner::invalidate() {
+  impl_->graph.reset();
+  impl_->warm_n_tok = -1;
+}
+
+bool CudaGraphRunner::captured() const { return impl_->graph.valid(); }
+int64_t CudaGraphRunner::captures() const { return impl_->captures; }
+int64_t CudaGraphRunner::replays() const { return impl_->replays; }
+
+}  // namespace shardlm

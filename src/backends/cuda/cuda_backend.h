@@ -1,0 +1,66 @@
+// The CUDA backend on one GPU: the public face. No CUDA header is included here, so model, runtime and
+// tests build against it with a plain C++ compiler; everything CUDA stays in src/backends/cuda/*.cu(h).
+//
+// Execution model: every op is enqueued on the backend's own stream and returns without waiting; only
+// upload, download, synchronize and cuda_argmax wait. Positions (StepInfo) live in device memory, written
+// by begin_step with an asynchronous copy, so a decode step can be captured once into a CUDA graph and
+// replayed for every later token (CudaGraphRunner below).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "core/dtype.h"
+#include "ops/backend.h"
+
+namespace shardlm {
+
+// Number of CUDA devices usable by this process; 0 when there is no driver or no GPU. Never throws.
+int cuda_device_count();
+
+// A backend on device `device_index` (0-based). `kv_type` is the element type the caller will give the
+// KV cache (F16 default, F32 on request); it only sets defaults, since every KvLayerView carries its type.
+// Throws Error (kInvalidInput for a bad index or type, kResource when the device cannot be initialized).
+std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type = GgmlType::F16);
+
+// Greedy sampling on the GPU: index of the largest of logits[0..n) (device memory of `backend`; the lowest
+// index wins ties; NaNs are never chosen unless every element is NaN, then 0). Waits for the result.
+int32_t cuda_argmax(Backend& backend, const float* logits /* (n), device */, int64_t n);
+// The same without waiting: writes the index to `out` (device memory), so it can sit inside a graph.
+void cuda_argmax_async(Backend& backend, const float* logits /* (n), device */, int64_t n,
+                       int32_t* out /* (1), device */);
+
+// Runs one forward step, capturing it into a CUDA graph and replaying the graph on later steps.
+//
+//   CudaGraphRunner graph(backend);
+//   for each decode token:
+//     backend.get_rows(tok_embd, &token, 1, x);          // host ids: outside the graph
+//     graph.run({pos, 1}, [&] { model.layers_and_head(x, logits); });
+//
+// run(step, body) calls backend.begin_step(step) outside the graph (that copy carries the positions),
+// then: on the first call (or after invalidate(), a different step.n_tok, or a scratch buffer of the
+// backend having grown) runs `body` eagerly, so that every lazily sized buffer and cached table exists;
+// on the next call captures `body` into a graph and launches it; afterwards only launches the graph.
+// `body` must issue the same op sequence with the same pointers and shapes at every call: only the
+// positions may change. Inside `body`, begin_step may be called again with the same n_tok (it is then a
+// no-op); get_rows (host ids), upload, download and synchronize throw kUnsupported while capturing.
+class CudaGraphRunner {
+ public:
+  explicit CudaGraphRunner(Backend& backend);  // throws Error if `backend` is not a CUDA backend
+  ~CudaGraphRunner();
+  CudaGraphRunner(const CudaGraphRunner&) = delete;
+  CudaGraphRunner& operator=(const CudaGraphRunner&) = delete;
+
+  void run(const StepInfo& step, const std::function<void()>& body);
+  void invalidate();            // drop the graph; the next run() starts over with an eager call
+  bool captured() const;        // a graph exists and will be replayed by the next run()
+  int64_t captures() const;     // graphs captured so far (for tests and logs)
+  int64_t replays() const;      // graph launches so far
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace shardlm

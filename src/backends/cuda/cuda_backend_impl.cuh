@@ -1,0 +1,94 @@
+// The CUDA backend class. Private to src/backends/cuda (the bench tool uses it to reach the stream).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "backends/cuda/cuda_backend.h"
+#include "backends/cuda/cuda_util.cuh"
+#include "backends/cuda/kernels.cuh"
+
+namespace shardlm::cuda_detail {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, GgmlType kv_type);
+  ~CudaBackend() override;
+
+  std::string name() const override;
+  DeviceKind device() const override { return DeviceKind::kCuda; }
+  bool supports(GgmlType weight_type) const override;
+
+  std::unique_ptr<DeviceBuffer> alloc(size_t bytes) override;
+  void upload(void* dst, const void* host_src, size_t bytes) override;
+  void download(void* host_dst, const void* src, size_t bytes) override;
+  void synchronize() override;
+  size_t allocated_bytes() const override;
+
+  void begin_step(const StepInfo& step) override;
+
+  void get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) override;
+  void rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) override;
+  void matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) override;
+  void add_bias(float* y, const float* b, int64_t n_tok, int64_t n) override;
+  void add(float* y, const float* x, int64_t n) override;
+  void swiglu(const float* gate, const float* up, float* out, int64_t n) override;
+  void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, float freq_base,
+            const float* freq_factors) override;
+  void kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) override;
+  void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override;
+
+  // ---- CUDA-only surface (CudaGraphRunner, cuda_argmax, bench, tests) ----
+  int device_index() const { return device_; }
+  cudaStream_t stream() const { return stream_->get(); }
+  bool capturing() const { return capturing_; }
+  void begin_capture();
+  cudaGraph_t end_capture();           // returns the captured graph (caller owns it), even on error paths
+  int64_t scratch_generation() const { return scratch_gen_; }
+  int32_t argmax(const float* logits, int64_t n);
+  void argmax_async(const float* logits, int64_t n, int32_t* out);
+  // Forces the element-by-element matvec (tests compare it with the fast kernels).
+  void set_force_generic_matvec(bool on) { force_generic_ = on; }
+  // Forces the generic attention kernel for n_tok == 1 too.
+  void set_force_generic_attention(bool on) { force_generic_attn_ = on; }
+
+ private:
+  // A device buffer that only grows; growing bumps scratch_gen_ so that graphs holding the old address
+  // are captured again. Growth is refused while capturing.
+  void* scratch(DevMem& buf, size_t bytes, const char* what);
+  const float* freq_factors_on_device(const float* host, int64_t n);
+  void not_while_capturing(const char* what) const;
+
+  int device_;
+  GgmlType kv_type_;
+  int sm_count_ = 0;
+  std::unique_ptr<Stream> stream_;
+  std::unique_ptr<CublasHandle> cublas_;
+  DevMem cublas_ws_;   // cuBLAS workspace (fixed, so GEMMs can be captured)
+  DevMem step_dev_;    // StepDev
+  DevMem argmax_dev_;  // int32
+  DevMem argmax_key_;  // u64 (value, index) key for the atomic reduction
+  PinnedMem argmax_host_;
+  DevMem ids_dev_;     // (n_tok) int32 for get_rows
+  DevMem attn_part_;   // decode attention partials
+  DevMem x16_;         // activations converted to 16 bits for cuBLAS
+  DevMem w16_;         // weights dequantized to 16 bits for cuBLAS (row chunks)
+  struct FreqFactors {
+    const float* key;
+    std::vector<float> values;
+    DevMem dev;
+  };
+  std::vector<FreqFactors> freq_cache_;
+  std::shared_ptr<std::atomic<int64_t>> user_bytes_;
+  StepInfo step_{};
+  bool capturing_ = false;
+  bool force_generic_ = false;
+  bool force_generic_attn_ = false;
+  int64_t scratch_gen_ = 0;
+};
+
+// The backend behind `b`, or Error if it is not a CUDA backend.
+CudaBackend& as_cuda(Backend& b, const char* caller);
+
+}  // namespace shardlm::cuda_detail

@@ -1,0 +1,93 @@
+// Kernel launchers of the CUDA backend. Private to src/backends/cuda.
+//
+// Every launcher enqueues on `stream`, never synchronizes and checks the launch. Pointers are device
+// memory unless named host_*. Shapes follow backend.h: activations f32 row-major (n_tok, width).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace shardlm::cuda_detail {
+
+// Positions of the current step in device memory (written by begin_step, read by rope, kv_store and
+// attention so that a captured graph sees the new positions on every replay).
+struct StepDev {
+  int64_t pos0;   // position of the first token of the step
+  int64_t n_tok;  // tokens in the step
+};
+
+// ---- matrix-vector (decode) ----
+// Whether the fast kernels handle this layout (else matvec falls back to a simple, slower kernel).
+bool matvec_fast_path(GgmlType type, const void* w, size_t row_stride, int64_t n_cols);
+// y[r] = sum_c W[r, c] * x[c]; W has n_rows rows of n_cols elements of `type`, row_stride bytes apart.
+void launch_matvec(GgmlType type, const void* w /* (n_rows, row_stride bytes) */, size_t row_stride,
+                   int64_t n_rows, int64_t n_cols, const float* x /* (n_cols) */, float* y /* (n_rows) */,
+                   cudaStream_t stream, bool force_generic = false);
+
+// ---- conversions for the cuBLAS (prefill) path ----
+// dst[r, c] = W[row0 + r, c] as fp16 (or bf16 when to_bf16), for r in [0, n_rows).
+void launch_dequant_rows(GgmlType type, const void* w, size_t row_stride, int64_t row0, int64_t n_rows,
+                         int64_t n_cols, void* dst /* (n_rows, n_cols) 16-bit */, bool to_bf16,
+                         cudaStream_t stream);
+// dst[i] = (half or bf16) src[i].
+void launch_f32_to_16(const float* src /* (n) */, void* dst /* (n) */, int64_t n, bool to_bf16,
+                      cudaStream_t stream);
+
+// ---- embedding lookup ----
+// out[t, :] = row ids[t] of the table, dequantized to f32.
+void launch_get_rows(GgmlType type, const void* table, size_t row_stride, int64_t n_rows_table,
+                     int64_t n_cols, const int32_t* ids /* (n_tok), device */, int64_t n_tok,
+                     float* out /* (n_tok, n_cols) */, cudaStream_t stream);
+
+// ---- element-wise and normalization ----
+void launch_rms_norm(const float* x /* (n_tok, n) */, const float* w /* (n) */, float* y /* (n_tok, n) */,
+                     int64_t n_tok, int64_t n, float eps, cudaStream_t stream);
+void launch_add_bias(float* y /* (n_tok, n) */, const float* b /* (n) */, int64_t n_tok, int64_t n,
+                     cudaStream_t stream);
+void launch_add(float* y /* (n) */, const float* x /* (n) */, int64_t n, cudaStream_t stream);
+void launch_swiglu(const float* gate /* (n) */, const float* up /* (n) */, float* out /* (n) */, int64_t n,
+                   cudaStream_t stream);
+void launch_rope(float* x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+                 float freq_base, const float* freq_factors /* (head_dim/2) device, or null */,
+                 const StepDev* step, cudaStream_t stream);
+
+// ---- KV cache and attention ----
+void launch_kv_store(GgmlType kv_type, void* k_cache /* (n_ctx, n_head_kv, head_dim) */,
+                     void* v_cache /* (n_ctx, n_head_kv, head_dim) */, int64_t n_ctx, int64_t n_head_kv,
+                     int64_t head_dim, const float* k /* (n_tok, n_head_kv, head_dim) */,
+                     const float* v /* (n_tok, n_head_kv, head_dim) */, int64_t n_tok, const StepDev* step,
+                     cudaStream_t stream);
+
+// Splits used by the decode kernel for a cache of n_ctx positions (fixed per cache size, so graphs keep
+// their launch shapes while the context grows).
+int attention_decode_splits(int64_t n_ctx, int64_t n_head_kv, int sm_count);
+// Whether the flash-decoding kernel has an instantiation for this head_dim / group size.
+bool attention_decode_supported(int64_t head_dim, int64_t group);
+// Decode (n_tok == 1): flash-decoding over `n_split` slices of [0, pos0], then a combine kernel.
+// `partial` holds n_head * n_split * (head_dim + 2) floats.
+void launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_dim) */, const void* k_cache,
+                             const void* v_cache, int64_t n_ctx, int64_t n_head_kv, int64_t head_dim,
+                             int64_t n_head, int n_split, float* partial, float* out /* (n_head, head_dim) */,
+                             const StepDev* step, cudaStream_t stream);
+// Any n_tok (prefill): one block per (token, head), online softmax over 32-position key tiles, causal.
+void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
+                              const void* k_cache, const void* v_cache, int64_t n_ctx, int64_t n_head_kv,
+                              int64_t head_dim, int64_t n_tok, int64_t n_head,
+                              float* out /* (n_tok, n_head, head_dim) */, const StepDev* step,
+                              cudaStream_t stream);
+
+// ---- sampling ----
+// `scratch` is one device u64 owned by the caller (zeroed here, on the stream).
+void launch_argmax(const float* x /* (n) */, int64_t n, int32_t* out /* (1) */, unsigned long long* scratch,
+                   cudaStream_t stream);
+
+// Test/bench helper: fills `bytes` of `dst` with valid random data for `type` (finite scales for block
+// types, values in [-1, 1] for float types), seeded.
+void launch_fill_random(GgmlType type, void* dst, int64_t n_rows, size_t row_stride, int64_t n_cols,
+                        uint64_t seed, cudaStream_t stream);
+
+}  // namespace shardlm::cuda_detail

@@ -1,0 +1,534 @@
+// Matrix-vector products for decode (n_tok == 1): y = W x, W in any supported GgmlType, x and y f32.
+//
+// Decode reads every weight byte once, so these kernels are judged by bandwidth. Common design:
+//  * a thread block owns kRows consecutive rows (x is loaded once into registers and used kRows times,
+//    which keeps the L1 traffic for x below the HBM traffic even for 4-bit weights);
+//  * its warps split each row's columns, and a shuffle + shared-memory reduction finishes each row;
+//  * weights are read with 16-byte, warp-coalesced, L1-bypassing loads, several per thread issued
+//    before the first use;
+//  * block formats are dequantized in registers with exponent tricks (no int->float conversions, which
+//    run at a quarter rate): a nibble q becomes the float 1 + q/16 with one LOP3 + PRMT, and the sum is
+//    corrected once per unit with sum(x), so each element costs about 2.5 instructions.
+// Block-format rows are only 2-byte aligned in general (18- and 34-byte blocks), so each warp copies
+// chunks of 32 "units" per row into shared memory with aligned 16-byte cp.async copies covering them
+// (a 3-stage ring: two chunks in flight while one is decoded), then every lane decodes one unit (32
+// or 64 elements) from there.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "backends/cuda/cuda_util.cuh"
+#include "backends/cuda/dequant.cuh"
+#include "backends/cuda/kernels.cuh"
+
+namespace shardlm::cuda_detail {
+namespace {
+
+constexpr int kRows = 4;  // rows per thread block (x reuse factor)
+
+// 16-byte streaming load: no L1 allocation (weights are used once), read-only path.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Reduces acc[r] over the block and writes y[row0 + r] (rows past n_rows are dropped).
+template <int R>
+__device__ __forceinline__ void block_reduce_store(float (&acc)[R], float* y, int64_t row0, int64_t n_rows) {
+  __shared__ float red[32][R];  // (warps, rows)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float s = warp_sum(acc[r]);
+    if (lane == 0) red[warp][r] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < R) {
+    float s = 0.0f;
+    for (int w = 0; w < n_warps; ++w) s += red[w][threadIdx.x];
+    if (row0 + threadIdx.x < n_rows) y[row0 + threadIdx.x] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// F32 / F16 / BF16: one 16-byte vector = 4 or 8 elements; kU vectors per row per thread in flight.
+template <GgmlType T>
+struct Plain;
+template <>
+struct Plain<GgmlType::F32> {
+  static constexpr int kElems = 4;
+  __device__ static void to_f32(const uint4& v, float (&o)[8]) {
+    o[0] = __uint_as_float(v.x);
+    o[1] = __uint_as_float(v.y);
+    o[2] = __uint_as_float(v.z);
+    o[3] = __uint_as_float(v.w);
+  }
+};
+template <>
+struct Plain<GgmlType::F16> {
+  static constexpr int kElems = 8;
+  __device__ static void to_f32(const uint4& v, float (&o)[8]) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
+      o[2 * k] = f.x;
+      o[2 * k + 1] = f.y;
+    }
+  }
+};
+template <>
+struct Plain<GgmlType::BF16> {
+  static constexpr int kElems = 8;
+  __device__ static void to_f32(const uint4& v, float (&o)[8]) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      o[2 * k] = __uint_as_float(w[k] << 16);
+      o[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  }
+};
+
+template <GgmlType T, int R, int U>
+__global__ void __launch_bounds__(128) matvec_plain_kernel(
+    const uint8_t* __restrict__ w,  // (n_rows, row_stride bytes), 16-byte aligned rows
+    size_t row_stride,              // bytes between rows, multiple of 16
+    int64_t n_rows,                 // rows of W
+    int64_t n_vec,                  // 16-byte vectors per row (n_cols / kElems)
+    const float* __restrict__ x,    // (n_cols)
+    float* __restrict__ y) {        // (n_rows)
+  constexpr int E = Plain<T>::kElems;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * R;
+  const uint8_t* rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = w + static_cast<size_t>(min(row0 + r, n_rows - 1)) * row_stride;
+  float acc[R] = {};
+  const int64_t step = static_cast<int64_t>(blockDim.x) * U;
+  for (int64_t v0 = threadIdx.x; v0 < n_vec; v0 += step) {
+    uint4 wv[R][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + static_cast<int64_t>(u) * blockDim.x;
+#pragma unroll
+      for (int r = 0; r < R; ++r) wv[r][u] = (v < n_vec) ? ld_stream(rows[r] + 16 * v) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + static_cast<int64_t>(u) * blockDim.x;
+      if (v >= n_vec) break;
+      float xs[8];
+      const float4* xp = reinterpret_cast<const float4*>(x + v * E);
+#pragma unroll
+      for (int k = 0; k < E / 4; ++k) {
+        float4 t = __ldg(xp + k);
+        xs[4 * k] = t.x;
+        xs[4 * k + 1] = t.y;
+        xs[4 * k + 2] = t.z;
+        xs[4 * k + 3] = t.w;
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float f[8];
+        Plain<T>::to_f32(wv[r][u], f);
+#pragma unroll
+        for (int k = 0; k < E; ++k) acc[r] = fmaf(f[k], xs[k], acc[r]);
+      }
+    }
+  }
+  block_reduce_store<R>(acc, y, row0, n_rows);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Block formats. A unit is what one lane decodes: a whole Q8_0/Q4_0 block (32 elements), or a quarter of
+// a Q4_K/Q6_K super-block (64 elements). A chunk is 32 units of a row (contiguous bytes).
+template <GgmlType T>
+struct Quant;
+template <>
+struct Quant<GgmlType::Q4_0> {
+  static constexpr int kBlockBytes = 18, kUnitsPerBlock = 1, kUnitElems = 32;
+};
+template <>
+struct Quant<GgmlType::Q8_0> {
+  static constexpr int kBlockBytes = 34, kUnitsPerBlock = 1, kUnitElems = 32;
+};
+template <>
+struct Quant<GgmlType::Q4_K> {
+  static constexpr int kBlockBytes = 144, kUnitsPerBlock = 4, kUnitElems = 64;
+};
+template <>
+struct Quant<GgmlType::Q6_K> {
+  static constexpr int kBlockBytes = 210, kUnitsPerBlock = 4, kUnitElems = 64;
+};
+
+template <GgmlType T>
+struct Chunk {
+  static constexpr int kBlocks = 32 / Quant<T>::kUnitsPerBlock;
+  static constexpr int kBytes = kBlocks * Quant<T>::kBlockBytes;  // a multiple of 16 for every type
+  // Aligned 16-byte vectors covering a chunk that starts anywhere (2-byte aligned), per lane.
+  static constexpr int kVecPerLane = ((14 + kBytes + 15) / 16 + 31) / 32;
+  static constexpr int kSmemBytes = kVecPerLane * 32 * 16 + 16;  // per (warp, row), +16: funnel reads
+};
+static_assert(Chunk<GgmlType::Q4_0>::kBytes % 16 == 0 && Chunk<GgmlType::Q8_0>::kBytes % 16 == 0 &&
+              Chunk<GgmlType::Q4_K>::kBytes % 16 == 0 && Chunk<GgmlType::Q6_K>::kBytes % 16 == 0);
+
+// N consecutive 32-bit words starting at a 2-byte-aligned shared-memory address.
+template <int N>
+__device__ __forceinline__ void lds_words(const uint8_t* p, uint32_t (&out)[N]) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uint32_t* al = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{3});
+  const uint32_t sh = static_cast<uint32_t>(a & 3) * 8;
+  uint32_t w[N + 1];
+#pragma unroll
+  for (int i = 0; i <= N; ++i) w[i] = al[i];
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = __funnelshift_r(w[i], w[i + 1], sh);
+}
+__device__ __forceinline__ uint16_t lds16(const uint8_t* p) { return *reinterpret_cast<const uint16_t*>(p); }
+
+// Byte b (0..3) of each word as the float 1 + q/16 where the byte holds 0x80 | (q << 3).
+template <int B>
+__device__ __forceinline__ float byte_as_float(uint32_t w) {
+  return __uint_as_float(__byte_perm(w, 0x3F000000u, 0x7044 | (B << 8)));
+}
+// Byte b (0..3) as the float 2^23 + byte.
+template <int B>
+__device__ __forceinline__ float byte_as_big(uint32_t w) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440 | B));
+}
+
+// sum_j x[j] * (1 + q_j/16) over 8 nibble-elements: the low nibbles of word w go with xl[0..3], the
+// high nibbles with xh[0..3].
+__device__ __forceinline__ void nib_dot(uint32_t w, const float* xl, const float* xh, float& al, float& ah) {
+  const uint32_t lo = ((w << 3) & 0x78787878u) | 0x80808080u;
+  const uint32_t hi = ((w >> 1) & 0x78787878u) | 0x80808080u;
+  al = fmaf(xl[0], byte_as_float<0>(lo), al);
+  al = fmaf(xl[1], byte_as_float<1>(lo), al);
+  al = fmaf(xl[2], byte_as_float<2>(lo), al);
+  al = fmaf(xl[3], byte_as_float<3>(lo), al);
+  ah = fmaf(xh[0], byte_as_float<0>(hi), ah);
+  ah = fmaf(xh[1], byte_as_float<1>(hi), ah);
+  ah = fmaf(xh[2], byte_as_float<2>(hi), ah);
+  ah = fmaf(xh[3], byte_as_float<3>(hi), ah);
+}
+
+// x of one unit, in registers, and the sums the exponent trick needs.
+template <GgmlType T>
+struct UnitX {
+  float v[Quant<T>::kUnitElems];
+  float s[4];  // partial sums of v (meaning per type, see load)
+};
+
+template <int N>
+__device__ __forceinline__ void ldx(const float* p, float* dst) {
+#pragma unroll
+  for (int k = 0; k < N / 4; ++k) {
+    float4 t = __ldg(reinterpret_cast<const float4*>(p) + k);
+    dst[4 * k] = t.x;
+    dst[4 * k + 1] = t.y;
+    dst[4 * k + 2] = t.z;
+    dst[4 * k + 3] = t.w;
+  }
+}
+template <int N>
+__device__ __forceinline__ float sum_of(const float* p) {
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) s += p[i];
+  return s;
+}
+
+// Loads the x of unit `u` (0-based within the row) and precomputes its sums.
+template <GgmlType T>
+__device__ __forceinline__ void load_unit_x(const float* __restrict__ x, int64_t u, UnitX<T>& ux) {
+  if constexpr (T == GgmlType::Q6_K) {
+    // unit = (super-block u/4, half n, l-half lh): elements 128n + 16lh + l + 32*quarter, l < 16
+    const int64_t sb = u / 4;
+    const int j = static_cast<int>(u % 4), n = j / 2, lh = j % 2;
+    const float* base = x + sb * 256 + 128 * n + 16 * lh;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      ldx<16>(base + 32 * q, ux.v + 16 * q);
+      ux.s[q] = sum_of<16>(ux.v + 16 * q);
+    }
+  } else {
+    ldx<Quant<T>::kUnitElems>(x + u * Quant<T>::kUnitElems, ux.v);
+    if constexpr (T == GgmlType::Q4_K) {
+      ux.s[0] = sum_of<32>(ux.v);
+      ux.s[1] = sum_of<32>(ux.v + 32);
+    } else if constexpr (T == GgmlType::Q4_0) {
+      ux.s[0] = sum_of<32>(ux.v);
+    }
+  }
+}
+
+// Dot product of one unit (bytes of its block at `bp` in shared memory, unit index j within the block)
+// with its x.
+template <GgmlType T>
+__device__ __forceinline__ float unit_dot(const uint8_t* bp, int j, const UnitX<T>& ux) {
+  if constexpr (T == GgmlType::Q4_0) {
+    const float d = f16_bits(lds16(bp));
+    uint32_t q[4];
+    lds_words<4>(bp + 2, q);
+    float al = 0.0f, ah = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) nib_dot(q[k], ux.v + 4 * k, ux.v + 16 + 4 * k, al, ah);
+    // sum x (q - 8) = 16 (a - sum x) - 8 sum x
+    return d * (16.0f * (al + ah) - 24.0f * ux.s[0]);
+  } else if constexpr (T == GgmlType::Q8_0) {
+    const float d = f16_bits(lds16(bp));
+    uint32_t q[8];
+    lds_words<8>(bp + 2, q);
+    float a = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t u = q[k] ^ 0x80808080u;  // q + 128 per byte
+      constexpr float kBias = 8388608.0f + 128.0f;
+      a = fmaf(ux.v[4 * k + 0], byte_as_big<0>(u) - kBias, a);
+      a = fmaf(ux.v[4 * k + 1], byte_as_big<1>(u) - kBias, a);
+      a = fmaf(ux.v[4 * k + 2], byte_as_big<2>(u) - kBias, a);
+      a = fmaf(ux.v[4 * k + 3], byte_as_big<3>(u) - kBias, a);
+    }
+    return d * a;
+  } else if constexpr (T == GgmlType::Q4_K) {
+    // pair j: sub-blocks 2j (low nibbles of qs[32j..32j+32)) and 2j+1 (high nibbles)
+    const float d = f16_bits(lds16(bp)), dmin = f16_bits(lds16(bp + 2));
+    const uint8_t* sc = bp + 4;
+    const int s0 = 2 * j, s1 = 2 * j + 1;
+    int sc0, m0, sc1, m1;
+    if (j < 2) {
+      sc0 = sc[s0] & 63;
+      m0 = sc[s0 + 4] & 63;
+      sc1 = sc[s1] & 63;
+      m1 = sc[s1 + 4] & 63;
+    } else {
+      sc0 = (sc[s0 + 4] & 0xF) | ((sc[s0 - 4] >> 6) << 4);
+      m0 = (sc[s0 + 4] >> 4) | ((sc[s0] >> 6) << 4);
+      sc1 = (sc[s1 + 4] & 0xF) | ((sc[s1 - 4] >> 6) << 4);
+      m1 = (sc[s1 + 4] >> 4) | ((sc[s1] >> 6) << 4);
+    }
+    uint32_t q[8];
+    lds_words<8>(bp + 16 + 32 * j, q);
+    float al = 0.0f, ah = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) nib_dot(q[k], ux.v + 4 * k, ux.v + 32 + 4 * k, al, ah);
+    // sum x*q = 16 (a - sum x); element = d*sc*q - dmin*m
+    const float ql = 16.0f * (al - ux.s[0]), qh = 16.0f * (ah - ux.s[1]);
+    return d * (sc0 * ql + sc1 * qh) - dmin * (m0 * ux.s[0] + m1 * ux.s[1]);
+  } else {  // Q6_K, unit j = (half n = j/2, l-half lh = j%2)
+    const int n = j / 2, lh = j % 2;
+    const float d = f16_bits(lds16(bp + 208));
+    const int8_t* sc = reinterpret_cast<const int8_t*>(bp + 192 + 8 * n) + lh;
+    uint32_t a[4], b[4], h[4];
+    lds_words<4>(bp + 64 * n + 16 * lh, a);        // ql[l]
+    lds_words<4>(bp + 64 * n + 32 + 16 * lh, b);   // ql[l + 32]
+    lds_words<4>(bp + 128 + 32 * n + 16 * lh, h);  // qh[l]
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      // 6-bit values (0..63) per byte, shifted left by 1 and tagged 0x80: the float 1 + q/64
+      uint32_t q[4];
+      q[0] = (a[k] & 0x0F0F0F0Fu) | ((h[k] << 4) & 0x30303030u);
+      q[1] = (b[k] & 0x0F0F0F0Fu) | ((h[k] << 2) & 0x30303030u);
+      q[2] = ((a[k] >> 4) & 0x0F0F0F0Fu) | (h[k] & 0x30303030u);
+      q[3] = ((b[k] >> 4) & 0x0F0F0F0Fu) | ((h[k] >> 2) & 0x30303030u);
+#pragma unroll
+      for (int qq = 0; qq < 4; ++qq) {
+        const uint32_t t = (q[qq] << 1) | 0x80808080u;
+        const float* xv = ux.v + 16 * qq + 4 * k;
+        acc[qq] = fmaf(xv[0], byte_as_float<0>(t), acc[qq]);
+        acc[qq] = fmaf(xv[1], byte_as_float<1>(t), acc[qq]);
+        acc[qq] = fmaf(xv[2], byte_as_float<2>(t), acc[qq]);
+        acc[qq] = fmaf(xv[3], byte_as_float<3>(t), acc[qq]);
+      }
+    }
+    // sum x (q - 32) = 64 (a - sum x) - 32 sum x = 64 a - 96 sum x
+    float r = 0.0f;
+#pragma unroll
+    for (int qq = 0; qq < 4; ++qq) r = fmaf(static_cast<float>(sc[2 * qq]), 64.0f * acc[qq] - 96.0f * ux.s[qq], r);
+    return d * r;
+  }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Each warp streams its chunks (c = warp, warp + W, ...) of the block's R rows through an S-stage ring
+// of shared-memory buffers filled by cp.async (no registers held by loads in flight): S - 1 chunks are
+// in flight while one is decoded.
+template <GgmlType T, int R, int S>
+__global__ void __launch_bounds__(128) matvec_quant_kernel(
+    const uint8_t* __restrict__ w,  // (n_rows, row_stride bytes), rows 2-byte aligned
+    size_t row_stride,              // bytes between rows
+    int64_t n_rows,                 // rows of W
+    int64_t n_units,                // units per row (n_cols / kUnitElems)
+    const float* __restrict__ x,    // (n_cols)
+    float* __restrict__ y) {        // (n_rows)
+  using C = Chunk<T>;
+  using Q = Quant<T>;
+  extern __shared__ __align__(16) uint8_t smem[];  // (warps, S stages, R rows, C::kSmemBytes)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
+  uint8_t* my = smem + static_cast<size_t>(warp) * S * R * C::kSmemBytes;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * R;
+  const int64_t row_bytes = n_units / Q::kUnitsPerBlock * Q::kBlockBytes;
+  const int64_t n_chunks = (n_units + 31) / 32;
+  const int64_t n_mine = warp < n_chunks ? (n_chunks - warp + n_warps - 1) / n_warps : 0;
+
+  const uint8_t* base[R];  // 16-byte aligned address at or before each row's start
+  int head[R];             // row start - base
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* p = w + static_cast<size_t>(min(row0 + r, n_rows - 1)) * row_stride;
+    base[r] = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{15});
+    head[r] = static_cast<int>(p - base[r]);
+  }
+  auto issue = [&](int64_t i) {  // the warp's i-th chunk into stage i % S
+    if (i < n_mine) {
+      const int64_t b0 = (warp + i * n_warps) * C::kBytes;
+      const int64_t nb = min(static_cast<int64_t>(C::kBytes), row_bytes - b0);
+      uint8_t* stage = my + (i % S) * R * C::kSmemBytes;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int nvec = static_cast<int>((head[r] + nb + 15) / 16);
+#pragma unroll
+        for (int k = 0; k < C::kVecPerLane; ++k) {
+          const int v = lane + 32 * k;
+          if (v < nvec) cp_async16(stage + r * C::kSmemBytes + 16 * v, base[r] + b0 + 16 * v);
+        }
+      }
+    }
+    cp_async_commit();  // empty groups too, so that wait_group counts stay uniform
+  };
+
+  float acc[R] = {};
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) issue(i);
+  for (int64_t i = 0; i < n_mine; ++i) {
+    const int64_t u = (warp + i * n_warps) * 32 + lane;
+    UnitX<T> ux;
+    if (u < n_units) load_unit_x<T>(x, u, ux);  // x does not wait for the weights
+    cp_async_wait<S - 2>();
+    __syncwarp();
+    issue(i + S - 1);  // refills the stage decoded in the previous iteration
+    if (u < n_units) {
+      const uint8_t* stage = my + (i % S) * R * C::kSmemBytes;
+      const int blk = lane / Q::kUnitsPerBlock, j = lane % Q::kUnitsPerBlock;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        acc[r] += unit_dot<T>(stage + r * C::kSmemBytes + head[r] + blk * Q::kBlockBytes, j, ux);
+    }
+    __syncwarp();
+  }
+  cp_async_wait<0>();
+  block_reduce_store<R>(acc, y, row0, n_rows);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Fallback for any layout: one warp per row, element by element.
+__global__ void matvec_generic_kernel(GgmlType type, const uint8_t* __restrict__ w /* (n_rows, row_stride) */,
+                                      size_t row_stride, int64_t n_rows, int64_t n_cols,
+                                      const float* __restrict__ x /* (n_cols) */, float* __restrict__ y /* (n_rows) */) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= n_rows) return;
+  const uint8_t* p = w + static_cast<size_t>(row) * row_stride;
+  float acc = 0.0f;
+  for (int64_t c = lane; c < n_cols; c += 32) acc = fmaf(dq_elem(type, p, c), x[c], acc);
+  acc = warp_sum(acc);
+  if (lane == 0) y[row] = acc;
+}
+
+template <GgmlType T>
+void launch_plain(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
+                  cudaStream_t s) {
+  constexpr int U = 2;
+  const int64_t n_vec = n_cols / Plain<T>::kElems;
+  // Fewer warps when the row is short, so that threads don't idle.
+  const int threads = static_cast<int>(std::clamp<int64_t>((n_vec / U + 31) / 32 * 32, 32, 128));
+  const int64_t blocks = (n_rows + kRows - 1) / kRows;
+  matvec_plain_kernel<T, kRows, U><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
+      static_cast<const uint8_t*>(w), stride, n_rows, n_vec, x, y);
+  SHARDLM_CUDA_CHECK_LAUNCH("matvec_plain_kernel");
+}
+
+template <GgmlType T>
+void launch_quant(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
+                  cudaStream_t s) {
+  constexpr int kStages = 3;
+  const int64_t n_units = n_cols / Quant<T>::kUnitElems;
+  const int64_t n_chunks = (n_units + 31) / 32;
+  // Enough chunks per warp (>= 4) for the pipeline to fill; more warps per row only for long rows.
+  const int warps = static_cast<int>(std::clamp<int64_t>(n_chunks / 4, 1, 4));
+  const size_t smem = static_cast<size_t>(warps) * kStages * kRows * Chunk<T>::kSmemBytes;
+  auto kernel = matvec_quant_kernel<T, kRows, kStages>;
+  if (smem > 48 * 1024)
+    SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // Keep about a third of the unified L1/shared storage as L1: x (16-56 KB) is read by every block.
+  SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 66));
+  const int64_t blocks = (n_rows + kRows - 1) / kRows;
+  kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, s>>>(static_cast<const uint8_t*>(w), stride, n_rows,
+                                                                  n_units, x, y);
+  SHARDLM_CUDA_CHECK_LAUNCH("matvec_quant_kernel");
+}
+
+}  // namespace
+
+bool matvec_fast_path(GgmlType type, const void* w, size_t row_stride, int64_t n_cols) {
+  const auto a = reinterpret_cast<uintptr_t>(w);
+  switch (type) {
+    case GgmlType::F32:
+      return (a % 16 == 0) && (row_stride % 16 == 0) && (n_cols % 4 == 0);
+    case GgmlType::F16:
+    case GgmlType::BF16:
+      return (a % 16 == 0) && (row_stride % 16 == 0) && (n_cols % 8 == 0);
+    case GgmlType::Q4_0:
+    case GgmlType::Q8_0:
+    case GgmlType::Q4_K:
+    case GgmlType::Q6_K:
+      // x is read as float4 per unit: the caller's x must be 16-byte aligned (checked by the backend)
+      return (a % 2 == 0) && (row_stride % 2 == 0);
+    default:
+      return false;
+  }
+}
+
+void launch_matvec(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                   const float* x, float* y, cudaStream_t s, bool force_generic) {
+  if (n_rows <= 0) return;
+  if (force_generic || !matvec_fast_path(type, w, row_stride, n_cols)) {
+    const int warps = 8;
+    matvec_generic_kernel<<<static_cast<unsigned>((n_rows + warps - 1) / warps), warps * 32, 0, s>>>(
+        type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, y);
+    SHARDLM_CUDA_CHECK_LAUNCH("matvec_generic_kernel");
+    return;
+  }
+  switch (type) {
+    case GgmlType::F32: return launch_plain<GgmlType::F32>(w, row_stride, n_rows, n_cols, x, y, s);
+    case GgmlType::F16: return launch_plain<GgmlType::F16>(w, row_stride, n_rows, n_cols, x, y, s);
+    case GgmlType::BF16: return launch_plain<GgmlType::BF16>(w, row_stride, n_rows, n_cols, x, y, s);
+    case GgmlType::Q4_0: return launch_quant<GgmlType::Q4_0>(w, row_stride, n_rows, n_cols, x, y, s);
+    case GgmlType::Q8_0: return launch_quant<GgmlType::Q8_0>(w, row_stride, n_rows, n_cols, x, y, s);
+    case GgmlType::Q4_K: return launch_quant<GgmlType::Q4_K>(w, row_stride, n_rows, n_cols, x, y, s);
+    case GgmlType::Q6_K: return launch_quant<GgmlType::Q6_K>(w, row_stride, n_rows, n_cols, x, y, s);
+    default: break;
+  }
+}
+
+}  // namespace shardlm::cuda_detail

@@ -1,0 +1,658 @@
+// Every op of the CUDA backend except the matrix-vector products (matvec.cu).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+
+#include "backends/cuda/cuda_util.cuh"
+#include "backends/cuda/dequant.cuh"
+#include "backends/cuda/kernels.cuh"
+
+namespace shardlm::cuda_detail {
+namespace {
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+unsigned grid_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + threads - 1) / threads, 1, cap));
+}
+
+// ---- element-wise -----------------------------------------------------------------------------------
+// One block per token row. Rows up to kNormVec * 4 * blockDim floats stay in registers (one read of x);
+// longer rows are read twice.
+constexpr int kNormThreads = 1024, kNormVec = 4;
+__global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const float* __restrict__ x /* (n_tok, n) */,
+                                                               const float* __restrict__ w /* (n) */,
+                                                               float* __restrict__ y /* (n_tok, n) */, int64_t n,
+                                                               float eps) {
+  const float* xr = x + blockIdx.x * n;
+  float* yr = y + blockIdx.x * n;
+  const bool vec = (n % 4 == 0) && (n <= static_cast<int64_t>(kNormVec) * 4 * blockDim.x) &&
+                   (reinterpret_cast<uintptr_t>(xr) % 16 == 0) && (reinterpret_cast<uintptr_t>(yr) % 16 == 0) &&
+                   (reinterpret_cast<uintptr_t>(w) % 16 == 0);
+  float4 v[kNormVec];
+  float ss = 0.0f;
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < kNormVec; ++k) {
+      const int64_t i = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * 4;
+      v[k] = i < n ? *reinterpret_cast<const float4*>(xr + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      ss = fmaf(v[k].x, v[k].x, fmaf(v[k].y, v[k].y, fmaf(v[k].z, v[k].z, fmaf(v[k].w, v[k].w, ss))));
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+  }
+  __shared__ float part[32];  // (warps)
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float t = (threadIdx.x < blockDim.x / 32) ? part[threadIdx.x] : 0.0f;
+    t = warp_sum(t);
+    if (threadIdx.x == 0) part[0] = t;
+  }
+  __syncthreads();
+  const float scale = 1.0f / sqrtf(part[0] / static_cast<float>(n) + eps);
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < kNormVec; ++k) {
+      const int64_t i = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * 4;
+      if (i < n) {
+        const float4 g = *reinterpret_cast<const float4*>(w + i);
+        *reinterpret_cast<float4*>(yr + i) =
+            make_float4(v[k].x * scale * g.x, v[k].y * scale * g.y, v[k].z * scale * g.z, v[k].w * scale * g.w);
+      }
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * scale * w[i];
+  }
+}
+
+__global__ void add_bias_kernel(float* __restrict__ y /* (n_tok, n) */, const float* __restrict__ b /* (n) */,
+                                int64_t total, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[i] += b[i % n];
+}
+
+__global__ void add_kernel(float* __restrict__ y /* (n) */, const float* __restrict__ x /* (n) */, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[i] += x[i];
+}
+
+__global__ void swiglu_kernel(const float* __restrict__ g /* (n) */, const float* __restrict__ u /* (n) */,
+                              float* __restrict__ o /* (n) */, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float a = g[i];
+    o[i] = a / (1.0f + expf(-a)) * u[i];
+  }
+}
+
+// One thread per rotated pair. The angle is formed in double: at positions ~1e5 a float angle would be
+// off by ~1e-2 rad.
+__global__ void rope_kernel(float* __restrict__ x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads,
+                            int64_t head_dim, float freq_base, const float* __restrict__ ff /* (head_dim/2) or null */,
+                            const StepDev* __restrict__ step) {
+  const int64_t half = head_dim / 2;
+  const int64_t total = n_tok * n_heads * half;
+  const int64_t pos0 = step->pos0;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % half;
+    const int64_t t = idx / (half * n_heads);
+    double theta = pow(static_cast<double>(freq_base), -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+    if (ff) theta /= static_cast<double>(ff[i]);
+    double s, c;
+    sincos(static_cast<double>(pos0 + t) * theta, &s, &c);
+    float* p = x + (idx / half) * head_dim + 2 * i;
+    const float x0 = p[0], x1 = p[1];
+    p[0] = static_cast<float>(x0 * c - x1 * s);
+    p[1] = static_cast<float>(x0 * s + x1 * c);
+  }
+}
+
+// ---- KV cache ----------------------------------------------------------------------------------------
+template <typename KV>
+__device__ __forceinline__ KV to_kv(float v);
+template <>
+__device__ __forceinline__ float to_kv<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half to_kv<__half>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float kv_f32(float v) { return v; }
+__device__ __forceinline__ float kv_f32(__half v) { return __half2float(v); }
+// 8 consecutive cache elements (16-byte aligned) as floats.
+__device__ __forceinline__ void load8(const __half* p, float (&o)[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
+    o[2 * k] = f.x;
+    o[2 * k + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const float* p, float (&o)[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+  o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+
+template <typename KV>
+__global__ void kv_store_kernel(KV* __restrict__ kc /* (n_ctx, n_head_kv, head_dim) */,
+                                KV* __restrict__ vc /* (n_ctx, n_head_kv, head_dim) */, int64_t n_ctx,
+                                int64_t row /* n_head_kv * head_dim */, const float* __restrict__ k /* (n_tok, row) */,
+                                const float* __restrict__ v /* (n_tok, row) */, int64_t n_tok,
+                                const StepDev* __restrict__ step) {
+  const int64_t total = n_tok * row;
+  const int64_t pos0 = step->pos0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / row;
+    if (pos0 + t >= n_ctx || pos0 + t < 0) continue;  // the host checks; this only keeps a bad replay in bounds
+    const int64_t dst = (pos0 + t) * row + (i % row);
+    kc[dst] = to_kv<KV>(k[i]);
+    vc[dst] = to_kv<KV>(v[i]);
+  }
+}
+
+// ---- attention ----------------------------------------------------------------------------------------
+// Decode, flash-decoding style. Block (kv head kh, split s) covers positions [s*chunk, min(len, (s+1)*chunk))
+// for the G query heads that share kv head kh; chunk = ceil(len / n_split) rounded up to 32, len = pos0 + 1.
+// Each warp takes 32-position tiles: lane = position for the scores (q in shared memory), lane = dims for
+// the V accumulation. Partial results (m, l, acc) go to `partial`, merged by attention_combine_kernel.
+constexpr int kAttnWarps = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename KV, int D, int G>
+__global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
+    const float* __restrict__ q,   // (n_head, D), n_head = n_head_kv * G
+    const KV* __restrict__ kc,     // (n_ctx, n_head_kv, D)
+    const KV* __restrict__ vc,     // (n_ctx, n_head_kv, D)
+    int64_t n_ctx, int64_t n_head_kv, int n_split,
+    float* __restrict__ partial,   // (n_head, n_split, D + 2): acc[D], m, l
+    const StepDev* __restrict__ step) {
+  constexpr int DL = D / 32;  // dims per lane in the V pass
+  __shared__ __align__(16) float qs[G][D];  // queries pre-scaled by log2(e)/sqrt(D)
+  __shared__ float wm[kAttnWarps][G], wl[kAttnWarps][G];
+  __shared__ float wacc[kAttnWarps][G][D];
+  const int kh = blockIdx.x, s = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t len = min(step->pos0 + 1, n_ctx);  // the host checks pos0 < n_ctx; this keeps a replay in bounds
+  const int64_t chunk = ((len + n_split - 1) / n_split + 31) / 32 * 32;
+  const int64_t p_begin = s * chunk, p_end = min(len, p_begin + chunk);
+  const float scale = kLog2e / sqrtf(static_cast<float>(D));
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i / D][i % D] = q[(kh * G + i / D) * D + i % D] * scale;
+  __syncthreads();
+
+  float m[G], l[G], acc[G][DL];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DL; ++i) acc[g][i] = 0.0f;
+  }
+  const int64_t kv_row = n_head_kv * D;
+  for (int64_t t0 = p_begin + warp * 32; t0 < p_end; t0 += kAttnWarps * 32) {
+    const int64_t p = t0 + lane;
+    float sc[G];
+    if (p < p_end) {
+      const KV* kr = kc + p * kv_row + kh * D;
+#pragma unroll
+      for (int g = 0; g < G; ++g) sc[g] = 0.0f;
+      // the lane's key row in 16-byte loads (rows are D * sizeof(KV) >= 128 bytes apart)
+#pragma unroll 4
+      for (int d0 = 0; d0 < D; d0 += 8) {
+        float kf[8];
+        load8(kr + d0, kf);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float4 qa = *reinterpret_cast<const float4*>(&qs[g][d0]);
+          const float4 qb = *reinterpret_cast<const float4*>(&qs[g][d0 + 4]);
+          sc[g] = fmaf(qa.x, kf[0], sc[g]);
+          sc[g] = fmaf(qa.y, kf[1], sc[g]);
+          sc[g] = fmaf(qa.z, kf[2], sc[g]);
+          sc[g] = fmaf(qa.w, kf[3], sc[g]);
+          sc[g] = fmaf(qb.x, kf[4], sc[g]);
+          sc[g] = fmaf(qb.y, kf[5], sc[g]);
+          sc[g] = fmaf(qb.z, kf[6], sc[g]);
+          sc[g] = fmaf(qb.w, kf[7], sc[g]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int g = 0; g < G; ++g) sc[g] = -INFINITY;
+    }
+    float pr[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float mt = warp_max(sc[g]);
+      const float mn = fmaxf(m[g], mt);
+      const float corr = exp2f(m[g] - mn);  // m = -inf at first: 0
+      pr[g] = (p < p_end) ? exp2f(sc[g] - mn) : 0.0f;
+      l[g] = l[g] * corr + warp_sum(pr[g]);
+      m[g] = mn;
+#pragma unroll
+      for (int i = 0; i < DL; ++i) acc[g][i] *= corr;
+    }
+    const int n_here = static_cast<int>(p_end - t0 < 32 ? p_end - t0 : 32);
+    for (int j0 = 0; j0 < n_here; j0 += 8) {
+      float vv[8][DL];  // 8 positions' loads in flight before the first use
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const KV* vr = vc + (t0 + min(j0 + jj, n_here - 1)) * kv_row + kh * D;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) vv[jj][i] = kv_f32(vr[lane + 32 * i]);
+      }
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float pj = __shfl_sync(0xffffffffu, pr[g], (j0 + jj) & 31);  // pr = 0 past n_here
+#pragma unroll
+          for (int i = 0; i < DL; ++i) acc[g][i] = fmaf(pj, vv[jj][i], acc[g][i]);
+        }
+    }
+  }
+  // merge the warps
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (lane == 0) {
+      wm[warp][g] = m[g];
+      wl[warp][g] = l[g];
+    }
+#pragma unroll
+    for (int i = 0; i < DL; ++i) wacc[warp][g][lane + 32 * i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    float mm = -INFINITY;
+    for (int w = 0; w < kAttnWarps; ++w) mm = fmaxf(mm, wm[w][g]);
+    float ll = 0.0f, a = 0.0f;
+    if (mm != -INFINITY) {
+      for (int w = 0; w < kAttnWarps; ++w) {
+        const float c = exp2f(wm[w][g] - mm);
+        ll += wl[w][g] * c;
+        a += wacc[w][g][d] * c;
+      }
+    }
+    float* out = partial + ((static_cast<int64_t>(kh) * G + g) * n_split + s) * (D + 2);
+    out[d] = a;
+    if (d == 0) {
+      out[D] = mm;
+      out[D + 1] = ll;
+    }
+  }
+}
+
+__global__ void attention_combine_kernel(const float* __restrict__ partial /* (n_head, n_split, D + 2) */,
+                                         int n_split, int64_t D, float* __restrict__ out /* (n_head, D) */) {
+  __shared__ float wgt[256];  // (n_split): exp2(m_s - M), then times 1/L
+  __shared__ float red[2];
+  const int h = blockIdx.x;
+  const float* ph = partial + static_cast<int64_t>(h) * n_split * (D + 2);
+  if (threadIdx.x < 32) {
+    float mm = -INFINITY;
+    for (int s = threadIdx.x; s < n_split; s += 32) mm = fmaxf(mm, ph[s * (D + 2) + D]);
+    mm = warp_max(mm);
+    float ll = 0.0f;
+    for (int s = threadIdx.x; s < n_split; s += 32) {
+      const float m = ph[s * (D + 2) + D];
+      const float c = (m == -INFINITY) ? 0.0f : exp2f(m - mm);
+      wgt[s] = c;
+      ll += c * ph[s * (D + 2) + D + 1];
+    }
+    ll = warp_sum(ll);
+    if (threadIdx.x == 0) red[0] = 1.0f / ll;
+  }
+  __syncthreads();
+  const float inv = red[0];
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < n_split; ++s) a = fmaf(wgt[s], ph[s * (D + 2) + d], a);
+    out[h * D + d] = a * inv;
+  }
+}
+
+// Any n_tok / head_dim <= 256: block (token t, head h), 4 warps over 32-position key tiles of [0, pos0 + t].
+constexpr int kMaxD = 256;
+template <typename KV>
+__global__ void __launch_bounds__(kAttnWarps * 32) attention_generic_kernel(
+    const float* __restrict__ q,  // (n_tok, n_head, D)
+    const KV* __restrict__ kc,    // (n_ctx, n_head_kv, D)
+    const KV* __restrict__ vc,    // (n_ctx, n_head_kv, D)
+    int64_t n_ctx, int64_t n_head_kv, int64_t D, int64_t n_head,
+    float* __restrict__ out,      // (n_tok, n_head, D)
+    const StepDev* __restrict__ step) {
+  constexpr int DL = kMaxD / 32;
+  __shared__ float qs[kMaxD];
+  __shared__ float wm[kAttnWarps], wl[kAttnWarps];
+  __shared__ float wacc[kAttnWarps][kMaxD];
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const int64_t kh = h / (n_head / n_head_kv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t len = min(step->pos0 + t + 1, n_ctx);
+  const float scale = kLog2e / sqrtf(static_cast<float>(D));
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) qs[i] = q[(t * n_head + h) * D + i] * scale;
+  __syncthreads();
+  float m = -INFINITY, l = 0.0f, acc[DL];
+#pragma unroll
+  for (int i = 0; i < DL; ++i) acc[i] = 0.0f;
+  const int64_t kv_row = n_head_kv * D;
+  for (int64_t t0 = warp * 32; t0 < len; t0 += kAttnWarps * 32) {
+    const int64_t p = t0 + lane;
+    float sc = -INFINITY;
+    if (p < len) {
+      const KV* kr = kc + p * kv_row + kh * D;
+      sc = 0.0f;
+      for (int64_t d = 0; d < D; ++d) sc = fmaf(qs[d], kv_f32(kr[d]), sc);
+    }
+    const float mn = fmaxf(m, warp_max(sc));
+    const float corr = exp2f(m - mn);
+    const float pr = (p < len) ? exp2f(sc - mn) : 0.0f;
+    l = l * corr + warp_sum(pr);
+    m = mn;
+#pragma unroll
+    for (int i = 0; i < DL; ++i) acc[i] *= corr;
+    const int n_here = static_cast<int>(len - t0 < 32 ? len - t0 : 32);
+    for (int j = 0; j < n_here; ++j) {
+      const KV* vr = vc + (t0 + j) * kv_row + kh * D;
+      const float pj = __shfl_sync(0xffffffffu, pr, j);
+#pragma unroll
+      for (int i = 0; i < DL; ++i)
+        if (lane + 32 * i < D) acc[i] = fmaf(pj, kv_f32(vr[lane + 32 * i]), acc[i]);
+    }
+  }
+  if (lane == 0) {
+    wm[warp] = m;
+    wl[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < DL; ++i)
+    if (lane + 32 * i < D) wacc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  float mm = -INFINITY;
+  for (int w = 0; w < kAttnWarps; ++w) mm = fmaxf(mm, wm[w]);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float ll = 0.0f, a = 0.0f;
+    for (int w = 0; w < kAttnWarps; ++w) {
+      if (wm[w] == -INFINITY) continue;
+      const float c = exp2f(wm[w] - mm);
+      ll += wl[w] * c;
+      a += wacc[w][d] * c;
+    }
+    out[(t * n_head + h) * D + d] = a / ll;
+  }
+}
+
+// ---- lookup and conversion ------------------------------------------------------------------------------
+__global__ void get_rows_kernel(GgmlType type, const uint8_t* __restrict__ table /* (n_rows, row_stride) */,
+                                size_t row_stride, int64_t n_rows, int64_t n_cols,
+                                const int32_t* __restrict__ ids /* (n_tok) */, float* __restrict__ out /* (n_tok, n_cols) */) {
+  const int64_t t = blockIdx.y;
+  const int64_t id = ids[t];
+  float* o = out + t * n_cols;
+  const bool ok = id >= 0 && id < n_rows;  // the host validates ids; a bad one yields NaN, never a fault
+  const uint8_t* row = table + static_cast<size_t>(ok ? id : 0) * row_stride;
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < n_cols;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    o[c] = ok ? dq_elem(type, row, c) : __int_as_float(0x7fc00000);
+}
+
+__global__ void dequant_rows_kernel(GgmlType type, const uint8_t* __restrict__ w /* (rows, row_stride) */,
+                                    size_t row_stride, int64_t row0, int64_t n_rows, int64_t n_cols,
+                                    uint16_t* __restrict__ dst /* (n_rows, n_cols) */, bool to_bf16) {
+  const int64_t total = n_rows * n_cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / n_cols, c = i % n_cols;
+    const float v = dq_elem(type, w + static_cast<size_t>(row0 + r) * row_stride, c);
+    dst[i] = to_bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : __half_as_ushort(__float2half_rn(v));
+  }
+}
+
+__global__ void f32_to_16_kernel(const float* __restrict__ src /* (n) */, uint16_t* __restrict__ dst /* (n) */,
+                                 int64_t n, bool to_bf16) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = to_bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(src[i])) : __half_as_ushort(__float2half_rn(src[i]));
+}
+
+// ---- argmax ------------------------------------------------------------------------------------------
+// Key = (order-preserving bits of the value) << 32 | (0xffffffff - index): the largest key is the largest
+// value at the lowest index. NaNs get key 0 (never chosen unless everything is NaN; then index 0).
+__device__ __forceinline__ unsigned long long argmax_key(float v, int64_t i) {
+  if (isnan(v)) return 0ull;
+  const uint32_t b = __float_as_uint(v);
+  const uint32_t ord = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (static_cast<unsigned long long>(ord) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+}
+__global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int64_t n,
+                                      unsigned long long* __restrict__ best /* (1), zeroed */) {
+  unsigned long long k = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    k = max(k, argmax_key(x[i], i));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) k = max(k, __shfl_xor_sync(0xffffffffu, k, o));
+  if (threadIdx.x % 32 == 0 && k != 0) atomicMax(best, k);
+}
+__global__ void argmax_final_kernel(const unsigned long long* __restrict__ best, int32_t* __restrict__ out) {
+  const unsigned long long k = *best;
+  *out = k == 0 ? 0 : static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffu));
+}
+
+// ---- random fill (tests, bench) ------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+__device__ __forceinline__ float unit_rand(uint64_t k) {  // [-1, 1)
+  return static_cast<float>(hash32(k) >> 8) * (2.0f / 16777216.0f) - 1.0f;
+}
+__global__ void fill_random_kernel(GgmlType type, uint8_t* __restrict__ dst /* (n_rows, row_stride) */, int64_t n_rows,
+                                   size_t row_stride, int64_t row_bytes, int64_t block_bytes, uint64_t seed) {
+  const int64_t total = n_rows * row_bytes;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total / 2;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = (2 * i) / row_bytes, off = (2 * i) % row_bytes;  // 16-bit granules
+    uint16_t* p = reinterpret_cast<uint16_t*>(dst + static_cast<size_t>(r) * row_stride + off);
+    const uint64_t key = seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(i);
+    const int64_t ob = off % block_bytes;
+    const float scale = 0.01f * (1.0f + 0.5f * unit_rand(key ^ 0x5555));
+    uint16_t v = static_cast<uint16_t>(hash32(key));
+    switch (type) {
+      case GgmlType::F32:
+        v = static_cast<uint16_t>(__float_as_uint(unit_rand(seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(i / 2))) >>
+                                  ((off % 4) ? 16 : 0));
+        break;
+      case GgmlType::F16: v = __half_as_ushort(__float2half_rn(unit_rand(key))); break;
+      case GgmlType::BF16: v = __bfloat16_as_ushort(__float2bfloat16_rn(unit_rand(key))); break;
+      case GgmlType::Q8_0:
+      case GgmlType::Q4_0:
+        if (ob == 0) v = __half_as_ushort(__float2half_rn(scale));
+        break;
+      case GgmlType::Q4_K:
+        if (ob == 0 || ob == 2) v = __half_as_ushort(__float2half_rn(scale * 0.1f));
+        break;
+      case GgmlType::Q6_K:
+        if (ob == 208) v = __half_as_ushort(__float2half_rn(scale * 0.1f));
+        break;
+      default: break;
+    }
+    *p = v;
+  }
+}
+
+}  // namespace
+
+void launch_rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps, cudaStream_t s) {
+  if (n_tok <= 0) return;
+  rms_norm_kernel<<<static_cast<unsigned>(n_tok), kNormThreads, 0, s>>>(x, w, y, n, eps);
+  SHARDLM_CUDA_CHECK_LAUNCH("rms_norm_kernel");
+}
+
+void launch_add_bias(float* y, const float* b, int64_t n_tok, int64_t n, cudaStream_t s) {
+  if (n_tok * n <= 0) return;
+  add_bias_kernel<<<grid_for(n_tok * n, 256), 256, 0, s>>>(y, b, n_tok * n, n);
+  SHARDLM_CUDA_CHECK_LAUNCH("add_bias_kernel");
+}
+
+void launch_add(float* y, const float* x, int64_t n, cudaStream_t s) {
+  if (n <= 0) return;
+  add_kernel<<<grid_for(n, 256), 256, 0, s>>>(y, x, n);
+  SHARDLM_CUDA_CHECK_LAUNCH("add_kernel");
+}
+
+void launch_swiglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s) {
+  if (n <= 0) return;
+  swiglu_kernel<<<grid_for(n, 256), 256, 0, s>>>(gate, up, out, n);
+  SHARDLM_CUDA_CHECK_LAUNCH("swiglu_kernel");
+}
+
+void launch_rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, float freq_base,
+                 const float* freq_factors, const StepDev* step, cudaStream_t s) {
+  const int64_t total = n_tok * n_heads * (head_dim / 2);
+  if (total <= 0) return;
+  rope_kernel<<<grid_for(total, 256), 256, 0, s>>>(x, n_tok, n_heads, head_dim, freq_base, freq_factors, step);
+  SHARDLM_CUDA_CHECK_LAUNCH("rope_kernel");
+}
+
+void launch_kv_store(GgmlType kv_type, void* k_cache, void* v_cache, int64_t n_ctx, int64_t n_head_kv,
+                     int64_t head_dim, const float* k, const float* v, int64_t n_tok, const StepDev* step,
+                     cudaStream_t s) {
+  const int64_t row = n_head_kv * head_dim, total = n_tok * row;
+  if (total <= 0) return;
+  if (kv_type == GgmlType::F16)
+    kv_store_kernel<__half><<<grid_for(total, 256), 256, 0, s>>>(static_cast<__half*>(k_cache),
+                                                               static_cast<__half*>(v_cache), n_ctx, row, k, v,
+                                                               n_tok, step);
+  else
+    kv_store_kernel<float><<<grid_for(total, 256), 256, 0, s>>>(static_cast<float*>(k_cache),
+                                                              static_cast<float*>(v_cache), n_ctx, row, k, v,
+                                                              n_tok, step);
+  SHARDLM_CUDA_CHECK_LAUNCH("kv_store_kernel");
+}
+
+int attention_decode_splits(int64_t n_ctx, int64_t n_head_kv, int sm_count) {
+  // About two blocks per SM at full context, never more splits than 64-position slices of the cache.
+  const int64_t want = std::max<int64_t>(1, (2 * sm_count + n_head_kv - 1) / n_head_kv);
+  return static_cast<int>(std::clamp<int64_t>(std::min(want, (n_ctx + 63) / 64), 1, 256));
+}
+
+bool attention_decode_supported(int64_t head_dim, int64_t group) {
+  return (head_dim == 64 || head_dim == 128) && (group == 1 || group == 2 || group == 4 || group == 8);
+}
+
+template <typename KV, int D>
+static void decode_d(int64_t group, const float* q, const void* kc, const void* vc, int64_t n_ctx, int64_t n_head_kv,
+                     int n_split,
+                     float* partial, const StepDev* step, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>(n_head_kv), static_cast<unsigned>(n_split));
+  const auto* k = static_cast<const KV*>(kc);
+  const auto* v = static_cast<const KV*>(vc);
+  switch (group) {
+    case 1: attention_decode_kernel<KV, D, 1><<<grid, kAttnWarps * 32, 0, s>>>(q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+    case 2: attention_decode_kernel<KV, D, 2><<<grid, kAttnWarps * 32, 0, s>>>(q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+    case 4: attention_decode_kernel<KV, D, 4><<<grid, kAttnWarps * 32, 0, s>>>(q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+    default: attention_decode_kernel<KV, D, 8><<<grid, kAttnWarps * 32, 0, s>>>(q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+  }
+  SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
+}
+
+void launch_attention_decode(GgmlType kv_type, const float* q, const void* k_cache, const void* v_cache,
+                             int64_t n_ctx, int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split,
+                             float* partial, float* out, const StepDev* step, cudaStream_t s) {
+  const int64_t group = n_head / n_head_kv;
+  const bool f16 = kv_type == GgmlType::F16;
+  if (head_dim == 64) {
+    if (f16) decode_d<__half, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
+    else decode_d<float, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
+  } else {
+    if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
+    else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
+  }
+  attention_combine_kernel<<<static_cast<unsigned>(n_head), static_cast<unsigned>(std::min<int64_t>(head_dim, 256)),
+                             0, s>>>(partial, n_split, head_dim, out);
+  SHARDLM_CUDA_CHECK_LAUNCH("attention_combine_kernel");
+}
+
+void launch_attention_generic(GgmlType kv_type, const float* q, const void* k_cache, const void* v_cache,
+                              int64_t n_ctx, int64_t n_head_kv, int64_t head_dim, int64_t n_tok, int64_t n_head,
+                              float* out, const StepDev* step, cudaStream_t s) {
+  if (n_tok <= 0) return;
+  const dim3 grid(static_cast<unsigned>(n_tok), static_cast<unsigned>(n_head));
+  if (kv_type == GgmlType::F16)
+    attention_generic_kernel<__half><<<grid, kAttnWarps * 32, 0, s>>>(
+        q, static_cast<const __half*>(k_cache), static_cast<const __half*>(v_cache), n_ctx, n_head_kv, head_dim, n_head, out,
+        step);
+  else
+    attention_generic_kernel<float><<<grid, kAttnWarps * 32, 0, s>>>(
+        q, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), n_ctx, n_head_kv, head_dim, n_head, out,
+        step);
+  SHARDLM_CUDA_CHECK_LAUNCH("attention_generic_kernel");
+}
+
+void launch_get_rows(GgmlType type, const void* table, size_t row_stride, int64_t n_rows_table, int64_t n_cols,
+                     const int32_t* ids, int64_t n_tok, float* out, cudaStream_t s) {
+  if (n_tok <= 0) return;
+  const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>((n_cols + 255) / 256, 1, 64)), static_cast<unsigned>(n_tok));
+  get_rows_kernel<<<grid, 256, 0, s>>>(type, static_cast<const uint8_t*>(table), row_stride, n_rows_table, n_cols, ids,
+                                       out);
+  SHARDLM_CUDA_CHECK_LAUNCH("get_rows_kernel");
+}
+
+void launch_dequant_rows(GgmlType type, const void* w, size_t row_stride, int64_t row0, int64_t n_rows,
+                         int64_t n_cols, void* dst, bool to_bf16, cudaStream_t s) {
+  const int64_t total = n_rows * n_cols;
+  if (total <= 0) return;
+  dequant_rows_kernel<<<grid_for(total, 256), 256, 0, s>>>(type, static_cast<const uint8_t*>(w), row_stride, row0,
+                                                           n_rows, n_cols, static_cast<uint16_t*>(dst), to_bf16);
+  SHARDLM_CUDA_CHECK_LAUNCH("dequant_rows_kernel");
+}
+
+void launch_f32_to_16(const float* src, void* dst, int64_t n, bool to_bf16, cudaStream_t s) {
+  if (n <= 0) return;
+  f32_to_16_kernel<<<grid_for(n, 256), 256, 0, s>>>(src, static_cast<uint16_t*>(dst), n, to_bf16);
+  SHARDLM_CUDA_CHECK_LAUNCH("f32_to_16_kernel");
+}
+
+void launch_argmax(const float* x, int64_t n, int32_t* out, unsigned long long* scratch, cudaStream_t s) {
+  SHARDLM_CUDA_CHECK(cudaMemsetAsync(scratch, 0, sizeof(unsigned long long), s));
+  argmax_partial_kernel<<<grid_for(n, 256, 264), 256, 0, s>>>(x, n, scratch);
+  SHARDLM_CUDA_CHECK_LAUNCH("argmax_partial_kernel");
+  argmax_final_kernel<<<1, 1, 0, s>>>(scratch, out);
+  SHARDLM_CUDA_CHECK_LAUNCH("argmax_final_kernel");
+}
+
+void launch_fill_random(GgmlType type, void* dst, int64_t n_rows, size_t row_stride, int64_t n_cols, uint64_t seed,
+                        cudaStream_t s) {
+  const auto& tt = type_traits(type);
+  const int64_t row_bytes = n_cols / tt.block_size * tt.type_size;
+  const int64_t block_bytes = tt.block_size == 1 ? 4 : tt.type_size;
+  fill_random_kernel<<<grid_for(n_rows * row_bytes / 2, 256), 256, 0, s>>>(
+      type, static_cast<uint8_t*>(dst), n_rows, row_stride, row_bytes, block_bytes, seed);
+  SHARDLM_CUDA_CHECK_LAUNCH("fill_random_kernel");
+}
+
+}  // namespace shardlm::cuda_detail

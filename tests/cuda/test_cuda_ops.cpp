@@ -1,0 +1,629 @@
+// Cross-backend op suite for the CUDA backend: every op x weight type x representative shapes against
+// plain fp64 loops written here from ggml's block layouts (independent of both the CUDA kernels and the
+// quant library). Outputs are surrounded by sentinel words and checked for NaN/Inf; inputs are random
+// with fixed seeds, never zeros. Every test skips when no GPU is visible.
+//
+// Tolerances are `atol + rtol * scale` where `scale` is the fp64 sum of |terms| of the quantity (e.g.
+// sum_c |w_rc x_c| for a dot product): float32 summation in another order errs by a few eps per term at
+// most, so rtol ~ 1e-5 bounds it with margin for n up to 14336 (eps * sqrt(n) ~ 7e-6 typical).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/cuda_backend.h"
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace shardlm {
+namespace {
+
+// ---- host helpers --------------------------------------------------------------------------------------
+uint16_t to_f16(float f) {  // round to nearest even; no NaN inputs here
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  if (x >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
+  if (x < 0x38800000u) {                                                 // subnormal half
+    float a;
+    std::memcpy(&a, &x, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.0f)));
+  }
+  const uint32_t mant_odd = (x >> 13) & 1u;
+  x += 0xfffu + mant_odd;
+  return static_cast<uint16_t>(sign | ((x - 0x38000000u) >> 13));
+}
+double f16(uint16_t h) {
+  const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  const double s = (h & 0x8000) ? -1.0 : 1.0;
+  if (e == 0) return s * std::ldexp(m, -24);
+  if (e == 31) return m ? std::numeric_limits<double>::quiet_NaN() : s * INFINITY;
+  return s * std::ldexp(1024 + m, e - 25);
+}
+uint16_t to_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+double bf16(uint16_t h) {
+  const uint32_t x = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+std::vector<float> rand_floats(std::mt19937_64& rng, size_t n, float lo = -1.0f, float hi = 1.0f) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// A random row of `type` (n elements): random quants, finite positive scales of realistic size.
+std::vector<uint8_t> rand_row(std::mt19937_64& rng, GgmlType type, int64_t n) {
+  std::vector<uint8_t> b(static_cast<size_t>(row_bytes(type, n)));
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f), sc(0.002f, 0.03f);
+  for (auto& x : b) x = static_cast<uint8_t>(byte(rng));
+  auto put16 = [&](size_t off, uint16_t v) { std::memcpy(b.data() + off, &v, 2); };
+  const int64_t bs = block_size(type), ts = type_size(type);
+  for (int64_t blk = 0; blk < n / bs; ++blk) {
+    const size_t o = static_cast<size_t>(blk * ts);
+    switch (type) {
+      case GgmlType::F32:
+        for (int64_t i = 0; i < n; ++i) {
+          const float f = u(rng);
+          std::memcpy(b.data() + 4 * i, &f, 4);
+        }
+        return b;
+      case GgmlType::F16:
+        for (int64_t i = 0; i < n; ++i) put16(2 * i, to_f16(u(rng)));
+        return b;
+      case GgmlType::BF16:
+        for (int64_t i = 0; i < n; ++i) put16(2 * i, to_bf16(u(rng)));
+        return b;
+      case GgmlType::Q8_0:
+      case GgmlType::Q4_0: put16(o, to_f16(sc(rng))); break;
+      case GgmlType::Q4_K:
+        put16(o, to_f16(sc(rng) * 0.1f));
+        put16(o + 2, to_f16(sc(rng) * 0.1f));
+        break;
+      case GgmlType::Q6_K: put16(o + 208, to_f16(sc(rng) * 0.1f)); break;
+      default: ADD_FAILURE() << "no generator for " << type_name(type);
+    }
+  }
+  return b;
+}
+
+// fp64 dequantization, written from ggml-common.h / ggml-quants.c.
+std::vector<double> deq_row(GgmlType type, const uint8_t* p, int64_t n) {
+  std::vector<double> y(static_cast<size_t>(n));
+  auto rd16 = [](const uint8_t* q) { return static_cast<uint16_t>(q[0] | (q[1] << 8)); };
+  switch (type) {
+    case GgmlType::F32:
+      for (int64_t i = 0; i < n; ++i) {
+        float f;
+        std::memcpy(&f, p + 4 * i, 4);
+        y[i] = f;
+      }
+      break;
+    case GgmlType::F16:
+      for (int64_t i = 0; i < n; ++i) y[i] = f16(rd16(p + 2 * i));
+      break;
+    case GgmlType::BF16:
+      for (int64_t i = 0; i < n; ++i) y[i] = bf16(rd16(p + 2 * i));
+      break;
+    case GgmlType::Q8_0:
+      for (int64_t b = 0; b < n / 32; ++b) {
+        const uint8_t* q = p + 34 * b;
+        for (int j = 0; j < 32; ++j) y[32 * b + j] = f16(rd16(q)) * static_cast<int8_t>(q[2 + j]);
+      }
+      break;
+    case GgmlType::Q4_0:
+      for (int64_t b = 0; b < n / 32; ++b) {
+        const uint8_t* q = p + 18 * b;
+        const double d = f16(rd16(q));
+        for (int j = 0; j < 16; ++j) {
+          y[32 * b + j] = d * ((q[2 + j] & 0xF) - 8);
+          y[32 * b + j + 16] = d * ((q[2 + j] >> 4) - 8);
+        }
+      }
+      break;
+    case GgmlType::Q4_K:
+      for (int64_t b = 0; b < n / 256; ++b) {
+        const uint8_t* q = p + 144 * b;
+        const double d = f16(rd16(q)), dmin = f16(rd16(q + 2));
+        const uint8_t* s = q + 4;
+        const uint8_t* qs = q + 16;
+        for (int j = 0; j < 8; ++j) {
+          int sc, m;
+          if (j < 4) {
+            sc = s[j] & 63;
+            m = s[j + 4] & 63;
+          } else {
+            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+          }
+          for (int l = 0; l < 32; ++l) {
+            const int v = (j & 1) ? (qs[32 * (j / 2) + l] >> 4) : (qs[32 * (j / 2) + l] & 0xF);
+            y[256 * b + 32 * j + l] = d * sc * v - dmin * m;
+          }
+        }
+      }
+      break;
+    case GgmlType::Q6_K:
+      for (int64_t b = 0; b < n / 256; ++b) {
+        const uint8_t* q = p + 210 * b;
+        const double d = f16(rd16(q + 208));
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* ql = q + 64 * h;
+          const uint8_t* qh = q + 128 + 32 * h;
+          const int8_t* sc = reinterpret_cast<const int8_t*>(q + 192 + 8 * h);
+          double* o = y.data() + 256 * b + 128 * h;
+          for (int l = 0; l < 32; ++l) {
+            const int is = l / 16;
+            o[l] = d * sc[is] * (((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+            o[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            o[l + 64] = d * sc[is + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            o[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+          }
+        }
+      }
+      break;
+    default: ADD_FAILURE() << "no dequantizer for " << type_name(type);
+  }
+  return y;
+}
+
+// ---- device buffers with sentinels ------------------------------------------------------------------------
+constexpr uint32_t kSentinel = 0x7fbadbadu;  // a NaN payload no kernel produces
+constexpr size_t kGuardWords = 64;
+
+// `n` floats (or `bytes` bytes) in the middle of a device buffer whose guards hold kSentinel.
+class Guarded {
+ public:
+  Guarded(Backend& b, size_t bytes) : b_(b), bytes_(bytes) {
+    buf_ = b.alloc(bytes + 2 * kGuardWords * 4);
+    std::vector<uint32_t> init((bytes + 3) / 4 + 2 * kGuardWords, kSentinel);
+    b.upload(buf_->data(), init.data(), bytes + 2 * kGuardWords * 4);
+  }
+  void* ptr() { return static_cast<uint8_t*>(buf_->data()) + kGuardWords * 4; }
+  float* f() { return static_cast<float*>(ptr()); }
+  void put(const void* host) { b_.upload(ptr(), host, bytes_); }
+  template <typename T>
+  std::vector<T> get() {
+    std::vector<uint8_t> all(bytes_ + 2 * kGuardWords * 4);
+    b_.download(all.data(), buf_->data(), all.size());
+    for (size_t i = 0; i < kGuardWords * 4; ++i) {
+      const uint8_t want = reinterpret_cast<const uint8_t*>(&kSentinel)[i % 4];
+      EXPECT_EQ(all[i], want) << "guard before the output overwritten at byte " << i;
+      EXPECT_EQ(all[kGuardWords * 4 + bytes_ + i], want) << "guard after the output overwritten at byte " << i;
+      if (all[i] != want || all[kGuardWords * 4 + bytes_ + i] != want) break;
+    }
+    std::vector<T> out(bytes_ / sizeof(T));
+    std::memcpy(out.data(), all.data() + kGuardWords * 4, bytes_);
+    return out;
+  }
+
+ private:
+  Backend& b_;
+  size_t bytes_;
+  std::unique_ptr<DeviceBuffer> buf_;
+};
+
+// Element-wise |got - ref| <= atol + rtol * scale[i] (scale defaults to |ref|), all finite; reports the worst.
+void expect_close(const std::vector<float>& got, const std::vector<double>& ref, double atol, double rtol,
+                  const std::string& what, const std::vector<double>* scale = nullptr) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  double worst = -1;
+  size_t wi = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(got[i])) << what << ": non-finite output " << got[i] << " at " << i;
+    const double tol = atol + rtol * (scale ? (*scale)[i] : std::fabs(ref[i]));
+    const double share = std::fabs(got[i] - ref[i]) / tol;
+    if (share > worst) {
+      worst = share;
+      wi = i;
+    }
+  }
+  const double tol = atol + rtol * (scale ? (*scale)[wi] : std::fabs(ref[wi]));
+  EXPECT_LE(worst, 1.0) << what << ": worst element " << wi << " got " << got[wi] << " ref " << ref[wi]
+                        << " tol " << tol << " (" << worst * 100 << "% of it)";
+}
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible";
+    be_ = make_cuda_backend(0, GgmlType::F16);
+  }
+  std::unique_ptr<Backend> be_;
+  std::mt19937_64 rng_{20251126};
+};
+
+const GgmlType kTypes[] = {GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0,
+                           GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K};
+
+struct HostWeight {
+  std::vector<uint8_t> bytes;  // n_rows * stride (+ lead offset)
+  std::vector<std::vector<double>> deq;
+  size_t stride;
+};
+
+HostWeight make_host_weight(std::mt19937_64& rng, GgmlType t, int64_t rows, int64_t cols, size_t extra_stride) {
+  HostWeight w;
+  w.stride = static_cast<size_t>(row_bytes(t, cols)) + extra_stride;
+  w.bytes.assign(w.stride * rows, 0xEE);
+  for (int64_t r = 0; r < rows; ++r) {
+    auto row = rand_row(rng, t, cols);
+    std::memcpy(w.bytes.data() + r * w.stride, row.data(), row.size());
+    w.deq.push_back(deq_row(t, row.data(), cols));
+  }
+  return w;
+}
+
+// ---- matmul -----------------------------------------------------------------------------------------------
+struct MatCase {
+  int64_t rows, cols, n_tok;
+  size_t extra_stride;  // bytes of padding between rows (2: rows only 2-byte aligned)
+  size_t lead;          // bytes between the buffer start and row 0
+  size_t x_offset;      // floats by which x is offset (1: x not 16-byte aligned -> generic kernel)
+};
+
+void run_matmul(Backend& be, std::mt19937_64& rng, GgmlType t, const MatCase& c) {
+  const std::string what = std::string("matmul ") + type_name(t) + " " + std::to_string(c.rows) + "x" +
+                           std::to_string(c.cols) + " n_tok " + std::to_string(c.n_tok) + " pad " +
+                           std::to_string(c.extra_stride) + " lead " + std::to_string(c.lead) + " xoff " +
+                           std::to_string(c.x_offset);
+  SCOPED_TRACE(what);
+  const HostWeight hw = make_host_weight(rng, t, c.rows, c.cols, c.extra_stride);
+  Guarded wbuf(be, hw.bytes.size() + c.lead);
+  std::vector<uint8_t> wb(c.lead, 0xCD);
+  wb.insert(wb.end(), hw.bytes.begin(), hw.bytes.end());
+  wbuf.put(wb.data());
+  const WeightView w{t, c.cols, c.rows, hw.stride, static_cast<uint8_t*>(wbuf.ptr()) + c.lead};
+  const auto x = rand_floats(rng, c.n_tok * c.cols + c.x_offset);
+  Guarded xbuf(be, x.size() * 4), ybuf(be, c.n_tok * c.rows * 4);
+  xbuf.put(x.data());
+  be.matmul(w, xbuf.f() + c.x_offset, ybuf.f(), c.n_tok);
+  const auto y = ybuf.get<float>();
+  std::vector<double> ref(c.n_tok * c.rows), scale(c.n_tok * c.rows);
+  for (int64_t tk = 0; tk < c.n_tok; ++tk)
+    for (int64_t r = 0; r < c.rows; ++r) {
+      double s = 0, a = 0;
+      for (int64_t k = 0; k < c.cols; ++k) {
+        const double p = hw.deq[r][k] * x[c.x_offset + tk * c.cols + k];
+        s += p;
+        a += std::fabs(p);
+      }
+      ref[tk * c.rows + r] = s;
+      scale[tk * c.rows + r] = a;
+    }
+  // Decode kernels and f32 GEMMs accumulate in f32: 1e-5 of sum|w x|. The cuBLAS path of F16/BF16/quant
+  // weights rounds x (and dequantized weights) to 16 bits first: 2^-10 (fp16, both operands) or 2^-8
+  // (bf16, x only) of sum|w x| bounds that rounding.
+  const bool gemm = c.n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : c.n_tok > 8);
+  const double rtol = !gemm ? 1e-5 : (t == GgmlType::BF16 ? 1.0 / 256 : 1.0 / 1024);
+  expect_close(y, ref, 1e-6, rtol, what, &scale);
+}
+
+TEST_F(CudaOps, MatvecEveryTypeAndShape) {
+  const MatCase cases[] = {
+      {1, 256, 1, 0, 0, 0},     {7, 256, 1, 0, 0, 0},     {33, 512, 1, 0, 0, 0},   {257, 4096, 1, 0, 0, 0},
+      {4097, 4096, 1, 0, 0, 0}, {129, 14336, 1, 0, 0, 0}, {5, 768, 1, 0, 0, 0},
+  };
+  for (GgmlType t : kTypes)
+    for (const auto& c : cases) run_matmul(*be_, rng_, t, c);
+}
+
+TEST_F(CudaOps, MatvecUnalignedRowsAndInputs) {
+  for (GgmlType t : kTypes) {
+    // rows 2-byte aligned only (quantized types stage them through shared memory; plain types fall back)
+    run_matmul(*be_, rng_, t, {67, 512, 1, 2, 0, 0});
+    run_matmul(*be_, rng_, t, {19, 1024, 1, 0, 2, 0});
+    // x not 16-byte aligned: the element-by-element kernel
+    run_matmul(*be_, rng_, t, {23, 512, 1, 0, 0, 1});
+  }
+}
+
+TEST_F(CudaOps, MatmulPrefill) {
+  for (GgmlType t : kTypes) {
+    run_matmul(*be_, rng_, t, {129, 512, 7, 0, 0, 0});
+    run_matmul(*be_, rng_, t, {257, 1024, 64, 0, 0, 0});
+  }
+}
+
+TEST_F(CudaOps, GetRowsEveryType) {
+  for (GgmlType t : kTypes) {
+    SCOPED_TRACE(type_name(t));
+    const int64_t rows = 37, cols = 512;
+    const HostWeight hw = make_host_weight(rng_, t, rows, cols, 0);
+    Guarded tb(*be_, hw.bytes.size());
+    tb.put(hw.bytes.data());
+    const std::vector<int32_t> ids = {5, 0, 36, 5, 17, 2, 33};
+    Guarded out(*be_, ids.size() * cols * 4);
+    be_->get_rows(WeightView{t, cols, rows, hw.stride, tb.ptr()}, ids.data(), static_cast<int64_t>(ids.size()),
+                  out.f());
+    std::vector<double> ref;
+    for (int32_t id : ids) ref.insert(ref.end(), hw.deq[id].begin(), hw.deq[id].end());
+    // d * q products are exact in f32 for every format: only the final rounding to f32 differs
+    expect_close(out.get<float>(), ref, 0.0, 1e-7, "get_rows");
+  }
+  const std::vector<uint8_t> dummy(1024 * 4);
+  Guarded tb(*be_, dummy.size());
+  const int32_t bad = 1024;
+  EXPECT_THROW(be_->get_rows(WeightView{GgmlType::F32, 1, 1024, 4, tb.ptr()}, &bad, 1, tb.f()), Error);
+}
+
+// ---- element-wise ------------------------------------------------------------------------------------------
+TEST_F(CudaOps, RmsNormAddBiasSwiglu) {
+  for (int64_t n_tok : {1, 7}) {
+    const int64_t n = 4096;
+    const auto x = rand_floats(rng_, n_tok * n), w = rand_floats(rng_, n, 0.5f, 1.5f);
+    Guarded xb(*be_, x.size() * 4), wb(*be_, n * 4), yb(*be_, x.size() * 4);
+    xb.put(x.data());
+    wb.put(w.data());
+    be_->rms_norm(xb.f(), wb.f(), yb.f(), n_tok, n, 1e-5f);
+    std::vector<double> ref(x.size());
+    for (int64_t t = 0; t < n_tok; ++t) {
+      double ss = 0;
+      for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[t * n + i]) * x[t * n + i];
+      const double s = 1.0 / std::sqrt(ss / n + 1e-5);
+      for (int64_t i = 0; i < n; ++i) ref[t * n + i] = x[t * n + i] * s * w[i];
+    }
+    // f32 sum of squares (relative 1e-6) then two f32 products
+    expect_close(yb.get<float>(), ref, 1e-6, 1e-5, "rms_norm");
+
+    const auto b = rand_floats(rng_, n);
+    Guarded bb(*be_, n * 4);
+    bb.put(b.data());
+    be_->add_bias(xb.f(), bb.f(), n_tok, n);
+    std::vector<double> r2(x.size());
+    for (int64_t i = 0; i < n_tok * n; ++i) r2[i] = static_cast<double>(x[i]) + b[i % n];
+    expect_close(xb.get<float>(), r2, 0.0, 1e-7, "add_bias");  // one f32 rounding
+  }
+  const int64_t n = 14336 + 3;
+  const auto g = rand_floats(rng_, n, -6.0f, 6.0f), u = rand_floats(rng_, n), a = rand_floats(rng_, n);
+  Guarded gb(*be_, n * 4), ub(*be_, n * 4), ob(*be_, n * 4);
+  gb.put(g.data());
+  ub.put(u.data());
+  be_->swiglu(gb.f(), ub.f(), ob.f(), n);
+  std::vector<double> ref(n), r2(n);
+  for (int64_t i = 0; i < n; ++i) ref[i] = g[i] / (1.0 + std::exp(-static_cast<double>(g[i]))) * u[i];
+  expect_close(ob.get<float>(), ref, 1e-7, 1e-6, "swiglu");  // expf is within 2 ulp
+  ub.put(a.data());
+  be_->add(gb.f(), ub.f(), n);
+  for (int64_t i = 0; i < n; ++i) r2[i] = static_cast<double>(g[i]) + a[i];
+  expect_close(gb.get<float>(), r2, 0.0, 1e-7, "add");
+}
+
+TEST_F(CudaOps, RopeAdjacentPairsWithFreqFactors) {
+  for (int64_t head_dim : {64, 128})
+    for (int64_t pos0 : {0, 1000, 100000})
+      for (bool use_ff : {false, true}) {
+        const int64_t n_tok = 7, n_heads = 4;
+        SCOPED_TRACE(::testing::Message() << "head_dim " << head_dim << " pos0 " << pos0 << " ff " << use_ff);
+        const auto x = rand_floats(rng_, n_tok * n_heads * head_dim);
+        const auto ff = rand_floats(rng_, head_dim / 2, 1.0f, 8.0f);
+        Guarded xb(*be_, x.size() * 4);
+        xb.put(x.data());
+        be_->begin_step({pos0, n_tok});
+        be_->rope(xb.f(), n_tok, n_heads, head_dim, 500000.0f, use_ff ? ff.data() : nullptr);
+        std::vector<double> ref(x.size());
+        for (int64_t t = 0; t < n_tok; ++t)
+          for (int64_t h = 0; h < n_heads; ++h)
+            for (int64_t i = 0; i < head_dim / 2; ++i) {
+              double th = std::pow(500000.0, -2.0 * i / head_dim);
+              if (use_ff) th /= ff[i];
+              const double a = (pos0 + t) * th, c = std::cos(a), s = std::sin(a);
+              const size_t o = (t * n_heads + h) * head_dim + 2 * i;
+              ref[o] = x[o] * c - x[o + 1] * s;
+              ref[o + 1] = x[o] * s + x[o + 1] * c;
+            }
+        // angle in double on the GPU too; what remains is f32 rounding of the products (|x| <= 1)
+        expect_close(xb.get<float>(), ref, 1e-6, 1e-6, "rope");
+      }
+}
+
+// ---- KV cache and attention ---------------------------------------------------------------------------------
+struct AttnCase {
+  GgmlType kv;
+  int64_t head_dim, n_head_kv, group, n_tok, pos0, n_ctx;
+};
+
+void run_attention(Backend& be, std::mt19937_64& rng, const AttnCase& c) {
+  const std::string what = ::testing::PrintToString(std::vector<int64_t>{c.head_dim, c.n_head_kv, c.group, c.n_tok,
+                                                                         c.pos0, c.n_ctx}) +
+                           " kv " + type_name(c.kv);
+  SCOPED_TRACE(what);
+  const int64_t D = c.head_dim, HKV = c.n_head_kv, H = HKV * c.group, row = HKV * D;
+  const size_t es = c.kv == GgmlType::F16 ? 2 : 4;
+  // Earlier positions: random contents written directly; then kv_store adds this step's rows.
+  auto kc = rand_floats(rng, c.n_ctx * row), vc = rand_floats(rng, c.n_ctx * row);
+  std::vector<uint8_t> kraw(c.n_ctx * row * es), vraw(c.n_ctx * row * es);
+  auto round_kv = [&](float v) { return c.kv == GgmlType::F16 ? static_cast<float>(f16(to_f16(v))) : v; };
+  for (int64_t i = 0; i < c.n_ctx * row; ++i) {
+    if (c.kv == GgmlType::F16) {
+      const uint16_t hk = to_f16(kc[i]), hv = to_f16(vc[i]);
+      std::memcpy(&kraw[2 * i], &hk, 2);
+      std::memcpy(&vraw[2 * i], &hv, 2);
+    } else {
+      std::memcpy(&kraw[4 * i], &kc[i], 4);
+      std::memcpy(&vraw[4 * i], &vc[i], 4);
+    }
+  }
+  Guarded kb(be, kraw.size()), vb(be, vraw.size());
+  kb.put(kraw.data());
+  vb.put(vraw.data());
+  const auto k = rand_floats(rng, c.n_tok * row), v = rand_floats(rng, c.n_tok * row);
+  const auto q = rand_floats(rng, c.n_tok * H * D, -2.0f, 2.0f);
+  Guarded knew(be, k.size() * 4), vnew(be, v.size() * 4), qb(be, q.size() * 4), ob(be, q.size() * 4);
+  knew.put(k.data());
+  vnew.put(v.data());
+  qb.put(q.data());
+  const KvLayerView kv{c.kv, c.n_ctx, HKV, D, kb.ptr(), vb.ptr()};
+  be.begin_step({c.pos0, c.n_tok});
+  be.kv_store(kv, knew.f(), vnew.f(), c.n_tok);
+  be.attention(qb.f(), kv, c.n_tok, H, ob.f());
+  for (int64_t i = 0; i < c.n_tok * row; ++i) {
+    kc[c.pos0 * row + i] = k[i];
+    vc[c.pos0 * row + i] = v[i];
+  }
+  // the cache holds exactly the rounded rows, and nothing else changed
+  const auto kdev = kb.get<uint8_t>();
+  for (int64_t i = 0; i < c.n_ctx * row; i += 97) {
+    const double got = es == 2 ? f16(static_cast<uint16_t>(kdev[2 * i] | (kdev[2 * i + 1] << 8)))
+                               : [&] { float f; std::memcpy(&f, &kdev[4 * i], 4); return static_cast<double>(f); }();
+    ASSERT_EQ(got, static_cast<double>(round_kv(kc[i]))) << "k cache element " << i;
+  }
+  std::vector<double> ref(q.size());
+  for (int64_t t = 0; t < c.n_tok; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kh = h / c.group, len = c.pos0 + t + 1;
+      std::vector<double> s(len);
+      double m = -INFINITY;
+      for (int64_t p = 0; p < len; ++p) {
+        double a = 0;
+        for (int64_t d = 0; d < D; ++d) a += static_cast<double>(q[(t * H + h) * D + d]) * round_kv(kc[p * row + kh * D + d]);
+        s[p] = a / std::sqrt(static_cast<double>(D));
+        m = std::max(m, s[p]);
+      }
+      double l = 0;
+      for (auto& e : s) l += (e = std::exp(e - m));
+      for (int64_t d = 0; d < D; ++d) {
+        double a = 0;
+        for (int64_t p = 0; p < len; ++p) a += s[p] * round_kv(vc[p * row + kh * D + d]);
+        ref[(t * H + h) * D + d] = a / l;
+      }
+    }
+  // f32 scores (|q.k| <= 2*D), exp2f within 2 ulp, f32 sums over up to ~1000 positions: the outputs are
+  // convex combinations of values in [-1, 1], so an absolute 2e-5 plus 1e-4 relative bounds it
+  expect_close(ob.get<float>(), ref, 2e-5, 1e-4, "attention " + what);
+}
+
+TEST_F(CudaOps, KvStoreAndAttention) {
+  const AttnCase cases[] = {
+      // decode (flash-decoding kernel, several splits at pos ~1000)
+      {GgmlType::F16, 128, 8, 4, 1, 0, 64},     {GgmlType::F16, 128, 8, 4, 1, 1000, 2048},
+      {GgmlType::F16, 64, 4, 8, 1, 999, 1024},  {GgmlType::F32, 128, 2, 1, 1, 1000, 1024},
+      {GgmlType::F32, 64, 8, 2, 1, 37, 128},
+      // generic kernel: prefill, odd head_dim, group sizes without a decode instantiation
+      {GgmlType::F16, 128, 8, 4, 7, 0, 64},     {GgmlType::F16, 64, 2, 8, 64, 0, 128},
+      {GgmlType::F32, 128, 4, 1, 7, 1000, 1024}, {GgmlType::F16, 96, 2, 3, 1, 500, 1024},
+      {GgmlType::F32, 80, 1, 1, 5, 3, 16},
+  };
+  for (const auto& c : cases) run_attention(*be_, rng_, c);
+}
+
+// ---- argmax, graphs, memory, errors ---------------------------------------------------------------------------
+TEST_F(CudaOps, Argmax) {
+  const int64_t n = 128256;
+  auto x = rand_floats(rng_, n, -10.0f, 10.0f);
+  x[77777] = 50.0f;
+  x[99999] = 50.0f;  // tie: the lower index wins
+  x[12] = std::numeric_limits<float>::quiet_NaN();
+  Guarded xb(*be_, n * 4);
+  xb.put(x.data());
+  EXPECT_EQ(cuda_argmax(*be_, xb.f(), n), 77777);
+  int32_t best = 0;  // NaN at 12 never wins
+  for (int32_t i = 1; i < 5000; ++i)
+    if (std::isnan(x[best]) || (!std::isnan(x[i]) && x[i] > x[best])) best = i;
+  EXPECT_EQ(cuda_argmax(*be_, xb.f(), 5000), best);
+}
+
+TEST_F(CudaOps, GraphReplayMatchesEagerSteps) {
+  // A miniature decode step: norm, matvec, rope, kv_store, attention, argmax. The graph and the eager
+  // backend must agree bit for bit at every position (same kernels, positions read from device memory).
+  auto eager = make_cuda_backend(0, GgmlType::F16);
+  const int64_t E = 256, HKV = 2, G = 4, D = 64, H = HKV * G, n_ctx = 64;
+  const HostWeight hw = make_host_weight(rng_, GgmlType::Q4_K, H * D, E, 0);
+  const auto w_norm = rand_floats(rng_, E, 0.5f, 1.5f), x0 = rand_floats(rng_, E);
+  const auto ff = rand_floats(rng_, D / 2, 1.0f, 4.0f);
+  struct Side {
+    Backend* be;
+    std::unique_ptr<DeviceBuffer> w, nw, x, xn, q, k, v, att, kc, vc, tok;
+  };
+  auto setup = [&](Backend& be) {
+    Side s;
+    s.be = &be;
+    s.w = be.alloc(hw.bytes.size());
+    be.upload(s.w->data(), hw.bytes.data(), hw.bytes.size());
+    s.nw = be.alloc(E * 4);
+    be.upload(s.nw->data(), w_norm.data(), E * 4);
+    s.x = be.alloc(E * 4);
+    be.upload(s.x->data(), x0.data(), E * 4);
+    s.xn = be.alloc(E * 4);
+    s.q = be.alloc(H * D * 4);
+    s.att = be.alloc(H * D * 4);
+    s.kc = be.alloc(n_ctx * HKV * D * 2);
+    s.vc = be.alloc(n_ctx * HKV * D * 2);
+    s.tok = be.alloc(4);
+    return s;
+  };
+  Side a = setup(*be_), b = setup(*eager);
+  auto body = [&](Side& s) {
+    return [&s, &hw, &ff, E, H, HKV, D, n_ctx] {
+      Backend& be = *s.be;
+      const WeightView w{GgmlType::Q4_K, E, H * D, hw.stride, s.w->data()};
+      const KvLayerView kv{GgmlType::F16, n_ctx, HKV, D, s.kc->data(), s.vc->data()};
+      be.rms_norm(s.x->as<float>(), s.nw->as<float>(), s.xn->as<float>(), 1, E, 1e-5f);
+      be.matmul(w, s.xn->as<float>(), s.q->as<float>(), 1);
+      be.rope(s.q->as<float>(), 1, H, D, 10000.0f, ff.data());
+      be.kv_store(kv, s.q->as<float>(), s.q->as<float>() + HKV * D, 1);
+      be.attention(s.q->as<float>(), kv, 1, H, s.att->as<float>());
+      be.add(s.x->as<float>(), s.att->as<float>(), E);  // the state feeds the next step
+      cuda_argmax_async(be, s.att->as<float>(), H * D, s.tok->as<int32_t>());
+    };
+  };
+  CudaGraphRunner graph(*be_);
+  auto fa = body(a), fb = body(b);
+  for (int64_t pos = 0; pos < 12; ++pos) {
+    graph.run({pos, 1}, fa);
+    eager->begin_step({pos, 1});
+    fb();
+    std::vector<float> ga(H * D), gb(H * D);
+    be_->download(ga.data(), a.att->data(), ga.size() * 4);
+    eager->download(gb.data(), b.att->data(), gb.size() * 4);
+    ASSERT_EQ(0, std::memcmp(ga.data(), gb.data(), ga.size() * 4)) << "graph and eager differ at pos " << pos;
+    for (float f : ga) ASSERT_TRUE(std::isfinite(f));
+  }
+  EXPECT_EQ(graph.captures(), 1);
+  EXPECT_EQ(graph.replays(), 11);
+  EXPECT_TRUE(graph.captured());
+}
+
+TEST_F(CudaOps, MemoryAccountingAndErrors) {
+  const size_t before = be_->allocated_bytes();
+  {
+    auto buf = be_->alloc(10u << 20);
+    EXPECT_GE(be_->allocated_bytes(), before + (10u << 20));
+  }
+  EXPECT_EQ(be_->allocated_bytes(), before);
+  EXPECT_THROW(make_cuda_backend(cuda_device_count(), GgmlType::F16), Error);
+  EXPECT_THROW(make_cuda_backend(0, GgmlType::Q8_0), Error);
+  EXPECT_TRUE(be_->supports(GgmlType::Q4_K));
+  EXPECT_FALSE(be_->supports(GgmlType::Q5_K));
+  auto buf = be_->alloc(4096);
+  try {
+    be_->matmul(WeightView{GgmlType::Q5_K, 256, 1, 176, buf->data()}, buf->as<float>(), buf->as<float>(), 1);
+    ADD_FAILURE() << "Q5_K accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kUnsupported);
+  }
+  EXPECT_NE(be_->name().find("cuda:0"), std::string::npos);
+}
+
+TEST(CudaNoGpu, DeviceCountNeverThrows) {
+  EXPECT_NO_THROW((void)cuda_device_count());
+  EXPECT_GE(cuda_device_count(), 0);
+}
+
+}  // namespace
+}  // namespace shardlm
