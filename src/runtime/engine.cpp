@@ -78,13 +78,23 @@ void Engine::prefill(const std::vector<int32_t>& ids, int64_t pos0, std::vector<
                      std::vector<float>* all_out) {
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t mb = options_.micro_batch;
+  prefill_trace_.clear();
   // Chunks flow through the stages one after another: while stage s works on chunk i, stage s-1 is
   // already on chunk i+1, because every stage is its own process and only waits for its input.
   for (int64_t at = 0; at < n; at += mb) {
     const int64_t len = std::min(mb, n - at);
     std::vector<float> lg;
     const bool last_chunk = at + len == n;
-    if (model_->step(ids.data() + at, len, pos0 + at, all, (all || last_chunk) ? &lg : nullptr)) {
+    const double t0 = now_s(), c0 = comm_.comm_seconds();
+    const bool has_logits = model_->step(ids.data() + at, len, pos0 + at, all, (all || last_chunk) ? &lg : nullptr);
+    // Time spent waiting on peers is not work: a first stage waits at the end (its send), later stages
+    // mostly at the start (the receive); tensor-parallel all-reduces in between count as waiting too.
+    const double t1 = now_s(), waited = comm_.comm_seconds() - c0;
+    if (mapping().is_first_stage())
+      prefill_trace_.emplace_back(t0, t1 - waited);
+    else
+      prefill_trace_.emplace_back(t0 + waited, t1);
+    if (has_logits) {
       if (all && all_out) all_out->insert(all_out->end(), lg.begin(), lg.end());
       if (last_chunk && last_logits) {
         if (all)

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -63,6 +64,11 @@ class Engine {
   // sampler rank (empty elsewhere). For tests and perplexity.
   std::vector<float> all_logits(const std::vector<int32_t>& ids);
 
+  // This rank's busy interval [start, end] (steady_clock seconds) for each micro-batch of the last
+  // prompt processing (generate or all_logits), waits for the previous stage's hidden state and for the
+  // next stage to take ours excluded: the evidence that pipeline stages overlap.
+  const std::vector<std::pair<double, double>>& prefill_trace() const { return prefill_trace_; }
+
   // Per-rank report lines gathered on rank 0: layers, shards and bytes of each rank.
   std::string layout_report();
 
@@ -79,6 +85,7 @@ class Engine {
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<CommGroup> world_;
   std::vector<HeldTensor> held_;
+  std::vector<std::pair<double, double>> prefill_trace_;
 };
 
 }  // namespace shardlm
