@@ -1,14 +1,20 @@
 #include "run_flags.h"
 
+#include <algorithm>
+#include <cstdio>
+
 #include "cli_common.h"
 #include "core/error.h"
+#include "plan_glue.h"
 
 namespace shardlm {
 
 void RunFlags::add_to(CLI::App& app) {
   app.add_option("-m,--model", model, "GGUF file or Hugging Face directory (default: the bundled model)");
-  app.add_option("--tp,--tensor-parallel-size", tp, "tensor-parallel ranks (heads and FFN columns split)");
-  app.add_option("--pp,--pipeline-parallel-size", pp, "pipeline stages (consecutive layer ranges)");
+  tp_opt_ = app.add_option("--tp,--tensor-parallel-size", tp,
+                           "tensor-parallel ranks (heads and FFN columns split; default: the planner's choice)");
+  pp_opt_ = app.add_option("--pp,--pipeline-parallel-size", pp,
+                           "pipeline stages (consecutive layer ranges; default: the planner's choice)");
   app.add_option("--layer-split,--tensor-split", layer_split,
                  "layers per pipeline stage as proportions, e.g. 3,1 (rounded to whole layers); also -ts");
   app.add_option("--split-mode", split_mode, "llama.cpp's -sm: layer, row or tensor (informational: give --tp/--pp)");
@@ -17,9 +23,15 @@ void RunFlags::add_to(CLI::App& app) {
   app.add_option("--micro-batch", micro_batch, "prompt tokens per pipeline step (default: batch / pp)");
   app.add_option("-t,--threads", threads, "CPU threads per rank (default: cores / ranks on this host)");
   app.add_option("--kv-type,--cache-type-k,--cache-type-v", kv_type, "KV cache type: f32 or f16 (also -ctk/-ctv)");
-  app.add_option("--backend", backend, "cpu or reference (slow fp64 yardstick)");
+  app.add_option("--backend", backend, "cpu, cuda, or reference (slow fp64 yardstick)");
+  app.add_option("--n-gpu-layers", n_gpu_layers, "with --backend cuda: layers on the GPU (the last ones; the rest run "
+                 "on the CPU); also -ngl");
+  app.add_flag("--no-cuda-graphs", no_graphs, "with --backend cuda: launch decode kernels one by one");
   app.add_option("--comm-timeout", comm_timeout, "seconds a rank waits for a silent peer before aborting the job");
   app.add_flag("-q,--quiet", quiet, "no progress or layout report on stderr");
+  app.add_option("--cpu-mem", cpu_mem,
+                 "RAM the ranks may use, e.g. 16G (G = GiB; default: /proc/meminfo); a layout that does not fit "
+                 "is refused before loading (exit status 2)");
 }
 
 EngineOptions RunFlags::engine_options() const {
@@ -49,7 +61,41 @@ EngineOptions RunFlags::engine_options() const {
   else
     fail("--kv-type '", kv_type, "' is not f32 or f16");
   o.backend = backend;
+  if (n_gpu_layers < -1) fail("-ngl ", n_gpu_layers, " must be >= 0");
+  o.n_gpu_layers = n_gpu_layers;
+  o.cuda_graphs = !no_graphs;
   if (!(comm_timeout >= 1 && comm_timeout <= 86400)) fail("--comm-timeout ", comm_timeout, " is outside [1, 86400]");
+  return o;
+}
+
+bool RunFlags::layout_given() const {
+  return (tp_opt_ && tp_opt_->count() > 0) || (pp_opt_ && pp_opt_->count() > 0) || !layer_split.empty();
+}
+
+EngineOptions RunFlags::resolve(int64_t ctx_if_unset) const {
+  EngineOptions o = engine_options();
+  if (!cpu_mem.empty()) parse_size(cpu_mem, "--cpu-mem");  // a malformed value fails before the model opens
+  const std::string path = model.empty() ? default_model_path() : model;
+  const auto src = open_model(path);
+  const ModelConfig& c = src->config();
+  const int64_t train = c.n_ctx_train > 0 ? c.n_ctx_train : 4096;
+  int64_t ctx = o.n_ctx > 0 ? o.n_ctx : std::min<int64_t>(train, ctx_if_unset > 0 ? ctx_if_unset : 4096);
+  ctx = std::max<int64_t>(ctx, 1);  // the engine refuses contexts outside [1, trained] with its own message
+  RunPlanRequest rq;
+  if (layout_given()) {
+    rq.tp = o.tp;
+    rq.pp = o.pp;
+  }
+  rq.layer_split = o.layer_split;
+  rq.ctx = ctx;
+  rq.batch = std::min(o.n_batch, ctx);
+  rq.kv_type = o.kv_type;
+  if (!cpu_mem.empty()) rq.cpu_mem = cpu_mem;
+  rq.world_size = launched_world_size();
+  const RunPlan rp = plan_run(model_desc_from_source(*src), rq);
+  o.tp = rp.tp;
+  o.pp = rp.pp;
+  if (!quiet && !layout_given() && launched_rank() == 0) std::fprintf(stderr, "%s\n", rp.summary.c_str());
   return o;
 }
 

@@ -20,12 +20,28 @@ struct RunFlags {
   int threads = 0;
   std::string kv_type = "f32";
   std::string backend = "cpu";
+  int n_gpu_layers = -1;
+  bool no_graphs = false;
   double comm_timeout = 60;
   bool quiet = false;
+  std::string cpu_mem;  // --cpu-mem: RAM the planner may use (G = GiB); empty = /proc/meminfo
 
   void add_to(CLI::App& app);
   // Validates and builds engine options (Error names the flag).
   EngineOptions engine_options() const;
+  // engine_options() with the layout checked or chosen by the planner BEFORE anything is loaded (call it
+  // before maybe_self_launch): without --tp/--pp/--layer-split the planner picks tp x pp for CPU ranks of
+  // this host (1 x 1 when the model fits; tp*pp = the world size when already under mpirun); a layout,
+  // given or chosen, whose weights + KV + workspace exceed the RAM (or --cpu-mem) of some rank throws
+  // Error (exit status 2) naming each rank's needed and available bytes. `ctx_if_unset` is the context
+  // the command will use when -c is not given (0 = the engine's default: min(trained, 4096)). Opens the
+  // model's header (mapped; no weights are read).
+  EngineOptions resolve(int64_t ctx_if_unset = 0) const;
+  bool layout_given() const;
+
+ private:
+  CLI::Option* tp_opt_ = nullptr;
+  CLI::Option* pp_opt_ = nullptr;
 };
 
 }  // namespace shardlm

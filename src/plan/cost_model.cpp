@@ -107,18 +107,24 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
         continue;
       }
       const GgmlType dt = t.layer >= 0 ? down[static_cast<size_t>(t.layer)] : down[0];
-      const TensorShard s = tensor_shard(t.name, t.type, t.ne[0], ne1, c, dt, tp, r);
+      // The loader converts norms and biases to f32 (biases sliced like their matrix's rows).
+      const bool to_f32 = ends_with(t.name, "_norm.weight") || ends_with(t.name, ".bias");
+      const TensorShard s = tensor_shard(t.name, to_f32 ? GgmlType::F32 : t.type, t.ne[0], ne1, c, dt, tp, r);
       if (t.layer >= 0) {
         w.layer_bytes[static_cast<size_t>(t.layer)] += s.n_bytes;
       } else if (t.name == "token_embd.weight") {
         w.token_embd_bytes = s.n_bytes;
         w.token_embd_row_bytes = static_cast<uint64_t>(row_bytes(t.type, t.ne[0]));
+        // Tied: the output is token_embd sliced by vocabulary rows like output.weight.
+        if (c.tied_output)
+          w.output_bytes = tensor_shard("output.weight", t.type, t.ne[0], ne1, c, dt, tp, r).n_bytes;
       } else if (t.name == "output.weight") {
-        w.output_bytes = s.n_bytes;
+        if (!c.tied_output) w.output_bytes = s.n_bytes;  // a tied model's loader never reads it
       } else {
         w.output_norm_bytes = s.n_bytes;
       }
     }
+    w.vocab_rows = vocab_shard(c, tp, r).size();
   }
   return ranks;
 }
@@ -135,15 +141,14 @@ uint64_t kv_bytes_per_token_layer(const ModelConfig& c, int64_t kv_heads, GgmlTy
 }
 
 uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t batch, int64_t ctx,
-                         bool last_stage) {
+                         bool last_stage, bool attention_scores) {
   const int64_t f = 4;  // fp32 activations
   int64_t e = 0;
-  e += 4 * batch * c.n_embd;                                   // hidden, residual, norm, attention out
-  e += batch * (r.q_heads + 2 * r.kv_heads) * c.head_dim;      // q, k, v
-  e += batch * r.q_heads * ctx;                                // attention scores
-  e += 3 * batch * r.ff_units;                                 // gate, up, activation
-  e += 2 * batch * c.n_embd;                                   // all-reduce / pipeline send+receive
-  if (last_stage) e += batch * c.n_vocab;                      // logits
+  e += 3 * batch * c.n_embd;                                        // hidden, its norm, attention out
+  e += 2 * batch * (r.q_heads + r.kv_heads) * c.head_dim;           // q, attention result, k, v
+  e += 2 * batch * std::max<int64_t>(r.ff_units, 1);                // gate, up (down writes the hidden)
+  if (attention_scores) e += batch * r.q_heads * ctx;               // scores, no flash attention
+  if (last_stage) e += r.vocab_rows + c.n_vocab;                    // one row: local and gathered logits
   return static_cast<uint64_t>(checked_mul<int64_t>(e, f, "workspace bytes"));
 }
 

@@ -49,15 +49,20 @@ struct RankWeights {
   std::vector<uint64_t> layer_bytes;  // per layer, this rank's shards of blk.{i}.*
   uint64_t token_embd_bytes = 0;      // replicated lookup table (first stage)
   uint64_t token_embd_row_bytes = 0;  // what a lookup of one token reads
-  uint64_t output_bytes = 0;          // this rank's vocabulary rows of the output matrix (last stage)
+  uint64_t output_bytes = 0;          // this rank's vocabulary rows of the output matrix (last stage);
+                                      // tied models: those rows of token_embd (the loader's slice)
   uint64_t output_norm_bytes = 0;     // last stage
-  uint64_t other_bytes = 0;           // tensors outside the blocks we do not shard (rope_freqs), every rank
+  uint64_t other_bytes = 0;           // tensors outside the blocks (rope_freqs): the loader keeps them in
+                                      // the config (host), so they are reported but not counted per rank
   int64_t kv_heads = 0;               // KV heads this rank caches
   int64_t q_heads = 0;
   int64_t ff_units = 0;               // FFN columns this rank computes
+  int64_t vocab_rows = 0;             // vocabulary rows of the output shard
 };
 
-// Per-rank weights at tensor-parallel size tp for every tp_rank; throws Error (from tensor_shard /
+// Per-rank weights at tensor-parallel size tp for every tp_rank, counted as load_weights() counts them:
+// matrices in their file type through tensor_shard(), norms and biases converted to f32 (biases sliced).
+// Throws Error (from tensor_shard /
 // head_shard: the tensor, the slice and the block size) when tp cannot split this model.
 std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp);
 
@@ -66,12 +71,13 @@ uint64_t kv_bytes_per_token_layer(const ModelConfig& c, int64_t kv_heads, GgmlTy
 // Throws Error naming --kv-type unless t is F16 or F32.
 void check_kv_type(GgmlType t);
 
-// Scratch memory of one forward pass over `batch` tokens at context `ctx` on one rank (fp32 activations):
-// hidden states and residual, q/k/v, attention scores (batch x heads x ctx, no flash attention), FFN
-// intermediates, send/receive buffers for all-reduce and pipeline hops, and on the last stage the
-// logits (batch x n_vocab, gathered in full).
+// Scratch memory of one forward pass over `batch` tokens on one rank (fp32 activations), as LlamaModel
+// allocates it: hidden state, its norm and the attention output (3 x batch x n_embd), q and the attention
+// result (2 x batch x q_heads x head_dim), k and v, FFN gate and up (2 x batch x ff_units), and on the
+// last stage one row of local and one of gathered logits. `attention_scores` adds batch x q_heads x ctx
+// scores (GPU kernels without flash attention); the CPU backend keeps one context-long row per thread.
 uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t batch, int64_t ctx,
-                         bool last_stage);
+                         bool last_stage, bool attention_scores = true);
 
 // Floating-point operations of one token through one layer at context `ctx` (2 per matmul weight plus
 // attention's q.k and p.v), for prefill estimates.

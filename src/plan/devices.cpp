@@ -47,7 +47,7 @@ constexpr Alias kAliases[] = {
 
 Device device_from_spec(const GpuSpec& g) {
   Device d;
-  d.kind = DeviceKind::kGpu;
+  d.kind = PlanDeviceKind::kGpu;
   d.name = g.name;
   d.capacity_bytes = g.mem_mib << 20;
   d.bandwidth = g.bandwidth_gbs * 1e9;
@@ -206,7 +206,7 @@ std::vector<Device> parse_gpus(std::string_view s) {
         out.push_back(device_from_spec(*spec));
       } else {
         Device d;
-        d.kind = DeviceKind::kGpu;
+        d.kind = PlanDeviceKind::kGpu;
         d.name = cat("GPU ", format_bytes(size));
         d.capacity_bytes = size;
         d.bandwidth = kDefaultGpuBandwidth;
@@ -268,7 +268,7 @@ DeviceInventory make_inventory(const DeviceRequest& req, const GpuDetector& dete
   const bool need_detect = !req.cpu_mem || !req.cpu_cores;
   CpuInfo ci;
   if (need_detect) ci = detect_cpu();
-  inv.cpu.kind = DeviceKind::kCpu;
+  inv.cpu.kind = PlanDeviceKind::kCpu;
   inv.cpu.name = "CPU";
   inv.cpu_cores = req.cpu_cores ? *req.cpu_cores : ci.cores;
   if (inv.cpu_cores < 1) fail("CPU cores: ", inv.cpu_cores, " must be >= 1");

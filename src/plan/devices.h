@@ -12,10 +12,11 @@
 
 namespace shardlm {
 
-enum class DeviceKind { kGpu, kCpu };
+// Named apart from ops/backend.h's DeviceKind (where a backend runs) so both headers can meet in one file.
+enum class PlanDeviceKind { kGpu, kCpu };
 
 struct Device {
-  DeviceKind kind = DeviceKind::kGpu;
+  PlanDeviceKind kind = PlanDeviceKind::kGpu;
   std::string name;             // "RTX 3090", "GPU (24 GiB)", "CPU"
   uint64_t capacity_bytes = 0;  // total memory
   double bandwidth = 0;         // memory bandwidth, bytes/s (datasheet or configured)

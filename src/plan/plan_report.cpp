@@ -12,7 +12,7 @@ namespace {
 nlohmann::json device_json(const DevicePlan& d) {
   nlohmann::json j;
   j["name"] = d.name;
-  j["kind"] = d.kind == DeviceKind::kGpu ? "gpu" : "cpu";
+  j["kind"] = d.kind == PlanDeviceKind::kGpu ? "gpu" : "cpu";
   j["rank"] = d.rank;
   j["tp_rank"] = d.tp_rank;
   j["pp_rank"] = d.pp_rank;

@@ -72,7 +72,7 @@ class Search {
   std::vector<Stage> stages(const Layout& L);
   bool gpu_part_fits(const Candidate& c) const {
     for (const DevicePlan& d : c.devices)
-      if (d.kind == DeviceKind::kGpu && !d.fits) return false;
+      if (d.kind == PlanDeviceKind::kGpu && !d.fits) return false;
     return true;
   }
   std::vector<int> initial_counts(int tp, int pp, int ngl, const std::vector<Device>& gpus, int64_t ctx);
@@ -165,12 +165,14 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       d.reserve_bytes = s.reserve[static_cast<size_t>(t)];
       uint64_t layer_w = 0;
       for (int l = s.layers.begin; l < s.layers.end; ++l) layer_w += w.layer_bytes[static_cast<size_t>(l)];
-      const uint64_t out_w = c.tied_output ? w.token_embd_bytes : w.output_bytes;
-      d.weight_bytes = layer_w + w.other_bytes + (s.first ? w.token_embd_bytes : 0) +
-                       (s.last ? w.output_norm_bytes + (c.tied_output && s.first ? 0 : out_w) : 0);
+      // As load_weights counts: a tied output on a CPU rank that also maps the embedding costs nothing
+      // extra (it points into the mapped table); a device copies it. rope_freqs stays in the config.
+      const bool tied_in_place = c.tied_output && s.first && dev.kind == PlanDeviceKind::kCpu;
+      d.weight_bytes = layer_w + (s.first ? w.token_embd_bytes : 0) +
+                       (s.last ? w.output_norm_bytes + (tied_in_place ? 0 : w.output_bytes) : 0);
       d.kv_bytes = kv_bytes_per_token_layer(c, w.kv_heads, req_.kv_type) * static_cast<uint64_t>(ctx) *
                    static_cast<uint64_t>(nl);
-      d.workspace_bytes = workspace_bytes(c, w, req_.batch, ctx, s.last);
+      d.workspace_bytes = workspace_bytes(c, w, req_.batch, ctx, s.last, dev.kind == PlanDeviceKind::kGpu);
       d.total_bytes = d.weight_bytes + d.kv_bytes + d.workspace_bytes;
       d.fits = d.total_bytes + d.reserve_bytes <= d.capacity_bytes;
       if (nl > 0) {
@@ -181,12 +183,11 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       d.has_output = s.last;
       // Decode reads every weight of the rank once, one embedding row, the KV cache of the context and
       // (tied output) only this rank's vocabulary share of the shared table.
-      const double out_read = c.tied_output ? static_cast<double>(w.token_embd_bytes) / s.tp
-                                            : static_cast<double>(w.output_bytes);
+      const double out_read = static_cast<double>(w.output_bytes);
       d.decode_read_bytes = static_cast<double>(layer_w + d.kv_bytes) +
                             (s.first ? static_cast<double>(w.token_embd_row_bytes) : 0.0) +
                             (s.last ? static_cast<double>(w.output_norm_bytes) + out_read : 0.0);
-      const double eff = dev.kind == DeviceKind::kGpu ? p_.gpu_bandwidth_efficiency : p_.cpu_bandwidth_efficiency;
+      const double eff = dev.kind == PlanDeviceKind::kGpu ? p_.gpu_bandwidth_efficiency : p_.cpu_bandwidth_efficiency;
       stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff));
       const double flops = nl * layer_flops_per_token(c, std::max<int64_t>(1, ctx / 2)) / s.tp +
                            (s.last ? 2.0 * static_cast<double>(c.n_embd) * static_cast<double>(c.n_vocab) / s.tp : 0.0);
@@ -238,8 +239,8 @@ std::vector<int> Search::initial_counts(int tp, int pp, int ngl, const std::vect
     for (int t = 0; t < tp; ++t) {
       const RankWeights& w = rws[static_cast<size_t>(t)];
       const bool first = s == 0 && !offload, last = s == pp - 1;
-      const double fixed = static_cast<double>(w.other_bytes + (first ? w.token_embd_bytes : 0) +
-                                               (last ? w.output_norm_bytes + (c.tied_output ? w.token_embd_bytes : w.output_bytes) : 0) +
+      const double fixed = static_cast<double>((first ? w.token_embd_bytes : 0) +
+                                               (last ? w.output_norm_bytes + w.output_bytes : 0) +
                                                workspace_bytes(c, w, req_.batch, ctx, last) + p_.gpu_reserve_bytes);
       const double cap = static_cast<double>(gpus[static_cast<size_t>(s * tp + t)].capacity_bytes);
       free_min = std::min(free_min, cap - fixed);
@@ -592,7 +593,7 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
         const Candidate& cc = r.front();
         uint64_t cpu_need = 0;
         for (const DevicePlan& d : cc.devices)
-          if (d.kind == DeviceKind::kCpu) cpu_need += d.total_bytes;
+          if (d.kind == PlanDeviceKind::kCpu) cpu_need += d.total_bytes;
         const uint64_t ram = cpu_need + std::max(params.cpu_reserve_min_bytes,
                                                  static_cast<uint64_t>(static_cast<double>(cpu_need) * params.cpu_reserve_fraction / (1 - params.cpu_reserve_fraction)));
         if (cpu_need > 0 && ram <= inv.cpu.capacity_bytes)  // only the pinned -ngl kept it off the CPU

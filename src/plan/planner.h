@@ -47,7 +47,7 @@ struct CostParams {
 
 struct DevicePlan {
   std::string name;
-  DeviceKind kind = DeviceKind::kGpu;
+  PlanDeviceKind kind = PlanDeviceKind::kGpu;
   int rank = -1;     // MPI/NCCL rank (rank = pp_rank * tp + tp_rank); -1 for the offload CPU
   int tp_rank = 0;
   int pp_rank = 0;

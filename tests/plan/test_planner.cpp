@@ -20,7 +20,7 @@ DeviceInventory machine(const char* gpus, const char* cpu_mem, int cores = 16) {
 
 int gpus_used(const Plan& p) {
   int n = 0;
-  for (const DevicePlan& d : p.chosen.devices) n += d.kind == DeviceKind::kGpu && d.first_layer >= 0;
+  for (const DevicePlan& d : p.chosen.devices) n += d.kind == PlanDeviceKind::kGpu && d.first_layer >= 0;
   return n;
 }
 
@@ -86,7 +86,7 @@ TEST(Planner, OneGpuPlusRamOffloadsAndPredictsSlowdown) {
   EXPECT_GT(ngl, 20);
   EXPECT_LT(ngl, 80);
   const DevicePlan& cpu = p.chosen.devices.back();
-  ASSERT_EQ(cpu.kind, DeviceKind::kCpu);
+  ASSERT_EQ(cpu.kind, PlanDeviceKind::kCpu);
   EXPECT_EQ(cpu.first_layer, 0);
   EXPECT_EQ(cpu.last_layer, 80 - ngl - 1);
   // Decode can be no faster than the CPU reading its share once at 0.8 x 20 GB/s.

@@ -1,0 +1,187 @@
+// The planner against what the engine really holds: for real GGUF models and every layout tp 1/2/4 x
+// pp 1/2/4, the planner's weight bytes per rank equal load_weights()'s count for that rank (loaded in
+// process on a CPU backend, no MPI), and its total per rank is within 5% of weights + LlamaModel's
+// kv_bytes() + workspace_bytes() (each rank's model built over a stub communicator that only answers
+// group sizes). Also the fit check that generate and bench run before loading (plan_glue).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../../apps/shardlm/plan_glue.h"
+#include "backends/cpu/cpu_backend.h"
+#include "core/error.h"
+#include "loader/weights.h"
+#include "model/golden.h"
+#include "model/llama.h"
+#include "plan/planner.h"
+
+namespace shardlm {
+namespace {
+
+// Only what LlamaModel's constructor uses: group creation. Collectives are never called here.
+class StubGroup : public CommGroup {
+ public:
+  StubGroup(int size, int rank) : size_(size), rank_(rank) {}
+  int size() const override { return size_; }
+  int rank() const override { return rank_; }
+  void all_reduce_sum(float*, size_t) override { ADD_FAILURE() << "collective in a stub"; }
+  void all_gather(const float*, float*, const std::vector<size_t>&) override { ADD_FAILURE() << "collective"; }
+  void broadcast(void*, size_t, int) override { ADD_FAILURE() << "collective in a stub"; }
+  void barrier() override {}
+
+ private:
+  int size_, rank_;
+};
+
+class StubComm : public Communicator {
+ public:
+  StubComm(int world, int rank) : world_(world), rank_(rank) {}
+  int world_size() const override { return world_; }
+  int rank() const override { return rank_; }
+  std::string name() const override { return "stub"; }
+  std::unique_ptr<CommGroup> make_group(const std::vector<int>& ranks) override {
+    int me = -1;
+    for (size_t i = 0; i < ranks.size(); ++i)
+      if (ranks[i] == rank_) me = static_cast<int>(i);
+    EXPECT_GE(me, 0);
+    return std::make_unique<StubGroup>(static_cast<int>(ranks.size()), me);
+  }
+  void send(const void*, size_t, int, int) override { ADD_FAILURE() << "send in a stub"; }
+  void recv(void*, size_t, int, int) override { ADD_FAILURE() << "recv in a stub"; }
+  double comm_seconds() const override { return 0; }
+
+ private:
+  int world_, rank_;
+};
+
+std::vector<std::string> models() {
+  return {std::string(SHARDLM_SOURCE_DIR) + "/models/aidreams260K.gguf", test::converted_model("stories260K")};
+}
+
+TEST(PlanVsLoader, WeightBytesEqualAndTotalsWithinFivePercent) {
+  constexpr int64_t kCtx = 256, kBatch = 64;
+  for (const std::string& path : models()) {
+    SCOPED_TRACE(path);
+    const auto src = open_model_source(path);
+    const ModelDesc desc = model_desc_from_source(*src);
+    const ModelConfig& c = src->config();
+    DeviceRequest dreq;
+    dreq.cpu_mem = "64G";
+    dreq.cpu_cores = 16;
+    DeviceInventory inv = make_inventory(dreq);
+    inv.gpus.clear();
+    int checked = 0;
+    for (int tp : {1, 2, 4})
+      for (int pp : {1, 2, 4}) {
+        if (pp > c.n_layer) continue;
+        SCOPED_TRACE(testing::Message() << "tp " << tp << " pp " << pp);
+        PlanRequest req;
+        req.ctx = kCtx;
+        req.batch = kBatch;
+        req.kv_type = GgmlType::F32;
+        req.tp = tp;
+        req.pp = pp;
+        const Plan plan = make_plan(desc, inv, req);
+        ASSERT_TRUE(plan.fits);
+        ASSERT_EQ(plan.chosen.layout.tp, tp);
+        ASSERT_EQ(plan.chosen.layout.pp, pp);
+        ASSERT_EQ(plan.chosen.devices.size(), static_cast<size_t>(tp * pp));
+        for (int r = 0; r < tp * pp; ++r) {
+          SCOPED_TRACE(testing::Message() << "rank " << r);
+          const DevicePlan& d = plan.chosen.devices[static_cast<size_t>(r)];
+          ASSERT_EQ(d.rank, r);
+          const Mapping mapping(tp * pp, r, tp, pp, static_cast<int>(c.n_layer));
+          EXPECT_EQ(d.first_layer, mapping.layers().begin);
+          EXPECT_EQ(d.last_layer, mapping.layers().end - 1);
+          auto backend = make_cpu_backend(1);
+          std::vector<HeldTensor> held;
+          ModelWeights w = load_weights(*src, mapping, *backend, &held);
+          uint64_t held_sum = 0;
+          for (const HeldTensor& h : held) held_sum += h.bytes;
+          ASSERT_EQ(held_sum, w.weight_bytes);
+          EXPECT_EQ(d.weight_bytes, w.weight_bytes);
+          const uint64_t weights = w.weight_bytes;
+          StubComm comm(tp * pp, r);
+          ModelOptions mo;
+          mo.n_ctx = kCtx;
+          mo.n_batch = kBatch;
+          mo.kv_type = GgmlType::F32;
+          const LlamaModel model(c, mapping, comm, std::move(w), mo);
+          EXPECT_EQ(d.kv_bytes, model.kv_bytes());
+          const double truth = static_cast<double>(weights + model.kv_bytes() + model.workspace_bytes());
+          EXPECT_LE(std::abs(static_cast<double>(d.total_bytes) - truth), 0.05 * truth)
+              << "planner " << d.total_bytes << " (weights " << d.weight_bytes << ", KV " << d.kv_bytes
+              << ", workspace " << d.workspace_bytes << ") vs engine " << truth << " (workspace "
+              << model.workspace_bytes() << ")";
+          ++checked;
+        }
+      }
+    EXPECT_GE(checked, 1 + 2 + 4 + 2 + 4 + 8 + 4 + 8 + 16);
+  }
+}
+
+TEST(PlanGlue, TinyModelStaysOnOneRankAndPinnedLayoutsAreKept) {
+  const auto src = open_model_source(std::string(SHARDLM_SOURCE_DIR) + "/models/aidreams260K.gguf");
+  const ModelDesc m = model_desc_from_source(*src);
+  RunPlanRequest rq;
+  rq.ctx = 256;
+  rq.cpu_mem = "16G";
+  rq.cpu_cores = 8;
+  RunPlan rp = plan_run(m, rq);
+  EXPECT_EQ(rp.tp, 1);
+  EXPECT_EQ(rp.pp, 1);
+  EXPECT_NE(rp.summary.find("tp 1 x pp 1"), std::string::npos) << rp.summary;
+  rq.tp = 2;
+  rq.pp = 2;
+  rp = plan_run(m, rq);
+  EXPECT_EQ(rp.tp, 2);
+  EXPECT_EQ(rp.pp, 2);
+  // Under mpirun -np 4 without a layout: a layout of 4 ranks.
+  rq.tp.reset();
+  rq.pp.reset();
+  rq.world_size = 4;
+  rp = plan_run(m, rq);
+  EXPECT_EQ(rp.tp * rp.pp, 4);
+}
+
+TEST(PlanGlue, LayoutOverTheRamIsRefusedWithTheNumbers) {
+  // Llama 3.1 8B q4_k_m (4.92 GB of weights) cannot fit 4 GiB of RAM on any layout; with 64 GiB it fits
+  // on one rank.
+  const ModelDesc m = model_desc_from_preset("llama-3.1-8b", "q4_k_m");
+  RunPlanRequest rq;
+  rq.ctx = 4096;
+  rq.kv_type = GgmlType::F16;
+  rq.cpu_cores = 8;
+  rq.cpu_mem = "64G";
+  const RunPlan ok = plan_run(m, rq);
+  EXPECT_EQ(ok.tp, 1);
+  EXPECT_EQ(ok.pp, 1);
+  for (bool pinned : {false, true}) {
+    SCOPED_TRACE(pinned);
+    rq.cpu_mem = "4G";
+    if (pinned) {
+      rq.tp = 2;
+      rq.pp = 1;
+    }
+    try {
+      plan_run(m, rq);
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_EQ(e.exit_code(), 2);
+      EXPECT_NE(msg.find("does not fit"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("needs"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("has"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("4.00 GiB"), std::string::npos) << msg;
+      EXPECT_NE(msg.find(pinned ? "CPU rank 1" : "CPU needs"), std::string::npos) << msg;
+    }
+  }
+  rq.cpu_mem = "lots";
+  EXPECT_THROW(plan_run(m, rq), Error);
+}
+
+}  // namespace
+}  // namespace shardlm
