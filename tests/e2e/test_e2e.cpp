@@ -194,7 +194,10 @@ TEST(Tokens, TokenizeMatchesRunCAndRoundTrips) {
   const auto ids = parse_json(r)["ids"].get<std::vector<int32_t>>();
   EXPECT_EQ(ids, golden_case0()["prompt_ids"].get<std::vector<int32_t>>());
   std::string list;
-  for (int32_t id : ids) list += (list.empty() ? "" : ",") + std::to_string(id);
+  for (int32_t id : ids) {
+    if (!list.empty()) list += ',';
+    list += std::to_string(id);
+  }
   const Result d = run({"detokenize", "-m", kModel, "--ids", list});
   ASSERT_EQ(d.rc, 0) << d.err;
   EXPECT_EQ(d.out, "Once upon a time\n");
