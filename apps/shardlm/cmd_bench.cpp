@@ -64,7 +64,7 @@ int cmd_bench(int argc, const char* const* argv) {
   if (n_prompt < 0 || n_gen < 0 || (n_prompt == 0 && n_gen == 0)) fail("-p ", n_prompt, " and -n ", n_gen,
                                                                         " must be >= 0 and not both 0");
   if (reps < 1 || reps > 1000) fail("-r ", reps, " is outside [1, 1000]");
-  EngineOptions eo = rf.engine_options();
+  EngineOptions eo = rf.resolve(std::max<int64_t>(n_prompt, 1) + n_gen);
   if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv); rc >= 0) return rc;
   auto comm = make_communicator(rf.comm_timeout);
   const bool rank0 = comm->rank() == 0;

@@ -42,7 +42,7 @@ int cmd_generate(int argc, const char* const* argv) {
   if (n_predict < 1 || n_predict > (1 << 24)) fail("-n ", n_predict, " is outside [1, 16777216]");
   if (int(!prompt.empty()) + int(!prompt_ids.empty()) + int(!prompt_file.empty()) > 1)
     fail("give only one of -p, -f and --prompt-ids");
-  EngineOptions eo = rf.engine_options();
+  EngineOptions eo = rf.resolve();
   if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv); rc >= 0) return rc;
 
   auto comm = make_communicator(rf.comm_timeout);
@@ -89,6 +89,10 @@ int cmd_generate(int argc, const char* const* argv) {
       std::fflush(stdout);
     }
   };
+  if (static_cast<int64_t>(ids.size()) + n_predict - 1 > engine.n_ctx())
+    fail("the prompt (", ids.size(), " tokens) plus ", n_predict, " generated tokens need ",
+         static_cast<int64_t>(ids.size()) + n_predict - 1, " positions, more than the context size ", engine.n_ctx(),
+         " (raise -c or lower -n)");
   if (rank0 && !json && !prompt.empty()) std::fputs(prompt.c_str(), stdout);
   GenerateResult res = engine.generate(ids, n_predict, sp, eos, on_token);
   if (rank0) {

@@ -42,6 +42,8 @@ class Communicator {
   virtual void recv(void* buf, size_t bytes, int peer, int tag) = 0;
   // Seconds spent inside communication calls so far (bench reports the share).
   virtual double comm_seconds() const = 0;
+  // Whether buffers may be in GPU memory (NCCL); otherwise callers stage GPU data through the host.
+  virtual bool accepts_device_memory() const { return false; }
 };
 
 // One rank, no peers: every collective is the identity.

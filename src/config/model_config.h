@@ -39,6 +39,9 @@ struct ModelConfig {
   bool qkv_bias = false;       // qwen2
   bool tied_output = false;    // output matrix is token_embd (no output.weight)
 
+  // llama.cpp's "NEOX" rotary layout (qwen2): rotate halves of each head rather than adjacent pairs. The
+  // loader permutes q/k rows of such models into adjacent pairs, so files keep llama.cpp's convention.
+  bool rope_neox() const { return arch == "qwen2"; }
   int64_t q_dim() const { return n_head * head_dim; }
   int64_t kv_dim() const { return n_head_kv * head_dim; }
   // Throws Error naming the first inconsistent field (zero sizes, n_head % n_head_kv != 0, ...).

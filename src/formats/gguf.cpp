@@ -872,6 +872,8 @@ void GgufWriter::add_tensor(const std::string& name, GgmlType type, std::vector<
              [src](uint8_t* dst, size_t n) { std::memcpy(dst, src, n); });
 }
 
+constexpr uint64_t kSparseSmallTensor = 1 << 20;
+
 void GgufWriter::write(const std::string& path,
                        const std::function<void(uint64_t, uint64_t)>& progress) const {
   const uint64_t align = alignment_;
@@ -922,6 +924,20 @@ void GgufWriter::write(const std::string& path,
     if (::ftruncate(fd.fd, static_cast<off_t>(h.buf.size() + data_size)) != 0) {
       const int e = errno;
       fail_kind(ErrorKind::kIo, tmp.path, ": cannot extend to ", h.buf.size() + data_size, " bytes: ", errno_text(e));
+    }
+  }
+  if (sparse_) {
+    // Small tensors (norms, rope_freqs) are still written: readers validate their values.
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const auto& t = tensors_[i];
+      if (t.n_bytes > kSparseSmallTensor) continue;
+      std::unique_ptr<uint8_t[]> buf(new uint8_t[static_cast<size_t>(t.n_bytes)]);
+      t.fill(buf.get(), static_cast<size_t>(t.n_bytes));
+      if (::pwrite(fd.fd, buf.get(), t.n_bytes, static_cast<off_t>(h.buf.size() + offsets[i])) !=
+          static_cast<ssize_t>(t.n_bytes)) {
+        const int e = errno;
+        fail_kind(ErrorKind::kIo, tmp.path, ": write failed: ", errno_text(e));
+      }
     }
   }
   for (size_t i = 0; i < tensors_.size() && !sparse_; ++i) {

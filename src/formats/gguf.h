@@ -154,7 +154,8 @@ class GgufWriter {
   void add_tensor(const std::string& name, GgmlType type, std::vector<int64_t> ne, Fill fill);
   void add_tensor(const std::string& name, GgmlType type, std::vector<int64_t> ne, const void* data);
 
-  // Sparse: write the header and leave the data section as a hole of zeros (no fill callbacks run).
+  // Sparse: write the header and tensors of up to 1 MiB (norms, rope_freqs), and leave the rest of the
+  // data section as a hole of zeros whose fill callbacks never run.
   // For testing metadata of 40+ GB presets on machines without the disk for them.
   void set_sparse(bool sparse) { sparse_ = sparse; }
 

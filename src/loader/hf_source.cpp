@@ -174,7 +174,10 @@ class HfModelSource final : public ModelSource {
 
 }  // namespace
 
-bool hf_rotary_permuted(const std::string& /*arch*/) { return true; }
+// Llama and Mistral checkpoints rotate halves, GGUF's `llama` rotates adjacent pairs: permute here, as
+// llama.cpp's converter does. Qwen2 stays in the halves ("NEOX") layout, which GGUF's `qwen2` keeps too;
+// the weight loader permutes both sources of it the same way (ModelConfig::rope_neox).
+bool hf_rotary_permuted(const std::string& arch) { return arch != "qwen2"; }
 
 void permute_rotary_rows(const uint8_t* src, uint8_t* dst, int64_t n_head, int64_t head_dim, uint64_t row_bytes) {
   SHARDLM_CHECK(head_dim % 2 == 0, "head_dim ", head_dim);

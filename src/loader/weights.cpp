@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "loader/hf_source.h"
 #include "quant/quant.h"
 
 namespace shardlm {
@@ -40,8 +41,10 @@ const SourceTensor& checked_tensor(const ModelSource& src, const std::string& na
 
 class Loader {
  public:
-  Loader(const ModelSource& src, const Mapping& m, Backend& b, std::vector<HeldTensor>* held)
-      : src_(src), c_(src.config()), m_(m), b_(b), held_(held) {}
+  Loader(const ModelSource& src, const Mapping& m, std::vector<HeldTensor>* held)
+      : src_(src), c_(src.config()), m_(m), held_(held) {}
+  // Where the following tensors go.
+  void use(Backend& b) { b_ = &b; }
 
   ModelWeights& out() { return w_; }
 
@@ -53,8 +56,8 @@ class Loader {
   // `t`'s bytes sliced by the rule of tensor `name` (tied models slice token_embd as output.weight).
   // `already_mapped`: the bytes are already counted (a tied output on the rank that maps the embedding).
   WeightView matrix_from(const SourceTensor& t, const std::string& name, GgmlType down_type, bool already_mapped) {
-    if (!b_.supports(t.type))
-      fail(src_.path(), ": tensor '", name, "' has type ", type_name(t.type), ", which the ", b_.name(),
+    if (!b_->supports(t.type))
+      fail(src_.path(), ": tensor '", name, "' has type ", type_name(t.type), ", which the ", b_->name(),
            " backend cannot compute with");
     const int64_t ne1 = t.ne[1] * t.ne[2] * t.ne[3];
     const TensorShard s = tensor_shard(name, t.type, t.ne[0], ne1, c_, down_type, m_.tp_size(), m_.tp_rank());
@@ -64,24 +67,30 @@ class Loader {
     v.n_cols = s.ne0;
     v.n_rows = s.ne1;
     v.row_stride = static_cast<size_t>(row_bytes(t.type, s.ne0));
-    const bool host = b_.device() == DeviceKind::kCpu;
-    if (s.kind != ShardKind::kCols) {
-      const uint8_t* first = t.data + full_row * static_cast<size_t>(s.kind == ShardKind::kRows ? s.range.begin : 0);
-      if (host) {
-        v.data = first;  // mapped in place
-      } else {
-        v.data = place(first, s.n_bytes);
-      }
-    } else {
-      // Column slice: each row's byte range [begin, end) of the row, gathered into one buffer.
+    const bool host = b_->device() == DeviceKind::kCpu;
+    // The shard's bytes in host memory: a slice of the mapping, or gathered when columns are cut.
+    const uint8_t* bytes = t.data + full_row * static_cast<size_t>(s.kind == ShardKind::kRows ? s.range.begin : 0);
+    std::vector<uint8_t> gathered;
+    if (s.kind == ShardKind::kCols) {
       const size_t off = static_cast<size_t>(row_bytes(t.type, s.range.begin));
-      std::vector<uint8_t> tmp(s.n_bytes);
+      gathered.resize(s.n_bytes);
       for (int64_t r = 0; r < s.ne1; ++r)
-        std::memcpy(tmp.data() + static_cast<size_t>(r) * v.row_stride, t.data + full_row * static_cast<size_t>(r) + off,
-                    v.row_stride);
-      v.data = place(tmp.data(), s.n_bytes);
+        std::memcpy(gathered.data() + static_cast<size_t>(r) * v.row_stride,
+                    t.data + full_row * static_cast<size_t>(r) + off, v.row_stride);
+      bytes = gathered.data();
     }
-    count(name, t.type, s, (already_mapped && host && s.kind != ShardKind::kCols) ? 0 : s.n_bytes);
+    const bool neox = c_.rope_neox() && (name.find("attn_q.weight") != std::string::npos ||
+                                         name.find("attn_k.weight") != std::string::npos);
+    if (neox) {
+      // Halves layout to adjacent pairs, head by head (a shard always holds whole heads).
+      std::vector<uint8_t> permuted(s.n_bytes);
+      permute_rotary_rows(bytes, permuted.data(), s.ne1 / c_.head_dim, c_.head_dim, v.row_stride);
+      gathered = std::move(permuted);
+      bytes = gathered.data();
+    }
+    const bool mapped = host && gathered.empty();
+    v.data = mapped ? bytes : place(bytes, s.n_bytes);
+    count(name, t.type, s, (already_mapped && mapped) ? 0 : s.n_bytes);
     return v;
   }
 
@@ -98,6 +107,13 @@ class Loader {
     if (t.type != GgmlType::F32 && t.type != GgmlType::F16 && t.type != GgmlType::BF16)
       fail(src_.path(), ": tensor '", name, "' has type ", type_name(t.type), "; norms and biases must be f32/f16/bf16");
     dequantize_row(t.type, t.data, f.data(), n);
+    if (c_.rope_neox() && (name.find("attn_q.bias") != std::string::npos ||
+                           name.find("attn_k.bias") != std::string::npos)) {
+      std::vector<float> p(f.size());
+      permute_rotary_rows(reinterpret_cast<const uint8_t*>(f.data()), reinterpret_cast<uint8_t*>(p.data()),
+                          n / c_.head_dim, c_.head_dim, sizeof(float));
+      f = std::move(p);
+    }
     const size_t bytes = static_cast<size_t>(r.size()) * sizeof(float);
     TensorShard s;
     s.kind = r.size() == n ? ShardKind::kReplicated : ShardKind::kRows;
@@ -111,8 +127,8 @@ class Loader {
 
  private:
   const void* place(const void* host, size_t bytes) {
-    auto buf = b_.alloc(bytes);
-    b_.upload(buf->data(), host, bytes);
+    auto buf = b_->alloc(bytes);
+    b_->upload(buf->data(), host, bytes);
     const void* p = buf->data();
     w_.storage.push_back(std::move(buf));
     return p;
@@ -125,7 +141,7 @@ class Loader {
   const ModelSource& src_;
   const ModelConfig& c_;
   const Mapping& m_;
-  Backend& b_;
+  Backend* b_ = nullptr;
   std::vector<HeldTensor>* held_;
   ModelWeights w_;
 };
@@ -144,15 +160,29 @@ void check_layout(const ModelSource& src, int tp_size) {
 
 ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, Backend& backend,
                           std::vector<HeldTensor>* held, const std::function<void(uint64_t, uint64_t)>& progress) {
+  return load_weights(src, mapping, Placement::all_on(backend, mapping.layers().size()), held, progress);
+}
+
+ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, const Placement& placement,
+                          std::vector<HeldTensor>* held, const std::function<void(uint64_t, uint64_t)>& progress) {
   const ModelConfig& c = src.config();
   check_layout(src, mapping.tp_size());
-  Loader ld(src, mapping, backend, held);
+  if (static_cast<int>(placement.layers.size()) != mapping.layers().size() || !placement.embd || !placement.out)
+    fail_kind(ErrorKind::kInternal, "placement names ", placement.layers.size(), " layers, the stage has ",
+              mapping.layers().size());
+  Loader ld(src, mapping, held);
   ModelWeights& w = ld.out();
   const LayerRange layers = mapping.layers();
   uint64_t total = 0, done = 0;
   for (const SourceTensor& t : src.tensors()) total += t.n_bytes;
-  if (mapping.is_first_stage()) w.token_embd = ld.matrix("token_embd.weight", GgmlType::F32);
+  if (mapping.is_first_stage()) {
+    ld.use(*placement.embd);
+    w.token_embd = ld.matrix("token_embd.weight", GgmlType::F32);
+  }
   for (int l = layers.begin; l < layers.end; ++l) {
+    Backend* lb = placement.layers[static_cast<size_t>(l - layers.begin)];
+    ld.use(*lb);
+    w.layer_backend.push_back(lb);
     const GgmlType down = src.tensor(blk(l, "ffn_down.weight")).type;
     LayerWeights lw;
     lw.attn_norm = ld.vec(blk(l, "attn_norm.weight"));
@@ -174,12 +204,13 @@ ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, Backen
     if (progress) progress(done, total);
   }
   if (mapping.is_last_stage()) {
+    ld.use(*placement.out);
     w.output_norm = ld.vec("output_norm.weight");
     // Tied models reuse the embedding table as the output matrix (sliced by vocabulary like output).
     if (c.tied_output) {
       // On the CPU a rank that maps the whole embedding holds the output slice already.
       w.output = ld.matrix_from(checked_tensor(src, "token_embd.weight"), "output.weight", GgmlType::F32,
-                                mapping.is_first_stage());
+                                mapping.is_first_stage() && placement.out == placement.embd);
     } else {
       w.output = ld.matrix("output.weight", GgmlType::F32);
     }

@@ -22,10 +22,25 @@ struct HeldTensor {
   uint64_t bytes;
 };
 
+// Which backend holds what: the embedding, the output head, and each of this stage's layers (CPU offload
+// puts the first layers on the CPU backend and the rest on a GPU).
+struct Placement {
+  Backend* embd = nullptr;
+  Backend* out = nullptr;
+  std::vector<Backend*> layers;  // (stage layers)
+  static Placement all_on(Backend& b, int n_stage_layers) {
+    return {&b, &b, std::vector<Backend*>(static_cast<size_t>(n_stage_layers), &b)};
+  }
+};
+
 // Loads the weights `mapping` assigns to this rank. On a CPU backend, row slices of the file are used in
 // place (mapped, no copy); column slices, dtype conversions and device backends copy. Refuses tensors the
 // backend cannot compute with, shapes that contradict the config, and splits that would cut a block,
 // before allocating. `progress(done, total)` reports bytes.
+ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, const Placement& placement,
+                          std::vector<HeldTensor>* held = nullptr,
+                          const std::function<void(uint64_t, uint64_t)>& progress = nullptr);
+// Everything on one backend.
 ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, Backend& backend,
                           std::vector<HeldTensor>* held = nullptr,
                           const std::function<void(uint64_t, uint64_t)>& progress = nullptr);

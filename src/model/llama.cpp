@@ -9,14 +9,18 @@ namespace {
 constexpr int kTagHidden = 100;  // stage-to-stage hidden states
 }
 
-LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Backend& backend, Communicator& comm,
-                       ModelWeights weights, const ModelOptions& options)
-    : config_(config),
-      mapping_(mapping),
-      backend_(backend),
-      comm_(comm),
-      weights_(std::move(weights)),
-      options_(options) {
+struct LlamaModel::Segment {
+  Backend* b = nullptr;
+  int first = 0, end = 0;  // layer indices within this stage
+  std::vector<std::unique_ptr<DeviceBuffer>> kv;
+  std::vector<KvLayerView> kv_views;  // (end - first)
+  // Activations of one step, in b's memory.
+  std::unique_ptr<DeviceBuffer> x, xn, q, k, v, att, o, gate, up;
+};
+
+LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Communicator& comm, ModelWeights weights,
+                       const ModelOptions& options)
+    : config_(config), mapping_(mapping), comm_(comm), weights_(std::move(weights)), options_(options) {
   const int tp = mapping_.tp_size(), tr = mapping_.tp_rank();
   heads_ = head_shard(config_, tp, tr);
   vocab_ = vocab_shard(config_, tp, tr);
@@ -26,51 +30,95 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Backen
   if (options_.n_batch < 1) fail("batch size ", options_.n_batch, " must be >= 1");
   if (options_.kv_type != GgmlType::F32 && options_.kv_type != GgmlType::F16)
     fail("KV cache type ", type_name(options_.kv_type), " is not supported (f32, f16)");
-  if (static_cast<int64_t>(weights_.layers.size()) != mapping_.layers().size())
-    fail_kind(ErrorKind::kInternal, "weights hold ", weights_.layers.size(), " layers, stage owns ",
-              mapping_.layers().size());
-  ff_local_ = weights_.layers.empty() ? 0 : weights_.layers[0].w_gate.n_rows;
+  const int n_layers = static_cast<int>(weights_.layers.size());
+  if (n_layers != mapping_.layers().size() || static_cast<int>(weights_.layer_backend.size()) != n_layers || n_layers < 1)
+    fail_kind(ErrorKind::kInternal, "weights hold ", n_layers, " layers on ", weights_.layer_backend.size(),
+              " backends, stage owns ", mapping_.layers().size());
+  ff_local_ = weights_.layers[0].w_gate.n_rows;
 
-  const int64_t hd = config_.head_dim;
+  const int64_t hd = config_.head_dim, nb = options_.n_batch;
   const int64_t kv_w = heads_.kv_heads.size() * hd;
-  const size_t kv_layer = static_cast<size_t>(
-      checked_mul<int64_t>(checked_mul<int64_t>(options_.n_ctx, kv_w, "kv cache"), type_size(options_.kv_type),
-                           "kv cache"));
-  for (size_t l = 0; l < weights_.layers.size(); ++l) {
-    kv_.push_back(backend_.alloc(kv_layer));
-    kv_.push_back(backend_.alloc(kv_layer));
+  const size_t kv_layer = static_cast<size_t>(checked_mul<int64_t>(
+      checked_mul<int64_t>(options_.n_ctx, kv_w, "kv cache"), type_size(options_.kv_type), "kv cache"));
+  for (int l = 0; l < n_layers; ++l) {
+    Backend* b = weights_.layer_backend[static_cast<size_t>(l)];
+    if (segments_.empty() || segments_.back()->b != b) {
+      auto seg = std::make_unique<Segment>();
+      seg->b = b;
+      seg->first = l;
+      auto act = [&](int64_t width) {
+        const size_t bytes = static_cast<size_t>(checked_mul<int64_t>(nb, std::max<int64_t>(width, 1), "workspace")) *
+                             sizeof(float);
+        workspace_bytes_ += bytes;
+        return b->alloc(bytes);
+      };
+      seg->x = act(config_.n_embd);
+      seg->xn = act(config_.n_embd);
+      seg->o = act(config_.n_embd);
+      seg->q = act(heads_.q_heads.size() * hd);
+      seg->att = act(heads_.q_heads.size() * hd);
+      seg->k = act(kv_w);
+      seg->v = act(kv_w);
+      seg->gate = act(ff_local_);
+      seg->up = act(ff_local_);
+      segments_.push_back(std::move(seg));
+    }
+    Segment& seg = *segments_.back();
+    seg.end = l + 1;
+    seg.kv.push_back(b->alloc(kv_layer));
+    seg.kv.push_back(b->alloc(kv_layer));
     KvLayerView v;
     v.type = options_.kv_type;
     v.n_ctx = options_.n_ctx;
     v.n_head_kv = heads_.kv_heads.size();
     v.head_dim = hd;
-    v.k = kv_[2 * l]->data();
-    v.v = kv_[2 * l + 1]->data();
-    kv_views_.push_back(v);
+    v.k = seg.kv[seg.kv.size() - 2]->data();
+    v.v = seg.kv.back()->data();
+    seg.kv_views.push_back(v);
     kv_bytes_ += 2 * kv_layer;
   }
-
-  const int64_t nb = options_.n_batch;
-  auto act = [&](int64_t width) {
-    const size_t bytes = static_cast<size_t>(checked_mul<int64_t>(nb, width, "workspace")) * sizeof(float);
-    workspace_bytes_ += bytes;
-    return backend_.alloc(bytes);
-  };
-  x_ = act(config_.n_embd);
-  xn_ = act(config_.n_embd);
-  o_ = act(config_.n_embd);
-  q_ = act(heads_.q_heads.size() * hd);
-  att_ = act(heads_.q_heads.size() * hd);
-  k_ = act(kv_w);
-  v_ = act(kv_w);
-  gate_ = act(std::max<int64_t>(ff_local_, 1));
-  up_ = act(std::max<int64_t>(ff_local_, 1));
   if (mapping_.is_last_stage()) {
-    // One row each: decode needs only the last token's logits; all_logits steps grow them on demand.
-    logits_local_ = backend_.alloc(static_cast<size_t>(vocab_.size()) * sizeof(float));
-    logits_all_ = backend_.alloc(static_cast<size_t>(config_.n_vocab) * sizeof(float));
-    workspace_bytes_ += static_cast<size_t>(vocab_.size() + config_.n_vocab) * sizeof(float);
+    // One row: decode needs only the last token's logits; all_logits steps grow them on demand.
+    Backend& b = *segments_.back()->b;
+    logits_local_ = b.alloc(static_cast<size_t>(vocab_.size()) * sizeof(float));
+    workspace_bytes_ += static_cast<size_t>(vocab_.size()) * sizeof(float);
   }
+}
+
+LlamaModel::~LlamaModel() = default;
+
+void LlamaModel::all_reduce(Backend& b, float* buf, size_t n) {
+  b.synchronize();
+  if (b.device() == DeviceKind::kCpu || comm_.accepts_device_memory()) {
+    tp_group_->all_reduce_sum(buf, n);
+    return;
+  }
+  host_stage_.resize(n);
+  b.download(host_stage_.data(), buf, n * sizeof(float));
+  tp_group_->all_reduce_sum(host_stage_.data(), n);
+  b.upload(buf, host_stage_.data(), n * sizeof(float));
+}
+
+void LlamaModel::send_hidden(Backend& b, float* x, size_t n) {
+  b.synchronize();
+  if (b.device() == DeviceKind::kCpu || comm_.accepts_device_memory()) {
+    comm_.send(x, n * sizeof(float), mapping_.next_stage_rank(), kTagHidden);
+    return;
+  }
+  host_stage_.resize(n);
+  b.download(host_stage_.data(), x, n * sizeof(float));
+  comm_.send(host_stage_.data(), n * sizeof(float), mapping_.next_stage_rank(), kTagHidden);
+}
+
+void LlamaModel::recv_hidden(Backend& b, float* x, size_t n) {
+  if (b.device() == DeviceKind::kCpu || comm_.accepts_device_memory()) {
+    b.synchronize();
+    comm_.recv(x, n * sizeof(float), mapping_.prev_stage_rank(), kTagHidden);
+    return;
+  }
+  host_stage_.resize(n);
+  comm_.recv(host_stage_.data(), n * sizeof(float), mapping_.prev_stage_rank(), kTagHidden);
+  b.upload(x, host_stage_.data(), n * sizeof(float));
 }
 
 bool LlamaModel::step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits,
@@ -79,101 +127,122 @@ bool LlamaModel::step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_
     fail("step of ", n_tok, " tokens is outside [1, ", options_.n_batch, "] (the batch size)");
   if (pos0 < 0 || pos0 + n_tok > options_.n_ctx)
     fail("positions [", pos0, ", ", pos0 + n_tok, ") do not fit the context of ", options_.n_ctx, " tokens");
-  backend_.begin_step({pos0, n_tok});
-  const size_t hidden_bytes = static_cast<size_t>(n_tok * config_.n_embd) * sizeof(float);
-  float* x = x_->as<float>();
+  const StepInfo step{pos0, n_tok};
+  const size_t n_hidden = static_cast<size_t>(n_tok * config_.n_embd);
+  Segment& first = *segments_.front();
   if (mapping_.is_first_stage()) {
     for (int64_t t = 0; t < n_tok; ++t)
       if (ids[t] < 0 || ids[t] >= config_.n_vocab)
         fail("token id ", ids[t], " is outside the vocabulary [0, ", config_.n_vocab, ")");
-    backend_.get_rows(weights_.token_embd, ids, n_tok, x);
+    first.b->begin_step(step);
+    first.b->get_rows(weights_.token_embd, ids, n_tok, first.x->as<float>());
   } else {
-    backend_.synchronize();
-    comm_.recv(x, hidden_bytes, mapping_.prev_stage_rank(), kTagHidden);
+    recv_hidden(*first.b, first.x->as<float>(), n_hidden);
   }
-  for (int l = 0; l < static_cast<int>(weights_.layers.size()); ++l) layer(l, n_tok);
+  const bool graph = decode_runner_ && n_tok == 1 && segments_.size() == 1;
+  for (size_t s = 0; s < segments_.size(); ++s) {
+    Segment& seg = *segments_[s];
+    if (s > 0) {
+      // Offload boundary: the hidden state moves through host memory to the next backend.
+      Segment& prev = *segments_[s - 1];
+      host_stage_.resize(n_hidden);
+      prev.b->synchronize();
+      prev.b->download(host_stage_.data(), prev.x->as<float>(), n_hidden * sizeof(float));
+      seg.b->upload(seg.x->as<float>(), host_stage_.data(), n_hidden * sizeof(float));
+    }
+    const bool last_seg = s + 1 == segments_.size();
+    auto body = [&] {
+      for (int l = seg.first; l < seg.end; ++l) layer(seg, l, n_tok);
+      if (last_seg && mapping_.is_last_stage()) head(n_tok, all_logits);
+    };
+    if (graph) {
+      decode_runner_(step, body);
+    } else {
+      seg.b->begin_step(step);
+      body();
+    }
+  }
+  Segment& last = *segments_.back();
   if (!mapping_.is_last_stage()) {
-    backend_.synchronize();
-    comm_.send(x, hidden_bytes, mapping_.next_stage_rank(), kTagHidden);
+    send_hidden(*last.b, last.x->as<float>(), n_hidden);
     return false;
   }
-  compute_logits(n_tok, all_logits, logits);
+  finish_logits(n_tok, all_logits, logits);
   return true;
 }
 
-void LlamaModel::layer(int index, int64_t n_tok) {
+void LlamaModel::layer(Segment& seg, int index, int64_t n_tok) {
+  Backend& b = *seg.b;
   const LayerWeights& w = weights_.layers[static_cast<size_t>(index)];
-  const KvLayerView& kv = kv_views_[static_cast<size_t>(index)];
+  const KvLayerView& kv = seg.kv_views[static_cast<size_t>(index - seg.first)];
   const int64_t d = config_.n_embd, hd = config_.head_dim;
   const int64_t nq = heads_.q_heads.size(), nkv = heads_.kv_heads.size();
-  float* x = x_->as<float>();
-  float* xn = xn_->as<float>();
-  float* q = q_->as<float>();
-  float* k = k_->as<float>();
-  float* v = v_->as<float>();
-  float* att = att_->as<float>();
-  float* o = o_->as<float>();
+  float* x = seg.x->as<float>();
+  float* xn = seg.xn->as<float>();
+  float* q = seg.q->as<float>();
+  float* k = seg.k->as<float>();
+  float* v = seg.v->as<float>();
+  float* att = seg.att->as<float>();
+  float* o = seg.o->as<float>();
   const float* ff = weights_.rope_freq_factors.empty() ? nullptr : weights_.rope_freq_factors.data();
 
   // Attention block: column-parallel q/k/v, local heads, row-parallel output + one all-reduce.
-  backend_.rms_norm(x, w.attn_norm, xn, n_tok, d, config_.rms_eps);
-  backend_.matmul(w.wq, xn, q, n_tok);
-  backend_.matmul(w.wk, xn, k, n_tok);
-  backend_.matmul(w.wv, xn, v, n_tok);
+  b.rms_norm(x, w.attn_norm, xn, n_tok, d, config_.rms_eps);
+  b.matmul(w.wq, xn, q, n_tok);
+  b.matmul(w.wk, xn, k, n_tok);
+  b.matmul(w.wv, xn, v, n_tok);
   if (w.bq) {
-    backend_.add_bias(q, w.bq, n_tok, nq * hd);
-    backend_.add_bias(k, w.bk, n_tok, nkv * hd);
-    backend_.add_bias(v, w.bv, n_tok, nkv * hd);
+    b.add_bias(q, w.bq, n_tok, nq * hd);
+    b.add_bias(k, w.bk, n_tok, nkv * hd);
+    b.add_bias(v, w.bv, n_tok, nkv * hd);
   }
-  backend_.rope(q, n_tok, nq, hd, config_.rope_freq_base, ff);
-  backend_.rope(k, n_tok, nkv, hd, config_.rope_freq_base, ff);
-  backend_.kv_store(kv, k, v, n_tok);
-  backend_.attention(q, kv, n_tok, nq, att);
-  backend_.matmul(w.wo, att, o, n_tok);
-  if (mapping_.tp_size() > 1) {
-    backend_.synchronize();
-    tp_group_->all_reduce_sum(o, static_cast<size_t>(n_tok * d));
-  }
-  backend_.add(x, o, n_tok * d);
+  b.rope(q, n_tok, nq, hd, config_.rope_freq_base, ff);
+  b.rope(k, n_tok, nkv, hd, config_.rope_freq_base, ff);
+  b.kv_store(kv, k, v, n_tok);
+  b.attention(q, kv, n_tok, nq, att);
+  b.matmul(w.wo, att, o, n_tok);
+  if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
+  b.add(x, o, n_tok * d);
 
   // FFN block: column-parallel gate/up, row-parallel down + one all-reduce.
-  float* g = gate_->as<float>();
-  float* u = up_->as<float>();
-  backend_.rms_norm(x, w.ffn_norm, xn, n_tok, d, config_.rms_eps);
-  backend_.matmul(w.w_gate, xn, g, n_tok);
-  backend_.matmul(w.w_up, xn, u, n_tok);
-  backend_.swiglu(g, u, g, n_tok * ff_local_);
-  backend_.matmul(w.w_down, g, o, n_tok);
-  if (mapping_.tp_size() > 1) {
-    backend_.synchronize();
-    tp_group_->all_reduce_sum(o, static_cast<size_t>(n_tok * d));
-  }
-  backend_.add(x, o, n_tok * d);
+  float* g = seg.gate->as<float>();
+  float* u = seg.up->as<float>();
+  b.rms_norm(x, w.ffn_norm, xn, n_tok, d, config_.rms_eps);
+  b.matmul(w.w_gate, xn, g, n_tok);
+  b.matmul(w.w_up, xn, u, n_tok);
+  b.swiglu(g, u, g, n_tok * ff_local_);
+  b.matmul(w.w_down, g, o, n_tok);
+  if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
+  b.add(x, o, n_tok * d);
 }
 
-void LlamaModel::compute_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits) {
-  const int64_t d = config_.n_embd, nv = config_.n_vocab;
+void LlamaModel::head(int64_t n_tok, bool all_logits) {
+  Segment& seg = *segments_.back();
+  Backend& b = *seg.b;
+  const int64_t d = config_.n_embd;
   const int64_t first = all_logits ? 0 : n_tok - 1, rows = n_tok - first;
-  float* xn = xn_->as<float>();
-  backend_.rms_norm(x_->as<float>() + first * d, weights_.output_norm, xn, rows, d, config_.rms_eps);
   const size_t local_bytes = static_cast<size_t>(rows * vocab_.size()) * sizeof(float);
-  if (logits_local_->size() < local_bytes) logits_local_ = backend_.alloc(local_bytes);
-  if (logits_all_->size() < static_cast<size_t>(rows * nv) * sizeof(float))
-    logits_all_ = backend_.alloc(static_cast<size_t>(rows * nv) * sizeof(float));
-  float* local = logits_local_->as<float>();
-  backend_.matmul(weights_.output, xn, local, rows);
-  backend_.synchronize();
+  if (logits_local_->size() < local_bytes) logits_local_ = b.alloc(local_bytes);
+  b.rms_norm(seg.x->as<float>() + first * d, weights_.output_norm, seg.xn->as<float>(), rows, d, config_.rms_eps);
+  b.matmul(weights_.output, seg.xn->as<float>(), logits_local_->as<float>(), rows);
+}
+
+void LlamaModel::finish_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits) {
+  Backend& b = *segments_.back()->b;
+  const int64_t nv = config_.n_vocab;
+  const int64_t rows = all_logits ? n_tok : 1;
   std::vector<float> host(static_cast<size_t>(rows * nv));
+  b.synchronize();
   if (mapping_.tp_size() == 1) {
-    backend_.download(host.data(), local, host.size() * sizeof(float));
+    b.download(host.data(), logits_local_->as<float>(), host.size() * sizeof(float));
   } else {
     // Each rank holds (rows, its vocabulary slice); gathered member by member, then interleaved per row.
+    const size_t local_n = static_cast<size_t>(rows * vocab_.size());
+    std::vector<float> local(local_n), gathered(static_cast<size_t>(rows * nv));
+    b.download(local.data(), logits_local_->as<float>(), local_n * sizeof(float));
     std::vector<size_t> counts;
     for (size_t c : vocab_counts_) counts.push_back(c * static_cast<size_t>(rows));
-    float* all = logits_all_->as<float>();
-    tp_group_->all_gather(local, all, counts);
-    std::vector<float> gathered(static_cast<size_t>(rows * nv));
-    backend_.download(gathered.data(), all, gathered.size() * sizeof(float));
+    tp_group_->all_gather(local.data(), gathered.data(), counts);
     size_t at = 0;
     int64_t col = 0;
     for (size_t r = 0; r < vocab_counts_.size(); ++r) {

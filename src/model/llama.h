@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -32,10 +33,11 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  WeightView token_embd;                 // (n_vocab rows, n_embd), first stage only
-  const float* output_norm = nullptr;    // (n_embd), last stage only
-  WeightView output;                     // (vocab_local rows, n_embd), last stage only
+  WeightView token_embd;                 // (n_vocab rows, n_embd), first stage only, in layer_backend[0]'s memory
+  const float* output_norm = nullptr;    // (n_embd), last stage only, in the last layer backend's memory
+  WeightView output;                     // (vocab_local rows, n_embd), last stage only, same memory
   std::vector<LayerWeights> layers;      // this stage's layers, in order
+  std::vector<Backend*> layer_backend;   // (layers) where each layer's weights live and its ops run
   std::vector<float> rope_freq_factors;  // (head_dim/2) host copy, empty when none
   // Owns whatever had to be copied or converted; mapped weights point into the source instead.
   std::vector<std::unique_ptr<DeviceBuffer>> storage;
@@ -48,25 +50,35 @@ struct ModelOptions {
   GgmlType kv_type = GgmlType::F32;   // F32 or F16
 };
 
+// Runs one step's device work; a CUDA backend replays it as a graph (see CudaGraphRunner). The default
+// calls begin_step and the body.
+using StepRunner = std::function<void(const StepInfo&, const std::function<void()>& body)>;
+
 class LlamaModel {
  public:
-  // `comm` must outlive the model; TP/PP groups are created here (a collective over the world).
-  LlamaModel(const ModelConfig& config, const Mapping& mapping, Backend& backend, Communicator& comm,
-             ModelWeights weights, const ModelOptions& options);
+  // `comm` must outlive the model; TP/PP groups are created here (a collective over the world). Layers may
+  // live on different backends (CPU offload: the first layers on the CPU, the rest on a GPU); the hidden
+  // state moves through host memory at each boundary.
+  LlamaModel(const ModelConfig& config, const Mapping& mapping, Communicator& comm, ModelWeights weights,
+             const ModelOptions& options);
+  ~LlamaModel();
 
   const ModelConfig& config() const { return config_; }
   const Mapping& mapping() const { return mapping_; }
-  Backend& backend() { return backend_; }
   const ModelWeights& weights() const { return weights_; }
   uint64_t kv_bytes() const { return kv_bytes_; }
   uint64_t workspace_bytes() const { return workspace_bytes_; }
   int64_t q_heads_local() const { return heads_.q_heads.size(); }
   int64_t kv_heads_local() const { return heads_.kv_heads.size(); }
 
+  // Decode steps (n_tok == 1) of a model that lives on one backend go through `runner` (for CUDA graphs).
+  // Only set it when no collective of the step needs host memory (tp == 1, or a device communicator).
+  void set_decode_runner(StepRunner runner) { decode_runner_ = std::move(runner); }
+
   // One step of this stage: on the first stage embeds `ids` (n_tok, host), otherwise receives the
   // hidden state from the previous stage; runs this stage's layers; sends to the next stage, or on the
   // last stage computes logits. Every rank of the stage must call it with the same n_tok and pos0.
-  // Returns true when `logits` was filled (last stage, tp_rank 0 and every TP peer get the same).
+  // Returns true when `logits` was filled (every rank of the last stage gets the same).
   // `all_logits`: logits for every token (n_tok, n_vocab), else for the last token only (n_vocab).
   bool step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits, std::vector<float>* logits);
 
@@ -74,12 +86,18 @@ class LlamaModel {
   double comm_seconds() const { return comm_.comm_seconds(); }
 
  private:
-  void layer(int index, int64_t n_tok);
-  void compute_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits);
+  struct Segment;  // consecutive layers on one backend, with their KV cache and activations
+  void layer(Segment& seg, int index, int64_t n_tok);
+  void head(int64_t n_tok, bool all_logits);
+  void finish_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits);
+  // Collectives and messages on backend memory, staged through the host when the communicator
+  // cannot read device memory.
+  void all_reduce(Backend& b, float* buf, size_t n);
+  void send_hidden(Backend& b, float* x, size_t n);
+  void recv_hidden(Backend& b, float* x, size_t n);
 
   ModelConfig config_;
   Mapping mapping_;
-  Backend& backend_;
   Communicator& comm_;
   ModelWeights weights_;
   ModelOptions options_;
@@ -88,11 +106,10 @@ class LlamaModel {
   int64_t ff_local_ = 0;
   std::unique_ptr<CommGroup> tp_group_;
   std::vector<size_t> vocab_counts_;  // per TP rank: vocabulary rows of the output shard
-
-  // KV cache of this stage's layers and the step's activations, in the backend's memory.
-  std::vector<std::unique_ptr<DeviceBuffer>> kv_;
-  std::vector<KvLayerView> kv_views_;
-  std::unique_ptr<DeviceBuffer> x_, xn_, q_, k_, v_, att_, o_, gate_, up_, logits_local_, logits_all_;
+  std::vector<std::unique_ptr<Segment>> segments_;
+  std::vector<float> host_stage_;     // host copy for staged collectives
+  std::unique_ptr<DeviceBuffer> logits_local_;  // (rows, vocab_local) in the last segment's backend
+  StepRunner decode_runner_;
   uint64_t kv_bytes_ = 0, workspace_bytes_ = 0;
 };
 

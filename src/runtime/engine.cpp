@@ -7,6 +7,9 @@
 #include <numeric>
 
 #include "backends/cpu/cpu_backend.h"
+#ifdef SHARDLM_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
 #include "core/error.h"
 
 namespace shardlm {
@@ -37,6 +40,15 @@ std::string human_bytes(uint64_t b) {
 
 }  // namespace
 
+#ifdef SHARDLM_HAVE_CUDA
+struct Engine::GraphState {
+  explicit GraphState(Backend& b) : runner(b) {}
+  CudaGraphRunner runner;
+};
+#else
+struct Engine::GraphState {};
+#endif
+
 Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& options,
                const std::function<void(uint64_t, uint64_t)>& load_progress)
     : comm_(comm), options_(options) {
@@ -55,24 +67,70 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
                         options_.layer_split);
   int threads = options_.n_threads;
   if (threads <= 0) threads = std::max(1, cpu_core_count() / ranks_on_this_host(comm.world_size()));
-  if (options_.backend == "cpu")
+  const LayerRange stage = mapping.layers();
+  Placement placement;
+  if (options_.backend == "cpu") {
     backend_ = make_cpu_backend(threads);
-  else if (options_.backend == "reference")
+  } else if (options_.backend == "reference") {
     backend_ = make_reference_backend();
-  else
-    fail("backend '", options_.backend, "' is not available in this build (cpu, reference)");
-  ModelWeights w = load_weights(src, mapping, *backend_, &held_, load_progress);
+  } else if (options_.backend == "cuda") {
+#ifdef SHARDLM_HAVE_CUDA
+    const int n_dev = cuda_device_count();
+    if (n_dev == 0) fail_kind(ErrorKind::kUnsupported, "--backend cuda: no CUDA GPU is visible to this process");
+    int dev = options_.device;
+    if (dev < 0) {
+      const char* lr = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+      dev = (lr ? std::atoi(lr) : comm.rank()) % n_dev;
+    }
+    backend_ = make_cuda_backend(dev, options_.kv_type);
+#else
+    fail_kind(ErrorKind::kUnsupported, "--backend cuda: this build has no CUDA backend (configure with -DSHARDLM_CUDA=ON)");
+#endif
+  } else {
+    fail("--backend '", options_.backend, "' is not one of cpu, reference, cuda");
+  }
+  if (options_.n_gpu_layers >= 0 && options_.backend != "cuda")
+    fail("-ngl ", options_.n_gpu_layers, " needs --backend cuda");
+  const int ngl = options_.n_gpu_layers < 0 ? static_cast<int>(c.n_layer)
+                                            : std::min<int>(options_.n_gpu_layers, static_cast<int>(c.n_layer));
+  // llama.cpp's -ngl: the last ngl layers run on the GPU, the first ones (and their embedding) on the CPU.
+  const int first_gpu_layer = static_cast<int>(c.n_layer) - ngl;
+  if (options_.backend == "cuda" && first_gpu_layer > stage.begin) cpu_backend_ = make_cpu_backend(threads);
+  for (int l = stage.begin; l < stage.end; ++l)
+    placement.layers.push_back(l >= first_gpu_layer || !cpu_backend_ ? backend_.get() : cpu_backend_.get());
+  placement.embd = placement.layers.front();
+  placement.out = placement.layers.back();
+  ModelWeights w = load_weights(src, mapping, placement, &held_, load_progress);
   ModelOptions mo;
   mo.n_ctx = options_.n_ctx;
   mo.n_batch = options_.n_batch;
   mo.kv_type = options_.kv_type;
-  model_ = std::make_unique<LlamaModel>(c, mapping, *backend_, comm_, std::move(w), mo);
+  model_ = std::make_unique<LlamaModel>(c, mapping, comm_, std::move(w), mo);
+#ifdef SHARDLM_HAVE_CUDA
+  if (options_.backend == "cuda" && options_.cuda_graphs && !cpu_backend_ &&
+      (options_.tp == 1 || comm_.accepts_device_memory())) {
+    graph_ = std::make_unique<GraphState>(*backend_);
+    model_->set_decode_runner(
+        [g = graph_.get()](const StepInfo& st, const std::function<void()>& body) { g->runner.run(st, body); });
+  }
+#endif
   std::vector<int> all(static_cast<size_t>(comm.world_size()));
   std::iota(all.begin(), all.end(), 0);
   world_ = comm_.make_group(all);
 }
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  // The model's buffers belong to the backends: free them (and the graph) before the backends go.
+  model_.reset();
+  graph_.reset();
+}
+
+std::string Engine::backend_name() const {
+  std::string n = backend_->name();
+  if (cpu_backend_) n += " + " + cpu_backend_->name() + " (offloaded layers)";
+  if (graph_) n += ", CUDA graphs";
+  return n;
+}
 
 void Engine::prefill(const std::vector<int32_t>& ids, int64_t pos0, std::vector<float>* last_logits, bool all,
                      std::vector<float>* all_out) {

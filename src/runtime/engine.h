@@ -27,7 +27,10 @@ struct EngineOptions {
   int64_t micro_batch = 0;          // prompt chunk per pipeline step; 0 = n_batch / pp (at least 1)
   GgmlType kv_type = GgmlType::F32;
   int n_threads = 0;                // CPU threads per rank; 0 = cores / ranks on this host
-  std::string backend = "cpu";      // "cpu" or "reference"
+  std::string backend = "cpu";      // "cpu", "reference" or "cuda"
+  int n_gpu_layers = -1;            // cuda: layers on the GPU, the last ones (-1 = all); the rest on the CPU
+  bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs
+  int device = -1;                  // cuda: device index; -1 = local rank modulo the devices
 };
 
 struct StepTimes {
@@ -51,7 +54,9 @@ class Engine {
   const LlamaModel& model() const { return *model_; }
   const std::vector<HeldTensor>& held() const { return held_; }
   int64_t n_ctx() const { return options_.n_ctx; }
-  std::string backend_name() const { return backend_->name(); }
+  std::string backend_name() const;
+  // Bytes allocated on the main backend (device memory for CUDA), for per-device memory reports.
+  size_t device_bytes() const { return backend_->allocated_bytes(); }
   bool is_sampler() const { return comm_.rank() == model_->mapping().sampler_rank(); }
 
   // Generates up to n_predict tokens after `prompt`, stopping at `eos` unless it is < 0. The last token
@@ -81,8 +86,11 @@ class Engine {
 
   Communicator& comm_;
   EngineOptions options_;
-  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Backend> backend_;      // where layers run (cpu, reference or cuda)
+  std::unique_ptr<Backend> cpu_backend_;  // offloaded layers when backend_ is a GPU
   std::unique_ptr<LlamaModel> model_;
+  struct GraphState;
+  std::unique_ptr<GraphState> graph_;
   std::unique_ptr<CommGroup> world_;
   std::vector<HeldTensor> held_;
   std::vector<std::pair<double, double>> prefill_trace_;
