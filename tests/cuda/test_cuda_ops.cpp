@@ -318,6 +318,8 @@ TEST_F(CudaOps, MatvecEveryTypeAndShape) {
   const MatCase cases[] = {
       {1, 256, 1, 0, 0, 0},     {7, 256, 1, 0, 0, 0},     {33, 512, 1, 0, 0, 0},   {257, 4096, 1, 0, 0, 0},
       {4097, 4096, 1, 0, 0, 0}, {129, 14336, 1, 0, 0, 0}, {5, 768, 1, 0, 0, 0},
+      // enough rows for the 32-rows-per-warp variant of the block-format kernel, odd item counts
+      {8451, 768, 1, 0, 0, 0},  {4300, 1280, 1, 0, 0, 0},
   };
   for (GgmlType t : kTypes)
     for (const auto& c : cases) run_matmul(*be_, rng_, t, c);
