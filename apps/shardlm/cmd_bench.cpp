@@ -8,6 +8,9 @@
 #include <nlohmann/json.hpp>
 
 #include "backends/cpu/cpu_backend.h"
+#ifdef SHARDLM_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
 #include "cli_common.h"
 #include "commands.h"
 #include "core/error.h"
@@ -109,7 +112,15 @@ int cmd_bench(int argc, const char* const* argv) {
     }
   }
   if (!rank0) return 0;
-  const double bw = measure_host_bandwidth(cpu_core_count());
+  double bw = 0;
+  std::string bw_what = "host copy";
+#ifdef SHARDLM_HAVE_CUDA
+  if (eo.backend == "cuda" && eo.n_gpu_layers < 0) {
+    bw = cuda_copy_bandwidth(eo.device < 0 ? 0 : eo.device);
+    bw_what = "GPU device-to-device copy";
+  }
+#endif
+  if (bw == 0) bw = measure_host_bandwidth(cpu_core_count());
   const double roof = bw / double(all_bytes);
   nlohmann::json j;
   j["model"] = path;
@@ -118,11 +129,15 @@ int cmd_bench(int argc, const char* const* argv) {
   j["pp"] = eo.pp;
   j["weight_bytes"] = all_bytes;
   j["bandwidth_bytes_per_s"] = bw;
+  j["bandwidth_source"] = bw_what;
   j["roofline_tokens_per_s"] = roof;
   if (n_prompt > 0) j["pp"] = {{"n_prompt", n_prompt}, {"tokens_per_s", median(pp)}, {"runs", pp}};
   if (n_gen > 0)
     j["tg"] = {{"n_gen", n_gen}, {"tokens_per_s", median(tg)}, {"runs", tg}, {"roofline_share", median(tg) / roof},
-               {"comm_share", median(comm_share)}};
+               {"comm_share", median(comm_share)},
+               // Time per token beyond reading the weights at the measured bandwidth: launches, syncs,
+               // host work, collectives.
+               {"fixed_cost_us_per_token", 1e6 * (1.0 / median(tg) - 1.0 / roof)}};
   j["layout"] = {{"tp", eo.tp}, {"pp", eo.pp}};
   if (json) {
     std::printf("%s\n", j.dump(2).c_str());
@@ -130,12 +145,15 @@ int cmd_bench(int argc, const char* const* argv) {
   }
   std::printf("model %s, backend %s, tp %d x pp %d, weights %s\n", path.c_str(), engine.backend_name().c_str(), eo.tp,
               eo.pp, human_bytes(all_bytes).c_str());
-  std::printf("host copy bandwidth %.2f GB/s -> decode roofline %.1f tokens/s\n", bw / 1e9, roof);
+  std::printf("%s bandwidth %.2f GB/s -> decode roofline %.1f tokens/s (weights read once per token)\n",
+              bw_what.c_str(), bw / 1e9, roof);
   std::printf("| test  | tokens/s | roofline share | comm share |\n|-------|----------|----------------|------------|\n");
   if (n_prompt > 0) std::printf("| pp%-3lld | %8.1f |                |            |\n", (long long)n_prompt, median(pp));
-  if (n_gen > 0)
+  if (n_gen > 0) {
     std::printf("| tg%-3lld | %8.1f | %13.1f%% | %9.1f%% |\n", (long long)n_gen, median(tg), 100 * median(tg) / roof,
                 100 * median(comm_share));
+    std::printf("fixed cost per generated token beyond the weight reads: %.1f us\n", 1e6 * (1.0 / median(tg) - 1.0 / roof));
+  }
   return 0;
 }
 

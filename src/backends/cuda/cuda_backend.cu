@@ -382,6 +382,36 @@ int cuda_device_count() {
   return n;
 }
 
+double cuda_copy_bandwidth(int device_index) {
+  if (device_index < 0 || device_index >= cuda_device_count())
+    fail("CUDA device ", device_index, " is outside [0, ", cuda_device_count(), ")");
+  SHARDLM_CUDA_CHECK(cudaSetDevice(device_index));
+  const size_t n = size_t(1) << 30;
+  void* a = nullptr;
+  void* b = nullptr;
+  SHARDLM_CUDA_CHECK(cudaMalloc(&a, n));
+  SHARDLM_CUDA_CHECK(cudaMalloc(&b, n));
+  SHARDLM_CUDA_CHECK(cudaMemset(a, 1, n));
+  cudaEvent_t e0, e1;
+  SHARDLM_CUDA_CHECK(cudaEventCreate(&e0));
+  SHARDLM_CUDA_CHECK(cudaEventCreate(&e1));
+  float best_ms = 1e30f;
+  for (int rep = 0; rep < 6; ++rep) {  // the first is a warm-up; the best of the rest is the ceiling
+    SHARDLM_CUDA_CHECK(cudaEventRecord(e0));
+    SHARDLM_CUDA_CHECK(cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice));
+    SHARDLM_CUDA_CHECK(cudaEventRecord(e1));
+    SHARDLM_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    SHARDLM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (rep > 0) best_ms = std::min(best_ms, ms);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * double(n) / (double(best_ms) * 1e-3);  // bytes read plus bytes written
+}
+
 std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type) {
   return std::make_unique<cuda_detail::CudaBackend>(device_index, kv_type);
 }

@@ -24,6 +24,10 @@ int cuda_device_count();
 // Throws Error (kInvalidInput for a bad index or type, kResource when the device cannot be initialized).
 std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type = GgmlType::F16);
 
+// Device-to-device copy bandwidth of a 1 GiB cudaMemcpy, counting bytes read plus written (best of five
+// after a warm-up): the ceiling decode's weight reads are measured against.
+double cuda_copy_bandwidth(int device_index);
+
 // Greedy sampling on the GPU: index of the largest of logits[0..n) (device memory of `backend`; the lowest
 // index wins ties; NaNs are never chosen unless every element is NaN, then 0). Waits for the result.
 int32_t cuda_argmax(Backend& backend, const float* logits /* (n), device */, int64_t n);

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a lent GPU machine: builds the whole project with CUDA (dependencies from the carried
+# build-gpu-deps: include/, googletest/, shared/fixtures), runs the GPU golden tests and the op suite, then
+# benchmarks Llama-3.1-8B-shaped gen-model files (generated here, deleted after use).
+#   run: bash scripts/gpu/run_e2e.sh [types...]     (carry: build-gpu-deps)
+set -uo pipefail
+OUT=${OUT:-/tmp/shardlm-gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+date -u +"%Y-%m-%dT%H:%MZ" | tee -a "$OUT/gpu.txt"
+t0=$(date +%s)
+cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_BENCH=OFF \
+  -DSHARDLM_MPI=${SHARDLM_MPI:-OFF} -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" \
+  -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+ninja -C build-dev -j16 shardlm test_golden_cuda test_cuda_ops test_golden >"$OUT/build.log" 2>&1 \
+  || { grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+bin=build-dev/apps/shardlm/shardlm
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  for t in build-dev/tests/model/test_golden_cuda build-dev/tests/model/test_golden build-dev/tests/cuda/test_cuda_ops; do
+    $t >"$OUT/$(basename $t).log" 2>&1; echo "$(basename $t) rc=$?"
+    grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|worst|diverged" "$OUT/$(basename $t).log" | head -30
+  done
+fi
+types=${*:-bf16 q8_0 q4_0 q4_k_m}
+for ty in $types; do
+  $bin gen-model --arch llama-3.1-8b --type $ty -o /tmp/m.gguf -q || exit 1
+  echo "== llama-3.1-8b $ty"
+  $bin bench --backend cuda -m /tmp/m.gguf -p 512 -n 128 -r 3 -q --kv-type f16 --json >"$OUT/bench-$ty.json" 2>"$OUT/bench-$ty.err"
+  python3 -c "import json;d=json.load(open('$OUT/bench-$ty.json'));print('pp512 %.0f tg128 %.1f roof %.1f share %.1f%% fixed %.0f us bw %.0f GB/s' % (d['pp']['tokens_per_s'],d['tg']['tokens_per_s'],d['roofline_tokens_per_s'],100*d['tg']['roofline_share'],d['tg']['fixed_cost_us_per_token'],d['bandwidth_bytes_per_s']/1e9))" || tail -5 "$OUT/bench-$ty.err"
+  if [ "$ty" = "${GRAPHLESS_TYPE:-q4_0}" ]; then
+    $bin bench --backend cuda -m /tmp/m.gguf -p 0 -n 128 -r 3 -q --kv-type f16 --no-cuda-graphs --json >"$OUT/bench-$ty-nograph.json" 2>&1
+    python3 -c "import json;d=json.load(open('$OUT/bench-$ty-nograph.json'));print('no graphs: tg128 %.1f fixed %.0f us' % (d['tg']['tokens_per_s'],d['tg']['fixed_cost_us_per_token']))"
+    $bin bench --backend cuda -m /tmp/m.gguf -p 64 -n 32 -r 1 -q --kv-type f16 -ngl 16 --json >"$OUT/bench-$ty-ngl16.json" 2>&1
+    python3 -c "import json;d=json.load(open('$OUT/bench-$ty-ngl16.json'));print('-ngl 16: pp64 %.1f tg32 %.2f' % (d['pp']['tokens_per_s'],d['tg']['tokens_per_s']))"
+  fi
+  rm -f /tmp/m.gguf
+done
