@@ -88,8 +88,14 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
 LlamaModel::~LlamaModel() = default;
 
 void LlamaModel::all_reduce(Backend& b, float* buf, size_t n) {
+  if (b.device() != DeviceKind::kCpu && comm_.accepts_device_memory()) {
+    // A device communicator (NCCL) enqueues on the backend's stream: no host sync, so the step can be
+    // captured in a CUDA graph.
+    tp_group_->all_reduce_sum(buf, n);
+    return;
+  }
   b.synchronize();
-  if (b.device() == DeviceKind::kCpu || comm_.accepts_device_memory()) {
+  if (b.device() == DeviceKind::kCpu) {
     tp_group_->all_reduce_sum(buf, n);
     return;
   }
@@ -188,9 +194,11 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok) {
 
   // Attention block: column-parallel q/k/v, local heads, row-parallel output + one all-reduce.
   b.rms_norm(x, w.attn_norm, xn, n_tok, d, config_.rms_eps);
-  b.matmul(w.wq, xn, q, n_tok);
-  b.matmul(w.wk, xn, k, n_tok);
-  b.matmul(w.wv, xn, v, n_tok);
+  {
+    const WeightView ws[3] = {w.wq, w.wk, w.wv};
+    float* const ys[3] = {q, k, v};
+    b.matmul_group(ws, 3, xn, ys, n_tok);
+  }
   if (w.bq) {
     b.add_bias(q, w.bq, n_tok, nq * hd);
     b.add_bias(k, w.bk, n_tok, nkv * hd);
@@ -208,8 +216,11 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok) {
   float* g = seg.gate->as<float>();
   float* u = seg.up->as<float>();
   b.rms_norm(x, w.ffn_norm, xn, n_tok, d, config_.rms_eps);
-  b.matmul(w.w_gate, xn, g, n_tok);
-  b.matmul(w.w_up, xn, u, n_tok);
+  {
+    const WeightView ws[2] = {w.w_gate, w.w_up};
+    float* const ys[2] = {g, u};
+    b.matmul_group(ws, 2, xn, ys, n_tok);
+  }
   b.swiglu(g, u, g, n_tok * ff_local_);
   b.matmul(w.w_down, g, o, n_tok);
   if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));

@@ -82,6 +82,12 @@ class Backend {
   // y[t, r] = sum_c w[r, c] * x[t, c].
   virtual void matmul(const WeightView& w /* (n_rows, n_cols) */, const float* x /* (n_tok, n_cols) */,
                       float* y /* (n_tok, n_rows) */, int64_t n_tok) = 0;
+  // Several matmuls of the same input (q/k/v, gate/up): ys[i] = ws[i] x. Backends may run them as one
+  // launch, which matters for decode where each alone is too small to fill a GPU.
+  virtual void matmul_group(const WeightView* ws /* (n) */, int n, const float* x /* (n_tok, n_cols) */,
+                            float* const* ys /* (n) each (n_tok, ws[i].n_rows) */, int64_t n_tok) {
+    for (int i = 0; i < n; ++i) matmul(ws[i], x, ys[i], n_tok);
+  }
   // y[t, i] += b[i].
   virtual void add_bias(float* y /* (n_tok, n) */, const float* b /* (n) */, int64_t n_tok, int64_t n) = 0;
   // y[i] += x[i].
