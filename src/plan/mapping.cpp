@@ -22,22 +22,27 @@ std::vector<LayerRange> split_layers(int n_layer, int n_stages, const std::vecto
     if (!std::isfinite(x) || x <= 0) fail("layer split: proportion ", x, " must be a positive number");
     total += x;
   }
-  // Each stage first gets one layer (the minimum); the rest is shared by largest remainder, which keeps
-  // every stage within one layer of its exact share of the remaining layers.
-  const int spare = n_layer - n_stages;
-  std::vector<int> count(static_cast<size_t>(n_stages), 1);
+  // Largest remainder over all layers (3,1 over 5 layers: 3.75 and 1.25 give 4 and 1), then any stage
+  // left empty takes a layer from the currently largest stage, so every stage has at least one.
+  std::vector<int> count(static_cast<size_t>(n_stages), 0);
   std::vector<std::pair<double, int>> rem;
   int given = 0;
   for (int s = 0; s < n_stages; ++s) {
-    const double exact = spare * w[static_cast<size_t>(s)] / total;
+    const double exact = n_layer * w[static_cast<size_t>(s)] / total;
     const int whole = static_cast<int>(std::floor(exact));
-    count[static_cast<size_t>(s)] += whole;
+    count[static_cast<size_t>(s)] = whole;
     given += whole;
     rem.emplace_back(exact - whole, s);
   }
   // Larger remainder first; ties go to the earlier stage.
   std::stable_sort(rem.begin(), rem.end(), [](auto& a, auto& b) { return a.first > b.first; });
-  for (int i = 0; i < spare - given; ++i) count[static_cast<size_t>(rem[static_cast<size_t>(i)].second)] += 1;
+  for (int i = 0; i < n_layer - given; ++i) count[static_cast<size_t>(rem[static_cast<size_t>(i)].second)] += 1;
+  for (int s = 0; s < n_stages; ++s) {
+    if (count[static_cast<size_t>(s)] > 0) continue;
+    const auto largest = std::max_element(count.begin(), count.end()) - count.begin();
+    count[static_cast<size_t>(largest)] -= 1;
+    count[static_cast<size_t>(s)] = 1;
+  }
   std::vector<LayerRange> out;
   int at = 0;
   for (int c : count) {
