@@ -342,6 +342,66 @@ TEST_F(CudaOps, MatmulPrefill) {
   }
 }
 
+// matmul_group: q/k/v- and gate/up-like groups (same x) against the fp64 loop, decode (one launch for the
+// group) and prefill (x converted once); a group of mixed types falls back to one matmul per weight.
+void run_matmul_group(Backend& be, std::mt19937_64& rng, const std::vector<GgmlType>& types,
+                      const std::vector<int64_t>& rows, int64_t cols, int64_t n_tok) {
+  std::string what = "matmul_group";
+  for (size_t i = 0; i < types.size(); ++i) what += std::string(" ") + type_name(types[i]) + ":" + std::to_string(rows[i]);
+  what += " cols " + std::to_string(cols) + " n_tok " + std::to_string(n_tok);
+  SCOPED_TRACE(what);
+  const int n = static_cast<int>(types.size());
+  std::vector<HostWeight> hw;
+  std::vector<std::unique_ptr<Guarded>> wb, yb;
+  std::vector<WeightView> ws;
+  std::vector<float*> ys;
+  for (int i = 0; i < n; ++i) {
+    hw.push_back(make_host_weight(rng, types[i], rows[i], cols, 0));
+    wb.push_back(std::make_unique<Guarded>(be, hw[i].bytes.size()));
+    wb[i]->put(hw[i].bytes.data());
+    ws.push_back(WeightView{types[i], cols, rows[i], hw[i].stride, wb[i]->ptr()});
+    yb.push_back(std::make_unique<Guarded>(be, n_tok * rows[i] * 4));
+    ys.push_back(yb[i]->f());
+  }
+  const auto x = rand_floats(rng, n_tok * cols);
+  Guarded xb(be, x.size() * 4);
+  xb.put(x.data());
+  be.matmul_group(ws.data(), n, xb.f(), ys.data(), n_tok);
+  for (int i = 0; i < n; ++i) {
+    const auto y = yb[i]->get<float>();
+    std::vector<double> ref(n_tok * rows[i]), scale(n_tok * rows[i]);
+    for (int64_t tk = 0; tk < n_tok; ++tk)
+      for (int64_t r = 0; r < rows[i]; ++r) {
+        double s = 0, a = 0;
+        for (int64_t k = 0; k < cols; ++k) {
+          const double p = hw[i].deq[r][k] * x[tk * cols + k];
+          s += p;
+          a += std::fabs(p);
+        }
+        ref[tk * rows[i] + r] = s;
+        scale[tk * rows[i] + r] = a;
+      }
+    const GgmlType t = types[i];
+    const bool gemm = n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : n_tok > 8);
+    const double rtol = !gemm ? 1e-5 : (t == GgmlType::BF16 ? 1.0 / 256 : 1.0 / 1024);
+    expect_close(y, ref, 1e-6, rtol, what + " weight " + std::to_string(i), &scale);
+  }
+}
+
+TEST_F(CudaOps, MatmulGroup) {
+  for (GgmlType t : kTypes) {
+    run_matmul_group(*be_, rng_, {t, t, t}, {512, 128, 128}, 512, 1);   // q/k/v
+    run_matmul_group(*be_, rng_, {t, t}, {1029, 1029}, 1024, 1);        // gate/up, rows not a multiple of 8
+    run_matmul_group(*be_, rng_, {t, t, t, t}, {7, 33, 1, 300}, 256, 1);
+    run_matmul_group(*be_, rng_, {t, t, t}, {256, 64, 64}, 512, 64);    // prefill
+    run_matmul_group(*be_, rng_, {t, t}, {100, 60}, 512, 5);
+  }
+  // mixed types (Q4_K_M: v in Q6_K) and more than 4 weights: one matmul per weight
+  run_matmul_group(*be_, rng_, {GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K}, {512, 128, 128}, 512, 1);
+  run_matmul_group(*be_, rng_, {GgmlType::BF16, GgmlType::BF16, GgmlType::BF16, GgmlType::BF16, GgmlType::BF16},
+                   {16, 8, 8, 24, 40}, 256, 1);
+}
+
 TEST_F(CudaOps, GetRowsEveryType) {
   for (GgmlType t : kTypes) {
     SCOPED_TRACE(type_name(t));
@@ -520,6 +580,9 @@ TEST_F(CudaOps, KvStoreAndAttention) {
       {GgmlType::F16, 128, 8, 4, 7, 0, 64},     {GgmlType::F16, 64, 2, 8, 64, 0, 128},
       {GgmlType::F32, 128, 4, 1, 7, 1000, 1024}, {GgmlType::F16, 96, 2, 3, 1, 500, 1024},
       {GgmlType::F32, 80, 1, 1, 5, 3, 16},
+      // tiled prefill kernel: several 32/64-token query tiles and 64-position key tiles, pos0 off the tiles
+      {GgmlType::F16, 128, 8, 4, 100, 30, 256}, {GgmlType::F32, 64, 2, 4, 70, 100, 256},
+      {GgmlType::F16, 64, 4, 2, 2, 500, 1024},  {GgmlType::F16, 128, 2, 4, 130, 0, 130},
   };
   for (const auto& c : cases) run_attention(*be_, rng_, c);
 }

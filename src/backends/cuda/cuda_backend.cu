@@ -233,14 +233,55 @@ void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t 
   check_weight(w, "matmul");
   if (n_tok <= 0) return;
   DeviceGuard g(device_);
-  const bool quant = block_size(w.type) > 1;
-  if (n_tok == 1 || (quant && n_tok <= kQuantMatvecMaxTok) || force_generic_) {
+  if (uses_matvec(w, n_tok)) {
     const bool generic = force_generic_ || !aligned16(x) || (w.n_cols % 4 != 0);
     for (int64_t t = 0; t < n_tok; ++t)
       launch_matvec(w.type, w.data, w.row_stride, w.n_rows, w.n_cols, x + t * w.n_cols, y + t * w.n_rows, stream(),
                     generic || !aligned16(x + t * w.n_cols));
     return;
   }
+  gemm(w, x, nullptr, y, n_tok);
+}
+
+bool CudaBackend::uses_matvec(const WeightView& w, int64_t n_tok) const {
+  return n_tok == 1 || (block_size(w.type) > 1 && n_tok <= kQuantMatvecMaxTok) || force_generic_;
+}
+
+void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, float* const* ys, int64_t n_tok) {
+  if (n <= 0) return;
+  for (int i = 0; i < n; ++i) check_weight(ws[i], "matmul_group");
+  if (n_tok <= 0) return;
+  bool same = n <= 4;
+  for (int i = 1; i < n && same; ++i) same = ws[i].type == ws[0].type && ws[i].n_cols == ws[0].n_cols;
+  if (n == 1 || !same) {
+    for (int i = 0; i < n; ++i) matmul(ws[i], x, ys[i], n_tok);
+    return;
+  }
+  DeviceGuard g(device_);
+  if (n_tok == 1 && !force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0) {
+    const void* w[4];
+    size_t stride[4];
+    int64_t rows[4];
+    for (int i = 0; i < n; ++i) {
+      w[i] = ws[i].data;
+      stride[i] = ws[i].row_stride;
+      rows[i] = ws[i].n_rows;
+    }
+    if (launch_matvec_group(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, stream())) return;
+  }
+  if (uses_matvec(ws[0], n_tok) || ws[0].type == GgmlType::F32) {
+    for (int i = 0; i < n; ++i) matmul(ws[i], x, ys[i], n_tok);
+    return;
+  }
+  // Prefill: x converted to 16 bits once for the whole group.
+  const bool bf16 = ws[0].type == GgmlType::BF16;
+  void* x16 = scratch(x16_, static_cast<size_t>(n_tok * ws[0].n_cols) * 2, "x16");
+  launch_f32_to_16(x, x16, n_tok * ws[0].n_cols, bf16, stream());
+  for (int i = 0; i < n; ++i) gemm(ws[i], x, x16, ys[i], n_tok);
+}
+
+void CudaBackend::gemm(const WeightView& w, const float* x, const void* x16_ready, float* y, int64_t n_tok) {
+  const bool quant = block_size(w.type) > 1;
   // Prefill: cuBLAS, y^T (n_rows, n_tok) = W (n_rows, n_cols) . x^T (n_cols, n_tok) in column-major terms.
   const float alpha = 1.0f, beta = 0.0f;
   const int m_all = checked_int(w.n_rows, "n_rows"), n = checked_int(n_tok, "n_tok"), k = checked_int(w.n_cols, "n_cols");
@@ -255,8 +296,12 @@ void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t 
   // 16-bit operands, fp32 accumulation: bf16 weights pair with bf16 activations, everything else with fp16.
   const bool bf16 = w.type == GgmlType::BF16;
   const cudaDataType dt = bf16 ? CUDA_R_16BF : CUDA_R_16F;
-  void* x16 = scratch(x16_, static_cast<size_t>(n_tok * w.n_cols) * 2, "x16");
-  launch_f32_to_16(x, x16, n_tok * w.n_cols, bf16, stream());
+  const void* x16 = x16_ready;
+  if (!x16) {
+    void* buf = scratch(x16_, static_cast<size_t>(n_tok * w.n_cols) * 2, "x16");
+    launch_f32_to_16(x, buf, n_tok * w.n_cols, bf16, stream());
+    x16 = buf;
+  }
   if (!quant) {
     if (w.row_stride % 2 != 0) fail("cuda matmul: 16-bit row_stride ", w.row_stride, " is odd");
     SHARDLM_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m_all, n, k, &alpha, w.data, dt,
@@ -328,6 +373,10 @@ void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok
   }
   if (kv.head_dim > 256)
     fail_kind(ErrorKind::kUnsupported, "cuda attention: head_dim ", kv.head_dim, " > 256 is not implemented");
+  if (n_tok > 1 && !force_generic_attn_ &&
+      launch_attention_prefill(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_tok, n_head, out, sd,
+                               sm_count_, stream()))
+    return;
   launch_attention_generic(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_tok, n_head, out, sd,
                            stream());
 }

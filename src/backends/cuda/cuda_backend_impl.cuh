@@ -31,6 +31,9 @@ class CudaBackend final : public Backend {
   void get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) override;
   void rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) override;
   void matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) override;
+  // n_tok == 1: one launch for the whole group (same type and width, fast-path layouts); prefill: x is
+  // converted to 16 bits once for the group.
+  void matmul_group(const WeightView* ws, int n, const float* x, float* const* ys, int64_t n_tok) override;
   void add_bias(float* y, const float* b, int64_t n_tok, int64_t n) override;
   void add(float* y, const float* x, int64_t n) override;
   void swiglu(const float* gate, const float* up, float* out, int64_t n) override;
@@ -58,6 +61,9 @@ class CudaBackend final : public Backend {
   // are captured again. Growth is refused while capturing.
   void* scratch(DevMem& buf, size_t bytes, const char* what);
   const float* freq_factors_on_device(const float* host, int64_t n);
+  bool uses_matvec(const WeightView& w, int64_t n_tok) const;  // matvec per token rather than cuBLAS
+  // cuBLAS product; x16 = x already converted to the operand type (or null: converted here).
+  void gemm(const WeightView& w, const float* x, const void* x16, float* y, int64_t n_tok);
   void not_while_capturing(const char* what) const;
 
   int device_;

@@ -28,6 +28,13 @@ void launch_matvec(GgmlType type, const void* w /* (n_rows, row_stride bytes) */
                    int64_t n_rows, int64_t n_cols, const float* x /* (n_cols) */, float* y /* (n_rows) */,
                    cudaStream_t stream, bool force_generic = false);
 
+// Several weights of one type and width times the same x in one launch: y[k] = W[k] x for k < n (n <= 4).
+// Returns false (nothing launched) when the group is not covered (a layout off the fast path, Q6_K, a
+// quantized layout the rows kernel does not take); the caller then launches them one by one.
+bool launch_matvec_group(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
+                         int64_t n_cols, const float* x /* (n_cols), 16-byte aligned */, float* const* y,
+                         cudaStream_t stream);
+
 // ---- conversions for the cuBLAS (prefill) path ----
 // dst[r, c] = W[row0 + r, c] as fp16 (or bf16 when to_bf16), for r in [0, n_rows).
 void launch_dequant_rows(GgmlType type, const void* w, size_t row_stride, int64_t row0, int64_t n_rows,
@@ -79,6 +86,14 @@ void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head
                               int64_t head_dim, int64_t n_tok, int64_t n_head,
                               float* out /* (n_tok, n_head, head_dim) */, const StepDev* step,
                               cudaStream_t stream);
+
+// Prefill (any n_tok, head_dim 64 or 128, 16-byte aligned out and caches): tiles of 32/64 query tokens x one
+// head per block, K/V tiles of 64 positions in shared memory, FP32 register-tiled products, online softmax.
+// Returns false (nothing launched) when the shape or alignment is not covered.
+bool launch_attention_prefill(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */, const void* k_cache,
+                              const void* v_cache, int64_t n_ctx, int64_t n_head_kv, int64_t head_dim, int64_t n_tok,
+                              int64_t n_head, float* out /* (n_tok, n_head, head_dim) */, const StepDev* step,
+                              int sm_count, cudaStream_t stream);
 
 // ---- sampling ----
 // `scratch` is one device u64 owned by the caller (zeroed here, on the stream).

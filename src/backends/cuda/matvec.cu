@@ -28,6 +28,34 @@ namespace {
 
 constexpr int kRows = 4;  // rows per thread block (x reuse factor)
 
+// Up to kMax weights of one type and width multiplied by the same x in one launch (q/k/v, gate/up): the
+// blocks (plain kernel) or units (rows kernel) of the segments follow each other; first[k] is segment k's
+// first block/unit. A single matvec is a group of one. Passed as a __grid_constant__ parameter.
+struct MvGroup {
+  static constexpr int kMax = 4;
+  int n = 0;
+  const uint8_t* w[kMax] = {};
+  size_t stride[kMax] = {};
+  int64_t n_rows[kMax] = {};
+  float* y[kMax] = {};
+  int64_t first[kMax] = {};
+};
+struct MvSeg {
+  const uint8_t* w;
+  size_t stride;
+  int64_t n_rows;
+  float* y;
+  int64_t local;  // block/unit index within the segment
+};
+// Segment of block/unit `idx` (constant indices only: the parameter stays in the constant bank).
+__device__ __forceinline__ MvSeg mv_seg(const MvGroup& g, int64_t idx) {
+  MvSeg sg{g.w[0], g.stride[0], g.n_rows[0], g.y[0], idx};
+#pragma unroll
+  for (int k = 1; k < MvGroup::kMax; ++k)
+    if (k < g.n && idx >= g.first[k]) sg = MvSeg{g.w[k], g.stride[k], g.n_rows[k], g.y[k], idx - g.first[k]};
+  return sg;
+}
+
 // 16-byte streaming load: no L1 allocation (weights are used once), read-only path.
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
   uint4 r;
@@ -103,14 +131,16 @@ struct Plain<GgmlType::BF16> {
 
 template <GgmlType T, int R, int U>
 __global__ void __launch_bounds__(128) matvec_plain_kernel(
-    const uint8_t* __restrict__ w,  // (n_rows, row_stride bytes), 16-byte aligned rows
-    size_t row_stride,              // bytes between rows, multiple of 16
-    int64_t n_rows,                 // rows of W
-    int64_t n_vec,                  // 16-byte vectors per row (n_cols / kElems)
-    const float* __restrict__ x,    // (n_cols)
-    float* __restrict__ y) {        // (n_rows)
+    const __grid_constant__ MvGroup grp,  // weights: (n_rows, row_stride bytes), 16-byte aligned rows; y: (n_rows)
+    int64_t n_vec,                        // 16-byte vectors per row (n_cols / kElems)
+    const float* __restrict__ x) {        // (n_cols)
   constexpr int E = Plain<T>::kElems;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * R;
+  const MvSeg sg = mv_seg(grp, blockIdx.x);
+  const uint8_t* __restrict__ w = sg.w;
+  const size_t row_stride = sg.stride;
+  const int64_t n_rows = sg.n_rows;
+  float* __restrict__ y = sg.y;
+  const int64_t row0 = sg.local * R;
   const uint8_t* rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) rows[r] = w + static_cast<size_t>(min(row0 + r, n_rows - 1)) * row_stride;
@@ -667,12 +697,11 @@ struct RowsCfg {
 // decoded); x and its 16-element sums are copied to shared memory once per block.
 template <GgmlType T>
 __global__ void __launch_bounds__(RowsCfg<T>::kMaxWarps * 32) matvec_rows_kernel(
-    const uint8_t* __restrict__ w,  // (n_rows, row_stride bytes), 16-byte aligned rows
-    size_t row_stride,              // bytes between rows, multiple of 16
-    int64_t n_rows,                 // rows of W
-    int64_t n_items,                // items (256 columns) per row
-    const float* __restrict__ x,    // (n_cols), 16-byte aligned
-    float* __restrict__ y) {        // (n_rows)
+    const __grid_constant__ MvGroup grp,  // weights (n_rows, row_stride bytes): 16-byte aligned rows, stride
+                                          // a multiple of 16; y (n_rows); first[] counts units
+    int64_t n_units,                      // units of all segments
+    int64_t n_items,                      // items (256 columns) per row
+    const float* __restrict__ x) {        // (n_cols), 16-byte aligned
   using I = Item<T>;
   constexpr int RPW = RowsCfg<T>::kRPW, S = RowsCfg<T>::kStages;
   constexpr int LPR = 32 / RPW;
@@ -684,7 +713,6 @@ __global__ void __launch_bounds__(RowsCfg<T>::kMaxWarps * 32) matvec_rows_kernel
   uint8_t* ring = reinterpret_cast<uint8_t*>(xs + n_items * 288);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
   uint8_t* my = ring + static_cast<size_t>(warp) * S * 32 * I::kSlot;
-  const int64_t n_units = (n_rows + RPW - 1) / RPW;
   const int64_t n_steps = (T == GgmlType::Q6_K) ? (n_items + 8 * LPR - 1) / (8 * LPR) * 8 : (n_items + LPR - 1) / LPR;
   const int64_t u_first = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x;
   const int64_t u_step = static_cast<int64_t>(gridDim.x) * n_warps;
@@ -703,11 +731,12 @@ __global__ void __launch_bounds__(RowsCfg<T>::kMaxWarps * 32) matvec_rows_kernel
   const uint8_t* src[V];  // for the unit being issued
   int64_t iu = u_first, iq = 0;  // unit and step of the next issue
   auto set_unit = [&](int64_t u) {
+    const MvSeg sg = mv_seg(grp, u);
 #pragma unroll
     for (int m = 0; m < V; ++m) {
       const int r = rk[m] & 0xFF, k = rk[m] >> 8, off = (dst[m] % I::kSlot) / 16;
-      src[m] = w + static_cast<size_t>(min(u * RPW + r, n_rows - 1)) * row_stride + static_cast<size_t>(k) * KOFF +
-               16 * off;
+      src[m] = sg.w + static_cast<size_t>(min(sg.local * RPW + r, sg.n_rows - 1)) * sg.stride +
+               static_cast<size_t>(k) * KOFF + 16 * off;
     }
   };
   if (my_units > 0) set_unit(iu);
@@ -780,7 +809,8 @@ __global__ void __launch_bounds__(RowsCfg<T>::kMaxWarps * 32) matvec_rows_kernel
     if (++dq == n_steps) {  // unit done: combine the lane groups, store its rows
 #pragma unroll
       for (int o = 16; o >= RPW; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-      if (lane < RPW && du * RPW + lane < n_rows) y[du * RPW + lane] = acc;
+      const MvSeg sg = mv_seg(grp, du);
+      if (lane < RPW && sg.local * RPW + lane < sg.n_rows) sg.y[sg.local * RPW + lane] = acc;
       acc = 0.0f;
       dq = 0;
       du += u_step;
@@ -805,17 +835,36 @@ __global__ void matvec_generic_kernel(GgmlType type, const uint8_t* __restrict__
   if (lane == 0) y[row] = acc;
 }
 
+MvGroup one_group(const void* w, size_t stride, int64_t n_rows, float* y) {
+  MvGroup g;
+  g.n = 1;
+  g.w[0] = static_cast<const uint8_t*>(w);
+  g.stride[0] = stride;
+  g.n_rows[0] = n_rows;
+  g.y[0] = y;
+  return g;
+}
+
+// `g` without first[] (filled here).
 template <GgmlType T>
-void launch_plain(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
-                  cudaStream_t s) {
+void launch_plain_group(MvGroup g, int64_t n_cols, const float* x, cudaStream_t s) {
   constexpr int U = 2;
   const int64_t n_vec = n_cols / Plain<T>::kElems;
   // Fewer warps when the row is short, so that threads don't idle.
   const int threads = static_cast<int>(std::clamp<int64_t>((n_vec / U + 31) / 32 * 32, 32, 128));
-  const int64_t blocks = (n_rows + kRows - 1) / kRows;
-  matvec_plain_kernel<T, kRows, U><<<static_cast<unsigned>(blocks), threads, 0, s>>>(
-      static_cast<const uint8_t*>(w), stride, n_rows, n_vec, x, y);
+  int64_t blocks = 0;
+  for (int k = 0; k < g.n; ++k) {
+    g.first[k] = blocks;
+    blocks += (g.n_rows[k] + kRows - 1) / kRows;
+  }
+  matvec_plain_kernel<T, kRows, U><<<static_cast<unsigned>(blocks), threads, 0, s>>>(g, n_vec, x);
   SHARDLM_CUDA_CHECK_LAUNCH("matvec_plain_kernel");
+}
+
+template <GgmlType T>
+void launch_plain(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
+                  cudaStream_t s) {
+  launch_plain_group<T>(one_group(w, stride, n_rows, y), n_cols, x, s);
 }
 
 template <GgmlType T>
@@ -861,9 +910,10 @@ int sm_count() {
 // The rows-across-lanes kernel when the layout allows it (16-byte aligned rows, whole 256-column items,
 // shared memory within the device limit); false means: use matvec_quant_kernel.
 template <GgmlType T>
-bool launch_rows(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
-                 cudaStream_t s) {
-  if (reinterpret_cast<uintptr_t>(w) % 16 != 0 || stride % 16 != 0 || n_cols % 256 != 0) return false;
+bool launch_rows_group(MvGroup g, int64_t n_cols, const float* x, cudaStream_t s) {
+  if (n_cols % 256 != 0) return false;
+  for (int k = 0; k < g.n; ++k)
+    if (reinterpret_cast<uintptr_t>(g.w[k]) % 16 != 0 || g.stride[k] % 16 != 0) return false;
   using C = RowsCfg<T>;
   const int64_t n_items = n_cols / 256;
   const size_t fixed = static_cast<size_t>(n_items) * (16 + 288) * sizeof(float);
@@ -877,12 +927,21 @@ bool launch_rows(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, c
   auto kernel = matvec_rows_kernel<T>;
   SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  const int64_t n_units = (n_rows + C::kRPW - 1) / C::kRPW;
+  int64_t n_units = 0;
+  for (int k = 0; k < g.n; ++k) {
+    g.first[k] = n_units;
+    n_units += (g.n_rows[k] + C::kRPW - 1) / C::kRPW;
+  }
   const int64_t blocks = std::min<int64_t>(n_units, sm_count());
-  kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, s>>>(static_cast<const uint8_t*>(w), stride, n_rows,
-                                                                  n_items, x, y);
+  kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, s>>>(g, n_units, n_items, x);
   SHARDLM_CUDA_CHECK_LAUNCH("matvec_rows_kernel");
   return true;
+}
+
+template <GgmlType T>
+bool launch_rows(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
+                 cudaStream_t s) {
+  return launch_rows_group<T>(one_group(w, stride, n_rows, y), n_cols, x, s);
 }
 
 template <GgmlType T>
@@ -912,6 +971,29 @@ bool matvec_fast_path(GgmlType type, const void* w, size_t row_stride, int64_t n
       return (a % 2 == 0) && (row_stride % 2 == 0);
     default:
       return false;
+  }
+}
+
+bool launch_matvec_group(GgmlType type, int n, const void* const* w, const size_t* row_stride,
+                         const int64_t* n_rows, int64_t n_cols, const float* x, float* const* y, cudaStream_t s) {
+  if (n < 1 || n > MvGroup::kMax || reinterpret_cast<uintptr_t>(x) % 16 != 0) return false;
+  MvGroup g;
+  g.n = n;
+  for (int k = 0; k < n; ++k) {
+    if (n_rows[k] <= 0 || !matvec_fast_path(type, w[k], row_stride[k], n_cols)) return false;
+    g.w[k] = static_cast<const uint8_t*>(w[k]);
+    g.stride[k] = row_stride[k];
+    g.n_rows[k] = n_rows[k];
+    g.y[k] = y[k];
+  }
+  switch (type) {
+    case GgmlType::F32: launch_plain_group<GgmlType::F32>(g, n_cols, x, s); return true;
+    case GgmlType::F16: launch_plain_group<GgmlType::F16>(g, n_cols, x, s); return true;
+    case GgmlType::BF16: launch_plain_group<GgmlType::BF16>(g, n_cols, x, s); return true;
+    case GgmlType::Q4_0: return launch_rows_group<GgmlType::Q4_0>(g, n_cols, x, s);
+    case GgmlType::Q8_0: return launch_rows_group<GgmlType::Q8_0>(g, n_cols, x, s);
+    case GgmlType::Q4_K: return launch_rows_group<GgmlType::Q4_K>(g, n_cols, x, s);
+    default: return false;  // Q6_K: the chunk kernel, one launch per weight
   }
 }
 

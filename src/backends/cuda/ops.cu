@@ -401,6 +401,183 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_generic_kernel(
   }
 }
 
+// Prefill (n_tok > 1), head_dim 64/128: block (tile of BQ query tokens, head h). K and V tiles of 64
+// positions go to shared memory as f32 (K transposed); S = Q K^T is a BQ x 64 register-tiled product
+// (4 rows x 4 keys per thread), online softmax per row (4 threads per row), O += P V with 4 rows x
+// D/16 dims per thread. FP32 FMA throughout (same precision as the other kernels); every K/V element is
+// read once per block instead of once per (token, head).
+constexpr int kPfKeys = 64;  // keys per tile
+template <typename KV, int D, int BQ>
+__global__ void __launch_bounds__(BQ * 4) attention_prefill_kernel(
+    const float* __restrict__ q,  // (n_tok, n_head, D)
+    const KV* __restrict__ kc,    // (n_ctx, n_head_kv, D)
+    const KV* __restrict__ vc,    // (n_ctx, n_head_kv, D)
+    int64_t n_ctx, int64_t n_head_kv, int64_t n_tok, int64_t n_head,
+    float* __restrict__ out,      // (n_tok, n_head, D)
+    const StepDev* __restrict__ step) {
+  constexpr int NT = BQ * 4;          // threads: (BQ / 4) x 16
+  constexpr int DC = D / 64;          // float4 column groups per thread in the PV product
+  constexpr int SP = BQ + 4;          // row pitch of St (keeps float4 alignment)
+  extern __shared__ __align__(16) float sm[];
+  float* Qt = sm;                     // [D][BQ]   queries, transposed, pre-scaled
+  float* Kt = Qt + D * BQ;            // [D][64]   keys, transposed
+  float* Vs = Kt + D * kPfKeys;       // [64][D]   values
+  float* St = Vs + kPfKeys * D;       // [64][SP]  scores, then probabilities, transposed
+  float* red = St + kPfKeys * SP;     // [4][BQ]   partial max / sum of the 4 row parts
+  float* mrow = red + 4 * BQ;         // [BQ]      running max (log2 domain)
+  float* lrow = mrow + BQ;            // [BQ]      running sum
+  float* crow = lrow + BQ;            // [BQ]      correction of this tile
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * BQ, h = blockIdx.y;
+  const int64_t kh = h / (n_head / n_head_kv);
+  const int64_t pos0 = step->pos0;
+  const int64_t kv_row = n_head_kv * D;
+  const float scale = kLog2e / sqrtf(static_cast<float>(D));
+  // keys [0, len_max) are visible to some row of this block
+  const int64_t t_last = min(t0 + BQ, n_tok) - 1;
+  const int64_t len_max = min(pos0 + t_last + 1, n_ctx);
+
+  for (int i = tid; i < BQ * D; i += NT) {
+    const int r = i % BQ, d = i / BQ;
+    const int64_t t = t0 + r;
+    Qt[d * BQ + r] = t < n_tok ? q[(t * n_head + h) * D + d] * scale : 0.0f;
+  }
+  for (int r = tid; r < BQ; r += NT) {
+    mrow[r] = -INFINITY;
+    lrow[r] = 0.0f;
+  }
+  float acc[4][DC][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int g = 0; g < DC; ++g)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][g][c] = 0.0f;
+
+  for (int64_t j0 = 0; j0 < len_max; j0 += kPfKeys) {
+    __syncthreads();  // previous tile's readers are done with Kt / Vs / St
+    // K and V tile: thread -> (key j = i % 64, 8 dims at d0 = 8 * (i / 64))
+    for (int i = tid; i < kPfKeys * (D / 8); i += NT) {
+      const int j = i % kPfKeys, d0 = 8 * (i / kPfKeys);
+      const int64_t p = j0 + j;
+      float kf[8], vf[8];
+      if (p < len_max) {
+        load8(kc + p * kv_row + kh * D + d0, kf);
+        load8(vc + p * kv_row + kh * D + d0, vf);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) kf[e] = vf[e] = 0.0f;
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) Kt[(d0 + e) * kPfKeys + j] = kf[e];
+      *reinterpret_cast<float4*>(&Vs[j * D + d0]) = make_float4(vf[0], vf[1], vf[2], vf[3]);
+      *reinterpret_cast<float4*>(&Vs[j * D + d0 + 4]) = make_float4(vf[4], vf[5], vf[6], vf[7]);
+    }
+    __syncthreads();
+    // S = Q K^T: rows ty*4 + r, keys tx + 16 c
+    float s[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[r][c] = 0.0f;
+#pragma unroll 8
+    for (int d = 0; d < D; ++d) {
+      const float4 qv = *reinterpret_cast<const float4*>(&Qt[d * BQ + ty * 4]);
+      const float qa[4] = {qv.x, qv.y, qv.z, qv.w};
+      float kv[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) kv[c] = Kt[d * kPfKeys + tx + 16 * c];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[r][c] = fmaf(qa[r], kv[c], s[r][c]);
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = tx + 16 * c;
+      const int64_t p = j0 + j;
+      float4 o;
+      float* op = &o.x;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t t = t0 + ty * 4 + r;
+        const int64_t len = min(pos0 + min(t, n_tok - 1) + 1, n_ctx);  // padding rows act like the last token
+        op[r] = p < len ? s[r][c] : -INFINITY;
+      }
+      *reinterpret_cast<float4*>(&St[j * SP + ty * 4]) = o;
+    }
+    __syncthreads();
+    // online softmax: thread -> (row = tid % BQ, part = tid / BQ of 4, 16 keys each)
+    {
+      const int row = tid % BQ, part = tid / BQ;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, St[(part * 16 + i) * SP + row]);
+      red[part * BQ + row] = mx;
+      __syncthreads();
+      const float m_old = mrow[row];
+      const float m_new = fmaxf(m_old, fmaxf(fmaxf(red[row], red[BQ + row]), fmaxf(red[2 * BQ + row], red[3 * BQ + row])));
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        float* sp = &St[(part * 16 + i) * SP + row];
+        const float pr = exp2f(*sp - m_new);  // -inf -> 0; m_new is finite (key 0 is visible to every row)
+        *sp = pr;
+        sum += pr;
+      }
+      __syncthreads();  // every part has read red (max) and mrow
+      red[part * BQ + row] = sum;
+      __syncthreads();
+      if (part == 0) {
+        const float corr = exp2f(m_old - m_new);  // m_old = -inf at first: 0
+        crow[row] = corr;
+        lrow[row] = lrow[row] * corr + (red[row] + red[BQ + row]) + (red[2 * BQ + row] + red[3 * BQ + row]);
+        mrow[row] = m_new;
+      }
+      __syncthreads();
+    }
+    // O = O * corr + P V: rows ty*4 + r, dims g*64 + tx*4 + (0..3)
+    {
+      const float4 cv = *reinterpret_cast<const float4*>(&crow[ty * 4]);
+      const float cr[4] = {cv.x, cv.y, cv.z, cv.w};
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int g = 0; g < DC; ++g)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[r][g][c] *= cr[r];
+      const int n_keys = static_cast<int>(min(static_cast<int64_t>(kPfKeys), len_max - j0));
+#pragma unroll 4
+      for (int j = 0; j < n_keys; ++j) {
+        const float4 pv = *reinterpret_cast<const float4*>(&St[j * SP + ty * 4]);
+        const float pa[4] = {pv.x, pv.y, pv.z, pv.w};
+#pragma unroll
+        for (int g = 0; g < DC; ++g) {
+          const float4 vv = *reinterpret_cast<const float4*>(&Vs[j * D + g * 64 + tx * 4]);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            acc[r][g][0] = fmaf(pa[r], vv.x, acc[r][g][0]);
+            acc[r][g][1] = fmaf(pa[r], vv.y, acc[r][g][1]);
+            acc[r][g][2] = fmaf(pa[r], vv.z, acc[r][g][2]);
+            acc[r][g][3] = fmaf(pa[r], vv.w, acc[r][g][3]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t t = t0 + ty * 4 + r;
+    if (t >= n_tok) continue;
+    const float inv = 1.0f / lrow[ty * 4 + r];
+#pragma unroll
+    for (int g = 0; g < DC; ++g)
+      *reinterpret_cast<float4*>(&out[(t * n_head + h) * D + g * 64 + tx * 4]) =
+          make_float4(acc[r][g][0] * inv, acc[r][g][1] * inv, acc[r][g][2] * inv, acc[r][g][3] * inv);
+  }
+}
+
 // ---- lookup and conversion ------------------------------------------------------------------------------
 __global__ void get_rows_kernel(GgmlType type, const uint8_t* __restrict__ table /* (n_rows, row_stride) */,
                                 size_t row_stride, int64_t n_rows, int64_t n_cols,
@@ -424,6 +601,81 @@ __global__ void dequant_rows_kernel(GgmlType type, const uint8_t* __restrict__ w
     const int64_t r = i / n_cols, c = i % n_cols;
     const float v = dq_elem(type, w + static_cast<size_t>(row0 + r) * row_stride, c);
     dst[i] = to_bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : __half_as_ushort(__float2half_rn(v));
+  }
+}
+
+// Fast path of the dequantize-to-16-bit pass: each thread writes 8 consecutive elements (one 16-byte store,
+// so a warp stores 512 contiguous bytes), decoding them with the block's scale read once and the quants
+// read as 16-bit words (block-format rows are only 2-byte aligned); no 64-bit division per element.
+__device__ __forceinline__ uint16_t to16(float v, bool to_bf16) {
+  return to_bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : __half_as_ushort(__float2half_rn(v));
+}
+template <GgmlType T>
+__device__ __forceinline__ void dq8(const uint8_t* __restrict__ row, int64_t e0, float (&v)[8]) {
+  if constexpr (T == GgmlType::Q8_0) {
+    const uint8_t* b = row + (e0 / 32) * 34;
+    const float d = f16_bits(*reinterpret_cast<const uint16_t*>(b));
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(b + 2 + e0 % 32);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t w = q[i];
+      v[2 * i] = d * static_cast<float>(static_cast<int8_t>(w & 0xFF));
+      v[2 * i + 1] = d * static_cast<float>(static_cast<int8_t>(w >> 8));
+    }
+  } else if constexpr (T == GgmlType::Q4_0) {
+    const uint8_t* b = row + (e0 / 32) * 18;
+    const float d = f16_bits(*reinterpret_cast<const uint16_t*>(b));
+    const int o = static_cast<int>(e0 % 32);
+    const int sh = o < 16 ? 0 : 4;
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(b + 2 + (o & 15));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t w = q[i];
+      v[2 * i] = d * static_cast<float>(static_cast<int>((w >> sh) & 0xF) - 8);
+      v[2 * i + 1] = d * static_cast<float>(static_cast<int>((w >> (8 + sh)) & 0xF) - 8);
+    }
+  } else if constexpr (T == GgmlType::Q4_K) {
+    const uint8_t* b = row + (e0 / 256) * 144;
+    const int e = static_cast<int>(e0 % 256), sidx = e / 32, l = e % 32;
+    const uint8_t* sc = b + 4;
+    int scale, mn;
+    if (sidx < 4) {
+      scale = sc[sidx] & 63;
+      mn = sc[sidx + 4] & 63;
+    } else {
+      scale = (sc[sidx + 4] & 0xF) | ((sc[sidx - 4] >> 6) << 4);
+      mn = (sc[sidx + 4] >> 4) | ((sc[sidx] >> 6) << 4);
+    }
+    const float d = f16_bits(*reinterpret_cast<const uint16_t*>(b)) * scale;
+    const float m = f16_bits(*reinterpret_cast<const uint16_t*>(b + 2)) * mn;
+    const int sh = (sidx & 1) ? 4 : 0;
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(b + 16 + 32 * (sidx / 2) + l);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t w = q[i];
+      v[2 * i] = d * static_cast<float>((w >> sh) & 0xF) - m;
+      v[2 * i + 1] = d * static_cast<float>((w >> (8 + sh)) & 0xF) - m;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = dq_elem(T, row, e0 + i);
+  }
+}
+template <GgmlType T>
+__global__ void dequant_rows_fast_kernel(const uint8_t* __restrict__ w /* (rows, row_stride) */, size_t row_stride,
+                                         int64_t row0, int64_t n_oct /* n_cols / 8 */,
+                                         uint16_t* __restrict__ dst /* (n_rows, n_cols) */, bool to_bf16) {
+  const int64_t r = blockIdx.y;
+  const uint8_t* row = w + static_cast<size_t>(row0 + r) * row_stride;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < n_oct;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v[8];
+    dq8<T>(row, 8 * g, v);
+    uint32_t p[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      p[i] = static_cast<uint32_t>(to16(v[2 * i], to_bf16)) | (static_cast<uint32_t>(to16(v[2 * i + 1], to_bf16)) << 16);
+    reinterpret_cast<uint4*>(dst + r * n_oct * 8)[g] = make_uint4(p[0], p[1], p[2], p[3]);
   }
 }
 
@@ -613,6 +865,46 @@ void launch_attention_generic(GgmlType kv_type, const float* q, const void* k_ca
   SHARDLM_CUDA_CHECK_LAUNCH("attention_generic_kernel");
 }
 
+template <typename KV, int D, int BQ>
+static void prefill_launch(const float* q, const void* kc, const void* vc, int64_t n_ctx, int64_t n_head_kv,
+                           int64_t n_tok, int64_t n_head, float* out, const StepDev* step, cudaStream_t s) {
+  constexpr size_t smem = sizeof(float) * (static_cast<size_t>(D) * BQ + 2 * static_cast<size_t>(D) * kPfKeys +
+                                           static_cast<size_t>(kPfKeys) * (BQ + 4) + 7 * BQ);
+  auto kernel = attention_prefill_kernel<KV, D, BQ>;
+  SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>((n_tok + BQ - 1) / BQ), static_cast<unsigned>(n_head));
+  kernel<<<grid, BQ * 4, smem, s>>>(q, static_cast<const KV*>(kc), static_cast<const KV*>(vc), n_ctx, n_head_kv, n_tok,
+                                    n_head, out, step);
+  SHARDLM_CUDA_CHECK_LAUNCH("attention_prefill_kernel");
+}
+
+template <typename KV, int D>
+static void prefill_d(const float* q, const void* kc, const void* vc, int64_t n_ctx, int64_t n_head_kv, int64_t n_tok,
+                      int64_t n_head, float* out, const StepDev* step, int sm_count, cudaStream_t s) {
+  // 64-token tiles when they alone give two blocks per SM, else 32 (more blocks, less reuse of K/V)
+  if ((n_tok + 63) / 64 * n_head >= 2 * static_cast<int64_t>(sm_count))
+    prefill_launch<KV, D, 64>(q, kc, vc, n_ctx, n_head_kv, n_tok, n_head, out, step, s);
+  else
+    prefill_launch<KV, D, 32>(q, kc, vc, n_ctx, n_head_kv, n_tok, n_head, out, step, s);
+}
+
+bool launch_attention_prefill(GgmlType kv_type, const float* q, const void* k_cache, const void* v_cache,
+                              int64_t n_ctx, int64_t n_head_kv, int64_t head_dim, int64_t n_tok, int64_t n_head,
+                              float* out, const StepDev* step, int sm_count, cudaStream_t s) {
+  auto al16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if ((head_dim != 64 && head_dim != 128) || !al16(out) || !al16(k_cache) || !al16(v_cache)) return false;
+  if (n_tok <= 0 || n_tok > 65535LL * 64 || n_head > 65535) return false;
+  const bool f16 = kv_type == GgmlType::F16;
+  if (head_dim == 64) {
+    if (f16) prefill_d<__half, 64>(q, k_cache, v_cache, n_ctx, n_head_kv, n_tok, n_head, out, step, sm_count, s);
+    else prefill_d<float, 64>(q, k_cache, v_cache, n_ctx, n_head_kv, n_tok, n_head, out, step, sm_count, s);
+  } else {
+    if (f16) prefill_d<__half, 128>(q, k_cache, v_cache, n_ctx, n_head_kv, n_tok, n_head, out, step, sm_count, s);
+    else prefill_d<float, 128>(q, k_cache, v_cache, n_ctx, n_head_kv, n_tok, n_head, out, step, sm_count, s);
+  }
+  return true;
+}
+
 void launch_get_rows(GgmlType type, const void* table, size_t row_stride, int64_t n_rows_table, int64_t n_cols,
                      const int32_t* ids, int64_t n_tok, float* out, cudaStream_t s) {
   if (n_tok <= 0) return;
@@ -622,10 +914,31 @@ void launch_get_rows(GgmlType type, const void* table, size_t row_stride, int64_
   SHARDLM_CUDA_CHECK_LAUNCH("get_rows_kernel");
 }
 
+template <GgmlType T>
+static void dequant_fast(const void* w, size_t row_stride, int64_t row0, int64_t n_rows, int64_t n_cols, void* dst,
+                         bool to_bf16, cudaStream_t s) {
+  const int64_t n_oct = n_cols / 8;
+  const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>((n_oct + 127) / 128, 1, 64)),
+                  static_cast<unsigned>(n_rows));
+  dequant_rows_fast_kernel<T><<<grid, 128, 0, s>>>(static_cast<const uint8_t*>(w), row_stride, row0, n_oct,
+                                                   static_cast<uint16_t*>(dst), to_bf16);
+  SHARDLM_CUDA_CHECK_LAUNCH("dequant_rows_fast_kernel");
+}
+
 void launch_dequant_rows(GgmlType type, const void* w, size_t row_stride, int64_t row0, int64_t n_rows,
                          int64_t n_cols, void* dst, bool to_bf16, cudaStream_t s) {
   const int64_t total = n_rows * n_cols;
   if (total <= 0) return;
+  if (n_cols % 32 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 2 == 0 &&
+      row_stride % 2 == 0 && n_rows <= 65535) {
+    switch (type) {
+      case GgmlType::Q8_0: return dequant_fast<GgmlType::Q8_0>(w, row_stride, row0, n_rows, n_cols, dst, to_bf16, s);
+      case GgmlType::Q4_0: return dequant_fast<GgmlType::Q4_0>(w, row_stride, row0, n_rows, n_cols, dst, to_bf16, s);
+      case GgmlType::Q4_K: return dequant_fast<GgmlType::Q4_K>(w, row_stride, row0, n_rows, n_cols, dst, to_bf16, s);
+      case GgmlType::Q6_K: return dequant_fast<GgmlType::Q6_K>(w, row_stride, row0, n_rows, n_cols, dst, to_bf16, s);
+      default: break;
+    }
+  }
   dequant_rows_kernel<<<grid_for(total, 256), 256, 0, s>>>(type, static_cast<const uint8_t*>(w), row_stride, row0,
                                                            n_rows, n_cols, static_cast<uint16_t*>(dst), to_bf16);
   SHARDLM_CUDA_CHECK_LAUNCH("dequant_rows_kernel");
