@@ -80,6 +80,19 @@ class Search {
   void add_gpu_layouts(int tp, int pp, int64_t ctx, std::vector<Candidate>& out);
   void add_cpu_layouts(int64_t ctx, std::vector<Candidate>& out);
 
+  // CPU decode efficiency for this model's weight type (see CostParams).
+  double cpu_efficiency() const {
+    const TensorDesc* t = m_.find("blk.0.ffn_gate.weight");
+    if (!t) return p_.cpu_bandwidth_efficiency;
+    switch (t->type) {
+      case GgmlType::Q8_0: return p_.cpu_q8_efficiency;
+      case GgmlType::Q4_0:
+      case GgmlType::Q4_K:
+      case GgmlType::Q6_K: return p_.cpu_q4_efficiency;
+      default: return p_.cpu_bandwidth_efficiency;
+    }
+  }
+
   const ModelDesc& m_;
   const DeviceInventory& inv_;
   const PlanRequest& req_;
@@ -187,7 +200,7 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       d.decode_read_bytes = static_cast<double>(layer_w + d.kv_bytes) +
                             (s.first ? static_cast<double>(w.token_embd_row_bytes) : 0.0) +
                             (s.last ? static_cast<double>(w.output_norm_bytes) + out_read : 0.0);
-      const double eff = dev.kind == PlanDeviceKind::kGpu ? p_.gpu_bandwidth_efficiency : p_.cpu_bandwidth_efficiency;
+      const double eff = dev.kind == PlanDeviceKind::kGpu ? p_.gpu_bandwidth_efficiency : cpu_efficiency();
       stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff));
       const double flops = nl * layer_flops_per_token(c, std::max<int64_t>(1, ctx / 2)) / s.tp +
                            (s.last ? 2.0 * static_cast<double>(c.n_embd) * static_cast<double>(c.n_vocab) / s.tp : 0.0);

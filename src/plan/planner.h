@@ -38,7 +38,12 @@ struct PlanRequest {
 // The constants of the cost model, stated once so that reports can print them.
 struct CostParams {
   double gpu_bandwidth_efficiency = 0.80;  // share of datasheet bandwidth a decode step achieves
-  double cpu_bandwidth_efficiency = 0.80;  // share of the configured CPU bandwidth
+  double cpu_bandwidth_efficiency = 0.80;  // share of the configured CPU bandwidth (plain f32/f16/bf16 weights)
+  // Block types are decoded in registers and the CPU kernels are bound by that work, not by memory:
+  // measured decode shares of the copy roofline (docs/BENCHMARKS.md, 2026-11-26): f16 83%, q8_0 55%,
+  // q4_0 33-45%. Applied to the CPU's weight reads by the type of the model's FFN matrices.
+  double cpu_q8_efficiency = 0.55;
+  double cpu_q4_efficiency = 0.42;  // q4_0, q4_K, q6_K
   double matmul_efficiency = 0.50;         // share of the dense matmul rate prefill achieves
   uint64_t gpu_reserve_bytes = 768ull << 20;  // CUDA context, cuBLAS workspace, allocator slack
   double cpu_reserve_fraction = 0.10;         // RAM kept for the OS and other programs ...
