@@ -1,10 +1,12 @@
 #include <cstdio>
+#include <filesystem>
 
 #include "cli_common.h"
 #include "commands.h"
 #include "config/presets.h"
 #include "core/error.h"
 #include "loader/gguf_export.h"
+#include "loader/hf_source.h"
 #include "loader/llama2c_source.h"
 
 namespace shardlm {
@@ -16,7 +18,9 @@ int cmd_convert(int argc, const char* const* argv) {
   bool quiet = false;
   app.add_option("--from", from, "source format: llama2c or hf")->required();
   app.add_option("input", input, "checkpoint file (llama2c) or model directory (hf)")->required();
-  app.add_option("--tokenizer", tokenizer, "llama2.c tokenizer.bin (required with --from llama2c)");
+  app.add_option("--tokenizer", tokenizer,
+                 "llama2.c tokenizer.bin (required with --from llama2c); with --from hf, a tokenizer.json, a "
+                 "directory holding one, or a GGUF whose vocabulary replaces the directory's");
   app.add_option("-o,--output", out, "output GGUF path")->required();
   app.add_option("--type", type, "convert weights to a scheme: " + scheme_names() + " (default: keep)");
   app.add_flag("-q,--quiet", quiet, "no progress output");
@@ -26,9 +30,21 @@ int cmd_convert(int argc, const char* const* argv) {
     if (tokenizer.empty()) fail("--tokenizer is required with --from llama2c");
     src = open_llama2c_source(input, tokenizer);
   } else if (from == "hf") {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(input, ec))
+      fail("--from hf: '", input, "' is not a directory (a Hugging Face checkpoint is a folder with config.json and "
+           "*.safetensors)");
     src = open_model(input);
+    if (!tokenizer.empty()) src = with_tokenizer(std::move(src), load_tokenizer_files(tokenizer));
   } else {
     fail("--from '", from, "' is not llama2c or hf");
+  }
+  if (!quiet) {
+    const ModelConfig& c = src->config();
+    std::fprintf(stderr, "converting %s (%s, %s, %lld layers, vocab %lld) to %s as %s\n", input.c_str(),
+                 src->format_name().c_str(), c.arch.c_str(), static_cast<long long>(c.n_layer),
+                 static_cast<long long>(c.n_vocab), out.c_str(), type.empty() ? "the source types" : type.c_str());
+    if (!src->vocab()) std::fprintf(stderr, "note: no tokenizer in %s; the GGUF will have none\n", input.c_str());
   }
   Progress progress("writing " + out, !quiet);
   export_gguf(*src, out, type, [&](uint64_t d, uint64_t t) { progress(d, t); });

@@ -7,7 +7,9 @@
 #include "cli_common.h"
 #include "commands.h"
 #include "core/error.h"
+#include "loader/hf_source.h"
 #include "run_flags.h"
+#include "tokenizer/chat_template.h"
 
 namespace shardlm {
 
@@ -21,7 +23,8 @@ int cmd_generate(int argc, const char* const* argv) {
   int64_t n_predict = 64;
   SamplerParams sp;
   sp.temperature = 0.8f;
-  bool ignore_eos = false, json = false, greedy = false;
+  bool ignore_eos = false, json = false, greedy = false, chat = false;
+  std::string tokenizer_path, system;
   app.add_option("-p,--prompt", prompt, "prompt text");
   app.add_option("-f,--file", prompt_file, "read the prompt text from a file");
   app.add_option("--prompt-ids", prompt_ids, "prompt as token ids, e.g. 1,2,3 (no BOS is added)");
@@ -35,6 +38,13 @@ int cmd_generate(int argc, const char* const* argv) {
   app.add_option("--repeat-last-n", sp.repeat_last_n, "how many recent tokens the penalty considers");
   app.add_option("--seed", sp.seed, "random seed (same seed, same output)");
   app.add_flag("--ignore-eos", ignore_eos, "do not stop at the end-of-sequence token");
+  app.add_flag("--chat", chat,
+               "render the prompt as a user message with the model's chat template (GGUF tokenizer.chat_template "
+               "or tokenizer_config.json) and add_generation_prompt, then tokenize with special tokens parsed");
+  app.add_option("--system", system, "with --chat: a system message before the user message");
+  app.add_option("--tokenizer", tokenizer_path,
+                 "use this tokenizer (tokenizer.json, a directory holding one, or a GGUF) and its chat template "
+                 "instead of the model's; it may not have more tokens than the model's vocabulary");
   app.add_flag("--json", json, "print {\"prompt_ids\", \"generated_ids\", \"text\"} as JSON");
   if (int rc = parse_cli(app, argc, argv); rc >= 0) return rc;
   if (greedy) sp.temperature = 0;
@@ -42,6 +52,8 @@ int cmd_generate(int argc, const char* const* argv) {
   if (n_predict < 1 || n_predict > (1 << 24)) fail("-n ", n_predict, " is outside [1, 16777216]");
   if (int(!prompt.empty()) + int(!prompt_ids.empty()) + int(!prompt_file.empty()) > 1)
     fail("give only one of -p, -f and --prompt-ids");
+  if (chat && !prompt_ids.empty()) fail("--chat renders text: give the prompt with -p or -f, not --prompt-ids");
+  if (!system.empty() && !chat) fail("--system needs --chat");
   EngineOptions eo = rf.resolve();
   if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv); rc >= 0) return rc;
 
@@ -49,6 +61,7 @@ int cmd_generate(int argc, const char* const* argv) {
   const bool rank0 = comm->rank() == 0;
   const std::string path = rf.model.empty() ? default_model_path() : rf.model;
   auto src = open_model(path);
+  if (!tokenizer_path.empty()) src = with_tokenizer(std::move(src), load_tokenizer_files(tokenizer_path));
   const Vocab* vocab = src->vocab();
   std::unique_ptr<Tokenizer> tok;
   if (vocab) tok = Tokenizer::create(*vocab);
@@ -60,8 +73,28 @@ int cmd_generate(int argc, const char* const* argv) {
     prompt = ss.str();
   }
   std::vector<int32_t> ids;
+  std::string rendered;  // --chat: the template's output
   if (!prompt_ids.empty()) {
     ids = parse_id_list(prompt_ids, "--prompt-ids");
+  } else if (chat) {
+    if (!tok) fail(path, " has no tokenizer: pass --tokenizer");
+    const std::string tmpl = src->chat_template();
+    if (tmpl.empty())
+      fail(tokenizer_path.empty() ? path : tokenizer_path,
+           " has no chat template (GGUF tokenizer.chat_template or tokenizer_config.json chat_template); pass "
+           "--tokenizer with one, or drop --chat");
+    auto piece_of = [&](int32_t id) {
+      return id >= 0 && id < tok->n_vocab() ? vocab->tokens[static_cast<size_t>(id)] : std::string();
+    };
+    std::vector<ChatMessage> messages;
+    if (!system.empty()) messages.push_back({"system", system});
+    messages.push_back({"user", prompt});
+    rendered = ChatTemplate(tmpl).render(messages, /*add_generation_prompt=*/true, piece_of(vocab->bos),
+                                         piece_of(vocab->eos));
+    // As transformers' apply_chat_template(tokenize=True): the template writes BOS itself when the model
+    // wants one, so no special tokens are added, and written ones ("<s>", "<|im_start|>") are parsed.
+    ids = tok->encode(rendered, /*add_special=*/false, /*parse_special=*/true);
+    if (ids.empty()) fail("the chat template rendered an empty prompt");
   } else {
     if (!tok) fail(path, " has no tokenizer: pass --prompt-ids");
     ids = tok->encode(prompt, true, false);
@@ -93,7 +126,7 @@ int cmd_generate(int argc, const char* const* argv) {
     fail("the prompt (", ids.size(), " tokens) plus ", n_predict, " generated tokens need ",
          static_cast<int64_t>(ids.size()) + n_predict - 1, " positions, more than the context size ", engine.n_ctx(),
          " (raise -c or lower -n)");
-  if (rank0 && !json && !prompt.empty()) std::fputs(prompt.c_str(), stdout);
+  if (rank0 && !json && !prompt.empty() && !chat) std::fputs(prompt.c_str(), stdout);
   GenerateResult res = engine.generate(ids, n_predict, sp, eos, on_token);
   if (rank0) {
     if (json) {
@@ -101,6 +134,7 @@ int cmd_generate(int argc, const char* const* argv) {
       j["prompt_ids"] = ids;
       j["generated_ids"] = res.generated;
       j["text"] = text;
+      if (chat) j["rendered"] = rendered;
       std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     } else {
       std::printf("\n");

@@ -1,6 +1,8 @@
 #include "loader/gguf_export.h"
 
 #include <cstring>
+#include <filesystem>
+#include <map>
 #include <vector>
 
 #include "config/presets.h"
@@ -27,7 +29,38 @@ void write_model_metadata(GgufWriter& w, const ModelConfig& c, const Vocab* voca
     w.set_u32(a + "attention.value_length", static_cast<uint32_t>(c.head_dim));
   }
   w.set_u32(a + "vocab_size", static_cast<uint32_t>(c.n_vocab));
+  w.set_u32("general.quantization_version", 2);  // GGML_QNT_VERSION, which llama.cpp's writers record
   if (!vocab) return;
+  // llama.cpp (and our GGUF reader) want one token per embedding row. Checkpoints pad their embeddings
+  // past the tokenizer (Qwen2: 151936 rows, 151665 tokens); llama.cpp's converter fills the gap with
+  // "[PAD<i>]" tokens of type UNUSED, which no text ever encodes to.
+  Vocab v = *vocab;
+  if (static_cast<int64_t>(v.tokens.size()) > c.n_vocab)
+    fail("tokenizer has ", v.tokens.size(), " tokens but the model's vocabulary has ", c.n_vocab, " rows");
+  const size_t n_real = v.tokens.size();
+  if (v.types.empty() && static_cast<int64_t>(n_real) < c.n_vocab) v.types.assign(n_real, TokenType::kNormal);
+  // A Hugging Face SentencePiece-style BPE ranks merges instead of scoring pieces; GGUF "llama" merges by
+  // score (the pair whose result scores highest first). Such a tokenizer.json is converted from a
+  // SentencePiece model, whose pieces are numbered in descending score order, so score -id restores the
+  // order SentencePiece (and llama.cpp) merge in. Pieces made only of U+2581 ("▁", "▁▁", ...) are
+  // user-defined in Llama's SentencePiece models, scored -1e9 so merging never prefers them; the merge
+  // list of tokenizer.json puts them first instead. Checked against llama.cpp's Llama-SPM vocab suite.
+  if (v.model == Vocab::Model::kSpm && v.scores.empty()) {
+    static const std::string kMarker = "\xE2\x96\x81";  // U+2581
+    v.scores.resize(n_real);
+    for (size_t i = 0; i < n_real; ++i) {
+      const std::string& t = v.tokens[i];
+      bool spaces = !t.empty() && t.size() % kMarker.size() == 0;
+      for (size_t k = 0; spaces && k < t.size(); k += kMarker.size()) spaces = t.compare(k, kMarker.size(), kMarker) == 0;
+      v.scores[i] = spaces ? -1e9f : -static_cast<float>(i);
+    }
+  }
+  for (size_t i = n_real; i < static_cast<size_t>(c.n_vocab); ++i) {
+    v.tokens.push_back(cat("[PAD", i, "]"));
+    if (!v.scores.empty()) v.scores.push_back(-1000.0f);
+    v.types.push_back(TokenType::kUnused);
+  }
+  vocab = &v;
   w.set_string("tokenizer.ggml.model", vocab->model == Vocab::Model::kSpm ? "llama" : "gpt2");
   if (vocab->model == Vocab::Model::kBpe) w.set_string("tokenizer.ggml.pre", vocab->pre);
   w.set_string_array("tokenizer.ggml.tokens", vocab->tokens);
@@ -48,13 +81,32 @@ void write_model_metadata(GgufWriter& w, const ModelConfig& c, const Vocab* voca
   if (!chat_template.empty()) w.set_string("tokenizer.chat_template", chat_template);
 }
 
+namespace {
+
+// llama.cpp's llama_ftype for general.file_type ("mostly" the scheme's type), or -1 when not one.
+int llama_file_type(const std::string& scheme) {
+  static const std::map<std::string, int> k = {{"f32", 0},  {"f16", 1},     {"q4_0", 2}, {"q8_0", 7},
+                                               {"q4_k_m", 15}, {"q6_k", 18}, {"bf16", 32}};
+  const auto it = k.find(scheme);
+  return it == k.end() ? -1 : it->second;
+}
+
+}  // namespace
+
 void export_gguf(const ModelSource& src, const std::string& path, const std::string& scheme,
                  const std::function<void(uint64_t, uint64_t)>& progress) {
   if (!scheme.empty() && !is_known_scheme(scheme))
     fail("type '", scheme, "' is not a known scheme (", scheme_names(), ")");
   const ModelConfig& c = src.config();
   GgufWriter w;
-  write_model_metadata(w, c, src.vocab(), src.chat_template());
+  ModelConfig named = c;
+  // llama.cpp's converter names a model after its directory (config.json names only the model type).
+  if (named.name.empty() || src.format_name() == "hf-safetensors")
+    named.name = std::filesystem::path(src.path()).lexically_normal().filename().string();
+  if (named.name.empty())
+    named.name = std::filesystem::path(src.path()).lexically_normal().parent_path().filename().string();
+  write_model_metadata(w, named, src.vocab(), src.chat_template());
+  if (const int ft = llama_file_type(scheme); ft >= 0) w.set_u32("general.file_type", static_cast<uint32_t>(ft));
   if (!c.rope_freq_factors.empty() && !src.find_tensor("rope_freqs.weight"))
     w.add_tensor("rope_freqs.weight", GgmlType::F32, {static_cast<int64_t>(c.rope_freq_factors.size())},
                  c.rope_freq_factors.data());

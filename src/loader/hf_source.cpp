@@ -1,5 +1,6 @@
 #include "loader/hf_source.h"
 
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -9,6 +10,7 @@
 
 #include "config/hf_config.h"
 #include "core/error.h"
+#include "formats/gguf.h"
 #include "formats/safetensors.h"
 #include "tokenizer/hf_tokenizer.h"
 
@@ -67,6 +69,8 @@ std::vector<Expected> expected_tensors(const ModelConfig& c) {
   if (!c.tied_output) add("lm_head.weight", {c.n_vocab, c.n_embd}, 0);
   return e;
 }
+
+std::string chat_template_of(const std::string& tokenizer_config_path);
 
 class HfModelSource final : public ModelSource {
  public:
@@ -143,25 +147,8 @@ class HfModelSource final : public ModelSource {
       if (static_cast<int64_t>(vocab_->tokens.size()) > hf_.model.n_vocab)
         fail(tj.string(), ": ", vocab_->tokens.size(), " tokens exceed config.json vocab_size ", hf_.model.n_vocab);
     }
-    if (have_tc) {
-      // Only chat_template is read here; the tokenizer loader reads the rest of the file.
-      const auto j = parse_json_checked(read_small_file(tc.string(), kMaxTokenizerConfigBytes), tc.string());
-      const auto it = j.is_object() ? j.find("chat_template") : j.end();
-      if (it != j.end() && it->is_string()) {
-        chat_template_ = it->get<std::string>();
-      } else if (it != j.end() && it->is_array()) {
-        // The list form [{name, template}, ...]: transformers uses the one named "default".
-        for (const auto& e : *it)
-          if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
-            chat_template_ = e["template"].get<std::string>();
-      } else if (it != j.end() && !it->is_null()) {
-        fail(tc.string(), ": field 'chat_template' is a JSON ", it->type_name(), ", expected a string or a list");
-      }
-    }
+    if (have_tc) chat_template_ = chat_template_of(tc.string());
   }
-
-  // Configs with a chat template embedded are tens of kB; the cap bounds a wrong file.
-  static constexpr uint64_t kMaxTokenizerConfigBytes = 64 << 20;
 
   std::string dir_;
   HfConfig hf_;
@@ -223,6 +210,87 @@ std::string hf_to_gguf_name(const std::string& hf_name) {
   auto it = kLayer.find(hf_name.substr(dot + 1));
   if (it == kLayer.end()) return {};
   return "blk." + hf_name.substr(start, dot - start) + "." + it->second;
+}
+
+namespace {
+
+// Reads tokenizer_config.json's chat_template: a string, or the list form [{name, template}, ...] of
+// which transformers uses the one named "default". "" when absent.
+std::string chat_template_of(const std::string& tokenizer_config_path) {
+  static constexpr uint64_t kMaxBytes = 64 << 20;  // configs with a template are tens of kB
+  const auto j = parse_json_checked(read_small_file(tokenizer_config_path, kMaxBytes), tokenizer_config_path);
+  const auto it = j.is_object() ? j.find("chat_template") : j.end();
+  if (it == j.end() || it->is_null()) return {};
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_array()) {
+    for (const auto& e : *it)
+      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+        return e["template"].get<std::string>();
+    return {};
+  }
+  fail(tokenizer_config_path, ": field 'chat_template' is a JSON ", it->type_name(), ", expected a string or a list");
+}
+
+// A model source whose tokenizer comes from elsewhere; everything else is the model's.
+class PairedSource final : public ModelSource {
+ public:
+  PairedSource(std::unique_ptr<ModelSource> m, TokenizerFiles t) : m_(std::move(m)), t_(std::move(t)) {}
+  const ModelConfig& config() const override { return m_->config(); }
+  const std::vector<SourceTensor>& tensors() const override { return m_->tensors(); }
+  const Vocab* vocab() const override { return &t_.vocab; }
+  std::string chat_template() const override {
+    return t_.chat_template.empty() ? m_->chat_template() : t_.chat_template;
+  }
+  std::string format_name() const override { return m_->format_name(); }
+  std::string path() const override { return m_->path(); }
+
+ private:
+  std::unique_ptr<ModelSource> m_;
+  TokenizerFiles t_;
+};
+
+}  // namespace
+
+TokenizerFiles load_tokenizer_files(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  TokenizerFiles r;
+  r.path = path;
+  if (!fs::exists(path, ec)) fail_kind(ErrorKind::kIo, "tokenizer '", path, "' does not exist");
+  fs::path json_path = path;
+  if (fs::is_directory(path, ec)) {
+    json_path = fs::path(path) / "tokenizer.json";
+    if (!fs::is_regular_file(json_path, ec))
+      fail_kind(ErrorKind::kIo, "tokenizer directory '", path, "' has no tokenizer.json");
+  } else {
+    // A GGUF file starts with the magic "GGUF"; anything else is taken as tokenizer.json text.
+    char magic[4] = {};
+    if (FILE* f = std::fopen(path.c_str(), "rb")) {
+      const size_t n = std::fread(magic, 1, 4, f);
+      std::fclose(f);
+      if (n == 4 && std::memcmp(magic, "GGUF", 4) == 0) {
+        const auto g = GgufFile::open(path);
+        if (!g->find("tokenizer.ggml.tokens")) fail(path, ": GGUF file has no tokenizer (tokenizer.ggml.tokens)");
+        r.vocab = vocab_from_gguf(*g);
+        r.chat_template = g->get_string("tokenizer.chat_template").value_or("");
+        return r;
+      }
+    }
+  }
+  const fs::path tc = json_path.parent_path() / "tokenizer_config.json";
+  const bool have_tc = fs::is_regular_file(tc, ec);
+  r.vocab = vocab_from_hf_tokenizer(json_path.string(), have_tc ? tc.string() : "");
+  if (have_tc) r.chat_template = chat_template_of(tc.string());
+  return r;
+}
+
+std::unique_ptr<ModelSource> with_tokenizer(std::unique_ptr<ModelSource> model, TokenizerFiles tok) {
+  const int64_t n_tok = static_cast<int64_t>(tok.vocab.tokens.size());
+  const int64_t n_vocab = model->config().n_vocab;
+  if (n_tok > n_vocab)
+    fail("tokenizer '", tok.path, "' has ", n_tok, " tokens but model '", model->path(), "' has a vocabulary of ",
+         n_vocab, " (token_embd rows): the tokenizer does not belong to this model");
+  return std::make_unique<PairedSource>(std::move(model), std::move(tok));
 }
 
 std::unique_ptr<ModelSource> open_hf_model_source(const std::string& dir) {

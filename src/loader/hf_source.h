@@ -13,6 +13,7 @@
 #include <string>
 
 #include "loader/model_source.h"
+#include "tokenizer/tokenizer.h"
 
 namespace shardlm {
 
@@ -34,5 +35,23 @@ bool hf_rotary_permuted(const std::string& arch);
 // reshape(n_head, 2, head_dim/2, ...).swapaxes(1, 2) of llama.cpp's converter. A bias has rows of one
 // element. `src` and `dst` must not overlap.
 void permute_rotary_rows(const uint8_t* src, uint8_t* dst, int64_t n_head, int64_t head_dim, uint64_t row_bytes);
+
+// A tokenizer given apart from the model (`--tokenizer`): its vocabulary and chat template.
+struct TokenizerFiles {
+  Vocab vocab;
+  std::string chat_template;  // "" when the files carry none
+  std::string path;           // what was opened, for messages
+};
+
+// Reads a tokenizer from a Hugging Face tokenizer.json (its sibling tokenizer_config.json supplies
+// special tokens and the chat template when present), a directory holding tokenizer.json, or a GGUF
+// file (a vocabulary-only file works). Throws Error naming the path otherwise.
+TokenizerFiles load_tokenizer_files(const std::string& path);
+
+// `model` with its vocabulary and chat template replaced by `tok` (a template only when `tok` has one;
+// else the model's stays). A tokenizer with more tokens than the model's embedding has rows is refused
+// with an Error naming both sizes: its ids would index past the embedding. A smaller one is accepted,
+// as checkpoints pad their embeddings (Qwen2: 151936 rows for 151665 tokens).
+std::unique_ptr<ModelSource> with_tokenizer(std::unique_ptr<ModelSource> model, TokenizerFiles tok);
 
 }  // namespace shardlm

