@@ -9,7 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "cli_common.h"
 #include "commands.h"
+#include "plan_glue.h"
 #include "config/presets.h"
 #include "core/error.h"
 #include "formats/gguf.h"
@@ -110,8 +112,8 @@ int cmd_plan(int argc, const char* const* argv) {
   if (const Preset* p = find_preset(model); p != nullptr && !std::filesystem::exists(model)) {
     desc = model_desc_from_preset(model, quant);
   } else if (looks_like_file(model) || std::filesystem::exists(model)) {
-    const auto f = GgufFile::open(model);
-    desc = model_desc_from_gguf(*f);
+    // GGUF files and Hugging Face directories alike, through the same model source the runtime loads.
+    desc = model_desc_from_source(*open_model(model));
     if (quant_opt->count() > 0) {
       const std::string src = desc.source;
       desc = model_desc_from_config(desc.config, quant);

@@ -40,10 +40,22 @@ class Communicator {
   // Point-to-point in world ranks; a message is matched by (peer, tag).
   virtual void send(const void* buf, size_t bytes, int peer, int tag) = 0;
   virtual void recv(void* buf, size_t bytes, int peer, int tag) = 0;
+  // A send that returns at once: `buf` must stay untouched until wait_send(handle). Pipeline stages use it
+  // so that a stage computes its next micro-batch while the previous one is still being delivered (with
+  // MPI's rendezvous protocol a blocking send would wait until the receiver next enters MPI). The default
+  // sends synchronously and returns -1, which wait_send ignores.
+  virtual int isend(const void* buf, size_t bytes, int peer, int tag) {
+    send(buf, bytes, peer, tag);
+    return -1;
+  }
+  virtual void wait_send(int /*handle*/) {}
   // Seconds spent inside communication calls so far (bench reports the share).
   virtual double comm_seconds() const = 0;
   // Whether buffers may be in GPU memory (NCCL); otherwise callers stage GPU data through the host.
   virtual bool accepts_device_memory() const { return false; }
+  // The CUDA stream (a cudaStream_t) that device-memory calls are enqueued on, so they stay in order with
+  // the backend's kernels without a host sync; communicators that stage through the host ignore it.
+  virtual void bind_stream(void* /*cuda_stream*/) {}
 };
 
 // One rank, no peers: every collective is the identity.

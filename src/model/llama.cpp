@@ -85,7 +85,9 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
   }
 }
 
-LlamaModel::~LlamaModel() = default;
+LlamaModel::~LlamaModel() {
+  for (int h : send_handle_) comm_.wait_send(h);
+}
 
 void LlamaModel::all_reduce(Backend& b, float* buf, size_t n) {
   if (b.device() != DeviceKind::kCpu && comm_.accepts_device_memory()) {
@@ -107,13 +109,20 @@ void LlamaModel::all_reduce(Backend& b, float* buf, size_t n) {
 
 void LlamaModel::send_hidden(Backend& b, float* x, size_t n) {
   b.synchronize();
-  if (b.device() == DeviceKind::kCpu || comm_.accepts_device_memory()) {
+  if (b.device() != DeviceKind::kCpu && comm_.accepts_device_memory()) {
     comm_.send(x, n * sizeof(float), mapping_.next_stage_rank(), kTagHidden);
     return;
   }
-  host_stage_.resize(n);
-  b.download(host_stage_.data(), x, n * sizeof(float));
-  comm_.send(host_stage_.data(), n * sizeof(float), mapping_.next_stage_rank(), kTagHidden);
+  // Copied out and sent without waiting: this stage goes on with its next micro-batch while the message
+  // is delivered. The buffer's previous send (two messages ago) is long done by now.
+  const int slot = send_slot_;
+  send_slot_ ^= 1;
+  comm_.wait_send(send_handle_[slot]);
+  send_handle_[slot] = -1;
+  std::vector<float>& buf = send_buf_[slot];
+  buf.resize(n);
+  b.download(buf.data(), x, n * sizeof(float));
+  send_handle_[slot] = comm_.isend(buf.data(), n * sizeof(float), mapping_.next_stage_rank(), kTagHidden);
 }
 
 void LlamaModel::recv_hidden(Backend& b, float* x, size_t n) {

@@ -108,6 +108,11 @@ class LlamaModel {
   std::vector<size_t> vocab_counts_;  // per TP rank: vocabulary rows of the output shard
   std::vector<std::unique_ptr<Segment>> segments_;
   std::vector<float> host_stage_;     // host copy for staged collectives
+  // Two host buffers for hidden states in flight to the next stage, used in turn with isend, and the
+  // handle of the send each one is part of (-1 when free).
+  std::vector<float> send_buf_[2];
+  int send_handle_[2] = {-1, -1};
+  int send_slot_ = 0;
   std::unique_ptr<DeviceBuffer> logits_local_;  // (rows, vocab_local) in the last segment's backend
   StepRunner decode_runner_;
   uint64_t kv_bytes_ = 0, workspace_bytes_ = 0;

@@ -110,7 +110,7 @@ TEST(HfCli, GenerateOnDirectoryMatchesTransformers) {
 // Disabled until `plan -m DIR` reads model directories: it fails with "is a directory, expected a GGUF
 // file" (apps/shardlm/cmd_plan.cpp, src/plan/ - outside tests/hf; reported). Run with
 // --gtest_also_run_disabled_tests to check the fix.
-TEST(HfCli, DISABLED_PlanReadsDirectories) {
+TEST(HfCli, PlanReadsDirectories) {
   const Result p = run({"plan", "-m", kHfDir + "/tiny-qwen2", "--json"});
   ASSERT_EQ(p.rc, 0) << p.err;
   EXPECT_FALSE(parse(p).empty());

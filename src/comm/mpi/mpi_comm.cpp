@@ -121,6 +121,8 @@ class MpiCommunicator final : public Communicator {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
   }
   ~MpiCommunicator() override {
+    for (Pending& p : pending_)
+      if (p.req != MPI_REQUEST_NULL) MPI_Wait(&p.req, MPI_STATUS_IGNORE);
     if (owns_) MPI_Finalize();
   }
   int world_size() const override { return size_; }
@@ -141,6 +143,24 @@ class MpiCommunicator final : public Communicator {
     check(MPI_Isend(buf, static_cast<int>(bytes), MPI_BYTE, peer, tag, MPI_COMM_WORLD, &req), "send");
     Waiter(rank_, timeout_, &spent_).wait(&req, "send", peer);
   }
+  int isend(const void* buf, size_t bytes, int peer, int tag) override {
+    MPI_Request req;
+    check(MPI_Isend(buf, static_cast<int>(bytes), MPI_BYTE, peer, tag, MPI_COMM_WORLD, &req), "send");
+    // Handles are slots in a small table; a finished slot is reused.
+    for (size_t i = 0; i < pending_.size(); ++i)
+      if (pending_[i].req == MPI_REQUEST_NULL) {
+        pending_[i] = {req, peer};
+        return static_cast<int>(i);
+      }
+    pending_.push_back({req, peer});
+    return static_cast<int>(pending_.size() - 1);
+  }
+  void wait_send(int handle) override {
+    if (handle < 0 || static_cast<size_t>(handle) >= pending_.size()) return;
+    Pending& p = pending_[static_cast<size_t>(handle)];
+    if (p.req != MPI_REQUEST_NULL) Waiter(rank_, timeout_, &spent_).wait(&p.req, "send", p.peer);
+    p.req = MPI_REQUEST_NULL;
+  }
   void recv(void* buf, size_t bytes, int peer, int tag) override {
     MPI_Request req;
     check(MPI_Irecv(buf, static_cast<int>(bytes), MPI_BYTE, peer, tag, MPI_COMM_WORLD, &req), "receive");
@@ -149,6 +169,11 @@ class MpiCommunicator final : public Communicator {
   double comm_seconds() const override { return spent_; }
 
  private:
+  struct Pending {
+    MPI_Request req;
+    int peer;
+  };
+  std::vector<Pending> pending_;  // isend requests not yet waited for
   double timeout_;
   bool owns_ = false;
   int size_ = 1, rank_ = 0;
