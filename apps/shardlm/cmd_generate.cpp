@@ -138,9 +138,10 @@ int cmd_generate(int argc, const char* const* argv) {
       std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     } else {
       std::printf("\n");
+      std::fflush(stdout);  // the text ends before the statistics on stderr when both go to one terminal
       if (!rf.quiet)
         std::fprintf(stderr, "prompt: %lld tokens in %.3f s (%.1f tok/s); generated %lld tokens, %.1f tok/s; %.1f%% of "
-                     "decode time in communication\n",
+                     "the time in communication (waiting for peers included)\n",
                      static_cast<long long>(res.times.prefill_tokens), res.times.prefill_s,
                      res.times.prefill_tokens / std::max(res.times.prefill_s, 1e-9),
                      static_cast<long long>(res.generated.size()),
