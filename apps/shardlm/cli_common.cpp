@@ -14,6 +14,9 @@
 #include "core/error.h"
 #ifdef SHARDLM_HAVE_MPI
 #include "comm/mpi/mpi_comm.h"
+#ifdef SHARDLM_HAVE_NCCL
+#include "comm/nccl/nccl_comm.h"
+#endif
 #endif
 
 namespace shardlm {
@@ -175,7 +178,17 @@ int maybe_self_launch(int tp, int pp, int argc, const char* const* argv) {
 
 std::unique_ptr<Communicator> make_communicator(double timeout_s) {
 #ifdef SHARDLM_HAVE_MPI
-  if (launched_by_mpi()) return make_mpi_communicator(nullptr, nullptr, timeout_s);
+  if (launched_by_mpi()) {
+    auto mpi = make_mpi_communicator(nullptr, nullptr, timeout_s);
+#ifdef SHARDLM_HAVE_NCCL
+    // SHARDLM_COMM=nccl: NCCL carries GPU buffers once the engine binds a CUDA backend's stream (CPU
+    // ranks stay on MPI). Opt-in until whole-model runs pass on GPUs (docs/multi_gpu.md).
+    const char* want = std::getenv("SHARDLM_COMM");
+    if (mpi->world_size() > 1 && want && std::string(want) == "nccl")
+      return make_nccl_communicator(std::move(mpi), timeout_s);
+#endif
+    return mpi;
+  }
 #endif
   (void)timeout_s;
   return make_single_rank_communicator();

@@ -83,6 +83,8 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
       dev = (lr ? std::atoi(lr) : comm.rank()) % n_dev;
     }
     backend_ = make_cuda_backend(dev, options_.kv_type);
+    // A device communicator (NCCL) enqueues its collectives on the backend's stream.
+    comm.bind_stream(cuda_stream(*backend_));
 #else
     fail_kind(ErrorKind::kUnsupported, "--backend cuda: this build has no CUDA backend (configure with -DSHARDLM_CUDA=ON)");
 #endif

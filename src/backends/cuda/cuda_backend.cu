@@ -465,6 +465,8 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type) {
   return std::make_unique<cuda_detail::CudaBackend>(device_index, kv_type);
 }
 
+void* cuda_stream(Backend& backend) { return cuda_detail::as_cuda(backend, "cuda_stream").stream(); }
+
 int32_t cuda_argmax(Backend& backend, const float* logits, int64_t n) {
   return cuda_detail::as_cuda(backend, "cuda_argmax").argmax(logits, n);
 }

@@ -35,6 +35,10 @@ int32_t cuda_argmax(Backend& backend, const float* logits /* (n), device */, int
 void cuda_argmax_async(Backend& backend, const float* logits /* (n), device */, int64_t n,
                        int32_t* out /* (1), device */);
 
+// The backend's cudaStream_t (as void*, so this header stays CUDA-free), for a communicator that enqueues
+// on it (Communicator::bind_stream).
+void* cuda_stream(Backend& backend);
+
 // Runs one forward step, capturing it into a CUDA graph and replaying the graph on later steps.
 //
 //   CudaGraphRunner graph(backend);
