@@ -181,10 +181,12 @@ std::unique_ptr<Communicator> make_communicator(double timeout_s) {
   if (launched_by_mpi()) {
     auto mpi = make_mpi_communicator(nullptr, nullptr, timeout_s);
 #ifdef SHARDLM_HAVE_NCCL
-    // SHARDLM_COMM=nccl: NCCL carries GPU buffers once the engine binds a CUDA backend's stream (CPU
-    // ranks stay on MPI). Opt-in until whole-model runs pass on GPUs (docs/multi_gpu.md).
+    // NCCL carries GPU buffers once the engine binds a CUDA backend's stream; host buffers, and every
+    // buffer of CPU ranks, stay on MPI. SHARDLM_COMM=mpi stages GPU data through host memory instead.
     const char* want = std::getenv("SHARDLM_COMM");
-    if (mpi->world_size() > 1 && want && std::string(want) == "nccl")
+    if (want && std::string(want) != "mpi" && std::string(want) != "nccl")
+      fail("SHARDLM_COMM='", want, "' is not mpi or nccl");
+    if (mpi->world_size() > 1 && !(want && std::string(want) == "mpi"))
       return make_nccl_communicator(std::move(mpi), timeout_s);
 #endif
     return mpi;

@@ -121,7 +121,10 @@ int cmd_bench(int argc, const char* const* argv) {
   }
 #endif
   if (bw == 0) bw = measure_host_bandwidth(cpu_core_count());
-  const double roof = bw / double(all_bytes);
+  // Tensor-parallel GPUs read their shards at the same time, each from its own memory; pipeline stages
+  // take turns at batch 1, and CPU ranks on one host share one memory bus.
+  const int parallel_readers = bw_what == "host copy" ? 1 : eo.tp;
+  const double roof = parallel_readers * bw / double(all_bytes);
   nlohmann::json j;
   j["model"] = path;
   j["backend"] = engine.backend_name();
@@ -145,8 +148,8 @@ int cmd_bench(int argc, const char* const* argv) {
   }
   std::printf("model %s, backend %s, tp %d x pp %d, weights %s\n", path.c_str(), engine.backend_name().c_str(), eo.tp,
               eo.pp, human_bytes(all_bytes).c_str());
-  std::printf("%s bandwidth %.2f GB/s -> decode roofline %.1f tokens/s (weights read once per token)\n",
-              bw_what.c_str(), bw / 1e9, roof);
+  std::printf("%s bandwidth %.2f GB/s%s -> decode roofline %.1f tokens/s (weights read once per token)\n",
+              bw_what.c_str(), bw / 1e9, parallel_readers > 1 ? cat(" x ", parallel_readers, " GPUs").c_str() : "", roof);
   std::printf("| test  | tokens/s | roofline share | comm share |\n|-------|----------|----------------|------------|\n");
   if (n_prompt > 0) std::printf("| pp%-3lld | %8.1f |                |            |\n", (long long)n_prompt, median(pp));
   if (n_gen > 0) {

@@ -122,9 +122,12 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
 }
 
 Engine::~Engine() {
-  // The model's buffers belong to the backends: free them (and the graph) before the backends go.
-  model_.reset();
+  // The graph references the model's buffers and, under NCCL, its communicators: it goes first (a
+  // communicator destroyed under a live graph that captured it made the process hang at exit). The
+  // model's buffers belong to the backends, so the model goes before them.
+  if (backend_) backend_->synchronize();
   graph_.reset();
+  model_.reset();
 }
 
 std::string Engine::backend_name() const {
