@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/units.h"
 #ifdef SHARDLM_HAVE_MPI
 #include "comm/mpi/mpi_comm.h"
 #ifdef SHARDLM_HAVE_NCCL
@@ -123,16 +124,6 @@ void Progress::finish() {
   if (!enabled_) return;
   if (tty_ && last_pct_ >= 0) std::fprintf(stderr, "\n");
   std::fprintf(stderr, "%s done in %.2f s\n", label_.c_str(), now_s() - t0_);
-}
-
-std::string human_bytes(uint64_t b) {
-  const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = double(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) v /= 1024, ++u;
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u ? "%.2f %s" : "%.0f %s", v, unit[u]);
-  return buf;
 }
 
 int maybe_self_launch(int tp, int pp, int argc, const char* const* argv) {

@@ -10,6 +10,7 @@
 #include <CLI/CLI.hpp>
 
 #include "comm/communicator.h"
+#include "core/units.h"
 #include "loader/model_source.h"
 
 namespace shardlm {
@@ -43,8 +44,6 @@ class Progress {
   int last_pct_ = -1;
   double t0_;
 };
-
-std::string human_bytes(uint64_t b);
 
 // For commands that run on several ranks: when tp*pp > 1 and this process was not started by an MPI
 // launcher, re-runs the same command line under `mpirun -np tp*pp` and returns its exit status;

@@ -11,6 +11,7 @@
 #include "backends/cuda/cuda_backend.h"
 #endif
 #include "core/error.h"
+#include "core/units.h"
 
 namespace shardlm {
 namespace {
@@ -26,16 +27,6 @@ int ranks_on_this_host(int world) {
     if (n > 0) return n;
   }
   return world;
-}
-
-std::string human_bytes(uint64_t b) {
-  const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = double(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) v /= 1024, ++u;
-  char buf[32];
-  std::snprintf(buf, sizeof buf, u ? "%.2f %s" : "%.0f %s", v, unit[u]);
-  return buf;
 }
 
 }  // namespace
