@@ -51,15 +51,7 @@ ModelDesc model_desc_from_source(const ModelSource& src) {
     t.ne = {st.ne[0], st.ne[1] * st.ne[2] * st.ne[3]};
     if (st.n_dims <= 1 && t.ne[1] == 1) t.ne.resize(1);
     t.n_bytes = st.n_bytes;
-    if (t.name.rfind("blk.", 0) == 0) {
-      const char* b = t.name.data() + 4;
-      const char* e = t.name.data() + t.name.size();
-      int l = -1;
-      auto [p, ec] = std::from_chars(b, e, l);
-      if (ec != std::errc() || p == e || *p != '.' || l < 0 || l >= m.config.n_layer)
-        fail(src.path(), ": tensor '", t.name, "' names a layer outside [0, ", m.config.n_layer, ")");
-      t.layer = l;
-    }
+    t.layer = tensor_layer(t.name, m.config.n_layer, src.path());
     m.tensors.push_back(std::move(t));
   }
   if (m.find("token_embd.weight") == nullptr) fail(src.path(), ": tensor 'token_embd.weight' is missing");

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "config/presets.h"
+#include "plan/cost_model.h"
 #include "core/error.h"
 #include "quant/quant.h"
 
@@ -114,8 +115,7 @@ void export_gguf(const ModelSource& src, const std::string& path, const std::str
     std::vector<int64_t> ne(t.ne.begin(), t.ne.begin() + std::max(1, t.n_dims));
     GgmlType to = t.type;
     if (!scheme.empty()) {
-      TensorSpec spec{t.name, ne, -1};
-      if (const auto p = t.name.find("blk."); p == 0) spec.layer = std::stoi(t.name.substr(4));
+      TensorSpec spec{t.name, ne, tensor_layer(t.name, c.n_layer, src.path())};
       to = tensor_type_for_scheme(scheme, spec, c);
     }
     const int64_t n0 = t.ne[0], rows = t.ne[1] * t.ne[2] * t.ne[3];

@@ -36,6 +36,10 @@ struct ModelDesc {
   const TensorDesc* find(std::string_view name) const;  // nullptr if absent
 };
 
+// The layer a GGUF tensor name belongs to ("blk.{i}.…" gives i), or -1 outside the repeating blocks.
+// Throws Error naming `where` and the tensor when i is not a layer of a model with n_layer layers.
+int tensor_layer(const std::string& name, int64_t n_layer, const std::string& where);
+
 // Throws Error naming the preset or scheme (and listing the known ones) when either is unknown.
 ModelDesc model_desc_from_preset(std::string_view preset, std::string_view scheme);
 ModelDesc model_desc_from_config(const ModelConfig& c, std::string_view scheme);
