@@ -27,23 +27,36 @@ TEST(BothBusyHelper, IntersectsIntervals) {
   EXPECT_DOUBLE_EQ(both_busy({{0, 1}}, {{1, 2}}), 0.0);
 }
 
-void check_overlap(int micro_batch, size_t chunks) {
+// Returns the time both stages were busy (seconds), or -1 after a failed assertion.
+double measure_overlap(int micro_batch, size_t chunks) {
   const std::string model = converted_model("stories260K");
   const std::string out = std::string(SHARDLM_BINARY_DIR) + "/pipeline-trace-mb" + std::to_string(micro_batch) + ".json";
   std::remove(out.c_str());
   const std::string cmd = "mpirun --allow-run-as-root --oversubscribe --bind-to none --mca mpi_yield_when_idle 1 -np 2 " +
                           std::string(SHARDLM_BINARY_DIR) + "/tests/e2e/pipeline_trace_worker " + model + " 256 " +
                           std::to_string(micro_batch) + " " + out;
-  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  if (std::system(cmd.c_str()) != 0) {
+    ADD_FAILURE() << cmd;
+    return -1;
+  }
   std::ifstream f(out);
-  ASSERT_TRUE(f) << "worker wrote no trace";
+  if (!f) {
+    ADD_FAILURE() << "worker wrote no trace";
+    return -1;
+  }
   const nlohmann::json j = nlohmann::json::parse(f);
-  ASSERT_EQ(j["stages"].size(), 2u);
+  if (j["stages"].size() != 2u) {
+    ADD_FAILURE() << "expected 2 stages";
+    return -1;
+  }
   std::vector<Intervals> st(2);
   double t0 = 1e300, t1 = 0;
   for (size_t s = 0; s < 2; ++s) {
     const auto v = j["stages"][s].get<std::vector<double>>();
-    ASSERT_EQ(v.size(), 2 * chunks) << "stage " << s << ": one interval per micro-batch";
+    if (v.size() != 2 * chunks) {
+      ADD_FAILURE() << "stage " << s << ": " << v.size() / 2 << " intervals for " << chunks << " micro-batches";
+      return -1;
+    }
     for (size_t i = 0; i < v.size(); i += 2) {
       EXPECT_LE(v[i], v[i + 1]);
       st[s].emplace_back(v[i], v[i + 1]);
@@ -60,7 +73,16 @@ void check_overlap(int micro_batch, size_t chunks) {
               100 * both / (t1 - t0));
   // Stage 1 can only start chunk i after stage 0 finished it (allow 1 ms of clock/rounding slack).
   for (size_t i = 0; i < chunks; ++i) EXPECT_GE(st[1][i].first, st[0][i].second - 1e-3) << "chunk " << i;
-  EXPECT_GT(both, 0.0) << "the stages never computed at the same time";
+  return both;
+}
+
+// On a 2-core machine another process can take a core for the whole few-millisecond prefill and serialize the
+// stages by accident, so up to three runs are made; a pipeline that cannot overlap (as before hidden states
+// were sent with isend) shows 0 in every run.
+void check_overlap(int micro_batch, size_t chunks) {
+  double best = 0;
+  for (int attempt = 0; attempt < 3 && best <= 0; ++attempt) best = std::max(best, measure_overlap(micro_batch, chunks));
+  EXPECT_GT(best, 0.0) << "the stages never computed at the same time in 3 runs";
 }
 
 TEST(PipelineTrace, DefaultMicroBatchOverlapsStages) { check_overlap(0, 2); }  // 256 / pp 2 = 128 per chunk
