@@ -6,6 +6,7 @@
 // the difference: str() of lists/None/floats, 1 == 1.0, floor division and modulo signs, code-point
 // string length and slicing.
 #include "tokenizer/chat_template.h"
+#include "tokenizer/unicode.h"
 
 #include <algorithm>
 #include <charconv>
@@ -66,23 +67,13 @@ std::u32string decode_utf8(std::string_view s) {
 }
 
 void append_utf8(std::string& out, char32_t cp) {
+  // Lone low surrogates U+DC80..U+DCFF carry raw bytes that were not valid UTF-8 (Python's
+  // surrogateescape), so strings with invalid bytes render back byte for byte.
   if (cp >= 0xDC80 && cp <= 0xDCFF) {
     out.push_back(static_cast<char>(cp - 0xDC00));
-  } else if (cp < 0x80) {
-    out.push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    return;
   }
+  utf8_append(out, static_cast<uint32_t>(cp));
 }
 
 std::string encode_utf8(std::u32string_view s) {
