@@ -6,13 +6,7 @@
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-mpi_args=()
-if ! command -v mpicxx >/dev/null || ! mpicxx --showme >/dev/null 2>&1; then
-  lib=$(ls /usr/lib/x86_64-linux-gnu/libmpi.so /usr/lib/x86_64-linux-gnu/openmpi/lib/libmpi.so 2>/dev/null | head -1)
-  inc=$PWD/build-nccl-deps/mpi-include
-  mpi_args=(-DMPI_C_HEADER_DIR=$inc -DMPI_CXX_HEADER_DIR=$inc -DMPI_C_LIB_NAMES=mpi -DMPI_CXX_LIB_NAMES=mpi
-            -DMPI_CXX_SKIP_MPICXX=ON -DMPI_mpi_LIBRARY=$lib)
-fi
+source scripts/gpu/mpi_cmake_args.sh
 cmake -S . -B build-multi -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_NCCL=ON -DSHARDLM_MPI=ON \
   -DSHARDLM_BENCH=OFF -DSHARDLM_TESTS=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" "${mpi_args[@]}" >"$OUT/build.txt" 2>&1
 ninja -C build-multi -j$(nproc) shardlm >>"$OUT/build.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build.txt" | head -30; exit 1; }

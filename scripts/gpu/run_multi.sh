@@ -15,16 +15,7 @@ nvidia-smi topo -m 2>/dev/null | head -4 | tee -a "$OUT/gpu.txt"
 date -u +"%Y-%m-%dT%H:%MZ" | tee -a "$OUT/gpu.txt"
 n_gpu=$(nvidia-smi -L | wc -l)
 t0=$(date +%s)
-mpi_args=()
-if ! command -v mpicxx >/dev/null || ! mpicxx --showme >/dev/null 2>&1; then
-  # No MPI development files here: headers carried from an Open MPI 4.1 machine, this host's libmpi.
-  lib=$(ls /usr/lib/x86_64-linux-gnu/libmpi.so /usr/lib/x86_64-linux-gnu/openmpi/lib/libmpi.so \
-        /usr/local/lib/libmpi.so /opt/*/lib/libmpi.so 2>/dev/null | head -1)
-  echo "no mpicxx: using carried headers and ${lib:-no libmpi}"
-  inc=$PWD/build-nccl-deps/mpi-include
-  mpi_args=(-DMPI_C_HEADER_DIR=$inc -DMPI_CXX_HEADER_DIR=$inc -DMPI_C_LIB_NAMES=mpi -DMPI_CXX_LIB_NAMES=mpi
-            -DMPI_CXX_SKIP_MPICXX=ON -DMPI_mpi_LIBRARY=$lib)
-fi
+source scripts/gpu/mpi_cmake_args.sh
 cmake -S . -B build-multi -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_NCCL=ON -DSHARDLM_MPI=ON \
   -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" \
   "${mpi_args[@]}" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
