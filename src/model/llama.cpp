@@ -80,7 +80,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
   if (mapping_.is_last_stage()) {
     // One row: decode needs only the last token's logits; all_logits steps grow them on demand.
     Backend& b = *segments_.back()->b;
-    logits_local_ = b.alloc(static_cast<size_t>(vocab_.size()) * sizeof(float));
+    logits_row_ = b.alloc(static_cast<size_t>(vocab_.size()) * sizeof(float));
     workspace_bytes_ += static_cast<size_t>(vocab_.size()) * sizeof(float);
   }
 }
@@ -241,10 +241,15 @@ void LlamaModel::head(int64_t n_tok, bool all_logits) {
   Backend& b = *seg.b;
   const int64_t d = config_.n_embd;
   const int64_t first = all_logits ? 0 : n_tok - 1, rows = n_tok - first;
-  const size_t local_bytes = static_cast<size_t>(rows * vocab_.size()) * sizeof(float);
-  if (logits_local_->size() < local_bytes) logits_local_ = b.alloc(local_bytes);
   b.rms_norm(seg.x->as<float>() + first * d, weights_.output_norm, seg.xn->as<float>(), rows, d, config_.rms_eps);
-  b.matmul(weights_.output, seg.xn->as<float>(), logits_local_->as<float>(), rows);
+  b.matmul(weights_.output, seg.xn->as<float>(), logits_for(rows), rows);
+}
+
+float* LlamaModel::logits_for(int64_t rows) {
+  if (rows == 1) return logits_row_->as<float>();
+  const size_t bytes = static_cast<size_t>(rows * vocab_.size()) * sizeof(float);
+  if (!logits_rows_ || logits_rows_->size() < bytes) logits_rows_ = segments_.back()->b->alloc(bytes);
+  return logits_rows_->as<float>();
 }
 
 void LlamaModel::finish_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits) {
@@ -254,12 +259,12 @@ void LlamaModel::finish_logits(int64_t n_tok, bool all_logits, std::vector<float
   std::vector<float> host(static_cast<size_t>(rows * nv));
   b.synchronize();
   if (mapping_.tp_size() == 1) {
-    b.download(host.data(), logits_local_->as<float>(), host.size() * sizeof(float));
+    b.download(host.data(), logits_for(rows), host.size() * sizeof(float));
   } else {
     // Each rank holds (rows, its vocabulary slice); gathered member by member, then interleaved per row.
     const size_t local_n = static_cast<size_t>(rows * vocab_.size());
     std::vector<float> local(local_n), gathered(static_cast<size_t>(rows * nv));
-    b.download(local.data(), logits_local_->as<float>(), local_n * sizeof(float));
+    b.download(local.data(), logits_for(rows), local_n * sizeof(float));
     std::vector<size_t> counts;
     for (size_t c : vocab_counts_) counts.push_back(c * static_cast<size_t>(rows));
     tp_group_->all_gather(local.data(), gathered.data(), counts);

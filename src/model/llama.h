@@ -113,7 +113,12 @@ class LlamaModel {
   std::vector<float> send_buf_[2];
   int send_handle_[2] = {-1, -1};
   int send_slot_ = 0;
-  std::unique_ptr<DeviceBuffer> logits_local_;  // (rows, vocab_local) in the last segment's backend
+  // Logits of this rank's vocabulary slice, in the last segment's backend. One row (decode) lives in a
+  // buffer that is never reallocated, because a captured CUDA graph keeps its address; steps that want
+  // the logits of many rows use a second buffer that grows on demand.
+  std::unique_ptr<DeviceBuffer> logits_row_;   // (1, vocab_local)
+  std::unique_ptr<DeviceBuffer> logits_rows_;  // (rows, vocab_local), rows > 1
+  float* logits_for(int64_t rows);
   StepRunner decode_runner_;
   uint64_t kv_bytes_ = 0, workspace_bytes_ = 0;
 };

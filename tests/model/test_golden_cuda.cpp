@@ -67,6 +67,29 @@ INSTANTIATE_TEST_SUITE_P(Layouts, GoldenCuda,
                                   (i.param.graphs ? "_graphs" : "_eager");
                          });
 
+// A decode graph keeps the addresses it captured: a logits pass over many positions in between must not move
+// the buffer the graph writes decode logits into (it did: the graph then wrote into a freed buffer).
+TEST(GoldenCudaGraphs, LogitsOfManyPositionsDoNotBreakACapturedDecodeGraph) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible";
+  auto src = open_model_source(converted_model("stories260K"));
+  auto comm = make_single_rank_communicator();
+  auto engine = make_engine(*src, *comm, GgmlType::F32, -1, true);
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  const auto cases = load_golden("stories260K");
+  const GoldenCase& g = cases.front();
+  const auto n = static_cast<int64_t>(g.generated_ids.size());
+  EXPECT_EQ(engine->generate(g.prompt_ids, n, greedy, 1).generated, g.generated_ids);  // captures the graph
+  std::vector<int32_t> longest;
+  for (const GoldenCase& c : cases) {
+    std::vector<int32_t> seq = c.prompt_ids;
+    seq.insert(seq.end(), c.generated_ids.begin(), c.generated_ids.end() - 1);
+    if (seq.size() > longest.size()) longest = seq;
+  }
+  engine->all_logits(longest);  // logits of every position: the largest logits buffer of the run
+  EXPECT_EQ(engine->generate(g.prompt_ids, n, greedy, 1).generated, g.generated_ids);  // replays the graph
+}
+
 TEST(GoldenCudaF16, DivergesOnlyWhereTopTwoAreClose) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible";
   for (const char* model : {"aidreams260K", "stories260K"}) {
