@@ -74,7 +74,8 @@ class Engine {
   // next stage to take ours excluded: the evidence that pipeline stages overlap.
   const std::vector<std::pair<double, double>>& prefill_trace() const { return prefill_trace_; }
 
-  // Per-rank report lines gathered on rank 0: layers, shards and bytes of each rank.
+  // Per-rank report lines (layers, shards and bytes of each rank), the same text on every rank. A
+  // collective: every rank must call it, or the callers wait for the missing ones.
   std::string layout_report();
 
  private:

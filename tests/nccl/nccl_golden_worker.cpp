@@ -8,7 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "../model/golden.h"
+#include "../model/golden_run.h"
 #include "comm/mpi/mpi_comm.h"
 #include "comm/nccl/nccl_comm.h"
 #include "runtime/engine.h"
@@ -37,30 +37,11 @@ int main(int argc, char** argv) {
     o.cuda_graphs = argc < 7 || std::atoi(argv[6]) != 0;
     o.micro_batch = 4;  // several micro-batches per prompt, so the pipeline path is exercised
     Engine engine(*src, *comm, o);
-    SamplerParams greedy;
-    greedy.temperature = 0;
-    SamplerParams sampled;
-    sampled.temperature = 0.8f;
-    sampled.seed = 7;
-    nlohmann::json out = nlohmann::json::array();
-    for (const test::GoldenCase& g : test::load_golden(argv[2])) {
-      nlohmann::json c;
-      c["greedy"] = engine.generate(g.prompt_ids, static_cast<int64_t>(g.generated_ids.size()), greedy, 1).generated;
-      c["sampled"] = engine.generate(g.prompt_ids, 24, sampled, -1).generated;
-      std::vector<int32_t> seq = g.prompt_ids;
-      seq.insert(seq.end(), g.generated_ids.begin(), g.generated_ids.end() - 1);
-      const std::vector<float> all = engine.all_logits(seq);
-      nlohmann::json lg = nlohmann::json::array();
-      const int64_t nv = engine.config().n_vocab;
-      if (engine.is_sampler())
-        for (const auto& gl : g.logits)
-          lg.push_back(std::vector<float>(all.begin() + gl.pos * nv, all.begin() + (gl.pos + 1) * nv));
-      c["logits"] = lg;
-      out.push_back(c);
-    }
+    const nlohmann::json out = test::run_golden_cases(engine, argv[2]);
+    const std::string layout = engine.layout_report();  // a collective: every rank calls it
     if (engine.is_sampler()) {
       std::ofstream f(argv[5]);
-      f << nlohmann::json{{"cases", out}, {"layout", engine.layout_report()}, {"comm", comm->name()}}.dump();
+      f << nlohmann::json{{"cases", out}, {"layout", layout}, {"comm", comm->name()}}.dump();
     }
     return 0;
   } catch (const std::exception& e) {

@@ -1,0 +1,42 @@
+// Runs every golden case of a model through an Engine the way the layout tests compare them: greedy ids
+// (run.c's stop rule), ids sampled with --temp 0.8 --seed 7, and the logits at each golden position. Every
+// rank of the layout must call it (generation and the logits pass are collective); the logits come back
+// on the sampler rank only.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "golden.h"
+#include "runtime/engine.h"
+
+namespace shardlm::test {
+
+inline nlohmann::json run_golden_cases(Engine& engine, const std::string& golden_name) {
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  SamplerParams sampled;
+  sampled.temperature = 0.8f;
+  sampled.seed = 7;
+  nlohmann::json out = nlohmann::json::array();
+  for (const GoldenCase& g : load_golden(golden_name)) {
+    nlohmann::json c;
+    c["greedy"] = engine.generate(g.prompt_ids, static_cast<int64_t>(g.generated_ids.size()), greedy, 1).generated;
+    c["sampled"] = engine.generate(g.prompt_ids, 24, sampled, -1).generated;
+    std::vector<int32_t> seq = g.prompt_ids;
+    seq.insert(seq.end(), g.generated_ids.begin(), g.generated_ids.end() - 1);
+    const std::vector<float> all = engine.all_logits(seq);
+    nlohmann::json lg = nlohmann::json::array();
+    const int64_t nv = engine.config().n_vocab;
+    if (engine.is_sampler())
+      for (const auto& gl : g.logits)
+        lg.push_back(std::vector<float>(all.begin() + gl.pos * nv, all.begin() + (gl.pos + 1) * nv));
+    c["logits"] = lg;
+    out.push_back(c);
+  }
+  return out;
+}
+
+}  // namespace shardlm::test
