@@ -67,12 +67,12 @@ int cmd_bench(int argc, const char* const* argv) {
   if (n_prompt < 0 || n_gen < 0 || (n_prompt == 0 && n_gen == 0)) fail("-p ", n_prompt, " and -n ", n_gen,
                                                                         " must be >= 0 and not both 0");
   if (reps < 1 || reps > 1000) fail("-r ", reps, " is outside [1, 1000]");
-  EngineOptions eo = rf.resolve(std::max<int64_t>(n_prompt, 1) + n_gen);
+  const std::string path = rf.model_path();
+  auto src = open_model(path);  // once: the planner reads it, then the engine loads from it
+  EngineOptions eo = rf.resolve(*src, std::max<int64_t>(n_prompt, 1) + n_gen);
   if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv); rc >= 0) return rc;
   auto comm = make_communicator(rf.comm_timeout);
   const bool rank0 = comm->rank() == 0;
-  const std::string path = rf.model.empty() ? default_model_path() : rf.model;
-  auto src = open_model(path);
   if (eo.n_ctx == 0) eo.n_ctx = std::min<int64_t>(src->config().n_ctx_train, std::max<int64_t>(n_prompt, 1) + n_gen);
   Progress progress("loading", rank0 && !rf.quiet && !json);
   Engine engine(*src, *comm, eo, [&](uint64_t d, uint64_t t) { progress(d, t); });

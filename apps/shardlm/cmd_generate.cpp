@@ -54,13 +54,13 @@ int cmd_generate(int argc, const char* const* argv) {
     fail("give only one of -p, -f and --prompt-ids");
   if (chat && !prompt_ids.empty()) fail("--chat renders text: give the prompt with -p or -f, not --prompt-ids");
   if (!system.empty() && !chat) fail("--system needs --chat");
-  EngineOptions eo = rf.resolve();
+  const std::string path = rf.model_path();
+  auto src = open_model(path);  // once: the planner reads it, then the engine loads from it
+  EngineOptions eo = rf.resolve(*src);
   if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv); rc >= 0) return rc;
 
   auto comm = make_communicator(rf.comm_timeout);
   const bool rank0 = comm->rank() == 0;
-  const std::string path = rf.model.empty() ? default_model_path() : rf.model;
-  auto src = open_model(path);
   if (!tokenizer_path.empty()) src = with_tokenizer(std::move(src), load_tokenizer_files(tokenizer_path));
   const Vocab* vocab = src->vocab();
   std::unique_ptr<Tokenizer> tok;

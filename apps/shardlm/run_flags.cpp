@@ -72,12 +72,12 @@ bool RunFlags::layout_given() const {
   return (tp_opt_ && tp_opt_->count() > 0) || (pp_opt_ && pp_opt_->count() > 0) || !layer_split.empty();
 }
 
-EngineOptions RunFlags::resolve(int64_t ctx_if_unset) const {
+std::string RunFlags::model_path() const { return model.empty() ? default_model_path() : model; }
+
+EngineOptions RunFlags::resolve(const ModelSource& src, int64_t ctx_if_unset) const {
   EngineOptions o = engine_options();
-  if (!cpu_mem.empty()) parse_size(cpu_mem, "--cpu-mem");  // a malformed value fails before the model opens
-  const std::string path = model.empty() ? default_model_path() : model;
-  const auto src = open_model(path);
-  const ModelConfig& c = src->config();
+  if (!cpu_mem.empty()) parse_size(cpu_mem, "--cpu-mem");
+  const ModelConfig& c = src.config();
   const int64_t train = c.n_ctx_train > 0 ? c.n_ctx_train : 4096;
   int64_t ctx = o.n_ctx > 0 ? o.n_ctx : std::min<int64_t>(train, ctx_if_unset > 0 ? ctx_if_unset : 4096);
   ctx = std::max<int64_t>(ctx, 1);  // the engine refuses contexts outside [1, trained] with its own message
@@ -92,7 +92,7 @@ EngineOptions RunFlags::resolve(int64_t ctx_if_unset) const {
   rq.kv_type = o.kv_type;
   if (!cpu_mem.empty()) rq.cpu_mem = cpu_mem;
   rq.world_size = launched_world_size();
-  const RunPlan rp = plan_run(model_desc_from_source(*src), rq);
+  const RunPlan rp = plan_run(model_desc_from_source(src), rq);
   o.tp = rp.tp;
   o.pp = rp.pp;
   if (!quiet && !layout_given() && launched_rank() == 0) std::fprintf(stderr, "%s\n", rp.summary.c_str());

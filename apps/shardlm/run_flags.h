@@ -34,9 +34,11 @@ struct RunFlags {
   // this host (1 x 1 when the model fits; tp*pp = the world size when already under mpirun); a layout,
   // given or chosen, whose weights + KV + workspace exceed the RAM (or --cpu-mem) of some rank throws
   // Error (exit status 2) naming each rank's needed and available bytes. `ctx_if_unset` is the context
-  // the command will use when -c is not given (0 = the engine's default: min(trained, 4096)). Opens the
-  // model's header (mapped; no weights are read).
-  EngineOptions resolve(int64_t ctx_if_unset = 0) const;
+  // the command will use when -c is not given (0 = the engine's default: min(trained, 4096)). `src` is the
+  // model the command then loads, opened once (mapped; no weights are read here).
+  EngineOptions resolve(const ModelSource& src, int64_t ctx_if_unset = 0) const;
+  // The model path: -m, or the bundled default model.
+  std::string model_path() const;
   bool layout_given() const;
 
  private:
