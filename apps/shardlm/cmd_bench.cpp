@@ -157,6 +157,7 @@ int cmd_bench(int argc, const char* const* argv) {
                 100 * median(comm_share));
     std::printf("fixed cost per generated token beyond the weight reads: %.1f us\n", 1e6 * (1.0 / median(tg) - 1.0 / roof));
   }
+  if (const std::string k = comm->all_reduce_kind(); !k.empty()) std::printf("device all-reduce: %s\n", k.c_str());
   return 0;
 }
 

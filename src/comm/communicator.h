@@ -56,6 +56,9 @@ class Communicator {
   // The CUDA stream (a cudaStream_t) that device-memory calls are enqueued on, so they stay in order with
   // the backend's kernels without a host sync; communicators that stage through the host ignore it.
   virtual void bind_stream(void* /*cuda_stream*/) {}
+  // How device-memory all-reduces travel, for reports (e.g. "oneshot<=64KiB, nccl above in the group of
+  // ranks 0,1", "nccl"); empty where there is only one way.
+  virtual std::string all_reduce_kind() const { return ""; }
 };
 
 // One rank, no peers: every collective is the identity.

@@ -4,6 +4,7 @@
 #include <mpi.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/nccl/one_shot_all_reduce.h"
 #include "core/error.h"
 
 namespace shardlm {
@@ -53,10 +55,16 @@ bool capturing(cudaStream_t s) {
   return st != cudaStreamCaptureStatusNone;
 }
 
-// What every group and the communicator share: the bound stream and device, and the watchdog.
+// Extra seconds the watchdog gives an eagerly enqueued one-shot all-reduce: its kernel stops waiting after
+// the timeout by itself and names the peer it missed, a better message than "has not completed".
+constexpr double kOneShotGraceSeconds = 2;
+
+// What every group and the communicator share: the bound stream and device, the all-reduce settings, and
+// the watchdog.
 class State {
  public:
-  State(int rank, double timeout) : rank_(rank), timeout_(timeout), thread_([this] { loop(); }) {}
+  State(int rank, double timeout, one_shot::Settings settings)
+      : rank_(rank), timeout_(timeout), settings_(settings), thread_([this] { loop(); }) {}
   ~State() {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -71,6 +79,8 @@ class State {
   State& operator=(const State&) = delete;
 
   int rank() const { return rank_; }
+  double timeout() const { return timeout_; }
+  const one_shot::Settings& all_reduce_settings() const { return settings_; }
   bool bound() const { return bound_; }
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
@@ -122,8 +132,8 @@ class State {
   };
 
   // Called after an operation was enqueued on the bound stream. Inside a graph capture nothing runs yet,
-  // so there is nothing to watch.
-  void track(const char* what, const std::string& where) {
+  // so there is nothing to watch. `grace_s` is added to the timeout for this operation.
+  void track(const char* what, const std::string& where, double grace_s = 0) {
     if (capturing(stream_)) return;
     DeviceScope dev(*this);
     std::lock_guard<std::mutex> lk(mu_);
@@ -136,7 +146,7 @@ class State {
       SHARDLM_NCCL_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
     }
     SHARDLM_NCCL_CUDA_CHECK(cudaEventRecord(ev, stream_));
-    pending_.push_back({ev, now_s(), cat(what, " ", where)});
+    pending_.push_back({ev, now_s(), timeout_ + grace_s, cat(what, " ", where)});
   }
 
   void add_comm(ncclComm_t c) {
@@ -148,10 +158,42 @@ class State {
     std::erase(comms_, c);
   }
 
+  // One-shot kernels give up on a missing peer by themselves and leave a word in host memory; the
+  // watchdog looks at it on every tick. That is the only check for calls replayed from a CUDA graph.
+  void add_one_shot(const one_shot::OneShotAllReduce* os) {
+    std::lock_guard<std::mutex> lk(mu_);
+    one_shots_.push_back(os);
+  }
+  void remove_one_shot(const one_shot::OneShotAllReduce* os) {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::erase(one_shots_, os);
+  }
+
+  // Which path each group's device all-reduces took, for all_reduce_kind().
+  void note_all_reduce_path(const std::string& s) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (std::find(paths_.begin(), paths_.end(), s) == paths_.end()) paths_.push_back(s);
+  }
+  std::string all_reduce_kind() const {
+    const size_t kib = settings_.max_bytes >> 10;
+    if (settings_.mode == one_shot::Mode::kNccl) return "nccl (SHARDLM_ALLREDUCE=nccl)";
+    std::lock_guard<std::mutex> lk(mu_);
+    if (paths_.empty())
+      return cat("oneshot<=", kib, "KiB where every pair of GPUs has peer access, nccl above (SHARDLM_ALLREDUCE=",
+                 one_shot::describe(settings_.mode), "; no device all-reduce yet)");
+    std::string s;
+    for (const std::string& p : paths_) {
+      if (!s.empty()) s += "; ";
+      s += p;
+    }
+    return s;
+  }
+
  private:
   struct Pending {
     cudaEvent_t ev;
     double t0;
+    double limit;  // seconds
     std::string what;
   };
 
@@ -176,10 +218,12 @@ class State {
         device_set = true;
       }
       reap_locked();
+      for (const one_shot::OneShotAllReduce* os : one_shots_)
+        if (std::string f = os->failure(); !f.empty()) stall_locked(f);
       const double t = now_s();
-      if (!pending_.empty() && t - pending_.front().t0 > timeout_)
-        stall_locked(cat(pending_.front().what, " has not completed after ", static_cast<int>(timeout_),
-                         " s; a peer has failed or hangs"));
+      if (!pending_.empty() && t - pending_.front().t0 > pending_.front().limit)
+        stall_locked(cat(pending_.front().what, " has not completed after ",
+                         static_cast<int>(pending_.front().limit), " s; a peer has failed or hangs"));
       if (!host_what_.empty() && t - host_t0_ > timeout_)
         stall_locked(cat(host_what_, " has not returned after ", static_cast<int>(timeout_),
                          " s; a peer has failed or hangs"));
@@ -205,10 +249,11 @@ class State {
 
   const int rank_;
   const double timeout_;
+  const one_shot::Settings settings_;
   bool bound_ = false;
   cudaStream_t stream_ = nullptr;
   int device_ = 0;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
   std::deque<Pending> pending_;
@@ -216,6 +261,8 @@ class State {
   std::string host_what_;
   double host_t0_ = 0;
   std::vector<ncclComm_t> comms_;
+  std::vector<const one_shot::OneShotAllReduce*> one_shots_;
+  std::vector<std::string> paths_;
   std::thread thread_;  // last: starts once every member above exists
 };
 
@@ -247,8 +294,19 @@ class NcclComm {
 
 class NcclGroup final : public CommGroup {
  public:
-  NcclGroup(std::shared_ptr<State> st, std::unique_ptr<CommGroup> mpi, double* spent)
-      : st_(std::move(st)), mpi_(std::move(mpi)), spent_(spent) {}
+  NcclGroup(std::shared_ptr<State> st, std::unique_ptr<CommGroup> mpi, const std::vector<int>& ranks, double* spent)
+      : st_(std::move(st)), mpi_(std::move(mpi)), ranks_(ranks), spent_(spent) {
+    label_ = "the group of ranks ";
+    for (size_t i = 0; i < ranks_.size(); ++i) {
+      if (i) label_ += ',';
+      label_ += std::to_string(ranks_[i]);
+    }
+  }
+  ~NcclGroup() override {
+    if (one_shot_) st_->remove_one_shot(one_shot_.get());  // before the watchdog could read a freed word
+  }
+  NcclGroup(const NcclGroup&) = delete;
+  NcclGroup& operator=(const NcclGroup&) = delete;
   int size() const override { return mpi_->size(); }
   int rank() const override { return mpi_->rank(); }
 
@@ -257,6 +315,12 @@ class NcclGroup final : public CommGroup {
     if (!on_device(buf)) return mpi_->all_reduce_sum(buf, n);
     const double t0 = now_s();
     const State::DeviceScope dev(*st_);  // enqueue with the stream's device current
+    if (one_shot::OneShotAllReduce* os = one_shot_for(n)) {
+      os->run(buf, n, st_->stream());
+      st_->track("one-shot all-reduce", cat("in ", label_), kOneShotGraceSeconds);
+      *spent_ += now_s() - t0;
+      return;
+    }
     ncclComm_t c = comm();
     SHARDLM_NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, c, st_->stream()));
     done("all-reduce", t0);
@@ -317,10 +381,51 @@ class NcclGroup final : public CommGroup {
     *spent_ += now_s() - t0;
   }
 
+  // The one-shot path for an all-reduce of n floats on the device, or null for NCCL. Every member asks
+  // with the same n, so all of them reach the setup at the same call.
+  one_shot::OneShotAllReduce* one_shot_for(size_t n) {
+    const one_shot::Settings& s = st_->all_reduce_settings();
+    if (s.mode == one_shot::Mode::kNccl || n == 0 || n > s.max_bytes / sizeof(float)) return nullptr;
+    if (!one_shot_decided_) decide_one_shot();
+    return one_shot_.get();
+  }
+
+  void decide_one_shot() {
+    const one_shot::Settings& s = st_->all_reduce_settings();
+    std::string why_not;
+    if (size() > one_shot::kMaxRanks) {
+      why_not = cat("it has ", size(), " ranks, more than ", one_shot::kMaxRanks);
+    } else {
+      // Like NCCL setup: memory allocation, IPC and MPI exchanges cannot be recorded into a graph.
+      if (capturing(st_->stream()))
+        fail_kind(ErrorKind::kComm, "one-shot all-reduce: first use in ", label_,
+                  " inside a CUDA graph capture; run one eager step before capturing");
+      State::HostScope scope(*st_, cat("one-shot all-reduce setup in ", label_));
+      one_shot_ = one_shot::OneShotAllReduce::create(*mpi_, ranks_, st_->device(), st_->stream(), st_->timeout(),
+                                                     &why_not);
+    }
+    one_shot_decided_ = true;
+    if (!one_shot_) {
+      if (s.mode == one_shot::Mode::kOneShot)
+        fail_kind(ErrorKind::kUnsupported, "SHARDLM_ALLREDUCE=oneshot, but ", label_,
+                  " cannot use the one-shot all-reduce: ", why_not, ". Use SHARDLM_ALLREDUCE=auto or nccl");
+      st_->note_all_reduce_path(cat("nccl in ", label_, " (no one-shot: ", why_not, ")"));
+      return;
+    }
+    st_->add_one_shot(one_shot_.get());
+    st_->note_all_reduce_path(cat("oneshot<=", s.max_bytes >> 10, "KiB, nccl above in ", label_));
+  }
+
   std::shared_ptr<State> st_;
   std::unique_ptr<CommGroup> mpi_;
+  const std::vector<int> ranks_;  // world ranks of the members, in group order
+  std::string label_;             // "the group of ranks 0,1", for messages
   double* spent_;
   std::unique_ptr<NcclComm> nccl_;
+  bool one_shot_decided_ = false;
+  // Last: its destructor waits for the GPU and for the other members, and must run while the NCCL
+  // communicator and the MPI group still exist.
+  std::unique_ptr<one_shot::OneShotAllReduce> one_shot_;
 };
 
 // Host memory (and everything before a stream is bound) goes to MPI; no CUDA call is made for it then,
@@ -339,8 +444,10 @@ bool NcclGroup::on_device(const void* p) const { return is_device_pointer(*st_, 
 
 class NcclCommunicator final : public Communicator {
  public:
+  // The settings are read here, so that a bad SHARDLM_ALLREDUCE fails at start-up, not at the first
+  // all-reduce.
   NcclCommunicator(std::unique_ptr<Communicator> mpi, double timeout)
-      : mpi_(std::move(mpi)), st_(std::make_shared<State>(mpi_->rank(), timeout)) {}
+      : mpi_(std::move(mpi)), st_(std::make_shared<State>(mpi_->rank(), timeout, one_shot::settings_from_env())) {}
   ~NcclCommunicator() override {
     pairs_.clear();  // before the watchdog state and MPI go
   }
@@ -348,7 +455,7 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return mpi_->rank(); }
   std::string name() const override { return "nccl"; }
   std::unique_ptr<CommGroup> make_group(const std::vector<int>& ranks) override {
-    return std::make_unique<NcclGroup>(st_, mpi_->make_group(ranks), &spent_);
+    return std::make_unique<NcclGroup>(st_, mpi_->make_group(ranks), ranks, &spent_);
   }
   void send(const void* buf, size_t bytes, int peer, int tag) override {
     if (!is_device_pointer(*st_, buf)) return mpi_->send(buf, bytes, peer, tag);
@@ -371,6 +478,7 @@ class NcclCommunicator final : public Communicator {
   // Host time inside calls: for NCCL that is the enqueue, not the transfer (which overlaps the stream).
   double comm_seconds() const override { return spent_ + mpi_->comm_seconds(); }
   bool accepts_device_memory() const override { return st_->bound(); }
+  std::string all_reduce_kind() const override { return st_->all_reduce_kind(); }
   void bind_stream(void* cuda_stream) override { st_->bind(static_cast<cudaStream_t>(cuda_stream)); }
 
  private:

@@ -12,12 +12,18 @@
 // two-rank communicator per peer). Creation is refused inside a CUDA graph capture: run one eager step
 // first (CudaGraphRunner does).
 //
+// Small device all-reduces (up to 64 KiB, SHARDLM_ALLREDUCE_ONESHOT_MAX_KB) take a one-shot kernel over
+// NVLink peer memory instead of NCCL where every pair of the group's GPUs has peer access
+// (one_shot_all_reduce.h); SHARDLM_ALLREDUCE=auto|nccl|oneshot picks, all_reduce_kind() tells.
+//
 // Watchdog: NCCL calls return once enqueued, so a dead peer shows up as a kernel that never finishes. A
 // thread checks each eagerly enqueued operation (a CUDA event recorded after it) and each communicator's
 // asynchronous error; an operation older than the timeout, a blocking NCCL setup call that outlasts it, or
 // an asynchronous error makes it print what stalled, ncclCommAbort every communicator and abort the job.
 // Operations replayed from a CUDA graph are not tracked; a peer that stalls inside one leaves the other
-// ranks waiting in an MPI call (the sampled-token broadcast), where the MPI watchdog aborts the job.
+// ranks waiting in an MPI call (the sampled-token broadcast), where the MPI watchdog aborts the job. A
+// one-shot kernel, replayed or not, stops waiting for a peer after the timeout and sets a word in host
+// memory that the watchdog checks on every tick.
 #pragma once
 
 #include <memory>
