@@ -9,36 +9,105 @@
 
 #include "../model/golden.h"
 #include "backends/cuda/cuda_backend.h"
+#include "comm/nccl/one_shot_all_reduce.h"
+#include "core/error.h"
 
 namespace shardlm::test {
 namespace {
 
 std::string bin(const char* name) { return std::string(SHARDLM_BINARY_DIR) + "/tests/nccl/" + name; }
-std::string mpirun(int np) {
+// `all_reduce` sets SHARDLM_ALLREDUCE for every rank (auto, nccl or oneshot; empty leaves it as it is).
+std::string mpirun(int np, const std::string& all_reduce = "") {
   // NVLink multicast stays off on shared machines (a program that uses it can take the host's GPUs down).
   setenv("NCCL_NVLS_ENABLE", "0", 1);
-  return "mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE -np " + std::to_string(np) +
-         " ";
+  return "mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE " +
+         (all_reduce.empty() ? std::string() : "-x SHARDLM_ALLREDUCE=" + all_reduce + " ") + "-np " +
+         std::to_string(np) + " ";
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
 }
 
 #define NEED_GPUS(n)                                                                              \
   if (cuda_device_count() < (n)) GTEST_SKIP() << "needs " << (n) << " GPUs, " << cuda_device_count() << " visible"
 
+// Default path: the one-shot kernel for small device all-reduces where the GPUs have peer access.
 TEST(Nccl, CollectivesMatchHostSums) {
   NEED_GPUS(2);
-  const std::string cmd = mpirun(2) + bin("nccl_collectives");
+  const std::string cmd = mpirun(2, "auto") + bin("nccl_collectives");
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+}
+
+TEST(Nccl, CollectivesMatchHostSumsWithNcclOnly) {
+  NEED_GPUS(2);
+  const std::string cmd = mpirun(2, "nccl") + bin("nccl_collectives");
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+}
+
+// oneshot fails instead of falling back, so this proves the one-shot kernel ran (it needs peer access
+// between the two GPUs: NVLink or a PCIe switch that allows it).
+TEST(Nccl, OneShotAllReduceMatchesHostSums) {
+  NEED_GPUS(2);
+  const std::string cmd = mpirun(2, "oneshot") + bin("nccl_collectives");
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+}
+
+TEST(Nccl, OneShotAllReduceOnFourGpus) {
+  NEED_GPUS(4);
+  const std::string cmd = mpirun(4, "oneshot") + bin("nccl_collectives");
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
 }
 
 TEST(Nccl, WatchdogAbortsAStalledCollective) {
   NEED_GPUS(2);
   const std::string log = std::string(SHARDLM_BINARY_DIR) + "/nccl-stall.log";
-  const std::string cmd = mpirun(2) + bin("nccl_collectives") + " --stall >" + log + " 2>&1";
+  const std::string cmd = mpirun(2, "nccl") + bin("nccl_collectives") + " --stall >" + log + " 2>&1";
   EXPECT_NE(std::system(cmd.c_str()), 0);
-  std::ifstream f(log);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  EXPECT_NE(ss.str().find("has not completed"), std::string::npos) << ss.str();
+  const std::string out = read_file(log);
+  EXPECT_NE(out.find("has not completed"), std::string::npos) << out;
+}
+
+// The one-shot kernel stops waiting for the silent peer after the timeout (3 s here) and the watchdog
+// names it, instead of the GPU spinning forever.
+TEST(Nccl, OneShotGivesUpOnAStalledPeer) {
+  NEED_GPUS(2);
+  const std::string log = std::string(SHARDLM_BINARY_DIR) + "/oneshot-stall.log";
+  const std::string cmd = mpirun(2, "oneshot") + bin("nccl_collectives") + " --stall >" + log + " 2>&1";
+  EXPECT_NE(std::system(cmd.c_str()), 0);
+  const std::string out = read_file(log);
+  EXPECT_NE(out.find("rank 1 did not arrive within 3 s"), std::string::npos) << out;
+}
+
+// No GPU needed: the variables are read when the NCCL communicator is made, and a bad value must name
+// the variable, the value and what is allowed.
+TEST(Nccl, AllReduceSettingsAreValidated) {
+  using one_shot::Mode;
+  EXPECT_EQ(one_shot::parse_settings(nullptr, nullptr).mode, Mode::kAuto);
+  EXPECT_EQ(one_shot::parse_settings("", "").max_bytes, one_shot::kDefaultMaxBytes);
+  EXPECT_EQ(one_shot::parse_settings("nccl", nullptr).mode, Mode::kNccl);
+  EXPECT_EQ(one_shot::parse_settings("oneshot", "256").mode, Mode::kOneShot);
+  EXPECT_EQ(one_shot::parse_settings("auto", "16").max_bytes, size_t{16} << 10);
+  auto message = [](const char* mode, const char* kb) -> std::string {
+    try {
+      one_shot::parse_settings(mode, kb);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kInvalidInput);
+      return e.what();
+    }
+    return "no error";
+  };
+  const std::string bad = message("one-shot", nullptr);
+  EXPECT_NE(bad.find("SHARDLM_ALLREDUCE='one-shot'"), std::string::npos) << bad;
+  EXPECT_NE(bad.find("auto, nccl, oneshot"), std::string::npos) << bad;
+  for (const char* kb : {"0", "257", "64k", "-1", " 64", "1e3"}) {
+    const std::string m = message(nullptr, kb);
+    EXPECT_NE(m.find(std::string("SHARDLM_ALLREDUCE_ONESHOT_MAX_KB='") + kb + "'"), std::string::npos) << m;
+    EXPECT_NE(m.find("[1, 256]"), std::string::npos) << m;
+  }
 }
 
 nlohmann::json run_layout(const std::string& model, int tp, int pp) {
