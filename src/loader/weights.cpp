@@ -89,7 +89,14 @@ class Loader {
       bytes = gathered.data();
     }
     const bool mapped = host && gathered.empty();
-    v.data = mapped ? bytes : place(bytes, s.n_bytes);
+    if (mapped) {
+      v.data = bytes;
+    } else if (name == "token_embd.weight") {
+      v.data = place(bytes, s.n_bytes);  // read by get_rows: stays in ggml's layout
+    } else {
+      v.data = bytes;
+      v = b_->place_matmul_weight(v, w_.storage);
+    }
     count(name, t.type, s, (already_mapped && mapped) ? 0 : s.n_bytes);
     return v;
   }

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/dtype.h"
 
@@ -35,6 +36,9 @@ struct WeightView {
   int64_t n_rows = 0;       // rows (output width of a matmul)
   size_t row_stride = 0;    // bytes between rows
   const void* data = nullptr;
+  // Rows are in the placing backend's own layout (see Backend::place_matmul_weight), not ggml's: only that
+  // backend's matmul/matmul_group may read them.
+  bool packed = false;
 };
 
 // One layer's KV cache in the backend's memory: (n_ctx, n_head_kv, head_dim) for K and for V.
@@ -69,6 +73,19 @@ class Backend {
   virtual void synchronize() = 0;
   // Bytes this backend has allocated and still holds (for per-device memory reports).
   virtual size_t allocated_bytes() const = 0;
+  // Copies a weight that only matmul/matmul_group will read (host memory, ggml rows) into this backend's
+  // memory; `storage` receives the allocation. A backend may keep it in a layout its kernels read faster
+  // (the returned view then has packed = true). The default copies the rows as they are.
+  virtual WeightView place_matmul_weight(const WeightView& host /* ggml rows in host memory */,
+                                         std::vector<std::unique_ptr<DeviceBuffer>>& storage) {
+    const size_t bytes = host.row_stride * static_cast<size_t>(host.n_rows);
+    auto buf = alloc(bytes);
+    upload(buf->data(), host.data, bytes);
+    WeightView v = host;
+    v.data = buf->data();
+    storage.push_back(std::move(buf));
+    return v;
+  }
 
   // Sets the positions every following op of this step uses.
   virtual void begin_step(const StepInfo& step) = 0;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_backend.h"
+#include "backends/cuda/pack.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -270,6 +271,51 @@ HostWeight make_host_weight(std::mt19937_64& rng, GgmlType t, int64_t rows, int6
 }
 
 // ---- matmul -----------------------------------------------------------------------------------------------
+// The packed kernels' view of x, written from their documented scheme: per 32 elements d = max|x| / 127
+// (float division), q = round-half-even(x * (127 / max|x|)) with float products; returns d * q in fp64.
+// `bound[u]` = d / 2 for each 32-element unit: |x - d q| can be at most that.
+std::vector<double> int8_view_of_x(const float* x, int64_t n, std::vector<double>* half_step = nullptr) {
+  std::vector<double> out(static_cast<size_t>(n));
+  if (half_step) half_step->assign(static_cast<size_t>(n / 32), 0.0);
+  for (int64_t u = 0; u < n / 32; ++u) {
+    float a = 0.0f;
+    for (int j = 0; j < 32; ++j) a = std::max(a, std::fabs(x[32 * u + j]));
+    const float d = a / 127.0f, id = a > 0.0f ? 127.0f / a : 0.0f;
+    for (int j = 0; j < 32; ++j) {
+      const float prod = x[32 * u + j] * id;
+      out[32 * u + j] = static_cast<double>(d) * std::nearbyint(prod);
+    }
+    if (half_step) (*half_step)[u] = d / 2.0;
+  }
+  return out;
+}
+
+// Checks a packed decode product y (n_rows) of `deq` (rows, cols) and x: tightly against the fp64 product
+// with x as the kernel quantizes it (f32 summation: 1e-5 of sum |w dq|), and against the float x within
+// the quantization bound sum_u d_u/2 * sum_{j in u} |w_j| (+ that same summation term).
+void expect_packed_matvec(const std::vector<float>& y, const std::vector<std::vector<double>>& deq, const float* x,
+                          int64_t cols, const std::string& what) {
+  std::vector<double> half;
+  const auto xq = int8_view_of_x(x, cols, &half);
+  const size_t rows = deq.size();
+  std::vector<double> ref_q(rows), scale_q(rows), ref_f(rows), bound(rows);
+  for (size_t r = 0; r < rows; ++r) {
+    double sq = 0, aq = 0, sf = 0, b = 0;
+    for (int64_t k = 0; k < cols; ++k) {
+      sq += deq[r][k] * xq[k];
+      aq += std::fabs(deq[r][k] * xq[k]);
+      sf += deq[r][k] * x[k];
+      b += std::fabs(deq[r][k]) * half[k / 32];
+    }
+    ref_q[r] = sq;
+    scale_q[r] = aq;
+    ref_f[r] = sf;
+    bound[r] = b + 1e-5 * aq;
+  }
+  expect_close(y, ref_q, 1e-6, 1e-5, what + " (vs int8 x)", &scale_q);
+  expect_close(y, ref_f, 1e-6, 1.0, what + " (vs float x, quantization bound)", &bound);
+}
+
 struct MatCase {
   int64_t rows, cols, n_tok;
   size_t extra_stride;  // bytes of padding between rows (2: rows only 2-byte aligned)
@@ -277,8 +323,11 @@ struct MatCase {
   size_t x_offset;      // floats by which x is offset (1: x not 16-byte aligned -> generic kernel)
 };
 
-void run_matmul(Backend& be, std::mt19937_64& rng, GgmlType t, const MatCase& c) {
-  const std::string what = std::string("matmul ") + type_name(t) + " " + std::to_string(c.rows) + "x" +
+// pack: place the weight with place_matmul_weight (the loader's path: packed layout where the type has
+// one) instead of uploading ggml rows.
+void run_matmul(Backend& be, std::mt19937_64& rng, GgmlType t, const MatCase& c, bool pack = false) {
+  pack = pack && cuda_detail::packable(t, c.cols);
+  const std::string what = std::string(pack ? "packed " : "") + "matmul " + type_name(t) + " " + std::to_string(c.rows) + "x" +
                            std::to_string(c.cols) + " n_tok " + std::to_string(c.n_tok) + " pad " +
                            std::to_string(c.extra_stride) + " lead " + std::to_string(c.lead) + " xoff " +
                            std::to_string(c.x_offset);
@@ -288,7 +337,12 @@ void run_matmul(Backend& be, std::mt19937_64& rng, GgmlType t, const MatCase& c)
   std::vector<uint8_t> wb(c.lead, 0xCD);
   wb.insert(wb.end(), hw.bytes.begin(), hw.bytes.end());
   wbuf.put(wb.data());
-  const WeightView w{t, c.cols, c.rows, hw.stride, static_cast<uint8_t*>(wbuf.ptr()) + c.lead};
+  WeightView w{t, c.cols, c.rows, hw.stride, static_cast<uint8_t*>(wbuf.ptr()) + c.lead};
+  std::vector<std::unique_ptr<DeviceBuffer>> storage;
+  if (pack) {
+    w = be.place_matmul_weight(WeightView{t, c.cols, c.rows, hw.stride, hw.bytes.data()}, storage);
+    EXPECT_TRUE(w.packed);
+  }
   const auto x = rand_floats(rng, c.n_tok * c.cols + c.x_offset);
   Guarded xbuf(be, x.size() * 4), ybuf(be, c.n_tok * c.rows * 4);
   xbuf.put(x.data());
@@ -310,6 +364,13 @@ void run_matmul(Backend& be, std::mt19937_64& rng, GgmlType t, const MatCase& c)
   // weights rounds x (and dequantized weights) to 16 bits first: 2^-10 (fp16, both operands) or 2^-8
   // (bf16, x only) of sum|w x| bounds that rounding.
   const bool gemm = c.n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : c.n_tok > 8);
+  if (pack && !gemm) {
+    for (int64_t tk = 0; tk < c.n_tok; ++tk) {
+      const std::vector<float> yt(y.begin() + tk * c.rows, y.begin() + (tk + 1) * c.rows);
+      expect_packed_matvec(yt, hw.deq, x.data() + c.x_offset + tk * c.cols, c.cols, what + " token " + std::to_string(tk));
+    }
+    return;
+  }
   const double rtol = !gemm ? 1e-5 : (t == GgmlType::BF16 ? 1.0 / 256 : 1.0 / 1024);
   expect_close(y, ref, 1e-6, rtol, what, &scale);
 }
@@ -335,6 +396,21 @@ TEST_F(CudaOps, MatvecUnalignedRowsAndInputs) {
   }
 }
 
+// Packed weights (pack.h): the decode kernel with int8 x, per-token decode for n_tok <= 8, the packed
+// dequantization before cuBLAS for prefill; odd row counts, widths that are not a multiple of 1024, x
+// not 16-byte aligned.
+TEST_F(CudaOps, PackedMatvecAndPrefill) {
+  const MatCase cases[] = {
+      {1, 256, 1, 0, 0, 0},      {7, 256, 1, 0, 0, 0},      {33, 512, 1, 0, 0, 0},    {257, 4096, 1, 0, 0, 0},
+      {4097, 4096, 1, 0, 0, 0},  {129, 14336, 1, 0, 0, 0},  {5, 768, 1, 0, 0, 0},     {8451, 768, 1, 0, 0, 0},
+      {23, 512, 1, 0, 0, 1},     {31, 1280, 3, 0, 0, 0},    {129, 512, 7, 0, 0, 0},   {257, 1024, 64, 0, 0, 0},
+      {65, 28672, 1, 0, 0, 0},   {17, 96, 1, 0, 0, 0},
+  };
+  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K})
+    for (const auto& c : cases)
+      if (cuda_detail::packable(t, c.cols)) run_matmul(*be_, rng_, t, c, true);
+}
+
 TEST_F(CudaOps, MatmulPrefill) {
   for (GgmlType t : kTypes) {
     run_matmul(*be_, rng_, t, {129, 512, 7, 0, 0, 0});
@@ -345,8 +421,8 @@ TEST_F(CudaOps, MatmulPrefill) {
 // matmul_group: q/k/v- and gate/up-like groups (same x) against the fp64 loop, decode (one launch for the
 // group) and prefill (x converted once); a group of mixed types falls back to one matmul per weight.
 void run_matmul_group(Backend& be, std::mt19937_64& rng, const std::vector<GgmlType>& types,
-                      const std::vector<int64_t>& rows, int64_t cols, int64_t n_tok) {
-  std::string what = "matmul_group";
+                      const std::vector<int64_t>& rows, int64_t cols, int64_t n_tok, bool pack = false) {
+  std::string what = pack ? "packed matmul_group" : "matmul_group";
   for (size_t i = 0; i < types.size(); ++i) what += std::string(" ") + type_name(types[i]) + ":" + std::to_string(rows[i]);
   what += " cols " + std::to_string(cols) + " n_tok " + std::to_string(n_tok);
   SCOPED_TRACE(what);
@@ -355,11 +431,17 @@ void run_matmul_group(Backend& be, std::mt19937_64& rng, const std::vector<GgmlT
   std::vector<std::unique_ptr<Guarded>> wb, yb;
   std::vector<WeightView> ws;
   std::vector<float*> ys;
+  std::vector<std::unique_ptr<DeviceBuffer>> storage;
+  std::vector<bool> packed(static_cast<size_t>(n), false);
   for (int i = 0; i < n; ++i) {
     hw.push_back(make_host_weight(rng, types[i], rows[i], cols, 0));
     wb.push_back(std::make_unique<Guarded>(be, hw[i].bytes.size()));
     wb[i]->put(hw[i].bytes.data());
     ws.push_back(WeightView{types[i], cols, rows[i], hw[i].stride, wb[i]->ptr()});
+    if (pack && cuda_detail::packable(types[i], cols)) {
+      ws[i] = be.place_matmul_weight(WeightView{types[i], cols, rows[i], hw[i].stride, hw[i].bytes.data()}, storage);
+      packed[i] = ws[i].packed;
+    }
     yb.push_back(std::make_unique<Guarded>(be, n_tok * rows[i] * 4));
     ys.push_back(yb[i]->f());
   }
@@ -383,6 +465,13 @@ void run_matmul_group(Backend& be, std::mt19937_64& rng, const std::vector<GgmlT
       }
     const GgmlType t = types[i];
     const bool gemm = n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : n_tok > 8);
+    if (packed[i] && !gemm) {
+      for (int64_t tk = 0; tk < n_tok; ++tk) {
+        const std::vector<float> yt(y.begin() + tk * rows[i], y.begin() + (tk + 1) * rows[i]);
+        expect_packed_matvec(yt, hw[i].deq, x.data() + tk * cols, cols, what + " weight " + std::to_string(i));
+      }
+      continue;
+    }
     const double rtol = !gemm ? 1e-5 : (t == GgmlType::BF16 ? 1.0 / 256 : 1.0 / 1024);
     expect_close(y, ref, 1e-6, rtol, what + " weight " + std::to_string(i), &scale);
   }
@@ -400,6 +489,17 @@ TEST_F(CudaOps, MatmulGroup) {
   run_matmul_group(*be_, rng_, {GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K}, {512, 128, 128}, 512, 1);
   run_matmul_group(*be_, rng_, {GgmlType::BF16, GgmlType::BF16, GgmlType::BF16, GgmlType::BF16, GgmlType::BF16},
                    {16, 8, 8, 24, 40}, 256, 1);
+}
+
+TEST_F(CudaOps, PackedMatmulGroup) {
+  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
+    run_matmul_group(*be_, rng_, {t, t, t}, {512, 128, 128}, 512, 1, true);
+    run_matmul_group(*be_, rng_, {t, t}, {1029, 1029}, 1024, 1, true);
+    run_matmul_group(*be_, rng_, {t, t, t, t}, {7, 33, 1, 300}, 256, 1, true);
+    run_matmul_group(*be_, rng_, {t, t, t}, {256, 64, 64}, 512, 64, true);
+    run_matmul_group(*be_, rng_, {t, t}, {100, 60}, 512, 5, true);
+  }
+  run_matmul_group(*be_, rng_, {GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K}, {512, 128, 128}, 512, 1, true);
 }
 
 TEST_F(CudaOps, GetRowsEveryType) {

@@ -6,7 +6,7 @@
 //  3. a whole Llama-3.1-8B-shaped decode step (32 layers + output head, distinct random weights per
 //     layer, KV cache f16 at position ~1000) captured once in a CUDA graph and replayed: tokens/s.
 //
-// Usage: shardlm_cuda_bench [--quick] [--device N]
+// Usage: shardlm_cuda_bench [--quick] [--device N] [--matvec-only|--decode-only] [--types ...] [--no-pack]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -45,16 +45,28 @@ double copy_bandwidth(cudaStream_t s) {
 }
 
 struct Mat {
-  std::unique_ptr<DeviceBuffer> buf;
+  std::vector<std::unique_ptr<DeviceBuffer>> bufs;
   WeightView view;
 };
 
+// Random weights as the loader would place them: through place_matmul_weight, so quantized types end up
+// packed unless the backend's packing is off (--no-pack).
 Mat make_weight(CudaBackend& be, GgmlType type, int64_t rows, int64_t cols, uint64_t seed) {
   Mat m;
   const size_t stride = static_cast<size_t>(row_bytes(type, cols));
-  m.buf = be.alloc(stride * rows);
-  m.view = WeightView{type, cols, rows, stride, m.buf->data()};
-  launch_fill_random(type, m.buf->data(), rows, stride, cols, seed, be.stream());
+  auto raw = be.alloc(stride * rows);
+  launch_fill_random(type, raw->data(), rows, stride, cols, seed, be.stream());
+  WeightView v{type, cols, rows, stride, raw->data()};
+  if (block_size(type) == 1) {
+    m.bufs.push_back(std::move(raw));
+    m.view = v;
+    return m;
+  }
+  std::vector<uint8_t> host(stride * rows);
+  be.download(host.data(), raw->data(), host.size());
+  raw.reset();
+  v.data = host.data();
+  m.view = be.place_matmul_weight(v, m.bufs);
   return m;
 }
 
@@ -186,7 +198,7 @@ void bench_decode(CudaBackend& be, GgmlType wt, GgmlType out_t, double copy_gbs,
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, matvec = true, decode = true;
+  bool quick = false, matvec = true, decode = true, pack = true;
   int device = 0, layers = 0;
   std::vector<GgmlType> types = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
                                  GgmlType::Q6_K, GgmlType::Q4_K, GgmlType::Q4_0};
@@ -197,6 +209,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--matvec-only")) decode = false;
     else if (!std::strcmp(argv[i], "--decode-only")) matvec = false;
     else if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) layers = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--no-pack")) pack = false;
     else if (!std::strcmp(argv[i], "--types") && i + 1 < argc) {  // e.g. q4_0,bf16
       types.clear();
       std::string list = argv[++i];
@@ -208,7 +221,7 @@ int main(int argc, char** argv) {
       decode_types = types;
     } else {
       std::fprintf(stderr, "usage: shardlm_cuda_bench [--quick] [--device N] [--matvec-only|--decode-only] "
-                           "[--types q4_0,bf16,...] [--layers N]\n");
+                           "[--types q4_0,bf16,...] [--layers N] [--no-pack]\n");
       return 2;
     }
   }
@@ -219,7 +232,8 @@ int main(int argc, char** argv) {
     }
     auto backend = make_cuda_backend(device, GgmlType::F16);
     auto& be = as_cuda(*backend, "bench");
-    std::printf("device: %s\n", be.name().c_str());
+    be.set_pack_weights(pack);
+    std::printf("device: %s; quantized weights %s\n", be.name().c_str(), pack ? "packed (int8 x, dp4a)" : "in ggml's layout");
     const double copy = copy_bandwidth(be.stream());
     std::printf("device-to-device copy (1 GiB, read+write): %.0f GB/s\n", copy);
     if (matvec) bench_matvecs(be, copy, quick, types);

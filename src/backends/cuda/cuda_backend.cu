@@ -1,12 +1,15 @@
 // CudaBackend: argument checks, buffers, dispatch to the kernels, cuBLAS for prefill, CUDA graphs.
 #include "backends/cuda/cuda_backend_impl.cuh"
+#include "backends/cuda/pack.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace shardlm {
 namespace cuda_detail {
@@ -83,6 +86,18 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     fail("cuda backend: device index ", device, " is out of range (", count, " CUDA device(s) visible)");
   if (kv_type != GgmlType::F16 && kv_type != GgmlType::F32)
     fail("cuda backend: KV cache type must be f16 or f32, got ", type_name(kv_type));
+  // Packing changes only speed (and, through int8 x, rounding): the switch is for measuring that.
+  if (const char* p = std::getenv("SHARDLM_CUDA_PACK")) {
+    const std::string v = p;
+    if (v != "0" && v != "1") fail("SHARDLM_CUDA_PACK = '", v, "': expected 0 (ggml layout) or 1 (packed, default)");
+    pack_weights_ = v == "1";
+  }
+  // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
+  if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
+    const std::string v = p;
+    if (v != "0" && v != "1" && v != "2" && v != "3") fail("SHARDLM_PK_VARIANT = '", v, "': expected 0, 1, 2 or 3");
+    pk_variant_ = v[0] - '0';
+  }
   DeviceGuard g(device_);
   SHARDLM_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
   stream_ = std::make_unique<Stream>();
@@ -130,6 +145,30 @@ std::unique_ptr<DeviceBuffer> CudaBackend::alloc(size_t bytes) {
   not_while_capturing("alloc");
   DeviceGuard g(device_);
   return std::make_unique<CudaBuffer>(bytes, user_bytes_);
+}
+
+WeightView CudaBackend::place_matmul_weight(const WeightView& host, std::vector<std::unique_ptr<DeviceBuffer>>& storage) {
+  check_weight(host, "place_matmul_weight");
+  if (!pack_weights_ || !packable(host.type, host.n_cols) || host.packed)
+    return Backend::place_matmul_weight(host, storage);
+  const size_t stride = packed_row_stride(host.type, host.n_cols);
+  auto buf = alloc(checked_mul<size_t>(stride, static_cast<size_t>(host.n_rows), "packed weight bytes"));
+  // Packed on the host in slices of ~32 MB, each uploaded before the next is packed.
+  const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>((32u << 20) / stride));
+  std::vector<uint8_t> tmp(static_cast<size_t>(std::min(chunk, host.n_rows)) * stride);
+  const auto* src = static_cast<const uint8_t*>(host.data);
+  for (int64_t r0 = 0; r0 < host.n_rows; r0 += chunk) {
+    const int64_t rows = std::min(chunk, host.n_rows - r0);
+    pack_rows(host.type, src + static_cast<size_t>(r0) * host.row_stride, host.row_stride, rows, host.n_cols,
+              tmp.data());
+    upload(buf->as<uint8_t>() + static_cast<size_t>(r0) * stride, tmp.data(), static_cast<size_t>(rows) * stride);
+  }
+  WeightView v = host;
+  v.data = buf->data();
+  v.row_stride = stride;
+  v.packed = true;
+  storage.push_back(std::move(buf));
+  return v;
 }
 
 void CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
@@ -212,6 +251,7 @@ void CudaBackend::begin_step(const StepInfo& step) {
 void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) {
   not_while_capturing("get_rows (token ids are host memory)");
   check_weight(table, "get_rows");
+  if (table.packed) fail_kind(ErrorKind::kInternal, "cuda get_rows: packed weights are for matmul only");
   if (n_tok <= 0) return;
   for (int64_t t = 0; t < n_tok; ++t)
     if (ids[t] < 0 || ids[t] >= table.n_rows)
@@ -233,6 +273,14 @@ void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t 
   check_weight(w, "matmul");
   if (n_tok <= 0) return;
   DeviceGuard g(device_);
+  if (w.packed && uses_matvec(w, n_tok)) {
+    for (int64_t t = 0; t < n_tok; ++t) {
+      float* yt = y + t * w.n_rows;
+      launch_matvec_packed(w.type, 1, &w.data, &w.row_stride, &w.n_rows, w.n_cols, x + t * w.n_cols, &yt, sm_count_,
+                           stream(), pk_variant_);
+    }
+    return;
+  }
   if (uses_matvec(w, n_tok)) {
     const bool generic = force_generic_ || !aligned16(x) || (w.n_cols % 4 != 0);
     for (int64_t t = 0; t < n_tok; ++t)
@@ -252,13 +300,26 @@ void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, floa
   for (int i = 0; i < n; ++i) check_weight(ws[i], "matmul_group");
   if (n_tok <= 0) return;
   bool same = n <= 4;
-  for (int i = 1; i < n && same; ++i) same = ws[i].type == ws[0].type && ws[i].n_cols == ws[0].n_cols;
+  for (int i = 1; i < n && same; ++i)
+    same = ws[i].type == ws[0].type && ws[i].n_cols == ws[0].n_cols && ws[i].packed == ws[0].packed;
   if (n == 1 || !same) {
     for (int i = 0; i < n; ++i) matmul(ws[i], x, ys[i], n_tok);
     return;
   }
   DeviceGuard g(device_);
-  if (n_tok == 1 && !force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0) {
+  if (n_tok == 1 && ws[0].packed) {
+    const void* w[4];
+    size_t stride[4];
+    int64_t rows[4];
+    for (int i = 0; i < n; ++i) {
+      w[i] = ws[i].data;
+      stride[i] = ws[i].row_stride;
+      rows[i] = ws[i].n_rows;
+    }
+    launch_matvec_packed(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, sm_count_, stream(), pk_variant_);
+    return;
+  }
+  if (n_tok == 1 && !ws[0].packed && !force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0) {
     const void* w[4];
     size_t stride[4];
     int64_t rows[4];
@@ -313,7 +374,10 @@ void CudaBackend::gemm(const WeightView& w, const float* x, const void* x16_read
   void* w16 = scratch(w16_, static_cast<size_t>(chunk_rows * w.n_cols) * 2, "w16");
   for (int64_t r0 = 0; r0 < w.n_rows; r0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, w.n_rows - r0);
-    launch_dequant_rows(w.type, w.data, w.row_stride, r0, rows, w.n_cols, w16, false, stream());
+    if (w.packed)
+      launch_dequant_packed(w.type, w.data, w.row_stride, r0, rows, w.n_cols, w16, false, stream());
+    else
+      launch_dequant_rows(w.type, w.data, w.row_stride, r0, rows, w.n_cols, w16, false, stream());
     SHARDLM_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), n, k, &alpha, w16, dt, k,
                                       x16, dt, k, &beta, y + r0, CUDA_R_32F, m_all, CUBLAS_COMPUTE_32F,
                                       CUBLAS_GEMM_DEFAULT));

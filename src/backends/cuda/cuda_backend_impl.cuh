@@ -25,6 +25,8 @@ class CudaBackend final : public Backend {
   void download(void* host_dst, const void* src, size_t bytes) override;
   void synchronize() override;
   size_t allocated_bytes() const override;
+  // Q8_0/Q4_0/Q4_K/Q6_K matmul weights go to the packed layout (pack.h) unless packing is off.
+  WeightView place_matmul_weight(const WeightView& host, std::vector<std::unique_ptr<DeviceBuffer>>& storage) override;
 
   void begin_step(const StepInfo& step) override;
 
@@ -53,6 +55,8 @@ class CudaBackend final : public Backend {
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
   void set_force_generic_matvec(bool on) { force_generic_ = on; }
+  // Whether place_matmul_weight packs (default on; SHARDLM_CUDA_PACK=0 turns it off at construction).
+  void set_pack_weights(bool on) { pack_weights_ = on; }
   // Forces the generic attention kernel for n_tok == 1 too.
   void set_force_generic_attention(bool on) { force_generic_attn_ = on; }
 
@@ -91,6 +95,8 @@ class CudaBackend final : public Backend {
   bool capturing_ = false;
   bool force_generic_ = false;
   bool force_generic_attn_ = false;
+  bool pack_weights_ = true;
+  int pk_variant_ = 0;
   int64_t scratch_gen_ = 0;
 };
 

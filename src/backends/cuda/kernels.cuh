@@ -35,11 +35,21 @@ bool launch_matvec_group(GgmlType type, int n, const void* const* w, const size_
                          int64_t n_cols, const float* x /* (n_cols), 16-byte aligned */, float* const* y,
                          cudaStream_t stream);
 
+// Packed weights (pack.h; x quantized to int8 per 32 elements inside the kernel): y[k] = W[k] x for k < n
+// (n <= 4, same type and width). Rows and row strides 16-byte aligned.
+void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
+                          int64_t n_cols, const float* x /* (n_cols) */, float* const* y /* (n_rows[k]) each */,
+                          int sm_count, cudaStream_t stream, int variant = 0);
+
 // ---- conversions for the cuBLAS (prefill) path ----
 // dst[r, c] = W[row0 + r, c] as fp16 (or bf16 when to_bf16), for r in [0, n_rows).
 void launch_dequant_rows(GgmlType type, const void* w, size_t row_stride, int64_t row0, int64_t n_rows,
                          int64_t n_cols, void* dst /* (n_rows, n_cols) 16-bit */, bool to_bf16,
                          cudaStream_t stream);
+// The same for packed rows (pack.h).
+void launch_dequant_packed(GgmlType type, const void* w, size_t row_stride, int64_t row0, int64_t n_rows,
+                           int64_t n_cols, void* dst /* (n_rows, n_cols) 16-bit, 16-byte aligned */, bool to_bf16,
+                           cudaStream_t stream);
 // dst[i] = (half or bf16) src[i].
 void launch_f32_to_16(const float* src /* (n) */, void* dst /* (n) */, int64_t n, bool to_bf16,
                       cudaStream_t stream);

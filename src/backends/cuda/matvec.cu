@@ -22,6 +22,8 @@
 #include "backends/cuda/cuda_util.cuh"
 #include "backends/cuda/dequant.cuh"
 #include "backends/cuda/kernels.cuh"
+#include "backends/cuda/pdl.cuh"
+#include "backends/cuda/mv_common.cuh"
 
 namespace shardlm::cuda_detail {
 namespace {
@@ -54,21 +56,6 @@ __device__ __forceinline__ MvSeg mv_seg(const MvGroup& g, int64_t idx) {
   for (int k = 1; k < MvGroup::kMax; ++k)
     if (k < g.n && idx >= g.first[k]) sg = MvSeg{g.w[k], g.stride[k], g.n_rows[k], g.y[k], idx - g.first[k]};
   return sg;
-}
-
-// 16-byte streaming load: no L1 allocation (weights are used once), read-only path.
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // Reduces acc[r] over the block and writes y[row0 + r] (rows past n_rows are dropped).
@@ -134,6 +121,7 @@ __global__ void __launch_bounds__(128) matvec_plain_kernel(
     const __grid_constant__ MvGroup grp,  // weights: (n_rows, row_stride bytes), 16-byte aligned rows; y: (n_rows)
     int64_t n_vec,                        // 16-byte vectors per row (n_cols / kElems)
     const float* __restrict__ x) {        // (n_cols)
+  pdl_trigger();
   constexpr int E = Plain<T>::kElems;
   const MvSeg sg = mv_seg(grp, blockIdx.x);
   const uint8_t* __restrict__ w = sg.w;
@@ -154,6 +142,7 @@ __global__ void __launch_bounds__(128) matvec_plain_kernel(
 #pragma unroll
       for (int r = 0; r < R; ++r) wv[r][u] = (v < n_vec) ? ld_stream(rows[r] + 16 * v) : make_uint4(0, 0, 0, 0);
     }
+    pdl_wait();  // the first weights are on their way before x (the previous kernel's output) is read
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t v = v0 + static_cast<int64_t>(u) * blockDim.x;
@@ -412,6 +401,7 @@ __global__ void __launch_bounds__(128) matvec_quant_kernel(
     int64_t n_units,                // units per row (n_cols / kUnitElems)
     const float* __restrict__ x,    // (n_cols)
     float* __restrict__ y) {        // (n_rows)
+  pdl_enter();
   using C = Chunk<T>;
   using Q = Quant<T>;
   extern __shared__ __align__(16) uint8_t smem[];  // (warps, S stages, R rows, C::kSmemBytes)
@@ -702,6 +692,7 @@ __global__ void __launch_bounds__(RowsCfg<T>::kMaxWarps * 32) matvec_rows_kernel
     int64_t n_units,                      // units of all segments
     int64_t n_items,                      // items (256 columns) per row
     const float* __restrict__ x) {        // (n_cols), 16-byte aligned
+  pdl_enter();
   using I = Item<T>;
   constexpr int RPW = RowsCfg<T>::kRPW, S = RowsCfg<T>::kStages;
   constexpr int LPR = 32 / RPW;
@@ -825,6 +816,7 @@ __global__ void __launch_bounds__(RowsCfg<T>::kMaxWarps * 32) matvec_rows_kernel
 __global__ void matvec_generic_kernel(GgmlType type, const uint8_t* __restrict__ w /* (n_rows, row_stride) */,
                                       size_t row_stride, int64_t n_rows, int64_t n_cols,
                                       const float* __restrict__ x /* (n_cols) */, float* __restrict__ y /* (n_rows) */) {
+  pdl_enter();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= n_rows) return;
@@ -857,7 +849,7 @@ void launch_plain_group(MvGroup g, int64_t n_cols, const float* x, cudaStream_t 
     g.first[k] = blocks;
     blocks += (g.n_rows[k] + kRows - 1) / kRows;
   }
-  matvec_plain_kernel<T, kRows, U><<<static_cast<unsigned>(blocks), threads, 0, s>>>(g, n_vec, x);
+  launch_pdl(matvec_plain_kernel<T, kRows, U>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, s, g, n_vec, x);
   SHARDLM_CUDA_CHECK_LAUNCH("matvec_plain_kernel");
 }
 
@@ -882,7 +874,7 @@ void launch_quant(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, 
   // Keep about a third of the unified L1/shared storage as L1: x (16-56 KB) is read by every block.
   SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 66));
   const int64_t blocks = (n_rows + kRows - 1) / kRows;
-  kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, s>>>(static_cast<const uint8_t*>(w), stride, n_rows,
+  launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(warps * 32), smem, s, static_cast<const uint8_t*>(w), stride, n_rows,
                                                                   n_units, x, y);
   SHARDLM_CUDA_CHECK_LAUNCH("matvec_quant_kernel");
 }
@@ -933,7 +925,7 @@ bool launch_rows_group(MvGroup g, int64_t n_cols, const float* x, cudaStream_t s
     n_units += (g.n_rows[k] + C::kRPW - 1) / C::kRPW;
   }
   const int64_t blocks = std::min<int64_t>(n_units, sm_count());
-  kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, s>>>(g, n_units, n_items, x);
+  launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(warps * 32), smem, s, g, n_units, n_items, x);
   SHARDLM_CUDA_CHECK_LAUNCH("matvec_rows_kernel");
   return true;
 }
@@ -1002,7 +994,7 @@ void launch_matvec(GgmlType type, const void* w, size_t row_stride, int64_t n_ro
   if (n_rows <= 0) return;
   if (force_generic || !matvec_fast_path(type, w, row_stride, n_cols)) {
     const int warps = 8;
-    matvec_generic_kernel<<<static_cast<unsigned>((n_rows + warps - 1) / warps), warps * 32, 0, s>>>(
+    launch_pdl(matvec_generic_kernel, dim3(static_cast<unsigned>((n_rows + warps - 1) / warps)), dim3(warps * 32), 0, s, 
         type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, y);
     SHARDLM_CUDA_CHECK_LAUNCH("matvec_generic_kernel");
     return;

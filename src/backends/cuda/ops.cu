@@ -9,6 +9,7 @@
 #include "backends/cuda/cuda_util.cuh"
 #include "backends/cuda/dequant.cuh"
 #include "backends/cuda/kernels.cuh"
+#include "backends/cuda/pdl.cuh"
 
 namespace shardlm::cuda_detail {
 namespace {
@@ -36,6 +37,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const float* __r
                                                                const float* __restrict__ w /* (n) */,
                                                                float* __restrict__ y /* (n_tok, n) */, int64_t n,
                                                                float eps) {
+  pdl_enter();
   const float* xr = x + blockIdx.x * n;
   float* yr = y + blockIdx.x * n;
   const bool vec = (n % 4 == 0) && (n <= static_cast<int64_t>(kNormVec) * 4 * blockDim.x) &&
@@ -81,12 +83,14 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const float* __r
 
 __global__ void add_bias_kernel(float* __restrict__ y /* (n_tok, n) */, const float* __restrict__ b /* (n) */,
                                 int64_t total, int64_t n) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     y[i] += b[i % n];
 }
 
 __global__ void add_kernel(float* __restrict__ y /* (n) */, const float* __restrict__ x /* (n) */, int64_t n) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     y[i] += x[i];
@@ -94,6 +98,7 @@ __global__ void add_kernel(float* __restrict__ y /* (n) */, const float* __restr
 
 __global__ void swiglu_kernel(const float* __restrict__ g /* (n) */, const float* __restrict__ u /* (n) */,
                               float* __restrict__ o /* (n) */, int64_t n) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float a = g[i];
@@ -106,6 +111,7 @@ __global__ void swiglu_kernel(const float* __restrict__ g /* (n) */, const float
 __global__ void rope_kernel(float* __restrict__ x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads,
                             int64_t head_dim, float freq_base, const float* __restrict__ ff /* (head_dim/2) or null */,
                             const StepDev* __restrict__ step) {
+  pdl_enter();
   const int64_t half = head_dim / 2;
   const int64_t total = n_tok * n_heads * half;
   const int64_t pos0 = step->pos0;
@@ -157,6 +163,7 @@ __global__ void kv_store_kernel(KV* __restrict__ kc /* (n_ctx, n_head_kv, head_d
                                 int64_t row /* n_head_kv * head_dim */, const float* __restrict__ k /* (n_tok, row) */,
                                 const float* __restrict__ v /* (n_tok, row) */, int64_t n_tok,
                                 const StepDev* __restrict__ step) {
+  pdl_enter();
   const int64_t total = n_tok * row;
   const int64_t pos0 = step->pos0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -185,6 +192,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
     int64_t n_ctx, int64_t n_head_kv, int n_split,
     float* __restrict__ partial,   // (n_head, n_split, D + 2): acc[D], m, l
     const StepDev* __restrict__ step) {
+  pdl_enter();
   constexpr int DL = D / 32;  // dims per lane in the V pass
   __shared__ __align__(16) float qs[G][D];  // queries pre-scaled by log2(e)/sqrt(D)
   __shared__ float wm[kAttnWarps][G], wl[kAttnWarps][G];
@@ -302,6 +310,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
 
 __global__ void attention_combine_kernel(const float* __restrict__ partial /* (n_head, n_split, D + 2) */,
                                          int n_split, int64_t D, float* __restrict__ out /* (n_head, D) */) {
+  pdl_enter();
   __shared__ float wgt[256];  // (n_split): exp2(m_s - M), then times 1/L
   __shared__ float red[2];
   const int h = blockIdx.x;
@@ -697,6 +706,7 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int64_t i) {
 }
 __global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int64_t n,
                                       unsigned long long* __restrict__ best /* (1), zeroed */) {
+  pdl_enter();
   unsigned long long k = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -706,6 +716,7 @@ __global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int
   if (threadIdx.x % 32 == 0 && k != 0) atomicMax(best, k);
 }
 __global__ void argmax_final_kernel(const unsigned long long* __restrict__ best, int32_t* __restrict__ out) {
+  pdl_enter();
   const unsigned long long k = *best;
   *out = k == 0 ? 0 : static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffu));
 }
@@ -760,25 +771,25 @@ __global__ void fill_random_kernel(GgmlType type, uint8_t* __restrict__ dst /* (
 
 void launch_rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps, cudaStream_t s) {
   if (n_tok <= 0) return;
-  rms_norm_kernel<<<static_cast<unsigned>(n_tok), kNormThreads, 0, s>>>(x, w, y, n, eps);
+  launch_pdl(rms_norm_kernel, dim3(static_cast<unsigned>(n_tok)), dim3(kNormThreads), 0, s, x, w, y, n, eps);
   SHARDLM_CUDA_CHECK_LAUNCH("rms_norm_kernel");
 }
 
 void launch_add_bias(float* y, const float* b, int64_t n_tok, int64_t n, cudaStream_t s) {
   if (n_tok * n <= 0) return;
-  add_bias_kernel<<<grid_for(n_tok * n, 256), 256, 0, s>>>(y, b, n_tok * n, n);
+  launch_pdl(add_bias_kernel, dim3(grid_for(n_tok * n, 256)), dim3(256), 0, s, y, b, n_tok * n, n);
   SHARDLM_CUDA_CHECK_LAUNCH("add_bias_kernel");
 }
 
 void launch_add(float* y, const float* x, int64_t n, cudaStream_t s) {
   if (n <= 0) return;
-  add_kernel<<<grid_for(n, 256), 256, 0, s>>>(y, x, n);
+  launch_pdl(add_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, y, x, n);
   SHARDLM_CUDA_CHECK_LAUNCH("add_kernel");
 }
 
 void launch_swiglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s) {
   if (n <= 0) return;
-  swiglu_kernel<<<grid_for(n, 256), 256, 0, s>>>(gate, up, out, n);
+  launch_pdl(swiglu_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, gate, up, out, n);
   SHARDLM_CUDA_CHECK_LAUNCH("swiglu_kernel");
 }
 
@@ -786,7 +797,7 @@ void launch_rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, flo
                  const float* freq_factors, const StepDev* step, cudaStream_t s) {
   const int64_t total = n_tok * n_heads * (head_dim / 2);
   if (total <= 0) return;
-  rope_kernel<<<grid_for(total, 256), 256, 0, s>>>(x, n_tok, n_heads, head_dim, freq_base, freq_factors, step);
+  launch_pdl(rope_kernel, dim3(grid_for(total, 256)), dim3(256), 0, s, x, n_tok, n_heads, head_dim, freq_base, freq_factors, step);
   SHARDLM_CUDA_CHECK_LAUNCH("rope_kernel");
 }
 
@@ -796,11 +807,11 @@ void launch_kv_store(GgmlType kv_type, void* k_cache, void* v_cache, int64_t n_c
   const int64_t row = n_head_kv * head_dim, total = n_tok * row;
   if (total <= 0) return;
   if (kv_type == GgmlType::F16)
-    kv_store_kernel<__half><<<grid_for(total, 256), 256, 0, s>>>(static_cast<__half*>(k_cache),
+    launch_pdl(kv_store_kernel<__half>, dim3(grid_for(total, 256)), dim3(256), 0, s, static_cast<__half*>(k_cache),
                                                                static_cast<__half*>(v_cache), n_ctx, row, k, v,
                                                                n_tok, step);
   else
-    kv_store_kernel<float><<<grid_for(total, 256), 256, 0, s>>>(static_cast<float*>(k_cache),
+    launch_pdl(kv_store_kernel<float>, dim3(grid_for(total, 256)), dim3(256), 0, s, static_cast<float*>(k_cache),
                                                               static_cast<float*>(v_cache), n_ctx, row, k, v,
                                                               n_tok, step);
   SHARDLM_CUDA_CHECK_LAUNCH("kv_store_kernel");
@@ -824,10 +835,10 @@ static void decode_d(int64_t group, const float* q, const void* kc, const void* 
   const auto* k = static_cast<const KV*>(kc);
   const auto* v = static_cast<const KV*>(vc);
   switch (group) {
-    case 1: attention_decode_kernel<KV, D, 1><<<grid, kAttnWarps * 32, 0, s>>>(q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
-    case 2: attention_decode_kernel<KV, D, 2><<<grid, kAttnWarps * 32, 0, s>>>(q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
-    case 4: attention_decode_kernel<KV, D, 4><<<grid, kAttnWarps * 32, 0, s>>>(q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
-    default: attention_decode_kernel<KV, D, 8><<<grid, kAttnWarps * 32, 0, s>>>(q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+    case 1: launch_pdl(attention_decode_kernel<KV, D, 1>, dim3(grid), dim3(kAttnWarps * 32), 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+    case 2: launch_pdl(attention_decode_kernel<KV, D, 2>, dim3(grid), dim3(kAttnWarps * 32), 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+    case 4: launch_pdl(attention_decode_kernel<KV, D, 4>, dim3(grid), dim3(kAttnWarps * 32), 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+    default: launch_pdl(attention_decode_kernel<KV, D, 8>, dim3(grid), dim3(kAttnWarps * 32), 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
   }
   SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
 }
@@ -844,8 +855,7 @@ void launch_attention_decode(GgmlType kv_type, const float* q, const void* k_cac
     if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
     else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
   }
-  attention_combine_kernel<<<static_cast<unsigned>(n_head), static_cast<unsigned>(std::min<int64_t>(head_dim, 256)),
-                             0, s>>>(partial, n_split, head_dim, out);
+  launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)), dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, out);
   SHARDLM_CUDA_CHECK_LAUNCH("attention_combine_kernel");
 }
 
@@ -952,9 +962,9 @@ void launch_f32_to_16(const float* src, void* dst, int64_t n, bool to_bf16, cuda
 
 void launch_argmax(const float* x, int64_t n, int32_t* out, unsigned long long* scratch, cudaStream_t s) {
   SHARDLM_CUDA_CHECK(cudaMemsetAsync(scratch, 0, sizeof(unsigned long long), s));
-  argmax_partial_kernel<<<grid_for(n, 256, 264), 256, 0, s>>>(x, n, scratch);
+  launch_pdl(argmax_partial_kernel, dim3(grid_for(n, 256, 264)), dim3(256), 0, s, x, n, scratch);
   SHARDLM_CUDA_CHECK_LAUNCH("argmax_partial_kernel");
-  argmax_final_kernel<<<1, 1, 0, s>>>(scratch, out);
+  launch_pdl(argmax_final_kernel, dim3(1), dim3(1), 0, s, scratch, out);
   SHARDLM_CUDA_CHECK_LAUNCH("argmax_final_kernel");
 }
 

@@ -1,0 +1,464 @@
+// Decode matvec and prefill dequantization for packed quantized weights (layout: pack.h).
+//
+// Why this kernel: with ggml's interleaved blocks and float x the quantized matvecs ran at 30-65% of the
+// copy bandwidth (docs/cuda_kernels.md): each element cost ~3 instructions (nibble -> float, FMA, x from
+// shared memory) and the blocks had to be staged through shared memory. Here, as in llama.cpp's mmvq,
+// x is quantized to int8 per 32 elements once per thread block (into shared memory), and each lane
+// multiplies one 32-column unit of a row with __dp4a: 8 dp4a + a few LOP3 per 32 elements, one float
+// conversion per unit. Packed rows give every lane aligned 16-byte loads straight into registers;
+// R rows x U units per lane are in flight before the first is used (2 x 4 by default).
+//
+// Precision: x_j becomes d * q_j with |x_j - d * q_j| <= d / 2, d = max|x| / 127 over its 32 elements;
+// the result differs from the float product by at most sum over units of d/2 * sum |w_j| (the op suite
+// checks exactly that bound). The float weights' values are unchanged.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "backends/cuda/cuda_util.cuh"
+#include "backends/cuda/kernels.cuh"
+#include "backends/cuda/pdl.cuh"
+#include "backends/cuda/mv_common.cuh"
+#include "backends/cuda/pack.h"
+#include "backends/cuda/pdl.cuh"
+#include "core/error.h"
+
+namespace shardlm::cuda_detail {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps per block
+constexpr int kWarps = kThreads / 32;
+
+// Up to kMax weights of one type and width times the same x (q/k/v, gate/up). A work item is a group of
+// R consecutive rows of one weight; first[k] is segment k's first item.
+struct PkGroup {
+  static constexpr int kMax = 4;
+  int n = 0;
+  const uint8_t* w[kMax] = {};
+  size_t stride[kMax] = {};
+  int64_t n_rows[kMax] = {};
+  float* y[kMax] = {};
+  int64_t first[kMax] = {};
+};
+
+__device__ __forceinline__ float h2f(uint32_t bits) { return __half2float(__ushort_as_half(static_cast<unsigned short>(bits))); }
+__device__ __forceinline__ uint32_t ld_u16(const uint8_t* p) { return __ldg(reinterpret_cast<const unsigned short*>(p)); }
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// Nibble words of a 16-byte Q4_0-ordered unit: word k low nibbles = elements 4k..4k+3, high = 16+4k...
+__device__ __forceinline__ int nib_dot(const uint4& q, const int (&xw)[8], int s) {
+  s = __dp4a(static_cast<int>(q.x & 0x0F0F0F0Fu), xw[0], s);
+  s = __dp4a(static_cast<int>((q.x >> 4) & 0x0F0F0F0Fu), xw[4], s);
+  s = __dp4a(static_cast<int>(q.y & 0x0F0F0F0Fu), xw[1], s);
+  s = __dp4a(static_cast<int>((q.y >> 4) & 0x0F0F0F0Fu), xw[5], s);
+  s = __dp4a(static_cast<int>(q.z & 0x0F0F0F0Fu), xw[2], s);
+  s = __dp4a(static_cast<int>((q.z >> 4) & 0x0F0F0F0Fu), xw[6], s);
+  s = __dp4a(static_cast<int>(q.w & 0x0F0F0F0Fu), xw[3], s);
+  s = __dp4a(static_cast<int>((q.w >> 4) & 0x0F0F0F0Fu), xw[7], s);
+  return s;
+}
+
+// Q4_K sub-block j's 6-bit scale and min from the header words (scales[0..3], [4..7], [8..11]).
+__device__ __forceinline__ void q4k_sc_m(const uint4& hdr, int j, uint32_t& sc, uint32_t& m) {
+  const int sh = 8 * (j & 3);
+  const uint32_t a = hdr.y >> sh, b = hdr.z >> sh;
+  if (j < 4) {
+    sc = a & 63;
+    m = b & 63;
+  } else {
+    const uint32_t c = hdr.w >> sh;
+    sc = (c & 0xF) | (((a >> 6) & 3) << 4);
+    m = ((c >> 4) & 0xF) | (((b >> 6) & 3) << 4);
+  }
+}
+
+// Q6_K: 6-bit element word w (elements 4w..4w+3 of the unit) as signed bytes q - 32.
+__device__ __forceinline__ int q6_word(const uint4& lo, const uint2& hi, int w) {
+  const uint32_t l = (w & 3) == 0 ? lo.x : (w & 3) == 1 ? lo.y : (w & 3) == 2 ? lo.z : lo.w;
+  const uint32_t nib = (w < 4 ? l : (l >> 4)) & 0x0F0F0F0Fu;
+  const uint32_t h = ((((w < 4) ? hi.x : hi.y) >> (2 * (w & 3))) & 0x03030303u) << 4;
+  // Bytewise q - 32 without borrows between bytes: set each byte's top bit, subtract, flip it back.
+  return static_cast<int>((((nib | h) | 0x80808080u) - 0x20202020u) ^ 0x80808080u);
+}
+
+template <GgmlType T>
+struct Pk;
+
+template <>
+struct Pk<GgmlType::Q4_0> {
+  struct U {
+    uint4 q;
+    uint32_t d;
+  };
+  __device__ static const uint8_t* quants(const uint8_t* row, int64_t u) { return row + 16 * u; }
+  __device__ static U load(const uint8_t* row, int64_t u, int64_t nb) {
+    return {ld_stream(row + 16 * u), ld_u16(row + 16 * nb + 2 * u)};
+  }
+  // xd: x's scale for the unit, xs: xd * sum of its int8 values.
+  __device__ static float dot(const U& v, int64_t, const int (&xw)[8], float xd, float xs) {
+    return h2f(v.d) * (xd * static_cast<float>(nib_dot(v.q, xw, 0)) - 8.0f * xs);
+  }
+};
+
+template <>
+struct Pk<GgmlType::Q8_0> {
+  struct U {
+    uint4 q0, q1;
+    uint32_t d;
+  };
+  __device__ static const uint8_t* quants(const uint8_t* row, int64_t u) { return row + 32 * u; }
+  __device__ static U load(const uint8_t* row, int64_t u, int64_t nb) {
+    return {ld_stream(row + 32 * u), ld_stream(row + 32 * u + 16), ld_u16(row + 32 * nb + 2 * u)};
+  }
+  __device__ static float dot(const U& v, int64_t, const int (&xw)[8], float xd, float) {
+    int s = __dp4a(static_cast<int>(v.q0.x), xw[0], 0);
+    s = __dp4a(static_cast<int>(v.q0.y), xw[1], s);
+    s = __dp4a(static_cast<int>(v.q0.z), xw[2], s);
+    s = __dp4a(static_cast<int>(v.q0.w), xw[3], s);
+    s = __dp4a(static_cast<int>(v.q1.x), xw[4], s);
+    s = __dp4a(static_cast<int>(v.q1.y), xw[5], s);
+    s = __dp4a(static_cast<int>(v.q1.z), xw[6], s);
+    s = __dp4a(static_cast<int>(v.q1.w), xw[7], s);
+    return h2f(v.d) * xd * static_cast<float>(s);
+  }
+};
+
+template <>
+struct Pk<GgmlType::Q4_K> {
+  struct U {
+    uint4 q, hdr;
+  };
+  __device__ static const uint8_t* quants(const uint8_t* row, int64_t u) { return row + 16 * u; }
+  __device__ static U load(const uint8_t* row, int64_t u, int64_t nb) {
+    // 8 lanes share a header: a cached load, merged by the coalescer.
+    return {ld_stream(row + 16 * u), __ldg(reinterpret_cast<const uint4*>(row + 16 * nb + 16 * (u / 8)))};
+  }
+  __device__ static float dot(const U& v, int64_t u, const int (&xw)[8], float xd, float xs) {
+    uint32_t sc, m;
+    q4k_sc_m(v.hdr, static_cast<int>(u & 7), sc, m);
+    const float d1 = h2f(v.hdr.x & 0xFFFFu) * static_cast<float>(sc);
+    const float m1 = h2f(v.hdr.x >> 16) * static_cast<float>(m);
+    return d1 * (xd * static_cast<float>(nib_dot(v.q, xw, 0))) - m1 * xs;
+  }
+};
+
+template <>
+struct Pk<GgmlType::Q6_K> {
+  struct U {
+    uint4 lo;
+    uint2 hi;
+    uint32_t sc, d;
+  };
+  __device__ static const uint8_t* quants(const uint8_t* row, int64_t u) { return row + 16 * u; }
+  __device__ static U load(const uint8_t* row, int64_t u, int64_t nb) {
+    return {ld_stream(row + 16 * u), __ldg(reinterpret_cast<const uint2*>(row + 16 * nb + 8 * u)),
+            ld_u16(row + 24 * nb + 2 * u), ld_u16(row + 26 * nb + 2 * (u / 8))};
+  }
+  __device__ static float dot(const U& v, int64_t, const int (&xw)[8], float xd, float) {
+    int s0 = 0, s1 = 0;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) s0 = __dp4a(q6_word(v.lo, v.hi, w), xw[w], s0);
+#pragma unroll
+    for (int w = 4; w < 8; ++w) s1 = __dp4a(q6_word(v.lo, v.hi, w), xw[w], s1);
+    const int sc0 = static_cast<int8_t>(v.sc & 0xFF), sc1 = static_cast<int8_t>(v.sc >> 8);
+    return h2f(v.d) * (xd * static_cast<float>(sc0 * s0 + sc1 * s1));
+  }
+};
+
+// x (n_cols floats) -> int8 words, per-unit scale and scaled sum, in shared memory. Every thread of the
+// block runs the same number of rounds so that the 8-lane shuffles see all their lanes.
+__device__ __forceinline__ void quantize_x(const float* __restrict__ x, int64_t n_cols, bool x_aligned,
+                                           int* xq /* (n_cols / 4) */, float* xd /* (n_cols / 32) */,
+                                           float* xs /* (n_cols / 32) */) {
+  const int64_t n4 = n_cols / 4;
+  constexpr int kBatch = 4;  // float4 loads per thread issued together
+  for (int64_t base = 0; base < n4; base += int64_t{kThreads} * kBatch) {
+    float4 v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int64_t e4 = base + int64_t{k} * kThreads + threadIdx.x;
+      if (e4 >= n4) {
+        v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+      } else if (x_aligned) {
+        v[k] = __ldg(reinterpret_cast<const float4*>(x) + e4);
+      } else {
+        v[k] = make_float4(x[4 * e4], x[4 * e4 + 1], x[4 * e4 + 2], x[4 * e4 + 3]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int64_t e4 = base + int64_t{k} * kThreads + threadIdx.x;
+      float a = fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w)));
+      a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+      a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+      a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+      const float d = a / 127.0f, id = a > 0.0f ? 127.0f / a : 0.0f;
+      const int q0 = __float2int_rn(v[k].x * id), q1 = __float2int_rn(v[k].y * id);
+      const int q2 = __float2int_rn(v[k].z * id), q3 = __float2int_rn(v[k].w * id);
+      int sum = q0 + q1 + q2 + q3;
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+      if (e4 < n4) {
+        xq[e4] = (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | (static_cast<int>(static_cast<uint32_t>(q3) << 24));
+        if ((threadIdx.x & 7) == 0) {
+          xd[e4 / 8] = d;
+          xs[e4 / 8] = d * static_cast<float>(sum);
+        }
+      }
+    }
+  }
+}
+
+struct PkSeg {
+  const uint8_t* w;
+  size_t stride;
+  int64_t n_rows;
+  float* y;
+  int64_t local;  // item index within the segment
+};
+__device__ __forceinline__ PkSeg pk_seg(const PkGroup& g, int64_t idx) {
+  PkSeg sg{g.w[0], g.stride[0], g.n_rows[0], g.y[0], idx};
+#pragma unroll
+  for (int k = 1; k < PkGroup::kMax; ++k)
+    if (k < g.n && idx >= g.first[k]) sg = PkSeg{g.w[k], g.stride[k], g.n_rows[k], g.y[k], idx - g.first[k]};
+  return sg;
+}
+
+// Blocks per SM the launch bounds promise: two, unless R x U units in flight need more registers.
+template <int R, int U>
+constexpr int kMinBlocks = R * U > 8 ? 1 : 2;
+
+template <GgmlType T, int R, int U>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kernel(
+    const __grid_constant__ PkGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
+    int64_t n_cols,                       // columns of every weight (multiple of 32 or 256)
+    int64_t n_items,                      // groups of R rows over all segments
+    const float* __restrict__ x,          // (n_cols)
+    bool x_aligned) {                     // x is 16-byte aligned
+  extern __shared__ int4 smem[];
+  pdl_trigger();
+  const int64_t nb = n_cols / 32;
+  int* xq = reinterpret_cast<int*>(smem);                  // (n_cols / 4) words of 4 int8
+  float* xd = reinterpret_cast<float*>(xq + n_cols / 4);   // (nb)
+  float* xs = xd + nb;                                      // (nb)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
+
+  // The first units of this warp's first rows are loaded into registers before anything else: they do not
+  // depend on the previous kernel, so their DRAM latency overlaps its tail (PDL) and x's quantization.
+  // The next units of those rows go to L2 meanwhile.
+  typename Pk<T>::U a[R][U];
+  bool preloaded = false;
+  if (first < n_items) {
+    const PkSeg sg = pk_seg(grp, first);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = sg.w + min(R * sg.local + r, sg.n_rows - 1) * sg.stride;
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        const int64_t u = lane + 32 * j;
+        if (u < nb) a[r][j] = Pk<T>::load(row, u, nb);
+        if (u + 32 * U < nb) prefetch_l2(Pk<T>::quants(row, u + 32 * U));
+      }
+    }
+    preloaded = true;
+  }
+  pdl_wait();  // x is the previous kernel's output; the weights were not
+  quantize_x(x, n_cols, x_aligned, xq, xd, xs);
+  __syncthreads();
+
+  const int4* xq4 = reinterpret_cast<const int4*>(xq);
+  for (int64_t item = first; item < n_items; item += step) {
+    const PkSeg sg = pk_seg(grp, item);
+    const uint8_t* rows[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) rows[r] = sg.w + min(R * sg.local + r, sg.n_rows - 1) * sg.stride;
+    float acc[R] = {};
+    for (int64_t u0 = lane; u0 < nb; u0 += 32 * U) {
+      if (!preloaded) {
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+          const int64_t u = u0 + 32 * j;
+          if (u < nb) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) a[r][j] = Pk<T>::load(rows[r], u, nb);
+          }
+        }
+      }
+      preloaded = false;
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        const int64_t u = u0 + 32 * j;
+        if (u < nb) {
+          const int4 lo = xq4[2 * u], hi = xq4[2 * u + 1];
+          const int xw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+          const float d = xd[u], s = xs[u];
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r] += Pk<T>::dot(a[r][j], u, xw, d, s);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (R * sg.local + r < sg.n_rows) sg.y[R * sg.local + r] = acc[r];
+    }
+  }
+}
+
+// ---- prefill: packed rows -> fp16/bf16 (one thread per 8 elements: one 16-byte store) ----
+template <GgmlType T>
+__device__ __forceinline__ void packed_dequant8(const uint8_t* row, int64_t nb, int64_t u, int k, float (&v)[8]) {
+  if constexpr (T == GgmlType::Q8_0) {
+    const uint2 q = *reinterpret_cast<const uint2*>(row + 32 * u + 8 * k);
+    const float d = h2f(ld_u16(row + 32 * nb + 2 * u));
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      v[i] = static_cast<float>(static_cast<int8_t>(((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xFF)) * d;
+  } else {
+    // 4-bit units (Q4_0, Q4_K, Q6_K's low bits): elements 8k..8k+7 are the low (k < 2) or high nibbles of
+    // bytes 8 * (k & 1)...
+    const uint2 q = *reinterpret_cast<const uint2*>(row + 16 * u + 8 * (k & 1));
+    const int sh = 4 * (k >> 1);
+    int nib[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) nib[i] = static_cast<int>((((i < 4 ? q.x : q.y) >> (8 * (i & 3))) >> sh) & 0xF);
+    if constexpr (T == GgmlType::Q4_0) {
+      const float d = h2f(ld_u16(row + 16 * nb + 2 * u));
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(nib[i] - 8) * d;
+    } else if constexpr (T == GgmlType::Q4_K) {
+      const uint4 hdr = *reinterpret_cast<const uint4*>(row + 16 * nb + 16 * (u / 8));
+      uint32_t sc, m;
+      q4k_sc_m(hdr, static_cast<int>(u & 7), sc, m);
+      const float d1 = h2f(hdr.x & 0xFFFFu) * static_cast<float>(sc);
+      const float m1 = h2f(hdr.x >> 16) * static_cast<float>(m);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = d1 * static_cast<float>(nib[i]) - m1;
+    } else {  // Q6_K
+      const uint2 hi = *reinterpret_cast<const uint2*>(row + 16 * nb + 8 * u);
+      const float d = h2f(ld_u16(row + 26 * nb + 2 * (u / 8)));
+      const float dsc = d * static_cast<float>(static_cast<int8_t>(row[24 * nb + 2 * u + k / 2]));
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int e = 8 * k + i, w = e / 4, byte = e % 4;
+        const int h = static_cast<int>((((w < 4) ? hi.x : hi.y) >> (8 * byte + 2 * (w & 3))) & 3);
+        v[i] = dsc * static_cast<float>((nib[i] | (h << 4)) - 32);
+      }
+    }
+  }
+}
+
+template <GgmlType T, bool kBf16>
+__global__ void dequant_packed_kernel(const uint8_t* __restrict__ w,  // packed (rows, stride bytes)
+                                      size_t stride, int64_t row0, int64_t n_rows, int64_t n_cols,
+                                      uint4* __restrict__ dst) {      // (n_rows, n_cols) 16-bit, 8 per uint4
+  const int64_t nb = n_cols / 32;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n_rows * nb * 4) return;
+  const int k = static_cast<int>(idx & 3);
+  const int64_t u = (idx >> 2) % nb, r = (idx >> 2) / nb;
+  float v[8];
+  packed_dequant8<T>(w + (row0 + r) * stride, nb, u, k, v);
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (kBf16) {
+      const __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+      o[i] = *reinterpret_cast<const uint32_t*>(&p);
+    } else {
+      const __half2 p = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+      o[i] = *reinterpret_cast<const uint32_t*>(&p);
+    }
+  }
+  dst[idx] = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+template <GgmlType T, int R, int U>
+void launch_kernel(const PkGroup& g, int64_t n_cols, int64_t n_items, const float* x, int sm_count, cudaStream_t s) {
+  const size_t smem = static_cast<size_t>(n_cols) + 8 * static_cast<size_t>(n_cols / 32);
+  if (smem > 48 * 1024)
+    SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(matvec_packed_kernel<T, R, U>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // kMinBlocks blocks per SM fit by construction (launch bounds, <= 80 KB of shared memory each); more
+  // blocks than that would only re-quantize x.
+  const int64_t want = (n_items + kWarps - 1) / kWarps;
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{kMinBlocks<R, U>} * sm_count)));
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  launch_pdl(matvec_packed_kernel<T, R, U>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, n_items, x, aligned);
+}
+
+// Rows per warp x units per lane in flight. Variants other than the default exist to be measured
+// (shardlm_cuda_bench --pk-variant); the default is what the measurements favoured.
+template <GgmlType T>
+void launch_variant(int variant, PkGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
+                    cudaStream_t s) {
+  const int r = variant == 2 ? 4 : variant == 3 ? 1 : 2;
+  int64_t items = 0;
+  for (int k = 0; k < n; ++k) {
+    g.first[k] = items;
+    items += (n_rows[k] + r - 1) / r;
+  }
+  switch (variant) {
+    case 1: return launch_kernel<T, 2, 8>(g, n_cols, items, x, sm, s);
+    case 2: return launch_kernel<T, 4, 4>(g, n_cols, items, x, sm, s);
+    case 3: return launch_kernel<T, 1, 8>(g, n_cols, items, x, sm, s);
+    default: return launch_kernel<T, 2, 4>(g, n_cols, items, x, sm, s);
+  }
+}
+
+}  // namespace
+
+void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
+                          int64_t n_cols, const float* x, float* const* y, int sm_count, cudaStream_t stream,
+                          int variant) {
+  if (n < 1 || n > PkGroup::kMax || !packable(type, n_cols))
+    fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", n, " weights of ", type_name(type), " x ", n_cols);
+  PkGroup g;
+  g.n = n;
+  for (int k = 0; k < n; ++k) {
+    if (row_stride[k] % 16 != 0 || reinterpret_cast<uintptr_t>(w[k]) % 16 != 0)
+      fail_kind(ErrorKind::kInternal, "launch_matvec_packed: packed rows must be 16-byte aligned");
+    g.w[k] = static_cast<const uint8_t*>(w[k]);
+    g.stride[k] = row_stride[k];
+    g.n_rows[k] = n_rows[k];
+    g.y[k] = y[k];
+  }
+  switch (type) {
+    case GgmlType::Q4_0: return launch_variant<GgmlType::Q4_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream);
+    case GgmlType::Q8_0: return launch_variant<GgmlType::Q8_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream);
+    case GgmlType::Q4_K: return launch_variant<GgmlType::Q4_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream);
+    case GgmlType::Q6_K: return launch_variant<GgmlType::Q6_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream);
+    default: fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", type_name(type));
+  }
+}
+
+void launch_dequant_packed(GgmlType type, const void* w, size_t row_stride, int64_t row0, int64_t n_rows,
+                           int64_t n_cols, void* dst, bool to_bf16, cudaStream_t stream) {
+  if (!packable(type, n_cols) || n_rows <= 0) return;
+  const int64_t n = n_rows * (n_cols / 32) * 4;
+  const int threads = 256;
+  const auto blocks = static_cast<unsigned>((n + threads - 1) / threads);
+  const auto* wp = static_cast<const uint8_t*>(w);
+  auto* d = static_cast<uint4*>(dst);
+#define SHARDLM_DQ(T)                                                                                  \
+  (to_bf16 ? dequant_packed_kernel<T, true><<<blocks, threads, 0, stream>>>(wp, row_stride, row0, n_rows, n_cols, d) \
+           : dequant_packed_kernel<T, false><<<blocks, threads, 0, stream>>>(wp, row_stride, row0, n_rows, n_cols, d))
+  switch (type) {
+    case GgmlType::Q4_0: SHARDLM_DQ(GgmlType::Q4_0); break;
+    case GgmlType::Q8_0: SHARDLM_DQ(GgmlType::Q8_0); break;
+    case GgmlType::Q4_K: SHARDLM_DQ(GgmlType::Q4_K); break;
+    case GgmlType::Q6_K: SHARDLM_DQ(GgmlType::Q6_K); break;
+    default: fail_kind(ErrorKind::kInternal, "launch_dequant_packed: ", type_name(type));
+  }
+#undef SHARDLM_DQ
+  SHARDLM_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace shardlm::cuda_detail
