@@ -2,8 +2,12 @@
 // memory-bandwidth roofline measured in the same run.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
+#include <optional>
 #include <thread>
+#include <tuple>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -14,7 +18,18 @@
 #include "cli_common.h"
 #include "commands.h"
 #include "core/error.h"
+#include "plan/planner.h"
+#include "plan_glue.h"
 #include "run_flags.h"
+
+// Device memory in use needs the CUDA runtime's header, which builds with the NCCL communicator see (its
+// include directory comes with CUDA::cudart); elsewhere bench reports that figure as unknown.
+#if defined(SHARDLM_HAVE_CUDA) && defined(__has_include)
+#if __has_include(<cuda_runtime_api.h>)
+#include <cuda_runtime_api.h>
+#define SHARDLM_BENCH_DEVICE_MEMORY 1
+#endif
+#endif
 
 namespace shardlm {
 namespace {
@@ -47,6 +62,120 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
 }
+
+// One rank's memory and communication figures, broadcast by each rank in turn to rank 0. Doubles: byte
+// counts stay exact below 2^53. -1 = unknown or not applicable.
+struct RankFigures {
+  double rank = 0, tp_rank = 0, pp_rank = 0, layer_begin = 0, layer_end = 0;
+  double weight_bytes = 0;    // weights this rank loaded (LlamaModel's count)
+  double backend_bytes = 0;   // Backend::allocated_bytes() of the main backend (device memory on CUDA)
+  double offload_bytes = 0;   // the CPU backend of offloaded layers (-ngl)
+  double cuda_device = -1;
+  double device_used = -1;    // cudaMemGetInfo total - free: every context on the GPU, ours included
+  double device_total = -1;
+  double comm_share = 0;      // median share of the tg runs' time inside communication calls
+};
+
+// Memory in use on CUDA device `dev` and its size (bytes), or {-1, -1} where unknown.
+std::pair<double, double> device_memory(int dev) {
+#ifdef SHARDLM_BENCH_DEVICE_MEMORY
+  size_t free_b = 0, total_b = 0;
+  if (dev >= 0 && cudaSetDevice(dev) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess)
+    return {double(total_b - free_b), double(total_b)};
+#else
+  (void)dev;
+#endif
+  return {-1, -1};
+}
+
+// The planner's table entry for a CUDA device name: the longest run of leading words it knows ("NVIDIA
+// H100 80GB HBM3" -> "NVIDIA H100" -> h100-sxm); nullptr when none.
+const GpuSpec* gpu_spec_for(const std::string& cuda_name) {
+  std::vector<std::string> words;
+  for (size_t b = 0; b < cuda_name.size();) {
+    const size_t e = std::min(cuda_name.find(' ', b), cuda_name.size());
+    if (e > b) words.push_back(cuda_name.substr(b, e - b));
+    b = e + 1;
+  }
+  for (size_t n = words.size(); n > 0; --n) {
+    std::string s;
+    for (size_t i = 0; i < n; ++i) s += (i ? " " : "") + words[i];
+    if (const GpuSpec* g = find_gpu(s)) return g;
+  }
+  return nullptr;
+}
+
+// What the planner predicts for the layout that ran: the same model, context, batch, KV type, tp x pp,
+// layers per stage and -ngl. GPU ranks are planned as `shardlm plan --gpus <name>x<N>` would (datasheet
+// bandwidth and the planner's efficiency); CPU ranks with the host bandwidth bench measured.
+struct Prediction {
+  std::optional<Plan> plan;
+  std::string basis;  // what the prediction assumed, or why there is none
+};
+
+Prediction predict(const ModelSource& src, const Engine& engine, const EngineOptions& eo, const RunFlags& rf,
+                   double host_bw, double device_total) {
+  Prediction out;
+  const int n_layer = static_cast<int>(engine.config().n_layer);
+  const bool offload = eo.backend == "cuda" && eo.n_gpu_layers >= 0 && eo.n_gpu_layers < n_layer;
+  std::vector<double> split;
+  std::string split_arg;
+  if (eo.pp > 1 && !offload)
+    for (const LayerRange& r : engine.mapping().stage_layers()) {
+      split.push_back(r.size());
+      split_arg += cat(split_arg.empty() ? "" : ",", r.size());
+    }
+  const int64_t ctx = engine.n_ctx(), batch = std::min<int64_t>(eo.n_batch, ctx);
+  try {
+    const ModelDesc desc = model_desc_from_source(src);
+    if (eo.backend == "cuda") {
+      const std::string bn = engine.backend_name();  // "cuda:0 (NVIDIA H100 80GB HBM3), CUDA graphs"
+      const size_t a = bn.find('('), b = a == std::string::npos ? a : bn.find(')', a);
+      const std::string name = b == std::string::npos ? std::string() : bn.substr(a + 1, b - a - 1);
+      const GpuSpec* spec = gpu_spec_for(name);
+      DeviceRequest dreq;
+      const int world = eo.tp * eo.pp;
+      if (spec) dreq.gpus = cat(spec->key, "x", world);
+      else if (device_total > 0) dreq.gpus = cat(uint64_t(device_total) >> 20, "Mx", world);
+      else fail("the GPU '", name, "' is not in the planner's table and its memory is unknown");
+      if (!rf.cpu_mem.empty()) dreq.cpu_mem = rf.cpu_mem;
+      PlanRequest req;
+      req.ctx = ctx;
+      req.batch = batch;
+      req.kv_type = eo.kv_type;
+      req.tp = eo.tp;
+      req.pp = eo.pp;
+      req.layer_split = split;
+      if (offload) req.n_gpu_layers = eo.n_gpu_layers;
+      out.plan = make_plan(desc, make_inventory(dreq), req);
+      out.basis = cat("shardlm plan -m ", src.path(), " --gpus ", *dreq.gpus, " --tp ", eo.tp, " --pp ", eo.pp,
+                      split_arg.empty() ? "" : " --layer-split " + split_arg,
+                      offload ? cat(" -ngl ", eo.n_gpu_layers) : std::string(), " --ctx ", ctx, " --batch ", batch,
+                      " --kv-type ", type_name(eo.kv_type), spec ? "" : " (GPU not in the planner's table: sized only)");
+    } else if (eo.backend == "cpu") {
+      RunPlanRequest rq;
+      rq.tp = eo.tp;
+      rq.pp = eo.pp;
+      rq.layer_split = split;
+      rq.ctx = ctx;
+      rq.batch = batch;
+      rq.kv_type = eo.kv_type;
+      if (!rf.cpu_mem.empty()) rq.cpu_mem = rf.cpu_mem;
+      rq.cpu_bandwidth_gbs = host_bw / 1e9;
+      out.plan = plan_run(desc, rq).plan;
+      out.basis = cat("CPU ranks of this host, host copy bandwidth ", std::lround(host_bw / 1e8) / 10.0,
+                      " GB/s as measured here, ctx ", ctx, ", batch ", batch, ", KV ", type_name(eo.kv_type));
+    } else {
+      out.basis = cat("the planner does not model the ", eo.backend, " backend");
+    }
+  } catch (const Error& e) {
+    out.plan.reset();
+    out.basis = cat("planner failed: ", e.what());
+  }
+  return out;
+}
+
+double ratio(double measured, double predicted) { return measured >= 0 && predicted > 0 ? measured / predicted : 0; }
 
 }  // namespace
 
@@ -97,9 +226,24 @@ int cmd_bench(int argc, const char* const* argv) {
       comm_share.push_back(g.times.comm_s / std::max(g.times.decode_s + g.times.prefill_s, 1e-12));
     }
   }
-  // Every rank reads its own weights once per token; on one host they share the memory bus.
+  // Every rank reads its own weights once per token; on one host they share the memory bus. Memory is
+  // read here, after the runs (KV cache, workspaces and graphs all exist) and before rank 0's bandwidth
+  // test allocates its buffers.
   uint64_t my_bytes = engine.model().weights().weight_bytes, all_bytes = 0;
+  std::vector<RankFigures> ranks(size_t(comm->world_size()));
   {
+    RankFigures mine;
+    mine.rank = comm->rank();
+    mine.tp_rank = engine.mapping().tp_rank();
+    mine.pp_rank = engine.mapping().pp_rank();
+    mine.layer_begin = engine.mapping().layers().begin;
+    mine.layer_end = engine.mapping().layers().end;
+    mine.weight_bytes = double(my_bytes);
+    mine.backend_bytes = double(engine.device_bytes());
+    mine.offload_bytes = double(engine.offload_bytes());
+    mine.cuda_device = engine.cuda_device();
+    std::tie(mine.device_used, mine.device_total) = device_memory(engine.cuda_device());
+    mine.comm_share = median(comm_share);
     auto world = comm->make_group([&] {
       std::vector<int> v(size_t(comm->world_size()));
       for (int i = 0; i < comm->world_size(); ++i) v[size_t(i)] = i;
@@ -109,6 +253,9 @@ int cmd_bench(int argc, const char* const* argv) {
       uint64_t b = my_bytes;
       world->broadcast(&b, sizeof b, r);
       all_bytes += b;
+      RankFigures f = mine;
+      world->broadcast(&f, sizeof f, r);
+      ranks[size_t(r)] = f;
     }
   }
   if (!rank0) return 0;
@@ -142,6 +289,62 @@ int cmd_bench(int argc, const char* const* argv) {
                // host work, collectives.
                {"fixed_cost_us_per_token", 1e6 * (1.0 / median(tg) - 1.0 / roof)}};
   j["layout"] = {{"tp", eo.tp}, {"pp", eo.pp}};
+  j["device_all_reduce"] = comm->all_reduce_kind();
+
+  // The planner's prediction for this layout beside what was measured.
+  const Prediction pred = predict(*src, engine, eo, rf, bw_what == "host copy" ? bw : 0, ranks[0].device_total);
+  const DevicePlan* no_plan = nullptr;
+  const auto planned = [&](int rank) {
+    if (pred.plan)
+      for (const DevicePlan& d : pred.plan->chosen.devices)
+        if (d.rank == rank) return &d;
+    return no_plan;
+  };
+  // CPU ranks map their weights from the file (not counted by the backend); GPU ranks copy them.
+  const auto resident = [&](const RankFigures& f) {
+    return f.cuda_device >= 0 ? f.backend_bytes : f.weight_bytes + f.backend_bytes;
+  };
+  const auto null_if_unknown = [](double x) { return x < 0 ? nlohmann::json() : nlohmann::json(uint64_t(x)); };
+  nlohmann::json jr = nlohmann::json::array();
+  for (const RankFigures& f : ranks) {
+    nlohmann::json r = {{"rank", int(f.rank)},
+                        {"tp_rank", int(f.tp_rank)},
+                        {"pp_rank", int(f.pp_rank)},
+                        {"layers", {int(f.layer_begin), int(f.layer_end)}},
+                        {"weight_bytes", uint64_t(f.weight_bytes)},
+                        {"backend_allocated_bytes", uint64_t(f.backend_bytes)},
+                        {"offload_allocated_bytes", uint64_t(f.offload_bytes)},
+                        // what the planner's figure is compared with: allocations (+ mapped weights on CPU)
+                        {"resident_bytes", uint64_t(resident(f))},
+                        {"cuda_device", int(f.cuda_device)},
+                        {"device_used_bytes", null_if_unknown(f.device_used)},
+                        {"device_total_bytes", null_if_unknown(f.device_total)},
+                        {"comm_share", f.comm_share}};
+    if (const DevicePlan* d = planned(int(f.rank))) {
+      r["planned_bytes"] = d->total_bytes;
+      r["planned_weight_bytes"] = d->weight_bytes;
+      r["planned_kv_bytes"] = d->kv_bytes;
+      r["planned_workspace_bytes"] = d->workspace_bytes;
+      r["planned_reserve_bytes"] = d->reserve_bytes;
+      r["allocated_over_planned"] = ratio(resident(f), double(d->total_bytes));
+      if (f.device_used >= 0)
+        r["device_used_over_planned_with_reserve"] = ratio(f.device_used, double(d->total_bytes + d->reserve_bytes));
+    }
+    jr.push_back(r);
+  }
+  j["ranks"] = jr;
+  nlohmann::json jp = {{"basis", pred.basis}};
+  if (pred.plan) {
+    const Candidate& c = pred.plan->chosen;
+    jp["fits"] = pred.plan->fits;
+    jp["decode_tokens_per_s"] = c.decode_tps;
+    jp["prefill_tokens_per_s"] = c.prefill_tps;
+    if (n_gen > 0) jp["tg_measured_over_predicted"] = ratio(median(tg), c.decode_tps);
+    if (n_prompt > 0) jp["pp_measured_over_predicted"] = ratio(median(pp), c.prefill_tps);
+    for (const DevicePlan& d : c.devices)
+      if (d.rank < 0) jp["offload_cpu_planned_bytes"] = d.total_bytes;
+  }
+  j["planner"] = jp;
   if (json) {
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
@@ -156,6 +359,39 @@ int cmd_bench(int argc, const char* const* argv) {
     std::printf("| tg%-3lld | %8.1f | %13.1f%% | %9.1f%% |\n", (long long)n_gen, median(tg), 100 * median(tg) / roof,
                 100 * median(comm_share));
     std::printf("fixed cost per generated token beyond the weight reads: %.1f us\n", 1e6 * (1.0 / median(tg) - 1.0 / roof));
+  }
+  // Per-rank memory: the backend's allocations against the planner's weights + KV + workspace, and the
+  // device's memory in use (every context on the GPU) against that plus the planner's reserve.
+  const auto gib = [](double b) { return b < 0 ? std::string("?") : human_bytes(uint64_t(b)); };
+  const auto x = [](double r) { return r > 0 ? cat(std::lround(r * 1000) / 1000.0) : std::string("-"); };
+  std::printf("per-rank memory (allocated = the backend's allocations%s; planned = the planner's weights + KV + "
+              "workspace; device in use = cudaMemGetInfo total - free, every context on the GPU)\n",
+              eo.backend == "cuda" ? "" : " + the weights the loader mapped");
+  std::printf("| rank | tp | pp | layers | allocated | planned | ratio | offload | device in use | planned + reserve "
+              "| ratio | comm share |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const RankFigures& f : ranks) {
+    const DevicePlan* d = planned(int(f.rank));
+    std::printf("| %d | %d | %d | %d..%d | %s | %s | %s | %s | %s | %s | %s | %.1f%% |\n", int(f.rank), int(f.tp_rank),
+                int(f.pp_rank), int(f.layer_begin), int(f.layer_end) - 1, gib(resident(f)).c_str(),
+                d ? gib(double(d->total_bytes)).c_str() : "-", d ? x(ratio(resident(f), double(d->total_bytes))).c_str() : "-",
+                gib(f.offload_bytes).c_str(),
+                f.device_total < 0 ? "?" : cat(gib(f.device_used), " of ", gib(f.device_total)).c_str(),
+                d ? gib(double(d->total_bytes + d->reserve_bytes)).c_str() : "-",
+                d && f.device_used >= 0 ? x(ratio(f.device_used, double(d->total_bytes + d->reserve_bytes))).c_str() : "-",
+                100 * f.comm_share);
+  }
+  if (pred.plan) {
+    const Candidate& c = pred.plan->chosen;
+    std::printf("planner (%s)%s:", pred.basis.c_str(), pred.plan->fits ? "" : ", layout does not fit");
+    if (n_gen > 0)
+      std::printf(" decode %.1f tokens/s predicted, %.1f measured (x%s)", c.decode_tps, median(tg),
+                  x(ratio(median(tg), c.decode_tps)).c_str());
+    if (n_prompt > 0)
+      std::printf("%s prefill %.0f predicted, %.0f measured (x%s)", n_gen > 0 ? ";" : "", c.prefill_tps, median(pp),
+                  x(ratio(median(pp), c.prefill_tps)).c_str());
+    std::printf("\n");
+  } else {
+    std::printf("planner: %s\n", pred.basis.c_str());
   }
   if (const std::string k = comm->all_reduce_kind(); !k.empty()) std::printf("device all-reduce: %s\n", k.c_str());
   return 0;

@@ -74,6 +74,7 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
       dev = (lr ? std::atoi(lr) : comm.rank()) % n_dev;
     }
     backend_ = make_cuda_backend(dev, options_.kv_type);
+    cuda_device_ = dev;
     // A device communicator (NCCL) enqueues its collectives on the backend's stream.
     comm.bind_stream(cuda_stream(*backend_));
 #else

@@ -57,6 +57,10 @@ class Engine {
   std::string backend_name() const;
   // Bytes allocated on the main backend (device memory for CUDA), for per-device memory reports.
   size_t device_bytes() const { return backend_->allocated_bytes(); }
+  // Bytes allocated on the CPU backend of offloaded layers (-ngl); 0 without offload.
+  size_t offload_bytes() const { return cpu_backend_ ? cpu_backend_->allocated_bytes() : 0; }
+  // The CUDA device this rank runs on; -1 for the CPU and reference backends.
+  int cuda_device() const { return cuda_device_; }
   bool is_sampler() const { return comm_.rank() == model_->mapping().sampler_rank(); }
 
   // Generates up to n_predict tokens after `prompt`, stopping at `eos` unless it is < 0. The last token
@@ -89,6 +93,7 @@ class Engine {
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;      // where layers run (cpu, reference or cuda)
   std::unique_ptr<Backend> cpu_backend_;  // offloaded layers when backend_ is a GPU
+  int cuda_device_ = -1;
   std::unique_ptr<LlamaModel> model_;
   struct GraphState;
   std::unique_ptr<GraphState> graph_;
