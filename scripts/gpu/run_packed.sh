@@ -24,7 +24,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 bench=build-dev/src/backends/cuda/shardlm_cuda_bench
 if [ "${SKIP_MICRO:-0}" != 1 ]; then
-  for v in ${PK_VARIANTS:-0}; do  # SHARDLM_PK_VARIANT: 0 = 2 rows x 4 units, 1 = 2x8, 2 = 4x4, 3 = 1x8
+  for v in ${PK_VARIANTS:-0}; do  # SHARDLM_PK_VARIANT: 0 = bulk-copy kernel; register kernel 1 = 2 rows x 4 units, 2 = 2x8, 3 = 4x4, 4 = 1x8
     echo "-- packed matvec variant $v"
     SHARDLM_PK_VARIANT=$v $bench --matvec-only --quick --types q8_0,q4_0,q4_k,q6_k 2>&1 | tee "$OUT/matvec-packed-v$v.log" | grep -E "^(q|dev)"
   done

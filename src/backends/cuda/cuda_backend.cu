@@ -95,7 +95,7 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
   if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
     const std::string v = p;
-    if (v != "0" && v != "1" && v != "2" && v != "3") fail("SHARDLM_PK_VARIANT = '", v, "': expected 0, 1, 2 or 3");
+    if (v != "0" && v != "1" && v != "2") fail("SHARDLM_PK_VARIANT = '", v, "': expected 0, 1 or 2");
     pk_variant_ = v[0] - '0';
   }
   DeviceGuard g(device_);

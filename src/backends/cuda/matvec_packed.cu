@@ -5,8 +5,9 @@
 // shared memory) and the blocks had to be staged through shared memory. Here, as in llama.cpp's mmvq,
 // x is quantized to int8 per 32 elements once per thread block (into shared memory), and each lane
 // multiplies one 32-column unit of a row with __dp4a: 8 dp4a + a few LOP3 per 32 elements, one float
-// conversion per unit. Packed rows give every lane aligned 16-byte loads straight into registers;
-// R rows x U units per lane are in flight before the first is used (2 x 4 by default).
+// conversion per unit. Packed rows give every lane aligned 16-byte loads straight into registers, and
+// the default kernel (matvec_pipe_kernel, below) keeps the next 4 units per lane in flight while it
+// multiplies the current 4.
 //
 // Precision: x_j becomes d * q_j with |x_j - d * q_j| <= d / 2, d = max|x| / 127 over its 32 elements;
 // the result differs from the float product by at most sum over units of d/2 * sum |w_j| (the op suite
@@ -170,14 +171,14 @@ struct Pk<GgmlType::Q6_K> {
 // block runs the same number of rounds so that the 8-lane shuffles see all their lanes.
 __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int64_t n_cols, bool x_aligned,
                                            int* xq /* (n_cols / 4) */, float* xd /* (n_cols / 32) */,
-                                           float* xs /* (n_cols / 32) */) {
+                                           float* xs /* (n_cols / 32) */, int tid /* 0..kThreads-1 */) {
   const int64_t n4 = n_cols / 4;
   constexpr int kBatch = 4;  // float4 loads per thread issued together
   for (int64_t base = 0; base < n4; base += int64_t{kThreads} * kBatch) {
     float4 v[kBatch];
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int64_t e4 = base + int64_t{k} * kThreads + threadIdx.x;
+      const int64_t e4 = base + int64_t{k} * kThreads + tid;
       if (e4 >= n4) {
         v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
       } else if (x_aligned) {
@@ -188,7 +189,7 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int64_t 
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int64_t e4 = base + int64_t{k} * kThreads + threadIdx.x;
+      const int64_t e4 = base + int64_t{k} * kThreads + tid;
       float a = fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w)));
       a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
       a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
@@ -202,7 +203,7 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int64_t 
       sum += __shfl_xor_sync(0xffffffffu, sum, 4);
       if (e4 < n4) {
         xq[e4] = (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | (static_cast<int>(static_cast<uint32_t>(q3) << 24));
-        if ((threadIdx.x & 7) == 0) {
+        if ((tid & 7) == 0) {
           xd[e4 / 8] = d;
           xs[e4 / 8] = d * static_cast<float>(sum);
         }
@@ -267,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kern
     preloaded = true;
   }
   pdl_wait();  // x is the previous kernel's output; the weights were not
-  quantize_x(x, n_cols, x_aligned, xq, xd, xs);
+  quantize_x(x, n_cols, x_aligned, xq, xd, xs, threadIdx.x);
   __syncthreads();
 
   const int4* xq4 = reinterpret_cast<const int4*>(xq);
@@ -308,6 +309,112 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kern
       for (int r = 0; r < R; ++r)
         if (R * sg.local + r < sg.n_rows) sg.y[R * sg.local + r] = acc[r];
     }
+  }
+}
+
+
+// ---- the default decode kernel: one row per warp, the next U units in flight while U are multiplied ------
+// ncu on the kernel above (2 rows x 4 units per lane, 16 warps/SM): DRAM 41-51%, ~0.6 eligible warps per
+// scheduler: each warp alternates between a burst of loads and a burst of arithmetic, so while it computes
+// it has nothing in flight. Here every warp walks its (row, chunk) sequence as one software pipeline: the
+// next chunk's loads (possibly the next row's) are issued before the current chunk is multiplied, so each
+// warp always has U x 32 units on the way. (A bulk-copy producer/consumer version that streamed whole rows
+// into shared memory measured worse, 42-61%: its consumers were issue-bound.)
+template <int R, int U>
+constexpr int kPipeBlocks = R * U > 2 ? 2 : 3;
+
+template <GgmlType T, int R, int U>
+__global__ void __launch_bounds__(kThreads, (kPipeBlocks<R, U>)) matvec_pipe_kernel(
+    const __grid_constant__ PkGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
+    int64_t n_cols,                       // columns of every weight
+    int64_t n_items,                      // groups of R rows of one weight, over all segments
+    const float* __restrict__ x,          // (n_cols)
+    bool x_aligned) {                     // x is 16-byte aligned
+  extern __shared__ int4 smem[];
+  pdl_trigger();
+  const int nb = static_cast<int>(n_cols / 32);
+  int* xq = reinterpret_cast<int*>(smem);                  // (n_cols / 4) words of 4 int8
+  float* xd = reinterpret_cast<float*>(xq + n_cols / 4);   // (nb)
+  float* xs = xd + nb;                                      // (nb)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int n_chunks = (nb + 32 * U - 1) / (32 * U);
+  using Unit = typename Pk<T>::U;
+  // Rows of an item (the last item of a weight may repeat its last row; only real rows are written).
+  const auto rows_of = [&](int64_t item, const uint8_t* (&rows)[R]) {
+    const PkSeg sg = pk_seg(grp, item);
+#pragma unroll
+    for (int r = 0; r < R; ++r) rows[r] = sg.w + min(R * sg.local + r, sg.n_rows - 1) * sg.stride;
+  };
+  const auto load = [&](Unit (&buf)[R][U], const uint8_t* const (&rows)[R], int chunk) {
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const int u = chunk * 32 * U + lane + 32 * j;
+      if (u < nb) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) buf[r][j] = Pk<T>::load(rows[r], u, nb);
+      }
+    }
+  };
+
+  int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  int chunk = 0;
+  Unit cur[R][U], nxt[R][U];
+  const uint8_t* rows[R] = {};
+  // The first chunk does not depend on the previous kernel: on its way before the wait.
+  if (item < n_items) {
+    rows_of(item, rows);
+    load(cur, rows, 0);
+  }
+  pdl_wait();  // x is the previous kernel's output
+  quantize_x(x, n_cols, x_aligned, xq, xd, xs, threadIdx.x);
+  __syncthreads();
+
+  const int4* xq4 = reinterpret_cast<const int4*>(xq);
+  float acc[R] = {};
+  while (item < n_items) {
+    int64_t next_item = item;
+    int next_chunk = chunk + 1;
+    if (next_chunk == n_chunks) {
+      next_chunk = 0;
+      next_item = item + step;
+    }
+    const uint8_t* next_rows[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) next_rows[r] = rows[r];
+    if (next_item != item && next_item < n_items) rows_of(next_item, next_rows);
+    if (next_item < n_items) load(nxt, next_rows, next_chunk);
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const int u = chunk * 32 * U + lane + 32 * j;
+      if (u < nb) {
+        const int4 lo = xq4[2 * u], hi = xq4[2 * u + 1];
+        const int xw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        const float d = xd[u], s = xs[u];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += Pk<T>::dot(cur[r][j], u, xw, d, s);
+      }
+    }
+    if (next_chunk == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+      if (lane == 0) {
+        const PkSeg sg = pk_seg(grp, item);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (R * sg.local + r < sg.n_rows) sg.y[R * sg.local + r] = acc[r];
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int j = 0; j < U; ++j) cur[r][j] = nxt[r][j];
+      rows[r] = next_rows[r];
+    }
+    item = next_item;
+    chunk = next_chunk;
   }
 }
 
@@ -394,23 +501,41 @@ void launch_kernel(const PkGroup& g, int64_t n_cols, int64_t n_items, const floa
   launch_pdl(matvec_packed_kernel<T, R, U>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, n_items, x, aligned);
 }
 
-// Rows per warp x units per lane in flight. Variants other than the default exist to be measured
-// (shardlm_cuda_bench --pk-variant); the default is what the measurements favoured.
-template <GgmlType T>
-void launch_variant(int variant, PkGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
-                    cudaStream_t s) {
-  const int r = variant == 2 ? 4 : variant == 3 ? 1 : 2;
+template <GgmlType T, int R, int U>
+void launch_pipe(PkGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm, cudaStream_t s) {
   int64_t items = 0;
   for (int k = 0; k < n; ++k) {
     g.first[k] = items;
-    items += (n_rows[k] + r - 1) / r;
+    items += (n_rows[k] + R - 1) / R;
   }
-  switch (variant) {
-    case 1: return launch_kernel<T, 2, 8>(g, n_cols, items, x, sm, s);
-    case 2: return launch_kernel<T, 4, 4>(g, n_cols, items, x, sm, s);
-    case 3: return launch_kernel<T, 1, 8>(g, n_cols, items, x, sm, s);
-    default: return launch_kernel<T, 2, 4>(g, n_cols, items, x, sm, s);
+  const size_t smem = static_cast<size_t>(n_cols) + 8 * static_cast<size_t>(n_cols / 32);
+  if (smem > 48 * 1024)
+    SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(matvec_pipe_kernel<T, R, U>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const int64_t want = (items + kWarps - 1) / kWarps;
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{kPipeBlocks<R, U>} * sm)));
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  launch_pdl(matvec_pipe_kernel<T, R, U>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x, aligned);
+}
+
+// Variant 0 (default): the pipelined kernel, one row per warp. 1: the two-rows register kernel without
+// pipelining. 2: pipelined with two rows per warp for Q4_0 (x loads shared by two rows; measured equal to
+// 0 on an H100, 2026-11-26; the other types' units would spill). Kept to be measured against
+// (shardlm_cuda_bench with SHARDLM_PK_VARIANT).
+template <GgmlType T>
+void launch_variant(int variant, PkGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
+                    cudaStream_t s) {
+  if constexpr (T == GgmlType::Q4_0) {
+    if (variant == 2) return launch_pipe<T, 2, 4>(g, n_rows, n, n_cols, x, sm, s);
   }
+  if (variant != 1) return launch_pipe<T, 1, 4>(g, n_rows, n, n_cols, x, sm, s);
+  int64_t items = 0;
+  for (int k = 0; k < n; ++k) {
+    g.first[k] = items;
+    items += (n_rows[k] + 1) / 2;
+  }
+  launch_kernel<T, 2, 4>(g, n_cols, items, x, sm, s);
 }
 
 }  // namespace
