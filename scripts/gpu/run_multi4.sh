@@ -149,7 +149,9 @@ except Exception as e:
     except Exception: tail = "?"
     print("%s: FAILED (%s)\n  %s" % (label, e.__class__.__name__, tail.replace("\n", "\n  ")))
     sys.exit(0)
-pp, tg, pl = d.get("pp", {}), d.get("tg", {}), d.get("planner", {})
+# With -p 0 bench's "pp" is the pipeline size (an int), not the prefill test.
+pp = d["pp"] if isinstance(d.get("pp"), dict) else {}
+tg, pl = d.get("tg", {}), d.get("planner", {})
 s = "%s: pp%s %.0f tok/s, tg%s %.1f tok/s, roofline %.1f tok/s (share %.1f%%), comm %.1f%%" % (
     label, pp.get("n_prompt", ""), pp.get("tokens_per_s", 0), tg.get("n_gen", ""), tg.get("tokens_per_s", 0),
     d["roofline_tokens_per_s"], 100 * tg.get("roofline_share", 0), 100 * tg.get("comm_share", 0))
