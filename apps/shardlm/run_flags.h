@@ -15,7 +15,7 @@ struct RunFlags {
   std::string layer_split;
   std::string split_mode;
   int64_t n_ctx = 0;
-  int64_t n_batch = 256;
+  int64_t n_batch = 512;  // as EngineOptions: one prefill step per 512 prompt tokens
   int64_t micro_batch = 0;
   int threads = 0;
   std::string kv_type = "f32";

@@ -23,7 +23,7 @@ struct EngineOptions {
   int pp = 1;
   std::vector<double> layer_split;  // pipeline stage proportions; empty = even
   int64_t n_ctx = 0;                // 0: the model's training context (capped at 4096)
-  int64_t n_batch = 256;            // most tokens in one forward step
+  int64_t n_batch = 512;            // most tokens in one forward step (llama.cpp's -ub default)
   int64_t micro_batch = 0;          // prompt chunk per pipeline step; 0 = n_batch / pp (at least 1)
   GgmlType kv_type = GgmlType::F32;
   int n_threads = 0;                // CPU threads per rank; 0 = cores / ranks on this host

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
     EngineOptions o;
     o.pp = comm->world_size();
     o.n_threads = 1;
+    o.n_batch = 256;  // the whole 256-token prompt in one step, cut into micro-batches (default: 256 / pp)
     o.micro_batch = std::atoi(argv[3]);
     Engine engine(*src, *comm, o);
     const int n = std::atoi(argv[2]);
