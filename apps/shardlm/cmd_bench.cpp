@@ -275,8 +275,7 @@ int cmd_bench(int argc, const char* const* argv) {
   nlohmann::json j;
   j["model"] = path;
   j["backend"] = engine.backend_name();
-  j["tp"] = eo.tp;
-  j["pp"] = eo.pp;
+  // The layout is under "layout" only: a top-level "pp" would collide with the prefill test's results.
   j["weight_bytes"] = all_bytes;
   j["bandwidth_bytes_per_s"] = bw;
   j["bandwidth_source"] = bw_what;

@@ -111,7 +111,7 @@ void check_planner(const json& j) {
 
 TEST(BenchCli, JsonKeepsItsKeysAndAddsRanksPlannerAndAllReduce) {
   const json j = bench_json("");
-  for (const char* k : {"model", "backend", "tp", "weight_bytes", "bandwidth_bytes_per_s", "bandwidth_source",
+  for (const char* k : {"model", "backend", "weight_bytes", "bandwidth_bytes_per_s", "bandwidth_source",
                         "roofline_tokens_per_s", "pp", "tg", "layout"})
     EXPECT_TRUE(j.contains(k)) << k;
   for (const char* k : {"n_gen", "tokens_per_s", "runs", "roofline_share", "comm_share", "fixed_cost_us_per_token"})

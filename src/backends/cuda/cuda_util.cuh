@@ -186,20 +186,16 @@ class Graph {
 // Makes `device` current for the calling thread for the scope (several backends may share a thread).
 class DeviceGuard {
  public:
+  // Makes `device` current for this thread and leaves it so: a rank works on one GPU, and restoring the
+  // previous device would be harmful, since cudaSetDevice creates that device's context (CUDA >= 12):
+  // on a thread that never chose a device that meant a ~0.5 GiB context on GPU 0 in every rank.
   explicit DeviceGuard(int device) {
-    SHARDLM_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) SHARDLM_CUDA_CHECK(cudaSetDevice(device));
-    changed_ = prev_ != device;
-  }
-  ~DeviceGuard() {
-    if (changed_) cudaSetDevice(prev_);
+    int cur = -1;
+    SHARDLM_CUDA_CHECK(cudaGetDevice(&cur));
+    if (cur != device) SHARDLM_CUDA_CHECK(cudaSetDevice(device));
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-  bool changed_ = false;
 };
 
 }  // namespace shardlm::cuda_detail
