@@ -77,8 +77,10 @@ nlohmann::json plan_to_json(const Plan& p) {
   j["suggestions"] = p.suggestions;
   j["notes"] = p.notes;
   j["assumptions"] = {{"gpu_bandwidth_efficiency", p.params.gpu_bandwidth_efficiency},
+                      {"gpu_layer_overhead_s", p.params.gpu_layer_overhead_s},
                       {"cpu_bandwidth_efficiency", p.params.cpu_bandwidth_efficiency},
                       {"matmul_efficiency", p.params.matmul_efficiency},
+                      {"quant_matmul_efficiency", p.params.quant_matmul_efficiency},
                       {"gpu_reserve_bytes", p.params.gpu_reserve_bytes},
                       {"cpu_reserve_fraction", p.params.cpu_reserve_fraction},
                       {"cpu_reserve_min_bytes", p.params.cpu_reserve_min_bytes}};
@@ -123,9 +125,11 @@ std::string plan_to_text(const Plan& p, bool explain) {
     os << "\ncandidates (best first):\n";
     for (const Candidate& c : p.ranked) os << "  " << c.verdict << "\n";
     os << "\nassumptions: decode = sum over pipeline stages of (bytes read per token by the slowest rank / "
-          "bandwidth x efficiency) + 2 all-reduces per layer + hops; GPU efficiency "
-       << p.params.gpu_bandwidth_efficiency << ", CPU " << p.params.cpu_bandwidth_efficiency
-       << "; prefill at " << p.params.matmul_efficiency << " of the dense matmul rate; GPU reserve "
+          "bandwidth x efficiency + a fixed time per GPU layer) + 2 all-reduces per layer + hops; GPU efficiency "
+       << p.params.gpu_bandwidth_efficiency << " + " << p.params.gpu_layer_overhead_s * 1e6 << " us per layer, CPU "
+       << p.params.cpu_bandwidth_efficiency << "; prefill at " << p.params.matmul_efficiency << " (16-bit weights) or "
+       << p.params.quant_matmul_efficiency
+       << " (block types) of the dense matmul rate, less for GPU shards under 4096 rows; GPU reserve "
        << gib(p.params.gpu_reserve_bytes) << " GiB; see docs/planner.md\n";
   }
   return os.str();

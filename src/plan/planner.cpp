@@ -80,6 +80,17 @@ class Search {
   void add_gpu_layouts(int tp, int pp, int64_t ctx, std::vector<Candidate>& out);
   void add_cpu_layouts(int64_t ctx, std::vector<Candidate>& out);
 
+  bool block_weights() const {
+    const TensorDesc* t = m_.find("blk.0.ffn_gate.weight");
+    return t && block_size(t->type) > 1;
+  }
+  // Share of the dense matmul rate a prefill step achieves on `dev` with tp-way shards (see CostParams).
+  double matmul_efficiency(const Device& dev, int tp) const {
+    if (dev.kind != PlanDeviceKind::kGpu) return p_.matmul_efficiency;
+    const double e = block_weights() ? p_.quant_matmul_efficiency : p_.matmul_efficiency;
+    const double rows = static_cast<double>(m_.config.n_embd) / tp;
+    return rows >= 4096 ? e : e * std::pow(rows / 4096.0, 0.8);
+  }
   // CPU decode efficiency for this model's weight type (see CostParams).
   double cpu_efficiency() const {
     const TensorDesc* t = m_.find("blk.0.ffn_gate.weight");
@@ -201,10 +212,11 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
                             (s.first ? static_cast<double>(w.token_embd_row_bytes) : 0.0) +
                             (s.last ? static_cast<double>(w.output_norm_bytes) + out_read : 0.0);
       const double eff = dev.kind == PlanDeviceKind::kGpu ? p_.gpu_bandwidth_efficiency : cpu_efficiency();
-      stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff));
+      stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff) +
+                                                (dev.kind == PlanDeviceKind::kGpu ? nl * p_.gpu_layer_overhead_s : 0.0));
       const double flops = nl * layer_flops_per_token(c, std::max<int64_t>(1, ctx / 2)) / s.tp +
                            (s.last ? 2.0 * static_cast<double>(c.n_embd) * static_cast<double>(c.n_vocab) / s.tp : 0.0);
-      stage_flop_s = std::max(stage_flop_s, flops / (dev.matmul_flops * p_.matmul_efficiency));
+      stage_flop_s = std::max(stage_flop_s, flops / (dev.matmul_flops * matmul_efficiency(dev, s.tp)));
       if (!d.fits && cand.fits) {
         cand.fits = false;
         cand.why = cat(d.name, d.rank >= 0 ? cat(" (rank ", d.rank, ")") : std::string(), " needs ",

@@ -37,14 +37,24 @@ struct PlanRequest {
 
 // The constants of the cost model, stated once so that reports can print them.
 struct CostParams {
-  double gpu_bandwidth_efficiency = 0.80;  // share of datasheet bandwidth a decode step achieves
+  // GPU decode: weights read at this share of the datasheet bandwidth, plus a fixed time per layer (its
+  // ~12 kernels' launch, ramp and tail beyond their bytes). Fitted on one H100 SXM (2026-11-26,
+  // docs/BENCHMARKS.md): llama-3.1-8b bf16 at tp 1/2/4 and pp 2, q8_0, q4_0, q4_k_m at tp 1, 70b q4_0 at
+  // tp 2/4; every prediction within 10% of the measurement.
+  double gpu_bandwidth_efficiency = 0.90;
+  double gpu_layer_overhead_s = 50e-6;
   double cpu_bandwidth_efficiency = 0.80;  // share of the configured CPU bandwidth (plain f32/f16/bf16 weights)
   // Block types are decoded in registers and the CPU kernels are bound by that work, not by memory:
   // measured decode shares of the copy roofline (docs/BENCHMARKS.md, 2026-11-26): f16 83%, q8_0 55%,
   // q4_0 33-45%. Applied to the CPU's weight reads by the type of the model's FFN matrices.
   double cpu_q8_efficiency = 0.55;
   double cpu_q4_efficiency = 0.42;  // q4_0, q4_K, q6_K
-  double matmul_efficiency = 0.50;         // share of the dense matmul rate prefill achieves
+  // Prefill: share of the dense matmul rate, for 16-bit weights and for block types (which are
+  // dequantized to 16 bits before each GEMM), at 4096 rows per GPU; narrower tensor-parallel shards
+  // run smaller GEMMs: the share scales by (rows / 4096)^0.8 below that (fitted as above: 8b bf16 at
+  // tp 1/2/4, 8b quantized at tp 1, 70b q4_0 at tp 2/4, all within 8%).
+  double matmul_efficiency = 0.30;
+  double quant_matmul_efficiency = 0.18;
   uint64_t gpu_reserve_bytes = 768ull << 20;  // CUDA context, cuBLAS workspace, allocator slack
   double cpu_reserve_fraction = 0.10;         // RAM kept for the OS and other programs ...
   uint64_t cpu_reserve_min_bytes = 2ull << 30;  // ... at least this much
