@@ -6,6 +6,7 @@
 # rank of a tp 2 generate, then Llama-3.1-70B Q4_0 at tp 4 and tp 2 (and, if time is left, Q8_0 at tp 2
 # and BF16 at tp 4, only to show they run).
 #   run: bash scripts/gpu/run_multi4.sh    (carry: build-gpu-deps, build-nccl-deps)
+# SKIP_TESTS, SKIP_GOLD, SKIP_KILL, SKIP_70B, SKIP_70B_EXTRA (Q8_0 tp 2 and BF16 tp 4) leave steps out.
 # Every step has a timeout and the whole script a deadline (BUDGET_S, seconds from its start, default 560):
 # a step that cannot finish before it is skipped and says so. Results: $OUT/summary.txt (what is printed)
 # and $OUT/results.tgz (every log and JSON), both rewritten after each step.
@@ -207,7 +208,7 @@ if [ -f "$M8" ]; then
 
   # ---- 5 (run here while the 8B file exists). A rank killed mid-run: rank 1 of a tp 2 generate gets
   # SIGKILL after loading; how long rank 0 (and the whole command) takes to end, and what it says.
-  if [ "$n_gpu" -ge 2 ] && t=$(step_timeout 90 40); then
+  if [ "${SKIP_KILL:-0}" != 1 ] && [ "$n_gpu" -ge 2 ] && t=$(step_timeout 90 40); then
     rm -f "$R/kill.out" "$R/kill.err" "$R/kill.rc"
     ts=$(date +%s.%N)
     (timeout -k 5 "$t" "$BIN" generate --backend "$BACKEND" -m "$M8" --tp 2 --prompt-ids 1,2,3 $KILL_ARGS --greedy --ignore-eos \
@@ -267,11 +268,11 @@ if [ "${SKIP_70B:-0}" != 1 ] && [ "$n_gpu" -ge 2 ]; then
     bench 70b-q4_0-tp2 auto 150 60 -m /tmp/m70.gguf -p 512 -n 64 -r 2 --kv-type f16 --tp 2
     rm -f /tmp/m70.gguf
   fi
-  if gen70 q8_0; then
+  if [ "${SKIP_70B_EXTRA:-0}" != 1 ] && gen70 q8_0; then
     bench 70b-q8_0-tp2 auto 150 70 -m /tmp/m70.gguf -p 0 -n 16 -r 1 --kv-type f16 --tp 2
     rm -f /tmp/m70.gguf
   fi
-  if [ "$n_gpu" -ge 4 ] && gen70 bf16; then
+  if [ "${SKIP_70B_EXTRA:-0}" != 1 ] && [ "$n_gpu" -ge 4 ] && gen70 bf16; then
     bench 70b-bf16-tp4 auto 150 80 -m /tmp/m70.gguf -p 0 -n 16 -r 1 --kv-type f16 --tp 4
     rm -f /tmp/m70.gguf
   fi
