@@ -139,6 +139,8 @@ Prediction predict(const ModelSource& src, const Engine& engine, const EngineOpt
       else if (device_total > 0) dreq.gpus = cat(uint64_t(device_total) >> 20, "Mx", world);
       else fail("the GPU '", name, "' is not in the planner's table and its memory is unknown");
       if (!rf.cpu_mem.empty()) dreq.cpu_mem = rf.cpu_mem;
+      // Offloaded layers run on this host's CPU: plan them with the bandwidth measured here, as CPU ranks.
+      if (offload && host_bw > 0) dreq.cpu_bandwidth_gbs = host_bw / 1e9;
       PlanRequest req;
       req.ctx = ctx;
       req.batch = batch;
@@ -150,7 +152,9 @@ Prediction predict(const ModelSource& src, const Engine& engine, const EngineOpt
       out.plan = make_plan(desc, make_inventory(dreq), req);
       out.basis = cat("shardlm plan -m ", src.path(), " --gpus ", *dreq.gpus, " --tp ", eo.tp, " --pp ", eo.pp,
                       split_arg.empty() ? "" : " --layer-split " + split_arg,
-                      offload ? cat(" -ngl ", eo.n_gpu_layers) : std::string(), " --ctx ", ctx, " --batch ", batch,
+                      offload ? cat(" -ngl ", eo.n_gpu_layers, " --cpu-bandwidth ", std::lround(host_bw / 1e8) / 10.0)
+                              : std::string(),
+                      " --ctx ", ctx, " --batch ", batch,
                       " --kv-type ", type_name(eo.kv_type), spec ? "" : " (GPU not in the planner's table: sized only)");
     } else if (eo.backend == "cpu") {
       RunPlanRequest rq;
