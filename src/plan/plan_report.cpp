@@ -82,6 +82,8 @@ nlohmann::json plan_to_json(const Plan& p) {
                       {"matmul_efficiency", p.params.matmul_efficiency},
                       {"quant_matmul_efficiency", p.params.quant_matmul_efficiency},
                       {"gpu_reserve_bytes", p.params.gpu_reserve_bytes},
+                      {"gpu_comm_reserve_bytes", p.params.gpu_comm_reserve_bytes},
+                      {"cpu_matmul_efficiency", p.params.cpu_matmul_efficiency},
                       {"cpu_reserve_fraction", p.params.cpu_reserve_fraction},
                       {"cpu_reserve_min_bytes", p.params.cpu_reserve_min_bytes}};
   return j;
@@ -130,7 +132,8 @@ std::string plan_to_text(const Plan& p, bool explain) {
        << p.params.cpu_bandwidth_efficiency << "; prefill at " << p.params.matmul_efficiency << " (16-bit weights) or "
        << p.params.quant_matmul_efficiency
        << " (block types) of the dense matmul rate, less for GPU shards under 4096 rows; GPU reserve "
-       << gib(p.params.gpu_reserve_bytes) << " GiB; see docs/planner.md\n";
+       << gib(p.params.gpu_reserve_bytes) << " GiB + " << gib(p.params.gpu_comm_reserve_bytes)
+       << " GiB per NCCL communicator of the rank; see docs/planner.md\n";
   }
   return os.str();
 }

@@ -80,16 +80,22 @@ class Search {
   void add_gpu_layouts(int tp, int pp, int64_t ctx, std::vector<Candidate>& out);
   void add_cpu_layouts(int64_t ctx, std::vector<Candidate>& out);
 
+  // Device memory a GPU rank needs beyond its allocations: the fixed reserve plus one share per NCCL
+  // communicator it joins (the tensor-parallel group; one per pipeline neighbour).
+  uint64_t gpu_reserve(int tp, int pp, int stage) const {
+    const int comms = (tp > 1 ? 1 : 0) + (pp > 1 ? ((stage == 0 || stage == pp - 1) ? 1 : 2) : 0);
+    return p_.gpu_reserve_bytes + static_cast<uint64_t>(comms) * p_.gpu_comm_reserve_bytes;
+  }
   bool block_weights() const {
     const TensorDesc* t = m_.find("blk.0.ffn_gate.weight");
     return t && block_size(t->type) > 1;
   }
   // Share of the dense matmul rate a prefill step achieves on `dev` with tp-way shards (see CostParams).
   double matmul_efficiency(const Device& dev, int tp) const {
-    if (dev.kind != PlanDeviceKind::kGpu) return p_.matmul_efficiency;
+    if (dev.kind != PlanDeviceKind::kGpu) return p_.cpu_matmul_efficiency;
     const double e = block_weights() ? p_.quant_matmul_efficiency : p_.matmul_efficiency;
     const double rows = static_cast<double>(m_.config.n_embd) / tp;
-    return rows >= 4096 ? e : e * std::pow(rows / 4096.0, 0.8);
+    return rows >= 4096 ? e : e * std::pow(rows / 4096.0, 0.65);
   }
   // CPU decode efficiency for this model's weight type (see CostParams).
   double cpu_efficiency() const {
@@ -150,7 +156,7 @@ std::vector<Stage> Search::stages(const Layout& L) {
     st.link = L.cpu_ranks ? find_link("shm") : inv_.link;
     for (int t = 0; t < L.tp; ++t) {
       st.devs.push_back(devs[static_cast<size_t>(s * L.tp + t)]);
-      st.reserve.push_back(L.cpu_ranks ? 0 : p_.gpu_reserve_bytes);
+      st.reserve.push_back(L.cpu_ranks ? 0 : gpu_reserve(L.tp, L.pp, s));
       st.ranks.push_back(Mapping::rank_of(s, t, L.tp));
     }
     st.layers = {at, at + L.layer_split[static_cast<size_t>(s)]};
@@ -266,7 +272,7 @@ std::vector<int> Search::initial_counts(int tp, int pp, int ngl, const std::vect
       const bool first = s == 0 && !offload, last = s == pp - 1;
       const double fixed = static_cast<double>((first ? w.token_embd_bytes : 0) +
                                                (last ? w.output_norm_bytes + w.output_bytes : 0) +
-                                               workspace_bytes(c, w, req_.batch, ctx, last) + p_.gpu_reserve_bytes);
+                                               workspace_bytes(c, w, req_.batch, ctx, last) + gpu_reserve(tp, pp, s));
       const double cap = static_cast<double>(gpus[static_cast<size_t>(s * tp + t)].capacity_bytes);
       free_min = std::min(free_min, cap - fixed);
     }

@@ -49,13 +49,18 @@ struct CostParams {
   // q4_0 33-45%. Applied to the CPU's weight reads by the type of the model's FFN matrices.
   double cpu_q8_efficiency = 0.55;
   double cpu_q4_efficiency = 0.42;  // q4_0, q4_K, q6_K
-  // Prefill: share of the dense matmul rate, for 16-bit weights and for block types (which are
-  // dequantized to 16 bits before each GEMM), at 4096 rows per GPU; narrower tensor-parallel shards
-  // run smaller GEMMs: the share scales by (rows / 4096)^0.8 below that (fitted as above: 8b bf16 at
-  // tp 1/2/4, 8b quantized at tp 1, 70b q4_0 at tp 2/4, all within 8%).
-  double matmul_efficiency = 0.30;
-  double quant_matmul_efficiency = 0.18;
+  // Prefill (512-token steps): share of the dense matmul rate for 16-bit weights and for block types
+  // (dequantized to 16 bits before each GEMM) at 4096 or more rows per GPU; narrower tensor-parallel
+  // shards run smaller GEMMs and the share scales by (rows / 4096)^0.65. Fitted on H100s (2026-11-26):
+  // 8b bf16 at tp 1/2/4, 8b q8_0/q4_0/q4_k_m at tp 1, 70b q4_0 at tp 2/4, all within 6%.
+  double matmul_efficiency = 0.33;
+  double quant_matmul_efficiency = 0.22;
+  double cpu_matmul_efficiency = 0.50;  // CPU ranks and offloaded layers
   uint64_t gpu_reserve_bytes = 768ull << 20;  // CUDA context, cuBLAS workspace, allocator slack
+  // Plus, per NCCL communicator a GPU rank joins (its tensor-parallel group, each pipeline neighbour):
+  // NCCL's buffers and the one-shot all-reduce's. Device memory in use beyond allocations measured
+  // 0.63 GiB on one H100 and 1.3-2.0 GiB per rank at tp 2/4, pp 2/4, tp 2 x pp 2 (2026-11-26).
+  uint64_t gpu_comm_reserve_bytes = 600ull << 20;
   double cpu_reserve_fraction = 0.10;         // RAM kept for the OS and other programs ...
   uint64_t cpu_reserve_min_bytes = 2ull << 30;  // ... at least this much
 };
