@@ -167,7 +167,8 @@ bool LlamaModel::step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_
     }
     const bool last_seg = s + 1 == segments_.size();
     auto body = [&] {
-      for (int l = seg.first; l < seg.end; ++l) layer(seg, l, n_tok);
+      for (int l = seg.first; l < seg.end; ++l) layer(seg, l, n_tok, l > seg.first);
+      if (seg.end > seg.first) seg.b->add(seg.x->as<float>(), seg.o->as<float>(), static_cast<int64_t>(n_hidden));
       if (last_seg && mapping_.is_last_stage()) head(n_tok, all_logits);
     };
     if (graph) {
@@ -186,7 +187,7 @@ bool LlamaModel::step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_
   return true;
 }
 
-void LlamaModel::layer(Segment& seg, int index, int64_t n_tok) {
+void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending) {
   Backend& b = *seg.b;
   const LayerWeights& w = weights_.layers[static_cast<size_t>(index)];
   const KvLayerView& kv = seg.kv_views[static_cast<size_t>(index - seg.first)];
@@ -201,8 +202,12 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok) {
   float* o = seg.o->as<float>();
   const float* ff = weights_.rope_freq_factors.empty() ? nullptr : weights_.rope_freq_factors.data();
 
-  // Attention block: column-parallel q/k/v, local heads, row-parallel output + one all-reduce.
-  b.rms_norm(x, w.attn_norm, xn, n_tok, d, config_.rms_eps);
+  // Attention block: column-parallel q/k/v, local heads, row-parallel output + one all-reduce. The
+  // previous layer of this segment left its FFN output in o, to be added to x here (one pass with the norm).
+  if (add_pending)
+    b.add_rms_norm(x, o, w.attn_norm, xn, n_tok, d, config_.rms_eps);
+  else
+    b.rms_norm(x, w.attn_norm, xn, n_tok, d, config_.rms_eps);
   {
     const WeightView ws[3] = {w.wq, w.wk, w.wv};
     float* const ys[3] = {q, k, v};
@@ -213,18 +218,15 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok) {
     b.add_bias(k, w.bk, n_tok, nkv * hd);
     b.add_bias(v, w.bv, n_tok, nkv * hd);
   }
-  b.rope(q, n_tok, nq, hd, config_.rope_freq_base, ff);
-  b.rope(k, n_tok, nkv, hd, config_.rope_freq_base, ff);
-  b.kv_store(kv, k, v, n_tok);
+  b.rope_kv_store(q, k, v, kv, n_tok, nq, config_.rope_freq_base, ff);
   b.attention(q, kv, n_tok, nq, att);
   b.matmul(w.wo, att, o, n_tok);
   if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
-  b.add(x, o, n_tok * d);
 
   // FFN block: column-parallel gate/up, row-parallel down + one all-reduce.
   float* g = seg.gate->as<float>();
   float* u = seg.up->as<float>();
-  b.rms_norm(x, w.ffn_norm, xn, n_tok, d, config_.rms_eps);
+  b.add_rms_norm(x, o, w.ffn_norm, xn, n_tok, d, config_.rms_eps);
   {
     const WeightView ws[2] = {w.w_gate, w.w_up};
     float* const ys[2] = {g, u};
@@ -233,7 +235,7 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok) {
   b.swiglu(g, u, g, n_tok * ff_local_);
   b.matmul(w.w_down, g, o, n_tok);
   if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
-  b.add(x, o, n_tok * d);
+  // x += o is left to the next layer (add_rms_norm) or to the end of the segment.
 }
 
 void LlamaModel::head(int64_t n_tok, bool all_logits) {

@@ -87,7 +87,9 @@ class LlamaModel {
 
  private:
   struct Segment;  // consecutive layers on one backend, with their KV cache and activations
-  void layer(Segment& seg, int index, int64_t n_tok);
+  // One layer on the segment's buffers. add_pending: x still lacks the previous layer's FFN output (in o);
+  // the layer leaves its own there too, for the next layer or the end of the segment to add.
+  void layer(Segment& seg, int index, int64_t n_tok, bool add_pending);
   void head(int64_t n_tok, bool all_logits);
   void finish_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits);
   // Collectives and messages on backend memory, staged through the host when the communicator

@@ -111,6 +111,21 @@ class Backend {
   virtual void add(float* y /* (n) */, const float* x /* (n) */, int64_t n) = 0;
   // out = silu(gate) * up, element-wise.
   virtual void swiglu(const float* gate /* (n) */, const float* up /* (n) */, float* out /* (n) */, int64_t n) = 0;
+  // x += delta, then y = x / rms(x) * w per token row: the residual add before a norm, in one pass where a
+  // backend can (the default is add then rms_norm, with the same results).
+  virtual void add_rms_norm(float* x /* (n_tok, n) */, const float* delta /* (n_tok, n) */, const float* w /* (n) */,
+                            float* y /* (n_tok, n) */, int64_t n_tok, int64_t n, float eps) {
+    add(x, delta, n_tok * n);
+    rms_norm(x, w, y, n_tok, n, eps);
+  }
+  // rope(q), rope(k), then kv_store(kv, k, v): one pass where a backend can (same results).
+  virtual void rope_kv_store(float* q /* (n_tok, n_head, head_dim) */, float* k /* (n_tok, n_head_kv, head_dim) */,
+                             const float* v /* (n_tok, n_head_kv, head_dim) */, const KvLayerView& kv, int64_t n_tok,
+                             int64_t n_head, float freq_base, const float* freq_factors /* (head_dim/2) or null, host */) {
+    rope(q, n_tok, n_head, kv.head_dim, freq_base, freq_factors);
+    rope(k, n_tok, kv.n_head_kv, kv.head_dim, freq_base, freq_factors);
+    kv_store(kv, k, v, n_tok);
+  }
   // Rotates adjacent pairs (x[2i], x[2i+1]) of every head by angle pos * theta_i, theta_i =
   // freq_base^(-2i/head_dim) / freq_factors[i] (freq_factors may be null), pos = step.pos0 + t.
   virtual void rope(float* x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads, int64_t head_dim,

@@ -14,6 +14,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backends/cuda/cuda_backend.h"
@@ -564,6 +565,78 @@ TEST_F(CudaOps, RmsNormAddBiasSwiglu) {
   be_->add(gb.f(), ub.f(), n);
   for (int64_t i = 0; i < n; ++i) r2[i] = static_cast<double>(g[i]) + a[i];
   expect_close(gb.get<float>(), r2, 0.0, 1e-7, "add");
+}
+
+// The fused ops must give exactly what the separate ops give (the model relies on that: CPU backends
+// run the separate ones): the same float operations in the same order, so bit for bit.
+TEST_F(CudaOps, FusedAddNormAndRopeKvStoreEqualTheSeparateOps) {
+  Backend& b = *be_;
+  for (int64_t n : {4096, 1001}) {  // vectorized and scalar paths
+    SCOPED_TRACE("add_rms_norm n " + std::to_string(n));
+    const int64_t n_tok = 3;
+    const auto x = rand_floats(rng_, n_tok * n), dl = rand_floats(rng_, n_tok * n), w = rand_floats(rng_, n, 0.5f, 1.5f);
+    Guarded x1(b, x.size() * 4), x2(b, x.size() * 4), d(b, dl.size() * 4), wb(b, w.size() * 4), y1(b, x.size() * 4),
+        y2(b, x.size() * 4);
+    x1.put(x.data());
+    x2.put(x.data());
+    d.put(dl.data());
+    wb.put(w.data());
+    b.add(x1.f(), d.f(), n_tok * n);
+    b.rms_norm(x1.f(), wb.f(), y1.f(), n_tok, n, 1e-5f);
+    b.add_rms_norm(x2.f(), d.f(), wb.f(), y2.f(), n_tok, n, 1e-5f);
+    const auto a1 = x1.get<float>(), a2 = x2.get<float>(), b1 = y1.get<float>(), b2 = y2.get<float>();
+    ASSERT_EQ(a1.size(), a2.size());
+    EXPECT_EQ(std::memcmp(a1.data(), a2.data(), a1.size() * 4), 0) << "x after the add differs";
+    EXPECT_EQ(std::memcmp(b1.data(), b2.data(), b1.size() * 4), 0) << "normalized output differs";
+    // and against fp64: (x + delta) / rms * w
+    std::vector<double> ref(b2.size());
+    for (int64_t t = 0; t < n_tok; ++t) {
+      double ss = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double v = static_cast<double>(x[t * n + i]) + dl[t * n + i];
+        ss += v * v;
+      }
+      const double sc = 1.0 / std::sqrt(ss / n + 1e-5);
+      for (int64_t i = 0; i < n; ++i) ref[t * n + i] = (static_cast<double>(x[t * n + i]) + dl[t * n + i]) * sc * w[i];
+    }
+    expect_close(b2, ref, 1e-6, 1e-5, "add_rms_norm vs fp64");  // f32 sum of squares over n: a few eps
+  }
+  for (GgmlType kvt : {GgmlType::F16, GgmlType::F32}) {
+    SCOPED_TRACE(std::string("rope_kv_store ") + type_name(kvt));
+    const int64_t H = 8, HKV = 2, D = 64, n_ctx = 32, n_tok = 3, pos0 = 5;
+    const size_t kvb = static_cast<size_t>(n_ctx * HKV * D) * (kvt == GgmlType::F16 ? 2 : 4);
+    const auto q = rand_floats(rng_, n_tok * H * D), k = rand_floats(rng_, n_tok * HKV * D),
+               v = rand_floats(rng_, n_tok * HKV * D);
+    std::vector<float> ff(D / 2);
+    for (size_t i = 0; i < ff.size(); ++i) ff[i] = 1.0f + 0.1f * static_cast<float>(i % 5);
+    Guarded q1(b, q.size() * 4), q2(b, q.size() * 4), k1(b, k.size() * 4), k2(b, k.size() * 4), vb(b, v.size() * 4),
+        kc1(b, kvb), vc1(b, kvb), kc2(b, kvb), vc2(b, kvb);
+    q1.put(q.data());
+    q2.put(q.data());
+    k1.put(k.data());
+    k2.put(k.data());
+    vb.put(v.data());
+    const std::vector<uint8_t> zero(kvb, 0);
+    for (Guarded* g : {&kc1, &vc1, &kc2, &vc2}) g->put(zero.data());
+    const KvLayerView kv1{kvt, n_ctx, HKV, D, kc1.ptr(), vc1.ptr()}, kv2{kvt, n_ctx, HKV, D, kc2.ptr(), vc2.ptr()};
+    b.begin_step({pos0, n_tok});
+    b.rope(q1.f(), n_tok, H, D, 500000.0f, ff.data());
+    b.rope(k1.f(), n_tok, HKV, D, 500000.0f, ff.data());
+    b.kv_store(kv1, k1.f(), vb.f(), n_tok);
+    b.rope_kv_store(q2.f(), k2.f(), vb.f(), kv2, n_tok, H, 500000.0f, ff.data());
+    for (auto [g1, g2, what] : {std::tuple{&q1, &q2, "q"}, std::tuple{&k1, &k2, "k"}, std::tuple{&kc1, &kc2, "K cache"},
+                                std::tuple{&vc1, &vc2, "V cache"}}) {
+      const auto a = g1->get<uint8_t>(), c = g2->get<uint8_t>();
+      ASSERT_EQ(a.size(), c.size());
+      EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size()), 0) << what << " differs";
+    }
+    // The cache rows of the step were written (not still the zeros they started as).
+    const auto kc = kc2.get<uint8_t>();
+    const size_t row = kvb / n_ctx;
+    bool written = false;
+    for (size_t i = pos0 * row; i < (pos0 + n_tok) * row; ++i) written = written || kc[i] != 0;
+    EXPECT_TRUE(written);
+  }
 }
 
 TEST_F(CudaOps, RopeAdjacentPairsWithFreqFactors) {

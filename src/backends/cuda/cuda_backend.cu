@@ -417,6 +417,27 @@ void CudaBackend::kv_store(const KvLayerView& kv, const float* k, const float* v
                   stream());
 }
 
+void CudaBackend::add_rms_norm(float* x, const float* delta, const float* w, float* y, int64_t n_tok, int64_t n,
+                               float eps) {
+  if (n <= 0) fail("cuda add_rms_norm: n = ", n);
+  DeviceGuard g(device_);
+  launch_add_rms_norm(x, delta, w, y, n_tok, n, eps, stream());
+}
+
+void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok,
+                                int64_t n_head, float freq_base, const float* freq_factors) {
+  if (kv.head_dim <= 0 || kv.head_dim % 2 != 0)
+    fail("cuda rope_kv_store: head_dim ", kv.head_dim, " must be even and positive");
+  if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
+    fail_kind(ErrorKind::kUnsupported, "cuda rope_kv_store: KV type ", type_name(kv.type), " (f16 or f32 only)");
+  if (step_.pos0 + n_tok > kv.n_ctx)
+    fail("cuda rope_kv_store: positions [", step_.pos0, ", ", step_.pos0 + n_tok, ") exceed the cache of ", kv.n_ctx);
+  DeviceGuard g(device_);
+  const float* ff = freq_factors_on_device(freq_factors, kv.head_dim / 2);
+  launch_rope_kv_store(kv.type, q, k, v, kv.k, kv.v, kv.n_ctx, n_tok, n_head, kv.n_head_kv, kv.head_dim, freq_base, ff,
+                       step_dev_.as<StepDev>(), stream());
+}
+
 void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) {
   if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
     fail_kind(ErrorKind::kUnsupported, "cuda attention: KV type ", type_name(kv.type), " (f16 or f32 only)");

@@ -42,6 +42,10 @@ class CudaBackend final : public Backend {
   void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, float freq_base,
             const float* freq_factors) override;
   void kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) override;
+  void add_rms_norm(float* x, const float* delta, const float* w, float* y, int64_t n_tok, int64_t n,
+                    float eps) override;
+  void rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok, int64_t n_head,
+                     float freq_base, const float* freq_factors) override;
   void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override;
 
   // ---- CUDA-only surface (CudaGraphRunner, cuda_argmax, bench, tests) ----

@@ -63,6 +63,9 @@ void launch_get_rows(GgmlType type, const void* table, size_t row_stride, int64_
 // ---- element-wise and normalization ----
 void launch_rms_norm(const float* x /* (n_tok, n) */, const float* w /* (n) */, float* y /* (n_tok, n) */,
                      int64_t n_tok, int64_t n, float eps, cudaStream_t stream);
+// x += delta, then y = rms_norm(x) * w (same operations as launch_add + launch_rms_norm, one kernel).
+void launch_add_rms_norm(float* x /* (n_tok, n) */, const float* delta /* (n_tok, n) */, const float* w /* (n) */,
+                         float* y /* (n_tok, n) */, int64_t n_tok, int64_t n, float eps, cudaStream_t stream);
 void launch_add_bias(float* y /* (n_tok, n) */, const float* b /* (n) */, int64_t n_tok, int64_t n,
                      cudaStream_t stream);
 void launch_add(float* y /* (n) */, const float* x /* (n) */, int64_t n, cudaStream_t stream);
@@ -78,6 +81,14 @@ void launch_kv_store(GgmlType kv_type, void* k_cache /* (n_ctx, n_head_kv, head_
                      int64_t head_dim, const float* k /* (n_tok, n_head_kv, head_dim) */,
                      const float* v /* (n_tok, n_head_kv, head_dim) */, int64_t n_tok, const StepDev* step,
                      cudaStream_t stream);
+
+// launch_rope on q and on k, then launch_kv_store, as one kernel with the same arithmetic.
+void launch_rope_kv_store(GgmlType kv_type, float* q /* (n_tok, n_head, head_dim) */,
+                          float* k /* (n_tok, n_head_kv, head_dim) */, const float* v /* (n_tok, n_head_kv, head_dim) */,
+                          void* k_cache /* (n_ctx, n_head_kv, head_dim) */, void* v_cache /* same */, int64_t n_ctx,
+                          int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float freq_base,
+                          const float* freq_factors /* (head_dim/2) device, or null */, const StepDev* step,
+                          cudaStream_t stream);
 
 // Splits used by the decode kernel for a cache of n_ctx positions (fixed per cache size, so graphs keep
 // their launch shapes while the context grows).

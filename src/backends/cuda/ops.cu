@@ -31,18 +31,22 @@ unsigned grid_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
 
 // ---- element-wise -----------------------------------------------------------------------------------
 // One block per token row. Rows up to kNormVec * 4 * blockDim floats stay in registers (one read of x);
-// longer rows are read twice.
+// longer rows are read twice. kAdd: x += delta first (written back), the residual add fused into the norm
+// with the same float operations as add_kernel followed by the norm.
 constexpr int kNormThreads = 1024, kNormVec = 4;
-__global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const float* __restrict__ x /* (n_tok, n) */,
+template <bool kAdd>
+__global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* __restrict__ x /* (n_tok, n); read-only unless kAdd */,
+                                                               const float* __restrict__ delta /* (n_tok, n) or null */,
                                                                const float* __restrict__ w /* (n) */,
                                                                float* __restrict__ y /* (n_tok, n) */, int64_t n,
                                                                float eps) {
   pdl_enter();
-  const float* xr = x + blockIdx.x * n;
+  float* xr = x + blockIdx.x * n;
+  const float* dr = kAdd ? delta + blockIdx.x * n : nullptr;
   float* yr = y + blockIdx.x * n;
   const bool vec = (n % 4 == 0) && (n <= static_cast<int64_t>(kNormVec) * 4 * blockDim.x) &&
                    (reinterpret_cast<uintptr_t>(xr) % 16 == 0) && (reinterpret_cast<uintptr_t>(yr) % 16 == 0) &&
-                   (reinterpret_cast<uintptr_t>(w) % 16 == 0);
+                   (reinterpret_cast<uintptr_t>(w) % 16 == 0) && (!kAdd || reinterpret_cast<uintptr_t>(dr) % 16 == 0);
   float4 v[kNormVec];
   float ss = 0.0f;
   if (vec) {
@@ -50,10 +54,22 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const float* __r
     for (int k = 0; k < kNormVec; ++k) {
       const int64_t i = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * 4;
       v[k] = i < n ? *reinterpret_cast<const float4*>(xr + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      if (kAdd && i < n) {
+        const float4 a = *reinterpret_cast<const float4*>(dr + i);
+        v[k] = make_float4(v[k].x + a.x, v[k].y + a.y, v[k].z + a.z, v[k].w + a.w);
+        *reinterpret_cast<float4*>(xr + i) = v[k];
+      }
       ss = fmaf(v[k].x, v[k].x, fmaf(v[k].y, v[k].y, fmaf(v[k].z, v[k].z, fmaf(v[k].w, v[k].w, ss))));
     }
   } else {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      float a = xr[i];
+      if (kAdd) {
+        a += dr[i];
+        xr[i] = a;
+      }
+      ss = fmaf(a, a, ss);
+    }
   }
   __shared__ float part[32];  // (warps)
   ss = warp_sum(ss);
@@ -106,8 +122,20 @@ __global__ void swiglu_kernel(const float* __restrict__ g /* (n) */, const float
   }
 }
 
-// One thread per rotated pair. The angle is formed in double: at positions ~1e5 a float angle would be
-// off by ~1e-2 rad.
+// Rotates pair i of one head of token t (p points at the pair). The angle is formed in double: at
+// positions ~1e5 a float angle would be off by ~1e-2 rad.
+__device__ __forceinline__ void rope_pair(float* p, int64_t i, int64_t pos, int64_t head_dim, float freq_base,
+                                          const float* __restrict__ ff) {
+  double theta = pow(static_cast<double>(freq_base), -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+  if (ff) theta /= static_cast<double>(ff[i]);
+  double s, c;
+  sincos(static_cast<double>(pos) * theta, &s, &c);
+  const float x0 = p[0], x1 = p[1];
+  p[0] = static_cast<float>(x0 * c - x1 * s);
+  p[1] = static_cast<float>(x0 * s + x1 * c);
+}
+
+// One thread per rotated pair.
 __global__ void rope_kernel(float* __restrict__ x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads,
                             int64_t head_dim, float freq_base, const float* __restrict__ ff /* (head_dim/2) or null */,
                             const StepDev* __restrict__ step) {
@@ -119,14 +147,7 @@ __global__ void rope_kernel(float* __restrict__ x /* (n_tok, n_heads, head_dim) 
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = idx % half;
     const int64_t t = idx / (half * n_heads);
-    double theta = pow(static_cast<double>(freq_base), -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
-    if (ff) theta /= static_cast<double>(ff[i]);
-    double s, c;
-    sincos(static_cast<double>(pos0 + t) * theta, &s, &c);
-    float* p = x + (idx / half) * head_dim + 2 * i;
-    const float x0 = p[0], x1 = p[1];
-    p[0] = static_cast<float>(x0 * c - x1 * s);
-    p[1] = static_cast<float>(x0 * s + x1 * c);
+    rope_pair(x + (idx / half) * head_dim + 2 * i, i, pos0 + t, head_dim, freq_base, ff);
   }
 }
 
@@ -173,6 +194,41 @@ __global__ void kv_store_kernel(KV* __restrict__ kc /* (n_ctx, n_head_kv, head_d
     const int64_t dst = (pos0 + t) * row + (i % row);
     kc[dst] = to_kv<KV>(k[i]);
     vc[dst] = to_kv<KV>(v[i]);
+  }
+}
+
+// rope(q), rope(k) and kv_store in one launch: threads [0, Pq) rotate the query pairs, threads [Pq, Pq + Pk)
+// rotate a key pair (in place, as rope would) and store it and the matching value pair in the cache.
+template <typename KV>
+__global__ void rope_kv_store_kernel(float* __restrict__ q /* (n_tok, n_head, head_dim) */,
+                                     float* __restrict__ k /* (n_tok, n_head_kv, head_dim) */,
+                                     const float* __restrict__ v /* (n_tok, n_head_kv, head_dim) */,
+                                     KV* __restrict__ kc /* (n_ctx, n_head_kv, head_dim) */,
+                                     KV* __restrict__ vc /* (n_ctx, n_head_kv, head_dim) */, int64_t n_ctx,
+                                     int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim, float freq_base,
+                                     const float* __restrict__ ff /* (head_dim/2) or null */,
+                                     const StepDev* __restrict__ step) {
+  pdl_enter();
+  const int64_t half = head_dim / 2;
+  const int64_t pq = n_tok * n_head * half, pk = n_tok * n_head_kv * half;
+  const int64_t pos0 = step->pos0;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < pq + pk;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (idx < pq) {
+      const int64_t i = idx % half, t = idx / (half * n_head);
+      rope_pair(q + (idx / half) * head_dim + 2 * i, i, pos0 + t, head_dim, freq_base, ff);
+      continue;
+    }
+    const int64_t j = idx - pq, i = j % half, t = j / (half * n_head_kv);
+    const int64_t off = (j / half) * head_dim + 2 * i;  // in k / v: (t, head, 2i)
+    rope_pair(k + off, i, pos0 + t, head_dim, freq_base, ff);
+    if (pos0 + t >= n_ctx || pos0 + t < 0) continue;  // the host checks; this only keeps a bad replay in bounds
+    const int64_t row = n_head_kv * head_dim;
+    const int64_t dst = (pos0 + t) * row + (off - t * row);
+    kc[dst] = to_kv<KV>(k[off]);
+    kc[dst + 1] = to_kv<KV>(k[off + 1]);
+    vc[dst] = to_kv<KV>(v[off]);
+    vc[dst + 1] = to_kv<KV>(v[off + 1]);
   }
 }
 
@@ -771,8 +827,34 @@ __global__ void fill_random_kernel(GgmlType type, uint8_t* __restrict__ dst /* (
 
 void launch_rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps, cudaStream_t s) {
   if (n_tok <= 0) return;
-  launch_pdl(rms_norm_kernel, dim3(static_cast<unsigned>(n_tok)), dim3(kNormThreads), 0, s, x, w, y, n, eps);
+  // Not written without kAdd.
+  launch_pdl(rms_norm_kernel<false>, dim3(static_cast<unsigned>(n_tok)), dim3(kNormThreads), 0, s,
+             const_cast<float*>(x), static_cast<const float*>(nullptr), w, y, n, eps);
   SHARDLM_CUDA_CHECK_LAUNCH("rms_norm_kernel");
+}
+
+void launch_add_rms_norm(float* x, const float* delta, const float* w, float* y, int64_t n_tok, int64_t n, float eps,
+                         cudaStream_t s) {
+  if (n_tok <= 0) return;
+  launch_pdl(rms_norm_kernel<true>, dim3(static_cast<unsigned>(n_tok)), dim3(kNormThreads), 0, s, x, delta, w, y, n,
+             eps);
+  SHARDLM_CUDA_CHECK_LAUNCH("rms_norm_kernel<add>");
+}
+
+void launch_rope_kv_store(GgmlType kv_type, float* q, float* k, const float* v, void* k_cache, void* v_cache,
+                          int64_t n_ctx, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                          float freq_base, const float* freq_factors, const StepDev* step, cudaStream_t s) {
+  const int64_t total = n_tok * (n_head + n_head_kv) * (head_dim / 2);
+  if (total <= 0) return;
+  if (kv_type == GgmlType::F16)
+    launch_pdl(rope_kv_store_kernel<__half>, dim3(grid_for(total, 256)), dim3(256), 0, s, q, k, v,
+               static_cast<__half*>(k_cache), static_cast<__half*>(v_cache), n_ctx, n_tok, n_head, n_head_kv, head_dim,
+               freq_base, freq_factors, step);
+  else
+    launch_pdl(rope_kv_store_kernel<float>, dim3(grid_for(total, 256)), dim3(256), 0, s, q, k, v,
+               static_cast<float*>(k_cache), static_cast<float*>(v_cache), n_ctx, n_tok, n_head, n_head_kv, head_dim,
+               freq_base, freq_factors, step);
+  SHARDLM_CUDA_CHECK_LAUNCH("rope_kv_store_kernel");
 }
 
 void launch_add_bias(float* y, const float* b, int64_t n_tok, int64_t n, cudaStream_t s) {
