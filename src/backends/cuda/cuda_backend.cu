@@ -307,29 +307,22 @@ void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, floa
     return;
   }
   DeviceGuard g(device_);
+  // The group's pointers, strides and row counts as the launchers take them (n <= 4 here).
+  const void* w[4];
+  size_t stride[4];
+  int64_t rows[4];
+  for (int i = 0; i < n; ++i) {
+    w[i] = ws[i].data;
+    stride[i] = ws[i].row_stride;
+    rows[i] = ws[i].n_rows;
+  }
   if (n_tok == 1 && ws[0].packed) {
-    const void* w[4];
-    size_t stride[4];
-    int64_t rows[4];
-    for (int i = 0; i < n; ++i) {
-      w[i] = ws[i].data;
-      stride[i] = ws[i].row_stride;
-      rows[i] = ws[i].n_rows;
-    }
     launch_matvec_packed(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, sm_count_, stream(), pk_variant_);
     return;
   }
-  if (n_tok == 1 && !ws[0].packed && !force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0) {
-    const void* w[4];
-    size_t stride[4];
-    int64_t rows[4];
-    for (int i = 0; i < n; ++i) {
-      w[i] = ws[i].data;
-      stride[i] = ws[i].row_stride;
-      rows[i] = ws[i].n_rows;
-    }
-    if (launch_matvec_group(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, stream())) return;
-  }
+  if (n_tok == 1 && !ws[0].packed && !force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0 &&
+      launch_matvec_group(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, stream()))
+    return;
   if (uses_matvec(ws[0], n_tok) || ws[0].type == GgmlType::F32) {
     for (int i = 0; i < n; ++i) matmul(ws[i], x, ys[i], n_tok);
     return;

@@ -30,33 +30,6 @@ namespace {
 
 constexpr int kRows = 4;  // rows per thread block (x reuse factor)
 
-// Up to kMax weights of one type and width multiplied by the same x in one launch (q/k/v, gate/up): the
-// blocks (plain kernel) or units (rows kernel) of the segments follow each other; first[k] is segment k's
-// first block/unit. A single matvec is a group of one. Passed as a __grid_constant__ parameter.
-struct MvGroup {
-  static constexpr int kMax = 4;
-  int n = 0;
-  const uint8_t* w[kMax] = {};
-  size_t stride[kMax] = {};
-  int64_t n_rows[kMax] = {};
-  float* y[kMax] = {};
-  int64_t first[kMax] = {};
-};
-struct MvSeg {
-  const uint8_t* w;
-  size_t stride;
-  int64_t n_rows;
-  float* y;
-  int64_t local;  // block/unit index within the segment
-};
-// Segment of block/unit `idx` (constant indices only: the parameter stays in the constant bank).
-__device__ __forceinline__ MvSeg mv_seg(const MvGroup& g, int64_t idx) {
-  MvSeg sg{g.w[0], g.stride[0], g.n_rows[0], g.y[0], idx};
-#pragma unroll
-  for (int k = 1; k < MvGroup::kMax; ++k)
-    if (k < g.n && idx >= g.first[k]) sg = MvSeg{g.w[k], g.stride[k], g.n_rows[k], g.y[k], idx - g.first[k]};
-  return sg;
-}
 
 // Reduces acc[r] over the block and writes y[row0 + r] (rows past n_rows are dropped).
 template <int R>

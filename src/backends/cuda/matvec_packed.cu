@@ -31,18 +31,6 @@ namespace {
 constexpr int kThreads = 256;  // 8 warps per block
 constexpr int kWarps = kThreads / 32;
 
-// Up to kMax weights of one type and width times the same x (q/k/v, gate/up). A work item is a group of
-// R consecutive rows of one weight; first[k] is segment k's first item.
-struct PkGroup {
-  static constexpr int kMax = 4;
-  int n = 0;
-  const uint8_t* w[kMax] = {};
-  size_t stride[kMax] = {};
-  int64_t n_rows[kMax] = {};
-  float* y[kMax] = {};
-  int64_t first[kMax] = {};
-};
-
 __device__ __forceinline__ float h2f(uint32_t bits) { return __half2float(__ushort_as_half(static_cast<unsigned short>(bits))); }
 __device__ __forceinline__ uint32_t ld_u16(const uint8_t* p) { return __ldg(reinterpret_cast<const unsigned short*>(p)); }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
@@ -212,20 +200,6 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int64_t 
   }
 }
 
-struct PkSeg {
-  const uint8_t* w;
-  size_t stride;
-  int64_t n_rows;
-  float* y;
-  int64_t local;  // item index within the segment
-};
-__device__ __forceinline__ PkSeg pk_seg(const PkGroup& g, int64_t idx) {
-  PkSeg sg{g.w[0], g.stride[0], g.n_rows[0], g.y[0], idx};
-#pragma unroll
-  for (int k = 1; k < PkGroup::kMax; ++k)
-    if (k < g.n && idx >= g.first[k]) sg = PkSeg{g.w[k], g.stride[k], g.n_rows[k], g.y[k], idx - g.first[k]};
-  return sg;
-}
 
 // Blocks per SM the launch bounds promise: two, unless R x U units in flight need more registers.
 template <int R, int U>
@@ -233,7 +207,7 @@ constexpr int kMinBlocks = R * U > 8 ? 1 : 2;
 
 template <GgmlType T, int R, int U>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kernel(
-    const __grid_constant__ PkGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
+    const __grid_constant__ MvGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
     int64_t n_cols,                       // columns of every weight (multiple of 32 or 256)
     int64_t n_items,                      // groups of R rows over all segments
     const float* __restrict__ x,          // (n_cols)
@@ -254,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kern
   typename Pk<T>::U a[R][U];
   bool preloaded = false;
   if (first < n_items) {
-    const PkSeg sg = pk_seg(grp, first);
+    const MvSeg sg = mv_seg(grp, first);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = sg.w + min(R * sg.local + r, sg.n_rows - 1) * sg.stride;
@@ -273,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kern
 
   const int4* xq4 = reinterpret_cast<const int4*>(xq);
   for (int64_t item = first; item < n_items; item += step) {
-    const PkSeg sg = pk_seg(grp, item);
+    const MvSeg sg = mv_seg(grp, item);
     const uint8_t* rows[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) rows[r] = sg.w + min(R * sg.local + r, sg.n_rows - 1) * sg.stride;
@@ -325,7 +299,7 @@ constexpr int kPipeBlocks = R * U > 2 ? 2 : 3;
 
 template <GgmlType T, int R, int U>
 __global__ void __launch_bounds__(kThreads, (kPipeBlocks<R, U>)) matvec_pipe_kernel(
-    const __grid_constant__ PkGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
+    const __grid_constant__ MvGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
     int64_t n_cols,                       // columns of every weight
     int64_t n_items,                      // groups of R rows of one weight, over all segments
     const float* __restrict__ x,          // (n_cols)
@@ -342,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, (kPipeBlocks<R, U>)) matvec_pipe_ker
   using Unit = typename Pk<T>::U;
   // Rows of an item (the last item of a weight may repeat its last row; only real rows are written).
   const auto rows_of = [&](int64_t item, const uint8_t* (&rows)[R]) {
-    const PkSeg sg = pk_seg(grp, item);
+    const MvSeg sg = mv_seg(grp, item);
 #pragma unroll
     for (int r = 0; r < R; ++r) rows[r] = sg.w + min(R * sg.local + r, sg.n_rows - 1) * sg.stride;
   };
@@ -399,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, (kPipeBlocks<R, U>)) matvec_pipe_ker
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
       if (lane == 0) {
-        const PkSeg sg = pk_seg(grp, item);
+        const MvSeg sg = mv_seg(grp, item);
 #pragma unroll
         for (int r = 0; r < R; ++r)
           if (R * sg.local + r < sg.n_rows) sg.y[R * sg.local + r] = acc[r];
@@ -487,7 +461,7 @@ __global__ void dequant_packed_kernel(const uint8_t* __restrict__ w,  // packed 
 }
 
 template <GgmlType T, int R, int U>
-void launch_kernel(const PkGroup& g, int64_t n_cols, int64_t n_items, const float* x, int sm_count, cudaStream_t s) {
+void launch_kernel(const MvGroup& g, int64_t n_cols, int64_t n_items, const float* x, int sm_count, cudaStream_t s) {
   const size_t smem = static_cast<size_t>(n_cols) + 8 * static_cast<size_t>(n_cols / 32);
   if (smem > 48 * 1024)
     SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(matvec_packed_kernel<T, R, U>,
@@ -502,7 +476,7 @@ void launch_kernel(const PkGroup& g, int64_t n_cols, int64_t n_items, const floa
 }
 
 template <GgmlType T, int R, int U>
-void launch_pipe(PkGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm, cudaStream_t s) {
+void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm, cudaStream_t s) {
   int64_t items = 0;
   for (int k = 0; k < n; ++k) {
     g.first[k] = items;
@@ -524,7 +498,7 @@ void launch_pipe(PkGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const
 // 0 on an H100, 2026-11-26; the other types' units would spill). Kept to be measured against
 // (shardlm_cuda_bench with SHARDLM_PK_VARIANT).
 template <GgmlType T>
-void launch_variant(int variant, PkGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
+void launch_variant(int variant, MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
                     cudaStream_t s) {
   if constexpr (T == GgmlType::Q4_0) {
     if (variant == 2) return launch_pipe<T, 2, 4>(g, n_rows, n, n_cols, x, sm, s);
@@ -543,9 +517,9 @@ void launch_variant(int variant, PkGroup& g, const int64_t* n_rows, int n, int64
 void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
                           int64_t n_cols, const float* x, float* const* y, int sm_count, cudaStream_t stream,
                           int variant) {
-  if (n < 1 || n > PkGroup::kMax || !packable(type, n_cols))
+  if (n < 1 || n > MvGroup::kMax || !packable(type, n_cols))
     fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", n, " weights of ", type_name(type), " x ", n_cols);
-  PkGroup g;
+  MvGroup g;
   g.n = n;
   for (int k = 0; k < n; ++k) {
     if (row_stride[k] % 16 != 0 || reinterpret_cast<uintptr_t>(w[k]) % 16 != 0)
