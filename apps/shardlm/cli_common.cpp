@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -10,6 +11,8 @@
 #include <cstring>
 #include <filesystem>
 #include <sstream>
+#include <thread>
+#include <vector>
 
 #include "core/error.h"
 #include "core/units.h"
@@ -82,6 +85,25 @@ std::string default_model_path() {
   }
   fail_kind(ErrorKind::kIo, "no model given (-m) and the bundled default model models/aidreams260K.gguf was not "
             "found; set SHARDLM_DEFAULT_MODEL or pass -m");
+}
+
+double measure_host_bandwidth(int threads, size_t bytes) {
+  threads = std::max(1, threads);
+  std::vector<uint8_t> a(bytes, 1), b(bytes, 2);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> pool;
+    for (int k = 0; k < threads; ++k)
+      pool.emplace_back([&, k] {
+        const size_t lo = bytes * size_t(k) / size_t(threads), hi = bytes * size_t(k + 1) / size_t(threads);
+        std::memcpy(b.data() + lo, a.data() + lo, hi - lo);
+      });
+    for (auto& t : pool) t.join();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * double(bytes) / std::max(s, 1e-9));
+  }
+  return best;
 }
 
 std::unique_ptr<ModelSource> open_model(const std::string& path) { return open_model_source(path); }

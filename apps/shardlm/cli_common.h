@@ -2,6 +2,7 @@
 // progress lines, the communicator for this process and the `mpirun` self-launch.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -22,6 +23,10 @@ std::vector<double> parse_proportions(const std::string& s, const std::string& f
 
 // The bundled model: $SHARDLM_DEFAULT_MODEL, else the path compiled in, else models/ next to the binary.
 std::string default_model_path();
+
+// Host copy bandwidth (bytes/s, read plus written) with `threads` threads each copying its slice of a
+// `bytes` buffer, best of 5: the ceiling a memory-bound CPU decode step can approach on this machine.
+double measure_host_bandwidth(int threads, size_t bytes);
 
 // Opens a model path (GGUF file or HF directory) with a clear error when it is missing.
 std::unique_ptr<ModelSource> open_model(const std::string& path);

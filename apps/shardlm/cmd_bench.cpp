@@ -34,29 +34,6 @@
 namespace shardlm {
 namespace {
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-// Host copy bandwidth with every core copying its own slice, counting bytes read plus written: the
-// ceiling a memory-bound decode step can approach on this machine.
-double measure_host_bandwidth(int threads) {
-  const size_t n = size_t(256) << 20;
-  std::vector<uint8_t> a(n, 1), b(n, 2);
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const double t0 = now_s();
-    std::vector<std::thread> pool;
-    for (int k = 0; k < threads; ++k)
-      pool.emplace_back([&, k] {
-        const size_t lo = n * size_t(k) / size_t(threads), hi = n * size_t(k + 1) / size_t(threads);
-        std::memcpy(b.data() + lo, a.data() + lo, hi - lo);
-      });
-    for (auto& t : pool) t.join();
-    best = std::max(best, 2.0 * double(n) / (now_s() - t0));
-  }
-  return best;
-}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -271,7 +248,7 @@ int cmd_bench(int argc, const char* const* argv) {
     bw_what = "GPU device-to-device copy";
   }
 #endif
-  if (bw == 0) bw = measure_host_bandwidth(cpu_core_count());
+  if (bw == 0) bw = measure_host_bandwidth(cpu_core_count(), size_t{256} << 20);
   // Tensor-parallel GPUs read their shards at the same time, each from its own memory; pipeline stages
   // take turns at batch 1, and CPU ranks on one host share one memory bus.
   const int parallel_readers = bw_what == "host copy" ? 1 : eo.tp;
