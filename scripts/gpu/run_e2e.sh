@@ -6,22 +6,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/shardlm-gpu-out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-date -u +"%Y-%m-%dT%H:%MZ" | tee -a "$OUT/gpu.txt"
-t0=$(date +%s)
-cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_BENCH=OFF \
-  -DSHARDLM_MPI=${SHARDLM_MPI:-OFF} -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" \
-  -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-ninja -C build-dev -j16 shardlm test_golden_cuda test_cuda_ops test_cuda_pack test_golden >"$OUT/build.log" 2>&1 \
-  || { grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
+source scripts/gpu/build_dev.sh
+build_dev shardlm test_golden_cuda test_cuda_ops test_cuda_pack test_golden
 bin=build-dev/apps/shardlm/shardlm
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  for t in build-dev/tests/model/test_golden_cuda build-dev/tests/model/test_golden build-dev/tests/cuda/test_cuda_ops build-dev/tests/cuda/test_cuda_pack; do
-    $t >"$OUT/$(basename $t).log" 2>&1; echo "$(basename $t) rc=$?"
-    grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|worst|diverged" "$OUT/$(basename $t).log" | head -30
-  done
-fi
+[ "${SKIP_TESTS:-0}" = 1 ] || run_tests build-dev/tests/model/test_golden_cuda build-dev/tests/model/test_golden build-dev/tests/cuda/test_cuda_ops build-dev/tests/cuda/test_cuda_pack
 types=${*:-bf16 q8_0 q4_0 q4_k_m}
 for ty in $types; do
   $bin gen-model --arch llama-3.1-8b --type $ty -o /tmp/m.gguf -q || exit 1

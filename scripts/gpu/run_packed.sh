@@ -7,24 +7,12 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/shardlm-gpu-out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-date -u +"%Y-%m-%dT%H:%MZ" | tee -a "$OUT/gpu.txt"
-t0=$(date +%s)
-cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_BENCH=OFF \
-  -DSHARDLM_MPI=${SHARDLM_MPI:-OFF} -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" \
-  -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-ninja -C build-dev -j16 shardlm test_golden_cuda test_cuda_ops test_cuda_pack shardlm_cuda_bench >"$OUT/build.log" 2>&1 \
-  || { grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  for t in build-dev/tests/cuda/test_cuda_pack build-dev/tests/cuda/test_cuda_ops build-dev/tests/model/test_golden_cuda; do
-    timeout 300 $t >"$OUT/$(basename $t).log" 2>&1; echo "$(basename $t) rc=$?"
-    grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|worst|diverged" "$OUT/$(basename $t).log" | head -30
-  done
-fi
+source scripts/gpu/build_dev.sh
+build_dev shardlm test_golden_cuda test_cuda_ops test_cuda_pack shardlm_cuda_bench
+[ "${SKIP_TESTS:-0}" = 1 ] || run_tests build-dev/tests/cuda/test_cuda_pack build-dev/tests/cuda/test_cuda_ops build-dev/tests/model/test_golden_cuda
 bench=build-dev/src/backends/cuda/shardlm_cuda_bench
 if [ "${SKIP_MICRO:-0}" != 1 ]; then
-  for v in ${PK_VARIANTS:-0}; do  # SHARDLM_PK_VARIANT: 0 = bulk-copy kernel; register kernel 1 = 2 rows x 4 units, 2 = 2x8, 3 = 4x4, 4 = 1x8
+  for v in ${PK_VARIANTS:-0}; do  # SHARDLM_PK_VARIANT: 0 = pipelined kernel, 1 = two-rows register kernel, 2 = pipelined, 2 rows (Q4_0)
     echo "-- packed matvec variant $v"
     SHARDLM_PK_VARIANT=$v $bench --matvec-only --quick --types q8_0,q4_0,q4_k,q6_k 2>&1 | tee "$OUT/matvec-packed-v$v.log" | grep -E "^(q|dev)"
   done

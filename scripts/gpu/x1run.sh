@@ -1,3 +1,8 @@
+#!/usr/bin/env bash
+# One single-GPU iteration of the packed-matvec work (docs/cuda_kernels.md, third round): run_packed.sh's
+# build and tests, the matvec bench per SHARDLM_PK_VARIANT (VARIANTS, default "0 2"), the decode-step bench,
+# 8B benches for E2E types (default q4_0 q8_0 q4_k_m) and ncu on one pipelined-matvec launch.
+#   run: bash scripts/gpu/x1run.sh    (carry: build-gpu-deps)
 set -uo pipefail
 OUT=${OUT:-/tmp/o}
 SKIP_MICRO=1 bash scripts/gpu/run_packed.sh 2>&1 | tail -12
