@@ -27,6 +27,9 @@ void RunFlags::add_to(CLI::App& app) {
   app.add_option("--n-gpu-layers", n_gpu_layers, "with --backend cuda: layers on the GPU (the last ones; the rest run "
                  "on the CPU); also -ngl");
   app.add_flag("--no-cuda-graphs", no_graphs, "with --backend cuda: launch decode kernels one by one");
+  app.add_flag("--full-logits", full_logits,
+               "move every decode step's whole logits row to the host and sample there (default: the device "
+               "returns only the candidates the sampler needs: the top token, or the top-k plus penalized tokens)");
   app.add_option("--comm-timeout", comm_timeout, "seconds a rank waits for a silent peer before aborting the job");
   app.add_flag("-q,--quiet", quiet, "no progress or layout report on stderr");
   app.add_option("--cpu-mem", cpu_mem,
@@ -64,6 +67,7 @@ EngineOptions RunFlags::engine_options() const {
   if (n_gpu_layers < -1) fail("-ngl ", n_gpu_layers, " must be >= 0");
   o.n_gpu_layers = n_gpu_layers;
   o.cuda_graphs = !no_graphs;
+  o.full_logits = full_logits;
   if (!(comm_timeout >= 1 && comm_timeout <= 86400)) fail("--comm-timeout ", comm_timeout, " is outside [1, 86400]");
   return o;
 }

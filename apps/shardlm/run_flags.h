@@ -22,6 +22,7 @@ struct RunFlags {
   std::string backend = "cpu";
   int n_gpu_layers = -1;
   bool no_graphs = false;
+  bool full_logits = false;
   double comm_timeout = 60;
   bool quiet = false;
   std::string cpu_mem;  // --cpu-mem: RAM the planner may use (G = GiB); empty = /proc/meminfo

@@ -1,5 +1,6 @@
 #include "model/llama.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/error.h"
@@ -138,6 +139,22 @@ void LlamaModel::recv_hidden(Backend& b, float* x, size_t n) {
 
 bool LlamaModel::step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits,
                       std::vector<float>* logits) {
+  if (!forward(ids, n_tok, pos0, all_logits)) return false;
+  finish_logits(n_tok, all_logits, logits);
+  return true;
+}
+
+bool LlamaModel::step_candidates(int32_t id, int64_t pos, int k, const std::vector<int32_t>& extra,
+                                 std::vector<TokenCandidate>* top, std::vector<float>* extra_values) {
+  if (k < 1) fail_kind(ErrorKind::kInternal, "step_candidates: k = ", k);
+  for (int32_t e : extra)
+    if (e < 0 || e >= config_.n_vocab) fail_kind(ErrorKind::kInternal, "step_candidates: extra id ", e);
+  if (!forward(&id, 1, pos, false)) return false;
+  finish_candidates(k, extra, top, extra_values);
+  return true;
+}
+
+bool LlamaModel::forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits) {
   if (n_tok < 1 || n_tok > options_.n_batch)
     fail("step of ", n_tok, " tokens is outside [1, ", options_.n_batch, "] (the batch size)");
   if (pos0 < 0 || pos0 + n_tok > options_.n_ctx)
@@ -183,7 +200,6 @@ bool LlamaModel::step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_
     send_hidden(*last.b, last.x->as<float>(), n_hidden);
     return false;
   }
-  finish_logits(n_tok, all_logits, logits);
   return true;
 }
 
@@ -245,6 +261,60 @@ void LlamaModel::head(int64_t n_tok, bool all_logits) {
   const int64_t first = all_logits ? 0 : n_tok - 1, rows = n_tok - first;
   b.rms_norm(seg.x->as<float>() + first * d, weights_.output_norm, seg.xn->as<float>(), rows, d, config_.rms_eps);
   b.matmul(weights_.output, seg.xn->as<float>(), logits_for(rows), rows);
+}
+
+void LlamaModel::finish_candidates(int k, const std::vector<int32_t>& extra, std::vector<TokenCandidate>* top,
+                                   std::vector<float>* extra_values) {
+  Backend& b = *segments_.back()->b;
+  const int64_t n_local = vocab_.size();
+  // This rank's slice: its own candidates, and the extra ids that fall in it.
+  std::vector<int32_t> local_extra;
+  std::vector<size_t> extra_at;  // index into `extra` of each local_extra entry
+  for (size_t i = 0; i < extra.size(); ++i)
+    if (extra[i] >= vocab_.begin && extra[i] < vocab_.end) {
+      local_extra.push_back(static_cast<int32_t>(extra[i] - vocab_.begin));
+      extra_at.push_back(i);
+    }
+  std::vector<TokenCandidate> mine;
+  std::vector<float> mine_extra(local_extra.size());
+  b.top_candidates(logits_for(1), n_local, k, local_extra.data(), static_cast<int>(local_extra.size()), mine,
+                   mine_extra.data());
+  for (TokenCandidate& c : mine) c.id += static_cast<int32_t>(vocab_.begin);
+  std::vector<float> vals(extra.size(), 0.0f);
+  for (size_t i = 0; i < local_extra.size(); ++i) vals[extra_at[i]] = mine_extra[i];
+  if (mapping_.tp_size() > 1) {
+    // Every rank sends k (logit, id) pairs and a value for every extra id (0 where another rank owns it);
+    // ids travel as the bits of a float. A rank whose slice is smaller than k pads with NaN at id -1.
+    const size_t per = 2 * static_cast<size_t>(k) + extra.size();
+    std::vector<float> send(per, 0.0f), all(per * vocab_counts_.size());
+    for (int i = 0; i < k; ++i) {
+      TokenCandidate c = static_cast<size_t>(i) < mine.size() ? mine[static_cast<size_t>(i)] : TokenCandidate{__builtin_nanf(""), -1};
+      send[2 * static_cast<size_t>(i)] = c.logit;
+      std::memcpy(&send[2 * static_cast<size_t>(i) + 1], &c.id, sizeof c.id);
+    }
+    std::copy(vals.begin(), vals.end(), send.begin() + 2 * k);
+    tp_group_->all_gather(send.data(), all.data(), std::vector<size_t>(vocab_counts_.size(), per));
+    mine.clear();
+    int64_t owner_begin = 0;
+    for (size_t r = 0; r < vocab_counts_.size(); ++r) {
+      const float* p = all.data() + r * per;
+      for (int i = 0; i < k; ++i) {
+        TokenCandidate c;
+        c.logit = p[2 * i];
+        std::memcpy(&c.id, &p[2 * i + 1], sizeof c.id);
+        if (c.id >= 0) mine.push_back(c);
+      }
+      const int64_t owner_end = owner_begin + static_cast<int64_t>(vocab_counts_[r]);
+      for (size_t i = 0; i < extra.size(); ++i)
+        if (extra[i] >= owner_begin && extra[i] < owner_end) vals[i] = p[2 * k + i];
+      owner_begin = owner_end;
+    }
+    const size_t keep = std::min(mine.size(), static_cast<size_t>(k));
+    std::partial_sort(mine.begin(), mine.begin() + static_cast<std::ptrdiff_t>(keep), mine.end(), candidate_before);
+    mine.resize(keep);
+  }
+  if (top) *top = std::move(mine);
+  if (extra_values) *extra_values = std::move(vals);
 }
 
 float* LlamaModel::logits_for(int64_t rows) {

@@ -81,6 +81,12 @@ class LlamaModel {
   // Returns true when `logits` was filled (every rank of the last stage gets the same).
   // `all_logits`: logits for every token (n_tok, n_vocab), else for the last token only (n_vocab).
   bool step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits, std::vector<float>* logits);
+  // A decode step (one token) that returns token candidates instead of the logits, so that they never leave
+  // the device: on the last stage the min(k, n_vocab) first logits in candidate order (ops/candidates.h,
+  // vocabulary ids) into `top`, and the logits at the vocabulary ids `extra` into extra_values. Every rank of
+  // the last stage gets the same and returns true; tensor-parallel ranks exchange only their candidates.
+  bool step_candidates(int32_t id, int64_t pos, int k, const std::vector<int32_t>& extra, std::vector<TokenCandidate>* top,
+                       std::vector<float>* extra_values);
 
   // Seconds spent in collectives and stage messages (from the communicator).
   double comm_seconds() const { return comm_.comm_seconds(); }
@@ -91,7 +97,11 @@ class LlamaModel {
   // the layer leaves its own there too, for the next layer or the end of the segment to add.
   void layer(Segment& seg, int index, int64_t n_tok, bool add_pending);
   void head(int64_t n_tok, bool all_logits);
+  // Everything of a step up to the logits (in logits_for(...)); true on the last stage.
+  bool forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits);
   void finish_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits);
+  void finish_candidates(int k, const std::vector<int32_t>& extra, std::vector<TokenCandidate>* top,
+                         std::vector<float>* extra_values);
   // Collectives and messages on backend memory, staged through the host when the communicator
   // cannot read device memory.
   void all_reduce(Backend& b, float* buf, size_t n);

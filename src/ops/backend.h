@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "ops/candidates.h"
 
 namespace shardlm {
 
@@ -85,6 +86,18 @@ class Backend {
     v.data = buf->data();
     storage.push_back(std::move(buf));
     return v;
+  }
+
+  // Token selection without moving the logits: the min(k, n) first entries of logits (n, this backend's
+  // memory) in candidate order (ops/candidates.h; ids are indices into logits) into `top`, then the
+  // logits at `extra` (n_extra indices in [0, n), host) into extra_values. Waits for the result. The
+  // default downloads the logits and ranks them on the host.
+  virtual void top_candidates(const float* logits /* (n) */, int64_t n, int k, const int32_t* extra /* (n_extra) */,
+                              int n_extra, std::vector<TokenCandidate>& top, float* extra_values /* (n_extra), host */) {
+    std::vector<float> host(static_cast<size_t>(n));
+    download(host.data(), logits, host.size() * sizeof(float));
+    top = top_candidates_host(host.data(), n, k);
+    for (int i = 0; i < n_extra; ++i) extra_values[i] = host[static_cast<size_t>(extra[i])];
   }
 
   // Sets the positions every following op of this step uses.

@@ -182,7 +182,8 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_pr
   std::vector<int32_t> history = prompt;
   const double comm0 = comm_.comm_seconds();
   double t0 = now_s();
-  std::vector<float> logits;
+  std::vector<float> logits, extra_values;
+  std::vector<TokenCandidate> top;
   prefill(prompt, 0, &logits, false, nullptr);
   int32_t tok = -1;
   if (is_sampler()) tok = sampler.sample(logits.data(), config().n_vocab, history);
@@ -196,11 +197,18 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_pr
     history.push_back(tok);
     if (on_token) on_token(tok);
     if (static_cast<int64_t>(res.generated.size()) >= n_predict || (eos >= 0 && tok == eos)) break;
-    logits.clear();
-    model_->step(&tok, 1, pos, false, &logits);
-    ++pos;
+    // Every rank derives the same request from the same params and history.
+    const CandidateRequest req = options_.full_logits ? CandidateRequest{} : sampler.request(history, config().n_vocab);
     int32_t next = -1;
-    if (is_sampler()) next = sampler.sample(logits.data(), config().n_vocab, history);
+    if (req.k > 0) {
+      model_->step_candidates(tok, pos, req.k, req.extra, &top, &extra_values);
+      if (is_sampler()) next = sampler.sample_candidates(top, req, extra_values);
+    } else {
+      logits.clear();
+      model_->step(&tok, 1, pos, false, &logits);
+      if (is_sampler()) next = sampler.sample(logits.data(), config().n_vocab, history);
+    }
+    ++pos;
     tok = share_token(next);
     ++res.times.decode_tokens;
   }

@@ -30,6 +30,7 @@ struct EngineOptions {
   std::string backend = "cpu";      // "cpu", "reference" or "cuda"
   int n_gpu_layers = -1;            // cuda: layers on the GPU, the last ones (-1 = all); the rest on the CPU
   bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs
+  bool full_logits = false;         // decode steps move the whole logits row to the host (else candidates)
   int device = -1;                  // cuda: device index; -1 = local rank modulo the devices
 };
 

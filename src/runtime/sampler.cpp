@@ -23,41 +23,78 @@ Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) { p_.validate(); 
 
 int32_t argmax(const float* logits, int64_t n) {
   int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (logits[i] > logits[best]) best = i;
+  uint64_t best_key = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t k = candidate_key(logits[i], static_cast<uint32_t>(i));
+    if (k > best_key) {
+      best_key = k;
+      best = i;
+    }
+  }
   return static_cast<int32_t>(best);
 }
 
-int32_t Sampler::sample(const float* logits, int64_t n_vocab, const std::vector<int32_t>& history) {
-  std::vector<float> l(logits, logits + n_vocab);
-  if (p_.repeat_penalty != 1.0f && p_.repeat_last_n > 0) {
-    // llama.cpp's rule: each distinct recent token once; positive logits divided, negative multiplied.
-    std::unordered_set<int32_t> seen;
-    const size_t from = history.size() > size_t(p_.repeat_last_n) ? history.size() - size_t(p_.repeat_last_n) : 0;
-    for (size_t i = from; i < history.size(); ++i) {
-      const int32_t t = history[i];
-      if (t < 0 || t >= n_vocab || !seen.insert(t).second) continue;
-      l[size_t(t)] = l[size_t(t)] > 0 ? l[size_t(t)] / p_.repeat_penalty : l[size_t(t)] * p_.repeat_penalty;
-    }
+std::vector<int32_t> Sampler::penalized(const std::vector<int32_t>& history, int64_t n_vocab) const {
+  std::vector<int32_t> out;
+  if (p_.repeat_penalty == 1.0f || p_.repeat_last_n <= 0) return out;
+  // llama.cpp's rule: each distinct recent token once.
+  std::unordered_set<int32_t> seen;
+  const size_t from = history.size() > size_t(p_.repeat_last_n) ? history.size() - size_t(p_.repeat_last_n) : 0;
+  for (size_t i = from; i < history.size(); ++i) {
+    const int32_t t = history[i];
+    if (t < 0 || t >= n_vocab || !seen.insert(t).second) continue;
+    out.push_back(t);
   }
-  if (p_.temperature <= 0) return argmax(l.data(), n_vocab);
+  return out;
+}
 
-  std::vector<int32_t> idx(static_cast<size_t>(n_vocab));
-  std::iota(idx.begin(), idx.end(), 0);
-  // Descending by logit, ties by id, so the candidate order never depends on the sort's stability.
-  auto by_logit = [&](int32_t a, int32_t b) { return l[size_t(a)] > l[size_t(b)] || (l[size_t(a)] == l[size_t(b)] && a < b); };
-  size_t keep = idx.size();
+int32_t Sampler::sample(const float* logits, int64_t n_vocab, const std::vector<int32_t>& history) {
+  std::vector<TokenCandidate> c(static_cast<size_t>(n_vocab));
+  for (int64_t i = 0; i < n_vocab; ++i) c[size_t(i)] = TokenCandidate{logits[i], static_cast<int32_t>(i)};
+  for (int32_t t : penalized(history, n_vocab)) c[size_t(t)].logit = penalize(c[size_t(t)].logit);
+  return pick(std::move(c));
+}
+
+CandidateRequest Sampler::request(const std::vector<int32_t>& history, int64_t n_vocab) const {
+  CandidateRequest r;
+  if (p_.temperature > 0 && p_.top_k <= 0) return r;  // the whole distribution takes part
+  r.extra = penalized(history, n_vocab);
+  const int64_t k = (p_.temperature > 0 ? p_.top_k : 1) + static_cast<int64_t>(r.extra.size());
+  if (k > kMaxCandidates) {
+    r.extra.clear();
+    return r;
+  }
+  r.k = static_cast<int>(std::min<int64_t>(k, n_vocab));
+  return r;
+}
+
+int32_t Sampler::sample_candidates(const std::vector<TokenCandidate>& top, const CandidateRequest& req,
+                                   const std::vector<float>& extra_values) {
+  if (top.empty() || extra_values.size() != req.extra.size())
+    fail_kind(ErrorKind::kInternal, "sample_candidates: ", top.size(), " candidates, ", extra_values.size(),
+              " values for ", req.extra.size(), " extra ids");
+  std::vector<TokenCandidate> c;
+  std::unordered_set<int32_t> pen(req.extra.begin(), req.extra.end());
+  for (const TokenCandidate& t : top)
+    if (!pen.count(t.id)) c.push_back(t);
+  for (size_t i = 0; i < req.extra.size(); ++i) c.push_back(TokenCandidate{penalize(extra_values[i]), req.extra[i]});
+  return pick(std::move(c));
+}
+
+int32_t Sampler::pick(std::vector<TokenCandidate> c) {
+  if (p_.temperature <= 0) return std::min_element(c.begin(), c.end(), candidate_before)->id;
+  size_t keep = c.size();
   if (p_.top_k > 0 && size_t(p_.top_k) < keep) {
     keep = size_t(p_.top_k);
-    std::partial_sort(idx.begin(), idx.begin() + long(keep), idx.end(), by_logit);
-    idx.resize(keep);
+    std::partial_sort(c.begin(), c.begin() + long(keep), c.end(), candidate_before);
+    c.resize(keep);
   } else {
-    std::sort(idx.begin(), idx.end(), by_logit);
+    std::sort(c.begin(), c.end(), candidate_before);
   }
-  std::vector<double> prob(idx.size());
-  const double mx = l[size_t(idx[0])];
+  std::vector<double> prob(c.size());
+  const double mx = c[0].logit;
   double sum = 0;
-  for (size_t i = 0; i < idx.size(); ++i) sum += (prob[i] = std::exp((l[size_t(idx[i])] - mx) / p_.temperature));
+  for (size_t i = 0; i < c.size(); ++i) sum += (prob[i] = std::exp((c[i].logit - mx) / p_.temperature));
   for (auto& x : prob) x /= sum;
   if (p_.top_p < 1) {
     double cum = 0;
@@ -80,9 +117,9 @@ int32_t Sampler::sample(const float* logits, int64_t n_vocab, const std::vector<
   double cum = 0;
   for (size_t i = 0; i < prob.size(); ++i) {
     cum += prob[i];
-    if (u < cum) return idx[i];
+    if (u < cum) return c[i].id;
   }
-  return idx[prob.size() - 1];
+  return c[prob.size() - 1].id;
 }
 
 }  // namespace shardlm

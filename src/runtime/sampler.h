@@ -6,6 +6,8 @@
 #include <random>
 #include <vector>
 
+#include "ops/candidates.h"
+
 namespace shardlm {
 
 struct SamplerParams {
@@ -20,17 +22,44 @@ struct SamplerParams {
   void validate() const;
 };
 
+// What a sampler needs from a step instead of the full logits: the k first raw logits in candidate order
+// plus the raw logits of `extra` (the tokens the repetition penalty touches). k == 0: it needs them all
+// (temperature > 0 with top-k off, or more candidates than are worth ranking on a device).
+struct CandidateRequest {
+  int k = 0;
+  std::vector<int32_t> extra;  // distinct ids in [0, n_vocab)
+};
+
 class Sampler {
  public:
+  // Above this many candidates the full logits are fetched instead.
+  static constexpr int kMaxCandidates = 1024;
+
   explicit Sampler(const SamplerParams& p);
   // `history`: prompt and generated tokens so far (for the repetition penalty).
   int32_t sample(const float* logits /* (n_vocab) */, int64_t n_vocab, const std::vector<int32_t>& history);
 
+  // Same params and history give the same request on every rank. Why candidates suffice: the penalty
+  // changes only the m extra tokens, so the final top-k lies within the raw top-(k + m) and the extras
+  // (a token outside both is beaten by k unpenalized tokens before and after the penalty).
+  CandidateRequest request(const std::vector<int32_t>& history, int64_t n_vocab) const;
+  // The token sample() would return for the full logits, given what request() asked for; consumes the
+  // random stream exactly as sample() does.
+  int32_t sample_candidates(const std::vector<TokenCandidate>& top, const CandidateRequest& req,
+                            const std::vector<float>& extra_values /* (req.extra.size()) */);
+
  private:
+  std::vector<int32_t> penalized(const std::vector<int32_t>& history, int64_t n_vocab) const;
+  float penalize(float v) const { return v > 0 ? v / p_.repeat_penalty : v * p_.repeat_penalty; }
+  // The chain after the penalty: `c` holds every token that can still be chosen (all of them, or the
+  // candidates), with penalized logits.
+  int32_t pick(std::vector<TokenCandidate> c);
+
   SamplerParams p_;
   std::mt19937_64 rng_;
 };
 
+// Index of the first largest logit in candidate order (NaN never wins over a number).
 int32_t argmax(const float* logits /* (n) */, int64_t n);
 
 }  // namespace shardlm

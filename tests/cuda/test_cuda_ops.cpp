@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <tuple>
@@ -774,6 +775,47 @@ TEST_F(CudaOps, Argmax) {
   for (int32_t i = 1; i < 5000; ++i)
     if (std::isnan(x[best]) || (!std::isnan(x[i]) && x[i] > x[best])) best = i;
   EXPECT_EQ(cuda_argmax(*be_, xb.f(), 5000), best);
+}
+
+// Device top-k (one to three rounds of block sorts, the atomic argmax for k = 1, the host path above 256)
+// against a plain sort in candidate order on the host; extra ids gathered from the same row.
+TEST_F(CudaOps, TopCandidatesMatchAHostSort) {
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{4096}, int64_t{4097}, int64_t{128256}, int64_t{152064}}) {
+    std::vector<float> x = rand_floats(rng_, n, -4.0f, 4.0f);
+    for (auto& v : x) v = std::round(v * 8.0f) / 8.0f;  // many exact ties
+    if (n > 100) {
+      x[3] = std::numeric_limits<float>::quiet_NaN();
+      x[50] = -0.0f;
+      x[51] = 0.0f;
+      x[n - 1] = 4.0f;
+    }
+    std::vector<int> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+      const float va = x[size_t(a)], vb = x[size_t(b)];
+      if (std::isnan(va) != std::isnan(vb)) return std::isnan(vb);
+      return !std::isnan(va) && va > vb;  // ties keep index order (stable)
+    });
+    Guarded xb(*be_, n * 4);
+    xb.put(x.data());
+    const std::vector<int32_t> extra = {0, static_cast<int32_t>(n - 1), static_cast<int32_t>(n / 2)};
+    for (int k : {1, 2, 40, 256, 300}) {
+      std::vector<TokenCandidate> top;
+      float ev[3] = {};
+      be_->top_candidates(xb.f(), n, k, extra.data(), 3, top, ev);
+      ASSERT_EQ(top.size(), static_cast<size_t>(std::min<int64_t>(k, n))) << "n " << n << " k " << k;
+      for (size_t i = 0; i < top.size(); ++i) {
+        ASSERT_EQ(top[i].id, order[i]) << "n " << n << " k " << k << " rank " << i;
+        const float want = x[size_t(order[i])];
+        if (std::isnan(want))
+          EXPECT_TRUE(std::isnan(top[i].logit));
+        else
+          EXPECT_EQ(top[i].logit, want);
+      }
+      for (int e = 0; e < 3; ++e) EXPECT_EQ(std::memcmp(&ev[e], &x[size_t(extra[size_t(e)])], 4), 0) << "extra " << e;
+    }
+    (void)xb.get<float>();  // guards intact
+  }
 }
 
 TEST_F(CudaOps, GraphReplayMatchesEagerSteps) {

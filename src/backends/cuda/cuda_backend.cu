@@ -196,7 +196,7 @@ void CudaBackend::synchronize() {
 size_t CudaBackend::allocated_bytes() const {
   size_t s = static_cast<size_t>(user_bytes_->load());
   s += cublas_ws_.size() + step_dev_.size() + argmax_dev_.size() + argmax_key_.size() + ids_dev_.size() + attn_part_.size() +
-       x16_.size() + w16_.size();
+       x16_.size() + w16_.size() + topk_a_.size() + topk_b_.size() + extra_ids_.size() + extra_vals_.size();
   for (const auto& f : freq_cache_) s += f.dev.size();
   return s;
 }
@@ -488,6 +488,57 @@ int32_t CudaBackend::argmax(const float* logits, int64_t n) {
                                      cudaMemcpyDeviceToHost, stream()));
   SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
   return *argmax_host_.as<int32_t>();
+}
+
+void CudaBackend::top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
+                                 std::vector<TokenCandidate>& top, float* extra_values) {
+  not_while_capturing("top_candidates (waits for the result)");
+  if (n < 1 || n > INT32_MAX || k < 1 || n_extra < 0)
+    fail_kind(ErrorKind::kInternal, "cuda top_candidates: n = ", n, ", k = ", k, ", extra ", n_extra);
+  for (int i = 0; i < n_extra; ++i)
+    if (extra[i] < 0 || extra[i] >= n) fail_kind(ErrorKind::kInternal, "cuda top_candidates: extra id ", extra[i]);
+  const int kk = static_cast<int>(std::min<int64_t>(k, n));
+  // More candidates than one sorting block keeps: ranked on the host from the downloaded row.
+  if (kk > kTopMaxK) return Backend::top_candidates(logits, n, k, extra, n_extra, top, extra_values);
+  DeviceGuard g(device_);
+  const auto grow = [](DevMem& m, size_t bytes) {
+    if (m.size() < bytes) m = DevMem(bytes);
+  };
+  const size_t key_bytes = static_cast<size_t>(kk) * sizeof(unsigned long long);
+  const size_t host_bytes = key_bytes + static_cast<size_t>(n_extra) * sizeof(float);
+  if (topk_host_bytes_ < host_bytes) {
+    topk_host_ = PinnedMem(host_bytes);
+    topk_host_bytes_ = host_bytes;
+  }
+  const unsigned long long* keys = nullptr;
+  if (kk == 1) {
+    launch_argmax_key(logits, n, argmax_key_.as<unsigned long long>(), stream());
+    keys = argmax_key_.as<unsigned long long>();
+  } else {
+    const size_t scratch_bytes = static_cast<size_t>(topk_scratch_keys(n, kk)) * sizeof(unsigned long long);
+    grow(topk_a_, scratch_bytes);
+    grow(topk_b_, scratch_bytes);
+    keys = launch_topk(logits, n, kk, topk_a_.as<unsigned long long>(), topk_b_.as<unsigned long long>(), stream());
+  }
+  auto* host = topk_host_.as<unsigned char>();
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(host, keys, key_bytes, cudaMemcpyDeviceToHost, stream()));
+  if (n_extra > 0) {
+    grow(extra_ids_, static_cast<size_t>(n_extra) * sizeof(int32_t));
+    grow(extra_vals_, static_cast<size_t>(n_extra) * sizeof(float));
+    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(extra_ids_.get(), extra, static_cast<size_t>(n_extra) * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, stream()));
+    launch_gather_f32(logits, extra_ids_.as<int32_t>(), n_extra, extra_vals_.as<float>(), stream());
+    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(host + key_bytes, extra_vals_.get(), static_cast<size_t>(n_extra) * sizeof(float),
+                                       cudaMemcpyDeviceToHost, stream()));
+  }
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  top.resize(static_cast<size_t>(kk));
+  for (int i = 0; i < kk; ++i) {
+    unsigned long long key;
+    std::memcpy(&key, host + static_cast<size_t>(i) * sizeof key, sizeof key);
+    top[static_cast<size_t>(i)] = candidate_from_key(key);
+  }
+  if (n_extra > 0) std::memcpy(extra_values, host + key_bytes, static_cast<size_t>(n_extra) * sizeof(float));
 }
 
 void CudaBackend::argmax_async(const float* logits, int64_t n, int32_t* out) {

@@ -47,6 +47,8 @@ class CudaBackend final : public Backend {
   void rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok, int64_t n_head,
                      float freq_base, const float* freq_factors) override;
   void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override;
+  void top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
+                      std::vector<TokenCandidate>& top, float* extra_values) override;
 
   // ---- CUDA-only surface (CudaGraphRunner, cuda_argmax, bench, tests) ----
   int device_index() const { return device_; }
@@ -85,6 +87,10 @@ class CudaBackend final : public Backend {
   DevMem argmax_key_;  // u64 (value, index) key for the atomic reduction
   PinnedMem argmax_host_;
   DevMem ids_dev_;     // (n_tok) int32 for get_rows
+  // top_candidates: key rounds (topk_scratch_keys each), extra ids and their values, and the host side.
+  DevMem topk_a_, topk_b_, extra_ids_, extra_vals_;
+  PinnedMem topk_host_;
+  size_t topk_host_bytes_ = 0;
   DevMem attn_part_;   // decode attention partials
   DevMem x16_;         // activations converted to 16 bits for cuBLAS
   DevMem w16_;         // weights dequantized to 16 bits for cuBLAS (row chunks)

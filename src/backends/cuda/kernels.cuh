@@ -120,6 +120,16 @@ bool launch_attention_prefill(GgmlType kv_type, const float* q /* (n_tok, n_head
 // `scratch` is one device u64 owned by the caller (zeroed here, on the stream).
 void launch_argmax(const float* x /* (n) */, int64_t n, int32_t* out /* (1) */, unsigned long long* scratch,
                    cudaStream_t stream);
+// The largest candidate key (ops/candidates.h order) of x into *key (device u64; zeroed here).
+void launch_argmax_key(const float* x /* (n) */, int64_t n, unsigned long long* key, cudaStream_t stream);
+// Top-k keys of x, best first: returns the device pointer (a or b) that holds them (k). a and b hold
+// topk_scratch_keys(n, k) keys each. k <= kTopMaxK.
+constexpr int kTopMaxK = 256;
+int64_t topk_scratch_keys(int64_t n, int k);
+const unsigned long long* launch_topk(const float* x /* (n) */, int64_t n, int k, unsigned long long* a,
+                                      unsigned long long* b, cudaStream_t stream);
+// out[i] = x[idx[i]] (device arrays).
+void launch_gather_f32(const float* x, const int32_t* idx /* (n) */, int n, float* out /* (n) */, cudaStream_t stream);
 
 // Test/bench helper: fills `bytes` of `dst` with valid random data for `type` (finite scales for block
 // types, values in [-1, 1] for float types), seeded.

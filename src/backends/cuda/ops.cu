@@ -751,14 +751,18 @@ __global__ void f32_to_16_kernel(const float* __restrict__ src /* (n) */, uint16
     dst[i] = to_bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(src[i])) : __half_as_ushort(__float2half_rn(src[i]));
 }
 
-// ---- argmax ------------------------------------------------------------------------------------------
-// Key = (order-preserving bits of the value) << 32 | (0xffffffff - index): the largest key is the largest
-// value at the lowest index. NaNs get key 0 (never chosen unless everything is NaN; then index 0).
-__device__ __forceinline__ unsigned long long argmax_key(float v, int64_t i) {
-  if (isnan(v)) return 0ull;
-  const uint32_t b = __float_as_uint(v);
-  const uint32_t ord = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-  return (static_cast<unsigned long long>(ord) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+// ---- argmax and top-k ------------------------------------------------------------------------------------
+// Key = (order-preserving bits of the value) << 32 | ~index, the candidate order of ops/candidates.h: the
+// largest key is the largest value at the lowest index; -0 counts as +0; NaNs have value bits 0, so they
+// come after every number. Key 0 is padding (it would be index 0xffffffff).
+__device__ __forceinline__ unsigned long long cand_key(float v, int64_t i) {
+  uint32_t ord = 0;
+  if (!isnan(v)) {
+    uint32_t b = __float_as_uint(v);
+    if (b == 0x80000000u) b = 0;
+    ord = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  }
+  return (static_cast<unsigned long long>(ord) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(i));
 }
 __global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int64_t n,
                                       unsigned long long* __restrict__ best /* (1), zeroed */) {
@@ -766,7 +770,7 @@ __global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int
   unsigned long long k = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    k = max(k, argmax_key(x[i], i));
+    k = max(k, cand_key(x[i], i));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) k = max(k, __shfl_xor_sync(0xffffffffu, k, o));
   if (threadIdx.x % 32 == 0 && k != 0) atomicMax(best, k);
@@ -774,7 +778,55 @@ __global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int
 __global__ void argmax_final_kernel(const unsigned long long* __restrict__ best, int32_t* __restrict__ out) {
   pdl_enter();
   const unsigned long long k = *best;
-  *out = k == 0 ? 0 : static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffu));
+  *out = k == 0 ? 0 : static_cast<int32_t>(~static_cast<uint32_t>(k & 0xffffffffu));
+}
+
+// One round of top-k: block b sorts keys [b * kTopChunk, (b + 1) * kTopChunk) of the input (logits turned
+// into keys, or the previous round's keys) in shared memory, descending (bitonic network), and keeps the
+// first k. Rounds repeat until one block is left; each shrinks the keys kTopChunk / k times.
+constexpr int kTopChunk = 4096;
+constexpr int kTopThreads = 1024;
+template <bool kFromLogits>
+__global__ void __launch_bounds__(kTopThreads) topk_round_kernel(
+    const void* __restrict__ in,          // (n) floats (kFromLogits) or u64 keys
+    int64_t n, int k,                     // k <= kTopChunk
+    unsigned long long* __restrict__ out  // (gridDim.x, k) keys, best first per block
+) {
+  __shared__ unsigned long long key[kTopChunk];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kTopChunk;
+  for (int t = threadIdx.x; t < kTopChunk; t += kTopThreads) {
+    const int64_t i = base + t;
+    unsigned long long v = 0;
+    if (i < n) {
+      if constexpr (kFromLogits)
+        v = cand_key(static_cast<const float*>(in)[i], i);
+      else
+        v = static_cast<const unsigned long long*>(in)[i];
+    }
+    key[t] = v;
+  }
+  __syncthreads();
+  for (int size = 2; size <= kTopChunk; size <<= 1) {
+    for (int stride = size / 2; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < kTopChunk / 2; t += kTopThreads) {
+        const int i = 2 * t - (t & (stride - 1)), j = i + stride;
+        const bool desc = (i & size) == 0;  // the last merge (size == kTopChunk) is descending everywhere
+        const unsigned long long a = key[i], b = key[j];
+        if ((a < b) == desc) {
+          key[i] = b;
+          key[j] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int t = threadIdx.x; t < k; t += kTopThreads) out[static_cast<int64_t>(blockIdx.x) * k + t] = key[t];
+}
+
+__global__ void gather_f32_kernel(const float* __restrict__ x, const int32_t* __restrict__ idx /* (n) */, int n,
+                                  float* __restrict__ out /* (n) */) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = x[idx[i]];
 }
 
 // ---- random fill (tests, bench) ------------------------------------------------------------------------
@@ -1048,6 +1100,36 @@ void launch_argmax(const float* x, int64_t n, int32_t* out, unsigned long long* 
   SHARDLM_CUDA_CHECK_LAUNCH("argmax_partial_kernel");
   launch_pdl(argmax_final_kernel, dim3(1), dim3(1), 0, s, scratch, out);
   SHARDLM_CUDA_CHECK_LAUNCH("argmax_final_kernel");
+}
+
+void launch_argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t s) {
+  SHARDLM_CUDA_CHECK(cudaMemsetAsync(key, 0, sizeof(unsigned long long), s));
+  launch_pdl(argmax_partial_kernel, dim3(grid_for(n, 256, 264)), dim3(256), 0, s, x, n, key);
+  SHARDLM_CUDA_CHECK_LAUNCH("argmax_partial_kernel");
+}
+
+int64_t topk_scratch_keys(int64_t n, int k) { return (n + kTopChunk - 1) / kTopChunk * k; }
+
+const unsigned long long* launch_topk(const float* x, int64_t n, int k, unsigned long long* a,
+                                      unsigned long long* b, cudaStream_t s) {
+  if (n < 1 || k < 1 || k > kTopMaxK) fail_kind(ErrorKind::kInternal, "launch_topk: n = ", n, ", k = ", k);
+  int64_t blocks = (n + kTopChunk - 1) / kTopChunk;
+  topk_round_kernel<true><<<static_cast<unsigned>(blocks), kTopThreads, 0, s>>>(x, n, k, a);
+  SHARDLM_CUDA_CHECK_LAUNCH("topk_round_kernel");
+  while (blocks > 1) {
+    const int64_t m = blocks * k;
+    blocks = (m + kTopChunk - 1) / kTopChunk;
+    topk_round_kernel<false><<<static_cast<unsigned>(blocks), kTopThreads, 0, s>>>(a, m, k, b);
+    SHARDLM_CUDA_CHECK_LAUNCH("topk_round_kernel");
+    std::swap(a, b);
+  }
+  return a;
+}
+
+void launch_gather_f32(const float* x, const int32_t* idx, int n, float* out, cudaStream_t s) {
+  if (n <= 0) return;
+  gather_f32_kernel<<<(n + 255) / 256, 256, 0, s>>>(x, idx, n, out);
+  SHARDLM_CUDA_CHECK_LAUNCH("gather_f32_kernel");
 }
 
 void launch_fill_random(GgmlType type, void* dst, int64_t n_rows, size_t row_stride, int64_t n_cols, uint64_t seed,
