@@ -22,16 +22,14 @@ void SamplerParams::validate() const {
 Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) { p_.validate(); }
 
 int32_t argmax(const float* logits, int64_t n) {
-  int64_t best = 0;
-  uint64_t best_key = 0;
+  // Candidate order: the first largest number; NaN only when everything is NaN (then index 0).
+  int64_t best = -1;
   for (int64_t i = 0; i < n; ++i) {
-    const uint64_t k = candidate_key(logits[i], static_cast<uint32_t>(i));
-    if (k > best_key) {
-      best_key = k;
-      best = i;
-    }
+    const float v = logits[i];
+    if (v != v) continue;
+    if (best < 0 || v > logits[best]) best = i;
   }
-  return static_cast<int32_t>(best);
+  return static_cast<int32_t>(best < 0 ? 0 : best);
 }
 
 std::vector<int32_t> Sampler::penalized(const std::vector<int32_t>& history, int64_t n_vocab) const {
@@ -49,9 +47,16 @@ std::vector<int32_t> Sampler::penalized(const std::vector<int32_t>& history, int
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n_vocab, const std::vector<int32_t>& history) {
+  const std::vector<int32_t> pen = penalized(history, n_vocab);
+  if (p_.temperature <= 0) {  // greedy: one pass, no candidate list
+    if (pen.empty()) return argmax(logits, n_vocab);
+    std::vector<float> l(logits, logits + n_vocab);
+    for (int32_t t : pen) l[size_t(t)] = penalize(l[size_t(t)]);
+    return argmax(l.data(), n_vocab);
+  }
   std::vector<TokenCandidate> c(static_cast<size_t>(n_vocab));
   for (int64_t i = 0; i < n_vocab; ++i) c[size_t(i)] = TokenCandidate{logits[i], static_cast<int32_t>(i)};
-  for (int32_t t : penalized(history, n_vocab)) c[size_t(t)].logit = penalize(c[size_t(t)].logit);
+  for (int32_t t : pen) c[size_t(t)].logit = penalize(c[size_t(t)].logit);
   return pick(std::move(c));
 }
 

@@ -640,6 +640,64 @@ TEST_F(CudaOps, FusedAddNormAndRopeKvStoreEqualTheSeparateOps) {
   }
 }
 
+// rms_norm, add_rms_norm and swiglu quantize their one-token output for the packed matvec that follows;
+// the product must be bit for bit the one the matvec gets by quantizing x itself, and a write to the row
+// in between must make the matvec quantize the new row.
+TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
+  Backend& b = *be_;
+  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
+    for (int64_t cols : {int64_t{4096}, int64_t{14336}}) {
+      SCOPED_TRACE(std::string(type_name(t)) + " cols " + std::to_string(cols));
+      const int64_t rows = 300;
+      HostWeight hw = make_host_weight(rng_, t, rows, cols, 0);
+      std::vector<std::unique_ptr<DeviceBuffer>> storage;
+      const WeightView w = b.place_matmul_weight(WeightView{t, cols, rows, hw.stride, hw.bytes.data()}, storage);
+      ASSERT_TRUE(w.packed);
+      const WeightView group[2] = {w, w};
+      const auto x = rand_floats(rng_, cols), d = rand_floats(rng_, cols), nw = rand_floats(rng_, cols, 0.5f, 1.5f);
+      Guarded xb(b, cols * 4), db(b, cols * 4), wb(b, cols * 4), yb(b, cols * 4), o1(b, rows * 4), o2(b, rows * 4),
+          o3(b, rows * 4);
+      xb.put(x.data());
+      db.put(d.data());
+      wb.put(nw.data());
+      const auto same = [&](Guarded& a, Guarded& c, const char* what) {
+        const auto va = a.get<float>(), vc = c.get<float>();
+        EXPECT_EQ(std::memcmp(va.data(), vc.data(), va.size() * 4), 0) << what;
+      };
+      int64_t used = cuda_prequantized_matvecs(b);
+      // rms_norm -> matmul (pre-quantized) against the same matmul again (x quantized by the matvec).
+      b.rms_norm(xb.f(), wb.f(), yb.f(), 1, cols, 1e-5f);
+      b.matmul(w, yb.f(), o1.f(), 1);
+      EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
+      b.matmul(w, yb.f(), o2.f(), 1);
+      EXPECT_EQ(cuda_prequantized_matvecs(b), used);
+      same(o1, o2, "rms_norm -> matmul");
+      // add_rms_norm -> matmul_group of two.
+      b.add_rms_norm(xb.f(), db.f(), wb.f(), yb.f(), 1, cols, 1e-5f);
+      float* ys[2] = {o1.f(), o3.f()};
+      b.matmul_group(group, 2, yb.f(), ys, 1);
+      EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
+      b.matmul(w, yb.f(), o2.f(), 1);
+      same(o1, o2, "add_rms_norm -> matmul_group");
+      same(o3, o2, "add_rms_norm -> matmul_group, second weight");
+      // swiglu -> matmul.
+      b.swiglu(xb.f(), db.f(), yb.f(), cols);
+      b.matmul(w, yb.f(), o1.f(), 1);
+      EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
+      b.matmul(w, yb.f(), o2.f(), 1);
+      same(o1, o2, "swiglu -> matmul");
+      expect_packed_matvec(o1.get<float>(), hw.deq, yb.get<float>().data(), cols, "swiglu -> matmul against fp64");
+      // A write between producer and matmul: the stale quantized row must not be used.
+      b.rms_norm(xb.f(), wb.f(), yb.f(), 1, cols, 1e-5f);
+      b.add(yb.f(), db.f(), cols);
+      b.matmul(w, yb.f(), o1.f(), 1);
+      EXPECT_EQ(cuda_prequantized_matvecs(b), used) << "a stale quantized row was used";
+      // The result is the product with the updated row, against fp64 (int8 view of x, as the op suite checks).
+      expect_packed_matvec(o1.get<float>(), hw.deq, yb.get<float>().data(), cols, "matmul of the row written after rms_norm");
+    }
+  }
+}
+
 TEST_F(CudaOps, RopeAdjacentPairsWithFreqFactors) {
   for (int64_t head_dim : {64, 128})
     for (int64_t pos0 : {0, 1000, 100000})

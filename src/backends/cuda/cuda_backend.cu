@@ -1,6 +1,7 @@
 // CudaBackend: argument checks, buffers, dispatch to the kernels, cuBLAS for prefill, CUDA graphs.
 #include "backends/cuda/cuda_backend_impl.cuh"
 #include "backends/cuda/pack.h"
+#include "backends/cuda/quant_x.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -92,10 +93,17 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     if (v != "0" && v != "1") fail("SHARDLM_CUDA_PACK = '", v, "': expected 0 (ggml layout) or 1 (packed, default)");
     pack_weights_ = v == "1";
   }
+  // Activations quantized by their producers for the packed matvecs (default on; 0 lets every matvec block
+  // quantize x itself, for comparisons).
+  if (const char* p = std::getenv("SHARDLM_CUDA_PREQUANT")) {
+    const std::string v = p;
+    if (v != "0" && v != "1") fail("SHARDLM_CUDA_PREQUANT = '", v, "': expected 0 or 1 (default)");
+    prequant_ = v == "1";
+  }
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
   if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
     const std::string v = p;
-    if (v != "0" && v != "1" && v != "2") fail("SHARDLM_PK_VARIANT = '", v, "': expected 0, 1 or 2");
+    if (v.size() != 1 || v[0] < '0' || v[0] > '4') fail("SHARDLM_PK_VARIANT = '", v, "': expected 0 to 4");
     pk_variant_ = v[0] - '0';
   }
   DeviceGuard g(device_);
@@ -109,6 +117,7 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   step_dev_ = DevMem(sizeof(StepDev));
   const StepDev zero{0, 0};
   SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), &zero, sizeof zero, cudaMemcpyHostToDevice, stream_->get()));
+  xq_ = DevMem(static_cast<size_t>(quant_x_words(kXqMaxCols)) * sizeof(int32_t));
   argmax_dev_ = DevMem(sizeof(int32_t));
   argmax_key_ = DevMem(sizeof(unsigned long long));
   argmax_host_ = PinnedMem(sizeof(int32_t));
@@ -142,6 +151,7 @@ void CudaBackend::not_while_capturing(const char* what) const {
 }
 
 std::unique_ptr<DeviceBuffer> CudaBackend::alloc(size_t bytes) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   not_while_capturing("alloc");
   DeviceGuard g(device_);
   return std::make_unique<CudaBuffer>(bytes, user_bytes_);
@@ -167,11 +177,13 @@ WeightView CudaBackend::place_matmul_weight(const WeightView& host, std::vector<
   v.data = buf->data();
   v.row_stride = stride;
   v.packed = true;
+  has_packed_ = true;
   storage.push_back(std::move(buf));
   return v;
 }
 
 void CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   not_while_capturing("upload");
   if (bytes == 0) return;
   DeviceGuard g(device_);
@@ -196,7 +208,7 @@ void CudaBackend::synchronize() {
 size_t CudaBackend::allocated_bytes() const {
   size_t s = static_cast<size_t>(user_bytes_->load());
   s += cublas_ws_.size() + step_dev_.size() + argmax_dev_.size() + argmax_key_.size() + ids_dev_.size() + attn_part_.size() +
-       x16_.size() + w16_.size() + topk_a_.size() + topk_b_.size() + extra_ids_.size() + extra_vals_.size();
+       x16_.size() + w16_.size() + xq_.size() + topk_a_.size() + topk_b_.size() + extra_ids_.size() + extra_vals_.size();
   for (const auto& f : freq_cache_) s += f.dev.size();
   return s;
 }
@@ -233,6 +245,7 @@ const float* CudaBackend::freq_factors_on_device(const float* host, int64_t n) {
 }
 
 void CudaBackend::begin_step(const StepInfo& step) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   if (step.pos0 < 0 || step.n_tok < 0) fail("cuda begin_step: negative pos0 ", step.pos0, " or n_tok ", step.n_tok);
   if (capturing_) {
     // Inside a capture the positions were already copied by CudaGraphRunner::run, outside the graph.
@@ -249,6 +262,7 @@ void CudaBackend::begin_step(const StepInfo& step) {
 }
 
 void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   not_while_capturing("get_rows (token ids are host memory)");
   check_weight(table, "get_rows");
   if (table.packed) fail_kind(ErrorKind::kInternal, "cuda get_rows: packed weights are for matmul only");
@@ -266,18 +280,43 @@ void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t 
 void CudaBackend::rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) {
   if (n <= 0) fail("cuda rms_norm: n = ", n);
   DeviceGuard g(device_);
-  launch_rms_norm(x, w, y, n_tok, n, eps, stream());
+  produced(y, n, launch_rms_norm(x, w, y, n_tok, n, eps, stream(), xq_target(n_tok, n)));
+}
+
+int* CudaBackend::xq_target(int64_t n_tok, int64_t n) {
+  if (!prequant_ || !has_packed_ || n_tok != 1 || n % 32 != 0 || n > kXqMaxCols) return nullptr;
+  return xq_.as<int>();
+}
+
+void CudaBackend::produced(const float* y, int64_t n, bool quantized) {
+  ++op_seq_;
+  if (!quantized) return;
+  xq_src_ = y;
+  xq_cols_ = n;
+  xq_seq_ = op_seq_;
+}
+
+const int* CudaBackend::xq_for(const float* x, int64_t n_cols) {
+  if (xq_seq_ != op_seq_ || xq_src_ != x || xq_cols_ != n_cols) return nullptr;
+  ++prequantized_;
+  return xq_.as<int>();
 }
 
 void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) {
   check_weight(w, "matmul");
+  const int* xpre = n_tok == 1 ? xq_for(x, w.n_cols) : nullptr;
+  ++op_seq_;
+  matmul_impl(w, x, y, n_tok, xpre);
+}
+
+void CudaBackend::matmul_impl(const WeightView& w, const float* x, float* y, int64_t n_tok, const int* xpre) {
   if (n_tok <= 0) return;
   DeviceGuard g(device_);
   if (w.packed && uses_matvec(w, n_tok)) {
     for (int64_t t = 0; t < n_tok; ++t) {
       float* yt = y + t * w.n_rows;
       launch_matvec_packed(w.type, 1, &w.data, &w.row_stride, &w.n_rows, w.n_cols, x + t * w.n_cols, &yt, sm_count_,
-                           stream(), pk_variant_);
+                           stream(), pk_variant_, xpre);
     }
     return;
   }
@@ -298,12 +337,14 @@ bool CudaBackend::uses_matvec(const WeightView& w, int64_t n_tok) const {
 void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, float* const* ys, int64_t n_tok) {
   if (n <= 0) return;
   for (int i = 0; i < n; ++i) check_weight(ws[i], "matmul_group");
+  const int* xpre = n_tok == 1 ? xq_for(x, ws[0].n_cols) : nullptr;
+  ++op_seq_;
   if (n_tok <= 0) return;
   bool same = n <= 4;
   for (int i = 1; i < n && same; ++i)
     same = ws[i].type == ws[0].type && ws[i].n_cols == ws[0].n_cols && ws[i].packed == ws[0].packed;
   if (n == 1 || !same) {
-    for (int i = 0; i < n; ++i) matmul(ws[i], x, ys[i], n_tok);
+    for (int i = 0; i < n; ++i) matmul_impl(ws[i], x, ys[i], n_tok, ws[i].n_cols == ws[0].n_cols ? xpre : nullptr);
     return;
   }
   DeviceGuard g(device_);
@@ -317,14 +358,14 @@ void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, floa
     rows[i] = ws[i].n_rows;
   }
   if (n_tok == 1 && ws[0].packed) {
-    launch_matvec_packed(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, sm_count_, stream(), pk_variant_);
+    launch_matvec_packed(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, sm_count_, stream(), pk_variant_, xpre);
     return;
   }
   if (n_tok == 1 && !ws[0].packed && !force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0 &&
       launch_matvec_group(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, stream()))
     return;
   if (uses_matvec(ws[0], n_tok) || ws[0].type == GgmlType::F32) {
-    for (int i = 0; i < n; ++i) matmul(ws[i], x, ys[i], n_tok);
+    for (int i = 0; i < n; ++i) matmul_impl(ws[i], x, ys[i], n_tok, xpre);
     return;
   }
   // Prefill: x converted to 16 bits once for the whole group.
@@ -378,22 +419,26 @@ void CudaBackend::gemm(const WeightView& w, const float* x, const void* x16_read
 }
 
 void CudaBackend::add_bias(float* y, const float* b, int64_t n_tok, int64_t n) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   DeviceGuard g(device_);
   launch_add_bias(y, b, n_tok, n, stream());
 }
 
 void CudaBackend::add(float* y, const float* x, int64_t n) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   DeviceGuard g(device_);
   launch_add(y, x, n, stream());
 }
 
 void CudaBackend::swiglu(const float* gate, const float* up, float* out, int64_t n) {
   DeviceGuard g(device_);
-  launch_swiglu(gate, up, out, n, stream());
+  // Quantized as one row of n for the down projection; a matmul uses it only for one token of width n.
+  produced(out, n, launch_swiglu(gate, up, out, n, stream(), xq_target(1, n)));
 }
 
 void CudaBackend::rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, float freq_base,
                        const float* freq_factors) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   if (head_dim <= 0 || head_dim % 2 != 0) fail("cuda rope: head_dim ", head_dim, " must be even and positive");
   DeviceGuard g(device_);
   const float* ff = freq_factors_on_device(freq_factors, head_dim / 2);
@@ -401,6 +446,7 @@ void CudaBackend::rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_di
 }
 
 void CudaBackend::kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
     fail_kind(ErrorKind::kUnsupported, "cuda kv_store: KV type ", type_name(kv.type), " (f16 or f32 only)");
   if (step_.pos0 + n_tok > kv.n_ctx)
@@ -414,11 +460,12 @@ void CudaBackend::add_rms_norm(float* x, const float* delta, const float* w, flo
                                float eps) {
   if (n <= 0) fail("cuda add_rms_norm: n = ", n);
   DeviceGuard g(device_);
-  launch_add_rms_norm(x, delta, w, y, n_tok, n, eps, stream());
+  produced(y, n, launch_add_rms_norm(x, delta, w, y, n_tok, n, eps, stream(), xq_target(n_tok, n)));
 }
 
 void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok,
                                 int64_t n_head, float freq_base, const float* freq_factors) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   if (kv.head_dim <= 0 || kv.head_dim % 2 != 0)
     fail("cuda rope_kv_store: head_dim ", kv.head_dim, " must be even and positive");
   if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
@@ -432,6 +479,7 @@ void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLaye
 }
 
 void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) {
+  ++op_seq_;  // may write memory a quantized activation was made from
   if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
     fail_kind(ErrorKind::kUnsupported, "cuda attention: KV type ", type_name(kv.type), " (f16 or f32 only)");
   if (kv.n_head_kv <= 0 || n_head % kv.n_head_kv != 0)
@@ -595,6 +643,10 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type) {
 }
 
 void* cuda_stream(Backend& backend) { return cuda_detail::as_cuda(backend, "cuda_stream").stream(); }
+
+int64_t cuda_prequantized_matvecs(Backend& backend) {
+  return cuda_detail::as_cuda(backend, "cuda_prequantized_matvecs").prequantized_matvecs();
+}
 
 int32_t cuda_argmax(Backend& backend, const float* logits, int64_t n) {
   return cuda_detail::as_cuda(backend, "cuda_argmax").argmax(logits, n);

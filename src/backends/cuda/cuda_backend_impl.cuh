@@ -58,6 +58,7 @@ class CudaBackend final : public Backend {
   cudaGraph_t end_capture();           // returns the captured graph (caller owns it), even on error paths
   int64_t scratch_generation() const { return scratch_gen_; }
   int32_t argmax(const float* logits, int64_t n);
+  int64_t prequantized_matvecs() const { return prequantized_; }
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
   void set_force_generic_matvec(bool on) { force_generic_ = on; }
@@ -72,6 +73,14 @@ class CudaBackend final : public Backend {
   void* scratch(DevMem& buf, size_t bytes, const char* what);
   const float* freq_factors_on_device(const float* host, int64_t n);
   bool uses_matvec(const WeightView& w, int64_t n_tok) const;  // matvec per token rather than cuBLAS
+  void matmul_impl(const WeightView& w, const float* x, float* y, int64_t n_tok, const int* xpre);
+  // Activations quantized where they are produced (quant_x.cuh): rms_norm, add_rms_norm and swiglu write
+  // the int8 row next to their float output when packed weights may read it; the next op, if it is a
+  // matmul of that very row, passes it to the packed matvec instead of letting every block quantize x.
+  // op_seq_ counts ops; the copy is valid only for the op right after its producer.
+  int* xq_target(int64_t n_tok, int64_t n);                       // where to write, or null
+  void produced(const float* y, int64_t n, bool quantized);       // after a producer's launch
+  const int* xq_for(const float* x, int64_t n_cols);              // valid copy of x, or null
   // cuBLAS product; x16 = x already converted to the operand type (or null: converted here).
   void gemm(const WeightView& w, const float* x, const void* x16, float* y, int64_t n_tok);
   void not_while_capturing(const char* what) const;
@@ -87,6 +96,14 @@ class CudaBackend final : public Backend {
   DevMem argmax_key_;  // u64 (value, index) key for the atomic reduction
   PinnedMem argmax_host_;
   DevMem ids_dev_;     // (n_tok) int32 for get_rows
+  static constexpr int64_t kXqMaxCols = 65536;  // the packable limit (pack.h)
+  DevMem xq_;          // (quant_x_words(kXqMaxCols)) int32
+  const float* xq_src_ = nullptr;
+  int64_t xq_cols_ = 0;
+  uint64_t op_seq_ = 0, xq_seq_ = ~uint64_t{0};
+  bool has_packed_ = false;
+  bool prequant_ = true;      // SHARDLM_CUDA_PREQUANT
+  int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
   // top_candidates: key rounds (topk_scratch_keys each), extra ids and their values, and the host side.
   DevMem topk_a_, topk_b_, extra_ids_, extra_vals_;
   PinnedMem topk_host_;

@@ -36,10 +36,12 @@ bool launch_matvec_group(GgmlType type, int n, const void* const* w, const size_
                          cudaStream_t stream);
 
 // Packed weights (pack.h; x quantized to int8 per 32 elements inside the kernel): y[k] = W[k] x for k < n
-// (n <= 4, same type and width). Rows and row strides 16-byte aligned.
+// (n <= 4, same type and width). Rows and row strides 16-byte aligned. xpre: x already quantized
+// (quant_x.cuh layout, 16-byte aligned) by the kernel that produced it, or null.
 void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
                           int64_t n_cols, const float* x /* (n_cols) */, float* const* y /* (n_rows[k]) each */,
-                          int sm_count, cudaStream_t stream, int variant = 0);
+                          int sm_count, cudaStream_t stream, int variant = 0,
+                          const int* xpre /* (quant_x_words(n_cols)) or null */ = nullptr);
 
 // ---- conversions for the cuBLAS (prefill) path ----
 // dst[r, c] = W[row0 + r, c] as fp16 (or bf16 when to_bf16), for r in [0, n_rows).
@@ -61,16 +63,19 @@ void launch_get_rows(GgmlType type, const void* table, size_t row_stride, int64_
                      float* out /* (n_tok, n_cols) */, cudaStream_t stream);
 
 // ---- element-wise and normalization ----
-void launch_rms_norm(const float* x /* (n_tok, n) */, const float* w /* (n) */, float* y /* (n_tok, n) */,
-                     int64_t n_tok, int64_t n, float eps, cudaStream_t stream);
+// xq (optional): the output also quantized for the packed matvecs (quant_x.cuh layout) where the kernel can
+// (one row, n % 32 == 0, 16-byte aligned); returns whether it was written.
+bool launch_rms_norm(const float* x /* (n_tok, n) */, const float* w /* (n) */, float* y /* (n_tok, n) */,
+                     int64_t n_tok, int64_t n, float eps, cudaStream_t stream, int* xq = nullptr);
 // x += delta, then y = rms_norm(x) * w (same operations as launch_add + launch_rms_norm, one kernel).
-void launch_add_rms_norm(float* x /* (n_tok, n) */, const float* delta /* (n_tok, n) */, const float* w /* (n) */,
-                         float* y /* (n_tok, n) */, int64_t n_tok, int64_t n, float eps, cudaStream_t stream);
+bool launch_add_rms_norm(float* x /* (n_tok, n) */, const float* delta /* (n_tok, n) */, const float* w /* (n) */,
+                         float* y /* (n_tok, n) */, int64_t n_tok, int64_t n, float eps, cudaStream_t stream,
+                         int* xq = nullptr);
 void launch_add_bias(float* y /* (n_tok, n) */, const float* b /* (n) */, int64_t n_tok, int64_t n,
                      cudaStream_t stream);
 void launch_add(float* y /* (n) */, const float* x /* (n) */, int64_t n, cudaStream_t stream);
-void launch_swiglu(const float* gate /* (n) */, const float* up /* (n) */, float* out /* (n) */, int64_t n,
-                   cudaStream_t stream);
+bool launch_swiglu(const float* gate /* (n) */, const float* up /* (n) */, float* out /* (n) */, int64_t n,
+                   cudaStream_t stream, int* xq = nullptr);
 void launch_rope(float* x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads, int64_t head_dim,
                  float freq_base, const float* freq_factors /* (head_dim/2) device, or null */,
                  const StepDev* step, cudaStream_t stream);

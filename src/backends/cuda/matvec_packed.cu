@@ -22,7 +22,7 @@
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/mv_common.cuh"
 #include "backends/cuda/pack.h"
-#include "backends/cuda/pdl.cuh"
+#include "backends/cuda/quant_x.cuh"
 #include "core/error.h"
 
 namespace shardlm::cuda_detail {
@@ -178,24 +178,7 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int64_t 
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int64_t e4 = base + int64_t{k} * kThreads + tid;
-      float a = fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w)));
-      a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
-      a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
-      a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
-      const float d = a / 127.0f, id = a > 0.0f ? 127.0f / a : 0.0f;
-      const int q0 = __float2int_rn(v[k].x * id), q1 = __float2int_rn(v[k].y * id);
-      const int q2 = __float2int_rn(v[k].z * id), q3 = __float2int_rn(v[k].w * id);
-      int sum = q0 + q1 + q2 + q3;
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-      if (e4 < n4) {
-        xq[e4] = (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | (static_cast<int>(static_cast<uint32_t>(q3) << 24));
-        if ((tid & 7) == 0) {
-          xd[e4 / 8] = d;
-          xs[e4 / 8] = d * static_cast<float>(sum);
-        }
-      }
+      quantize_store4(v[k], e4, e4 < n4, xq, xd, xs);
     }
   }
 }
@@ -294,22 +277,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kern
 // next chunk's loads (possibly the next row's) are issued before the current chunk is multiplied, so each
 // warp always has U x 32 units on the way. (A bulk-copy producer/consumer version that streamed whole rows
 // into shared memory measured worse, 42-61%: its consumers were issue-bound.)
-template <int R, int U>
-constexpr int kPipeBlocks = R * U > 2 ? 2 : 3;
-
-template <GgmlType T, int R, int U>
-__global__ void __launch_bounds__(kThreads, (kPipeBlocks<R, U>)) matvec_pipe_kernel(
+// B: blocks per SM the launch bounds promise (and the persistent grid uses): more warps to hide latency,
+// fewer registers per thread.
+// kPre: x arrives already quantized (xpre, quant_x.cuh layout, written by the kernel that produced x) and is
+// only copied to shared memory, so no block spends its start quantizing all of x: that prologue, repeated
+// by each of the 264 blocks, costs about as many instructions as the products for 14336-wide rows.
+// (Reading xpre through L1 in the main loop instead of shared memory measured 3% slower end to end.)
+template <GgmlType T, int R, int U, int B, bool kPre>
+__global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
     const __grid_constant__ MvGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
     int64_t n_cols,                       // columns of every weight
     int64_t n_items,                      // groups of R rows of one weight, over all segments
-    const float* __restrict__ x,          // (n_cols)
-    bool x_aligned) {                     // x is 16-byte aligned
+    const float* __restrict__ x,          // (n_cols); unused with kPre
+    bool x_aligned,                       // x is 16-byte aligned
+    const int* __restrict__ xpre) {       // (quant_x_words(n_cols)) with kPre, else null
   extern __shared__ int4 smem[];
   pdl_trigger();
   const int nb = static_cast<int>(n_cols / 32);
-  int* xq = reinterpret_cast<int*>(smem);                  // (n_cols / 4) words of 4 int8
-  float* xd = reinterpret_cast<float*>(xq + n_cols / 4);   // (nb)
-  float* xs = xd + nb;                                      // (nb)
+  const int* xq = reinterpret_cast<const int*>(smem);                  // (n_cols / 4) words of 4 int8
+  const float* xd = reinterpret_cast<const float*>(xq + n_cols / 4);  // (nb)
+  const float* xs = xd + nb;                                            // (nb)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
   const int n_chunks = (nb + 32 * U - 1) / (32 * U);
@@ -341,7 +328,28 @@ __global__ void __launch_bounds__(kThreads, (kPipeBlocks<R, U>)) matvec_pipe_ker
     load(cur, rows, 0);
   }
   pdl_wait();  // x is the previous kernel's output
-  quantize_x(x, n_cols, x_aligned, xq, xd, xs, threadIdx.x);
+  if constexpr (kPre) {
+    // One round of 16-byte copies (at most 8 per thread for 16384 columns, more rounds beyond).
+    const int n16 = static_cast<int>(quant_x_words(n_cols) / 4);
+    const int4* src = reinterpret_cast<const int4*>(xpre);
+    for (int base = 0; base < n16; base += 8 * kThreads) {
+      int4 v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int i = base + k * kThreads + static_cast<int>(threadIdx.x);
+        if (i < n16) v[k] = __ldg(src + i);
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int i = base + k * kThreads + static_cast<int>(threadIdx.x);
+        if (i < n16) smem[i] = v[k];
+      }
+    }
+  } else {
+    int* sq = reinterpret_cast<int*>(smem);
+    quantize_x(x, n_cols, x_aligned, sq, reinterpret_cast<float*>(sq + n_cols / 4),
+               reinterpret_cast<float*>(sq + n_cols / 4) + nb, threadIdx.x);
+  }
   __syncthreads();
 
   const int4* xq4 = reinterpret_cast<const int4*>(xq);
@@ -363,8 +371,8 @@ __global__ void __launch_bounds__(kThreads, (kPipeBlocks<R, U>)) matvec_pipe_ker
       const int u = chunk * 32 * U + lane + 32 * j;
       if (u < nb) {
         const int4 lo = xq4[2 * u], hi = xq4[2 * u + 1];
-        const int xw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
         const float d = xd[u], s = xs[u];
+        const int xw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] += Pk<T>::dot(cur[r][j], u, xw, d, s);
       }
@@ -475,22 +483,34 @@ void launch_kernel(const MvGroup& g, int64_t n_cols, int64_t n_items, const floa
   launch_pdl(matvec_packed_kernel<T, R, U>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, n_items, x, aligned);
 }
 
-template <GgmlType T, int R, int U>
-void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm, cudaStream_t s) {
+template <GgmlType T, int R, int U, int B>
+void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm, cudaStream_t s,
+                 const int* xpre) {
   int64_t items = 0;
   for (int k = 0; k < n; ++k) {
     g.first[k] = items;
     items += (n_rows[k] + R - 1) / R;
   }
-  const size_t smem = static_cast<size_t>(n_cols) + 8 * static_cast<size_t>(n_cols / 32);
-  if (smem > 48 * 1024)
-    SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(matvec_pipe_kernel<T, R, U>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t want = (items + kWarps - 1) / kWarps;
   const int blocks =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{kPipeBlocks<R, U>} * sm)));
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{B} * sm)));
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  launch_pdl(matvec_pipe_kernel<T, R, U>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x, aligned);
+  const size_t smem = static_cast<size_t>(n_cols) + 8 * static_cast<size_t>(n_cols / 32);
+  if (xpre) {
+    if (reinterpret_cast<uintptr_t>(xpre) % 16 != 0)
+      fail_kind(ErrorKind::kInternal, "launch_matvec_packed: the quantized x must be 16-byte aligned");
+    if (smem > 48 * 1024)
+      SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(matvec_pipe_kernel<T, R, U, B, true>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    launch_pdl(matvec_pipe_kernel<T, R, U, B, true>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x,
+               aligned, xpre);
+    return;
+  }
+  if (smem > 48 * 1024)
+    SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(matvec_pipe_kernel<T, R, U, B, false>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  launch_pdl(matvec_pipe_kernel<T, R, U, B, false>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x, aligned,
+             static_cast<const int*>(nullptr));
 }
 
 // Variant 0 (default): the pipelined kernel, one row per warp. 1: the two-rows register kernel without
@@ -499,11 +519,15 @@ void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const
 // (shardlm_cuda_bench with SHARDLM_PK_VARIANT).
 template <GgmlType T>
 void launch_variant(int variant, MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
-                    cudaStream_t s) {
+                    cudaStream_t s, const int* xpre) {
   if constexpr (T == GgmlType::Q4_0) {
-    if (variant == 2) return launch_pipe<T, 2, 4>(g, n_rows, n, n_cols, x, sm, s);
+    if (variant == 2) return launch_pipe<T, 2, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre);
   }
-  if (variant != 1) return launch_pipe<T, 1, 4>(g, n_rows, n, n_cols, x, sm, s);
+  // 3, 4: more resident warps per SM (3 or 4 blocks of 8), fewer registers. Measured on an H100
+  // (2026-11-26): equal to 0 within 2% for Q4_0, 3-17% slower for Q8_0.
+  if (variant == 3) return launch_pipe<T, 1, 4, 3>(g, n_rows, n, n_cols, x, sm, s, xpre);
+  if (variant == 4) return launch_pipe<T, 1, 4, 4>(g, n_rows, n, n_cols, x, sm, s, xpre);
+  if (variant != 1) return launch_pipe<T, 1, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre);
   int64_t items = 0;
   for (int k = 0; k < n; ++k) {
     g.first[k] = items;
@@ -516,7 +540,7 @@ void launch_variant(int variant, MvGroup& g, const int64_t* n_rows, int n, int64
 
 void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
                           int64_t n_cols, const float* x, float* const* y, int sm_count, cudaStream_t stream,
-                          int variant) {
+                          int variant, const int* xpre) {
   if (n < 1 || n > MvGroup::kMax || !packable(type, n_cols))
     fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", n, " weights of ", type_name(type), " x ", n_cols);
   MvGroup g;
@@ -530,10 +554,10 @@ void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size
     g.y[k] = y[k];
   }
   switch (type) {
-    case GgmlType::Q4_0: return launch_variant<GgmlType::Q4_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream);
-    case GgmlType::Q8_0: return launch_variant<GgmlType::Q8_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream);
-    case GgmlType::Q4_K: return launch_variant<GgmlType::Q4_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream);
-    case GgmlType::Q6_K: return launch_variant<GgmlType::Q6_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream);
+    case GgmlType::Q4_0: return launch_variant<GgmlType::Q4_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre);
+    case GgmlType::Q8_0: return launch_variant<GgmlType::Q8_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre);
+    case GgmlType::Q4_K: return launch_variant<GgmlType::Q4_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre);
+    case GgmlType::Q6_K: return launch_variant<GgmlType::Q6_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre);
     default: fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", type_name(type));
   }
 }

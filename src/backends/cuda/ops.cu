@@ -10,6 +10,7 @@
 #include "backends/cuda/dequant.cuh"
 #include "backends/cuda/kernels.cuh"
 #include "backends/cuda/pdl.cuh"
+#include "backends/cuda/quant_x.cuh"
 
 namespace shardlm::cuda_detail {
 namespace {
@@ -39,7 +40,8 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* __restric
                                                                const float* __restrict__ delta /* (n_tok, n) or null */,
                                                                const float* __restrict__ w /* (n) */,
                                                                float* __restrict__ y /* (n_tok, n) */, int64_t n,
-                                                               float eps) {
+                                                               float eps,
+                                                               int* __restrict__ xq /* (quant_x_words(n)) or null */) {
   pdl_enter();
   float* xr = x + blockIdx.x * n;
   const float* dr = kAdd ? delta + blockIdx.x * n : nullptr;
@@ -85,12 +87,15 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* __restric
   if (vec) {
 #pragma unroll
     for (int k = 0; k < kNormVec; ++k) {
-      const int64_t i = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * 4;
+      const int64_t e4 = threadIdx.x + static_cast<int64_t>(k) * blockDim.x, i = e4 * 4;
+      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
       if (i < n) {
         const float4 g = *reinterpret_cast<const float4*>(w + i);
-        *reinterpret_cast<float4*>(yr + i) =
-            make_float4(v[k].x * scale * g.x, v[k].y * scale * g.y, v[k].z * scale * g.z, v[k].w * scale * g.w);
+        o = make_float4(v[k].x * scale * g.x, v[k].y * scale * g.y, v[k].z * scale * g.z, v[k].w * scale * g.w);
+        *reinterpret_cast<float4*>(yr + i) = o;
       }
+      // The launcher passes xq only for one row with n % 32 == 0 (whole 8-lane groups in or out).
+      if (xq) quantize_store4(o, e4, i < n, xq, reinterpret_cast<float*>(xq + n / 4), reinterpret_cast<float*>(xq + n / 4) + n / 32);
     }
   } else {
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * scale * w[i];
@@ -120,6 +125,23 @@ __global__ void swiglu_kernel(const float* __restrict__ g /* (n) */, const float
     const float a = g[i];
     o[i] = a / (1.0f + expf(-a)) * u[i];
   }
+}
+
+// One row, n % 32 == 0, 16-byte aligned: the same products as swiglu_kernel, and the row quantized for the
+// packed matvecs (quant_x.cuh).
+__global__ void swiglu_quant_kernel(const float4* __restrict__ g /* (n/4) */, const float4* __restrict__ u /* (n/4) */,
+                                    float4* __restrict__ o /* (n/4) */, int64_t n, int* __restrict__ xq) {
+  pdl_enter();
+  const int64_t e4 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const bool valid = e4 < n / 4;
+  float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (valid) {
+    const float4 a = g[e4], b = u[e4];
+    r = make_float4(a.x / (1.0f + expf(-a.x)) * b.x, a.y / (1.0f + expf(-a.y)) * b.y,
+                    a.z / (1.0f + expf(-a.z)) * b.z, a.w / (1.0f + expf(-a.w)) * b.w);
+    o[e4] = r;
+  }
+  quantize_store4(r, e4, valid, xq, reinterpret_cast<float*>(xq + n / 4), reinterpret_cast<float*>(xq + n / 4) + n / 32);
 }
 
 // Rotates pair i of one head of token t (p points at the pair). The angle is formed in double: at
@@ -877,20 +899,35 @@ __global__ void fill_random_kernel(GgmlType type, uint8_t* __restrict__ dst /* (
 
 }  // namespace
 
-void launch_rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps, cudaStream_t s) {
-  if (n_tok <= 0) return;
+namespace {
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Whether rms_norm_kernel takes its float4 path for one row and can quantize it (its own test, repeated).
+bool norm_quantizes(const float* x, const float* delta, const float* w, const float* y, int64_t n_tok, int64_t n,
+                    const int* xq) {
+  return xq && aligned16(xq) && n_tok == 1 && n % 32 == 0 && n <= int64_t{kNormVec} * 4 * kNormThreads &&
+         aligned16(x) && aligned16(w) && aligned16(y) && (!delta || aligned16(delta));
+}
+}  // namespace
+
+bool launch_rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps, cudaStream_t s,
+                     int* xq) {
+  if (n_tok <= 0) return false;
+  if (!norm_quantizes(x, nullptr, w, y, n_tok, n, xq)) xq = nullptr;
   // Not written without kAdd.
   launch_pdl(rms_norm_kernel<false>, dim3(static_cast<unsigned>(n_tok)), dim3(kNormThreads), 0, s,
-             const_cast<float*>(x), static_cast<const float*>(nullptr), w, y, n, eps);
+             const_cast<float*>(x), static_cast<const float*>(nullptr), w, y, n, eps, xq);
   SHARDLM_CUDA_CHECK_LAUNCH("rms_norm_kernel");
+  return xq != nullptr;
 }
 
-void launch_add_rms_norm(float* x, const float* delta, const float* w, float* y, int64_t n_tok, int64_t n, float eps,
-                         cudaStream_t s) {
-  if (n_tok <= 0) return;
+bool launch_add_rms_norm(float* x, const float* delta, const float* w, float* y, int64_t n_tok, int64_t n, float eps,
+                         cudaStream_t s, int* xq) {
+  if (n_tok <= 0) return false;
+  if (!norm_quantizes(x, delta, w, y, n_tok, n, xq)) xq = nullptr;
   launch_pdl(rms_norm_kernel<true>, dim3(static_cast<unsigned>(n_tok)), dim3(kNormThreads), 0, s, x, delta, w, y, n,
-             eps);
+             eps, xq);
   SHARDLM_CUDA_CHECK_LAUNCH("rms_norm_kernel<add>");
+  return xq != nullptr;
 }
 
 void launch_rope_kv_store(GgmlType kv_type, float* q, float* k, const float* v, void* k_cache, void* v_cache,
@@ -921,10 +958,17 @@ void launch_add(float* y, const float* x, int64_t n, cudaStream_t s) {
   SHARDLM_CUDA_CHECK_LAUNCH("add_kernel");
 }
 
-void launch_swiglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s) {
-  if (n <= 0) return;
+bool launch_swiglu(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s, int* xq) {
+  if (n <= 0) return false;
+  if (xq && aligned16(xq) && n % 32 == 0 && aligned16(gate) && aligned16(up) && aligned16(out)) {
+    launch_pdl(swiglu_quant_kernel, dim3(grid_for(n / 4, 256)), dim3(256), 0, s, reinterpret_cast<const float4*>(gate),
+               reinterpret_cast<const float4*>(up), reinterpret_cast<float4*>(out), n, xq);
+    SHARDLM_CUDA_CHECK_LAUNCH("swiglu_quant_kernel");
+    return true;
+  }
   launch_pdl(swiglu_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, gate, up, out, n);
   SHARDLM_CUDA_CHECK_LAUNCH("swiglu_kernel");
+  return false;
 }
 
 void launch_rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, float freq_base,
