@@ -687,6 +687,22 @@ TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
       b.matmul(w, yb.f(), o2.f(), 1);
       same(o1, o2, "swiglu -> matmul");
       expect_packed_matvec(o1.get<float>(), hw.deq, yb.get<float>().data(), cols, "swiglu -> matmul against fp64");
+      if (cols == 4096) {  // decode attention (32 heads x 128) -> the o projection
+        const int64_t H = 32, HKV = 8, D = 128, n_ctx = 64;
+        const auto kc = rand_floats(rng_, n_ctx * HKV * D), vc = rand_floats(rng_, n_ctx * HKV * D),
+                   q = rand_floats(rng_, H * D);
+        Guarded kb(b, kc.size() * 4), vb(b, vc.size() * 4), qb(b, q.size() * 4);
+        kb.put(kc.data());
+        vb.put(vc.data());
+        qb.put(q.data());
+        const KvLayerView kv{GgmlType::F32, n_ctx, HKV, D, kb.ptr(), vb.ptr()};
+        b.begin_step({40, 1});
+        b.attention(qb.f(), kv, 1, H, yb.f());
+        b.matmul(w, yb.f(), o1.f(), 1);
+        EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
+        b.matmul(w, yb.f(), o2.f(), 1);
+        same(o1, o2, "attention -> matmul");
+      }
       // A write between producer and matmul: the stale quantized row must not be used.
       b.rms_norm(xb.f(), wb.f(), yb.f(), 1, cols, 1e-5f);
       b.add(yb.f(), db.f(), cols);

@@ -493,8 +493,13 @@ void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok
     const int n_split = attention_decode_splits(kv.n_ctx, kv.n_head_kv, sm_count_);
     auto* part = static_cast<float*>(
         scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
-    launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
-                            sd, stream());
+    const bool quantized = launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head,
+                                                   n_split, part, out, sd, stream(), xq_target(1, n_head * kv.head_dim));
+    if (quantized) {  // the op's ++op_seq_ came first: this is the producer's mark
+      xq_src_ = out;
+      xq_cols_ = n_head * kv.head_dim;
+      xq_seq_ = op_seq_;
+    }
     return;
   }
   if (kv.head_dim > 256)

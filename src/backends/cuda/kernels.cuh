@@ -102,10 +102,11 @@ int attention_decode_splits(int64_t n_ctx, int64_t n_head_kv, int sm_count);
 bool attention_decode_supported(int64_t head_dim, int64_t group);
 // Decode (n_tok == 1): flash-decoding over `n_split` slices of [0, pos0], then a combine kernel.
 // `partial` holds n_head * n_split * (head_dim + 2) floats.
-void launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_dim) */, const void* k_cache,
+// xq (optional): the output also quantized for the packed matvecs (quant_x.cuh); returns whether it was.
+bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_dim) */, const void* k_cache,
                              const void* v_cache, int64_t n_ctx, int64_t n_head_kv, int64_t head_dim,
                              int64_t n_head, int n_split, float* partial, float* out /* (n_head, head_dim) */,
-                             const StepDev* step, cudaStream_t stream);
+                             const StepDev* step, cudaStream_t stream, int* xq = nullptr);
 // Any n_tok (prefill): one block per (token, head), online softmax over 32-position key tiles, causal.
 void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
                               const void* k_cache, const void* v_cache, int64_t n_ctx, int64_t n_head_kv,

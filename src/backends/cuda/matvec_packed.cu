@@ -322,7 +322,8 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
   int chunk = 0;
   Unit cur[R][U], nxt[R][U];
   const uint8_t* rows[R] = {};
-  // The first chunk does not depend on the previous kernel: on its way before the wait.
+  // The first chunk does not depend on the previous kernel: on its way before the wait. (Two chunks before
+  // the wait measured 1-12% slower end to end for Q4_0/Q4_K_M, equal for Q8_0; H100, 2026-11-26.)
   if (item < n_items) {
     rows_of(item, rows);
     load(cur, rows, 0);

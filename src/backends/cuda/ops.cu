@@ -387,7 +387,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
 }
 
 __global__ void attention_combine_kernel(const float* __restrict__ partial /* (n_head, n_split, D + 2) */,
-                                         int n_split, int64_t D, float* __restrict__ out /* (n_head, D) */) {
+                                         int n_split, int64_t D, float* __restrict__ out /* (n_head, D) */,
+                                         int* __restrict__ xq /* (quant_x_words(n_head * D)) or null; D % 32 == 0 */) {
   pdl_enter();
   __shared__ float wgt[256];  // (n_split): exp2(m_s - M), then times 1/L
   __shared__ float red[2];
@@ -414,6 +415,12 @@ __global__ void attention_combine_kernel(const float* __restrict__ partial /* (n
 #pragma unroll 8
     for (int s = 0; s < n_split; ++s) a = fmaf(wgt[s], ph[s * (D + 2) + d], a);
     out[h * D + d] = a * inv;
+    // The o projection's int8 row (quant_x.cuh): a warp holds 32 consecutive elements of this head.
+    if (xq) {
+      const int64_t n = static_cast<int64_t>(gridDim.x) * D;
+      quantize_store1(a * inv, h * D + d, true, xq, reinterpret_cast<float*>(xq + n / 4),
+                      reinterpret_cast<float*>(xq + n / 4) + n / 32);
+    }
   }
 }
 
@@ -1021,9 +1028,11 @@ static void decode_d(int64_t group, const float* q, const void* kc, const void* 
   SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
 }
 
-void launch_attention_decode(GgmlType kv_type, const float* q, const void* k_cache, const void* v_cache,
+bool launch_attention_decode(GgmlType kv_type, const float* q, const void* k_cache, const void* v_cache,
                              int64_t n_ctx, int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split,
-                             float* partial, float* out, const StepDev* step, cudaStream_t s) {
+                             float* partial, float* out, const StepDev* step, cudaStream_t s, int* xq) {
+  // Whole warps of one head each (head_dim 64 or 128 here, one thread per element).
+  if (!(xq && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
   const int64_t group = n_head / n_head_kv;
   const bool f16 = kv_type == GgmlType::F16;
   if (head_dim == 64) {
@@ -1033,8 +1042,9 @@ void launch_attention_decode(GgmlType kv_type, const float* q, const void* k_cac
     if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
     else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
   }
-  launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)), dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, out);
+  launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)), dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, out, xq);
   SHARDLM_CUDA_CHECK_LAUNCH("attention_combine_kernel");
+  return xq != nullptr;
 }
 
 void launch_attention_generic(GgmlType kv_type, const float* q, const void* k_cache, const void* v_cache,

@@ -38,4 +38,26 @@ __device__ __forceinline__ void quantize_store4(float4 v, int64_t e4, bool valid
   }
 }
 
+// The same for one element per lane: lane l holds element e = e0 + l of the row (e0 % 32 == 0), so the
+// warp holds one unit. Max and sum are exact, so the result equals quantize_store4's bit for bit.
+__device__ __forceinline__ void quantize_store1(float v, int64_t e, bool valid, int* __restrict__ xq,
+                                                float* __restrict__ xd, float* __restrict__ xs) {
+  float a = fabsf(v);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  const float d = a / 127.0f, id = a > 0.0f ? 127.0f / a : 0.0f;
+  const int q = __float2int_rn(v * id);
+  int sum = q;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const uint32_t b = static_cast<uint32_t>(q) & 0xFFu;
+  const uint32_t w = b | (__shfl_down_sync(0xffffffffu, b, 1) << 8) | (__shfl_down_sync(0xffffffffu, b, 2) << 16) |
+                     (__shfl_down_sync(0xffffffffu, b, 3) << 24);
+  if (valid && (e & 3) == 0) xq[e / 4] = static_cast<int>(w);
+  if (valid && (e & 31) == 0) {
+    xd[e / 32] = d;
+    xs[e / 32] = d * static_cast<float>(sum);
+  }
+}
+
 }  // namespace shardlm::cuda_detail
