@@ -55,7 +55,7 @@ reap() {
   return 0
 }
 
-say "== run_multi4 $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+say "== run_multi4 $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(cat COMMIT 2>/dev/null || echo "unknown (write it to ./COMMIT before the call: the device copy has no git metadata)")"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=index,name,driver_version,memory.total,memory.used --format=csv,noheader | tee -a "$SUMMARY"
   nvidia-smi topo -m >"$R/topo.txt" 2>&1
@@ -126,7 +126,8 @@ EOF
     }
     timeout -k 5 40 "$BIN" generate --backend "$BACKEND" -m "$G" --prompt-ids 1,403,407,261,365 -n 48 --greedy --ignore-eos \
       --json -q --kv-type f32 >"$R/gold-1gpu.json" 2>"$R/gold-1gpu.err" || say "golden 1 GPU failed: $(tail -c 300 "$R/gold-1gpu.err")"
-    gold tp4 --tp 4
+    # NCCL takes one rank per GPU in a communicator: tp 4 needs 4 GPUs (pp 4 does not).
+    if [ "$n_gpu" -ge 4 ]; then gold tp4 --tp 4; else say "golden tp4: SKIPPED ($n_gpu GPUs)"; fi
     gold pp4 --pp 4
     gold pp2-split-4,1 --pp 2 --layer-split 4,1
     gold tp2-ngl2 --tp 2 --n-gpu-layers 2

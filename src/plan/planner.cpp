@@ -236,7 +236,8 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       // Two all-reduces per layer (after attention and after the FFN), ring volume 2(tp-1)/tp.
       const double ar = s.link.latency_s + 2.0 * (s.tp - 1) / s.tp * static_cast<double>(c.n_embd) * kActBytes / s.link.bandwidth;
       comm_s += 2.0 * nl * ar;
-      if (s.last) comm_s += s.link.latency_s + static_cast<double>(c.n_vocab) * kActBytes / s.link.bandwidth;
+      // The last stage exchanges only its token candidates (a few hundred bytes), not its logits.
+      if (s.last) comm_s += s.link.latency_s;
     }
     if (si > 0) {  // hop from the previous stage
       const LinkSpec& hop = st[si - 1].offload ? inv_.host_link : s.link;
