@@ -173,6 +173,10 @@ int cmd_bench(int argc, const char* const* argv) {
   app.add_option("-n,--n-gen", n_gen, "generated tokens for the tg test (0 skips it)");
   app.add_option("-r,--repetitions", reps, "runs of each test (the median is reported)");
   app.add_flag("--json", json, "machine-readable output");
+  bool no_warmup = false;
+  app.add_flag("--no-warmup", no_warmup,
+               "time the first run too (default: one untimed run of each test first, as llama-bench does: it pays "
+               "for lazy setup such as cuBLAS plans, NCCL buffers and the decode graph's capture)");
   if (int rc = parse_cli(app, argc, argv); rc >= 0) return rc;
   if (n_prompt < 0 || n_gen < 0 || (n_prompt == 0 && n_gen == 0)) fail("-p ", n_prompt, " and -n ", n_gen,
                                                                         " must be >= 0 and not both 0");
@@ -194,10 +198,14 @@ int cmd_bench(int argc, const char* const* argv) {
   greedy.temperature = 0;
   const int32_t nv = static_cast<int32_t>(src->config().n_vocab);
   std::vector<double> pp, tg, comm_share;
+  std::vector<int32_t> prompt(static_cast<size_t>(std::max<int64_t>(n_prompt, 0)));
+  for (int64_t i = 0; i < n_prompt; ++i) prompt[size_t(i)] = int32_t((i * 7919 + 13) % nv);
+  if (!no_warmup) {  // untimed: the same prompt, and a few decode steps (the graph is captured on the 2nd)
+    if (n_prompt > 0) engine.generate(prompt, 1, greedy, -1);
+    if (n_gen > 0) engine.generate({1 % nv}, std::min<int64_t>(n_gen + 1, 4), greedy, -1);
+  }
   for (int r = 0; r < reps; ++r) {
     if (n_prompt > 0) {
-      std::vector<int32_t> prompt(static_cast<size_t>(n_prompt));
-      for (int64_t i = 0; i < n_prompt; ++i) prompt[size_t(i)] = int32_t((i * 7919 + 13) % nv);
       GenerateResult g = engine.generate(prompt, 1, greedy, -1);
       pp.push_back(double(n_prompt) / g.times.prefill_s);
     }
