@@ -6,7 +6,8 @@
 # rank of a tp 2 generate, then Llama-3.1-70B Q4_0 at tp 4 and tp 2 (and, if time is left, Q8_0 at tp 2
 # and BF16 at tp 4, only to show they run).
 #   run: bash scripts/gpu/run_multi4.sh    (carry: build-gpu-deps, build-nccl-deps)
-# SKIP_TESTS, SKIP_GOLD, SKIP_KILL, SKIP_70B, SKIP_70B_EXTRA (Q8_0 tp 2 and BF16 tp 4) leave steps out.
+# SKIP_TESTS, SKIP_GOLD, SKIP_KILL, SKIP_70B, SKIP_70B_EXTRA (Q8_0 tp 2 and BF16 tp 4) leave steps out;
+# BENCHES (a regex of bench names, e.g. 'tp4|70b') runs only those benches.
 # Every step has a timeout and the whole script a deadline (BUDGET_S, seconds from its start, default 560):
 # a step that cannot finish before it is skipped and says so. Results: $OUT/summary.txt (what is printed)
 # and $OUT/results.tgz (every log and JSON), both rewritten after each step.
@@ -178,10 +179,11 @@ print("  backend %s; device all-reduce: %s; bandwidth %.0f GB/s (%s)" % (d["back
       d["bandwidth_bytes_per_s"] / 1e9, d["bandwidth_source"]))
 EOF
 }
-# bench NAME ALLREDUCE WANT_S MIN_S args...
+# bench NAME ALLREDUCE WANT_S MIN_S args... (only names matching the regex $BENCHES, default all)
 bench() {
   local name=$1 ar=$2 want=$3 min=$4 t
   shift 4
+  [[ "$name" =~ ${BENCHES:-.} ]] || return 0
   t=$(step_timeout "$want" "$min") || { say "$name: SKIPPED (time, $(left) s left)"; return 1; }
   local ts=$(date +%s)
   SHARDLM_ALLREDUCE=$ar timeout -k 10 "$t" "$BIN" bench --backend "$BACKEND" -q --json "$@" >"$R/$name.json" 2>"$R/$name.err"
@@ -202,6 +204,11 @@ if [ -f "$M8" ]; then
   [ "$n_gpu" -ge 2 ] && bench 8b-tp2-oneshot oneshot 90 25 "${B8[@]}" --tp 2
   [ "$n_gpu" -ge 2 ] && bench 8b-tp2-nccl nccl 90 25 "${B8[@]}" --tp 2
   [ "$n_gpu" -ge 4 ] && bench 8b-tp4-oneshot oneshot 90 25 "${B8[@]}" --tp 4
+  # The one-shot kernel without programmatic dependent launch, for its share.
+  export SHARDLM_ALLREDUCE_PDL=0
+  [ "$n_gpu" -ge 4 ] && bench 8b-tp4-oneshot-nopdl oneshot 90 25 "${B8[@]}" --tp 4
+  [ "$n_gpu" -ge 2 ] && bench 8b-tp2-oneshot-nopdl oneshot 90 25 "${B8[@]}" --tp 2
+  unset SHARDLM_ALLREDUCE_PDL
   [ "$n_gpu" -ge 4 ] && bench 8b-tp4-nccl nccl 90 25 "${B8[@]}" --tp 4
   [ "$n_gpu" -ge 2 ] && bench 8b-pp2 auto 90 25 "${B8[@]}" --pp 2
   [ "$n_gpu" -ge 4 ] && bench 8b-pp4 auto 90 25 "${B8[@]}" --pp 4
