@@ -204,11 +204,6 @@ if [ -f "$M8" ]; then
   [ "$n_gpu" -ge 2 ] && bench 8b-tp2-oneshot oneshot 90 25 "${B8[@]}" --tp 2
   [ "$n_gpu" -ge 2 ] && bench 8b-tp2-nccl nccl 90 25 "${B8[@]}" --tp 2
   [ "$n_gpu" -ge 4 ] && bench 8b-tp4-oneshot oneshot 90 25 "${B8[@]}" --tp 4
-  # The one-shot kernel without programmatic dependent launch, for its share.
-  export SHARDLM_ALLREDUCE_PDL=0
-  [ "$n_gpu" -ge 4 ] && bench 8b-tp4-oneshot-nopdl oneshot 90 25 "${B8[@]}" --tp 4
-  [ "$n_gpu" -ge 2 ] && bench 8b-tp2-oneshot-nopdl oneshot 90 25 "${B8[@]}" --tp 2
-  unset SHARDLM_ALLREDUCE_PDL
   [ "$n_gpu" -ge 4 ] && bench 8b-tp4-nccl nccl 90 25 "${B8[@]}" --tp 4
   [ "$n_gpu" -ge 2 ] && bench 8b-pp2 auto 90 25 "${B8[@]}" --pp 2
   [ "$n_gpu" -ge 4 ] && bench 8b-pp4 auto 90 25 "${B8[@]}" --pp 4

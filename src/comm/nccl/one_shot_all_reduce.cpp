@@ -156,13 +156,7 @@ OneShotAllReduce::OneShotAllReduce(CommGroup& control, const std::vector<int>& w
       world_ranks_(world_ranks),
       device_(device),
       timeout_s_(timeout_s),
-      peers_(world_ranks.size(), nullptr) {
-  if (const char* v = std::getenv("SHARDLM_ALLREDUCE_PDL"); v && *v) {
-    const std::string s = v;
-    if (s != "0" && s != "1") fail("SHARDLM_ALLREDUCE_PDL='", s, "' is not 0 or 1 (default)");
-    pdl_ = s == "1";
-  }
-}
+      peers_(world_ranks.size(), nullptr) {}
 
 std::unique_ptr<OneShotAllReduce> OneShotAllReduce::create(CommGroup& control, const std::vector<int>& world_ranks,
                                                            int device, cudaStream_t stream, double timeout_s,
@@ -273,7 +267,7 @@ void OneShotAllReduce::run(float* buf, size_t n, cudaStream_t stream) {
   KernelArgs a = args_;
   a.buf = buf;
   a.n = n;
-  SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, stream, pdl_));
+  SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, stream));
 }
 
 std::string OneShotAllReduce::failure() const {

@@ -80,9 +80,7 @@ struct KernelArgs {
 };
 
 // Enqueues one all-reduce on `stream`; returns the launch's error (cudaGetLastError).
-// pdl: launched with programmatic stream serialization, so that it starts while the kernel before it
-// finishes and lets the next one start while it runs (SHARDLM_ALLREDUCE_PDL=0 turns it off).
-cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream, bool pdl);
+cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream);
 
 // One group's exchange buffers. Creation is collective over the group's MPI control group.
 class OneShotAllReduce {
@@ -115,7 +113,6 @@ class OneShotAllReduce {
   const std::vector<int> world_ranks_;  // (world)
   const int device_;
   const double timeout_s_;
-  bool pdl_ = true;  // SHARDLM_ALLREDUCE_PDL
   char* mine_ = nullptr;                 // our cudaMalloc'd exchange buffer (flags, then two slots)
   std::vector<char*> peers_;             // (world) opened IPC mappings of the others; null at our index
   volatile uint32_t* host_error_ = nullptr;  // (1) cudaHostAlloc'd, mapped: see KernelArgs::host_error

@@ -61,14 +61,6 @@ __device__ __forceinline__ void store4(float* buf, size_t i, size_t n, bool alig
 __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_constant__ KernelArgs a) {
   __shared__ uint32_t s_epoch;
   __shared__ int s_give_up;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Programmatic dependent launch (launch_kernel with pdl): let the next kernel launch now, then wait
-  // until the previous one (the matvec whose output we reduce) has completed and flushed. Every earlier
-  // kernel of the stream has completed too: the previous one could only complete after its own wait.
-  // Without the launch attribute both are no-ops.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
   const int b = static_cast<int>(blockIdx.x), t = static_cast<int>(threadIdx.x);
   Flags* const mine = reinterpret_cast<Flags*>(a.base[a.rank]);
   if (t == 0) {
@@ -143,21 +135,9 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
 
 }  // namespace
 
-cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream, bool pdl) {
-  if (!pdl) {
-    one_shot_all_reduce<<<kBlocks, kThreads, 0, stream>>>(args);
-    return cudaGetLastError();
-  }
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(kBlocks);
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, one_shot_all_reduce, args);
+cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
+  one_shot_all_reduce<<<kBlocks, kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
 }
 
 }  // namespace shardlm::one_shot
