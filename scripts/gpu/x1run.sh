@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One single-GPU iteration of the packed-matvec work (docs/cuda_kernels.md): build and GPU tests
-# (TESTS=0 skips them), the matvec bench per SHARDLM_PK_VARIANT (VARIANTS, default "0 3 4 5"), 8B benches
+# (TESTS=0 skips them), the matvec bench per SHARDLM_PK_VARIANT (VARIANTS, default "0 3 4"), 8B benches
 # for E2E types (default q4_0) with device token selection and with --full-logits, and ncu stall reasons
 # on one launch of each of two Q4_0 matvec shapes (NCU=0 skips it).
 #   run: bash scripts/gpu/x1run.sh    (carry: build-gpu-deps)
@@ -11,7 +11,7 @@ source scripts/gpu/build_dev.sh
 build_dev shardlm test_golden_cuda test_cuda_ops test_cuda_pack test_golden shardlm_cuda_bench
 [ "${TESTS:-1}" = 1 ] && run_tests build-dev/tests/cuda/test_cuda_ops build-dev/tests/model/test_golden_cuda build-dev/tests/model/test_golden
 bench=build-dev/src/backends/cuda/shardlm_cuda_bench
-for v in ${VARIANTS:-0 3 4 5}; do SHARDLM_PK_VARIANT=$v $bench --matvec-only --quick --types ${MV_TYPES:-q4_0,q8_0} 2>&1 | grep -E "^(q|dev)" | sed "s/^/v$v /"; done
+for v in ${VARIANTS:-0 3 4}; do SHARDLM_PK_VARIANT=$v $bench --matvec-only --quick --types ${MV_TYPES:-q4_0,q8_0} 2>&1 | grep -E "^(q|dev)" | sed "s/^/v$v /"; done
 bin=build-dev/apps/shardlm/shardlm
 for ty in ${E2E:-q4_0}; do
   $bin gen-model --arch llama-3.1-8b --type $ty -o /tmp/m.gguf -q || exit 1
