@@ -65,8 +65,6 @@ void check_weight(const WeightView& w, const char* op) {
     fail("cuda ", op, ": row_stride ", w.row_stride, " is smaller than a row (", row_bytes(w.type, w.n_cols), ")");
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 int checked_int(int64_t v, const char* what) {
   if (v < 0 || v > INT_MAX) fail_kind(ErrorKind::kUnsupported, "cuda matmul: ", what, " = ", v, " exceeds cuBLAS's int");
   return static_cast<int>(v);
@@ -151,7 +149,7 @@ void CudaBackend::not_while_capturing(const char* what) const {
 }
 
 std::unique_ptr<DeviceBuffer> CudaBackend::alloc(size_t bytes) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   not_while_capturing("alloc");
   DeviceGuard g(device_);
   return std::make_unique<CudaBuffer>(bytes, user_bytes_);
@@ -183,7 +181,7 @@ WeightView CudaBackend::place_matmul_weight(const WeightView& host, std::vector<
 }
 
 void CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   not_while_capturing("upload");
   if (bytes == 0) return;
   DeviceGuard g(device_);
@@ -245,7 +243,7 @@ const float* CudaBackend::freq_factors_on_device(const float* host, int64_t n) {
 }
 
 void CudaBackend::begin_step(const StepInfo& step) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   if (step.pos0 < 0 || step.n_tok < 0) fail("cuda begin_step: negative pos0 ", step.pos0, " or n_tok ", step.n_tok);
   if (capturing_) {
     // Inside a capture the positions were already copied by CudaGraphRunner::run, outside the graph.
@@ -262,7 +260,7 @@ void CudaBackend::begin_step(const StepInfo& step) {
 }
 
 void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   not_while_capturing("get_rows (token ids are host memory)");
   check_weight(table, "get_rows");
   if (table.packed) fail_kind(ErrorKind::kInternal, "cuda get_rows: packed weights are for matmul only");
@@ -289,8 +287,11 @@ int* CudaBackend::xq_target(int64_t n_tok, int64_t n) {
 }
 
 void CudaBackend::produced(const float* y, int64_t n, bool quantized) {
-  ++op_seq_;
-  if (!quantized) return;
+  note_write();
+  if (quantized) mark_quantized(y, n);
+}
+
+void CudaBackend::mark_quantized(const float* y, int64_t n) {
   xq_src_ = y;
   xq_cols_ = n;
   xq_seq_ = op_seq_;
@@ -305,7 +306,7 @@ const int* CudaBackend::xq_for(const float* x, int64_t n_cols) {
 void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) {
   check_weight(w, "matmul");
   const int* xpre = n_tok == 1 ? xq_for(x, w.n_cols) : nullptr;
-  ++op_seq_;
+  note_write();
   matmul_impl(w, x, y, n_tok, xpre);
 }
 
@@ -338,7 +339,7 @@ void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, floa
   if (n <= 0) return;
   for (int i = 0; i < n; ++i) check_weight(ws[i], "matmul_group");
   const int* xpre = n_tok == 1 ? xq_for(x, ws[0].n_cols) : nullptr;
-  ++op_seq_;
+  note_write();
   if (n_tok <= 0) return;
   bool same = n <= 4;
   for (int i = 1; i < n && same; ++i)
@@ -419,13 +420,13 @@ void CudaBackend::gemm(const WeightView& w, const float* x, const void* x16_read
 }
 
 void CudaBackend::add_bias(float* y, const float* b, int64_t n_tok, int64_t n) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   DeviceGuard g(device_);
   launch_add_bias(y, b, n_tok, n, stream());
 }
 
 void CudaBackend::add(float* y, const float* x, int64_t n) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   DeviceGuard g(device_);
   launch_add(y, x, n, stream());
 }
@@ -438,7 +439,7 @@ void CudaBackend::swiglu(const float* gate, const float* up, float* out, int64_t
 
 void CudaBackend::rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, float freq_base,
                        const float* freq_factors) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   if (head_dim <= 0 || head_dim % 2 != 0) fail("cuda rope: head_dim ", head_dim, " must be even and positive");
   DeviceGuard g(device_);
   const float* ff = freq_factors_on_device(freq_factors, head_dim / 2);
@@ -446,7 +447,7 @@ void CudaBackend::rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_di
 }
 
 void CudaBackend::kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
     fail_kind(ErrorKind::kUnsupported, "cuda kv_store: KV type ", type_name(kv.type), " (f16 or f32 only)");
   if (step_.pos0 + n_tok > kv.n_ctx)
@@ -465,7 +466,7 @@ void CudaBackend::add_rms_norm(float* x, const float* delta, const float* w, flo
 
 void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok,
                                 int64_t n_head, float freq_base, const float* freq_factors) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   if (kv.head_dim <= 0 || kv.head_dim % 2 != 0)
     fail("cuda rope_kv_store: head_dim ", kv.head_dim, " must be even and positive");
   if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
@@ -479,7 +480,7 @@ void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLaye
 }
 
 void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) {
-  ++op_seq_;  // may write memory a quantized activation was made from
+  note_write();
   if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
     fail_kind(ErrorKind::kUnsupported, "cuda attention: KV type ", type_name(kv.type), " (f16 or f32 only)");
   if (kv.n_head_kv <= 0 || n_head % kv.n_head_kv != 0)
@@ -495,11 +496,7 @@ void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok
         scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
     const bool quantized = launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head,
                                                    n_split, part, out, sd, stream(), xq_target(1, n_head * kv.head_dim));
-    if (quantized) {  // the op's ++op_seq_ came first: this is the producer's mark
-      xq_src_ = out;
-      xq_cols_ = n_head * kv.head_dim;
-      xq_seq_ = op_seq_;
-    }
+    if (quantized) mark_quantized(out, n_head * kv.head_dim);  // note_write() came first
     return;
   }
   if (kv.head_dim > 256)

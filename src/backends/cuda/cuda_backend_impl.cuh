@@ -80,6 +80,9 @@ class CudaBackend final : public Backend {
   // op_seq_ counts ops; the copy is valid only for the op right after its producer.
   int* xq_target(int64_t n_tok, int64_t n);                       // where to write, or null
   void produced(const float* y, int64_t n, bool quantized);       // after a producer's launch
+  void mark_quantized(const float* y, int64_t n);                 // xq_ holds y's row as of this op
+  // Every op that may write device memory (a quantized row's source included) calls this first.
+  void note_write() { ++op_seq_; }
   const int* xq_for(const float* x, int64_t n_cols);              // valid copy of x, or null
   // cuBLAS product; x16 = x already converted to the operand type (or null: converted here).
   void gemm(const WeightView& w, const float* x, const void* x16, float* y, int64_t n_tok);

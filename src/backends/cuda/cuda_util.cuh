@@ -45,6 +45,9 @@ inline const char* cuda_hint(cudaError_t e) {
               kind);
 }
 
+// Vectorized (16-byte) paths need their pointers aligned.
+__host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 inline void check_cuda(cudaError_t e, const char* call, const char* file, int line) {
   if (e != cudaSuccess) throw_cuda(e, call, file, line);
 }

@@ -878,7 +878,7 @@ template <GgmlType T>
 bool launch_rows_group(MvGroup g, int64_t n_cols, const float* x, cudaStream_t s) {
   if (n_cols % 256 != 0) return false;
   for (int k = 0; k < g.n; ++k)
-    if (reinterpret_cast<uintptr_t>(g.w[k]) % 16 != 0 || g.stride[k] % 16 != 0) return false;
+    if (!aligned16(g.w[k]) || g.stride[k] % 16 != 0) return false;
   using C = RowsCfg<T>;
   const int64_t n_items = n_cols / 256;
   const size_t fixed = static_cast<size_t>(n_items) * (16 + 288) * sizeof(float);
@@ -941,7 +941,7 @@ bool matvec_fast_path(GgmlType type, const void* w, size_t row_stride, int64_t n
 
 bool launch_matvec_group(GgmlType type, int n, const void* const* w, const size_t* row_stride,
                          const int64_t* n_rows, int64_t n_cols, const float* x, float* const* y, cudaStream_t s) {
-  if (n < 1 || n > MvGroup::kMax || reinterpret_cast<uintptr_t>(x) % 16 != 0) return false;
+  if (n < 1 || n > MvGroup::kMax || !aligned16(x)) return false;
   MvGroup g;
   g.n = n;
   for (int k = 0; k < n; ++k) {

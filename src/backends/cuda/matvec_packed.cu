@@ -372,8 +372,8 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
       const int u = chunk * 32 * U + lane + 32 * j;
       if (u < nb) {
         const int4 lo = xq4[2 * u], hi = xq4[2 * u + 1];
-        const float d = xd[u], s = xs[u];
         const int xw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        const float d = xd[u], s = xs[u];
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] += Pk<T>::dot(cur[r][j], u, xw, d, s);
       }
@@ -480,7 +480,7 @@ void launch_kernel(const MvGroup& g, int64_t n_cols, int64_t n_items, const floa
   const int64_t want = (n_items + kWarps - 1) / kWarps;
   const int blocks =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{kMinBlocks<R, U>} * sm_count)));
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const bool aligned = aligned16(x);
   launch_pdl(matvec_packed_kernel<T, R, U>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, n_items, x, aligned);
 }
 
@@ -495,23 +495,19 @@ void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const
   const int64_t want = (items + kWarps - 1) / kWarps;
   const int blocks =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{B} * sm)));
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const bool aligned = aligned16(x);
+  // Both forms hold x as int8 in shared memory.
   const size_t smem = static_cast<size_t>(n_cols) + 8 * static_cast<size_t>(n_cols / 32);
-  if (xpre) {
-    if (reinterpret_cast<uintptr_t>(xpre) % 16 != 0)
-      fail_kind(ErrorKind::kInternal, "launch_matvec_packed: the quantized x must be 16-byte aligned");
+  const auto launch = [&](auto kernel) {
     if (smem > 48 * 1024)
-      SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(matvec_pipe_kernel<T, R, U, B, true>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    launch_pdl(matvec_pipe_kernel<T, R, U, B, true>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x,
-               aligned, xpre);
-    return;
-  }
-  if (smem > 48 * 1024)
-    SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(matvec_pipe_kernel<T, R, U, B, false>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  launch_pdl(matvec_pipe_kernel<T, R, U, B, false>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x, aligned,
-             static_cast<const int*>(nullptr));
+      SHARDLM_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    launch_pdl(kernel, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x, aligned, xpre);
+  };
+  if (!xpre) return launch(matvec_pipe_kernel<T, R, U, B, false>);
+  if (!aligned16(xpre))
+    fail_kind(ErrorKind::kInternal, "launch_matvec_packed: the quantized x must be 16-byte aligned");
+  launch(matvec_pipe_kernel<T, R, U, B, true>);
 }
 
 // Variant 0 (default): the pipelined kernel, one row per warp. 1: the two-rows register kernel without
@@ -547,7 +543,7 @@ void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size
   MvGroup g;
   g.n = n;
   for (int k = 0; k < n; ++k) {
-    if (row_stride[k] % 16 != 0 || reinterpret_cast<uintptr_t>(w[k]) % 16 != 0)
+    if (row_stride[k] % 16 != 0 || !aligned16(w[k]))
       fail_kind(ErrorKind::kInternal, "launch_matvec_packed: packed rows must be 16-byte aligned");
     g.w[k] = static_cast<const uint8_t*>(w[k]);
     g.stride[k] = row_stride[k];

@@ -47,8 +47,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* __restric
   const float* dr = kAdd ? delta + blockIdx.x * n : nullptr;
   float* yr = y + blockIdx.x * n;
   const bool vec = (n % 4 == 0) && (n <= static_cast<int64_t>(kNormVec) * 4 * blockDim.x) &&
-                   (reinterpret_cast<uintptr_t>(xr) % 16 == 0) && (reinterpret_cast<uintptr_t>(yr) % 16 == 0) &&
-                   (reinterpret_cast<uintptr_t>(w) % 16 == 0) && (!kAdd || reinterpret_cast<uintptr_t>(dr) % 16 == 0);
+                   aligned16(xr) && aligned16(yr) && aligned16(w) && (!kAdd || aligned16(dr));
   float4 v[kNormVec];
   float ss = 0.0f;
   if (vec) {
@@ -907,7 +906,6 @@ __global__ void fill_random_kernel(GgmlType type, uint8_t* __restrict__ dst /* (
 }  // namespace
 
 namespace {
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 // Whether rms_norm_kernel takes its float4 path for one row and can quantize it (its own test, repeated).
 bool norm_quantizes(const float* x, const float* delta, const float* w, const float* y, int64_t n_tok, int64_t n,
                     const int* xq) {
@@ -1089,8 +1087,7 @@ static void prefill_d(const float* q, const void* kc, const void* vc, int64_t n_
 bool launch_attention_prefill(GgmlType kv_type, const float* q, const void* k_cache, const void* v_cache,
                               int64_t n_ctx, int64_t n_head_kv, int64_t head_dim, int64_t n_tok, int64_t n_head,
                               float* out, const StepDev* step, int sm_count, cudaStream_t s) {
-  auto al16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if ((head_dim != 64 && head_dim != 128) || !al16(out) || !al16(k_cache) || !al16(v_cache)) return false;
+  if ((head_dim != 64 && head_dim != 128) || !aligned16(out) || !aligned16(k_cache) || !aligned16(v_cache)) return false;
   if (n_tok <= 0 || n_tok > 65535LL * 64 || n_head > 65535) return false;
   const bool f16 = kv_type == GgmlType::F16;
   if (head_dim == 64) {
@@ -1127,7 +1124,7 @@ void launch_dequant_rows(GgmlType type, const void* w, size_t row_stride, int64_
                          int64_t n_cols, void* dst, bool to_bf16, cudaStream_t s) {
   const int64_t total = n_rows * n_cols;
   if (total <= 0) return;
-  if (n_cols % 32 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 2 == 0 &&
+  if (n_cols % 32 == 0 && aligned16(dst) && reinterpret_cast<uintptr_t>(w) % 2 == 0 &&
       row_stride % 2 == 0 && n_rows <= 65535) {
     switch (type) {
       case GgmlType::Q8_0: return dequant_fast<GgmlType::Q8_0>(w, row_stride, row0, n_rows, n_cols, dst, to_bf16, s);

@@ -56,19 +56,17 @@ void pack_rows(GgmlType type, const uint8_t* src, size_t src_stride, int64_t n_r
     std::memset(d, 0, stride);
     switch (type) {
       case GgmlType::Q8_0:
+      case GgmlType::Q4_0: {
+        // One f16 scale, then the quants (32 bytes, or 16 of nibbles): quants plane, then scales plane.
+        const bool q8 = type == GgmlType::Q8_0;
+        const int64_t qbytes = q8 ? 32 : 16, bbytes = q8 ? kQ8_0Bytes : kQ4_0Bytes, qs = q8 ? kQ8_0Qs : kQ4_0Qs;
         for (int64_t b = 0; b < nb; ++b) {
-          const uint8_t* blk = s + b * kQ8_0Bytes;
-          std::memcpy(d + 32 * b, blk + kQ8_0Qs, 32);
-          std::memcpy(d + 32 * nb + 2 * b, blk, 2);
+          const uint8_t* blk = s + b * bbytes;
+          std::memcpy(d + qbytes * b, blk + qs, static_cast<size_t>(qbytes));
+          std::memcpy(d + qbytes * nb + 2 * b, blk, 2);
         }
         break;
-      case GgmlType::Q4_0:
-        for (int64_t b = 0; b < nb; ++b) {
-          const uint8_t* blk = s + b * kQ4_0Bytes;
-          std::memcpy(d + 16 * b, blk + kQ4_0Qs, 16);
-          std::memcpy(d + 16 * nb + 2 * b, blk, 2);
-        }
-        break;
+      }
       case GgmlType::Q4_K:
         for (int64_t sb = 0; sb < nsb; ++sb) {
           const uint8_t* blk = s + sb * kQ4_KBytes;
