@@ -18,7 +18,7 @@ for ty in $types; do
   python3 -c "import json;d=json.load(open('$OUT/bench-$ty.json'));print('pp512 %.0f tg128 %.1f roof %.1f share %.1f%% fixed %.0f us bw %.0f GB/s' % (d['pp']['tokens_per_s'],d['tg']['tokens_per_s'],d['roofline_tokens_per_s'],100*d['tg']['roofline_share'],d['tg']['fixed_cost_us_per_token'],d['bandwidth_bytes_per_s']/1e9))" || tail -5 "$OUT/bench-$ty.err"
   if [ "$ty" = "${GRAPHLESS_TYPE:-q4_0}" ]; then
     # The same decode with each of this round's changes turned off, for their share.
-    for v in "SHARDLM_CUDA_PREQUANT=0|" "SHARDLM_CUDA_PREQUANT=1|--full-logits"; do
+    for v in "SHARDLM_CUDA_PREQUANT=0|" "SHARDLM_CUDA_PREQUANT=1|--full-logits" "SHARDLM_CUDA_FUSE_ROPE=0|"; do
       envv=${v%|*}; flag=${v#*|}
       env $envv $bin bench --backend cuda -m /tmp/m.gguf -p 0 -n 128 -r 3 -q --kv-type f16 $flag --json >"$OUT/bench-$ty-ab.json" 2>&1
       python3 -c "import json;d=json.load(open('$OUT/bench-$ty-ab.json'));print('$envv $flag: tg128 %.1f fixed %.0f us' % (d['tg']['tokens_per_s'],d['tg']['fixed_cost_us_per_token']))"

@@ -234,8 +234,7 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
     b.add_bias(k, w.bk, n_tok, nkv * hd);
     b.add_bias(v, w.bv, n_tok, nkv * hd);
   }
-  b.rope_kv_store(q, k, v, kv, n_tok, nq, config_.rope_freq_base, ff);
-  b.attention(q, kv, n_tok, nq, att);
+  b.rope_attention(q, k, v, kv, n_tok, nq, config_.rope_freq_base, ff, att);
   b.matmul(w.wo, att, o, n_tok);
   if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
 

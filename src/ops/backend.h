@@ -139,6 +139,15 @@ class Backend {
     rope(k, n_tok, kv.n_head_kv, kv.head_dim, freq_base, freq_factors);
     kv_store(kv, k, v, n_tok);
   }
+  // rope_kv_store, then attention(q, kv, n_tok, n_head, out): one pass where a backend can (same results,
+  // except that q and k may be left unrotated).
+  virtual void rope_attention(float* q /* (n_tok, n_head, head_dim) */, float* k /* (n_tok, n_head_kv, head_dim) */,
+                              const float* v /* (n_tok, n_head_kv, head_dim) */, const KvLayerView& kv, int64_t n_tok,
+                              int64_t n_head, float freq_base, const float* freq_factors /* (head_dim/2) or null, host */,
+                              float* out /* (n_tok, n_head, head_dim) */) {
+    rope_kv_store(q, k, v, kv, n_tok, n_head, freq_base, freq_factors);
+    attention(q, kv, n_tok, n_head, out);
+  }
   // Rotates adjacent pairs (x[2i], x[2i+1]) of every head by angle pos * theta_i, theta_i =
   // freq_base^(-2i/head_dim) / freq_factors[i] (freq_factors may be null), pos = step.pos0 + t.
   virtual void rope(float* x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads, int64_t head_dim,

@@ -824,6 +824,10 @@ TEST_F(CudaOps, KvStoreAndAttention) {
       {GgmlType::F16, 128, 8, 4, 1, 0, 64},     {GgmlType::F16, 128, 8, 4, 1, 1000, 2048},
       {GgmlType::F16, 64, 4, 8, 1, 999, 1024},  {GgmlType::F32, 128, 2, 1, 1, 1000, 1024},
       {GgmlType::F32, 64, 8, 2, 1, 37, 128},
+      // decode: partial and exact 32-position tiles, one split of several, the last cache position, G = 8
+      {GgmlType::F16, 128, 8, 4, 1, 31, 64},    {GgmlType::F16, 128, 8, 4, 1, 32, 64},
+      {GgmlType::F16, 128, 8, 4, 1, 100, 4096}, {GgmlType::F16, 128, 4, 8, 1, 4095, 4096},
+      {GgmlType::F32, 128, 8, 8, 1, 500, 1024},
       // generic kernel: prefill, odd head_dim, group sizes without a decode instantiation
       {GgmlType::F16, 128, 8, 4, 7, 0, 64},     {GgmlType::F16, 64, 2, 8, 64, 0, 128},
       {GgmlType::F32, 128, 4, 1, 7, 1000, 1024}, {GgmlType::F16, 96, 2, 3, 1, 500, 1024},
@@ -833,6 +837,66 @@ TEST_F(CudaOps, KvStoreAndAttention) {
       {GgmlType::F16, 64, 4, 2, 2, 500, 1024},  {GgmlType::F16, 128, 2, 4, 130, 0, 130},
   };
   for (const auto& c : cases) run_attention(*be_, rng_, c);
+}
+
+// rope_attention's fused decode form (rotation and the new cache rows inside the attention kernel) against the
+// same backend's unfused composition (rope_kv_store's kernel, then attention): the rotation is the same double
+// arithmetic and the attention kernel the same, so caches and outputs must agree bit for bit; the unfused
+// ops are checked against fp64 above.
+TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
+  Backend& b = *be_;
+  struct Case {
+    GgmlType kv;
+    int64_t head_dim, n_head_kv, group, pos0, n_ctx;
+  };
+  const Case cases[] = {{GgmlType::F16, 128, 8, 4, 0, 64},     {GgmlType::F16, 128, 8, 4, 37, 4096},
+                        {GgmlType::F16, 128, 4, 8, 4095, 4096}, {GgmlType::F16, 64, 2, 8, 999, 1024},
+                        {GgmlType::F32, 128, 8, 4, 32, 64},    {GgmlType::F32, 64, 4, 1, 300, 512}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::PrintToString(std::vector<int64_t>{c.head_dim, c.n_head_kv, c.group, c.pos0, c.n_ctx}) +
+                 " kv " + type_name(c.kv));
+    const int64_t D = c.head_dim, HKV = c.n_head_kv, H = HKV * c.group;
+    const size_t kvb = static_cast<size_t>(c.n_ctx * HKV * D) * (c.kv == GgmlType::F16 ? 2 : 4);
+    // Earlier positions: random finite cache contents (f16 or f32 bit patterns of values in [-1, 1]).
+    std::vector<uint8_t> kraw(kvb), vraw(kvb);
+    const auto kf = rand_floats(rng_, c.n_ctx * HKV * D), vf = rand_floats(rng_, c.n_ctx * HKV * D);
+    for (int64_t i = 0; i < c.n_ctx * HKV * D; ++i) {
+      if (c.kv == GgmlType::F16) {
+        const uint16_t hk = to_f16(kf[i]), hv = to_f16(vf[i]);
+        std::memcpy(&kraw[2 * i], &hk, 2);
+        std::memcpy(&vraw[2 * i], &hv, 2);
+      } else {
+        std::memcpy(&kraw[4 * i], &kf[i], 4);
+        std::memcpy(&vraw[4 * i], &vf[i], 4);
+      }
+    }
+    const auto q = rand_floats(rng_, H * D, -2.0f, 2.0f), k = rand_floats(rng_, HKV * D), v = rand_floats(rng_, HKV * D);
+    std::vector<float> ff(D / 2);
+    for (size_t i = 0; i < ff.size(); ++i) ff[i] = 1.0f + 0.25f * static_cast<float>(i % 3);
+    Guarded q1(b, q.size() * 4), q2(b, q.size() * 4), k1(b, k.size() * 4), k2(b, k.size() * 4), vb(b, v.size() * 4),
+        kc1(b, kvb), vc1(b, kvb), kc2(b, kvb), vc2(b, kvb), o1(b, q.size() * 4), o2(b, q.size() * 4);
+    for (auto [g, d] : {std::pair{&q1, q.data()}, std::pair{&q2, q.data()}, std::pair{&k1, k.data()},
+                        std::pair{&k2, k.data()}, std::pair{&vb, v.data()}})
+      g->put(d);
+    kc1.put(kraw.data());
+    kc2.put(kraw.data());
+    vc1.put(vraw.data());
+    vc2.put(vraw.data());
+    const KvLayerView kv1{c.kv, c.n_ctx, HKV, D, kc1.ptr(), vc1.ptr()}, kv2{c.kv, c.n_ctx, HKV, D, kc2.ptr(), vc2.ptr()};
+    b.begin_step({c.pos0, 1});
+    b.Backend::rope_attention(q1.f(), k1.f(), vb.f(), kv1, 1, H, 500000.0f, ff.data(), o1.f());
+    b.rope_attention(q2.f(), k2.f(), vb.f(), kv2, 1, H, 500000.0f, ff.data(), o2.f());
+    for (auto [g1, g2, what] : {std::tuple{&kc1, &kc2, "K cache"}, std::tuple{&vc1, &vc2, "V cache"},
+                                std::tuple{&o1, &o2, "attention output"}}) {
+      const auto a = g1->get<uint8_t>(), d = g2->get<uint8_t>();
+      ASSERT_EQ(a.size(), d.size());
+      EXPECT_EQ(std::memcmp(a.data(), d.data(), a.size()), 0) << what << " differs";
+    }
+    // The step's row was stored (it differs from the random contents it replaced).
+    const auto kc = kc2.get<uint8_t>();
+    const size_t row = kvb / static_cast<size_t>(c.n_ctx);
+    EXPECT_NE(std::memcmp(kc.data() + c.pos0 * row, kraw.data() + c.pos0 * row, row), 0);
+  }
 }
 
 // ---- argmax, graphs, memory, errors ---------------------------------------------------------------------------

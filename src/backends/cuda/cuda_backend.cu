@@ -8,9 +8,12 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
+#include <utility>
 
 namespace shardlm {
 namespace cuda_detail {
@@ -98,11 +101,36 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     if (v != "0" && v != "1") fail("SHARDLM_CUDA_PREQUANT = '", v, "': expected 0 or 1 (default)");
     prequant_ = v == "1";
   }
+  // Decode rope folded into the attention kernel (default on; 0 runs rope_kv_store's kernel first, for
+  // comparisons).
+  if (const char* p = std::getenv("SHARDLM_CUDA_FUSE_ROPE")) {
+    const std::string v = p;
+    if (v != "0" && v != "1") fail("SHARDLM_CUDA_FUSE_ROPE = '", v, "': expected 0 or 1 (default)");
+    fuse_rope_ = v == "1";
+  }
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
   if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
     const std::string v = p;
     if (v.size() != 1 || v[0] < '0' || v[0] > '4') fail("SHARDLM_PK_VARIANT = '", v, "': expected 0 to 4");
     pk_variant_ = v[0] - '0';
+  }
+  // Measurement only, the outputs become meaningless: one-token kernels of the listed kinds are not launched,
+  // so that a decode step's time without them shows what they cost inside the graph (scripts/gpu/skipcost.sh).
+  if (const char* p = std::getenv("SHARDLM_CUDA_SKIP")) {
+    const std::string v = p;
+    static constexpr std::pair<const char*, int> kKinds[] = {{"none", 0}, {"norm", 1}, {"swiglu", 2}, {"rope", 4},
+                                                             {"attn", 8}, {"mv", 16}};
+    for (size_t b = 0; b <= v.size();) {
+      const size_t e = std::min(v.find(',', b), v.size());
+      const std::string kind = v.substr(b, e - b);
+      const auto* k = std::find_if(std::begin(kKinds), std::end(kKinds), [&](const auto& kk) { return kind == kk.first; });
+      if (k == std::end(kKinds))
+        fail("SHARDLM_CUDA_SKIP = '", v, "': '", kind, "' is not one of none, norm, swiglu, rope, attn, mv");
+      skip_ |= k->second;
+      b = e + 1;
+    }
+    if (skip_ != 0)
+      std::fprintf(stderr, "shardlm: SHARDLM_CUDA_SKIP=%s: decode kernels are skipped, outputs are meaningless\n", p);
   }
   DeviceGuard g(device_);
   SHARDLM_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
@@ -278,6 +306,7 @@ void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t 
 void CudaBackend::rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) {
   if (n <= 0) fail("cuda rms_norm: n = ", n);
   DeviceGuard g(device_);
+  if ((skip_ & 1) && n_tok == 1) return produced(y, n, xq_target(n_tok, n) != nullptr);
   produced(y, n, launch_rms_norm(x, w, y, n_tok, n, eps, stream(), xq_target(n_tok, n)));
 }
 
@@ -313,6 +342,7 @@ void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t 
 void CudaBackend::matmul_impl(const WeightView& w, const float* x, float* y, int64_t n_tok, const int* xpre) {
   if (n_tok <= 0) return;
   DeviceGuard g(device_);
+  if ((skip_ & 16) && n_tok == 1 && w.n_rows < 100000) return;
   if (w.packed && uses_matvec(w, n_tok)) {
     for (int64_t t = 0; t < n_tok; ++t) {
       float* yt = y + t * w.n_rows;
@@ -349,6 +379,7 @@ void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, floa
     return;
   }
   DeviceGuard g(device_);
+  if ((skip_ & 16) && n_tok == 1) return;
   // The group's pointers, strides and row counts as the launchers take them (n <= 4 here).
   const void* w[4];
   size_t stride[4];
@@ -433,6 +464,7 @@ void CudaBackend::add(float* y, const float* x, int64_t n) {
 
 void CudaBackend::swiglu(const float* gate, const float* up, float* out, int64_t n) {
   DeviceGuard g(device_);
+  if (skip_ & 2) return produced(out, n, xq_target(1, n) != nullptr);
   // Quantized as one row of n for the down projection; a matmul uses it only for one token of width n.
   produced(out, n, launch_swiglu(gate, up, out, n, stream(), xq_target(1, n)));
 }
@@ -461,44 +493,69 @@ void CudaBackend::add_rms_norm(float* x, const float* delta, const float* w, flo
                                float eps) {
   if (n <= 0) fail("cuda add_rms_norm: n = ", n);
   DeviceGuard g(device_);
+  if ((skip_ & 1) && n_tok == 1) return produced(y, n, xq_target(n_tok, n) != nullptr);
   produced(y, n, launch_add_rms_norm(x, delta, w, y, n_tok, n, eps, stream(), xq_target(n_tok, n)));
+}
+
+void CudaBackend::check_kv(const KvLayerView& kv, int64_t n_tok, const char* op) const {
+  if (kv.head_dim <= 0 || kv.head_dim % 2 != 0)
+    fail("cuda ", op, ": head_dim ", kv.head_dim, " must be even and positive");
+  if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
+    fail_kind(ErrorKind::kUnsupported, "cuda ", op, ": KV type ", type_name(kv.type), " (f16 or f32 only)");
+  if (step_.pos0 + n_tok > kv.n_ctx)
+    fail("cuda ", op, ": positions [", step_.pos0, ", ", step_.pos0 + n_tok, ") exceed the cache of ", kv.n_ctx);
 }
 
 void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok,
                                 int64_t n_head, float freq_base, const float* freq_factors) {
   note_write();
-  if (kv.head_dim <= 0 || kv.head_dim % 2 != 0)
-    fail("cuda rope_kv_store: head_dim ", kv.head_dim, " must be even and positive");
-  if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
-    fail_kind(ErrorKind::kUnsupported, "cuda rope_kv_store: KV type ", type_name(kv.type), " (f16 or f32 only)");
-  if (step_.pos0 + n_tok > kv.n_ctx)
-    fail("cuda rope_kv_store: positions [", step_.pos0, ", ", step_.pos0 + n_tok, ") exceed the cache of ", kv.n_ctx);
+  check_kv(kv, n_tok, "rope_kv_store");
   DeviceGuard g(device_);
+  if ((skip_ & 4) && n_tok == 1) return;
   const float* ff = freq_factors_on_device(freq_factors, kv.head_dim / 2);
   launch_rope_kv_store(kv.type, q, k, v, kv.k, kv.v, kv.n_ctx, n_tok, n_head, kv.n_head_kv, kv.head_dim, freq_base, ff,
                        step_dev_.as<StepDev>(), stream());
 }
 
+void CudaBackend::rope_attention(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok,
+                                 int64_t n_head, float freq_base, const float* freq_factors, float* out) {
+  const bool fused = fuse_rope_ && n_tok == 1 && !force_generic_attn_ && kv.n_head_kv > 0 &&
+                     n_head % kv.n_head_kv == 0 && attention_decode_supported(kv.head_dim, n_head / kv.n_head_kv);
+  if (!fused) return Backend::rope_attention(q, k, v, kv, n_tok, n_head, freq_base, freq_factors, out);
+  note_write();
+  check_kv(kv, n_tok, "rope_attention");
+  DeviceGuard g(device_);
+  attention_impl(q, kv, n_tok, n_head, out, k, v, freq_base, freq_factors_on_device(freq_factors, kv.head_dim / 2));
+}
+
 void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) {
   note_write();
-  if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
-    fail_kind(ErrorKind::kUnsupported, "cuda attention: KV type ", type_name(kv.type), " (f16 or f32 only)");
+  check_kv(kv, n_tok, "attention");
+  DeviceGuard g(device_);
+  attention_impl(q, kv, n_tok, n_head, out, nullptr, nullptr, 0.0f, nullptr);
+}
+
+void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out,
+                                 const float* k_new, const float* v_new, float freq_base, const float* ff_device) {
   if (kv.n_head_kv <= 0 || n_head % kv.n_head_kv != 0)
     fail("cuda attention: n_head ", n_head, " is not a multiple of n_head_kv ", kv.n_head_kv);
-  if (step_.pos0 + n_tok > kv.n_ctx)
-    fail("cuda attention: positions [", step_.pos0, ", ", step_.pos0 + n_tok, ") exceed the cache of ", kv.n_ctx);
   if (n_tok <= 0) return;
-  DeviceGuard g(device_);
   const StepDev* sd = step_dev_.as<StepDev>();
   if (n_tok == 1 && !force_generic_attn_ && attention_decode_supported(kv.head_dim, n_head / kv.n_head_kv)) {
+    if (skip_ & 8) {
+      if (xq_target(1, n_head * kv.head_dim)) mark_quantized(out, n_head * kv.head_dim);
+      return;
+    }
     const int n_split = attention_decode_splits(kv.n_ctx, kv.n_head_kv, sm_count_);
     auto* part = static_cast<float*>(
         scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
-    const bool quantized = launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head,
-                                                   n_split, part, out, sd, stream(), xq_target(1, n_head * kv.head_dim));
+    const bool quantized =
+        launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
+                                sd, stream(), xq_target(1, n_head * kv.head_dim), k_new, v_new, freq_base, ff_device);
     if (quantized) mark_quantized(out, n_head * kv.head_dim);  // note_write() came first
     return;
   }
+  if (k_new) fail_kind(ErrorKind::kInternal, "cuda attention: the fused rope form is for the decode kernel only");
   if (kv.head_dim > 256)
     fail_kind(ErrorKind::kUnsupported, "cuda attention: head_dim ", kv.head_dim, " > 256 is not implemented");
   if (n_tok > 1 && !force_generic_attn_ &&

@@ -47,6 +47,12 @@ class CudaBackend final : public Backend {
   void rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok, int64_t n_head,
                      float freq_base, const float* freq_factors) override;
   void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override;
+  void attention_impl(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out,
+                      const float* k_new, const float* v_new, float freq_base, const float* ff_device);
+  // Decode (n_tok == 1, the flash-decoding kernel's shapes): one kernel rotates q and k, stores the new
+  // rows and attends (plus the combine), instead of rope_kv_store's kernel before it.
+  void rope_attention(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok, int64_t n_head,
+                      float freq_base, const float* freq_factors, float* out) override;
   void top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
                       std::vector<TokenCandidate>& top, float* extra_values) override;
 
@@ -81,6 +87,8 @@ class CudaBackend final : public Backend {
   int* xq_target(int64_t n_tok, int64_t n);                       // where to write, or null
   void produced(const float* y, int64_t n, bool quantized);       // after a producer's launch
   void mark_quantized(const float* y, int64_t n);                 // xq_ holds y's row as of this op
+  // Checks shared by rope_kv_store, attention and rope_attention.
+  void check_kv(const KvLayerView& kv, int64_t n_tok, const char* op) const;
   // Every op that may write device memory (a quantized row's source included) calls this first.
   void note_write() { ++op_seq_; }
   const int* xq_for(const float* x, int64_t n_cols);              // valid copy of x, or null
@@ -106,6 +114,7 @@ class CudaBackend final : public Backend {
   uint64_t op_seq_ = 0, xq_seq_ = ~uint64_t{0};
   bool has_packed_ = false;
   bool prequant_ = true;      // SHARDLM_CUDA_PREQUANT
+  bool fuse_rope_ = true;     // SHARDLM_CUDA_FUSE_ROPE
   int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
   // top_candidates: key rounds (topk_scratch_keys each), extra ids and their values, and the host side.
   DevMem topk_a_, topk_b_, extra_ids_, extra_vals_;
@@ -127,6 +136,7 @@ class CudaBackend final : public Backend {
   bool force_generic_attn_ = false;
   bool pack_weights_ = true;
   int pk_variant_ = 0;
+  int skip_ = 0;  // SHARDLM_CUDA_SKIP (diagnostic)
   int64_t scratch_gen_ = 0;
 };
 

@@ -103,10 +103,16 @@ bool attention_decode_supported(int64_t head_dim, int64_t group);
 // Decode (n_tok == 1): flash-decoding over `n_split` slices of [0, pos0], then a combine kernel.
 // `partial` holds n_head * n_split * (head_dim + 2) floats.
 // xq (optional): the output also quantized for the packed matvecs (quant_x.cuh); returns whether it was.
-bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_dim) */, const void* k_cache,
-                             const void* v_cache, int64_t n_ctx, int64_t n_head_kv, int64_t head_dim,
+// k_new (optional, with v_new): the fused rope_attention form. q and k_new are not yet rotated; the kernel
+// rotates them (rope_pair's angles) and stores the rotated key and v_new at position pos0 of the caches
+// (q and k_new are left as they were).
+bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_dim) */, void* k_cache,
+                             void* v_cache, int64_t n_ctx, int64_t n_head_kv, int64_t head_dim,
                              int64_t n_head, int n_split, float* partial, float* out /* (n_head, head_dim) */,
-                             const StepDev* step, cudaStream_t stream, int* xq = nullptr);
+                             const StepDev* step, cudaStream_t stream, int* xq = nullptr,
+                             const float* k_new = nullptr /* (n_head_kv, head_dim) */,
+                             const float* v_new = nullptr /* (n_head_kv, head_dim) */, float freq_base = 0.0f,
+                             const float* freq_factors = nullptr /* (head_dim/2) device, or null */);
 // Any n_tok (prefill): one block per (token, head), online softmax over 32-position key tiles, causal.
 void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
                               const void* k_cache, const void* v_cache, int64_t n_ctx, int64_t n_head_kv,

@@ -34,7 +34,15 @@ unsigned grid_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
 // One block per token row. Rows up to kNormVec * 4 * blockDim floats stay in registers (one read of x);
 // longer rows are read twice. kAdd: x += delta first (written back), the residual add fused into the norm
 // with the same float operations as add_kernel followed by the norm.
-constexpr int kNormThreads = 1024, kNormVec = 4;
+// The weight row is loaded before the PDL wait (it is a weight: no kernel writes it), so its DRAM latency
+// overlaps the previous kernel; blocks are as small as the row allows (norm_threads) so that one fits on
+// an SM beside the persistent matvec blocks and can start early. (A 1024-thread block that loaded w after
+// the wait cost 3.8 us per norm, 243 us of a 2.4 ms Q4_0 token; H100, 2026-11-26.)
+constexpr int kNormThreads = 512, kNormVec = 8;
+// 16 elements per thread where the row allows (a 4096 row: 256 threads), up to kNormVec * 4.
+int norm_threads(int64_t n) {
+  return static_cast<int>(std::clamp<int64_t>((n + 16 * 32 - 1) / (16 * 32) * 32, 128, kNormThreads));
+}
 template <bool kAdd>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* __restrict__ x /* (n_tok, n); read-only unless kAdd */,
                                                                const float* __restrict__ delta /* (n_tok, n) or null */,
@@ -42,13 +50,21 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* __restric
                                                                float* __restrict__ y /* (n_tok, n) */, int64_t n,
                                                                float eps,
                                                                int* __restrict__ xq /* (quant_x_words(n)) or null */) {
-  pdl_enter();
+  pdl_trigger();
   float* xr = x + blockIdx.x * n;
   const float* dr = kAdd ? delta + blockIdx.x * n : nullptr;
   float* yr = y + blockIdx.x * n;
   const bool vec = (n % 4 == 0) && (n <= static_cast<int64_t>(kNormVec) * 4 * blockDim.x) &&
                    aligned16(xr) && aligned16(yr) && aligned16(w) && (!kAdd || aligned16(dr));
-  float4 v[kNormVec];
+  float4 v[kNormVec], wv[kNormVec];
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < kNormVec; ++k) {
+      const int64_t i = (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * 4;
+      wv[k] = i < n ? __ldg(reinterpret_cast<const float4*>(w + i)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  pdl_wait();
   float ss = 0.0f;
   if (vec) {
 #pragma unroll
@@ -89,7 +105,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* __restric
       const int64_t e4 = threadIdx.x + static_cast<int64_t>(k) * blockDim.x, i = e4 * 4;
       float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
       if (i < n) {
-        const float4 g = *reinterpret_cast<const float4*>(w + i);
+        const float4 g = wv[k];
         o = make_float4(v[k].x * scale * g.x, v[k].y * scale * g.y, v[k].z * scale * g.z, v[k].w * scale * g.w);
         *reinterpret_cast<float4*>(yr + i) = o;
       }
@@ -255,113 +271,203 @@ __global__ void rope_kv_store_kernel(float* __restrict__ q /* (n_tok, n_head, he
 
 // ---- attention ----------------------------------------------------------------------------------------
 // Decode, flash-decoding style. Block (kv head kh, split s) covers positions [s*chunk, min(len, (s+1)*chunk))
-// for the G query heads that share kv head kh; chunk = ceil(len / n_split) rounded up to 32, len = pos0 + 1.
-// Each warp takes 32-position tiles: lane = position for the scores (q in shared memory), lane = dims for
-// the V accumulation. Partial results (m, l, acc) go to `partial`, merged by attention_combine_kernel.
+// for the G query heads that share kv head kh; chunk = attn_chunk(len, n_split), len = pos0 + 1. Blocks
+// past len have nothing to do and leave at once; the combine kernel reads only the splits before them.
+// Each warp takes 32-position tiles and requests all of a tile's key and value pieces before it uses the
+// first: the cache rows of a layer have left L2 by the next token, and the earlier version's ~8 dependent
+// rounds of loads per tile made attention + combine ~12 us of a ~75 us Q4_0 layer (H100, 2026-11-26).
+// Scores: lane = position (its key row in registers, q from shared memory). Values: a row is KP lanes
+// (lane c holds elements cE..cE+E-1), PG rows at once; the PG partial sums meet by shuffles at the end.
+// Fused form (rp.k_new set, rope_attention): the kernel also rotates q and the new key (rope_pair's double
+// precision, the angles computed before the PDL wait) and the block whose range holds pos0 stores the new
+// key and value rows, which only that block reads.
 constexpr int kAttnWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 
+struct AttnRope {
+  const float* k_new;  // (n_head_kv, D) this step's key, not yet rotated; null: the cache is complete
+  const float* v_new;  // (n_head_kv, D)
+  const float* ff;     // (D / 2) device, or null
+  float freq_base;
+};
+
+__host__ __device__ inline int64_t attn_chunk(int64_t len, int n_split) {
+  return ((len + n_split - 1) / n_split + 31) / 32 * 32;
+}
+
+// 16 bytes of cache elements as floats.
+__device__ __forceinline__ void kv_piece(const uint4& u, float (&o)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
+    o[2 * k] = f.x;
+    o[2 * k + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void kv_piece(const uint4& u, float (&o)[4]) {
+  o[0] = __uint_as_float(u.x);
+  o[1] = __uint_as_float(u.y);
+  o[2] = __uint_as_float(u.z);
+  o[3] = __uint_as_float(u.w);
+}
+// Plain (coherent) load: in the fused form a block reads the row it has just stored.
+__device__ __forceinline__ uint4 ld_piece(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+
 template <typename KV, int D, int G>
 __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
-    const float* __restrict__ q,   // (n_head, D), n_head = n_head_kv * G
-    const KV* __restrict__ kc,     // (n_ctx, n_head_kv, D)
-    const KV* __restrict__ vc,     // (n_ctx, n_head_kv, D)
+    const float* __restrict__ q,   // (n_head, D), n_head = n_head_kv * G; not yet rotated in the fused form
+    KV* __restrict__ kc,           // (n_ctx, n_head_kv, D)
+    KV* __restrict__ vc,           // (n_ctx, n_head_kv, D)
     int64_t n_ctx, int64_t n_head_kv, int n_split,
     float* __restrict__ partial,   // (n_head, n_split, D + 2): acc[D], m, l
-    const StepDev* __restrict__ step) {
-  pdl_enter();
-  constexpr int DL = D / 32;  // dims per lane in the V pass
-  __shared__ __align__(16) float qs[G][D];  // queries pre-scaled by log2(e)/sqrt(D)
+    const StepDev* __restrict__ step, AttnRope rp) {
+  constexpr int E = 16 / static_cast<int>(sizeof(KV));  // cache elements per 16-byte piece
+  constexpr int KP = D / E;                             // pieces per cache row: 8, 16 or 32
+  constexpr int KB = KP < 16 ? KP : 16;                 // key pieces per lane loaded together
+  constexpr int PG = 32 / KP;                           // value rows a warp reads at once
+  constexpr int VP = 32 / PG;                           // value pieces per lane per tile
+  // Value pieces per lane loaded together: half a tile's when G x E accumulators would leave too few
+  // registers (f16, head_dim 128, G = 8 spilled ~280 bytes with all 16).
+  constexpr int VB = (VP < 16 ? VP : 16) / (G * E > 32 ? 2 : 1);
+  __shared__ __align__(16) float qs[G][D];              // queries pre-scaled by log2(e)/sqrt(D)
+  __shared__ double rot[D / 2][2];                      // cos, sin of pair i's angle (fused form)
   __shared__ float wm[kAttnWarps][G], wl[kAttnWarps][G];
   __shared__ float wacc[kAttnWarps][G][D];
+  pdl_trigger();
   const int kh = blockIdx.x, s = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t len = min(step->pos0 + 1, n_ctx);  // the host checks pos0 < n_ctx; this keeps a replay in bounds
-  const int64_t chunk = ((len + n_split - 1) / n_split + 31) / 32 * 32;
+  // The step's position is copied by the host before the graph runs, not by a kernel: readable before the wait.
+  const int64_t pos = step->pos0;
+  const int64_t len = min(pos + 1, n_ctx);  // the host checks pos0 < n_ctx; this keeps a replay in bounds
+  const int64_t chunk = attn_chunk(len, n_split);
   const int64_t p_begin = s * chunk, p_end = min(len, p_begin + chunk);
+  if (p_begin >= p_end) return;
+  if (rp.k_new) {
+    for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
+      double theta = pow(static_cast<double>(rp.freq_base), -2.0 * i / static_cast<double>(D));
+      if (rp.ff) theta /= static_cast<double>(rp.ff[i]);
+      sincos(static_cast<double>(pos) * theta, &rot[i][1], &rot[i][0]);
+    }
+    __syncthreads();
+  }
+  pdl_wait();
   const float scale = kLog2e / sqrtf(static_cast<float>(D));
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i / D][i % D] = q[(kh * G + i / D) * D + i % D] * scale;
-  __syncthreads();
+  for (int i = threadIdx.x; i < G * D / 2; i += blockDim.x) {
+    const int g = i / (D / 2), j = i % (D / 2);
+    const float2 x = *reinterpret_cast<const float2*>(q + (kh * G + g) * D + 2 * j);
+    float x0 = x.x, x1 = x.y;
+    if (rp.k_new) {
+      const double c = rot[j][0], sn = rot[j][1];
+      x0 = static_cast<float>(x.x * c - x.y * sn);
+      x1 = static_cast<float>(x.x * sn + x.y * c);
+    }
+    qs[g][2 * j] = x0 * scale;
+    qs[g][2 * j + 1] = x1 * scale;
+  }
+  const int64_t kv_row = n_head_kv * D;
+  if (rp.k_new && pos >= p_begin && pos < p_end) {
+    for (int j = threadIdx.x; j < D / 2; j += blockDim.x) {
+      const int64_t src = kh * D + 2 * j, dst = pos * kv_row + src;
+      const float k0 = rp.k_new[src], k1 = rp.k_new[src + 1];
+      const double c = rot[j][0], sn = rot[j][1];
+      kc[dst] = to_kv<KV>(static_cast<float>(k0 * c - k1 * sn));
+      kc[dst + 1] = to_kv<KV>(static_cast<float>(k0 * sn + k1 * c));
+      vc[dst] = to_kv<KV>(rp.v_new[src]);
+      vc[dst + 1] = to_kv<KV>(rp.v_new[src + 1]);
+    }
+  }
+  __syncthreads();  // qs, and the stored row visible to the whole block
 
-  float m[G], l[G], acc[G][DL];
+  float m[G], l[G], acc[G][E];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < DL; ++i) acc[g][i] = 0.0f;
+    for (int e = 0; e < E; ++e) acc[g][e] = 0.0f;
   }
-  const int64_t kv_row = n_head_kv * D;
+  const int c = lane % KP, pg = lane / KP;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   for (int64_t t0 = p_begin + warp * 32; t0 < p_end; t0 += kAttnWarps * 32) {
     const int64_t p = t0 + lane;
-    float sc[G];
-    if (p < p_end) {
-      const KV* kr = kc + p * kv_row + kh * D;
+    const bool pv = p < p_end;
+    const KV* kr = kc + (pv ? p : p_begin) * kv_row + kh * D;
+    // Value piece j of this lane: position t0 + j * PG + pg; past p_end it reads as zeros (its weight is 0,
+    // and an unwritten cache row could hold NaN).
+    const auto load_v = [&](uint4 (&vw)[VB], int j0) {
 #pragma unroll
-      for (int g = 0; g < G; ++g) sc[g] = 0.0f;
-      // the lane's key row in 16-byte loads (rows are D * sizeof(KV) >= 128 bytes apart)
-#pragma unroll 4
-      for (int d0 = 0; d0 < D; d0 += 8) {
-        float kf[8];
-        load8(kr + d0, kf);
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const float4 qa = *reinterpret_cast<const float4*>(&qs[g][d0]);
-          const float4 qb = *reinterpret_cast<const float4*>(&qs[g][d0 + 4]);
-          sc[g] = fmaf(qa.x, kf[0], sc[g]);
-          sc[g] = fmaf(qa.y, kf[1], sc[g]);
-          sc[g] = fmaf(qa.z, kf[2], sc[g]);
-          sc[g] = fmaf(qa.w, kf[3], sc[g]);
-          sc[g] = fmaf(qb.x, kf[4], sc[g]);
-          sc[g] = fmaf(qb.y, kf[5], sc[g]);
-          sc[g] = fmaf(qb.z, kf[6], sc[g]);
-          sc[g] = fmaf(qb.w, kf[7], sc[g]);
-        }
+      for (int j = 0; j < VB; ++j) {
+        const int64_t pp = t0 + (j0 + j) * PG + pg;
+        vw[j] = pp < p_end ? ld_piece(vc + pp * kv_row + kh * D + c * E) : zero;
       }
-    } else {
+    };
+    float sc[G];
 #pragma unroll
-      for (int g = 0; g < G; ++g) sc[g] = -INFINITY;
+    for (int g = 0; g < G; ++g) sc[g] = 0.0f;
+    uint4 vw[VB];
+#pragma unroll
+    for (int b0 = 0; b0 < KP; b0 += KB) {
+      uint4 kw[KB];
+#pragma unroll
+      for (int i = 0; i < KB; ++i) kw[i] = pv ? ld_piece(kr + (b0 + i) * E) : zero;
+      if (b0 == 0) load_v(vw, 0);
+#pragma unroll
+      for (int i = 0; i < KB; ++i) {
+        float f[E];
+        kv_piece(kw[i], f);
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+#pragma unroll
+          for (int e = 0; e < E; ++e) sc[g] = fmaf(qs[g][(b0 + i) * E + e], f[e], sc[g]);
+      }
     }
     float pr[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      const float mt = warp_max(sc[g]);
-      const float mn = fmaxf(m[g], mt);
-      const float corr = exp2f(m[g] - mn);  // m = -inf at first: 0
-      pr[g] = (p < p_end) ? exp2f(sc[g] - mn) : 0.0f;
+      if (!pv) sc[g] = -INFINITY;
+      const float mn = fmaxf(m[g], warp_max(sc[g]));  // finite: lane 0's position is in range
+      const float corr = exp2f(m[g] - mn);             // m = -inf at first: 0
+      pr[g] = pv ? exp2f(sc[g] - mn) : 0.0f;
       l[g] = l[g] * corr + warp_sum(pr[g]);
       m[g] = mn;
 #pragma unroll
-      for (int i = 0; i < DL; ++i) acc[g][i] *= corr;
+      for (int e = 0; e < E; ++e) acc[g][e] *= corr;
     }
-    const int n_here = static_cast<int>(p_end - t0 < 32 ? p_end - t0 : 32);
-    for (int j0 = 0; j0 < n_here; j0 += 8) {
-      float vv[8][DL];  // 8 positions' loads in flight before the first use
 #pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        const KV* vr = vc + (t0 + min(j0 + jj, n_here - 1)) * kv_row + kh * D;
+    for (int j0 = 0; j0 < VP; j0 += VB) {
+      if (j0 > 0) load_v(vw, j0);
 #pragma unroll
-        for (int i = 0; i < DL; ++i) vv[jj][i] = kv_f32(vr[lane + 32 * i]);
-      }
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
+      for (int j = 0; j < VB; ++j) {
+        float f[E];
+        kv_piece(vw[j], f);
+        const int src = (j0 + j) * PG + pg;  // the lane whose position this piece belongs to
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          const float pj = __shfl_sync(0xffffffffu, pr[g], (j0 + jj) & 31);  // pr = 0 past n_here
+          const float w = __shfl_sync(0xffffffffu, pr[g], src);
 #pragma unroll
-          for (int i = 0; i < DL; ++i) acc[g][i] = fmaf(pj, vv[jj][i], acc[g][i]);
+          for (int e = 0; e < E; ++e) acc[g][e] = fmaf(w, f[e], acc[g][e]);
         }
+      }
     }
   }
-  // merge the warps
+  // the PG row groups of each warp, then the warps
+#pragma unroll
+  for (int o = KP; o < 32; o <<= 1)
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (lane == 0) {
       wm[warp][g] = m[g];
       wl[warp][g] = l[g];
     }
+    if (lane < KP) {
 #pragma unroll
-    for (int i = 0; i < DL; ++i) wacc[warp][g][lane + 32 * i] = acc[g][i];
+      for (int e = 0; e < E; ++e) wacc[warp][g][c * E + e] = acc[g][e];
+    }
   }
   __syncthreads();
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
@@ -371,9 +477,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
     float ll = 0.0f, a = 0.0f;
     if (mm != -INFINITY) {
       for (int w = 0; w < kAttnWarps; ++w) {
-        const float c = exp2f(wm[w][g] - mm);
-        ll += wl[w][g] * c;
-        a += wacc[w][g][d] * c;
+        const float cw = exp2f(wm[w][g] - mm);
+        ll += wl[w][g] * cw;
+        a += wacc[w][g][d] * cw;
       }
     }
     float* out = partial + ((static_cast<int64_t>(kh) * G + g) * n_split + s) * (D + 2);
@@ -385,39 +491,38 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
   }
 }
 
+// One block per query head, one thread per element: the splits that had positions, merged online in one
+// pass (all their loads in flight together).
 __global__ void attention_combine_kernel(const float* __restrict__ partial /* (n_head, n_split, D + 2) */,
-                                         int n_split, int64_t D, float* __restrict__ out /* (n_head, D) */,
+                                         int n_split, int64_t D, int64_t n_ctx, const StepDev* __restrict__ step,
+                                         float* __restrict__ out /* (n_head, D) */,
                                          int* __restrict__ xq /* (quant_x_words(n_head * D)) or null; D % 32 == 0 */) {
-  pdl_enter();
-  __shared__ float wgt[256];  // (n_split): exp2(m_s - M), then times 1/L
-  __shared__ float red[2];
+  pdl_trigger();
+  const int64_t len = min(step->pos0 + 1, n_ctx);  // host-written before the graph: readable before the wait
+  const int64_t chunk = attn_chunk(len, n_split);
+  const int n_active = static_cast<int>(min(static_cast<int64_t>(n_split), (len + chunk - 1) / chunk));
+  pdl_wait();
   const int h = blockIdx.x;
   const float* ph = partial + static_cast<int64_t>(h) * n_split * (D + 2);
-  if (threadIdx.x < 32) {
-    float mm = -INFINITY;
-    for (int s = threadIdx.x; s < n_split; s += 32) mm = fmaxf(mm, ph[s * (D + 2) + D]);
-    mm = warp_max(mm);
-    float ll = 0.0f;
-    for (int s = threadIdx.x; s < n_split; s += 32) {
-      const float m = ph[s * (D + 2) + D];
-      const float c = (m == -INFINITY) ? 0.0f : exp2f(m - mm);
-      wgt[s] = c;
-      ll += c * ph[s * (D + 2) + D + 1];
-    }
-    ll = warp_sum(ll);
-    if (threadIdx.x == 0) red[0] = 1.0f / ll;
-  }
-  __syncthreads();
-  const float inv = red[0];
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float a = 0.0f;
+    float mm = -INFINITY, ll = 0.0f, a = 0.0f;
 #pragma unroll 8
-    for (int s = 0; s < n_split; ++s) a = fmaf(wgt[s], ph[s * (D + 2) + d], a);
-    out[h * D + d] = a * inv;
+    for (int sp = 0; sp < n_active; ++sp) {
+      const float* ps = ph + sp * (D + 2);
+      const float ms = ps[D], ls = ps[D + 1], as = ps[d];
+      if (ms == -INFINITY) continue;  // no finite score in that split
+      const float mn = fmaxf(mm, ms);
+      const float co = exp2f(mm - mn), cn = exp2f(ms - mn);  // co = 0 while mm = -inf
+      ll = ll * co + ls * cn;
+      a = a * co + as * cn;
+      mm = mn;
+    }
+    const float r = a / ll;
+    out[h * D + d] = r;
     // The o projection's int8 row (quant_x.cuh): a warp holds 32 consecutive elements of this head.
     if (xq) {
       const int64_t n = static_cast<int64_t>(gridDim.x) * D;
-      quantize_store1(a * inv, h * D + d, true, xq, reinterpret_cast<float*>(xq + n / 4),
+      quantize_store1(r, h * D + d, true, xq, reinterpret_cast<float*>(xq + n / 4),
                       reinterpret_cast<float*>(xq + n / 4) + n / 32);
     }
   }
@@ -919,7 +1024,7 @@ bool launch_rms_norm(const float* x, const float* w, float* y, int64_t n_tok, in
   if (n_tok <= 0) return false;
   if (!norm_quantizes(x, nullptr, w, y, n_tok, n, xq)) xq = nullptr;
   // Not written without kAdd.
-  launch_pdl(rms_norm_kernel<false>, dim3(static_cast<unsigned>(n_tok)), dim3(kNormThreads), 0, s,
+  launch_pdl(rms_norm_kernel<false>, dim3(static_cast<unsigned>(n_tok)), dim3(norm_threads(n)), 0, s,
              const_cast<float*>(x), static_cast<const float*>(nullptr), w, y, n, eps, xq);
   SHARDLM_CUDA_CHECK_LAUNCH("rms_norm_kernel");
   return xq != nullptr;
@@ -929,7 +1034,7 @@ bool launch_add_rms_norm(float* x, const float* delta, const float* w, float* y,
                          cudaStream_t s, int* xq) {
   if (n_tok <= 0) return false;
   if (!norm_quantizes(x, delta, w, y, n_tok, n, xq)) xq = nullptr;
-  launch_pdl(rms_norm_kernel<true>, dim3(static_cast<unsigned>(n_tok)), dim3(kNormThreads), 0, s, x, delta, w, y, n,
+  launch_pdl(rms_norm_kernel<true>, dim3(static_cast<unsigned>(n_tok)), dim3(norm_threads(n)), 0, s, x, delta, w, y, n,
              eps, xq);
   SHARDLM_CUDA_CHECK_LAUNCH("rms_norm_kernel<add>");
   return xq != nullptr;
@@ -1011,36 +1116,40 @@ bool attention_decode_supported(int64_t head_dim, int64_t group) {
 }
 
 template <typename KV, int D>
-static void decode_d(int64_t group, const float* q, const void* kc, const void* vc, int64_t n_ctx, int64_t n_head_kv,
-                     int n_split,
-                     float* partial, const StepDev* step, cudaStream_t s) {
+static void decode_d(int64_t group, const float* q, void* kc, void* vc, int64_t n_ctx, int64_t n_head_kv, int n_split,
+                     float* partial, const StepDev* step, const AttnRope& rp, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(n_head_kv), static_cast<unsigned>(n_split));
-  const auto* k = static_cast<const KV*>(kc);
-  const auto* v = static_cast<const KV*>(vc);
+  auto* k = static_cast<KV*>(kc);
+  auto* v = static_cast<KV*>(vc);
+  const dim3 block(kAttnWarps * 32);
   switch (group) {
-    case 1: launch_pdl(attention_decode_kernel<KV, D, 1>, dim3(grid), dim3(kAttnWarps * 32), 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
-    case 2: launch_pdl(attention_decode_kernel<KV, D, 2>, dim3(grid), dim3(kAttnWarps * 32), 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
-    case 4: launch_pdl(attention_decode_kernel<KV, D, 4>, dim3(grid), dim3(kAttnWarps * 32), 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
-    default: launch_pdl(attention_decode_kernel<KV, D, 8>, dim3(grid), dim3(kAttnWarps * 32), 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step); break;
+    case 1: launch_pdl(attention_decode_kernel<KV, D, 1>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step, rp); break;
+    case 2: launch_pdl(attention_decode_kernel<KV, D, 2>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step, rp); break;
+    case 4: launch_pdl(attention_decode_kernel<KV, D, 4>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step, rp); break;
+    default: launch_pdl(attention_decode_kernel<KV, D, 8>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, step, rp); break;
   }
   SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
 }
 
-bool launch_attention_decode(GgmlType kv_type, const float* q, const void* k_cache, const void* v_cache,
-                             int64_t n_ctx, int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split,
-                             float* partial, float* out, const StepDev* step, cudaStream_t s, int* xq) {
+bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, void* v_cache, int64_t n_ctx,
+                             int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split, float* partial,
+                             float* out, const StepDev* step, cudaStream_t s, int* xq, const float* k_new,
+                             const float* v_new, float freq_base, const float* freq_factors) {
   // Whole warps of one head each (head_dim 64 or 128 here, one thread per element).
   if (!(xq && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
   const int64_t group = n_head / n_head_kv;
   const bool f16 = kv_type == GgmlType::F16;
+  const AttnRope rp{k_new, k_new ? v_new : nullptr, freq_factors, freq_base};
   if (head_dim == 64) {
-    if (f16) decode_d<__half, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
-    else decode_d<float, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
+    if (f16) decode_d<__half, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, rp, s);
+    else decode_d<float, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, rp, s);
   } else {
-    if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
-    else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, s);
+    if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, rp, s);
+    else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, step, rp, s);
   }
-  launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)), dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, out, xq);
+  launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)),
+             dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, n_ctx,
+             step, out, xq);
   SHARDLM_CUDA_CHECK_LAUNCH("attention_combine_kernel");
   return xq != nullptr;
 }
