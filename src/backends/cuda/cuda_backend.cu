@@ -1,5 +1,6 @@
 // CudaBackend: argument checks, buffers, dispatch to the kernels, cuBLAS for prefill, CUDA graphs.
 #include "backends/cuda/cuda_backend_impl.cuh"
+#include "backends/cuda/mv_common.cuh"
 #include "backends/cuda/pack.h"
 #include "backends/cuda/quant_x.cuh"
 
@@ -371,40 +372,53 @@ void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, floa
   const int* xpre = n_tok == 1 ? xq_for(x, ws[0].n_cols) : nullptr;
   note_write();
   if (n_tok <= 0) return;
-  bool same = n <= 4;
-  for (int i = 1; i < n && same; ++i)
-    same = ws[i].type == ws[0].type && ws[i].n_cols == ws[0].n_cols && ws[i].packed == ws[0].packed;
-  if (n == 1 || !same) {
-    for (int i = 0; i < n; ++i) matmul_impl(ws[i], x, ys[i], n_tok, ws[i].n_cols == ws[0].n_cols ? xpre : nullptr);
+  if (n_tok == 1) {
+    // One launch per run of consecutive weights that share type, width and layout (all of q/k/v or gate/up
+    // usually; Q4_K_M's Q6_K v after its Q4_K q/k: two).
+    for (int i = 0; i < n;) {
+      int j = i + 1;
+      while (j < n && j - i < MvGroup::kMax && ws[j].type == ws[i].type && ws[j].n_cols == ws[i].n_cols &&
+             ws[j].packed == ws[i].packed)
+        ++j;
+      matvec_group(ws + i, j - i, x, ys + i, ws[i].n_cols == ws[0].n_cols ? xpre : nullptr);
+      i = j;
+    }
     return;
   }
+  bool same = true;
+  for (int i = 1; i < n && same; ++i) same = ws[i].type == ws[0].type && ws[i].n_cols == ws[0].n_cols;
+  if (!same || uses_matvec(ws[0], n_tok) || ws[0].type == GgmlType::F32) {
+    for (int i = 0; i < n; ++i) matmul_impl(ws[i], x, ys[i], n_tok, nullptr);
+    return;
+  }
+  // Prefill: x converted to 16 bits once for the whole group.
   DeviceGuard g(device_);
-  if ((skip_ & 16) && n_tok == 1) return;
-  // The group's pointers, strides and row counts as the launchers take them (n <= 4 here).
-  const void* w[4];
-  size_t stride[4];
-  int64_t rows[4];
+  const bool bf16 = ws[0].type == GgmlType::BF16;
+  void* x16 = scratch(x16_, static_cast<size_t>(n_tok * ws[0].n_cols) * 2, "x16");
+  launch_f32_to_16(x, x16, n_tok * ws[0].n_cols, bf16, stream());
+  for (int i = 0; i < n; ++i) gemm(ws[i], x, x16, ys[i], n_tok);
+}
+
+void CudaBackend::matvec_group(const WeightView* ws, int n, const float* x, float* const* ys, const int* xpre) {
+  if (n == 1) return matmul_impl(ws[0], x, ys[0], 1, xpre);
+  DeviceGuard g(device_);
+  if (skip_ & 16) return;
+  const void* w[MvGroup::kMax];
+  size_t stride[MvGroup::kMax];
+  int64_t rows[MvGroup::kMax];
   for (int i = 0; i < n; ++i) {
     w[i] = ws[i].data;
     stride[i] = ws[i].row_stride;
     rows[i] = ws[i].n_rows;
   }
-  if (n_tok == 1 && ws[0].packed) {
+  if (ws[0].packed) {
     launch_matvec_packed(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, sm_count_, stream(), pk_variant_, xpre);
     return;
   }
-  if (n_tok == 1 && !ws[0].packed && !force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0 &&
+  if (!force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0 &&
       launch_matvec_group(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, stream()))
     return;
-  if (uses_matvec(ws[0], n_tok) || ws[0].type == GgmlType::F32) {
-    for (int i = 0; i < n; ++i) matmul_impl(ws[i], x, ys[i], n_tok, xpre);
-    return;
-  }
-  // Prefill: x converted to 16 bits once for the whole group.
-  const bool bf16 = ws[0].type == GgmlType::BF16;
-  void* x16 = scratch(x16_, static_cast<size_t>(n_tok * ws[0].n_cols) * 2, "x16");
-  launch_f32_to_16(x, x16, n_tok * ws[0].n_cols, bf16, stream());
-  for (int i = 0; i < n; ++i) gemm(ws[i], x, x16, ys[i], n_tok);
+  for (int i = 0; i < n; ++i) matmul_impl(ws[i], x, ys[i], 1, xpre);
 }
 
 void CudaBackend::gemm(const WeightView& w, const float* x, const void* x16_ready, float* y, int64_t n_tok) {

@@ -80,6 +80,8 @@ class CudaBackend final : public Backend {
   const float* freq_factors_on_device(const float* host, int64_t n);
   bool uses_matvec(const WeightView& w, int64_t n_tok) const;  // matvec per token rather than cuBLAS
   void matmul_impl(const WeightView& w, const float* x, float* y, int64_t n_tok, const int* xpre);
+  // One token, n <= MvGroup::kMax (4) weights of one type, width and layout: one launch where a kernel allows.
+  void matvec_group(const WeightView* ws, int n, const float* x, float* const* ys, const int* xpre);
   // Activations quantized where they are produced (quant_x.cuh): rms_norm, add_rms_norm and swiglu write
   // the int8 row next to their float output when packed weights may read it; the next op, if it is a
   // matmul of that very row, passes it to the packed matvec instead of letting every block quantize x.
