@@ -22,6 +22,7 @@
 #include "backends/cuda/pack.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "support/candidate_checks.h"
 
 namespace shardlm {
 namespace {
@@ -941,15 +942,8 @@ TEST_F(CudaOps, TopCandidatesMatchAHostSort) {
       std::vector<TokenCandidate> top;
       float ev[3] = {};
       be_->top_candidates(xb.f(), n, k, extra.data(), 3, top, ev);
-      ASSERT_EQ(top.size(), static_cast<size_t>(std::min<int64_t>(k, n))) << "n " << n << " k " << k;
-      for (size_t i = 0; i < top.size(); ++i) {
-        ASSERT_EQ(top[i].id, order[i]) << "n " << n << " k " << k << " rank " << i;
-        const float want = x[size_t(order[i])];
-        if (std::isnan(want))
-          EXPECT_TRUE(std::isnan(top[i].logit));
-        else
-          EXPECT_EQ(top[i].logit, want);
-      }
+      testing_support::expect_candidates(top, order, x.data(), n, k,
+                                         "n " + std::to_string(n) + " k " + std::to_string(k));
       for (int e = 0; e < 3; ++e) EXPECT_EQ(std::memcmp(&ev[e], &x[size_t(extra[size_t(e)])], 4), 0) << "extra " << e;
     }
     (void)xb.get<float>();  // guards intact

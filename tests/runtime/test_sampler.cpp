@@ -8,10 +8,12 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "ops/candidates.h"
 #include "runtime/sampler.h"
+#include "support/candidate_checks.h"
 
 namespace shardlm {
 namespace {
@@ -47,16 +49,8 @@ TEST(Candidates, HostTopKMatchesAPlainSort) {
       std::iota(idx.begin(), idx.end(), 0);
       std::sort(idx.begin(), idx.end(), [&](int a, int b) { return ref_before(l[size_t(a)], a, l[size_t(b)], b); });
       for (int k : {1, 3, 40, 7000}) {
-        const auto top = top_candidates_host(l.data(), n, k);
-        ASSERT_EQ(top.size(), static_cast<size_t>(std::min<int64_t>(k, n)));
-        for (size_t i = 0; i < top.size(); ++i) {
-          EXPECT_EQ(top[i].id, idx[i]) << "n " << n << " k " << k << " rank " << i;
-          const float want = l[size_t(idx[i])];
-          if (std::isnan(want))
-            EXPECT_TRUE(std::isnan(top[i].logit));
-          else
-            EXPECT_EQ(top[i].logit, want);
-        }
+        testing_support::expect_candidates(top_candidates_host(l.data(), n, k), idx, l.data(), n, k,
+                                           "n " + std::to_string(n) + " k " + std::to_string(k));
       }
     }
   }

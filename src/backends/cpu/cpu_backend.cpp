@@ -55,6 +55,12 @@ class CpuBackend final : public Backend {
   void synchronize() override {}
   size_t allocated_bytes() const override { return allocated_; }
   void begin_step(const StepInfo& s) override { step_ = s; }
+  // The logits are host memory already: ranked in place (the default would copy the row first).
+  void top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
+                      std::vector<TokenCandidate>& top, float* extra_values) override {
+    top = top_candidates_host(logits, n, k);
+    for (int i = 0; i < n_extra; ++i) extra_values[i] = logits[extra[i]];
+  }
 
   void get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) override {
     for (int64_t t = 0; t < n_tok; ++t) {
