@@ -321,8 +321,13 @@ __device__ __forceinline__ void kv_piece(const uint4& u, float (&o)[4]) {
 // Plain (coherent) load: in the fused form a block reads the row it has just stored.
 __device__ __forceinline__ uint4 ld_piece(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
+// Heads per warp: with G >= 2 the G query heads are split over two warps per tile slot (kAttnWarps slots, so
+// 4 * attn_head_split(G) warps), which halves each warp's chain of products; at short contexts a block has
+// one tile and its work was one warp's (70B at tp 2, G = 8: ~14 us of a ~130 us layer).
+__host__ __device__ constexpr int attn_head_split(int g) { return g >= 2 ? 2 : 1; }
+
 template <typename KV, int D, int G>
-__global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
+__global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attention_decode_kernel(
     const float* __restrict__ q,   // (n_head, D), n_head = n_head_kv * G; not yet rotated in the fused form
     KV* __restrict__ kc,           // (n_ctx, n_head_kv, D)
     KV* __restrict__ vc,           // (n_ctx, n_head_kv, D)
@@ -331,14 +336,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
     float* __restrict__ out,       // (n_head, D): written here when one split covers the context
     int* __restrict__ xq,          // (quant_x_words(n_head * D)) or null: out quantized (quant_x.cuh)
     const StepDev* __restrict__ step, AttnRope rp) {
+  constexpr int HS = attn_head_split(G), GW = G / HS;   // warps per tile slot, heads per warp
   constexpr int E = 16 / static_cast<int>(sizeof(KV));  // cache elements per 16-byte piece
   constexpr int KP = D / E;                             // pieces per cache row: 8, 16 or 32
   constexpr int KB = KP < 16 ? KP : 16;                 // key pieces per lane loaded together
   constexpr int PG = 32 / KP;                           // value rows a warp reads at once
   constexpr int VP = 32 / PG;                           // value pieces per lane per tile
-  // Value pieces per lane loaded together: half a tile's when G x E accumulators would leave too few
-  // registers (f16, head_dim 128, G = 8 spilled ~280 bytes with all 16).
-  constexpr int VB = (VP < 16 ? VP : 16) / (G * E > 32 ? 2 : 1);
+  // Value pieces per lane loaded together: half a tile's when GW x E accumulators would leave too few
+  // registers (f16, head_dim 128, 8 heads per warp spilled ~280 bytes with all 16).
+  constexpr int VB = (VP < 16 ? VP : 16) / (GW * E > 32 ? 2 : 1);
   __shared__ __align__(16) float qs[G][D];              // queries pre-scaled by log2(e)/sqrt(D)
   __shared__ double rot[D / 2][2];                      // cos, sin of pair i's angle (fused form)
   __shared__ float wm[kAttnWarps][G], wl[kAttnWarps][G];
@@ -346,6 +352,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
   pdl_trigger();
   const int kh = blockIdx.x, s = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int ts = warp / HS, g0 = (warp % HS) * GW;  // tile slot; first head of this warp
   // The step's position is copied by the host before the graph runs, not by a kernel: readable before the wait.
   const int64_t pos = step->pos0;
   const int64_t len = min(pos + 1, n_ctx);  // the host checks pos0 < n_ctx; this keeps a replay in bounds
@@ -354,8 +361,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
   if (p_begin >= p_end) return;
   const int64_t kv_row = n_head_kv * D;
   {
-    const int64_t p = p_begin + warp * 32 + lane;
-    if (p < p_end && p != pos) {
+    const int64_t p = p_begin + ts * 32 + lane;
+    if (g0 == 0 && p < p_end && p != pos) {
 #pragma unroll
       for (int off = 0; off < D * static_cast<int>(sizeof(KV)); off += 128) {
         prefetch_l1(reinterpret_cast<const char*>(kc + p * kv_row + kh * D) + off);
@@ -398,9 +405,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
   }
   __syncthreads();  // qs, and the stored row visible to the whole block
 
-  float m[G], l[G], acc[G][E];
+  float m[GW], l[GW], acc[GW][E];
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < GW; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.0f;
 #pragma unroll
@@ -408,7 +415,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
   }
   const int c = lane % KP, pg = lane / KP;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  for (int64_t t0 = p_begin + warp * 32; t0 < p_end; t0 += kAttnWarps * 32) {
+  for (int64_t t0 = p_begin + ts * 32; t0 < p_end; t0 += kAttnWarps * 32) {
     const int64_t p = t0 + lane;
     const bool pv = p < p_end;
     const KV* kr = kc + (pv ? p : p_begin) * kv_row + kh * D;
@@ -421,9 +428,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
         vw[j] = pp < p_end ? ld_piece(vc + pp * kv_row + kh * D + c * E) : zero;
       }
     };
-    float sc[G];
+    float sc[GW];
 #pragma unroll
-    for (int g = 0; g < G; ++g) sc[g] = 0.0f;
+    for (int g = 0; g < GW; ++g) sc[g] = 0.0f;
     uint4 vw[VB];
 #pragma unroll
     for (int b0 = 0; b0 < KP; b0 += KB) {
@@ -436,14 +443,14 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
         float f[E];
         kv_piece(kw[i], f);
 #pragma unroll
-        for (int g = 0; g < G; ++g)
+        for (int g = 0; g < GW; ++g)
 #pragma unroll
-          for (int e = 0; e < E; ++e) sc[g] = fmaf(qs[g][(b0 + i) * E + e], f[e], sc[g]);
+          for (int e = 0; e < E; ++e) sc[g] = fmaf(qs[g0 + g][(b0 + i) * E + e], f[e], sc[g]);
       }
     }
-    float pr[G];
+    float pr[GW];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < GW; ++g) {
       if (!pv) sc[g] = -INFINITY;
       const float mn = fmaxf(m[g], warp_max(sc[g]));  // finite: lane 0's position is in range
       const float corr = exp2f(m[g] - mn);             // m = -inf at first: 0
@@ -462,7 +469,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
         kv_piece(vw[j], f);
         const int src = (j0 + j) * PG + pg;  // the lane whose position this piece belongs to
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
+        for (int g = 0; g < GW; ++g) {
           const float w = __shfl_sync(0xffffffffu, pr[g], src);
 #pragma unroll
           for (int e = 0; e < E; ++e) acc[g][e] = fmaf(w, f[e], acc[g][e]);
@@ -470,22 +477,22 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_decode_kernel(
       }
     }
   }
-  // the PG row groups of each warp, then the warps
+  // the PG row groups of each warp, then the tile slots
 #pragma unroll
   for (int o = KP; o < 32; o <<= 1)
 #pragma unroll
-    for (int g = 0; g < G; ++g)
+    for (int g = 0; g < GW; ++g)
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < GW; ++g) {
     if (lane == 0) {
-      wm[warp][g] = m[g];
-      wl[warp][g] = l[g];
+      wm[ts][g0 + g] = m[g];
+      wl[ts][g0 + g] = l[g];
     }
     if (lane < KP) {
 #pragma unroll
-      for (int e = 0; e < E; ++e) wacc[warp][g][c * E + e] = acc[g][e];
+      for (int e = 0; e < E; ++e) wacc[ts][g0 + g][c * E + e] = acc[g][e];
     }
   }
   __syncthreads();
@@ -1156,7 +1163,7 @@ static void decode_d(int64_t group, const float* q, void* kc, void* vc, int64_t 
   const dim3 grid(static_cast<unsigned>(n_head_kv), static_cast<unsigned>(n_split));
   auto* k = static_cast<KV*>(kc);
   auto* v = static_cast<KV*>(vc);
-  const dim3 block(kAttnWarps * 32);
+  const dim3 block(kAttnWarps * 32 * attn_head_split(static_cast<int>(group)));
   switch (group) {
     case 1: launch_pdl(attention_decode_kernel<KV, D, 1>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp); break;
     case 2: launch_pdl(attention_decode_kernel<KV, D, 2>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp); break;
