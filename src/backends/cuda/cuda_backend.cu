@@ -119,8 +119,9 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   // so that a decode step's time without them shows what they cost inside the graph (scripts/gpu/skipcost.sh).
   if (const char* p = std::getenv("SHARDLM_CUDA_SKIP")) {
     const std::string v = p;
-    static constexpr std::pair<const char*, int> kKinds[] = {{"none", 0}, {"norm", 1}, {"swiglu", 2}, {"rope", 4},
-                                                             {"attn", 8}, {"mv", 16}};
+    static constexpr std::pair<const char*, int> kKinds[] = {{"none", 0},         {"norm", kSkipNorm},
+                                                             {"swiglu", kSkipSwiglu}, {"rope", kSkipRope},
+                                                             {"attn", kSkipAttn},     {"mv", kSkipMatvec}};
     for (size_t b = 0; b <= v.size();) {
       const size_t e = std::min(v.find(',', b), v.size());
       const std::string kind = v.substr(b, e - b);
@@ -307,7 +308,7 @@ void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t 
 void CudaBackend::rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) {
   if (n <= 0) fail("cuda rms_norm: n = ", n);
   DeviceGuard g(device_);
-  if ((skip_ & 1) && n_tok == 1) return produced(y, n, xq_target(n_tok, n) != nullptr);
+  if ((skip_ & kSkipNorm) && n_tok == 1) return produced(y, n, xq_target(n_tok, n) != nullptr);
   produced(y, n, launch_rms_norm(x, w, y, n_tok, n, eps, stream(), xq_target(n_tok, n)));
 }
 
@@ -343,7 +344,7 @@ void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t 
 void CudaBackend::matmul_impl(const WeightView& w, const float* x, float* y, int64_t n_tok, const int* xpre) {
   if (n_tok <= 0) return;
   DeviceGuard g(device_);
-  if ((skip_ & 16) && n_tok == 1 && w.n_rows < 100000) return;
+  if ((skip_ & kSkipMatvec) && n_tok == 1 && w.n_rows < kSkipKeepRows) return;
   if (w.packed && uses_matvec(w, n_tok)) {
     for (int64_t t = 0; t < n_tok; ++t) {
       float* yt = y + t * w.n_rows;
@@ -402,7 +403,7 @@ void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, floa
 void CudaBackend::matvec_group(const WeightView* ws, int n, const float* x, float* const* ys, const int* xpre) {
   if (n == 1) return matmul_impl(ws[0], x, ys[0], 1, xpre);
   DeviceGuard g(device_);
-  if (skip_ & 16) return;
+  if (skip_ & kSkipMatvec) return;
   const void* w[MvGroup::kMax];
   size_t stride[MvGroup::kMax];
   int64_t rows[MvGroup::kMax];
@@ -478,7 +479,7 @@ void CudaBackend::add(float* y, const float* x, int64_t n) {
 
 void CudaBackend::swiglu(const float* gate, const float* up, float* out, int64_t n) {
   DeviceGuard g(device_);
-  if (skip_ & 2) return produced(out, n, xq_target(1, n) != nullptr);
+  if (skip_ & kSkipSwiglu) return produced(out, n, xq_target(1, n) != nullptr);
   // Quantized as one row of n for the down projection; a matmul uses it only for one token of width n.
   produced(out, n, launch_swiglu(gate, up, out, n, stream(), xq_target(1, n)));
 }
@@ -507,7 +508,7 @@ void CudaBackend::add_rms_norm(float* x, const float* delta, const float* w, flo
                                float eps) {
   if (n <= 0) fail("cuda add_rms_norm: n = ", n);
   DeviceGuard g(device_);
-  if ((skip_ & 1) && n_tok == 1) return produced(y, n, xq_target(n_tok, n) != nullptr);
+  if ((skip_ & kSkipNorm) && n_tok == 1) return produced(y, n, xq_target(n_tok, n) != nullptr);
   produced(y, n, launch_add_rms_norm(x, delta, w, y, n_tok, n, eps, stream(), xq_target(n_tok, n)));
 }
 
@@ -525,7 +526,7 @@ void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLaye
   note_write();
   check_kv(kv, n_tok, "rope_kv_store");
   DeviceGuard g(device_);
-  if ((skip_ & 4) && n_tok == 1) return;
+  if ((skip_ & kSkipRope) && n_tok == 1) return;
   const float* ff = freq_factors_on_device(freq_factors, kv.head_dim / 2);
   launch_rope_kv_store(kv.type, q, k, v, kv.k, kv.v, kv.n_ctx, n_tok, n_head, kv.n_head_kv, kv.head_dim, freq_base, ff,
                        step_dev_.as<StepDev>(), stream());
@@ -556,7 +557,7 @@ void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t 
   if (n_tok <= 0) return;
   const StepDev* sd = step_dev_.as<StepDev>();
   if (n_tok == 1 && !force_generic_attn_ && attention_decode_supported(kv.head_dim, n_head / kv.n_head_kv)) {
-    if (skip_ & 8) {
+    if (skip_ & kSkipAttn) {
       if (xq_target(1, n_head * kv.head_dim)) mark_quantized(out, n_head * kv.head_dim);
       return;
     }

@@ -138,7 +138,12 @@ class CudaBackend final : public Backend {
   bool force_generic_attn_ = false;
   bool pack_weights_ = true;
   int pk_variant_ = 0;
-  int skip_ = 0;  // SHARDLM_CUDA_SKIP (diagnostic)
+  // SHARDLM_CUDA_SKIP (measurement only): one-token kernels of these kinds are not launched.
+  enum Skip : int { kSkipNorm = 1, kSkipSwiglu = 2, kSkipRope = 4, kSkipAttn = 8, kSkipMatvec = 16 };
+  // Matmuls with at least this many rows still run under kSkipMatvec: the output head, whose logits the
+  // step's token selection reads.
+  static constexpr int64_t kSkipKeepRows = 100000;
+  int skip_ = 0;
   int64_t scratch_gen_ = 0;
 };
 
