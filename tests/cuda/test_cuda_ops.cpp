@@ -749,6 +749,21 @@ struct AttnCase {
   int64_t head_dim, n_head_kv, group, n_tok, pos0, n_ctx;
 };
 
+// A KV cache's bytes holding `v` (f16: rounded to nearest even; f32: as is).
+std::vector<uint8_t> cache_bytes(GgmlType kv, const std::vector<float>& v) {
+  const size_t es = kv == GgmlType::F16 ? 2 : 4;
+  std::vector<uint8_t> raw(v.size() * es);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (kv == GgmlType::F16) {
+      const uint16_t h = to_f16(v[i]);
+      std::memcpy(&raw[2 * i], &h, 2);
+    } else {
+      std::memcpy(&raw[4 * i], &v[i], 4);
+    }
+  }
+  return raw;
+}
+
 void run_attention(Backend& be, std::mt19937_64& rng, const AttnCase& c) {
   const std::string what = ::testing::PrintToString(std::vector<int64_t>{c.head_dim, c.n_head_kv, c.group, c.n_tok,
                                                                          c.pos0, c.n_ctx}) +
@@ -758,18 +773,8 @@ void run_attention(Backend& be, std::mt19937_64& rng, const AttnCase& c) {
   const size_t es = c.kv == GgmlType::F16 ? 2 : 4;
   // Earlier positions: random contents written directly; then kv_store adds this step's rows.
   auto kc = rand_floats(rng, c.n_ctx * row), vc = rand_floats(rng, c.n_ctx * row);
-  std::vector<uint8_t> kraw(c.n_ctx * row * es), vraw(c.n_ctx * row * es);
+  const std::vector<uint8_t> kraw = cache_bytes(c.kv, kc), vraw = cache_bytes(c.kv, vc);
   auto round_kv = [&](float v) { return c.kv == GgmlType::F16 ? static_cast<float>(f16(to_f16(v))) : v; };
-  for (int64_t i = 0; i < c.n_ctx * row; ++i) {
-    if (c.kv == GgmlType::F16) {
-      const uint16_t hk = to_f16(kc[i]), hv = to_f16(vc[i]);
-      std::memcpy(&kraw[2 * i], &hk, 2);
-      std::memcpy(&vraw[2 * i], &hv, 2);
-    } else {
-      std::memcpy(&kraw[4 * i], &kc[i], 4);
-      std::memcpy(&vraw[4 * i], &vc[i], 4);
-    }
-  }
   Guarded kb(be, kraw.size()), vb(be, vraw.size());
   kb.put(kraw.data());
   vb.put(vraw.data());
@@ -859,18 +864,8 @@ TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
     const int64_t D = c.head_dim, HKV = c.n_head_kv, H = HKV * c.group;
     const size_t kvb = static_cast<size_t>(c.n_ctx * HKV * D) * (c.kv == GgmlType::F16 ? 2 : 4);
     // Earlier positions: random finite cache contents (f16 or f32 bit patterns of values in [-1, 1]).
-    std::vector<uint8_t> kraw(kvb), vraw(kvb);
-    const auto kf = rand_floats(rng_, c.n_ctx * HKV * D), vf = rand_floats(rng_, c.n_ctx * HKV * D);
-    for (int64_t i = 0; i < c.n_ctx * HKV * D; ++i) {
-      if (c.kv == GgmlType::F16) {
-        const uint16_t hk = to_f16(kf[i]), hv = to_f16(vf[i]);
-        std::memcpy(&kraw[2 * i], &hk, 2);
-        std::memcpy(&vraw[2 * i], &hv, 2);
-      } else {
-        std::memcpy(&kraw[4 * i], &kf[i], 4);
-        std::memcpy(&vraw[4 * i], &vf[i], 4);
-      }
-    }
+    const std::vector<uint8_t> kraw = cache_bytes(c.kv, rand_floats(rng_, c.n_ctx * HKV * D)),
+                               vraw = cache_bytes(c.kv, rand_floats(rng_, c.n_ctx * HKV * D));
     const auto q = rand_floats(rng_, H * D, -2.0f, 2.0f), k = rand_floats(rng_, HKV * D), v = rand_floats(rng_, HKV * D);
     std::vector<float> ff(D / 2);
     for (size_t i = 0; i < ff.size(); ++i) ff[i] = 1.0f + 0.25f * static_cast<float>(i % 3);

@@ -198,9 +198,8 @@ __device__ __forceinline__ __half to_kv<__half>(float v) { return __float2half_r
 
 __device__ __forceinline__ float kv_f32(float v) { return v; }
 __device__ __forceinline__ float kv_f32(__half v) { return __half2float(v); }
-// 8 consecutive cache elements (16-byte aligned) as floats.
-__device__ __forceinline__ void load8(const __half* p, float (&o)[8]) {
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+// 16 bytes of cache elements as floats.
+__device__ __forceinline__ void kv_piece(const uint4& u, float (&o)[8]) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
@@ -208,6 +207,16 @@ __device__ __forceinline__ void load8(const __half* p, float (&o)[8]) {
     o[2 * k] = f.x;
     o[2 * k + 1] = f.y;
   }
+}
+__device__ __forceinline__ void kv_piece(const uint4& u, float (&o)[4]) {
+  o[0] = __uint_as_float(u.x);
+  o[1] = __uint_as_float(u.y);
+  o[2] = __uint_as_float(u.z);
+  o[3] = __uint_as_float(u.w);
+}
+// 8 consecutive cache elements (16-byte aligned) as floats.
+__device__ __forceinline__ void load8(const __half* p, float (&o)[8]) {
+  kv_piece(__ldg(reinterpret_cast<const uint4*>(p)), o);
 }
 __device__ __forceinline__ void load8(const float* p, float (&o)[8]) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
@@ -302,22 +311,6 @@ __host__ __device__ inline int64_t attn_chunk(int64_t len, int n_split) {
 }
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
-// 16 bytes of cache elements as floats.
-__device__ __forceinline__ void kv_piece(const uint4& u, float (&o)[8]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
-    o[2 * k] = f.x;
-    o[2 * k + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void kv_piece(const uint4& u, float (&o)[4]) {
-  o[0] = __uint_as_float(u.x);
-  o[1] = __uint_as_float(u.y);
-  o[2] = __uint_as_float(u.z);
-  o[3] = __uint_as_float(u.w);
-}
 // Plain (coherent) load: in the fused form a block reads the row it has just stored.
 __device__ __forceinline__ uint4 ld_piece(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
