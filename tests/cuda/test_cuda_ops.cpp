@@ -15,7 +15,6 @@
 #include <numeric>
 #include <random>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "backends/cuda/cuda_backend.h"
@@ -221,6 +220,13 @@ class Guarded {
   size_t bytes_;
   std::unique_ptr<DeviceBuffer> buf_;
 };
+
+// a and b hold the same bytes (their guards checked on the way).
+void expect_same_bytes(Guarded& a, Guarded& b, const std::string& what) {
+  const auto va = a.get<uint8_t>(), vb = b.get<uint8_t>();
+  ASSERT_EQ(va.size(), vb.size()) << what;
+  EXPECT_EQ(std::memcmp(va.data(), vb.data(), va.size()), 0) << what << " differs";
+}
 
 // Element-wise |got - ref| <= atol + rtol * scale[i] (scale defaults to |ref|), all finite; reports the worst.
 void expect_close(const std::vector<float>& got, const std::vector<double>& ref, double atol, double rtol,
@@ -626,12 +632,10 @@ TEST_F(CudaOps, FusedAddNormAndRopeKvStoreEqualTheSeparateOps) {
     b.rope(k1.f(), n_tok, HKV, D, 500000.0f, ff.data());
     b.kv_store(kv1, k1.f(), vb.f(), n_tok);
     b.rope_kv_store(q2.f(), k2.f(), vb.f(), kv2, n_tok, H, 500000.0f, ff.data());
-    for (auto [g1, g2, what] : {std::tuple{&q1, &q2, "q"}, std::tuple{&k1, &k2, "k"}, std::tuple{&kc1, &kc2, "K cache"},
-                                std::tuple{&vc1, &vc2, "V cache"}}) {
-      const auto a = g1->get<uint8_t>(), c = g2->get<uint8_t>();
-      ASSERT_EQ(a.size(), c.size());
-      EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size()), 0) << what << " differs";
-    }
+    expect_same_bytes(q1, q2, "q");
+    expect_same_bytes(k1, k2, "k");
+    expect_same_bytes(kc1, kc2, "K cache");
+    expect_same_bytes(vc1, vc2, "V cache");
     // The cache rows of the step were written (not still the zeros they started as).
     const auto kc = kc2.get<uint8_t>();
     const size_t row = kvb / n_ctx;
@@ -641,9 +645,9 @@ TEST_F(CudaOps, FusedAddNormAndRopeKvStoreEqualTheSeparateOps) {
   }
 }
 
-// rms_norm, add_rms_norm and swiglu quantize their one-token output for the packed matvec that follows;
-// the product must be bit for bit the one the matvec gets by quantizing x itself, and a write to the row
-// in between must make the matvec quantize the new row.
+// rms_norm, add_rms_norm, swiglu and decode attention quantize their one-token output for the packed matvec
+// that follows; the product must be bit for bit the one the matvec gets by quantizing x itself, and a write
+// to the row in between must make the matvec quantize the new row.
 TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
   Backend& b = *be_;
   for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
@@ -661,10 +665,6 @@ TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
       xb.put(x.data());
       db.put(d.data());
       wb.put(nw.data());
-      const auto same = [&](Guarded& a, Guarded& c, const char* what) {
-        const auto va = a.get<float>(), vc = c.get<float>();
-        EXPECT_EQ(std::memcmp(va.data(), vc.data(), va.size() * 4), 0) << what;
-      };
       int64_t used = cuda_prequantized_matvecs(b);
       // rms_norm -> matmul (pre-quantized) against the same matmul again (x quantized by the matvec).
       b.rms_norm(xb.f(), wb.f(), yb.f(), 1, cols, 1e-5f);
@@ -672,21 +672,21 @@ TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
       EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
       b.matmul(w, yb.f(), o2.f(), 1);
       EXPECT_EQ(cuda_prequantized_matvecs(b), used);
-      same(o1, o2, "rms_norm -> matmul");
+      expect_same_bytes(o1, o2, "rms_norm -> matmul");
       // add_rms_norm -> matmul_group of two.
       b.add_rms_norm(xb.f(), db.f(), wb.f(), yb.f(), 1, cols, 1e-5f);
       float* ys[2] = {o1.f(), o3.f()};
       b.matmul_group(group, 2, yb.f(), ys, 1);
       EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
       b.matmul(w, yb.f(), o2.f(), 1);
-      same(o1, o2, "add_rms_norm -> matmul_group");
-      same(o3, o2, "add_rms_norm -> matmul_group, second weight");
+      expect_same_bytes(o1, o2, "add_rms_norm -> matmul_group");
+      expect_same_bytes(o3, o2, "add_rms_norm -> matmul_group, second weight");
       // swiglu -> matmul.
       b.swiglu(xb.f(), db.f(), yb.f(), cols);
       b.matmul(w, yb.f(), o1.f(), 1);
       EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
       b.matmul(w, yb.f(), o2.f(), 1);
-      same(o1, o2, "swiglu -> matmul");
+      expect_same_bytes(o1, o2, "swiglu -> matmul");
       expect_packed_matvec(o1.get<float>(), hw.deq, yb.get<float>().data(), cols, "swiglu -> matmul against fp64");
       if (cols == 4096) {  // decode attention (32 heads x 128) -> the o projection
         const int64_t H = 32, HKV = 8, D = 128, n_ctx = 64;
@@ -702,7 +702,7 @@ TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
         b.matmul(w, yb.f(), o1.f(), 1);
         EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
         b.matmul(w, yb.f(), o2.f(), 1);
-        same(o1, o2, "attention -> matmul");
+        expect_same_bytes(o1, o2, "attention -> matmul");
       }
       // A write between producer and matmul: the stale quantized row must not be used.
       b.rms_norm(xb.f(), wb.f(), yb.f(), 1, cols, 1e-5f);
@@ -882,12 +882,9 @@ TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
     b.begin_step({c.pos0, 1});
     b.Backend::rope_attention(q1.f(), k1.f(), vb.f(), kv1, 1, H, 500000.0f, ff.data(), o1.f());
     b.rope_attention(q2.f(), k2.f(), vb.f(), kv2, 1, H, 500000.0f, ff.data(), o2.f());
-    for (auto [g1, g2, what] : {std::tuple{&kc1, &kc2, "K cache"}, std::tuple{&vc1, &vc2, "V cache"},
-                                std::tuple{&o1, &o2, "attention output"}}) {
-      const auto a = g1->get<uint8_t>(), d = g2->get<uint8_t>();
-      ASSERT_EQ(a.size(), d.size());
-      EXPECT_EQ(std::memcmp(a.data(), d.data(), a.size()), 0) << what << " differs";
-    }
+    expect_same_bytes(kc1, kc2, "K cache");
+    expect_same_bytes(vc1, vc2, "V cache");
+    expect_same_bytes(o1, o2, "attention output");
     // The step's row was stored (it differs from the random contents it replaced).
     const auto kc = kc2.get<uint8_t>();
     const size_t row = kvb / static_cast<size_t>(c.n_ctx);

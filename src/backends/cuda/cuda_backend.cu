@@ -116,7 +116,7 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     pk_variant_ = v[0] - '0';
   }
   // Measurement only, the outputs become meaningless: one-token kernels of the listed kinds are not launched,
-  // so that a decode step's time without them shows what they cost inside the graph (scripts/gpu/skipcost.sh).
+  // so that a decode step's time without them shows what they cost inside the graph (scripts/gpu/x1env.sh).
   if (const char* p = std::getenv("SHARDLM_CUDA_SKIP")) {
     const std::string v = p;
     static constexpr std::pair<const char*, int> kKinds[] = {{"none", 0},         {"norm", kSkipNorm},
@@ -534,13 +534,16 @@ void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLaye
 
 void CudaBackend::rope_attention(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok,
                                  int64_t n_head, float freq_base, const float* freq_factors, float* out) {
-  const bool fused = fuse_rope_ && n_tok == 1 && !force_generic_attn_ && kv.n_head_kv > 0 &&
-                     n_head % kv.n_head_kv == 0 && attention_decode_supported(kv.head_dim, n_head / kv.n_head_kv);
-  if (!fused) return Backend::rope_attention(q, k, v, kv, n_tok, n_head, freq_base, freq_factors, out);
+  if (!fuse_rope_ || !uses_decode_attention(kv, n_tok, n_head)) return Backend::rope_attention(q, k, v, kv, n_tok, n_head, freq_base, freq_factors, out);
   note_write();
   check_kv(kv, n_tok, "rope_attention");
   DeviceGuard g(device_);
   attention_impl(q, kv, n_tok, n_head, out, k, v, freq_base, freq_factors_on_device(freq_factors, kv.head_dim / 2));
+}
+
+bool CudaBackend::uses_decode_attention(const KvLayerView& kv, int64_t n_tok, int64_t n_head) const {
+  return n_tok == 1 && !force_generic_attn_ && kv.n_head_kv > 0 && n_head % kv.n_head_kv == 0 &&
+         attention_decode_supported(kv.head_dim, n_head / kv.n_head_kv);
 }
 
 void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) {
@@ -556,7 +559,7 @@ void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t 
     fail("cuda attention: n_head ", n_head, " is not a multiple of n_head_kv ", kv.n_head_kv);
   if (n_tok <= 0) return;
   const StepDev* sd = step_dev_.as<StepDev>();
-  if (n_tok == 1 && !force_generic_attn_ && attention_decode_supported(kv.head_dim, n_head / kv.n_head_kv)) {
+  if (uses_decode_attention(kv, n_tok, n_head)) {
     if (skip_ & kSkipAttn) {
       if (xq_target(1, n_head * kv.head_dim)) mark_quantized(out, n_head * kv.head_dim);
       return;

@@ -36,7 +36,7 @@ void cuda_argmax_async(Backend& backend, const float* logits /* (n), device */, 
                        int32_t* out /* (1), device */);
 
 // How many packed matvec launches of `backend` used an activation row quantized by the op that produced it
-// (rms_norm, add_rms_norm, swiglu) instead of quantizing x themselves (tests, bench).
+// (rms_norm, add_rms_norm, swiglu, decode attention) instead of quantizing x themselves (tests, bench).
 int64_t cuda_prequantized_matvecs(Backend& backend);
 
 // The backend's cudaStream_t (as void*, so this header stays CUDA-free), for a communicator that enqueues

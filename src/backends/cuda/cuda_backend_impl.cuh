@@ -89,6 +89,9 @@ class CudaBackend final : public Backend {
   int* xq_target(int64_t n_tok, int64_t n);                       // where to write, or null
   void produced(const float* y, int64_t n, bool quantized);       // after a producer's launch
   void mark_quantized(const float* y, int64_t n);                 // xq_ holds y's row as of this op
+  // Whether attention takes the flash-decoding kernel (one token, its head_dim and group sizes): also the
+  // condition for rope_attention's fused form, which only that kernel has.
+  bool uses_decode_attention(const KvLayerView& kv, int64_t n_tok, int64_t n_head) const;
   // Checks shared by rope_kv_store, attention and rope_attention.
   void check_kv(const KvLayerView& kv, int64_t n_tok, const char* op) const;
   // Every op that may write device memory (a quantized row's source included) calls this first.

@@ -155,11 +155,10 @@ struct Pk<GgmlType::Q6_K> {
   }
 };
 
-// x (n_cols floats) -> int8 words, per-unit scale and scaled sum, in shared memory. Every thread of the
-// block runs the same number of rounds so that the 8-lane shuffles see all their lanes.
+// x (n_cols floats) -> its int8 row in shared memory (quant_x.cuh layout). Every thread of the block runs the
+// same number of rounds so that the 8-lane shuffles see all their lanes.
 __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int64_t n_cols, bool x_aligned,
-                                           int* xq /* (n_cols / 4) */, float* xd /* (n_cols / 32) */,
-                                           float* xs /* (n_cols / 32) */, int tid /* 0..kThreads-1 */) {
+                                           int* row /* (quant_x_words(n_cols)) */, int tid /* 0..kThreads-1 */) {
   const int64_t n4 = n_cols / 4;
   constexpr int kBatch = 4;  // float4 loads per thread issued together
   for (int64_t base = 0; base < n4; base += int64_t{kThreads} * kBatch) {
@@ -178,7 +177,7 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int64_t 
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int64_t e4 = base + int64_t{k} * kThreads + tid;
-      quantize_store4(v[k], e4, e4 < n4, xq, xd, xs);
+      quantize_store4(v[k], e4, e4 < n4, row, n_cols);
     }
   }
 }
@@ -225,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kern
     preloaded = true;
   }
   pdl_wait();  // x is the previous kernel's output; the weights were not
-  quantize_x(x, n_cols, x_aligned, xq, xd, xs, threadIdx.x);
+  quantize_x(x, n_cols, x_aligned, xq, threadIdx.x);
   __syncthreads();
 
   const int4* xq4 = reinterpret_cast<const int4*>(xq);
@@ -347,9 +346,7 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
       }
     }
   } else {
-    int* sq = reinterpret_cast<int*>(smem);
-    quantize_x(x, n_cols, x_aligned, sq, reinterpret_cast<float*>(sq + n_cols / 4),
-               reinterpret_cast<float*>(sq + n_cols / 4) + nb, threadIdx.x);
+    quantize_x(x, n_cols, x_aligned, reinterpret_cast<int*>(smem), threadIdx.x);
   }
   __syncthreads();
 

@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(float* __restric
         *reinterpret_cast<float4*>(yr + i) = o;
       }
       // The launcher passes xq only for one row with n % 32 == 0 (whole 8-lane groups in or out).
-      if (xq) quantize_store4(o, e4, i < n, xq, reinterpret_cast<float*>(xq + n / 4), reinterpret_cast<float*>(xq + n / 4) + n / 32);
+      if (xq) quantize_store4(o, e4, i < n, xq, n);
     }
   } else {
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * scale * w[i];
@@ -156,20 +156,32 @@ __global__ void swiglu_quant_kernel(const float4* __restrict__ g /* (n/4) */, co
                     a.z / (1.0f + expf(-a.z)) * b.z, a.w / (1.0f + expf(-a.w)) * b.w);
     o[e4] = r;
   }
-  quantize_store4(r, e4, valid, xq, reinterpret_cast<float*>(xq + n / 4), reinterpret_cast<float*>(xq + n / 4) + n / 32);
+  quantize_store4(r, e4, valid, xq, n);
 }
 
-// Rotates pair i of one head of token t (p points at the pair). The angle is formed in double: at
-// positions ~1e5 a float angle would be off by ~1e-2 rad.
-__device__ __forceinline__ void rope_pair(float* p, int64_t i, int64_t pos, int64_t head_dim, float freq_base,
-                                          const float* __restrict__ ff) {
+// Cosine and sine of pair i's angle at `pos`, theta_i = freq_base^(-2i/head_dim) / ff[i]. Formed in double: at
+// positions ~1e5 a float angle would be off by ~1e-2 rad. rope_pair and the fused decode attention both use
+// these two helpers, so their rotations agree bit for bit.
+__device__ __forceinline__ void rope_cos_sin(int64_t i, int64_t pos, int64_t head_dim, float freq_base,
+                                             const float* __restrict__ ff /* (head_dim/2) or null */, double& c,
+                                             double& s) {
   double theta = pow(static_cast<double>(freq_base), -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
   if (ff) theta /= static_cast<double>(ff[i]);
-  double s, c;
   sincos(static_cast<double>(pos) * theta, &s, &c);
-  const float x0 = p[0], x1 = p[1];
-  p[0] = static_cast<float>(x0 * c - x1 * s);
-  p[1] = static_cast<float>(x0 * s + x1 * c);
+}
+// (x0, x1) rotated by the angle whose cosine and sine are c and s.
+__device__ __forceinline__ float2 rope_rotate(float x0, float x1, double c, double s) {
+  return make_float2(static_cast<float>(x0 * c - x1 * s), static_cast<float>(x0 * s + x1 * c));
+}
+
+// Rotates pair i of one head of token t (p points at the pair).
+__device__ __forceinline__ void rope_pair(float* p, int64_t i, int64_t pos, int64_t head_dim, float freq_base,
+                                          const float* __restrict__ ff) {
+  double c, s;
+  rope_cos_sin(i, pos, head_dim, freq_base, ff, c, s);
+  const float2 r = rope_rotate(p[0], p[1], c, s);
+  p[0] = r.x;
+  p[1] = r.y;
 }
 
 // One thread per rotated pair.
@@ -364,34 +376,25 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
     }
   }
   if (rp.k_new) {
-    for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
-      double theta = pow(static_cast<double>(rp.freq_base), -2.0 * i / static_cast<double>(D));
-      if (rp.ff) theta /= static_cast<double>(rp.ff[i]);
-      sincos(static_cast<double>(pos) * theta, &rot[i][1], &rot[i][0]);
-    }
+    for (int i = threadIdx.x; i < D / 2; i += blockDim.x)
+      rope_cos_sin(i, pos, D, rp.freq_base, rp.ff, rot[i][0], rot[i][1]);
     __syncthreads();
   }
   pdl_wait();
   const float scale = kLog2e / sqrtf(static_cast<float>(D));
   for (int i = threadIdx.x; i < G * D / 2; i += blockDim.x) {
     const int g = i / (D / 2), j = i % (D / 2);
-    const float2 x = *reinterpret_cast<const float2*>(q + (kh * G + g) * D + 2 * j);
-    float x0 = x.x, x1 = x.y;
-    if (rp.k_new) {
-      const double c = rot[j][0], sn = rot[j][1];
-      x0 = static_cast<float>(x.x * c - x.y * sn);
-      x1 = static_cast<float>(x.x * sn + x.y * c);
-    }
-    qs[g][2 * j] = x0 * scale;
-    qs[g][2 * j + 1] = x1 * scale;
+    float2 x = *reinterpret_cast<const float2*>(q + (kh * G + g) * D + 2 * j);
+    if (rp.k_new) x = rope_rotate(x.x, x.y, rot[j][0], rot[j][1]);
+    qs[g][2 * j] = x.x * scale;
+    qs[g][2 * j + 1] = x.y * scale;
   }
   if (rp.k_new && pos >= p_begin && pos < p_end) {
     for (int j = threadIdx.x; j < D / 2; j += blockDim.x) {
       const int64_t src = kh * D + 2 * j, dst = pos * kv_row + src;
-      const float k0 = rp.k_new[src], k1 = rp.k_new[src + 1];
-      const double c = rot[j][0], sn = rot[j][1];
-      kc[dst] = to_kv<KV>(static_cast<float>(k0 * c - k1 * sn));
-      kc[dst + 1] = to_kv<KV>(static_cast<float>(k0 * sn + k1 * c));
+      const float2 k = rope_rotate(rp.k_new[src], rp.k_new[src + 1], rot[j][0], rot[j][1]);
+      kc[dst] = to_kv<KV>(k.x);
+      kc[dst + 1] = to_kv<KV>(k.y);
       vc[dst] = to_kv<KV>(rp.v_new[src]);
       vc[dst + 1] = to_kv<KV>(rp.v_new[src + 1]);
     }
@@ -509,11 +512,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
       out[h * D + d] = r;
       // Whole warps take 32 consecutive elements of one head (D % 32 == 0, G * D a multiple of blockDim or
       // smaller than it by whole warps).
-      if (xq) {
-        const int64_t n = n_head_kv * G * D;
-        quantize_store1(r, h * D + d, true, xq, reinterpret_cast<float*>(xq + n / 4),
-                        reinterpret_cast<float*>(xq + n / 4) + n / 32);
-      }
+      if (xq) quantize_store1(r, h * D + d, true, xq, n_head_kv * G * D);
       continue;
     }
     float* po = partial + ((static_cast<int64_t>(kh) * G + g) * n_split + s) * (D + 2);
@@ -555,11 +554,7 @@ __global__ void attention_combine_kernel(const float* __restrict__ partial /* (n
     const float r = a / ll;
     out[h * D + d] = r;
     // The o projection's int8 row (quant_x.cuh): a warp holds 32 consecutive elements of this head.
-    if (xq) {
-      const int64_t n = static_cast<int64_t>(gridDim.x) * D;
-      quantize_store1(r, h * D + d, true, xq, reinterpret_cast<float*>(xq + n / 4),
-                      reinterpret_cast<float*>(xq + n / 4) + n / 32);
-    }
+    if (xq) quantize_store1(r, h * D + d, true, xq, static_cast<int64_t>(gridDim.x) * D);
   }
 }
 

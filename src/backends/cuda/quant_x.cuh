@@ -60,4 +60,14 @@ __device__ __forceinline__ void quantize_store1(float v, int64_t e, bool valid, 
   }
 }
 
+// The same two, given the whole row buffer (quant_x_words(n) words, the layout above) instead of its planes.
+__device__ __forceinline__ void quantize_store4(float4 v, int64_t e4, bool valid, int* __restrict__ row, int64_t n) {
+  float* xd = reinterpret_cast<float*>(row + n / 4);
+  quantize_store4(v, e4, valid, row, xd, xd + n / 32);
+}
+__device__ __forceinline__ void quantize_store1(float v, int64_t e, bool valid, int* __restrict__ row, int64_t n) {
+  float* xd = reinterpret_cast<float*>(row + n / 4);
+  quantize_store1(v, e, valid, row, xd, xd + n / 32);
+}
+
 }  // namespace shardlm::cuda_detail
