@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A/B of backend switches end to end on one GPU: for each type in TYPES, `bench -p 0 -n 128 -r 3` once per
 # environment setting in ENVS (space-separated; "-" = none; commas separate several variables of one setting).
-#   run: TYPES="q4_0 q8_0" ENVS="- SHARDLM_CUDA_FUSE_NORM=0" bash scripts/gpu/x1env.sh   (carry: build-gpu-deps)
+#   run: TYPES="q4_0 q8_0" ENVS="- SHARDLM_CUDA_FUSE_ROPE=0" bash scripts/gpu/x1env.sh   (carry: build-gpu-deps)
+# What kinds of decode kernels cost inside the graph: ENVS="- SHARDLM_CUDA_SKIP=norm SHARDLM_CUDA_SKIP=attn ...".
+# NO_BUILD=1: use the build-dev binary already there.
 set -uo pipefail
 OUT=${OUT:-/tmp/o}
 mkdir -p "$OUT"
