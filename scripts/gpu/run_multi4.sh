@@ -7,7 +7,10 @@
 # and BF16 at tp 4, only to show they run).
 #   run: bash scripts/gpu/run_multi4.sh    (carry: build-gpu-deps, build-nccl-deps)
 # SKIP_TESTS, SKIP_GOLD, SKIP_KILL, SKIP_70B, SKIP_70B_EXTRA (Q8_0 tp 2 and BF16 tp 4) leave steps out;
-# BENCHES (a regex of bench names, e.g. 'tp4|70b') runs only those benches.
+# BENCHES (a regex of bench names, e.g. 'tp4|70b') runs only those benches; FUSE_AB (e.g. "norm pdl off")
+# runs each tensor-parallel bench once per SHARDLM_ALLREDUCE_FUSE value (default: once, unset);
+# CUDA_TESTS=1 also builds and runs the one-GPU suites (test_cuda_ops, test_cuda_pack, test_golden,
+# test_golden_cuda) first.
 # Every step has a timeout and the whole script a deadline (BUDGET_S, seconds from its start, default 560):
 # a step that cannot finish before it is skipped and says so. Results: $OUT/summary.txt (what is printed)
 # and $OUT/results.tgz (every log and JSON), both rewritten after each step.
@@ -74,11 +77,24 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" \
     "${mpi_args[@]}" >"$R/cmake.log" 2>&1 || { tail -30 "$R/cmake.log"; save; exit 1; }
   grep -E "NCCL|MPI" "$R/cmake.log" | head -4
+  cuda_tests=()
+  [ "${CUDA_TESTS:-0}" = 1 ] && cuda_tests=(test_cuda_ops test_cuda_pack test_golden test_golden_cuda)
   timeout -k 5 "$(step_timeout 300 60)" ninja -C build-multi -j"$(nproc)" shardlm nccl_collectives nccl_golden_worker \
-    test_nccl >"$R/build.log" 2>&1 || { grep -E "error" -A3 "$R/build.log" | head -60; say "BUILD FAILED"; save; exit 1; }
+    test_nccl "${cuda_tests[@]}" >"$R/build.log" 2>&1 || { grep -E "error" -A3 "$R/build.log" | head -60; say "BUILD FAILED"; save; exit 1; }
   say "build: $(elapsed) s"
 fi
 save
+if [ "${CUDA_TESTS:-0}" = 1 ]; then
+  for t in test_cuda_ops test_cuda_pack test_golden test_golden_cuda; do
+    exe=$(find build-multi/tests -name "$t" -type f -perm -u+x | head -1)
+    tt=$(step_timeout 120 20) || { say "$t: SKIPPED (time)"; continue; }
+    ts=$(date +%s)
+    timeout -k 5 "$tt" "$exe" >"$R/$t.log" 2>&1
+    say "$t rc=$? in $(($(date +%s) - ts)) s: $(grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$R/$t.log" | tr '\n' ' ')"
+    grep -E "^\[  FAILED|Failure|Expected|Which is" "$R/$t.log" | head -12 | tee -a "$SUMMARY"
+  done
+  save
+fi
 
 # ---- 2. test_nccl, the 4-rank NCCL latency, golden ids under more layouts
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
@@ -115,12 +131,12 @@ if [ "${SKIP_GOLD:-0}" != 1 ]; then
         --ignore-eos --json -q --kv-type f32 "$@" >"$R/gold-$name.json" 2>"$R/gold-$name.err"
       local rc=$?
       reap
-      python3 - "$R/gold-1gpu.json" "$R/gold-$name.json" "$name" "$rc" <<'EOF' | tee -a "$SUMMARY"
+      python3 - "$R/gold-${GREF:-1gpu}.json" "$R/gold-$name.json" "$name" "$rc" "${GLABEL:-stories260K}" <<'EOF' | tee -a "$SUMMARY"
 import json, sys
-ref, got, name, rc = sys.argv[1:]
+ref, got, name, rc, label = sys.argv[1:]
 try:
     a = json.load(open(ref))["generated_ids"]; b = json.load(open(got))["generated_ids"]
-    print("golden stories260K %-22s %s (%d ids)" % (name, "SAME ids as 1 GPU" if a == b else "DIFFERENT ids: %s vs %s" % (b, a), len(b)))
+    print("golden %s %-22s %s (%d ids)" % (label, name, "SAME ids as 1 GPU" if a == b else "DIFFERENT ids: %s vs %s" % (b, a), len(b)))
 except Exception as e:
     print("golden stories260K %-22s FAILED rc=%s: %s" % (name, rc, open(got[:-5] + ".err").read()[-400:]))
 EOF
@@ -133,6 +149,20 @@ EOF
     gold pp2-split-4,1 --pp 2 --layer-split 4,1
     gold tp2-ngl2 --tp 2 --n-gpu-layers 2
     gold tp2-nographs --tp 2 --no-cuda-graphs
+    # Quantized weights: the packed matvecs read the int8 row that the norm (fused into the all-reduce at
+    # tp 2, unless SHARDLM_ALLREDUCE_FUSE says otherwise) writes. tiny-llama31's widths are multiples of 32.
+    HF=build-gpu-deps/shared/fixtures/hf/tiny-llama31
+    if [ -d "$HF" ] && "$BIN" convert --from hf "$HF" -o /tmp/tl31-q8_0.gguf --type q8_0 -q; then
+      G=/tmp/tl31-q8_0.gguf
+      GLABEL=tiny-llama31-q8_0
+      GREF=q8-1gpu
+      gold q8-1gpu
+      gold q8-tp2 --tp 2
+      SHARDLM_ALLREDUCE_FUSE=pdl gold q8-tp2-unfused --tp 2
+      unset GREF GLABEL
+    else
+      say "golden tiny-llama31 q8_0: SKIPPED (no $HF, or the conversion failed)"
+    fi
   else
     say "golden extra layouts: SKIPPED ($G missing: test_nccl did not convert it)"
   fi
@@ -179,18 +209,24 @@ print("  backend %s; device all-reduce: %s; bandwidth %.0f GB/s (%s)" % (d["back
       d["bandwidth_bytes_per_s"] / 1e9, d["bandwidth_source"]))
 EOF
 }
-# bench NAME ALLREDUCE WANT_S MIN_S args... (only names matching the regex $BENCHES, default all)
+# bench NAME ALLREDUCE WANT_S MIN_S args... (only names matching the regex $BENCHES, default all); a
+# tensor-parallel bench runs once per value in $FUSE_AB.
 bench() {
-  local name=$1 ar=$2 want=$3 min=$4 t
+  local name=$1 ar=$2 want=$3 min=$4 t f fuses=("")
   shift 4
   [[ "$name" =~ ${BENCHES:-.} ]] || return 0
-  t=$(step_timeout "$want" "$min") || { say "$name: SKIPPED (time, $(left) s left)"; return 1; }
-  local ts=$(date +%s)
-  SHARDLM_ALLREDUCE=$ar timeout -k 10 "$t" "$BIN" bench --backend "$BACKEND" -q --json "$@" >"$R/$name.json" 2>"$R/$name.err"
-  local rc=$?
-  reap
-  summary "$R/$name.json" "$name [rc $rc, $(($(date +%s) - ts)) s, SHARDLM_ALLREDUCE=$ar]"
-  save
+  [[ -n "${FUSE_AB:-}" && " $* " == *" --tp "* ]] && read -r -a fuses <<<"$FUSE_AB"
+  for f in "${fuses[@]}"; do
+    local nm=$name${f:+-fuse-$f}
+    t=$(step_timeout "$want" "$min") || { say "$nm: SKIPPED (time, $(left) s left)"; return 1; }
+    local ts=$(date +%s)
+    SHARDLM_ALLREDUCE=$ar SHARDLM_ALLREDUCE_FUSE=$f timeout -k 10 "$t" "$BIN" bench --backend "$BACKEND" -q --json "$@" \
+      >"$R/$nm.json" 2>"$R/$nm.err"
+    local rc=$?
+    reap
+    summary "$R/$nm.json" "$nm [rc $rc, $(($(date +%s) - ts)) s, SHARDLM_ALLREDUCE=$ar${f:+ SHARDLM_ALLREDUCE_FUSE=$f}]"
+    save
+  done
 }
 
 if [ "$GEN8" = 1 ] && t=$(step_timeout 120 40); then

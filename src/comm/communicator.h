@@ -13,6 +13,18 @@
 
 namespace shardlm {
 
+// What follows the all-reduce of a row-parallel matmul's output in a transformer layer: the residual add and
+// the next RMS norm (x += sum; y = x / rms(x) * w), for a device communicator to fold into its all-reduce.
+struct AddRmsNormEpilogue {
+  float* x = nullptr;        // (n) the residual row, updated in place
+  const float* w = nullptr;  // (n) the norm's weight
+  float* y = nullptr;        // (n) the normalized row
+  float eps = 0.0f;
+  // (quant_x_words(n)) y's int8 copy in the CUDA backend's activation layout (backends/cuda/quant_x.cuh),
+  // for the packed matvec that reads y next; null: none.
+  int* xq = nullptr;
+};
+
 // A set of ranks that run collectives together (a TP group, a PP group, the world).
 class CommGroup {
  public:
@@ -21,6 +33,14 @@ class CommGroup {
   virtual int rank() const = 0;  // index of this rank inside the group
   // In-place sum over the group.
   virtual void all_reduce_sum(float* buf /* (n) */, size_t n) = 0;
+  // all_reduce_sum(buf), then the epilogue, as one operation where the communicator can (one kernel on the
+  // device for one row: the NCCL communicator's one-shot path). Returns false, having done nothing, where
+  // it cannot; the caller then runs all_reduce_sum and the epilogue itself. Every member must make the same
+  // call with the same n, and get the same answer: the decision may depend only on what all members share
+  // (n, the group, the settings) and on alignment, which the callers' buffers share too.
+  virtual bool all_reduce_sum_add_rms_norm(float* /*buf (n)*/, size_t /*n*/, const AddRmsNormEpilogue& /*e*/) {
+    return false;
+  }
   // out = concatenation of every member's `in` (member i's `counts[i]` floats), in group order.
   virtual void all_gather(const float* in /* (counts[rank]) */, float* out /* (sum counts) */,
                           const std::vector<size_t>& counts) = 0;

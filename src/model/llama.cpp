@@ -185,7 +185,10 @@ bool LlamaModel::forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool a
     const bool last_seg = s + 1 == segments_.size();
     auto body = [&] {
       for (int l = seg.first; l < seg.end; ++l) layer(seg, l, n_tok, l > seg.first);
-      if (seg.end > seg.first) seg.b->add(seg.x->as<float>(), seg.o->as<float>(), static_cast<int64_t>(n_hidden));
+      if (seg.end > seg.first) {
+        if (mapping_.tp_size() > 1) all_reduce(*seg.b, seg.o->as<float>(), n_hidden);
+        seg.b->add(seg.x->as<float>(), seg.o->as<float>(), static_cast<int64_t>(n_hidden));
+      }
       if (last_seg && mapping_.is_last_stage()) head(n_tok, all_logits);
     };
     if (graph) {
@@ -219,9 +222,10 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
   const float* ff = weights_.rope_freq_factors.empty() ? nullptr : weights_.rope_freq_factors.data();
 
   // Attention block: column-parallel q/k/v, local heads, row-parallel output + one all-reduce. The
-  // previous layer of this segment left its FFN output in o, to be added to x here (one pass with the norm).
+  // previous layer of this segment left its rank's share of the FFN output in o, to be summed over the
+  // tensor-parallel group and added to x here (with the norm, in one kernel where the backend can).
   if (add_pending)
-    b.add_rms_norm(x, o, w.attn_norm, xn, n_tok, d, config_.rms_eps);
+    reduce_add_norm(b, o, x, w.attn_norm, xn, n_tok);
   else
     b.rms_norm(x, w.attn_norm, xn, n_tok, d, config_.rms_eps);
   {
@@ -236,12 +240,11 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
   }
   b.rope_attention(q, k, v, kv, n_tok, nq, config_.rope_freq_base, ff, att);
   b.matmul(w.wo, att, o, n_tok);
-  if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
 
   // FFN block: column-parallel gate/up, row-parallel down + one all-reduce.
   float* g = seg.gate->as<float>();
   float* u = seg.up->as<float>();
-  b.add_rms_norm(x, o, w.ffn_norm, xn, n_tok, d, config_.rms_eps);
+  reduce_add_norm(b, o, x, w.ffn_norm, xn, n_tok);
   {
     const WeightView ws[2] = {w.w_gate, w.w_up};
     float* const ys[2] = {g, u};
@@ -249,8 +252,16 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
   }
   b.swiglu(g, u, g, n_tok * ff_local_);
   b.matmul(w.w_down, g, o, n_tok);
+  // o is this rank's share: its all-reduce and x += o are left to the next layer (reduce_add_norm) or to
+  // the end of the segment.
+}
+
+void LlamaModel::reduce_add_norm(Backend& b, float* o, float* x, const float* w, float* xn, int64_t n_tok) {
+  const int64_t d = config_.n_embd;
+  if (mapping_.tp_size() > 1 && b.device() != DeviceKind::kCpu && comm_.accepts_device_memory())
+    return b.all_reduce_add_rms_norm(*tp_group_, o, x, w, xn, n_tok, d, config_.rms_eps);
   if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
-  // x += o is left to the next layer (add_rms_norm) or to the end of the segment.
+  b.add_rms_norm(x, o, w, xn, n_tok, d, config_.rms_eps);
 }
 
 void LlamaModel::head(int64_t n_tok, bool all_logits) {

@@ -93,9 +93,13 @@ class LlamaModel {
 
  private:
   struct Segment;  // consecutive layers on one backend, with their KV cache and activations
-  // One layer on the segment's buffers. add_pending: x still lacks the previous layer's FFN output (in o);
-  // the layer leaves its own there too, for the next layer or the end of the segment to add.
+  // One layer on the segment's buffers. add_pending: x still lacks the previous layer's FFN output (o holds
+  // this rank's share of it, not yet all-reduced); the layer leaves its own there too, for the next layer
+  // or the end of the segment to reduce and add.
   void layer(Segment& seg, int index, int64_t n_tok, bool add_pending);
+  // o = its sum over the tensor-parallel group, x += o, xn = rms_norm(x) * w: one backend op (one kernel
+  // on CUDA with NCCL) where the communicator reads device memory.
+  void reduce_add_norm(Backend& b, float* o, float* x, const float* w, float* xn, int64_t n_tok);
   void head(int64_t n_tok, bool all_logits);
   // Everything of a step up to the logits (in logits_for(...)); true on the last stage.
   bool forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits);

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/communicator.h"
 #include "core/dtype.h"
 #include "ops/candidates.h"
 
@@ -130,6 +131,16 @@ class Backend {
                             float* y /* (n_tok, n) */, int64_t n_tok, int64_t n, float eps) {
     add(x, delta, n_tok * n);
     rms_norm(x, w, y, n_tok, n, eps);
+  }
+  // buf = its sum over `group` (the all-reduce after a row-parallel matmul), then add_rms_norm(x, buf, w, y).
+  // One kernel where the backend and the group can (CUDA with the NCCL one-shot path, for one row; the
+  // norm's sum of squares is then added in another order); the default is the two calls. `buf` must be
+  // memory the group can reduce in place (the model stages device memory through the host otherwise).
+  virtual void all_reduce_add_rms_norm(CommGroup& group, float* buf /* (n_tok, n) */, float* x /* (n_tok, n) */,
+                                       const float* w /* (n) */, float* y /* (n_tok, n) */, int64_t n_tok, int64_t n,
+                                       float eps) {
+    group.all_reduce_sum(buf, static_cast<size_t>(n_tok * n));
+    add_rms_norm(x, buf, w, y, n_tok, n, eps);
   }
   // rope(q), rope(k), then kv_store(kv, k, v): one pass where a backend can (same results).
   virtual void rope_kv_store(float* q /* (n_tok, n_head, head_dim) */, float* k /* (n_tok, n_head_kv, head_dim) */,

@@ -9,11 +9,13 @@
 //   nccl_collectives --stall    rank 1 skips an all-reduce: rank 0 must abort the job (timeout 3 s)
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -309,6 +311,263 @@ void check_small_all_reduces(Communicator& comm, CommGroup& g, cudaStream_t stre
   }
 }
 
+// ---- 4. The all-reduce fused with the residual add and RMS norm (CommGroup::all_reduce_sum_add_rms_norm).
+// Call c's inputs: this rank's share input(rank, c, i), the residual 4 * input(kXTag, c, i) and the weight
+// 1 + input(kWTag, c, i) / 2 (the same on every rank, as the model's are).
+constexpr int kXTag = 100, kWTag = 101;
+constexpr float kEps = 1e-5f;
+float residual_in(uint64_t call, size_t i) { return 4.0f * input(kXTag, call, i); }
+float weight_in(uint64_t call, size_t i) { return 1.0f + 0.5f * input(kWTag, call, i); }
+
+struct FusedCall {
+  size_t n, off;  // floats, and the views' offset into their buffers (unaligned when odd)
+  uint64_t call;
+  bool quantize;  // asks for y's int8 row too
+};
+
+// One call's device buffers, views at `off`, 8 sentinel floats after each view.
+struct FusedBufs {
+  explicit FusedBufs(const FusedCall& c)
+      : n(c.n), off(c.off), buf(c.n + c.off + 8), x(c.n + c.off + 8), y(c.n + c.off + 8), w(c.n + c.off),
+        xq(c.n / 4 + 2 * (c.n / 32) + 1) {}
+  // This rank's inputs, uploaded (also before each graph replay).
+  void load(const FusedCall& c, int rank, cudaStream_t s) {
+    hb.assign(n + off + 8, 12345.f);
+    hx = hb;
+    std::vector<float> hy = hb, hw(n + off, 0.f);
+    for (size_t i = 0; i < n; ++i) {
+      hb[off + i] = input(rank, c.call, i);
+      hx[off + i] = residual_in(c.call, i);
+      hw[off + i] = weight_in(c.call, i);
+    }
+    CK(cudaMemcpyAsync(buf.p, hb.data(), hb.size() * 4, cudaMemcpyHostToDevice, s));
+    CK(cudaMemcpyAsync(x.p, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice, s));
+    CK(cudaMemcpyAsync(y.p, hy.data(), hy.size() * 4, cudaMemcpyHostToDevice, s));
+    CK(cudaMemcpyAsync(w.p, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice, s));
+  }
+  bool enqueue(CommGroup& g, bool quantize) {
+    AddRmsNormEpilogue e;
+    e.x = x.p + off;
+    e.w = w.p + off;
+    e.y = y.p + off;
+    e.eps = kEps;
+    e.xq = quantize ? reinterpret_cast<int*>(xq.p) : nullptr;
+    return g.all_reduce_sum_add_rms_norm(buf.p + off, n, e);
+  }
+  // Results, into host vectors of the same shapes (pinned copies are not needed: the checks are slow anyway).
+  void fetch(cudaStream_t s, std::vector<float>* ob, std::vector<float>* ox, std::vector<float>* oy,
+             std::vector<uint32_t>* oq) {
+    ob->resize(n + off + 8), ox->resize(n + off + 8), oy->resize(n + off + 8), oq->resize(n / 4 + 2 * (n / 32));
+    CK(cudaMemcpyAsync(ob->data(), buf.p, ob->size() * 4, cudaMemcpyDeviceToHost, s));
+    CK(cudaMemcpyAsync(ox->data(), x.p, ox->size() * 4, cudaMemcpyDeviceToHost, s));
+    CK(cudaMemcpyAsync(oy->data(), y.p, oy->size() * 4, cudaMemcpyDeviceToHost, s));
+    CK(cudaMemcpyAsync(oq->data(), xq.p, oq->size() * 4, cudaMemcpyDeviceToHost, s));
+  }
+  size_t n, off;
+  DevBuf buf, x, y, w, xq;
+  std::vector<float> hb, hx;  // what load() uploaded
+};
+
+// y's int8 row as backends/cuda/quant_x.cuh defines it, from y's bits: per 32 elements d = max|y| / 127,
+// q = round-half-even(y * (127 / max|y|)), s = d * sum q; words of 4 int8, then the d's, then the s's.
+std::vector<uint32_t> quantize_row(const float* y, size_t n) {
+  std::vector<uint32_t> out(n / 4 + 2 * (n / 32), 0);
+  for (size_t u = 0; u < n / 32; ++u) {
+    float a = 0.f;
+    for (size_t j = 0; j < 32; ++j) a = std::max(a, std::fabs(y[32 * u + j]));
+    const float d = a / 127.0f, id = a > 0.0f ? 127.0f / a : 0.0f;
+    int sum = 0;
+    for (size_t j = 0; j < 32; ++j) {
+      const int q = static_cast<int>(std::nearbyint(y[32 * u + j] * id));
+      sum += q;
+      out[(32 * u + j) / 4] |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * (j % 4));
+    }
+    const float sd = d * static_cast<float>(sum);
+    std::memcpy(&out[n / 4 + u], &d, 4);
+    std::memcpy(&out[n / 4 + n / 32 + u], &sd, 4);
+  }
+  return out;
+}
+
+// Checks one fused call's results; appends the hash of everything it wrote (for the cross-rank check).
+bool check_fused_call(const FusedCall& c, int world, int rank, const std::vector<float>& b, const std::vector<float>& x,
+                      const std::vector<float>& y, const std::vector<uint32_t>& q, const std::string& what,
+                      std::vector<uint64_t>* hashes) {
+  const size_t n = c.n, off = c.off;
+  bool ok = close_to_sums(b.data() + off, n, world, c.call, what + ": the sum", rank);
+  // x = residual + sum: the sum's own tolerance (close_to_sums) plus one more rounding, 2^-24 |x|.
+  double worst_x = 0, worst_y = 0, ss = 0;
+  for (size_t i = 0; i < n; ++i) {
+    double sum = 0;
+    for (int r = 0; r < world; ++r) sum += input(r, c.call, i);
+    const double ref = residual_in(c.call, i) + sum;
+    worst_x = std::max(worst_x, std::fabs(x[off + i] - ref) / (2e-6 + 2e-6 * std::fabs(ref)));
+    ss += static_cast<double>(x[off + i]) * x[off + i];
+  }
+  // y against the fp64 norm of the x it got: the fp32 sum of squares is a tree of at most 29 roundings of
+  // positive terms (4 per thread, 5 per warp, 4 per block, 16 blocks), <= 29 * 2^-24 = 1.7e-6 relative;
+  // the square root, division and two products add four more; 1e-5 |ref| leaves a margin.
+  const double scale = 1.0 / std::sqrt(ss / static_cast<double>(n) + kEps);
+  for (size_t i = 0; i < n; ++i) {
+    const double ref = x[off + i] * scale * weight_in(c.call, i);
+    worst_y = std::max(worst_y, std::fabs(y[off + i] - ref) / (1e-6 + 1e-5 * std::fabs(ref)));
+  }
+  for (size_t i = n + off; i < n + off + 8; ++i)
+    if (b[i] != 12345.f || x[i] != 12345.f || y[i] != 12345.f) {
+      std::fprintf(stderr, "rank %d: %s (%zu floats) wrote past its view\n", rank, what.c_str(), n);
+      ok = false;
+    }
+  if (!(worst_x <= 1.0) || !(worst_y <= 1.0)) {
+    std::fprintf(stderr, "rank %d: %s (%zu floats, call %llu): x at %.2f x its tolerance, y at %.2f x\n", rank,
+                 what.c_str(), n, static_cast<unsigned long long>(c.call), worst_x, worst_y);
+    ok = false;
+  }
+  if (c.quantize && quantize_row(y.data() + off, n) != q) {
+    std::fprintf(stderr, "rank %d: %s (%zu floats): the int8 row is not y's (quant_x.cuh's scheme)\n", rank,
+                 what.c_str(), n);
+    ok = false;
+  }
+  uint64_t h = hash_bits(b.data() + off, n) ^ (hash_bits(x.data() + off, n) * 3) ^ (hash_bits(y.data() + off, n) * 5);
+  if (c.quantize) h ^= hash_bits(reinterpret_cast<const float*>(q.data()), q.size()) * 7;
+  hashes->push_back(h);
+  if (!ok) ++failures;
+  return ok;
+}
+
+void check_fused_norm(Communicator& comm, CommGroup& g, cudaStream_t stream, int rank, int world) {
+  const one_shot::Settings settings = one_shot::settings_from_env();
+  const bool one_shot_on = comm.all_reduce_kind().rfind("oneshot", 0) == 0;
+  auto fusable = [&](size_t n) {
+    return one_shot_on && settings.fuse == one_shot::Fuse::kNorm && n * sizeof(float) <= settings.max_bytes &&
+           n <= one_shot::kMaxNormFloats;
+  };
+  uint64_t call = 500000;
+  // a. Single calls: decode rows of 2048/4096/8192 (the models' n_embd), odd multiples of 32, views at an
+  //    odd float offset on odd ranks, with and without the int8 row. Where the path is off, the call must
+  //    say so and leave every buffer as it was.
+  {
+    std::vector<uint64_t> hashes;
+    std::vector<bool> via;
+    bool all_ok = true;
+    int fused = 0;
+    for (const size_t n : {size_t{32}, size_t{96}, size_t{2048}, size_t{4096}, size_t{4128}, size_t{8192}, size_t{16384}})
+      for (const size_t off : {size_t{0}, size_t{1}})
+        for (const bool quantize : {false, true}) {
+          const FusedCall c{n, rank % 2 ? off : 0, call++, quantize};
+          FusedBufs d(c);
+          d.load(c, rank, stream);
+          const bool took = d.enqueue(g, quantize);
+          std::vector<float> b, x, y;
+          std::vector<uint32_t> q;
+          d.fetch(stream, &b, &x, &y, &q);
+          CK(cudaStreamSynchronize(stream));
+          const std::string what = "fused all-reduce + norm, offset " + std::to_string(c.off);
+          if (took != fusable(n)) {
+            std::fprintf(stderr, "rank %d: %s of %zu floats: fused = %d, expected %d\n", rank, what.c_str(), n, took,
+                         fusable(n));
+            ++failures, all_ok = false;
+            continue;
+          }
+          if (!took) {
+            if (b != d.hb || x != d.hx) {
+              std::fprintf(stderr, "rank %d: %s declined but changed its buffers\n", rank, what.c_str());
+              ++failures, all_ok = false;
+            }
+            continue;
+          }
+          ++fused;
+          all_ok = check_fused_call(c, world, rank, b, x, y, q, what, &hashes) && all_ok;
+          via.push_back(true);
+        }
+    if (all_ok && rank == 0 && fused > 0)
+      std::printf("ok: %d fused all-reduce + add + norm calls (32 .. 16384 floats, unaligned views, int8 rows) "
+                  "within their tolerances; the others declined and left their buffers alone\n", fused);
+    if (all_ok && rank == 0 && fused == 0)
+      std::printf("ok: every fused all-reduce + add + norm call declined (the path is off) and left its buffers alone\n");
+    if (!hashes.empty()) expect_same_bits(g, hashes, via, "fused all-reduce + norm", rank);
+  }
+  if (!fusable(8192)) {
+    if (rank == 0) std::printf("fused all-reduce + norm is off here: the interleaving checks are skipped\n");
+    return;
+  }
+  // b. Fused calls interleaved with plain all-reduces (one-shot and NCCL) back to back, without host syncs,
+  //    every 17th with one rank's stream asleep first; then c. the same captured once in a CUDA graph and
+  //    replayed on new inputs. The two kernels use separate channels whose counters must each advance.
+  for (const bool graph : {false, true}) {
+    const std::vector<size_t> fsizes = {8192, 4096, 96, 2048};
+    const std::vector<size_t> psizes = {8192, 1024, 20000};
+    const int ops = graph ? 8 : 240, replays = graph ? 20 : 1;
+    std::vector<FusedCall> calls;
+    std::vector<std::unique_ptr<FusedBufs>> bufs;
+    std::vector<std::unique_ptr<DevBuf>> plain;
+    std::vector<size_t> plain_n;
+    for (int k = 0; k < ops; ++k) {
+      if (k % 2 == 0) {
+        calls.push_back({fsizes[size_t(k / 2) % fsizes.size()], size_t(rank % 2) * size_t(k % 4 == 0), 0, k % 4 != 0});
+        bufs.push_back(std::make_unique<FusedBufs>(calls.back()));
+      } else {
+        plain_n.push_back(psizes[size_t(k / 2) % psizes.size()]);
+        plain.push_back(std::make_unique<DevBuf>(plain_n.back()));
+      }
+    }
+    cudaGraphExec_t exec = nullptr;
+    auto enqueue_all = [&] {
+      bool all_fused = true;
+      for (int k = 0; k < ops; ++k) {
+        if (k % 2 == 0) all_fused = bufs[size_t(k / 2)]->enqueue(g, calls[size_t(k / 2)].quantize) && all_fused;
+        else g.all_reduce_sum(plain[size_t(k / 2)]->p, plain_n[size_t(k / 2)]);
+      }
+      return all_fused;
+    };
+    bool all_ok = true;
+    std::vector<uint64_t> hashes;
+    int delay_us = 250;
+    for (int j = 0; j < replays; ++j) {
+      for (size_t f = 0; f < calls.size(); ++f) {
+        calls[f].call = call++;
+        bufs[f]->load(calls[f], rank, stream);
+      }
+      for (size_t p = 0; p < plain.size(); ++p) CK(cudaMemsetAsync(plain[p]->p, 0, plain_n[p] * 4, stream));
+      if (j % 3 == rank % 3) CK(cudaLaunchHostFunc(stream, sleep_on_stream, &delay_us));
+      bool took = true;
+      if (!graph) {
+        g.barrier();
+        took = enqueue_all();
+      } else {
+        if (!exec) {
+          cudaGraph_t gr;
+          CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+          took = enqueue_all();
+          CK(cudaStreamEndCapture(stream, &gr));
+          CK(cudaGraphInstantiate(&exec, gr, 0));
+          CK(cudaGraphDestroy(gr));
+        }
+        CK(cudaGraphLaunch(exec, stream));
+      }
+      if (!took) {
+        std::fprintf(stderr, "rank %d: a fused call declined in the interleaving check\n", rank);
+        ++failures;
+        return;
+      }
+      std::vector<std::vector<float>> b(calls.size()), x(calls.size()), y(calls.size());
+      std::vector<std::vector<uint32_t>> q(calls.size());
+      for (size_t f = 0; f < calls.size(); ++f) bufs[f]->fetch(stream, &b[f], &x[f], &y[f], &q[f]);
+      CK(cudaStreamSynchronize(stream));
+      for (size_t f = 0; f < calls.size() && all_ok; ++f)
+        all_ok = check_fused_call(calls[f], world, rank, b[f], x[f], y[f], q[f],
+                                  graph ? "fused call replayed from a CUDA graph" : "fused call between plain ones",
+                                  &hashes);
+    }
+    if (exec) CK(cudaGraphExecDestroy(exec));
+    if (all_ok && rank == 0)
+      std::printf("ok: %zu fused calls interleaved with %zu plain all-reduces%s\n", calls.size() * size_t(replays),
+                  plain.size() * size_t(replays), graph ? ", captured in a CUDA graph and replayed" : ", back to back");
+    if (all_ok)
+      expect_same_bits(g, hashes, std::vector<bool>(hashes.size(), true),
+                       graph ? "fused calls in a graph" : "interleaved fused calls", rank);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -445,6 +704,7 @@ int main(int argc, char** argv) {
   }
 
   check_small_all_reduces(*comm, *g, stream.s, rank, world);
+  check_fused_norm(*comm, *g, stream.s, rank, world);
 
   // Latency of 8 KB and 32 KB all-reduces (2048 and 8192 floats: a decode row of n_embd 2048, and of a
   // 70B model's 8192): eager one at a time (enqueue + stream sync), and 100 captured in one graph (the

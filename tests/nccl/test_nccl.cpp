@@ -16,13 +16,14 @@ namespace shardlm::test {
 namespace {
 
 std::string bin(const char* name) { return std::string(SHARDLM_BINARY_DIR) + "/tests/nccl/" + name; }
-// `all_reduce` sets SHARDLM_ALLREDUCE for every rank (auto, nccl or oneshot; empty leaves it as it is).
-std::string mpirun(int np, const std::string& all_reduce = "") {
+// `all_reduce` sets SHARDLM_ALLREDUCE for every rank (auto, nccl or oneshot; empty leaves it as it is),
+// `fuse` SHARDLM_ALLREDUCE_FUSE (norm, pdl, off; empty: the default).
+std::string mpirun(int np, const std::string& all_reduce = "", const std::string& fuse = "") {
   // NVLink multicast stays off on shared machines (a program that uses it can take the host's GPUs down).
   setenv("NCCL_NVLS_ENABLE", "0", 1);
   return "mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE " +
-         (all_reduce.empty() ? std::string() : "-x SHARDLM_ALLREDUCE=" + all_reduce + " ") + "-np " +
-         std::to_string(np) + " ";
+         (all_reduce.empty() ? std::string() : "-x SHARDLM_ALLREDUCE=" + all_reduce + " ") +
+         (fuse.empty() ? std::string() : "-x SHARDLM_ALLREDUCE_FUSE=" + fuse + " ") + "-np " + std::to_string(np) + " ";
 }
 
 std::string read_file(const std::string& path) {
@@ -54,6 +55,15 @@ TEST(Nccl, OneShotAllReduceMatchesHostSums) {
   NEED_GPUS(2);
   const std::string cmd = mpirun(2, "oneshot") + bin("nccl_collectives");
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+}
+
+// The one-shot kernel launched the other two ways (the fused norm then falls back to the backend's calls).
+TEST(Nccl, OneShotAllReduceWithoutTheFusedNorm) {
+  NEED_GPUS(2);
+  for (const char* fuse : {"pdl", "off"}) {
+    const std::string cmd = mpirun(2, "oneshot", fuse) + bin("nccl_collectives");
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  }
 }
 
 TEST(Nccl, OneShotAllReduceOnFourGpus) {
@@ -91,9 +101,12 @@ TEST(Nccl, AllReduceSettingsAreValidated) {
   EXPECT_EQ(one_shot::parse_settings("nccl", nullptr).mode, Mode::kNccl);
   EXPECT_EQ(one_shot::parse_settings("oneshot", "256").mode, Mode::kOneShot);
   EXPECT_EQ(one_shot::parse_settings("auto", "16").max_bytes, size_t{16} << 10);
-  auto message = [](const char* mode, const char* kb) -> std::string {
+  EXPECT_EQ(one_shot::parse_settings(nullptr, nullptr, nullptr).fuse, one_shot::Fuse::kNorm);
+  EXPECT_EQ(one_shot::parse_settings(nullptr, nullptr, "pdl").fuse, one_shot::Fuse::kPdl);
+  EXPECT_EQ(one_shot::parse_settings(nullptr, nullptr, "off").fuse, one_shot::Fuse::kOff);
+  auto message = [](const char* mode, const char* kb, const char* fuse = nullptr) -> std::string {
     try {
-      one_shot::parse_settings(mode, kb);
+      one_shot::parse_settings(mode, kb, fuse);
     } catch (const Error& e) {
       EXPECT_EQ(e.kind(), ErrorKind::kInvalidInput);
       return e.what();
@@ -103,6 +116,9 @@ TEST(Nccl, AllReduceSettingsAreValidated) {
   const std::string bad = message("one-shot", nullptr);
   EXPECT_NE(bad.find("SHARDLM_ALLREDUCE='one-shot'"), std::string::npos) << bad;
   EXPECT_NE(bad.find("auto, nccl, oneshot"), std::string::npos) << bad;
+  const std::string bad_fuse = message(nullptr, nullptr, "yes");
+  EXPECT_NE(bad_fuse.find("SHARDLM_ALLREDUCE_FUSE='yes'"), std::string::npos) << bad_fuse;
+  EXPECT_NE(bad_fuse.find("norm, pdl, off"), std::string::npos) << bad_fuse;
   for (const char* kb : {"0", "257", "64k", "-1", " 64", "1e3"}) {
     const std::string m = message(nullptr, kb);
     EXPECT_NE(m.find(std::string("SHARDLM_ALLREDUCE_ONESHOT_MAX_KB='") + kb + "'"), std::string::npos) << m;

@@ -512,6 +512,23 @@ void CudaBackend::add_rms_norm(float* x, const float* delta, const float* w, flo
   produced(y, n, launch_add_rms_norm(x, delta, w, y, n_tok, n, eps, stream(), xq_target(n_tok, n)));
 }
 
+void CudaBackend::all_reduce_add_rms_norm(CommGroup& group, float* buf, float* x, const float* w, float* y,
+                                          int64_t n_tok, int64_t n, float eps) {
+  if (n <= 0) fail("cuda all_reduce_add_rms_norm: n = ", n);
+  if (n_tok == 1 && !(skip_ & kSkipNorm)) {
+    DeviceGuard g(device_);
+    note_write();
+    AddRmsNormEpilogue e;
+    e.x = x;
+    e.w = w;
+    e.y = y;
+    e.eps = eps;
+    e.xq = xq_target(1, n);
+    if (group.all_reduce_sum_add_rms_norm(buf, static_cast<size_t>(n), e)) return produced(y, n, e.xq != nullptr);
+  }
+  Backend::all_reduce_add_rms_norm(group, buf, x, w, y, n_tok, n, eps);
+}
+
 void CudaBackend::check_kv(const KvLayerView& kv, int64_t n_tok, const char* op) const {
   if (kv.head_dim <= 0 || kv.head_dim % 2 != 0)
     fail("cuda ", op, ": head_dim ", kv.head_dim, " must be even and positive");

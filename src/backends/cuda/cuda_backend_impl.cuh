@@ -44,6 +44,8 @@ class CudaBackend final : public Backend {
   void kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) override;
   void add_rms_norm(float* x, const float* delta, const float* w, float* y, int64_t n_tok, int64_t n,
                     float eps) override;
+  void all_reduce_add_rms_norm(CommGroup& group, float* buf, float* x, const float* w, float* y, int64_t n_tok,
+                               int64_t n, float eps) override;
   void rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok, int64_t n_head,
                      float freq_base, const float* freq_factors) override;
   void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override;

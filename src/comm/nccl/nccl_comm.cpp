@@ -316,7 +316,7 @@ class NcclGroup final : public CommGroup {
     const double t0 = now_s();
     const State::DeviceScope dev(*st_);  // enqueue with the stream's device current
     if (one_shot::OneShotAllReduce* os = one_shot_for(n)) {
-      os->run(buf, n, st_->stream());
+      os->run(buf, n, st_->all_reduce_settings().fuse, st_->stream());
       st_->track("one-shot all-reduce", cat("in ", label_), kOneShotGraceSeconds);
       *spent_ += now_s() - t0;
       return;
@@ -324,6 +324,23 @@ class NcclGroup final : public CommGroup {
     ncclComm_t c = comm();
     SHARDLM_NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, c, st_->stream()));
     done("all-reduce", t0);
+  }
+
+  // The one-shot kernel with the epilogue, for a row the one-shot path takes anyway. Decided on n, the
+  // settings and the group alone, so every member takes the same branch.
+  bool all_reduce_sum_add_rms_norm(float* buf, size_t n, const AddRmsNormEpilogue& e) override {
+    if (size() == 1 || st_->all_reduce_settings().fuse != one_shot::Fuse::kNorm || n == 0 ||
+        n > one_shot::kMaxNormFloats || !on_device(buf))
+      return false;
+    SHARDLM_CHECK(!e.xq || n % 32 == 0, "all-reduce + norm: an int8 row of ", n, " floats (a multiple of 32 needed)");
+    const double t0 = now_s();
+    const State::DeviceScope dev(*st_);  // enqueue with the stream's device current
+    one_shot::OneShotAllReduce* os = one_shot_for(n);
+    if (!os) return false;
+    os->run_add_rms_norm(buf, n, e, st_->stream());
+    st_->track("one-shot all-reduce + norm", cat("in ", label_), kOneShotGraceSeconds);
+    *spent_ += now_s() - t0;
+    return true;
   }
 
   void all_gather(const float* in, float* out, const std::vector<size_t>& counts) override {
@@ -413,7 +430,8 @@ class NcclGroup final : public CommGroup {
       return;
     }
     st_->add_one_shot(one_shot_.get());
-    st_->note_all_reduce_path(cat("oneshot<=", s.max_bytes >> 10, "KiB, nccl above in ", label_));
+    st_->note_all_reduce_path(cat("oneshot<=", s.max_bytes >> 10, "KiB (fuse ", one_shot::describe(s.fuse), "), nccl above in ",
+                                  label_));
   }
 
   std::shared_ptr<State> st_;

@@ -123,8 +123,20 @@ std::string describe(Mode m) {
   return "?";
 }
 
+std::string describe(Fuse f) {
+  switch (f) {
+    case Fuse::kNorm:
+      return "norm";
+    case Fuse::kPdl:
+      return "pdl";
+    case Fuse::kOff:
+      return "off";
+  }
+  return "?";
+}
+
 // An empty value counts as unset: `SHARDLM_ALLREDUCE= cmd` is how a shell clears it for one command.
-Settings parse_settings(const char* mode, const char* max_kb) {
+Settings parse_settings(const char* mode, const char* max_kb, const char* fuse) {
   Settings s;
   if (mode && *mode) {
     const std::string m = mode;
@@ -143,11 +155,19 @@ Settings parse_settings(const char* mode, const char* max_kb) {
            "] (the one-shot slot holds ", limit, " KiB)");
     s.max_bytes = kb << 10;
   }
+  if (fuse && *fuse) {
+    const std::string f = fuse;
+    if (f == "norm") s.fuse = Fuse::kNorm;
+    else if (f == "pdl") s.fuse = Fuse::kPdl;
+    else if (f == "off") s.fuse = Fuse::kOff;
+    else fail("SHARDLM_ALLREDUCE_FUSE='", f, "' is not one of norm, pdl, off");
+  }
   return s;
 }
 
 Settings settings_from_env() {
-  return parse_settings(std::getenv("SHARDLM_ALLREDUCE"), std::getenv("SHARDLM_ALLREDUCE_ONESHOT_MAX_KB"));
+  return parse_settings(std::getenv("SHARDLM_ALLREDUCE"), std::getenv("SHARDLM_ALLREDUCE_ONESHOT_MAX_KB"),
+                        std::getenv("SHARDLM_ALLREDUCE_FUSE"));
 }
 
 OneShotAllReduce::OneShotAllReduce(CommGroup& control, const std::vector<int>& world_ranks, int device,
@@ -260,19 +280,36 @@ OneShotAllReduce::~OneShotAllReduce() {
   if (restore) cudaSetDevice(prev);
 }
 
-void OneShotAllReduce::run(float* buf, size_t n, cudaStream_t stream) {
+void OneShotAllReduce::run(float* buf, size_t n, Fuse fuse, cudaStream_t stream) {
   SHARDLM_CHECK(n * sizeof(float) <= kSlotBytes, "one-shot all-reduce of ", n, " floats");
   if (const std::string f = failure(); !f.empty())
     fail_kind(ErrorKind::kComm, "rank ", world_ranks_[static_cast<size_t>(control_.rank())], ": ", f);
   KernelArgs a = args_;
   a.buf = buf;
   a.n = n;
-  SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, stream));
+  a.channel = 0;
+  SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, false, fuse, stream));
+}
+
+void OneShotAllReduce::run_add_rms_norm(float* buf, size_t n, const AddRmsNormEpilogue& e, cudaStream_t stream) {
+  SHARDLM_CHECK(n >= 1 && n <= kMaxNormFloats && (!e.xq || n % 32 == 0) && e.x && e.w && e.y,
+                "one-shot all-reduce + norm of ", n, " floats");
+  if (const std::string f = failure(); !f.empty())
+    fail_kind(ErrorKind::kComm, "rank ", world_ranks_[static_cast<size_t>(control_.rank())], ": ", f);
+  KernelArgs a = args_;
+  a.buf = buf;
+  a.n = n;
+  a.channel = kChannelBytes;
+  a.norm = e;
+  SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, true, Fuse::kNorm, stream));
 }
 
 std::string OneShotAllReduce::failure() const {
   const uint32_t e = host_error_ ? *host_error_ : 0;
   if (e == 0) return {};
+  if (e == kHostErrorNoShare)
+    return cat("one-shot all-reduce + norm in the group of ranks ", rank_list(world_ranks_),
+               ": a block's share of the sum of squares did not come within ", timeout_s_, " s (internal error)");
   const size_t peer = e - 1;
   return cat("one-shot all-reduce in the group of ranks ", rank_list(world_ranks_), ": rank ",
              peer < world_ranks_.size() ? world_ranks_[peer] : -1, " did not arrive within ", timeout_s_,

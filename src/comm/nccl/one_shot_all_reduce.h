@@ -37,23 +37,38 @@ enum class Mode {
   kOneShot,  // like kAuto, but a group that cannot use the one-shot path is an error, not a silent fallback
 };
 
+// What the one-shot kernel does beyond the sum (SHARDLM_ALLREDUCE_FUSE). Measurement switches: kNorm is
+// the fastest (docs/multi_gpu.md has the figures).
+enum class Fuse {
+  kNorm,  // launched as a programmatic dependent (PDL) and, where the caller asks, with the residual add
+          // and RMS norm that follow it (CommGroup::all_reduce_sum_add_rms_norm) in the same kernel
+  kPdl,   // launched as a programmatic dependent; the add and norm stay the backend's own kernel
+  kOff,   // an ordinary launch: starts after the previous kernel has finished, as NCCL's kernels do
+};
+
 struct Settings {
   Mode mode = Mode::kAuto;
   size_t max_bytes = kDefaultMaxBytes;  // all-reduces of at most this many bytes take the one-shot path
+  Fuse fuse = Fuse::kNorm;
 };
 
-// SHARDLM_ALLREDUCE (auto|nccl|oneshot, default auto) and SHARDLM_ALLREDUCE_ONESHOT_MAX_KB (1..256,
-// default 64). Null means unset. A bad value throws an Error naming the variable, the value and what is
-// allowed.
-Settings parse_settings(const char* mode, const char* max_kb);
+// SHARDLM_ALLREDUCE (auto|nccl|oneshot, default auto), SHARDLM_ALLREDUCE_ONESHOT_MAX_KB (1..256, default
+// 64) and SHARDLM_ALLREDUCE_FUSE (norm|pdl|off, default norm). Null or empty means unset. A bad value
+// throws an Error naming the variable, the value and what is allowed.
+Settings parse_settings(const char* mode, const char* max_kb, const char* fuse = nullptr);
 Settings settings_from_env();
 std::string describe(Mode m);
+std::string describe(Fuse f);
 
-// Launch shape: fixed, because each block keeps its own call counter and only talks to the same block of
-// its peers (no grid-wide sync); a grid that changed with n would let the counters drift apart.
-// 16 x 512 threads x one float4 each cover 128 KB per pass.
+// Launch shape. Block b owns the float4 groups b * kThreads + t + k * kBlocks * kThreads (16 x 512
+// threads x one float4 each cover 128 KB per pass) in every call, keeps its own call counter, and only
+// talks to block b of its peers (no grid-wide sync). A call launches only the blocks that own data
+// (min(kBlocks, ceil(n / 4 / kThreads))): a block that owns nothing would only exchange flags, and leaving
+// it out changes nothing for the others, because every member leaves out the same blocks (same n).
 constexpr int kBlocks = 16;
 constexpr int kThreads = 512;
+// The fused norm needs the whole row in one pass (one float4 per thread): at most 32768 floats.
+constexpr size_t kMaxNormFloats = size_t{4} * kBlocks * kThreads;
 
 // The front of every member's exchange buffer, zeroed at creation. Two data slots of kSlotBytes follow
 // at kFlagsBytes; call e uses slot e % 2.
@@ -63,24 +78,45 @@ struct Flags {
   // arrived[b][p] = e + 1 once member p's block b has put call e's data in p's slot; written by p.
   // Its own cache lines, away from the words this rank writes.
   alignas(128) uint32_t arrived[kBlocks][kMaxRanks];
+  // The fused norm's sum of squares: block b's share of fused call c as (c + 1) << 32 | float bits,
+  // published by this rank's block b for this rank's other blocks (the tag tells this call's share from an
+  // older one). The blocks' own counters (epoch) cannot number the call: a block only counts the calls
+  // that gave it data, so blocks 0 and 1 disagree after a call of one block.
+  alignas(128) uint64_t share[kBlocks];
+  // c: fused calls finished here. Every block reads it at its start; block 0 advances it at its end, after
+  // it has seen every block's share (each block reads c before publishing its share).
+  alignas(128) uint32_t norm_calls;
 };
 constexpr size_t kFlagsBytes = 4096;
 static_assert(sizeof(Flags) <= kFlagsBytes);
-constexpr size_t kBufferBytes = kFlagsBytes + 2 * kSlotBytes;
+// Two independent channels, each with its flags and two slots: the plain all-reduce and the one fused with
+// the norm. They launch different grids for the same n (the fused one needs every data block's share),
+// and a channel's safety argument (docs/multi_gpu.md) only looks at its own calls.
+constexpr size_t kChannelBytes = kFlagsBytes + 2 * kSlotBytes;
+constexpr int kChannels = 2;
+constexpr size_t kBufferBytes = kChannels * kChannelBytes;
 
 // What the kernel needs; passed by value, so a CUDA graph replays exactly these pointers.
 struct KernelArgs {
   float* buf = nullptr;          // (n) this rank's input, overwritten with the sum; any 4-byte alignment
   size_t n = 0;                  // floats; n * 4 <= kSlotBytes
   char* base[kMaxRanks] = {};    // (world) every member's exchange buffer as mapped here; base[rank] is ours
+  size_t channel = 0;            // byte offset of this call's channel in every member's buffer
+  AddRmsNormEpilogue norm;       // the fused kernel's epilogue (x, w, y: any 4-byte alignment)
   int rank = 0;                  // this rank's index in the group
   int world = 0;                 // members, 2..kMaxRanks
   uint64_t timeout_ns = 0;       // how long a block waits for a peer's flag before giving up
-  uint32_t* host_error = nullptr;  // (1) mapped pinned host word: 1 + the group rank of a peer that never came
+  uint32_t* host_error = nullptr;  // (1) mapped pinned host word: 1 + the group rank of a peer that never came,
+                                   // or kHostErrorNoShare
 };
+// host_error's value when a block of the fused kernel waited in vain for another block's share of the sum
+// of squares (only possible after that block gave up on a peer, which names the peer first).
+constexpr uint32_t kHostErrorNoShare = 0xFFFFFFFFu;
 
-// Enqueues one all-reduce on `stream`; returns the launch's error (cudaGetLastError).
-cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream);
+// Enqueues one all-reduce on `stream`, with args.norm's epilogue when `norm` (args.n <= kMaxNormFloats,
+// args.n % 32 == 0 if norm.xq is set), launched as a programmatic dependent unless fuse is kOff; returns
+// the launch's error.
+cudaError_t launch_kernel(const KernelArgs& args, bool norm, Fuse fuse, cudaStream_t stream);
 
 // One group's exchange buffers. Creation is collective over the group's MPI control group.
 class OneShotAllReduce {
@@ -99,7 +135,9 @@ class OneShotAllReduce {
 
   // Enqueues the sum of every member's `buf` into `buf` on `stream` (graph-capturable). Every member
   // must make the same calls with the same n, in the same order, on one stream each.
-  void run(float* buf /* (n) */, size_t n, cudaStream_t stream);
+  void run(float* buf /* (n) */, size_t n, Fuse fuse, cudaStream_t stream);
+  // The same, then the epilogue (n <= kMaxNormFloats; n % 32 == 0 if e.xq is set), in the same kernel.
+  void run_add_rms_norm(float* buf /* (n) */, size_t n, const AddRmsNormEpilogue& e, cudaStream_t stream);
 
   // Empty while healthy; once a kernel gave up waiting, the message to fail with (it names this rank,
   // the group and the peer). Reads a host word the GPU writes, without any CUDA call, so the watchdog

@@ -1,6 +1,11 @@
 // The one-shot all-reduce kernel (the protocol and why it is safe: docs/multi_gpu.md, "One-shot all-reduce").
 #include "comm/nccl/one_shot_all_reduce.h"
 
+#include <algorithm>
+
+#include "backends/cuda/pdl.cuh"
+#include "backends/cuda/quant_x.cuh"
+
 namespace shardlm::one_shot {
 namespace {
 
@@ -54,41 +59,57 @@ __device__ __forceinline__ void store4(float* buf, size_t i, size_t n, bool alig
   if (i + 3 < n) buf[i + 3] = x.w;
 }
 
-// Grid (kBlocks), block (kThreads). Block b owns the float4 groups v = b * kThreads + t + k * kBlocks *
-// kThreads on every rank, and only ever waits for block b of its peers.
+// Grid (blocks_for(n)), block (kThreads); see kBlocks for who owns what. kNorm: the fused epilogue, with
+// the whole row in one pass (n <= kMaxNormFloats).
 // __grid_constant__: base[] is indexed by runtime ranks; this reads it from the parameter space instead
 // of copying the struct to local memory.
+template <bool kNorm>
 __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_constant__ KernelArgs a) {
-  __shared__ uint32_t s_epoch;
+  // Launched as a programmatic dependent (unless Fuse::kOff): the kernel after this one (a matvec) may
+  // start streaming its weights while this one waits for the peers.
+  cuda_detail::pdl_trigger();
+  __shared__ uint32_t s_epoch, s_call;
   __shared__ int s_give_up;
+  __shared__ float s_part[kThreads / 32];  // (warps) the norm's block reduction
+  __shared__ float s_shares[kBlocks];      // (data blocks) every block's share of the sum of squares
   const int b = static_cast<int>(blockIdx.x), t = static_cast<int>(threadIdx.x);
-  Flags* const mine = reinterpret_cast<Flags*>(a.base[a.rank]);
+  const size_t n4 = (a.n + 3) / 4;
+  const size_t first = static_cast<size_t>(b) * kThreads + static_cast<size_t>(t);
+  constexpr size_t stride = static_cast<size_t>(kBlocks) * kThreads;
+  const bool aligned = (reinterpret_cast<uintptr_t>(a.buf) & 15u) == 0;
+  // The norm's weight is no kernel's output: read before the wait, its latency hidden behind the matvec.
+  float4 wv = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (kNorm && first < n4) wv = load4(a.norm.w, 4 * first, a.n, (reinterpret_cast<uintptr_t>(a.norm.w) & 15u) == 0);
+  // Everything below reads or writes what earlier kernels in the stream touch (buf, x, our flags).
+  cuda_detail::pdl_wait();
+  Flags* const mine = reinterpret_cast<Flags*>(a.base[a.rank] + a.channel);
   if (t == 0) {
-    // Written by this block's thread 0 in the previous call: a kernel boundary orders it.
+    // Written by this block's thread 0 in the previous call of this channel: a kernel boundary orders it.
     s_epoch = mine->epoch[b];
+    if (kNorm) s_call = mine->norm_calls;
     s_give_up = mine->error != 0;
   }
   __syncthreads();
   if (s_give_up) return;  // a peer already failed to arrive: do not wait the whole timeout again
   const uint32_t epoch = s_epoch;
-  const size_t slot = kFlagsBytes + (epoch & 1u) * kSlotBytes;
-  const bool aligned = (reinterpret_cast<uintptr_t>(a.buf) & 15u) == 0;
-  const size_t n4 = (a.n + 3) / 4;
-  const size_t first = static_cast<size_t>(b) * kThreads + static_cast<size_t>(t);
-  constexpr size_t stride = static_cast<size_t>(kBlocks) * kThreads;
+  const size_t slot = a.channel + kFlagsBytes + (epoch & 1u) * kSlotBytes;
 
-  // 1. Our input into our slot of this call's parity. No peer still reads it: the last call that used it
-  //    was e - 2, and in call e - 1 we waited for every peer's flag of call e - 1, which a peer publishes
-  //    only after its kernel of call e - 2 (the one reading our slot) has finished.
+  // 1. Our input into our slot of this call's parity. No peer still reads it: the last call of this channel
+  //    that used it was e - 2, and in call e - 1 we waited for every peer's flag of call e - 1, which a peer
+  //    publishes only after its kernel of call e - 2 (the one reading our slot) has finished.
   float4* const my_slot = reinterpret_cast<float4*>(a.base[a.rank] + slot);
   for (size_t v = first; v < n4; v += stride) my_slot[v] = load4(a.buf, 4 * v, a.n, aligned);
+  // The residual row, ours alone: its load overlaps the wait for the peers.
+  const bool x_aligned = (reinterpret_cast<uintptr_t>(a.norm.x) & 15u) == 0;
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (kNorm && first < n4) xv = load4(a.norm.x, 4 * first, a.n, x_aligned);
   __syncthreads();
 
   // 2. Thread p (p != rank) publishes "our block b has call `epoch`'s data" into member p's flags, then
   //    waits for member p's matching flag in ours. Push the flag, poll locally: a remote store is posted,
   //    a remote poll would cross the link on every iteration.
   if (t < a.world && t != a.rank) {
-    store_release_sys(&reinterpret_cast<Flags*>(a.base[t])->arrived[b][a.rank], epoch + 1);
+    store_release_sys(&reinterpret_cast<Flags*>(a.base[t] + a.channel)->arrived[b][a.rank], epoch + 1);
     const uint32_t* flag = &mine->arrived[b][t];
     const uint64_t deadline = global_ns() + a.timeout_ns;
     bool arrived = true;
@@ -108,14 +129,14 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   __syncthreads();
   if (s_give_up) {
     // The pointer is fetched again from the parameters: keeping `mine` live until here made ptxas spill.
-    if (t == 0) reinterpret_cast<Flags*>(a.base[a.rank])->error = 1;
+    if (t == 0) reinterpret_cast<Flags*>(a.base[a.rank] + a.channel)->error = 1;
     return;
   }
 
   // 3. Every member's slot, summed in rank order 0, 1, ... on every rank: the same float additions in the
   //    same order give every rank the same bits. __ldcg: peers' data is read from L2 (theirs), never from
   //    an L1 line of an earlier call.
-  for (size_t v = first; v < n4; v += stride) {
+  auto sum_at = [&](size_t v) {
     float4 acc = __ldcg(reinterpret_cast<const float4*>(a.base[0] + slot) + v);
 #pragma unroll
     for (int r = 1; r < kMaxRanks; ++r) {
@@ -126,18 +147,98 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
       acc.z += x.z;
       acc.w += x.w;
     }
-    store4(a.buf, 4 * v, a.n, aligned, acc);
+    return acc;
+  };
+  if constexpr (!kNorm) {
+    for (size_t v = first; v < n4; v += stride) store4(a.buf, 4 * v, a.n, aligned, sum_at(v));
+  } else {
+    // 4. x += sum (the same float additions as the backend's add_rms_norm), then the norm. The row is
+    //    spread over the data blocks: each publishes its share of the sum of squares, tagged with the
+    //    call, and every block adds all shares in block order, so every block and every rank (same x,
+    //    same sum) gets the same scale.
+    const bool valid = first < n4;
+    if (valid) {
+      const float4 s = sum_at(first);
+      xv = make_float4(xv.x + s.x, xv.y + s.y, xv.z + s.z, xv.w + s.w);
+      store4(a.buf, 4 * first, a.n, aligned, s);
+      store4(a.norm.x, 4 * first, a.n, x_aligned, xv);
+    }
+    float ss = fmaf(xv.x, xv.x, fmaf(xv.y, xv.y, fmaf(xv.z, xv.z, xv.w * xv.w)));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (t % 32 == 0) s_part[t / 32] = ss;
+    __syncthreads();
+    const int n_data = static_cast<int>(gridDim.x);
+    if (t == 0) {
+      float part = 0.0f;
+      for (int w = 0; w < kThreads / 32; ++w) part += s_part[w];
+      const uint64_t word = (static_cast<uint64_t>(s_call + 1) << 32) | __float_as_uint(part);
+      // Release at GPU scope: only this rank's other blocks read it.
+      asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(&mine->share[b]), "l"(word) : "memory");
+    }
+    if (t < n_data) {
+      const uint64_t* p = &mine->share[t];
+      const uint64_t deadline = global_ns() + a.timeout_ns;
+      uint64_t word;
+      for (;;) {
+        asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(p) : "memory");
+        if (static_cast<uint32_t>(word >> 32) == s_call + 1) break;
+        // Only a block that gave up on a peer (and so published nothing) keeps us here: give up too.
+        if (global_ns() > deadline) {
+          s_give_up = 1;
+          break;
+        }
+      }
+      s_shares[t] = __uint_as_float(static_cast<uint32_t>(word));
+    }
+    __syncthreads();
+    if (s_give_up) {
+      if (t == 0) {
+        reinterpret_cast<Flags*>(a.base[a.rank] + a.channel)->error = 1;
+        // The block that gave up on a peer has named it already; otherwise say what happened here.
+        // (No atomics: the word is host memory across PCIe. A race only picks one of two true messages.)
+        volatile uint32_t* he = a.host_error;
+        if (*he == 0u) *he = kHostErrorNoShare;
+        __threadfence_system();
+      }
+      return;
+    }
+    float total = 0.0f;
+    for (int i = 0; i < n_data; ++i) total += s_shares[i];
+    const float scale = 1.0f / sqrtf(total / static_cast<float>(a.n) + a.norm.eps);
+    const float4 y = make_float4(xv.x * scale * wv.x, xv.y * scale * wv.y, xv.z * scale * wv.z, xv.w * scale * wv.w);
+    if (valid) store4(a.norm.y, 4 * first, a.n, (reinterpret_cast<uintptr_t>(a.norm.y) & 15u) == 0, y);
+    // Every lane of every warp takes part (shuffles); n % 32 == 0 keeps 8-lane groups whole.
+    if (a.norm.xq) cuda_detail::quantize_store4(y, static_cast<int64_t>(first), valid, a.norm.xq, static_cast<int64_t>(a.n));
   }
-  // The counter lives in device memory and the kernel advances it: a CUDA graph replays the same
+  // The counters live in device memory and the kernel advances them: a CUDA graph replays the same
   // arguments, so the host could not.
-  if (t == 0) mine->epoch[b] = epoch + 1;
+  if (t == 0) {
+    mine->epoch[b] = epoch + 1;
+    if (kNorm && b == 0) mine->norm_calls = s_call + 1;
+  }
+}
+
+// The blocks that own some of n floats (kBlocks at most).
+unsigned blocks_for(size_t n) {
+  const size_t n4 = (n + 3) / 4;
+  return static_cast<unsigned>(std::min<size_t>(kBlocks, (n4 + kThreads - 1) / kThreads));
 }
 
 }  // namespace
 
-cudaError_t launch_kernel(const KernelArgs& args, cudaStream_t stream) {
-  one_shot_all_reduce<<<kBlocks, kThreads, 0, stream>>>(args);
-  return cudaGetLastError();
+cudaError_t launch_kernel(const KernelArgs& args, bool norm, Fuse fuse, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(blocks_for(args.n));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = fuse == Fuse::kOff ? 0 : 1;
+  return norm ? cudaLaunchKernelEx(&cfg, one_shot_all_reduce<true>, args)
+              : cudaLaunchKernelEx(&cfg, one_shot_all_reduce<false>, args);
 }
 
 }  // namespace shardlm::one_shot
