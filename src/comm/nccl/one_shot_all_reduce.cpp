@@ -147,12 +147,12 @@ Settings parse_settings(const char* mode, const char* max_kb, const char* fuse) 
   }
   if (max_kb && *max_kb) {
     const std::string v = max_kb;
-    const size_t limit = kSlotBytes >> 10;
+    const size_t limit = kMaxMessageBytes >> 10;
     size_t kb = 0;
     const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), kb);
     if (ec != std::errc() || end != v.data() + v.size() || kb < 1 || kb > limit)
       fail("SHARDLM_ALLREDUCE_ONESHOT_MAX_KB='", v, "' is not a whole number of KiB in [1, ", limit,
-           "] (the one-shot slot holds ", limit, " KiB)");
+           "] (the one-shot path carries at most ", limit, " KiB)");
     s.max_bytes = kb << 10;
   }
   if (fuse && *fuse) {
@@ -202,8 +202,8 @@ std::unique_ptr<OneShotAllReduce> OneShotAllReduce::create(CommGroup& control, c
   std::unique_ptr<OneShotAllReduce> os(new OneShotAllReduce(control, world_ranks, device, timeout_s));
   Offer offer;
   offer.why_not.set([&]() -> std::string {
-    SHARDLM_ONE_SHOT_TRY(cudaMalloc(&os->mine_, kBufferBytes), "one-shot buffer");
-    SHARDLM_ONE_SHOT_TRY(cudaMemsetAsync(os->mine_, 0, kBufferBytes, stream), "one-shot buffer");
+    SHARDLM_ONE_SHOT_TRY(cudaMalloc(&os->mine_, buffer_bytes(world)), "one-shot buffer");
+    SHARDLM_ONE_SHOT_TRY(cudaMemsetAsync(os->mine_, 0, buffer_bytes(world), stream), "one-shot buffer");
     SHARDLM_ONE_SHOT_TRY(cudaStreamSynchronize(stream), "one-shot buffer");
     void* h = nullptr;
     SHARDLM_ONE_SHOT_TRY(cudaHostAlloc(&h, sizeof(uint32_t), cudaHostAllocMapped), "one-shot error word");
@@ -281,13 +281,14 @@ OneShotAllReduce::~OneShotAllReduce() {
 }
 
 void OneShotAllReduce::run(float* buf, size_t n, Fuse fuse, cudaStream_t stream) {
-  SHARDLM_CHECK(n * sizeof(float) <= kSlotBytes, "one-shot all-reduce of ", n, " floats");
+  SHARDLM_CHECK(n * sizeof(float) <= kMaxMessageBytes, "one-shot all-reduce of ", n, " floats");
   if (const std::string f = failure(); !f.empty())
     fail_kind(ErrorKind::kComm, "rank ", world_ranks_[static_cast<size_t>(control_.rank())], ": ", f);
   KernelArgs a = args_;
   a.buf = buf;
   a.n = n;
-  a.channel = 0;
+  a.channel = channel_offset(0, a.world);
+  a.area = area_bytes(0);
   SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, false, fuse, stream));
 }
 
@@ -299,7 +300,8 @@ void OneShotAllReduce::run_add_rms_norm(float* buf, size_t n, const AddRmsNormEp
   KernelArgs a = args_;
   a.buf = buf;
   a.n = n;
-  a.channel = kChannelBytes;
+  a.channel = channel_offset(1, a.world);
+  a.area = area_bytes(1);
   a.norm = e;
   SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, true, Fuse::kNorm, stream));
 }

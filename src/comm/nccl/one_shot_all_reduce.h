@@ -25,8 +25,8 @@ namespace shardlm::one_shot {
 // The largest group: every block polls one flag per peer with one thread each, and the kernel argument
 // holds one pointer per member.
 constexpr int kMaxRanks = 8;
-// Bytes of one data slot: the largest message the one-shot path can carry.
-constexpr size_t kSlotBytes = size_t{256} << 10;
+// The largest message the one-shot path carries (the limit of SHARDLM_ALLREDUCE_ONESHOT_MAX_KB).
+constexpr size_t kMaxMessageBytes = size_t{256} << 10;
 // Default SHARDLM_ALLREDUCE_ONESHOT_MAX_KB: decode rows of 8B (16 KB) and 70B (32 KB) models at batch 1-2.
 // Above it NCCL's bandwidth-optimal algorithms start to pay off (to be measured: docs/multi_gpu.md).
 constexpr size_t kDefaultMaxBytes = size_t{64} << 10;
@@ -63,21 +63,19 @@ std::string describe(Fuse f);
 // Launch shape. Block b owns the float4 groups b * kThreads + t + k * kBlocks * kThreads (16 x 512
 // threads x one float4 each cover 128 KB per pass) in every call, keeps its own call counter, and only
 // talks to block b of its peers (no grid-wide sync). A call launches only the blocks that own data
-// (min(kBlocks, ceil(n / 4 / kThreads))): a block that owns nothing would only exchange flags, and leaving
+// (min(kBlocks, ceil(n / 4 / kThreads))): a block that owns nothing would have nothing to send, and leaving
 // it out changes nothing for the others, because every member leaves out the same blocks (same n).
 constexpr int kBlocks = 16;
 constexpr int kThreads = 512;
-// The fused norm needs the whole row in one pass (one float4 per thread): at most 32768 floats.
+// The largest message of each channel, in floats: the plain one takes any one-shot message; the fused norm
+// needs the whole row in one pass (one float4 per thread).
+constexpr size_t kMaxFloats = kMaxMessageBytes / sizeof(float);
 constexpr size_t kMaxNormFloats = size_t{4} * kBlocks * kThreads;
 
-// The front of every member's exchange buffer, zeroed at creation. Two data slots of kSlotBytes follow
-// at kFlagsBytes; call e uses slot e % 2.
+// The front of each channel of every member's exchange buffer, zeroed at creation.
 struct Flags {
   uint32_t epoch[kBlocks];  // calls block b has finished here; only this rank touches it
   uint32_t error;           // nonzero once a block gave up waiting: later calls return at once
-  // arrived[b][p] = e + 1 once member p's block b has put call e's data in p's slot; written by p.
-  // Its own cache lines, away from the words this rank writes.
-  alignas(128) uint32_t arrived[kBlocks][kMaxRanks];
   // The fused norm's sum of squares: block b's share of fused call c as (c + 1) << 32 | float bits,
   // published by this rank's block b for this rank's other blocks (the tag tells this call's share from an
   // older one). The blocks' own counters (epoch) cannot number the call: a block only counts the calls
@@ -89,23 +87,35 @@ struct Flags {
 };
 constexpr size_t kFlagsBytes = 4096;
 static_assert(sizeof(Flags) <= kFlagsBytes);
-// Two independent channels, each with its flags and two slots: the plain all-reduce and the one fused with
-// the norm. They launch different grids for the same n (the fused one needs every data block's share),
-// and a channel's safety argument (docs/multi_gpu.md) only looks at its own calls.
-constexpr size_t kChannelBytes = kFlagsBytes + 2 * kSlotBytes;
+
+// After the flags, each channel holds two parities x world source areas. A member's data for call e
+// travels as "LL" words (NCCL's low-latency protocol): every float is stored next to the call's tag in one
+// aligned 8-byte pair, so the receiver needs no separate flag and no fence: it polls the pairs themselves
+// until every tag is this call's. Area (parity, src) of member m's buffer receives member src's data of
+// calls with that parity; 8 bytes per float.
+constexpr size_t kLLBytesPerFloat = 8;
+// Two independent channels: the plain all-reduce and the one fused with the norm. They launch different
+// grids for the same n, and a channel's safety argument (docs/multi_gpu.md) only looks at its own calls.
 constexpr int kChannels = 2;
-constexpr size_t kBufferBytes = kChannels * kChannelBytes;
+constexpr size_t channel_max_floats(int channel) { return channel == 0 ? kMaxFloats : kMaxNormFloats; }
+constexpr size_t area_bytes(int channel) { return channel_max_floats(channel) * kLLBytesPerFloat; }
+constexpr size_t channel_bytes(int channel, int world) {
+  return kFlagsBytes + 2 * static_cast<size_t>(world) * area_bytes(channel);
+}
+constexpr size_t channel_offset(int channel, int world) { return channel == 0 ? 0 : channel_bytes(0, world); }
+constexpr size_t buffer_bytes(int world) { return channel_bytes(0, world) + channel_bytes(1, world); }
 
 // What the kernel needs; passed by value, so a CUDA graph replays exactly these pointers.
 struct KernelArgs {
   float* buf = nullptr;          // (n) this rank's input, overwritten with the sum; any 4-byte alignment
-  size_t n = 0;                  // floats; n * 4 <= kSlotBytes
+  size_t n = 0;                  // floats; n <= channel_max_floats(channel)
   char* base[kMaxRanks] = {};    // (world) every member's exchange buffer as mapped here; base[rank] is ours
   size_t channel = 0;            // byte offset of this call's channel in every member's buffer
+  size_t area = 0;               // bytes of one (parity, source) area of that channel
   AddRmsNormEpilogue norm;       // the fused kernel's epilogue (x, w, y: any 4-byte alignment)
   int rank = 0;                  // this rank's index in the group
   int world = 0;                 // members, 2..kMaxRanks
-  uint64_t timeout_ns = 0;       // how long a block waits for a peer's flag before giving up
+  uint64_t timeout_ns = 0;       // how long a thread waits for a peer's data before giving up
   uint32_t* host_error = nullptr;  // (1) mapped pinned host word: 1 + the group rank of a peer that never came,
                                    // or kHostErrorNoShare
 };

@@ -9,19 +9,6 @@
 namespace shardlm::one_shot {
 namespace {
 
-// A release store at system scope: the data this block wrote before the preceding __syncthreads is
-// visible to a peer GPU before it can see the flag.
-__device__ __forceinline__ void store_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// The matching acquire: once the flag is seen, the peer's slot data is too. It also bypasses a stale L1 line.
-__device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // Nanoseconds, the same clock on every SM (clock64 counts cycles per SM at a varying frequency).
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
@@ -29,11 +16,37 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
-// Flags only grow, and a peer is at most one call ahead (it cannot finish call e + 1 before we publish
-// e + 1), so a wrap-safe difference decides "this peer has reached call `want`".
-__device__ __forceinline__ bool reached(uint32_t flag, uint32_t want) {
-  return static_cast<int32_t>(flag - want) >= 0;
+// LL words (one_shot_all_reduce.h): a float4 as two 16-byte stores {x, tag, y, tag}, {z, tag, w, tag}.
+// Volatile: straight to the owner's memory (a peer's, over NVLink) and, when polling, past L1, which does not
+// see another GPU's writes. Only each aligned 8-byte (value, tag) pair needs to arrive whole, as in NCCL's LL.
+__device__ __forceinline__ void st_ll(char* p, float4 v, uint32_t tag) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(__float_as_uint(v.x)), "r"(tag),
+               "r"(__float_as_uint(v.y)), "r"(tag)
+               : "memory");
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p + 16), "r"(__float_as_uint(v.z)), "r"(tag),
+               "r"(__float_as_uint(v.w)), "r"(tag)
+               : "memory");
 }
+// Whether both halves carry `tag`; fills v when they do.
+__device__ __forceinline__ bool ld_ll(const char* p, uint32_t tag, float4& v) {
+  uint32_t a0, a1, a2, a3, b0, b1, b2, b3;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
+               : "l"(p)
+               : "memory");
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+               : "l"(p + 16)
+               : "memory");
+  if (a1 != tag || a3 != tag || b1 != tag || b3 != tag) return false;
+  v = make_float4(__uint_as_float(a0), __uint_as_float(a2), __uint_as_float(b0), __uint_as_float(b2));
+  return true;
+}
+
+// The tag of a block's call e. Odd, so never the 0 of a word nobody wrote yet. Words of one area are
+// rewritten every second call that gives the block data, so an old tag is at most a few calls stale; a
+// false match would need an area left untouched for 2^31 of the block's calls.
+__device__ __forceinline__ uint32_t tag_of(uint32_t epoch) { return 2u * epoch + 1u; }
 
 // Elements i..i+3 of buf (n floats), zero past the end. The float4 path needs a 16-byte aligned buffer;
 // the caller's buffer may be any float view. Alignment only changes the instructions, never which block
@@ -80,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   // The norm's weight is no kernel's output: read before the wait, its latency hidden behind the matvec.
   float4 wv = make_float4(0.f, 0.f, 0.f, 0.f);
   if (kNorm && first < n4) wv = load4(a.norm.w, 4 * first, a.n, (reinterpret_cast<uintptr_t>(a.norm.w) & 15u) == 0);
-  // Everything below reads or writes what earlier kernels in the stream touch (buf, x, our flags).
+  // Everything below reads or writes what earlier kernels in the stream touch (buf, x, our flags and areas).
   cuda_detail::pdl_wait();
   Flags* const mine = reinterpret_cast<Flags*>(a.base[a.rank] + a.channel);
   if (t == 0) {
@@ -91,78 +104,86 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   }
   __syncthreads();
   if (s_give_up) return;  // a peer already failed to arrive: do not wait the whole timeout again
-  const uint32_t epoch = s_epoch;
-  const size_t slot = a.channel + kFlagsBytes + (epoch & 1u) * kSlotBytes;
+  const uint32_t epoch = s_epoch, tag = tag_of(epoch);
+  // Area (parity, src) of member m's buffer: a.base[m] + areas + (parity * world + src) * a.area.
+  const size_t areas = a.channel + kFlagsBytes + static_cast<size_t>(epoch & 1u) * a.world * a.area;
 
-  // 1. Our input into our slot of this call's parity. No peer still reads it: the last call of this channel
-  //    that used it was e - 2, and in call e - 1 we waited for every peer's flag of call e - 1, which a peer
-  //    publishes only after its kernel of call e - 2 (the one reading our slot) has finished.
-  float4* const my_slot = reinterpret_cast<float4*>(a.base[a.rank] + slot);
-  for (size_t v = first; v < n4; v += stride) my_slot[v] = load4(a.buf, 4 * v, a.n, aligned);
-  // The residual row, ours alone: its load overlaps the wait for the peers.
+  // 1. Send: our part of every float4 group this block owns, tagged with the call, into our area of every
+  //    peer's buffer. No peer still reads that area: it was last filled in our call e - 2, and we have since
+  //    received the peer's data of call e - 1, which the peer sends only after its kernel of call e - 2
+  //    (the one that read the area) has finished - stream order on the peer. Two parities are what makes
+  //    that true.
+  const size_t to_us = areas + static_cast<size_t>(a.rank) * a.area;
+  for (size_t v = first; v < n4; v += stride) {
+    const float4 x = load4(a.buf, 4 * v, a.n, aligned);
+    for (int p = 0; p < a.world; ++p)
+      if (p != a.rank) st_ll(a.base[p] + to_us + 32 * v, x, tag);
+  }
+  // The residual row, ours alone: its load overlaps the peers' latency.
   const bool x_aligned = (reinterpret_cast<uintptr_t>(a.norm.x) & 15u) == 0;
   float4 xv = make_float4(0.f, 0.f, 0.f, 0.f);
   if (kNorm && first < n4) xv = load4(a.norm.x, 4 * first, a.n, x_aligned);
-  __syncthreads();
 
-  // 2. Thread p (p != rank) publishes "our block b has call `epoch`'s data" into member p's flags, then
-  //    waits for member p's matching flag in ours. Push the flag, poll locally: a remote store is posted,
-  //    a remote poll would cross the link on every iteration.
-  if (t < a.world && t != a.rank) {
-    store_release_sys(&reinterpret_cast<Flags*>(a.base[t] + a.channel)->arrived[b][a.rank], epoch + 1);
-    const uint32_t* flag = &mine->arrived[b][t];
-    const uint64_t deadline = global_ns() + a.timeout_ns;
-    bool arrived = true;
-    while (!reached(load_acquire_sys(flag), epoch + 1)) {
-      if (global_ns() > deadline) {
-        arrived = false;
-        break;
+  // 2. Receive and sum in rank order 0, 1, ... on every rank (our own part from buf, the same bits the peers
+  //    received): the same float additions in the same order give every rank the same bits. Each thread
+  //    polls its own words; a peer that never sends is given up after the timeout.
+  const uint64_t deadline = global_ns() + a.timeout_ns;
+  auto receive = [&](size_t v, float4& acc) -> bool {
+    for (int r = 0; r < a.world; ++r) {
+      float4 x;
+      if (r == a.rank) {
+        x = load4(a.buf, 4 * v, a.n, aligned);
+      } else {
+        const char* w = a.base[a.rank] + areas + static_cast<size_t>(r) * a.area + 32 * v;
+        while (!ld_ll(w, tag, x)) {
+          if (global_ns() > deadline) {
+            // Bounded: a dead peer must not hold the GPU forever. The host sees the word and fails the job.
+            *reinterpret_cast<volatile uint32_t*>(a.host_error) = 1u + static_cast<uint32_t>(r);
+            __threadfence_system();
+            s_give_up = 1;
+            return false;
+          }
+        }
+      }
+      if (r == 0) {
+        acc = x;
+      } else {
+        acc.x += x.x;
+        acc.y += x.y;
+        acc.z += x.z;
+        acc.w += x.w;
       }
     }
-    if (!arrived) {
-      // Bounded: a dead peer must not hold the GPU forever. The host sees the word and fails the job.
-      *reinterpret_cast<volatile uint32_t*>(a.host_error) = 1u + static_cast<uint32_t>(t);
-      __threadfence_system();
-      s_give_up = 1;
-    }
-  }
-  __syncthreads();
-  if (s_give_up) {
+    return true;
+  };
+  auto gave_up = [&]() {
     // The pointer is fetched again from the parameters: keeping `mine` live until here made ptxas spill.
     if (t == 0) reinterpret_cast<Flags*>(a.base[a.rank] + a.channel)->error = 1;
-    return;
-  }
-
-  // 3. Every member's slot, summed in rank order 0, 1, ... on every rank: the same float additions in the
-  //    same order give every rank the same bits. __ldcg: peers' data is read from L2 (theirs), never from
-  //    an L1 line of an earlier call.
-  auto sum_at = [&](size_t v) {
-    float4 acc = __ldcg(reinterpret_cast<const float4*>(a.base[0] + slot) + v);
-#pragma unroll
-    for (int r = 1; r < kMaxRanks; ++r) {
-      if (r >= a.world) break;
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(a.base[r] + slot) + v);
-      acc.x += x.x;
-      acc.y += x.y;
-      acc.z += x.z;
-      acc.w += x.w;
-    }
-    return acc;
   };
   if constexpr (!kNorm) {
-    for (size_t v = first; v < n4; v += stride) store4(a.buf, 4 * v, a.n, aligned, sum_at(v));
+    // All of a thread's groups are received before any is stored: buf is also what we sent.
+    bool ok = true;
+    for (size_t v = first; v < n4 && ok; v += stride) {
+      float4 acc;
+      ok = receive(v, acc);
+      if (ok) store4(a.buf, 4 * v, a.n, aligned, acc);
+    }
+    __syncthreads();
+    if (s_give_up) return gave_up();
   } else {
-    // 4. x += sum (the same float additions as the backend's add_rms_norm), then the norm. The row is
+    // 3. x += sum (the same float additions as the backend's add_rms_norm), then the norm. The row is
     //    spread over the data blocks: each publishes its share of the sum of squares, tagged with the
     //    call, and every block adds all shares in block order, so every block and every rank (same x,
     //    same sum) gets the same scale.
     const bool valid = first < n4;
-    if (valid) {
-      const float4 s = sum_at(first);
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (valid && receive(first, s)) {
       xv = make_float4(xv.x + s.x, xv.y + s.y, xv.z + s.z, xv.w + s.w);
       store4(a.buf, 4 * first, a.n, aligned, s);
       store4(a.norm.x, 4 * first, a.n, x_aligned, xv);
     }
+    __syncthreads();
+    if (s_give_up) return gave_up();
     float ss = fmaf(xv.x, xv.x, fmaf(xv.y, xv.y, fmaf(xv.z, xv.z, xv.w * xv.w)));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -178,13 +199,13 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
     }
     if (t < n_data) {
       const uint64_t* p = &mine->share[t];
-      const uint64_t deadline = global_ns() + a.timeout_ns;
+      const uint64_t share_deadline = global_ns() + a.timeout_ns;
       uint64_t word;
       for (;;) {
         asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(p) : "memory");
         if (static_cast<uint32_t>(word >> 32) == s_call + 1) break;
         // Only a block that gave up on a peer (and so published nothing) keeps us here: give up too.
-        if (global_ns() > deadline) {
+        if (global_ns() > share_deadline) {
           s_give_up = 1;
           break;
         }
@@ -194,14 +215,13 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
     __syncthreads();
     if (s_give_up) {
       if (t == 0) {
-        reinterpret_cast<Flags*>(a.base[a.rank] + a.channel)->error = 1;
         // The block that gave up on a peer has named it already; otherwise say what happened here.
         // (No atomics: the word is host memory across PCIe. A race only picks one of two true messages.)
         volatile uint32_t* he = a.host_error;
         if (*he == 0u) *he = kHostErrorNoShare;
         __threadfence_system();
       }
-      return;
+      return gave_up();
     }
     float total = 0.0f;
     for (int i = 0; i < n_data; ++i) total += s_shares[i];
