@@ -280,6 +280,8 @@ if [ -f "$M8" ]; then
         "the command after $(python3 -c "print('%.2f' % ($tend - $tk))") s, exit status $(cat "$R/kill.rc" 2>/dev/null)"
       say "  tokens printed before: $(wc -c <"$R/kill.out") bytes; stderr (last lines):"
       grep -v "^loading" "$R/kill.err" | tail -8 | sed 's/^/    /' | tee -a "$SUMMARY"
+      command -v nvidia-smi >/dev/null &&
+        say "  GPU memory in use afterwards: $(nvidia-smi --query-gpu=index,memory.used --format=csv,noheader | tr '\n' ';')"
     else
       say "killed rank: could not find the ranks (r0='$r0' r1='$r1'); stderr: $(tail -c 400 "$R/kill.err")"
       kill "$bg" 2>/dev/null
