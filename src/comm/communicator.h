@@ -37,7 +37,7 @@ class CommGroup {
   // device for one row: the NCCL communicator's one-shot path). Returns false, having done nothing, where
   // it cannot; the caller then runs all_reduce_sum and the epilogue itself. Every member must make the same
   // call with the same n, and get the same answer: the decision may depend only on what all members share
-  // (n, the group, the settings) and on alignment, which the callers' buffers share too.
+  // (n, the group, the settings, whether buf is device memory), never on a member's own pointers.
   virtual bool all_reduce_sum_add_rms_norm(float* /*buf (n)*/, size_t /*n*/, const AddRmsNormEpilogue& /*e*/) {
     return false;
   }

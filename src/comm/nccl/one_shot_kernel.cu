@@ -19,7 +19,7 @@ __device__ __forceinline__ uint64_t global_ns() {
 // LL words (one_shot_all_reduce.h): a float4 as two 16-byte stores {x, tag, y, tag}, {z, tag, w, tag}.
 // Volatile: straight to the owner's memory (a peer's, over NVLink) and, when polling, past L1, which does not
 // see another GPU's writes. Only each aligned 8-byte (value, tag) pair needs to arrive whole, as in NCCL's LL.
-__device__ __forceinline__ void st_ll(char* p, float4 v, uint32_t tag) {
+__device__ __forceinline__ void st_ll(char* p /* (32 bytes) one float4's LL words */, float4 v, uint32_t tag) {
   asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(__float_as_uint(v.x)), "r"(tag),
                "r"(__float_as_uint(v.y)), "r"(tag)
                : "memory");
@@ -28,7 +28,7 @@ __device__ __forceinline__ void st_ll(char* p, float4 v, uint32_t tag) {
                : "memory");
 }
 // Whether both halves carry `tag`; fills v when they do.
-__device__ __forceinline__ bool ld_ll(const char* p, uint32_t tag, float4& v) {
+__device__ __forceinline__ bool ld_ll(const char* p /* (32 bytes) one float4's LL words */, uint32_t tag, float4& v) {
   uint32_t a0, a1, a2, a3, b0, b1, b2, b3;
   asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
