@@ -90,8 +90,12 @@ LlamaModel::~LlamaModel() {
   for (int h : send_handle_) comm_.wait_send(h);
 }
 
+bool LlamaModel::device_collectives(const Backend& b) const {
+  return b.device() != DeviceKind::kCpu && comm_.accepts_device_memory();
+}
+
 void LlamaModel::all_reduce(Backend& b, float* buf, size_t n) {
-  if (b.device() != DeviceKind::kCpu && comm_.accepts_device_memory()) {
+  if (device_collectives(b)) {
     // A device communicator (NCCL) enqueues on the backend's stream: no host sync, so the step can be
     // captured in a CUDA graph.
     tp_group_->all_reduce_sum(buf, n);
@@ -110,7 +114,7 @@ void LlamaModel::all_reduce(Backend& b, float* buf, size_t n) {
 
 void LlamaModel::send_hidden(Backend& b, float* x, size_t n) {
   b.synchronize();
-  if (b.device() != DeviceKind::kCpu && comm_.accepts_device_memory()) {
+  if (device_collectives(b)) {
     comm_.send(x, n * sizeof(float), mapping_.next_stage_rank(), kTagHidden);
     return;
   }
@@ -258,7 +262,7 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
 
 void LlamaModel::reduce_add_norm(Backend& b, float* o, float* x, const float* w, float* xn, int64_t n_tok) {
   const int64_t d = config_.n_embd;
-  if (mapping_.tp_size() > 1 && b.device() != DeviceKind::kCpu && comm_.accepts_device_memory())
+  if (mapping_.tp_size() > 1 && device_collectives(b))
     return b.all_reduce_add_rms_norm(*tp_group_, o, x, w, xn, n_tok, d, config_.rms_eps);
   if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
   b.add_rms_norm(x, o, w, xn, n_tok, d, config_.rms_eps);

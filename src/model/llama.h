@@ -109,6 +109,9 @@ class LlamaModel {
   // Collectives and messages on backend memory, staged through the host when the communicator
   // cannot read device memory.
   void all_reduce(Backend& b, float* buf, size_t n);
+  // Whether collectives and messages on b's memory go to the communicator as they are (device memory and a
+  // communicator that reads it, such as NCCL), with no host sync or staging.
+  bool device_collectives(const Backend& b) const;
   void send_hidden(Backend& b, float* x, size_t n);
   void recv_hidden(Backend& b, float* x, size_t n);
 

@@ -4,6 +4,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "backends/cuda/warp.cuh"
+
 namespace shardlm::cuda_detail {
 
 // 16-byte streaming load: no L1 allocation (weights are used once), read-only path.
@@ -13,12 +15,6 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // Up to kMax weights of one type and width multiplied by the same x in one launch (q/k/v, gate/up): the

@@ -11,20 +11,11 @@
 #include "backends/cuda/kernels.cuh"
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/quant_x.cuh"
+#include "backends/cuda/warp.cuh"
 
 namespace shardlm::cuda_detail {
 namespace {
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 unsigned grid_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
   return static_cast<unsigned>(std::clamp<int64_t>((n + threads - 1) / threads, 1, cap));

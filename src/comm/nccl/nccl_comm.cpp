@@ -332,7 +332,6 @@ class NcclGroup final : public CommGroup {
     if (size() == 1 || st_->all_reduce_settings().fuse != one_shot::Fuse::kNorm || n == 0 ||
         n > one_shot::kMaxNormFloats || !on_device(buf))
       return false;
-    SHARDLM_CHECK(!e.xq || n % 32 == 0, "all-reduce + norm: an int8 row of ", n, " floats (a multiple of 32 needed)");
     const double t0 = now_s();
     const State::DeviceScope dev(*st_);  // enqueue with the stream's device current
     one_shot::OneShotAllReduce* os = one_shot_for(n);

@@ -294,7 +294,7 @@ void OneShotAllReduce::run(float* buf, size_t n, Fuse fuse, cudaStream_t stream)
 
 void OneShotAllReduce::run_add_rms_norm(float* buf, size_t n, const AddRmsNormEpilogue& e, cudaStream_t stream) {
   SHARDLM_CHECK(n >= 1 && n <= kMaxNormFloats && (!e.xq || n % 32 == 0) && e.x && e.w && e.y,
-                "one-shot all-reduce + norm of ", n, " floats");
+                "one-shot all-reduce + norm of ", n, " floats (an int8 row needs a multiple of 32)");
   if (const std::string f = failure(); !f.empty())
     fail_kind(ErrorKind::kComm, "rank ", world_ranks_[static_cast<size_t>(control_.rank())], ": ", f);
   KernelArgs a = args_;

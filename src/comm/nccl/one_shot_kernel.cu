@@ -5,6 +5,7 @@
 
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/quant_x.cuh"
+#include "backends/cuda/warp.cuh"
 
 namespace shardlm::one_shot {
 namespace {
@@ -184,9 +185,8 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
     }
     __syncthreads();
     if (s_give_up) return gave_up();
-    float ss = fmaf(xv.x, xv.x, fmaf(xv.y, xv.y, fmaf(xv.z, xv.z, xv.w * xv.w)));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float ss =
+        cuda_detail::warp_sum(fmaf(xv.x, xv.x, fmaf(xv.y, xv.y, fmaf(xv.z, xv.z, xv.w * xv.w))));
     if (t % 32 == 0) s_part[t / 32] = ss;
     __syncthreads();
     const int n_data = static_cast<int>(gridDim.x);
