@@ -715,6 +715,50 @@ TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
   }
 }
 
+// The decode attention's output step with one float4 per thread (the default) against one element per
+// thread: the same float operations per element and an exact int8 row, so the same bits, for the output and
+// for the o projection that reads its int8 row. (KvStoreAndAttention checks the default against fp64.)
+TEST_F(CudaOps, AttentionFloat4OutputStepEqualsTheOneElementStep) {
+  Backend& b = *be_;
+  const int64_t n_ctx = 160, rows = 300;
+  for (int64_t D : {int64_t{64}, int64_t{128}}) {
+    for (int64_t HKV : {int64_t{1}, int64_t{2}, int64_t{8}}) {
+      for (int64_t G : {int64_t{1}, int64_t{4}, int64_t{8}}) {
+        const int64_t H = HKV * G, cols = H * D;
+        SCOPED_TRACE("head_dim " + std::to_string(D) + " kv heads " + std::to_string(HKV) + " group " + std::to_string(G));
+        HostWeight hw = make_host_weight(rng_, GgmlType::Q4_0, rows, cols, 0);
+        std::vector<std::unique_ptr<DeviceBuffer>> storage;
+        const WeightView w =
+            b.place_matmul_weight(WeightView{GgmlType::Q4_0, cols, rows, hw.stride, hw.bytes.data()}, storage);
+        const auto kc = rand_floats(rng_, n_ctx * HKV * D), vc = rand_floats(rng_, n_ctx * HKV * D),
+                   q = rand_floats(rng_, H * D);
+        Guarded kb(b, kc.size() * 2), vb(b, vc.size() * 2), qb(b, q.size() * 4), a0(b, cols * 4), a1(b, cols * 4),
+            o0(b, rows * 4), o1(b, rows * 4);
+        std::vector<uint16_t> kh(kc.size()), vh(vc.size());
+        for (size_t i = 0; i < kc.size(); ++i) kh[i] = to_f16(kc[i]), vh[i] = to_f16(vc[i]);
+        kb.put(kh.data());
+        vb.put(vh.data());
+        qb.put(q.data());
+        const KvLayerView kv{GgmlType::F16, n_ctx, HKV, D, kb.ptr(), vb.ptr()};
+        // pos 40: one block covers the context and writes the output; pos 150: three splits and the combine.
+        for (int64_t pos : {int64_t{40}, int64_t{150}}) {
+          b.begin_step({pos, 1});
+          const int64_t pre = cuda_prequantized_matvecs(b);
+          cuda_set_attention_out4(b, false);
+          b.attention(qb.f(), kv, 1, H, a0.f());
+          b.matmul(w, a0.f(), o0.f(), 1);
+          cuda_set_attention_out4(b, true);
+          b.attention(qb.f(), kv, 1, H, a1.f());
+          b.matmul(w, a1.f(), o1.f(), 1);
+          EXPECT_EQ(cuda_prequantized_matvecs(b), pre + 2) << "both forms write the o projection's int8 row";
+          expect_same_bytes(a0, a1, "attention output at pos " + std::to_string(pos));
+          expect_same_bytes(o0, o1, "o projection at pos " + std::to_string(pos));
+        }
+      }
+    }
+  }
+}
+
 TEST_F(CudaOps, RopeAdjacentPairsWithFreqFactors) {
   for (int64_t head_dim : {64, 128})
     for (int64_t pos0 : {0, 1000, 100000})

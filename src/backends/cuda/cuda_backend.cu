@@ -89,26 +89,22 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     fail("cuda backend: device index ", device, " is out of range (", count, " CUDA device(s) visible)");
   if (kv_type != GgmlType::F16 && kv_type != GgmlType::F32)
     fail("cuda backend: KV cache type must be f16 or f32, got ", type_name(kv_type));
+  // On/off switches for comparisons; each names its default.
+  const auto flag = [](const char* name, bool& out, const char* meaning) {
+    const char* p = std::getenv(name);
+    if (!p) return;
+    const std::string v = p;
+    if (v != "0" && v != "1") fail(name, " = '", v, "': expected 0 or 1 (", meaning, ")");
+    out = v == "1";
+  };
   // Packing changes only speed (and, through int8 x, rounding): the switch is for measuring that.
-  if (const char* p = std::getenv("SHARDLM_CUDA_PACK")) {
-    const std::string v = p;
-    if (v != "0" && v != "1") fail("SHARDLM_CUDA_PACK = '", v, "': expected 0 (ggml layout) or 1 (packed, default)");
-    pack_weights_ = v == "1";
-  }
-  // Activations quantized by their producers for the packed matvecs (default on; 0 lets every matvec block
-  // quantize x itself, for comparisons).
-  if (const char* p = std::getenv("SHARDLM_CUDA_PREQUANT")) {
-    const std::string v = p;
-    if (v != "0" && v != "1") fail("SHARDLM_CUDA_PREQUANT = '", v, "': expected 0 or 1 (default)");
-    prequant_ = v == "1";
-  }
-  // Decode rope folded into the attention kernel (default on; 0 runs rope_kv_store's kernel first, for
-  // comparisons).
-  if (const char* p = std::getenv("SHARDLM_CUDA_FUSE_ROPE")) {
-    const std::string v = p;
-    if (v != "0" && v != "1") fail("SHARDLM_CUDA_FUSE_ROPE = '", v, "': expected 0 or 1 (default)");
-    fuse_rope_ = v == "1";
-  }
+  flag("SHARDLM_CUDA_PACK", pack_weights_, "0: ggml layout, 1: packed, the default");
+  // Activations quantized by their producers for the packed matvecs (0 lets every matvec block quantize x).
+  flag("SHARDLM_CUDA_PREQUANT", prequant_, "default 1");
+  // Decode rope folded into the attention kernel (0 runs rope_kv_store's kernel first).
+  flag("SHARDLM_CUDA_FUSE_ROPE", fuse_rope_, "default 1");
+  // The decode attention's output step with one float4 per thread (0: one element per thread).
+  flag("SHARDLM_CUDA_ATTN_OUT4", attn_out4_, "default 1");
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
   if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
     const std::string v = p;
@@ -121,13 +117,14 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     const std::string v = p;
     static constexpr std::pair<const char*, int> kKinds[] = {{"none", 0},         {"norm", kSkipNorm},
                                                              {"swiglu", kSkipSwiglu}, {"rope", kSkipRope},
-                                                             {"attn", kSkipAttn},     {"mv", kSkipMatvec}};
+                                                             {"attn", kSkipAttn},     {"mv", kSkipMatvec},
+                                                             {"ar", kSkipAllReduce}};
     for (size_t b = 0; b <= v.size();) {
       const size_t e = std::min(v.find(',', b), v.size());
       const std::string kind = v.substr(b, e - b);
       const auto* k = std::find_if(std::begin(kKinds), std::end(kKinds), [&](const auto& kk) { return kind == kk.first; });
       if (k == std::end(kKinds))
-        fail("SHARDLM_CUDA_SKIP = '", v, "': '", kind, "' is not one of none, norm, swiglu, rope, attn, mv");
+        fail("SHARDLM_CUDA_SKIP = '", v, "': '", kind, "' is not one of none, norm, swiglu, rope, attn, mv, ar");
       skip_ |= k->second;
       b = e + 1;
     }
@@ -524,6 +521,7 @@ void CudaBackend::all_reduce_add_rms_norm(CommGroup& group, float* buf, float* x
     e.y = y;
     e.eps = eps;
     e.xq = xq_target(1, n);
+    if (skip_ & kSkipAllReduce) return produced(y, n, e.xq != nullptr);
     if (group.all_reduce_sum_add_rms_norm(buf, static_cast<size_t>(n), e)) return produced(y, n, e.xq != nullptr);
   }
   Backend::all_reduce_add_rms_norm(group, buf, x, w, y, n_tok, n, eps);
@@ -586,7 +584,8 @@ void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t 
         scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
     const bool quantized =
         launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
-                                sd, stream(), xq_target(1, n_head * kv.head_dim), k_new, v_new, freq_base, ff_device);
+                                sd, stream(), xq_target(1, n_head * kv.head_dim), k_new, v_new, freq_base, ff_device,
+                                attn_out4_);
     if (quantized) mark_quantized(out, n_head * kv.head_dim);  // note_write() came first
     return;
   }
@@ -738,6 +737,9 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type) {
 
 void* cuda_stream(Backend& backend) { return cuda_detail::as_cuda(backend, "cuda_stream").stream(); }
 
+void cuda_set_attention_out4(Backend& backend, bool on) {
+  cuda_detail::as_cuda(backend, "cuda_set_attention_out4").set_attention_out4(on);
+}
 int64_t cuda_prequantized_matvecs(Backend& backend) {
   return cuda_detail::as_cuda(backend, "cuda_prequantized_matvecs").prequantized_matvecs();
 }

@@ -67,6 +67,7 @@ class CudaBackend final : public Backend {
   int64_t scratch_generation() const { return scratch_gen_; }
   int32_t argmax(const float* logits, int64_t n);
   int64_t prequantized_matvecs() const { return prequantized_; }
+  void set_attention_out4(bool on) { attn_out4_ = on; }
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
   void set_force_generic_matvec(bool on) { force_generic_ = on; }
@@ -122,6 +123,7 @@ class CudaBackend final : public Backend {
   bool has_packed_ = false;
   bool prequant_ = true;      // SHARDLM_CUDA_PREQUANT
   bool fuse_rope_ = true;     // SHARDLM_CUDA_FUSE_ROPE
+  bool attn_out4_ = true;     // SHARDLM_CUDA_ATTN_OUT4
   int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
   // top_candidates: key rounds (topk_scratch_keys each), extra ids and their values, and the host side.
   DevMem topk_a_, topk_b_, extra_ids_, extra_vals_;
@@ -144,7 +146,7 @@ class CudaBackend final : public Backend {
   bool pack_weights_ = true;
   int pk_variant_ = 0;
   // SHARDLM_CUDA_SKIP (measurement only): one-token kernels of these kinds are not launched.
-  enum Skip : int { kSkipNorm = 1, kSkipSwiglu = 2, kSkipRope = 4, kSkipAttn = 8, kSkipMatvec = 16 };
+  enum Skip : int { kSkipNorm = 1, kSkipSwiglu = 2, kSkipRope = 4, kSkipAttn = 8, kSkipMatvec = 16, kSkipAllReduce = 32 };
   // Matmuls with at least this many rows still run under kSkipMatvec: the output head, whose logits the
   // step's token selection reads.
   static constexpr int64_t kSkipKeepRows = 100000;

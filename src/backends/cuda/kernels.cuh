@@ -112,7 +112,8 @@ bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_d
                              const StepDev* step, cudaStream_t stream, int* xq = nullptr,
                              const float* k_new = nullptr /* (n_head_kv, head_dim) */,
                              const float* v_new = nullptr /* (n_head_kv, head_dim) */, float freq_base = 0.0f,
-                             const float* freq_factors = nullptr /* (head_dim/2) device, or null */);
+                             const float* freq_factors = nullptr /* (head_dim/2) device, or null */,
+                             bool out4 = true /* false: the one-element output step (A/B only) */);
 // Any n_tok (prefill): one block per (token, head), online softmax over 32-position key tiles, causal.
 void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
                               const void* k_cache, const void* v_cache, int64_t n_ctx, int64_t n_head_kv,

@@ -320,6 +320,8 @@ __device__ __forceinline__ uint4 ld_piece(const void* p) { return *reinterpret_c
 // Heads per warp: with G >= 2 the G query heads are split over two warps per tile slot (kAttnWarps slots, so
 // 4 * attn_head_split(G) warps), which halves each warp's chain of products; at short contexts a block has
 // one tile and its work was one warp's (70B at tp 2, G = 8: ~14 us of a ~130 us layer).
+// (Four warps per tile slot at G >= 4, with the loads in flight halved to fit 128 registers, measured no
+// faster at 70B tp 4 and 8B tp 4: 173.5 / 172.9 against 174.9 / 172.6 tok/s; H100, 2026-11-26.)
 __host__ __device__ constexpr int attn_head_split(int g) { return g >= 2 ? 2 : 1; }
 
 template <typename KV, int D, int G>
@@ -331,7 +333,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
     float* __restrict__ partial,   // (n_head, n_split, D + 2): acc[D], m, l
     float* __restrict__ out,       // (n_head, D): written here when one split covers the context
     int* __restrict__ xq,          // (quant_x_words(n_head * D)) or null: out quantized (quant_x.cuh)
-    const StepDev* __restrict__ step, AttnRope rp) {
+    const StepDev* __restrict__ step, AttnRope rp,
+    bool out4) {                   // the output step with one float4 per thread where it applies
   constexpr int HS = attn_head_split(G), GW = G / HS;   // warps per tile slot, heads per warp
   constexpr int E = 16 / static_cast<int>(sizeof(KV));  // cache elements per 16-byte piece
   constexpr int KP = D / E;                             // pieces per cache row: 8, 16 or 32
@@ -344,7 +347,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
   __shared__ __align__(16) float qs[G][D];              // queries pre-scaled by log2(e)/sqrt(D)
   __shared__ double rot[D / 2][2];                      // cos, sin of pair i's angle (fused form)
   __shared__ float wm[kAttnWarps][G], wl[kAttnWarps][G];
-  __shared__ float wacc[kAttnWarps][G][D];
+  __shared__ __align__(16) float wacc[kAttnWarps][G][D];
   pdl_trigger();
   const int kh = blockIdx.x, s = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -484,6 +487,36 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
   }
   __syncthreads();
   const bool whole = p_begin == 0 && p_end == len;  // the only split: the final output
+  if (out4 && whole && (G * D / 4) % 32 == 0 && aligned16(out)) {
+    // Four consecutive elements per thread, so one quantize_store4 (3 shuffle rounds) replaces up to four
+    // serial quantize_store1 rounds (13 shuffles each) per thread: with 2 warps per scheduler nothing hides
+    // those chains (70B at tp 2, G = 8: 3.45 us of the kernel's 9.25 per layer went to this step). The same
+    // float operations per element as the loop below. Whole warps: G * D / 4 is a multiple of 32, so every
+    // iteration has whole warps in or out.
+    for (int i4 = threadIdx.x; i4 < G * D / 4; i4 += blockDim.x) {
+      const int g = (4 * i4) / D, d = (4 * i4) % D;
+      float mm = -INFINITY;
+      for (int w = 0; w < kAttnWarps; ++w) mm = fmaxf(mm, wm[w][g]);
+      float ll = 0.0f;
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (mm != -INFINITY) {
+        for (int w = 0; w < kAttnWarps; ++w) {
+          const float cw = exp2f(wm[w][g] - mm);
+          ll += wl[w][g] * cw;
+          const float4 v = *reinterpret_cast<const float4*>(&wacc[w][g][d]);
+          a.x += v.x * cw;
+          a.y += v.y * cw;
+          a.z += v.z * cw;
+          a.w += v.w * cw;
+        }
+      }
+      const int64_t h = static_cast<int64_t>(kh) * G + g;
+      const float4 r = make_float4(a.x / ll, a.y / ll, a.z / ll, a.w / ll);
+      *reinterpret_cast<float4*>(out + h * D + d) = r;
+      if (xq) quantize_store4(r, (h * D + d) / 4, true, xq, n_head_kv * G * D);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
     const int g = i / D, d = i % D;
     float mm = -INFINITY;
@@ -1138,16 +1171,20 @@ bool attention_decode_supported(int64_t head_dim, int64_t group) {
 
 template <typename KV, int D>
 static void decode_d(int64_t group, const float* q, void* kc, void* vc, int64_t n_ctx, int64_t n_head_kv, int n_split,
-                     float* partial, float* out, int* xq, const StepDev* step, const AttnRope& rp, cudaStream_t s) {
+                     float* partial, float* out, int* xq, const StepDev* step, const AttnRope& rp, bool out4,
+                     cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(n_head_kv), static_cast<unsigned>(n_split));
   auto* k = static_cast<KV*>(kc);
   auto* v = static_cast<KV*>(vc);
   const dim3 block(kAttnWarps * 32 * attn_head_split(static_cast<int>(group)));
+  const auto go = [&](auto kernel) {
+    launch_pdl(kernel, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4);
+  };
   switch (group) {
-    case 1: launch_pdl(attention_decode_kernel<KV, D, 1>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp); break;
-    case 2: launch_pdl(attention_decode_kernel<KV, D, 2>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp); break;
-    case 4: launch_pdl(attention_decode_kernel<KV, D, 4>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp); break;
-    default: launch_pdl(attention_decode_kernel<KV, D, 8>, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp); break;
+    case 1: go(attention_decode_kernel<KV, D, 1>); break;
+    case 2: go(attention_decode_kernel<KV, D, 2>); break;
+    case 4: go(attention_decode_kernel<KV, D, 4>); break;
+    default: go(attention_decode_kernel<KV, D, 8>); break;
   }
   SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
 }
@@ -1155,18 +1192,18 @@ static void decode_d(int64_t group, const float* q, void* kc, void* vc, int64_t 
 bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, void* v_cache, int64_t n_ctx,
                              int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split, float* partial,
                              float* out, const StepDev* step, cudaStream_t s, int* xq, const float* k_new,
-                             const float* v_new, float freq_base, const float* freq_factors) {
+                             const float* v_new, float freq_base, const float* freq_factors, bool out4) {
   // Whole warps of one head each (head_dim 64 or 128 here, one thread per element).
   if (!(xq && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
   const int64_t group = n_head / n_head_kv;
   const bool f16 = kv_type == GgmlType::F16;
   const AttnRope rp{k_new, k_new ? v_new : nullptr, freq_factors, freq_base};
   if (head_dim == 64) {
-    if (f16) decode_d<__half, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, s);
-    else decode_d<float, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, s);
+    if (f16) decode_d<__half, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    else decode_d<float, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
   } else {
-    if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, s);
-    else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, s);
+    if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
   }
   launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)),
              dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, n_ctx,
