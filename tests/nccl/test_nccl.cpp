@@ -72,6 +72,21 @@ TEST(Nccl, OneShotAllReduceOnFourGpus) {
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
 }
 
+// The fused kernel with its trace stamps on (SHARDLM_ALLREDUCE_TRACE): the same checks (fp64, the host's
+// re-quantization, bits equal across ranks), and every rank prints its trace line at the end.
+TEST(Nccl, OneShotFusedNormWithTheTraceOn) {
+  NEED_GPUS(2);
+  const std::string log = std::string(SHARDLM_BINARY_DIR) + "/oneshot-trace.log";
+  const std::string cmd = "SHARDLM_ALLREDUCE_TRACE=1 " + mpirun(2, "oneshot") + "-x SHARDLM_ALLREDUCE_TRACE " +
+                          bin("nccl_collectives") + " >" + log + " 2>&1";
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd << "\n" << read_file(log);
+  const std::string out = read_file(log);
+  size_t lines = 0;
+  for (size_t at = out.find("all-reduce + norm trace"); at != std::string::npos; at = out.find("all-reduce + norm trace", at + 1))
+    ++lines;
+  EXPECT_EQ(lines, 2u) << out;
+}
+
 TEST(Nccl, WatchdogAbortsAStalledCollective) {
   NEED_GPUS(2);
   const std::string log = std::string(SHARDLM_BINARY_DIR) + "/nccl-stall.log";
@@ -104,6 +119,19 @@ TEST(Nccl, AllReduceSettingsAreValidated) {
   EXPECT_EQ(one_shot::parse_settings(nullptr, nullptr, nullptr).fuse, one_shot::Fuse::kNorm);
   EXPECT_EQ(one_shot::parse_settings(nullptr, nullptr, "pdl").fuse, one_shot::Fuse::kPdl);
   EXPECT_EQ(one_shot::parse_settings(nullptr, nullptr, "off").fuse, one_shot::Fuse::kOff);
+  EXPECT_FALSE(one_shot::parse_settings(nullptr, nullptr, nullptr, nullptr).trace);
+  EXPECT_TRUE(one_shot::parse_settings(nullptr, nullptr, nullptr, "1").trace);
+  EXPECT_FALSE(one_shot::parse_settings(nullptr, nullptr, nullptr, "").trace);
+  for (const char* v : {"yes", "2", " 1"}) {
+    try {
+      one_shot::parse_settings(nullptr, nullptr, nullptr, v);
+      ADD_FAILURE() << "SHARDLM_ALLREDUCE_TRACE='" << v << "' was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("SHARDLM_ALLREDUCE_TRACE='") + v + "' is not 0 or 1"),
+                std::string::npos)
+          << e.what();
+    }
+  }
   auto message = [](const char* mode, const char* kb, const char* fuse = nullptr) -> std::string {
     try {
       one_shot::parse_settings(mode, kb, fuse);

@@ -418,7 +418,7 @@ class NcclGroup final : public CommGroup {
                   " inside a CUDA graph capture; run one eager step before capturing");
       State::HostScope scope(*st_, cat("one-shot all-reduce setup in ", label_));
       one_shot_ = one_shot::OneShotAllReduce::create(*mpi_, ranks_, st_->device(), st_->stream(), st_->timeout(),
-                                                     &why_not);
+                                                     s, &why_not);
     }
     one_shot_decided_ = true;
     if (!one_shot_) {

@@ -2,12 +2,14 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <type_traits>
+#include <vector>
 
 #include "core/error.h"
 
@@ -136,8 +138,13 @@ std::string describe(Fuse f) {
 }
 
 // An empty value counts as unset: `SHARDLM_ALLREDUCE= cmd` is how a shell clears it for one command.
-Settings parse_settings(const char* mode, const char* max_kb, const char* fuse) {
+Settings parse_settings(const char* mode, const char* max_kb, const char* fuse, const char* trace) {
   Settings s;
+  if (trace && *trace) {
+    const std::string f = trace;
+    if (f != "0" && f != "1") fail("SHARDLM_ALLREDUCE_TRACE='", f, "' is not 0 or 1");
+    s.trace = f == "1";
+  }
   if (mode && *mode) {
     const std::string m = mode;
     if (m == "auto") s.mode = Mode::kAuto;
@@ -167,7 +174,7 @@ Settings parse_settings(const char* mode, const char* max_kb, const char* fuse) 
 
 Settings settings_from_env() {
   return parse_settings(std::getenv("SHARDLM_ALLREDUCE"), std::getenv("SHARDLM_ALLREDUCE_ONESHOT_MAX_KB"),
-                        std::getenv("SHARDLM_ALLREDUCE_FUSE"));
+                        std::getenv("SHARDLM_ALLREDUCE_FUSE"), std::getenv("SHARDLM_ALLREDUCE_TRACE"));
 }
 
 OneShotAllReduce::OneShotAllReduce(CommGroup& control, const std::vector<int>& world_ranks, int device,
@@ -180,7 +187,7 @@ OneShotAllReduce::OneShotAllReduce(CommGroup& control, const std::vector<int>& w
 
 std::unique_ptr<OneShotAllReduce> OneShotAllReduce::create(CommGroup& control, const std::vector<int>& world_ranks,
                                                            int device, cudaStream_t stream, double timeout_s,
-                                                           std::string* why_not) {
+                                                           const Settings& settings, std::string* why_not) {
   const int world = control.size(), me = control.rank();
   SHARDLM_CHECK(world >= 2 && world <= kMaxRanks && world_ranks.size() == static_cast<size_t>(world));
 
@@ -213,6 +220,11 @@ std::unique_ptr<OneShotAllReduce> OneShotAllReduce::create(CommGroup& control, c
     SHARDLM_ONE_SHOT_TRY(cudaHostGetDevicePointer(&d, h, 0), "one-shot error word");
     os->args_.host_error = static_cast<uint32_t*>(d);
     SHARDLM_ONE_SHOT_TRY(cudaIpcGetMemHandle(&offer.handle, os->mine_), "one-shot buffer export");
+    if (settings.trace) {
+      const size_t bytes = sizeof(uint64_t) * kTraceCalls * kTracePoints;
+      SHARDLM_ONE_SHOT_TRY(cudaMalloc(&os->trace_, bytes), "one-shot trace");
+      SHARDLM_ONE_SHOT_TRY(cudaMemset(os->trace_, 0, bytes), "one-shot trace");
+    }
     return {};
   }());
   const std::vector<Offer> offers = exchange(control, offer);
@@ -248,6 +260,7 @@ std::unique_ptr<OneShotAllReduce> OneShotAllReduce::create(CommGroup& control, c
   os->args_.rank = me;
   os->args_.world = world;
   os->args_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+  os->args_.trace = os->trace_;
   for (int r = 0; r < world; ++r)
     os->args_.base[r] = r == me ? os->mine_ : os->peers_[static_cast<size_t>(r)];
   return os;
@@ -259,6 +272,7 @@ OneShotAllReduce::~OneShotAllReduce() {
   if (restore) cudaSetDevice(device_);
   // Our last kernels still read the peers' slots; the bound stream may already be gone, so the device.
   cudaDeviceSynchronize();
+  if (trace_) print_trace();
   for (char* p : peers_)
     if (p) cudaIpcCloseMemHandle(p);
   // Freeing an exported buffer that another process still has open is undefined: wait until every member
@@ -276,6 +290,7 @@ OneShotAllReduce::~OneShotAllReduce() {
   }
   if (can_free && mine_) cudaFree(mine_);
   if (host_error_) cudaFreeHost(const_cast<uint32_t*>(host_error_));
+  if (trace_) cudaFree(trace_);
   (void)cudaGetLastError();
   if (restore) cudaSetDevice(prev);
 }
@@ -304,6 +319,33 @@ void OneShotAllReduce::run_add_rms_norm(float* buf, size_t n, const AddRmsNormEp
   a.area = area_bytes(1);
   a.norm = e;
   SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, true, Fuse::kNorm, stream));
+}
+
+void OneShotAllReduce::print_trace() const {
+  std::vector<uint64_t> t(static_cast<size_t>(kTraceCalls) * kTracePoints);
+  if (cudaMemcpy(t.data(), trace_, t.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return;
+  }
+  // Calls whose five stamps were all written (the ring keeps the last kTraceCalls).
+  std::vector<double> phase[kTracePoints - 1];
+  for (int c = 0; c < kTraceCalls; ++c) {
+    const uint64_t* p = &t[static_cast<size_t>(c) * kTracePoints];
+    bool whole = true;
+    for (int k = 0; k < kTracePoints; ++k) whole = whole && p[k] != 0 && (k == 0 || p[k] >= p[k - 1]);
+    if (!whole) continue;
+    for (int k = 1; k < kTracePoints; ++k) phase[k - 1].push_back(1e-3 * static_cast<double>(p[k] - p[k - 1]));
+  }
+  if (phase[0].empty()) return;
+  const auto median = [](std::vector<double> v) {
+    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+    return v[v.size() / 2];
+  };
+  std::fprintf(stderr,
+               "shardlm: one-shot all-reduce + norm trace, rank %d of the group of ranks %s, %zu calls (medians, us):"
+               " start to PDL wait over %.2f, to every peer's data %.2f, to the shares summed %.2f, to the end %.2f\n",
+               world_ranks_[static_cast<size_t>(control_.rank())], rank_list(world_ranks_).c_str(), phase[0].size(),
+               median(phase[0]), median(phase[1]), median(phase[2]), median(phase[3]));
 }
 
 std::string OneShotAllReduce::failure() const {

@@ -50,12 +50,15 @@ struct Settings {
   Mode mode = Mode::kAuto;
   size_t max_bytes = kDefaultMaxBytes;  // all-reduces of at most this many bytes take the one-shot path
   Fuse fuse = Fuse::kNorm;
+  bool trace = false;    // SHARDLM_ALLREDUCE_TRACE: per-call timestamps of the fused kernel (measurement)
 };
 
 // SHARDLM_ALLREDUCE (auto|nccl|oneshot, default auto), SHARDLM_ALLREDUCE_ONESHOT_MAX_KB (1..256, default
-// 64) and SHARDLM_ALLREDUCE_FUSE (norm|pdl|off, default norm). Null or empty means unset. A bad value
+// 64), SHARDLM_ALLREDUCE_FUSE (norm|pdl|off, default norm) and SHARDLM_ALLREDUCE_TRACE (0|1, default 0).
+// Null or empty means unset. A bad value
 // throws an Error naming the variable, the value and what is allowed.
-Settings parse_settings(const char* mode, const char* max_kb, const char* fuse = nullptr);
+Settings parse_settings(const char* mode, const char* max_kb, const char* fuse = nullptr,
+                        const char* trace = nullptr);
 Settings settings_from_env();
 std::string describe(Mode m);
 std::string describe(Fuse f);
@@ -118,7 +121,13 @@ struct KernelArgs {
   uint64_t timeout_ns = 0;       // how long a thread waits for a peer's data before giving up
   uint32_t* host_error = nullptr;  // (1) mapped pinned host word: 1 + the group rank of a peer that never came,
                                    // or kHostErrorNoShare
+  uint64_t* trace = nullptr;     // (kTraceCalls, kTracePoints) or null: SHARDLM_ALLREDUCE_TRACE=1
 };
+// SHARDLM_ALLREDUCE_TRACE: block 0 of the fused kernel stamps %globaltimer at kTracePoints points of each
+// call into a ring of kTraceCalls; the destructor prints the median time between them (measurement only).
+// Points: block start, PDL wait over, every peer's data in (block 0's part), shares summed, end.
+constexpr int kTraceCalls = 4096;
+constexpr int kTracePoints = 5;
 // host_error's value when a block of the fused kernel waited in vain for another block's share of the sum
 // of squares (only possible after that block gave up on a peer, which names the peer first).
 constexpr uint32_t kHostErrorNoShare = 0xFFFFFFFFu;
@@ -138,7 +147,7 @@ class OneShotAllReduce {
   // `world_ranks` are the members' world ranks, in group order (for messages).
   static std::unique_ptr<OneShotAllReduce> create(CommGroup& control, const std::vector<int>& world_ranks,
                                                   int device, cudaStream_t stream, double timeout_s,
-                                                  std::string* why_not);
+                                                  const Settings& settings, std::string* why_not);
   ~OneShotAllReduce();
   OneShotAllReduce(const OneShotAllReduce&) = delete;
   OneShotAllReduce& operator=(const OneShotAllReduce&) = delete;
@@ -156,6 +165,7 @@ class OneShotAllReduce {
 
  private:
   OneShotAllReduce(CommGroup& control, const std::vector<int>& world_ranks, int device, double timeout_s);
+  void print_trace() const;  // SHARDLM_ALLREDUCE_TRACE: medians of the stamped phases, to stderr
 
   CommGroup& control_;
   const std::vector<int> world_ranks_;  // (world)
@@ -164,6 +174,7 @@ class OneShotAllReduce {
   char* mine_ = nullptr;                 // our cudaMalloc'd exchange buffer (flags, then two slots)
   std::vector<char*> peers_;             // (world) opened IPC mappings of the others; null at our index
   volatile uint32_t* host_error_ = nullptr;  // (1) cudaHostAlloc'd, mapped: see KernelArgs::host_error
+  uint64_t* trace_ = nullptr;                // (kTraceCalls, kTracePoints) device, or null
   KernelArgs args_;
 };
 

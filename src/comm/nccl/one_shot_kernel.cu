@@ -82,6 +82,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   // Launched as a programmatic dependent (unless Fuse::kOff): the kernel after this one (a matvec) may
   // start streaming its weights while this one waits for the peers.
   cuda_detail::pdl_trigger();
+  const uint64_t t_start = a.trace ? global_ns() : 0;
   __shared__ uint32_t s_epoch, s_call;
   __shared__ int s_give_up;
   __shared__ float s_part[kThreads / 32];  // (warps) the norm's block reduction
@@ -96,7 +97,15 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   if (kNorm && first < n4) wv = load4(a.norm.w, 4 * first, a.n, (reinterpret_cast<uintptr_t>(a.norm.w) & 15u) == 0);
   // Everything below reads or writes what earlier kernels in the stream touch (buf, x, our flags and areas).
   cuda_detail::pdl_wait();
+  const uint64_t t_waited = a.trace ? global_ns() : 0;
   Flags* const mine = reinterpret_cast<Flags*>(a.base[a.rank] + a.channel);
+  // This thread's first group of buf and of the residual row are requested now, together with thread 0's
+  // counters below, instead of one L2 round trip after the other (~0.6 us of the ~4.2 us from the wait to
+  // the peers' data, 70B tp 4 trace, 2026-11-26).
+  const float4 x_first = first < n4 ? load4(a.buf, 4 * first, a.n, aligned) : make_float4(0.f, 0.f, 0.f, 0.f);
+  const bool x_aligned = (reinterpret_cast<uintptr_t>(a.norm.x) & 15u) == 0;
+  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (kNorm && first < n4) xv = load4(a.norm.x, 4 * first, a.n, x_aligned);
   if (t == 0) {
     // Written by this block's thread 0 in the previous call of this channel: a kernel boundary orders it.
     s_epoch = mine->epoch[b];
@@ -116,14 +125,10 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   //    that true.
   const size_t to_us = areas + static_cast<size_t>(a.rank) * a.area;
   for (size_t v = first; v < n4; v += stride) {
-    const float4 x = load4(a.buf, 4 * v, a.n, aligned);
+    const float4 x = v == first ? x_first : load4(a.buf, 4 * v, a.n, aligned);
     for (int p = 0; p < a.world; ++p)
       if (p != a.rank) st_ll(a.base[p] + to_us + 32 * v, x, tag);
   }
-  // The residual row, ours alone: its load overlaps the peers' latency.
-  const bool x_aligned = (reinterpret_cast<uintptr_t>(a.norm.x) & 15u) == 0;
-  float4 xv = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (kNorm && first < n4) xv = load4(a.norm.x, 4 * first, a.n, x_aligned);
 
   // 2. Receive and sum in rank order 0, 1, ... on every rank (our own part from buf, the same bits the peers
   //    received): the same float additions in the same order give every rank the same bits. Each thread
@@ -133,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
     for (int r = 0; r < a.world; ++r) {
       float4 x;
       if (r == a.rank) {
-        x = load4(a.buf, 4 * v, a.n, aligned);
+        x = v == first ? x_first : load4(a.buf, 4 * v, a.n, aligned);
       } else {
         const char* w = a.base[a.rank] + areas + static_cast<size_t>(r) * a.area + 32 * v;
         while (!ld_ll(w, tag, x)) {
@@ -184,12 +189,15 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
       store4(a.norm.x, 4 * first, a.n, x_aligned, xv);
     }
     __syncthreads();
+    const uint64_t t_data = a.trace ? global_ns() : 0;
     if (s_give_up) return gave_up();
     const float ss =
         cuda_detail::warp_sum(fmaf(xv.x, xv.x, fmaf(xv.y, xv.y, fmaf(xv.z, xv.z, xv.w * xv.w))));
     if (t % 32 == 0) s_part[t / 32] = ss;
     __syncthreads();
     const int n_data = static_cast<int>(gridDim.x);
+    // (Exchanging the shares through a thread-block cluster's shared memory instead measured 1-2% slower at
+    // 70B tp 4, 172.1 / 170.3 against 174.9 / 172.6 tok/s: the cluster's blocks are placed together.)
     if (t == 0) {
       float part = 0.0f;
       for (int w = 0; w < kThreads / 32; ++w) part += s_part[w];
@@ -225,6 +233,13 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
     }
     float total = 0.0f;
     for (int i = 0; i < n_data; ++i) total += s_shares[i];
+    if (a.trace && b == 0 && t == 0) {
+      uint64_t* tr = a.trace + static_cast<size_t>(s_call % kTraceCalls) * kTracePoints;
+      tr[0] = t_start;
+      tr[1] = t_waited;
+      tr[2] = t_data;
+      tr[3] = global_ns();
+    }
     const float scale = 1.0f / sqrtf(total / static_cast<float>(a.n) + a.norm.eps);
     const float4 y = make_float4(xv.x * scale * wv.x, xv.y * scale * wv.y, xv.z * scale * wv.z, xv.w * scale * wv.w);
     if (valid) store4(a.norm.y, 4 * first, a.n, (reinterpret_cast<uintptr_t>(a.norm.y) & 15u) == 0, y);
@@ -236,6 +251,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   if (t == 0) {
     mine->epoch[b] = epoch + 1;
     if (kNorm && b == 0) mine->norm_calls = s_call + 1;
+    if (kNorm && a.trace && b == 0) a.trace[static_cast<size_t>(s_call % kTraceCalls) * kTracePoints + 4] = global_ns();
   }
 }
 
