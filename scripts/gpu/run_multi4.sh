@@ -8,7 +8,9 @@
 #   run: bash scripts/gpu/run_multi4.sh    (carry: build-gpu-deps, build-nccl-deps)
 # SKIP_TESTS, SKIP_GOLD, SKIP_KILL, SKIP_70B, SKIP_70B_EXTRA (Q8_0 tp 2 and BF16 tp 4) leave steps out;
 # BENCHES (a regex of bench names, e.g. 'tp4|70b') runs only those benches; FUSE_AB (e.g. "norm pdl off")
-# runs each tensor-parallel bench once per SHARDLM_ALLREDUCE_FUSE value (default: once, unset);
+# runs each tensor-parallel bench once per SHARDLM_ALLREDUCE_FUSE value (default: once, unset); ENV_AB,
+# AB_BENCHES and AB_ROUNDS run benches under several environments (see bench() below); P70 is the 70B
+# benches' prompt length (default 512; 0 skips their prefill);
 # CUDA_TESTS=1 also builds and runs the one-GPU suites (test_cuda_ops, test_cuda_pack, test_golden,
 # test_golden_cuda) first.
 # Every step has a timeout and the whole script a deadline (BUDGET_S, seconds from its start, default 560):
@@ -210,22 +212,36 @@ print("  backend %s; device all-reduce: %s; bandwidth %.0f GB/s (%s)" % (d["back
 EOF
 }
 # bench NAME ALLREDUCE WANT_S MIN_S args... (only names matching the regex $BENCHES, default all); a
-# tensor-parallel bench runs once per value in $FUSE_AB.
+# tensor-parallel bench runs once per value in $FUSE_AB. With ENV_AB (space-separated NAME:VAR=VALUE,VAR=VALUE
+# variants, e.g. "base:SHARDLM_CUDA_MV_PREFETCH_MB=0 pf8:SHARDLM_CUDA_MV_PREFETCH_MB=8"), the benches whose
+# names match AB_BENCHES (a regex, default: all) run once per variant, AB_ROUNDS times (default 1), the
+# variants interleaved within each round.
 bench() {
-  local name=$1 ar=$2 want=$3 min=$4 t f fuses=("")
+  local name=$1 ar=$2 want=$3 min=$4 t f v round fuses=("") variants=(":") rounds=1
   shift 4
   [[ "$name" =~ ${BENCHES:-.} ]] || return 0
   [[ -n "${FUSE_AB:-}" && " $* " == *" --tp "* ]] && read -r -a fuses <<<"$FUSE_AB"
-  for f in "${fuses[@]}"; do
-    local nm=$name${f:+-fuse-$f}
-    t=$(step_timeout "$want" "$min") || { say "$nm: SKIPPED (time, $(left) s left)"; return 1; }
-    local ts=$(date +%s)
-    SHARDLM_ALLREDUCE=$ar SHARDLM_ALLREDUCE_FUSE=$f timeout -k 10 "$t" "$BIN" bench --backend "$BACKEND" -q --json "$@" \
-      >"$R/$nm.json" 2>"$R/$nm.err"
-    local rc=$?
-    reap
-    summary "$R/$nm.json" "$nm [rc $rc, $(($(date +%s) - ts)) s, SHARDLM_ALLREDUCE=$ar${f:+ SHARDLM_ALLREDUCE_FUSE=$f}]"
-    save
+  if [[ -n "${ENV_AB:-}" && "$name" =~ ${AB_BENCHES:-.} ]]; then
+    read -r -a variants <<<"$ENV_AB"
+    rounds=${AB_ROUNDS:-1}
+  fi
+  for round in $(seq 1 "$rounds"); do
+    for v in "${variants[@]}"; do
+      local vname=${v%%:*} envs=()
+      IFS=, read -r -a envs <<<"${v#*:}"
+      for f in "${fuses[@]}"; do
+        local nm=$name${f:+-fuse-$f}${vname:+-$vname}
+        [ "$rounds" -gt 1 ] && nm=$nm-r$round
+        t=$(step_timeout "$want" "$min") || { say "$nm: SKIPPED (time, $(left) s left)"; return 1; }
+        local ts=$(date +%s)
+        env "${envs[@]}" SHARDLM_ALLREDUCE=$ar SHARDLM_ALLREDUCE_FUSE=$f timeout -k 10 "$t" "$BIN" bench \
+          --backend "$BACKEND" -q --json "$@" >"$R/$nm.json" 2>"$R/$nm.err"
+        local rc=$?
+        reap
+        summary "$R/$nm.json" "$nm [rc $rc, $(($(date +%s) - ts)) s, SHARDLM_ALLREDUCE=$ar${f:+ SHARDLM_ALLREDUCE_FUSE=$f}${envs[*]:+ ${envs[*]}}]"
+        save
+      done
+    done
   done
 }
 
@@ -305,8 +321,8 @@ if [ "${SKIP_70B:-0}" != 1 ] && [ "$n_gpu" -ge 2 ]; then
     say "gen-model llama-3.1-70b $1 --sparse: $(($(date +%s) - ts)) s, $(ls -l /tmp/m70.gguf | awk '{printf "%.1f GB", $5/1e9}')"
   }
   if gen70 q4_0; then
-    [ "$n_gpu" -ge 4 ] && bench 70b-q4_0-tp4 auto 150 60 -m /tmp/m70.gguf -p 512 -n 64 -r 2 --kv-type f16 --tp 4
-    bench 70b-q4_0-tp2 auto 150 60 -m /tmp/m70.gguf -p 512 -n 64 -r 2 --kv-type f16 --tp 2
+    [ "$n_gpu" -ge 4 ] && bench 70b-q4_0-tp4 auto 150 60 -m /tmp/m70.gguf -p "${P70:-512}" -n 64 -r 2 --kv-type f16 --tp 4
+    bench 70b-q4_0-tp2 auto 150 60 -m /tmp/m70.gguf -p "${P70:-512}" -n 64 -r 2 --kv-type f16 --tp 2
     rm -f /tmp/m70.gguf
   fi
   if [ "${SKIP_70B_EXTRA:-0}" != 1 ] && gen70 q8_0; then
