@@ -161,6 +161,8 @@ EOF
       gold q8-1gpu
       gold q8-tp2 --tp 2
       SHARDLM_ALLREDUCE_FUSE=pdl gold q8-tp2-unfused --tp 2
+      SHARDLM_ALLREDUCE_PUSH=0 gold q8-tp2-nopush --tp 2
+      if [ "$n_gpu" -ge 4 ]; then gold q8-tp4 --tp 4; fi
       unset GREF GLABEL
     else
       say "golden tiny-llama31 q8_0: SKIPPED (no $HF, or the conversion failed)"

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "comm/device_push.h"
+
 namespace shardlm {
 
 // What follows the all-reduce of a row-parallel matmul's output in a transformer layer: the residual add and
@@ -41,6 +43,12 @@ class CommGroup {
   virtual bool all_reduce_sum_add_rms_norm(float* /*buf (n)*/, size_t /*n*/, const AddRmsNormEpilogue& /*e*/) {
     return false;
   }
+  // Asked by a backend about to launch the kernel that writes buf, when the next call on this group will be
+  // all_reduce_sum_add_rms_norm(buf, n): where that kernel may push its outputs to the other members itself
+  // (comm/device_push.h). On true, that call takes the pushed words and does not send buf again, so the
+  // kernel must store every one of its n outputs there. False (the default): no push; the call sends.
+  // Decided like all_reduce_sum_add_rms_norm, on what every member shares.
+  virtual bool device_push_target(const float* /*buf (n)*/, size_t /*n*/, DevicePush* /*out*/) { return false; }
   // out = concatenation of every member's `in` (member i's `counts[i]` floats), in group order.
   virtual void all_gather(const float* in /* (counts[rank]) */, float* out /* (sum counts) */,
                           const std::vector<size_t>& counts) = 0;

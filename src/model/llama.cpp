@@ -243,7 +243,13 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
     b.add_bias(v, w.bv, n_tok, nkv * hd);
   }
   b.rope_attention(q, k, v, kv, n_tok, nq, config_.rope_freq_base, ff, att);
-  b.matmul(w.wo, att, o, n_tok);
+  // o's sum over the group is the next call (reduce_add_norm); where that call is the device's fused one,
+  // the matvec may push its share to the other ranks itself.
+  const bool fused_reduce = mapping_.tp_size() > 1 && device_collectives(b);
+  if (fused_reduce)
+    b.matmul_reduce(*tp_group_, w.wo, att, o, n_tok);
+  else
+    b.matmul(w.wo, att, o, n_tok);
 
   // FFN block: column-parallel gate/up, row-parallel down + one all-reduce.
   float* g = seg.gate->as<float>();
@@ -255,7 +261,12 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
     b.matmul_group(ws, 2, xn, ys, n_tok);
   }
   b.swiglu(g, u, g, n_tok * ff_local_);
-  b.matmul(w.w_down, g, o, n_tok);
+  // The next layer of this segment starts with the fused reduce of o; the segment's last layer is followed
+  // by a plain all-reduce instead.
+  if (fused_reduce && index + 1 < seg.end)
+    b.matmul_reduce(*tp_group_, w.w_down, g, o, n_tok);
+  else
+    b.matmul(w.w_down, g, o, n_tok);
   // o is this rank's share: its all-reduce and x += o are left to the next layer (reduce_add_norm) or to
   // the end of the segment.
 }

@@ -113,6 +113,12 @@ class Backend {
   // y[t, r] = sum_c w[r, c] * x[t, c].
   virtual void matmul(const WeightView& w /* (n_rows, n_cols) */, const float* x /* (n_tok, n_cols) */,
                       float* y /* (n_tok, n_rows) */, int64_t n_tok) = 0;
+  // matmul, for a y whose sum over `group` the next group call takes (all_reduce_add_rms_norm): a backend
+  // whose kernel can push y's words to the other members itself (CommGroup::device_push_target) does.
+  virtual void matmul_reduce(CommGroup& /*group*/, const WeightView& w /* (n_rows, n_cols) */,
+                             const float* x /* (n_tok, n_cols) */, float* y /* (n_tok, n_rows) */, int64_t n_tok) {
+    matmul(w, x, y, n_tok);
+  }
   // Several matmuls of the same input (q/k/v, gate/up): ys[i] = ws[i] x. Backends may run them as one
   // launch, which matters for decode where each alone is too small to fill a GPU.
   virtual void matmul_group(const WeightView* ws /* (n) */, int n, const float* x /* (n_tok, n_cols) */,

@@ -41,7 +41,9 @@ int main(int argc, char** argv) {
     const std::string layout = engine.layout_report();  // a collective: every rank calls it
     if (engine.is_sampler()) {
       std::ofstream f(argv[5]);
-      f << nlohmann::json{{"cases", out}, {"layout", layout}, {"comm", comm->name()}}.dump();
+      f << nlohmann::json{{"cases", out}, {"layout", layout}, {"comm", comm->name()},
+                          {"all_reduce", comm->all_reduce_kind()}}
+               .dump();
     }
     return 0;
   } catch (const std::exception& e) {

@@ -11,6 +11,8 @@
 #include "backends/cuda/cuda_backend.h"
 #include "comm/nccl/one_shot_all_reduce.h"
 #include "core/error.h"
+#include "loader/gguf_export.h"
+#include "loader/model_source.h"
 
 namespace shardlm::test {
 namespace {
@@ -154,13 +156,22 @@ TEST(Nccl, AllReduceSettingsAreValidated) {
   }
 }
 
-nlohmann::json run_layout(const std::string& model, int tp, int pp) {
+// `env`: VAR=VALUE words set for every rank; `path`: the GGUF (default: the converted golden model).
+nlohmann::json run_layout(const std::string& model, int tp, int pp, const std::string& env = "",
+                          const std::string& path = "") {
   const std::string out = std::string(SHARDLM_BINARY_DIR) + "/nccl-" + model + "-tp" + std::to_string(tp) + "-pp" +
                           std::to_string(pp) + ".json";
   std::remove(out.c_str());
-  const std::string cmd = (tp * pp > 1 ? mpirun(tp * pp) : std::string()) + bin("nccl_golden_worker") + " " +
-                          converted_model(model) + " " + model + " " + std::to_string(tp) + " " + std::to_string(pp) +
-                          " " + out;
+  std::string exports;
+  for (size_t b = 0; b < env.size();) {
+    const size_t e = std::min(env.find(' ', b), env.size());
+    const std::string word = env.substr(b, e - b);
+    if (!word.empty()) exports += "-x " + word + " ";
+    b = e + 1;
+  }
+  const std::string cmd = (tp * pp > 1 ? mpirun(tp * pp) + exports : env + " ") + bin("nccl_golden_worker") + " " +
+                          (path.empty() ? converted_model(model) : path) + " " + model + " " + std::to_string(tp) +
+                          " " + std::to_string(pp) + " " + out;
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
   std::ifstream f(out);
   if (!f) return {};
@@ -205,6 +216,36 @@ TEST_P(NcclGolden, SameIdsAsOneGpu) {
   std::printf("%s tp %d pp %d: worst logit difference from one GPU %.3f x (1e-4 + 1e-4|x|)\n", l.model, l.tp, l.pp,
               worst);
   EXPECT_LE(worst, 1.0);
+}
+
+// The o and down matvecs of packed weights push their outputs into the fused all-reduce's receive areas
+// themselves (SHARDLM_ALLREDUCE_PUSH, default on), so that the all-reduce kernel only receives. Against the
+// same layout where the all-reduce kernel sends (PUSH=0) and against one GPU: the same greedy and sampled
+// ids; a word at a wrong place or with a wrong tag gives other sums, or no sum within the 30 s timeout.
+// tiny-llama31 (Hugging Face fixture) in Q8_0, whose widths are multiples of 32: its o and down projections
+// are packed; stories260K's golden prompts (ids < 512 of its 1024) drive it.
+TEST(Nccl, MatvecsThatPushTheirSharesGiveTheSameIds) {
+  NEED_GPUS(2);
+  const std::string q8 = std::string(SHARDLM_BINARY_DIR) + "/test-tiny-llama31-q8_0.gguf";
+  {
+    auto src = open_model_source(shared_dir() + "/fixtures/hf/tiny-llama31");
+    export_gguf(*src, q8, "q8_0");
+  }
+  const nlohmann::json one = run_layout("stories260K", 1, 1, "", q8);
+  const nlohmann::json push = run_layout("stories260K", 2, 1, "SHARDLM_ALLREDUCE_PUSH=1", q8);
+  const nlohmann::json send = run_layout("stories260K", 2, 1, "SHARDLM_ALLREDUCE_PUSH=0", q8);
+  ASSERT_TRUE(one.contains("cases") && push.contains("cases") && send.contains("cases"));
+  const std::string kind_push = push["all_reduce"], kind_send = send["all_reduce"];
+  EXPECT_NE(kind_push.find("with their matvec pushing"), std::string::npos) << kind_push;
+  EXPECT_EQ(kind_send.find("pushing"), std::string::npos) << kind_send;
+  ASSERT_EQ(push["cases"].size(), one["cases"].size());
+  for (size_t c = 0; c < one["cases"].size(); ++c) {
+    SCOPED_TRACE("case " + std::to_string(c));
+    EXPECT_EQ(push["cases"][c]["greedy"], send["cases"][c]["greedy"]);
+    EXPECT_EQ(push["cases"][c]["sampled"], send["cases"][c]["sampled"]);
+    EXPECT_EQ(push["cases"][c]["greedy"], one["cases"][c]["greedy"]);
+    EXPECT_EQ(push["cases"][c]["sampled"], one["cases"][c]["sampled"]);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, NcclGolden,

@@ -338,6 +338,20 @@ void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t 
   matmul_impl(w, x, y, n_tok, xpre);
 }
 
+void CudaBackend::matmul_reduce(CommGroup& group, const WeightView& w, const float* x, float* y, int64_t n_tok) {
+  check_weight(w, "matmul_reduce");
+  // The push needs the pipelined packed kernel to run, and the fused all-reduce to follow: no skipped kinds.
+  const bool can = n_tok == 1 && w.packed && uses_matvec(w, n_tok) && pk_variant_ != 1 && skip_ == 0;
+  DevicePush push;
+  if (!can || !group.device_push_target(y, static_cast<size_t>(w.n_rows), &push)) return matmul(w, x, y, n_tok);
+  const int* xpre = xq_for(x, w.n_cols);
+  note_write();
+  DeviceGuard g(device_);
+  ++pushing_;
+  launch_matvec_packed(w.type, 1, &w.data, &w.row_stride, &w.n_rows, w.n_cols, x, &y, sm_count_, stream(), pk_variant_,
+                       xpre, &push);
+}
+
 void CudaBackend::matmul_impl(const WeightView& w, const float* x, float* y, int64_t n_tok, const int* xpre) {
   if (n_tok <= 0) return;
   DeviceGuard g(device_);
@@ -739,6 +753,9 @@ void* cuda_stream(Backend& backend) { return cuda_detail::as_cuda(backend, "cuda
 
 void cuda_set_attention_out4(Backend& backend, bool on) {
   cuda_detail::as_cuda(backend, "cuda_set_attention_out4").set_attention_out4(on);
+}
+int64_t cuda_pushing_matvecs(Backend& backend) {
+  return cuda_detail::as_cuda(backend, "cuda_pushing_matvecs").pushing_matvecs();
 }
 int64_t cuda_prequantized_matvecs(Backend& backend) {
   return cuda_detail::as_cuda(backend, "cuda_prequantized_matvecs").prequantized_matvecs();

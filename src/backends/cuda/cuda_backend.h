@@ -38,6 +38,8 @@ void cuda_argmax_async(Backend& backend, const float* logits /* (n), device */, 
 // How many packed matvec launches of `backend` used an activation row quantized by the op that produced it
 // (rms_norm, add_rms_norm, swiglu, decode attention) instead of quantizing x themselves (tests, bench).
 int64_t cuda_prequantized_matvecs(Backend& backend);
+// How many matmul_reduce calls of `backend` pushed their outputs to the group's fused all-reduce.
+int64_t cuda_pushing_matvecs(Backend& backend);
 // What SHARDLM_CUDA_ATTN_OUT4 sets at construction (tests compare the two forms): the decode attention's
 // output step with one float4 per thread (true) or one element per thread.
 void cuda_set_attention_out4(Backend& backend, bool on);

@@ -39,6 +39,7 @@ class CudaBackend final : public Backend {
   void add_bias(float* y, const float* b, int64_t n_tok, int64_t n) override;
   void add(float* y, const float* x, int64_t n) override;
   void swiglu(const float* gate, const float* up, float* out, int64_t n) override;
+  void matmul_reduce(CommGroup& group, const WeightView& w, const float* x, float* y, int64_t n_tok) override;
   void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, float freq_base,
             const float* freq_factors) override;
   void kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) override;
@@ -67,6 +68,7 @@ class CudaBackend final : public Backend {
   int64_t scratch_generation() const { return scratch_gen_; }
   int32_t argmax(const float* logits, int64_t n);
   int64_t prequantized_matvecs() const { return prequantized_; }
+  int64_t pushing_matvecs() const { return pushing_; }
   void set_attention_out4(bool on) { attn_out4_ = on; }
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
@@ -125,6 +127,7 @@ class CudaBackend final : public Backend {
   bool fuse_rope_ = true;     // SHARDLM_CUDA_FUSE_ROPE
   bool attn_out4_ = true;     // SHARDLM_CUDA_ATTN_OUT4
   int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
+  int64_t pushing_ = 0;       // matmul_reduce calls whose matvec pushed its outputs to the group
   // top_candidates: key rounds (topk_scratch_keys each), extra ids and their values, and the host side.
   DevMem topk_a_, topk_b_, extra_ids_, extra_vals_;
   PinnedMem topk_host_;

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "comm/device_push.h"
 #include "core/dtype.h"
 
 namespace shardlm::cuda_detail {
@@ -41,7 +42,8 @@ bool launch_matvec_group(GgmlType type, int n, const void* const* w, const size_
 void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
                           int64_t n_cols, const float* x /* (n_cols) */, float* const* y /* (n_rows[k]) each */,
                           int sm_count, cudaStream_t stream, int variant = 0,
-                          const int* xpre /* (quant_x_words(n_cols)) or null */ = nullptr);
+                          const int* xpre /* (quant_x_words(n_cols)) or null */ = nullptr,
+                          const DevicePush* push /* one weight (n == 1): its outputs also pushed, or null */ = nullptr);
 
 // ---- conversions for the cuBLAS (prefill) path ----
 // dst[r, c] = W[row0 + r, c] as fp16 (or bf16 when to_bf16), for r in [0, n_rows).

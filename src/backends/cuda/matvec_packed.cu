@@ -23,6 +23,7 @@
 #include "backends/cuda/mv_common.cuh"
 #include "backends/cuda/pack.h"
 #include "backends/cuda/quant_x.cuh"
+#include "comm/device_push.h"
 #include "core/error.h"
 
 namespace shardlm::cuda_detail {
@@ -282,6 +283,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kern
 // only copied to shared memory, so no block spends its start quantizing all of x: that prologue, repeated
 // by each of the 264 blocks, costs about as many instructions as the products for 14336-wide rows.
 // (Reading xpre through L1 in the main loop instead of shared memory measured 3% slower end to end.)
+// push (world > 0, one weight): each output is also stored, beside its all-reduce call's tag, into the other
+// members' receive areas of the fused one-shot all-reduce that sums it next (comm/device_push.h): the
+// send then happens as rows finish instead of after this kernel and the all-reduce kernel's start.
 template <GgmlType T, int R, int U, int B, bool kPre>
 __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
     const __grid_constant__ MvGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
@@ -289,7 +293,8 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
     int64_t n_items,                      // groups of R rows of one weight, over all segments
     const float* __restrict__ x,          // (n_cols); unused with kPre
     bool x_aligned,                       // x is 16-byte aligned
-    const int* __restrict__ xpre) {       // (quant_x_words(n_cols)) with kPre, else null
+    const int* __restrict__ xpre,         // (quant_x_words(n_cols)) with kPre, else null
+    const __grid_constant__ DevicePush push) {
   extern __shared__ int4 smem[];
   pdl_trigger();
   const int nb = static_cast<int>(n_cols / 32);
@@ -328,6 +333,10 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
     load(cur, rows, 0);
   }
   pdl_wait();  // x is the previous kernel's output
+  // The all-reduce blocks' call counters: its previous call (which advanced them) ended before our wait.
+  __shared__ uint32_t s_epoch[32];
+  if (push.world > 0 && static_cast<int>(threadIdx.x) < push.blocks)
+    s_epoch[threadIdx.x] = *reinterpret_cast<const volatile uint32_t*>(push.epochs + threadIdx.x);
   if constexpr (kPre) {
     // One round of 16-byte copies (at most 8 per thread for 16384 columns, more rounds beyond).
     const int n16 = static_cast<int>(quant_x_words(n_cols) / 4);
@@ -381,8 +390,20 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
       if (lane == 0) {
         const MvSeg sg = mv_seg(grp, item);
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-          if (R * sg.local + r < sg.n_rows) sg.y[R * sg.local + r] = acc[r];
+        for (int r = 0; r < R; ++r) {
+          const int64_t row = R * sg.local + r;
+          if (row >= sg.n_rows) continue;
+          sg.y[row] = acc[r];
+          if (push.world > 0) {
+            const uint32_t epoch = s_epoch[push_owner(push, row)];
+            const size_t off = push_offset(push, epoch, row);
+            for (int p = 0; p < push.world; ++p)
+              if (p != push.rank)
+                asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};" ::"l"(push.areas[p] + off),
+                             "r"(__float_as_uint(acc[r])), "r"(push_tag(epoch))
+                             : "memory");
+          }
+        }
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r] = 0.0f;
@@ -483,7 +504,7 @@ void launch_kernel(const MvGroup& g, int64_t n_cols, int64_t n_items, const floa
 
 template <GgmlType T, int R, int U, int B>
 void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm, cudaStream_t s,
-                 const int* xpre) {
+                 const int* xpre, const DevicePush* push) {
   int64_t items = 0;
   for (int k = 0; k < n; ++k) {
     g.first[k] = items;
@@ -499,8 +520,12 @@ void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const
     if (smem > 48 * 1024)
       SHARDLM_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    launch_pdl(kernel, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x, aligned, xpre);
+    launch_pdl(kernel, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, x, aligned, xpre,
+               push ? *push : DevicePush{});
   };
+  if (push && (n != 1 || push->world < 2 || push->world > DevicePush::kMaxRanks || push->blocks > 32 ||
+               push->block_floats < 4 || push->block_floats % 4 != 0))
+    fail_kind(ErrorKind::kInternal, "launch_matvec_packed: a push target for ", n, " weights, world ", push->world);
   if (!xpre) return launch(matvec_pipe_kernel<T, R, U, B, false>);
   if (!aligned16(xpre))
     fail_kind(ErrorKind::kInternal, "launch_matvec_packed: the quantized x must be 16-byte aligned");
@@ -513,15 +538,16 @@ void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const
 // (shardlm_cuda_bench with SHARDLM_PK_VARIANT).
 template <GgmlType T>
 void launch_variant(int variant, MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
-                    cudaStream_t s, const int* xpre) {
+                    cudaStream_t s, const int* xpre, const DevicePush* push) {
   if constexpr (T == GgmlType::Q4_0) {
-    if (variant == 2) return launch_pipe<T, 2, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre);
+    if (variant == 2) return launch_pipe<T, 2, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
   }
   // 3, 4: more resident warps per SM (3 or 4 blocks of 8), fewer registers. Measured on an H100
   // (2026-11-26): equal to 0 within 2% for Q4_0, 3-17% slower for Q8_0.
-  if (variant == 3) return launch_pipe<T, 1, 4, 3>(g, n_rows, n, n_cols, x, sm, s, xpre);
-  if (variant == 4) return launch_pipe<T, 1, 4, 4>(g, n_rows, n, n_cols, x, sm, s, xpre);
-  if (variant != 1) return launch_pipe<T, 1, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre);
+  if (variant == 3) return launch_pipe<T, 1, 4, 3>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
+  if (variant == 4) return launch_pipe<T, 1, 4, 4>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
+  // The register kernel of variant 1 has no push epilogue: a push needs the pipelined one.
+  if (variant != 1 || push) return launch_pipe<T, 1, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
   int64_t items = 0;
   for (int k = 0; k < n; ++k) {
     g.first[k] = items;
@@ -534,7 +560,7 @@ void launch_variant(int variant, MvGroup& g, const int64_t* n_rows, int n, int64
 
 void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
                           int64_t n_cols, const float* x, float* const* y, int sm_count, cudaStream_t stream,
-                          int variant, const int* xpre) {
+                          int variant, const int* xpre, const DevicePush* push) {
   if (n < 1 || n > MvGroup::kMax || !packable(type, n_cols))
     fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", n, " weights of ", type_name(type), " x ", n_cols);
   MvGroup g;
@@ -548,10 +574,10 @@ void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size
     g.y[k] = y[k];
   }
   switch (type) {
-    case GgmlType::Q4_0: return launch_variant<GgmlType::Q4_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre);
-    case GgmlType::Q8_0: return launch_variant<GgmlType::Q8_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre);
-    case GgmlType::Q4_K: return launch_variant<GgmlType::Q4_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre);
-    case GgmlType::Q6_K: return launch_variant<GgmlType::Q6_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre);
+    case GgmlType::Q4_0: return launch_variant<GgmlType::Q4_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
+    case GgmlType::Q8_0: return launch_variant<GgmlType::Q8_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
+    case GgmlType::Q4_K: return launch_variant<GgmlType::Q4_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
+    case GgmlType::Q6_K: return launch_variant<GgmlType::Q6_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
     default: fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", type_name(type));
   }
 }

@@ -186,7 +186,13 @@ class State {
       if (!s.empty()) s += "; ";
       s += p;
     }
+    if (pushed_ > 0) s += cat("; ", pushed_, " fused calls enqueued with their matvec pushing the shares");
     return s;
+  }
+  // A fused all-reduce whose producer pushed the shares (counted for all_reduce_kind()).
+  void note_pushed() {
+    std::lock_guard<std::mutex> lk(mu_);
+    ++pushed_;
   }
 
  private:
@@ -250,6 +256,7 @@ class State {
   const int rank_;
   const double timeout_;
   const one_shot::Settings settings_;
+  int64_t pushed_ = 0;  // under mu_
   bool bound_ = false;
   cudaStream_t stream_ = nullptr;
   int device_ = 0;
@@ -329,16 +336,31 @@ class NcclGroup final : public CommGroup {
   // The one-shot kernel with the epilogue, for a row the one-shot path takes anyway. Decided on n, the
   // settings and the group alone, so every member takes the same branch.
   bool all_reduce_sum_add_rms_norm(float* buf, size_t n, const AddRmsNormEpilogue& e) override {
-    if (size() == 1 || st_->all_reduce_settings().fuse != one_shot::Fuse::kNorm || n == 0 ||
-        n > one_shot::kMaxNormFloats || !on_device(buf))
+    const bool pushed = pending_push_ == buf && pending_push_n_ == n;
+    pending_push_ = nullptr;
+    if (!fused_path(buf, n)) {
+      if (pushed) fail_kind(ErrorKind::kInternal, "one-shot all-reduce: a pushed share without its fused call");
       return false;
+    }
     const double t0 = now_s();
     const State::DeviceScope dev(*st_);  // enqueue with the stream's device current
     one_shot::OneShotAllReduce* os = one_shot_for(n);
     if (!os) return false;
-    os->run_add_rms_norm(buf, n, e, st_->stream());
+    os->run_add_rms_norm(buf, n, e, st_->stream(), pushed);
+    if (pushed) st_->note_pushed();
     st_->track("one-shot all-reduce + norm", cat("in ", label_), kOneShotGraceSeconds);
     *spent_ += now_s() - t0;
+    return true;
+  }
+
+  bool device_push_target(const float* buf, size_t n, DevicePush* out) override {
+    if (!st_->all_reduce_settings().push || !fused_path(buf, n)) return false;
+    const State::DeviceScope dev(*st_);
+    one_shot::OneShotAllReduce* os = one_shot_for(n);  // the first call sets the path up (collective)
+    if (!os) return false;
+    os->push_target(out);
+    pending_push_ = buf;
+    pending_push_n_ = n;
     return true;
   }
 
@@ -399,6 +421,13 @@ class NcclGroup final : public CommGroup {
 
   // The one-shot path for an all-reduce of n floats on the device, or null for NCCL. Every member asks
   // with the same n, so all of them reach the setup at the same call.
+  // Whether all_reduce_sum_add_rms_norm(buf, n) takes the fused kernel (given the one-shot path): decided on
+  // what every member shares.
+  bool fused_path(const float* buf, size_t n) const {
+    return size() > 1 && st_->all_reduce_settings().fuse == one_shot::Fuse::kNorm && n > 0 &&
+           n <= one_shot::kMaxNormFloats && on_device(buf);
+  }
+
   one_shot::OneShotAllReduce* one_shot_for(size_t n) {
     const one_shot::Settings& s = st_->all_reduce_settings();
     if (s.mode == one_shot::Mode::kNccl || n == 0 || n > s.max_bytes / sizeof(float)) return nullptr;
@@ -440,6 +469,9 @@ class NcclGroup final : public CommGroup {
   double* spent_;
   std::unique_ptr<NcclComm> nccl_;
   bool one_shot_decided_ = false;
+  // The buffer (and width) whose producer device_push_target() told to push, for the next fused call.
+  const float* pending_push_ = nullptr;
+  size_t pending_push_n_ = 0;
   // Last: its destructor waits for the GPU and for the other members, and must run while the NCCL
   // communicator and the MPI group still exist.
   std::unique_ptr<one_shot::OneShotAllReduce> one_shot_;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -138,13 +139,17 @@ std::string describe(Fuse f) {
 }
 
 // An empty value counts as unset: `SHARDLM_ALLREDUCE= cmd` is how a shell clears it for one command.
-Settings parse_settings(const char* mode, const char* max_kb, const char* fuse, const char* trace) {
+Settings parse_settings(const char* mode, const char* max_kb, const char* fuse, const char* trace,
+                        const char* push) {
   Settings s;
-  if (trace && *trace) {
-    const std::string f = trace;
-    if (f != "0" && f != "1") fail("SHARDLM_ALLREDUCE_TRACE='", f, "' is not 0 or 1");
-    s.trace = f == "1";
-  }
+  const auto flag = [](const char* name, const char* v, bool& out) {
+    if (!v || !*v) return;
+    const std::string f = v;
+    if (f != "0" && f != "1") fail(name, "='", f, "' is not 0 or 1");
+    out = f == "1";
+  };
+  flag("SHARDLM_ALLREDUCE_TRACE", trace, s.trace);
+  flag("SHARDLM_ALLREDUCE_PUSH", push, s.push);
   if (mode && *mode) {
     const std::string m = mode;
     if (m == "auto") s.mode = Mode::kAuto;
@@ -174,7 +179,8 @@ Settings parse_settings(const char* mode, const char* max_kb, const char* fuse, 
 
 Settings settings_from_env() {
   return parse_settings(std::getenv("SHARDLM_ALLREDUCE"), std::getenv("SHARDLM_ALLREDUCE_ONESHOT_MAX_KB"),
-                        std::getenv("SHARDLM_ALLREDUCE_FUSE"), std::getenv("SHARDLM_ALLREDUCE_TRACE"));
+                        std::getenv("SHARDLM_ALLREDUCE_FUSE"), std::getenv("SHARDLM_ALLREDUCE_TRACE"),
+                        std::getenv("SHARDLM_ALLREDUCE_PUSH"));
 }
 
 OneShotAllReduce::OneShotAllReduce(CommGroup& control, const std::vector<int>& world_ranks, int device,
@@ -307,7 +313,23 @@ void OneShotAllReduce::run(float* buf, size_t n, Fuse fuse, cudaStream_t stream)
   SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, false, fuse, stream));
 }
 
-void OneShotAllReduce::run_add_rms_norm(float* buf, size_t n, const AddRmsNormEpilogue& e, cudaStream_t stream) {
+void OneShotAllReduce::push_target(DevicePush* out) const {
+  static_assert(DevicePush::kMaxRanks >= kMaxRanks);
+  static_assert(offsetof(Flags, epoch) == 0);
+  *out = DevicePush{};
+  const size_t channel = channel_offset(1, args_.world);
+  for (int p = 0; p < args_.world; ++p)
+    out->areas[p] = p == args_.rank ? nullptr : args_.base[p] + channel + kFlagsBytes;
+  out->epochs = reinterpret_cast<const uint32_t*>(args_.base[args_.rank] + channel);
+  out->area_bytes = area_bytes(1);
+  out->world = args_.world;
+  out->rank = args_.rank;
+  out->block_floats = 4 * kThreads;
+  out->blocks = kBlocks;
+}
+
+void OneShotAllReduce::run_add_rms_norm(float* buf, size_t n, const AddRmsNormEpilogue& e, cudaStream_t stream,
+                                        bool pushed) {
   SHARDLM_CHECK(n >= 1 && n <= kMaxNormFloats && (!e.xq || n % 32 == 0) && e.x && e.w && e.y,
                 "one-shot all-reduce + norm of ", n, " floats (an int8 row needs a multiple of 32)");
   if (const std::string f = failure(); !f.empty())
@@ -318,6 +340,7 @@ void OneShotAllReduce::run_add_rms_norm(float* buf, size_t n, const AddRmsNormEp
   a.channel = channel_offset(1, a.world);
   a.area = area_bytes(1);
   a.norm = e;
+  a.pushed = pushed;
   SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, true, Fuse::kNorm, stream));
 }
 

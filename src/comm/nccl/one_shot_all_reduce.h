@@ -50,15 +50,16 @@ struct Settings {
   Mode mode = Mode::kAuto;
   size_t max_bytes = kDefaultMaxBytes;  // all-reduces of at most this many bytes take the one-shot path
   Fuse fuse = Fuse::kNorm;
-  bool trace = false;    // SHARDLM_ALLREDUCE_TRACE: per-call timestamps of the fused kernel (measurement)
+  bool trace = false;
+  bool push = true;      // SHARDLM_ALLREDUCE_PUSH: producers may push their share (CommGroup::device_push_target)    // SHARDLM_ALLREDUCE_TRACE: per-call timestamps of the fused kernel (measurement)
 };
 
 // SHARDLM_ALLREDUCE (auto|nccl|oneshot, default auto), SHARDLM_ALLREDUCE_ONESHOT_MAX_KB (1..256, default
-// 64), SHARDLM_ALLREDUCE_FUSE (norm|pdl|off, default norm) and SHARDLM_ALLREDUCE_TRACE (0|1, default 0).
-// Null or empty means unset. A bad value
+// 64), SHARDLM_ALLREDUCE_FUSE (norm|pdl|off, default norm), SHARDLM_ALLREDUCE_TRACE (0|1, default 0) and
+// SHARDLM_ALLREDUCE_PUSH (0|1, default 1). Null or empty means unset. A bad value
 // throws an Error naming the variable, the value and what is allowed.
 Settings parse_settings(const char* mode, const char* max_kb, const char* fuse = nullptr,
-                        const char* trace = nullptr);
+                        const char* trace = nullptr, const char* push = nullptr);
 Settings settings_from_env();
 std::string describe(Mode m);
 std::string describe(Fuse f);
@@ -122,6 +123,7 @@ struct KernelArgs {
   uint32_t* host_error = nullptr;  // (1) mapped pinned host word: 1 + the group rank of a peer that never came,
                                    // or kHostErrorNoShare
   uint64_t* trace = nullptr;     // (kTraceCalls, kTracePoints) or null: SHARDLM_ALLREDUCE_TRACE=1
+  bool pushed = false;           // the fused call's producer pushed buf's words already: receive only
 };
 // SHARDLM_ALLREDUCE_TRACE: block 0 of the fused kernel stamps %globaltimer at kTracePoints points of each
 // call into a ring of kTraceCalls; the destructor prints the median time between them (measurement only).
@@ -156,7 +158,12 @@ class OneShotAllReduce {
   // must make the same calls with the same n, in the same order, on one stream each.
   void run(float* buf /* (n) */, size_t n, Fuse fuse, cudaStream_t stream);
   // The same, then the epilogue (n <= kMaxNormFloats; n % 32 == 0 if e.xq is set), in the same kernel.
-  void run_add_rms_norm(float* buf /* (n) */, size_t n, const AddRmsNormEpilogue& e, cudaStream_t stream);
+  // pushed: the kernel that wrote buf stored its words at push_target()'s places; this call only receives.
+  void run_add_rms_norm(float* buf /* (n) */, size_t n, const AddRmsNormEpilogue& e, cudaStream_t stream,
+                        bool pushed = false);
+  // Where a producer pushes its share of the next fused call (comm/device_push.h): the fused channel's
+  // receive areas of every member and this member's block counters.
+  void push_target(DevicePush* out) const;
 
   // Empty while healthy; once a kernel gave up waiting, the message to fail with (it names this rank,
   // the group and the peer). Reads a host word the GPU writes, without any CUDA call, so the watchdog

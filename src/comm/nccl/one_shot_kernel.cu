@@ -123,8 +123,10 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   //    received the peer's data of call e - 1, which the peer sends only after its kernel of call e - 2
   //    (the one that read the area) has finished - stream order on the peer. Two parities are what makes
   //    that true.
+  //    A pushed call's producer (a matvec) stored these words already, the same values and tags
+  //    (comm/device_push.h), after the same stream-ordered point: our previous call's end.
   const size_t to_us = areas + static_cast<size_t>(a.rank) * a.area;
-  for (size_t v = first; v < n4; v += stride) {
+  for (size_t v = first; v < n4 && !a.pushed; v += stride) {
     const float4 x = v == first ? x_first : load4(a.buf, 4 * v, a.n, aligned);
     for (int p = 0; p < a.world; ++p)
       if (p != a.rank) st_ll(a.base[p] + to_us + 32 * v, x, tag);
