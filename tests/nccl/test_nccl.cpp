@@ -220,8 +220,12 @@ TEST_P(NcclGolden, SameIdsAsOneGpu) {
 
 // The o and down matvecs of packed weights push their outputs into the fused all-reduce's receive areas
 // themselves (SHARDLM_ALLREDUCE_PUSH, default on), so that the all-reduce kernel only receives. Against the
-// same layout where the all-reduce kernel sends (PUSH=0) and against one GPU: the same greedy and sampled
-// ids; a word at a wrong place or with a wrong tag gives other sums, or no sum within the 30 s timeout.
+// same layout where the all-reduce kernel sends (PUSH=0): the same greedy and sampled ids, as the two do
+// the same arithmetic; a word at a wrong place or with a wrong tag gives other sums, or no sum within the
+// 30 s timeout. Against one GPU only the greedy ids: the fused norm sums its squares in another order, and
+// the int8 rows of the packed matvecs turn that last-bit difference into ~1e-3 of a logit now and then,
+// enough to move a --temp 0.8 draw on this random-weight model's flat distribution (seen on 4 x H100,
+// 2026-11-26: the sampled ids left one GPU's after 3 and 6 tokens, with and without the push alike).
 // tiny-llama31 (Hugging Face fixture) in Q8_0, whose widths are multiples of 32: its o and down projections
 // are packed; stories260K's golden prompts (ids < 512 of its 1024) drive it.
 TEST(Nccl, MatvecsThatPushTheirSharesGiveTheSameIds) {
@@ -244,7 +248,6 @@ TEST(Nccl, MatvecsThatPushTheirSharesGiveTheSameIds) {
     EXPECT_EQ(push["cases"][c]["greedy"], send["cases"][c]["greedy"]);
     EXPECT_EQ(push["cases"][c]["sampled"], send["cases"][c]["sampled"]);
     EXPECT_EQ(push["cases"][c]["greedy"], one["cases"][c]["greedy"]);
-    EXPECT_EQ(push["cases"][c]["sampled"], one["cases"][c]["sampled"]);
   }
 }
 
