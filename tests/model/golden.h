@@ -2,6 +2,8 @@
 // conversion of the shared llama2.c checkpoints to GGUF, shared by the model and parallel tests.
 #pragma once
 
+#include <unistd.h>
+
 #include <cstdint>
 #include <fstream>
 #include <string>
@@ -51,8 +53,11 @@ inline std::string converted_model(const std::string& name) {
   if (!probe) {
     auto src = open_llama2c_source(shared_dir() + "/fixtures/models/" + name + ".bin",
                                    shared_dir() + "/fixtures/models/aidreams260K.tok512.bin");
-    export_gguf(*src, out + ".part", "");
-    std::rename((out + ".part").c_str(), out.c_str());
+    // A file of this process's own, renamed into place whole: ctest runs test processes at once, and two
+    // of them may convert the same model together.
+    const std::string part = out + "." + std::to_string(getpid()) + ".part";
+    export_gguf(*src, part, "");
+    std::rename(part.c_str(), out.c_str());
   }
   return out;
 }

@@ -1,6 +1,7 @@
 // The NCCL communicator on real GPUs, with processes started by mpirun (one GPU per rank); skipped where
 // fewer GPUs are visible than a case needs (CI has none).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -159,8 +160,9 @@ TEST(Nccl, AllReduceSettingsAreValidated) {
 // `env`: VAR=VALUE words set for every rank; `path`: the GGUF (default: the converted golden model).
 nlohmann::json run_layout(const std::string& model, int tp, int pp, const std::string& env = "",
                           const std::string& path = "") {
+  // The process id keeps apart the files of test processes that ctest runs at once.
   const std::string out = std::string(SHARDLM_BINARY_DIR) + "/nccl-" + model + "-tp" + std::to_string(tp) + "-pp" +
-                          std::to_string(pp) + ".json";
+                          std::to_string(pp) + "-" + std::to_string(getpid()) + ".json";
   std::remove(out.c_str());
   std::string exports;
   for (size_t b = 0; b < env.size();) {
@@ -175,7 +177,9 @@ nlohmann::json run_layout(const std::string& model, int tp, int pp, const std::s
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
   std::ifstream f(out);
   if (!f) return {};
-  return nlohmann::json::parse(f);
+  const nlohmann::json result = nlohmann::json::parse(f);
+  std::remove(out.c_str());
+  return result;
 }
 
 struct Layout {
@@ -230,7 +234,7 @@ TEST_P(NcclGolden, SameIdsAsOneGpu) {
 // are packed; stories260K's golden prompts (ids < 512 of its 1024) drive it.
 TEST(Nccl, MatvecsThatPushTheirSharesGiveTheSameIds) {
   NEED_GPUS(2);
-  const std::string q8 = std::string(SHARDLM_BINARY_DIR) + "/test-tiny-llama31-q8_0.gguf";
+  const std::string q8 = std::string(SHARDLM_BINARY_DIR) + "/test-tiny-llama31-q8_0-" + std::to_string(getpid()) + ".gguf";
   {
     auto src = open_model_source(shared_dir() + "/fixtures/hf/tiny-llama31");
     export_gguf(*src, q8, "q8_0");
@@ -249,6 +253,7 @@ TEST(Nccl, MatvecsThatPushTheirSharesGiveTheSameIds) {
     EXPECT_EQ(push["cases"][c]["sampled"], send["cases"][c]["sampled"]);
     EXPECT_EQ(push["cases"][c]["greedy"], one["cases"][c]["greedy"]);
   }
+  std::remove(q8.c_str());
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, NcclGolden,

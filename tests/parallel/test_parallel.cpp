@@ -22,8 +22,10 @@ std::string mpirun_prefix(int np) {
 }
 
 nlohmann::json run_layout(const std::string& model, int tp, int pp, const std::string& split) {
+  // The process id keeps apart the files of test processes that ctest runs at once (each case is its own
+  // process, and every one of them makes its model's single-rank reference: same name otherwise).
   const std::string out = std::string(SHARDLM_BINARY_DIR) + "/parallel-" + model + "-tp" + std::to_string(tp) + "-pp" +
-                          std::to_string(pp) + (split == "-" ? "" : "-split") + ".json";
+                          std::to_string(pp) + (split == "-" ? "" : "-split") + "-" + std::to_string(getpid()) + ".json";
   std::remove(out.c_str());
   const std::string cmd = (tp * pp > 1 ? mpirun_prefix(tp * pp) : std::string()) + worker() + " " +
                           converted_model(model) + " " + model + " " + std::to_string(tp) + " " + std::to_string(pp) +
@@ -32,7 +34,9 @@ nlohmann::json run_layout(const std::string& model, int tp, int pp, const std::s
   EXPECT_EQ(rc, 0) << cmd;
   std::ifstream f(out);
   if (!f) return {};
-  return nlohmann::json::parse(f);
+  const nlohmann::json result = nlohmann::json::parse(f);
+  std::remove(out.c_str());
+  return result;
 }
 
 struct Layout {
