@@ -37,13 +37,19 @@ struct DevicePush {
 SHARDLM_HD int push_owner(const DevicePush& p, int64_t i) {
   return static_cast<int>((i / p.block_floats) % p.blocks);
 }
-// A block's call counter e as a tag: odd, so never the 0 of a word nobody wrote.
+// A block's call counter e as a tag. Odd, so never the 0 of a word nobody wrote yet. Words of one area are
+// rewritten every second call that gives the block data, so an old tag is at most a few calls stale; a
+// false match would need an area left untouched for 2^31 of the block's calls.
 SHARDLM_HD uint32_t push_tag(uint32_t epoch) { return 2u * epoch + 1u; }
-// Byte offset of float i's (value, tag) pair from areas[p], for call counter e of its owner: area
-// (parity e & 1, source rank), then 32 bytes per float4 group, 8 per float.
+// Index of the area that receives member `src`'s words of a call with counter e: (parity e & 1, src).
+SHARDLM_HD size_t push_area(uint32_t epoch, int world, int src) {
+  return static_cast<size_t>(epoch & 1u) * static_cast<size_t>(world) + static_cast<size_t>(src);
+}
+// Byte offset of float i's (value, tag) pair from areas[p], for call counter e of its owner: our area,
+// then 32 bytes per float4 group, 8 per float.
 SHARDLM_HD size_t push_offset(const DevicePush& p, uint32_t epoch, int64_t i) {
-  const size_t area = (static_cast<size_t>(epoch & 1u) * static_cast<size_t>(p.world) + static_cast<size_t>(p.rank));
-  return area * p.area_bytes + 32 * static_cast<size_t>(i / 4) + 8 * static_cast<size_t>(i % 4);
+  return push_area(epoch, p.world, p.rank) * p.area_bytes + 32 * static_cast<size_t>(i / 4) +
+         8 * static_cast<size_t>(i % 4);
 }
 
 }  // namespace shardlm

@@ -94,6 +94,10 @@ bool LlamaModel::device_collectives(const Backend& b) const {
   return b.device() != DeviceKind::kCpu && comm_.accepts_device_memory();
 }
 
+bool LlamaModel::reduces_on_device(const Backend& b) const {
+  return mapping_.tp_size() > 1 && device_collectives(b);
+}
+
 void LlamaModel::all_reduce(Backend& b, float* buf, size_t n) {
   if (device_collectives(b)) {
     // A device communicator (NCCL) enqueues on the backend's stream: no host sync, so the step can be
@@ -245,7 +249,7 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
   b.rope_attention(q, k, v, kv, n_tok, nq, config_.rope_freq_base, ff, att);
   // o's sum over the group is the next call (reduce_add_norm); where that call is the device's fused one,
   // the matvec may push its share to the other ranks itself.
-  const bool fused_reduce = mapping_.tp_size() > 1 && device_collectives(b);
+  const bool fused_reduce = reduces_on_device(b);
   if (fused_reduce)
     b.matmul_reduce(*tp_group_, w.wo, att, o, n_tok);
   else
@@ -273,8 +277,7 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
 
 void LlamaModel::reduce_add_norm(Backend& b, float* o, float* x, const float* w, float* xn, int64_t n_tok) {
   const int64_t d = config_.n_embd;
-  if (mapping_.tp_size() > 1 && device_collectives(b))
-    return b.all_reduce_add_rms_norm(*tp_group_, o, x, w, xn, n_tok, d, config_.rms_eps);
+  if (reduces_on_device(b)) return b.all_reduce_add_rms_norm(*tp_group_, o, x, w, xn, n_tok, d, config_.rms_eps);
   if (mapping_.tp_size() > 1) all_reduce(b, o, static_cast<size_t>(n_tok * d));
   b.add_rms_norm(x, o, w, xn, n_tok, d, config_.rms_eps);
 }

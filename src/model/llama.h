@@ -112,6 +112,9 @@ class LlamaModel {
   // Whether collectives and messages on b's memory go to the communicator as they are (device memory and a
   // communicator that reads it, such as NCCL), with no host sync or staging.
   bool device_collectives(const Backend& b) const;
+  // Whether layers on b sum their row-parallel outputs over the tensor-parallel group with the backend's
+  // device op (all_reduce_add_rms_norm), which a matmul_reduce before it may feed directly.
+  bool reduces_on_device(const Backend& b) const;
   void send_hidden(Backend& b, float* x, size_t n);
   void recv_hidden(Backend& b, float* x, size_t n);
 

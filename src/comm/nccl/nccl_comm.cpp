@@ -419,8 +419,6 @@ class NcclGroup final : public CommGroup {
     *spent_ += now_s() - t0;
   }
 
-  // The one-shot path for an all-reduce of n floats on the device, or null for NCCL. Every member asks
-  // with the same n, so all of them reach the setup at the same call.
   // Whether all_reduce_sum_add_rms_norm(buf, n) takes the fused kernel (given the one-shot path): decided on
   // what every member shares.
   bool fused_path(const float* buf, size_t n) const {
@@ -428,6 +426,8 @@ class NcclGroup final : public CommGroup {
            n <= one_shot::kMaxNormFloats && on_device(buf);
   }
 
+  // The one-shot path for an all-reduce of n floats on the device, or null for NCCL. Every member asks
+  // with the same n, so all of them reach the setup at the same call.
   one_shot::OneShotAllReduce* one_shot_for(size_t n) {
     const one_shot::Settings& s = st_->all_reduce_settings();
     if (s.mode == one_shot::Mode::kNccl || n == 0 || n > s.max_bytes / sizeof(float)) return nullptr;

@@ -301,16 +301,20 @@ OneShotAllReduce::~OneShotAllReduce() {
   if (restore) cudaSetDevice(prev);
 }
 
-void OneShotAllReduce::run(float* buf, size_t n, Fuse fuse, cudaStream_t stream) {
-  SHARDLM_CHECK(n * sizeof(float) <= kMaxMessageBytes, "one-shot all-reduce of ", n, " floats");
+KernelArgs OneShotAllReduce::call_args(float* buf, size_t n, int channel) const {
   if (const std::string f = failure(); !f.empty())
     fail_kind(ErrorKind::kComm, "rank ", world_ranks_[static_cast<size_t>(control_.rank())], ": ", f);
   KernelArgs a = args_;
   a.buf = buf;
   a.n = n;
-  a.channel = channel_offset(0, a.world);
-  a.area = area_bytes(0);
-  SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, false, fuse, stream));
+  a.channel = channel_offset(channel, a.world);
+  a.area = area_bytes(channel);
+  return a;
+}
+
+void OneShotAllReduce::run(float* buf, size_t n, Fuse fuse, cudaStream_t stream) {
+  SHARDLM_CHECK(n * sizeof(float) <= kMaxMessageBytes, "one-shot all-reduce of ", n, " floats");
+  SHARDLM_ONE_SHOT_CHECK(launch_kernel(call_args(buf, n, 0), false, fuse, stream));
 }
 
 void OneShotAllReduce::push_target(DevicePush* out) const {
@@ -332,13 +336,7 @@ void OneShotAllReduce::run_add_rms_norm(float* buf, size_t n, const AddRmsNormEp
                                         bool pushed) {
   SHARDLM_CHECK(n >= 1 && n <= kMaxNormFloats && (!e.xq || n % 32 == 0) && e.x && e.w && e.y,
                 "one-shot all-reduce + norm of ", n, " floats (an int8 row needs a multiple of 32)");
-  if (const std::string f = failure(); !f.empty())
-    fail_kind(ErrorKind::kComm, "rank ", world_ranks_[static_cast<size_t>(control_.rank())], ": ", f);
-  KernelArgs a = args_;
-  a.buf = buf;
-  a.n = n;
-  a.channel = channel_offset(1, a.world);
-  a.area = area_bytes(1);
+  KernelArgs a = call_args(buf, n, 1);
   a.norm = e;
   a.pushed = pushed;
   SHARDLM_ONE_SHOT_CHECK(launch_kernel(a, true, Fuse::kNorm, stream));

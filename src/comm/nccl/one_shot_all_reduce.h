@@ -173,6 +173,8 @@ class OneShotAllReduce {
  private:
   OneShotAllReduce(CommGroup& control, const std::vector<int>& world_ranks, int device, double timeout_s);
   void print_trace() const;  // SHARDLM_ALLREDUCE_TRACE: medians of the stamped phases, to stderr
+  // The kernel's arguments for a call on `channel` (0 plain, 1 fused); fails first if a call gave up.
+  KernelArgs call_args(float* buf, size_t n, int channel) const;
 
   CommGroup& control_;
   const std::vector<int> world_ranks_;  // (world)

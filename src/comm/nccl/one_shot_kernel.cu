@@ -6,6 +6,7 @@
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/quant_x.cuh"
 #include "backends/cuda/warp.cuh"
+#include "comm/device_push.h"
 
 namespace shardlm::one_shot {
 namespace {
@@ -44,10 +45,6 @@ __device__ __forceinline__ bool ld_ll(const char* p /* (32 bytes) one float4's L
   return true;
 }
 
-// The tag of a block's call e. Odd, so never the 0 of a word nobody wrote yet. Words of one area are
-// rewritten every second call that gives the block data, so an old tag is at most a few calls stale; a
-// false match would need an area left untouched for 2^31 of the block's calls.
-__device__ __forceinline__ uint32_t tag_of(uint32_t epoch) { return 2u * epoch + 1u; }
 
 // Elements i..i+3 of buf (n floats), zero past the end. The float4 path needs a 16-byte aligned buffer;
 // the caller's buffer may be any float view. Alignment only changes the instructions, never which block
@@ -114,9 +111,10 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   }
   __syncthreads();
   if (s_give_up) return;  // a peer already failed to arrive: do not wait the whole timeout again
-  const uint32_t epoch = s_epoch, tag = tag_of(epoch);
-  // Area (parity, src) of member m's buffer: a.base[m] + areas + (parity * world + src) * a.area.
-  const size_t areas = a.channel + kFlagsBytes + static_cast<size_t>(epoch & 1u) * a.world * a.area;
+  // The words' layout and tags are comm/device_push.h's, which a pushing producer uses too.
+  const uint32_t epoch = s_epoch, tag = push_tag(epoch);
+  // Area (parity, src) of member m's buffer: a.base[m] + areas + push_area(epoch, world, src) * a.area.
+  const size_t areas = a.channel + kFlagsBytes;
 
   // 1. Send: our part of every float4 group this block owns, tagged with the call, into our area of every
   //    peer's buffer. No peer still reads that area: it was last filled in our call e - 2, and we have since
@@ -125,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   //    that true.
   //    A pushed call's producer (a matvec) stored these words already, the same values and tags
   //    (comm/device_push.h), after the same stream-ordered point: our previous call's end.
-  const size_t to_us = areas + static_cast<size_t>(a.rank) * a.area;
+  const size_t to_us = areas + push_area(epoch, a.world, a.rank) * a.area;
   for (size_t v = first; v < n4 && !a.pushed; v += stride) {
     const float4 x = v == first ? x_first : load4(a.buf, 4 * v, a.n, aligned);
     for (int p = 0; p < a.world; ++p)
@@ -142,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
       if (r == a.rank) {
         x = v == first ? x_first : load4(a.buf, 4 * v, a.n, aligned);
       } else {
-        const char* w = a.base[a.rank] + areas + static_cast<size_t>(r) * a.area + 32 * v;
+        const char* w = a.base[a.rank] + areas + push_area(epoch, a.world, r) * a.area + 32 * v;
         while (!ld_ll(w, tag, x)) {
           if (global_ns() > deadline) {
             // Bounded: a dead peer must not hold the GPU forever. The host sees the word and fails the job.
