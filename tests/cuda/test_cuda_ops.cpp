@@ -718,41 +718,6 @@ TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
 // The decode attention's output step with one float4 per thread (the default) against one element per
 // thread: the same float operations per element and an exact int8 row, so the same bits, for the output and
 // for the o projection that reads its int8 row. (KvStoreAndAttention checks the default against fp64.)
-// Rows of at most 64 units go two per warp (SHARDLM_PK_NARROW): each row's sum keeps its order (lane l adds
-// units l, then l + 32), so the outputs must be the one-row-per-warp kernel's bits, in groups and alone,
-// with odd row counts (the last pair half empty).
-TEST_F(CudaOps, PackedNarrowRowsGiveTheOneRowPerWarpBits) {
-  Backend& b = *be_;
-  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
-    for (int64_t cols : {int64_t{256}, int64_t{768}, int64_t{1024}, int64_t{2048}}) {
-      if (!cuda_detail::packable(t, cols)) continue;
-      SCOPED_TRACE(std::string(type_name(t)) + " x " + std::to_string(cols));
-      const int64_t rows[2] = {4097, 3};
-      HostWeight hw[2] = {make_host_weight(rng_, t, rows[0], cols, 0), make_host_weight(rng_, t, rows[1], cols, 0)};
-      std::vector<std::unique_ptr<DeviceBuffer>> storage;
-      WeightView ws[2];
-      for (int i = 0; i < 2; ++i)
-        ws[i] = b.place_matmul_weight(WeightView{t, cols, rows[i], hw[i].stride, hw[i].bytes.data()}, storage);
-      const auto x = rand_floats(rng_, cols);
-      Guarded xb(b, cols * 4), y0(b, rows[0] * 4), y1(b, rows[0] * 4), g0(b, rows[1] * 4), g1(b, rows[1] * 4),
-          h0(b, rows[0] * 4), h1(b, rows[0] * 4);
-      xb.put(x.data());
-      for (bool narrow : {false, true}) {
-        cuda_set_packed_narrow(b, narrow);
-        b.matmul(ws[0], xb.f(), (narrow ? y1 : y0).f(), 1);
-        float* const ys[2] = {(narrow ? h1 : h0).f(), (narrow ? g1 : g0).f()};
-        b.matmul_group(ws, 2, xb.f(), ys, 1);
-      }
-      cuda_set_packed_narrow(b, true);
-      expect_same_bytes(y0, y1, "matmul");
-      expect_same_bytes(h0, h1, "matmul_group, first weight");
-      expect_same_bytes(g0, g1, "matmul_group, second weight");
-      // And against fp64, so that equal bits cannot hide two equally wrong kernels.
-      expect_packed_matvec(y1.get<float>(), hw[0].deq, x.data(), cols, "narrow matmul against fp64");
-    }
-  }
-}
-
 TEST_F(CudaOps, AttentionFloat4OutputStepEqualsTheOneElementStep) {
   Backend& b = *be_;
   const int64_t n_ctx = 160, rows = 300;

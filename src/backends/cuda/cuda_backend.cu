@@ -105,27 +105,11 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   flag("SHARDLM_CUDA_FUSE_ROPE", fuse_rope_, "default 1");
   // The decode attention's output step with one float4 per thread (0: one element per thread).
   flag("SHARDLM_CUDA_ATTN_OUT4", attn_out4_, "default 1");
-  // The decode attention lets the next kernels launch only after its tile loop (1) or at its start (0).
-  flag("SHARDLM_CUDA_ATTN_LATE_TRIGGER", attn_late_trigger_, "default 0");
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
   if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
     const std::string v = p;
     if (v.size() != 1 || v[0] < '0' || v[0] > '4') fail("SHARDLM_PK_VARIANT = '", v, "': expected 0 to 4");
-    pk_.variant = v[0] - '0';
-  }
-  // Launch-shape experiments of the packed matvec (docs/BENCHMARKS.md has what each measured).
-  if (const char* p = std::getenv("SHARDLM_PK_SLACK")) {
-    const std::string v = p;
-    if (v.empty() || v.size() > 2 || !std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; }))
-      fail("SHARDLM_PK_SLACK = '", v, "': expected 0 to 99 (blocks left out of the persistent grid)");
-    pk_.slack = std::stoi(v);
-  }
-  flag("SHARDLM_PK_BALANCE", pk_.balance, "1: 3 blocks per SM where that gives every warp one row; default 0");
-  flag("SHARDLM_PK_NARROW", pk_.narrow, "0: one row per warp also for rows of at most 2048 columns; default 1");
-  if (const char* p = std::getenv("SHARDLM_PK_PRELOAD")) {
-    const std::string v = p;
-    if (v.size() != 1 || v[0] < '0' || v[0] > '2') fail("SHARDLM_PK_PRELOAD = '", v, "': expected 0, 1 or 2 (chunks per warp loaded before the PDL wait; default 1)");
-    pk_.preload = v[0] - '0';
+    pk_variant_ = v[0] - '0';
   }
   // Measurement only, the outputs become meaningless: one-token kernels of the listed kinds are not launched,
   // so that a decode step's time without them shows what they cost inside the graph (scripts/gpu/x1env.sh).
@@ -357,14 +341,14 @@ void CudaBackend::matmul(const WeightView& w, const float* x, float* y, int64_t 
 void CudaBackend::matmul_reduce(CommGroup& group, const WeightView& w, const float* x, float* y, int64_t n_tok) {
   check_weight(w, "matmul_reduce");
   // The push needs the pipelined packed kernel to run, and the fused all-reduce to follow: no skipped kinds.
-  const bool can = n_tok == 1 && w.packed && uses_matvec(w, n_tok) && pk_.variant != 1 && skip_ == 0;
+  const bool can = n_tok == 1 && w.packed && uses_matvec(w, n_tok) && pk_variant_ != 1 && skip_ == 0;
   DevicePush push;
   if (!can || !group.device_push_target(y, static_cast<size_t>(w.n_rows), &push)) return matmul(w, x, y, n_tok);
   const int* xpre = xq_for(x, w.n_cols);
   note_write();
   DeviceGuard g(device_);
   ++pushing_;
-  launch_matvec_packed(w.type, 1, &w.data, &w.row_stride, &w.n_rows, w.n_cols, x, &y, sm_count_, stream(), pk_,
+  launch_matvec_packed(w.type, 1, &w.data, &w.row_stride, &w.n_rows, w.n_cols, x, &y, sm_count_, stream(), pk_variant_,
                        xpre, &push);
 }
 
@@ -376,7 +360,7 @@ void CudaBackend::matmul_impl(const WeightView& w, const float* x, float* y, int
     for (int64_t t = 0; t < n_tok; ++t) {
       float* yt = y + t * w.n_rows;
       launch_matvec_packed(w.type, 1, &w.data, &w.row_stride, &w.n_rows, w.n_cols, x + t * w.n_cols, &yt, sm_count_,
-                           stream(), pk_, xpre);
+                           stream(), pk_variant_, xpre);
     }
     return;
   }
@@ -440,7 +424,7 @@ void CudaBackend::matvec_group(const WeightView* ws, int n, const float* x, floa
     rows[i] = ws[i].n_rows;
   }
   if (ws[0].packed) {
-    launch_matvec_packed(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, sm_count_, stream(), pk_, xpre);
+    launch_matvec_packed(ws[0].type, n, w, stride, rows, ws[0].n_cols, x, ys, sm_count_, stream(), pk_variant_, xpre);
     return;
   }
   if (!force_generic_ && aligned16(x) && ws[0].n_cols % 4 == 0 &&
@@ -615,7 +599,7 @@ void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t 
     const bool quantized =
         launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
                                 sd, stream(), xq_target(1, n_head * kv.head_dim), k_new, v_new, freq_base, ff_device,
-                                (attn_out4_ ? kAttnOut4 : 0u) | (attn_late_trigger_ ? kAttnLateTrigger : 0u));
+                                attn_out4_);
     if (quantized) mark_quantized(out, n_head * kv.head_dim);  // note_write() came first
     return;
   }
@@ -769,10 +753,6 @@ void* cuda_stream(Backend& backend) { return cuda_detail::as_cuda(backend, "cuda
 
 void cuda_set_attention_out4(Backend& backend, bool on) {
   cuda_detail::as_cuda(backend, "cuda_set_attention_out4").set_attention_out4(on);
-}
-
-void cuda_set_packed_narrow(Backend& backend, bool on) {
-  cuda_detail::as_cuda(backend, "cuda_set_packed_narrow").set_packed_narrow(on);
 }
 int64_t cuda_pushing_matvecs(Backend& backend) {
   return cuda_detail::as_cuda(backend, "cuda_pushing_matvecs").pushing_matvecs();

@@ -43,8 +43,6 @@ int64_t cuda_pushing_matvecs(Backend& backend);
 // What SHARDLM_CUDA_ATTN_OUT4 sets at construction (tests compare the two forms): the decode attention's
 // output step with one float4 per thread (true) or one element per thread.
 void cuda_set_attention_out4(Backend& backend, bool on);
-// Test hook: the packed matvec's two-rows-per-warp form for rows of at most 2048 columns (SHARDLM_PK_NARROW).
-void cuda_set_packed_narrow(Backend& backend, bool on);
 
 // The backend's cudaStream_t (as void*, so this header stays CUDA-free), for a communicator that enqueues
 // on it (Communicator::bind_stream).

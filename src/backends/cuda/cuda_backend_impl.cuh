@@ -70,7 +70,6 @@ class CudaBackend final : public Backend {
   int64_t prequantized_matvecs() const { return prequantized_; }
   int64_t pushing_matvecs() const { return pushing_; }
   void set_attention_out4(bool on) { attn_out4_ = on; }
-  void set_packed_narrow(bool on) { pk_.narrow = on; }
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
   void set_force_generic_matvec(bool on) { force_generic_ = on; }
@@ -127,7 +126,6 @@ class CudaBackend final : public Backend {
   bool prequant_ = true;      // SHARDLM_CUDA_PREQUANT
   bool fuse_rope_ = true;     // SHARDLM_CUDA_FUSE_ROPE
   bool attn_out4_ = true;     // SHARDLM_CUDA_ATTN_OUT4
-  bool attn_late_trigger_ = false;  // SHARDLM_CUDA_ATTN_LATE_TRIGGER
   int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
   int64_t pushing_ = 0;       // matmul_reduce calls whose matvec pushed its outputs to the group
   // top_candidates: key rounds (topk_scratch_keys each), extra ids and their values, and the host side.
@@ -149,7 +147,7 @@ class CudaBackend final : public Backend {
   bool force_generic_ = false;
   bool force_generic_attn_ = false;
   bool pack_weights_ = true;
-  PackedMvTuning pk_;
+  int pk_variant_ = 0;
   // SHARDLM_CUDA_SKIP (measurement only): one-token kernels of these kinds are not launched.
   enum Skip : int { kSkipNorm = 1, kSkipSwiglu = 2, kSkipRope = 4, kSkipAttn = 8, kSkipMatvec = 16, kSkipAllReduce = 32 };
   // Matmuls with at least this many rows still run under kSkipMatvec: the output head, whose logits the

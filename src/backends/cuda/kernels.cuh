@@ -36,23 +36,12 @@ bool launch_matvec_group(GgmlType type, int n, const void* const* w, const size_
                          int64_t n_cols, const float* x /* (n_cols), 16-byte aligned */, float* const* y,
                          cudaStream_t stream);
 
-// How the packed decode matvec is launched (launch_matvec_packed). The defaults are the measured best; the
-// others exist to be measured against (SHARDLM_PK_* in the CUDA backend).
-struct PackedMvTuning {
-  int variant = 0;        // 0: pipelined, one row per warp; 1: two-row register kernel; 2: pipelined, two rows
-                          // (Q4_0); 3, 4: pipelined with 3 or 4 blocks per SM
-  int slack = 0;          // the persistent grid is this many blocks short of (blocks per SM) x SMs
-  bool balance = false;   // 3 blocks per SM where that gives every warp one row and 2 would give some two
-  int preload = 1;        // chunks per warp on their way before the PDL wait: 0, 1 or 2
-  bool narrow = true;     // two rows per warp (2 units each) where rows have at most 64 units
-};
-
 // Packed weights (pack.h; x quantized to int8 per 32 elements inside the kernel): y[k] = W[k] x for k < n
 // (n <= 4, same type and width). Rows and row strides 16-byte aligned. xpre: x already quantized
 // (quant_x.cuh layout, 16-byte aligned) by the kernel that produced it, or null.
 void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
                           int64_t n_cols, const float* x /* (n_cols) */, float* const* y /* (n_rows[k]) each */,
-                          int sm_count, cudaStream_t stream, const PackedMvTuning& tuning = {},
+                          int sm_count, cudaStream_t stream, int variant = 0,
                           const int* xpre /* (quant_x_words(n_cols)) or null */ = nullptr,
                           const DevicePush* push /* one weight (n == 1): its outputs also pushed, or null */ = nullptr);
 
@@ -119,10 +108,6 @@ bool attention_decode_supported(int64_t head_dim, int64_t group);
 // k_new (optional, with v_new): the fused rope_attention form. q and k_new are not yet rotated; the kernel
 // rotates them (rope_pair's angles) and stores the rotated key and v_new at position pos0 of the caches
 // (q and k_new are left as they were).
-// launch_attention_decode's options (A/B switches of the CUDA backend):
-constexpr unsigned kAttnOut4 = 1;         // the output step with one float4 per thread (else one element)
-constexpr unsigned kAttnLateTrigger = 2;  // the next kernels may launch only after the tile loop, not at the
-                                          // start (their weight loads then do not queue before ours)
 bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_dim) */, void* k_cache,
                              void* v_cache, int64_t n_ctx, int64_t n_head_kv, int64_t head_dim,
                              int64_t n_head, int n_split, float* partial, float* out /* (n_head, head_dim) */,
@@ -130,7 +115,7 @@ bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_d
                              const float* k_new = nullptr /* (n_head_kv, head_dim) */,
                              const float* v_new = nullptr /* (n_head_kv, head_dim) */, float freq_base = 0.0f,
                              const float* freq_factors = nullptr /* (head_dim/2) device, or null */,
-                             unsigned opts = kAttnOut4);
+                             bool out4 = true /* false: the one-element output step (A/B only) */);
 // Any n_tok (prefill): one block per (token, head), online softmax over 32-position key tiles, causal.
 void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
                               const void* k_cache, const void* v_cache, int64_t n_ctx, int64_t n_head_kv,

@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<R, U>) matvec_packed_kern
 // push (world > 0, one weight): each output is also stored, beside its all-reduce call's tag, into the other
 // members' receive areas of the fused one-shot all-reduce that sums it next (comm/device_push.h): the
 // send then happens as rows finish instead of after this kernel and the all-reduce kernel's start.
-template <GgmlType T, int R, int U, int B, bool kPre, int kPreload>
+template <GgmlType T, int R, int U, int B, bool kPre>
 __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
     const __grid_constant__ MvGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_rows) each
     int64_t n_cols,                       // columns of every weight
@@ -326,35 +326,11 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
   int chunk = 0;
   Unit cur[R][U], nxt[R][U];
   const uint8_t* rows[R] = {};
-  // (item, chunk) after the given one in this warp's sequence.
-  const auto advance = [&](int64_t& it, int& ch) {
-    if (++ch == n_chunks) {
-      ch = 0;
-      it += step;
-    }
-  };
-  // The first chunk does not depend on the previous kernel: on its way before the wait (kPreload = 1).
-  // (Two chunks before the wait measured 1-12% slower end to end for Q4_0/Q4_K_M, equal for Q8_0, on one
-  // H100 where the kernel before is a short norm, 2026-11-26; at 70B tp 4, where it is the all-reduce or
-  // the attention, 10% slower. 0 leaves the memory system to the kernel before. A template argument: as a
-  // runtime flag it cost 9-25 registers everywhere.)
-  bool nxt_ready = false;
-  if (item < n_items && kPreload >= 1) {
+  // The first chunk does not depend on the previous kernel: on its way before the wait. (Two chunks before
+  // the wait measured 1-12% slower end to end for Q4_0/Q4_K_M, equal for Q8_0; H100, 2026-11-26.)
+  if (item < n_items) {
     rows_of(item, rows);
     load(cur, rows, 0);
-    if constexpr (kPreload >= 2) {
-      int64_t it = item;
-      int ch = 0;
-      advance(it, ch);
-      if (it < n_items) {
-        const uint8_t* pre_rows[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) pre_rows[r] = rows[r];
-        if (it != item) rows_of(it, pre_rows);
-        load(nxt, pre_rows, ch);
-      }
-      nxt_ready = true;
-    }
   }
   pdl_wait();  // x is the previous kernel's output
   // The all-reduce blocks' call counters: its previous call (which advanced them) ended before our wait.
@@ -382,23 +358,21 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
     quantize_x(x, n_cols, x_aligned, reinterpret_cast<int*>(smem), threadIdx.x);
   }
   __syncthreads();
-  if (kPreload == 0 && item < n_items) {
-    rows_of(item, rows);
-    load(cur, rows, 0);
-  }
 
   const int4* xq4 = reinterpret_cast<const int4*>(xq);
   float acc[R] = {};
   while (item < n_items) {
     int64_t next_item = item;
-    int next_chunk = chunk;
-    advance(next_item, next_chunk);
+    int next_chunk = chunk + 1;
+    if (next_chunk == n_chunks) {
+      next_chunk = 0;
+      next_item = item + step;
+    }
     const uint8_t* next_rows[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) next_rows[r] = rows[r];
     if (next_item != item && next_item < n_items) rows_of(next_item, next_rows);
-    if (next_item < n_items && !nxt_ready) load(nxt, next_rows, next_chunk);
-    nxt_ready = false;
+    if (next_item < n_items) load(nxt, next_rows, next_chunk);
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       const int u = chunk * 32 * U + lane + 32 * j;
@@ -528,32 +502,17 @@ void launch_kernel(const MvGroup& g, int64_t n_cols, int64_t n_items, const floa
   launch_pdl(matvec_packed_kernel<T, R, U>, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, n_items, x, aligned);
 }
 
-// Items (groups of R rows) of a launch over n weights; fills g.first.
-template <int R>
-int64_t count_items(MvGroup& g, const int64_t* n_rows, int n) {
+template <GgmlType T, int R, int U, int B>
+void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm, cudaStream_t s,
+                 const int* xpre, const DevicePush* push) {
   int64_t items = 0;
   for (int k = 0; k < n; ++k) {
     g.first[k] = items;
     items += (n_rows[k] + R - 1) / R;
   }
-  return items;
-}
-
-// The persistent grid: one warp per item up to B blocks per SM, less the slack (blocks of a kernel that
-// still runs beside this one's start, e.g. the all-reduce's, take an SM's room for one of ours: without the
-// slack, our blocks that do not fit start only when it ends, without their preloaded chunk).
-template <int B>
-int pipe_blocks(int64_t items, int sm, int slack) {
   const int64_t want = (items + kWarps - 1) / kWarps;
-  const int64_t room = std::max<int64_t>(1, int64_t{B} * sm - slack);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, room)));
-}
-
-template <GgmlType T, int R, int U, int B>
-void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm, cudaStream_t s,
-                 const int* xpre, const DevicePush* push, const PackedMvTuning& tune) {
-  const int64_t items = count_items<R>(g, n_rows, n);
-  const int blocks = pipe_blocks<B>(items, sm, tune.slack);
+  const int blocks =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{B} * sm)));
   const bool aligned = aligned16(x);
   // Both forms hold x as int8 in shared memory.
   const size_t smem = static_cast<size_t>(n_cols) + 8 * static_cast<size_t>(n_cols / 32);
@@ -567,13 +526,10 @@ void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const
   if (push && (n != 1 || push->world < 2 || push->world > DevicePush::kMaxRanks || push->blocks > 32 ||
                push->block_floats < 4 || push->block_floats % 4 != 0))
     fail_kind(ErrorKind::kInternal, "launch_matvec_packed: a push target for ", n, " weights, world ", push->world);
-  if (xpre && !aligned16(xpre))
+  if (!xpre) return launch(matvec_pipe_kernel<T, R, U, B, false>);
+  if (!aligned16(xpre))
     fail_kind(ErrorKind::kInternal, "launch_matvec_packed: the quantized x must be 16-byte aligned");
-  if (tune.preload == 0)
-    return xpre ? launch(matvec_pipe_kernel<T, R, U, B, true, 0>) : launch(matvec_pipe_kernel<T, R, U, B, false, 0>);
-  if (tune.preload == 2)
-    return xpre ? launch(matvec_pipe_kernel<T, R, U, B, true, 2>) : launch(matvec_pipe_kernel<T, R, U, B, false, 2>);
-  return xpre ? launch(matvec_pipe_kernel<T, R, U, B, true, 1>) : launch(matvec_pipe_kernel<T, R, U, B, false, 1>);
+  launch(matvec_pipe_kernel<T, R, U, B, true>);
 }
 
 // Variant 0 (default): the pipelined kernel, one row per warp. 1: the two-rows register kernel without
@@ -581,33 +537,17 @@ void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const
 // 0 on an H100, 2026-11-26; the other types' units would spill). Kept to be measured against
 // (shardlm_cuda_bench with SHARDLM_PK_VARIANT).
 template <GgmlType T>
-void launch_variant(const PackedMvTuning& tune, MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols,
-                    const float* x, int sm, cudaStream_t s, const int* xpre, const DevicePush* push) {
-  const int variant = tune.variant;
+void launch_variant(int variant, MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
+                    cudaStream_t s, const int* xpre, const DevicePush* push) {
   if constexpr (T == GgmlType::Q4_0) {
-    if (variant == 2) return launch_pipe<T, 2, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre, push, tune);
+    if (variant == 2) return launch_pipe<T, 2, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
   }
   // 3, 4: more resident warps per SM (3 or 4 blocks of 8), fewer registers. Measured on an H100
   // (2026-11-26): equal to 0 within 2% for Q4_0, 3-17% slower for Q8_0.
-  if (variant == 3) return launch_pipe<T, 1, 4, 3>(g, n_rows, n, n_cols, x, sm, s, xpre, push, tune);
-  if (variant == 4) return launch_pipe<T, 1, 4, 4>(g, n_rows, n, n_cols, x, sm, s, xpre, push, tune);
-  if (variant == 0 && tune.narrow && n_cols / 32 <= 64) {
-    // Rows of at most 64 units (70B tp 4's o projection: 2,048 columns) fill only half of a lane's 4 loads
-    // in flight: two rows per warp with 2 units each keep 4 on the way. Each row's sum is formed in the
-    // same order as with one row per warp (lane l: units l, l + 32), so the outputs are the same bits.
-    return launch_pipe<T, 2, 2, 2>(g, n_rows, n, n_cols, x, sm, s, xpre, push, tune);
-  }
-  if (variant == 0 && tune.balance) {
-    // A small matvec (70B tp 4's q/k/v: 2,560 rows for 2,112 warps) leaves most warps idle while a few do a
-    // second row; with 3 blocks per SM every warp has one.
-    MvGroup probe = g;
-    const int64_t items = count_items<1>(probe, n_rows, n);
-    const int64_t warps2 = int64_t{pipe_blocks<2>(items, sm, tune.slack)} * kWarps;
-    const int64_t warps3 = int64_t{pipe_blocks<3>(items, sm, tune.slack)} * kWarps;
-    if (items > warps2 && items <= warps3) return launch_pipe<T, 1, 4, 3>(g, n_rows, n, n_cols, x, sm, s, xpre, push, tune);
-  }
+  if (variant == 3) return launch_pipe<T, 1, 4, 3>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
+  if (variant == 4) return launch_pipe<T, 1, 4, 4>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
   // The register kernel of variant 1 has no push epilogue: a push needs the pipelined one.
-  if (variant != 1 || push) return launch_pipe<T, 1, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre, push, tune);
+  if (variant != 1 || push) return launch_pipe<T, 1, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
   int64_t items = 0;
   for (int k = 0; k < n; ++k) {
     g.first[k] = items;
@@ -620,7 +560,7 @@ void launch_variant(const PackedMvTuning& tune, MvGroup& g, const int64_t* n_row
 
 void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
                           int64_t n_cols, const float* x, float* const* y, int sm_count, cudaStream_t stream,
-                          const PackedMvTuning& tune, const int* xpre, const DevicePush* push) {
+                          int variant, const int* xpre, const DevicePush* push) {
   if (n < 1 || n > MvGroup::kMax || !packable(type, n_cols))
     fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", n, " weights of ", type_name(type), " x ", n_cols);
   MvGroup g;
@@ -634,10 +574,10 @@ void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size
     g.y[k] = y[k];
   }
   switch (type) {
-    case GgmlType::Q4_0: return launch_variant<GgmlType::Q4_0>(tune, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
-    case GgmlType::Q8_0: return launch_variant<GgmlType::Q8_0>(tune, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
-    case GgmlType::Q4_K: return launch_variant<GgmlType::Q4_K>(tune, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
-    case GgmlType::Q6_K: return launch_variant<GgmlType::Q6_K>(tune, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
+    case GgmlType::Q4_0: return launch_variant<GgmlType::Q4_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
+    case GgmlType::Q8_0: return launch_variant<GgmlType::Q8_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
+    case GgmlType::Q4_K: return launch_variant<GgmlType::Q4_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
+    case GgmlType::Q6_K: return launch_variant<GgmlType::Q6_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
     default: fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", type_name(type));
   }
 }

@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
     float* __restrict__ out,       // (n_head, D): written here when one split covers the context
     int* __restrict__ xq,          // (quant_x_words(n_head * D)) or null: out quantized (quant_x.cuh)
     const StepDev* __restrict__ step, AttnRope rp,
-    unsigned opts) {               // kAttnOut4 | kAttnLateTrigger (kernels.cuh)
+    bool out4) {                   // the output step with one float4 per thread where it applies
   constexpr int HS = attn_head_split(G), GW = G / HS;   // warps per tile slot, heads per warp
   constexpr int E = 16 / static_cast<int>(sizeof(KV));  // cache elements per 16-byte piece
   constexpr int KP = D / E;                             // pieces per cache row: 8, 16 or 32
@@ -348,8 +348,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
   __shared__ double rot[D / 2][2];                      // cos, sin of pair i's angle (fused form)
   __shared__ float wm[kAttnWarps][G], wl[kAttnWarps][G];
   __shared__ __align__(16) float wacc[kAttnWarps][G][D];
-  const bool out4 = (opts & kAttnOut4) != 0, late_trigger = (opts & kAttnLateTrigger) != 0;
-  if (!late_trigger) pdl_trigger();
+  pdl_trigger();
   const int kh = blockIdx.x, s = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int ts = warp / HS, g0 = (warp % HS) * GW;  // tile slot; first head of this warp
@@ -468,7 +467,6 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
       }
     }
   }
-  if (late_trigger) pdl_trigger();
   // the PG row groups of each warp, then the tile slots
 #pragma unroll
   for (int o = KP; o < 32; o <<= 1)
@@ -1173,14 +1171,14 @@ bool attention_decode_supported(int64_t head_dim, int64_t group) {
 
 template <typename KV, int D>
 static void decode_d(int64_t group, const float* q, void* kc, void* vc, int64_t n_ctx, int64_t n_head_kv, int n_split,
-                     float* partial, float* out, int* xq, const StepDev* step, const AttnRope& rp, unsigned opts,
+                     float* partial, float* out, int* xq, const StepDev* step, const AttnRope& rp, bool out4,
                      cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(n_head_kv), static_cast<unsigned>(n_split));
   auto* k = static_cast<KV*>(kc);
   auto* v = static_cast<KV*>(vc);
   const dim3 block(kAttnWarps * 32 * attn_head_split(static_cast<int>(group)));
   const auto go = [&](auto kernel) {
-    launch_pdl(kernel, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, opts);
+    launch_pdl(kernel, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4);
   };
   switch (group) {
     case 1: go(attention_decode_kernel<KV, D, 1>); break;
@@ -1194,18 +1192,18 @@ static void decode_d(int64_t group, const float* q, void* kc, void* vc, int64_t 
 bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, void* v_cache, int64_t n_ctx,
                              int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split, float* partial,
                              float* out, const StepDev* step, cudaStream_t s, int* xq, const float* k_new,
-                             const float* v_new, float freq_base, const float* freq_factors, unsigned opts) {
+                             const float* v_new, float freq_base, const float* freq_factors, bool out4) {
   // Whole warps of one head each (head_dim 64 or 128 here, one thread per element).
   if (!(xq && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
   const int64_t group = n_head / n_head_kv;
   const bool f16 = kv_type == GgmlType::F16;
   const AttnRope rp{k_new, k_new ? v_new : nullptr, freq_factors, freq_base};
   if (head_dim == 64) {
-    if (f16) decode_d<__half, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, opts, s);
-    else decode_d<float, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, opts, s);
+    if (f16) decode_d<__half, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    else decode_d<float, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
   } else {
-    if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, opts, s);
-    else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, opts, s);
+    if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
   }
   launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)),
              dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, n_ctx,

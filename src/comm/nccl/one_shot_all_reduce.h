@@ -51,9 +51,7 @@ struct Settings {
   size_t max_bytes = kDefaultMaxBytes;  // all-reduces of at most this many bytes take the one-shot path
   Fuse fuse = Fuse::kNorm;
   bool trace = false;
-  bool push = true;           // SHARDLM_ALLREDUCE_PUSH: producers may push their share (CommGroup::device_push_target)
-  bool late_trigger = false;  // SHARDLM_ALLREDUCE_LATE_TRIGGER: the next kernel may launch only once the peers'
-                              // data is in, not at the start (measurement)
+  bool push = true;      // SHARDLM_ALLREDUCE_PUSH: producers may push their share (CommGroup::device_push_target)    // SHARDLM_ALLREDUCE_TRACE: per-call timestamps of the fused kernel (measurement)
 };
 
 // SHARDLM_ALLREDUCE (auto|nccl|oneshot, default auto), SHARDLM_ALLREDUCE_ONESHOT_MAX_KB (1..256, default
@@ -61,7 +59,7 @@ struct Settings {
 // SHARDLM_ALLREDUCE_PUSH (0|1, default 1). Null or empty means unset. A bad value
 // throws an Error naming the variable, the value and what is allowed.
 Settings parse_settings(const char* mode, const char* max_kb, const char* fuse = nullptr,
-                        const char* trace = nullptr, const char* push = nullptr, const char* late_trigger = nullptr);
+                        const char* trace = nullptr, const char* push = nullptr);
 Settings settings_from_env();
 std::string describe(Mode m);
 std::string describe(Fuse f);
@@ -126,7 +124,6 @@ struct KernelArgs {
                                    // or kHostErrorNoShare
   uint64_t* trace = nullptr;     // (kTraceCalls, kTracePoints) or null: SHARDLM_ALLREDUCE_TRACE=1
   bool pushed = false;           // the fused call's producer pushed buf's words already: receive only
-  bool late_trigger = false;     // Settings::late_trigger
 };
 // SHARDLM_ALLREDUCE_TRACE: block 0 of the fused kernel stamps %globaltimer at kTracePoints points of each
 // call into a ring of kTraceCalls; the destructor prints the median time between them (measurement only).

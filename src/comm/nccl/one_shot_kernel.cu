@@ -77,9 +77,8 @@ __device__ __forceinline__ void store4(float* buf, size_t i, size_t n, bool alig
 template <bool kNorm>
 __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_constant__ KernelArgs a) {
   // Launched as a programmatic dependent (unless Fuse::kOff): the kernel after this one (a matvec) may
-  // start streaming its weights while this one waits for the peers (late_trigger: only once their data
-  // is in, so that those loads do not queue before our polls).
-  if (!a.late_trigger) cuda_detail::pdl_trigger();
+  // start streaming its weights while this one waits for the peers.
+  cuda_detail::pdl_trigger();
   const uint64_t t_start = a.trace ? global_ns() : 0;
   __shared__ uint32_t s_epoch, s_call;
   __shared__ int s_give_up;
@@ -176,7 +175,6 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
       if (ok) store4(a.buf, 4 * v, a.n, aligned, acc);
     }
     __syncthreads();
-    if (a.late_trigger) cuda_detail::pdl_trigger();
     if (s_give_up) return gave_up();
   } else {
     // 3. x += sum (the same float additions as the backend's add_rms_norm), then the norm. The row is
@@ -191,7 +189,6 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
       store4(a.norm.x, 4 * first, a.n, x_aligned, xv);
     }
     __syncthreads();
-    if (a.late_trigger) cuda_detail::pdl_trigger();
     const uint64_t t_data = a.trace ? global_ns() : 0;
     if (s_give_up) return gave_up();
     const float ss =
