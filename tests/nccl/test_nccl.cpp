@@ -90,6 +90,17 @@ TEST(Nccl, OneShotFusedNormWithTheTraceOn) {
   EXPECT_EQ(lines, 2u) << out;
 }
 
+// The kernel's earlier receive (one source after the other) and share exchange (release / acquire), kept as
+// measurement switches: the same checks must hold with them, on four GPUs where there are (three peers).
+TEST(Nccl, OneShotWithSerialPollsAndFencedShares) {
+  NEED_GPUS(2);
+  const int n = cuda_device_count() >= 4 ? 4 : 2;
+  const std::string cmd = "SHARDLM_ALLREDUCE_POLL_TOGETHER=0 SHARDLM_ALLREDUCE_RELAXED_SHARES=0 " +
+                          mpirun(n, "oneshot") + "-x SHARDLM_ALLREDUCE_POLL_TOGETHER -x SHARDLM_ALLREDUCE_RELAXED_SHARES " +
+                          bin("nccl_collectives");
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+}
+
 TEST(Nccl, WatchdogAbortsAStalledCollective) {
   NEED_GPUS(2);
   const std::string log = std::string(SHARDLM_BINARY_DIR) + "/nccl-stall.log";
@@ -125,6 +136,17 @@ TEST(Nccl, AllReduceSettingsAreValidated) {
   EXPECT_FALSE(one_shot::parse_settings(nullptr, nullptr, nullptr, nullptr).trace);
   EXPECT_TRUE(one_shot::parse_settings(nullptr, nullptr, nullptr, "1").trace);
   EXPECT_FALSE(one_shot::parse_settings(nullptr, nullptr, nullptr, "").trace);
+  EXPECT_TRUE(one_shot::parse_settings(nullptr, nullptr).poll_together);
+  EXPECT_FALSE(one_shot::parse_settings(nullptr, nullptr, nullptr, nullptr, nullptr, "0").poll_together);
+  EXPECT_TRUE(one_shot::parse_settings(nullptr, nullptr).relaxed_shares);
+  EXPECT_FALSE(one_shot::parse_settings(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "0").relaxed_shares);
+  try {
+    one_shot::parse_settings(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "on");
+    ADD_FAILURE() << "SHARDLM_ALLREDUCE_RELAXED_SHARES='on' was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("SHARDLM_ALLREDUCE_RELAXED_SHARES='on' is not 0 or 1"), std::string::npos)
+        << e.what();
+  }
   for (const char* v : {"yes", "2", " 1"}) {
     try {
       one_shot::parse_settings(nullptr, nullptr, nullptr, v);

@@ -140,7 +140,7 @@ std::string describe(Fuse f) {
 
 // An empty value counts as unset: `SHARDLM_ALLREDUCE= cmd` is how a shell clears it for one command.
 Settings parse_settings(const char* mode, const char* max_kb, const char* fuse, const char* trace,
-                        const char* push) {
+                        const char* push, const char* poll_together, const char* relaxed_shares) {
   Settings s;
   const auto flag = [](const char* name, const char* v, bool& out) {
     if (!v || !*v) return;
@@ -150,6 +150,8 @@ Settings parse_settings(const char* mode, const char* max_kb, const char* fuse, 
   };
   flag("SHARDLM_ALLREDUCE_TRACE", trace, s.trace);
   flag("SHARDLM_ALLREDUCE_PUSH", push, s.push);
+  flag("SHARDLM_ALLREDUCE_POLL_TOGETHER", poll_together, s.poll_together);
+  flag("SHARDLM_ALLREDUCE_RELAXED_SHARES", relaxed_shares, s.relaxed_shares);
   if (mode && *mode) {
     const std::string m = mode;
     if (m == "auto") s.mode = Mode::kAuto;
@@ -180,7 +182,8 @@ Settings parse_settings(const char* mode, const char* max_kb, const char* fuse, 
 Settings settings_from_env() {
   return parse_settings(std::getenv("SHARDLM_ALLREDUCE"), std::getenv("SHARDLM_ALLREDUCE_ONESHOT_MAX_KB"),
                         std::getenv("SHARDLM_ALLREDUCE_FUSE"), std::getenv("SHARDLM_ALLREDUCE_TRACE"),
-                        std::getenv("SHARDLM_ALLREDUCE_PUSH"));
+                        std::getenv("SHARDLM_ALLREDUCE_PUSH"), std::getenv("SHARDLM_ALLREDUCE_POLL_TOGETHER"),
+                        std::getenv("SHARDLM_ALLREDUCE_RELAXED_SHARES"));
 }
 
 OneShotAllReduce::OneShotAllReduce(CommGroup& control, const std::vector<int>& world_ranks, int device,
@@ -267,6 +270,8 @@ std::unique_ptr<OneShotAllReduce> OneShotAllReduce::create(CommGroup& control, c
   os->args_.world = world;
   os->args_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
   os->args_.trace = os->trace_;
+  os->args_.poll_together = settings.poll_together;
+  os->args_.relaxed_shares = settings.relaxed_shares;
   for (int r = 0; r < world; ++r)
     os->args_.base[r] = r == me ? os->mine_ : os->peers_[static_cast<size_t>(r)];
   return os;

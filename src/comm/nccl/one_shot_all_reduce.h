@@ -51,15 +51,22 @@ struct Settings {
   size_t max_bytes = kDefaultMaxBytes;  // all-reduces of at most this many bytes take the one-shot path
   Fuse fuse = Fuse::kNorm;
   bool trace = false;
-  bool push = true;      // SHARDLM_ALLREDUCE_PUSH: producers may push their share (CommGroup::device_push_target)    // SHARDLM_ALLREDUCE_TRACE: per-call timestamps of the fused kernel (measurement)
+  bool push = true;      // SHARDLM_ALLREDUCE_PUSH: producers may push their share (CommGroup::device_push_target)
+  // SHARDLM_ALLREDUCE_POLL_TOGETHER: the kernel asks for every source's words of a group before it looks at
+  // any (0: one source after the other, as before).
+  bool poll_together = true;
+  // SHARDLM_ALLREDUCE_RELAXED_SHARES: the fused norm's blocks exchange their shares with relaxed 64-bit words
+  // (0: release / acquire, as before).
+  bool relaxed_shares = true;
 };
 
 // SHARDLM_ALLREDUCE (auto|nccl|oneshot, default auto), SHARDLM_ALLREDUCE_ONESHOT_MAX_KB (1..256, default
 // 64), SHARDLM_ALLREDUCE_FUSE (norm|pdl|off, default norm), SHARDLM_ALLREDUCE_TRACE (0|1, default 0) and
-// SHARDLM_ALLREDUCE_PUSH (0|1, default 1). Null or empty means unset. A bad value
-// throws an Error naming the variable, the value and what is allowed.
+// SHARDLM_ALLREDUCE_PUSH, SHARDLM_ALLREDUCE_POLL_TOGETHER and SHARDLM_ALLREDUCE_RELAXED_SHARES (0|1, default 1).
+// Null or empty means unset. A bad value throws an Error naming the variable, the value and what is allowed.
 Settings parse_settings(const char* mode, const char* max_kb, const char* fuse = nullptr,
-                        const char* trace = nullptr, const char* push = nullptr);
+                        const char* trace = nullptr, const char* push = nullptr, const char* poll_together = nullptr,
+                        const char* relaxed_shares = nullptr);
 Settings settings_from_env();
 std::string describe(Mode m);
 std::string describe(Fuse f);
@@ -124,6 +131,8 @@ struct KernelArgs {
                                    // or kHostErrorNoShare
   uint64_t* trace = nullptr;     // (kTraceCalls, kTracePoints) or null: SHARDLM_ALLREDUCE_TRACE=1
   bool pushed = false;           // the fused call's producer pushed buf's words already: receive only
+  bool poll_together = true;     // Settings::poll_together
+  bool relaxed_shares = true;    // Settings::relaxed_shares
 };
 // SHARDLM_ALLREDUCE_TRACE: block 0 of the fused kernel stamps %globaltimer at kTracePoints points of each
 // call into a ring of kTraceCalls; the destructor prints the median time between them (measurement only).
