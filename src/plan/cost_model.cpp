@@ -28,6 +28,12 @@ int64_t TensorDesc::n_elements() const {
   return n;
 }
 
+uint64_t gpu_alloc_bytes(uint64_t n) {
+  constexpr uint64_t kPage = uint64_t{2} << 20, kRoundFrom = uint64_t{1} << 20;
+  if (n < kRoundFrom) return n;
+  return checked_mul<uint64_t>((n + kPage - 1) / kPage, kPage, "GPU allocation bytes");
+}
+
 uint64_t ModelDesc::weight_bytes() const {
   uint64_t s = 0;
   for (const TensorDesc& t : tensors) s = checked_add<uint64_t>(s, t.n_bytes, "model bytes");
@@ -93,6 +99,7 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
   for (int r = 0; r < tp; ++r) {
     RankWeights& w = ranks[static_cast<size_t>(r)];
     w.layer_bytes.assign(static_cast<size_t>(c.n_layer), 0);
+    w.layer_gpu_pad.assign(static_cast<size_t>(c.n_layer), 0);
     const HeadShard h = head_shard(c, tp, r);
     w.kv_heads = h.kv_heads.size();
     w.q_heads = h.q_heads.size();
@@ -110,18 +117,27 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
       // The loader converts norms and biases to f32 (biases sliced like their matrix's rows).
       const bool to_f32 = ends_with(t.name, "_norm.weight") || ends_with(t.name, ".bias");
       const TensorShard s = tensor_shard(t.name, to_f32 ? GgmlType::F32 : t.type, t.ne[0], ne1, c, dt, tp, r);
+      const uint64_t pad = gpu_alloc_bytes(s.n_bytes) - s.n_bytes;
       if (t.layer >= 0) {
         w.layer_bytes[static_cast<size_t>(t.layer)] += s.n_bytes;
+        w.layer_gpu_pad[static_cast<size_t>(t.layer)] += pad;
       } else if (t.name == "token_embd.weight") {
         w.token_embd_bytes = s.n_bytes;
+        w.token_embd_gpu_pad = pad;
         w.token_embd_row_bytes = static_cast<uint64_t>(row_bytes(t.type, t.ne[0]));
         // Tied: the output is token_embd sliced by vocabulary rows like output.weight.
-        if (c.tied_output)
+        if (c.tied_output) {
           w.output_bytes = tensor_shard("output.weight", t.type, t.ne[0], ne1, c, dt, tp, r).n_bytes;
+          w.output_gpu_pad = gpu_alloc_bytes(w.output_bytes) - w.output_bytes;
+        }
       } else if (t.name == "output.weight") {
-        if (!c.tied_output) w.output_bytes = s.n_bytes;  // a tied model's loader never reads it
+        if (!c.tied_output) {  // a tied model's loader never reads it
+          w.output_bytes = s.n_bytes;
+          w.output_gpu_pad = pad;
+        }
       } else {
         w.output_norm_bytes = s.n_bytes;
+        w.output_norm_gpu_pad = pad;
       }
     }
     w.vocab_rows = vocab_shard(c, tp, r).size();

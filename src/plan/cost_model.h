@@ -48,9 +48,20 @@ ModelDesc model_desc_from_config(const ModelConfig& c, std::string_view scheme);
 // of the rest of the cost model do not link the GGUF reader.)
 ModelDesc model_desc_from_gguf(const GgufFile& f);
 
+// Device memory one weight allocation of n bytes takes on a GPU. The CUDA backend gives every matrix shard
+// its own cudaMalloc, and the driver hands out allocations of 1 MiB and more in whole 2 MiB pages: 70B Q4_0
+// at tp 4 has k/v shards of 1.125 MiB and q/o/gate/up/down shards of 9 or 31.5 MiB, 0.41 GiB of rounding per
+// rank, which is what its ranks used beyond those of the same model in BF16 (whose shards are whole pages);
+// at tp 2, 0.51 against 0.52 measured (4 x H100, 2026-11-26/27). Smaller ones are counted as they are.
+uint64_t gpu_alloc_bytes(uint64_t n);
+
 // Bytes one tensor-parallel rank holds, split by where they live.
 struct RankWeights {
   std::vector<uint64_t> layer_bytes;  // per layer, this rank's shards of blk.{i}.*
+  std::vector<uint64_t> layer_gpu_pad;  // per layer, what gpu_alloc_bytes adds to those shards on a GPU
+  uint64_t token_embd_gpu_pad = 0;      // the same for the other tensors
+  uint64_t output_gpu_pad = 0;
+  uint64_t output_norm_gpu_pad = 0;
   uint64_t token_embd_bytes = 0;      // replicated lookup table (first stage)
   uint64_t token_embd_row_bytes = 0;  // what a lookup of one token reads
   uint64_t output_bytes = 0;          // this rank's vocabulary rows of the output matrix (last stage);

@@ -18,6 +18,7 @@ nlohmann::json device_json(const DevicePlan& d) {
   j["pp_rank"] = d.pp_rank;
   j["capacity_bytes"] = d.capacity_bytes;
   j["reserve_bytes"] = d.reserve_bytes;
+  j["alloc_pad_bytes"] = d.alloc_pad_bytes;
   j["weight_bytes"] = d.weight_bytes;
   j["kv_bytes"] = d.kv_bytes;
   j["workspace_bytes"] = d.workspace_bytes;
@@ -133,7 +134,8 @@ std::string plan_to_text(const Plan& p, bool explain) {
        << p.params.quant_matmul_efficiency
        << " (block types) of the dense matmul rate, less for GPU shards under 4096 rows; GPU reserve "
        << gib(p.params.gpu_reserve_bytes) << " GiB + " << gib(p.params.gpu_comm_reserve_bytes)
-       << " GiB per NCCL communicator of the rank; see docs/planner.md\n";
+       << " GiB per NCCL communicator of the rank + the weight shards' rounding to whole 2 MiB pages (allocations of "
+          "1 MiB and more); see docs/planner.md\n";
   }
   return os.str();
 }

@@ -200,6 +200,11 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       const bool tied_in_place = c.tied_output && s.first && dev.kind == PlanDeviceKind::kCpu;
       d.weight_bytes = layer_w + (s.first ? w.token_embd_bytes : 0) +
                        (s.last ? w.output_norm_bytes + (tied_in_place ? 0 : w.output_bytes) : 0);
+      if (dev.kind == PlanDeviceKind::kGpu) {
+        for (int l = s.layers.begin; l < s.layers.end; ++l) d.alloc_pad_bytes += w.layer_gpu_pad[static_cast<size_t>(l)];
+        d.alloc_pad_bytes += (s.first ? w.token_embd_gpu_pad : 0) + (s.last ? w.output_norm_gpu_pad + w.output_gpu_pad : 0);
+        d.reserve_bytes += d.alloc_pad_bytes;
+      }
       d.kv_bytes = kv_bytes_per_token_layer(c, w.kv_heads, req_.kv_type) * static_cast<uint64_t>(ctx) *
                    static_cast<uint64_t>(nl);
       d.workspace_bytes = workspace_bytes(c, w, req_.batch, ctx, s.last, dev.kind == PlanDeviceKind::kGpu);

@@ -73,7 +73,8 @@ struct DevicePlan {
   int tp_rank = 0;
   int pp_rank = 0;
   uint64_t capacity_bytes = 0;
-  uint64_t reserve_bytes = 0;
+  uint64_t reserve_bytes = 0;    // beyond total_bytes: the fixed and per-communicator reserve, and alloc_pad_bytes
+  uint64_t alloc_pad_bytes = 0;  // GPU: what whole-page allocations add to the weight shards (gpu_alloc_bytes)
   uint64_t weight_bytes = 0;
   uint64_t kv_bytes = 0;
   uint64_t workspace_bytes = 0;

@@ -196,5 +196,45 @@ TEST(Planner, NothingFitsSuggestsChanges) {
   EXPECT_NE(all.find("CPU offload"), std::string::npos) << all;  // RAM
 }
 
+// cudaMalloc hands out allocations of 1 MiB and more in whole 2 MiB pages; the planner adds that rounding
+// of every weight shard to a GPU rank's reserve (and nothing on CPU ranks).
+TEST(Planner, GpuRanksReserveTheWeightShardsRoundingToWholePages) {
+  constexpr uint64_t MiB = uint64_t{1} << 20;
+  EXPECT_EQ(gpu_alloc_bytes(0), 0u);
+  EXPECT_EQ(gpu_alloc_bytes(MiB - 1), MiB - 1);
+  EXPECT_EQ(gpu_alloc_bytes(MiB), 2 * MiB);
+  EXPECT_EQ(gpu_alloc_bytes(9 * MiB / 8), 2 * MiB);
+  EXPECT_EQ(gpu_alloc_bytes(2 * MiB), 2 * MiB);
+  EXPECT_EQ(gpu_alloc_bytes(63 * MiB / 2), 32 * MiB);
+
+  // 70B Q4_0 at tp 4, by hand per layer: q 2048 x 4608 B = 9 MiB (+1), k and v 256 x 4608 B = 1.125 MiB
+  // (+0.875 each), o 8192 x 1152 B = 9 MiB (+1), gate and up 7168 x 4608 B = 31.5 MiB (+0.5 each), down
+  // 8192 x 4032 B = 31.5 MiB (+0.5); the norms are 32 KiB. Embedding, output and its norm add less than a
+  // page each.
+  const ModelDesc m = model_desc_from_preset("llama-3.1-70b", "q4_0");
+  PlanRequest req;
+  req.tp = 4;
+  req.ctx = 4096;
+  const Plan p = make_plan(m, machine("80G,80G,80G,80G", "1K"), req);
+  ASSERT_TRUE(p.fits) << plan_to_text(p, true);
+  const uint64_t layers = 80 * (21 * MiB / 4);
+  for (const DevicePlan& d : p.chosen.devices) {
+    EXPECT_GE(d.alloc_pad_bytes, layers) << d.name;
+    EXPECT_LT(d.alloc_pad_bytes, layers + 3 * 2 * MiB) << d.name;
+    EXPECT_GE(d.reserve_bytes, d.alloc_pad_bytes + 768 * MiB) << d.name;
+  }
+  EXPECT_EQ(plan_to_json(p)["devices"][0]["alloc_pad_bytes"].get<uint64_t>(), p.chosen.devices[0].alloc_pad_bytes);
+
+  // 8B BF16 at tp 4: every layer shard is whole pages (k: 256 x 8192 B = 2 MiB).
+  const Plan b = make_plan(model_desc_from_preset("llama-3.1-8b", "bf16"), machine("80G,80G,80G,80G", "1K"), req);
+  for (const DevicePlan& d : b.chosen.devices) EXPECT_LT(d.alloc_pad_bytes, 3 * 2 * MiB) << d.name;
+
+  // CPU ranks: no pages to round to.
+  PlanRequest cpu;
+  cpu.tp = 2;
+  const Plan c = make_plan(model_desc_from_preset("llama-3.1-8b", "q4_0"), machine(nullptr, "64G"), cpu);
+  for (const DevicePlan& d : c.chosen.devices) EXPECT_EQ(d.alloc_pad_bytes, 0u) << d.name;
+}
+
 }  // namespace
 }  // namespace shardlm
