@@ -936,6 +936,63 @@ TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
   }
 }
 
+// SHARDLM_CUDA_ATTN_QSPLIT: a KV head's query heads over two blocks. Every head's arithmetic is the same as in
+// one block, so the outputs, the int8 row and the cache rows stored by the fused rope form must be the same
+// bits, with one split (one block covers the context) and with several (and the combine kernel).
+TEST_F(CudaOps, AttentionWithTwoBlocksPerKvHeadGivesTheSameBits) {
+  Backend& b = *be_;
+  struct Case {
+    GgmlType kv;
+    int64_t head_dim, n_head_kv, group, pos0, n_ctx;
+  };
+  const Case cases[] = {{GgmlType::F16, 128, 2, 8, 40, 64},    {GgmlType::F16, 128, 2, 8, 999, 1024},
+                        {GgmlType::F16, 128, 8, 4, 37, 4096},  {GgmlType::F16, 64, 4, 2, 150, 512},
+                        {GgmlType::F32, 128, 1, 8, 300, 512},  {GgmlType::F32, 64, 2, 4, 0, 64}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::PrintToString(std::vector<int64_t>{c.head_dim, c.n_head_kv, c.group, c.pos0, c.n_ctx}) +
+                 " kv " + type_name(c.kv));
+    const int64_t D = c.head_dim, HKV = c.n_head_kv, H = HKV * c.group;
+    const size_t kvb = static_cast<size_t>(c.n_ctx * HKV * D) * (c.kv == GgmlType::F16 ? 2 : 4);
+    const std::vector<uint8_t> kraw = cache_bytes(c.kv, rand_floats(rng_, c.n_ctx * HKV * D)),
+                               vraw = cache_bytes(c.kv, rand_floats(rng_, c.n_ctx * HKV * D));
+    const auto q = rand_floats(rng_, H * D, -2.0f, 2.0f), k = rand_floats(rng_, HKV * D), v = rand_floats(rng_, HKV * D);
+    // The o projection reads the attention's int8 row: it must be the same too.
+    const int64_t rows = 64;
+    HostWeight hw = make_host_weight(rng_, GgmlType::Q4_0, rows, H * D, 0);
+    std::vector<std::unique_ptr<DeviceBuffer>> storage;
+    const WeightView w = b.place_matmul_weight(WeightView{GgmlType::Q4_0, H * D, rows, hw.stride, hw.bytes.data()}, storage);
+    Guarded qb(b, q.size() * 4), kb(b, k.size() * 4), vb(b, v.size() * 4);
+    qb.put(q.data());
+    kb.put(k.data());
+    vb.put(v.data());
+    Guarded kc[2] = {Guarded(b, kvb), Guarded(b, kvb)}, vc[2] = {Guarded(b, kvb), Guarded(b, kvb)};
+    Guarded plain[2] = {Guarded(b, q.size() * 4), Guarded(b, q.size() * 4)},
+            fused[2] = {Guarded(b, q.size() * 4), Guarded(b, q.size() * 4)},
+            proj[2] = {Guarded(b, rows * 4), Guarded(b, rows * 4)};
+    std::vector<float> ff(D / 2, 1.0f);
+    b.begin_step({c.pos0, 1});
+    for (int split = 0; split < 2; ++split) {
+      cuda_set_attention_qsplit(b, split == 1);
+      kc[split].put(kraw.data());
+      vc[split].put(vraw.data());
+      const KvLayerView kv{c.kv, c.n_ctx, HKV, D, kc[split].ptr(), vc[split].ptr()};
+      b.attention(qb.f(), kv, 1, H, plain[split].f());
+      b.matmul(w, plain[split].f(), proj[split].f(), 1);
+      // The fused form (rope of q and of the step's k, the step's row stored) on its own copy of the cache.
+      Guarded q2(b, q.size() * 4), k2(b, k.size() * 4);
+      q2.put(q.data());
+      k2.put(k.data());
+      b.rope_attention(q2.f(), k2.f(), vb.f(), kv, 1, H, 500000.0f, ff.data(), fused[split].f());
+    }
+    cuda_set_attention_qsplit(b, false);
+    expect_same_bytes(plain[0], plain[1], "attention output");
+    expect_same_bytes(proj[0], proj[1], "o projection of its int8 row");
+    expect_same_bytes(fused[0], fused[1], "fused rope attention output");
+    expect_same_bytes(kc[0], kc[1], "K cache after the fused form");
+    expect_same_bytes(vc[0], vc[1], "V cache after the fused form");
+  }
+}
+
 // ---- argmax, graphs, memory, errors ---------------------------------------------------------------------------
 TEST_F(CudaOps, Argmax) {
   const int64_t n = 128256;

@@ -43,6 +43,9 @@ int64_t cuda_pushing_matvecs(Backend& backend);
 // What SHARDLM_CUDA_ATTN_OUT4 sets at construction (tests compare the two forms): the decode attention's
 // output step with one float4 per thread (true) or one element per thread.
 void cuda_set_attention_out4(Backend& backend, bool on);
+// What SHARDLM_CUDA_ATTN_QSPLIT sets at construction: the decode attention's query heads of a KV head over two
+// blocks (true; groups of two or more) or one.
+void cuda_set_attention_qsplit(Backend& backend, bool on);
 
 // The backend's cudaStream_t (as void*, so this header stays CUDA-free), for a communicator that enqueues
 // on it (Communicator::bind_stream).

@@ -115,7 +115,8 @@ bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_d
                              const float* k_new = nullptr /* (n_head_kv, head_dim) */,
                              const float* v_new = nullptr /* (n_head_kv, head_dim) */, float freq_base = 0.0f,
                              const float* freq_factors = nullptr /* (head_dim/2) device, or null */,
-                             bool out4 = true /* false: the one-element output step (A/B only) */);
+                             bool out4 = true /* false: the one-element output step (A/B only) */,
+                             int qsplit = 1 /* blocks per KV head (1, or 2 for groups >= 2), A/B only */);
 // Any n_tok (prefill): one block per (token, head), online softmax over 32-position key tiles, causal.
 void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
                               const void* k_cache, const void* v_cache, int64_t n_ctx, int64_t n_head_kv,

@@ -324,9 +324,11 @@ __device__ __forceinline__ uint4 ld_piece(const void* p) { return *reinterpret_c
 // faster at 70B tp 4 and 8B tp 4: 173.5 / 172.9 against 174.9 / 172.6 tok/s; H100, 2026-11-26.)
 __host__ __device__ constexpr int attn_head_split(int g) { return g >= 2 ? 2 : 1; }
 
-template <typename KV, int D, int G>
+// QS: blocks per KV head, each with G of its query heads (grid.x = n_head_kv * QS; a template argument so that
+// the one-block form's code is what it was).
+template <typename KV, int D, int G, int QS>
 __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attention_decode_kernel(
-    const float* __restrict__ q,   // (n_head, D), n_head = n_head_kv * G; not yet rotated in the fused form
+    const float* __restrict__ q,   // (n_head, D), n_head = n_head_kv * QS * G; not yet rotated in the fused form
     KV* __restrict__ kc,           // (n_ctx, n_head_kv, D)
     KV* __restrict__ vc,           // (n_ctx, n_head_kv, D)
     int64_t n_ctx, int64_t n_head_kv, int n_split,
@@ -349,7 +351,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
   __shared__ float wm[kAttnWarps][G], wl[kAttnWarps][G];
   __shared__ __align__(16) float wacc[kAttnWarps][G][D];
   pdl_trigger();
-  const int kh = blockIdx.x, s = blockIdx.y;
+  // This block's KV head, and the first of its G query heads (blockIdx.x * G = kh * QS * G + the block's
+  // share of the KV head's query heads).
+  const int kh = static_cast<int>(blockIdx.x) / QS, s = blockIdx.y;
+  const int hb = static_cast<int>(blockIdx.x) * G;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int ts = warp / HS, g0 = (warp % HS) * GW;  // tile slot; first head of this warp
   // The step's position is copied by the host before the graph runs, not by a kernel: readable before the wait.
@@ -378,11 +383,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
   const float scale = kLog2e / sqrtf(static_cast<float>(D));
   for (int i = threadIdx.x; i < G * D / 2; i += blockDim.x) {
     const int g = i / (D / 2), j = i % (D / 2);
-    float2 x = *reinterpret_cast<const float2*>(q + (kh * G + g) * D + 2 * j);
+    float2 x = *reinterpret_cast<const float2*>(q + (hb + g) * D + 2 * j);
     if (rp.k_new) x = rope_rotate(x.x, x.y, rot[j][0], rot[j][1]);
     qs[g][2 * j] = x.x * scale;
     qs[g][2 * j + 1] = x.y * scale;
   }
+  // With QS > 1 every block of the KV head stores the same row (the same bits): each then reads back
+  // what it wrote itself, with no ordering between blocks to rely on.
   if (rp.k_new && pos >= p_begin && pos < p_end) {
     for (int j = threadIdx.x; j < D / 2; j += blockDim.x) {
       const int64_t src = kh * D + 2 * j, dst = pos * kv_row + src;
@@ -510,10 +517,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
           a.w += v.w * cw;
         }
       }
-      const int64_t h = static_cast<int64_t>(kh) * G + g;
+      const int64_t h = static_cast<int64_t>(hb) + g;
       const float4 r = make_float4(a.x / ll, a.y / ll, a.z / ll, a.w / ll);
       *reinterpret_cast<float4*>(out + h * D + d) = r;
-      if (xq) quantize_store4(r, (h * D + d) / 4, true, xq, n_head_kv * G * D);
+      if (xq) quantize_store4(r, (h * D + d) / 4, true, xq, n_head_kv * QS * G * D);
     }
     return;
   }
@@ -531,15 +538,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
     }
     if (whole) {
       // The combine kernel's arithmetic for one split (its weight exp2(m - m) = 1): a * 1 / (l * 1).
-      const int64_t h = static_cast<int64_t>(kh) * G + g;
+      const int64_t h = static_cast<int64_t>(hb) + g;
       const float r = a / ll;
       out[h * D + d] = r;
       // Whole warps take 32 consecutive elements of one head (D % 32 == 0, G * D a multiple of blockDim or
       // smaller than it by whole warps).
-      if (xq) quantize_store1(r, h * D + d, true, xq, n_head_kv * G * D);
+      if (xq) quantize_store1(r, h * D + d, true, xq, n_head_kv * QS * G * D);
       continue;
     }
-    float* po = partial + ((static_cast<int64_t>(kh) * G + g) * n_split + s) * (D + 2);
+    float* po = partial + ((static_cast<int64_t>(hb) + g) * n_split + s) * (D + 2);
     po[d] = a;
     if (d == 0) {
       po[D] = mm;
@@ -1170,21 +1177,32 @@ bool attention_decode_supported(int64_t head_dim, int64_t group) {
 }
 
 template <typename KV, int D>
-static void decode_d(int64_t group, const float* q, void* kc, void* vc, int64_t n_ctx, int64_t n_head_kv, int n_split,
-                     float* partial, float* out, int* xq, const StepDev* step, const AttnRope& rp, bool out4,
+static void decode_d(int64_t group, int qsplit, const float* q, void* kc, void* vc, int64_t n_ctx, int64_t n_head_kv,
+                     int n_split, float* partial, float* out, int* xq, const StepDev* step, const AttnRope& rp, bool out4,
                      cudaStream_t s) {
-  const dim3 grid(static_cast<unsigned>(n_head_kv), static_cast<unsigned>(n_split));
+  // qsplit blocks per KV head, each with group / qsplit query heads (the kernel's G).
+  const int64_t per_block = group / qsplit;
+  const dim3 grid(static_cast<unsigned>(n_head_kv * qsplit), static_cast<unsigned>(n_split));
   auto* k = static_cast<KV*>(kc);
   auto* v = static_cast<KV*>(vc);
-  const dim3 block(kAttnWarps * 32 * attn_head_split(static_cast<int>(group)));
+  const dim3 block(kAttnWarps * 32 * attn_head_split(static_cast<int>(per_block)));
   const auto go = [&](auto kernel) {
     launch_pdl(kernel, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4);
   };
-  switch (group) {
-    case 1: go(attention_decode_kernel<KV, D, 1>); break;
-    case 2: go(attention_decode_kernel<KV, D, 2>); break;
-    case 4: go(attention_decode_kernel<KV, D, 4>); break;
-    default: go(attention_decode_kernel<KV, D, 8>); break;
+  if (qsplit == 2) {
+    switch (per_block) {
+      case 1: go(attention_decode_kernel<KV, D, 1, 2>); break;
+      case 2: go(attention_decode_kernel<KV, D, 2, 2>); break;
+      default: go(attention_decode_kernel<KV, D, 4, 2>); break;
+    }
+    SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
+    return;
+  }
+  switch (per_block) {
+    case 1: go(attention_decode_kernel<KV, D, 1, 1>); break;
+    case 2: go(attention_decode_kernel<KV, D, 2, 1>); break;
+    case 4: go(attention_decode_kernel<KV, D, 4, 1>); break;
+    default: go(attention_decode_kernel<KV, D, 8, 1>); break;
   }
   SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
 }
@@ -1192,18 +1210,21 @@ static void decode_d(int64_t group, const float* q, void* kc, void* vc, int64_t 
 bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, void* v_cache, int64_t n_ctx,
                              int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split, float* partial,
                              float* out, const StepDev* step, cudaStream_t s, int* xq, const float* k_new,
-                             const float* v_new, float freq_base, const float* freq_factors, bool out4) {
+                             const float* v_new, float freq_base, const float* freq_factors, bool out4, int qsplit) {
   // Whole warps of one head each (head_dim 64 or 128 here, one thread per element).
   if (!(xq && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
   const int64_t group = n_head / n_head_kv;
+  // A split of a KV head's query heads needs whole supported groups on each side.
+  if (qsplit != 1 && (qsplit != 2 || group < 2))
+    fail_kind(ErrorKind::kInternal, "launch_attention_decode: ", qsplit, " blocks per KV head for a group of ", group);
   const bool f16 = kv_type == GgmlType::F16;
   const AttnRope rp{k_new, k_new ? v_new : nullptr, freq_factors, freq_base};
   if (head_dim == 64) {
-    if (f16) decode_d<__half, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
-    else decode_d<float, 64>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    if (f16) decode_d<__half, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    else decode_d<float, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
   } else {
-    if (f16) decode_d<__half, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
-    else decode_d<float, 128>(group, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    if (f16) decode_d<__half, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    else decode_d<float, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
   }
   launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)),
              dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, n_ctx,
