@@ -34,6 +34,8 @@ uint64_t gpu_alloc_bytes(uint64_t n) {
   return checked_mul<uint64_t>((n + kPage - 1) / kPage, kPage, "GPU allocation bytes");
 }
 
+uint64_t gpu_alloc_pad(uint64_t n) { return gpu_alloc_bytes(n) - n; }
+
 uint64_t ModelDesc::weight_bytes() const {
   uint64_t s = 0;
   for (const TensorDesc& t : tensors) s = checked_add<uint64_t>(s, t.n_bytes, "model bytes");
@@ -117,7 +119,7 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
       // The loader converts norms and biases to f32 (biases sliced like their matrix's rows).
       const bool to_f32 = ends_with(t.name, "_norm.weight") || ends_with(t.name, ".bias");
       const TensorShard s = tensor_shard(t.name, to_f32 ? GgmlType::F32 : t.type, t.ne[0], ne1, c, dt, tp, r);
-      const uint64_t pad = gpu_alloc_bytes(s.n_bytes) - s.n_bytes;
+      const uint64_t pad = gpu_alloc_pad(s.n_bytes);
       if (t.layer >= 0) {
         w.layer_bytes[static_cast<size_t>(t.layer)] += s.n_bytes;
         w.layer_gpu_pad[static_cast<size_t>(t.layer)] += pad;
@@ -128,7 +130,7 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
         // Tied: the output is token_embd sliced by vocabulary rows like output.weight.
         if (c.tied_output) {
           w.output_bytes = tensor_shard("output.weight", t.type, t.ne[0], ne1, c, dt, tp, r).n_bytes;
-          w.output_gpu_pad = gpu_alloc_bytes(w.output_bytes) - w.output_bytes;
+          w.output_gpu_pad = gpu_alloc_pad(w.output_bytes);
         }
       } else if (t.name == "output.weight") {
         if (!c.tied_output) {  // a tied model's loader never reads it

@@ -54,11 +54,13 @@ ModelDesc model_desc_from_gguf(const GgufFile& f);
 // rank, which is what its ranks used beyond those of the same model in BF16 (whose shards are whole pages);
 // at tp 2, 0.51 against 0.52 measured (4 x H100, 2026-11-26/27). Smaller ones are counted as they are.
 uint64_t gpu_alloc_bytes(uint64_t n);
+// What that adds to n: gpu_alloc_bytes(n) - n.
+uint64_t gpu_alloc_pad(uint64_t n);
 
 // Bytes one tensor-parallel rank holds, split by where they live.
 struct RankWeights {
   std::vector<uint64_t> layer_bytes;  // per layer, this rank's shards of blk.{i}.*
-  std::vector<uint64_t> layer_gpu_pad;  // per layer, what gpu_alloc_bytes adds to those shards on a GPU
+  std::vector<uint64_t> layer_gpu_pad;  // per layer, what gpu_alloc_pad adds to those shards on a GPU
   uint64_t token_embd_gpu_pad = 0;      // the same for the other tensors
   uint64_t output_gpu_pad = 0;
   uint64_t output_norm_gpu_pad = 0;

@@ -193,16 +193,19 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       d.pp_rank = s.offload ? -1 : s.pp_rank;
       d.capacity_bytes = dev.capacity_bytes;
       d.reserve_bytes = s.reserve[static_cast<size_t>(t)];
-      uint64_t layer_w = 0;
-      for (int l = s.layers.begin; l < s.layers.end; ++l) layer_w += w.layer_bytes[static_cast<size_t>(l)];
+      uint64_t layer_w = 0, layer_pad = 0;
+      for (int l = s.layers.begin; l < s.layers.end; ++l) {
+        layer_w += w.layer_bytes[static_cast<size_t>(l)];
+        layer_pad += w.layer_gpu_pad[static_cast<size_t>(l)];
+      }
       // As load_weights counts: a tied output on a CPU rank that also maps the embedding costs nothing
       // extra (it points into the mapped table); a device copies it. rope_freqs stays in the config.
       const bool tied_in_place = c.tied_output && s.first && dev.kind == PlanDeviceKind::kCpu;
       d.weight_bytes = layer_w + (s.first ? w.token_embd_bytes : 0) +
                        (s.last ? w.output_norm_bytes + (tied_in_place ? 0 : w.output_bytes) : 0);
       if (dev.kind == PlanDeviceKind::kGpu) {
-        for (int l = s.layers.begin; l < s.layers.end; ++l) d.alloc_pad_bytes += w.layer_gpu_pad[static_cast<size_t>(l)];
-        d.alloc_pad_bytes += (s.first ? w.token_embd_gpu_pad : 0) + (s.last ? w.output_norm_gpu_pad + w.output_gpu_pad : 0);
+        d.alloc_pad_bytes = layer_pad + (s.first ? w.token_embd_gpu_pad : 0) +
+                            (s.last ? w.output_norm_gpu_pad + w.output_gpu_pad : 0);
         d.reserve_bytes += d.alloc_pad_bytes;
       }
       d.kv_bytes = kv_bytes_per_token_layer(c, w.kv_heads, req_.kv_type) * static_cast<uint64_t>(ctx) *

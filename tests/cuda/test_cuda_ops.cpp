@@ -889,28 +889,46 @@ TEST_F(CudaOps, KvStoreAndAttention) {
   for (const auto& c : cases) run_attention(*be_, rng_, c);
 }
 
+// A decode attention case of the bit-for-bit comparisons below, and its random inputs.
+struct DecodeAttnCase {
+  GgmlType kv;
+  int64_t head_dim, n_head_kv, group, pos0, n_ctx;
+  std::string name() const {
+    return ::testing::PrintToString(std::vector<int64_t>{head_dim, n_head_kv, group, pos0, n_ctx}) + " kv " + type_name(kv);
+  }
+  size_t cache_bytes() const { return static_cast<size_t>(n_ctx * n_head_kv * head_dim) * (kv == GgmlType::F16 ? 2 : 4); }
+};
+struct DecodeAttnInputs {
+  std::vector<uint8_t> kraw, vraw;  // (n_ctx, n_head_kv, head_dim) cache contents of earlier positions
+  std::vector<float> q, k, v;       // (n_head_kv * group, head_dim) and the step's (n_head_kv, head_dim) k, v
+};
+DecodeAttnInputs decode_attn_inputs(std::mt19937_64& rng, const DecodeAttnCase& c) {
+  const int64_t D = c.head_dim, HKV = c.n_head_kv;
+  DecodeAttnInputs in;
+  // Earlier positions: random finite cache contents (f16 or f32 bit patterns of values in [-1, 1]).
+  in.kraw = cache_bytes(c.kv, rand_floats(rng, c.n_ctx * HKV * D));
+  in.vraw = cache_bytes(c.kv, rand_floats(rng, c.n_ctx * HKV * D));
+  in.q = rand_floats(rng, HKV * c.group * D, -2.0f, 2.0f);
+  in.k = rand_floats(rng, HKV * D);
+  in.v = rand_floats(rng, HKV * D);
+  return in;
+}
+
 // rope_attention's fused decode form (rotation and the new cache rows inside the attention kernel) against the
 // same backend's unfused composition (rope_kv_store's kernel, then attention): the rotation is the same double
 // arithmetic and the attention kernel the same, so caches and outputs must agree bit for bit; the unfused
 // ops are checked against fp64 above.
 TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
   Backend& b = *be_;
-  struct Case {
-    GgmlType kv;
-    int64_t head_dim, n_head_kv, group, pos0, n_ctx;
-  };
-  const Case cases[] = {{GgmlType::F16, 128, 8, 4, 0, 64},     {GgmlType::F16, 128, 8, 4, 37, 4096},
-                        {GgmlType::F16, 128, 4, 8, 4095, 4096}, {GgmlType::F16, 64, 2, 8, 999, 1024},
-                        {GgmlType::F32, 128, 8, 4, 32, 64},    {GgmlType::F32, 64, 4, 1, 300, 512}};
-  for (const Case& c : cases) {
-    SCOPED_TRACE(::testing::PrintToString(std::vector<int64_t>{c.head_dim, c.n_head_kv, c.group, c.pos0, c.n_ctx}) +
-                 " kv " + type_name(c.kv));
+  const DecodeAttnCase cases[] = {{GgmlType::F16, 128, 8, 4, 0, 64},     {GgmlType::F16, 128, 8, 4, 37, 4096},
+                                  {GgmlType::F16, 128, 4, 8, 4095, 4096}, {GgmlType::F16, 64, 2, 8, 999, 1024},
+                                  {GgmlType::F32, 128, 8, 4, 32, 64},    {GgmlType::F32, 64, 4, 1, 300, 512}};
+  for (const DecodeAttnCase& c : cases) {
+    SCOPED_TRACE(c.name());
     const int64_t D = c.head_dim, HKV = c.n_head_kv, H = HKV * c.group;
-    const size_t kvb = static_cast<size_t>(c.n_ctx * HKV * D) * (c.kv == GgmlType::F16 ? 2 : 4);
-    // Earlier positions: random finite cache contents (f16 or f32 bit patterns of values in [-1, 1]).
-    const std::vector<uint8_t> kraw = cache_bytes(c.kv, rand_floats(rng_, c.n_ctx * HKV * D)),
-                               vraw = cache_bytes(c.kv, rand_floats(rng_, c.n_ctx * HKV * D));
-    const auto q = rand_floats(rng_, H * D, -2.0f, 2.0f), k = rand_floats(rng_, HKV * D), v = rand_floats(rng_, HKV * D);
+    const size_t kvb = c.cache_bytes();
+    const DecodeAttnInputs in = decode_attn_inputs(rng_, c);
+    const auto& [kraw, vraw, q, k, v] = in;
     std::vector<float> ff(D / 2);
     for (size_t i = 0; i < ff.size(); ++i) ff[i] = 1.0f + 0.25f * static_cast<float>(i % 3);
     Guarded q1(b, q.size() * 4), q2(b, q.size() * 4), k1(b, k.size() * 4), k2(b, k.size() * 4), vb(b, v.size() * 4),
@@ -941,21 +959,15 @@ TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
 // bits, with one split (one block covers the context) and with several (and the combine kernel).
 TEST_F(CudaOps, AttentionWithTwoBlocksPerKvHeadGivesTheSameBits) {
   Backend& b = *be_;
-  struct Case {
-    GgmlType kv;
-    int64_t head_dim, n_head_kv, group, pos0, n_ctx;
-  };
-  const Case cases[] = {{GgmlType::F16, 128, 2, 8, 40, 64},    {GgmlType::F16, 128, 2, 8, 999, 1024},
-                        {GgmlType::F16, 128, 8, 4, 37, 4096},  {GgmlType::F16, 64, 4, 2, 150, 512},
-                        {GgmlType::F32, 128, 1, 8, 300, 512},  {GgmlType::F32, 64, 2, 4, 0, 64}};
-  for (const Case& c : cases) {
-    SCOPED_TRACE(::testing::PrintToString(std::vector<int64_t>{c.head_dim, c.n_head_kv, c.group, c.pos0, c.n_ctx}) +
-                 " kv " + type_name(c.kv));
+  const DecodeAttnCase cases[] = {{GgmlType::F16, 128, 2, 8, 40, 64},   {GgmlType::F16, 128, 2, 8, 999, 1024},
+                                  {GgmlType::F16, 128, 8, 4, 37, 4096}, {GgmlType::F16, 64, 4, 2, 150, 512},
+                                  {GgmlType::F32, 128, 1, 8, 300, 512}, {GgmlType::F32, 64, 2, 4, 0, 64}};
+  for (const DecodeAttnCase& c : cases) {
+    SCOPED_TRACE(c.name());
     const int64_t D = c.head_dim, HKV = c.n_head_kv, H = HKV * c.group;
-    const size_t kvb = static_cast<size_t>(c.n_ctx * HKV * D) * (c.kv == GgmlType::F16 ? 2 : 4);
-    const std::vector<uint8_t> kraw = cache_bytes(c.kv, rand_floats(rng_, c.n_ctx * HKV * D)),
-                               vraw = cache_bytes(c.kv, rand_floats(rng_, c.n_ctx * HKV * D));
-    const auto q = rand_floats(rng_, H * D, -2.0f, 2.0f), k = rand_floats(rng_, HKV * D), v = rand_floats(rng_, HKV * D);
+    const size_t kvb = c.cache_bytes();
+    const DecodeAttnInputs in = decode_attn_inputs(rng_, c);
+    const auto& [kraw, vraw, q, k, v] = in;
     // The o projection reads the attention's int8 row: it must be the same too.
     const int64_t rows = 64;
     HostWeight hw = make_host_weight(rng_, GgmlType::Q4_0, rows, H * D, 0);

@@ -106,11 +106,7 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   // The decode attention's output step with one float4 per thread (0: one element per thread).
   flag("SHARDLM_CUDA_ATTN_OUT4", attn_out4_, "default 1");
   // The decode attention's query heads of a KV head over two blocks (1) or one (0; groups of one always one).
-  {
-    bool split = attn_qsplit_ == 2;
-    flag("SHARDLM_CUDA_ATTN_QSPLIT", split, "1: two blocks per KV head; default 0");
-    attn_qsplit_ = split ? 2 : 1;
-  }
+  flag("SHARDLM_CUDA_ATTN_QSPLIT", attn_qsplit_, "1: two blocks per KV head; default 0");
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
   if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
     const std::string v = p;
@@ -605,7 +601,7 @@ void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t 
     const bool quantized =
         launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
                                 sd, stream(), xq_target(1, n_head * kv.head_dim), k_new, v_new, freq_base, ff_device,
-                                attn_out4_, n_head / kv.n_head_kv >= 2 ? attn_qsplit_ : 1);
+                                attn_out4_, attn_qsplit_ && n_head / kv.n_head_kv >= 2 ? 2 : 1);
     if (quantized) mark_quantized(out, n_head * kv.head_dim);  // note_write() came first
     return;
   }
@@ -762,8 +758,9 @@ void cuda_set_attention_out4(Backend& backend, bool on) {
 }
 
 void cuda_set_attention_qsplit(Backend& backend, bool on) {
-  cuda_detail::as_cuda(backend, "cuda_set_attention_qsplit").set_attention_qsplit(on ? 2 : 1);
+  cuda_detail::as_cuda(backend, "cuda_set_attention_qsplit").set_attention_qsplit(on);
 }
+
 int64_t cuda_pushing_matvecs(Backend& backend) {
   return cuda_detail::as_cuda(backend, "cuda_pushing_matvecs").pushing_matvecs();
 }

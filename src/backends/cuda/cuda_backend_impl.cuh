@@ -70,7 +70,7 @@ class CudaBackend final : public Backend {
   int64_t prequantized_matvecs() const { return prequantized_; }
   int64_t pushing_matvecs() const { return pushing_; }
   void set_attention_out4(bool on) { attn_out4_ = on; }
-  void set_attention_qsplit(int blocks) { attn_qsplit_ = blocks; }
+  void set_attention_qsplit(bool on) { attn_qsplit_ = on; }
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
   void set_force_generic_matvec(bool on) { force_generic_ = on; }
@@ -127,7 +127,7 @@ class CudaBackend final : public Backend {
   bool prequant_ = true;      // SHARDLM_CUDA_PREQUANT
   bool fuse_rope_ = true;     // SHARDLM_CUDA_FUSE_ROPE
   bool attn_out4_ = true;     // SHARDLM_CUDA_ATTN_OUT4
-  int attn_qsplit_ = 1;       // SHARDLM_CUDA_ATTN_QSPLIT: decode attention blocks per KV head (1 or 2)
+  bool attn_qsplit_ = false;  // SHARDLM_CUDA_ATTN_QSPLIT: two decode attention blocks per KV head
   int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
   int64_t pushing_ = 0;       // matmul_reduce calls whose matvec pushed its outputs to the group
   // top_candidates: key rounds (topk_scratch_keys each), extra ids and their values, and the host side.

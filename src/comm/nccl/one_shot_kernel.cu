@@ -56,7 +56,6 @@ __device__ __forceinline__ bool ld_ll(const char* p /* (32 bytes) one float4's L
   return ll_ready(ld_ll_words(p), tag, v);
 }
 
-
 // Elements i..i+3 of buf (n floats), zero past the end. The float4 path needs a 16-byte aligned buffer;
 // the caller's buffer may be any float view. Alignment only changes the instructions, never which block
 // handles which elements: that must be the same on every rank, whose buffers may be aligned differently.
