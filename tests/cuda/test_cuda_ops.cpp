@@ -954,14 +954,19 @@ TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
   }
 }
 
-// SHARDLM_CUDA_ATTN_QSPLIT: a KV head's query heads over two blocks. Every head's arithmetic is the same as in
-// one block, so the outputs, the int8 row and the cache rows stored by the fused rope form must be the same
-// bits, with one split (one block covers the context) and with several (and the combine kernel).
-TEST_F(CudaOps, AttentionWithTwoBlocksPerKvHeadGivesTheSameBits) {
+// SHARDLM_CUDA_ATTN_QSPLIT (a KV head's query heads over two blocks) and SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE
+// (the splits merged by the attention kernel's last block instead of a combine kernel), alone and together.
+// Every head's arithmetic is the same in each form, so the outputs, the int8 row and the cache rows stored by
+// the fused rope form must be the default form's bits, with one split (one block covers the context) and with
+// several. Each form runs two attention calls (plain, then fused) on the same counters: the in-kernel combine
+// must leave them at zero for the next call.
+TEST_F(CudaOps, DecodeAttentionFormsGiveTheSameBits) {
   Backend& b = *be_;
   const DecodeAttnCase cases[] = {{GgmlType::F16, 128, 2, 8, 40, 64},   {GgmlType::F16, 128, 2, 8, 999, 1024},
                                   {GgmlType::F16, 128, 8, 4, 37, 4096}, {GgmlType::F16, 64, 4, 2, 150, 512},
-                                  {GgmlType::F32, 128, 1, 8, 300, 512}, {GgmlType::F32, 64, 2, 4, 0, 64}};
+                                  {GgmlType::F32, 128, 1, 8, 300, 512}, {GgmlType::F32, 64, 2, 4, 0, 64},
+                                  {GgmlType::F16, 128, 2, 8, 4095, 4096}, {GgmlType::F32, 64, 8, 1, 700, 1024}};
+  constexpr int kForms = 4;  // bit 0: two blocks per KV head; bit 1: last-block combine
   for (const DecodeAttnCase& c : cases) {
     SCOPED_TRACE(c.name());
     const int64_t D = c.head_dim, HKV = c.n_head_kv, H = HKV * c.group;
@@ -977,31 +982,40 @@ TEST_F(CudaOps, AttentionWithTwoBlocksPerKvHeadGivesTheSameBits) {
     qb.put(q.data());
     kb.put(k.data());
     vb.put(v.data());
-    Guarded kc[2] = {Guarded(b, kvb), Guarded(b, kvb)}, vc[2] = {Guarded(b, kvb), Guarded(b, kvb)};
-    Guarded plain[2] = {Guarded(b, q.size() * 4), Guarded(b, q.size() * 4)},
-            fused[2] = {Guarded(b, q.size() * 4), Guarded(b, q.size() * 4)},
-            proj[2] = {Guarded(b, rows * 4), Guarded(b, rows * 4)};
+    std::vector<Guarded> kc, vc, plain, fused, proj;
+    for (int f = 0; f < kForms; ++f) {
+      kc.emplace_back(b, kvb);
+      vc.emplace_back(b, kvb);
+      plain.emplace_back(b, q.size() * 4);
+      fused.emplace_back(b, q.size() * 4);
+      proj.emplace_back(b, rows * 4);
+    }
     std::vector<float> ff(D / 2, 1.0f);
     b.begin_step({c.pos0, 1});
-    for (int split = 0; split < 2; ++split) {
-      cuda_set_attention_qsplit(b, split == 1);
-      kc[split].put(kraw.data());
-      vc[split].put(vraw.data());
-      const KvLayerView kv{c.kv, c.n_ctx, HKV, D, kc[split].ptr(), vc[split].ptr()};
-      b.attention(qb.f(), kv, 1, H, plain[split].f());
-      b.matmul(w, plain[split].f(), proj[split].f(), 1);
+    for (int f = 0; f < kForms; ++f) {
+      cuda_set_attention_qsplit(b, (f & 1) != 0);
+      cuda_set_attention_last_block_combine(b, (f & 2) != 0);
+      kc[f].put(kraw.data());
+      vc[f].put(vraw.data());
+      const KvLayerView kv{c.kv, c.n_ctx, HKV, D, kc[f].ptr(), vc[f].ptr()};
+      b.attention(qb.f(), kv, 1, H, plain[f].f());
+      b.matmul(w, plain[f].f(), proj[f].f(), 1);
       // The fused form (rope of q and of the step's k, the step's row stored) on its own copy of the cache.
       Guarded q2(b, q.size() * 4), k2(b, k.size() * 4);
       q2.put(q.data());
       k2.put(k.data());
-      b.rope_attention(q2.f(), k2.f(), vb.f(), kv, 1, H, 500000.0f, ff.data(), fused[split].f());
+      b.rope_attention(q2.f(), k2.f(), vb.f(), kv, 1, H, 500000.0f, ff.data(), fused[f].f());
     }
     cuda_set_attention_qsplit(b, false);
-    expect_same_bytes(plain[0], plain[1], "attention output");
-    expect_same_bytes(proj[0], proj[1], "o projection of its int8 row");
-    expect_same_bytes(fused[0], fused[1], "fused rope attention output");
-    expect_same_bytes(kc[0], kc[1], "K cache after the fused form");
-    expect_same_bytes(vc[0], vc[1], "V cache after the fused form");
+    cuda_set_attention_last_block_combine(b, false);
+    for (int f = 1; f < kForms; ++f) {
+      SCOPED_TRACE("form " + std::to_string(f));
+      expect_same_bytes(plain[0], plain[f], "attention output");
+      expect_same_bytes(proj[0], proj[f], "o projection of its int8 row");
+      expect_same_bytes(fused[0], fused[f], "fused rope attention output");
+      expect_same_bytes(kc[0], kc[f], "K cache after the fused form");
+      expect_same_bytes(vc[0], vc[f], "V cache after the fused form");
+    }
   }
 }
 

@@ -107,6 +107,8 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   flag("SHARDLM_CUDA_ATTN_OUT4", attn_out4_, "default 1");
   // The decode attention's query heads of a KV head over two blocks (1) or one (0; groups of one always one).
   flag("SHARDLM_CUDA_ATTN_QSPLIT", attn_qsplit_, "1: two blocks per KV head; default 0");
+  // The decode attention's splits merged by the kernel's last block per KV head (1) or by a combine kernel (0).
+  flag("SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE", attn_last_block_combine_, "1: no combine kernel; default 0");
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
   if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
     const std::string v = p;
@@ -251,6 +253,20 @@ void* CudaBackend::scratch(DevMem& buf, size_t bytes, const char* what) {
   buf = DevMem(round_up(bytes + bytes / 4, kAlign));
   ++scratch_gen_;
   return buf.get();
+}
+
+int* CudaBackend::attention_counters(int64_t n) {
+  const size_t bytes = static_cast<size_t>(n) * sizeof(int);
+  if (attn_done_.size() >= bytes) return attn_done_.as<int>();
+  if (capturing_)
+    fail_kind(ErrorKind::kInternal, "cuda: the decode attention's ", n, " split counters must be made during a graph "
+              "capture; CudaGraphRunner runs the body once eagerly to avoid this");
+  // The kernels leave every counter at 0 when they finish; a larger set replaces the old one after the
+  // queued kernels that use it.
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  attn_done_ = DevMem(round_up(bytes, kAlign));
+  SHARDLM_CUDA_CHECK(cudaMemsetAsync(attn_done_.get(), 0, attn_done_.size(), stream()));
+  return attn_done_.as<int>();
 }
 
 const float* CudaBackend::freq_factors_on_device(const float* host, int64_t n) {
@@ -598,10 +614,12 @@ void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t 
     const int n_split = attention_decode_splits(kv.n_ctx, kv.n_head_kv, sm_count_);
     auto* part = static_cast<float*>(
         scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
+    const int qsplit = attn_qsplit_ && n_head / kv.n_head_kv >= 2 ? 2 : 1;
+    int* done = attn_last_block_combine_ ? attention_counters(kv.n_head_kv * qsplit) : nullptr;
     const bool quantized =
         launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
                                 sd, stream(), xq_target(1, n_head * kv.head_dim), k_new, v_new, freq_base, ff_device,
-                                attn_out4_, attn_qsplit_ && n_head / kv.n_head_kv >= 2 ? 2 : 1);
+                                attn_out4_, qsplit, done);
     if (quantized) mark_quantized(out, n_head * kv.head_dim);  // note_write() came first
     return;
   }
@@ -757,6 +775,10 @@ void cuda_set_attention_out4(Backend& backend, bool on) {
   cuda_detail::as_cuda(backend, "cuda_set_attention_out4").set_attention_out4(on);
 }
 
+void cuda_set_attention_last_block_combine(Backend& backend, bool on) {
+  cuda_detail::as_cuda(backend, "cuda_set_attention_last_block_combine").set_attention_last_block_combine(on);
+}
+
 void cuda_set_attention_qsplit(Backend& backend, bool on) {
   cuda_detail::as_cuda(backend, "cuda_set_attention_qsplit").set_attention_qsplit(on);
 }
@@ -776,16 +798,79 @@ void cuda_argmax_async(Backend& backend, const float* logits, int64_t n, int32_t
   cuda_detail::as_cuda(backend, "cuda_argmax_async").argmax_async(logits, n, out);
 }
 
+// SHARDLM_GRAPH_TIMING=1 (measurement only): events before and after each replay, so that the teardown can
+// say how much of a decode step's period the graph's own GPU time is; the rest is the time between graphs
+// (the candidates' kernel and copy, the host's exchange and sampling, the next launch).
+struct GraphTiming {
+  cudaEvent_t start[2] = {}, end[2] = {};
+  int64_t n = 0;                       // replays timed
+  std::vector<float> graph_ms, period_ms;  // start -> end; one replay's start -> the next one's start
+  GraphTiming() {
+    for (int i = 0; i < 2; ++i) {
+      SHARDLM_CUDA_CHECK(cudaEventCreate(&start[i]));
+      SHARDLM_CUDA_CHECK(cudaEventCreate(&end[i]));
+    }
+  }
+  ~GraphTiming() {
+    // Medians: a generation's first step follows a prefill and the host's set-up, not a decode step.
+    const auto median = [](std::vector<float> v) {
+      std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+      return 1e3 * static_cast<double>(v[v.size() / 2]);
+    };
+    if (!graph_ms.empty() && !period_ms.empty())
+      std::fprintf(stderr, "shardlm: graph timing (medians of %zu): graph %.1f us on the GPU, %.1f us from one start to the next\n",
+                   period_ms.size(), median(graph_ms), median(period_ms));
+    for (int i = 0; i < 2; ++i) {
+      cudaEventDestroy(start[i]);
+      cudaEventDestroy(end[i]);
+    }
+  }
+  GraphTiming(const GraphTiming&) = delete;
+  GraphTiming& operator=(const GraphTiming&) = delete;
+  // Around one replay: the previous replay's events are complete by now only if the host synced since
+  // (decode does, to read the token); otherwise this waits for them.
+  void before(cudaStream_t s) {
+    const int cur = static_cast<int>(n % 2), prev = 1 - cur;
+    if (n > 0) {
+      float ms = 0.0f;
+      SHARDLM_CUDA_CHECK(cudaEventSynchronize(end[prev]));
+      SHARDLM_CUDA_CHECK(cudaEventElapsedTime(&ms, start[prev], end[prev]));
+      graph_ms.push_back(ms);
+    }
+    SHARDLM_CUDA_CHECK(cudaEventRecord(start[cur], s));
+  }
+  void after(cudaStream_t s) {
+    const int cur = static_cast<int>(n % 2), prev = 1 - cur;
+    SHARDLM_CUDA_CHECK(cudaEventRecord(end[cur], s));
+    if (n > 0) {
+      float ms = 0.0f;
+      SHARDLM_CUDA_CHECK(cudaEventSynchronize(start[cur]));
+      SHARDLM_CUDA_CHECK(cudaEventElapsedTime(&ms, start[prev], start[cur]));
+      period_ms.push_back(ms);
+    }
+    ++n;
+  }
+};
+
 struct CudaGraphRunner::Impl {
   cuda_detail::CudaBackend* backend = nullptr;
   cuda_detail::Graph graph;
   int64_t graph_n_tok = -1, graph_gen = -1;  // shape the graph was captured for
   int64_t warm_n_tok = -1, warm_gen = -1;    // shape of the last eager run
   int64_t captures = 0, replays = 0;
+  std::unique_ptr<GraphTiming> timing;  // SHARDLM_GRAPH_TIMING=1
 };
 
 CudaGraphRunner::CudaGraphRunner(Backend& backend) : impl_(std::make_unique<Impl>()) {
   impl_->backend = &cuda_detail::as_cuda(backend, "CudaGraphRunner");
+  if (const char* p = std::getenv("SHARDLM_GRAPH_TIMING")) {
+    const std::string v = p;
+    if (v != "0" && v != "1") fail("SHARDLM_GRAPH_TIMING = '", v, "': expected 0 or 1");
+    if (v == "1") {
+      cuda_detail::DeviceGuard g(impl_->backend->device_index());
+      impl_->timing = std::make_unique<GraphTiming>();
+    }
+  }
 }
 
 CudaGraphRunner::~CudaGraphRunner() = default;
@@ -796,7 +881,9 @@ void CudaGraphRunner::run(const StepInfo& step, const std::function<void()>& bod
   b.begin_step(step);  // positions travel outside the graph
   if (s.graph.valid() && s.graph_n_tok == step.n_tok && s.graph_gen == b.scratch_generation()) {
     cuda_detail::DeviceGuard g(b.device_index());
+    if (s.timing && step.n_tok == 1) s.timing->before(b.stream());
     SHARDLM_CUDA_CHECK(cudaGraphLaunch(s.graph.exec(), b.stream()));
+    if (s.timing && step.n_tok == 1) s.timing->after(b.stream());
     ++s.replays;
     return;
   }

@@ -46,6 +46,8 @@ void cuda_set_attention_out4(Backend& backend, bool on);
 // What SHARDLM_CUDA_ATTN_QSPLIT sets at construction: the decode attention's query heads of a KV head over two
 // blocks (true; groups of two or more) or one.
 void cuda_set_attention_qsplit(Backend& backend, bool on);
+// SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE for tests: the decode attention merges its splits in its last block.
+void cuda_set_attention_last_block_combine(Backend& backend, bool on);
 
 // The backend's cudaStream_t (as void*, so this header stays CUDA-free), for a communicator that enqueues
 // on it (Communicator::bind_stream).

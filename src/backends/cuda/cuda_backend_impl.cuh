@@ -71,6 +71,7 @@ class CudaBackend final : public Backend {
   int64_t pushing_matvecs() const { return pushing_; }
   void set_attention_out4(bool on) { attn_out4_ = on; }
   void set_attention_qsplit(bool on) { attn_qsplit_ = on; }
+  void set_attention_last_block_combine(bool on) { attn_last_block_combine_ = on; }
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
   void set_force_generic_matvec(bool on) { force_generic_ = on; }
@@ -84,6 +85,7 @@ class CudaBackend final : public Backend {
   // are captured again. Growth is refused while capturing.
   void* scratch(DevMem& buf, size_t bytes, const char* what);
   const float* freq_factors_on_device(const float* host, int64_t n);
+  int* attention_counters(int64_t n);  // attn_done_ with at least n zeroed counters
   bool uses_matvec(const WeightView& w, int64_t n_tok) const;  // matvec per token rather than cuBLAS
   void matmul_impl(const WeightView& w, const float* x, float* y, int64_t n_tok, const int* xpre);
   // One token, n <= MvGroup::kMax (4) weights of one type, width and layout: one launch where a kernel allows.
@@ -128,6 +130,7 @@ class CudaBackend final : public Backend {
   bool fuse_rope_ = true;     // SHARDLM_CUDA_FUSE_ROPE
   bool attn_out4_ = true;     // SHARDLM_CUDA_ATTN_OUT4
   bool attn_qsplit_ = false;  // SHARDLM_CUDA_ATTN_QSPLIT: two decode attention blocks per KV head
+  bool attn_last_block_combine_ = false;  // SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE: no combine kernel
   int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
   int64_t pushing_ = 0;       // matmul_reduce calls whose matvec pushed its outputs to the group
   // top_candidates: key rounds (topk_scratch_keys each), extra ids and their values, and the host side.
@@ -135,6 +138,7 @@ class CudaBackend final : public Backend {
   PinnedMem topk_host_;
   size_t topk_host_bytes_ = 0;
   DevMem attn_part_;   // decode attention partials
+  DevMem attn_done_;   // (n_head_kv * qsplit) int: finished splits per attention block column, 0 between calls
   DevMem x16_;         // activations converted to 16 bits for cuBLAS
   DevMem w16_;         // weights dequantized to 16 bits for cuBLAS (row chunks)
   struct FreqFactors {

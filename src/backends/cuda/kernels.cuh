@@ -102,7 +102,9 @@ void launch_rope_kv_store(GgmlType kv_type, float* q /* (n_tok, n_head, head_dim
 int attention_decode_splits(int64_t n_ctx, int64_t n_head_kv, int sm_count);
 // Whether the flash-decoding kernel has an instantiation for this head_dim / group size.
 bool attention_decode_supported(int64_t head_dim, int64_t group);
-// Decode (n_tok == 1): flash-decoding over `n_split` slices of [0, pos0], then a combine kernel.
+// Decode (n_tok == 1): flash-decoding over `n_split` slices of [0, pos0], then a combine kernel; with `done`
+// (counters left at zero between calls) the last block of each KV head to finish combines instead, and
+// there is no combine kernel.
 // `partial` holds n_head * n_split * (head_dim + 2) floats.
 // xq (optional): the output also quantized for the packed matvecs (quant_x.cuh); returns whether it was.
 // k_new (optional, with v_new): the fused rope_attention form. q and k_new are not yet rotated; the kernel
@@ -116,7 +118,8 @@ bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_d
                              const float* v_new = nullptr /* (n_head_kv, head_dim) */, float freq_base = 0.0f,
                              const float* freq_factors = nullptr /* (head_dim/2) device, or null */,
                              bool out4 = true /* false: the one-element output step (A/B only) */,
-                             int qsplit = 1 /* blocks per KV head (1, or 2 for groups >= 2), A/B only */);
+                             int qsplit = 1 /* blocks per KV head (1, or 2 for groups >= 2), A/B only */,
+                             int* done = nullptr /* (n_head_kv * qsplit) zeros, or null: see below */);
 // Any n_tok (prefill): one block per (token, head), online softmax over 32-position key tiles, causal.
 void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
                               const void* k_cache, const void* v_cache, int64_t n_ctx, int64_t n_head_kv,

@@ -312,6 +312,26 @@ __host__ __device__ inline int64_t attn_chunk(int64_t len, int n_split) {
   if (len <= 32 * kAttnWarps) return 32 * kAttnWarps;
   return ((len + n_split - 1) / n_split + 31) / 32 * 32;
 }
+// Element d of one query head from its first n_active splits' partials, merged online in one pass (all
+// their loads in flight together). The combine kernel and the attention kernel's last block (in-kernel
+// combine) both use it, so the two forms give the same bits. ld.cg: the partials were stored by other blocks.
+__device__ __forceinline__ float combine_splits(const float* __restrict__ ph /* (n_split, D + 2) */, int n_active,
+                                                int64_t D, int64_t d) {
+  float mm = -INFINITY, ll = 0.0f, a = 0.0f;
+#pragma unroll 8
+  for (int sp = 0; sp < n_active; ++sp) {
+    const float* ps = ph + sp * (D + 2);
+    const float ms = __ldcg(ps + D), ls = __ldcg(ps + D + 1), as = __ldcg(ps + d);
+    if (ms == -INFINITY) continue;  // no finite score in that split
+    const float mn = fmaxf(mm, ms);
+    const float co = exp2f(mm - mn), cn = exp2f(ms - mn);  // co = 0 while mm = -inf
+    ll = ll * co + ls * cn;
+    a = a * co + as * cn;
+    mm = mn;
+  }
+  return a / ll;
+}
+
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
 // Plain (coherent) load: in the fused form a block reads the row it has just stored.
@@ -336,7 +356,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
     float* __restrict__ out,       // (n_head, D): written here when one split covers the context
     int* __restrict__ xq,          // (quant_x_words(n_head * D)) or null: out quantized (quant_x.cuh)
     const StepDev* __restrict__ step, AttnRope rp,
-    bool out4) {                   // the output step with one float4 per thread where it applies
+    bool out4,                     // the output step with one float4 per thread where it applies
+    int* __restrict__ done) {      // (gridDim.x) zeros, or null: the in-kernel combine (see its step below)
   constexpr int HS = attn_head_split(G), GW = G / HS;   // warps per tile slot, heads per warp
   constexpr int E = 16 / static_cast<int>(sizeof(KV));  // cache elements per 16-byte piece
   constexpr int KP = D / E;                             // pieces per cache row: 8, 16 or 32
@@ -553,10 +574,34 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
       po[D + 1] = ll;
     }
   }
+  if (whole || !done) return;
+  // In-kernel combine: the last of a KV head's active splits to finish merges them all, so the chain has no
+  // combine kernel (one kernel boundary less per layer). The count is the grid-sync pattern: every thread's
+  // partials, a block barrier, then thread 0's device fence before its atomic; the last block fences again
+  // before it reads the others' partials (ld.cg), and puts the count back to 0 for the next call (the next
+  // call's blocks count only after their PDL wait, which covers this kernel).
+  __shared__ int s_last;
+  const int n_active = static_cast<int>(min(static_cast<int64_t>(n_split), (len + chunk - 1) / chunk));
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s_last = atomicAdd(done + blockIdx.x, 1) == n_active - 1;
+    if (s_last) __threadfence();
+  }
+  __syncthreads();
+  if (!s_last) return;
+  // The combine kernel's elements for this block's G heads, in its order per warp (quantize_store1 needs a
+  // warp on 32 consecutive elements of one head, as in the whole-context step above).
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int64_t h = static_cast<int64_t>(hb) + i / D, d = i % D;
+    const float r = combine_splits(partial + h * n_split * (D + 2), n_active, D, d);
+    out[h * D + d] = r;
+    if (xq) quantize_store1(r, h * D + d, true, xq, n_head_kv * QS * G * D);
+  }
+  if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }
 
-// One block per query head, one thread per element: the splits that had positions, merged online in one
-// pass (all their loads in flight together).
+// One block per query head, one thread per element: the splits that had positions (combine_splits).
 __global__ void attention_combine_kernel(const float* __restrict__ partial /* (n_head, n_split, D + 2) */,
                                          int n_split, int64_t D, int64_t n_ctx, const StepDev* __restrict__ step,
                                          float* __restrict__ out /* (n_head, D) */,
@@ -570,19 +615,7 @@ __global__ void attention_combine_kernel(const float* __restrict__ partial /* (n
   const int h = blockIdx.x;
   const float* ph = partial + static_cast<int64_t>(h) * n_split * (D + 2);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float mm = -INFINITY, ll = 0.0f, a = 0.0f;
-#pragma unroll 8
-    for (int sp = 0; sp < n_active; ++sp) {
-      const float* ps = ph + sp * (D + 2);
-      const float ms = ps[D], ls = ps[D + 1], as = ps[d];
-      if (ms == -INFINITY) continue;  // no finite score in that split
-      const float mn = fmaxf(mm, ms);
-      const float co = exp2f(mm - mn), cn = exp2f(ms - mn);  // co = 0 while mm = -inf
-      ll = ll * co + ls * cn;
-      a = a * co + as * cn;
-      mm = mn;
-    }
-    const float r = a / ll;
+    const float r = combine_splits(ph, n_active, D, d);
     out[h * D + d] = r;
     // The o projection's int8 row (quant_x.cuh): a warp holds 32 consecutive elements of this head.
     if (xq) quantize_store1(r, h * D + d, true, xq, static_cast<int64_t>(gridDim.x) * D);
@@ -1179,7 +1212,7 @@ bool attention_decode_supported(int64_t head_dim, int64_t group) {
 template <typename KV, int D>
 static void decode_d(int64_t group, int qsplit, const float* q, void* kc, void* vc, int64_t n_ctx, int64_t n_head_kv,
                      int n_split, float* partial, float* out, int* xq, const StepDev* step, const AttnRope& rp, bool out4,
-                     cudaStream_t s) {
+                     int* done, cudaStream_t s) {
   // qsplit blocks per KV head, each with group / qsplit query heads (the kernel's G).
   const int64_t per_block = group / qsplit;
   const dim3 grid(static_cast<unsigned>(n_head_kv * qsplit), static_cast<unsigned>(n_split));
@@ -1187,7 +1220,7 @@ static void decode_d(int64_t group, int qsplit, const float* q, void* kc, void* 
   auto* v = static_cast<KV*>(vc);
   const dim3 block(kAttnWarps * 32 * attn_head_split(static_cast<int>(per_block)));
   const auto go = [&](auto kernel) {
-    launch_pdl(kernel, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4);
+    launch_pdl(kernel, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done);
   };
   if (qsplit == 2) {
     switch (per_block) {
@@ -1210,7 +1243,7 @@ static void decode_d(int64_t group, int qsplit, const float* q, void* kc, void* 
 bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, void* v_cache, int64_t n_ctx,
                              int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split, float* partial,
                              float* out, const StepDev* step, cudaStream_t s, int* xq, const float* k_new,
-                             const float* v_new, float freq_base, const float* freq_factors, bool out4, int qsplit) {
+                             const float* v_new, float freq_base, const float* freq_factors, bool out4, int qsplit, int* done) {
   // Whole warps of one head each (head_dim 64 or 128 here, one thread per element).
   if (!(xq && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
   const int64_t group = n_head / n_head_kv;
@@ -1220,12 +1253,13 @@ bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, vo
   const bool f16 = kv_type == GgmlType::F16;
   const AttnRope rp{k_new, k_new ? v_new : nullptr, freq_factors, freq_base};
   if (head_dim == 64) {
-    if (f16) decode_d<__half, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
-    else decode_d<float, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    if (f16) decode_d<__half, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done, s);
+    else decode_d<float, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done, s);
   } else {
-    if (f16) decode_d<__half, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
-    else decode_d<float, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, s);
+    if (f16) decode_d<__half, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done, s);
+    else decode_d<float, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done, s);
   }
+  if (done) return xq != nullptr;  // the attention kernel combined its splits itself
   launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)),
              dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, n_ctx,
              step, out, xq);
