@@ -198,6 +198,7 @@ int cmd_bench(int argc, const char* const* argv) {
   greedy.temperature = 0;
   const int32_t nv = static_cast<int32_t>(src->config().n_vocab);
   std::vector<double> pp, tg, comm_share;
+  bool tokens_on_device = false;  // the tg runs took the device-greedy path
   std::vector<int32_t> prompt(static_cast<size_t>(std::max<int64_t>(n_prompt, 0)));
   for (int64_t i = 0; i < n_prompt; ++i) prompt[size_t(i)] = int32_t((i * 7919 + 13) % nv);
   if (!no_warmup) {  // untimed: the same prompt, and a few decode steps (the graph is captured on the 2nd)
@@ -213,6 +214,7 @@ int cmd_bench(int argc, const char* const* argv) {
       GenerateResult g = engine.generate({1 % nv}, n_gen + 1, greedy, -1);
       tg.push_back(double(g.times.decode_tokens) / g.times.decode_s);
       comm_share.push_back(g.times.comm_s / std::max(g.times.decode_s + g.times.prefill_s, 1e-12));
+      tokens_on_device = g.tokens_on_device;
     }
   }
   // Every rank reads its own weights once per token; on one host they share the memory bus. Memory is
@@ -272,7 +274,7 @@ int cmd_bench(int argc, const char* const* argv) {
   if (n_prompt > 0) j["pp"] = {{"n_prompt", n_prompt}, {"tokens_per_s", median(pp)}, {"runs", pp}};
   if (n_gen > 0)
     j["tg"] = {{"n_gen", n_gen}, {"tokens_per_s", median(tg)}, {"runs", tg}, {"roofline_share", median(tg) / roof},
-               {"comm_share", median(comm_share)},
+               {"comm_share", median(comm_share)}, {"tokens_on_device", tokens_on_device},
                // Time per token beyond reading the weights at the measured bandwidth: launches, syncs,
                // host work, collectives.
                {"fixed_cost_us_per_token", 1e6 * (1.0 / median(tg) - 1.0 / roof)}};
@@ -346,7 +348,8 @@ int cmd_bench(int argc, const char* const* argv) {
   if (n_gen > 0) {
     std::printf("| tg%-3lld | %8.1f | %13.1f%% | %9.1f%% |\n", (long long)n_gen, median(tg), 100 * median(tg) / roof,
                 100 * median(comm_share));
-    std::printf("fixed cost per generated token beyond the weight reads: %.1f us\n", 1e6 * (1.0 / median(tg) - 1.0 / roof));
+    std::printf("fixed cost per generated token beyond the weight reads: %.1f us%s\n", 1e6 * (1.0 / median(tg) - 1.0 / roof),
+                tokens_on_device ? " (greedy tokens kept on the device)" : "");
   }
   // Per-rank memory: the backend's allocations against the planner's weights + KV + workspace, and the
   // device's memory in use (every context on the GPU) against that plus the planner's reserve.

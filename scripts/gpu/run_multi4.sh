@@ -151,6 +151,10 @@ EOF
     gold pp2-split-4,1 --pp 2 --layer-split 4,1
     gold tp2-ngl2 --tp 2 --n-gpu-layers 2
     gold tp2-nographs --tp 2 --no-cuda-graphs
+    # Greedy tokens kept on the device (the host enqueues each step before reading the one before).
+    if [ "$n_gpu" -ge 4 ]; then SHARDLM_DEVICE_GREEDY=1 gold tp4-devgreedy --tp 4; fi
+    SHARDLM_DEVICE_GREEDY=1 gold tp2-devgreedy-nographs --tp 2 --no-cuda-graphs
+    SHARDLM_DEVICE_GREEDY=1 gold 1gpu-devgreedy
     # Quantized weights: the packed matvecs read the int8 row that the norm (fused into the all-reduce at
     # tp 2, unless SHARDLM_ALLREDUCE_FUSE says otherwise) writes. tiny-llama31's widths are multiples of 32.
     HF=build-gpu-deps/shared/fixtures/hf/tiny-llama31
@@ -163,6 +167,8 @@ EOF
       SHARDLM_ALLREDUCE_FUSE=pdl gold q8-tp2-unfused --tp 2
       SHARDLM_ALLREDUCE_PUSH=0 gold q8-tp2-nopush --tp 2
       if [ "$n_gpu" -ge 4 ]; then gold q8-tp4 --tp 4; fi
+      if [ "$n_gpu" -ge 4 ]; then SHARDLM_DEVICE_GREEDY=1 gold q8-tp4-devgreedy --tp 4; fi
+      SHARDLM_DEVICE_GREEDY=1 gold q8-tp2-devgreedy --tp 2
       unset GREF GLABEL
     else
       say "golden tiny-llama31 q8_0: SKIPPED (no $HF, or the conversion failed)"
@@ -192,6 +198,8 @@ tg, pl = d.get("tg", {}), d.get("planner", {})
 s = "%s: pp%s %.0f tok/s, tg%s %.1f tok/s, roofline %.1f tok/s (share %.1f%%), comm %.1f%%" % (
     label, pp.get("n_prompt", ""), pp.get("tokens_per_s", 0), tg.get("n_gen", ""), tg.get("tokens_per_s", 0),
     d["roofline_tokens_per_s"], 100 * tg.get("roofline_share", 0), 100 * tg.get("comm_share", 0))
+if tg.get("tokens_on_device"):
+    s += ", greedy tokens on the device"
 if "decode_tokens_per_s" in pl:
     s += "; planner tg %.1f (x%.3f), pp %.0f (x%.3f)" % (pl["decode_tokens_per_s"], pl.get("tg_measured_over_predicted", 0),
                                                      pl["prefill_tokens_per_s"], pl.get("pp_measured_over_predicted", 0))

@@ -162,6 +162,65 @@ bool LlamaModel::step_candidates(int32_t id, int64_t pos, int k, const std::vect
   return true;
 }
 
+void LlamaModel::segment_body(size_t s, int64_t n_tok, bool all_logits) {
+  Segment& seg = *segments_[s];
+  const size_t n_hidden = static_cast<size_t>(n_tok * config_.n_embd);
+  for (int l = seg.first; l < seg.end; ++l) layer(seg, l, n_tok, l > seg.first);
+  if (seg.end > seg.first) {
+    if (mapping_.tp_size() > 1) all_reduce(*seg.b, seg.o->as<float>(), n_hidden);
+    seg.b->add(seg.x->as<float>(), seg.o->as<float>(), static_cast<int64_t>(n_hidden));
+  }
+  if (s + 1 == segments_.size() && mapping_.is_last_stage()) head(n_tok, all_logits);
+}
+
+bool LlamaModel::greedy_on_device() const {
+  if (mapping_.pp_size() != 1 || segments_.size() != 1 || config_.n_vocab >= (int64_t{1} << 24)) return false;
+  const Backend& b = *segments_.front()->b;
+  return b.device_tokens() && (mapping_.tp_size() == 1 || device_collectives(b));
+}
+
+void LlamaModel::set_device_token(int32_t id) {
+  if (!greedy_on_device()) fail_kind(ErrorKind::kInternal, "set_device_token: greedy decoding on the device is not available");
+  if (id < 0 || id >= config_.n_vocab)
+    fail("token id ", id, " is outside the vocabulary [0, ", config_.n_vocab, ")");
+  segments_.front()->b->set_device_token(id);
+}
+
+void LlamaModel::step_greedy(int64_t pos) {
+  if (!greedy_on_device()) fail_kind(ErrorKind::kInternal, "step_greedy: greedy decoding on the device is not available");
+  if (pos < 0 || pos + 1 > options_.n_ctx)
+    fail("position ", pos, " does not fit the context of ", options_.n_ctx, " tokens");
+  Segment& seg = *segments_.front();
+  Backend& b = *seg.b;
+  const int tp = mapping_.tp_size();
+  if (!greedy_cands_) greedy_cands_ = b.alloc(static_cast<size_t>(4 * tp) * sizeof(float));
+  float* cands = greedy_cands_->as<float>();
+  const StepInfo step{pos, 1};
+  auto body = [&] {
+    b.get_rows_device_token(weights_.token_embd, seg.x->as<float>());
+    segment_body(0, 1, false);
+    // Each rank's best of its vocabulary slice in its own slot; the sum over the group gives every rank
+    // every slot (exact: integers and zeros), and each picks the same token.
+    b.greedy_candidate(logits_for(1), static_cast<int64_t>(vocab_.size()), vocab_.begin, cands, mapping_.tp_rank(), tp);
+    if (tp > 1) all_reduce(b, cands, static_cast<size_t>(4 * tp));
+    b.greedy_pick(cands, tp);
+  };
+  if (greedy_runner_) {
+    greedy_runner_(step, body);
+  } else {
+    b.begin_step(step);
+    body();
+  }
+  b.mark_device_token(pos);
+}
+
+int32_t LlamaModel::device_token_at(int64_t pos) {
+  const int32_t t = segments_.front()->b->device_token_at(pos);
+  if (t < 0 || t >= config_.n_vocab)
+    fail("the step at position ", pos, " gave no token (", t, "): its logits had no candidate");
+  return t;
+}
+
 bool LlamaModel::forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits) {
   if (n_tok < 1 || n_tok > options_.n_batch)
     fail("step of ", n_tok, " tokens is outside [1, ", options_.n_batch, "] (the batch size)");
@@ -190,15 +249,7 @@ bool LlamaModel::forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool a
       prev.b->download(host_stage_.data(), prev.x->as<float>(), n_hidden * sizeof(float));
       seg.b->upload(seg.x->as<float>(), host_stage_.data(), n_hidden * sizeof(float));
     }
-    const bool last_seg = s + 1 == segments_.size();
-    auto body = [&] {
-      for (int l = seg.first; l < seg.end; ++l) layer(seg, l, n_tok, l > seg.first);
-      if (seg.end > seg.first) {
-        if (mapping_.tp_size() > 1) all_reduce(*seg.b, seg.o->as<float>(), n_hidden);
-        seg.b->add(seg.x->as<float>(), seg.o->as<float>(), static_cast<int64_t>(n_hidden));
-      }
-      if (last_seg && mapping_.is_last_stage()) head(n_tok, all_logits);
-    };
+    auto body = [&] { segment_body(s, n_tok, all_logits); };
     if (graph) {
       decode_runner_(step, body);
     } else {

@@ -88,6 +88,23 @@ class LlamaModel {
   bool step_candidates(int32_t id, int64_t pos, int k, const std::vector<int32_t>& extra, std::vector<TokenCandidate>* top,
                        std::vector<float>* extra_values);
 
+  // Greedy decoding with the token in device memory (Backend::device_tokens): the host enqueues one step after
+  // another without reading a token in between, so the device never waits for the host. Available when the
+  // model is one stage on one backend that keeps device tokens, tensor-parallel ranks reduce on the device,
+  // and the vocabulary fits ids that travel as floats (< 2^24).
+  bool greedy_on_device() const;
+  // Like set_decode_runner, for step_greedy's body (a graph of its own: it differs from step's).
+  void set_greedy_runner(StepRunner runner) { greedy_runner_ = std::move(runner); }
+  // The input token of the next step_greedy (after the steps enqueued so far).
+  void set_device_token(int32_t id);
+  // Enqueues the decode step at `pos` on the device token; the greedy choice of its logits (candidate order
+  // over the whole vocabulary, as step_candidates with k = 1 and a greedy sampler) becomes the device token
+  // for the next step, and device_token_at(pos)'s answer. Every rank calls it with the same pos.
+  void step_greedy(int64_t pos);
+  // Waits for the step at `pos` (one of the two latest step_greedy calls) and returns its token, the same on
+  // every rank. Fails if the logits had no candidate.
+  int32_t device_token_at(int64_t pos);
+
   // Seconds spent in collectives and stage messages (from the communicator).
   double comm_seconds() const { return comm_.comm_seconds(); }
 
@@ -103,6 +120,8 @@ class LlamaModel {
   void head(int64_t n_tok, bool all_logits);
   // Everything of a step up to the logits (in logits_for(...)); true on the last stage.
   bool forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits);
+  // Segment s's device work of a step: its layers, the last reduce and add, the head on the last stage.
+  void segment_body(size_t s, int64_t n_tok, bool all_logits);
   void finish_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits);
   void finish_candidates(int k, const std::vector<int32_t>& extra, std::vector<TokenCandidate>* top,
                          std::vector<float>* extra_values);
@@ -142,6 +161,8 @@ class LlamaModel {
   std::unique_ptr<DeviceBuffer> logits_rows_;  // (rows, vocab_local), rows > 1
   float* logits_for(int64_t rows);
   StepRunner decode_runner_;
+  StepRunner greedy_runner_;
+  std::unique_ptr<DeviceBuffer> greedy_cands_;  // (tp, 4) step_greedy's candidates, one slot per TP rank
   uint64_t kv_bytes_ = 0, workspace_bytes_ = 0;
 };
 

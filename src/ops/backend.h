@@ -14,6 +14,7 @@
 
 #include "comm/communicator.h"
 #include "core/dtype.h"
+#include "core/error.h"
 #include "ops/candidates.h"
 
 namespace shardlm {
@@ -61,6 +62,11 @@ struct StepInfo {
 };
 
 class Backend {
+ protected:
+  [[noreturn]] void no_device_tokens(const char* what) const {
+    fail_kind(ErrorKind::kInternal, name(), ": ", what, ": this backend keeps no device token");
+  }
+
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
@@ -103,6 +109,38 @@ class Backend {
 
   // Sets the positions every following op of this step uses.
   virtual void begin_step(const StepInfo& step) = 0;
+
+  // ---- Greedy decoding with the token kept in device memory ----
+  // A backend that keeps the step's input token in its own memory lets the host enqueue the next decode
+  // step before it has read this one's token (no host round trip between steps; LlamaModel::step_greedy).
+  // Whether the four calls below are implemented.
+  virtual bool device_tokens() const { return false; }
+  // The device token becomes `id` (stream-ordered after the work already enqueued; not inside a capture).
+  virtual void set_device_token(int32_t /*id*/) { no_device_tokens("set_device_token"); }
+  // out = the device token's row of `table` (one token).
+  virtual void get_rows_device_token(const WeightView& /*table*/ /* (n_vocab rows, n_embd) */,
+                                     float* /*out*/ /* (n_embd) */) {
+    no_device_tokens("get_rows_device_token");
+  }
+  // This member's best logit of logits (n) and its id + id_offset into slot `slot` of `cands`, every other
+  // slot zero, encoded so that summing the members' `cands` (an all-reduce) is exact: slot s holds the
+  // candidate key's (ops/candidates.h) ordered logit bits as two 16-bit integers, then the id (-1: no
+  // finite logit), then 0, all as float values.
+  virtual void greedy_candidate(const float* /*logits*/ /* (n) */, int64_t /*n*/, int64_t /*id_offset*/,
+                                float* /*cands*/ /* (n_slots, 4) */, int /*slot*/, int /*n_slots*/) {
+    no_device_tokens("greedy_candidate");
+  }
+  // The best of the n_slots candidates (candidate order) becomes the device token and the token that
+  // device_token_at(pos0 of this step) returns.
+  virtual void greedy_pick(const float* /*cands*/ /* (n_slots, 4) */, int /*n_slots*/) { no_device_tokens("greedy_pick"); }
+  // Marks the end of the step at `pos` (after its greedy_pick was enqueued, outside any capture).
+  virtual void mark_device_token(int64_t /*pos*/) { no_device_tokens("mark_device_token"); }
+  // Waits for the step at `pos` and returns the token its greedy_pick chose (-1: no finite logit). At most
+  // the two latest marked steps can be asked for.
+  virtual int32_t device_token_at(int64_t /*pos*/) {
+    no_device_tokens("device_token_at");
+    return -1;
+  }
 
   // out[t] = row ids[t] of `table` dequantized to f32. `ids` is (n_tok) in host memory.
   virtual void get_rows(const WeightView& table /* (n_vocab rows, n_embd) */, const int32_t* ids, int64_t n_tok,

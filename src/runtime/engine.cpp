@@ -33,8 +33,9 @@ int ranks_on_this_host(int world) {
 
 #ifdef SHARDLM_HAVE_CUDA
 struct Engine::GraphState {
-  explicit GraphState(Backend& b) : runner(b) {}
+  explicit GraphState(Backend& b) : runner(b), greedy_runner(b) {}
   CudaGraphRunner runner;
+  CudaGraphRunner greedy_runner;  // LlamaModel::step_greedy's body, a graph of its own
 };
 #else
 struct Engine::GraphState {};
@@ -106,8 +107,15 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
     graph_ = std::make_unique<GraphState>(*backend_);
     model_->set_decode_runner(
         [g = graph_.get()](const StepInfo& st, const std::function<void()>& body) { g->runner.run(st, body); });
+    model_->set_greedy_runner(
+        [g = graph_.get()](const StepInfo& st, const std::function<void()>& body) { g->greedy_runner.run(st, body); });
   }
 #endif
+  if (const char* v = std::getenv("SHARDLM_DEVICE_GREEDY")) {
+    const std::string s = v;
+    if (s != "0" && s != "1") fail("SHARDLM_DEVICE_GREEDY = '", s, "': expected 0 or 1");
+    options_.device_greedy = s == "1";
+  }
   std::vector<int> all(static_cast<size_t>(comm.world_size()));
   std::iota(all.begin(), all.end(), 0);
   world_ = comm_.make_group(all);
@@ -192,11 +200,29 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_pr
   res.times.prefill_tokens = static_cast<int64_t>(prompt.size());
   t0 = now_s();
   int64_t pos = static_cast<int64_t>(prompt.size());
+  // Greedy on the device: every rank enqueues the step after this one before it waits for this one's token
+  // (known on every rank without a broadcast), so the device goes from step to step without the host in
+  // between. A step enqueued ahead that turns out not to be needed (end of text) only wrote a KV row past
+  // the end of this generation.
+  const bool on_device = options_.device_greedy && !options_.full_logits && sampler.plain_greedy() &&
+                         model_->greedy_on_device();
+  res.tokens_on_device = on_device;
+  bool ahead = false;  // the step at pos is already enqueued
+  if (on_device && n_predict > 1) model_->set_device_token(tok);
   for (;;) {
     res.generated.push_back(tok);
     history.push_back(tok);
     if (on_token) on_token(tok);
     if (static_cast<int64_t>(res.generated.size()) >= n_predict || (eos >= 0 && tok == eos)) break;
+    if (on_device) {
+      if (!ahead) model_->step_greedy(pos);
+      ahead = static_cast<int64_t>(res.generated.size()) + 1 < n_predict;
+      if (ahead) model_->step_greedy(pos + 1);
+      tok = model_->device_token_at(pos);
+      ++pos;
+      ++res.times.decode_tokens;
+      continue;
+    }
     // Every rank derives the same request from the same params and history.
     const CandidateRequest req = options_.full_logits ? CandidateRequest{} : sampler.request(history, config().n_vocab);
     int32_t next = -1;
@@ -212,6 +238,7 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_pr
     tok = share_token(next);
     ++res.times.decode_tokens;
   }
+  if (ahead) backend_->synchronize();  // the unneeded step: done before anything else uses the device
   res.times.decode_s = now_s() - t0;
   res.times.comm_s = comm_.comm_seconds() - comm0;
   return res;

@@ -31,6 +31,9 @@ struct EngineOptions {
   int n_gpu_layers = -1;            // cuda: layers on the GPU, the last ones (-1 = all); the rest on the CPU
   bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs
   bool full_logits = false;         // decode steps move the whole logits row to the host (else candidates)
+  // cuda, greedy decoding without penalties: the token stays on the device and the host enqueues the next
+  // step before reading this one's (LlamaModel::step_greedy). SHARDLM_DEVICE_GREEDY=0|1 overrides it.
+  bool device_greedy = false;
   int device = -1;                  // cuda: device index; -1 = local rank modulo the devices
 };
 
@@ -42,6 +45,7 @@ struct StepTimes {
 struct GenerateResult {
   std::vector<int32_t> generated;
   StepTimes times;
+  bool tokens_on_device = false;  // decode steps took the device-greedy path (EngineOptions::device_greedy)
 };
 
 class Engine {

@@ -43,6 +43,8 @@ class Sampler {
   // changes only the m extra tokens, so the final top-k lies within the raw top-(k + m) and the extras
   // (a token outside both is beaten by k unpenalized tokens before and after the penalty).
   CandidateRequest request(const std::vector<int32_t>& history, int64_t n_vocab) const;
+  // Greedy with no penalty: the token is the first logit in candidate order whatever the history.
+  bool plain_greedy() const { return p_.temperature <= 0 && (p_.repeat_penalty == 1.0f || p_.repeat_last_n <= 0); }
   // The token sample() would return for the full logits, given what request() asked for; consumes the
   // random stream exactly as sample() does.
   int32_t sample_candidates(const std::vector<TokenCandidate>& top, const CandidateRequest& req,

@@ -954,7 +954,7 @@ TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
   }
 }
 
-// SHARDLM_CUDA_ATTN_QSPLIT (a KV head's query heads over two blocks) and SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE
+// SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD (a KV head's query heads over 2 or 4 blocks) and SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE
 // (the splits merged by the attention kernel's last block instead of a combine kernel), alone and together.
 // Every head's arithmetic is the same in each form, so the outputs, the int8 row and the cache rows stored by
 // the fused rope form must be the default form's bits, with one split (one block covers the context) and with
@@ -966,7 +966,7 @@ TEST_F(CudaOps, DecodeAttentionFormsGiveTheSameBits) {
                                   {GgmlType::F16, 128, 8, 4, 37, 4096}, {GgmlType::F16, 64, 4, 2, 150, 512},
                                   {GgmlType::F32, 128, 1, 8, 300, 512}, {GgmlType::F32, 64, 2, 4, 0, 64},
                                   {GgmlType::F16, 128, 2, 8, 4095, 4096}, {GgmlType::F32, 64, 8, 1, 700, 1024}};
-  constexpr int kForms = 4;  // bit 0: two blocks per KV head; bit 1: last-block combine
+  constexpr int kForms = 6;  // f % 3: 1, 2 or 4 blocks per KV head; f / 3: last-block combine
   for (const DecodeAttnCase& c : cases) {
     SCOPED_TRACE(c.name());
     const int64_t D = c.head_dim, HKV = c.n_head_kv, H = HKV * c.group;
@@ -993,8 +993,8 @@ TEST_F(CudaOps, DecodeAttentionFormsGiveTheSameBits) {
     std::vector<float> ff(D / 2, 1.0f);
     b.begin_step({c.pos0, 1});
     for (int f = 0; f < kForms; ++f) {
-      cuda_set_attention_qsplit(b, (f & 1) != 0);
-      cuda_set_attention_last_block_combine(b, (f & 2) != 0);
+      cuda_set_attention_blocks_per_kv_head(b, 1 << (f % 3));
+      cuda_set_attention_last_block_combine(b, f / 3 == 1);
       kc[f].put(kraw.data());
       vc[f].put(vraw.data());
       const KvLayerView kv{c.kv, c.n_ctx, HKV, D, kc[f].ptr(), vc[f].ptr()};
@@ -1006,7 +1006,7 @@ TEST_F(CudaOps, DecodeAttentionFormsGiveTheSameBits) {
       k2.put(k.data());
       b.rope_attention(q2.f(), k2.f(), vb.f(), kv, 1, H, 500000.0f, ff.data(), fused[f].f());
     }
-    cuda_set_attention_qsplit(b, false);
+    cuda_set_attention_blocks_per_kv_head(b, 1);
     cuda_set_attention_last_block_combine(b, false);
     for (int f = 1; f < kForms; ++f) {
       SCOPED_TRACE("form " + std::to_string(f));

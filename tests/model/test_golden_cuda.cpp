@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_backend.h"
 #include "golden.h"
@@ -13,8 +14,10 @@
 namespace shardlm::test {
 namespace {
 
-std::unique_ptr<Engine> make_engine(const ModelSource& src, Communicator& comm, GgmlType kv, int ngl, bool graphs) {
+std::unique_ptr<Engine> make_engine(const ModelSource& src, Communicator& comm, GgmlType kv, int ngl, bool graphs,
+                                    bool device_greedy = false) {
   EngineOptions o;
+  o.device_greedy = device_greedy;
   o.backend = "cuda";
   o.kv_type = kv;
   o.n_gpu_layers = ngl;
@@ -88,6 +91,43 @@ TEST(GoldenCudaGraphs, LogitsOfManyPositionsDoNotBreakACapturedDecodeGraph) {
   }
   engine->all_logits(longest);  // logits of every position: the largest logits buffer of the run
   EXPECT_EQ(engine->generate(g.prompt_ids, n, greedy, 1).generated, g.generated_ids);  // replays the graph
+}
+
+// Greedy decoding with the token on the device (the host enqueues each step before reading the one before):
+// run.c's ids for every case, with graphs and without, the end-of-text id 1 stopping a generation while a
+// step is already enqueued ahead, generations of one and two tokens, and a normal generation in between.
+TEST(GoldenCudaDeviceGreedy, GivesRunCsIds) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible";
+  if (std::getenv("SHARDLM_DEVICE_GREEDY")) GTEST_SKIP() << "SHARDLM_DEVICE_GREEDY is set: it overrides the option";
+  for (const char* model : {"stories260K", "aidreams260K"})
+    for (bool graphs : {true, false}) {
+      SCOPED_TRACE(std::string(model) + (graphs ? " graphs" : " eager"));
+      auto src = open_model_source(converted_model(model));
+      auto comm = make_single_rank_communicator();
+      auto engine = make_engine(*src, *comm, GgmlType::F32, -1, graphs, true);
+      SamplerParams greedy;
+      greedy.temperature = 0;
+      for (const GoldenCase& g : load_golden(model)) {
+        const auto n = static_cast<int64_t>(g.generated_ids.size());
+        const GenerateResult r = engine->generate(g.prompt_ids, n, greedy, -1);
+        EXPECT_TRUE(r.tokens_on_device);
+        EXPECT_EQ(r.generated, g.generated_ids);
+        // Stopping at an id the golden run produces partway: the ids up to it, and nothing after.
+        const int32_t stop = g.generated_ids[g.generated_ids.size() / 2];
+        const auto at = std::find(g.generated_ids.begin(), g.generated_ids.end(), stop);
+        EXPECT_EQ(engine->generate(g.prompt_ids, n, greedy, stop).generated,
+                  std::vector<int32_t>(g.generated_ids.begin(), at + 1));
+        EXPECT_EQ(engine->generate(g.prompt_ids, 1, greedy, -1).generated,
+                  std::vector<int32_t>(g.generated_ids.begin(), g.generated_ids.begin() + 1));
+        EXPECT_EQ(engine->generate(g.prompt_ids, 2, greedy, -1).generated,
+                  std::vector<int32_t>(g.generated_ids.begin(), g.generated_ids.begin() + 2));
+        // A sampled generation takes the host path; greedy afterwards is on the device again.
+        SamplerParams sampled;
+        sampled.temperature = 0.8f;
+        EXPECT_FALSE(engine->generate(g.prompt_ids, 4, sampled, -1).tokens_on_device);
+        EXPECT_EQ(engine->generate(g.prompt_ids, n, greedy, -1).generated, g.generated_ids);
+      }
+    }
 }
 
 TEST(GoldenCudaF16, DivergesOnlyWhereTopTwoAreClose) {

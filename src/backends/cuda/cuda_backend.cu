@@ -106,7 +106,13 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   // The decode attention's output step with one float4 per thread (0: one element per thread).
   flag("SHARDLM_CUDA_ATTN_OUT4", attn_out4_, "default 1");
   // The decode attention's query heads of a KV head over two blocks (1) or one (0; groups of one always one).
-  flag("SHARDLM_CUDA_ATTN_QSPLIT", attn_qsplit_, "1: two blocks per KV head; default 0");
+  // The decode attention's query heads of a KV head over 1, 2 or 4 blocks (fewer where the group is smaller).
+  if (const char* p = std::getenv("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD")) {
+    const std::string v = p;
+    if (v != "1" && v != "2" && v != "4")
+      fail("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD = '", v, "': expected 1, 2 or 4 (decode attention blocks per KV head)");
+    attn_qsplit_ = v[0] - '0';
+  }
   // The decode attention's splits merged by the kernel's last block per KV head (1) or by a combine kernel (0).
   flag("SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE", attn_last_block_combine_, "1: no combine kernel; default 0");
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
@@ -144,12 +150,19 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   SHARDLM_CUBLAS_CHECK(cublasSetWorkspace(cublas_->get(), cublas_ws_.get(), cublas_ws_.size()));
   SHARDLM_CUBLAS_CHECK(cublasSetMathMode(cublas_->get(), CUBLAS_DEFAULT_MATH));  // no TF32 for f32 weights
   step_dev_ = DevMem(sizeof(StepDev));
+  step_host_ = PinnedMem(kStepSlots * sizeof(StepDev));
+  for (auto& e : step_ev_) e = std::make_unique<Event>(cudaEventDisableTiming);
+  for (auto& e : tok_ev_) e = std::make_unique<Event>(cudaEventDisableTiming);
   const StepDev zero{0, 0};
   SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), &zero, sizeof zero, cudaMemcpyHostToDevice, stream_->get()));
   xq_ = DevMem(static_cast<size_t>(quant_x_words(kXqMaxCols)) * sizeof(int32_t));
   argmax_dev_ = DevMem(sizeof(int32_t));
   argmax_key_ = DevMem(sizeof(unsigned long long));
   argmax_host_ = PinnedMem(sizeof(int32_t));
+  tok_dev_ = DevMem(sizeof(int32_t));
+  greedy_key_ = DevMem(sizeof(unsigned long long));
+  tok_host_ = PinnedMem(2 * sizeof(int32_t));
+  SHARDLM_CUDA_CHECK(cudaMemsetAsync(tok_dev_.get(), 0, sizeof(int32_t), stream_->get()));
   SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream_->get()));
 }
 
@@ -299,9 +312,14 @@ void CudaBackend::begin_step(const StepInfo& step) {
   }
   DeviceGuard g(device_);
   step_ = step;
-  const StepDev d{step.pos0, step.n_tok};
-  // Pageable source: the runtime stages it before returning, so `d` may go out of scope.
-  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), &d, sizeof d, cudaMemcpyHostToDevice, stream()));
+  const int slot = step_slot_;
+  step_slot_ = (step_slot_ + 1) % kStepSlots;
+  if (step_ev_used_[slot]) SHARDLM_CUDA_CHECK(cudaEventSynchronize(step_ev_[slot]->get()));
+  StepDev* d = step_host_.as<StepDev>() + slot;
+  *d = StepDev{step.pos0, step.n_tok};
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), d, sizeof *d, cudaMemcpyHostToDevice, stream()));
+  SHARDLM_CUDA_CHECK(cudaEventRecord(step_ev_[slot]->get(), stream()));
+  step_ev_used_[slot] = true;
 }
 
 void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) {
@@ -614,7 +632,7 @@ void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t 
     const int n_split = attention_decode_splits(kv.n_ctx, kv.n_head_kv, sm_count_);
     auto* part = static_cast<float*>(
         scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
-    const int qsplit = attn_qsplit_ && n_head / kv.n_head_kv >= 2 ? 2 : 1;
+    const int qsplit = static_cast<int>(std::min<int64_t>(attn_qsplit_, n_head / kv.n_head_kv));
     int* done = attn_last_block_combine_ ? attention_counters(kv.n_head_kv * qsplit) : nullptr;
     const bool quantized =
         launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
@@ -716,6 +734,60 @@ void CudaBackend::top_candidates(const float* logits, int64_t n, int k, const in
   if (n_extra > 0) std::memcpy(extra_values, host + key_bytes, static_cast<size_t>(n_extra) * sizeof(float));
 }
 
+void CudaBackend::set_device_token(int32_t id) {
+  not_while_capturing("set_device_token");
+  if (id < 0) fail("cuda set_device_token: token id ", id, " is negative");
+  DeviceGuard g(device_);
+  note_write();
+  // Pageable source: staged before the call returns; stream order puts it after the steps enqueued so far.
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(tok_dev_.get(), &id, sizeof id, cudaMemcpyHostToDevice, stream()));
+}
+
+void CudaBackend::get_rows_device_token(const WeightView& table, float* out) {
+  note_write();
+  check_weight(table, "get_rows_device_token");
+  if (table.packed) fail_kind(ErrorKind::kInternal, "cuda get_rows_device_token: packed weights are for matmul only");
+  DeviceGuard g(device_);
+  // The token is always in [0, n_rows): set_device_token's caller checked it, greedy_pick writes 0 where it
+  // found no candidate.
+  launch_get_rows(table.type, table.data, table.row_stride, table.n_rows, table.n_cols, tok_dev_.as<int32_t>(), 1,
+                  out, stream());
+}
+
+void CudaBackend::greedy_candidate(const float* logits, int64_t n, int64_t id_offset, float* cands, int slot,
+                                   int n_slots) {
+  if (n < 1 || n > INT32_MAX || id_offset < 0 || n + id_offset > (int64_t{1} << 24) || slot < 0 || slot >= n_slots)
+    fail_kind(ErrorKind::kInternal, "cuda greedy_candidate: n = ", n, ", id offset ", id_offset, ", slot ", slot, " of ",
+              n_slots, " (ids must stay below 2^24 to travel as floats)");
+  note_write();
+  DeviceGuard g(device_);
+  launch_greedy_candidate(logits, n, id_offset, greedy_key_.as<unsigned long long>(), cands, slot, n_slots, stream());
+}
+
+void CudaBackend::greedy_pick(const float* cands, int n_slots) {
+  if (n_slots < 1) fail_kind(ErrorKind::kInternal, "cuda greedy_pick: ", n_slots, " slots");
+  note_write();
+  DeviceGuard g(device_);
+  launch_greedy_pick(cands, n_slots, tok_dev_.as<int32_t>(), tok_host_.as<int32_t>(), step_dev_.as<StepDev>(), stream());
+}
+
+void CudaBackend::mark_device_token(int64_t pos) {
+  not_while_capturing("mark_device_token");
+  if (pos < 0) fail_kind(ErrorKind::kInternal, "cuda mark_device_token: position ", pos);
+  DeviceGuard g(device_);
+  SHARDLM_CUDA_CHECK(cudaEventRecord(tok_ev_[pos & 1]->get(), stream()));
+  tok_marked_[pos & 1] = pos;
+}
+
+int32_t CudaBackend::device_token_at(int64_t pos) {
+  if (pos < 0 || tok_marked_[pos & 1] != pos)
+    fail_kind(ErrorKind::kInternal, "cuda device_token_at: the step at position ", pos, " was not the last one marked "
+              "at its parity (", pos < 0 ? -1 : tok_marked_[pos & 1], ")");
+  DeviceGuard g(device_);
+  SHARDLM_CUDA_CHECK(cudaEventSynchronize(tok_ev_[pos & 1]->get()));
+  return static_cast<volatile int32_t*>(tok_host_.as<int32_t>())[pos & 1];
+}
+
 void CudaBackend::argmax_async(const float* logits, int64_t n, int32_t* out) {
   if (n <= 0) fail("cuda argmax: n = ", n);
   DeviceGuard g(device_);
@@ -779,8 +851,9 @@ void cuda_set_attention_last_block_combine(Backend& backend, bool on) {
   cuda_detail::as_cuda(backend, "cuda_set_attention_last_block_combine").set_attention_last_block_combine(on);
 }
 
-void cuda_set_attention_qsplit(Backend& backend, bool on) {
-  cuda_detail::as_cuda(backend, "cuda_set_attention_qsplit").set_attention_qsplit(on);
+void cuda_set_attention_blocks_per_kv_head(Backend& backend, int blocks) {
+  if (blocks != 1 && blocks != 2 && blocks != 4) fail("cuda_set_attention_blocks_per_kv_head: ", blocks, " is not 1, 2 or 4");
+  cuda_detail::as_cuda(backend, "cuda_set_attention_blocks_per_kv_head").set_attention_qsplit(blocks);
 }
 
 int64_t cuda_pushing_matvecs(Backend& backend) {

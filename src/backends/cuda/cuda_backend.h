@@ -43,9 +43,9 @@ int64_t cuda_pushing_matvecs(Backend& backend);
 // What SHARDLM_CUDA_ATTN_OUT4 sets at construction (tests compare the two forms): the decode attention's
 // output step with one float4 per thread (true) or one element per thread.
 void cuda_set_attention_out4(Backend& backend, bool on);
-// What SHARDLM_CUDA_ATTN_QSPLIT sets at construction: the decode attention's query heads of a KV head over two
-// blocks (true; groups of two or more) or one.
-void cuda_set_attention_qsplit(Backend& backend, bool on);
+// What SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD sets at construction: the decode attention's query heads of a KV
+// head over 1, 2 or 4 blocks (never more than the group's size).
+void cuda_set_attention_blocks_per_kv_head(Backend& backend, int blocks);
 // SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE for tests: the decode attention merges its splits in its last block.
 void cuda_set_attention_last_block_combine(Backend& backend, bool on);
 

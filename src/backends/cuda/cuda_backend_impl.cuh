@@ -58,6 +58,14 @@ class CudaBackend final : public Backend {
                       float freq_base, const float* freq_factors, float* out) override;
   void top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
                       std::vector<TokenCandidate>& top, float* extra_values) override;
+  bool device_tokens() const override { return true; }
+  void set_device_token(int32_t id) override;
+  void get_rows_device_token(const WeightView& table, float* out) override;
+  void greedy_candidate(const float* logits, int64_t n, int64_t id_offset, float* cands, int slot,
+                        int n_slots) override;
+  void greedy_pick(const float* cands, int n_slots) override;
+  void mark_device_token(int64_t pos) override;
+  int32_t device_token_at(int64_t pos) override;
 
   // ---- CUDA-only surface (CudaGraphRunner, cuda_argmax, bench, tests) ----
   int device_index() const { return device_; }
@@ -70,7 +78,7 @@ class CudaBackend final : public Backend {
   int64_t prequantized_matvecs() const { return prequantized_; }
   int64_t pushing_matvecs() const { return pushing_; }
   void set_attention_out4(bool on) { attn_out4_ = on; }
-  void set_attention_qsplit(bool on) { attn_qsplit_ = on; }
+  void set_attention_qsplit(int blocks) { attn_qsplit_ = blocks; }
   void set_attention_last_block_combine(bool on) { attn_last_block_combine_ = on; }
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
@@ -116,9 +124,23 @@ class CudaBackend final : public Backend {
   std::unique_ptr<CublasHandle> cublas_;
   DevMem cublas_ws_;   // cuBLAS workspace (fixed, so GEMMs can be captured)
   DevMem step_dev_;    // StepDev
+  // begin_step's copies come from pinned slots used in turn, so that the host never waits for the stream:
+  // a pageable copy may (the driver's choice), which would stop greedy decoding's step-ahead. A slot is
+  // reused once the copy that last read it has run (its event).
+  static constexpr int kStepSlots = 4;
+  PinnedMem step_host_;           // (kStepSlots) StepDev
+  std::unique_ptr<Event> step_ev_[kStepSlots];  // after each slot's last copy (made on this device)
+  bool step_ev_used_[kStepSlots] = {};
+  int step_slot_ = 0;
   DevMem argmax_dev_;  // int32
   DevMem argmax_key_;  // u64 (value, index) key for the atomic reduction
   PinnedMem argmax_host_;
+  // Greedy decoding with the token in device memory (Backend::device_tokens).
+  DevMem tok_dev_;       // (1) int32: the next step's input token
+  DevMem greedy_key_;    // (1) u64: this member's best candidate key
+  PinnedMem tok_host_;   // (2) int32, mapped: the token chosen by the step at an even / odd position
+  std::unique_ptr<Event> tok_ev_[2];  // after the step at an even / odd position (made on this device)
+  int64_t tok_marked_[2] = {-1, -1};  // the position each event was last recorded for
   DevMem ids_dev_;     // (n_tok) int32 for get_rows
   static constexpr int64_t kXqMaxCols = 65536;  // the packable limit (pack.h)
   DevMem xq_;          // (quant_x_words(kXqMaxCols)) int32
@@ -129,7 +151,7 @@ class CudaBackend final : public Backend {
   bool prequant_ = true;      // SHARDLM_CUDA_PREQUANT
   bool fuse_rope_ = true;     // SHARDLM_CUDA_FUSE_ROPE
   bool attn_out4_ = true;     // SHARDLM_CUDA_ATTN_OUT4
-  bool attn_qsplit_ = false;  // SHARDLM_CUDA_ATTN_QSPLIT: two decode attention blocks per KV head
+  int attn_qsplit_ = 1;       // SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD: decode attention blocks per KV head (1, 2, 4)
   bool attn_last_block_combine_ = false;  // SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE: no combine kernel
   int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
   int64_t pushing_ = 0;       // matmul_reduce calls whose matvec pushed its outputs to the group

@@ -118,7 +118,7 @@ bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_d
                              const float* v_new = nullptr /* (n_head_kv, head_dim) */, float freq_base = 0.0f,
                              const float* freq_factors = nullptr /* (head_dim/2) device, or null */,
                              bool out4 = true /* false: the one-element output step (A/B only) */,
-                             int qsplit = 1 /* blocks per KV head (1, or 2 for groups >= 2), A/B only */,
+                             int qsplit = 1 /* blocks per KV head: 1, or 2 / 4 for groups of at least that */,
                              int* done = nullptr /* (n_head_kv * qsplit) zeros, or null: see below */);
 // Any n_tok (prefill): one block per (token, head), online softmax over 32-position key tiles, causal.
 void launch_attention_generic(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
@@ -141,6 +141,14 @@ void launch_argmax(const float* x /* (n) */, int64_t n, int32_t* out /* (1) */, 
                    cudaStream_t stream);
 // The largest candidate key (ops/candidates.h order) of x into *key (device u64; zeroed here).
 void launch_argmax_key(const float* x /* (n) */, int64_t n, unsigned long long* key, cudaStream_t stream);
+// Greedy decoding with the token in device memory: this member's best candidate of x (ids + id_offset) into
+// slot `slot` of cands (n_slots, 4), the other slots zeroed (Backend::greedy_candidate's encoding); `key` is
+// one device u64 of scratch.
+void launch_greedy_candidate(const float* x /* (n) */, int64_t n, int64_t id_offset, unsigned long long* key,
+                             float* cands /* (n_slots, 4) */, int slot, int n_slots, cudaStream_t stream);
+// The best of the slots: *token (device) and host_ring[step->pos0 % 2] (mapped host memory; -1: none).
+void launch_greedy_pick(const float* cands /* (n_slots, 4) */, int n_slots, int32_t* token /* (1) */,
+                        int32_t* host_ring /* (2) */, const StepDev* step, cudaStream_t stream);
 // Top-k keys of x, best first: returns the device pointer (a or b) that holds them (k). a and b hold
 // topk_scratch_keys(n, k) keys each. k <= kTopMaxK.
 constexpr int kTopMaxK = 256;

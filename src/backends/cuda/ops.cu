@@ -1008,6 +1008,45 @@ __global__ void argmax_final_kernel(const unsigned long long* __restrict__ best,
   *out = k == 0 ? 0 : static_cast<int32_t>(~static_cast<uint32_t>(k & 0xffffffffu));
 }
 
+// Greedy decoding with the token in device memory (Backend::greedy_candidate / greedy_pick). A slot is 4
+// floats, all integers below 2^24 so that an all-reduce sum with the other members' zeros is exact: the
+// key's ordered value bits as two 16-bit halves, the id (-1: no candidate), 0.
+__global__ void greedy_candidate_kernel(const unsigned long long* __restrict__ key /* (1) */, int64_t id_offset,
+                                        float* __restrict__ cands /* (n_slots, 4) */, int slot, int n_slots) {
+  pdl_enter();
+  const unsigned long long k = *key;  // 0: no element (argmax_partial_kernel's keys are never 0 otherwise)
+  const uint32_t ord = static_cast<uint32_t>(k >> 32);
+  const int64_t id = k == 0 ? -1 : static_cast<int64_t>(~static_cast<uint32_t>(k & 0xffffffffu)) + id_offset;
+  for (int j = threadIdx.x; j < 4 * n_slots; j += blockDim.x) {
+    float v = 0.0f;
+    if (j / 4 == slot) {
+      const int f = j % 4;
+      v = f == 0 ? static_cast<float>(ord >> 16) : f == 1 ? static_cast<float>(ord & 0xffffu) : f == 2 ? static_cast<float>(id) : 0.0f;
+    }
+    cands[j] = v;
+  }
+}
+// The best slot in candidate order; writes the device token (0 where there is none, so that the next
+// step's row lookup stays in bounds; the host sees -1 and fails) and the host's word for this step.
+__global__ void greedy_pick_kernel(const float* __restrict__ cands /* (n_slots, 4) */, int n_slots,
+                                   int32_t* __restrict__ token /* (1) device */,
+                                   volatile int32_t* __restrict__ host_ring /* (2) mapped host memory */,
+                                   const StepDev* __restrict__ step) {
+  pdl_enter();
+  if (threadIdx.x != 0) return;
+  unsigned long long best = 0;
+  for (int s = 0; s < n_slots; ++s) {
+    const float id = cands[4 * s + 2];
+    if (!(id >= 0.0f)) continue;
+    const uint32_t ord = (static_cast<uint32_t>(cands[4 * s]) << 16) | static_cast<uint32_t>(cands[4 * s + 1]);
+    best = max(best, (static_cast<unsigned long long>(ord) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(id)));
+  }
+  const int32_t t = best == 0 ? -1 : static_cast<int32_t>(~static_cast<uint32_t>(best & 0xffffffffu));
+  *token = t < 0 ? 0 : t;
+  host_ring[step->pos0 & 1] = t;
+  __threadfence_system();
+}
+
 // One round of top-k: block b sorts keys [b * kTopChunk, (b + 1) * kTopChunk) of the input (logits turned
 // into keys, or the previous round's keys) in shared memory, descending (bitonic network), and keeps the
 // first k. Rounds repeat until one block is left; each shrinks the keys kTopChunk / k times.
@@ -1222,6 +1261,12 @@ static void decode_d(int64_t group, int qsplit, const float* q, void* kc, void* 
   const auto go = [&](auto kernel) {
     launch_pdl(kernel, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done);
   };
+  if (qsplit == 4) {
+    if (per_block == 1) go(attention_decode_kernel<KV, D, 1, 4>);
+    else go(attention_decode_kernel<KV, D, 2, 4>);
+    SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
+    return;
+  }
   if (qsplit == 2) {
     switch (per_block) {
       case 1: go(attention_decode_kernel<KV, D, 1, 2>); break;
@@ -1248,7 +1293,7 @@ bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, vo
   if (!(xq && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
   const int64_t group = n_head / n_head_kv;
   // A split of a KV head's query heads needs whole supported groups on each side.
-  if (qsplit != 1 && (qsplit != 2 || group < 2))
+  if (!(qsplit == 1 || ((qsplit == 2 || qsplit == 4) && group >= qsplit)))
     fail_kind(ErrorKind::kInternal, "launch_attention_decode: ", qsplit, " blocks per KV head for a group of ", group);
   const bool f16 = kv_type == GgmlType::F16;
   const AttnRope rp{k_new, k_new ? v_new : nullptr, freq_factors, freq_base};
@@ -1379,6 +1424,20 @@ void launch_argmax_key(const float* x, int64_t n, unsigned long long* key, cudaS
   SHARDLM_CUDA_CHECK(cudaMemsetAsync(key, 0, sizeof(unsigned long long), s));
   launch_pdl(argmax_partial_kernel, dim3(grid_for(n, 256, 264)), dim3(256), 0, s, x, n, key);
   SHARDLM_CUDA_CHECK_LAUNCH("argmax_partial_kernel");
+}
+
+void launch_greedy_candidate(const float* x, int64_t n, int64_t id_offset, unsigned long long* key, float* cands,
+                             int slot, int n_slots, cudaStream_t s) {
+  if (slot < 0 || slot >= n_slots) fail_kind(ErrorKind::kInternal, "launch_greedy_candidate: slot ", slot, " of ", n_slots);
+  launch_argmax_key(x, n, key, s);
+  launch_pdl(greedy_candidate_kernel, dim3(1), dim3(128), 0, s, key, id_offset, cands, slot, n_slots);
+  SHARDLM_CUDA_CHECK_LAUNCH("greedy_candidate_kernel");
+}
+
+void launch_greedy_pick(const float* cands, int n_slots, int32_t* token, int32_t* host_ring, const StepDev* step,
+                        cudaStream_t s) {
+  launch_pdl(greedy_pick_kernel, dim3(1), dim3(32), 0, s, cands, n_slots, token, host_ring, step);
+  SHARDLM_CUDA_CHECK_LAUNCH("greedy_pick_kernel");
 }
 
 int64_t topk_scratch_keys(int64_t n, int k) { return (n + kTopChunk - 1) / kTopChunk * k; }
