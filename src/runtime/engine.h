@@ -33,7 +33,7 @@ struct EngineOptions {
   bool full_logits = false;         // decode steps move the whole logits row to the host (else candidates)
   // cuda, greedy decoding without penalties: the token stays on the device and the host enqueues the next
   // step before reading this one's (LlamaModel::step_greedy). SHARDLM_DEVICE_GREEDY=0|1 overrides it.
-  bool device_greedy = false;
+  bool device_greedy = true;
   int device = -1;                  // cuda: device index; -1 = local rank modulo the devices
 };
 
