@@ -38,12 +38,12 @@ struct PlanRequest {
 // The constants of the cost model, stated once so that reports can print them.
 struct CostParams {
   // GPU decode: weights read at this share of the datasheet bandwidth, plus a fixed time per layer (its
-  // ~8 kernels' launch, ramp and tail beyond their bytes). Refitted on H100 SXMs after the decode kernels
-  // of 2026-11-26 evening (decode attention, the all-reduce fused with the add + norm; docs/BENCHMARKS.md):
-  // llama-3.1-8b bf16 at tp 1/2 and pp 2, q8_0, q4_0, q4_k_m at tp 1, 70b q4_0 and q8_0 at tp 2; every
-  // prediction within 9% of the measurement (before: 24 us per layer, 50 before that; docs/planner.md).
+  // ~8 kernels' launch, ramp and tail beyond their bytes). Refitted on H100 SXMs after the greedy tokens
+  // stayed on the device and the decode attention took 4 blocks per KV head (2026-11-27 03:49Z;
+  // docs/planner.md): 16 us per layer puts llama-3.1-8b bf16 tp 1/2/4 and pp 2 and 70b q4_0 tp 2/4
+  // within 7% (20 us before, 24 before that, 50 at first).
   double gpu_bandwidth_efficiency = 0.90;
-  double gpu_layer_overhead_s = 20e-6;
+  double gpu_layer_overhead_s = 16e-6;
   double cpu_bandwidth_efficiency = 0.80;  // share of the configured CPU bandwidth (plain f32/f16/bf16 weights)
   // Block types are decoded in registers and the CPU kernels are bound by that work, not by memory:
   // measured decode shares of the copy roofline (docs/BENCHMARKS.md, 2026-11-26): f16 83%, q8_0 55%,
