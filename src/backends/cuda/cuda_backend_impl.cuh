@@ -151,7 +151,7 @@ class CudaBackend final : public Backend {
   bool prequant_ = true;      // SHARDLM_CUDA_PREQUANT
   bool fuse_rope_ = true;     // SHARDLM_CUDA_FUSE_ROPE
   bool attn_out4_ = true;     // SHARDLM_CUDA_ATTN_OUT4
-  int attn_qsplit_ = 4;       // SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD: decode attention blocks per KV head (1, 2, 4)
+  int attn_qsplit_ = 0;       // SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD: decode attention blocks per KV head (1, 2, 4; 0: by KV heads)
   bool attn_last_block_combine_ = true;  // SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE: no combine kernel
   int64_t prequantized_ = 0;  // matmul calls that took a producer's quantized row
   int64_t pushing_ = 0;       // matmul_reduce calls whose matvec pushed its outputs to the group
