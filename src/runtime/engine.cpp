@@ -10,6 +10,7 @@
 #ifdef SHARDLM_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
 #endif
+#include "core/env.h"
 #include "core/error.h"
 #include "core/units.h"
 
@@ -111,11 +112,8 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
         [g = graph_.get()](const StepInfo& st, const std::function<void()>& body) { g->greedy_runner.run(st, body); });
   }
 #endif
-  if (const char* v = std::getenv("SHARDLM_DEVICE_GREEDY")) {
-    const std::string s = v;
-    if (s != "0" && s != "1") fail("SHARDLM_DEVICE_GREEDY = '", s, "': expected 0 or 1");
-    options_.device_greedy = s == "1";
-  }
+  if (const auto on = env_switch("SHARDLM_DEVICE_GREEDY", "1: greedy tokens stay on the device, the default"))
+    options_.device_greedy = *on;
   std::vector<int> all(static_cast<size_t>(comm.world_size()));
   std::iota(all.begin(), all.end(), 0);
   world_ = comm_.make_group(all);

@@ -3,6 +3,7 @@
 #include "backends/cuda/mv_common.cuh"
 #include "backends/cuda/pack.h"
 #include "backends/cuda/quant_x.cuh"
+#include "core/env.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -91,11 +92,7 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     fail("cuda backend: KV cache type must be f16 or f32, got ", type_name(kv_type));
   // On/off switches for comparisons; each names its default.
   const auto flag = [](const char* name, bool& out, const char* meaning) {
-    const char* p = std::getenv(name);
-    if (!p) return;
-    const std::string v = p;
-    if (v != "0" && v != "1") fail(name, " = '", v, "': expected 0 or 1 (", meaning, ")");
-    out = v == "1";
+    if (const auto on = env_switch(name, meaning)) out = *on;
   };
   // Packing changes only speed (and, through int8 x, rounding): the switch is for measuring that.
   flag("SHARDLM_CUDA_PACK", pack_weights_, "0: ggml layout, 1: packed, the default");
@@ -109,24 +106,24 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   // The decode attention's query heads of a KV head over 1, 2 or 4 blocks (fewer where the group is smaller;
   // default 4: each warp's chain of products shrinks with its heads, and short contexts have few KV heads'
   // blocks to run at all, e.g. 2 per rank for 70B at tp 4: 178.6 / 184.4 -> 189.9 / 188.2 tok/s, 2026-11-27).
-  if (const char* p = std::getenv("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD")) {
-    const std::string v = p;
+  if (const auto p = env_value("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD")) {
+    const std::string& v = *p;
     if (v != "1" && v != "2" && v != "4")
-      fail("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD = '", v, "': expected 1, 2 or 4 (decode attention blocks per KV head)");
+      fail("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD='", v, "' is not 1, 2 or 4 (decode attention blocks per KV head)");
     attn_qsplit_ = v[0] - '0';  // else 0: by the number of local KV heads
   }
   // The decode attention's splits merged by the kernel's last block per KV head (1) or by a combine kernel (0).
   flag("SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE", attn_last_block_combine_, "1: no combine kernel, the default");
   // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
-  if (const char* p = std::getenv("SHARDLM_PK_VARIANT")) {
-    const std::string v = p;
+  if (const auto p = env_value("SHARDLM_PK_VARIANT")) {
+    const std::string& v = *p;
     if (v.size() != 1 || v[0] < '0' || v[0] > '4') fail("SHARDLM_PK_VARIANT = '", v, "': expected 0 to 4");
     pk_variant_ = v[0] - '0';
   }
   // Measurement only, the outputs become meaningless: one-token kernels of the listed kinds are not launched,
   // so that a decode step's time without them shows what they cost inside the graph (scripts/gpu/x1env.sh).
-  if (const char* p = std::getenv("SHARDLM_CUDA_SKIP")) {
-    const std::string v = p;
+  if (const auto p = env_value("SHARDLM_CUDA_SKIP")) {
+    const std::string& v = *p;
     static constexpr std::pair<const char*, int> kKinds[] = {{"none", 0},         {"norm", kSkipNorm},
                                                              {"swiglu", kSkipSwiglu}, {"rope", kSkipRope},
                                                              {"attn", kSkipAttn},     {"mv", kSkipMatvec},
@@ -141,7 +138,7 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
       b = e + 1;
     }
     if (skip_ != 0)
-      std::fprintf(stderr, "shardlm: SHARDLM_CUDA_SKIP=%s: decode kernels are skipped, outputs are meaningless\n", p);
+      std::fprintf(stderr, "shardlm: SHARDLM_CUDA_SKIP=%s: decode kernels are skipped, outputs are meaningless\n", v.c_str());
   }
   DeviceGuard g(device_);
   SHARDLM_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
@@ -942,13 +939,9 @@ struct CudaGraphRunner::Impl {
 
 CudaGraphRunner::CudaGraphRunner(Backend& backend) : impl_(std::make_unique<Impl>()) {
   impl_->backend = &cuda_detail::as_cuda(backend, "CudaGraphRunner");
-  if (const char* p = std::getenv("SHARDLM_GRAPH_TIMING")) {
-    const std::string v = p;
-    if (v != "0" && v != "1") fail("SHARDLM_GRAPH_TIMING = '", v, "': expected 0 or 1");
-    if (v == "1") {
-      cuda_detail::DeviceGuard g(impl_->backend->device_index());
-      impl_->timing = std::make_unique<GraphTiming>();
-    }
+  if (env_switch("SHARDLM_GRAPH_TIMING", "1: time each decode graph; default 0").value_or(false)) {
+    cuda_detail::DeviceGuard g(impl_->backend->device_index());
+    impl_->timing = std::make_unique<GraphTiming>();
   }
 }
 

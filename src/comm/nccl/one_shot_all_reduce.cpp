@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/env.h"
 #include "core/error.h"
 
 namespace shardlm::one_shot {
@@ -142,16 +143,13 @@ std::string describe(Fuse f) {
 Settings parse_settings(const char* mode, const char* max_kb, const char* fuse, const char* trace,
                         const char* push, const char* poll_together, const char* relaxed_shares) {
   Settings s;
-  const auto flag = [](const char* name, const char* v, bool& out) {
-    if (!v || !*v) return;
-    const std::string f = v;
-    if (f != "0" && f != "1") fail(name, "='", f, "' is not 0 or 1");
-    out = f == "1";
+  const auto flag = [](const char* name, const char* v, bool& out, const char* meaning) {
+    if (const auto on = parse_switch(name, v, meaning)) out = *on;
   };
-  flag("SHARDLM_ALLREDUCE_TRACE", trace, s.trace);
-  flag("SHARDLM_ALLREDUCE_PUSH", push, s.push);
-  flag("SHARDLM_ALLREDUCE_POLL_TOGETHER", poll_together, s.poll_together);
-  flag("SHARDLM_ALLREDUCE_RELAXED_SHARES", relaxed_shares, s.relaxed_shares);
+  flag("SHARDLM_ALLREDUCE_TRACE", trace, s.trace, "1: time the fused calls; default 0");
+  flag("SHARDLM_ALLREDUCE_PUSH", push, s.push, "1: matvecs push their shares, the default");
+  flag("SHARDLM_ALLREDUCE_POLL_TOGETHER", poll_together, s.poll_together, "1: every source polled at once, the default");
+  flag("SHARDLM_ALLREDUCE_RELAXED_SHARES", relaxed_shares, s.relaxed_shares, "1: relaxed share words, the default");
   if (mode && *mode) {
     const std::string m = mode;
     if (m == "auto") s.mode = Mode::kAuto;
