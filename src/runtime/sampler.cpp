@@ -34,7 +34,7 @@ int32_t argmax(const float* logits, int64_t n) {
 
 std::vector<int32_t> Sampler::penalized(const std::vector<int32_t>& history, int64_t n_vocab) const {
   std::vector<int32_t> out;
-  if (p_.repeat_penalty == 1.0f || p_.repeat_last_n <= 0) return out;
+  if (!penalty_on()) return out;
   // llama.cpp's rule: each distinct recent token once.
   std::unordered_set<int32_t> seen;
   const size_t from = history.size() > size_t(p_.repeat_last_n) ? history.size() - size_t(p_.repeat_last_n) : 0;

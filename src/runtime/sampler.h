@@ -44,13 +44,15 @@ class Sampler {
   // (a token outside both is beaten by k unpenalized tokens before and after the penalty).
   CandidateRequest request(const std::vector<int32_t>& history, int64_t n_vocab) const;
   // Greedy with no penalty: the token is the first logit in candidate order whatever the history.
-  bool plain_greedy() const { return p_.temperature <= 0 && (p_.repeat_penalty == 1.0f || p_.repeat_last_n <= 0); }
+  bool plain_greedy() const { return p_.temperature <= 0 && !penalty_on(); }
   // The token sample() would return for the full logits, given what request() asked for; consumes the
   // random stream exactly as sample() does.
   int32_t sample_candidates(const std::vector<TokenCandidate>& top, const CandidateRequest& req,
                             const std::vector<float>& extra_values /* (req.extra.size()) */);
 
  private:
+  // The repetition penalty changes any logit at all.
+  bool penalty_on() const { return p_.repeat_penalty != 1.0f && p_.repeat_last_n > 0; }
   std::vector<int32_t> penalized(const std::vector<int32_t>& history, int64_t n_vocab) const;
   float penalize(float v) const { return v > 0 ? v / p_.repeat_penalty : v * p_.repeat_penalty; }
   // The chain after the penalty: `c` holds every token that can still be chosen (all of them, or the

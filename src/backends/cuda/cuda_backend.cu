@@ -102,10 +102,10 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   flag("SHARDLM_CUDA_FUSE_ROPE", fuse_rope_, "default 1");
   // The decode attention's output step with one float4 per thread (0: one element per thread).
   flag("SHARDLM_CUDA_ATTN_OUT4", attn_out4_, "default 1");
-  // The decode attention's query heads of a KV head over two blocks (1) or one (0; groups of one always one).
-  // The decode attention's query heads of a KV head over 1, 2 or 4 blocks (fewer where the group is smaller;
-  // default 4: each warp's chain of products shrinks with its heads, and short contexts have few KV heads'
-  // blocks to run at all, e.g. 2 per rank for 70B at tp 4: 178.6 / 184.4 -> 189.9 / 188.2 tok/s, 2026-11-27).
+  // The decode attention's query heads of a KV head over 1, 2 or 4 blocks (never more than the group). Unset:
+  // chosen by the local KV heads in attention_impl (more blocks shorten each warp's chain of products where a
+  // short context has few KV heads' blocks to run at all, e.g. 2 per rank for 70B at tp 4: 178.6 / 184.4 ->
+  // 189.9 / 188.2 tok/s with 4, 2026-11-27).
   if (const auto p = env_value("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD")) {
     const std::string& v = *p;
     if (v != "1" && v != "2" && v != "4")
@@ -159,7 +159,6 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   argmax_key_ = DevMem(sizeof(unsigned long long));
   argmax_host_ = PinnedMem(sizeof(int32_t));
   tok_dev_ = DevMem(sizeof(int32_t));
-  greedy_key_ = DevMem(sizeof(unsigned long long));
   tok_host_ = PinnedMem(2 * sizeof(int32_t));
   SHARDLM_CUDA_CHECK(cudaMemsetAsync(tok_dev_.get(), 0, sizeof(int32_t), stream_->get()));
   SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream_->get()));
@@ -313,12 +312,12 @@ void CudaBackend::begin_step(const StepInfo& step) {
   step_ = step;
   const int slot = step_slot_;
   step_slot_ = (step_slot_ + 1) % kStepSlots;
-  if (step_ev_used_[slot]) SHARDLM_CUDA_CHECK(cudaEventSynchronize(step_ev_[slot]->get()));
+  // A slot's event that was never recorded returns at once.
+  SHARDLM_CUDA_CHECK(cudaEventSynchronize(step_ev_[slot]->get()));
   StepDev* d = step_host_.as<StepDev>() + slot;
   *d = StepDev{step.pos0, step.n_tok};
   SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), d, sizeof *d, cudaMemcpyHostToDevice, stream()));
   SHARDLM_CUDA_CHECK(cudaEventRecord(step_ev_[slot]->get(), stream()));
-  step_ev_used_[slot] = true;
 }
 
 void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) {
@@ -764,7 +763,7 @@ void CudaBackend::greedy_candidate(const float* logits, int64_t n, int64_t id_of
               n_slots, " (ids must stay below 2^24 to travel as floats)");
   note_write();
   DeviceGuard g(device_);
-  launch_greedy_candidate(logits, n, id_offset, greedy_key_.as<unsigned long long>(), cands, slot, n_slots, stream());
+  launch_greedy_candidate(logits, n, id_offset, argmax_key_.as<unsigned long long>(), cands, slot, n_slots, stream());
 }
 
 void CudaBackend::greedy_pick(const float* cands, int n_slots) {
@@ -878,15 +877,10 @@ void cuda_argmax_async(Backend& backend, const float* logits, int64_t n, int32_t
 // say how much of a decode step's period the graph's own GPU time is; the rest is the time between graphs
 // (the candidates' kernel and copy, the host's exchange and sampling, the next launch).
 struct GraphTiming {
-  cudaEvent_t start[2] = {}, end[2] = {};
-  int64_t n = 0;                       // replays timed
+  cuda_detail::Event start[2], end[2];     // made on the runner's device (the constructor's caller sets it)
+  int64_t n = 0;                           // replays timed
   std::vector<float> graph_ms, period_ms;  // start -> end; one replay's start -> the next one's start
-  GraphTiming() {
-    for (int i = 0; i < 2; ++i) {
-      SHARDLM_CUDA_CHECK(cudaEventCreate(&start[i]));
-      SHARDLM_CUDA_CHECK(cudaEventCreate(&end[i]));
-    }
-  }
+  GraphTiming() = default;
   ~GraphTiming() {
     // Medians: a generation's first step follows a prefill and the host's set-up, not a decode step.
     const auto median = [](std::vector<float> v) {
@@ -896,10 +890,6 @@ struct GraphTiming {
     if (!graph_ms.empty() && !period_ms.empty())
       std::fprintf(stderr, "shardlm: graph timing (medians of %zu): graph %.1f us on the GPU, %.1f us from one start to the next\n",
                    period_ms.size(), median(graph_ms), median(period_ms));
-    for (int i = 0; i < 2; ++i) {
-      cudaEventDestroy(start[i]);
-      cudaEventDestroy(end[i]);
-    }
   }
   GraphTiming(const GraphTiming&) = delete;
   GraphTiming& operator=(const GraphTiming&) = delete;
@@ -909,19 +899,19 @@ struct GraphTiming {
     const int cur = static_cast<int>(n % 2), prev = 1 - cur;
     if (n > 0) {
       float ms = 0.0f;
-      SHARDLM_CUDA_CHECK(cudaEventSynchronize(end[prev]));
-      SHARDLM_CUDA_CHECK(cudaEventElapsedTime(&ms, start[prev], end[prev]));
+      SHARDLM_CUDA_CHECK(cudaEventSynchronize(end[prev].get()));
+      SHARDLM_CUDA_CHECK(cudaEventElapsedTime(&ms, start[prev].get(), end[prev].get()));
       graph_ms.push_back(ms);
     }
-    SHARDLM_CUDA_CHECK(cudaEventRecord(start[cur], s));
+    SHARDLM_CUDA_CHECK(cudaEventRecord(start[cur].get(), s));
   }
   void after(cudaStream_t s) {
     const int cur = static_cast<int>(n % 2), prev = 1 - cur;
-    SHARDLM_CUDA_CHECK(cudaEventRecord(end[cur], s));
+    SHARDLM_CUDA_CHECK(cudaEventRecord(end[cur].get(), s));
     if (n > 0) {
       float ms = 0.0f;
-      SHARDLM_CUDA_CHECK(cudaEventSynchronize(start[cur]));
-      SHARDLM_CUDA_CHECK(cudaEventElapsedTime(&ms, start[prev], start[cur]));
+      SHARDLM_CUDA_CHECK(cudaEventSynchronize(start[cur].get()));
+      SHARDLM_CUDA_CHECK(cudaEventElapsedTime(&ms, start[prev].get(), start[cur].get()));
       period_ms.push_back(ms);
     }
     ++n;

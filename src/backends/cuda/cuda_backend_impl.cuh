@@ -130,14 +130,12 @@ class CudaBackend final : public Backend {
   static constexpr int kStepSlots = 4;
   PinnedMem step_host_;           // (kStepSlots) StepDev
   std::unique_ptr<Event> step_ev_[kStepSlots];  // after each slot's last copy (made on this device)
-  bool step_ev_used_[kStepSlots] = {};
   int step_slot_ = 0;
   DevMem argmax_dev_;  // int32
-  DevMem argmax_key_;  // u64 (value, index) key for the atomic reduction
+  DevMem argmax_key_;  // u64 (value, index) key for the atomic reduction (argmax, top_candidates, greedy_candidate)
   PinnedMem argmax_host_;
   // Greedy decoding with the token in device memory (Backend::device_tokens).
   DevMem tok_dev_;       // (1) int32: the next step's input token
-  DevMem greedy_key_;    // (1) u64: this member's best candidate key
   PinnedMem tok_host_;   // (2) int32, mapped: the token chosen by the step at an even / odd position
   std::unique_ptr<Event> tok_ev_[2];  // after the step at an even / odd position (made on this device)
   int64_t tok_marked_[2] = {-1, -1};  // the position each event was last recorded for

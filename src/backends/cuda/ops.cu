@@ -982,6 +982,9 @@ __global__ void f32_to_16_kernel(const float* __restrict__ src /* (n) */, uint16
 // Key = (order-preserving bits of the value) << 32 | ~index, the candidate order of ops/candidates.h: the
 // largest key is the largest value at the lowest index; -0 counts as +0; NaNs have value bits 0, so they
 // come after every number. Key 0 is padding (it would be index 0xffffffff).
+__device__ __forceinline__ unsigned long long ord_key(uint32_t ord, int64_t i) {
+  return (static_cast<unsigned long long>(ord) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(i));
+}
 __device__ __forceinline__ unsigned long long cand_key(float v, int64_t i) {
   uint32_t ord = 0;
   if (!isnan(v)) {
@@ -989,7 +992,11 @@ __device__ __forceinline__ unsigned long long cand_key(float v, int64_t i) {
     if (b == 0x80000000u) b = 0;
     ord = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
-  return (static_cast<unsigned long long>(ord) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(i));
+  return ord_key(ord, i);
+}
+// The index of a key (not of the padding key 0).
+__device__ __forceinline__ int64_t key_index(unsigned long long k) {
+  return static_cast<int64_t>(~static_cast<uint32_t>(k & 0xffffffffu));
 }
 __global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int64_t n,
                                       unsigned long long* __restrict__ best /* (1), zeroed */) {
@@ -1005,7 +1012,7 @@ __global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int
 __global__ void argmax_final_kernel(const unsigned long long* __restrict__ best, int32_t* __restrict__ out) {
   pdl_enter();
   const unsigned long long k = *best;
-  *out = k == 0 ? 0 : static_cast<int32_t>(~static_cast<uint32_t>(k & 0xffffffffu));
+  *out = k == 0 ? 0 : static_cast<int32_t>(key_index(k));
 }
 
 // Greedy decoding with the token in device memory (Backend::greedy_candidate / greedy_pick). A slot is 4
@@ -1016,7 +1023,7 @@ __global__ void greedy_candidate_kernel(const unsigned long long* __restrict__ k
   pdl_enter();
   const unsigned long long k = *key;  // 0: no element (argmax_partial_kernel's keys are never 0 otherwise)
   const uint32_t ord = static_cast<uint32_t>(k >> 32);
-  const int64_t id = k == 0 ? -1 : static_cast<int64_t>(~static_cast<uint32_t>(k & 0xffffffffu)) + id_offset;
+  const int64_t id = k == 0 ? -1 : key_index(k) + id_offset;
   for (int j = threadIdx.x; j < 4 * n_slots; j += blockDim.x) {
     float v = 0.0f;
     if (j / 4 == slot) {
@@ -1039,9 +1046,9 @@ __global__ void greedy_pick_kernel(const float* __restrict__ cands /* (n_slots, 
     const float id = cands[4 * s + 2];
     if (!(id >= 0.0f)) continue;
     const uint32_t ord = (static_cast<uint32_t>(cands[4 * s]) << 16) | static_cast<uint32_t>(cands[4 * s + 1]);
-    best = max(best, (static_cast<unsigned long long>(ord) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(id)));
+    best = max(best, ord_key(ord, static_cast<int64_t>(id)));
   }
-  const int32_t t = best == 0 ? -1 : static_cast<int32_t>(~static_cast<uint32_t>(best & 0xffffffffu));
+  const int32_t t = best == 0 ? -1 : static_cast<int32_t>(key_index(best));
   *token = t < 0 ? 0 : t;
   host_ring[step->pos0 & 1] = t;
   __threadfence_system();
@@ -1261,26 +1268,23 @@ static void decode_d(int64_t group, int qsplit, const float* q, void* kc, void* 
   const auto go = [&](auto kernel) {
     launch_pdl(kernel, grid, block, 0, s, q, k, v, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done);
   };
+  // per_block is group / qsplit: the groups are 1, 2, 4 or 8 (attention_decode_supported), qsplit <= group.
   if (qsplit == 4) {
     if (per_block == 1) go(attention_decode_kernel<KV, D, 1, 4>);
     else go(attention_decode_kernel<KV, D, 2, 4>);
-    SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
-    return;
-  }
-  if (qsplit == 2) {
+  } else if (qsplit == 2) {
     switch (per_block) {
       case 1: go(attention_decode_kernel<KV, D, 1, 2>); break;
       case 2: go(attention_decode_kernel<KV, D, 2, 2>); break;
       default: go(attention_decode_kernel<KV, D, 4, 2>); break;
     }
-    SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
-    return;
-  }
-  switch (per_block) {
-    case 1: go(attention_decode_kernel<KV, D, 1, 1>); break;
-    case 2: go(attention_decode_kernel<KV, D, 2, 1>); break;
-    case 4: go(attention_decode_kernel<KV, D, 4, 1>); break;
-    default: go(attention_decode_kernel<KV, D, 8, 1>); break;
+  } else {
+    switch (per_block) {
+      case 1: go(attention_decode_kernel<KV, D, 1, 1>); break;
+      case 2: go(attention_decode_kernel<KV, D, 2, 1>); break;
+      case 4: go(attention_decode_kernel<KV, D, 4, 1>); break;
+      default: go(attention_decode_kernel<KV, D, 8, 1>); break;
+    }
   }
   SHARDLM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
 }
