@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <set>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -34,6 +35,10 @@
 namespace shardlm {
 namespace {
 
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -173,6 +178,11 @@ int cmd_bench(int argc, const char* const* argv) {
   app.add_option("-n,--n-gen", n_gen, "generated tokens for the tg test (0 skips it)");
   app.add_option("-r,--repetitions", reps, "runs of each test (the median is reported)");
   app.add_flag("--json", json, "machine-readable output");
+  std::string npl_list;
+  app.add_option("--n-parallel", npl_list,
+                 "also -npl: batched decode (llama-batched-bench's spelling): comma-separated numbers of sequences decoding "
+                 "together, each with a prompt of -p tokens generating -n; reports the aggregate decode tokens/s "
+                 "(S_TG) and its share of that step's roofline (weights + KV read per step)");
   bool no_warmup = false;
   app.add_flag("--no-warmup", no_warmup,
                "time the first run too (default: one untimed run of each test first, as llama-bench does: it pays "
@@ -183,7 +193,16 @@ int cmd_bench(int argc, const char* const* argv) {
   if (reps < 1 || reps > 1000) fail("-r ", reps, " is outside [1, 1000]");
   const std::string path = rf.model_path();
   auto src = open_model(path);  // once: the planner reads it, then the engine loads from it
+  std::vector<int64_t> npl;
+  if (!npl_list.empty()) {
+    for (double v : parse_proportions(npl_list, "-npl")) {
+      if (v < 1 || v > 4096 || v != std::floor(v)) fail("-npl: ", v, " is not a whole number of sequences in [1, 4096]");
+      npl.push_back(static_cast<int64_t>(v));
+    }
+    if (n_gen < 2) fail("-npl needs -n >= 2 (the decode phase), got ", n_gen);
+  }
   EngineOptions eo = rf.resolve(*src, std::max<int64_t>(n_prompt, 1) + n_gen);
+  for (int64_t n : npl) eo.max_num_seqs = std::max(eo.max_num_seqs, n);
   if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv); rc >= 0) return rc;
   auto comm = make_communicator(rf.comm_timeout);
   const bool rank0 = comm->rank() == 0;
@@ -216,6 +235,48 @@ int cmd_bench(int argc, const char* const* argv) {
       comm_share.push_back(g.times.comm_s / std::max(g.times.decode_s + g.times.prefill_s, 1e-12));
       tokens_on_device = g.tokens_on_device;
     }
+  }
+  // Batched decode: N sequences, each a prompt of -p tokens then -n generated. The prefill phase ends when
+  // every sequence has its first token; the decode phase (timed, S_TG) is everything after.
+  struct Batched {
+    int64_t seqs = 0;
+    double tg = 0, pp = 0;  // aggregate tokens/s of the decode and prefill phases
+    double avg_ctx = 0;     // mean context of a sequence over the decode phase (for the KV bytes read)
+  };
+  std::vector<Batched> batched;
+  for (int64_t n_seq : npl) {
+    Batched bt;
+    bt.seqs = n_seq;
+    std::set<int64_t> started;  // sequences that have their first token
+    int64_t decode_tokens = 0;
+    const double t0 = now_s();
+    double t1 = t0;
+    if (rank0) {
+      SequenceParams sp;
+      sp.sampling = greedy;
+      sp.max_tokens = n_gen;
+      for (int64_t i = 0; i < n_seq; ++i) {
+        std::vector<int32_t> p(static_cast<size_t>(std::max<int64_t>(n_prompt, 1)));
+        for (size_t k = 0; k < p.size(); ++k) p[k] = int32_t((int64_t(k) * 7919 + 13 + i * 104729) % nv);
+        engine.add_sequence(std::move(p), sp);
+      }
+    }
+    std::vector<SeqEvent> ev;
+    while (engine.step(&ev)) {
+      for (const SeqEvent& e : ev) {
+        if (e.token < 0) continue;
+        if (static_cast<int64_t>(started.size()) == n_seq)
+          ++decode_tokens;
+        else if (started.insert(e.id).second && static_cast<int64_t>(started.size()) == n_seq)
+          t1 = now_s();  // the last sequence's first token: every sequence decodes from here
+      }
+      ev.clear();
+    }
+    const double t2 = now_s();
+    bt.pp = double(n_seq * std::max<int64_t>(n_prompt, 1)) / std::max(t1 - t0, 1e-9);
+    bt.tg = double(decode_tokens) / std::max(t2 - t1, 1e-9);
+    bt.avg_ctx = double(std::max<int64_t>(n_prompt, 1)) + double(n_gen) / 2;
+    batched.push_back(bt);
   }
   // Every rank reads its own weights once per token; on one host they share the memory bus. Memory is
   // read here, after the runs (KV cache, workspaces and graphs all exist) and before rank 0's bandwidth
@@ -278,6 +339,19 @@ int cmd_bench(int argc, const char* const* argv) {
                // Time per token beyond reading the weights at the measured bandwidth: launches, syncs,
                // host work, collectives.
                {"fixed_cost_us_per_token", 1e6 * (1.0 / median(tg) - 1.0 / roof)}};
+  if (!batched.empty()) {
+    // KV bytes one sequence reads per step per position of context: K and V rows of every layer, all ranks.
+    const ModelConfig& mc = src->config();
+    const double kv_pos = 2.0 * double(mc.n_layer) * double(mc.n_head_kv) * double(mc.head_dim) * double(type_size(eo.kv_type));
+    nlohmann::json jb = nlohmann::json::array();
+    for (const Batched& bt : batched) {
+      const double step_bytes = double(all_bytes) + double(bt.seqs) * bt.avg_ctx * kv_pos;
+      const double roof_b = double(bt.seqs) * parallel_readers * bw / step_bytes;
+      jb.push_back({{"sequences", bt.seqs}, {"tg_tokens_per_s", bt.tg}, {"pp_tokens_per_s", bt.pp},
+                    {"roofline_tokens_per_s", roof_b}, {"roofline_share", bt.tg / roof_b}});
+    }
+    j["batched"] = jb;
+  }
   j["layout"] = {{"tp", eo.tp}, {"pp", eo.pp}};
   j["device_all_reduce"] = comm->all_reduce_kind();
 
@@ -350,6 +424,16 @@ int cmd_bench(int argc, const char* const* argv) {
                 100 * median(comm_share));
     std::printf("fixed cost per generated token beyond the weight reads: %.1f us%s\n", 1e6 * (1.0 / median(tg) - 1.0 / roof),
                 tokens_on_device ? " (greedy tokens kept on the device)" : "");
+  }
+  if (j.contains("batched")) {
+    std::printf("batched decode (-p %lld -n %lld per sequence; S_TG = tokens generated after every sequence's first "
+                "/ that time; roofline = weights + each sequence's KV read once per step)\n",
+                (long long)std::max<int64_t>(n_prompt, 1), (long long)n_gen);
+    std::printf("| sequences | S_TG tokens/s | roofline tokens/s | share | S_PP tokens/s |\n|---|---|---|---|---|\n");
+    for (const auto& b : j["batched"])
+      std::printf("| %lld | %.1f | %.1f | %.1f%% | %.1f |\n", (long long)b["sequences"].get<int64_t>(),
+                  b["tg_tokens_per_s"].get<double>(), b["roofline_tokens_per_s"].get<double>(),
+                  100 * b["roofline_share"].get<double>(), b["pp_tokens_per_s"].get<double>());
   }
   // Per-rank memory: the backend's allocations against the planner's weights + KV + workspace, and the
   // device's memory in use (every context on the GPU) against that plus the planner's reserve.

@@ -32,6 +32,7 @@ const char* llama_cpp_alias(const char* arg) {
   static const std::pair<const char*, const char*> kAliases[] = {
       {"-ts", "--tensor-split"}, {"-sm", "--split-mode"},   {"-ngl", "--n-gpu-layers"},
       {"-mg", "--main-gpu"},     {"-ctk", "--cache-type-k"}, {"-ctv", "--cache-type-v"},
+      {"-npl", "--n-parallel"},
   };
   for (const auto& [from, to] : kAliases)
     if (!std::strcmp(arg, from)) return to;

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "cli_common.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "plan_glue.h"
 
@@ -39,6 +40,9 @@ void RunFlags::add_to(CLI::App& app) {
 
 EngineOptions RunFlags::engine_options() const {
   EngineOptions o;
+  // A switch for measuring only (docs/cuda_kernels.md): the application reads it, the library takes the field.
+  if (const auto on = env_switch("SHARDLM_DEVICE_GREEDY", "1: greedy tokens stay on the device, the default"))
+    o.device_greedy = *on;
   if (tp < 1 || tp > 1024) fail("--tp ", tp, " is outside [1, 1024]");
   if (pp < 1 || pp > 1024) fail("--pp ", pp, " is outside [1, 1024]");
   o.tp = tp;

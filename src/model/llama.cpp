@@ -13,11 +13,37 @@ constexpr int kTagHidden = 100;  // stage-to-stage hidden states
 struct LlamaModel::Segment {
   Backend* b = nullptr;
   int first = 0, end = 0;  // layer indices within this stage
-  std::vector<std::unique_ptr<DeviceBuffer>> kv;
-  std::vector<KvLayerView> kv_views;  // (end - first)
+  std::vector<KvLayerView> kv_views;  // (end - first) the engine's pools of these layers
   // Activations of one step, in b's memory.
   std::unique_ptr<DeviceBuffer> x, xn, q, k, v, att, o, gate, up;
 };
+
+std::vector<KvLayerView> allocate_kv_pools(const ModelConfig& config, int64_t n_head_kv_local,
+                                           const std::vector<Backend*>& layer_backend, int64_t n_blocks,
+                                           int64_t block_size, GgmlType type,
+                                           std::vector<std::unique_ptr<DeviceBuffer>>* storage, uint64_t* bytes) {
+  if (type != GgmlType::F32 && type != GgmlType::F16)
+    fail("KV cache type ", type_name(type), " is not supported (f32, f16)");
+  std::vector<KvLayerView> views;
+  for (Backend* b : layer_backend) {
+    KvLayerView v;
+    v.type = type;
+    v.n_blocks = n_blocks;
+    v.block_size = block_size;
+    v.n_head_kv = n_head_kv_local;
+    v.head_dim = config.head_dim;
+    const size_t n = static_cast<size_t>(checked_mul<int64_t>(
+        checked_mul<int64_t>(checked_mul<int64_t>(n_blocks, block_size, "KV pool"), v.row_width(), "KV pool"),
+        type_size(type), "KV pool"));
+    storage->push_back(b->alloc(n));
+    v.k = storage->back()->data();
+    storage->push_back(b->alloc(n));
+    v.v = storage->back()->data();
+    *bytes += 2 * n;
+    views.push_back(v);
+  }
+  return views;
+}
 
 LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Communicator& comm, ModelWeights weights,
                        const ModelOptions& options)
@@ -27,11 +53,18 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
   vocab_ = vocab_shard(config_, tp, tr);
   for (int r = 0; r < tp; ++r) vocab_counts_.push_back(static_cast<size_t>(vocab_shard(config_, tp, r).size()));
   tp_group_ = comm_.make_group(mapping_.tp_group());
-  if (options_.n_ctx < 1) fail("context size ", options_.n_ctx, " must be >= 1");
   if (options_.n_batch < 1) fail("batch size ", options_.n_batch, " must be >= 1");
-  if (options_.kv_type != GgmlType::F32 && options_.kv_type != GgmlType::F16)
-    fail("KV cache type ", type_name(options_.kv_type), " is not supported (f32, f16)");
   const int n_layers = static_cast<int>(weights_.layers.size());
+  if (static_cast<int>(options_.kv.size()) != n_layers)
+    fail_kind(ErrorKind::kInternal, "KV pools for ", options_.kv.size(), " layers, stage owns ", n_layers);
+  for (const KvLayerView& kv : options_.kv) {
+    if (kv.type != GgmlType::F32 && kv.type != GgmlType::F16)
+      fail("KV cache type ", type_name(kv.type), " is not supported (f32, f16)");
+    if (kv.n_blocks != options_.kv.front().n_blocks || kv.block_size != options_.kv.front().block_size ||
+        kv.n_blocks < 1 || kv.block_size < 1 || kv.head_dim != config_.head_dim)
+      fail_kind(ErrorKind::kInternal, "KV pools of different shapes: ", kv.n_blocks, " x ", kv.block_size, " head_dim ",
+                kv.head_dim);
+  }
   if (n_layers != mapping_.layers().size() || static_cast<int>(weights_.layer_backend.size()) != n_layers || n_layers < 1)
     fail_kind(ErrorKind::kInternal, "weights hold ", n_layers, " layers on ", weights_.layer_backend.size(),
               " backends, stage owns ", mapping_.layers().size());
@@ -39,8 +72,6 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
 
   const int64_t hd = config_.head_dim, nb = options_.n_batch;
   const int64_t kv_w = heads_.kv_heads.size() * hd;
-  const size_t kv_layer = static_cast<size_t>(checked_mul<int64_t>(
-      checked_mul<int64_t>(options_.n_ctx, kv_w, "kv cache"), type_size(options_.kv_type), "kv cache"));
   for (int l = 0; l < n_layers; ++l) {
     Backend* b = weights_.layer_backend[static_cast<size_t>(l)];
     if (segments_.empty() || segments_.back()->b != b) {
@@ -66,20 +97,15 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
     }
     Segment& seg = *segments_.back();
     seg.end = l + 1;
-    seg.kv.push_back(b->alloc(kv_layer));
-    seg.kv.push_back(b->alloc(kv_layer));
-    KvLayerView v;
-    v.type = options_.kv_type;
-    v.n_ctx = options_.n_ctx;
-    v.n_head_kv = heads_.kv_heads.size();
-    v.head_dim = hd;
-    v.k = seg.kv[seg.kv.size() - 2]->data();
-    v.v = seg.kv.back()->data();
+    const KvLayerView& v = options_.kv[static_cast<size_t>(l)];
+    if (v.n_head_kv != heads_.kv_heads.size())
+      fail_kind(ErrorKind::kInternal, "KV pool of layer ", l, " holds ", v.n_head_kv, " heads, this rank ",
+                heads_.kv_heads.size());
     seg.kv_views.push_back(v);
-    kv_bytes_ += 2 * kv_layer;
   }
   if (mapping_.is_last_stage()) {
-    // One row: decode needs only the last token's logits; all_logits steps grow them on demand.
+    // One row: decode of one sequence needs only its last token's logits; steps with more rows grow a
+    // second buffer on demand.
     Backend& b = *segments_.back()->b;
     logits_row_ = b.alloc(static_cast<size_t>(vocab_.size()) * sizeof(float));
     workspace_bytes_ += static_cast<size_t>(vocab_.size()) * sizeof(float);
@@ -145,32 +171,16 @@ void LlamaModel::recv_hidden(Backend& b, float* x, size_t n) {
   b.upload(x, host_stage_.data(), n * sizeof(float));
 }
 
-bool LlamaModel::step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits,
-                      std::vector<float>* logits) {
-  if (!forward(ids, n_tok, pos0, all_logits)) return false;
-  finish_logits(n_tok, all_logits, logits);
-  return true;
-}
-
-bool LlamaModel::step_candidates(int32_t id, int64_t pos, int k, const std::vector<int32_t>& extra,
-                                 std::vector<TokenCandidate>* top, std::vector<float>* extra_values) {
-  if (k < 1) fail_kind(ErrorKind::kInternal, "step_candidates: k = ", k);
-  for (int32_t e : extra)
-    if (e < 0 || e >= config_.n_vocab) fail_kind(ErrorKind::kInternal, "step_candidates: extra id ", e);
-  if (!forward(&id, 1, pos, false)) return false;
-  finish_candidates(k, extra, top, extra_values);
-  return true;
-}
-
-void LlamaModel::segment_body(size_t s, int64_t n_tok, bool all_logits) {
+void LlamaModel::segment_body(size_t s, const BatchInfo& batch) {
   Segment& seg = *segments_[s];
+  const int64_t n_tok = batch.n_tok;
   const size_t n_hidden = static_cast<size_t>(n_tok * config_.n_embd);
   for (int l = seg.first; l < seg.end; ++l) layer(seg, l, n_tok, l > seg.first);
   if (seg.end > seg.first) {
     if (mapping_.tp_size() > 1) all_reduce(*seg.b, seg.o->as<float>(), n_hidden);
     seg.b->add(seg.x->as<float>(), seg.o->as<float>(), static_cast<int64_t>(n_hidden));
   }
-  if (s + 1 == segments_.size() && mapping_.is_last_stage()) head(n_tok, all_logits);
+  if (s + 1 == segments_.size() && mapping_.is_last_stage()) head(batch);
 }
 
 bool LlamaModel::greedy_on_device() const {
@@ -186,19 +196,20 @@ void LlamaModel::set_device_token(int32_t id) {
   segments_.front()->b->set_device_token(id);
 }
 
-void LlamaModel::step_greedy(int64_t pos) {
+void LlamaModel::step_greedy(const BatchInfo& batch) {
   if (!greedy_on_device()) fail_kind(ErrorKind::kInternal, "step_greedy: greedy decoding on the device is not available");
-  if (pos < 0 || pos + 1 > options_.n_ctx)
-    fail("position ", pos, " does not fit the context of ", options_.n_ctx, " tokens");
+  check_batch(batch);
+  if (batch.n_seq() != 1 || batch.n_tok != 1 || batch.out_rows != std::vector<int32_t>{0})
+    fail_kind(ErrorKind::kInternal, "step_greedy: a step of one sequence and one token, with its logits");
   Segment& seg = *segments_.front();
   Backend& b = *seg.b;
   const int tp = mapping_.tp_size();
   if (!greedy_cands_) greedy_cands_ = b.alloc(static_cast<size_t>(4 * tp) * sizeof(float));
   float* cands = greedy_cands_->as<float>();
-  const StepInfo step{pos, 1};
+  n_out_ = 1;
   auto body = [&] {
     b.get_rows_device_token(weights_.token_embd, seg.x->as<float>());
-    segment_body(0, 1, false);
+    segment_body(0, batch);
     // Each rank's best of its vocabulary slice in its own slot; the sum over the group gives every rank
     // every slot (exact: integers and zeros), and each picks the same token.
     b.greedy_candidate(logits_for(1), static_cast<int64_t>(vocab_.size()), vocab_.begin, cands, mapping_.tp_rank(), tp);
@@ -206,12 +217,12 @@ void LlamaModel::step_greedy(int64_t pos) {
     b.greedy_pick(cands, tp);
   };
   if (greedy_runner_) {
-    greedy_runner_(step, body);
+    greedy_runner_(batch, body);
   } else {
-    b.begin_step(step);
+    b.begin_step(batch);
     body();
   }
-  b.mark_device_token(pos);
+  b.mark_device_token(batch.seqs[0].pos0);
 }
 
 int32_t LlamaModel::device_token_at(int64_t pos) {
@@ -221,23 +232,28 @@ int32_t LlamaModel::device_token_at(int64_t pos) {
   return t;
 }
 
-bool LlamaModel::forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits) {
-  if (n_tok < 1 || n_tok > options_.n_batch)
-    fail("step of ", n_tok, " tokens is outside [1, ", options_.n_batch, "] (the batch size)");
-  if (pos0 < 0 || pos0 + n_tok > options_.n_ctx)
-    fail("positions [", pos0, ", ", pos0 + n_tok, ") do not fit the context of ", options_.n_ctx, " tokens");
-  const StepInfo step{pos0, n_tok};
+void LlamaModel::check_batch(const BatchInfo& batch) const {
+  if (batch.n_tok < 1 || batch.n_tok > options_.n_batch)
+    fail("step of ", batch.n_tok, " tokens is outside [1, ", options_.n_batch, "] (the batch size)");
+  batch.validate(kv_blocks(), kv_block_size());
+}
+
+bool LlamaModel::forward(const BatchInfo& batch, const int32_t* ids) {
+  check_batch(batch);
+  const int64_t n_tok = batch.n_tok;
   const size_t n_hidden = static_cast<size_t>(n_tok * config_.n_embd);
   Segment& first = *segments_.front();
   if (mapping_.is_first_stage()) {
     for (int64_t t = 0; t < n_tok; ++t)
       if (ids[t] < 0 || ids[t] >= config_.n_vocab)
         fail("token id ", ids[t], " is outside the vocabulary [0, ", config_.n_vocab, ")");
-    first.b->begin_step(step);
+    first.b->begin_step(batch);
     first.b->get_rows(weights_.token_embd, ids, n_tok, first.x->as<float>());
   } else {
     recv_hidden(*first.b, first.x->as<float>(), n_hidden);
   }
+  n_out_ = static_cast<int64_t>(batch.out_rows.size());
+  // Graphs replay one-token steps of one sequence (decode at batch 1) on a model that lives on one backend.
   const bool graph = decode_runner_ && n_tok == 1 && segments_.size() == 1;
   for (size_t s = 0; s < segments_.size(); ++s) {
     Segment& seg = *segments_[s];
@@ -249,11 +265,11 @@ bool LlamaModel::forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool a
       prev.b->download(host_stage_.data(), prev.x->as<float>(), n_hidden * sizeof(float));
       seg.b->upload(seg.x->as<float>(), host_stage_.data(), n_hidden * sizeof(float));
     }
-    auto body = [&] { segment_body(s, n_tok, all_logits); };
+    auto body = [&] { segment_body(s, batch); };
     if (graph) {
-      decode_runner_(step, body);
+      decode_runner_(batch, body);
     } else {
-      seg.b->begin_step(step);
+      seg.b->begin_step(batch);
       body();
     }
   }
@@ -333,67 +349,114 @@ void LlamaModel::reduce_add_norm(Backend& b, float* o, float* x, const float* w,
   b.add_rms_norm(x, o, w, xn, n_tok, d, config_.rms_eps);
 }
 
-void LlamaModel::head(int64_t n_tok, bool all_logits) {
+void LlamaModel::head(const BatchInfo& batch) {
   Segment& seg = *segments_.back();
   Backend& b = *seg.b;
-  const int64_t d = config_.n_embd;
-  const int64_t first = all_logits ? 0 : n_tok - 1, rows = n_tok - first;
-  b.rms_norm(seg.x->as<float>() + first * d, weights_.output_norm, seg.xn->as<float>(), rows, d, config_.rms_eps);
+  const int64_t d = config_.n_embd, rows = static_cast<int64_t>(batch.out_rows.size());
+  if (rows == 0) return;
+  // Out rows that are consecutive (the last token of a one-sequence step, or all of them) are read in
+  // place; others are gathered into o, which the step no longer needs.
+  const float* x = seg.x->as<float>();
+  const int32_t first = batch.out_rows.front();
+  if (batch.out_rows.back() - first + 1 == rows) {
+    x += first * d;
+  } else {
+    b.gather_rows(x, batch.out_rows.data(), rows, d, seg.o->as<float>());
+    x = seg.o->as<float>();
+  }
+  b.rms_norm(x, weights_.output_norm, seg.xn->as<float>(), rows, d, config_.rms_eps);
   b.matmul(weights_.output, seg.xn->as<float>(), logits_for(rows), rows);
 }
 
-void LlamaModel::finish_candidates(int k, const std::vector<int32_t>& extra, std::vector<TokenCandidate>* top,
-                                   std::vector<float>* extra_values) {
+void LlamaModel::rows(const std::vector<RowRequest>& reqs, std::vector<RowCandidates>* out) {
+  if (static_cast<int64_t>(reqs.size()) != n_out_)
+    fail_kind(ErrorKind::kInternal, "rows: ", reqs.size(), " requests for ", n_out_, " out rows");
+  out->assign(reqs.size(), RowCandidates{});
+  if (reqs.empty()) return;
+  for (const RowRequest& q : reqs) {
+    if (q.k < 0) fail_kind(ErrorKind::kInternal, "rows: k = ", q.k);
+    for (int32_t e : q.extra)
+      if (e < 0 || e >= config_.n_vocab) fail_kind(ErrorKind::kInternal, "rows: extra id ", e);
+  }
+  const int64_t nv = config_.n_vocab;
+  if (std::any_of(reqs.begin(), reqs.end(), [](const RowRequest& q) { return q.k == 0; })) {
+    // Some row needs all its logits: gather every row and rank the others on the host, which gives the
+    // candidates the device would (the candidate order is total).
+    std::vector<float> all;
+    logits(&all);
+    for (size_t r = 0; r < reqs.size(); ++r) {
+      const float* row = all.data() + r * static_cast<size_t>(nv);
+      RowCandidates& c = (*out)[r];
+      if (reqs[r].k == 0) {
+        c.logits.assign(row, row + nv);
+      } else {
+        c.top = top_candidates_host(row, nv, reqs[r].k);
+      }
+      for (int32_t e : reqs[r].extra) c.extra.push_back(row[e]);
+    }
+    return;
+  }
   Backend& b = *segments_.back()->b;
   const int64_t n_local = vocab_.size();
-  // This rank's slice: its own candidates, and the extra ids that fall in it.
-  std::vector<int32_t> local_extra;
-  std::vector<size_t> extra_at;  // index into `extra` of each local_extra entry
-  for (size_t i = 0; i < extra.size(); ++i)
-    if (extra[i] >= vocab_.begin && extra[i] < vocab_.end) {
-      local_extra.push_back(static_cast<int32_t>(extra[i] - vocab_.begin));
-      extra_at.push_back(i);
-    }
-  std::vector<TokenCandidate> mine;
-  std::vector<float> mine_extra(local_extra.size());
-  b.top_candidates(logits_for(1), n_local, k, local_extra.data(), static_cast<int>(local_extra.size()), mine,
-                   mine_extra.data());
-  for (TokenCandidate& c : mine) c.id += static_cast<int32_t>(vocab_.begin);
-  std::vector<float> vals(extra.size(), 0.0f);
-  for (size_t i = 0; i < local_extra.size(); ++i) vals[extra_at[i]] = mine_extra[i];
-  if (mapping_.tp_size() > 1) {
-    // Every rank sends k (logit, id) pairs and a value for every extra id (0 where another rank owns it);
-    // ids travel as the bits of a float. A rank whose slice is smaller than k pads with NaN at id -1.
-    const size_t per = 2 * static_cast<size_t>(k) + extra.size();
-    std::vector<float> send(per, 0.0f), all(per * vocab_counts_.size());
-    for (int i = 0; i < k; ++i) {
-      TokenCandidate c = static_cast<size_t>(i) < mine.size() ? mine[static_cast<size_t>(i)] : TokenCandidate{__builtin_nanf(""), -1};
-      send[2 * static_cast<size_t>(i)] = c.logit;
-      std::memcpy(&send[2 * static_cast<size_t>(i) + 1], &c.id, sizeof c.id);
-    }
-    std::copy(vals.begin(), vals.end(), send.begin() + 2 * k);
-    tp_group_->all_gather(send.data(), all.data(), std::vector<size_t>(vocab_counts_.size(), per));
-    mine.clear();
-    int64_t owner_begin = 0;
-    for (size_t r = 0; r < vocab_counts_.size(); ++r) {
-      const float* p = all.data() + r * per;
-      for (int i = 0; i < k; ++i) {
-        TokenCandidate c;
-        c.logit = p[2 * i];
-        std::memcpy(&c.id, &p[2 * i + 1], sizeof c.id);
-        if (c.id >= 0) mine.push_back(c);
+  const float* logits = logits_for(n_out_);
+  // Every rank sends, per row, k (logit, id) pairs and a value for every extra id (0 where another rank
+  // owns it); ids travel as the bits of a float. A rank whose slice is smaller than k pads with NaN at id -1.
+  size_t per = 0;
+  for (const RowRequest& q : reqs) per += 2 * static_cast<size_t>(q.k) + q.extra.size();
+  std::vector<float> send(per, 0.0f);
+  size_t at = 0;
+  for (size_t r = 0; r < reqs.size(); ++r) {
+    const RowRequest& q = reqs[r];
+    std::vector<int32_t> local_extra;
+    std::vector<size_t> extra_at;  // index into q.extra of each local_extra entry
+    for (size_t i = 0; i < q.extra.size(); ++i)
+      if (q.extra[i] >= vocab_.begin && q.extra[i] < vocab_.end) {
+        local_extra.push_back(static_cast<int32_t>(q.extra[i] - vocab_.begin));
+        extra_at.push_back(i);
       }
-      const int64_t owner_end = owner_begin + static_cast<int64_t>(vocab_counts_[r]);
-      for (size_t i = 0; i < extra.size(); ++i)
-        if (extra[i] >= owner_begin && extra[i] < owner_end) vals[i] = p[2 * k + i];
+    std::vector<TokenCandidate> mine;
+    std::vector<float> mine_extra(local_extra.size());
+    b.top_candidates(logits + r * static_cast<size_t>(n_local), n_local, q.k, local_extra.data(),
+                     static_cast<int>(local_extra.size()), mine, mine_extra.data());
+    for (int i = 0; i < q.k; ++i) {
+      TokenCandidate c = static_cast<size_t>(i) < mine.size() ? mine[static_cast<size_t>(i)] : TokenCandidate{__builtin_nanf(""), -1};
+      if (c.id >= 0) c.id += static_cast<int32_t>(vocab_.begin);
+      send[at + 2 * static_cast<size_t>(i)] = c.logit;
+      std::memcpy(&send[at + 2 * static_cast<size_t>(i) + 1], &c.id, sizeof c.id);
+    }
+    for (size_t i = 0; i < local_extra.size(); ++i) send[at + 2 * static_cast<size_t>(q.k) + extra_at[i]] = mine_extra[i];
+    at += 2 * static_cast<size_t>(q.k) + q.extra.size();
+  }
+  const size_t tp = vocab_counts_.size();
+  std::vector<float> all(per * tp);
+  if (tp > 1)
+    tp_group_->all_gather(send.data(), all.data(), std::vector<size_t>(tp, per));
+  else
+    all = send;
+  at = 0;
+  for (size_t r = 0; r < reqs.size(); ++r) {
+    const RowRequest& q = reqs[r];
+    RowCandidates& c = (*out)[r];
+    c.extra.assign(q.extra.size(), 0.0f);
+    int64_t owner_begin = 0;
+    for (size_t m = 0; m < tp; ++m) {
+      const float* p = all.data() + m * per + at;
+      for (int i = 0; i < q.k; ++i) {
+        TokenCandidate t;
+        t.logit = p[2 * i];
+        std::memcpy(&t.id, &p[2 * i + 1], sizeof t.id);
+        if (t.id >= 0) c.top.push_back(t);
+      }
+      const int64_t owner_end = owner_begin + static_cast<int64_t>(vocab_counts_[m]);
+      for (size_t i = 0; i < q.extra.size(); ++i)
+        if (q.extra[i] >= owner_begin && q.extra[i] < owner_end) c.extra[i] = p[2 * q.k + i];
       owner_begin = owner_end;
     }
-    const size_t keep = std::min(mine.size(), static_cast<size_t>(k));
-    std::partial_sort(mine.begin(), mine.begin() + static_cast<std::ptrdiff_t>(keep), mine.end(), candidate_before);
-    mine.resize(keep);
+    const size_t keep = std::min(c.top.size(), static_cast<size_t>(q.k));
+    std::partial_sort(c.top.begin(), c.top.begin() + static_cast<std::ptrdiff_t>(keep), c.top.end(), candidate_before);
+    c.top.resize(keep);
+    at += 2 * static_cast<size_t>(q.k) + q.extra.size();
   }
-  if (top) *top = std::move(mine);
-  if (extra_values) *extra_values = std::move(vals);
 }
 
 float* LlamaModel::logits_for(int64_t rows) {
@@ -403,10 +466,10 @@ float* LlamaModel::logits_for(int64_t rows) {
   return logits_rows_->as<float>();
 }
 
-void LlamaModel::finish_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits) {
+void LlamaModel::logits(std::vector<float>* out) {
   Backend& b = *segments_.back()->b;
   const int64_t nv = config_.n_vocab;
-  const int64_t rows = all_logits ? n_tok : 1;
+  const int64_t rows = n_out_;
   std::vector<float> host(static_cast<size_t>(rows * nv));
   b.synchronize();
   if (mapping_.tp_size() == 1) {
@@ -430,7 +493,7 @@ void LlamaModel::finish_logits(int64_t n_tok, bool all_logits, std::vector<float
       col += w;
     }
   }
-  if (logits) *logits = std::move(host);
+  *out = std::move(host);
 }
 
 }  // namespace shardlm

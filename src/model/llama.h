@@ -45,14 +45,36 @@ struct ModelWeights {
 };
 
 struct ModelOptions {
-  int64_t n_ctx = 0;                  // positions of KV cache
   int64_t n_batch = 256;              // largest step (tokens per forward call)
-  GgmlType kv_type = GgmlType::F32;   // F32 or F16
+  // This stage's KV cache pools, one per layer in order, each in its layer's backend memory: owned by the
+  // engine (runtime/kv_pool.h), which hands out their blocks to sequences. Same n_blocks and block_size
+  // in every layer.
+  std::vector<KvLayerView> kv;
+};
+
+// The KV cache pools of a stage's layers, one per layer on the backend that runs it: n_blocks blocks of
+// block_size positions each, for this rank's KV heads. Buffers go to `storage`; returns the views, and adds
+// their bytes to *bytes. The engine owns them; the model only reads and writes through the views.
+std::vector<KvLayerView> allocate_kv_pools(const ModelConfig& config, int64_t n_head_kv_local,
+                                           const std::vector<Backend*>& layer_backend, int64_t n_blocks,
+                                           int64_t block_size, GgmlType type,
+                                           std::vector<std::unique_ptr<DeviceBuffer>>* storage, uint64_t* bytes);
+
+// What a step's sampler needs from one row of logits (Sampler::request): the min(k, n_vocab) first logits
+// in candidate order, and the logits at the `extra` vocabulary ids. k == 0: the whole row.
+struct RowRequest {
+  int k = 0;
+  std::vector<int32_t> extra;  // distinct ids in [0, n_vocab)
+};
+struct RowCandidates {
+  std::vector<TokenCandidate> top;  // (min(k, n_vocab)) in candidate order, vocabulary ids
+  std::vector<float> extra;         // (extra.size()) raw logits at the request's extra ids
+  std::vector<float> logits;        // (n_vocab) the whole row, when k == 0
 };
 
 // Runs one step's device work; a CUDA backend replays it as a graph (see CudaGraphRunner). The default
 // calls begin_step and the body.
-using StepRunner = std::function<void(const StepInfo&, const std::function<void()>& body)>;
+using StepRunner = std::function<void(const BatchInfo&, const std::function<void()>& body)>;
 
 class LlamaModel {
  public:
@@ -66,7 +88,8 @@ class LlamaModel {
   const ModelConfig& config() const { return config_; }
   const Mapping& mapping() const { return mapping_; }
   const ModelWeights& weights() const { return weights_; }
-  uint64_t kv_bytes() const { return kv_bytes_; }
+  int64_t kv_blocks() const { return options_.kv.front().n_blocks; }
+  int64_t kv_block_size() const { return options_.kv.front().block_size; }
   uint64_t workspace_bytes() const { return workspace_bytes_; }
   int64_t q_heads_local() const { return heads_.q_heads.size(); }
   int64_t kv_heads_local() const { return heads_.kv_heads.size(); }
@@ -75,18 +98,17 @@ class LlamaModel {
   // Only set it when no collective of the step needs host memory (tp == 1, or a device communicator).
   void set_decode_runner(StepRunner runner) { decode_runner_ = std::move(runner); }
 
-  // One step of this stage: on the first stage embeds `ids` (n_tok, host), otherwise receives the
-  // hidden state from the previous stage; runs this stage's layers; sends to the next stage, or on the
-  // last stage computes logits. Every rank of the stage must call it with the same n_tok and pos0.
-  // Returns true when `logits` was filled (every rank of the last stage gets the same).
-  // `all_logits`: logits for every token (n_tok, n_vocab), else for the last token only (n_vocab).
-  bool step(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits, std::vector<float>* logits);
-  // A decode step (one token) that returns token candidates instead of the logits, so that they never leave
-  // the device: on the last stage the min(k, n_vocab) first logits in candidate order (ops/candidates.h,
-  // vocabulary ids) into `top`, and the logits at the vocabulary ids `extra` into extra_values. Every rank of
-  // the last stage gets the same and returns true; tensor-parallel ranks exchange only their candidates.
-  bool step_candidates(int32_t id, int64_t pos, int k, const std::vector<int32_t>& extra, std::vector<TokenCandidate>* top,
-                       std::vector<float>* extra_values);
+  // One step of this stage over `batch`: on the first stage embeds `ids` (batch.n_tok, host), otherwise
+  // receives the hidden state from the previous stage; runs this stage's layers; sends to the next stage,
+  // or on the last stage computes the logits of batch.out_rows. Every rank of the stage must call it with
+  // the same batch. Returns true on the last stage, where rows() may then be called.
+  bool forward(const BatchInfo& batch, const int32_t* ids);
+  // After a forward that returned true: what the sampler asked of each out row (reqs, one per out row).
+  // Tensor-parallel ranks exchange only their candidates, for all rows at once; every rank of the last
+  // stage gets the same. Rows whose request has k == 0 get the whole row of logits instead.
+  void rows(const std::vector<RowRequest>& reqs, std::vector<RowCandidates>* out);
+  // The whole logits of every out row (n_out, n_vocab), on every rank of the last stage (tests, perplexity).
+  void logits(std::vector<float>* out);
 
   // Greedy decoding with the token in device memory (Backend::device_tokens): the host enqueues one step after
   // another without reading a token in between, so the device never waits for the host. Available when the
@@ -97,10 +119,11 @@ class LlamaModel {
   void set_greedy_runner(StepRunner runner) { greedy_runner_ = std::move(runner); }
   // The input token of the next step_greedy (after the steps enqueued so far).
   void set_device_token(int32_t id);
-  // Enqueues the decode step at `pos` on the device token; the greedy choice of its logits (candidate order
-  // over the whole vocabulary, as step_candidates with k = 1 and a greedy sampler) becomes the device token
-  // for the next step, and device_token_at(pos)'s answer. Every rank calls it with the same pos.
-  void step_greedy(int64_t pos);
+  // Enqueues the decode step `batch` (one sequence, one token) on the device token; the greedy choice of its
+  // logits (candidate order over the whole vocabulary, as rows() with k = 1 and a greedy sampler) becomes
+  // the device token for the next step, and device_token_at(its position)'s answer. Every rank calls it
+  // with the same batch.
+  void step_greedy(const BatchInfo& batch);
   // Waits for the step at `pos` (one of the two latest step_greedy calls) and returns its token, the same on
   // every rank. Fails if the logits had no candidate.
   int32_t device_token_at(int64_t pos);
@@ -109,7 +132,7 @@ class LlamaModel {
   double comm_seconds() const { return comm_.comm_seconds(); }
 
  private:
-  struct Segment;  // consecutive layers on one backend, with their KV cache and activations
+  struct Segment;  // consecutive layers on one backend, with their KV cache views and activations
   // One layer on the segment's buffers. add_pending: x still lacks the previous layer's FFN output (o holds
   // this rank's share of it, not yet all-reduced); the layer leaves its own there too, for the next layer
   // or the end of the segment to reduce and add.
@@ -117,14 +140,11 @@ class LlamaModel {
   // o = its sum over the tensor-parallel group, x += o, xn = rms_norm(x) * w: one backend op (one kernel
   // on CUDA with NCCL) where the communicator reads device memory.
   void reduce_add_norm(Backend& b, float* o, float* x, const float* w, float* xn, int64_t n_tok);
-  void head(int64_t n_tok, bool all_logits);
-  // Everything of a step up to the logits (in logits_for(...)); true on the last stage.
-  bool forward(const int32_t* ids, int64_t n_tok, int64_t pos0, bool all_logits);
+  // The output norm and head over the batch's out rows, into logits_for(out rows).
+  void head(const BatchInfo& batch);
   // Segment s's device work of a step: its layers, the last reduce and add, the head on the last stage.
-  void segment_body(size_t s, int64_t n_tok, bool all_logits);
-  void finish_logits(int64_t n_tok, bool all_logits, std::vector<float>* logits);
-  void finish_candidates(int k, const std::vector<int32_t>& extra, std::vector<TokenCandidate>* top,
-                         std::vector<float>* extra_values);
+  void segment_body(size_t s, const BatchInfo& batch);
+  void check_batch(const BatchInfo& batch) const;
   // Collectives and messages on backend memory, staged through the host when the communicator
   // cannot read device memory.
   void all_reduce(Backend& b, float* buf, size_t n);
@@ -154,16 +174,17 @@ class LlamaModel {
   std::vector<float> send_buf_[2];
   int send_handle_[2] = {-1, -1};
   int send_slot_ = 0;
-  // Logits of this rank's vocabulary slice, in the last segment's backend. One row (decode) lives in a
-  // buffer that is never reallocated, because a captured CUDA graph keeps its address; steps that want
-  // the logits of many rows use a second buffer that grows on demand.
+  // Logits of this rank's vocabulary slice for the out rows of a step, in the last segment's backend. One
+  // row (decode of one sequence) lives in a buffer that is never reallocated, because a captured CUDA graph
+  // keeps its address; steps that want the logits of several rows use a second buffer that grows on demand.
   std::unique_ptr<DeviceBuffer> logits_row_;   // (1, vocab_local)
   std::unique_ptr<DeviceBuffer> logits_rows_;  // (rows, vocab_local), rows > 1
   float* logits_for(int64_t rows);
   StepRunner decode_runner_;
   StepRunner greedy_runner_;
   std::unique_ptr<DeviceBuffer> greedy_cands_;  // (tp, 4) step_greedy's candidates, one slot per TP rank
-  uint64_t kv_bytes_ = 0, workspace_bytes_ = 0;
+  int64_t n_out_ = 0;  // out rows of the last forward
+  uint64_t workspace_bytes_ = 0;
 };
 
 }  // namespace shardlm

@@ -15,6 +15,7 @@
 #include "comm/communicator.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "ops/batch.h"
 #include "ops/candidates.h"
 
 namespace shardlm {
@@ -42,23 +43,6 @@ struct WeightView {
   // Rows are in the placing backend's own layout (see Backend::place_matmul_weight), not ggml's: only that
   // backend's matmul/matmul_group may read them.
   bool packed = false;
-};
-
-// One layer's KV cache in the backend's memory: (n_ctx, n_head_kv, head_dim) for K and for V.
-struct KvLayerView {
-  GgmlType type = GgmlType::F32;  // F32 or F16
-  int64_t n_ctx = 0;
-  int64_t n_head_kv = 0;
-  int64_t head_dim = 0;
-  void* k = nullptr;  // (n_ctx, n_head_kv, head_dim)
-  void* v = nullptr;  // (n_ctx, n_head_kv, head_dim)
-};
-
-// Positions of the tokens processed by one forward step. Backends that capture a step once and replay
-// it (CUDA graphs) read these from their own memory, so ops take no positions of their own.
-struct StepInfo {
-  int64_t pos0 = 0;   // position of the first token of the step
-  int64_t n_tok = 0;  // tokens in the step (1 in decode)
 };
 
 class Backend {
@@ -107,8 +91,15 @@ class Backend {
     for (int i = 0; i < n_extra; ++i) extra_values[i] = host[static_cast<size_t>(extra[i])];
   }
 
-  // Sets the positions every following op of this step uses.
-  virtual void begin_step(const StepInfo& step) = 0;
+  // Sets the batch (sequences, positions, block tables) that every following op of this step uses. Backends
+  // that capture a step once and replay it (CUDA graphs) keep it in their own memory, so ops take no
+  // positions of their own.
+  virtual void begin_step(const BatchInfo& batch) = 0;
+  // Positions per KV cache block this backend's kernels address (KvLayerView::block_size) for a context of
+  // n_ctx positions: paged backends answer a small block; one whose kernels read a sequence's cache as one
+  // contiguous range answers n_ctx (a block per sequence).
+  virtual int64_t kv_block_size(int64_t /*n_ctx*/) const { return kKvBlockSize; }
+  static constexpr int64_t kKvBlockSize = 16;
 
   // ---- Greedy decoding with the token kept in device memory ----
   // A backend that keeps the step's input token in its own memory lets the host enqueue the next decode
@@ -145,6 +136,10 @@ class Backend {
   // out[t] = row ids[t] of `table` dequantized to f32. `ids` is (n_tok) in host memory.
   virtual void get_rows(const WeightView& table /* (n_vocab rows, n_embd) */, const int32_t* ids, int64_t n_tok,
                         float* out /* (n_tok, n_embd) */) = 0;
+  // out[i] = x[rows[i]]: the rows of a step that need logits, gathered before the output head. `rows` is
+  // (n_rows) in host memory.
+  virtual void gather_rows(const float* x /* (n_tok, width) */, const int32_t* rows /* (n_rows) */, int64_t n_rows,
+                           int64_t width, float* out /* (n_rows, width) */) = 0;
   // y = x / rms(x) * w per token row.
   virtual void rms_norm(const float* x /* (n_tok, n) */, const float* w /* (n) */, float* y /* (n_tok, n) */,
                         int64_t n_tok, int64_t n, float eps) = 0;
@@ -204,14 +199,16 @@ class Backend {
     attention(q, kv, n_tok, n_head, out);
   }
   // Rotates adjacent pairs (x[2i], x[2i+1]) of every head by angle pos * theta_i, theta_i =
-  // freq_base^(-2i/head_dim) / freq_factors[i] (freq_factors may be null), pos = step.pos0 + t.
+  // freq_base^(-2i/head_dim) / freq_factors[i] (freq_factors may be null), pos = token t's position in the
+  // batch.
   virtual void rope(float* x /* (n_tok, n_heads, head_dim) */, int64_t n_tok, int64_t n_heads, int64_t head_dim,
                     float freq_base, const float* freq_factors /* (head_dim/2) or null, host */) = 0;
-  // Writes the step's K and V rows into cache positions [pos0, pos0 + n_tok).
+  // Writes each token's K and V rows into its sequence's cache at its position (the batch's block tables).
   virtual void kv_store(const KvLayerView& kv, const float* k /* (n_tok, n_head_kv, head_dim) */,
                         const float* v /* (n_tok, n_head_kv, head_dim) */, int64_t n_tok) = 0;
-  // Causal attention of the step's queries over cache positions [0, pos0 + t] for token t, grouped-query:
-  // query head h reads KV head h / (n_head / n_head_kv). Scale 1/sqrt(head_dim).
+  // Causal attention of each token's queries over its own sequence's cache positions [0, pos], pos being the
+  // token's position, grouped-query: query head h reads KV head h / (n_head / n_head_kv). Scale
+  // 1/sqrt(head_dim).
   virtual void attention(const float* q /* (n_tok, n_head, head_dim) */, const KvLayerView& kv, int64_t n_tok,
                          int64_t n_head, float* out /* (n_tok, n_head, head_dim) */) = 0;
 };

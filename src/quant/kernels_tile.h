@@ -7,21 +7,25 @@
 // in registers (32 for most types; a family may pick 64 where that halves per-chunk scale decoding).
 // A tile is R weight rows x TB tokens: each chunk of the R rows is decoded once and multiplied with TB
 // tokens, so prefill reads each weight row from memory once and decodes it once per TB tokens.
+// Every (row, token) dot is one FMA chain over the chunks in order, whatever TB: a token's result is the
+// same bits whether it is alone in a step or one of many (batch invariance: a request gives the same
+// tokens whatever else the engine is running, and a sequence recomputed after preemption continues
+// exactly as before). A second accumulator for one-token tiles would shorten the chain but change the
+// rounding between decode and prefill.
 #pragma once
 
 namespace shardlm::quant_detail {
 namespace {
 
-template <class K, GgmlType T, int R, int TB, int A>
+template <class K, GgmlType T, int R, int TB>
 void tile(const uint8_t* w /* (R rows, stride) */, size_t stride, int64_t n_chunks,
           const float* x /* (TB, ldx) */, int64_t ldx, float* y /* (TB, ldy) */, int64_t ldy) {
   using V = typename K::V;
   constexpr int kC = K::template chunk<T>();
   constexpr int kNv = kC / K::L;
-  V acc[R][TB][A];  // A > 1 splits each dot into independent FMA chains when the tile is small
+  V acc[R][TB];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t)
-      for (int a = 0; a < A; ++a) acc[r][t][a] = K::zero();
+    for (int t = 0; t < TB; ++t) acc[r][t] = K::zero();
   for (int64_t c = 0; c < n_chunks; ++c) {
     V wv[R][kNv];  // (R, 32) decoded weights of this chunk
     for (int r = 0; r < R; ++r) K::template decode<T>(w + r * stride, c, wv[r]);
@@ -29,16 +33,12 @@ void tile(const uint8_t* w /* (R rows, stride) */, size_t stride, int64_t n_chun
       const float* xt = x + t * ldx + c * kC;
       for (int k = 0; k < kNv; ++k) {
         const V xv = K::load(xt + k * K::L);
-        for (int r = 0; r < R; ++r) acc[r][t][k % A] = K::fma(wv[r][k], xv, acc[r][t][k % A]);
+        for (int r = 0; r < R; ++r) acc[r][t] = K::fma(wv[r][k], xv, acc[r][t]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) {
-      V s = acc[r][t][0];
-      for (int a = 1; a < A; ++a) s = K::add(s, acc[r][t][a]);
-      y[t * ldy + r] = K::hsum(s);
-    }
+    for (int t = 0; t < TB; ++t) y[t * ldy + r] = K::hsum(acc[r][t]);
 }
 
 // Rows of one group against all tokens: full token tiles of kTb, then one tail tile.
@@ -48,17 +48,17 @@ void rows_all_tokens(const uint8_t* w, size_t stride, int64_t n_chunks, const fl
   constexpr int kTb = K::kTokTile;
   int64_t t = 0;
   if (n_tok == 1) {
-    tile<K, T, R, 1, 2>(w, stride, n_chunks, x, ldx, y, ldy);
+    tile<K, T, R, 1>(w, stride, n_chunks, x, ldx, y, ldy);
     return;
   }
-  for (; t + kTb <= n_tok; t += kTb) tile<K, T, R, kTb, 1>(w, stride, n_chunks, x + t * ldx, ldx, y + t * ldy, ldy);
+  for (; t + kTb <= n_tok; t += kTb) tile<K, T, R, kTb>(w, stride, n_chunks, x + t * ldx, ldx, y + t * ldy, ldy);
   const float* xt = x + t * ldx;
   float* yt = y + t * ldy;
   switch (n_tok - t) {
     case 0: break;
-    case 1: tile<K, T, R, 1, 2>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
-    case 2: tile<K, T, R, 2, 1>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
-    case 3: if constexpr (kTb > 3) tile<K, T, R, 3, 1>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
+    case 1: tile<K, T, R, 1>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
+    case 2: tile<K, T, R, 2>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
+    case 3: if constexpr (kTb > 3) tile<K, T, R, 3>(w, stride, n_chunks, xt, ldx, yt, ldy); break;
     default: break;
   }
 }

@@ -10,7 +10,6 @@
 #ifdef SHARDLM_HAVE_CUDA
 #include "backends/cuda/cuda_backend.h"
 #endif
-#include "core/env.h"
 #include "core/error.h"
 #include "core/units.h"
 
@@ -53,7 +52,10 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
   if (options_.n_ctx < 1 || options_.n_ctx > c.n_ctx_train)
     fail("context size -c ", options_.n_ctx, " is outside [1, ", c.n_ctx_train, "] (the model's training context)");
   if (options_.n_batch < 1 || options_.n_batch > 65536) fail("batch size ", options_.n_batch, " is outside [1, 65536]");
-  options_.n_batch = std::min(options_.n_batch, options_.n_ctx);
+  if (options_.max_num_seqs < 1 || options_.max_num_seqs > 4096)
+    fail("--max-num-seqs ", options_.max_num_seqs, " is outside [1, 4096]");
+  if (options_.kv_blocks < 0) fail("KV pool of ", options_.kv_blocks, " blocks must be >= 0 (0: sized for --max-num-seqs)");
+  options_.n_batch = std::max(std::min(options_.n_batch, options_.n_ctx), options_.max_num_seqs);
   if (options_.micro_batch <= 0) options_.micro_batch = std::max<int64_t>(1, options_.n_batch / options_.pp);
   options_.micro_batch = std::min(options_.micro_batch, options_.n_batch);
   const Mapping mapping(comm.world_size(), comm.rank(), options_.tp, options_.pp, static_cast<int>(c.n_layer),
@@ -97,11 +99,37 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
   placement.embd = placement.layers.front();
   placement.out = placement.layers.back();
   ModelWeights w = load_weights(src, mapping, placement, &held_, load_progress);
+  std::vector<int> all(static_cast<size_t>(comm.world_size()));
+  std::iota(all.begin(), all.end(), 0);
+  world_ = comm_.make_group(all);
+
+  // The paged KV cache: one pool per layer, blocks of a size every rank's kernels address (the largest any
+  // backend asks for, agreed over the world, since rank 0's block tables serve every rank).
+  float bs_mine = 1;
+  for (Backend* b : placement.layers) bs_mine = std::max(bs_mine, static_cast<float>(b->kv_block_size(options_.n_ctx)));
+  std::vector<float> bs_all(static_cast<size_t>(comm.world_size()));
+  world_->all_gather(&bs_mine, bs_all.data(), std::vector<size_t>(bs_all.size(), 1));
+  const int64_t block_size =
+      std::min<int64_t>(options_.n_ctx, static_cast<int64_t>(*std::max_element(bs_all.begin(), bs_all.end())));
+  const int64_t per_seq = kv_blocks_for(options_.n_ctx, block_size);
+  const int64_t n_blocks =
+      options_.kv_blocks > 0 ? options_.kv_blocks : checked_mul<int64_t>(options_.max_num_seqs, per_seq, "KV pool blocks");
   ModelOptions mo;
-  mo.n_ctx = options_.n_ctx;
   mo.n_batch = options_.n_batch;
-  mo.kv_type = options_.kv_type;
+  mo.kv = allocate_kv_pools(c, head_shard(c, options_.tp, mapping.tp_rank()).kv_heads.size(), placement.layers, n_blocks,
+                            block_size, options_.kv_type, &kv_storage_, &kv_bytes_);
   model_ = std::make_unique<LlamaModel>(c, mapping, comm_, std::move(w), mo);
+  if (comm.rank() == 0) {
+    SchedulerOptions so;
+    so.max_num_seqs = options_.max_num_seqs;
+    // With pipeline stages a step is a micro-batch: prompt chunks of micro_batch tokens flow through the
+    // stages one behind the other. Decode of every running sequence always fits one step.
+    so.max_num_batched_tokens = std::max(options_.pp > 1 ? options_.micro_batch : options_.n_batch, options_.max_num_seqs);
+    so.n_ctx = options_.n_ctx;
+    so.block_size = block_size;
+    so.n_blocks = n_blocks;
+    sched_ = std::make_unique<Scheduler>(so);
+  }
 #ifdef SHARDLM_HAVE_CUDA
   if (options_.backend == "cuda" && options_.cuda_graphs && !cpu_backend_ &&
       (options_.tp == 1 || comm_.accepts_device_memory())) {
@@ -112,11 +140,6 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
         [g = graph_.get()](const StepInfo& st, const std::function<void()>& body) { g->greedy_runner.run(st, body); });
   }
 #endif
-  if (const auto on = env_switch("SHARDLM_DEVICE_GREEDY", "1: greedy tokens stay on the device, the default"))
-    options_.device_greedy = *on;
-  std::vector<int> all(static_cast<size_t>(comm.world_size()));
-  std::iota(all.begin(), all.end(), 0);
-  world_ = comm_.make_group(all);
 }
 
 Engine::~Engine() {
@@ -135,41 +158,296 @@ std::string Engine::backend_name() const {
   return n;
 }
 
-void Engine::prefill(const std::vector<int32_t>& ids, int64_t pos0, std::vector<float>* last_logits, bool all,
-                     std::vector<float>* all_out) {
-  const int64_t n = static_cast<int64_t>(ids.size());
-  const int64_t mb = options_.micro_batch;
-  prefill_trace_.clear();
-  // Chunks flow through the stages one after another: while stage s works on chunk i, stage s-1 is
-  // already on chunk i+1, because every stage is its own process and only waits for its input.
-  for (int64_t at = 0; at < n; at += mb) {
-    const int64_t len = std::min(mb, n - at);
-    std::vector<float> lg;
-    const bool last_chunk = at + len == n;
-    const double t0 = now_s(), c0 = comm_.comm_seconds();
-    const bool has_logits = model_->step(ids.data() + at, len, pos0 + at, all, (all || last_chunk) ? &lg : nullptr);
+// ---- The wire form of a step: what rank 0 broadcasts ----
+
+struct Engine::WirePlan {
+  bool empty = true;
+  std::vector<int32_t> ids;        // (batch.n_tok) input tokens
+  BatchInfo batch;
+  std::vector<RowRequest> reqs;    // (batch.out_rows.size()) what rank 0's samplers need of each row
+  int32_t greedy_steps = 0;        // > 0: a greedy run on the device of at most this many tokens
+  std::vector<int32_t> stop_ids;   // the run ends after one of these
+
+  std::vector<int32_t> encode() const {
+    std::vector<int32_t> w = {empty ? 1 : 0, static_cast<int32_t>(batch.n_tok), static_cast<int32_t>(batch.n_seq()),
+                              static_cast<int32_t>(batch.max_blocks), static_cast<int32_t>(batch.out_rows.size()),
+                              greedy_steps, static_cast<int32_t>(stop_ids.size())};
+    w.insert(w.end(), ids.begin(), ids.end());
+    for (const BatchSeq& q : batch.seqs) w.insert(w.end(), {q.tok0, q.n_tok, q.pos0});
+    w.insert(w.end(), batch.block_table.begin(), batch.block_table.end());
+    w.insert(w.end(), batch.out_rows.begin(), batch.out_rows.end());
+    for (const RowRequest& r : reqs) {
+      w.insert(w.end(), {r.k, static_cast<int32_t>(r.extra.size())});
+      w.insert(w.end(), r.extra.begin(), r.extra.end());
+    }
+    w.insert(w.end(), stop_ids.begin(), stop_ids.end());
+    return w;
+  }
+  static WirePlan decode(const std::vector<int32_t>& w) {
+    WirePlan p;
+    size_t at = 0;
+    auto next = [&]() {
+      if (at >= w.size()) fail_kind(ErrorKind::kComm, "step plan from rank 0 is truncated at ", at);
+      return w[at++];
+    };
+    p.empty = next() != 0;
+    p.batch.n_tok = next();
+    const int32_t n_seq = next();
+    p.batch.max_blocks = next();
+    const int32_t n_out = next();
+    p.greedy_steps = next();
+    const int32_t n_stop = next();
+    for (int32_t i = 0; i < p.batch.n_tok; ++i) p.ids.push_back(next());
+    for (int32_t i = 0; i < n_seq; ++i) {
+      BatchSeq q;
+      q.tok0 = next();
+      q.n_tok = next();
+      q.pos0 = next();
+      p.batch.seqs.push_back(q);
+    }
+    for (int64_t i = 0; i < int64_t{n_seq} * p.batch.max_blocks; ++i) p.batch.block_table.push_back(next());
+    for (int32_t i = 0; i < n_out; ++i) p.batch.out_rows.push_back(next());
+    for (int32_t i = 0; i < n_out; ++i) {
+      RowRequest r;
+      r.k = next();
+      const int32_t n_extra = next();
+      for (int32_t j = 0; j < n_extra; ++j) r.extra.push_back(next());
+      p.reqs.push_back(std::move(r));
+    }
+    for (int32_t i = 0; i < n_stop; ++i) p.stop_ids.push_back(next());
+    if (at != w.size()) fail_kind(ErrorKind::kComm, "step plan from rank 0 has ", w.size() - at, " words too many");
+    return p;
+  }
+};
+
+namespace {
+
+constexpr int kTagRowsSize = 200;  // last stage -> rank 0: the size of a step's rows
+constexpr int kTagRows = 201;      // last stage -> rank 0: the rows
+
+// Rows as floats (ids as their bits): per row n_top, (logit, id) pairs, n_extra, values, n_logits, values.
+std::vector<float> encode_rows(const std::vector<RowCandidates>& rows) {
+  std::vector<float> w;
+  auto put_int = [&](int32_t v) {
+    float f;
+    std::memcpy(&f, &v, sizeof f);
+    w.push_back(f);
+  };
+  for (const RowCandidates& r : rows) {
+    put_int(static_cast<int32_t>(r.top.size()));
+    for (const TokenCandidate& c : r.top) {
+      w.push_back(c.logit);
+      put_int(c.id);
+    }
+    put_int(static_cast<int32_t>(r.extra.size()));
+    w.insert(w.end(), r.extra.begin(), r.extra.end());
+    put_int(static_cast<int32_t>(r.logits.size()));
+    w.insert(w.end(), r.logits.begin(), r.logits.end());
+  }
+  return w;
+}
+
+std::vector<RowCandidates> decode_rows(const std::vector<float>& w, size_t n_rows) {
+  std::vector<RowCandidates> rows(n_rows);
+  size_t at = 0;
+  auto get = [&]() {
+    if (at >= w.size()) fail_kind(ErrorKind::kComm, "logits rows from the last stage are truncated");
+    return w[at++];
+  };
+  auto get_int = [&]() {
+    const float f = get();
+    int32_t v;
+    std::memcpy(&v, &f, sizeof v);
+    if (v < 0) fail_kind(ErrorKind::kComm, "logits rows from the last stage are malformed");
+    return v;
+  };
+  for (RowCandidates& r : rows) {
+    for (int32_t i = get_int(); i > 0; --i) {
+      TokenCandidate c;
+      c.logit = get();
+      c.id = get_int();
+      r.top.push_back(c);
+    }
+    for (int32_t i = get_int(); i > 0; --i) r.extra.push_back(get());
+    for (int32_t i = get_int(); i > 0; --i) r.logits.push_back(get());
+  }
+  return rows;
+}
+
+}  // namespace
+
+int64_t Engine::add_sequence(std::vector<int32_t> prompt, const SequenceParams& params) {
+  if (!sched_) fail_kind(ErrorKind::kInternal, "add_sequence on rank ", comm_.rank(), ": only rank 0 owns sequences");
+  for (int32_t id : prompt)
+    if (id < 0 || id >= config().n_vocab)
+      fail("prompt token id ", id, " is outside the vocabulary [0, ", config().n_vocab, ")");
+  const int64_t id = sched_->add(std::move(prompt), params);
+  samplers_.emplace(id, Sampler(params.sampling));
+  return id;
+}
+
+void Engine::abort_sequence(int64_t id) {
+  if (!sched_) fail_kind(ErrorKind::kInternal, "abort_sequence on rank ", comm_.rank(), ": only rank 0 owns sequences");
+  sched_->abort(id);
+  samplers_.erase(id);
+}
+
+bool Engine::greedy_run_possible(const StepPlan& plan) const {
+  if (!options_.device_greedy || options_.full_logits || !model_->greedy_on_device()) return false;
+  if (plan.seqs.size() != 1 || plan.batch.n_tok != 1 || !plan.seqs[0].samples) return false;
+  if (sched_->n_running() != 1 || sched_->n_waiting() != 0) return false;
+  return samplers_.at(plan.seqs[0].id).plain_greedy();
+}
+
+void Engine::run_plan(const WirePlan& w, std::vector<RowCandidates>* rows) {
+  const double t0 = now_s(), c0 = comm_.comm_seconds();
+  const bool last = model_->forward(w.batch, w.ids.data());
+  if (last) model_->rows(w.reqs, rows);
+  const double t1 = now_s(), waited = comm_.comm_seconds() - c0;
+  if (tracing_) {
     // Time spent waiting on peers is not work: a first stage waits at the end (its send), later stages
     // mostly at the start (the receive); tensor-parallel all-reduces in between count as waiting too.
-    const double t1 = now_s(), waited = comm_.comm_seconds() - c0;
     if (mapping().is_first_stage())
       prefill_trace_.emplace_back(t0, t1 - waited);
     else
       prefill_trace_.emplace_back(t0 + waited, t1);
-    if (has_logits) {
-      if (all && all_out) all_out->insert(all_out->end(), lg.begin(), lg.end());
-      if (last_chunk && last_logits) {
-        if (all)
-          last_logits->assign(lg.end() - config().n_vocab, lg.end());
-        else
-          *last_logits = std::move(lg);
-      }
-    }
+  }
+  if (w.reqs.empty() || mapping().is_last_stage() == (comm_.rank() == 0)) return;
+  // The rows travel from the last stage's first rank to rank 0, which samples.
+  const int from = mapping().sampler_rank();
+  if (comm_.rank() == from) {
+    const std::vector<float> wire = encode_rows(*rows);
+    const uint64_t n = wire.size();
+    comm_.send(&n, sizeof n, 0, kTagRowsSize);
+    comm_.send(wire.data(), n * sizeof(float), 0, kTagRows);
+  } else if (comm_.rank() == 0) {
+    uint64_t n = 0;
+    comm_.recv(&n, sizeof n, from, kTagRowsSize);
+    std::vector<float> wire(n);
+    comm_.recv(wire.data(), n * sizeof(float), from, kTagRows);
+    *rows = decode_rows(wire, w.reqs.size());
   }
 }
 
-int32_t Engine::share_token(int32_t token) {
-  world_->broadcast(&token, sizeof token, model_->mapping().sampler_rank());
-  return token;
+std::vector<int32_t> Engine::greedy_run(const WirePlan& w) {
+  // Every rank enqueues the step after this one before it waits for this one's token (known on every rank
+  // without a message), so the device goes from step to step without the host in between. A step
+  // enqueued ahead that turns out not to be needed (a stop token) only writes a KV row the sequence's
+  // reserved blocks hold and nothing reads.
+  const int64_t n = w.greedy_steps;
+  BatchInfo b = w.batch;
+  const int64_t p0 = b.seqs[0].pos0;
+  auto at = [&](int64_t pos) {
+    b.seqs[0].pos0 = static_cast<int32_t>(pos);
+    return b;
+  };
+  model_->set_device_token(w.ids[0]);
+  std::vector<int32_t> out;
+  bool ahead = false;  // the step at pos is already enqueued
+  for (int64_t pos = p0;; ++pos) {
+    if (!ahead) model_->step_greedy(at(pos));
+    ahead = static_cast<int64_t>(out.size()) + 1 < n;
+    if (ahead) model_->step_greedy(at(pos + 1));
+    const int32_t tok = model_->device_token_at(pos);
+    out.push_back(tok);
+    if (static_cast<int64_t>(out.size()) >= n ||
+        std::find(w.stop_ids.begin(), w.stop_ids.end(), tok) != w.stop_ids.end())
+      break;
+  }
+  if (ahead) backend_->synchronize();  // the unneeded step: done before anything else uses the device
+  return out;
+}
+
+bool Engine::step(std::vector<SeqEvent>* events, std::vector<ScoredRow>* scored) {
+  const int64_t nv = config().n_vocab;
+  StepPlan plan;
+  WirePlan w;
+  std::vector<int32_t> wire;
+  if (sched_) {
+    plan = sched_->schedule();
+    w.empty = plan.empty();
+    if (!w.empty) {
+      w.ids = plan.ids;
+      w.batch = plan.batch;
+      for (int64_t si : plan.row_seq) {
+        const PlannedSeq& ps = plan.seqs[static_cast<size_t>(si)];
+        if (ps.scores || options_.full_logits) {
+          w.reqs.push_back(RowRequest{});
+        } else {
+          const CandidateRequest cr = samplers_.at(ps.id).request(sched_->tokens(ps.id), nv);
+          w.reqs.push_back(RowRequest{cr.k, cr.extra});
+        }
+      }
+      if (greedy_run_possible(plan)) {
+        // As many tokens as it may still generate, and blocks for every position the run can reach.
+        const int64_t id = plan.seqs[0].id;
+        const SequenceParams& sp = sched_->params(id);
+        const int64_t len = static_cast<int64_t>(sched_->tokens(id).size());  // its last token is this step's input
+        const int64_t generated = len - sched_->prompt_length(id);
+        const int64_t n = std::min(sp.max_tokens - generated, n_ctx() - len + 1);
+        if (n > 1 && sched_->reserve(id, len + n - 1, &w.batch)) {
+          w.greedy_steps = static_cast<int32_t>(n);
+          w.stop_ids = sp.stop_ids;
+        }
+      }
+    }
+    wire = w.encode();
+  }
+  uint64_t n_wire = wire.size();
+  world_->broadcast(&n_wire, sizeof n_wire, 0);
+  wire.resize(n_wire);
+  world_->broadcast(wire.data(), n_wire * sizeof(int32_t), 0);
+  if (!sched_) w = WirePlan::decode(wire);
+  last_step_rows_ = !w.empty && !w.batch.out_rows.empty();
+  last_step_greedy_run_ = w.greedy_steps > 0;
+  if (w.empty) return false;
+
+  if (w.greedy_steps > 0) {
+    const std::vector<int32_t> toks = greedy_run(w);
+    last_step_tokens_ = static_cast<int64_t>(toks.size());
+    if (sched_) {
+      const int64_t id = plan.seqs[0].id;
+      std::vector<SeqEvent> ev = sched_->commit_run(id, toks);
+      for (const SeqEvent& e : ev)
+        if (e.finish != FinishReason::kNone) samplers_.erase(e.id);
+      if (events) events->insert(events->end(), ev.begin(), ev.end());
+    }
+    return true;
+  }
+
+  std::vector<RowCandidates> rows;
+  run_plan(w, &rows);
+  last_step_tokens_ = 0;
+  for (const PlannedSeq& ps : plan.seqs) last_step_tokens_ += ps.samples ? 1 : 0;
+  if (!sched_) {
+    // Other ranks learn how many tokens the step sampled from the rows' requests.
+    last_step_tokens_ = 0;
+    for (const RowRequest& r : w.reqs) last_step_tokens_ += (r.k > 0 || !r.extra.empty()) ? 1 : 0;
+    return true;
+  }
+  std::vector<int32_t> sampled;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const PlannedSeq& ps = plan.seqs[static_cast<size_t>(plan.row_seq[r])];
+    if (ps.scores) {
+      if (scored) {
+        const BatchSeq& bs = plan.batch.seqs[static_cast<size_t>(plan.row_seq[r])];
+        scored->push_back(ScoredRow{ps.id, bs.pos0 + (plan.batch.out_rows[r] - bs.tok0), std::move(rows[r].logits)});
+      }
+      continue;
+    }
+    Sampler& smp = samplers_.at(ps.id);
+    if (!rows[r].logits.empty()) {
+      sampled.push_back(smp.sample(rows[r].logits.data(), nv, sched_->tokens(ps.id)));
+    } else {
+      const CandidateRequest cr{w.reqs[r].k, w.reqs[r].extra};
+      sampled.push_back(smp.sample_candidates(rows[r].top, cr, rows[r].extra));
+    }
+  }
+  std::vector<SeqEvent> ev = sched_->commit(plan, sampled);
+  for (const SeqEvent& e : ev)
+    if (e.finish != FinishReason::kNone) samplers_.erase(e.id);
+  if (events) events->insert(events->end(), ev.begin(), ev.end());
+  return true;
 }
 
 GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_predict, const SamplerParams& sp,
@@ -183,60 +461,41 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_pr
   for (int32_t id : prompt)
     if (id < 0 || id >= config().n_vocab)
       fail("prompt token id ", id, " is outside the vocabulary [0, ", config().n_vocab, ")");
-  Sampler sampler(sp);
+  sp.validate();
+  if (sched_) {
+    SequenceParams p;
+    p.sampling = sp;
+    p.max_tokens = n_predict;
+    if (eos >= 0) p.stop_ids.push_back(eos);
+    add_sequence(prompt, p);
+  }
   GenerateResult res;
-  std::vector<int32_t> history = prompt;
+  prefill_trace_.clear();
+  tracing_ = true;
   const double comm0 = comm_.comm_seconds();
   double t0 = now_s();
-  std::vector<float> logits, extra_values;
-  std::vector<TokenCandidate> top;
-  prefill(prompt, 0, &logits, false, nullptr);
-  int32_t tok = -1;
-  if (is_sampler()) tok = sampler.sample(logits.data(), config().n_vocab, history);
-  tok = share_token(tok);
-  res.times.prefill_s = now_s() - t0;
-  res.times.prefill_tokens = static_cast<int64_t>(prompt.size());
-  t0 = now_s();
-  int64_t pos = static_cast<int64_t>(prompt.size());
-  // Greedy on the device: every rank enqueues the step after this one before it waits for this one's token
-  // (known on every rank without a broadcast), so the device goes from step to step without the host in
-  // between. A step enqueued ahead that turns out not to be needed (end of text) only wrote a KV row past
-  // the end of this generation.
-  const bool on_device = options_.device_greedy && !options_.full_logits && sampler.plain_greedy() &&
-                         model_->greedy_on_device();
-  res.tokens_on_device = on_device;
-  bool ahead = false;  // the step at pos is already enqueued
-  if (on_device && n_predict > 1) model_->set_device_token(tok);
-  for (;;) {
-    res.generated.push_back(tok);
-    history.push_back(tok);
-    if (on_token) on_token(tok);
-    if (static_cast<int64_t>(res.generated.size()) >= n_predict || (eos >= 0 && tok == eos)) break;
-    if (on_device) {
-      if (!ahead) model_->step_greedy(pos);
-      ahead = static_cast<int64_t>(res.generated.size()) + 1 < n_predict;
-      if (ahead) model_->step_greedy(pos + 1);
-      tok = model_->device_token_at(pos);
-      ++pos;
-      ++res.times.decode_tokens;
-      continue;
+  bool prefilled = false;
+  std::vector<SeqEvent> ev;
+  while (step(&ev)) {
+    if (!prefilled && last_step_rows_) {
+      // The step that sampled the first token ends the prompt's processing.
+      prefilled = true;
+      tracing_ = false;
+      res.times.prefill_s = now_s() - t0;
+      res.times.prefill_tokens = static_cast<int64_t>(prompt.size());
+      t0 = now_s();
+    } else if (prefilled) {
+      res.times.decode_tokens += last_step_tokens_;
+      res.tokens_on_device = res.tokens_on_device || last_step_greedy_run_;
     }
-    // Every rank derives the same request from the same params and history.
-    const CandidateRequest req = options_.full_logits ? CandidateRequest{} : sampler.request(history, config().n_vocab);
-    int32_t next = -1;
-    if (req.k > 0) {
-      model_->step_candidates(tok, pos, req.k, req.extra, &top, &extra_values);
-      if (is_sampler()) next = sampler.sample_candidates(top, req, extra_values);
-    } else {
-      logits.clear();
-      model_->step(&tok, 1, pos, false, &logits);
-      if (is_sampler()) next = sampler.sample(logits.data(), config().n_vocab, history);
-    }
-    ++pos;
-    tok = share_token(next);
-    ++res.times.decode_tokens;
+    for (const SeqEvent& e : ev)
+      if (e.token >= 0) {
+        res.generated.push_back(e.token);
+        if (on_token) on_token(e.token);
+      }
+    ev.clear();
   }
-  if (ahead) backend_->synchronize();  // the unneeded step: done before anything else uses the device
+  tracing_ = false;
   res.times.decode_s = now_s() - t0;
   res.times.comm_s = comm_.comm_seconds() - comm0;
   return res;
@@ -245,16 +504,29 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_pr
 std::vector<float> Engine::all_logits(const std::vector<int32_t>& ids) {
   if (static_cast<int64_t>(ids.size()) > options_.n_ctx)
     fail(ids.size(), " tokens do not fit the context size ", options_.n_ctx);
+  if (sched_) {
+    SequenceParams p;
+    p.score_only = true;
+    add_sequence(ids, p);
+  }
+  prefill_trace_.clear();
+  tracing_ = true;
+  std::vector<ScoredRow> rows;
+  while (step(nullptr, &rows)) {
+  }
+  tracing_ = false;
   std::vector<float> out;
-  prefill(ids, 0, nullptr, true, &out);
-  if (!is_sampler()) out.clear();
+  if (!sched_) return out;
+  const size_t nv = static_cast<size_t>(config().n_vocab);
+  out.resize(ids.size() * nv);
+  for (const ScoredRow& r : rows) std::copy(r.logits.begin(), r.logits.end(), out.begin() + static_cast<ptrdiff_t>(size_t(r.pos) * nv));
   return out;
 }
 
 std::string Engine::layout_report() {
   const Mapping& m = model_->mapping();
   std::string mine = cat("  ", m.describe(), ": weights ", human_bytes(model_->weights().weight_bytes), ", KV cache ",
-                         human_bytes(model_->kv_bytes()), ", workspace ", human_bytes(model_->workspace_bytes()),
+                         human_bytes(kv_bytes_), ", workspace ", human_bytes(model_->workspace_bytes()),
                          "; q heads [", head_shard(config(), m.tp_size(), m.tp_rank()).q_heads.begin, ", ",
                          head_shard(config(), m.tp_size(), m.tp_rank()).q_heads.end, "), kv heads [",
                          model_->kv_heads_local() ? head_shard(config(), m.tp_size(), m.tp_rank()).kv_heads.begin : 0,

@@ -4,6 +4,7 @@
 // on the sampler rank only.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,32 @@ inline nlohmann::json run_golden_cases(Engine& engine, const std::string& golden
         lg.push_back(std::vector<float>(all.begin() + gl.pos * nv, all.begin() + (gl.pos + 1) * nv));
     c["logits"] = lg;
     out.push_back(c);
+  }
+  // Batch invariance: every case, greedy and sampled, as sequences of one batched run (when the engine
+  // takes several at once) must give the ids each gave alone above.
+  if (engine.options().max_num_seqs > 1) {
+    const std::vector<GoldenCase> cases = load_golden(golden_name);
+    std::map<int64_t, std::pair<size_t, std::string>> which;  // sequence id -> (case, "greedy"/"sampled")
+    std::map<int64_t, std::vector<int32_t>> got;
+    if (engine.is_sampler())
+      for (size_t i = 0; i < cases.size(); ++i) {
+        SequenceParams g;
+        g.sampling = greedy;
+        g.max_tokens = static_cast<int64_t>(cases[i].generated_ids.size());
+        g.stop_ids = {1};
+        which[engine.add_sequence(cases[i].prompt_ids, g)] = {i, "batched_greedy"};
+        SequenceParams s;
+        s.sampling = sampled;
+        s.max_tokens = 24;
+        which[engine.add_sequence(cases[i].prompt_ids, s)] = {i, "batched_sampled"};
+      }
+    std::vector<SeqEvent> ev;
+    while (engine.step(&ev)) {
+      for (const SeqEvent& e : ev)
+        if (e.token >= 0) got[e.id].push_back(e.token);
+      ev.clear();
+    }
+    for (const auto& [id, w] : which) out[w.first][w.second] = got[id];
   }
   return out;
 }

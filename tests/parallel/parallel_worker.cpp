@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
     if (std::string(argv[5]) != "-") o.layer_split = {std::atof(argv[5]), std::atof(std::strchr(argv[5], ',') + 1)};
     o.n_threads = 1;
     o.micro_batch = 4;  // several micro-batches per prompt, so the pipeline path is exercised
+    o.max_num_seqs = 8;  // the batched run of run_golden_cases: more sequences than fit one step at once
     Engine engine(*src, *comm, o);
     const nlohmann::json out = test::run_golden_cases(engine, argv[2]);
     const std::string layout = engine.layout_report();

@@ -62,6 +62,10 @@ TEST_P(Parallel, SameTokensAndLogitsAsOneRank) {
     const auto& g = got["cases"][c];
     EXPECT_EQ(g["greedy"].get<std::vector<int32_t>>(), golden[c].generated_ids) << "greedy ids differ from run.c";
     EXPECT_EQ(g["sampled"], ref["cases"][c]["sampled"]) << "--temp 0.8 --seed 7 ids differ from one rank";
+    // Batch invariance under this layout: every case run as one of many sequences gives its ids alone.
+    ASSERT_TRUE(g.contains("batched_greedy") && g.contains("batched_sampled")) << "the worker ran no batched run";
+    EXPECT_EQ(g["batched_greedy"], g["greedy"]) << "greedy ids differ between batched and alone";
+    EXPECT_EQ(g["batched_sampled"], g["sampled"]) << "sampled ids differ between batched and alone";
     ASSERT_EQ(g["logits"].size(), golden[c].logits.size());
     for (size_t k = 0; k < golden[c].logits.size(); ++k) {
       const auto got_l = g["logits"][k].get<std::vector<float>>();

@@ -106,12 +106,17 @@ TEST(PlanVsLoader, WeightBytesEqualAndTotalsWithinFivePercent) {
           const uint64_t weights = w.weight_bytes;
           StubComm comm(tp * pp, r);
           ModelOptions mo;
-          mo.n_ctx = kCtx;
           mo.n_batch = kBatch;
-          mo.kv_type = GgmlType::F32;
+          // The engine's pool for one sequence of kCtx positions (a multiple of the block size).
+          static_assert(kCtx % Backend::kKvBlockSize == 0);
+          std::vector<std::unique_ptr<DeviceBuffer>> kv_storage;
+          uint64_t kv_bytes = 0;
+          mo.kv = allocate_kv_pools(c, head_shard(c, tp, mapping.tp_rank()).kv_heads.size(), w.layer_backend,
+                                    kCtx / Backend::kKvBlockSize, Backend::kKvBlockSize, GgmlType::F32, &kv_storage,
+                                    &kv_bytes);
           const LlamaModel model(c, mapping, comm, std::move(w), mo);
-          EXPECT_EQ(d.kv_bytes, model.kv_bytes());
-          const double truth = static_cast<double>(weights + model.kv_bytes() + model.workspace_bytes());
+          EXPECT_EQ(d.kv_bytes, kv_bytes);
+          const double truth = static_cast<double>(weights + kv_bytes + model.workspace_bytes());
           EXPECT_LE(std::abs(static_cast<double>(d.total_bytes) - truth), 0.05 * truth)
               << "planner " << d.total_bytes << " (weights " << d.weight_bytes << ", KV " << d.kv_bytes
               << ", workspace " << d.workspace_bytes << ") vs engine " << truth << " (workspace "

@@ -54,7 +54,10 @@ class CpuBackend final : public Backend {
   void download(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
   void synchronize() override {}
   size_t allocated_bytes() const override { return allocated_; }
-  void begin_step(const StepInfo& s) override { step_ = s; }
+  void begin_step(const BatchInfo& b) override {
+    batch_ = b;
+    pos_ = b.token_positions();
+  }
   // The logits are host memory already: ranked in place (the default would copy the row first).
   void top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
                       std::vector<TokenCandidate>& top, float* extra_values) override {
@@ -68,6 +71,11 @@ class CpuBackend final : public Backend {
       dequantize_row(table.type, static_cast<const uint8_t*>(table.data) + table.row_stride * ids[t],
                      out + t * table.n_cols, table.n_cols);
     }
+  }
+
+  void gather_rows(const float* x, const int32_t* rows, int64_t n_rows, int64_t width, float* out) override {
+    for (int64_t i = 0; i < n_rows; ++i)
+      std::memcpy(out + i * width, x + int64_t{rows[i]} * width, static_cast<size_t>(width) * sizeof(float));
   }
 
   void rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) override {
@@ -118,7 +126,7 @@ class CpuBackend final : public Backend {
       if (freq_factors) theta[i] /= freq_factors[i];
     }
     for (int64_t t = 0; t < n_tok; ++t) {
-      const double pos = double(step_.pos0 + t);
+      const double pos = double(pos_[static_cast<size_t>(t)]);
       for (int64_t i = 0; i < hd / 2; ++i) {
         const double a = pos * theta[i];
         const float c = float(std::cos(a)), s = float(std::sin(a));
@@ -133,57 +141,68 @@ class CpuBackend final : public Backend {
   }
 
   void kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) override {
-    const int64_t width = kv.n_head_kv * kv.head_dim;
-    SHARDLM_CHECK(step_.pos0 + n_tok <= kv.n_ctx, "kv cache overflow");
-    const int64_t off = step_.pos0 * width, n = n_tok * width;
-    if (kv.type == GgmlType::F16) {
-      auto* kd = static_cast<uint16_t*>(kv.k) + off;
-      auto* vd = static_cast<uint16_t*>(kv.v) + off;
-      for (int64_t i = 0; i < n; ++i) {
-        kd[i] = fp32_to_fp16(k[i]);
-        vd[i] = fp32_to_fp16(v[i]);
+    const int64_t width = kv.row_width();
+    SHARDLM_CHECK(n_tok == batch_.n_tok, "kv_store of ", n_tok, " tokens in a step of ", batch_.n_tok);
+    for (int64_t s = 0; s < batch_.n_seq(); ++s) {
+      const BatchSeq& q = batch_.seqs[static_cast<size_t>(s)];
+      for (int64_t t = q.tok0; t < q.tok0 + q.n_tok; ++t) {
+        const int64_t row = batch_.cache_row(kv, s, q.pos0 + (t - q.tok0));
+        if (kv.type == GgmlType::F16) {
+          auto* kd = static_cast<uint16_t*>(kv.k) + row;
+          auto* vd = static_cast<uint16_t*>(kv.v) + row;
+          for (int64_t i = 0; i < width; ++i) {
+            kd[i] = fp32_to_fp16(k[t * width + i]);
+            vd[i] = fp32_to_fp16(v[t * width + i]);
+          }
+        } else {
+          std::memcpy(static_cast<float*>(kv.k) + row, k + t * width, static_cast<size_t>(width) * sizeof(float));
+          std::memcpy(static_cast<float*>(kv.v) + row, v + t * width, static_cast<size_t>(width) * sizeof(float));
+        }
       }
-    } else {
-      std::memcpy(static_cast<float*>(kv.k) + off, k, static_cast<size_t>(n) * sizeof(float));
-      std::memcpy(static_cast<float*>(kv.v) + off, v, static_cast<size_t>(n) * sizeof(float));
     }
   }
 
   void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override {
-    const int64_t hd = kv.head_dim, width = kv.n_head_kv * hd, group = n_head / kv.n_head_kv;
+    const int64_t hd = kv.head_dim, group = n_head / kv.n_head_kv;
     const float scale = 1.0f / std::sqrt(float(hd));
-    const int64_t pos0 = step_.pos0;
+    SHARDLM_CHECK(n_tok == batch_.n_tok, "attention of ", n_tok, " tokens in a step of ", batch_.n_tok);
+    const std::vector<int32_t> seq_of = batch_.token_seqs();
+    int64_t longest = 0;
+    for (const BatchSeq& s : batch_.seqs) longest = std::max<int64_t>(longest, s.ctx());
+    // One job per (token, head): every job reads its own sequence's blocks, so sequences of any lengths
+    // share the threads.
     pool_.parallel_for(n_tok * n_head, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> p(static_cast<size_t>(pos0 + n_tok));
+      std::vector<float> p(static_cast<size_t>(longest));
+      std::vector<int64_t> rows(static_cast<size_t>(longest));
       std::vector<float> acc(static_cast<size_t>(hd));
       for (int64_t job = b; job < e; ++job) {
         const int64_t t = job / n_head, h = job % n_head, kvh = h / group;
-        const int64_t n_pos = pos0 + t + 1;
+        const int64_t s = seq_of[static_cast<size_t>(t)];
+        const int64_t n_pos = pos_[static_cast<size_t>(t)] + 1;
+        for (int64_t j = 0; j < n_pos; ++j) rows[j] = batch_.cache_row(kv, s, j) + kvh * hd;
         const float* qh = q + (t * n_head + h) * hd;
         float mx = -INFINITY;
-        for (int64_t s = 0; s < n_pos; ++s) {
-          const int64_t base = s * width + kvh * hd;
+        for (int64_t j = 0; j < n_pos; ++j) {
           float d = 0;
           if (kv.type == GgmlType::F32) {
-            const float* kr = static_cast<const float*>(kv.k) + base;
+            const float* kr = static_cast<const float*>(kv.k) + rows[j];
             for (int64_t i = 0; i < hd; ++i) d += qh[i] * kr[i];
           } else {
-            for (int64_t i = 0; i < hd; ++i) d += qh[i] * kv_at(kv.type, kv.k, base + i);
+            for (int64_t i = 0; i < hd; ++i) d += qh[i] * kv_at(kv.type, kv.k, rows[j] + i);
           }
-          p[s] = d * scale;
-          mx = std::max(mx, p[s]);
+          p[j] = d * scale;
+          mx = std::max(mx, p[j]);
         }
         float sum = 0;
-        for (int64_t s = 0; s < n_pos; ++s) sum += (p[s] = std::exp(p[s] - mx));
+        for (int64_t j = 0; j < n_pos; ++j) sum += (p[j] = std::exp(p[j] - mx));
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t s = 0; s < n_pos; ++s) {
-          const int64_t base = s * width + kvh * hd;
-          const float ps = p[s];
+        for (int64_t j = 0; j < n_pos; ++j) {
+          const float pj = p[j];
           if (kv.type == GgmlType::F32) {
-            const float* vr = static_cast<const float*>(kv.v) + base;
-            for (int64_t i = 0; i < hd; ++i) acc[i] += ps * vr[i];
+            const float* vr = static_cast<const float*>(kv.v) + rows[j];
+            for (int64_t i = 0; i < hd; ++i) acc[i] += pj * vr[i];
           } else {
-            for (int64_t i = 0; i < hd; ++i) acc[i] += ps * kv_at(kv.type, kv.v, base + i);
+            for (int64_t i = 0; i < hd; ++i) acc[i] += pj * kv_at(kv.type, kv.v, rows[j] + i);
           }
         }
         float* o = out + (t * n_head + h) * hd;
@@ -195,7 +214,8 @@ class CpuBackend final : public Backend {
 
  private:
   ThreadPool pool_;
-  StepInfo step_;
+  BatchInfo batch_;
+  std::vector<int32_t> pos_;  // (n_tok) each token's position
   size_t allocated_ = 0;
 };
 

@@ -1,6 +1,7 @@
 // The yardstick: every op written the obvious way, single-threaded, accumulating in double, weights
 // dequantized row by row with the quant library. Never optimize this file; other backends are tested
 // against it.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -48,7 +49,10 @@ class ReferenceBackend final : public Backend {
   void download(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
   void synchronize() override {}
   size_t allocated_bytes() const override { return allocated_; }
-  void begin_step(const StepInfo& s) override { step_ = s; }
+  void begin_step(const BatchInfo& b) override {
+    batch_ = b;
+    pos_ = b.token_positions();
+  }
 
   void get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) override {
     for (int64_t t = 0; t < n_tok; ++t) {
@@ -56,6 +60,11 @@ class ReferenceBackend final : public Backend {
       dequantize_row(table.type, static_cast<const uint8_t*>(table.data) + table.row_stride * ids[t],
                      out + t * table.n_cols, table.n_cols);
     }
+  }
+
+  void gather_rows(const float* x, const int32_t* rows, int64_t n_rows, int64_t width, float* out) override {
+    for (int64_t i = 0; i < n_rows; ++i)
+      std::memcpy(out + i * width, x + int64_t{rows[i]} * width, static_cast<size_t>(width) * sizeof(float));
   }
 
   void rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) override {
@@ -93,7 +102,7 @@ class ReferenceBackend final : public Backend {
   void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t hd, float freq_base,
             const float* freq_factors) override {
     for (int64_t t = 0; t < n_tok; ++t) {
-      const double pos = double(step_.pos0 + t);
+      const double pos = double(pos_[static_cast<size_t>(t)]);
       for (int64_t h = 0; h < n_heads; ++h) {
         float* v = x + (t * n_heads + h) * hd;
         for (int64_t i = 0; i < hd / 2; ++i) {
@@ -109,45 +118,56 @@ class ReferenceBackend final : public Backend {
   }
 
   void kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) override {
-    const int64_t width = kv.n_head_kv * kv.head_dim;
-    SHARDLM_CHECK(step_.pos0 + n_tok <= kv.n_ctx, "kv cache overflow");
-    for (int64_t t = 0; t < n_tok; ++t)
-      for (int64_t i = 0; i < width; ++i) {
-        store_kv(kv, kv.k, (step_.pos0 + t) * width + i, k[t * width + i]);
-        store_kv(kv, kv.v, (step_.pos0 + t) * width + i, v[t * width + i]);
+    const int64_t width = kv.row_width();
+    SHARDLM_CHECK(n_tok == batch_.n_tok, "kv_store of ", n_tok, " tokens in a step of ", batch_.n_tok);
+    for (int64_t s = 0; s < batch_.n_seq(); ++s) {
+      const BatchSeq& q = batch_.seqs[static_cast<size_t>(s)];
+      for (int64_t t = q.tok0; t < q.tok0 + q.n_tok; ++t) {
+        const int64_t row = batch_.cache_row(kv, s, q.pos0 + (t - q.tok0));
+        for (int64_t i = 0; i < width; ++i) {
+          store_kv(kv, kv.k, row + i, k[t * width + i]);
+          store_kv(kv, kv.v, row + i, v[t * width + i]);
+        }
       }
+    }
   }
 
   void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override {
-    const int64_t hd = kv.head_dim, width = kv.n_head_kv * hd, group = n_head / kv.n_head_kv;
+    const int64_t hd = kv.head_dim, group = n_head / kv.n_head_kv;
     const double scale = 1.0 / std::sqrt(double(hd));
-    for (int64_t t = 0; t < n_tok; ++t) {
-      const int64_t n_pos = step_.pos0 + t + 1;
-      std::vector<double> p(static_cast<size_t>(n_pos));
-      for (int64_t h = 0; h < n_head; ++h) {
-        const float* qh = q + (t * n_head + h) * hd;
-        const int64_t kvh = h / group;
-        double mx = -INFINITY;
-        for (int64_t s = 0; s < n_pos; ++s) {
-          double d = 0;
-          for (int64_t i = 0; i < hd; ++i) d += double(qh[i]) * load_kv(kv, kv.k, s * width + kvh * hd + i);
-          p[s] = d * scale;
-          mx = std::max(mx, p[s]);
-        }
-        double sum = 0;
-        for (auto& e : p) sum += (e = std::exp(e - mx));
-        float* o = out + (t * n_head + h) * hd;
-        for (int64_t i = 0; i < hd; ++i) {
-          double acc = 0;
-          for (int64_t s = 0; s < n_pos; ++s) acc += p[s] * load_kv(kv, kv.v, s * width + kvh * hd + i);
-          o[i] = float(acc / sum);
+    SHARDLM_CHECK(n_tok == batch_.n_tok, "attention of ", n_tok, " tokens in a step of ", batch_.n_tok);
+    for (int64_t s = 0; s < batch_.n_seq(); ++s) {
+      const BatchSeq& sq = batch_.seqs[static_cast<size_t>(s)];
+      for (int64_t t = sq.tok0; t < sq.tok0 + sq.n_tok; ++t) {
+        const int64_t n_pos = sq.pos0 + (t - sq.tok0) + 1;
+        std::vector<double> p(static_cast<size_t>(n_pos));
+        for (int64_t h = 0; h < n_head; ++h) {
+          const float* qh = q + (t * n_head + h) * hd;
+          const int64_t kvh = h / group;
+          double mx = -INFINITY;
+          for (int64_t j = 0; j < n_pos; ++j) {
+            const int64_t base = batch_.cache_row(kv, s, j) + kvh * hd;
+            double d = 0;
+            for (int64_t i = 0; i < hd; ++i) d += double(qh[i]) * load_kv(kv, kv.k, base + i);
+            p[j] = d * scale;
+            mx = std::max(mx, p[j]);
+          }
+          double sum = 0;
+          for (auto& e : p) sum += (e = std::exp(e - mx));
+          float* o = out + (t * n_head + h) * hd;
+          for (int64_t i = 0; i < hd; ++i) {
+            double acc = 0;
+            for (int64_t j = 0; j < n_pos; ++j) acc += p[j] * load_kv(kv, kv.v, batch_.cache_row(kv, s, j) + kvh * hd + i);
+            o[i] = float(acc / sum);
+          }
         }
       }
     }
   }
 
  private:
-  StepInfo step_;
+  BatchInfo batch_;
+  std::vector<int32_t> pos_;  // (n_tok) each token's position
   size_t allocated_ = 0;
 };
 
