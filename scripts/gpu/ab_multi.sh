@@ -15,8 +15,8 @@ source scripts/gpu/mpi_cmake_args.sh
 build() {  # source dir
   local src=$1
   cmake -S "$src" -B "$src/build-multi" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_NCCL=ON \
-    -DSHARDLM_MPI=ON -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" \
-    -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" "${mpi_args[@]}" >"$OUT/cmake-$2.log" 2>&1 || return 1
+    -DSHARDLM_MPI=ON -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" "${mpi_args[@]}" \
+    >"$OUT/cmake-$2.log" 2>&1 || return 1
   ninja -C "$src/build-multi" -j"$(nproc)" shardlm "${@:3}" >"$OUT/build-$2.log" 2>&1
 }
 echo "== ab_multi $(date -u +%H:%M:%SZ), new: $(cat COMMIT 2>/dev/null), old: $(cat "$OLD/COMMIT" 2>/dev/null)"

@@ -7,8 +7,7 @@ build_dev() {  # targets...
   local t0
   t0=$(date +%s)
   cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_BENCH=OFF \
-    -DSHARDLM_MPI=${SHARDLM_MPI:-OFF} -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" \
-    -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+    -DSHARDLM_MPI=${SHARDLM_MPI:-OFF} -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
   ninja -C build-dev -j16 "$@" >"$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -60; exit 1; }
   echo "build: $(( $(date +%s) - t0 )) s"
 }

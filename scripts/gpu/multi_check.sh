@@ -6,7 +6,7 @@ export NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source scripts/gpu/mpi_cmake_args.sh
 cmake -S . -B build-multi -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_NCCL=ON -DSHARDLM_MPI=ON \
-  -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" \
+  -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" \
   "${mpi_args[@]}" >"$OUT/build.txt" 2>&1
 ninja -C build-multi -j$(nproc) shardlm nccl_collectives nccl_golden_worker test_nccl >>"$OUT/build.txt" 2>&1 \
   || { grep -E "error" -A3 "$OUT/build.txt" | head -30; exit 1; }

@@ -12,7 +12,7 @@ cmake -S . -B build-multi -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON 
 ninja -C build-multi -j$(nproc) shardlm >>"$OUT/build.txt" 2>&1 || { grep -E "error" -A3 "$OUT/build.txt" | head -30; exit 1; }
 bin=build-multi/apps/shardlm/shardlm
 [ -x $bin ] || { tail -20 "$OUT/build.txt"; exit 1; }
-F=build-gpu-deps/shared/fixtures/models
+F=tests/data/models
 $bin convert --from llama2c $F/stories260K.bin --tokenizer $F/aidreams260K.tok512.bin -o /tmp/s.gguf -q
 ids=1,400,300,500,264,280
 args="generate --backend cuda -m /tmp/s.gguf --prompt-ids $ids -n 24 --greedy --ignore-eos --json -q --kv-type f32"

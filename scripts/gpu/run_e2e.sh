@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a lent GPU machine: builds the whole project with CUDA (dependencies from the carried
-# build-gpu-deps: include/, googletest/, shared/fixtures), runs the GPU golden tests and the op suite, then
+# build-gpu-deps: include/, googletest/; test fixtures from tests/data), runs the GPU golden tests and the op suite, then
 # benchmarks Llama-3.1-8B-shaped gen-model files (generated here, deleted after use).
 #   run: bash scripts/gpu/run_e2e.sh [types...]     (carry: build-gpu-deps)
 set -uo pipefail

@@ -17,7 +17,7 @@ n_gpu=$(nvidia-smi -L | wc -l)
 t0=$(date +%s)
 source scripts/gpu/mpi_cmake_args.sh
 cmake -S . -B build-multi -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_NCCL=ON -DSHARDLM_MPI=ON \
-  -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" \
+  -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" \
   "${mpi_args[@]}" >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 grep -E "NCCL|MPI" "$OUT/cmake.log"
 ninja -C build-multi -j$(nproc) shardlm nccl_collectives nccl_golden_worker test_nccl >"$OUT/build.log" 2>&1 \

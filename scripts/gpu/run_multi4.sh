@@ -76,7 +76,7 @@ say "GPUs: $n_gpu, deadline ${BUDGET_S} s"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   source scripts/gpu/mpi_cmake_args.sh
   cmake -S . -B build-multi -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_CUDA=ON -DSHARDLM_NCCL=ON -DSHARDLM_MPI=ON \
-    -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" -DSHARDLM_SHARED_DIR="$PWD/build-gpu-deps/shared" \
+    -DSHARDLM_BENCH=OFF -DSHARDLM_DEPS_DIR="$PWD/build-gpu-deps" \
     "${mpi_args[@]}" >"$R/cmake.log" 2>&1 || { tail -30 "$R/cmake.log"; save; exit 1; }
   grep -E "NCCL|MPI" "$R/cmake.log" | head -4
   cuda_tests=()
@@ -157,8 +157,8 @@ EOF
     SHARDLM_DEVICE_GREEDY=1 gold 1gpu-devgreedy
     # Quantized weights: the packed matvecs read the int8 row that the norm (fused into the all-reduce at
     # tp 2, unless SHARDLM_ALLREDUCE_FUSE says otherwise) writes. tiny-llama31's widths are multiples of 32.
-    HF=build-gpu-deps/shared/fixtures/hf/tiny-llama31
-    if [ -d "$HF" ] && "$BIN" convert --from hf "$HF" -o /tmp/tl31-q8_0.gguf --type q8_0 -q; then
+    HF=tests/data/hf/tiny-llama31
+    if "$BIN" convert --from hf "$HF" -o /tmp/tl31-q8_0.gguf --type q8_0 -q; then
       G=/tmp/tl31-q8_0.gguf
       GLABEL=tiny-llama31-q8_0
       GREF=q8-1gpu
@@ -171,7 +171,7 @@ EOF
       SHARDLM_DEVICE_GREEDY=1 gold q8-tp2-devgreedy --tp 2
       unset GREF GLABEL
     else
-      say "golden tiny-llama31 q8_0: SKIPPED (no $HF, or the conversion failed)"
+      say "golden tiny-llama31 q8_0: FAILED (converting $HF, a fixture of the tree)"
     fi
   else
     say "golden extra layouts: SKIPPED ($G missing: test_nccl did not convert it)"

@@ -9,13 +9,14 @@
 #include <vector>
 
 #include "core/error.h"
+#include "support/fixtures.h"
 #include "tokenizer/chat_template.h"
 
 namespace shardlm {
 namespace {
 
 nlohmann::json load_fixture() {
-  const std::string path = std::string(SHARDLM_SHARED_DIR) + "/fixtures/tokenizers/chat_templates.json";
+  const std::string path = test::fixture_path("tokenizers/chat_templates.json");
   std::ifstream in(path);
   if (!in) throw std::runtime_error("cannot open " + path);
   return nlohmann::json::parse(in);

@@ -1,6 +1,6 @@
 // The real `shardlm` binary, run as a user runs it: output, exit status 2 with a message naming the
 // problem, self-launch through mpirun, and a rank killed mid-generation. Expectations come from run.c's
-// golden outputs (../shared/fixtures/golden) and from the presets' published parameter counts.
+// golden outputs (tests/data/golden) and from the presets' published parameter counts.
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -19,6 +19,8 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "support/fixtures.h"
 
 namespace {
 
@@ -95,7 +97,9 @@ Result run(const std::vector<std::string>& args, double timeout = 120) {
 }
 
 nlohmann::json golden_case0() {
-  std::ifstream f(std::string(SHARDLM_SHARED_DIR) + "/fixtures/golden/aidreams260K.greedy.json");
+  const std::string path = shardlm::test::fixture_path("golden/aidreams260K.greedy.json");
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error("cannot open " + path);
   return nlohmann::json::parse(f)["cases"][0];
 }
 

@@ -17,6 +17,7 @@
 
 #include "core/error.h"
 #include "formats/gguf.h"
+#include "support/fixtures.h"
 
 namespace shardlm {
 namespace {
@@ -483,8 +484,7 @@ TEST(GgufOpen, FileErrors) {
 }
 
 TEST(GgufOpen, RealVocabFixtures) {
-  const std::string dir = std::string(SHARDLM_SHARED_DIR) + "/fixtures/vocab/";
-  auto spm = GgufFile::open(dir + "ggml-vocab-llama-spm.gguf");
+  auto spm = GgufFile::open(test::fixture_path("vocab/ggml-vocab-llama-spm.gguf"));
   EXPECT_EQ(spm->version(), 3u);
   EXPECT_EQ(spm->get_string("general.architecture"), "llama");
   EXPECT_EQ(spm->get_string("tokenizer.ggml.model"), "llama");
@@ -501,7 +501,7 @@ TEST(GgufOpen, RealVocabFixtures) {
   EXPECT_EQ(spm->get_uint("llama.vocab_size"), 32000u);
   EXPECT_TRUE(spm->tensors().empty());
 
-  auto gpt2 = GgufFile::open(dir + "ggml-vocab-gpt-2.gguf");
+  auto gpt2 = GgufFile::open(test::fixture_path("vocab/ggml-vocab-gpt-2.gguf"));
   EXPECT_EQ(gpt2->version(), 3u);
   EXPECT_EQ(gpt2->get_string("tokenizer.ggml.model"), "gpt2");
   const auto gtok = gpt2->get_string_array("tokenizer.ggml.tokens");

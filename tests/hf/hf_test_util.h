@@ -14,10 +14,12 @@
 #include <vector>
 
 #include "core/error.h"
+#include "support/fixtures.h"
 
 namespace shardlm::test {
 
-inline const std::string kHfDir = std::string(SHARDLM_SHARED_DIR) + "/fixtures/hf";
+// A Hugging Face fixture (tests/data/hf/<name>, or a file in it); throws naming it when missing.
+inline std::string hf_fixture(const std::string& name) { return fixture_path("hf/" + name); }
 
 // 8-byte little-endian length (`declared_len` overrides the real header length), header text, data.
 inline std::vector<uint8_t> st_bytes(const std::string& header, uint64_t data_bytes,

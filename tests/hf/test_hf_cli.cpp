@@ -25,7 +25,8 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-const std::string kTokDir = std::string(SHARDLM_SHARED_DIR) + "/fixtures/tokenizers";
+// A file or folder of tests/data/tokenizers; throws naming it when missing.
+std::string tok_fixture(const std::string& rel) { return fixture_path("tokenizers/" + rel); }
 
 std::string slurp(const std::string& p) {
   std::ifstream f(p, std::ios::binary);
@@ -92,7 +93,7 @@ TEST(HfCli, GenerateOnDirectoryMatchesTransformers) {
   layouts.push_back({"--pp", "2"});
 #endif
   for (const char* f : {"tiny-llama31-v4config", "tiny-qwen2"}) {
-    const std::string dir = kHfDir + "/" + f;
+    const std::string dir = hf_fixture(f);
     const RefCase c = load_reference(dir)[1];
     for (const auto& l : layouts) {
       std::vector<std::string> args = {"generate", "-m", dir, "--prompt-ids", id_list(c.prompt_ids), "-n", "32",
@@ -111,13 +112,13 @@ TEST(HfCli, GenerateOnDirectoryMatchesTransformers) {
 // file" (apps/shardlm/cmd_plan.cpp, src/plan/ - outside tests/hf; reported). Run with
 // --gtest_also_run_disabled_tests to check the fix.
 TEST(HfCli, PlanReadsDirectories) {
-  const Result p = run({"plan", "-m", kHfDir + "/tiny-qwen2", "--json"});
+  const Result p = run({"plan", "-m", hf_fixture("tiny-qwen2"), "--json"});
   ASSERT_EQ(p.rc, 0) << p.err;
   EXPECT_FALSE(parse(p).empty());
 }
 
 TEST(HfCli, InspectReadsDirectories) {
-  const std::string dir = kHfDir + "/tiny-qwen2";
+  const std::string dir = hf_fixture("tiny-qwen2");
   const Result i = run({"inspect", dir, "--json"});
   ASSERT_EQ(i.rc, 0) << i.err;
   const json j = parse(i);
@@ -134,18 +135,18 @@ struct ChatSetup {
   TempDir tmp;
   std::string model, model_with_template;
   std::string tok_dir(const std::string& template_name) {
-    const json t = json::parse(slurp(kTokDir + "/chat_templates.json"));
+    const json t = json::parse(slurp(tok_fixture("chat_templates.json")));
     const std::string d = tmp.str() + "/tok-" + template_name;
     if (fs::exists(d)) return d;
     fs::create_directories(d);
-    fs::copy_file(kTokDir + "/llama2/tokenizer.json", d + "/tokenizer.json");
-    json cfg = json::parse(slurp(kTokDir + "/llama2/tokenizer_config.json"));
+    fs::copy_file(tok_fixture("llama2/tokenizer.json"), d + "/tokenizer.json");
+    json cfg = json::parse(slurp(tok_fixture("llama2/tokenizer_config.json")));
     cfg["chat_template"] = t["templates"][template_name];
     std::ofstream(d + "/tokenizer_config.json") << cfg.dump(1);
     return d;
   }
   ChatSetup() {
-    auto base = open_model_source(kHfDir + "/tiny-llama31");
+    auto base = open_model_source(hf_fixture("tiny-llama31"));
     model = tmp.str() + "/llama2-vocab.gguf";
     export_gguf(PaddedVocabSource(*base, 32000), model, "");
     // The same model with the tokenizer and the Mistral template inside the GGUF.
@@ -161,7 +162,7 @@ ChatSetup& chat_setup() {
 }
 
 std::string expected_render(const std::string& tmpl, int conversation) {
-  const json t = json::parse(slurp(kTokDir + "/chat_templates.json"));
+  const json t = json::parse(slurp(tok_fixture("chat_templates.json")));
   for (const json& c : t["cases"])
     if (c["template"] == tmpl && c["conversation"] == conversation && c["add_generation_prompt"] == true)
       return c["rendered"];
@@ -248,15 +249,16 @@ TEST(HfCli, TokenizerErrorsAreClear) {
   };
   // A fixture directory (512-row vocabulary) with the 32000-token Llama 2 tokenizer copied in.
   TempDir d;
-  for (const auto& e : fs::directory_iterator(kHfDir + "/tiny-llama2")) fs::copy_file(e.path(), d.path / e.path().filename());
-  fs::copy_file(kTokDir + "/llama2/tokenizer.json", d.path / "tokenizer.json");
+  for (const auto& e : fs::directory_iterator(hf_fixture("tiny-llama2")))
+    fs::copy_file(e.path(), d.path / e.path().filename());
+  fs::copy_file(tok_fixture("llama2/tokenizer.json"), d.path / "tokenizer.json");
   expect_fail({"generate", "-m", d.str(), "--prompt-ids", "1,2", "-n", "2"}, {"32000 tokens", "vocab_size 512"});
   // The same pairing through --tokenizer.
-  expect_fail({"generate", "-m", kHfDir + "/tiny-llama2", "--tokenizer", kTokDir + "/llama2", "--prompt-ids", "1", "-n",
-               "2"},
+  expect_fail({"generate", "-m", hf_fixture("tiny-llama2"), "--tokenizer", tok_fixture("llama2"), "--prompt-ids", "1",
+               "-n", "2"},
               {"has 32000 tokens", "vocabulary of 512", "does not belong"});
   // A GGUF vocabulary works as --tokenizer; it has no chat template, which --chat names.
-  const std::string spm = std::string(SHARDLM_SHARED_DIR) + "/fixtures/vocab/ggml-vocab-llama-spm.gguf";
+  const std::string spm = fixture_path("vocab/ggml-vocab-llama-spm.gguf");
   const Result ok = run(with_gen({"generate", "-m", s.model, "--tokenizer", spm, "-p", "Hello"}));
   ASSERT_EQ(ok.rc, 0) << ok.err;
   EXPECT_EQ(parse(ok)["prompt_ids"].get<std::vector<int32_t>>(), (std::vector<int32_t>{1, 15043}));  // <s> ▁Hello

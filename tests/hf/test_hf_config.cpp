@@ -16,13 +16,13 @@ using nlohmann::json;
 using test::expect_error;
 
 json fixture_json(const std::string& name) {
-  return json::parse(read_small_file(test::kHfDir + "/" + name + "/config.json", 1 << 20));
+  return json::parse(read_small_file(test::hf_fixture(name) + "/config.json", 1 << 20));
 }
 HfConfig parse_json(const json& j) { return parse_hf_config(j.dump(), "config.json"); }
 
 TEST(HfConfig, Llama31BothFormsAgree) {
-  const HfConfig v5 = load_hf_config(test::kHfDir + "/tiny-llama31");
-  const HfConfig v4 = load_hf_config(test::kHfDir + "/tiny-llama31-v4config/config.json");
+  const HfConfig v5 = load_hf_config(test::hf_fixture("tiny-llama31"));
+  const HfConfig v4 = load_hf_config(test::hf_fixture("tiny-llama31-v4config/config.json"));
   for (const HfConfig* h : {&v5, &v4}) {
     const ModelConfig& c = h->model;
     EXPECT_EQ(h->architecture, "LlamaForCausalLM");
@@ -60,7 +60,7 @@ TEST(HfConfig, Llama31BothFormsAgree) {
 }
 
 TEST(HfConfig, Llama2DefaultRope) {
-  const ModelConfig c = load_hf_config(test::kHfDir + "/tiny-llama2").model;
+  const ModelConfig c = load_hf_config(test::hf_fixture("tiny-llama2")).model;
   EXPECT_EQ(c.arch, "llama");
   EXPECT_EQ(c.n_vocab, 512);
   EXPECT_EQ(c.n_head_kv, 8);
@@ -72,7 +72,7 @@ TEST(HfConfig, Llama2DefaultRope) {
 }
 
 TEST(HfConfig, Qwen2) {
-  const HfConfig h = load_hf_config(test::kHfDir + "/tiny-qwen2");
+  const HfConfig h = load_hf_config(test::hf_fixture("tiny-qwen2"));
   const ModelConfig& c = h.model;
   EXPECT_EQ(c.arch, "qwen2");
   EXPECT_TRUE(c.qkv_bias);
@@ -91,7 +91,7 @@ TEST(HfConfig, Qwen2) {
 }
 
 TEST(HfConfig, MistralSlidingWindow) {
-  const HfConfig h = load_hf_config(test::kHfDir + "/tiny-mistral");
+  const HfConfig h = load_hf_config(test::hf_fixture("tiny-mistral"));
   EXPECT_EQ(h.architecture, "MistralForCausalLM");
   EXPECT_EQ(h.model.arch, "llama");
   EXPECT_EQ(h.model.n_vocab, 700);

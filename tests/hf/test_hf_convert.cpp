@@ -68,7 +68,7 @@ Cfg read_config(const std::string& dir) {
 }
 
 TEST_P(HfConvert, MetadataIsWhatLlamaCppReads) {
-  const std::string dir = kHfDir + "/" + GetParam();
+  const std::string dir = hf_fixture(GetParam());
   const Cfg want = read_config(dir);
   auto src = open_model_source(dir);
   const std::string out = tmp_gguf(GetParam(), "f16");
@@ -131,7 +131,7 @@ TEST_P(HfConvert, MetadataIsWhatLlamaCppReads) {
 // bf16, q4_0 and q4_k_m files load and reproduce the reference within the stated KL bounds; bf16 also
 // gives every argmax.
 TEST_P(HfConvert, EverySchemeLoadsAndRuns) {
-  const std::string dir = kHfDir + "/" + GetParam();
+  const std::string dir = hf_fixture(GetParam());
   auto src = open_model_source(dir);
   const auto ref = load_reference(dir);
   for (const std::string scheme : {"bf16", "q4_0", "q4_k_m"}) {
@@ -186,10 +186,10 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, HfConvert, ::testing::Values("tiny-llama2", "
 // llama.cpp's own ids for its Llama-SPM test suite (ggml-vocab-llama-spm.gguf.inp/.out, an independent
 // reference), leading spaces included.
 TEST(HfConvertTokenizer, Llama2TokenizerJsonBecomesAGgufVocabulary) {
-  const std::string tok_dir = std::string(SHARDLM_SHARED_DIR) + "/fixtures/tokenizers/llama2";
-  auto base = open_model_source(kHfDir + "/tiny-llama31");
+  auto base = open_model_source(hf_fixture("tiny-llama31"));
   auto model = std::make_unique<PaddedVocabSource>(*base, 32016);
-  auto paired = with_tokenizer(std::move(model), load_tokenizer_files(tok_dir + "/tokenizer.json"));
+  auto paired =
+      with_tokenizer(std::move(model), load_tokenizer_files(fixture_path("tokenizers/llama2/tokenizer.json")));
   const std::string out = tmp_gguf("llama2-tokenizer", "f16");
   export_gguf(*paired, out, "f16");
   auto g = open_model_source(out);
@@ -201,8 +201,8 @@ TEST(HfConvertTokenizer, Llama2TokenizerJsonBecomesAGgufVocabulary) {
   EXPECT_EQ(v.bos, 1);
   EXPECT_EQ(v.eos, 2);
   const auto tok = Tokenizer::create(v);
-  const std::string suite = std::string(SHARDLM_SHARED_DIR) + "/fixtures/vocab/ggml-vocab-llama-spm.gguf";
-  const std::string inp = read_small_file(suite + ".inp", 1 << 24), outp = read_small_file(suite + ".out", 1 << 24);
+  const std::string inp = read_small_file(fixture_path("vocab/ggml-vocab-llama-spm.gguf.inp"), 1 << 24),
+                    outp = read_small_file(fixture_path("vocab/ggml-vocab-llama-spm.gguf.out"), 1 << 24);
   std::vector<std::string> texts;
   const std::string sep = "\n__ggml_vocab_test__\n";
   for (size_t at = 0;;) {

@@ -42,7 +42,7 @@ class HfEndToEnd : public ::testing::TestWithParam<const char*> {};
 
 // As transformers computed it: frequencies rounded like the reference's, tight logits.
 TEST_P(HfEndToEnd, LogitsMatchTransformersWithItsBf16RopeFrequencies) {
-  const std::string dir = test::kHfDir + "/" + GetParam();
+  const std::string dir = test::hf_fixture(GetParam());
   auto src = open_model_source(dir);
   const test::Bf16RopeSource rounded(*src);
   auto comm = make_single_rank_communicator();
@@ -64,7 +64,7 @@ TEST_P(HfEndToEnd, LogitsMatchTransformersWithItsBf16RopeFrequencies) {
 
 // As the engine runs the checkpoint: exact frequencies, identical argmax and greedy tokens.
 TEST_P(HfEndToEnd, GreedyMatchesTransformers) {
-  const std::string dir = test::kHfDir + "/" + GetParam();
+  const std::string dir = test::hf_fixture(GetParam());
   auto src = open_model_source(dir);
   EXPECT_EQ(src->format_name(), "hf-safetensors");
   auto comm = make_single_rank_communicator();

@@ -45,7 +45,6 @@ constexpr double kKlQ8 = 1e-3;
 
 std::string bin() { return std::string(SHARDLM_BINARY_DIR); }
 std::string shardlm_exe() { return bin() + "/apps/shardlm/shardlm"; }
-std::string fixture_dir(const std::string& f) { return kHfDir + "/" + f; }
 // Per process: ctest runs each test in its own process, two at a time.
 std::string tmp_name(const std::string& what) { return cat(bin(), "/hf-", ::getpid(), "-", what); }
 std::string gguf_path(const std::string& f, const std::string& type) { return tmp_name(f + "-" + type + ".gguf"); }
@@ -59,12 +58,12 @@ std::string slurp(const std::string& p) {
 
 // `shardlm convert --from hf` once per fixture and type; the progress it prints on stderr is checked.
 std::string model_path(const std::string& f, const std::string& format) {
-  if (format == "hf") return fixture_dir(f);
+  if (format == "hf") return hf_fixture(f);
   static std::map<std::string, bool> done;
   const std::string out = gguf_path(f, format);
   if (!done[out]) {
     const std::string err = out + ".stderr";
-    const std::string cmd = shardlm_exe() + " convert --from hf " + fixture_dir(f) + " -o " + out + " --type " +
+    const std::string cmd = shardlm_exe() + " convert --from hf " + hf_fixture(f) + " -o " + out + " --type " +
                             format + " 2> " + err;
     EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd << "\n" << slurp(err);
     const std::string e = slurp(err);
@@ -87,7 +86,7 @@ const nlohmann::json& run_layout(int tp, int pp, const std::string& fixture, con
   std::string cmd;
   if (tp * pp > 1)
     cmd = cat("mpirun --allow-run-as-root --oversubscribe --bind-to none --mca mpi_yield_when_idle 1 -np ", tp * pp, " ");
-  cmd.append(cat(bin(), "/tests/hf/hf_worker ", out, " ", tp, " ", pp, " ", model, " ", fixture_dir(fixture)));
+  cmd.append(cat(bin(), "/tests/hf/hf_worker ", out, " ", tp, " ", pp, " ", model, " ", hf_fixture(fixture)));
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
   std::ifstream in(out);
   nlohmann::json j = in ? nlohmann::json::parse(in) : nlohmann::json::object();
@@ -118,7 +117,7 @@ TEST_P(HfLayouts, MatchesTransformers) {
   const nlohmann::json& res = run_layout(p.tp, p.pp, p.fixture, p.format);
   ASSERT_TRUE(res.contains("cases")) << "worker wrote no result";
   const nlohmann::json& got = res["cases"];
-  const auto ref = load_reference(fixture_dir(p.fixture));
+  const auto ref = load_reference(hf_fixture(p.fixture));
   ASSERT_EQ(got.size(), ref.size());
   const bool q8 = std::string(p.format) == "q8_0";
   for (size_t c = 0; c < ref.size(); ++c) {

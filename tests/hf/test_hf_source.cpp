@@ -77,7 +77,7 @@ const Case kCases[] = {
 TEST(HfSource, FixturesNamesShapesTypes) {
   for (const Case& k : kCases) {
     SCOPED_TRACE(k.dir);
-    const std::string dir = test::kHfDir + "/" + k.dir;
+    const std::string dir = test::hf_fixture(k.dir);
     auto s = open_hf_model_source(dir);
     EXPECT_EQ(s->format_name(), "hf-safetensors");
     EXPECT_EQ(s->path(), dir);
@@ -131,7 +131,7 @@ const uint8_t* row(const uint8_t* p, int64_t r, uint64_t row_bytes) { return p +
 TEST(HfSource, QkRowsPermutedOthersMapped) {
   for (const char* name : {"tiny-llama31", "tiny-qwen2"}) {
     SCOPED_TRACE(name);
-    const std::string dir = test::kHfDir + "/" + name;
+    const std::string dir = test::hf_fixture(name);
     auto s = open_hf_model_source(dir);
     auto raw = SafetensorsCheckpoint::open_dir(dir);
     const ModelConfig& c = s->config();
@@ -186,7 +186,7 @@ TEST(HfSource, QkRowsPermutedOthersMapped) {
 struct EditedDir {
   test::TempDir dir;
   EditedDir(const std::string& fixture, const std::function<void(json&)>& edit) {
-    const fs::path src = fs::path(test::kHfDir) / fixture;
+    const fs::path src = fs::path(test::hf_fixture(fixture));
     for (const auto& e : fs::directory_iterator(src)) {
       const std::string n = e.path().filename().string();
       if (n.find(".safetensors") != std::string::npos) fs::create_symlink(e.path(), dir.path / n);
@@ -315,7 +315,7 @@ TEST(HfSource, TokenizerAndChatTemplate) {
 TEST(HfSourceBad, TokenizerLargerThanEmbedding) {
   // The Llama 2 tokenizer (32000 tokens) next to a 1024-row embedding.
   EditedDir d("tiny-llama31", [](json&) {});
-  fs::copy_file(fs::path(SHARDLM_SHARED_DIR) / "fixtures/tokenizers/llama2/tokenizer.json", d.dir.path / "tokenizer.json");
+  fs::copy_file(test::fixture_path("tokenizers/llama2/tokenizer.json"), d.dir.path / "tokenizer.json");
   expect_error([&] { open_hf_model_source(d.str()); }, {"tokenizer.json", "32000 tokens exceed", "vocab_size 1024"});
 }
 

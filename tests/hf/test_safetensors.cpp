@@ -316,14 +316,14 @@ TEST(SafetensorsFixtures, AllFiveOpen) {
       {"tiny-qwen2", 4 * 12 + 3}, {"tiny-mistral", 4 * 9 + 3}};
   for (const auto& [name, count] : cases) {
     SCOPED_TRACE(name);
-    auto c = SafetensorsCheckpoint::open_dir(test::kHfDir + "/" + name);
+    auto c = SafetensorsCheckpoint::open_dir(test::hf_fixture(name));
     EXPECT_EQ(c->tensors().size(), count);
     for (const auto* t : c->tensors()) EXPECT_EQ(t->type, GgmlType::BF16) << t->name;
   }
 }
 
 TEST(SafetensorsFixtures, ShardedLlama2) {
-  auto c = SafetensorsCheckpoint::open_dir(test::kHfDir + "/tiny-llama2");
+  auto c = SafetensorsCheckpoint::open_dir(test::hf_fixture("tiny-llama2"));
   EXPECT_TRUE(c->sharded());
   EXPECT_EQ(c->n_files(), 4u);
   const auto* lm = c->find("lm_head.weight");
@@ -335,7 +335,7 @@ TEST(SafetensorsFixtures, ShardedLlama2) {
 }
 
 TEST(SafetensorsFixtures, Llama31Bytes) {
-  auto c = SafetensorsCheckpoint::open_dir(test::kHfDir + "/tiny-llama31");
+  auto c = SafetensorsCheckpoint::open_dir(test::hf_fixture("tiny-llama31"));
   EXPECT_FALSE(c->sharded());
   const auto* e = c->find("model.embed_tokens.weight");
   ASSERT_NE(e, nullptr);

@@ -1,5 +1,5 @@
-// Golden cases from ../shared/fixtures/golden (llama2.c's run.c, float32, argmax): loading and the
-// conversion of the shared llama2.c checkpoints to GGUF, shared by the model and parallel tests.
+// Golden cases from tests/data/golden (llama2.c's run.c, float32, argmax): loading and the conversion of
+// the llama2.c checkpoints of tests/data/models to GGUF, shared by the model and parallel tests.
 #pragma once
 
 #include <unistd.h>
@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../support/fixtures.h"
 #include "loader/gguf_export.h"
 #include "loader/llama2c_source.h"
 
@@ -28,10 +29,10 @@ struct GoldenCase {
   std::vector<GoldenLogits> logits;
 };
 
-inline std::string shared_dir() { return SHARDLM_SHARED_DIR; }
-
 inline std::vector<GoldenCase> load_golden(const std::string& name) {
-  std::ifstream f(shared_dir() + "/fixtures/golden/" + name + ".greedy.json");
+  const std::string path = fixture_path("golden/" + name + ".greedy.json");
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error("cannot open " + path);
   const nlohmann::json j = nlohmann::json::parse(f);
   std::vector<GoldenCase> out;
   for (const auto& c : j.at("cases")) {
@@ -45,14 +46,14 @@ inline std::vector<GoldenCase> load_golden(const std::string& name) {
   return out;
 }
 
-// Converts a shared llama2.c model (with the aidreams tokenizer, which stories260K shares) to GGUF in the
+// Converts a llama2.c model of tests/data/models (with the aidreams tokenizer, which stories260K shares) to GGUF in the
 // build tree once, the way `shardlm convert --from llama2c` does.
 inline std::string converted_model(const std::string& name) {
   const std::string out = std::string(SHARDLM_BINARY_DIR) + "/test-" + name + ".gguf";
   std::ifstream probe(out);
   if (!probe) {
-    auto src = open_llama2c_source(shared_dir() + "/fixtures/models/" + name + ".bin",
-                                   shared_dir() + "/fixtures/models/aidreams260K.tok512.bin");
+    auto src = open_llama2c_source(fixture_path("models/" + name + ".bin"),
+                                   fixture_path("models/aidreams260K.tok512.bin"));
     // A file of this process's own, renamed into place whole: ctest runs test processes at once, and two
     // of them may convert the same model together.
     const std::string part = out + "." + std::to_string(getpid()) + ".part";

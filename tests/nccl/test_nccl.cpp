@@ -258,7 +258,7 @@ TEST(Nccl, MatvecsThatPushTheirSharesGiveTheSameIds) {
   NEED_GPUS(2);
   const std::string q8 = std::string(SHARDLM_BINARY_DIR) + "/test-tiny-llama31-q8_0-" + std::to_string(getpid()) + ".gguf";
   {
-    auto src = open_model_source(shared_dir() + "/fixtures/hf/tiny-llama31");
+    auto src = open_model_source(fixture_path("hf/tiny-llama31"));
     export_gguf(*src, q8, "q8_0");
   }
   const nlohmann::json one = run_layout("stories260K", 1, 1, "", q8);

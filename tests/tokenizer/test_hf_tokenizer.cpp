@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "support/fixtures.h"
 #include "tokenizer/hf_tokenizer.h"
 
 namespace shardlm {
@@ -18,7 +19,8 @@ namespace {
 
 using Ids = std::vector<int32_t>;
 using json = nlohmann::json;
-const std::string kTok = std::string(SHARDLM_SHARED_DIR) + "/fixtures/tokenizers/";
+// A file or folder of tests/data/tokenizers; throws naming it when missing.
+std::string tok_fixture(const std::string& rel) { return test::fixture_path("tokenizers/" + rel); }
 
 json load_json(const std::string& path) {
   std::ifstream in(path);
@@ -30,14 +32,14 @@ json load_json(const std::string& path) {
 const Tokenizer& fixture(const std::string& name) {
   static std::map<std::string, std::unique_ptr<Tokenizer>> cache;
   auto& t = cache[name];
-  if (!t) t = load_hf_tokenizer(kTok + name);
+  if (!t) t = load_hf_tokenizer(tok_fixture(name));
   return *t;
 }
 
 class HfFixture : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(HfFixture, EveryTextEncodesToTheIdsOfHuggingFaceTokenizers) {
-  const json exp = load_json(kTok + GetParam() + "/expected_ids.json");
+  const json exp = load_json(tok_fixture(std::string(GetParam()) + "/expected_ids.json"));
   const auto& texts = exp.at("texts");
   const auto& ids = exp.at("ids");
   ASSERT_EQ(texts.size(), 46u);
@@ -51,7 +53,7 @@ TEST_P(HfFixture, EveryTextEncodesToTheIdsOfHuggingFaceTokenizers) {
 }
 
 TEST_P(HfFixture, DecodeRoundTrips) {
-  const json exp = load_json(kTok + GetParam() + "/expected_ids.json");
+  const json exp = load_json(tok_fixture(std::string(GetParam()) + "/expected_ids.json"));
   const Tokenizer* tok = &fixture(GetParam());
   for (const auto& t : exp.at("texts")) {
     const std::string text = t;
@@ -65,7 +67,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, HfFixture, ::testing::Values("gpt2", "llama2"
 
 TEST(HfTokenizer, Llama2SpecialsAndBosComeFromTheFiles) {
   // Through the .json path here (the other tests pass the directory).
-  const auto tok = load_hf_tokenizer(kTok + "llama2/tokenizer.json");
+  const auto tok = load_hf_tokenizer(tok_fixture("llama2/tokenizer.json"));
   EXPECT_EQ(tok->bos(), 1);
   EXPECT_EQ(tok->eos(), 2);
   EXPECT_TRUE(tok->vocab().add_bos);

@@ -1,4 +1,4 @@
-// llama.cpp's tokenizer test suites (fixtures/vocab): each text of <vocab>.inp must encode to the ids
+// llama.cpp's tokenizer test suites (tests/data/vocab): each text of <vocab>.inp must encode to the ids
 // of the matching line of <vocab>.out, with no BOS and special tokens not parsed.
 #include <gtest/gtest.h>
 
@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "formats/gguf.h"
+#include "support/fixtures.h"
 #include "tokenizer/tokenizer.h"
 
 namespace shardlm {
@@ -46,20 +47,23 @@ std::vector<std::vector<int32_t>> read_ids(const std::string& path) {
   return out;
 }
 
+// A file of tests/data/vocab; throws naming it when missing.
+std::string vocab_fixture(const std::string& name) { return test::fixture_path("vocab/" + name); }
+
 std::unique_ptr<Tokenizer> load(const std::string& name) {
-  auto f = GgufFile::open(std::string(SHARDLM_SHARED_DIR) + "/fixtures/vocab/" + name);
+  auto f = GgufFile::open(vocab_fixture(name));
   return Tokenizer::create(vocab_from_gguf(*f));
 }
 
 class VocabSuite : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(VocabSuite, EveryTextEncodesToLlamaCppIds) {
-  const std::string base = std::string(SHARDLM_SHARED_DIR) + "/fixtures/vocab/" + GetParam();
-  const auto texts = read_texts(base + ".inp");
-  const auto expected = read_ids(base + ".out");
+  const std::string name = GetParam();
+  const auto texts = read_texts(vocab_fixture(name + ".inp"));
+  const auto expected = read_ids(vocab_fixture(name + ".out"));
   ASSERT_EQ(texts.size(), 46u);
   ASSERT_EQ(texts.size(), expected.size());
-  const auto tok = load(GetParam());
+  const auto tok = load(name);
   for (size_t i = 0; i < texts.size(); ++i) {
     EXPECT_EQ(tok->encode(texts[i], /*add_special=*/false, /*parse_special=*/false), expected[i])
         << "text " << i << ": '" << texts[i] << "'";
@@ -67,9 +71,9 @@ TEST_P(VocabSuite, EveryTextEncodesToLlamaCppIds) {
 }
 
 TEST_P(VocabSuite, DecodeRoundTripsEveryText) {
-  const std::string base = std::string(SHARDLM_SHARED_DIR) + "/fixtures/vocab/" + GetParam();
-  const auto tok = load(GetParam());
-  for (const std::string& text : read_texts(base + ".inp")) {
+  const std::string name = GetParam();
+  const auto tok = load(name);
+  for (const std::string& text : read_texts(vocab_fixture(name + ".inp"))) {
     const auto ids = tok->encode(text, true, false);
     // SentencePiece cannot tell " x" from "x" after its own prefix... but it adds exactly one space,
     // which decode removes, so the text comes back byte for byte in both models.
@@ -78,15 +82,15 @@ TEST_P(VocabSuite, DecodeRoundTripsEveryText) {
 }
 
 TEST_P(VocabSuite, EncodesHundredKilobytesQuickly) {
-  const std::string base = std::string(SHARDLM_SHARED_DIR) + "/fixtures/vocab/" + GetParam();
+  const std::string name = GetParam();
   std::string big;
-  for (const std::string& t : read_texts(base + ".inp")) big += t + "\n";
+  for (const std::string& t : read_texts(vocab_fixture(name + ".inp"))) big += t + "\n";
   while (big.size() < 100 * 1024) big += big;
   big.resize(100 * 1024);
   // Cut at a character boundary so the text stays valid UTF-8.
   while (!big.empty() && (static_cast<uint8_t>(big.back()) & 0xC0) == 0x80) big.pop_back();
   if (!big.empty() && static_cast<uint8_t>(big.back()) >= 0xC0) big.pop_back();
-  const auto tok = load(GetParam());
+  const auto tok = load(name);
   const auto t0 = std::chrono::steady_clock::now();
   const auto ids = tok->encode(big, false, false);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
