@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "cli_common.h"
+#include "comm/launcher.h"
 #include "core/error.h"
 #include "plan_glue.h"
 
@@ -95,11 +96,12 @@ EngineOptions RunFlags::resolve(const ModelSource& src, int64_t ctx_if_unset) co
   rq.batch = std::min(o.n_batch, ctx);
   rq.kv_type = o.kv_type;
   if (!cpu_mem.empty()) rq.cpu_mem = cpu_mem;
-  rq.world_size = launched_world_size();
+  const LaunchEnv launch = launch_env();
+  rq.world_size = launch.world_size;
   const RunPlan rp = plan_run(model_desc_from_source(src), rq);
   o.tp = rp.tp;
   o.pp = rp.pp;
-  if (!quiet && !layout_given() && launched_rank() == 0) std::fprintf(stderr, "%s\n", rp.summary.c_str());
+  if (!quiet && !layout_given() && launch.rank == 0) std::fprintf(stderr, "%s\n", rp.summary.c_str());
   return o;
 }
 

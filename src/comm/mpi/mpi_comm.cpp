@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <thread>
 
 #include "core/error.h"
@@ -181,11 +180,6 @@ class MpiCommunicator final : public Communicator {
 };
 
 }  // namespace
-
-bool launched_by_mpi() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK") ||
-         std::getenv("MV2_COMM_WORLD_SIZE");
-}
 
 std::unique_ptr<Communicator> make_mpi_communicator(int* argc, char*** argv, double timeout_s) {
   return std::make_unique<MpiCommunicator>(argc, argv, timeout_s);
