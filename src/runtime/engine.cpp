@@ -71,10 +71,7 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
     const int n_dev = cuda_device_count();
     if (n_dev == 0) fail_kind(ErrorKind::kUnsupported, "--backend cuda: no CUDA GPU is visible to this process");
     int dev = options_.device;
-    if (dev < 0) {
-      const char* lr = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-      dev = (lr ? std::atoi(lr) : comm.rank()) % n_dev;
-    }
+    if (dev < 0) dev = comm.local_rank() % n_dev;
     backend_ = make_cuda_backend(dev, options_.kv_type);
     cuda_device_ = dev;
     // A device communicator (NCCL) enqueues its collectives on the backend's stream.
