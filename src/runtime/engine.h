@@ -26,7 +26,7 @@ struct EngineOptions {
   int64_t n_batch = 512;            // most tokens in one forward step (llama.cpp's -ub default)
   int64_t micro_batch = 0;          // prompt chunk per pipeline step; 0 = n_batch / pp (at least 1)
   GgmlType kv_type = GgmlType::F32;
-  int n_threads = 0;                // CPU threads per rank; 0 = cores / ranks on this host
+  int n_threads = 0;                // CPU threads per rank; 0 = runtime/host_threads.h's default
   std::string backend = "cpu";      // "cpu", "reference" or "cuda"
   int n_gpu_layers = -1;            // cuda: layers on the GPU, the last ones (-1 = all); the rest on the CPU
   bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs
