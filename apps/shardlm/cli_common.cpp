@@ -191,8 +191,14 @@ int maybe_self_launch(int tp, int pp, int argc, const char* const* argv) {
 
 std::unique_ptr<Communicator> make_communicator(double timeout_s) {
 #ifdef SHARDLM_HAVE_MPI
-  if (launched_by_mpi()) {
+  if (const LaunchEnv launch = launch_env(); launch.launched()) {
     auto mpi = make_mpi_communicator(nullptr, nullptr, timeout_s);
+    // srun without a PMI plugin that this MPI library speaks starts tasks that each see a world of one.
+    if (launch.world_size > 0 && launch.world_size != mpi->world_size())
+      fail_kind(ErrorKind::kComm, launcher_name(launch.launcher), " started ", launch.world_size,
+                " ranks, but MPI connected ", mpi->world_size(), " of them",
+                launch.launcher == Launcher::kSlurm ? " (give srun the --mpi plugin this MPI library speaks, e.g. "
+                                                      "--mpi=pmix)" : "");
 #ifdef SHARDLM_HAVE_NCCL
     // NCCL carries GPU buffers once the engine binds a CUDA backend's stream; host buffers, and every
     // buffer of CPU ranks, stay on MPI. SHARDLM_COMM=mpi stages GPU data through host memory instead.

@@ -1,25 +1,13 @@
 #include "plan_glue.h"
 
 #include <algorithm>
-#include <charconv>
 #include <cstdio>
-#include <cstdlib>
 #include <sstream>
 
 #include "core/error.h"
 
 namespace shardlm {
 namespace {
-
-int env_int(const char* const* names) {
-  for (const char* const* n = names; *n; ++n)
-    if (const char* v = std::getenv(*n); v && *v) {
-      int x = 0;
-      const char* e = v + std::char_traits<char>::length(v);
-      if (auto [p, ec] = std::from_chars(v, e, x); ec == std::errc() && p == e) return x;
-    }
-  return 0;
-}
 
 // format_bytes always says GiB; small models need finer units.
 std::string fmt_bytes(uint64_t b) {
@@ -57,16 +45,6 @@ ModelDesc model_desc_from_source(const ModelSource& src) {
   if (m.find("token_embd.weight") == nullptr) fail(src.path(), ": tensor 'token_embd.weight' is missing");
   if (m.find("output.weight") == nullptr) m.config.tied_output = true;
   return m;
-}
-
-int launched_world_size() {
-  static const char* const names[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS", nullptr};
-  return env_int(names);
-}
-
-int launched_rank() {
-  static const char* const names[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", nullptr};
-  return env_int(names);
 }
 
 RunPlan plan_run(const ModelDesc& m, const RunPlanRequest& req) {

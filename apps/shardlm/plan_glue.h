@@ -41,8 +41,4 @@ struct RunPlan {
 // not fit, naming each rank's needed and available bytes.
 RunPlan plan_run(const ModelDesc& m, const RunPlanRequest& req);
 
-// World size from the MPI launcher's environment (Open MPI, MPICH/PMI, Slurm); 0 when not launched.
-int launched_world_size();
-int launched_rank();
-
 }  // namespace shardlm

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "cli_common.h"
+#include "comm/launcher.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "plan_glue.h"
@@ -22,7 +23,7 @@ void RunFlags::add_to(CLI::App& app) {
   app.add_option("-c,--ctx-size,--max-model-len", n_ctx, "context size in tokens (default: model's, at most 4096)");
   app.add_option("-b,--batch-size", n_batch, "largest number of tokens in one forward step");
   app.add_option("--micro-batch", micro_batch, "prompt tokens per pipeline step (default: batch / pp)");
-  app.add_option("-t,--threads", threads, "CPU threads per rank (default: cores / ranks on this host)");
+  app.add_option("-t,--threads", threads, "threads per rank (default: the cores this rank may run on, shared among the ranks on the host)");
   app.add_option("--kv-type,--cache-type-k,--cache-type-v", kv_type, "KV cache type: f32 or f16 (also -ctk/-ctv)");
   app.add_option("--backend", backend, "cpu, cuda, or reference (slow fp64 yardstick)");
   app.add_option("--n-gpu-layers", n_gpu_layers, "with --backend cuda: layers on the GPU (the last ones; the rest run "
@@ -99,11 +100,12 @@ EngineOptions RunFlags::resolve(const ModelSource& src, int64_t ctx_if_unset) co
   rq.batch = std::min(o.n_batch, ctx);
   rq.kv_type = o.kv_type;
   if (!cpu_mem.empty()) rq.cpu_mem = cpu_mem;
-  rq.world_size = launched_world_size();
+  const LaunchEnv launch = launch_env();
+  rq.world_size = launch.world_size;
   const RunPlan rp = plan_run(model_desc_from_source(src), rq);
   o.tp = rp.tp;
   o.pp = rp.pp;
-  if (!quiet && !layout_given() && launched_rank() == 0) std::fprintf(stderr, "%s\n", rp.summary.c_str());
+  if (!quiet && !layout_given() && launch.rank == 0) std::fprintf(stderr, "%s\n", rp.summary.c_str());
   return o;
 }
 

@@ -63,6 +63,13 @@ class Communicator {
   virtual int world_size() const = 0;
   virtual int rank() const = 0;
   virtual std::string name() const = 0;
+  // The ranks of this job on this host (MPI_COMM_TYPE_SHARED), numbered in world-rank order: this rank's
+  // index among them and their number. Engine picks a GPU and divides the cores with them.
+  virtual int local_rank() const = 0;
+  virtual int local_size() const = 0;
+  // out = every local rank's `in`, in local-rank order: `bytes` host bytes each (the same on all of them).
+  // Collective over the ranks of this host.
+  virtual void local_all_gather(const void* in, void* out /* (local_size * bytes) */, size_t bytes) = 0;
   // Collective over the world: every rank must call it with the same list, ascending.
   virtual std::unique_ptr<CommGroup> make_group(const std::vector<int>& ranks) = 0;
   // Point-to-point in world ranks; a message is matched by (peer, tag).

@@ -23,6 +23,11 @@ class SingleRankCommunicator final : public Communicator {
   int world_size() const override { return 1; }
   int rank() const override { return 0; }
   std::string name() const override { return "single"; }
+  int local_rank() const override { return 0; }
+  int local_size() const override { return 1; }
+  void local_all_gather(const void* in, void* out, size_t bytes) override {
+    if (in != out) std::memcpy(out, in, bytes);
+  }
   std::unique_ptr<CommGroup> make_group(const std::vector<int>& ranks) override {
     SHARDLM_CHECK(ranks.size() == 1 && ranks[0] == 0);
     return std::make_unique<SelfGroup>();

@@ -12,21 +12,13 @@
 #endif
 #include "core/error.h"
 #include "core/units.h"
+#include "runtime/host_threads.h"
 
 namespace shardlm {
 namespace {
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-int ranks_on_this_host(int world) {
-  // OpenMPI tells each rank how many share its node; other launchers: assume all ranks are local.
-  if (const char* s = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) {
-    const int n = std::atoi(s);
-    if (n > 0) return n;
-  }
-  return world;
 }
 
 }  // namespace
@@ -60,8 +52,9 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
   options_.micro_batch = std::min(options_.micro_batch, options_.n_batch);
   const Mapping mapping(comm.world_size(), comm.rank(), options_.tp, options_.pp, static_cast<int>(c.n_layer),
                         options_.layer_split);
-  int threads = options_.n_threads;
-  if (threads <= 0) threads = std::max(1, cpu_core_count() / ranks_on_this_host(comm.world_size()));
+  // Collective over this host's ranks, so every rank asks, whatever its -t.
+  const int host_threads = host_default_cpu_threads(comm);
+  const int threads = options_.n_threads > 0 ? options_.n_threads : host_threads;
   const LayerRange stage = mapping.layers();
   Placement placement;
   if (options_.backend == "cpu") {
@@ -73,10 +66,7 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
     const int n_dev = cuda_device_count();
     if (n_dev == 0) fail_kind(ErrorKind::kUnsupported, "--backend cuda: no CUDA GPU is visible to this process");
     int dev = options_.device;
-    if (dev < 0) {
-      const char* lr = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-      dev = (lr ? std::atoi(lr) : comm.rank()) % n_dev;
-    }
+    if (dev < 0) dev = comm.local_rank() % n_dev;
     backend_ = make_cuda_backend(dev, options_.kv_type);
     cuda_device_ = dev;
     // A device communicator (NCCL) enqueues its collectives on the backend's stream.

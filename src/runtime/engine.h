@@ -35,7 +35,7 @@ struct EngineOptions {
   int64_t max_num_seqs = 1;         // sequences in one step (and running at once)
   int64_t kv_blocks = 0;            // blocks in the KV pool; 0 = max_num_seqs sequences of n_ctx positions
   GgmlType kv_type = GgmlType::F32;
-  int n_threads = 0;                // CPU threads per rank; 0 = cores / ranks on this host
+  int n_threads = 0;                // CPU threads per rank; 0 = runtime/host_threads.h's default
   std::string backend = "cpu";      // "cpu", "reference" or "cuda"
   int n_gpu_layers = -1;            // cuda: layers on the GPU, the last ones (-1 = all); the rest on the CPU
   bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs

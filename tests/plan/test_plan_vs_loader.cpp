@@ -42,6 +42,9 @@ class StubComm : public Communicator {
   int world_size() const override { return world_; }
   int rank() const override { return rank_; }
   std::string name() const override { return "stub"; }
+  int local_rank() const override { return rank_; }
+  int local_size() const override { return world_; }
+  void local_all_gather(const void*, void*, size_t) override { ADD_FAILURE() << "collective in a stub"; }
   std::unique_ptr<CommGroup> make_group(const std::vector<int>& ranks) override {
     int me = -1;
     for (size_t i = 0; i < ranks.size(); ++i)

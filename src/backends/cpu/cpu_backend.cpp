@@ -1,7 +1,5 @@
 #include "backends/cpu/cpu_backend.h"
 
-#include <sched.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -9,6 +7,7 @@
 #include <new>
 #include <vector>
 
+#include "backends/cpu/cpu_threads.h"
 #include "backends/cpu/thread_pool.h"
 #include "core/error.h"
 #include "quant/quant.h"
@@ -221,11 +220,7 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-int cpu_core_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return 1;
-}
+int cpu_core_count() { return std::max(1, CpuMask::of_this_process().count()); }
 
 std::unique_ptr<Backend> make_cpu_backend(int n_threads) { return std::make_unique<CpuBackend>(n_threads); }
 

@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <thread>
 
 #include "core/error.h"
@@ -119,14 +118,28 @@ class MpiCommunicator final : public Communicator {
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+    // The ranks that share this host's memory, in world-rank order (the key).
+    check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local_),
+          "MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)");
+    MPI_Comm_size(local_, &local_size_);
+    MPI_Comm_rank(local_, &local_rank_);
   }
   ~MpiCommunicator() override {
     for (Pending& p : pending_)
       if (p.req != MPI_REQUEST_NULL) MPI_Wait(&p.req, MPI_STATUS_IGNORE);
+    if (local_ != MPI_COMM_NULL) MPI_Comm_free(&local_);
     if (owns_) MPI_Finalize();
   }
   int world_size() const override { return size_; }
   int rank() const override { return rank_; }
+  int local_rank() const override { return local_rank_; }
+  int local_size() const override { return local_size_; }
+  void local_all_gather(const void* in, void* out, size_t bytes) override {
+    MPI_Request req;
+    check(MPI_Iallgather(in, static_cast<int>(bytes), MPI_BYTE, out, static_cast<int>(bytes), MPI_BYTE, local_, &req),
+          "all-gather on this host");
+    Waiter(rank_, timeout_, &spent_).wait(&req, "all-gather on this host", -local_size_);
+  }
   std::string name() const override { return "mpi"; }
   std::unique_ptr<CommGroup> make_group(const std::vector<int>& ranks) override {
     MPI_Group world_group, g;
@@ -177,15 +190,12 @@ class MpiCommunicator final : public Communicator {
   double timeout_;
   bool owns_ = false;
   int size_ = 1, rank_ = 0;
+  MPI_Comm local_ = MPI_COMM_NULL;  // this host's ranks of the world
+  int local_size_ = 1, local_rank_ = 0;
   double spent_ = 0;
 };
 
 }  // namespace
-
-bool launched_by_mpi() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK") ||
-         std::getenv("MV2_COMM_WORLD_SIZE");
-}
 
 std::unique_ptr<Communicator> make_mpi_communicator(int* argc, char*** argv, double timeout_s) {
   return std::make_unique<MpiCommunicator>(argc, argv, timeout_s);

@@ -5,11 +5,9 @@
 #include <memory>
 
 #include "comm/communicator.h"
+#include "comm/launcher.h"  // launched_by_mpi()
 
 namespace shardlm {
-
-// True when this process was started by an MPI launcher (mpirun/srun set their environment).
-bool launched_by_mpi();
 
 // Initializes MPI (thread level FUNNELED) on creation and finalizes it on destruction. A peer that stops
 // answering for `timeout_s` seconds inside any call makes this rank print which rank it waited for and

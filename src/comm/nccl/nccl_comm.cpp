@@ -503,6 +503,9 @@ class NcclCommunicator final : public Communicator {
   int world_size() const override { return mpi_->world_size(); }
   int rank() const override { return mpi_->rank(); }
   std::string name() const override { return "nccl"; }
+  int local_rank() const override { return mpi_->local_rank(); }
+  int local_size() const override { return mpi_->local_size(); }
+  void local_all_gather(const void* in, void* out, size_t bytes) override { mpi_->local_all_gather(in, out, bytes); }
   std::unique_ptr<CommGroup> make_group(const std::vector<int>& ranks) override {
     return std::make_unique<NcclGroup>(st_, mpi_->make_group(ranks), ranks, &spent_);
   }
