@@ -125,9 +125,9 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
       (options_.tp == 1 || comm_.accepts_device_memory())) {
     graph_ = std::make_unique<GraphState>(*backend_);
     model_->set_decode_runner(
-        [g = graph_.get()](const StepInfo& st, const std::function<void()>& body) { g->runner.run(st, body); });
+        [g = graph_.get()](const BatchInfo& b, const std::function<void()>& body) { g->runner.run(b, body); });
     model_->set_greedy_runner(
-        [g = graph_.get()](const StepInfo& st, const std::function<void()>& body) { g->greedy_runner.run(st, body); });
+        [g = graph_.get()](const BatchInfo& b, const std::function<void()>& body) { g->greedy_runner.run(b, body); });
   }
 #endif
 }

@@ -185,6 +185,10 @@ std::vector<double> deq_row(GgmlType type, const uint8_t* p, int64_t n) {
   return y;
 }
 
+// A batch of one sequence in pool block 0: the single-sequence steps of the tests below, on KV views of one
+// block of n_ctx positions (the CUDA backend's block per sequence, kv_block_size(n_ctx) = n_ctx).
+BatchInfo one_seq(int64_t pos0, int64_t n_tok) { return BatchInfo::single(pos0, n_tok, {0}, false); }
+
 // ---- device buffers with sentinels ------------------------------------------------------------------------
 constexpr uint32_t kSentinel = 0x7fbadbadu;  // a NaN payload no kernel produces
 constexpr size_t kGuardWords = 64;
@@ -626,8 +630,8 @@ TEST_F(CudaOps, FusedAddNormAndRopeKvStoreEqualTheSeparateOps) {
     vb.put(v.data());
     const std::vector<uint8_t> zero(kvb, 0);
     for (Guarded* g : {&kc1, &vc1, &kc2, &vc2}) g->put(zero.data());
-    const KvLayerView kv1{kvt, n_ctx, HKV, D, kc1.ptr(), vc1.ptr()}, kv2{kvt, n_ctx, HKV, D, kc2.ptr(), vc2.ptr()};
-    b.begin_step({pos0, n_tok});
+    const KvLayerView kv1{kvt, 1, n_ctx, HKV, D, kc1.ptr(), vc1.ptr()}, kv2{kvt, 1, n_ctx, HKV, D, kc2.ptr(), vc2.ptr()};
+    b.begin_step(one_seq(pos0, n_tok));
     b.rope(q1.f(), n_tok, H, D, 500000.0f, ff.data());
     b.rope(k1.f(), n_tok, HKV, D, 500000.0f, ff.data());
     b.kv_store(kv1, k1.f(), vb.f(), n_tok);
@@ -696,8 +700,8 @@ TEST_F(CudaOps, ProducerQuantizedActivationsEqualTheMatvecsOwn) {
         kb.put(kc.data());
         vb.put(vc.data());
         qb.put(q.data());
-        const KvLayerView kv{GgmlType::F32, n_ctx, HKV, D, kb.ptr(), vb.ptr()};
-        b.begin_step({40, 1});
+        const KvLayerView kv{GgmlType::F32, 1, n_ctx, HKV, D, kb.ptr(), vb.ptr()};
+        b.begin_step(one_seq(40, 1));
         b.attention(qb.f(), kv, 1, H, yb.f());
         b.matmul(w, yb.f(), o1.f(), 1);
         EXPECT_EQ(cuda_prequantized_matvecs(b), ++used);
@@ -739,10 +743,10 @@ TEST_F(CudaOps, AttentionFloat4OutputStepEqualsTheOneElementStep) {
         kb.put(kh.data());
         vb.put(vh.data());
         qb.put(q.data());
-        const KvLayerView kv{GgmlType::F16, n_ctx, HKV, D, kb.ptr(), vb.ptr()};
+        const KvLayerView kv{GgmlType::F16, 1, n_ctx, HKV, D, kb.ptr(), vb.ptr()};
         // pos 40: one block covers the context and writes the output; pos 150: three splits and the combine.
         for (int64_t pos : {int64_t{40}, int64_t{150}}) {
-          b.begin_step({pos, 1});
+          b.begin_step(one_seq(pos, 1));
           const int64_t pre = cuda_prequantized_matvecs(b);
           cuda_set_attention_out4(b, false);
           b.attention(qb.f(), kv, 1, H, a0.f());
@@ -769,7 +773,7 @@ TEST_F(CudaOps, RopeAdjacentPairsWithFreqFactors) {
         const auto ff = rand_floats(rng_, head_dim / 2, 1.0f, 8.0f);
         Guarded xb(*be_, x.size() * 4);
         xb.put(x.data());
-        be_->begin_step({pos0, n_tok});
+        be_->begin_step(one_seq(pos0, n_tok));
         be_->rope(xb.f(), n_tok, n_heads, head_dim, 500000.0f, use_ff ? ff.data() : nullptr);
         std::vector<double> ref(x.size());
         for (int64_t t = 0; t < n_tok; ++t)
@@ -828,8 +832,8 @@ void run_attention(Backend& be, std::mt19937_64& rng, const AttnCase& c) {
   knew.put(k.data());
   vnew.put(v.data());
   qb.put(q.data());
-  const KvLayerView kv{c.kv, c.n_ctx, HKV, D, kb.ptr(), vb.ptr()};
-  be.begin_step({c.pos0, c.n_tok});
+  const KvLayerView kv{c.kv, 1, c.n_ctx, HKV, D, kb.ptr(), vb.ptr()};
+  be.begin_step(one_seq(c.pos0, c.n_tok));
   be.kv_store(kv, knew.f(), vnew.f(), c.n_tok);
   be.attention(qb.f(), kv, c.n_tok, H, ob.f());
   for (int64_t i = 0; i < c.n_tok * row; ++i) {
@@ -940,8 +944,9 @@ TEST_F(CudaOps, FusedRopeAttentionEqualsTheUnfusedOps) {
     kc2.put(kraw.data());
     vc1.put(vraw.data());
     vc2.put(vraw.data());
-    const KvLayerView kv1{c.kv, c.n_ctx, HKV, D, kc1.ptr(), vc1.ptr()}, kv2{c.kv, c.n_ctx, HKV, D, kc2.ptr(), vc2.ptr()};
-    b.begin_step({c.pos0, 1});
+    const KvLayerView kv1{c.kv, 1, c.n_ctx, HKV, D, kc1.ptr(), vc1.ptr()},
+        kv2{c.kv, 1, c.n_ctx, HKV, D, kc2.ptr(), vc2.ptr()};
+    b.begin_step(one_seq(c.pos0, 1));
     b.Backend::rope_attention(q1.f(), k1.f(), vb.f(), kv1, 1, H, 500000.0f, ff.data(), o1.f());
     b.rope_attention(q2.f(), k2.f(), vb.f(), kv2, 1, H, 500000.0f, ff.data(), o2.f());
     expect_same_bytes(kc1, kc2, "K cache");
@@ -991,13 +996,13 @@ TEST_F(CudaOps, DecodeAttentionFormsGiveTheSameBits) {
       proj.emplace_back(b, rows * 4);
     }
     std::vector<float> ff(D / 2, 1.0f);
-    b.begin_step({c.pos0, 1});
+    b.begin_step(one_seq(c.pos0, 1));
     for (int f = 0; f < kForms; ++f) {
       cuda_set_attention_blocks_per_kv_head(b, 1 << (f % 3));
       cuda_set_attention_last_block_combine(b, f / 3 == 1);
       kc[f].put(kraw.data());
       vc[f].put(vraw.data());
-      const KvLayerView kv{c.kv, c.n_ctx, HKV, D, kc[f].ptr(), vc[f].ptr()};
+      const KvLayerView kv{c.kv, 1, c.n_ctx, HKV, D, kc[f].ptr(), vc[f].ptr()};
       b.attention(qb.f(), kv, 1, H, plain[f].f());
       b.matmul(w, plain[f].f(), proj[f].f(), 1);
       // The fused form (rope of q and of the step's k, the step's row stored) on its own copy of the cache.
@@ -1016,6 +1021,223 @@ TEST_F(CudaOps, DecodeAttentionFormsGiveTheSameBits) {
       expect_same_bytes(kc[0], kc[f], "K cache after the fused form");
       expect_same_bytes(vc[0], vc[f], "V cache after the fused form");
     }
+  }
+}
+
+// ---- batches of several sequences in a pool of cache blocks -----------------------------------------------
+// One sequence of a test batch: its tokens in the step, its first position and its pool block.
+struct SeqSpec {
+  int32_t n_tok, pos0, block;
+};
+
+// The batch of these sequences in this order (tokens grouped by sequence), one block each (max_blocks 1: the
+// CUDA backend's block holds a whole context), logits for each sequence's last token.
+BatchInfo batch_of(const std::vector<SeqSpec>& seqs) {
+  BatchInfo b;
+  for (const SeqSpec& q : seqs) {
+    b.seqs.push_back(BatchSeq{static_cast<int32_t>(b.n_tok), q.n_tok, q.pos0});
+    b.n_tok += q.n_tok;
+    b.block_table.push_back(q.block);
+    b.out_rows.push_back(static_cast<int32_t>(b.n_tok - 1));
+  }
+  b.max_blocks = 1;
+  return b;
+}
+
+std::string describe(const std::vector<SeqSpec>& seqs) {
+  std::string out;
+  // Appended piece by piece: GCC 12 reports a false -Wrestrict on "(" + std::string.
+  for (const SeqSpec& q : seqs) {
+    out += '(';
+    out += std::to_string(q.n_tok);
+    out += " tok at pos ";
+    out += std::to_string(q.pos0);
+    out += ", block ";
+    out += std::to_string(q.block);
+    out += ") ";
+  }
+  return out;
+}
+
+// Element i of a cache's raw bytes.
+double cache_at(GgmlType kv, const std::vector<uint8_t>& raw, size_t i) {
+  if (kv == GgmlType::F16) return f16(static_cast<uint16_t>(raw[2 * i] | (raw[2 * i + 1] << 8)));
+  float f;
+  std::memcpy(&f, &raw[4 * i], 4);
+  return f;
+}
+
+// Several sequences of different lengths and positions in one step, each in its own block of a pool of 4
+// (blocks out of order, one left unused), through rope_attention: the CUDA backend launches its kernels once
+// per sequence with that sequence's positions, rows and block. Against the reference backend on the same pool:
+// the rows the step wrote (and no other row), and the attention outputs.
+TEST_F(CudaOps, BatchOfSequencesInPoolBlocksMatchesTheReference) {
+  Backend& b = *be_;
+  auto ref = make_reference_backend();
+  const int64_t n_blocks = 4, block = 160;  // block_size = n_ctx: one block per sequence
+  const int64_t HKV = 2, G = 4, H = HKV * G;
+  const std::vector<std::vector<SeqSpec>> batches = {
+      // decode of three sequences: one split of the decode kernel (pos 5, 40) and several (pos 130 of 160)
+      {{1, 5, 2}, {1, 40, 0}, {1, 130, 3}},
+      // a 7-token prompt chunk (the prefill kernel) between two decode tokens: its rows start at token 1
+      {{1, 40, 3}, {7, 9, 1}, {1, 130, 0}},
+  };
+  for (GgmlType kvt : {GgmlType::F16, GgmlType::F32}) {
+    for (int64_t D : {int64_t{64}, int64_t{128}}) {
+      for (const auto& spec : batches) {
+        const std::string what = describe(spec) + "head_dim " + std::to_string(D) + " kv " + type_name(kvt);
+        SCOPED_TRACE(what);
+        const BatchInfo batch = batch_of(spec);
+        ASSERT_NO_THROW(batch.validate(n_blocks, block)) << "the test's batch is malformed";
+        const int64_t row = HKV * D, n_tok = batch.n_tok, n_rows = n_blocks * block;
+        // Every row of every block starts random (the earlier positions the step attends to); the step writes
+        // its own positions.
+        const std::vector<uint8_t> kraw = cache_bytes(kvt, rand_floats(rng_, n_rows * row)),
+                                   vraw = cache_bytes(kvt, rand_floats(rng_, n_rows * row));
+        const auto q = rand_floats(rng_, n_tok * H * D, -2.0f, 2.0f), k = rand_floats(rng_, n_tok * row),
+                   v = rand_floats(rng_, n_tok * row);
+        std::vector<float> ff(D / 2);
+        for (size_t i = 0; i < ff.size(); ++i) ff[i] = 1.0f + 0.25f * static_cast<float>(i % 3);
+
+        // CUDA: the fused form (decode sequences in one kernel each) and the unfused composition
+        // (rope_kv_store for all sequences, then attention), each on its own copy of the pool.
+        Guarded q1(b, q.size() * 4), q2(b, q.size() * 4), k1(b, k.size() * 4), k2(b, k.size() * 4),
+            vb(b, v.size() * 4), kc1(b, kraw.size()), vc1(b, vraw.size()), kc2(b, kraw.size()), vc2(b, vraw.size()),
+            o1(b, q.size() * 4), o2(b, q.size() * 4);
+        for (auto [g, d] : {std::pair{&q1, q.data()}, std::pair{&q2, q.data()}, std::pair{&k1, k.data()},
+                            std::pair{&k2, k.data()}, std::pair{&vb, v.data()}})
+          g->put(d);
+        kc1.put(kraw.data());
+        kc2.put(kraw.data());
+        vc1.put(vraw.data());
+        vc2.put(vraw.data());
+        const KvLayerView kv1{kvt, n_blocks, block, HKV, D, kc1.ptr(), vc1.ptr()},
+            kv2{kvt, n_blocks, block, HKV, D, kc2.ptr(), vc2.ptr()};
+        b.begin_step(batch);
+        b.rope_attention(q1.f(), k1.f(), vb.f(), kv1, n_tok, H, 500000.0f, ff.data(), o1.f());
+        b.Backend::rope_attention(q2.f(), k2.f(), vb.f(), kv2, n_tok, H, 500000.0f, ff.data(), o2.f());
+        // Same kernels per sequence either way (FusedRopeAttentionEqualsTheUnfusedOps for one sequence).
+        expect_same_bytes(kc1, kc2, "K pool, fused against unfused");
+        expect_same_bytes(vc1, vc2, "V pool, fused against unfused");
+        expect_same_bytes(o1, o2, "attention output, fused against unfused");
+
+        // Reference: rope(q), rope(k), kv_store, attention, on a host copy of the same pool.
+        std::vector<uint8_t> kref = kraw, vref = vraw;
+        std::vector<float> qr = q, kr = k, oref(q.size());
+        const KvLayerView kvr{kvt, n_blocks, block, HKV, D, kref.data(), vref.data()};
+        ref->begin_step(batch);
+        ref->rope_attention(qr.data(), kr.data(), v.data(), kvr, n_tok, H, 500000.0f, ff.data(), oref.data());
+
+        // The pool: V rows are stored as given (the same rounding to f16, or none): equal everywhere. K rows the
+        // step wrote are rotated keys: within f32 rounding of the reference's double rotation (1e-6, as the
+        // rope test), which under f16 may move a value to the neighbouring f16 (one unit: < 2^-10 relative).
+        // Every other row (other positions, other blocks, the unused block) keeps its bytes.
+        const auto kdev = kc1.get<uint8_t>(), vdev = vc1.get<uint8_t>();
+        EXPECT_TRUE(vdev == vref) << "V pool differs from the reference's";
+        std::vector<char> written(static_cast<size_t>(n_rows), 0);  // (n_blocks * block) pool rows
+        for (int64_t s = 0; s < batch.n_seq(); ++s)
+          for (int32_t p = batch.seqs[s].pos0; p < batch.seqs[s].ctx(); ++p)
+            written[static_cast<size_t>(batch.blocks(s)[0] * block + p)] = 1;
+        std::vector<float> kgot;
+        std::vector<double> kwant;
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const size_t es = kvt == GgmlType::F16 ? 2 : 4, off = static_cast<size_t>(r * row) * es;
+          if (!written[static_cast<size_t>(r)]) {
+            ASSERT_EQ(std::memcmp(kdev.data() + off, kraw.data() + off, static_cast<size_t>(row) * es), 0)
+                << "K row " << r % block << " of block " << r / block << " changed, but the step did not write it";
+            continue;
+          }
+          for (int64_t i = 0; i < row; ++i) {
+            kgot.push_back(static_cast<float>(cache_at(kvt, kdev, static_cast<size_t>(r * row + i))));
+            kwant.push_back(cache_at(kvt, kref, static_cast<size_t>(r * row + i)));
+          }
+        }
+        ASSERT_EQ(static_cast<int64_t>(kgot.size()), n_tok * row);
+        expect_close(kgot, kwant, 1e-6, kvt == GgmlType::F16 ? 1e-3 : 1e-6, "K rows written by the step");
+
+        // The outputs, against the reference's attention over the pool the CUDA backend wrote (with the
+        // reference's rotated q): a rotated key one f16 unit off moves a score by up to ~4e-4, more than the
+        // attention's own error, so this comparison isolates the attention from the K rounding checked above.
+        // f32 scores (|q.k| <= 2*D), exp2f within 2 ulp, f32 sums over up to 131 positions: the outputs are
+        // convex combinations of values in [-1, 1], so an absolute 2e-5 plus 1e-4 relative bounds it (as
+        // KvStoreAndAttention).
+        std::vector<uint8_t> kcuda = kdev, vcuda = vdev;
+        const KvLayerView kvc{kvt, n_blocks, block, HKV, D, kcuda.data(), vcuda.data()};
+        std::vector<float> oc(q.size());
+        ref->attention(qr.data(), kvc, n_tok, H, oc.data());
+        const std::vector<float> got = o1.get<float>();
+        expect_close(got, std::vector<double>(oc.begin(), oc.end()), 2e-5, 1e-4, "attention " + what);
+        // With an f32 cache the keys agree to f32 rounding: the whole step against the reference's own.
+        if (kvt == GgmlType::F32)
+          expect_close(got, std::vector<double>(oref.begin(), oref.end()), 2e-5, 1e-4, "rope_attention " + what);
+      }
+    }
+  }
+}
+
+// A captured graph bakes each sequence's cache block (the KV base pointers): a step of the sequence in another
+// block must be captured again, and must write and read that block; a new position alone replays. The graph
+// and an eager backend on the same inputs must agree bit for bit at every step.
+TEST_F(CudaOps, GraphCapturesAgainWhenTheCacheBlockChanges) {
+  auto eager = make_cuda_backend(0, GgmlType::F16);
+  const int64_t HKV = 2, G = 4, D = 64, H = HKV * G, row = HKV * D, n_blocks = 2, block = 64;
+  const std::vector<uint8_t> kraw = cache_bytes(GgmlType::F16, rand_floats(rng_, n_blocks * block * row)),
+                             vraw = cache_bytes(GgmlType::F16, rand_floats(rng_, n_blocks * block * row));
+  const auto q = rand_floats(rng_, H * D, -2.0f, 2.0f), k = rand_floats(rng_, row), v = rand_floats(rng_, row);
+  struct Side {
+    Backend* be;
+    std::unique_ptr<Guarded> q, k, v, out, kc, vc;
+  };
+  auto setup = [&](Backend& be) {
+    Side s{&be, std::make_unique<Guarded>(be, q.size() * 4), std::make_unique<Guarded>(be, k.size() * 4),
+           std::make_unique<Guarded>(be, v.size() * 4), std::make_unique<Guarded>(be, q.size() * 4),
+           std::make_unique<Guarded>(be, kraw.size()), std::make_unique<Guarded>(be, vraw.size())};
+    s.q->put(q.data());
+    s.k->put(k.data());
+    s.v->put(v.data());
+    s.kc->put(kraw.data());
+    s.vc->put(vraw.data());
+    return s;
+  };
+  Side a = setup(*be_), e = setup(*eager);
+  // Re-uploads q and k for every step outside the body: with SHARDLM_CUDA_FUSE_ROPE=0 rope_attention rotates
+  // them in place, and both sides must start each step from the same inputs.
+  auto body = [H, HKV, D, n_blocks, block](Side& s) {
+    return [&s, H, HKV, D, n_blocks, block] {
+      const KvLayerView kv{GgmlType::F16, n_blocks, block, HKV, D, s.kc->ptr(), s.vc->ptr()};
+      s.be->rope_attention(s.q->f(), s.k->f(), s.v->f(), kv, 1, H, 10000.0f, nullptr, s.out->f());
+    };
+  };
+  CudaGraphRunner graph(*be_);
+  auto fa = body(a), fe = body(e);
+  // (position, block): eager, capture, replay, replay in block 0; eager, capture, replay in block 1; back to
+  // block 0: eager, capture.
+  const std::pair<int32_t, int32_t> steps[] = {{0, 0}, {1, 0}, {2, 0}, {3, 0}, {4, 1},
+                                               {5, 1}, {6, 1}, {7, 0}, {8, 0}};
+  for (const auto& [pos, blk] : steps) {
+    SCOPED_TRACE("position " + std::to_string(pos) + " in block " + std::to_string(blk));
+    for (Side* s : {&a, &e}) {
+      s->q->put(q.data());
+      s->k->put(k.data());
+    }
+    const BatchInfo batch = BatchInfo::single(pos, 1, {blk}, false);
+    graph.run(batch, fa);
+    eager->begin_step(batch);
+    fe();
+    expect_same_bytes(*a.out, *e.out, "attention output, graph against eager");
+    for (float f : a.out->get<float>()) ASSERT_TRUE(std::isfinite(f));
+  }
+  expect_same_bytes(*a.kc, *e.kc, "K pool, graph against eager");
+  expect_same_bytes(*a.vc, *e.vc, "V pool, graph against eager");
+  EXPECT_EQ(graph.captures(), 3) << "one capture per cache block change (block 0, 1, then 0 again)";
+  EXPECT_EQ(graph.replays(), 6) << "each capture's launch and the replays after it";
+  // Each block's rows written where the steps in that block put them: the graph wrote block 1 (not only 0).
+  const auto kc = a.kc->get<uint8_t>();
+  const size_t row_bytes = static_cast<size_t>(row) * 2;
+  for (const auto& [pos, blk] : steps) {
+    const size_t off = static_cast<size_t>(blk * block + pos) * row_bytes;
+    EXPECT_NE(std::memcmp(kc.data() + off, kraw.data() + off, row_bytes), 0)
+        << "position " << pos << " of block " << blk << " was not written";
   }
 }
 
@@ -1103,7 +1325,7 @@ TEST_F(CudaOps, GraphReplayMatchesEagerSteps) {
     return [&s, &hw, &ff, E, H, HKV, D, n_ctx] {
       Backend& be = *s.be;
       const WeightView w{GgmlType::Q4_K, E, H * D, hw.stride, s.w->data()};
-      const KvLayerView kv{GgmlType::F16, n_ctx, HKV, D, s.kc->data(), s.vc->data()};
+      const KvLayerView kv{GgmlType::F16, 1, n_ctx, HKV, D, s.kc->data(), s.vc->data()};
       be.rms_norm(s.x->as<float>(), s.nw->as<float>(), s.xn->as<float>(), 1, E, 1e-5f);
       be.matmul(w, s.xn->as<float>(), s.q->as<float>(), 1);
       be.rope(s.q->as<float>(), 1, H, D, 10000.0f, ff.data());
@@ -1116,8 +1338,8 @@ TEST_F(CudaOps, GraphReplayMatchesEagerSteps) {
   CudaGraphRunner graph(*be_);
   auto fa = body(a), fb = body(b);
   for (int64_t pos = 0; pos < 12; ++pos) {
-    graph.run({pos, 1}, fa);
-    eager->begin_step({pos, 1});
+    graph.run(one_seq(pos, 1), fa);
+    eager->begin_step(one_seq(pos, 1));
     fb();
     std::vector<float> ga(H * D), gb(H * D);
     be_->download(ga.data(), a.att->data(), ga.size() * 4);

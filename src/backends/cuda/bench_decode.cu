@@ -146,7 +146,8 @@ void bench_decode(CudaBackend& be, GgmlType wt, GgmlType out_t, double copy_gbs,
   auto f = [](std::unique_ptr<DeviceBuffer>& b) { return b->as<float>(); };
   auto step = [&] {
     for (auto& l : layers) {
-      KvLayerView kv{GgmlType::F16, n_ctx, HKV, D, l.kc->data(), l.vc->data()};
+      // A pool of one block of n_ctx positions (the CUDA backend's block per sequence).
+      KvLayerView kv{GgmlType::F16, 1, n_ctx, HKV, D, l.kc->data(), l.vc->data()};
       be.rms_norm(f(x), f(l.n1), f(xn), 1, E, 1e-5f);
       be.matmul(l.q.view, f(xn), f(q), 1);
       be.matmul(l.k.view, f(xn), f(k), 1);
@@ -171,13 +172,19 @@ void bench_decode(CudaBackend& be, GgmlType wt, GgmlType out_t, double copy_gbs,
     cuda_argmax_async(be, f(logits), V, tok->as<int32_t>());
   };
   CudaGraphRunner graph(be);
-  int64_t pos = 1000;
-  for (int i = 0; i < 3; ++i) graph.run({pos++, 1}, step);  // eager, capture, replay
+  // One sequence in pool block 0; only its position changes from step to step.
+  BatchInfo batch = BatchInfo::single(1000, 1, {0}, false);
+  auto at = [&batch](int32_t pos) -> const BatchInfo& {
+    batch.seqs[0].pos0 = pos;
+    return batch;
+  };
+  int32_t pos = 1000;
+  for (int i = 0; i < 3; ++i) graph.run(at(pos++), step);  // eager, capture, replay
   be.synchronize();
   const int n = quick ? 5 : 100;
   Event e0, e1;
   SHARDLM_CUDA_CHECK(cudaEventRecord(e0.get(), be.stream()));
-  for (int i = 0; i < n; ++i) graph.run({pos++, 1}, step);
+  for (int i = 0; i < n; ++i) graph.run(at(pos++), step);
   SHARDLM_CUDA_CHECK(cudaEventRecord(e1.get(), be.stream()));
   be.synchronize();
   float ms = 0;

@@ -148,6 +148,7 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   cublas_ws_ = DevMem(kCublasWorkspace);
   SHARDLM_CUBLAS_CHECK(cublasSetWorkspace(cublas_->get(), cublas_ws_.get(), cublas_ws_.size()));
   SHARDLM_CUBLAS_CHECK(cublasSetMathMode(cublas_->get(), CUBLAS_DEFAULT_MATH));  // no TF32 for f32 weights
+  step_cap_ = 1;  // one sequence; begin_step grows it for larger batches
   step_dev_ = DevMem(sizeof(StepDev));
   step_host_ = PinnedMem(kStepSlots * sizeof(StepDev));
   for (auto& e : step_ev_) e = std::make_unique<Event>(cudaEventDisableTiming);
@@ -298,25 +299,88 @@ const float* CudaBackend::freq_factors_on_device(const float* host, int64_t n) {
   return freq_cache_.back().dev.as<float>();
 }
 
-void CudaBackend::begin_step(const StepInfo& step) {
+namespace {
+
+// "(pos0 5, 1 token, block 0), ..." for errors about a batch: its sequences, at most 4 of them.
+std::string describe_batch(const BatchInfo& b) {
+  std::string out = cat(b.n_tok, " tokens in ", b.n_seq(), " sequence(s):");
+  for (int64_t s = 0; s < b.n_seq() && s < 4; ++s) {
+    const BatchSeq& q = b.seqs[static_cast<size_t>(s)];
+    const bool has_block = b.max_blocks > 0 && static_cast<int64_t>(b.block_table.size()) >= (s + 1) * b.max_blocks;
+    out += cat(" (pos0 ", q.pos0, ", ", q.n_tok, " token(s), block ", has_block ? b.blocks(s)[0] : -1, ")");
+  }
+  if (b.n_seq() > 4) out += " ...";
+  return out;
+}
+
+// Whether a and b launch the same kernels on the same data: token counts, positions and each sequence's
+// cache block (the only block this backend reads).
+bool same_batch(const BatchInfo& a, const BatchInfo& b) {
+  if (a.n_tok != b.n_tok || a.n_seq() != b.n_seq()) return false;
+  for (int64_t s = 0; s < a.n_seq(); ++s) {
+    const BatchSeq &x = a.seqs[static_cast<size_t>(s)], &y = b.seqs[static_cast<size_t>(s)];
+    if (x.tok0 != y.tok0 || x.n_tok != y.n_tok || x.pos0 != y.pos0 || a.blocks(s)[0] != b.blocks(s)[0]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+void CudaBackend::reserve_steps(int64_t n) {
+  if (n <= step_cap_) return;
+  if (capturing_)
+    fail_kind(ErrorKind::kInternal, "cuda begin_step: room for ", n, " sequences must be made during a graph capture");
+  // Queued kernels may still read step_dev_ and queued copies the pinned slots: replace them after those ran.
+  SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  const int64_t cap = std::max(n, 2 * step_cap_);
+  step_dev_ = DevMem(static_cast<size_t>(cap) * sizeof(StepDev));
+  step_host_ = PinnedMem(static_cast<size_t>(kStepSlots * cap) * sizeof(StepDev));
+  step_cap_ = cap;
+  ++scratch_gen_;  // graphs captured before hold the old step_dev_
+}
+
+void CudaBackend::begin_step(const BatchInfo& batch) {
   note_write();
-  if (step.pos0 < 0 || step.n_tok < 0) fail("cuda begin_step: negative pos0 ", step.pos0, " or n_tok ", step.n_tok);
+  // The structure the ops rely on (BatchInfo::validate checks the rest against the pool; the ops check each
+  // sequence against their KV view, check_kv).
+  const int64_t n_seq = batch.n_seq();
+  if (n_seq < 1) fail("cuda begin_step: the batch has no sequence");
+  if (batch.max_blocks < 1 || static_cast<int64_t>(batch.block_table.size()) != n_seq * batch.max_blocks)
+    fail("cuda begin_step: the block table holds ", batch.block_table.size(), " entries for ", n_seq,
+         " sequence(s) of ", batch.max_blocks, " block(s) (max_blocks must be >= 1)");
+  int64_t next = 0;
+  for (int64_t s = 0; s < n_seq; ++s) {
+    const BatchSeq& q = batch.seqs[static_cast<size_t>(s)];
+    if (q.tok0 != next || q.n_tok < 1 || q.pos0 < 0)
+      fail("cuda begin_step: sequence ", s, " has tokens [", q.tok0, ", +", q.n_tok, ") at position ", q.pos0,
+           "; expected tokens from ", next, ", at least one, at a position >= 0");
+    if (batch.blocks(s)[0] < 0)
+      fail("cuda begin_step: sequence ", s, " has no cache block (block id ", batch.blocks(s)[0], ")");
+    next += q.n_tok;
+  }
+  if (next != batch.n_tok)
+    fail("cuda begin_step: the sequences hold ", next, " tokens, the batch says n_tok ", batch.n_tok);
   if (capturing_) {
     // Inside a capture the positions were already copied by CudaGraphRunner::run, outside the graph.
-    if (step.n_tok != step_.n_tok || step.pos0 != step_.pos0)
-      fail_kind(ErrorKind::kInternal, "cuda begin_step inside a capture with a step (", step.pos0, ", ", step.n_tok,
-                ") other than the one CudaGraphRunner::run was given (", step_.pos0, ", ", step_.n_tok, ")");
+    if (!same_batch(batch, batch_))
+      fail_kind(ErrorKind::kInternal, "cuda begin_step inside a capture with a batch (", describe_batch(batch),
+                ") other than the one CudaGraphRunner::run was given (", describe_batch(batch_), ")");
     return;
   }
   DeviceGuard g(device_);
-  step_ = step;
+  reserve_steps(n_seq);
+  batch_ = batch;
   const int slot = step_slot_;
   step_slot_ = (step_slot_ + 1) % kStepSlots;
   // A slot's event that was never recorded returns at once.
   SHARDLM_CUDA_CHECK(cudaEventSynchronize(step_ev_[slot]->get()));
-  StepDev* d = step_host_.as<StepDev>() + slot;
-  *d = StepDev{step.pos0, step.n_tok};
-  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), d, sizeof *d, cudaMemcpyHostToDevice, stream()));
+  StepDev* d = step_host_.as<StepDev>() + slot * step_cap_;
+  for (int64_t s = 0; s < n_seq; ++s) {
+    const BatchSeq& q = batch.seqs[static_cast<size_t>(s)];
+    d[s] = StepDev{q.pos0, q.n_tok};
+  }
+  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), d, static_cast<size_t>(n_seq) * sizeof(StepDev),
+                                     cudaMemcpyHostToDevice, stream()));
   SHARDLM_CUDA_CHECK(cudaEventRecord(step_ev_[slot]->get(), stream()));
 }
 
@@ -334,6 +398,26 @@ void CudaBackend::get_rows(const WeightView& table, const int32_t* ids, int64_t 
   SHARDLM_CUDA_CHECK(cudaMemcpyAsync(d_ids, ids, n_tok * sizeof(int32_t), cudaMemcpyHostToDevice, stream()));
   launch_get_rows(table.type, table.data, table.row_stride, table.n_rows, table.n_cols,
                   static_cast<const int32_t*>(d_ids), n_tok, out, stream());
+}
+
+void CudaBackend::gather_rows(const float* x, const int32_t* rows, int64_t n_rows, int64_t width, float* out) {
+  note_write();
+  if (n_rows < 0 || width <= 0) fail("cuda gather_rows: ", n_rows, " rows of width ", width);
+  for (int64_t i = 0; i < n_rows; ++i)
+    if (rows[i] < 0) fail("cuda gather_rows: row ", rows[i], " at ", i, " is negative");
+  if (n_rows == 0) return;
+  DeviceGuard g(device_);
+  // Copies rather than a kernel: the row ids stay on the host (a captured copy bakes them, which the graph's
+  // fixed batch shape allows), and a run of consecutive rows (a prompt's, or a decode batch's last tokens)
+  // is one copy.
+  const size_t row_bytes = static_cast<size_t>(width) * sizeof(float);
+  for (int64_t i = 0; i < n_rows;) {
+    int64_t j = i + 1;
+    while (j < n_rows && rows[j] == rows[j - 1] + 1) ++j;
+    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(out + i * width, x + int64_t{rows[i]} * width,
+                                       static_cast<size_t>(j - i) * row_bytes, cudaMemcpyDeviceToDevice, stream()));
+    i = j;
+  }
 }
 
 void CudaBackend::rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) {
@@ -533,20 +617,27 @@ void CudaBackend::rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_di
                        const float* freq_factors) {
   note_write();
   if (head_dim <= 0 || head_dim % 2 != 0) fail("cuda rope: head_dim ", head_dim, " must be even and positive");
+  check_tokens(n_tok, "rope");
   DeviceGuard g(device_);
   const float* ff = freq_factors_on_device(freq_factors, head_dim / 2);
-  launch_rope(x, n_tok, n_heads, head_dim, freq_base, ff, step_dev_.as<StepDev>(), stream());
+  for (int64_t s = 0; s < batch_.n_seq(); ++s) {
+    const BatchSeq& q = batch_.seqs[static_cast<size_t>(s)];
+    launch_rope(x + int64_t{q.tok0} * n_heads * head_dim, q.n_tok, n_heads, head_dim, freq_base, ff, seq_step(s),
+                stream());
+  }
 }
 
 void CudaBackend::kv_store(const KvLayerView& kv, const float* k, const float* v, int64_t n_tok) {
   note_write();
-  if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
-    fail_kind(ErrorKind::kUnsupported, "cuda kv_store: KV type ", type_name(kv.type), " (f16 or f32 only)");
-  if (step_.pos0 + n_tok > kv.n_ctx)
-    fail("cuda kv_store: positions [", step_.pos0, ", ", step_.pos0 + n_tok, ") exceed the cache of ", kv.n_ctx);
+  check_kv(kv, n_tok, "kv_store");
   DeviceGuard g(device_);
-  launch_kv_store(kv.type, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, k, v, n_tok, step_dev_.as<StepDev>(),
-                  stream());
+  const int64_t row = kv.row_width();
+  for (int64_t s = 0; s < batch_.n_seq(); ++s) {
+    const BatchSeq& q = batch_.seqs[static_cast<size_t>(s)];
+    const SeqCache c = seq_cache(kv, s);
+    launch_kv_store(kv.type, c.k, c.v, kv.block_size, kv.n_head_kv, kv.head_dim, k + int64_t{q.tok0} * row,
+                    v + int64_t{q.tok0} * row, q.n_tok, seq_step(s), stream());
+  }
 }
 
 void CudaBackend::add_rms_norm(float* x, const float* delta, const float* w, float* y, int64_t n_tok, int64_t n,
@@ -575,13 +666,41 @@ void CudaBackend::all_reduce_add_rms_norm(CommGroup& group, float* buf, float* x
   Backend::all_reduce_add_rms_norm(group, buf, x, w, y, n_tok, n, eps);
 }
 
+void CudaBackend::check_tokens(int64_t n_tok, const char* op) const {
+  if (batch_.n_seq() == 0)
+    fail_kind(ErrorKind::kInternal, "cuda ", op, ": no step (call begin_step with the step's batch first)");
+  if (n_tok != batch_.n_tok)
+    fail_kind(ErrorKind::kInternal, "cuda ", op, ": ", n_tok, " tokens in a step of ", batch_.n_tok,
+              " (begin_step's batch; the ops take all of the step's tokens)");
+}
+
 void CudaBackend::check_kv(const KvLayerView& kv, int64_t n_tok, const char* op) const {
   if (kv.head_dim <= 0 || kv.head_dim % 2 != 0)
     fail("cuda ", op, ": head_dim ", kv.head_dim, " must be even and positive");
   if (kv.type != GgmlType::F16 && kv.type != GgmlType::F32)
     fail_kind(ErrorKind::kUnsupported, "cuda ", op, ": KV type ", type_name(kv.type), " (f16 or f32 only)");
-  if (step_.pos0 + n_tok > kv.n_ctx)
-    fail("cuda ", op, ": positions [", step_.pos0, ", ", step_.pos0 + n_tok, ") exceed the cache of ", kv.n_ctx);
+  if (kv.n_head_kv <= 0 || kv.n_blocks <= 0 || kv.block_size <= 0 || !kv.k || !kv.v)
+    fail("cuda ", op, ": empty KV view (", kv.n_blocks, " blocks of ", kv.block_size, " positions, ", kv.n_head_kv,
+         " KV heads)");
+  check_tokens(n_tok, op);
+  for (int64_t s = 0; s < batch_.n_seq(); ++s) {
+    const BatchSeq& q = batch_.seqs[static_cast<size_t>(s)];
+    // One block per sequence (kv_block_size answers n_ctx): its positions must all be in that block.
+    if (q.ctx() > kv.block_size)
+      fail("cuda ", op, ": sequence ", s, " positions [", q.pos0, ", ", q.ctx(), ") exceed its cache block of ",
+           kv.block_size, " positions (this backend keeps one block of n_ctx positions per sequence)");
+    const int32_t id = batch_.blocks(s)[0];
+    if (id < 0 || id >= kv.n_blocks)
+      fail("cuda ", op, ": sequence ", s, " cache block ", id, " is outside the pool's [0, ", kv.n_blocks, ")");
+  }
+}
+
+CudaBackend::SeqCache CudaBackend::seq_cache(const KvLayerView& kv, int64_t s) const {
+  // Bytes from the pool's start to block blocks(s)[0]: (block, block_size, n_head_kv, head_dim) elements.
+  const size_t es = kv.type == GgmlType::F16 ? 2 : 4;
+  const size_t off = static_cast<size_t>(batch_.blocks(s)[0]) * static_cast<size_t>(kv.block_size) *
+                     static_cast<size_t>(kv.row_width()) * es;
+  return SeqCache{static_cast<char*>(kv.k) + off, static_cast<char*>(kv.v) + off};
 }
 
 void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok,
@@ -591,17 +710,38 @@ void CudaBackend::rope_kv_store(float* q, float* k, const float* v, const KvLaye
   DeviceGuard g(device_);
   if ((skip_ & kSkipRope) && n_tok == 1) return;
   const float* ff = freq_factors_on_device(freq_factors, kv.head_dim / 2);
-  launch_rope_kv_store(kv.type, q, k, v, kv.k, kv.v, kv.n_ctx, n_tok, n_head, kv.n_head_kv, kv.head_dim, freq_base, ff,
-                       step_dev_.as<StepDev>(), stream());
+  for (int64_t s = 0; s < batch_.n_seq(); ++s) rope_kv_store_seq(q, k, v, kv, s, n_head, freq_base, ff);
+}
+
+void CudaBackend::rope_kv_store_seq(float* q, float* k, const float* v, const KvLayerView& kv, int64_t s,
+                                    int64_t n_head, float freq_base, const float* ff_device) {
+  const BatchSeq& sq = batch_.seqs[static_cast<size_t>(s)];
+  const int64_t row = kv.row_width();
+  const SeqCache c = seq_cache(kv, s);
+  launch_rope_kv_store(kv.type, q + int64_t{sq.tok0} * n_head * kv.head_dim, k + int64_t{sq.tok0} * row,
+                       v + int64_t{sq.tok0} * row, c.k, c.v, kv.block_size, sq.n_tok, n_head, kv.n_head_kv, kv.head_dim,
+                       freq_base, ff_device, seq_step(s), stream());
 }
 
 void CudaBackend::rope_attention(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok,
                                  int64_t n_head, float freq_base, const float* freq_factors, float* out) {
-  if (!fuse_rope_ || !uses_decode_attention(kv, n_tok, n_head)) return Backend::rope_attention(q, k, v, kv, n_tok, n_head, freq_base, freq_factors, out);
+  bool fused = false;  // some sequence of the batch takes the fused decode kernel
+  for (const BatchSeq& sq : batch_.seqs) fused = fused || uses_decode_attention(kv, sq.n_tok, n_head);
+  if (!fuse_rope_ || !fused) return Backend::rope_attention(q, k, v, kv, n_tok, n_head, freq_base, freq_factors, out);
   note_write();
   check_kv(kv, n_tok, "rope_attention");
   DeviceGuard g(device_);
-  attention_impl(q, kv, n_tok, n_head, out, k, v, freq_base, freq_factors_on_device(freq_factors, kv.head_dim / 2));
+  const float* ff = freq_factors_on_device(freq_factors, kv.head_dim / 2);
+  // One sequence after the other: a decode sequence in one kernel, any other by rope_kv_store's kernel and
+  // then attention's (the sequences' rows and cache blocks are disjoint, so the order between them is free).
+  for (int64_t s = 0; s < batch_.n_seq(); ++s) {
+    if (uses_decode_attention(kv, batch_.seqs[static_cast<size_t>(s)].n_tok, n_head)) {
+      attention_seq(q, kv, s, n_head, out, k, v, freq_base, ff);
+    } else {
+      rope_kv_store_seq(q, k, v, kv, s, n_head, freq_base, ff);
+      attention_seq(q, kv, s, n_head, out, nullptr, nullptr, 0.0f, nullptr);
+    }
+  }
 }
 
 bool CudaBackend::uses_decode_attention(const KvLayerView& kv, int64_t n_tok, int64_t n_head) const {
@@ -613,21 +753,33 @@ void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok
   note_write();
   check_kv(kv, n_tok, "attention");
   DeviceGuard g(device_);
-  attention_impl(q, kv, n_tok, n_head, out, nullptr, nullptr, 0.0f, nullptr);
+  for (int64_t s = 0; s < batch_.n_seq(); ++s) attention_seq(q, kv, s, n_head, out, nullptr, nullptr, 0.0f, nullptr);
 }
 
-void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out,
-                                 const float* k_new, const float* v_new, float freq_base, const float* ff_device) {
+void CudaBackend::attention_seq(const float* q, const KvLayerView& kv, int64_t s, int64_t n_head, float* out,
+                                const float* k_new, const float* v_new, float freq_base, const float* ff_device) {
   if (kv.n_head_kv <= 0 || n_head % kv.n_head_kv != 0)
     fail("cuda attention: n_head ", n_head, " is not a multiple of n_head_kv ", kv.n_head_kv);
-  if (n_tok <= 0) return;
-  const StepDev* sd = step_dev_.as<StepDev>();
+  const BatchSeq& sq = batch_.seqs[static_cast<size_t>(s)];
+  const int64_t n_tok = sq.n_tok;
+  // This sequence's rows of the step, its StepDev and its cache block.
+  const int64_t qrow = n_head * kv.head_dim;
+  q += int64_t{sq.tok0} * qrow;
+  out += int64_t{sq.tok0} * qrow;
+  if (k_new) {
+    k_new += int64_t{sq.tok0} * kv.row_width();
+    v_new += int64_t{sq.tok0} * kv.row_width();
+  }
+  const SeqCache c = seq_cache(kv, s);
+  const StepDev* sd = seq_step(s);
+  // The output is quantized for the o projection only when it is the step's one row (a one-token matvec).
+  const bool one_row = batch_.n_tok == 1;
   if (uses_decode_attention(kv, n_tok, n_head)) {
     if (skip_ & kSkipAttn) {
-      if (xq_target(1, n_head * kv.head_dim)) mark_quantized(out, n_head * kv.head_dim);
+      if (one_row && xq_target(1, qrow)) mark_quantized(out, qrow);
       return;
     }
-    const int n_split = attention_decode_splits(kv.n_ctx, kv.n_head_kv, sm_count_);
+    const int n_split = attention_decode_splits(kv.block_size, kv.n_head_kv, sm_count_);
     auto* part = static_cast<float*>(
         scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
     // Default: about 8 block columns (4 per KV head at 2 local KV heads, 1 at 8), because at long contexts
@@ -635,22 +787,24 @@ void CudaBackend::attention_impl(const float* q, const KvLayerView& kv, int64_t 
     // 4 per KV head against 172.4 with 1; at tp 4 437.6 against 418.3; 2026-11-27 04:01Z).
     const int64_t want = attn_qsplit_ > 0 ? attn_qsplit_ : std::clamp<int64_t>(8 / kv.n_head_kv, 1, 4);
     const int qsplit = static_cast<int>(std::min<int64_t>(want, n_head / kv.n_head_kv));  // powers of two
+    // Sequences of one batch share the partials and the counters: their launches are stream-ordered, and each
+    // kernel touches them only after its PDL wait, which covers the previous sequence's kernel.
     int* done = attn_last_block_combine_ ? attention_counters(kv.n_head_kv * qsplit) : nullptr;
     const bool quantized =
-        launch_attention_decode(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_head, n_split, part, out,
-                                sd, stream(), xq_target(1, n_head * kv.head_dim), k_new, v_new, freq_base, ff_device,
-                                attn_out4_, qsplit, done);
-    if (quantized) mark_quantized(out, n_head * kv.head_dim);  // note_write() came first
+        launch_attention_decode(kv.type, q, c.k, c.v, kv.block_size, kv.n_head_kv, kv.head_dim, n_head, n_split, part,
+                                out, sd, stream(), one_row ? xq_target(1, qrow) : nullptr, k_new, v_new, freq_base,
+                                ff_device, attn_out4_, qsplit, done);
+    if (quantized) mark_quantized(out, qrow);  // note_write() came first
     return;
   }
   if (k_new) fail_kind(ErrorKind::kInternal, "cuda attention: the fused rope form is for the decode kernel only");
   if (kv.head_dim > 256)
     fail_kind(ErrorKind::kUnsupported, "cuda attention: head_dim ", kv.head_dim, " > 256 is not implemented");
   if (n_tok > 1 && !force_generic_attn_ &&
-      launch_attention_prefill(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_tok, n_head, out, sd,
+      launch_attention_prefill(kv.type, q, c.k, c.v, kv.block_size, kv.n_head_kv, kv.head_dim, n_tok, n_head, out, sd,
                                sm_count_, stream()))
     return;
-  launch_attention_generic(kv.type, q, kv.k, kv.v, kv.n_ctx, kv.n_head_kv, kv.head_dim, n_tok, n_head, out, sd,
+  launch_attention_generic(kv.type, q, c.k, c.v, kv.block_size, kv.n_head_kv, kv.head_dim, n_tok, n_head, out, sd,
                            stream());
 }
 
@@ -768,9 +922,13 @@ void CudaBackend::greedy_candidate(const float* logits, int64_t n, int64_t id_of
 
 void CudaBackend::greedy_pick(const float* cands, int n_slots) {
   if (n_slots < 1) fail_kind(ErrorKind::kInternal, "cuda greedy_pick: ", n_slots, " slots");
+  // The kernel files the token under the step's position (the first StepDev's pos0): one sequence per step.
+  if (batch_.n_seq() != 1)
+    fail_kind(ErrorKind::kInternal, "cuda greedy_pick: the device token is for steps of one sequence; this step has ",
+              batch_.n_seq());
   note_write();
   DeviceGuard g(device_);
-  launch_greedy_pick(cands, n_slots, tok_dev_.as<int32_t>(), tok_host_.as<int32_t>(), step_dev_.as<StepDev>(), stream());
+  launch_greedy_pick(cands, n_slots, tok_dev_.as<int32_t>(), tok_host_.as<int32_t>(), seq_step(0), stream());
 }
 
 void CudaBackend::mark_device_token(int64_t pos) {
@@ -918,11 +1076,29 @@ struct GraphTiming {
   }
 };
 
+// What a captured graph bakes in beyond the backend's scratch buffers: the launch shapes (the step's tokens
+// and each sequence's share) and each sequence's cache block (the KV base pointers). Positions are not part
+// of it: they travel in StepDev.
+struct GraphShape {
+  int64_t n_tok = -1;
+  std::vector<std::pair<int32_t, int32_t>> seqs;  // (n_seq) each sequence's (n_tok, first block id)
+  int64_t gen = -1;                               // the backend's scratch generation
+  static GraphShape of(const BatchInfo& batch, int64_t gen) {
+    GraphShape g;
+    g.n_tok = batch.n_tok;
+    for (int64_t s = 0; s < batch.n_seq(); ++s)
+      g.seqs.emplace_back(batch.seqs[static_cast<size_t>(s)].n_tok, batch.blocks(s)[0]);
+    g.gen = gen;
+    return g;
+  }
+  bool operator==(const GraphShape&) const = default;
+};
+
 struct CudaGraphRunner::Impl {
   cuda_detail::CudaBackend* backend = nullptr;
   cuda_detail::Graph graph;
-  int64_t graph_n_tok = -1, graph_gen = -1;  // shape the graph was captured for
-  int64_t warm_n_tok = -1, warm_gen = -1;    // shape of the last eager run
+  GraphShape graph_shape;  // shape the graph was captured for
+  GraphShape warm_shape;   // shape of the last eager run
   int64_t captures = 0, replays = 0;
   std::unique_ptr<GraphTiming> timing;  // SHARDLM_GRAPH_TIMING=1
 };
@@ -937,23 +1113,24 @@ CudaGraphRunner::CudaGraphRunner(Backend& backend) : impl_(std::make_unique<Impl
 
 CudaGraphRunner::~CudaGraphRunner() = default;
 
-void CudaGraphRunner::run(const StepInfo& step, const std::function<void()>& body) {
+void CudaGraphRunner::run(const BatchInfo& batch, const std::function<void()>& body) {
   Impl& s = *impl_;
   cuda_detail::CudaBackend& b = *s.backend;
-  b.begin_step(step);  // positions travel outside the graph
-  if (s.graph.valid() && s.graph_n_tok == step.n_tok && s.graph_gen == b.scratch_generation()) {
+  b.begin_step(batch);  // positions travel outside the graph (and step_dev_ may grow: a new generation)
+  const GraphShape shape = GraphShape::of(batch, b.scratch_generation());
+  const bool timed = s.timing && batch.n_tok == 1;
+  if (s.graph.valid() && s.graph_shape == shape) {
     cuda_detail::DeviceGuard g(b.device_index());
-    if (s.timing && step.n_tok == 1) s.timing->before(b.stream());
+    if (timed) s.timing->before(b.stream());
     SHARDLM_CUDA_CHECK(cudaGraphLaunch(s.graph.exec(), b.stream()));
-    if (s.timing && step.n_tok == 1) s.timing->after(b.stream());
+    if (timed) s.timing->after(b.stream());
     ++s.replays;
     return;
   }
   s.graph.reset();
-  if (s.warm_n_tok != step.n_tok || s.warm_gen != b.scratch_generation()) {
+  if (s.warm_shape != shape) {
     body();  // eager: sizes scratch buffers, uploads tables, warms cuBLAS
-    s.warm_n_tok = step.n_tok;
-    s.warm_gen = b.scratch_generation();
+    s.warm_shape = GraphShape::of(batch, b.scratch_generation());
     return;
   }
   b.begin_capture();
@@ -969,8 +1146,7 @@ void CudaGraphRunner::run(const StepInfo& step, const std::function<void()>& bod
     throw;
   }
   s.graph.adopt(b.end_capture());
-  s.graph_n_tok = step.n_tok;
-  s.graph_gen = b.scratch_generation();
+  s.graph_shape = GraphShape::of(batch, b.scratch_generation());
   ++s.captures;
   cuda_detail::DeviceGuard g(b.device_index());
   SHARDLM_CUDA_CHECK(cudaGraphLaunch(s.graph.exec(), b.stream()));
@@ -979,7 +1155,7 @@ void CudaGraphRunner::run(const StepInfo& step, const std::function<void()>& bod
 
 void CudaGraphRunner::invalidate() {
   impl_->graph.reset();
-  impl_->warm_n_tok = -1;
+  impl_->warm_shape = GraphShape{};
 }
 
 bool CudaGraphRunner::captured() const { return impl_->graph.valid(); }

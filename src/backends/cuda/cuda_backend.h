@@ -2,9 +2,13 @@
 // tests build against it with a plain C++ compiler; everything CUDA stays in src/backends/cuda/*.cu(h).
 //
 // Execution model: every op is enqueued on the backend's own stream and returns without waiting; only
-// upload, download, synchronize and cuda_argmax wait. Positions (StepInfo) live in device memory, written
-// by begin_step with an asynchronous copy, so a decode step can be captured once into a CUDA graph and
-// replayed for every later token (CudaGraphRunner below).
+// upload, download, synchronize and cuda_argmax wait. The step's positions (one StepDev per sequence of
+// the BatchInfo) live in device memory, written by begin_step with an asynchronous copy, so a decode step
+// can be captured once into a CUDA graph and replayed for every later token (CudaGraphRunner below).
+//
+// KV cache: one pool block per sequence (kv_block_size(n_ctx) = n_ctx), read as one contiguous range by the
+// kernels. A batch of several sequences launches the position-aware kernels (rope, kv_store, attention)
+// once per sequence; paged kernels that take a whole batch in one launch come later.
 #pragma once
 
 #include <cstdint>
@@ -58,15 +62,18 @@ void* cuda_stream(Backend& backend);
 //   CudaGraphRunner graph(backend);
 //   for each decode token:
 //     backend.get_rows(tok_embd, &token, 1, x);          // host ids: outside the graph
-//     graph.run({pos, 1}, [&] { model.layers_and_head(x, logits); });
+//     graph.run(BatchInfo::single(pos, 1, {block}, false), [&] { model.layers_and_head(x, logits); });
 //
-// run(step, body) calls backend.begin_step(step) outside the graph (that copy carries the positions),
-// then: on the first call (or after invalidate(), a different step.n_tok, or a scratch buffer of the
+// run(batch, body) calls backend.begin_step(batch) outside the graph (that copy carries the positions),
+// then: on the first call (or after invalidate(), a different batch shape, or a scratch buffer of the
 // backend having grown) runs `body` eagerly, so that every lazily sized buffer and cached table exists;
 // on the next call captures `body` into a graph and launches it; afterwards only launches the graph.
-// `body` must issue the same op sequence with the same pointers and shapes at every call: only the
-// positions may change. Inside `body`, begin_step may be called again with the same n_tok (it is then a
+// The batch shape is n_tok, the number of sequences, each sequence's n_tok and each sequence's cache
+// block id: a graph bakes the launch shapes and the KV base pointers, so any change of them captures
+// again. `body` must issue the same op sequence with the same pointers and shapes at every call: only the
+// positions may change. Inside `body`, begin_step may be called again with the same batch (it is then a
 // no-op); get_rows (host ids), upload, download and synchronize throw kUnsupported while capturing.
+// The model uses it for one-sequence, one-token decode steps.
 class CudaGraphRunner {
  public:
   explicit CudaGraphRunner(Backend& backend);  // throws Error if `backend` is not a CUDA backend
@@ -74,7 +81,7 @@ class CudaGraphRunner {
   CudaGraphRunner(const CudaGraphRunner&) = delete;
   CudaGraphRunner& operator=(const CudaGraphRunner&) = delete;
 
-  void run(const StepInfo& step, const std::function<void()>& body);
+  void run(const BatchInfo& batch, const std::function<void()>& body);
   void invalidate();            // drop the graph; the next run() starts over with an eager call
   bool captured() const;        // a graph exists and will be replayed by the next run()
   int64_t captures() const;     // graphs captured so far (for tests and logs)

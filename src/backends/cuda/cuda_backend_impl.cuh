@@ -28,9 +28,17 @@ class CudaBackend final : public Backend {
   // Q8_0/Q4_0/Q4_K/Q6_K matmul weights go to the packed layout (pack.h) unless packing is off.
   WeightView place_matmul_weight(const WeightView& host, std::vector<std::unique_ptr<DeviceBuffer>>& storage) override;
 
-  void begin_step(const StepInfo& step) override;
+  // Keeps a host copy of the batch and writes each sequence's StepDev to device memory (one async copy from
+  // a pinned slot). Inside a graph capture it only checks that the batch is the one CudaGraphRunner::run set.
+  void begin_step(const BatchInfo& batch) override;
+  // One block per sequence: the kernels read a sequence's cache as one contiguous range of n_ctx positions
+  // (paged kernels come later), so a pool for this backend holds whole-context blocks.
+  int64_t kv_block_size(int64_t n_ctx) const override { return n_ctx; }
 
   void get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) override;
+  // Device-to-device copies on the stream, one per run of consecutive rows (capturable; a graph bakes the rows).
+  // out must not overlap the rows it gathers (they are copied as memcpy would).
+  void gather_rows(const float* x, const int32_t* rows, int64_t n_rows, int64_t width, float* out) override;
   void rms_norm(const float* x, const float* w, float* y, int64_t n_tok, int64_t n, float eps) override;
   void matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) override;
   // n_tok == 1: one launch for the whole group (same type and width, fast-path layouts); prefill: x is
@@ -50,10 +58,9 @@ class CudaBackend final : public Backend {
   void rope_kv_store(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok, int64_t n_head,
                      float freq_base, const float* freq_factors) override;
   void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override;
-  void attention_impl(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out,
-                      const float* k_new, const float* v_new, float freq_base, const float* ff_device);
-  // Decode (n_tok == 1, the flash-decoding kernel's shapes): one kernel rotates q and k, stores the new
-  // rows and attends (plus the combine), instead of rope_kv_store's kernel before it.
+  // A sequence of one token (the flash-decoding kernel's shapes): one kernel rotates q and k, stores the new
+  // rows and attends (plus the combine), instead of rope_kv_store's kernel before it. Other sequences of the
+  // batch take rope_kv_store's kernel and the attention kernels.
   void rope_attention(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok, int64_t n_head,
                       float freq_base, const float* freq_factors, float* out) override;
   void top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
@@ -105,11 +112,34 @@ class CudaBackend final : public Backend {
   int* xq_target(int64_t n_tok, int64_t n);                       // where to write, or null
   void produced(const float* y, int64_t n, bool quantized);       // after a producer's launch
   void mark_quantized(const float* y, int64_t n);                 // xq_ holds y's row as of this op
-  // Whether attention takes the flash-decoding kernel (one token, its head_dim and group sizes): also the
-  // condition for rope_attention's fused form, which only that kernel has.
+  // Whether a sequence of n_tok tokens takes the flash-decoding kernel (one token, its head_dim and group
+  // sizes): also the condition for rope_attention's fused form, which only that kernel has.
   bool uses_decode_attention(const KvLayerView& kv, int64_t n_tok, int64_t n_head) const;
-  // Checks shared by rope_kv_store, attention and rope_attention.
+  // Checks shared by kv_store, rope_kv_store, attention and rope_attention: the KV view, n_tok against the
+  // batch, and every sequence inside its one cache block.
   void check_kv(const KvLayerView& kv, int64_t n_tok, const char* op) const;
+  // n_tok is the batch's (the ops take the step's tokens, grouped by sequence).
+  void check_tokens(int64_t n_tok, const char* op) const;
+  // ---- one sequence of the batch (batch_.seqs[s]) ----
+  // Multi-sequence batches launch the kernels once per sequence (each kernel reads one StepDev and one
+  // contiguous cache range); a single-sequence batch launches exactly what a single step did before batches.
+  const StepDev* seq_step(int64_t s) const { return step_dev_.as<StepDev>() + s; }  // its StepDev (device)
+  // Its cache range in the pool: the K and V rows of block blocks(s)[0], (block_size, n_head_kv, head_dim).
+  struct SeqCache {
+    void* k;
+    void* v;
+  };
+  SeqCache seq_cache(const KvLayerView& kv, int64_t s) const;
+  // rope_kv_store's kernel for sequence s (q, k, v are the step's, offset here by the sequence's tok0).
+  void rope_kv_store_seq(float* q, float* k, const float* v, const KvLayerView& kv, int64_t s, int64_t n_head,
+                         float freq_base, const float* ff_device);
+  // Attention of sequence s's tokens (q, out: the step's rows, offset here by tok0). k_new (with v_new): the
+  // fused rope form of the decode kernel, the step's unrotated k and its v.
+  void attention_seq(const float* q, const KvLayerView& kv, int64_t s, int64_t n_head, float* out,
+                     const float* k_new, const float* v_new, float freq_base, const float* ff_device);
+  // step_dev_ and the pinned slots for at least n sequences (outside captures; bumps scratch_gen_ on growth,
+  // since graphs hold step_dev_'s address).
+  void reserve_steps(int64_t n);
   // Every op that may write device memory (a quantized row's source included) calls this first.
   void note_write() { ++op_seq_; }
   const int* xq_for(const float* x, int64_t n_cols);              // valid copy of x, or null
@@ -123,12 +153,13 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Stream> stream_;
   std::unique_ptr<CublasHandle> cublas_;
   DevMem cublas_ws_;   // cuBLAS workspace (fixed, so GEMMs can be captured)
-  DevMem step_dev_;    // StepDev
+  DevMem step_dev_;    // (step_cap_) StepDev: the batch's sequences, in order
+  int64_t step_cap_ = 0;  // sequences step_dev_ and each pinned slot hold
   // begin_step's copies come from pinned slots used in turn, so that the host never waits for the stream:
   // a pageable copy may (the driver's choice), which would stop greedy decoding's step-ahead. A slot is
   // reused once the copy that last read it has run (its event).
   static constexpr int kStepSlots = 4;
-  PinnedMem step_host_;           // (kStepSlots) StepDev
+  PinnedMem step_host_;           // (kStepSlots, step_cap_) StepDev
   std::unique_ptr<Event> step_ev_[kStepSlots];  // after each slot's last copy (made on this device)
   int step_slot_ = 0;
   DevMem argmax_dev_;  // int32
@@ -168,7 +199,7 @@ class CudaBackend final : public Backend {
   };
   std::vector<FreqFactors> freq_cache_;
   std::shared_ptr<std::atomic<int64_t>> user_bytes_;
-  StepInfo step_{};
+  BatchInfo batch_;  // the step's batch as begin_step got it (host): the ops loop over its sequences
   bool capturing_ = false;
   bool force_generic_ = false;
   bool force_generic_attn_ = false;

@@ -14,12 +14,17 @@
 
 namespace shardlm::cuda_detail {
 
-// Positions of the current step in device memory (written by begin_step, read by rope, kv_store and
-// attention so that a captured graph sees the new positions on every replay).
+// One sequence's share of the current step in device memory (begin_step writes one per sequence of the
+// batch; rope, kv_store and attention read their sequence's, so that a captured graph sees the new
+// positions on every replay).
 struct StepDev {
-  int64_t pos0;   // position of the first token of the step
-  int64_t n_tok;  // tokens in the step
+  int64_t pos0;   // position of the sequence's first token in this step
+  int64_t n_tok;  // its tokens in this step
 };
+
+// The KV launchers below work on one sequence: `step` is its StepDev, q/k/v/out its rows of the step, and
+// k_cache / v_cache its cache range of n_ctx positions (n_ctx, n_head_kv, head_dim), which is the
+// sequence's one pool block (KvLayerView::block_size positions; the backend offsets the pool to it).
 
 // ---- matrix-vector (decode) ----
 // Whether the fast kernels handle this layout (else matvec falls back to a simple, slower kernel).
