@@ -1,6 +1,7 @@
 #include "model/llama.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/error.h"
@@ -393,6 +394,11 @@ void LlamaModel::rows(const std::vector<RowRequest>& reqs, std::vector<RowCandid
         c.top = top_candidates_host(row, nv, reqs[r].k);
       }
       for (int32_t e : reqs[r].extra) c.extra.push_back(row[e]);
+      if (reqs[r].lse) {
+        double mx = 0, sum = 0;
+        Backend::log_sum_exp_parts_host(row, nv, &mx, &sum);
+        c.lse = static_cast<float>(mx + std::log(sum));
+      }
     }
     return;
   }
@@ -401,8 +407,10 @@ void LlamaModel::rows(const std::vector<RowRequest>& reqs, std::vector<RowCandid
   const float* logits = logits_for(n_out_);
   // Every rank sends, per row, k (logit, id) pairs and a value for every extra id (0 where another rank
   // owns it); ids travel as the bits of a float. A rank whose slice is smaller than k pads with NaN at id -1.
+  // Words of one row: k (logit, id) pairs, the extra values, then (max, sum) of the slice when lse is asked.
+  auto words = [](const RowRequest& q) { return 2 * static_cast<size_t>(q.k) + q.extra.size() + (q.lse ? 2 : 0); };
   size_t per = 0;
-  for (const RowRequest& q : reqs) per += 2 * static_cast<size_t>(q.k) + q.extra.size();
+  for (const RowRequest& q : reqs) per += words(q);
   std::vector<float> send(per, 0.0f);
   size_t at = 0;
   for (size_t r = 0; r < reqs.size(); ++r) {
@@ -425,7 +433,15 @@ void LlamaModel::rows(const std::vector<RowRequest>& reqs, std::vector<RowCandid
       std::memcpy(&send[at + 2 * static_cast<size_t>(i) + 1], &c.id, sizeof c.id);
     }
     for (size_t i = 0; i < local_extra.size(); ++i) send[at + 2 * static_cast<size_t>(q.k) + extra_at[i]] = mine_extra[i];
-    at += 2 * static_cast<size_t>(q.k) + q.extra.size();
+    if (q.lse) {
+      // The slice's max and sum of exp(x - max); floats on the wire (the exchange is floats), the sum
+      // rescaled to the max so it stays in range.
+      double mx = 0, sum = 0;
+      b.log_sum_exp_parts(logits + r * static_cast<size_t>(n_local), n_local, &mx, &sum);
+      send[at + 2 * static_cast<size_t>(q.k) + q.extra.size()] = static_cast<float>(mx);
+      send[at + 2 * static_cast<size_t>(q.k) + q.extra.size() + 1] = static_cast<float>(sum);
+    }
+    at += words(q);
   }
   const size_t tp = vocab_counts_.size();
   std::vector<float> all(per * tp);
@@ -439,8 +455,15 @@ void LlamaModel::rows(const std::vector<RowRequest>& reqs, std::vector<RowCandid
     RowCandidates& c = (*out)[r];
     c.extra.assign(q.extra.size(), 0.0f);
     int64_t owner_begin = 0;
+    double lse_max = -INFINITY;
+    std::vector<std::pair<double, double>> parts;  // (max, sum) of each member's slice
     for (size_t m = 0; m < tp; ++m) {
       const float* p = all.data() + m * per + at;
+      if (q.lse) {
+        const double mx = p[2 * q.k + q.extra.size()], sum = p[2 * q.k + q.extra.size() + 1];
+        parts.emplace_back(mx, sum);
+        lse_max = std::max(lse_max, mx);
+      }
       for (int i = 0; i < q.k; ++i) {
         TokenCandidate t;
         t.logit = p[2 * i];
@@ -455,7 +478,13 @@ void LlamaModel::rows(const std::vector<RowRequest>& reqs, std::vector<RowCandid
     const size_t keep = std::min(c.top.size(), static_cast<size_t>(q.k));
     std::partial_sort(c.top.begin(), c.top.begin() + static_cast<std::ptrdiff_t>(keep), c.top.end(), candidate_before);
     c.top.resize(keep);
-    at += 2 * static_cast<size_t>(q.k) + q.extra.size();
+    if (q.lse) {
+      double total = 0;
+      for (const auto& [mx, sum] : parts)
+        if (std::isfinite(mx)) total += sum * std::exp(mx - lse_max);
+      c.lse = static_cast<float>(lse_max + std::log(total));
+    }
+    at += words(q);
   }
 }
 

@@ -65,11 +65,13 @@ std::vector<KvLayerView> allocate_kv_pools(const ModelConfig& config, int64_t n_
 struct RowRequest {
   int k = 0;
   std::vector<int32_t> extra;  // distinct ids in [0, n_vocab)
+  bool lse = false;            // also the row's log-sum-exp (log-probabilities = logit - lse)
 };
 struct RowCandidates {
   std::vector<TokenCandidate> top;  // (min(k, n_vocab)) in candidate order, vocabulary ids
   std::vector<float> extra;         // (extra.size()) raw logits at the request's extra ids
   std::vector<float> logits;        // (n_vocab) the whole row, when k == 0
+  float lse = 0.0f;                 // log(sum(exp(logits))) over the whole vocabulary, when asked
 };
 
 // Runs one step's device work; a CUDA backend replays it as a graph (see CudaGraphRunner). The default

@@ -91,6 +91,15 @@ class Backend {
     for (int i = 0; i < n_extra; ++i) extra_values[i] = host[static_cast<size_t>(extra[i])];
   }
 
+  // The row's largest finite value (-inf if none) and sum(exp(logits - max)) in double, for log-probabilities;
+  // every tensor-parallel rank computes its slice's and the pairs are combined. The default downloads.
+  virtual void log_sum_exp_parts(const float* logits /* (n) */, int64_t n, double* max_out, double* sum_out) {
+    std::vector<float> host(static_cast<size_t>(n));
+    download(host.data(), logits, host.size() * sizeof(float));
+    log_sum_exp_parts_host(host.data(), n, max_out, sum_out);
+  }
+  static void log_sum_exp_parts_host(const float* logits, int64_t n, double* max_out, double* sum_out);
+
   // Sets the batch (sequences, positions, block tables) that every following op of this step uses. Backends
   // that capture a step once and replay it (CUDA graphs) keep it in their own memory, so ops take no
   // positions of their own.

@@ -1,5 +1,9 @@
 #include "ops/batch.h"
 
+#include <cmath>
+
+#include "ops/backend.h"
+
 #include "core/error.h"
 
 namespace shardlm {
@@ -58,6 +62,18 @@ BatchInfo BatchInfo::single(int64_t pos0, int64_t n_tok, const std::vector<int32
     b.out_rows.push_back(static_cast<int32_t>(n_tok - 1));
   }
   return b;
+}
+
+void Backend::log_sum_exp_parts_host(const float* logits, int64_t n, double* max_out, double* sum_out) {
+  double mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isfinite(logits[i]) && logits[i] > mx) mx = logits[i];
+  double sum = 0;
+  if (std::isfinite(mx))
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isfinite(logits[i])) sum += std::exp(double(logits[i]) - mx);
+  *max_out = mx;
+  *sum_out = sum;
 }
 
 }  // namespace shardlm

@@ -151,7 +151,8 @@ std::string Engine::backend_name() const {
 // ---- The wire form of a step: what rank 0 broadcasts ----
 
 struct Engine::WirePlan {
-  bool empty = true;
+  enum Kind : int32_t { kWork = 0, kIdle = 1, kShutdown = 2 };
+  int32_t kind = kIdle;            // idle: rank 0 had nothing to run (every step() returns false)
   std::vector<int32_t> ids;        // (batch.n_tok) input tokens
   BatchInfo batch;
   std::vector<RowRequest> reqs;    // (batch.out_rows.size()) what rank 0's samplers need of each row
@@ -159,7 +160,7 @@ struct Engine::WirePlan {
   std::vector<int32_t> stop_ids;   // the run ends after one of these
 
   std::vector<int32_t> encode() const {
-    std::vector<int32_t> w = {empty ? 1 : 0, static_cast<int32_t>(batch.n_tok), static_cast<int32_t>(batch.n_seq()),
+    std::vector<int32_t> w = {kind, static_cast<int32_t>(batch.n_tok), static_cast<int32_t>(batch.n_seq()),
                               static_cast<int32_t>(batch.max_blocks), static_cast<int32_t>(batch.out_rows.size()),
                               greedy_steps, static_cast<int32_t>(stop_ids.size())};
     w.insert(w.end(), ids.begin(), ids.end());
@@ -167,7 +168,7 @@ struct Engine::WirePlan {
     w.insert(w.end(), batch.block_table.begin(), batch.block_table.end());
     w.insert(w.end(), batch.out_rows.begin(), batch.out_rows.end());
     for (const RowRequest& r : reqs) {
-      w.insert(w.end(), {r.k, static_cast<int32_t>(r.extra.size())});
+      w.insert(w.end(), {r.k, static_cast<int32_t>(r.extra.size()), r.lse ? 1 : 0});
       w.insert(w.end(), r.extra.begin(), r.extra.end());
     }
     w.insert(w.end(), stop_ids.begin(), stop_ids.end());
@@ -180,7 +181,8 @@ struct Engine::WirePlan {
       if (at >= w.size()) fail_kind(ErrorKind::kComm, "step plan from rank 0 is truncated at ", at);
       return w[at++];
     };
-    p.empty = next() != 0;
+    p.kind = next();
+    if (p.kind < kWork || p.kind > kShutdown) fail_kind(ErrorKind::kComm, "step plan from rank 0 has kind ", p.kind);
     p.batch.n_tok = next();
     const int32_t n_seq = next();
     p.batch.max_blocks = next();
@@ -201,6 +203,7 @@ struct Engine::WirePlan {
       RowRequest r;
       r.k = next();
       const int32_t n_extra = next();
+      r.lse = next() != 0;
       for (int32_t j = 0; j < n_extra; ++j) r.extra.push_back(next());
       p.reqs.push_back(std::move(r));
     }
@@ -215,7 +218,7 @@ namespace {
 constexpr int kTagRowsSize = 200;  // last stage -> rank 0: the size of a step's rows
 constexpr int kTagRows = 201;      // last stage -> rank 0: the rows
 
-// Rows as floats (ids as their bits): per row n_top, (logit, id) pairs, n_extra, values, n_logits, values.
+// Rows as floats (ids as their bits): per row n_top, (logit, id) pairs, n_extra, values, n_logits, values, lse.
 std::vector<float> encode_rows(const std::vector<RowCandidates>& rows) {
   std::vector<float> w;
   auto put_int = [&](int32_t v) {
@@ -233,6 +236,7 @@ std::vector<float> encode_rows(const std::vector<RowCandidates>& rows) {
     w.insert(w.end(), r.extra.begin(), r.extra.end());
     put_int(static_cast<int32_t>(r.logits.size()));
     w.insert(w.end(), r.logits.begin(), r.logits.end());
+    w.push_back(r.lse);
   }
   return w;
 }
@@ -260,6 +264,7 @@ std::vector<RowCandidates> decode_rows(const std::vector<float>& w, size_t n_row
     }
     for (int32_t i = get_int(); i > 0; --i) r.extra.push_back(get());
     for (int32_t i = get_int(); i > 0; --i) r.logits.push_back(get());
+    r.lse = get();
   }
   return rows;
 }
@@ -286,7 +291,23 @@ bool Engine::greedy_run_possible(const StepPlan& plan) const {
   if (!options_.device_greedy || options_.full_logits || !model_->greedy_on_device()) return false;
   if (plan.seqs.size() != 1 || plan.batch.n_tok != 1 || !plan.seqs[0].samples) return false;
   if (sched_->n_running() != 1 || sched_->n_waiting() != 0) return false;
-  return samplers_.at(plan.seqs[0].id).plain_greedy();
+  // Decode only: the step that samples the first token stays a plain step (even for a one-token prompt), so
+  // the prompt's processing ends where generate's timing says it does.
+  const int64_t id = plan.seqs[0].id;
+  if (static_cast<int64_t>(sched_->tokens(id).size()) <= sched_->prompt_length(id)) return false;
+  return samplers_.at(id).plain_greedy() && sched_->params(id).logprobs < 0;
+}
+
+void Engine::shutdown() {
+  if (!sched_) fail_kind(ErrorKind::kInternal, "shutdown on rank ", comm_.rank(), ": rank 0 stops the engine");
+  if (stopped_) return;
+  WirePlan w;
+  w.kind = WirePlan::kShutdown;
+  std::vector<int32_t> wire = w.encode();
+  uint64_t n_wire = wire.size();
+  world_->broadcast(&n_wire, sizeof n_wire, 0);
+  world_->broadcast(wire.data(), n_wire * sizeof(int32_t), 0);
+  stopped_ = true;
 }
 
 void Engine::run_plan(const WirePlan& w, std::vector<RowCandidates>* rows) {
@@ -353,20 +374,29 @@ bool Engine::step(std::vector<SeqEvent>* events, std::vector<ScoredRow>* scored)
   StepPlan plan;
   WirePlan w;
   std::vector<int32_t> wire;
+  if (sched_ && stopped_) fail_kind(ErrorKind::kInternal, "step after shutdown");
   if (sched_) {
     plan = sched_->schedule();
-    w.empty = plan.empty();
-    if (!w.empty) {
+    w.kind = plan.empty() ? WirePlan::kIdle : WirePlan::kWork;
+    if (w.kind == WirePlan::kWork) {
       w.ids = plan.ids;
       w.batch = plan.batch;
       for (int64_t si : plan.row_seq) {
         const PlannedSeq& ps = plan.seqs[static_cast<size_t>(si)];
-        if (ps.scores || options_.full_logits) {
-          w.reqs.push_back(RowRequest{});
-        } else {
+        RowRequest rq;
+        if (!ps.scores && !options_.full_logits) {
           const CandidateRequest cr = samplers_.at(ps.id).request(sched_->tokens(ps.id), nv);
-          w.reqs.push_back(RowRequest{cr.k, cr.extra});
+          rq.k = cr.k;
+          rq.extra = cr.extra;
+          // Log-probabilities: the row's log-sum-exp, and at least the N most likely tokens (a superset of
+          // what the sampler asked for gives it the same token: see Sampler::request).
+          const int32_t lp = sched_->params(ps.id).logprobs;
+          if (lp >= 0) {
+            rq.lse = true;
+            if (rq.k > 0) rq.k = static_cast<int>(std::min<int64_t>(std::max(rq.k, lp), nv));
+          }
         }
+        w.reqs.push_back(std::move(rq));
       }
       if (greedy_run_possible(plan)) {
         // As many tokens as it may still generate, and blocks for every position the run can reach.
@@ -388,9 +418,10 @@ bool Engine::step(std::vector<SeqEvent>* events, std::vector<ScoredRow>* scored)
   wire.resize(n_wire);
   world_->broadcast(wire.data(), n_wire * sizeof(int32_t), 0);
   if (!sched_) w = WirePlan::decode(wire);
-  last_step_rows_ = !w.empty && !w.batch.out_rows.empty();
-  last_step_greedy_run_ = w.greedy_steps > 0;
-  if (w.empty) return false;
+  last_step_rows_ = w.kind == WirePlan::kWork && !w.batch.out_rows.empty();
+  last_step_greedy_run_ = w.kind == WirePlan::kWork && w.greedy_steps > 0;
+  if (w.kind == WirePlan::kShutdown) stopped_ = true;
+  if (w.kind != WirePlan::kWork) return false;
 
   if (w.greedy_steps > 0) {
     const std::vector<int32_t> toks = greedy_run(w);
@@ -410,12 +441,12 @@ bool Engine::step(std::vector<SeqEvent>* events, std::vector<ScoredRow>* scored)
   last_step_tokens_ = 0;
   for (const PlannedSeq& ps : plan.seqs) last_step_tokens_ += ps.samples ? 1 : 0;
   if (!sched_) {
-    // Other ranks learn how many tokens the step sampled from the rows' requests.
-    last_step_tokens_ = 0;
-    for (const RowRequest& r : w.reqs) last_step_tokens_ += (r.k > 0 || !r.extra.empty()) ? 1 : 0;
+    // Other ranks count the step's logits rows: the tokens sampled when no sequence is score_only (generate).
+    last_step_tokens_ = static_cast<int64_t>(w.reqs.size());
     return true;
   }
   std::vector<int32_t> sampled;
+  std::vector<size_t> sampled_row;  // the row each sampled token came from
   for (size_t r = 0; r < rows.size(); ++r) {
     const PlannedSeq& ps = plan.seqs[static_cast<size_t>(plan.row_seq[r])];
     if (ps.scores) {
@@ -432,8 +463,34 @@ bool Engine::step(std::vector<SeqEvent>* events, std::vector<ScoredRow>* scored)
       const CandidateRequest cr{w.reqs[r].k, w.reqs[r].extra};
       sampled.push_back(smp.sample_candidates(rows[r].top, cr, rows[r].extra));
     }
+    sampled_row.push_back(r);
+  }
+  // Log-probabilities of the raw distribution, for the sequences that asked, before commit forgets them.
+  std::map<int64_t, std::pair<float, std::vector<TokenCandidate>>> lps;
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    const size_t r = sampled_row[i];
+    const PlannedSeq& ps = plan.seqs[static_cast<size_t>(plan.row_seq[r])];
+    const int32_t n_top = sched_->params(ps.id).logprobs;
+    if (n_top < 0) continue;
+    const RowCandidates& c = rows[r];
+    std::vector<TokenCandidate> top = c.top;
+    if (!c.logits.empty()) top = top_candidates_host(c.logits.data(), nv, std::max(n_top, 1));
+    float logit = NAN;
+    if (!c.logits.empty()) logit = c.logits[static_cast<size_t>(sampled[i])];
+    for (const TokenCandidate& t : c.top)
+      if (t.id == sampled[i]) logit = t.logit;
+    for (size_t e = 0; e < w.reqs[r].extra.size(); ++e)
+      if (w.reqs[r].extra[e] == sampled[i]) logit = c.extra[e];
+    top.resize(std::min(top.size(), static_cast<size_t>(n_top)));
+    for (TokenCandidate& t : top) t.logit -= c.lse;
+    lps[ps.id] = {logit - c.lse, std::move(top)};
   }
   std::vector<SeqEvent> ev = sched_->commit(plan, sampled);
+  for (SeqEvent& e : ev)
+    if (auto it = lps.find(e.id); it != lps.end() && e.token >= 0) {
+      e.logprob = it->second.first;
+      e.top_logprobs = std::move(it->second.second);
+    }
   for (const SeqEvent& e : ev)
     if (e.finish != FinishReason::kNone) samplers_.erase(e.id);
   if (events) events->insert(events->end(), ev.begin(), ev.end());

@@ -97,7 +97,13 @@ class Engine {
     int32_t pos = 0;
     std::vector<float> logits;  // (n_vocab)
   };
+  // A serving loop: rank 0's engine thread calls step() whenever there may be work, and at least every
+  // second while idle (an idle step is a tiny broadcast: the other ranks' --comm-timeout watchdog never
+  // fires on an idle server); the other ranks loop `while (!engine.stopped()) engine.step();`.
   bool step(std::vector<SeqEvent>* events = nullptr, std::vector<ScoredRow>* scored = nullptr);
+  // Rank 0: the other ranks' next step() returns false and stopped() becomes true on every rank.
+  void shutdown();
+  bool stopped() const { return stopped_; }
   const Scheduler* scheduler() const { return sched_.get(); }  // rank 0 only (null elsewhere)
 
   // Generates up to n_predict tokens after `prompt` (one sequence through step()), stopping at `eos` unless
@@ -143,6 +149,7 @@ class Engine {
   std::map<int64_t, Sampler> samplers_;          // rank 0: one per live sequence
   std::vector<std::pair<double, double>> prefill_trace_;
   bool tracing_ = false;                         // generate/all_logits: record steps until the first logits
+  bool stopped_ = false;                         // a shutdown plan was sent or received
   bool last_step_greedy_run_ = false;            // the last step() was a greedy run on the device
   bool last_step_rows_ = false;                  // the last step() had logits rows (it sampled or scored)
   int64_t last_step_tokens_ = 0;                 // tokens the last step() sampled

@@ -179,7 +179,10 @@ std::vector<SeqEvent> Scheduler::commit(const StepPlan& plan, const std::vector<
     s.n_computed = p.pos0 + p.n_tok;
     if (p.scores) {
       if (s.n_computed == static_cast<int64_t>(s.tokens.size())) {
-        events.push_back(SeqEvent{p.id, -1, FinishReason::kStop});
+        SeqEvent e;
+        e.id = p.id;
+        e.finish = FinishReason::kStop;
+        events.push_back(e);
         finish(p.id);
       }
       continue;
@@ -189,7 +192,9 @@ std::vector<SeqEvent> Scheduler::commit(const StepPlan& plan, const std::vector<
       fail_kind(ErrorKind::kInternal, "commit: ", sampled.size(), " sampled tokens for more sampling sequences");
     const int32_t tok = sampled[next++];
     s.tokens.push_back(tok);
-    SeqEvent e{p.id, tok, FinishReason::kNone};
+    SeqEvent e;
+    e.id = p.id;
+    e.token = tok;
     const int64_t generated = static_cast<int64_t>(s.tokens.size()) - s.n_prompt;
     const auto& stop = s.params.stop_ids;
     if (std::find(stop.begin(), stop.end(), tok) != stop.end())

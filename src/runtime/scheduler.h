@@ -37,6 +37,11 @@ struct SequenceParams {
   int64_t max_tokens = 16;         // tokens to generate, >= 1 (ignored when score_only)
   std::vector<int32_t> stop_ids;   // generation ends after sampling one of these (it is returned)
   bool score_only = false;         // no generation: the logits of every prompt position are returned
+  // Log-probabilities of the raw model distribution (log_softmax of the logits, before sampling's
+  // penalties, temperature and truncation, as vLLM reports them): -1 none; 0 the sampled token's; N > 0 also
+  // the N most likely tokens' (at most kMaxTopLogprobs).
+  int32_t logprobs = -1;
+  static constexpr int32_t kMaxTopLogprobs = 20;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kAborted };
@@ -64,6 +69,10 @@ struct SeqEvent {
   int64_t id = 0;
   int32_t token = -1;  // the token sampled this step, -1 if none
   FinishReason finish = FinishReason::kNone;
+  // With SequenceParams::logprobs >= 0: the token's log-probability, and the params.logprobs most likely
+  // tokens (TokenCandidate::logit holding the log-probability), most likely first.
+  float logprob = 0.0f;
+  std::vector<TokenCandidate> top_logprobs;
 };
 
 class Scheduler {

@@ -43,12 +43,14 @@ inline nlohmann::json run_golden_cases(Engine& engine, const std::string& golden
     const std::vector<GoldenCase> cases = load_golden(golden_name);
     std::map<int64_t, std::pair<size_t, std::string>> which;  // sequence id -> (case, "greedy"/"sampled")
     std::map<int64_t, std::vector<int32_t>> got;
+    std::map<int64_t, std::vector<float>> logprobs;  // per token: its logprob, then the top 3's (id, logprob)
     if (engine.is_sampler())
       for (size_t i = 0; i < cases.size(); ++i) {
         SequenceParams g;
         g.sampling = greedy;
         g.max_tokens = static_cast<int64_t>(cases[i].generated_ids.size());
         g.stop_ids = {1};
+        g.logprobs = 3;  // the log-sum-exp and the top 3 through every layout's exchange
         which[engine.add_sequence(cases[i].prompt_ids, g)] = {i, "batched_greedy"};
         SequenceParams s;
         s.sampling = sampled;
@@ -58,10 +60,19 @@ inline nlohmann::json run_golden_cases(Engine& engine, const std::string& golden
     std::vector<SeqEvent> ev;
     while (engine.step(&ev)) {
       for (const SeqEvent& e : ev)
-        if (e.token >= 0) got[e.id].push_back(e.token);
+        if (e.token >= 0) {
+          got[e.id].push_back(e.token);
+          if (which[e.id].second == "batched_greedy") {
+            logprobs[e.id].push_back(e.logprob);
+            for (const TokenCandidate& t : e.top_logprobs) logprobs[e.id].insert(logprobs[e.id].end(), {float(t.id), t.logit});
+          }
+        }
       ev.clear();
     }
-    for (const auto& [id, w] : which) out[w.first][w.second] = got[id];
+    for (const auto& [id, w] : which) {
+      out[w.first][w.second] = got[id];
+      if (w.second == "batched_greedy") out[w.first]["batched_greedy_logprobs"] = logprobs[id];
+    }
   }
   return out;
 }

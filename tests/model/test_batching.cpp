@@ -6,6 +6,7 @@
 // recomputed, and the pool empty again at the end.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <map>
 #include <random>
 #include <string>
@@ -177,6 +178,56 @@ TEST(Batching, PromptLargerThanThePoolIsRefused) {
     FAIL() << "a 43-position request was accepted by a pool of 2 blocks of 16";
   } catch (const Error& err) {
     EXPECT_NE(std::string(err.what()).find("KV pool of 2 blocks"), std::string::npos) << err.what();
+  }
+}
+
+// Log-probabilities are those of the raw distribution: log_softmax of the logits at the position the
+// token was sampled from, computed here in double from all_logits of the same tokens, and the top
+// entries are that distribution's most likely tokens, most likely first. Checked for a greedy and a
+// sampled sequence running together.
+TEST(Batching, LogprobsAreLogSoftmaxOfTheLogits) {
+  auto comm = make_single_rank_communicator();
+  auto src = open_model_source(converted_model("stories260K"));
+  const int64_t nv = src->config().n_vocab;
+  Engine e(*src, *comm, options("cpu", 2, 0));
+  std::vector<Request> reqs = requests(2, static_cast<int32_t>(nv), 3);
+  std::map<int64_t, size_t> index;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].params.logprobs = 5;
+    reqs[i].params.stop_ids.clear();
+    index[e.add_sequence(reqs[i].prompt, reqs[i].params)] = i;
+  }
+  std::vector<std::vector<SeqEvent>> got(reqs.size());
+  std::vector<SeqEvent> ev;
+  while (e.step(&ev)) {
+    for (const SeqEvent& x : ev)
+      if (x.token >= 0) got[index.at(x.id)].push_back(x);
+    ev.clear();
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_FALSE(got[i].empty());
+    std::vector<int32_t> seq = reqs[i].prompt;
+    for (const SeqEvent& x : got[i]) seq.push_back(x.token);
+    seq.pop_back();  // the last token is never fed back
+    const std::vector<float> all = e.all_logits(seq);
+    for (size_t t = 0; t < got[i].size(); ++t) {
+      const float* row = all.data() + (reqs[i].prompt.size() - 1 + t) * static_cast<size_t>(nv);
+      double mx = -INFINITY, sum = 0;
+      for (int64_t v = 0; v < nv; ++v) mx = std::max(mx, double(row[v]));
+      for (int64_t v = 0; v < nv; ++v) sum += std::exp(double(row[v]) - mx);
+      const double lse = mx + std::log(sum);
+      // 1e-5 + 1e-5*|ref|: the engine sums exp in double but carries the log-sum-exp as a float.
+      auto close = [](double a, double b) { return std::abs(a - b) <= 1e-5 + 1e-5 * std::abs(b); };
+      const SeqEvent& x = got[i][t];
+      EXPECT_TRUE(close(x.logprob, double(row[x.token]) - lse)) << "seq " << i << " step " << t << ": " << x.logprob
+                                                                 << " vs " << double(row[x.token]) - lse;
+      const std::vector<TokenCandidate> want = top_candidates_host(row, nv, 5);
+      ASSERT_EQ(x.top_logprobs.size(), want.size());
+      for (size_t k = 0; k < want.size(); ++k) {
+        EXPECT_EQ(x.top_logprobs[k].id, want[k].id) << "seq " << i << " step " << t << " rank " << k;
+        EXPECT_TRUE(close(x.top_logprobs[k].logit, double(want[k].logit) - lse));
+      }
+    }
   }
 }
 

@@ -66,6 +66,16 @@ TEST_P(Parallel, SameTokensAndLogitsAsOneRank) {
     ASSERT_TRUE(g.contains("batched_greedy") && g.contains("batched_sampled")) << "the worker ran no batched run";
     EXPECT_EQ(g["batched_greedy"], g["greedy"]) << "greedy ids differ between batched and alone";
     EXPECT_EQ(g["batched_sampled"], g["sampled"]) << "sampled ids differ between batched and alone";
+    // Log-probabilities (token, then the top 3's ids and values) against the one-rank run: ids exact, values
+    // within 1e-4 + 1e-4*|ref| (the tensor-parallel log-sum-exp combines slices in another order and travels
+    // as a float).
+    const auto lp = g["batched_greedy_logprobs"].get<std::vector<float>>();
+    const auto lp1 = ref["cases"][c]["batched_greedy_logprobs"].get<std::vector<float>>();
+    ASSERT_EQ(lp.size(), lp1.size());
+    ASSERT_FALSE(lp.empty());
+    for (size_t i = 0; i < lp.size(); ++i)
+      EXPECT_LE(std::abs(lp[i] - lp1[i]), 1e-4 + 1e-4 * std::abs(lp1[i])) << "logprob word " << i << ": " << lp[i]
+                                                                           << " vs one rank " << lp1[i];
     ASSERT_EQ(g["logits"].size(), golden[c].logits.size());
     for (size_t k = 0; k < golden[c].logits.size(); ++k) {
       const auto got_l = g["logits"][k].get<std::vector<float>>();

@@ -64,6 +64,10 @@ class CpuBackend final : public Backend {
     for (int i = 0; i < n_extra; ++i) extra_values[i] = logits[extra[i]];
   }
 
+  void log_sum_exp_parts(const float* logits, int64_t n, double* max_out, double* sum_out) override {
+    log_sum_exp_parts_host(logits, n, max_out, sum_out);  // host memory already
+  }
+
   void get_rows(const WeightView& table, const int32_t* ids, int64_t n_tok, float* out) override {
     for (int64_t t = 0; t < n_tok; ++t) {
       SHARDLM_CHECK(ids[t] >= 0 && ids[t] < table.n_rows, "token id ", ids[t]);
