@@ -1,0 +1,141 @@
+// Attention over a paged KV cache at real shapes, CPU backend against the fp64 reference backend: head_dim 64
+// and 128, GQA groups 4 and 8, each sequence's blocks scattered over the pool and out of order, contexts of
+// 1, 31, 32, 33, 4,095 and 32,768 positions, several sequences of different lengths in one step (decode
+// tokens and a prompt chunk together). Both backends store the step's K/V rows through kv_store into the
+// same pool layout, so a block-table mistake in either shows as a mismatch, and the cache rows the step
+// wrote are compared too.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/cpu_backend.h"
+#include "ops/backend.h"
+
+namespace shardlm::test {
+namespace {
+
+struct Shape {
+  int64_t head_dim, n_head_kv, group;  // query heads = n_head_kv * group
+  std::vector<int32_t> ctx;            // per sequence: positions in the cache after the step
+  std::vector<int32_t> n_tok;          // per sequence: tokens of the step (the last n_tok positions)
+};
+
+std::string name(const Shape& s) {
+  std::ostringstream n;
+  n << "hd" << s.head_dim << "_gqa" << s.group;
+  for (size_t i = 0; i < s.ctx.size(); ++i) n << "_" << s.n_tok[i] << "at" << s.ctx[i];
+  return n.str();
+}
+
+class PagedAttention : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(PagedAttention, CpuMatchesTheFp64Reference) {
+  const Shape sh = GetParam();
+  const int64_t bs = Backend::kKvBlockSize, hd = sh.head_dim, nkv = sh.n_head_kv, nh = nkv * sh.group;
+  const int64_t n_seq = static_cast<int64_t>(sh.ctx.size());
+  // Blocks of every sequence, shuffled over a pool with a few spare blocks, so that no sequence's blocks are
+  // consecutive or in order.
+  int64_t max_blocks = 0, total_blocks = 0;
+  for (int32_t c : sh.ctx) {
+    max_blocks = std::max<int64_t>(max_blocks, (c + bs - 1) / bs);
+    total_blocks += (c + bs - 1) / bs;
+  }
+  const int64_t n_blocks = total_blocks + 3;
+  std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::mt19937 rng(static_cast<uint32_t>(hd * 131 + sh.group * 7 + n_seq));
+  std::shuffle(ids.begin(), ids.end(), rng);
+  BatchInfo batch;
+  batch.max_blocks = max_blocks;
+  batch.block_table.assign(static_cast<size_t>(n_seq * max_blocks), -1);
+  size_t next_id = 0;
+  for (int64_t s = 0; s < n_seq; ++s) {
+    BatchSeq q;
+    q.tok0 = static_cast<int32_t>(batch.n_tok);
+    q.n_tok = sh.n_tok[static_cast<size_t>(s)];
+    q.pos0 = sh.ctx[static_cast<size_t>(s)] - q.n_tok;
+    batch.seqs.push_back(q);
+    batch.n_tok += q.n_tok;
+    for (int64_t b = 0; b < (q.ctx() + bs - 1) / bs; ++b) batch.block_table[static_cast<size_t>(s * max_blocks + b)] = ids[next_id++];
+  }
+  batch.validate(n_blocks, bs);
+
+  // The pool: earlier positions filled with values in [-1, 1) (as a prefix's K/V rows would be); the step's
+  // own rows come from kv_store. F32 cache, so both backends read the same values.
+  const int64_t row = nkv * hd, pool_elems = n_blocks * bs * row;
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> k_pool(static_cast<size_t>(pool_elems)), v_pool(static_cast<size_t>(pool_elems));
+  for (auto& x : k_pool) x = u(rng);
+  for (auto& x : v_pool) x = u(rng);
+  std::vector<float> q(static_cast<size_t>(batch.n_tok * nh * hd)), k(static_cast<size_t>(batch.n_tok * row)),
+      v(static_cast<size_t>(batch.n_tok * row));
+  // Queries scaled so that softmax is neither flat nor one-hot over thousands of positions.
+  for (auto& x : q) x = 2.0f * u(rng);
+  for (auto& x : k) x = u(rng);
+  for (auto& x : v) x = u(rng);
+
+  auto run = [&](Backend& b, std::vector<float>* out, std::vector<float>* k_after, std::vector<float>* v_after) {
+    auto kb = b.alloc(k_pool.size() * sizeof(float)), vb = b.alloc(v_pool.size() * sizeof(float));
+    std::memcpy(kb->data(), k_pool.data(), k_pool.size() * sizeof(float));
+    std::memcpy(vb->data(), v_pool.data(), v_pool.size() * sizeof(float));
+    KvLayerView kv{GgmlType::F32, n_blocks, bs, nkv, hd, kb->data(), vb->data()};
+    b.begin_step(batch);
+    b.kv_store(kv, k.data(), v.data(), batch.n_tok);
+    out->assign(q.size(), 0.0f);
+    b.attention(q.data(), kv, batch.n_tok, nh, out->data());
+    k_after->assign(kb->as<float>(), kb->as<float>() + k_pool.size());
+    v_after->assign(vb->as<float>(), vb->as<float>() + v_pool.size());
+  };
+  auto ref = make_reference_backend();
+  auto cpu = make_cpu_backend(2);
+  std::vector<float> want, got, k_ref, v_ref, k_cpu, v_cpu;
+  run(*ref, &want, &k_ref, &v_ref);
+  run(*cpu, &got, &k_cpu, &v_cpu);
+  // Stores are copies: the pools must be the same bits, and the step's rows must sit where its block table
+  // says.
+  EXPECT_EQ(k_cpu, k_ref);
+  EXPECT_EQ(v_cpu, v_ref);
+  for (int64_t s = 0; s < n_seq; ++s) {
+    const BatchSeq& bq = batch.seqs[static_cast<size_t>(s)];
+    for (int32_t t = 0; t < bq.n_tok; ++t) {
+      // Where the layout puts position p, written out here rather than through BatchInfo::cache_row.
+      const int64_t p = bq.pos0 + t;
+      const int64_t at = (int64_t{batch.block_table[static_cast<size_t>(s * max_blocks + p / bs)]} * bs + p % bs) * row;
+      ASSERT_EQ(0, std::memcmp(&k_ref[static_cast<size_t>(at)], &k[static_cast<size_t>((bq.tok0 + t) * row)],
+                               static_cast<size_t>(row) * sizeof(float)))
+          << "sequence " << s << " token " << t << " K row not at its block";
+    }
+  }
+  // 1e-5 + 1e-4*|ref|: float32 dot products over head_dim and a float32 softmax accumulated over up to 32,768
+  // positions (the reference accumulates in double); outputs are O(1) weighted means of values in [-1, 1).
+  double worst = 0;
+  size_t worst_i = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double share = std::abs(double(got[i]) - want[i]) / (1e-5 + 1e-4 * std::abs(double(want[i])));
+    ASSERT_TRUE(std::isfinite(got[i])) << "output " << i << " is " << got[i];
+    if (share > worst) worst = share, worst_i = i;
+  }
+  EXPECT_LE(worst, 1.0) << "worst output " << worst_i << ": " << got[worst_i] << " vs " << want[worst_i] << " ("
+                        << worst << "x the tolerance)";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PagedAttention,
+    ::testing::Values(Shape{64, 2, 4, {1}, {1}}, Shape{128, 2, 8, {31}, {1}}, Shape{64, 2, 4, {32}, {1}},
+                      Shape{128, 1, 8, {33}, {1}},
+                      // decode of three sequences of different lengths and a prompt chunk in one step
+                      Shape{128, 2, 4, {33, 4095, 17, 70}, {1, 1, 17, 20}},
+                      Shape{64, 2, 8, {4095, 32, 1}, {1, 1, 1}},
+                      // a long context: 2,048 blocks scattered over the pool
+                      Shape{128, 1, 4, {32768}, {1}}),
+    [](const ::testing::TestParamInfo<Shape>& i) { return name(i.param); });
+
+}  // namespace
+}  // namespace shardlm::test
