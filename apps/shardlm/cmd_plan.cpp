@@ -74,7 +74,7 @@ int cmd_plan(int argc, const char* const* argv) {
   std::optional<std::string> gpus, cpu_mem, link;
   std::optional<double> cpu_bw;
   std::optional<int> tp, pp, ngl;
-  int64_t ctx = 4096, batch = 512;
+  int64_t ctx = 4096, batch = 512, max_num_seqs = 1;
   int main_gpu = 0;
   bool explain = false, json = false;
   app.add_option("-m,--model", model, "GGUF file, or a preset: " + preset_names())->required();
@@ -90,6 +90,10 @@ int cmd_plan(int argc, const char* const* argv) {
   app.add_option("--link", link, "link between devices: nvlink, pcie4, pcie5, ethernet, shm");
   app.add_option("--ctx,--max-model-len", ctx, "context length the KV cache must hold")->capture_default_str();
   app.add_option("--batch", batch, "tokens per forward pass (prefill micro-batch)")->capture_default_str();
+  app.add_option("--max-num-seqs", max_num_seqs,
+                 "sequences decoding together (1..4096): the KV pool holds max-num-seqs x ctx positions and must "
+                 "fit; also prints how many sequences fit and the aggregate decode tokens/s")
+      ->capture_default_str();
   app.add_option("--kv-type", kv_type, "KV cache type: f16 or f32")->capture_default_str();
   app.add_option("--tp,--tensor-parallel-size", tp, "pin the tensor parallel size");
   app.add_option("--pp,--pipeline-parallel-size", pp, "pin the number of pipeline stages");
@@ -155,6 +159,7 @@ int cmd_plan(int argc, const char* const* argv) {
   PlanRequest req;
   req.ctx = ctx;
   req.batch = batch;
+  req.max_num_seqs = max_num_seqs;  // make_plan validates 1..4096, naming --max-num-seqs
   const std::optional<GgmlType> kv = parse_type(kv_type);
   if (!kv) fail("KV cache type (--kv-type): '", kv_type, "' is unknown; use f16 or f32");
   req.kv_type = *kv;

@@ -21,6 +21,7 @@ nlohmann::json device_json(const DevicePlan& d) {
   j["alloc_pad_bytes"] = d.alloc_pad_bytes;
   j["weight_bytes"] = d.weight_bytes;
   j["kv_bytes"] = d.kv_bytes;
+  j["kv_sequence_bytes"] = d.kv_seq_bytes;
   j["workspace_bytes"] = d.workspace_bytes;
   j["total_bytes"] = d.total_bytes;
   j["layers"] = d.first_layer >= 0 ? nlohmann::json::array({d.first_layer, d.last_layer}) : nlohmann::json::array();
@@ -54,6 +55,8 @@ nlohmann::json plan_to_json(const Plan& p) {
   j["ctx"] = p.ctx;
   j["batch"] = p.batch;
   j["kv_type"] = type_name(p.kv_type);
+  j["max_num_seqs"] = p.max_num_seqs;
+  j["kv_pool_bytes"] = p.kv_pool_bytes;
   j["layout"] = {{"tp", L.tp},
                  {"pp", L.pp},
                  {"layer_split", L.layer_split},
@@ -64,6 +67,9 @@ nlohmann::json plan_to_json(const Plan& p) {
   j["predicted_decode_tokens_per_s"] = p.chosen.decode_tps;
   j["predicted_prefill_tokens_per_s"] = p.chosen.prefill_tps;
   j["all_gpu_decode_tokens_per_s"] = p.all_gpu_decode_tps;
+  j["sequences_that_fit"] = p.chosen.seqs_that_fit;
+  // max_num_seqs sequences decoding together, each at the full context ctx.
+  j["aggregate_decode_tokens_per_s"] = p.chosen.aggregate_decode_tps;
   j["max_context"] = p.max_context;
   j["why_not"] = p.fits ? "" : p.chosen.why;
   j["candidates"] = nlohmann::json::array();
@@ -74,7 +80,9 @@ nlohmann::json plan_to_json(const Plan& p) {
                                {"pp", c.layout.pp},
                                {"layer_split", c.layout.layer_split},
                                {"n_gpu_layers", c.layout.n_gpu_layers},
-                               {"predicted_decode_tokens_per_s", c.decode_tps}});
+                               {"predicted_decode_tokens_per_s", c.decode_tps},
+                               {"sequences_that_fit", c.seqs_that_fit},
+                               {"aggregate_decode_tokens_per_s", c.aggregate_decode_tps}});
   j["suggestions"] = p.suggestions;
   j["notes"] = p.notes;
   j["assumptions"] = {{"gpu_bandwidth_efficiency", p.params.gpu_bandwidth_efficiency},
@@ -117,7 +125,14 @@ std::string plan_to_text(const Plan& p, bool explain) {
   }
   os << "\npredicted decode: " << rate(p.chosen.decode_tps) << " tok/s (batch 1, context full), prefill: "
      << rate(p.chosen.prefill_tps) << " tok/s\n";
-  os << "max context for this layout: " << p.max_context << "\n";
+  os << "sequences (--max-num-seqs " << p.max_num_seqs << "): KV pool " << gib(p.kv_pool_bytes) << " GiB ("
+     << p.max_num_seqs << " x " << p.ctx << " positions); " << p.chosen.seqs_that_fit << " sequences of context "
+     << p.ctx << " fit after weights and workspace\n";
+  os << "predicted aggregate decode: " << rate(p.chosen.aggregate_decode_tps) << " tok/s with " << p.max_num_seqs
+     << (p.max_num_seqs == 1 ? " sequence" : " sequences")
+     << " decoding together (each at context " << p.ctx << "; weights read once per step)\n";
+  os << "max context for this layout" << (p.max_num_seqs > 1 ? cat(" (", p.max_num_seqs, " sequences)") : std::string())
+     << ": " << p.max_context << "\n";
   if (!p.fits) {
     os << "why: " << p.chosen.why << "\n";
     os << "smallest changes that would fit:\n";
@@ -128,7 +143,9 @@ std::string plan_to_text(const Plan& p, bool explain) {
     os << "\ncandidates (best first):\n";
     for (const Candidate& c : p.ranked) os << "  " << c.verdict << "\n";
     os << "\nassumptions: decode = sum over pipeline stages of (bytes read per token by the slowest rank / "
-          "bandwidth x efficiency + a fixed time per GPU layer) + 2 all-reduces per layer + hops; GPU efficiency "
+          "bandwidth x efficiency + a fixed time per GPU layer) + 2 all-reduces per layer + hops; aggregate decode = "
+          "max-num-seqs / the same step reading the weights once and every sequence's KV at the full context; GPU "
+          "efficiency "
        << p.params.gpu_bandwidth_efficiency << " + " << p.params.gpu_layer_overhead_s * 1e6 << " us per layer, CPU "
        << p.params.cpu_bandwidth_efficiency << "; prefill at " << p.params.matmul_efficiency << " (16-bit weights) or "
        << p.params.quant_matmul_efficiency

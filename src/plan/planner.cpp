@@ -17,6 +17,7 @@ namespace {
 constexpr double kActBytes = 4.0;          // fp32 activations travel between devices
 constexpr int64_t kMaxCtx = int64_t{1} << 24;
 constexpr int64_t kMaxBatch = 65536;
+constexpr int64_t kMaxNumSeqs = 4096;
 
 // One pipeline stage as evaluated: its devices (tp of them), layers and role.
 struct Stage {
@@ -174,14 +175,16 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
   Candidate cand;
   cand.layout = L;
   cand.fits = true;
-  double decode_s = 0, prefill_s = 0;
+  double decode_s = 0, prefill_s = 0, step_s = 0;  // step_s: one decode step of all max_num_seqs sequences
+  const double n_seqs = static_cast<double>(req_.max_num_seqs);
+  int64_t seqs_fit = std::numeric_limits<int64_t>::max();
   const std::vector<Stage> st = stages(L);
   for (size_t si = 0; si < st.size(); ++si) {
     const Stage& s = st[si];
     const std::vector<RankWeights>* rws = weights(s.tp);
     SHARDLM_CHECK(rws != nullptr, "tp ", s.tp, " was not validated");
     const int nl = s.layers.size();
-    double stage_read_s = 0, stage_flop_s = 0;
+    double stage_read_s = 0, stage_flop_s = 0, stage_step_s = 0;
     for (int t = 0; t < s.tp; ++t) {
       const RankWeights& w = (*rws)[static_cast<size_t>(t)];
       const Device& dev = s.devs[static_cast<size_t>(t)];
@@ -208,11 +211,19 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
                             (s.last ? w.output_norm_gpu_pad + w.output_gpu_pad : 0);
         d.reserve_bytes += d.alloc_pad_bytes;
       }
-      d.kv_bytes = kv_bytes_per_token_layer(c, w.kv_heads, req_.kv_type) * static_cast<uint64_t>(ctx) *
-                   static_cast<uint64_t>(nl);
+      d.kv_seq_bytes = checked_mul<uint64_t>(
+          checked_mul<uint64_t>(kv_bytes_per_token_layer(c, w.kv_heads, req_.kv_type), static_cast<uint64_t>(ctx),
+                                "KV bytes"),
+          static_cast<uint64_t>(nl), "KV bytes");
+      d.kv_bytes = checked_mul<uint64_t>(d.kv_seq_bytes, static_cast<uint64_t>(req_.max_num_seqs), "KV pool bytes");
       d.workspace_bytes = workspace_bytes(c, w, req_.batch, ctx, s.last, dev.kind == PlanDeviceKind::kGpu);
       d.total_bytes = d.weight_bytes + d.kv_bytes + d.workspace_bytes;
       d.fits = d.total_bytes + d.reserve_bytes <= d.capacity_bytes;
+      if (d.kv_seq_bytes > 0) {
+        const uint64_t fixed = d.weight_bytes + d.workspace_bytes + d.reserve_bytes;
+        const uint64_t left = d.capacity_bytes > fixed ? d.capacity_bytes - fixed : 0;
+        seqs_fit = std::min(seqs_fit, static_cast<int64_t>(left / d.kv_seq_bytes));
+      }
       if (nl > 0) {
         d.first_layer = s.layers.begin;
         d.last_layer = s.layers.end - 1;
@@ -222,12 +233,16 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       // Decode reads every weight of the rank once, one embedding row, the KV cache of the context and
       // (tied output) only this rank's vocabulary share of the shared table.
       const double out_read = static_cast<double>(w.output_bytes);
-      d.decode_read_bytes = static_cast<double>(layer_w + d.kv_bytes) +
-                            (s.first ? static_cast<double>(w.token_embd_row_bytes) : 0.0) +
-                            (s.last ? static_cast<double>(w.output_norm_bytes) + out_read : 0.0);
+      const double embd_row = s.first ? static_cast<double>(w.token_embd_row_bytes) : 0.0;
+      const double out_part = s.last ? static_cast<double>(w.output_norm_bytes) + out_read : 0.0;
+      d.decode_read_bytes = static_cast<double>(layer_w + d.kv_seq_bytes) + embd_row + out_part;
       const double eff = dev.kind == PlanDeviceKind::kGpu ? p_.gpu_bandwidth_efficiency : cpu_efficiency();
-      stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff) +
-                                                (dev.kind == PlanDeviceKind::kGpu ? nl * p_.gpu_layer_overhead_s : 0.0));
+      const double overhead_s = dev.kind == PlanDeviceKind::kGpu ? nl * p_.gpu_layer_overhead_s : 0.0;
+      stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff) + overhead_s);
+      // A step of N sequences: the weights once, every sequence's KV (the whole pool, each sequence at the
+      // full context) and embedding row, the per-layer overhead once. At N = 1 this is the batch-1 figure.
+      const double step_read = static_cast<double>(layer_w + d.kv_bytes) + n_seqs * embd_row + out_part;
+      stage_step_s = std::max(stage_step_s, step_read / (dev.bandwidth * eff) + overhead_s);
       const double flops = nl * layer_flops_per_token(c, std::max<int64_t>(1, ctx / 2)) / s.tp +
                            (s.last ? 2.0 * static_cast<double>(c.n_embd) * static_cast<double>(c.n_vocab) / s.tp : 0.0);
       stage_flop_s = std::max(stage_flop_s, flops / (dev.matmul_flops * matmul_efficiency(dev, s.tp)));
@@ -239,22 +254,30 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       }
       cand.devices.push_back(d);
     }
-    double comm_s = 0;
-    if (s.tp > 1) {
-      // Two all-reduces per layer (after attention and after the FFN), ring volume 2(tp-1)/tp.
-      const double ar = s.link.latency_s + 2.0 * (s.tp - 1) / s.tp * static_cast<double>(c.n_embd) * kActBytes / s.link.bandwidth;
-      comm_s += 2.0 * nl * ar;
-      // The last stage exchanges only its token candidates (a few hundred bytes), not its logits.
-      if (s.last) comm_s += s.link.latency_s;
-    }
-    if (si > 0) {  // hop from the previous stage
-      const LinkSpec& hop = st[si - 1].offload ? inv_.host_link : s.link;
-      comm_s += hop.latency_s + static_cast<double>(c.n_embd) * kActBytes / hop.bandwidth;
-    }
-    decode_s += stage_read_s + comm_s;
+    // Communication of a step carrying `rows` tokens' activations (1 for batch 1, N for N sequences).
+    const auto comm = [&](double rows) {
+      double comm_s = 0;
+      if (s.tp > 1) {
+        // Two all-reduces per layer (after attention and after the FFN), ring volume 2(tp-1)/tp.
+        const double ar = s.link.latency_s +
+                          2.0 * (s.tp - 1) / s.tp * rows * static_cast<double>(c.n_embd) * kActBytes / s.link.bandwidth;
+        comm_s += 2.0 * nl * ar;
+        // The last stage exchanges only its token candidates (a few hundred bytes), not its logits.
+        if (s.last) comm_s += s.link.latency_s;
+      }
+      if (si > 0) {  // hop from the previous stage
+        const LinkSpec& hop = st[si - 1].offload ? inv_.host_link : s.link;
+        comm_s += hop.latency_s + rows * static_cast<double>(c.n_embd) * kActBytes / hop.bandwidth;
+      }
+      return comm_s;
+    };
+    decode_s += stage_read_s + comm(1.0);
+    step_s += stage_step_s + comm(n_seqs);
     prefill_s += stage_flop_s;
   }
   cand.decode_tps = decode_s > 0 ? 1.0 / decode_s : 0;
+  cand.aggregate_decode_tps = step_s > 0 ? n_seqs / step_s : 0;
+  cand.seqs_that_fit = seqs_fit == std::numeric_limits<int64_t>::max() ? 0 : seqs_fit;
   cand.prefill_tps = prefill_s > 0 ? 1.0 / prefill_s : 0;
   // The offload CPU is listed after the ranks.
   std::stable_sort(cand.devices.begin(), cand.devices.end(),
@@ -453,6 +476,8 @@ void validate_request(const ModelDesc& m, const DeviceInventory& inv, const Plan
          ", n_head ", c.n_head, ", n_head_kv ", c.n_head_kv, ")");
   if (req.ctx < 1 || req.ctx > kMaxCtx) fail("context (--ctx): ", req.ctx, " must be in [1, ", kMaxCtx, "]");
   if (req.batch < 1 || req.batch > kMaxBatch) fail("batch (--batch): ", req.batch, " must be in [1, ", kMaxBatch, "]");
+  if (req.max_num_seqs < 1 || req.max_num_seqs > kMaxNumSeqs)
+    fail("sequences (--max-num-seqs): ", req.max_num_seqs, " must be in [1, ", kMaxNumSeqs, "]");
   check_kv_type(req.kv_type);
   const int n_gpu = static_cast<int>(inv.gpus.size());
   if (req.tp && *req.tp < 1) fail("tensor parallel size (--tp): ", *req.tp, " must be >= 1");
@@ -515,6 +540,7 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
   plan.weight_bytes = m.weight_bytes();
   plan.ctx = req.ctx;
   plan.batch = req.batch;
+  plan.max_num_seqs = req.max_num_seqs;
   plan.kv_type = req.kv_type;
   plan.params = params;
   plan.notes = inv.notes;
@@ -529,6 +555,8 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
   }
   plan.chosen = ranked.front();
   plan.fits = plan.chosen.fits;
+  for (const DevicePlan& d : plan.chosen.devices)
+    plan.kv_pool_bytes = checked_add<uint64_t>(plan.kv_pool_bytes, d.kv_bytes, "KV pool bytes");
 
   // --explain: why each runner-up lost.
   for (size_t i = 0; i < ranked.size() && plan.ranked.size() < 8; ++i) {

@@ -26,6 +26,9 @@ SplitMode parse_split_mode(std::string_view s);  // throws Error naming --split-
 struct PlanRequest {
   int64_t ctx = 4096;     // tokens of context the KV cache must hold (--ctx / --max-model-len)
   int64_t batch = 512;    // tokens per forward pass (prefill micro-batch) for the workspace
+  // Sequences decoding together (--max-num-seqs): the engine's paged KV pool holds max_num_seqs x ctx
+  // positions, and the fit decision counts all of them. 1 = the batch-1 plan.
+  int64_t max_num_seqs = 1;
   GgmlType kv_type = GgmlType::F16;
   std::optional<int> tp;
   std::optional<int> pp;
@@ -76,7 +79,8 @@ struct DevicePlan {
   uint64_t reserve_bytes = 0;    // beyond total_bytes: the fixed and per-communicator reserve, and alloc_pad_bytes
   uint64_t alloc_pad_bytes = 0;  // GPU: what whole-page allocations add to the weight shards (gpu_alloc_bytes)
   uint64_t weight_bytes = 0;
-  uint64_t kv_bytes = 0;
+  uint64_t kv_bytes = 0;         // the KV pool: max_num_seqs x ctx positions of this device's layers
+  uint64_t kv_seq_bytes = 0;     // one sequence of ctx positions (kv_bytes / max_num_seqs)
   uint64_t workspace_bytes = 0;
   uint64_t total_bytes = 0;  // weights + KV + workspace (the reserve is not included)
   int first_layer = -1;      // inclusive; -1 when the device holds no layer
@@ -102,6 +106,12 @@ struct Candidate {
   std::string why;                  // first device that does not fit, or why the layout is invalid
   double decode_tps = 0;            // predicted batch-1 decode tokens/s at the requested context
   double prefill_tps = 0;
+  // With max_num_seqs sequences decoding together, each at the full context: a step reads the weights
+  // once and every sequence's KV, plus the fixed per-layer time once; aggregate = N / step time.
+  double aggregate_decode_tps = 0;
+  // Sequences of ctx positions that fit in what each device has left after weights, workspace and
+  // reserve (the smallest over devices holding layers); 0 when not even one does.
+  int64_t seqs_that_fit = 0;
   std::string verdict;              // filled for --explain: chosen / why it lost
 };
 
@@ -111,10 +121,12 @@ struct Plan {
   uint64_t weight_bytes = 0;
   int64_t ctx = 0;
   int64_t batch = 0;
+  int64_t max_num_seqs = 1;
+  uint64_t kv_pool_bytes = 0;    // KV over all devices of the chosen layout: max_num_seqs x ctx positions
   GgmlType kv_type = GgmlType::F16;
   bool fits = false;
   Candidate chosen;              // the best fitting layout, or the closest miss when nothing fits
-  int64_t max_context = 0;       // largest context the chosen layout holds (0 when none)
+  int64_t max_context = 0;       // largest context the chosen layout holds for max_num_seqs sequences (0 when none)
   double all_gpu_decode_tps = 0; // with CPU offload: the rate if those layers were on the GPUs too
   std::vector<Candidate> ranked;     // best first, for --explain
   std::vector<std::string> suggestions;  // when nothing fits: the smallest changes that would

@@ -8,6 +8,7 @@
 
 #include "../../apps/shardlm/commands.h"
 #include "core/error.h"
+#include <nlohmann/json.hpp>
 
 namespace shardlm {
 namespace {
@@ -61,6 +62,8 @@ TEST(CmdPlan, BadValuesThrowNamedErrors) {
       {{"-m", "tiny", "--kv-type", "q9"}, "--kv-type"},
       {{"-m", "tiny", "--gpus", "24G", "-sm", "diagonal"}, "--split-mode"},
       {{"-m", "tiny", "--gpus", "24G", "-ts", "1,x"}, "--layer-split"},
+      {{"-m", "tiny", "--cpu-mem", "8G", "--max-num-seqs", "0"}, "--max-num-seqs"},
+      {{"-m", "tiny", "--cpu-mem", "8G", "--max-num-seqs", "4097"}, "--max-num-seqs"},
   };
   for (const Row& r : rows) {
     try {
@@ -71,6 +74,28 @@ TEST(CmdPlan, BadValuesThrowNamedErrors) {
       EXPECT_EQ(e.exit_code(), 2);
     }
   }
+}
+
+TEST(CmdPlan, MaxNumSeqs) {
+  std::string out;
+  EXPECT_EQ(run({"--help"}, &out), 0);
+  EXPECT_NE(out.find("--max-num-seqs"), std::string::npos) << out;
+  EXPECT_NE(out.find("--max-num-seqs INT=1"), std::string::npos) << out;  // the default
+  EXPECT_EQ(run({"-m", "llama-3.1-8b", "--quant", "bf16", "--gpus", "h100-sxm", "--cpu-mem", "1K",
+                 "--max-num-seqs", "16", "--json"}, &out), 0);
+  const nlohmann::json j = nlohmann::json::parse(out);
+  EXPECT_EQ(j["max_num_seqs"].get<int64_t>(), 16);
+  EXPECT_EQ(j["kv_pool_bytes"].get<uint64_t>(), 16ull * 32 * 2 * 8 * 128 * 2 * 4096);
+  EXPECT_GE(j["sequences_that_fit"].get<int64_t>(), 16);
+  EXPECT_GT(j["aggregate_decode_tokens_per_s"].get<double>(), j["predicted_decode_tokens_per_s"].get<double>());
+  EXPECT_EQ(run({"-m", "llama-3.1-8b", "--quant", "bf16", "--gpus", "h100-sxm", "--cpu-mem", "1K",
+                 "--max-num-seqs", "4"}, &out), 0);
+  EXPECT_NE(out.find("sequences (--max-num-seqs 4): KV pool 2.00 GiB (4 x 4096 positions)"), std::string::npos) << out;
+  EXPECT_NE(out.find("predicted aggregate decode"), std::string::npos) << out;
+  // 64 x 4096 positions of 70B's KV (80 GiB) cannot fit on 2 x 24 GiB.
+  EXPECT_EQ(run({"-m", "llama-3.1-70b", "--gpus", "24G,24G", "--cpu-mem", "1K", "--tp", "2", "--max-num-seqs", "64"},
+                &out), 3);
+  EXPECT_EQ(run({"-m", "tiny", "--max-num-seqs", "lots"}), 2);
 }
 
 }  // namespace
