@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
 shift || true
-pkgs="build-essential cmake ninja-build libopenmpi-dev openmpi-bin nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev python3"
+pkgs="build-essential cmake ninja-build libopenmpi-dev openmpi-bin nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev python3 libcpp-httplib-dev"
+# `shardlm serve`'s end-to-end test drives it with the openai npm client (tests/serve/node): Node.js and npm,
+# Debian's unless a Node.js is already installed.
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || pkgs="$pkgs nodejs npm"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -1,5 +1,6 @@
 #include "cli_common.h"
 
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -148,7 +149,17 @@ void Progress::finish() {
   std::fprintf(stderr, "%s done in %.2f s\n", label_.c_str(), now_s() - t0_);
 }
 
-int maybe_self_launch(int tp, int pp, int argc, const char* const* argv) {
+#ifdef SHARDLM_HAVE_MPI
+namespace {
+volatile sig_atomic_t g_launched_pid = 0;  // mpirun, while a self-launch waits for it
+volatile sig_atomic_t g_forward_as = 0;
+extern "C" void forward_to_launched(int) {
+  if (g_launched_pid > 0 && g_forward_as > 0) kill(static_cast<pid_t>(g_launched_pid), g_forward_as);
+}
+}  // namespace
+#endif
+
+int maybe_self_launch(int tp, int pp, int argc, const char* const* argv, int forward_term_as) {
   const int world = tp * pp;
   if (world <= 1) return -1;
 #ifdef SHARDLM_HAVE_MPI
@@ -176,6 +187,15 @@ int maybe_self_launch(int tp, int pp, int argc, const char* const* argv) {
                  std::strerror(errno));
     _exit(127);
   }
+  if (forward_term_as > 0) {
+    g_launched_pid = pid;
+    g_forward_as = forward_term_as;
+    struct sigaction sa = {};
+    sa.sa_handler = forward_to_launched;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, nullptr);
+    sigaction(SIGINT, &sa, nullptr);
+  }
   int status = 0;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
@@ -184,6 +204,7 @@ int maybe_self_launch(int tp, int pp, int argc, const char* const* argv) {
 #else
   (void)argc;
   (void)argv;
+  (void)forward_term_as;
   fail_kind(ErrorKind::kUnsupported, "--tp ", tp, " --pp ", pp, " needs ", world,
             " ranks, but this build has no MPI (configure with -DSHARDLM_MPI=ON)");
 #endif

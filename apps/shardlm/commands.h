@@ -13,5 +13,6 @@ int cmd_convert(int argc, const char* const* argv);
 int cmd_gen_model(int argc, const char* const* argv);
 int cmd_bench(int argc, const char* const* argv);
 int cmd_plan(int argc, const char* const* argv);
+int cmd_serve(int argc, const char* const* argv);
 
 }  // namespace shardlm

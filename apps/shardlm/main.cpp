@@ -18,6 +18,7 @@ struct Command {
 
 const Command kCommands[] = {
     {"generate", shardlm::cmd_generate, "generate text from a prompt (on one rank or split with --tp/--pp)"},
+    {"serve", shardlm::cmd_serve, "an OpenAI-compatible HTTP server (completions, chat, streaming, metrics)"},
     {"plan", shardlm::cmd_plan, "will it run, and how fast? memory per device and the split, before loading"},
     {"bench", shardlm::cmd_bench, "prompt-processing and generation tokens/s"},
     {"inspect", shardlm::cmd_inspect, "architecture, hyper-parameters and tensors of a model"},
@@ -49,6 +50,7 @@ void usage(FILE* out) {
                "\nExamples:\n"
                "  shardlm generate -p \"Once upon a time\"            # bundled model, one rank\n"
                "  shardlm generate --tp 2 -p \"Once upon a time\"     # two tensor-parallel ranks (mpirun)\n"
+               "  shardlm serve -m model.gguf --port 8080             # OpenAI API on http://127.0.0.1:8080/v1\n"
                "  shardlm plan -m llama-3.1-70b --quant q4_k_m --gpus 24G,24G\n");
 }
 

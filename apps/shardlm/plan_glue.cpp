@@ -60,6 +60,7 @@ RunPlan plan_run(const ModelDesc& m, const RunPlanRequest& req) {
   pr.ctx = req.ctx;
   pr.batch = std::max<int64_t>(1, std::min(req.batch, req.ctx));
   pr.kv_type = req.kv_type;
+  pr.max_num_seqs = std::max<int64_t>(1, req.max_num_seqs);
   pr.layer_split = req.layer_split;
   const bool pinned = req.tp || req.pp;
   std::vector<std::pair<int, int>> layouts;  // (tp, pp) to evaluate when pinned or launched

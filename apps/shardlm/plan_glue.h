@@ -23,6 +23,7 @@ struct RunPlanRequest {
   std::vector<double> layer_split;    // proportions per stage; empty = even
   int64_t ctx = 0;                    // the context the engine will allocate (already resolved)
   int64_t batch = 256;                // the engine's batch (already clamped to ctx)
+  int64_t max_num_seqs = 1;           // sequences the KV pool holds at ctx each (serve's --max-num-seqs)
   GgmlType kv_type = GgmlType::F32;
   std::optional<std::string> cpu_mem; // --cpu-mem; unset = /proc/meminfo
   std::optional<int> cpu_cores;       // for tests; detected otherwise

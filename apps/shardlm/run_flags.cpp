@@ -99,6 +99,7 @@ EngineOptions RunFlags::resolve(const ModelSource& src, int64_t ctx_if_unset) co
   rq.ctx = ctx;
   rq.batch = std::min(o.n_batch, ctx);
   rq.kv_type = o.kv_type;
+  rq.max_num_seqs = max_num_seqs;
   if (!cpu_mem.empty()) rq.cpu_mem = cpu_mem;
   const LaunchEnv launch = launch_env();
   rq.world_size = launch.world_size;

@@ -26,6 +26,7 @@ struct RunFlags {
   double comm_timeout = 60;
   bool quiet = false;
   std::string cpu_mem;  // --cpu-mem: RAM the planner may use (G = GiB); empty = /proc/meminfo
+  int64_t max_num_seqs = 1;  // not a flag here: serve sets it; the planner sizes the KV pool for this many
 
   void add_to(CLI::App& app);
   // Validates and builds engine options (Error names the flag).
