@@ -14,16 +14,6 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-const char* reason_of(FinishReason r) {
-  switch (r) {
-    case FinishReason::kStop: return "stop";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kAborted: return "abort";
-    case FinishReason::kNone: break;
-  }
-  return "";
-}
-
 }  // namespace
 
 void Delta::merge(Delta&& later) {
@@ -210,7 +200,7 @@ void EngineLoop::run() {
         if (it == live_.end()) continue;
         Live& lv = it->second;
         Delta d;
-        std::string reason = reason_of(e.finish);
+        std::string reason = finish_reason_name(e.finish);
         if (e.token >= 0) {
           ++lv.generated;
           if (metrics_) {
