@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
+#include <thread>
 
 #include "../model/golden.h"
 
@@ -76,13 +79,46 @@ double measure_overlap(int micro_batch, size_t chunks) {
   return both;
 }
 
-// On a 2-core machine another process can take a core for the whole few-millisecond prefill and serialize the
-// stages by accident, so up to three runs are made; a pipeline that cannot overlap (as before hidden states
-// were sent with isend) shows 0 in every run.
+// How many cores this process can use at once right now: two threads spin for 50 ms of wall time each and
+// report the CPU time they got. On a machine whose other core is taken (a loaded 2-core CI box), two ranks
+// run one at a time whatever the engine does, so no overlap can be seen there.
+double free_cores() {
+  auto spin = [](double* cpu) {
+    timespec c0{}, c1{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+    const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);
+    volatile uint64_t x = 0;
+    while (std::chrono::steady_clock::now() < end) x = x + 1;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+    *cpu = static_cast<double>(c1.tv_sec - c0.tv_sec) + 1e-9 * static_cast<double>(c1.tv_nsec - c0.tv_nsec);
+  };
+  double a = 0, b = 0;
+  std::thread ta(spin, &a), tb(spin, &b);
+  ta.join();
+  tb.join();
+  return (a + b) / 0.05;
+}
+
+// Another process can take a core for the whole prefill and serialize the stages by accident, so up to five
+// runs are made, each after checking that two cores are free; a pipeline that cannot overlap (as before
+// hidden states were sent with isend) shows 0 in every run. A machine that never had two free cores cannot
+// judge the pipeline: the test is then skipped, saying so (on a machine with two idle cores it always runs).
 void check_overlap(int micro_batch, size_t chunks) {
   double best = 0;
-  for (int attempt = 0; attempt < 3 && best <= 0; ++attempt) best = std::max(best, measure_overlap(micro_batch, chunks));
-  EXPECT_GT(best, 0.0) << "the stages never computed at the same time in 3 runs";
+  int judged = 0;  // runs made with two cores free
+  double cores_seen = 0;
+  for (int attempt = 0; attempt < 5 && best <= 0; ++attempt) {
+    const double cores = free_cores();
+    cores_seen = std::max(cores_seen, cores);
+    if (cores < 1.7) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));  // let the other work move on
+      continue;
+    }
+    ++judged;
+    best = std::max(best, measure_overlap(micro_batch, chunks));
+  }
+  if (judged == 0) GTEST_SKIP() << "two free cores were never available (best " << cores_seen << " of 2)";
+  EXPECT_GT(best, 0.0) << "the stages never computed at the same time in " << judged << " runs with two free cores";
 }
 
 TEST(PipelineTrace, DefaultMicroBatchOverlapsStages) { check_overlap(0, 2); }  // 256 / pp 2 = 128 per chunk
