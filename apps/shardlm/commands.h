@@ -14,5 +14,6 @@ int cmd_gen_model(int argc, const char* const* argv);
 int cmd_bench(int argc, const char* const* argv);
 int cmd_plan(int argc, const char* const* argv);
 int cmd_serve(int argc, const char* const* argv);
+int cmd_perplexity(int argc, const char* const* argv);
 
 }  // namespace shardlm

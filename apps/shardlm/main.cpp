@@ -21,6 +21,7 @@ const Command kCommands[] = {
     {"serve", shardlm::cmd_serve, "an OpenAI-compatible HTTP server (completions, chat, streaming, metrics)"},
     {"plan", shardlm::cmd_plan, "will it run, and how fast? memory per device and the split, before loading"},
     {"bench", shardlm::cmd_bench, "prompt-processing and generation tokens/s"},
+    {"perplexity", shardlm::cmd_perplexity, "perplexity of a model on a text (llama-perplexity's method and output)"},
     {"inspect", shardlm::cmd_inspect, "architecture, hyper-parameters and tensors of a model"},
     {"tokenize", shardlm::cmd_tokenize, "text to token ids"},
     {"detokenize", shardlm::cmd_detokenize, "token ids to text"},

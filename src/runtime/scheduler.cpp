@@ -31,6 +31,8 @@ int64_t Scheduler::add(std::vector<int32_t> prompt, const SequenceParams& params
   if (n > o_.n_ctx)
     fail("the prompt (", n, " tokens) is longer than the context size ", o_.n_ctx, " (raise -c or shorten it)");
   if (!params.score_only && params.max_tokens < 1) fail("max_tokens ", params.max_tokens, " must be >= 1");
+  if (params.score_from < 0 || params.score_from >= n)
+    fail("score_from ", params.score_from, " is outside the prompt's positions [0, ", n, ")");
   params.sampling.validate();
   // Its longest life: the prompt plus every generated token but the last (which is never fed back),
   // capped by the context.
@@ -152,7 +154,7 @@ StepPlan Scheduler::schedule() {
     b.block_table.insert(b.block_table.end(), row.begin(), row.end());
     const int64_t si = static_cast<int64_t>(plan.seqs.size());
     if (p.scores) {
-      for (int32_t t = 0; t < n; ++t) {
+      for (int32_t t = std::max(0, s.params.score_from - p.pos0); t < n; ++t) {
         b.out_rows.push_back(tok0 + t);
         plan.row_seq.push_back(si);
       }

@@ -37,6 +37,8 @@ struct SequenceParams {
   int64_t max_tokens = 16;         // tokens to generate, >= 1 (ignored when score_only)
   std::vector<int32_t> stop_ids;   // generation ends after sampling one of these (it is returned)
   bool score_only = false;         // no generation: the logits of every prompt position are returned
+  int32_t score_from = 0;          // score_only: only positions >= this one return logits (perplexity
+                                   // scores the second half of each chunk: no rows for the first half)
   // Log-probabilities of the raw model distribution (log_softmax of the logits, before sampling's
   // penalties, temperature and truncation, as vLLM reports them): -1 none; 0 the sampled token's; N > 0 also
   // the N most likely tokens' (at most kMaxTopLogprobs).
@@ -53,7 +55,7 @@ struct PlannedSeq {
   int32_t n_tok = 0;     // tokens it computes in this step
   int32_t pos0 = 0;      // position of the first of them
   bool samples = false;  // the step reaches its last token: a new token is sampled from that row
-  bool scores = false;   // score_only: every one of its rows is an out row
+  bool scores = false;   // score_only: its rows at positions >= score_from are out rows
 };
 
 struct StepPlan {

@@ -86,7 +86,7 @@ const PlannedSeq* find_seq(const StepPlan& plan, int64_t id) {
 // - the descriptor validates against the pool, and the step respects max_num_seqs / max_num_batched_tokens;
 // - seqs and batch.seqs agree, ids are the sequence's own tokens at its positions;
 // - out rows are exactly: the last token of each sequence whose step reaches its end (it samples), and
-//   every token of a score_only sequence; row_seq names their sequence;
+//   every token of a score_only sequence at a position >= its score_from; row_seq names their sequence;
 // - no block is in two sequences' tables (no prefix sharing yet), every block in a table is held, and the
 //   blocks of the step never exceed the pool;
 // - running sequences come before newly admitted ones (those start at position 0).
@@ -125,6 +125,7 @@ void check_plan(const Scheduler& s, const StepPlan& plan) {
     EXPECT_EQ(p.samples, !score_only && static_cast<size_t>(p.pos0 + p.n_tok) == toks.size());
     if (p.scores) {
       for (int32_t t = 0; t < p.n_tok; ++t) {
+        if (p.pos0 + t < s.params(p.id).score_from) continue;
         want_rows.push_back(b.tok0 + t);
         want_row_seq.push_back(static_cast<int64_t>(i));
       }
@@ -807,6 +808,27 @@ TEST(Scheduler, ScoreOnlyFinishesAfterLastChunk) {
   }
   EXPECT_FALSE(s.has_work());
   EXPECT_EQ(s.blocks().n_free(), 8);
+}
+
+// score_from (perplexity scores the second half of each chunk): chunks wholly before it have no out rows,
+// the chunk that crosses it starts its rows there, and a score_from outside the prompt is refused.
+TEST(Scheduler, ScoreFromSkipsEarlyPositions) {
+  Scheduler s(options(2, 8, 64, 4, 8));
+  SequenceParams p = score();
+  p.score_from = 11;
+  s.add(prompt_of(20), p);
+  const std::vector<std::vector<int32_t>> want = {{}, {3, 4, 5, 6, 7}, {0, 1, 2, 3}};  // positions 11..19
+  for (const auto& rows : want) {
+    const StepPlan plan = s.schedule();
+    check_plan(s, plan);
+    EXPECT_EQ(plan.batch.out_rows, rows);
+    s.commit(plan, {});
+  }
+  EXPECT_FALSE(s.has_work());
+  p.score_from = 20;
+  EXPECT_THROW(s.add(prompt_of(20), p), Error);
+  p.score_from = -1;
+  EXPECT_THROW(s.add(prompt_of(20), p), Error);
 }
 
 // ---------------------------------------------------------------------------------------------------------
