@@ -342,7 +342,8 @@ int cmd_bench(int argc, const char* const* argv) {
   if (!batched.empty()) {
     // KV bytes one sequence reads per step per position of context: K and V rows of every layer, all ranks.
     const ModelConfig& mc = src->config();
-    const double kv_pos = 2.0 * double(mc.n_layer) * double(mc.n_head_kv) * double(mc.head_dim) * double(type_size(eo.kv_type));
+    const double kv_pos = 2.0 * double(mc.n_layer) * double(mc.n_head_kv) * double(mc.head_dim) * double(type_size(eo.kv_type)) /
+                          double(block_size(eo.kv_type));
     nlohmann::json jb = nlohmann::json::array();
     for (const Batched& bt : batched) {
       const double step_bytes = double(all_bytes) + double(bt.seqs) * bt.avg_ctx * kv_pos;

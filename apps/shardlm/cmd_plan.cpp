@@ -94,7 +94,7 @@ int cmd_plan(int argc, const char* const* argv) {
                  "sequences decoding together (1..4096): the KV pool holds max-num-seqs x ctx positions and must "
                  "fit; also prints how many sequences fit and the aggregate decode tokens/s")
       ->capture_default_str();
-  app.add_option("--kv-type", kv_type, "KV cache type: f16 or f32")->capture_default_str();
+  app.add_option("--kv-type", kv_type, "KV cache type: f16, f32, bf16, q8_0 or q4_0")->capture_default_str();
   app.add_option("--tp,--tensor-parallel-size", tp, "pin the tensor parallel size");
   app.add_option("--pp,--pipeline-parallel-size", pp, "pin the number of pipeline stages");
   app.add_option("--layer-split,--tensor-split", layer_split,
@@ -161,7 +161,7 @@ int cmd_plan(int argc, const char* const* argv) {
   req.batch = batch;
   req.max_num_seqs = max_num_seqs;  // make_plan validates 1..4096, naming --max-num-seqs
   const std::optional<GgmlType> kv = parse_type(kv_type);
-  if (!kv) fail("KV cache type (--kv-type): '", kv_type, "' is unknown; use f16 or f32");
+  if (!kv) fail("KV cache type (--kv-type): '", kv_type, "' is unknown; use f16, f32, bf16, q8_0 or q4_0");
   req.kv_type = *kv;
   req.tp = tp;
   req.pp = pp;

@@ -24,7 +24,9 @@ void RunFlags::add_to(CLI::App& app) {
   app.add_option("-b,--batch-size", n_batch, "largest number of tokens in one forward step");
   app.add_option("--micro-batch", micro_batch, "prompt tokens per pipeline step (default: batch / pp)");
   app.add_option("-t,--threads", threads, "threads per rank (default: the cores this rank may run on, shared among the ranks on the host)");
-  app.add_option("--kv-type,--cache-type-k,--cache-type-v", kv_type, "KV cache type: f32 or f16 (also -ctk/-ctv)");
+  app.add_option("--kv-type,--cache-type-k,--cache-type-v", kv_type, "KV cache type: f16, f32 (exact golden checks), bf16, q8_0 or q4_0 (llama.cpp's -ctk/-ctv; one type "
+                 "for K and V; q8_0/q4_0 need head_dim a multiple of 32 and the cpu backend)")
+      ->capture_default_str();
   app.add_option("--backend", backend, "cpu, cuda, or reference (slow fp64 yardstick)");
   app.add_option("--n-gpu-layers", n_gpu_layers, "with --backend cuda: layers on the GPU (the last ones; the rest run "
                  "on the CPU); also -ngl");
@@ -62,12 +64,7 @@ EngineOptions RunFlags::engine_options() const {
   o.micro_batch = micro_batch;
   if (threads < 0 || threads > 1024) fail("-t ", threads, " is outside [0, 1024]");
   o.n_threads = threads;
-  if (kv_type == "f32")
-    o.kv_type = GgmlType::F32;
-  else if (kv_type == "f16")
-    o.kv_type = GgmlType::F16;
-  else
-    fail("--kv-type '", kv_type, "' is not f32 or f16");
+  o.kv_type = parse_kv_type(kv_type, "--kv-type");
   o.backend = backend;
   if (n_gpu_layers < -1) fail("-ngl ", n_gpu_layers, " must be >= 0");
   o.n_gpu_layers = n_gpu_layers;

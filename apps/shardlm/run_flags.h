@@ -18,7 +18,7 @@ struct RunFlags {
   int64_t n_batch = 512;  // as EngineOptions: one prefill step per 512 prompt tokens
   int64_t micro_batch = 0;
   int threads = 0;
-  std::string kv_type = "f32";
+  std::string kv_type = "f16";  // as plan assumes, llama.cpp defaults and the issue asks
   std::string backend = "cpu";
   int n_gpu_layers = -1;
   bool no_graphs = false;

@@ -23,8 +23,7 @@ std::vector<KvLayerView> allocate_kv_pools(const ModelConfig& config, int64_t n_
                                            const std::vector<Backend*>& layer_backend, int64_t n_blocks,
                                            int64_t block_size, GgmlType type,
                                            std::vector<std::unique_ptr<DeviceBuffer>>* storage, uint64_t* bytes) {
-  if (type != GgmlType::F32 && type != GgmlType::F16)
-    fail("KV cache type ", type_name(type), " is not supported (f32, f16)");
+  kv_type_check(type, config.head_dim);
   std::vector<KvLayerView> views;
   for (Backend* b : layer_backend) {
     KvLayerView v;
@@ -33,9 +32,8 @@ std::vector<KvLayerView> allocate_kv_pools(const ModelConfig& config, int64_t n_
     v.block_size = block_size;
     v.n_head_kv = n_head_kv_local;
     v.head_dim = config.head_dim;
-    const size_t n = static_cast<size_t>(checked_mul<int64_t>(
-        checked_mul<int64_t>(checked_mul<int64_t>(n_blocks, block_size, "KV pool"), v.row_width(), "KV pool"),
-        type_size(type), "KV pool"));
+    const size_t n = static_cast<size_t>(
+        checked_mul<int64_t>(checked_mul<int64_t>(n_blocks, block_size, "KV pool"), v.row_bytes(), "KV pool"));
     storage->push_back(b->alloc(n));
     v.k = storage->back()->data();
     storage->push_back(b->alloc(n));
@@ -59,8 +57,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
   if (static_cast<int>(options_.kv.size()) != n_layers)
     fail_kind(ErrorKind::kInternal, "KV pools for ", options_.kv.size(), " layers, stage owns ", n_layers);
   for (const KvLayerView& kv : options_.kv) {
-    if (kv.type != GgmlType::F32 && kv.type != GgmlType::F16)
-      fail("KV cache type ", type_name(kv.type), " is not supported (f32, f16)");
+    kv_type_check(kv.type, config_.head_dim);
     if (kv.n_blocks != options_.kv.front().n_blocks || kv.block_size != options_.kv.front().block_size ||
         kv.n_blocks < 1 || kv.block_size < 1 || kv.head_dim != config_.head_dim)
       fail_kind(ErrorKind::kInternal, "KV pools of different shapes: ", kv.n_blocks, " x ", kv.block_size, " head_dim ",

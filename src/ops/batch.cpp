@@ -22,6 +22,28 @@ std::vector<int32_t> BatchInfo::token_seqs() const {
   return seq;
 }
 
+void kv_type_check(GgmlType type, int64_t head_dim) {
+  switch (type) {
+    case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: return;
+    case GgmlType::Q8_0: case GgmlType::Q4_0:
+      if (head_dim % block_size(type) != 0)
+        fail("KV cache type ", type_name(type), " stores each head in ", block_size(type), "-value blocks; this model's "
+             "head_dim ", head_dim, " is not a multiple of ", block_size(type), " (use f16 or f32)");
+      return;
+    default:
+      fail("KV cache type ", type_name(type), " is not supported (f32, f16, bf16, q8_0, q4_0)");
+  }
+}
+
+GgmlType parse_kv_type(const std::string& s, const std::string& flag) {
+  if (s == "f32") return GgmlType::F32;
+  if (s == "f16") return GgmlType::F16;
+  if (s == "bf16") return GgmlType::BF16;
+  if (s == "q8_0") return GgmlType::Q8_0;
+  if (s == "q4_0") return GgmlType::Q4_0;
+  fail(flag, " '", s, "' is not one of f32, f16, bf16, q8_0, q4_0");
+}
+
 void BatchInfo::validate(int64_t kv_blocks, int64_t block_size) const {
   if (seqs.empty()) fail("batch: no sequence in the step");
   if (block_size < 1) fail("batch: KV block size ", block_size, " must be >= 1");

@@ -17,7 +17,7 @@ namespace shardlm {
 // p % block_size. Every layer of a rank has a pool of the same shape and the same block ids, so one block
 // table serves all layers.
 struct KvLayerView {
-  GgmlType type = GgmlType::F32;  // F32 or F16
+  GgmlType type = GgmlType::F32;  // F32, F16, BF16, Q8_0 or Q4_0 (kv_type_check)
   int64_t n_blocks = 0;           // blocks in the pool
   int64_t block_size = 0;         // positions per block
   int64_t n_head_kv = 0;
@@ -26,7 +26,26 @@ struct KvLayerView {
   void* v = nullptr;  // (n_blocks, block_size, n_head_kv, head_dim)
 
   int64_t row_width() const { return n_head_kv * head_dim; }  // elements of one position's K (or V) row
+  // Bytes of one position's K (or V) row. Quantized types store each head's head_dim values as whole
+  // 32-value blocks (kv_type_check), so a head's slice starts at a block boundary.
+  int64_t row_bytes() const { return row_width() / block_size_of_type() * type_bytes(); }
+  // Element index (cache_row() + head * head_dim + i, i a multiple of the type's block) to its address.
+  const void* at(const void* base, int64_t elem) const {
+    return static_cast<const char*>(base) + elem / block_size_of_type() * type_bytes();
+  }
+  void* at(void* base, int64_t elem) const { return static_cast<char*>(base) + elem / block_size_of_type() * type_bytes(); }
+
+ private:
+  int64_t block_size_of_type() const { return shardlm::block_size(type); }
+  int64_t type_bytes() const { return shardlm::type_size(type); }
 };
+
+// KV cache types the CPU and reference backends store and read: f32, f16, bf16, and, for head_dim a
+// multiple of 32 (llama.cpp refuses them otherwise too), q8_0 and q4_0 blocks written as each token's K/V is
+// stored and read inside attention. Throws Error naming the type and the head_dim.
+void kv_type_check(GgmlType type, int64_t head_dim);
+// Parses "f32", "f16", "bf16", "q8_0", "q4_0" (Error naming `flag` otherwise).
+GgmlType parse_kv_type(const std::string& s, const std::string& flag);
 
 // One sequence's share of a step. Its tokens are [tok0, tok0 + n_tok) of the step, at positions
 // [pos0, pos0 + n_tok); after the step its cache holds positions [0, pos0 + n_tok) and the step's queries

@@ -148,14 +148,14 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
 }
 
 void check_kv_type(GgmlType t) {
-  if (t != GgmlType::F16 && t != GgmlType::F32)
-    fail("KV cache type (--kv-type): '", type_name(t), "' is not supported; use f16 or f32");
+  if (t != GgmlType::F16 && t != GgmlType::F32 && t != GgmlType::BF16 && t != GgmlType::Q8_0 && t != GgmlType::Q4_0)
+    fail("KV cache type (--kv-type): '", type_name(t), "' is not supported; use f16, f32, bf16, q8_0 or q4_0");
 }
 
 uint64_t kv_bytes_per_token_layer(const ModelConfig& c, int64_t kv_heads, GgmlType kv_type) {
   check_kv_type(kv_type);
-  // K and V, each kv_heads x head_dim elements.
-  return static_cast<uint64_t>(2 * kv_heads * c.head_dim * type_size(kv_type));
+  // K and V, each kv_heads x head_dim elements; quantized types in blocks (q8_0: 34 bytes per 32 values).
+  return static_cast<uint64_t>(2 * kv_heads * c.head_dim * type_size(kv_type) / block_size(kv_type));
 }
 
 uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t batch, int64_t ctx,

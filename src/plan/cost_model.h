@@ -83,7 +83,7 @@ struct RankWeights {
 // head_shard: the tensor, the slice and the block size) when tp cannot split this model.
 std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp);
 
-// Bytes of K and V for one token in one layer on a rank holding `kv_heads` heads (kv_type F16 or F32).
+// Bytes of K and V for one token in one layer on a rank holding `kv_heads` heads (kv_type f32, f16, bf16, q8_0 or q4_0).
 uint64_t kv_bytes_per_token_layer(const ModelConfig& c, int64_t kv_heads, GgmlType kv_type);
 // Throws Error naming --kv-type unless t is F16 or F32.
 void check_kv_type(GgmlType t);

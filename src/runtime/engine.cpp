@@ -62,6 +62,10 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
   } else if (options_.backend == "reference") {
     backend_ = make_reference_backend();
   } else if (options_.backend == "cuda") {
+    // The CUDA attention kernels read f32 and f16 caches; quantized caches there are issue 20's next step.
+    if (options_.kv_type != GgmlType::F32 && options_.kv_type != GgmlType::F16)
+      fail_kind(ErrorKind::kUnsupported, "KV cache type ", type_name(options_.kv_type),
+                " is not supported by the cuda backend yet (f32, f16); it runs on the cpu backend");
 #ifdef SHARDLM_HAVE_CUDA
     const int n_dev = cuda_device_count();
     if (n_dev == 0) fail_kind(ErrorKind::kUnsupported, "--backend cuda: no CUDA GPU is visible to this process");

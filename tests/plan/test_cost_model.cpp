@@ -81,13 +81,16 @@ TEST(CostModel, KvBytesPerTokenLayer) {
       {"llama-3.1-70b", 2, GgmlType::F32, 2 * 4 * 128 * 4},
       {"llama-3.1-70b", 16, GgmlType::F16, 2 * 1 * 128 * 2},  // KV heads replicated over 2 ranks each
       {"llama-2-7b", 4, GgmlType::F16, 2 * 8 * 128 * 2},
+      // Quantized caches: 128 values are 4 blocks of 34 (q8_0) or 18 (q4_0) bytes.
+      {"llama-3.1-70b", 2, GgmlType::Q8_0, 2 * 4 * 4 * 34},
+      {"llama-3.1-70b", 2, GgmlType::Q4_0, 2 * 4 * 4 * 18},
   };
   for (const Row& r : rows) {
     const ModelDesc m = model_desc_from_preset(r.preset, "q8_0");
     const auto w = rank_weights(m, r.tp);
     EXPECT_EQ(kv_bytes_per_token_layer(m.config, w[0].kv_heads, r.kv), r.want) << r.preset << " tp " << r.tp;
   }
-  EXPECT_THROW(kv_bytes_per_token_layer(find_preset("tiny")->config, 1, GgmlType::Q4_0), Error);
+  EXPECT_THROW(kv_bytes_per_token_layer(find_preset("tiny")->config, 1, GgmlType::Q4_K), Error);
 }
 
 TEST(CostModel, TensorParallelRespectsHeadAndBlockRules) {

@@ -151,7 +151,7 @@ TEST(Planner, RequestErrorsNameTheField) {
   std::vector<Row> rows;
   { PlanRequest r; r.ctx = 0; rows.push_back({"ctx 0", r, "--ctx"}); }
   { PlanRequest r; r.batch = -1; rows.push_back({"batch", r, "--batch"}); }
-  { PlanRequest r; r.kv_type = GgmlType::Q4_0; rows.push_back({"kv q4_0", r, "--kv-type"}); }
+  { PlanRequest r; r.kv_type = GgmlType::Q4_K; rows.push_back({"kv q4_K", r, "--kv-type"}); }
   { PlanRequest r; r.tp = 2; r.pp = 2; rows.push_back({"4 ranks on 2 GPUs", r, "--tp"}); }
   { PlanRequest r; r.layer_split = {1, 2, 3}; r.pp = 2; rows.push_back({"split length", r, "--layer-split"}); }
   { PlanRequest r; r.n_gpu_layers = -1; rows.push_back({"ngl", r, "-ngl"}); }

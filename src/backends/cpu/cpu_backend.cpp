@@ -32,9 +32,13 @@ class AlignedBuffer final : public DeviceBuffer {
   size_t size_;
 };
 
-inline float kv_at(GgmlType t, const void* base, int64_t i) {
-  return t == GgmlType::F16 ? fp16_to_fp32(static_cast<const uint16_t*>(base)[i])
-                            : static_cast<const float*>(base)[i];
+// One head's K or V row (head_dim values at element `elem`) as f32: in place for an f32 cache, else
+// converted or dequantized into `buf` (quantized blocks are read inside attention; no dequantized copy of
+// the cache exists).
+inline const float* kv_row(const KvLayerView& kv, const void* base, int64_t elem, float* buf) {
+  if (kv.type == GgmlType::F32) return static_cast<const float*>(base) + elem;
+  dequantize_row(kv.type, kv.at(base, elem), buf, kv.head_dim);
+  return buf;
 }
 
 class CpuBackend final : public Backend {
@@ -150,16 +154,13 @@ class CpuBackend final : public Backend {
       const BatchSeq& q = batch_.seqs[static_cast<size_t>(s)];
       for (int64_t t = q.tok0; t < q.tok0 + q.n_tok; ++t) {
         const int64_t row = batch_.cache_row(kv, s, q.pos0 + (t - q.tok0));
-        if (kv.type == GgmlType::F16) {
-          auto* kd = static_cast<uint16_t*>(kv.k) + row;
-          auto* vd = static_cast<uint16_t*>(kv.v) + row;
-          for (int64_t i = 0; i < width; ++i) {
-            kd[i] = fp32_to_fp16(k[t * width + i]);
-            vd[i] = fp32_to_fp16(v[t * width + i]);
-          }
-        } else {
+        if (kv.type == GgmlType::F32) {
           std::memcpy(static_cast<float*>(kv.k) + row, k + t * width, static_cast<size_t>(width) * sizeof(float));
           std::memcpy(static_cast<float*>(kv.v) + row, v + t * width, static_cast<size_t>(width) * sizeof(float));
+        } else {
+          // Converted (f16, bf16) or quantized (q8_0, q4_0: 32-value blocks, each head whole) as it is stored.
+          quantize_row(kv.type, k + t * width, kv.at(kv.k, row), width);
+          quantize_row(kv.type, v + t * width, kv.at(kv.v, row), width);
         }
       }
     }
@@ -178,6 +179,7 @@ class CpuBackend final : public Backend {
       std::vector<float> p(static_cast<size_t>(longest));
       std::vector<int64_t> rows(static_cast<size_t>(longest));
       std::vector<float> acc(static_cast<size_t>(hd));
+      std::vector<float> row_buf(static_cast<size_t>(hd));  // one head's K or V row, converted to f32
       for (int64_t job = b; job < e; ++job) {
         const int64_t t = job / n_head, h = job % n_head, kvh = h / group;
         const int64_t s = seq_of[static_cast<size_t>(t)];
@@ -187,12 +189,8 @@ class CpuBackend final : public Backend {
         float mx = -INFINITY;
         for (int64_t j = 0; j < n_pos; ++j) {
           float d = 0;
-          if (kv.type == GgmlType::F32) {
-            const float* kr = static_cast<const float*>(kv.k) + rows[j];
-            for (int64_t i = 0; i < hd; ++i) d += qh[i] * kr[i];
-          } else {
-            for (int64_t i = 0; i < hd; ++i) d += qh[i] * kv_at(kv.type, kv.k, rows[j] + i);
-          }
+          const float* kr = kv_row(kv, kv.k, rows[j], row_buf.data());
+          for (int64_t i = 0; i < hd; ++i) d += qh[i] * kr[i];
           p[j] = d * scale;
           mx = std::max(mx, p[j]);
         }
@@ -201,12 +199,8 @@ class CpuBackend final : public Backend {
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t j = 0; j < n_pos; ++j) {
           const float pj = p[j];
-          if (kv.type == GgmlType::F32) {
-            const float* vr = static_cast<const float*>(kv.v) + rows[j];
-            for (int64_t i = 0; i < hd; ++i) acc[i] += pj * vr[i];
-          } else {
-            for (int64_t i = 0; i < hd; ++i) acc[i] += pj * kv_at(kv.type, kv.v, rows[j] + i);
-          }
+          const float* vr = kv_row(kv, kv.v, rows[j], row_buf.data());
+          for (int64_t i = 0; i < hd; ++i) acc[i] += pj * vr[i];
         }
         float* o = out + (t * n_head + h) * hd;
         const float inv = 1.0f / sum;

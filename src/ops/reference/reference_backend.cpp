@@ -23,16 +23,12 @@ class HostBuffer final : public DeviceBuffer {
   std::vector<uint8_t> bytes_;
 };
 
-float load_kv(const KvLayerView& kv, const void* base, int64_t i) {
-  if (kv.type == GgmlType::F16) return fp16_to_fp32(static_cast<const uint16_t*>(base)[i]);
-  return static_cast<const float*>(base)[i];
-}
-
-void store_kv(const KvLayerView& kv, void* base, int64_t i, float v) {
-  if (kv.type == GgmlType::F16)
-    static_cast<uint16_t*>(base)[i] = fp32_to_fp16(v);
-  else
-    static_cast<float*>(base)[i] = v;
+// One head's K or V row (head_dim values at element `elem`) as the cache holds it, in f32: the reference
+// computes exactly on the stored (converted or quantized) values.
+std::vector<float> load_kv(const KvLayerView& kv, const void* base, int64_t elem) {
+  std::vector<float> row(static_cast<size_t>(kv.head_dim));
+  dequantize_row(kv.type, kv.at(base, elem), row.data(), kv.head_dim);
+  return row;
 }
 
 class ReferenceBackend final : public Backend {
@@ -124,10 +120,8 @@ class ReferenceBackend final : public Backend {
       const BatchSeq& q = batch_.seqs[static_cast<size_t>(s)];
       for (int64_t t = q.tok0; t < q.tok0 + q.n_tok; ++t) {
         const int64_t row = batch_.cache_row(kv, s, q.pos0 + (t - q.tok0));
-        for (int64_t i = 0; i < width; ++i) {
-          store_kv(kv, kv.k, row + i, k[t * width + i]);
-          store_kv(kv, kv.v, row + i, v[t * width + i]);
-        }
+        quantize_row(kv.type, k + t * width, kv.at(kv.k, row), width);
+        quantize_row(kv.type, v + t * width, kv.at(kv.v, row), width);
       }
     }
   }
@@ -146,20 +140,21 @@ class ReferenceBackend final : public Backend {
           const int64_t kvh = h / group;
           double mx = -INFINITY;
           for (int64_t j = 0; j < n_pos; ++j) {
-            const int64_t base = batch_.cache_row(kv, s, j) + kvh * hd;
+            const std::vector<float> kr = load_kv(kv, kv.k, batch_.cache_row(kv, s, j) + kvh * hd);
             double d = 0;
-            for (int64_t i = 0; i < hd; ++i) d += double(qh[i]) * load_kv(kv, kv.k, base + i);
+            for (int64_t i = 0; i < hd; ++i) d += double(qh[i]) * kr[static_cast<size_t>(i)];
             p[j] = d * scale;
             mx = std::max(mx, p[j]);
           }
           double sum = 0;
           for (auto& e : p) sum += (e = std::exp(e - mx));
           float* o = out + (t * n_head + h) * hd;
-          for (int64_t i = 0; i < hd; ++i) {
-            double acc = 0;
-            for (int64_t j = 0; j < n_pos; ++j) acc += p[j] * load_kv(kv, kv.v, batch_.cache_row(kv, s, j) + kvh * hd + i);
-            o[i] = float(acc / sum);
+          std::vector<double> acc(static_cast<size_t>(hd), 0.0);
+          for (int64_t j = 0; j < n_pos; ++j) {
+            const std::vector<float> vr = load_kv(kv, kv.v, batch_.cache_row(kv, s, j) + kvh * hd);
+            for (int64_t i = 0; i < hd; ++i) acc[static_cast<size_t>(i)] += p[j] * vr[static_cast<size_t>(i)];
           }
+          for (int64_t i = 0; i < hd; ++i) o[i] = float(acc[static_cast<size_t>(i)] / sum);
         }
       }
     }

@@ -7,8 +7,9 @@
 //    ones must give the same text as the same request sent alone (batch invariance); afterwards /metrics must
 //    show nothing running or waiting and an empty KV cache (the cancelled sequences freed their blocks), and
 //    the generation counter must hold every token sent.
-// 2. SIGTERM during load: 24 requests in flight (16 running, 8 waiting in the scheduler); all of them finish
-//    whole, a request sent after the signal gets 503 (or finds the port closed), and the exit status is 0.
+// 2. SIGTERM during load: 16 streamed requests of 80-89 tokens running and 8 more sent just before: the 16
+//    finish whole, each of the 8 finishes whole or is refused (503, never cut short), a request sent after
+//    the signal gets 503 (or finds the port closed), and the exit status is 0.
 //
 // Environment: SHARDLM_BIN, SHARDLM_MODEL (models/aidreams260K.gguf), SHARDLM_SERVE_EXTRA (e.g. "--tp 2").
 import { spawn } from 'node:child_process';
@@ -191,16 +192,38 @@ console.log(`ok: ${N_REQUESTS} requests at concurrency ${CONCURRENCY} in ${secon
   `${alone.size} greedy texts equal to the request alone; pool empty afterwards`);
 
 // ---- 2. SIGTERM during load ----
-const inflight = Array.from({ length: 24 }, (_, i) => post({
-  model: 'tiny', prompt: WORDS.slice(0, 1 + i % 8).join(' '), max_tokens: 40 + i % 20, ignore_eos: true,
-  temperature: 0,
-}).then(async (r) => ({ status: r.status, json: await r.json() })));
-// Wait until the server is working on them, then signal.
-for (let k = 0; k < 200; ++k) {
-  const m = await metrics();
-  if (m.running > 0) break;
-  await new Promise((res) => setTimeout(res, 10));
+// 16 streamed requests (every slot), each seen delivering its first token, then 8 whole ones sent 10 ms
+// before the signal (most wait for a slot; whether the server took each in time is up to the scheduler).
+const streams = [];
+for (let i = 0; i < MAX_NUM_SEQS; ++i) {
+  streams.push((async () => {
+    const r = await post({ model: 'tiny', prompt: WORDS.slice(0, 1 + i % 8).join(' '), max_tokens: 80 + i % 10,
+      ignore_eos: true, temperature: 0, stream: true, stream_options: { include_usage: true } });
+    const reader = r.body.getReader();
+    const dec = new TextDecoder();
+    let buf = '', tokens = null, first;
+    const started = new Promise((res) => { first = res; });
+    const done = (async () => {
+      for (;;) {
+        const part = await reader.read();
+        if (part.done) break;
+        buf += dec.decode(part.value, { stream: true });
+        if (buf.includes('"text"')) first();
+        const m = buf.match(/"completion_tokens":(\d+)/);
+        if (m) tokens = Number(m[1]);
+      }
+      return { status: r.status, tokens };
+    })();
+    return { started, done };
+  })());
 }
+const handles = await Promise.all(streams);
+await Promise.all(handles.map((h) => h.started));
+const queued = Array.from({ length: 8 }, (_, i) => post({
+  model: 'tiny', prompt: WORDS.slice(0, 1 + i % 8).join(' '), max_tokens: 80 + i % 10, ignore_eos: true,
+  temperature: 0,
+}).then(async (r) => ({ status: r.status, json: await r.json() }), () => ({ status: 'closed' })));
+await new Promise((res) => setTimeout(res, 10));
 server.kill('SIGTERM');
 await new Promise((res) => setTimeout(res, 20));
 let refused;
@@ -209,15 +232,26 @@ try {
 } catch {
   refused = 'closed';
 }
-const done = await Promise.all(inflight);
-done.forEach((d, i) => {
-  assert.equal(d.status, 200, `in-flight request ${i} after SIGTERM: ${JSON.stringify(d.json)}`);
-  assert.equal(d.json.usage.completion_tokens, 40 + i % 20, `in-flight request ${i} cut short`);
+const streamed = await Promise.all(handles.map((h) => h.done));
+streamed.forEach((d, i) => {
+  assert.equal(d.status, 200, `streamed request ${i} after SIGTERM`);
+  assert.equal(d.tokens, 80 + i % 10, `streamed request ${i} cut short`);
 });
+// The 8 sent just before the signal: whole if the server took them in time, else refused; never cut short.
+const whole = await Promise.all(queued);
+let accepted = 0;
+whole.forEach((d, i) => {
+  if (d.status === 503 || d.status === 'closed') return;
+  assert.equal(d.status, 200, `request ${i} sent before SIGTERM: ${JSON.stringify(d.json)}`);
+  assert.equal(d.json.usage.completion_tokens, 80 + i % 10, `request ${i} sent before SIGTERM cut short`);
+  ++accepted;
+});
+const done = [...streamed, ...whole];
 assert.ok(refused === 503 || refused === 'closed', `a request after SIGTERM got ${refused}`);
 const { code, signal } = await exited;
 server = null;
 assert.equal(signal, null, `killed by ${signal}`);
 assert.equal(code, 0, stderr);
-console.log(`ok: SIGTERM with ${done.length} requests in flight: all finished whole, a new one got ${refused}, exit 0`);
+console.log(`ok: SIGTERM with ${streamed.length} streams running and ${whole.length} requests just sent: the streams ` +
+  `and ${accepted} of those finished whole (the rest refused), a new one got ${refused}, exit 0`);
 clearTimeout(deadline);
