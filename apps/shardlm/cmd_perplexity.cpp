@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "run_flags.h"
 #include "runtime/perplexity.h"
+#include "loader/hf_source.h"
 #include "tokenizer/tokenizer.h"
 
 namespace shardlm {
@@ -24,7 +25,7 @@ int cmd_perplexity(int argc, const char* const* argv) {
                "perplexity");
   RunFlags rf;
   rf.add_to(app);
-  std::string text_file, kl_base;
+  std::string text_file, kl_base, tokenizer_path;
   int64_t n_chunks = -1;
   bool kl = false;
   app.add_option("-f,--file", text_file, "the text (UTF-8), e.g. wiki.test.raw (not with --kl-divergence)");
@@ -35,6 +36,9 @@ int cmd_perplexity(int argc, const char* const* argv) {
   app.add_flag("--kl-divergence", kl,
                "compare with --kl-divergence-base FILE (made by either tool from the base model): KL divergence, "
                "perplexity ratio and token-probability statistics, on the file's own tokens and context");
+  app.add_option("--tokenizer", tokenizer_path,
+                 "read the text with this tokenizer (tokenizer.json, a directory holding one, or a GGUF) instead of "
+                 "the model's; it may not have more tokens than the model's vocabulary");
   if (int rc = parse_cli(app, argc, argv); rc >= 0) return rc;
   if (kl && kl_base.empty()) fail("--kl-divergence needs --kl-divergence-base FILE (the base model's log-probabilities)");
   if (kl && !text_file.empty()) fail("-f is not used with --kl-divergence: the tokens come from --kl-divergence-base");
@@ -66,8 +70,9 @@ int cmd_perplexity(int argc, const char* const* argv) {
 
   auto comm = make_communicator(rf.comm_timeout);
   const bool rank0 = comm->rank() == 0;
+  if (!tokenizer_path.empty()) src = with_tokenizer(std::move(src), load_tokenizer_files(tokenizer_path));
   const Vocab* vocab = src->vocab();
-  if (!vocab) fail(path, " has no tokenizer: perplexity needs one to read the text");
+  if (!vocab) fail(path, " has no tokenizer: perplexity needs one to read the text (pass --tokenizer)");
   std::unique_ptr<Tokenizer> tok = Tokenizer::create(*vocab);
   std::vector<int32_t> tokens;
   double tok_ms = 0;

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -177,6 +178,9 @@ TEST(Errors, ExitTwoWithMessageNamingTheProblem) {
                       "Once upon a time there was a little girl who liked to play in the garden"},
                      {"context size 8"});
   expect_usage_error({"generate", "-m", kModel, "--prompt-ids", "1,99999", "-n", "2"}, {"99999", "vocabulary"});
+  // The bundled model's head_dim is 16: quantized caches need whole 32-value blocks per head.
+  expect_usage_error({"generate", "-m", kModel, "--kv-type", "q8_0", "-n", "2", "-p", "hi"}, {"q8_0", "head_dim 16"});
+  expect_usage_error({"generate", "-m", kModel, "--kv-type", "q5_1", "-n", "2", "-p", "hi"}, {"--kv-type", "q5_1"});
   expect_usage_error({"generate", "-m", kModel, "--layer-split", "1,2,3", "--pp", "2", "-n", "2"},
                      {"--layer-split", "3", "--pp"});
   const std::string not_gguf = tmp("not-a-model.gguf");
@@ -455,6 +459,38 @@ TEST(Perplexity, WritesLlamaCppsBaseFileFormat) {
   expect_usage_error({"perplexity", "-m", kModel, "--kl-divergence"}, {"--kl-divergence-base"});
   expect_usage_error({"perplexity", "-m", kModel, "--kl-divergence-base", ppl::kText, "--kl-divergence"},
                      {"fsf-licenses.txt", "log-probability"});
+}
+
+// Quantized KV caches measured the llama.cpp way: an f32-cache base file, then the KL divergence of each
+// cache type from it, on a head_dim-32 checkpoint read with the bundled model's tokenizer. Measured
+// (docs/quality.md): f16 0.000000, q8_0 0.000073, q4_0 0.019 (tiny-llama31, 40 chunks; 10 here).
+TEST(Perplexity, KlDivergenceOfQuantizedCaches) {
+  const std::string model = shardlm::test::fixture_path("hf/tiny-llama31");
+  const std::string base = tmp("cache-base-" + std::to_string(getpid()) + ".kl");
+  std::remove(base.c_str());
+  const std::vector<std::string> tok = {"--tokenizer", kModel};
+  auto a = ppl::args(model, 10);
+  a.insert(a.end(), {"--kv-type", "f32", "--kl-divergence-base", base});
+  a.insert(a.end(), tok.begin(), tok.end());
+  const Result b = run(a);
+  ASSERT_EQ(b.rc, 0) << b.err;
+  std::map<std::string, double> kld;
+  for (const char* t : {"f16", "q8_0", "q4_0"}) {
+    std::vector<std::string> k = {"perplexity", "-m", model, "--kl-divergence-base", base, "--kl-divergence",
+                                  "--kv-type", t, "-q"};
+    k.insert(k.end(), tok.begin(), tok.end());
+    const Result r = run(k);
+    ASSERT_EQ(r.rc, 0) << t << ": " << r.err;
+    kld[t] = ppl::kld_and_top(r).first;
+  }
+  std::remove(base.c_str());
+  // Each type's rounding shows, in the order of its precision, and stays small: bounds at about 3x the
+  // 40-chunk measurement.
+  EXPECT_LT(kld["f16"], 1e-5);
+  EXPECT_GT(kld["q8_0"], kld["f16"]);
+  EXPECT_LT(kld["q8_0"], 3e-4);
+  EXPECT_GT(kld["q4_0"], 10 * kld["q8_0"]);
+  EXPECT_LT(kld["q4_0"], 0.06);
 }
 
 TEST(Perplexity, ChunksRunTogetherGiveTheSameFigures) {
