@@ -35,7 +35,11 @@ int cmd_generate(int argc, const char* const* argv) {
   app.add_option("--top-p", sp.top_p, "nucleus sampling threshold (1 = off)");
   app.add_option("--min-p", sp.min_p, "drop tokens below min-p times the best one's probability (0 = off)");
   app.add_option("--repeat-penalty", sp.repeat_penalty, "penalty for recently seen tokens (1 = off)");
-  app.add_option("--repeat-last-n", sp.repeat_last_n, "how many recent tokens the penalty considers");
+  app.add_option("--presence-penalty", sp.presence_penalty,
+                 "subtracted once from the logit of every token in the penalty window (0 = off)");
+  app.add_option("--frequency-penalty", sp.frequency_penalty,
+                 "subtracted from a token's logit per occurrence in the penalty window (0 = off)");
+  app.add_option("--repeat-last-n", sp.repeat_last_n, "how many recent tokens the penalties consider");
   app.add_option("--seed", sp.seed, "random seed (same seed, same output)");
   app.add_flag("--ignore-eos", ignore_eos, "do not stop at the end-of-sequence token");
   app.add_flag("--chat", chat,

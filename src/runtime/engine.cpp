@@ -465,7 +465,7 @@ bool Engine::step(std::vector<SeqEvent>* events, std::vector<ScoredRow>* scored)
       sampled.push_back(smp.sample(rows[r].logits.data(), nv, sched_->tokens(ps.id)));
     } else {
       const CandidateRequest cr{w.reqs[r].k, w.reqs[r].extra};
-      sampled.push_back(smp.sample_candidates(rows[r].top, cr, rows[r].extra));
+      sampled.push_back(smp.sample_candidates(rows[r].top, cr, rows[r].extra, sched_->tokens(ps.id)));
     }
     sampled_row.push_back(r);
   }

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <limits>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "core/error.h"
@@ -17,6 +19,10 @@ void SamplerParams::validate() const {
   if (!(min_p >= 0 && min_p < 1)) fail("--min-p ", min_p, " is outside [0, 1)");
   if (!(repeat_penalty > 0 && repeat_penalty <= 10)) fail("--repeat-penalty ", repeat_penalty, " is outside (0, 10]");
   if (repeat_last_n < 0) fail("--repeat-last-n ", repeat_last_n, " must be >= 0");
+  if (!(presence_penalty >= -2 && presence_penalty <= 2))
+    fail("--presence-penalty ", presence_penalty, " is outside [-2, 2]");
+  if (!(frequency_penalty >= -2 && frequency_penalty <= 2))
+    fail("--frequency-penalty ", frequency_penalty, " is outside [-2, 2]");
 }
 
 Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) { p_.validate(); }
@@ -32,31 +38,40 @@ int32_t argmax(const float* logits, int64_t n) {
   return static_cast<int32_t>(best < 0 ? 0 : best);
 }
 
-std::vector<int32_t> Sampler::penalized(const std::vector<int32_t>& history, int64_t n_vocab) const {
+std::vector<int32_t> Sampler::penalized(const std::vector<int32_t>& history, int64_t n_vocab,
+                                        std::vector<int32_t>* counts) const {
   std::vector<int32_t> out;
+  if (counts) counts->clear();
   if (!penalty_on()) return out;
-  // llama.cpp's rule: each distinct recent token once.
-  std::unordered_set<int32_t> seen;
+  // llama.cpp's rule: each distinct recent token penalized once, with its count in the window.
+  std::unordered_map<int32_t, size_t> index;
   const size_t from = history.size() > size_t(p_.repeat_last_n) ? history.size() - size_t(p_.repeat_last_n) : 0;
   for (size_t i = from; i < history.size(); ++i) {
     const int32_t t = history[i];
-    if (t < 0 || t >= n_vocab || !seen.insert(t).second) continue;
-    out.push_back(t);
+    if (t < 0 || t >= n_vocab) continue;
+    auto [it, fresh] = index.emplace(t, out.size());
+    if (fresh) {
+      out.push_back(t);
+      if (counts) counts->push_back(1);
+    } else if (counts) {
+      ++(*counts)[it->second];
+    }
   }
   return out;
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n_vocab, const std::vector<int32_t>& history) {
-  const std::vector<int32_t> pen = penalized(history, n_vocab);
+  std::vector<int32_t> counts;
+  const std::vector<int32_t> pen = penalized(history, n_vocab, &counts);
   if (p_.temperature <= 0) {  // greedy: one pass, no candidate list
     if (pen.empty()) return argmax(logits, n_vocab);
     std::vector<float> l(logits, logits + n_vocab);
-    for (int32_t t : pen) l[size_t(t)] = penalize(l[size_t(t)]);
+    for (size_t i = 0; i < pen.size(); ++i) l[size_t(pen[i])] = penalize(l[size_t(pen[i])], counts[i]);
     return argmax(l.data(), n_vocab);
   }
   std::vector<TokenCandidate> c(static_cast<size_t>(n_vocab));
   for (int64_t i = 0; i < n_vocab; ++i) c[size_t(i)] = TokenCandidate{logits[i], static_cast<int32_t>(i)};
-  for (int32_t t : pen) c[size_t(t)].logit = penalize(c[size_t(t)].logit);
+  for (size_t i = 0; i < pen.size(); ++i) c[size_t(pen[i])].logit = penalize(c[size_t(pen[i])].logit, counts[i]);
   return pick(std::move(c));
 }
 
@@ -74,7 +89,7 @@ CandidateRequest Sampler::request(const std::vector<int32_t>& history, int64_t n
 }
 
 int32_t Sampler::sample_candidates(const std::vector<TokenCandidate>& top, const CandidateRequest& req,
-                                   const std::vector<float>& extra_values) {
+                                   const std::vector<float>& extra_values, const std::vector<int32_t>& history) {
   if (top.empty() || extra_values.size() != req.extra.size())
     fail_kind(ErrorKind::kInternal, "sample_candidates: ", top.size(), " candidates, ", extra_values.size(),
               " values for ", req.extra.size(), " extra ids");
@@ -82,7 +97,13 @@ int32_t Sampler::sample_candidates(const std::vector<TokenCandidate>& top, const
   std::unordered_set<int32_t> pen(req.extra.begin(), req.extra.end());
   for (const TokenCandidate& t : top)
     if (!pen.count(t.id)) c.push_back(t);
-  for (size_t i = 0; i < req.extra.size(); ++i) c.push_back(TokenCandidate{penalize(extra_values[i]), req.extra[i]});
+  // The counts of the same window that request() saw (req.extra is its distinct tokens, in order).
+  std::vector<int32_t> counts;
+  const std::vector<int32_t> ids = penalized(history, std::numeric_limits<int32_t>::max(), &counts);
+  if (ids != req.extra)
+    fail_kind(ErrorKind::kInternal, "sample_candidates: the history's penalized tokens differ from the request's");
+  for (size_t i = 0; i < req.extra.size(); ++i)
+    c.push_back(TokenCandidate{penalize(extra_values[i], counts[i]), req.extra[i]});
   return pick(std::move(c));
 }
 

@@ -16,7 +16,12 @@ struct SamplerParams {
   float top_p = 0.95f;         // >= 1: off
   float min_p = 0.05f;         // <= 0: off
   float repeat_penalty = 1.0f; // 1: off
-  int32_t repeat_last_n = 64;  // tokens of history the penalty looks at
+  // OpenAI's and llama.cpp's additive penalties: logit -= count * frequency_penalty + (count > 0) *
+  // presence_penalty, count being the token's occurrences in the penalty window (after the repetition
+  // penalty, as llama.cpp orders them). 0: off.
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int32_t repeat_last_n = 64;  // tokens of history the penalties look at (llama.cpp's penalty_last_n)
   uint64_t seed = 0;
   // Throws Error naming the parameter when out of range.
   void validate() const;
@@ -47,14 +52,24 @@ class Sampler {
   bool plain_greedy() const { return p_.temperature <= 0 && !penalty_on(); }
   // The token sample() would return for the full logits, given what request() asked for; consumes the
   // random stream exactly as sample() does.
+  // `history` is the one request() was given (the penalties' counts come from it).
   int32_t sample_candidates(const std::vector<TokenCandidate>& top, const CandidateRequest& req,
-                            const std::vector<float>& extra_values /* (req.extra.size()) */);
+                            const std::vector<float>& extra_values /* (req.extra.size()) */,
+                            const std::vector<int32_t>& history);
 
  private:
-  // The repetition penalty changes any logit at all.
-  bool penalty_on() const { return p_.repeat_penalty != 1.0f && p_.repeat_last_n > 0; }
-  std::vector<int32_t> penalized(const std::vector<int32_t>& history, int64_t n_vocab) const;
-  float penalize(float v) const { return v > 0 ? v / p_.repeat_penalty : v * p_.repeat_penalty; }
+  // A penalty changes any logit at all.
+  bool penalty_on() const {
+    return p_.repeat_last_n > 0 &&
+           (p_.repeat_penalty != 1.0f || p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f);
+  }
+  // The distinct tokens of the penalty window, in order of first appearance, and how often each occurs.
+  std::vector<int32_t> penalized(const std::vector<int32_t>& history, int64_t n_vocab,
+                                 std::vector<int32_t>* counts = nullptr) const;
+  float penalize(float v, int32_t count) const {
+    v = v > 0 ? v / p_.repeat_penalty : v * p_.repeat_penalty;
+    return v - static_cast<float>(count) * p_.frequency_penalty - p_.presence_penalty;
+  }
   // The chain after the penalty: `c` holds every token that can still be chosen (all of them, or the
   // candidates), with penalized logits.
   int32_t pick(std::vector<TokenCandidate> c);

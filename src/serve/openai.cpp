@@ -196,9 +196,8 @@ void parse_common(const json& o, CommonRequest& r, const ParseLimits& lim, bool 
   if (auto k = get_int(o, "top_k", -1, 1 << 20)) r.top_k = *k < 0 ? 0 : static_cast<int32_t>(*k);
   if (auto p = get_number(o, "min_p", 0, 1)) r.min_p = *p;
   if (auto p = get_number(o, "repetition_penalty", 0, 10, /*lo_open=*/true)) r.repetition_penalty = *p;
-  for (const char* k : {"presence_penalty", "frequency_penalty"})
-    if (auto p = get_number(o, k, -2, 2); p && *p != 0)
-      bad(k, std::string("'") + k + "' is not supported yet (only 0); use 'repetition_penalty'");
+  if (auto p = get_number(o, "presence_penalty", -2, 2)) r.presence_penalty = *p;
+  if (auto p = get_number(o, "frequency_penalty", -2, 2)) r.frequency_penalty = *p;
   r.seed = get_int(o, "seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max());
   if (const json* s = field(o, "stop")) {
     if (s->is_string()) {
@@ -418,6 +417,8 @@ SequenceParams sequence_params(const CommonRequest& r, int64_t max_tokens, const
   p.sampling.top_p = static_cast<float>(r.top_p);
   p.sampling.min_p = static_cast<float>(r.min_p);
   p.sampling.repeat_penalty = static_cast<float>(r.repetition_penalty);
+  p.sampling.presence_penalty = static_cast<float>(r.presence_penalty);
+  p.sampling.frequency_penalty = static_cast<float>(r.frequency_penalty);
   p.sampling.seed = r.seed ? static_cast<uint64_t>(*r.seed) : seed;
   if (!r.ignore_eos) p.stop_ids = stop_ids;
   p.logprobs = logprobs;

@@ -8,7 +8,8 @@
 // implemented are refused with 400 rather than silently dropped):
 //   both:        model, max_tokens (chat also max_completion_tokens), temperature [0, 2], top_p (0, 1],
 //                top_k (-1 or 0 = off), min_p [0, 1], repetition_penalty (0, 10], seed, stop (string or up
-//                to 4 strings), presence_penalty / frequency_penalty (0 only), n (1 only), ignore_eos,
+//                to 4 strings), presence_penalty / frequency_penalty [-2, 2] (over the last 64 tokens of
+//                prompt and output, as llama-server applies them), n (1 only), ignore_eos,
 //                stream, stream_options.include_usage (with stream only)
 //   completions: prompt (a string, token ids, or a list holding one of those), echo, logprobs (0..20)
 //   chat:        messages (role system | developer | user | assistant; content a string or a list of
@@ -76,6 +77,7 @@ struct CommonRequest {
   int32_t top_k = 0;                   // 0 = off (-1 is accepted as off)
   double min_p = 0.0;
   double repetition_penalty = 1.0;
+  double presence_penalty = 0.0, frequency_penalty = 0.0;
   std::optional<int64_t> seed;         // absent: the server draws one
   std::vector<std::string> stop;       // stop strings, never returned in the text
   bool ignore_eos = false;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <random>
 #include <set>
@@ -73,14 +74,17 @@ TEST(Candidates, KeyRoundTripsAndOrders) {
 int32_t reference_sample(std::vector<float> l, const SamplerParams& p, const std::vector<int32_t>& history,
                          std::mt19937_64& rng) {
   const int64_t n = static_cast<int64_t>(l.size());
-  if (p.repeat_penalty != 1.0f && p.repeat_last_n > 0) {
-    std::set<int32_t> done;
+  if (p.repeat_last_n > 0) {
+    // llama.cpp's penalties sampler: over the window, each distinct token: the repetition penalty, then
+    // minus count * frequency and presence once.
+    std::map<int32_t, int> count;
     const size_t from = history.size() > size_t(p.repeat_last_n) ? history.size() - size_t(p.repeat_last_n) : 0;
-    for (size_t i = from; i < history.size(); ++i) {
-      const int32_t t = history[i];
-      if (t < 0 || t >= n || !done.insert(t).second) continue;
+    for (size_t i = from; i < history.size(); ++i)
+      if (history[i] >= 0 && history[i] < n) ++count[history[i]];
+    for (const auto& [t, c] : count) {
       float& v = l[size_t(t)];
-      v = v > 0 ? v / p.repeat_penalty : v * p.repeat_penalty;
+      if (p.repeat_penalty != 1.0f) v = v > 0 ? v / p.repeat_penalty : v * p.repeat_penalty;
+      v -= float(c) * p.frequency_penalty + (c > 0 ? p.presence_penalty : 0.0f);
     }
   }
   std::vector<int> idx(static_cast<size_t>(n));
@@ -123,12 +127,16 @@ TEST(Sampler, FullAndCandidatePathsMatchTheReferenceChain) {
   struct Case {
     float temp, top_p, min_p, penalty;
     int top_k, last_n;
+    float presence = 0, frequency = 0;
   };
   const Case cases[] = {
       {0.0f, 0.95f, 0.05f, 1.0f, 40, 64},   {0.0f, 0.95f, 0.05f, 1.3f, 40, 64},  {0.0f, 1.0f, 0.0f, 0.7f, 40, 64},
       {0.8f, 0.95f, 0.05f, 1.0f, 40, 64},   {0.8f, 1.0f, 0.0f, 1.0f, 1, 64},     {1.5f, 0.9f, 0.0f, 1.2f, 10, 16},
       {1.0f, 1.0f, 0.0f, 0.5f, 40, 64},     {2.0f, 1.0f, 0.1f, 1.1f, 300, 64},  {0.7f, 0.95f, 0.05f, 1.0f, 0, 64},
       {5.0f, 0.99f, 0.0f, 1.4f, 2999, 64},
+      // presence / frequency penalties, alone and with the repetition penalty (the history repeats 7).
+      {0.0f, 0.95f, 0.05f, 1.0f, 40, 64, 1.5f, 0.0f}, {0.0f, 0.95f, 0.05f, 1.0f, 40, 64, 0.0f, 2.0f},
+      {0.8f, 0.95f, 0.05f, 1.2f, 40, 64, 0.5f, 0.7f}, {1.0f, 1.0f, 0.0f, 1.0f, 20, 16, -1.0f, -0.5f},
   };
   int candidate_runs = 0;
   for (const Case& cs : cases) {
@@ -139,6 +147,8 @@ TEST(Sampler, FullAndCandidatePathsMatchTheReferenceChain) {
     p.min_p = cs.min_p;
     p.repeat_penalty = cs.penalty;
     p.repeat_last_n = cs.last_n;
+    p.presence_penalty = cs.presence;
+    p.frequency_penalty = cs.frequency;
     p.seed = 5;
     Sampler full(p), cand(p);
     std::mt19937_64 ref_rng(p.seed);
@@ -156,7 +166,7 @@ TEST(Sampler, FullAndCandidatePathsMatchTheReferenceChain) {
         ++candidate_runs;
         std::vector<float> extra;
         for (int32_t e : req.extra) extra.push_back(lp[size_t(e)]);
-        got = cand.sample_candidates(top_candidates_host(lp.data(), n, req.k), req, extra);
+        got = cand.sample_candidates(top_candidates_host(lp.data(), n, req.k), req, extra, history);
       } else {
         EXPECT_TRUE(cs.temp > 0 && (cs.top_k == 0 || cs.top_k + 1 > Sampler::kMaxCandidates))
             << "only top-k off or too many candidates need the full logits";

@@ -70,11 +70,13 @@ TEST(ParseCompletion, Defaults) {
 TEST(ParseCompletion, EveryField) {
   const CompletionRequest r = completion_ok(R"({
     "model": "m", "prompt": [1, 2, 3], "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 20,
-    "min_p": 0.1, "repetition_penalty": 1.1, "seed": -5, "stop": ["a", "bc"], "presence_penalty": 0,
-    "frequency_penalty": 0.0, "n": 1, "ignore_eos": true, "echo": false, "logprobs": 3, "stream": true,
+    "min_p": 0.1, "repetition_penalty": 1.1, "seed": -5, "stop": ["a", "bc"], "presence_penalty": 0.5,
+    "frequency_penalty": -0.25, "n": 1, "ignore_eos": true, "echo": false, "logprobs": 3, "stream": true,
     "stream_options": {"include_usage": true}, "user": "ignored", "best_of": 1,
     "response_format": {"type": "text"}, "tool_choice": "none", "logit_bias": {}})");
   EXPECT_EQ(r.common.model, "m");
+  EXPECT_EQ(r.common.presence_penalty, 0.5);
+  EXPECT_EQ(r.common.frequency_penalty, -0.25);
   EXPECT_TRUE(r.prompt_is_ids);
   EXPECT_EQ(r.prompt_ids, (std::vector<int32_t>{1, 2, 3}));
   EXPECT_EQ(*r.common.max_tokens, 7);
@@ -117,8 +119,8 @@ TEST(ParseCompletion, Errors) {
   expect_error(R"({"prompt": "x", "top_k": -2})", 400, "top_k", "outside");
   expect_error(R"({"prompt": "x", "min_p": 1.5})", 400, "min_p", "outside");
   expect_error(R"({"prompt": "x", "repetition_penalty": 0})", 400, "repetition_penalty", "outside");
-  expect_error(R"({"prompt": "x", "presence_penalty": 0.5})", 400, "presence_penalty", "not supported yet");
-  expect_error(R"({"prompt": "x", "frequency_penalty": -1})", 400, "frequency_penalty", "not supported yet");
+  expect_error(R"({"prompt": "x", "presence_penalty": 2.5})", 400, "presence_penalty", "2.5");
+  expect_error(R"({"prompt": "x", "frequency_penalty": -3})", 400, "frequency_penalty", "-3");
   expect_error(R"({"prompt": "x", "n": 2})", 400, "n", "only n = 1");
   expect_error(R"({"prompt": "x", "best_of": 3})", 400, "best_of", "only 1");
   expect_error(R"({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]})", 400, "stop", "more than 4");

@@ -106,9 +106,12 @@ std::vector<json> events(const std::string& body) {
   return out;
 }
 
-std::string greedy_generate(Server& s, const std::string& prompt, int64_t n) {
+std::string greedy_generate(Server& s, const std::string& prompt, int64_t n, float presence = 0,
+                            float frequency = 0) {
   SamplerParams greedy;
   greedy.temperature = 0;
+  greedy.presence_penalty = presence;
+  greedy.frequency_penalty = frequency;
   const auto ids = s.tok->encode(prompt, true, false);
   const GenerateResult r = s.engine->generate(ids, n, greedy, s.tok->eos());
   std::string text;
@@ -149,6 +152,21 @@ TEST(Service, GreedyCompletionMatchesGenerateStreamedOrNot) {
   EXPECT_EQ(ev[ev.size() - 2]["choices"][0]["finish_reason"], fr);
   EXPECT_TRUE(ev.back()["choices"].empty());
   EXPECT_EQ(ev.back()["usage"], j["usage"]);
+}
+
+// presence_penalty / frequency_penalty reach the sampler: the request's greedy text equals generate's with
+// the same penalties, and differs from the unpenalized text (the bundled model repeats words within 40
+// tokens, so the penalties change its choice).
+TEST(Service, PresenceAndFrequencyPenalties) {
+  Server s;
+  const std::string plain = greedy_generate(s, "Once upon a time", 40);
+  const std::string pen = greedy_generate(s, "Once upon a time", 40, 0.8f, 1.2f);
+  ASSERT_NE(plain, pen);
+  s.start();
+  auto [status, body] = s.completions({{"prompt", "Once upon a time"}, {"max_tokens", 40}, {"temperature", 0},
+                                       {"presence_penalty", 0.8}, {"frequency_penalty", 1.2}});
+  ASSERT_EQ(status, 200) << body;
+  EXPECT_EQ(json::parse(body)["choices"][0]["text"], pen);
 }
 
 TEST(Service, StopStringCutsTheText) {

@@ -254,7 +254,7 @@ await check('bad requests get their 4xx and the server still answers', async () 
   expectError(await post('/v1/completions', { prompt: 7 }), 400, 'prompt');
   expectError(await post('/v1/completions', { prompt: 'x', temperature: 'hot' }), 400, 'temperature');
   expectError(await post('/v1/completions', { prompt: 'x', n: 2 }), 400, 'n');
-  expectError(await post('/v1/completions', { prompt: 'x', presence_penalty: 1 }), 400, 'presence_penalty');
+  expectError(await post('/v1/completions', { prompt: 'x', presence_penalty: 3 }), 400, 'presence_penalty');
   expectError(await post('/v1/completions', { prompt: 'x', model: 'gpt-4' }), 404, 'model');
   expectError(await post('/v1/completions', { prompt: 'word '.repeat(300) }), 400, 'prompt');
   expectError(await post('/v1/completions', { prompt: 'x', max_tokens: 500 }), 400, 'max_tokens');
