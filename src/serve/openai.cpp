@@ -117,7 +117,8 @@ json parse_body(std::string_view body) {
   json j;
   try {
     j = json::parse(body.begin(), body.end());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error, and out_of_range for numbers beyond a double (1e999): both are the client's malformed body.
     throw bad_request(std::string("The request body is not valid JSON: ") + e.what(), "", "invalid_json");
   }
   if (!j.is_object()) throw bad_request(std::string("The request body must be a JSON object, got ") + type_name(j));

@@ -101,6 +101,8 @@ TEST(ParseCompletion, PromptForms) {
 
 TEST(ParseCompletion, Errors) {
   expect_error("{not json", 400, "", "not valid JSON");
+  // Found by fuzz_openai: a number beyond a double made the JSON library throw out_of_range, not parse_error.
+  expect_error(R"({"prompt": "x", "max_tokens": 1e581})", 400, "", "not valid JSON");
   expect_error("[1, 2]", 400, "", "JSON object");
   expect_error("{}", 400, "prompt", "required");
   expect_error(R"({"prompt": ""})", 400, "prompt", "empty");
