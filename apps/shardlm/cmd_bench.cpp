@@ -171,12 +171,17 @@ int cmd_bench(int argc, const char* const* argv) {
                "bench");
   RunFlags rf;
   rf.add_to(app);
-  int64_t n_prompt = 512, n_gen = 128;
+  int64_t n_prompt = 512, n_gen = 128, depth = 0;
   int reps = 3;
   bool json = false;
   app.add_option("-p,--n-prompt", n_prompt, "prompt tokens for the pp test (0 skips it)");
   app.add_option("-n,--n-gen", n_gen, "generated tokens for the tg test (0 skips it)");
   app.add_option("-r,--repetitions", reps, "runs of each test (the median is reported)");
+  app.add_option("-d,--n-depth", depth,
+                 "llama-bench's -d: run pp and tg after this many positions are already in the KV cache (pp at depth "
+                 "= the prefill time of depth + p tokens minus that of depth tokens; tg = decode after depth tokens), "
+                 "with the decode roofline counting the KV bytes read")
+      ->capture_default_str();
   app.add_flag("--json", json, "machine-readable output");
   std::string npl_list;
   app.add_option("--n-parallel", npl_list,
@@ -191,6 +196,7 @@ int cmd_bench(int argc, const char* const* argv) {
   if (n_prompt < 0 || n_gen < 0 || (n_prompt == 0 && n_gen == 0)) fail("-p ", n_prompt, " and -n ", n_gen,
                                                                         " must be >= 0 and not both 0");
   if (reps < 1 || reps > 1000) fail("-r ", reps, " is outside [1, 1000]");
+  if (depth < 0 || depth > (int64_t{1} << 24)) fail("-d ", depth, " is outside [0, 16777216]");
   const std::string path = rf.model_path();
   auto src = open_model(path);  // once: the planner reads it, then the engine loads from it
   std::vector<int64_t> npl;
@@ -201,12 +207,15 @@ int cmd_bench(int argc, const char* const* argv) {
     }
     if (n_gen < 2) fail("-npl needs -n >= 2 (the decode phase), got ", n_gen);
   }
-  EngineOptions eo = rf.resolve(*src, std::max<int64_t>(n_prompt, 1) + n_gen);
+  EngineOptions eo = rf.resolve(*src, depth + std::max<int64_t>(n_prompt, 1) + n_gen);
   for (int64_t n : npl) eo.max_num_seqs = std::max(eo.max_num_seqs, n);
   if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv); rc >= 0) return rc;
   auto comm = make_communicator(rf.comm_timeout);
   const bool rank0 = comm->rank() == 0;
-  if (eo.n_ctx == 0) eo.n_ctx = std::min<int64_t>(src->config().n_ctx_train, std::max<int64_t>(n_prompt, 1) + n_gen);
+  if (eo.n_ctx == 0) eo.n_ctx = std::min<int64_t>(src->config().n_ctx_train, depth + std::max<int64_t>(n_prompt, 1) + n_gen);
+  if (depth + std::max(n_prompt, n_gen + 1) > eo.n_ctx)
+    fail("-d ", depth, " plus the test's ", std::max(n_prompt, n_gen + 1), " tokens need ", depth + std::max(n_prompt, n_gen + 1),
+         " positions; the context is ", eo.n_ctx, " (raise -c, up to the model's ", src->config().n_ctx_train, ")");
   Progress progress("loading", rank0 && !rf.quiet && !json);
   Engine engine(*src, *comm, eo, [&](uint64_t d, uint64_t t) { progress(d, t); });
   progress.finish();
@@ -218,19 +227,26 @@ int cmd_bench(int argc, const char* const* argv) {
   const int32_t nv = static_cast<int32_t>(src->config().n_vocab);
   std::vector<double> pp, tg, comm_share;
   bool tokens_on_device = false;  // the tg runs took the device-greedy path
-  std::vector<int32_t> prompt(static_cast<size_t>(std::max<int64_t>(n_prompt, 0)));
-  for (int64_t i = 0; i < n_prompt; ++i) prompt[size_t(i)] = int32_t((i * 7919 + 13) % nv);
+  // With -d: `context` holds the depth's tokens; the pp prompt follows them, and tg decodes after them.
+  std::vector<int32_t> context(static_cast<size_t>(depth));
+  for (int64_t i = 0; i < depth; ++i) context[size_t(i)] = int32_t((i * 104729 + 7) % nv);
+  std::vector<int32_t> prompt = context;
+  for (int64_t i = 0; i < n_prompt; ++i) prompt.push_back(int32_t((i * 7919 + 13) % nv));
+  const std::vector<int32_t> tg_prompt = depth > 0 ? context : std::vector<int32_t>{1 % nv};
+  auto prefill_seconds = [&](const std::vector<int32_t>& ids) {
+    return ids.empty() ? 0.0 : engine.generate(ids, 1, greedy, -1).times.prefill_s;
+  };
   if (!no_warmup) {  // untimed: the same prompt, and a few decode steps (the graph is captured on the 2nd)
     if (n_prompt > 0) engine.generate(prompt, 1, greedy, -1);
-    if (n_gen > 0) engine.generate({1 % nv}, std::min<int64_t>(n_gen + 1, 4), greedy, -1);
+    if (n_gen > 0) engine.generate(tg_prompt, std::min<int64_t>(n_gen + 1, 4), greedy, -1);
   }
   for (int r = 0; r < reps; ++r) {
     if (n_prompt > 0) {
-      GenerateResult g = engine.generate(prompt, 1, greedy, -1);
-      pp.push_back(double(n_prompt) / g.times.prefill_s);
+      const double t = prefill_seconds(prompt) - prefill_seconds(context);
+      pp.push_back(double(n_prompt) / std::max(t, 1e-9));
     }
     if (n_gen > 0) {
-      GenerateResult g = engine.generate({1 % nv}, n_gen + 1, greedy, -1);
+      GenerateResult g = engine.generate(tg_prompt, n_gen + 1, greedy, -1);
       tg.push_back(double(g.times.decode_tokens) / g.times.decode_s);
       comm_share.push_back(g.times.comm_s / std::max(g.times.decode_s + g.times.prefill_s, 1e-12));
       tokens_on_device = g.tokens_on_device;
@@ -324,6 +340,12 @@ int cmd_bench(int argc, const char* const* argv) {
   // take turns at batch 1, and CPU ranks on one host share one memory bus.
   const int parallel_readers = bw_what == "host copy" ? 1 : eo.tp;
   const double roof = parallel_readers * bw / double(all_bytes);
+  // KV bytes one sequence reads per step per position of context: K and V rows of every layer, all ranks.
+  const ModelConfig& mc = src->config();
+  const double kv_pos = 2.0 * double(mc.n_layer) * double(mc.n_head_kv) * double(mc.head_dim) *
+                        double(type_size(eo.kv_type)) / double(block_size(eo.kv_type));
+  // tg at depth: each token reads the weights and the cache of depth + (on average) n_gen / 2 positions.
+  const double roof_kv = parallel_readers * bw / (double(all_bytes) + (double(depth) + double(n_gen) / 2) * kv_pos);
   nlohmann::json j;
   j["model"] = path;
   j["backend"] = engine.backend_name();
@@ -332,18 +354,16 @@ int cmd_bench(int argc, const char* const* argv) {
   j["bandwidth_bytes_per_s"] = bw;
   j["bandwidth_source"] = bw_what;
   j["roofline_tokens_per_s"] = roof;
+  j["n_depth"] = depth;
   if (n_prompt > 0) j["pp"] = {{"n_prompt", n_prompt}, {"tokens_per_s", median(pp)}, {"runs", pp}};
   if (n_gen > 0)
     j["tg"] = {{"n_gen", n_gen}, {"tokens_per_s", median(tg)}, {"runs", tg}, {"roofline_share", median(tg) / roof},
                {"comm_share", median(comm_share)}, {"tokens_on_device", tokens_on_device},
                // Time per token beyond reading the weights at the measured bandwidth: launches, syncs,
                // host work, collectives.
-               {"fixed_cost_us_per_token", 1e6 * (1.0 / median(tg) - 1.0 / roof)}};
+               {"fixed_cost_us_per_token", 1e6 * (1.0 / median(tg) - 1.0 / roof)},
+               {"roofline_with_kv_tokens_per_s", roof_kv}, {"roofline_with_kv_share", median(tg) / roof_kv}};
   if (!batched.empty()) {
-    // KV bytes one sequence reads per step per position of context: K and V rows of every layer, all ranks.
-    const ModelConfig& mc = src->config();
-    const double kv_pos = 2.0 * double(mc.n_layer) * double(mc.n_head_kv) * double(mc.head_dim) * double(type_size(eo.kv_type)) /
-                          double(block_size(eo.kv_type));
     nlohmann::json jb = nlohmann::json::array();
     for (const Batched& bt : batched) {
       const double step_bytes = double(all_bytes) + double(bt.seqs) * bt.avg_ctx * kv_pos;
@@ -418,11 +438,14 @@ int cmd_bench(int argc, const char* const* argv) {
               eo.pp, human_bytes(all_bytes).c_str());
   std::printf("%s bandwidth %.2f GB/s%s -> decode roofline %.1f tokens/s (weights read once per token)\n",
               bw_what.c_str(), bw / 1e9, parallel_readers > 1 ? cat(" x ", parallel_readers, " GPUs").c_str() : "", roof);
-  std::printf("| test  | tokens/s | roofline share | comm share |\n|-------|----------|----------------|------------|\n");
-  if (n_prompt > 0) std::printf("| pp%-3lld | %8.1f |                |            |\n", (long long)n_prompt, median(pp));
+  const std::string at = depth > 0 ? cat(" @ d", depth) : std::string();
+  std::printf("| test  | tokens/s | roofline share | roofline share with KV | comm share |\n"
+              "|-------|----------|----------------|------------------------|------------|\n");
+  if (n_prompt > 0) std::printf("| pp%lld%s | %8.1f | | | |\n", (long long)n_prompt, at.c_str(), median(pp));
   if (n_gen > 0) {
-    std::printf("| tg%-3lld | %8.1f | %13.1f%% | %9.1f%% |\n", (long long)n_gen, median(tg), 100 * median(tg) / roof,
-                100 * median(comm_share));
+    std::printf("| tg%lld%s | %8.1f | %.1f%% | %.1f%% (%s KV per position, %s) | %.1f%% |\n", (long long)n_gen, at.c_str(),
+                median(tg), 100 * median(tg) / roof, 100 * median(tg) / roof_kv, human_bytes(uint64_t(kv_pos)).c_str(),
+                type_name(eo.kv_type), 100 * median(comm_share));
     std::printf("fixed cost per generated token beyond the weight reads: %.1f us%s\n", 1e6 * (1.0 / median(tg) - 1.0 / roof),
                 tokens_on_device ? " (greedy tokens kept on the device)" : "");
   }

@@ -133,6 +133,23 @@ TEST(BenchCli, TextReportsPerRankMemoryAndThePlanner) {
   EXPECT_NE(r.out.find("tokens/s predicted"), std::string::npos) << r.out;
 }
 
+// -d (llama-bench's depth): the tests run after that many cached positions; the decode roofline counts the
+// KV bytes then (so its share is the larger one, the roofline being lower), and a depth past the context is
+// refused naming -d.
+TEST(BenchCli, DepthRunsAfterCachedPositionsAndCountsKvBytes) {
+  const json j = bench_json("-d 96");
+  EXPECT_EQ(j["n_depth"], 96);
+  ASSERT_TRUE(j["tg"].contains("roofline_with_kv_tokens_per_s")) << j.dump();
+  EXPECT_LT(j["tg"]["roofline_with_kv_tokens_per_s"].get<double>(), j["roofline_tokens_per_s"].get<double>());
+  EXPECT_GT(j["pp"]["tokens_per_s"].get<double>(), 0.0);
+  const Result t = bench("-d 96");
+  EXPECT_NE(t.out.find("| tg8 @ d96 |"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("| pp16 @ d96 |"), std::string::npos) << t.out;
+  const Result bad = bench("-d 200");  // the bundled model's context is 128
+  EXPECT_EQ(bad.rc, 2);
+  EXPECT_NE(bad.err.find("-d 200"), std::string::npos) << bad.err;
+}
+
 #ifdef SHARDLM_E2E_MPI
 TEST(BenchCli, TensorParallelRanksReportTheirMemory) {
   const json j = bench_json("--tp 2");
