@@ -677,6 +677,10 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
   }
   if (c.n_ctx_train > 0 && req.ctx > c.n_ctx_train)
     plan.notes.push_back(cat("context ", req.ctx, " exceeds the model's trained context ", c.n_ctx_train));
+  if (!inv.gpus.empty() && (req.kv_type == GgmlType::Q8_0 || req.kv_type == GgmlType::Q4_0))
+    plan.notes.push_back(cat("the cuda backend does not run ", type_name(req.kv_type),
+                             " caches yet (the cpu backend does): this is what they will need; use --kv-type f16 on GPUs "
+                             "today"));
   return plan;
 }
 
