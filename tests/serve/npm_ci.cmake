@@ -5,6 +5,7 @@ file(MAKE_DIRECTORY ${DST})
 # The script runs from here, so that `import 'openai'` finds this node_modules.
 configure_file(${SRC}/serve_e2e.mjs ${DST}/serve_e2e.mjs COPYONLY)
 configure_file(${SRC}/load.mjs ${DST}/load.mjs COPYONLY)
+configure_file(${SRC}/server.mjs ${DST}/server.mjs COPYONLY)
 file(SHA256 ${SRC}/package-lock.json _want)
 set(_stamp ${DST}/node_modules/.shardlm-lock-sha256)
 if(EXISTS ${_stamp})

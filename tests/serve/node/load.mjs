@@ -12,8 +12,8 @@
 //    the signal gets 503 (or finds the port closed), and the exit status is 0.
 //
 // Environment: SHARDLM_BIN, SHARDLM_MODEL (models/aidreams260K.gguf), SHARDLM_SERVE_EXTRA (e.g. "--tp 2").
-import { spawn } from 'node:child_process';
 import assert from 'node:assert/strict';
+import { startServer } from './server.mjs';
 
 const BIN = process.env.SHARDLM_BIN;
 const MODEL = process.env.SHARDLM_MODEL;
@@ -24,27 +24,17 @@ if (!BIN || !MODEL) {
 }
 const N_REQUESTS = 200, CONCURRENCY = 64, MAX_NUM_SEQS = 16;
 
+let server = null;  // the server process, killed by the deadline if it is still up
 const deadline = setTimeout(() => {
   console.error('FAIL: the load test took longer than 280 s');
   if (server) server.kill('SIGKILL');
   process.exit(1);
 }, 280_000);
 
-let server = spawn(BIN, ['serve', '-m', MODEL, '--host', '127.0.0.1', '--port', '0', '--served-model-name', 'tiny',
-  '--max-num-seqs', String(MAX_NUM_SEQS), '--max-queue', '256', '-t', '1', '--shutdown-timeout', '60', ...EXTRA],
-{ stdio: ['ignore', 'pipe', 'pipe'] });
-let stdout = '', stderr = '';
-server.stderr.on('data', (d) => { stderr += d; });
-const exited = new Promise((resolve) => server.on('exit', (code, signal) => resolve({ code, signal })));
-const port = await new Promise((resolve, reject) => {
-  server.stdout.on('data', (d) => {
-    stdout += d;
-    const m = stdout.match(/listening on http:\/\/127\.0\.0\.1:(\d+)/);
-    if (m) resolve(Number(m[1]));
-  });
-  exited.then(({ code }) => reject(new Error(`the server exited (${code}) before listening:\n${stderr}`)));
-});
-const base = `http://127.0.0.1:${port}`;
+const started = await startServer(BIN, ['-m', MODEL, '--served-model-name', 'tiny', '--max-num-seqs',
+  String(MAX_NUM_SEQS), '--max-queue', '256', '-t', '1', '--shutdown-timeout', '60', ...EXTRA]);
+server = started.proc;
+const { base, exited } = started;
 console.log(`server on ${base} ${EXTRA.join(' ')}`);
 for (let i = 0; i < 200; ++i) {
   const r = await fetch(`${base}/health`).catch(() => null);
@@ -251,7 +241,7 @@ assert.ok(refused === 503 || refused === 'closed', `a request after SIGTERM got 
 const { code, signal } = await exited;
 server = null;
 assert.equal(signal, null, `killed by ${signal}`);
-assert.equal(code, 0, stderr);
+assert.equal(code, 0, started.stderr);
 console.log(`ok: SIGTERM with ${streamed.length} streams running and ${whole.length} requests just sent: the streams ` +
   `and ${accepted} of those finished whole (the rest refused), a new one got ${refused}, exit 0`);
 clearTimeout(deadline);

@@ -9,11 +9,12 @@
 //
 // Environment: SHARDLM_BIN (the shardlm binary), SHARDLM_MODEL (models/aidreams260K.gguf), SHARDLM_SERVE_TMP
 // (a folder for the chat template file), SHARDLM_SERVE_EXTRA (more server flags).
-import { spawn, execFile } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
+import { startServer } from './server.mjs';
 
 const BIN = process.env.SHARDLM_BIN;
 const MODEL = process.env.SHARDLM_MODEL;
@@ -31,6 +32,7 @@ const MAX_BODY = 65536;
 const PROMPT = 'Once upon a time';
 
 // The whole test must end within this; the server is killed otherwise.
+let server = null;  // the server process, killed by the deadline if it is still up
 const deadline = setTimeout(() => {
   console.error('FAIL: the test took longer than 200 s');
   if (server) server.kill('SIGKILL');
@@ -44,21 +46,11 @@ const chatml =
 const templatePath = join(TMP, `chatml-${process.pid}.jinja`);
 writeFileSync(templatePath, chatml);
 
-let server = spawn(BIN, ['serve', '-m', MODEL, '--host', '127.0.0.1', '--port', '0', '--served-model-name', NAME,
-  '--chat-template', templatePath, '--api-key', KEY, '--max-num-seqs', '4', '--max-body-bytes', String(MAX_BODY),
-  '-t', '1', '--shutdown-timeout', '20', ...EXTRA], { stdio: ['ignore', 'pipe', 'pipe'] });
-let stdout = '', stderr = '';
-server.stderr.on('data', (d) => { stderr += d; });
-const exited = new Promise((resolve) => server.on('exit', (code, signal) => resolve({ code, signal })));
-const port = await new Promise((resolve, reject) => {
-  server.stdout.on('data', (d) => {
-    stdout += d;
-    const m = stdout.match(/listening on http:\/\/127\.0\.0\.1:(\d+)/);
-    if (m) resolve(Number(m[1]));
-  });
-  exited.then(({ code }) => reject(new Error(`the server exited (${code}) before listening:\n${stderr}`)));
-});
-const base = `http://127.0.0.1:${port}`;
+const started = await startServer(BIN, ['-m', MODEL, '--served-model-name', NAME, '--chat-template', templatePath,
+  '--api-key', KEY, '--max-num-seqs', '4', '--max-body-bytes', String(MAX_BODY), '-t', '1', '--shutdown-timeout', '20',
+  ...EXTRA]);
+server = started.proc;
+const { base, exited } = started;
 console.log(`server on ${base} ${EXTRA.join(' ')}`);
 
 async function get(path, headers = {}) {
@@ -361,7 +353,7 @@ await check('SIGTERM: running requests finish, new ones get 503, exit status 0',
   const { code, signal } = await exited;
   server = null;
   assert.equal(signal, null, `killed by ${signal}`);
-  assert.equal(code, 0, stderr);
+  assert.equal(code, 0, started.stderr);
 });
 
 clearTimeout(deadline);
