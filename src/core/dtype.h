@@ -42,6 +42,7 @@ enum class GgmlType : uint32_t {
   BF16 = 30,
   TQ1_0 = 34,
   TQ2_0 = 35,
+  MXFP4 = 39,  // gpt-oss experts: e8m0 scale + 32 e2m1 values
 };
 
 struct TypeTraits {

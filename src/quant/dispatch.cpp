@@ -4,6 +4,7 @@
 #include <cpuid.h>
 #endif
 #include <string_view>
+#include <vector>
 
 #include "core/error.h"
 #include "quant/kernels.h"
@@ -15,11 +16,33 @@ using namespace quant_detail;
 
 namespace {
 
-bool has_kernels(GgmlType t) {
+bool has_kernels(GgmlType t) { return type_traits(t).compute; }
+
+// Types whose chunks the SIMD families decode in registers (kernels_tile.h's matmul_dispatch).
+bool has_simd_decode(GgmlType t) {
   switch (t) {
     case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: case GgmlType::Q8_0:
     case GgmlType::Q4_0: case GgmlType::Q4_K: case GgmlType::Q6_K: return true;
     default: return false;
+  }
+}
+
+// The other types on a SIMD family: each weight row is decoded once into fp32 (the reference
+// dequantizer), then the family's F32 kernel multiplies it with every token. The row is still read
+// once for all tokens, and a token's result does not depend on the others in the step.
+void matmul_via_f32(MatmulFn fn, GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows,
+                    int64_t n_cols, const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  // The F32 kernels walk whole 64-element chunks (see matmul_rows); other lengths go to the scalar family.
+  if (n_cols % 64 != 0) fn = matmul_scalar;
+  if (fn == matmul_scalar) {
+    fn(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    return;
+  }
+  thread_local std::vector<float> row;  // (n_cols) one decoded weight row; reused across calls
+  row.resize(static_cast<size_t>(n_cols));
+  for (int64_t r = 0; r < n_rows; ++r) {
+    dequantize_row(type, w + static_cast<size_t>(r) * row_stride, row.data(), n_cols);
+    fn(GgmlType::F32, reinterpret_cast<const uint8_t*>(row.data()), 0, 1, n_cols, x, ldx, n_tok, y + r, ldy);
   }
 }
 
@@ -126,6 +149,10 @@ void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, in
   if (n_rows == 0 || n_tok == 0) return;
   // The SIMD families walk rows in chunks of up to 64 elements and have no tail loop; block types
   // always fill whole chunks, but plain types can have any row length (the tiny models' n_ff of 172).
+  if (!has_simd_decode(type)) {
+    matmul_via_f32(fn, type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    return;
+  }
   const bool plain = type == GgmlType::F32 || type == GgmlType::F16 || type == GgmlType::BF16;
   if (plain && n_cols % 64 != 0) fn = matmul_scalar;
   fn(type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);

@@ -22,6 +22,10 @@ float bf16_to_fp32(uint16_t h);
 void quantize_row(GgmlType type, const float* src /* (n) */, void* dst, int64_t n);
 void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_t n);
 
+// Whether quantize_row can write `type` (every compute type except the IQ types that need an importance
+// matrix), so that callers refuse before any work.
+bool can_quantize(GgmlType type);
+
 // Dot product of one weight row (`type`, n elements) with an fp32 vector. Dequantizes in registers;
 // SIMD (AVX2/AVX-512) selected at run time, portable fallback otherwise.
 float dot_row(GgmlType type, const void* row, const float* x /* (n) */, int64_t n);

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "quant/blocks.h"
+#include "quant/codecs.h"
 #include "quant/quant.h"
 
 namespace shardlm {
@@ -318,15 +319,22 @@ void quantize_q6_k(const float* x /* (n) */, uint8_t* y, int64_t n) {
 
 void check_row(GgmlType type, const void* p, const char* what, int64_t n) {
   const TypeTraits& tr = type_traits(type);
-  if (!tr.compute || (type != GgmlType::F32 && type != GgmlType::F16 && type != GgmlType::BF16 &&
-                      type != GgmlType::Q8_0 && type != GgmlType::Q4_0 && type != GgmlType::Q4_K &&
-                      type != GgmlType::Q6_K))
+  if (!tr.compute)
     fail_kind(ErrorKind::kUnsupported, "type ", tr.name, " has no quantize/dequantize implementation");
   row_bytes(type, n);  // throws on negative n or n not a multiple of the block size
   if (n > 0 && p == nullptr) fail(what, " is null for a row of ", n, " elements");
 }
 
 }  // namespace
+
+bool can_quantize(GgmlType type) {
+  if (!type_traits(type).compute) return false;
+  switch (type) {
+    case GgmlType::IQ2_XXS: case GgmlType::IQ2_XS: case GgmlType::IQ1_S: case GgmlType::IQ1_M:
+      return false;  // need an importance matrix
+    default: return true;
+  }
+}
 
 void quantize_row(GgmlType type, const float* src /* (n) */, void* dst, int64_t n) {
   check_row(type, dst, "quantize_row destination", n);
@@ -346,7 +354,9 @@ void quantize_row(GgmlType type, const float* src /* (n) */, void* dst, int64_t 
     case GgmlType::Q6_K: quantize_q6_k(src, y, n); return;
     default: break;
   }
-  SHARDLM_CHECK(false, "unhandled type ", type_name(type));
+  if (quantize_basic(type, src, y, n) || quantize_iq(type, src, y, n)) return;
+  fail_kind(ErrorKind::kUnsupported, "type ", type_name(type),
+            " cannot be written without an importance matrix (llama-quantize refuses it too)");
 }
 
 void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_t n) {
@@ -414,6 +424,7 @@ void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_
       return;
     default: break;
   }
+  if (dequantize_basic(type, x, dst, n) || dequantize_iq(type, x, dst, n)) return;
   SHARDLM_CHECK(false, "unhandled type ", type_name(type));
 }
 
