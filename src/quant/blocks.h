@@ -52,4 +52,96 @@ inline void q4k_scale_min(int j, const uint8_t* scales /* (12) */, int& sc, int&
   }
 }
 
+// ---- Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS, MXFP4 (codec_basic.cpp) ----
+// Offsets are in bytes from the start of the block. In the 32-element formats, element j sits in the low
+// nibble of qs[j] and element j + 16 in the high nibble (as Q4_0).
+
+// Q4_1: fp16 d; fp16 m; uint8 qs[16]. value = q * d + m.
+inline constexpr int kQ4_1Block = 32;
+inline constexpr int kQ4_1Bytes = 20;
+inline constexpr int kQ4_1M = 2;
+inline constexpr int kQ4_1Qs = 4;
+
+// Q5_0: fp16 d; uint8 qh[4] (bit j of the little-endian uint32 = 5th bit of element j); uint8 qs[16].
+// value = (q - 16) * d.
+inline constexpr int kQ5_0Block = 32;
+inline constexpr int kQ5_0Bytes = 22;
+inline constexpr int kQ5_0Qh = 2;
+inline constexpr int kQ5_0Qs = 6;
+
+// Q5_1: fp16 d; fp16 m; uint8 qh[4]; uint8 qs[16]. value = q * d + m.
+inline constexpr int kQ5_1Block = 32;
+inline constexpr int kQ5_1Bytes = 24;
+inline constexpr int kQ5_1M = 2;
+inline constexpr int kQ5_1Qh = 4;
+inline constexpr int kQ5_1Qs = 8;
+
+// Q2_K: uint8 scales[16] (low nibble: scale, high nibble: min of each 16-element sub-block);
+// uint8 qs[64]; fp16 d; fp16 dmin. Element e: 2 bits at shift 2 * ((e % 128) / 32) of
+// qs[(e / 128) * 32 + e % 32]. value = d * scale * q - dmin * min.
+inline constexpr int kQ2_KBytes = 84;
+inline constexpr int kQ2_KQs = 16;
+inline constexpr int kQ2_KD = 80;
+inline constexpr int kQ2_KDmin = 82;
+
+// Q3_K: uint8 hmask[32]; uint8 qs[64]; uint8 scales[12]; fp16 d. Element e: low 2 bits as Q2_K, the
+// third bit is bit e / 32 of hmask[e % 32] (set means +0, clear means -4: q in [-4, 3]). Sixteen signed
+// 6-bit scales (q3k_scale). value = d * scale * q.
+inline constexpr int kQ3_KBytes = 110;
+inline constexpr int kQ3_KQs = 32;
+inline constexpr int kQ3_KScales = 96;
+inline constexpr int kQ3_KD = 108;
+
+// Q5_K: fp16 d; fp16 dmin; uint8 scales[12] (packed as Q4_K: q4k_scale_min); uint8 qh[32];
+// uint8 qs[128]. Element e: low 4 bits as Q4_K (qs[(e / 64) * 32 + e % 32], high nibble when
+// e % 64 >= 32), 5th bit is bit 2 * (e / 64) + (e % 64 >= 32) of qh[e % 32].
+inline constexpr int kQ5_KBytes = 176;
+inline constexpr int kQ5_KDmin = 2;
+inline constexpr int kQ5_KScales = 4;
+inline constexpr int kQ5_KQh = 16;
+inline constexpr int kQ5_KQs = 48;
+
+// IQ4_NL: fp16 d; uint8 qs[16] of indices into kValuesIq4nl (quant/iq_tables.h). value = d * table[q].
+inline constexpr int kIQ4_NLBlock = 32;
+inline constexpr int kIQ4_NLBytes = 18;
+inline constexpr int kIQ4_NLQs = 2;
+
+// IQ4_XS: fp16 d; uint16 scales_h; uint8 scales_l[4]; uint8 qs[128]. Eight 32-element sub-blocks, each
+// with a 6-bit scale ls (iq4xs_scale) and nibbles laid out as IQ4_NL. value = d * (ls - 32) * table[q].
+inline constexpr int kIQ4_XSBytes = 136;
+inline constexpr int kIQ4_XSScalesH = 2;
+inline constexpr int kIQ4_XSScalesL = 4;
+inline constexpr int kIQ4_XSQs = 8;
+
+// MXFP4: uint8 e (e8m0 exponent); uint8 qs[16] of indices into kValuesFp4 (e2m1 values doubled).
+// value = table[q] * e8m0_to_fp32_half(e).
+inline constexpr int kMXFP4Block = 32;
+inline constexpr int kMXFP4Bytes = 17;
+inline constexpr int kMXFP4Qs = 1;
+
+// Signed 6-bit scale of sub-block j (0..15) of a Q3_K super-block: the low 4 bits are nibble j / 8 of
+// byte j % 8, the top 2 bits are bits 2 * (j / 4) of byte 8 + j % 4.
+inline int q3k_scale(int j, const uint8_t* scales /* (12) */) {
+  const int lo = (scales[j % 8] >> (4 * (j / 8))) & 0xF;
+  const int hi = (scales[8 + j % 4] >> (2 * (j / 4))) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+
+// The unsigned 6-bit scale of sub-block ib (0..7) of an IQ4_XS super-block (before the -32 offset).
+inline int iq4xs_scale(int ib, const uint8_t* block) {
+  const int lo = (block[kIQ4_XSScalesL + ib / 2] >> (4 * (ib % 2))) & 0xF;
+  const int hi = (load_u16(block + kIQ4_XSScalesH) >> (2 * ib)) & 3;
+  return lo | (hi << 4);
+}
+
+// Half the value of an e8m0 scale byte, 2^(e - 128) (ggml's GGML_E8M0_TO_FP32_HALF: the MXFP4 table
+// holds doubled e2m1 values). e = 0 and 1 give the float subnormals 2^-128 and 2^-127; e = 255 (the
+// format's NaN) is not special-cased, as in ggml.
+inline float e8m0_to_fp32_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 }  // namespace shardlm::quant_detail

@@ -325,7 +325,7 @@ TEST(Validation, RejectsBadRows) {
   EXPECT_THROW(quantize_row(GgmlType::Q6_K, x.data(), q.data(), 288), Error);
   EXPECT_THROW(quantize_row(GgmlType::Q8_0, x.data(), q.data(), -32), Error);
   EXPECT_THROW(dequantize_row(GgmlType::Q8_0, q.data(), x.data(), 31), Error);
-  EXPECT_THROW(quantize_row(GgmlType::Q5_K, x.data(), q.data(), 256), Error);  // no implementation
+  EXPECT_THROW(quantize_row(GgmlType::TQ1_0, x.data(), q.data(), 256), Error);  // no implementation
   EXPECT_THROW(quantize_row(GgmlType::Q4_0, nullptr, q.data(), 32), Error);
   EXPECT_THROW(dequantize_row(GgmlType::Q4_0, q.data(), nullptr, 32), Error);
   try {
