@@ -15,8 +15,13 @@
 namespace shardlm {
 namespace {
 
-constexpr GgmlType kTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
-                               GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K};
+// Every type with CPU kernels: those the SIMD families decode in registers and those they run through a
+// decoded fp32 row (dispatch.cpp), so both paths are covered for every family.
+constexpr GgmlType kTypes[] = {
+    GgmlType::F32,  GgmlType::F16,    GgmlType::BF16,   GgmlType::Q8_0,    GgmlType::Q4_0,  GgmlType::Q4_K,
+    GgmlType::Q6_K, GgmlType::Q4_1,   GgmlType::Q5_0,   GgmlType::Q5_1,    GgmlType::Q2_K,  GgmlType::Q3_K,
+    GgmlType::Q5_K, GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4,   GgmlType::IQ3_XXS, GgmlType::IQ3_S,
+    GgmlType::IQ2_XXS, GgmlType::IQ2_XS, GgmlType::IQ2_S, GgmlType::IQ1_S, GgmlType::IQ1_M};
 constexpr CpuIsa kIsas[] = {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512};
 constexpr float kSentinel = -12345.0f;
 
@@ -26,6 +31,28 @@ std::vector<float> random_floats(size_t n, uint32_t seed) {
   std::vector<float> v(n);
   for (auto& f : v) f = dist(rng);
   return v;
+}
+
+// Random blocks of a type that cannot be written without an importance matrix (IQ2_XXS, IQ2_XS, IQ1_S,
+// IQ1_M): random bytes with a finite fp16 block scale of about 0.01 (IQ1_M spreads it over the top nibbles
+// of its four scale words, bytes 48..55; the others keep it in bytes 0..1).
+void random_blocks(GgmlType type, uint8_t* row, int64_t n_cols, std::mt19937& rng) {
+  const int64_t nb = n_cols / block_size(type), bytes = type_size(type);
+  for (int64_t i = 0; i < nb * bytes; ++i) row[i] = static_cast<uint8_t>(rng());
+  const uint16_t d = fp32_to_fp16(0.01f);
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* blk = row + b * bytes;
+    if (type == GgmlType::IQ1_M) {
+      for (int k = 0; k < 4; ++k) {
+        uint16_t word;
+        std::memcpy(&word, blk + 48 + 2 * k, 2);
+        word = static_cast<uint16_t>((word & 0x0FFF) | (((d >> (4 * k)) & 0xF) << 12));
+        std::memcpy(blk + 48 + 2 * k, &word, 2);
+      }
+    } else {
+      std::memcpy(blk, &d, 2);
+    }
+  }
 }
 
 // Weights for n_rows rows, quantized, each row placed row_stride bytes apart starting at byte `offset`
@@ -46,9 +73,14 @@ Weights make_weights(GgmlType type, int64_t n_rows, int64_t n_cols, size_t extra
   w.base = w.bytes.data() + offset;
   w.deq.resize(static_cast<size_t>(n_rows * n_cols));
   const auto src = random_floats(static_cast<size_t>(n_rows * n_cols), seed);
+  std::mt19937 rng(seed);
   for (int64_t r = 0; r < n_rows; ++r) {
     uint8_t* row = w.bytes.data() + offset + static_cast<size_t>(r) * w.stride;
-    quantize_row(type, src.data() + r * n_cols, row, n_cols);
+    if (can_quantize(type)) {
+      quantize_row(type, src.data() + r * n_cols, row, n_cols);
+    } else {
+      random_blocks(type, row, n_cols, rng);
+    }
     dequantize_row(type, row, w.deq.data() + r * n_cols, n_cols);
   }
   return w;
@@ -192,7 +224,7 @@ TEST(KernelValidation, RejectsBadArguments) {
   EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 63, x.data(), y.data()), Error);
   EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride - 1, 4, 64, x.data(), y.data()), Error);
   EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, -1, 64, x.data(), y.data()), Error);
-  EXPECT_THROW(matvec_rows(s, GgmlType::Q5_0, w.base, w.stride, 4, 64, x.data(), y.data()), Error);
+  EXPECT_THROW(matvec_rows(s, GgmlType::Q8_1, w.base, w.stride, 4, 64, x.data(), y.data()), Error);  // no kernels
   EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, nullptr, w.stride, 4, 64, x.data(), y.data()), Error);
   EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, nullptr, y.data()), Error);
   EXPECT_THROW(matvec_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, x.data(), nullptr), Error);
