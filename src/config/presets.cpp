@@ -78,6 +78,10 @@ std::vector<Preset> build_presets() {
                make("llama", "tiny", 512, 64, 4, 4, 2, 192, 512, 1e-5f, 10000.0f)});
   p.push_back({"tiny-k", "test model for K-quants: dim 256, 4 layers, 4 heads / 2 KV heads, n_ff 512",
                make("llama", "tiny-k", 512, 256, 4, 4, 2, 512, 512, 1e-5f, 10000.0f)});
+  // 16 layers and GQA 4 reach every layer rule of llama.cpp's schemes (the first 16th, eighth, use_more_bits)
+  // and its grouped-query rules (n_gqa >= 4).
+  p.push_back({"tiny-gqa4", "test model for quantization schemes: dim 256, 16 layers, 4 heads / 1 KV head, n_ff 512",
+               make("llama", "tiny-gqa4", 512, 256, 16, 4, 1, 512, 512, 1e-5f, 10000.0f)});
   {
     ModelConfig c = make("qwen2", "tiny-qwen2", 1024, 256, 4, 4, 2, 768, 512, 1e-6f, 1000000.0f);
     c.qkv_bias = true;
@@ -96,7 +100,30 @@ bool ends_with(const std::string& s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-constexpr std::array<const char*, 7> kSchemes = {"f32", "f16", "bf16", "q8_0", "q6_k", "q4_k_m", "q4_0"};
+// llama.cpp's file types (llama_ftype) that it writes without an importance matrix, by llama-quantize's
+// names. Q2_K_S, IQ3_XS, IQ3_XXS and the IQ2/IQ1 schemes are left out: llama-quantize refuses them without
+// an imatrix (tensor_requires_imatrix), and so do we.
+struct Scheme {
+  const char* name;
+  int ftype;         // llama_ftype, written as general.file_type
+  GgmlType base;     // llama_ftype_get_default_type
+};
+constexpr std::array<Scheme, 21> kSchemes = {{
+    {"f32", 0, GgmlType::F32},         {"f16", 1, GgmlType::F16},         {"bf16", 32, GgmlType::BF16},
+    {"q8_0", 7, GgmlType::Q8_0},       {"q6_k", 18, GgmlType::Q6_K},      {"q5_k_m", 17, GgmlType::Q5_K},
+    {"q5_k_s", 16, GgmlType::Q5_K},    {"q5_1", 9, GgmlType::Q5_1},       {"q5_0", 8, GgmlType::Q5_0},
+    {"q4_k_m", 15, GgmlType::Q4_K},    {"q4_k_s", 14, GgmlType::Q4_K},    {"q4_1", 3, GgmlType::Q4_1},
+    {"q4_0", 2, GgmlType::Q4_0},       {"iq4_nl", 25, GgmlType::IQ4_NL},  {"iq4_xs", 30, GgmlType::IQ4_XS},
+    {"q3_k_l", 13, GgmlType::Q3_K},    {"q3_k_m", 12, GgmlType::Q3_K},    {"q3_k_s", 11, GgmlType::Q3_K},
+    {"iq3_m", 27, GgmlType::IQ3_S},    {"iq3_s", 26, GgmlType::IQ3_S},    {"q2_k", 10, GgmlType::Q2_K},
+}};
+
+const Scheme* find_scheme(std::string_view name) {
+  const std::string l = lower(name);
+  for (const Scheme& k : kSchemes)
+    if (l == k.name) return &k;
+  return nullptr;
+}
 
 // llama.cpp's use_more_bits(): the first and last eighth of the layers plus every third layer between.
 bool use_more_bits(int64_t i_layer, int64_t n_layer) {
@@ -110,6 +137,11 @@ GgmlType fallback(GgmlType t, const TensorSpec& spec) {
   if (nx % block_size(t) == 0) return t;
   GgmlType f;
   switch (t) {
+    case GgmlType::IQ1_S: case GgmlType::IQ1_M: case GgmlType::IQ2_XXS: case GgmlType::IQ2_XS:
+    case GgmlType::IQ2_S: case GgmlType::IQ3_XXS: case GgmlType::IQ3_S: case GgmlType::IQ4_XS:
+      f = GgmlType::IQ4_NL;
+      break;
+    case GgmlType::Q2_K: case GgmlType::Q3_K: f = GgmlType::Q4_0; break;
     case GgmlType::Q4_K: f = GgmlType::Q5_0; break;
     case GgmlType::Q5_K: f = GgmlType::Q5_1; break;
     case GgmlType::Q6_K: f = GgmlType::Q8_0; break;
@@ -164,49 +196,68 @@ std::vector<TensorSpec> model_tensors(const ModelConfig& c) {
   return t;
 }
 
-bool is_known_scheme(std::string_view scheme) {
-  const std::string l = lower(scheme);
-  return std::find(kSchemes.begin(), kSchemes.end(), l) != kSchemes.end();
-}
+bool is_known_scheme(std::string_view scheme) { return find_scheme(scheme) != nullptr; }
 
 std::string scheme_names() {
   std::string s;
-  for (const char* k : kSchemes) s += (s.empty() ? "" : ", ") + std::string(k);
+  for (const Scheme& k : kSchemes) s += (s.empty() ? "" : ", ") + std::string(k.name);
   return s;
 }
 
-// Mirrors llama.cpp's llama_model_quantize_impl + llama_tensor_get_type (src/llama-quant.cpp) for the
-// schemes we support, without an importance matrix:
+int scheme_file_type(std::string_view scheme) {
+  const Scheme* k = find_scheme(scheme);
+  return k == nullptr ? -1 : k->ftype;
+}
+
+// Mirrors llama.cpp's llama_tensor_get_type (src/llama-quant.cpp) for dense models without an importance
+// matrix, tensor by tensor:
 // - 1-D tensors (norms, biases) are never quantized and stay F32 (as the converter writes them).
 // - Float schemes (f32/f16/bf16) convert every 2-D tensor; llama_tensor_get_type is not consulted.
-// - Quantized schemes: output.weight (or token_embd when the output is tied) becomes Q6_K unless the
-//   scheme's type is Q8_0 (then Q8_0), or Q8_0 if its rows do not hold whole blocks of the scheme type.
-// - q4_k_m: attn_v and ffn_down get Q6_K on use_more_bits() layers; on "70B" models (80 layers, which is
-//   how llama.cpp's llama/qwen2 loaders classify LLM_TYPE_70B) the remaining Q4_K attn_v become Q5_K.
+// - output.weight (or token_embd when the output is tied): Q8_0 when its rows do not hold whole blocks of
+//   the scheme's type, else Q6_K unless the scheme's type is Q8_0.
+// - attn_v (the i-th of n is layer i here: one per layer), ffn_down and attn_output get more bits by the
+//   scheme's rules below, including the "70B" bump (80 layers is how llama.cpp's llama/qwen2 loaders
+//   classify LLM_TYPE_70B) and the grouped-query rules (n_gqa = n_head / n_head_kv).
 // - Every choice then falls back as llama.cpp does when the row length is not a block multiple.
 GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, const ModelConfig& c) {
-  const std::string s = lower(scheme);
-  if (!is_known_scheme(s)) fail("quantization scheme '", scheme, "' is unknown; known: ", scheme_names());
+  const Scheme* k = find_scheme(scheme);
+  if (k == nullptr) fail("quantization scheme '", scheme, "' is unknown; known: ", scheme_names());
   if (t.ne.empty()) fail("tensor '", t.name, "' has no dimensions");
   if (t.ne.size() == 1) return GgmlType::F32;
-  if (s == "f32") return GgmlType::F32;
-  if (s == "f16") return GgmlType::F16;
-  if (s == "bf16") return GgmlType::BF16;
+  if (k->base == GgmlType::F32 || k->base == GgmlType::F16 || k->base == GgmlType::BF16) return k->base;
 
-  const GgmlType base = s == "q8_0"   ? GgmlType::Q8_0
-                        : s == "q6_k" ? GgmlType::Q6_K
-                        : s == "q4_0" ? GgmlType::Q4_0
-                                      : GgmlType::Q4_K;  // q4_k_m
+  const std::string s = k->name;
+  const int64_t n_gqa = c.n_head_kv > 0 ? c.n_head / c.n_head_kv : 1;
+  const int64_t i = t.layer, n = c.n_layer;
   const bool is_output = t.name == "output.weight" || (c.tied_output && t.name == "token_embd.weight");
-  GgmlType type = base;
+  GgmlType type = k->base;
   if (is_output) {
-    if (t.ne.at(0) % block_size(base) != 0) type = GgmlType::Q8_0;
-    else if (base != GgmlType::Q8_0) type = GgmlType::Q6_K;
-  } else if (s == "q4_k_m" && ends_with(t.name, "attn_v.weight")) {
-    if (use_more_bits(t.layer, c.n_layer)) type = GgmlType::Q6_K;
-    if (c.n_layer == 80 && type == GgmlType::Q4_K) type = GgmlType::Q5_K;
-  } else if (s == "q4_k_m" && ends_with(t.name, "ffn_down.weight")) {
-    if (use_more_bits(t.layer, c.n_layer)) type = GgmlType::Q6_K;
+    if (t.ne.at(0) % block_size(k->base) != 0) type = GgmlType::Q8_0;
+    else if (k->base != GgmlType::Q8_0) type = GgmlType::Q6_K;
+  } else if (ends_with(t.name, "attn_v.weight")) {
+    if (s == "q2_k") type = n_gqa >= 4 ? GgmlType::Q4_K : GgmlType::Q3_K;
+    else if (s == "iq3_s" && n_gqa >= 4) type = GgmlType::Q4_K;
+    else if (s == "iq3_m") type = GgmlType::Q4_K;
+    else if (s == "q3_k_m") type = i < 2 ? GgmlType::Q5_K : GgmlType::Q4_K;
+    else if (s == "q3_k_l") type = GgmlType::Q5_K;
+    else if ((s == "iq4_nl" || s == "iq4_xs") && n_gqa >= 4) type = GgmlType::Q5_K;
+    else if ((s == "q4_k_m" || s == "q5_k_m") && use_more_bits(i, n)) type = GgmlType::Q6_K;
+    else if (s == "q4_k_s" && i < 4) type = GgmlType::Q5_K;
+    if (n == 80 && (type == GgmlType::Q3_K || type == GgmlType::Q4_K)) type = GgmlType::Q5_K;
+  } else if (ends_with(t.name, "ffn_down.weight")) {
+    if (s == "q2_k") type = GgmlType::Q3_K;
+    else if (s == "q3_k_m") type = i < n / 16 ? GgmlType::Q5_K : GgmlType::Q4_K;  // not Falcon: always Q4_K
+    else if (s == "iq3_m" && i < n / 8) type = GgmlType::Q4_K;
+    else if (s == "q3_k_l") type = GgmlType::Q5_K;
+    else if (s == "q4_k_m") { if (use_more_bits(i, n)) type = GgmlType::Q6_K; }
+    else if (i < n / 8 && (s == "iq4_nl" || s == "iq4_xs")) type = GgmlType::Q5_K;
+    else if (s == "q5_k_m" && use_more_bits(i, n)) type = GgmlType::Q6_K;
+    else if (s == "q4_k_s" && i < n / 8) type = GgmlType::Q5_K;
+  } else if (ends_with(t.name, "attn_output.weight")) {
+    if (s == "q2_k") type = GgmlType::Q3_K;
+    else if (s == "q3_k_m") type = GgmlType::Q4_K;
+    else if (s == "q3_k_l") type = GgmlType::Q5_K;
+    else if (s == "iq3_m") type = GgmlType::Q4_K;
   }
   return fallback(type, t);
 }

@@ -33,12 +33,15 @@ struct TensorSpec {
 };
 std::vector<TensorSpec> model_tensors(const ModelConfig& c);
 
-// Quantization schemes: "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k". The type of each
-// tensor follows what llama.cpp's quantizer produces for that scheme (norms and biases stay F32;
-// q4_k_m puts Q6_K on output.weight and on half of attn_v/ffn_down by llama.cpp's rule; a tensor whose
-// row length does not fit the block size falls back as llama.cpp does).
+// Quantization schemes by llama-quantize's names: f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0,
+// q4_k_m, q4_k_s, q4_1, q4_0, iq4_nl, iq4_xs, q3_k_l, q3_k_m, q3_k_s, iq3_m, iq3_s, q2_k (case-insensitive).
+// The type of each tensor follows what llama.cpp's quantizer produces for that scheme without an importance
+// matrix (norms and biases stay F32; output, attn_v, ffn_down and attn_output get more bits by its rules;
+// a tensor whose row length does not fit the block size falls back as llama.cpp does).
 bool is_known_scheme(std::string_view scheme);
 std::string scheme_names();
+// llama.cpp's llama_ftype of a scheme (general.file_type), or -1 when `scheme` is not one.
+int scheme_file_type(std::string_view scheme);
 GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, const ModelConfig& c);
 
 }  // namespace shardlm

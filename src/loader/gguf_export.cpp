@@ -82,18 +82,6 @@ void write_model_metadata(GgufWriter& w, const ModelConfig& c, const Vocab* voca
   if (!chat_template.empty()) w.set_string("tokenizer.chat_template", chat_template);
 }
 
-namespace {
-
-// llama.cpp's llama_ftype for general.file_type ("mostly" the scheme's type), or -1 when not one.
-int llama_file_type(const std::string& scheme) {
-  static const std::map<std::string, int> k = {{"f32", 0},  {"f16", 1},     {"q4_0", 2}, {"q8_0", 7},
-                                               {"q4_k_m", 15}, {"q6_k", 18}, {"bf16", 32}};
-  const auto it = k.find(scheme);
-  return it == k.end() ? -1 : it->second;
-}
-
-}  // namespace
-
 void export_gguf(const ModelSource& src, const std::string& path, const std::string& scheme,
                  const std::function<void(uint64_t, uint64_t)>& progress) {
   if (!scheme.empty() && !is_known_scheme(scheme))
@@ -107,7 +95,7 @@ void export_gguf(const ModelSource& src, const std::string& path, const std::str
   if (named.name.empty())
     named.name = std::filesystem::path(src.path()).lexically_normal().parent_path().filename().string();
   write_model_metadata(w, named, src.vocab(), src.chat_template());
-  if (const int ft = llama_file_type(scheme); ft >= 0) w.set_u32("general.file_type", static_cast<uint32_t>(ft));
+  if (const int ft = scheme_file_type(scheme); ft >= 0) w.set_u32("general.file_type", static_cast<uint32_t>(ft));
   if (!c.rope_freq_factors.empty() && !src.find_tensor("rope_freqs.weight"))
     w.add_tensor("rope_freqs.weight", GgmlType::F32, {static_cast<int64_t>(c.rope_freq_factors.size())},
                  c.rope_freq_factors.data());
