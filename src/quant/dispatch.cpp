@@ -22,7 +22,9 @@ bool has_kernels(GgmlType t) { return type_traits(t).compute; }
 bool has_simd_decode(GgmlType t) {
   switch (t) {
     case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: case GgmlType::Q8_0:
-    case GgmlType::Q4_0: case GgmlType::Q4_K: case GgmlType::Q6_K: return true;
+    case GgmlType::Q4_0: case GgmlType::Q4_K: case GgmlType::Q6_K: case GgmlType::Q4_1: case GgmlType::Q5_0:
+    case GgmlType::Q5_1: case GgmlType::Q2_K: case GgmlType::Q3_K: case GgmlType::Q5_K: case GgmlType::IQ4_NL:
+    case GgmlType::IQ4_XS: case GgmlType::MXFP4: return true;
     default: return false;
   }
 }

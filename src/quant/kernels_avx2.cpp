@@ -3,6 +3,7 @@
 // after dispatch.cpp checked __builtin_cpu_supports, so the rest of the library stays baseline x86-64.
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "core/error.h"
 #include "quant/blocks.h"
@@ -18,10 +19,60 @@
 namespace shardlm::quant_detail {
 namespace {
 
+#define SHARDLM_IQ_TABLE(type, name, size) inline constexpr type name[size] =
+#include "quant/iq_tables.h"
+
 float half(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
 
 // 8 int8 -> 8 floats.
 __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+__m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+__m128i ld128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+__m256i ld256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// 32 int8 / uint8 (element order) -> 4 x 8 floats.
+void i8x32(__m256i q, __m256* f) {
+  const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+  f[0] = i8x8(q0);
+  f[1] = i8x8(_mm_unpackhi_epi64(q0, q0));
+  f[2] = i8x8(q1);
+  f[3] = i8x8(_mm_unpackhi_epi64(q1, q1));
+}
+void u8x32(__m256i q, __m256* f) {
+  const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
+  f[0] = u8x8(q0);
+  f[1] = u8x8(_mm_unpackhi_epi64(q0, q0));
+  f[2] = u8x8(q1);
+  f[3] = u8x8(_mm_unpackhi_epi64(q1, q1));
+}
+
+// The 32 nibbles of a 16-byte Q4_0-style group in element order: low nibbles (elements 0..15) in the
+// low lane, high nibbles (16..31) in the high lane.
+__m256i nibbles32(const uint8_t* qs) {
+  const __m128i q = ld128(qs);
+  return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1),
+                          _mm256_set1_epi8(0x0F));
+}
+
+// Byte i = 0xFF where bit i of `bits` is set, else 0 (the 5th bits of Q5_0 / Q5_1).
+__m256i bit_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(  // byte i <- byte i / 8 of bits (within each lane)
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i sel = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201));  // byte i: 1 << (i % 8)
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, sel), sel);
+}
+
+// A 16-entry int8 table in both lanes, for _mm256_shuffle_epi8 lookups of nibble indices.
+__m256i table16(const int8_t* t) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+}
 
 struct Avx2 {
   using V = __m256;
@@ -108,6 +159,100 @@ struct Avx2 {
       out[1] = _mm256_mul_ps(d0, i8x8(_mm_unpackhi_epi64(q0, q0)));
       out[2] = _mm256_mul_ps(d1, i8x8(q1));
       out[3] = _mm256_mul_ps(d1, i8x8(_mm_unpackhi_epi64(q1, q1)));
+    } else if constexpr (T == GgmlType::Q4_1) {
+      const uint8_t* b = row + c * kQ4_1Bytes;
+      const V d = _mm256_set1_ps(half(b)), m = _mm256_set1_ps(half(b + kQ4_1M));
+      V f[4];
+      u8x32(nibbles32(b + kQ4_1Qs), f);
+      for (int k = 0; k < 4; ++k) out[k] = _mm256_fmadd_ps(f[k], d, m);
+    } else if constexpr (T == GgmlType::Q5_0) {
+      // q - 16 = nibble - (5th bit clear ? 16 : 0), in [-16, 15].
+      const uint8_t* b = row + c * kQ5_0Bytes;
+      const V d = _mm256_set1_ps(half(b));
+      const __m256i hi = bit_bytes(load_u32(b + kQ5_0Qh));
+      V f[4];
+      i8x32(_mm256_sub_epi8(nibbles32(b + kQ5_0Qs), _mm256_andnot_si256(hi, _mm256_set1_epi8(16))), f);
+      for (int k = 0; k < 4; ++k) out[k] = _mm256_mul_ps(f[k], d);
+    } else if constexpr (T == GgmlType::Q5_1) {
+      const uint8_t* b = row + c * kQ5_1Bytes;
+      const V d = _mm256_set1_ps(half(b)), m = _mm256_set1_ps(half(b + kQ5_1M));
+      const __m256i hi = bit_bytes(load_u32(b + kQ5_1Qh));
+      V f[4];
+      u8x32(_mm256_or_si256(nibbles32(b + kQ5_1Qs), _mm256_and_si256(hi, _mm256_set1_epi8(16))), f);
+      for (int k = 0; k < 4; ++k) out[k] = _mm256_fmadd_ps(f[k], d, m);
+    } else if constexpr (T == GgmlType::Q2_K) {
+      // Chunk j (0..7) of a super-block: 2-bit fields at shift 2 * (j % 4) of qs[(j / 4) * 32 + l];
+      // scale bytes 2j and 2j + 1 serve its two 16-element halves.
+      const uint8_t* b = row + (c >> 3) * kQ2_KBytes;
+      const int j = static_cast<int>(c & 7);
+      const float d = half(b + kQ2_KD), dmin = half(b + kQ2_KDmin);
+      const __m256i q = _mm256_and_si256(
+          _mm256_srl_epi16(ld256(b + kQ2_KQs + (j >> 2) * 32), _mm_cvtsi32_si128(2 * (j & 3))),
+          _mm256_set1_epi8(3));
+      V f[4];
+      u8x32(q, f);
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t sc = b[2 * j + h];
+        const V dl = _mm256_set1_ps(d * static_cast<float>(sc & 0xF));
+        const V neg_ml = _mm256_set1_ps(-(dmin * static_cast<float>(sc >> 4)));
+        out[2 * h] = _mm256_fmadd_ps(dl, f[2 * h], neg_ml);
+        out[2 * h + 1] = _mm256_fmadd_ps(dl, f[2 * h + 1], neg_ml);
+      }
+    } else if constexpr (T == GgmlType::Q3_K) {
+      // Low 2 bits as Q2_K; the third bit is bit j of hmask[l] (clear: -4).
+      const uint8_t* b = row + (c >> 3) * kQ3_KBytes;
+      const int j = static_cast<int>(c & 7);
+      const float d = half(b + kQ3_KD);
+      const __m256i lo = _mm256_and_si256(
+          _mm256_srl_epi16(ld256(b + kQ3_KQs + (j >> 2) * 32), _mm_cvtsi32_si128(2 * (j & 3))),
+          _mm256_set1_epi8(3));
+      const __m256i hbit = _mm256_and_si256(_mm256_srl_epi16(ld256(b), _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+      // lo - 4 + 4 * hbit, in [-4, 3]
+      const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hbit, 2)), _mm256_set1_epi8(4));
+      V f[4];
+      i8x32(q, f);
+      const V d0 = _mm256_set1_ps(d * static_cast<float>(q3k_scale(2 * j, b + kQ3_KScales)));
+      const V d1 = _mm256_set1_ps(d * static_cast<float>(q3k_scale(2 * j + 1, b + kQ3_KScales)));
+      out[0] = _mm256_mul_ps(d0, f[0]);
+      out[1] = _mm256_mul_ps(d0, f[1]);
+      out[2] = _mm256_mul_ps(d1, f[2]);
+      out[3] = _mm256_mul_ps(d1, f[3]);
+    } else if constexpr (T == GgmlType::Q5_K) {
+      // Sub-block j: nibbles as Q4_K, 5th bit is bit j of qh[l].
+      const uint8_t* b = row + (c >> 3) * kQ5_KBytes;
+      const int j = static_cast<int>(c & 7);
+      int sc, m;
+      q4k_scale_min(j, b + kQ5_KScales, sc, m);
+      const V d = _mm256_set1_ps(half(b) * static_cast<float>(sc));
+      const V neg_min = _mm256_set1_ps(-(half(b + kQ5_KDmin) * static_cast<float>(m)));
+      const __m256i raw = ld256(b + kQ5_KQs + (j >> 1) * 32);
+      const __m256i lo = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+      const __m256i hbit = _mm256_and_si256(_mm256_srl_epi16(ld256(b + kQ5_KQh), _mm_cvtsi32_si128(j)),
+                                            _mm256_set1_epi8(1));
+      V f[4];
+      u8x32(_mm256_or_si256(lo, _mm256_slli_epi16(hbit, 4)), f);
+      for (int k = 0; k < 4; ++k) out[k] = _mm256_fmadd_ps(d, f[k], neg_min);
+    } else if constexpr (T == GgmlType::IQ4_NL) {
+      const uint8_t* b = row + c * kIQ4_NLBytes;
+      const V d = _mm256_set1_ps(half(b));
+      V f[4];
+      i8x32(_mm256_shuffle_epi8(table16(kValuesIq4nl), nibbles32(b + kIQ4_NLQs)), f);
+      for (int k = 0; k < 4; ++k) out[k] = _mm256_mul_ps(d, f[k]);
+    } else if constexpr (T == GgmlType::IQ4_XS) {
+      const uint8_t* b = row + (c >> 3) * kIQ4_XSBytes;
+      const int ib = static_cast<int>(c & 7);
+      const V d = _mm256_set1_ps(half(b) * static_cast<float>(iq4xs_scale(ib, b) - 32));
+      V f[4];
+      i8x32(_mm256_shuffle_epi8(table16(kValuesIq4nl), nibbles32(b + kIQ4_XSQs + 16 * ib)), f);
+      for (int k = 0; k < 4; ++k) out[k] = _mm256_mul_ps(d, f[k]);
+    } else if constexpr (T == GgmlType::MXFP4) {
+      const uint8_t* b = row + c * kMXFP4Bytes;
+      const V d = _mm256_set1_ps(e8m0_to_fp32_half(b[0]));
+      V f[4];
+      i8x32(_mm256_shuffle_epi8(table16(kValuesFp4), nibbles32(b + kMXFP4Qs)), f);
+      for (int k = 0; k < 4; ++k) out[k] = _mm256_mul_ps(f[k], d);
+    } else {
+      static_assert(T == GgmlType::F32 && T != GgmlType::F32, "no AVX2 decoder for this type");
     }
   }
 };

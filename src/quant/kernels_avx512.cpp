@@ -2,6 +2,7 @@
 // chunk is two vectors and the 32-register file allows a 4 rows x 4 tokens tile.
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "core/error.h"
 #include "quant/blocks.h"
@@ -22,12 +23,49 @@
 namespace shardlm::quant_detail {
 namespace {
 
+#define SHARDLM_IQ_TABLE(type, name, size) inline constexpr type name[size] =
+#include "quant/iq_tables.h"
+
 float half(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
 
 __m512 i8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 __m512 u8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 __m128i ld128(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 __m256i ld256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// 32 int8 / uint8 (element order) -> 2 x 16 floats.
+void i8x32(__m256i q, __m512* f) {
+  f[0] = i8x16(_mm256_castsi256_si128(q));
+  f[1] = i8x16(_mm256_extracti128_si256(q, 1));
+}
+void u8x32(__m256i q, __m512* f) {
+  f[0] = u8x16(_mm256_castsi256_si128(q));
+  f[1] = u8x16(_mm256_extracti128_si256(q, 1));
+}
+
+// The 32 nibbles of a 16-byte Q4_0-style group in element order: low nibbles (elements 0..15) in the
+// low lane, high nibbles (16..31) in the high lane.
+__m256i nibbles32(const uint8_t* qs) {
+  const __m128i q = ld128(qs);
+  return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1),
+                          _mm256_set1_epi8(0x0F));
+}
+
+// Byte i = 0xFF where bit i of `bits` is set, else 0 (the 5th bits of Q5_0 / Q5_1).
+__m256i bit_bytes(uint32_t bits) {
+  return _mm256_movm_epi8(bits);  // AVX512BW + VL: mask bit i -> byte i
+}
+
+// A 16-entry int8 table in both lanes, for _mm256_shuffle_epi8 lookups of nibble indices.
+__m256i table16(const int8_t* t) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+}
 
 struct Avx512 {
   using V = __m512;
@@ -103,6 +141,102 @@ struct Avx512 {
       const __m256i q = _mm256_sub_epi8(_mm256_or_si256(ql, _mm256_slli_epi16(qh, 4)), _mm256_set1_epi8(32));
       out[0] = _mm512_mul_ps(_mm512_set1_ps(d * scales[0]), i8x16(_mm256_castsi256_si128(q)));
       out[1] = _mm512_mul_ps(_mm512_set1_ps(d * scales[1]), i8x16(_mm256_extracti128_si256(q, 1)));
+    } else if constexpr (T == GgmlType::Q4_1) {
+      const uint8_t* b = row + c * kQ4_1Bytes;
+      const V d = _mm512_set1_ps(half(b)), m = _mm512_set1_ps(half(b + kQ4_1M));
+      V f[2];
+      u8x32(nibbles32(b + kQ4_1Qs), f);
+      out[0] = _mm512_fmadd_ps(f[0], d, m);
+      out[1] = _mm512_fmadd_ps(f[1], d, m);
+    } else if constexpr (T == GgmlType::Q5_0) {
+      // q - 16 = nibble - (5th bit clear ? 16 : 0), in [-16, 15].
+      const uint8_t* b = row + c * kQ5_0Bytes;
+      const V d = _mm512_set1_ps(half(b));
+      const __m256i hi = bit_bytes(load_u32(b + kQ5_0Qh));
+      V f[2];
+      i8x32(_mm256_sub_epi8(nibbles32(b + kQ5_0Qs), _mm256_andnot_si256(hi, _mm256_set1_epi8(16))), f);
+      out[0] = _mm512_mul_ps(f[0], d);
+      out[1] = _mm512_mul_ps(f[1], d);
+    } else if constexpr (T == GgmlType::Q5_1) {
+      const uint8_t* b = row + c * kQ5_1Bytes;
+      const V d = _mm512_set1_ps(half(b)), m = _mm512_set1_ps(half(b + kQ5_1M));
+      const __m256i hi = bit_bytes(load_u32(b + kQ5_1Qh));
+      V f[2];
+      u8x32(_mm256_or_si256(nibbles32(b + kQ5_1Qs), _mm256_and_si256(hi, _mm256_set1_epi8(16))), f);
+      out[0] = _mm512_fmadd_ps(f[0], d, m);
+      out[1] = _mm512_fmadd_ps(f[1], d, m);
+    } else if constexpr (T == GgmlType::Q2_K) {
+      // Chunk j (0..7) of a super-block: 2-bit fields at shift 2 * (j % 4) of qs[(j / 4) * 32 + l];
+      // scale bytes 2j and 2j + 1 serve its two 16-element halves.
+      const uint8_t* b = row + (c >> 3) * kQ2_KBytes;
+      const int j = static_cast<int>(c & 7);
+      const float d = half(b + kQ2_KD), dmin = half(b + kQ2_KDmin);
+      const __m256i q = _mm256_and_si256(
+          _mm256_srl_epi16(ld256(b + kQ2_KQs + (j >> 2) * 32), _mm_cvtsi32_si128(2 * (j & 3))),
+          _mm256_set1_epi8(3));
+      V f[2];
+      u8x32(q, f);
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t sc = b[2 * j + h];
+        const V dl = _mm512_set1_ps(d * static_cast<float>(sc & 0xF));
+        const V neg_ml = _mm512_set1_ps(-(dmin * static_cast<float>(sc >> 4)));
+        out[h] = _mm512_fmadd_ps(dl, f[h], neg_ml);
+      }
+    } else if constexpr (T == GgmlType::Q3_K) {
+      // Low 2 bits as Q2_K; the third bit is bit j of hmask[l] (clear: -4).
+      const uint8_t* b = row + (c >> 3) * kQ3_KBytes;
+      const int j = static_cast<int>(c & 7);
+      const float d = half(b + kQ3_KD);
+      const __m256i lo = _mm256_and_si256(
+          _mm256_srl_epi16(ld256(b + kQ3_KQs + (j >> 2) * 32), _mm_cvtsi32_si128(2 * (j & 3))),
+          _mm256_set1_epi8(3));
+      const __m256i hbit = _mm256_and_si256(_mm256_srl_epi16(ld256(b), _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+      // lo - 4 + 4 * hbit, in [-4, 3]
+      const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hbit, 2)), _mm256_set1_epi8(4));
+      V f[2];
+      i8x32(q, f);
+      out[0] = _mm512_mul_ps(_mm512_set1_ps(d * static_cast<float>(q3k_scale(2 * j, b + kQ3_KScales))), f[0]);
+      out[1] = _mm512_mul_ps(_mm512_set1_ps(d * static_cast<float>(q3k_scale(2 * j + 1, b + kQ3_KScales))), f[1]);
+    } else if constexpr (T == GgmlType::Q5_K) {
+      // Sub-block j: nibbles as Q4_K, 5th bit is bit j of qh[l].
+      const uint8_t* b = row + (c >> 3) * kQ5_KBytes;
+      const int j = static_cast<int>(c & 7);
+      int sc, m;
+      q4k_scale_min(j, b + kQ5_KScales, sc, m);
+      const V d = _mm512_set1_ps(half(b) * static_cast<float>(sc));
+      const V neg_min = _mm512_set1_ps(-(half(b + kQ5_KDmin) * static_cast<float>(m)));
+      const __m256i raw = ld256(b + kQ5_KQs + (j >> 1) * 32);
+      const __m256i lo = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+      const __m256i hbit = _mm256_and_si256(_mm256_srl_epi16(ld256(b + kQ5_KQh), _mm_cvtsi32_si128(j)),
+                                            _mm256_set1_epi8(1));
+      V f[2];
+      u8x32(_mm256_or_si256(lo, _mm256_slli_epi16(hbit, 4)), f);
+      out[0] = _mm512_fmadd_ps(d, f[0], neg_min);
+      out[1] = _mm512_fmadd_ps(d, f[1], neg_min);
+    } else if constexpr (T == GgmlType::IQ4_NL) {
+      const uint8_t* b = row + c * kIQ4_NLBytes;
+      const V d = _mm512_set1_ps(half(b));
+      V f[2];
+      i8x32(_mm256_shuffle_epi8(table16(kValuesIq4nl), nibbles32(b + kIQ4_NLQs)), f);
+      out[0] = _mm512_mul_ps(d, f[0]);
+      out[1] = _mm512_mul_ps(d, f[1]);
+    } else if constexpr (T == GgmlType::IQ4_XS) {
+      const uint8_t* b = row + (c >> 3) * kIQ4_XSBytes;
+      const int ib = static_cast<int>(c & 7);
+      const V d = _mm512_set1_ps(half(b) * static_cast<float>(iq4xs_scale(ib, b) - 32));
+      V f[2];
+      i8x32(_mm256_shuffle_epi8(table16(kValuesIq4nl), nibbles32(b + kIQ4_XSQs + 16 * ib)), f);
+      out[0] = _mm512_mul_ps(d, f[0]);
+      out[1] = _mm512_mul_ps(d, f[1]);
+    } else if constexpr (T == GgmlType::MXFP4) {
+      const uint8_t* b = row + c * kMXFP4Bytes;
+      const V d = _mm512_set1_ps(e8m0_to_fp32_half(b[0]));
+      V f[2];
+      i8x32(_mm256_shuffle_epi8(table16(kValuesFp4), nibbles32(b + kMXFP4Qs)), f);
+      out[0] = _mm512_mul_ps(f[0], d);
+      out[1] = _mm512_mul_ps(f[1], d);
+    } else {
+      static_assert(T == GgmlType::F32 && T != GgmlType::F32, "no AVX-512 decoder for this type");
     }
   }
 };

@@ -85,6 +85,15 @@ void matmul_dispatch(GgmlType type, const uint8_t* w, size_t stride, int64_t n_r
     case GgmlType::Q4_0: return matmul_type<K, GgmlType::Q4_0>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
     case GgmlType::Q4_K: return matmul_type<K, GgmlType::Q4_K>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
     case GgmlType::Q6_K: return matmul_type<K, GgmlType::Q6_K>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q4_1: return matmul_type<K, GgmlType::Q4_1>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q5_0: return matmul_type<K, GgmlType::Q5_0>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q5_1: return matmul_type<K, GgmlType::Q5_1>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q2_K: return matmul_type<K, GgmlType::Q2_K>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q3_K: return matmul_type<K, GgmlType::Q3_K>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::Q5_K: return matmul_type<K, GgmlType::Q5_K>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ4_NL: return matmul_type<K, GgmlType::IQ4_NL>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ4_XS: return matmul_type<K, GgmlType::IQ4_XS>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::MXFP4: return matmul_type<K, GgmlType::MXFP4>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
     default: break;
   }
   SHARDLM_CHECK(false, "no SIMD kernel for ", type_name(type));
