@@ -12,6 +12,15 @@
 
 namespace shardlm {
 
+// Declared in kernels_tile.h (the prefill path's decoded rows); compiled here, for the baseline ISA.
+namespace quant_detail {
+float* decode_scratch(size_t n) {
+  thread_local std::vector<float> buf;  // grows to the largest request; reused across calls
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+}  // namespace quant_detail
+
 using namespace quant_detail;
 
 namespace {

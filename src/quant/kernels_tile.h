@@ -2,11 +2,12 @@
 // `#pragma GCC target`, and everything here has internal linkage, so each ISA gets its own copy compiled
 // for its instruction set (no inline function can be merged across ISAs by the linker).
 //
-// `K` supplies the vector type V (L float lanes), load/fma/hsum, and decode<T>(row, chunk, out) which
+// `K` supplies the vector type V (L float lanes), load/store/fma/hsum, and decode<T>(row, chunk, out) which
 // dequantizes the C = K::chunk<T>() elements of chunk `chunk` of a weight row into kNv = C / L vectors
 // in registers (32 for most types; a family may pick 64 where that halves per-chunk scale decoding).
 // A tile is R weight rows x TB tokens: each chunk of the R rows is decoded once and multiplied with TB
-// tokens, so prefill reads each weight row from memory once and decodes it once per TB tokens.
+// tokens. With more tokens than one tile holds, the R rows are decoded once into an fp32 scratch buffer
+// and the F32 tiles run every token tile over it, so prefill reads and decodes each weight row once.
 // Every (row, token) dot is one FMA chain over the chunks in order, whatever TB: a token's result is the
 // same bits whether it is alone in a step or one of many (batch invariance: a request gives the same
 // tokens whatever else the engine is running, and a sequence recomputed after preemption continues
@@ -15,6 +16,11 @@
 #pragma once
 
 namespace shardlm::quant_detail {
+
+// A thread-local scratch buffer of at least n floats, valid until the thread's next call (dispatch.cpp:
+// defined there so that no standard-library code is instantiated under a kernel file's ISA pragma).
+float* decode_scratch(size_t n);
+
 namespace {
 
 template <class K, GgmlType T, int R, int TB>
@@ -50,6 +56,29 @@ void rows_all_tokens(const uint8_t* w, size_t stride, int64_t n_chunks, const fl
   if (n_tok == 1) {
     tile<K, T, R, 1>(w, stride, n_chunks, x, ldx, y, ldy);
     return;
+  }
+  if constexpr (T != GgmlType::F32) {
+    if (n_tok > kTb) {
+      // More than one token tile: rather than decoding every chunk again for each tile, decode the R
+      // rows once into fp32 and run the F32 tiles over them. The F32 tiles walk the same vectors in the
+      // same order with the same decoded values, so every dot has the same bits as the direct path
+      // (batch invariance holds across the switch).
+      constexpr int kC = K::template chunk<T>();
+      constexpr int kNv = kC / K::L;
+      const int64_t n_cols = n_chunks * kC;
+      float* buf = decode_scratch(static_cast<size_t>(R * n_cols));  // (R, n_cols) decoded rows
+      for (int r = 0; r < R; ++r) {
+        float* dst = buf + r * n_cols;
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          typename K::V v[kNv];
+          K::template decode<T>(w + r * stride, c, v);
+          for (int k = 0; k < kNv; ++k) K::store(dst + c * kC + k * K::L, v[k]);
+        }
+      }
+      rows_all_tokens<K, GgmlType::F32, R>(reinterpret_cast<const uint8_t*>(buf), n_cols * sizeof(float),
+                                           n_cols / K::template chunk<GgmlType::F32>(), x, ldx, n_tok, y, ldy);
+      return;
+    }
   }
   for (; t + kTb <= n_tok; t += kTb) tile<K, T, R, kTb>(w, stride, n_chunks, x + t * ldx, ldx, y + t * ldy, ldy);
   const float* xt = x + t * ldx;
