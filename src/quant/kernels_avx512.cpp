@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "quant/blocks.h"
+#include "quant/blocks_iq.h"
 #include "quant/kernels.h"
 
 #if defined(__x86_64__)
@@ -60,6 +61,27 @@ __m256i nibbles32(const uint8_t* qs) {
 // Byte i = 0xFF where bit i of `bits` is set, else 0 (the 5th bits of Q5_0 / Q5_1).
 __m256i bit_bytes(uint32_t bits) {
   return _mm256_movm_epi8(bits);  // AVX512BW + VL: mask bit i -> byte i
+}
+
+// Negates byte i of v where bit i of `signs` is set (the IQ grids' sign bits, one per value).
+__m256i apply_signs(__m256i v, uint32_t signs) { return _mm256_mask_sub_epi8(v, signs, _mm256_setzero_si256(), v); }
+
+// Four 8-byte grid points (IQ2 / IQ1 grids) -> 32 bytes in element order.
+__m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3) {
+  return _mm256_setr_epi64x(static_cast<int64_t>(grid[i0]), static_cast<int64_t>(grid[i1]),
+                            static_cast<int64_t>(grid[i2]), static_cast<int64_t>(grid[i3]));
+}
+
+// Eight 4-byte grid points (IQ3 grids) at the 32-bit indices idx -> 32 bytes in element order.
+__m256i grid8(const uint32_t* grid, __m256i idx) {
+  return _mm256_i32gather_epi32(reinterpret_cast<const int*>(grid), idx, 4);
+}
+
+// The sign bytes of the four 8-value groups of an IQ2_XXS / IQ3_XXS sub-block: four 7-bit indices into
+// kKsignsIq2xs in bits 0..27 of aux.
+uint32_t ksigns4(uint32_t aux) {
+  return kKsignsIq2xs[aux & 127] | (kKsignsIq2xs[(aux >> 7) & 127] << 8) |
+         (kKsignsIq2xs[(aux >> 14) & 127] << 16) | (static_cast<uint32_t>(kKsignsIq2xs[(aux >> 21) & 127]) << 24);
 }
 
 // A 16-entry int8 table in both lanes, for _mm256_shuffle_epi8 lookups of nibble indices.
@@ -236,6 +258,104 @@ struct Avx512 {
       i8x32(_mm256_shuffle_epi8(table16(kValuesFp4), nibbles32(b + kMXFP4Qs)), f);
       out[0] = _mm512_mul_ps(f[0], d);
       out[1] = _mm512_mul_ps(f[1], d);
+    } else if constexpr (T == GgmlType::IQ2_XXS) {
+      // Sub-block ib: 4 grid indices (one per 8 values), then a u32 of four 7-bit sign indices and a
+      // 4-bit scale. Grid bytes are small positive integers, so the signed values fit int8.
+      const uint8_t* b = row + (c >> 3) * kIQ2_XXSBytes;
+      const uint8_t* g = b + kIQ2_XXSQs + 8 * (c & 7);
+      const uint32_t aux = load_u32(g + 4);
+      const V db = _mm512_set1_ps(half(b) * (0.5f + static_cast<float>(aux >> 28)) * 0.25f);
+      V f[2];
+      i8x32(apply_signs(grid4(kIq2xxsGrid, g[0], g[1], g[2], g[3]), ksigns4(aux)), f);
+      out[0] = _mm512_mul_ps(db, f[0]);
+      out[1] = _mm512_mul_ps(db, f[1]);
+    } else if constexpr (T == GgmlType::IQ2_XS) {
+      const uint8_t* b = row + (c >> 3) * kIQ2_XSBytes;
+      const int ib = static_cast<int>(c & 7);
+      const uint8_t* q = b + kIQ2_XSQs + 8 * ib;  // 4 u16: 9-bit grid index | 7-bit sign index << 9
+      const uint16_t q0 = load_u16(q), q1 = load_u16(q + 2), q2 = load_u16(q + 4), q3 = load_u16(q + 6);
+      const uint32_t signs = kKsignsIq2xs[q0 >> 9] | (kKsignsIq2xs[q1 >> 9] << 8) | (kKsignsIq2xs[q2 >> 9] << 16) |
+                             (static_cast<uint32_t>(kKsignsIq2xs[q3 >> 9]) << 24);
+      const float d = half(b);
+      const uint8_t sc = b[kIQ2_XSScales + ib];
+      V f[2];
+      i8x32(apply_signs(grid4(kIq2xsGrid, q0 & 511, q1 & 511, q2 & 511, q3 & 511), signs), f);
+      out[0] = _mm512_mul_ps(_mm512_set1_ps(d * (0.5f + static_cast<float>(sc & 0xf)) * 0.25f), f[0]);
+      out[1] = _mm512_mul_ps(_mm512_set1_ps(d * (0.5f + static_cast<float>(sc >> 4)) * 0.25f), f[1]);
+    } else if constexpr (T == GgmlType::IQ2_S) {
+      const uint8_t* b = row + (c >> 3) * kIQ2_SBytes;
+      const int ib = static_cast<int>(c & 7);
+      const uint8_t* qs = b + kIQ2_SQs + 4 * ib;
+      const int qh = b[kIQ2_SQh + ib];
+      const float d = half(b);
+      const uint8_t sc = b[kIQ2_SScales + ib];
+      const __m256i g = grid4(kIq2sGrid, qs[0] | ((qh << 8) & 0x300), qs[1] | ((qh << 6) & 0x300),
+                              qs[2] | ((qh << 4) & 0x300), qs[3] | ((qh << 2) & 0x300));
+      V f[2];
+      i8x32(apply_signs(g, load_u32(b + kIQ2_SSigns + 4 * ib)), f);
+      out[0] = _mm512_mul_ps(_mm512_set1_ps(d * (0.5f + static_cast<float>(sc & 0xf)) * 0.25f), f[0]);
+      out[1] = _mm512_mul_ps(_mm512_set1_ps(d * (0.5f + static_cast<float>(sc >> 4)) * 0.25f), f[1]);
+    } else if constexpr (T == GgmlType::IQ3_XXS) {
+      const uint8_t* b = row + (c >> 3) * kIQ3_XXSBytes;
+      const int ib = static_cast<int>(c & 7);
+      const uint32_t aux = load_u32(b + kIQ3_XXSSigns + 4 * ib);
+      const V db = _mm512_set1_ps(half(b) * (0.5f + static_cast<float>(aux >> 28)) * 0.5f);
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kIQ3_XXSQs + 8 * ib)));
+      V f[2];
+      i8x32(apply_signs(grid8(kIq3xxsGrid, idx), ksigns4(aux)), f);
+      out[0] = _mm512_mul_ps(db, f[0]);
+      out[1] = _mm512_mul_ps(db, f[1]);
+    } else if constexpr (T == GgmlType::IQ3_S) {
+      // Index k (0..7) of sub-block ib: qs[k] | bit k of qh << 8.
+      const uint8_t* b = row + (c >> 3) * kIQ3_SBytes;
+      const int ib = static_cast<int>(c & 7);
+      const uint8_t sc = b[kIQ3_SScales + ib / 2];
+      const V db = _mm512_set1_ps(half(b) * static_cast<float>(1 + 2 * (ib % 2 == 0 ? sc & 0xf : sc >> 4)));
+      const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kIQ3_SQs + 8 * ib)));
+      const __m256i hi = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(b[kIQ3_SQh + ib]),
+                                                            _mm256_setr_epi32(8, 7, 6, 5, 4, 3, 2, 1)),
+                                          _mm256_set1_epi32(0x100));
+      V f[2];
+      i8x32(apply_signs(grid8(kIq3sGrid, _mm256_or_si256(lo, hi)), load_u32(b + kIQ3_SSigns + 4 * ib)), f);
+      out[0] = _mm512_mul_ps(db, f[0]);
+      out[1] = _mm512_mul_ps(db, f[1]);
+    } else if constexpr (T == GgmlType::IQ1_S) {
+      // Grid values are -1, 0, 1; value = dl * (grid + delta), delta = +-1/8 per sub-block.
+      const uint8_t* b = row + (c >> 3) * kIQ1_SBytes;
+      const int ib = static_cast<int>(c & 7);
+      const uint8_t* qs = b + kIQ1_SQs + 4 * ib;
+      const int qh = load_u16(b + kIQ1_SQh + 2 * ib);
+      const V dl = _mm512_set1_ps(half(b) * static_cast<float>(2 * ((qh >> 12) & 7) + 1));
+      const V delta = _mm512_set1_ps(qh & 0x8000 ? -SHARDLM_IQ1S_DELTA : SHARDLM_IQ1S_DELTA);
+      V f[2];
+      i8x32(grid4(kIq1sGrid, qs[0] | ((qh << 8) & 0x700), qs[1] | ((qh << 5) & 0x700), qs[2] | ((qh << 2) & 0x700),
+                  qs[3] | ((qh >> 1) & 0x700)),
+            f);
+      out[0] = _mm512_mul_ps(dl, _mm512_add_ps(f[0], delta));
+      out[1] = _mm512_mul_ps(dl, _mm512_add_ps(f[1], delta));
+    } else if constexpr (T == GgmlType::IQ1_M) {
+      // As IQ1_S, with a 3-bit scale per 16 values and the shift's sign per 8 (qh nibble bit 3).
+      const uint8_t* b = row + (c >> 3) * kIQ1_MBytes;
+      const int ib = static_cast<int>(c & 7);
+      const uint8_t* sp = b + kIQ1_MScales;
+      const uint16_t d16 = static_cast<uint16_t>((load_u16(sp) >> 12) | ((load_u16(sp + 2) >> 8) & 0x00f0) |
+                                                 ((load_u16(sp + 4) >> 4) & 0x0f00) | (load_u16(sp + 6) & 0xf000));
+      const float d = _cvtsh_ss(d16);
+      const int s = load_u16(sp + 2 * (ib / 2)) >> (6 * (ib % 2));
+      const uint8_t* qs = b + kIQ1_MQs + 4 * ib;
+      const int h0 = b[kIQ1_MQh + 2 * ib], h1 = b[kIQ1_MQh + 2 * ib + 1];  // nibbles of groups 0, 1 / 2, 3
+      const int nib[4] = {h0 & 0xf, h0 >> 4, h1 & 0xf, h1 >> 4};
+      V f[2];
+      i8x32(grid4(kIq1sGrid, qs[0] | ((nib[0] & 7) << 8), qs[1] | ((nib[1] & 7) << 8), qs[2] | ((nib[2] & 7) << 8),
+                  qs[3] | ((nib[3] & 7) << 8)),
+            f);
+      for (int h = 0; h < 2; ++h) {
+        const V dl = _mm512_set1_ps(d * static_cast<float>(2 * ((s >> (3 * h)) & 7) + 1));
+        const V delta = _mm512_mask_blend_ps(  // lanes 0..7: group 2h, lanes 8..15: group 2h + 1
+            0xFF00, _mm512_set1_ps(nib[2 * h] & 8 ? -SHARDLM_IQ1S_DELTA : SHARDLM_IQ1S_DELTA),
+            _mm512_set1_ps(nib[2 * h + 1] & 8 ? -SHARDLM_IQ1S_DELTA : SHARDLM_IQ1S_DELTA));
+        out[h] = _mm512_mul_ps(dl, _mm512_add_ps(f[h], delta));
+      }
     } else {
       static_assert(T == GgmlType::F32 && T != GgmlType::F32, "no AVX-512 decoder for this type");
     }

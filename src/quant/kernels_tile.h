@@ -123,6 +123,13 @@ void matmul_dispatch(GgmlType type, const uint8_t* w, size_t stride, int64_t n_r
     case GgmlType::IQ4_NL: return matmul_type<K, GgmlType::IQ4_NL>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
     case GgmlType::IQ4_XS: return matmul_type<K, GgmlType::IQ4_XS>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
     case GgmlType::MXFP4: return matmul_type<K, GgmlType::MXFP4>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ2_XXS: return matmul_type<K, GgmlType::IQ2_XXS>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ2_XS: return matmul_type<K, GgmlType::IQ2_XS>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ2_S: return matmul_type<K, GgmlType::IQ2_S>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ3_XXS: return matmul_type<K, GgmlType::IQ3_XXS>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ3_S: return matmul_type<K, GgmlType::IQ3_S>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ1_S: return matmul_type<K, GgmlType::IQ1_S>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+    case GgmlType::IQ1_M: return matmul_type<K, GgmlType::IQ1_M>(w, stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
     default: break;
   }
   SHARDLM_CHECK(false, "no SIMD kernel for ", type_name(type));
