@@ -1362,11 +1362,12 @@ TEST_F(CudaOps, MemoryAccountingAndErrors) {
   EXPECT_THROW(make_cuda_backend(cuda_device_count(), GgmlType::F16), Error);
   EXPECT_THROW(make_cuda_backend(0, GgmlType::Q8_0), Error);
   EXPECT_TRUE(be_->supports(GgmlType::Q4_K));
-  EXPECT_FALSE(be_->supports(GgmlType::Q5_K));
+  EXPECT_TRUE(be_->supports(GgmlType::Q5_K));  // the generic kernels (test_cuda_weight_types.cpp)
+  EXPECT_FALSE(be_->supports(GgmlType::TQ2_0));
   auto buf = be_->alloc(4096);
   try {
-    be_->matmul(WeightView{GgmlType::Q5_K, 256, 1, 176, buf->data()}, buf->as<float>(), buf->as<float>(), 1);
-    ADD_FAILURE() << "Q5_K accepted";
+    be_->matmul(WeightView{GgmlType::TQ2_0, 256, 1, 66, buf->data()}, buf->as<float>(), buf->as<float>(), 1);
+    ADD_FAILURE() << "TQ2_0 accepted";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::kUnsupported);
   }

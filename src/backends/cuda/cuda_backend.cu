@@ -44,6 +44,8 @@ class CudaBuffer final : public DeviceBuffer {
   std::shared_ptr<std::atomic<int64_t>> counter_;
 };
 
+// F32/F16/BF16, Q8_0/Q4_0/Q4_K/Q6_K (fast matvecs; the packed layout for the quantized four) and the
+// grouped types (kernels.cuh's dq_grouped: the generic kernels everywhere).
 bool is_supported(GgmlType t) {
   switch (t) {
     case GgmlType::F32:
@@ -55,7 +57,7 @@ bool is_supported(GgmlType t) {
     case GgmlType::Q6_K:
       return true;
     default:
-      return false;
+      return dq_grouped(t);
   }
 }
 

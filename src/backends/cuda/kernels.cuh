@@ -26,6 +26,35 @@ struct StepDev {
 // k_cache / v_cache its cache range of n_ctx positions (n_ctx, n_head_kv, head_dim), which is the
 // sequence's one pool block (KvLayerView::block_size positions; the backend offsets the pool to it).
 
+// ---- weight types ----
+// The block types without kernels of their own (every one but Q8_0, Q4_0, Q4_K and Q6_K): "grouped", since
+// in each of them the 8 elements 8g .. 8g+7 share every scale, sign byte and grid entry, which
+// dequant.cuh's dq_group8 decodes together. They take the generic paths: get_rows8, the group matvec
+// (decode and small batches), the group dequantization to 16 bits before cuBLAS (prefill); never packed.
+__host__ __device__ constexpr bool dq_grouped(GgmlType t) {
+  switch (t) {
+    case GgmlType::Q4_1:
+    case GgmlType::Q5_0:
+    case GgmlType::Q5_1:
+    case GgmlType::Q2_K:
+    case GgmlType::Q3_K:
+    case GgmlType::Q5_K:
+    case GgmlType::IQ2_XXS:
+    case GgmlType::IQ2_XS:
+    case GgmlType::IQ2_S:
+    case GgmlType::IQ3_XXS:
+    case GgmlType::IQ3_S:
+    case GgmlType::IQ1_S:
+    case GgmlType::IQ1_M:
+    case GgmlType::IQ4_NL:
+    case GgmlType::IQ4_XS:
+    case GgmlType::MXFP4:
+      return true;
+    default:
+      return false;
+  }
+}
+
 // ---- matrix-vector (decode) ----
 // Whether the fast kernels handle this layout (else matvec falls back to a simple, slower kernel).
 bool matvec_fast_path(GgmlType type, const void* w, size_t row_stride, int64_t n_cols);

@@ -13,6 +13,8 @@
 // chunks of 32 "units" per row into shared memory with aligned 16-byte cp.async copies covering them
 // (a 3-stage ring: two chunks in flight while one is decoded), then every lane decodes one unit (32
 // or 64 elements) from there.
+// The other block types (kernels.cuh's dq_grouped: Q4_1 ... IQ1_M, MXFP4) take matvec_group8_kernel, a
+// simpler kernel that decodes 8-element runs with dequant.cuh's dq_group8.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -800,6 +802,68 @@ __global__ void matvec_generic_kernel(GgmlType type, const uint8_t* __restrict__
   if (lane == 0) y[row] = acc;
 }
 
+// The grouped types (kernels.cuh's dq_grouped: Q4_1 ... IQ1_M, MXFP4), which have no fast kernel: one warp
+// per row, each lane decodes runs of 8 elements with dq_group8 (a warp step covers 256 columns: one
+// super-block of the K/IQ types, eight blocks of the 32-element ones), so every scale and grid entry is
+// decoded once per 8 elements. A lane decodes U runs (U warp steps) before it multiplies, so that U runs'
+// loads are in flight together: the decode is a chain of dependent loads (scales, then grid entries), and
+// one run at a time left the kernel waiting on it. Weights are read as bytes or through ld8 (rows of these
+// types may start at any address); x as two float4 per run when it is 16-byte aligned (x_vec), else element
+// by element (a warp's scalar loads of 8-element runs touch 8 cache lines each: four times the L1 work).
+template <GgmlType T, int U>
+__global__ void __launch_bounds__(256) matvec_group8_kernel(
+    const uint8_t* __restrict__ w /* (n_rows, row_stride) */, size_t row_stride, int64_t n_rows,
+    int64_t n_grp /* n_cols / 8 */, const float* __restrict__ x /* (n_cols) */, bool x_vec,
+    float* __restrict__ y /* (n_rows) */) {
+  pdl_enter();
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= n_rows) return;
+  const uint8_t* p = w + static_cast<size_t>(row) * row_stride;
+  float acc = 0.0f;
+  for (int64_t g0 = lane; g0 < n_grp; g0 += 32 * U) {
+    float v[U][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (g0 + 32 * u < n_grp) dq_group8(T, p, g0 + 32 * u, v[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t g = g0 + 32 * u;
+      if (g < n_grp) {
+        float xs[8];
+        if (x_vec) {
+          const float4 a = __ldg(reinterpret_cast<const float4*>(x + 8 * g));
+          const float4 b = __ldg(reinterpret_cast<const float4*>(x + 8 * g) + 1);
+          xs[0] = a.x;
+          xs[1] = a.y;
+          xs[2] = a.z;
+          xs[3] = a.w;
+          xs[4] = b.x;
+          xs[5] = b.y;
+          xs[6] = b.z;
+          xs[7] = b.w;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xs[i] = __ldg(x + 8 * g + i);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc = fmaf(v[u][i], xs[i], acc);
+      }
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) y[row] = acc;
+}
+
+template <GgmlType T>
+void launch_group8(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
+                   cudaStream_t s) {
+  constexpr int kWarps = 8, kU = 4;
+  launch_pdl(matvec_group8_kernel<T, kU>, dim3(static_cast<unsigned>((n_rows + kWarps - 1) / kWarps)), dim3(kWarps * 32),
+             0, s, static_cast<const uint8_t*>(w), stride, n_rows, n_cols / 8, x, aligned16(x), y);
+  SHARDLM_CUDA_CHECK_LAUNCH("matvec_group8_kernel");
+}
+
 MvGroup one_group(const void* w, size_t stride, int64_t n_rows, float* y) {
   MvGroup g;
   g.n = 1;
@@ -965,6 +1029,27 @@ bool launch_matvec_group(GgmlType type, int n, const void* const* w, const size_
 void launch_matvec(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                    const float* x, float* y, cudaStream_t s, bool force_generic) {
   if (n_rows <= 0) return;
+  if (n_cols % 8 == 0) {  // the grouped types, with or without force_generic: they have no other kernel
+    switch (type) {
+      case GgmlType::Q4_1: return launch_group8<GgmlType::Q4_1>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::Q5_0: return launch_group8<GgmlType::Q5_0>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::Q5_1: return launch_group8<GgmlType::Q5_1>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::Q2_K: return launch_group8<GgmlType::Q2_K>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::Q3_K: return launch_group8<GgmlType::Q3_K>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::Q5_K: return launch_group8<GgmlType::Q5_K>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ2_XXS: return launch_group8<GgmlType::IQ2_XXS>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ2_XS: return launch_group8<GgmlType::IQ2_XS>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ2_S: return launch_group8<GgmlType::IQ2_S>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ3_XXS: return launch_group8<GgmlType::IQ3_XXS>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ3_S: return launch_group8<GgmlType::IQ3_S>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ1_S: return launch_group8<GgmlType::IQ1_S>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ1_M: return launch_group8<GgmlType::IQ1_M>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ4_NL: return launch_group8<GgmlType::IQ4_NL>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::IQ4_XS: return launch_group8<GgmlType::IQ4_XS>(w, row_stride, n_rows, n_cols, x, y, s);
+      case GgmlType::MXFP4: return launch_group8<GgmlType::MXFP4>(w, row_stride, n_rows, n_cols, x, y, s);
+      default: break;  // not grouped (a grouped type without a case would take the element kernel below)
+    }
+  }
   if (force_generic || !matvec_fast_path(type, w, row_stride, n_cols)) {
     const int warps = 8;
     launch_pdl(matvec_generic_kernel, dim3(static_cast<unsigned>((n_rows + warps - 1) / warps)), dim3(warps * 32), 0, s, 

@@ -884,6 +884,25 @@ __global__ void get_rows_kernel(GgmlType type, const uint8_t* __restrict__ table
     o[c] = ok ? dq_elem(type, row, c) : __int_as_float(0x7fc00000);
 }
 
+// The grouped types (dequant.cuh): one thread per run of 8 elements, so that each scale and grid entry is
+// decoded once per 8 elements rather than once per element.
+__global__ void get_rows8_kernel(GgmlType type, const uint8_t* __restrict__ table /* (n_rows, row_stride) */,
+                                 size_t row_stride, int64_t n_rows, int64_t n_grp /* n_cols / 8 */,
+                                 const int32_t* __restrict__ ids /* (n_tok) */, float* __restrict__ out /* (n_tok, n_cols) */) {
+  const int64_t t = blockIdx.y;
+  const int64_t id = ids[t];
+  float* o = out + t * n_grp * 8;
+  const bool ok = id >= 0 && id < n_rows;  // the host validates ids; a bad one yields NaN, never a fault
+  const uint8_t* row = table + static_cast<size_t>(ok ? id : 0) * row_stride;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < n_grp;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v[8];
+    dq_group8(type, row, g, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[8 * g + i] = ok ? v[i] : __int_as_float(0x7fc00000);
+  }
+}
+
 __global__ void dequant_rows_kernel(GgmlType type, const uint8_t* __restrict__ w /* (rows, row_stride) */,
                                     size_t row_stride, int64_t row0, int64_t n_rows, int64_t n_cols,
                                     uint16_t* __restrict__ dst /* (n_rows, n_cols) */, bool to_bf16) {
@@ -968,6 +987,27 @@ __global__ void dequant_rows_fast_kernel(const uint8_t* __restrict__ w /* (rows,
     for (int i = 0; i < 4; ++i)
       p[i] = static_cast<uint32_t>(to16(v[2 * i], to_bf16)) | (static_cast<uint32_t>(to16(v[2 * i + 1], to_bf16)) << 16);
     reinterpret_cast<uint4*>(dst + r * n_oct * 8)[g] = make_uint4(p[0], p[1], p[2], p[3]);
+  }
+}
+
+// The grouped types (dequant.cuh): each thread decodes 8 consecutive elements and writes them with one
+// 16-byte store (dst 16-byte aligned; n_cols is a multiple of 32 for these types). Rows are walked with
+// blockIdx.y steps, so any number of rows fits the grid.
+__global__ void dequant_rows8_kernel(GgmlType type, const uint8_t* __restrict__ w /* (rows, row_stride) */,
+                                     size_t row_stride, int64_t row0, int64_t n_rows, int64_t n_grp /* n_cols / 8 */,
+                                     uint16_t* __restrict__ dst /* (n_rows, n_cols) */, bool to_bf16) {
+  for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
+    const uint8_t* row = w + static_cast<size_t>(row0 + r) * row_stride;
+    for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < n_grp;
+         g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      float v[8];
+      dq_group8(type, row, g, v);
+      uint32_t p[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        p[i] = static_cast<uint32_t>(to16(v[2 * i], to_bf16)) | (static_cast<uint32_t>(to16(v[2 * i + 1], to_bf16)) << 16);
+      reinterpret_cast<uint4*>(dst + r * n_grp * 8)[g] = make_uint4(p[0], p[1], p[2], p[3]);
+    }
   }
 }
 
@@ -1145,6 +1185,45 @@ __global__ void fill_random_kernel(GgmlType type, uint8_t* __restrict__ dst /* (
       default: break;
     }
     *p = v;
+  }
+}
+
+// Byte offsets of a grouped type's fp16 scale fields in its block (-1: none; MXFP4 and IQ1_M: see below).
+__device__ __forceinline__ void grouped_f16_fields(GgmlType type, int& f0, int& f1) {
+  f0 = 0;
+  f1 = -1;
+  switch (type) {
+    case GgmlType::Q4_1: case GgmlType::Q5_1: case GgmlType::Q5_K: f1 = 2; break;
+    case GgmlType::Q2_K: f0 = 80; f1 = 82; break;
+    case GgmlType::Q3_K: f0 = 108; break;
+    case GgmlType::MXFP4: case GgmlType::IQ1_M: f0 = -1; break;
+    default: break;  // fp16 d at offset 0
+  }
+}
+// The grouped types: random bytes (every quant, index and sign pattern occurs), then each fp16 scale field
+// (and MXFP4's exponent, IQ1_M's scale nibbles) set to a finite value of realistic size. One thread per byte:
+// rows of these types may have any length (MXFP4's 17-byte blocks).
+__global__ void fill_random_grouped_kernel(GgmlType type, uint8_t* __restrict__ dst /* (n_rows, row_stride) */,
+                                           int64_t n_rows, size_t row_stride, int64_t row_bytes, int64_t block_bytes,
+                                           uint64_t seed) {
+  const int64_t total = n_rows * row_bytes;
+  int f0, f1;
+  grouped_f16_fields(type, f0, f1);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / row_bytes, off = i % row_bytes, ob = off % block_bytes;
+    const uint64_t key = seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(i);
+    uint8_t v = static_cast<uint8_t>(hash32(key));
+    // One scale per block (the same for each of its bytes): 0.001 .. 0.003, random sign.
+    const uint64_t bkey = (seed * 0x9E3779B97F4A7C15ULL) ^ (static_cast<uint64_t>(r * row_bytes + off - ob) * 0xD6E8FEB86659FD93ULL);
+    const uint16_t h = __half_as_ushort(__float2half_rn(0.002f * (1.0f + 0.5f * unit_rand(bkey)) *
+                                                        ((hash32(bkey ^ 0x77) & 1) ? -1.0f : 1.0f)));
+    if ((f0 >= 0 && ob == f0) || (f1 >= 0 && ob == f1)) v = static_cast<uint8_t>(h & 0xFF);
+    if ((f0 >= 0 && ob == f0 + 1) || (f1 >= 0 && ob == f1 + 1)) v = static_cast<uint8_t>(h >> 8);
+    if (type == GgmlType::MXFP4 && ob == 0) v = static_cast<uint8_t>(118 + (hash32(bkey) & 3));  // 2^-10 .. 2^-7
+    if (type == GgmlType::IQ1_M && ob >= 49 && ob % 2 == 1)  // top nibble of scales u16 t = (ob - 49) / 2: nibble t of d
+      v = static_cast<uint8_t>((v & 0x0F) | (((h >> (4 * ((ob - 49) / 2))) & 0xF) << 4));
+    dst[static_cast<size_t>(r) * row_stride + off] = v;
   }
 }
 
@@ -1374,6 +1453,14 @@ bool launch_attention_prefill(GgmlType kv_type, const float* q, const void* k_ca
 void launch_get_rows(GgmlType type, const void* table, size_t row_stride, int64_t n_rows_table, int64_t n_cols,
                      const int32_t* ids, int64_t n_tok, float* out, cudaStream_t s) {
   if (n_tok <= 0) return;
+  if (dq_grouped(type) && n_cols % 8 == 0) {
+    const int64_t n_grp = n_cols / 8;
+    const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>((n_grp + 255) / 256, 1, 64)), static_cast<unsigned>(n_tok));
+    get_rows8_kernel<<<grid, 256, 0, s>>>(type, static_cast<const uint8_t*>(table), row_stride, n_rows_table, n_grp,
+                                          ids, out);
+    SHARDLM_CUDA_CHECK_LAUNCH("get_rows8_kernel");
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>((n_cols + 255) / 256, 1, 64)), static_cast<unsigned>(n_tok));
   get_rows_kernel<<<grid, 256, 0, s>>>(type, static_cast<const uint8_t*>(table), row_stride, n_rows_table, n_cols, ids,
                                        out);
@@ -1404,6 +1491,15 @@ void launch_dequant_rows(GgmlType type, const void* w, size_t row_stride, int64_
       case GgmlType::Q6_K: return dequant_fast<GgmlType::Q6_K>(w, row_stride, row0, n_rows, n_cols, dst, to_bf16, s);
       default: break;
     }
+  }
+  if (dq_grouped(type) && n_cols % 8 == 0 && aligned16(dst)) {
+    const int64_t n_grp = n_cols / 8;
+    const dim3 grid(static_cast<unsigned>(std::clamp<int64_t>((n_grp + 127) / 128, 1, 64)),
+                    static_cast<unsigned>(std::min<int64_t>(n_rows, 65535)));
+    dequant_rows8_kernel<<<grid, 128, 0, s>>>(type, static_cast<const uint8_t*>(w), row_stride, row0, n_rows, n_grp,
+                                              static_cast<uint16_t*>(dst), to_bf16);
+    SHARDLM_CUDA_CHECK_LAUNCH("dequant_rows8_kernel");
+    return;
   }
   dequant_rows_kernel<<<grid_for(total, 256), 256, 0, s>>>(type, static_cast<const uint8_t*>(w), row_stride, row0,
                                                            n_rows, n_cols, static_cast<uint16_t*>(dst), to_bf16);
@@ -1472,6 +1568,12 @@ void launch_fill_random(GgmlType type, void* dst, int64_t n_rows, size_t row_str
                         cudaStream_t s) {
   const auto& tt = type_traits(type);
   const int64_t row_bytes = n_cols / tt.block_size * tt.type_size;
+  if (dq_grouped(type)) {
+    fill_random_grouped_kernel<<<grid_for(n_rows * row_bytes, 256), 256, 0, s>>>(
+        type, static_cast<uint8_t*>(dst), n_rows, row_stride, row_bytes, tt.type_size, seed);
+    SHARDLM_CUDA_CHECK_LAUNCH("fill_random_grouped_kernel");
+    return;
+  }
   const int64_t block_bytes = tt.block_size == 1 ? 4 : tt.type_size;
   fill_random_kernel<<<grid_for(n_rows * row_bytes / 2, 256), 256, 0, s>>>(
       type, static_cast<uint8_t*>(dst), n_rows, row_stride, row_bytes, block_bytes, seed);
