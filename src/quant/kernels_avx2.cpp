@@ -82,6 +82,11 @@ __m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3) {
                             static_cast<int64_t>(grid[i2]), static_cast<int64_t>(grid[i3]));
 }
 
+// 8 bytes -> 8 uint32 lanes (grid indices).
+__m256i u8x8_epi32(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 // Eight 4-byte grid points (IQ3 grids) at the 32-bit indices idx -> 32 bytes in element order.
 __m256i grid8(const uint32_t* grid, __m256i idx) {
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(grid), idx, 4);
@@ -90,8 +95,20 @@ __m256i grid8(const uint32_t* grid, __m256i idx) {
 // The sign bytes of the four 8-value groups of an IQ2_XXS / IQ3_XXS sub-block: four 7-bit indices into
 // kKsignsIq2xs in bits 0..27 of aux.
 uint32_t ksigns4(uint32_t aux) {
-  return kKsignsIq2xs[aux & 127] | (kKsignsIq2xs[(aux >> 7) & 127] << 8) |
-         (kKsignsIq2xs[(aux >> 14) & 127] << 16) | (static_cast<uint32_t>(kKsignsIq2xs[(aux >> 21) & 127]) << 24);
+  return kKsignsIq2xs[aux & 127] | (kKsignsIq2xs[(aux >> 7) & 127] << 8) | (kKsignsIq2xs[(aux >> 14) & 127] << 16) |
+         (static_cast<uint32_t>(kKsignsIq2xs[(aux >> 21) & 127]) << 24);
+}
+
+// The IQ1 shift +-SHARDLM_IQ1S_DELTA with sign bit `sign` (0 or 0x80000000): built from bits, as a
+// data-dependent choice between two floats compiles to a branch that random sign bits mispredict.
+float iq1_delta(uint32_t sign) {
+  const float pos = SHARDLM_IQ1S_DELTA;
+  uint32_t bits;
+  std::memcpy(&bits, &pos, sizeof bits);
+  bits |= sign;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
 
 // A 16-entry int8 table in both lanes, for _mm256_shuffle_epi8 lookups of nibble indices.
@@ -252,7 +269,8 @@ struct Avx2 {
       const V d = _mm256_set1_ps(half(b) * static_cast<float>(sc));
       const V neg_min = _mm256_set1_ps(-(half(b + kQ5_KDmin) * static_cast<float>(m)));
       const __m256i raw = ld256(b + kQ5_KQs + (j >> 1) * 32);
-      const __m256i lo = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+      const __m256i lo =
+          _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(4 * (j & 1))), _mm256_set1_epi8(0x0F));
       const __m256i hbit = _mm256_and_si256(_mm256_srl_epi16(ld256(b + kQ5_KQh), _mm_cvtsi32_si128(j)),
                                             _mm256_set1_epi8(1));
       V f[4];
@@ -326,7 +344,7 @@ struct Avx2 {
       const int ib = static_cast<int>(c & 7);
       const uint32_t aux = load_u32(b + kIQ3_XXSSigns + 4 * ib);
       const V db = _mm256_set1_ps(half(b) * (0.5f + static_cast<float>(aux >> 28)) * 0.5f);
-      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kIQ3_XXSQs + 8 * ib)));
+      const __m256i idx = u8x8_epi32(b + kIQ3_XXSQs + 8 * ib);
       V f[4];
       i8x32(apply_signs(grid8(kIq3xxsGrid, idx), ksigns4(aux)), f);
       for (int k = 0; k < 4; ++k) out[k] = _mm256_mul_ps(db, f[k]);
@@ -335,8 +353,8 @@ struct Avx2 {
       const uint8_t* b = row + (c >> 3) * kIQ3_SBytes;
       const int ib = static_cast<int>(c & 7);
       const uint8_t sc = b[kIQ3_SScales + ib / 2];
-      const V db = _mm256_set1_ps(half(b) * static_cast<float>(1 + 2 * (ib % 2 == 0 ? sc & 0xf : sc >> 4)));
-      const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kIQ3_SQs + 8 * ib)));
+      const V db = _mm256_set1_ps(half(b) * static_cast<float>(1 + 2 * ((sc >> (4 * (ib & 1))) & 0xf)));
+      const __m256i lo = u8x8_epi32(b + kIQ3_SQs + 8 * ib);
       const __m256i hi = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(b[kIQ3_SQh + ib]),
                                                             _mm256_setr_epi32(8, 7, 6, 5, 4, 3, 2, 1)),
                                           _mm256_set1_epi32(0x100));
@@ -350,7 +368,7 @@ struct Avx2 {
       const uint8_t* qs = b + kIQ1_SQs + 4 * ib;
       const int qh = load_u16(b + kIQ1_SQh + 2 * ib);
       const V dl = _mm256_set1_ps(half(b) * static_cast<float>(2 * ((qh >> 12) & 7) + 1));
-      const V delta = _mm256_set1_ps(qh & 0x8000 ? -SHARDLM_IQ1S_DELTA : SHARDLM_IQ1S_DELTA);
+      const V delta = _mm256_set1_ps(iq1_delta(static_cast<uint32_t>(qh & 0x8000) << 16));
       V f[4];
       i8x32(grid4(kIq1sGrid, qs[0] | ((qh << 8) & 0x700), qs[1] | ((qh << 5) & 0x700), qs[2] | ((qh << 2) & 0x700),
                   qs[3] | ((qh >> 1) & 0x700)),
@@ -374,9 +392,10 @@ struct Avx2 {
             f);
       const V dl[2] = {_mm256_set1_ps(d * static_cast<float>(2 * (s & 7) + 1)),
                        _mm256_set1_ps(d * static_cast<float>(2 * ((s >> 3) & 7) + 1))};
-      for (int k = 0; k < 4; ++k)
-        out[k] = _mm256_mul_ps(dl[k / 2],
-                               _mm256_add_ps(f[k], _mm256_set1_ps(nib[k] & 8 ? -SHARDLM_IQ1S_DELTA : SHARDLM_IQ1S_DELTA)));
+      for (int k = 0; k < 4; ++k) {
+        const V delta = _mm256_set1_ps(iq1_delta(static_cast<uint32_t>(nib[k] & 8) << 28));
+        out[k] = _mm256_mul_ps(dl[k / 2], _mm256_add_ps(f[k], delta));
+      }
     } else {
       static_assert(T == GgmlType::F32 && T != GgmlType::F32, "no AVX2 decoder for this type");
     }

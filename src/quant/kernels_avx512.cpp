@@ -72,6 +72,11 @@ __m256i grid4(const uint64_t* grid, int i0, int i1, int i2, int i3) {
                             static_cast<int64_t>(grid[i2]), static_cast<int64_t>(grid[i3]));
 }
 
+// 8 bytes -> 8 uint32 lanes (grid indices).
+__m256i u8x8_epi32(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 // Eight 4-byte grid points (IQ3 grids) at the 32-bit indices idx -> 32 bytes in element order.
 __m256i grid8(const uint32_t* grid, __m256i idx) {
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(grid), idx, 4);
@@ -80,8 +85,20 @@ __m256i grid8(const uint32_t* grid, __m256i idx) {
 // The sign bytes of the four 8-value groups of an IQ2_XXS / IQ3_XXS sub-block: four 7-bit indices into
 // kKsignsIq2xs in bits 0..27 of aux.
 uint32_t ksigns4(uint32_t aux) {
-  return kKsignsIq2xs[aux & 127] | (kKsignsIq2xs[(aux >> 7) & 127] << 8) |
-         (kKsignsIq2xs[(aux >> 14) & 127] << 16) | (static_cast<uint32_t>(kKsignsIq2xs[(aux >> 21) & 127]) << 24);
+  return kKsignsIq2xs[aux & 127] | (kKsignsIq2xs[(aux >> 7) & 127] << 8) | (kKsignsIq2xs[(aux >> 14) & 127] << 16) |
+         (static_cast<uint32_t>(kKsignsIq2xs[(aux >> 21) & 127]) << 24);
+}
+
+// The IQ1 shift +-SHARDLM_IQ1S_DELTA with sign bit `sign` (0 or 0x80000000): built from bits, as a
+// data-dependent choice between two floats compiles to a branch that random sign bits mispredict.
+float iq1_delta(uint32_t sign) {
+  const float pos = SHARDLM_IQ1S_DELTA;
+  uint32_t bits;
+  std::memcpy(&bits, &pos, sizeof bits);
+  bits |= sign;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
 
 // A 16-entry int8 table in both lanes, for _mm256_shuffle_epi8 lookups of nibble indices.
@@ -229,7 +246,8 @@ struct Avx512 {
       const V d = _mm512_set1_ps(half(b) * static_cast<float>(sc));
       const V neg_min = _mm512_set1_ps(-(half(b + kQ5_KDmin) * static_cast<float>(m)));
       const __m256i raw = ld256(b + kQ5_KQs + (j >> 1) * 32);
-      const __m256i lo = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+      const __m256i lo =
+          _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(4 * (j & 1))), _mm256_set1_epi8(0x0F));
       const __m256i hbit = _mm256_and_si256(_mm256_srl_epi16(ld256(b + kQ5_KQh), _mm_cvtsi32_si128(j)),
                                             _mm256_set1_epi8(1));
       V f[2];
@@ -300,7 +318,7 @@ struct Avx512 {
       const int ib = static_cast<int>(c & 7);
       const uint32_t aux = load_u32(b + kIQ3_XXSSigns + 4 * ib);
       const V db = _mm512_set1_ps(half(b) * (0.5f + static_cast<float>(aux >> 28)) * 0.5f);
-      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kIQ3_XXSQs + 8 * ib)));
+      const __m256i idx = u8x8_epi32(b + kIQ3_XXSQs + 8 * ib);
       V f[2];
       i8x32(apply_signs(grid8(kIq3xxsGrid, idx), ksigns4(aux)), f);
       out[0] = _mm512_mul_ps(db, f[0]);
@@ -310,8 +328,8 @@ struct Avx512 {
       const uint8_t* b = row + (c >> 3) * kIQ3_SBytes;
       const int ib = static_cast<int>(c & 7);
       const uint8_t sc = b[kIQ3_SScales + ib / 2];
-      const V db = _mm512_set1_ps(half(b) * static_cast<float>(1 + 2 * (ib % 2 == 0 ? sc & 0xf : sc >> 4)));
-      const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + kIQ3_SQs + 8 * ib)));
+      const V db = _mm512_set1_ps(half(b) * static_cast<float>(1 + 2 * ((sc >> (4 * (ib & 1))) & 0xf)));
+      const __m256i lo = u8x8_epi32(b + kIQ3_SQs + 8 * ib);
       const __m256i hi = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(b[kIQ3_SQh + ib]),
                                                             _mm256_setr_epi32(8, 7, 6, 5, 4, 3, 2, 1)),
                                           _mm256_set1_epi32(0x100));
@@ -326,7 +344,7 @@ struct Avx512 {
       const uint8_t* qs = b + kIQ1_SQs + 4 * ib;
       const int qh = load_u16(b + kIQ1_SQh + 2 * ib);
       const V dl = _mm512_set1_ps(half(b) * static_cast<float>(2 * ((qh >> 12) & 7) + 1));
-      const V delta = _mm512_set1_ps(qh & 0x8000 ? -SHARDLM_IQ1S_DELTA : SHARDLM_IQ1S_DELTA);
+      const V delta = _mm512_set1_ps(iq1_delta(static_cast<uint32_t>(qh & 0x8000) << 16));
       V f[2];
       i8x32(grid4(kIq1sGrid, qs[0] | ((qh << 8) & 0x700), qs[1] | ((qh << 5) & 0x700), qs[2] | ((qh << 2) & 0x700),
                   qs[3] | ((qh >> 1) & 0x700)),
@@ -352,8 +370,8 @@ struct Avx512 {
       for (int h = 0; h < 2; ++h) {
         const V dl = _mm512_set1_ps(d * static_cast<float>(2 * ((s >> (3 * h)) & 7) + 1));
         const V delta = _mm512_mask_blend_ps(  // lanes 0..7: group 2h, lanes 8..15: group 2h + 1
-            0xFF00, _mm512_set1_ps(nib[2 * h] & 8 ? -SHARDLM_IQ1S_DELTA : SHARDLM_IQ1S_DELTA),
-            _mm512_set1_ps(nib[2 * h + 1] & 8 ? -SHARDLM_IQ1S_DELTA : SHARDLM_IQ1S_DELTA));
+            0xFF00, _mm512_set1_ps(iq1_delta(static_cast<uint32_t>(nib[2 * h] & 8) << 28)),
+            _mm512_set1_ps(iq1_delta(static_cast<uint32_t>(nib[2 * h + 1] & 8) << 28)));
         out[h] = _mm512_mul_ps(dl, _mm512_add_ps(f[h], delta));
       }
     } else {

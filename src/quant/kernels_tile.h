@@ -6,8 +6,8 @@
 // dequantizes the C = K::chunk<T>() elements of chunk `chunk` of a weight row into kNv = C / L vectors
 // in registers (32 for most types; a family may pick 64 where that halves per-chunk scale decoding).
 // A tile is R weight rows x TB tokens: each chunk of the R rows is decoded once and multiplied with TB
-// tokens. With more tokens than one tile holds, the R rows are decoded once into an fp32 scratch buffer
-// and the F32 tiles run every token tile over it, so prefill reads and decodes each weight row once.
+// tokens. With more tokens than one tile holds, the R rows of a block type are decoded once into an fp32
+// scratch buffer and the F32 tiles run every token tile over it, so prefill decodes each row once.
 // Every (row, token) dot is one FMA chain over the chunks in order, whatever TB: a token's result is the
 // same bits whether it is alone in a step or one of many (batch invariance: a request gives the same
 // tokens whatever else the engine is running, and a sequence recomputed after preemption continues
@@ -57,12 +57,13 @@ void rows_all_tokens(const uint8_t* w, size_t stride, int64_t n_chunks, const fl
     tile<K, T, R, 1>(w, stride, n_chunks, x, ldx, y, ldy);
     return;
   }
-  if constexpr (T != GgmlType::F32) {
+  if constexpr (T != GgmlType::F32 && T != GgmlType::F16 && T != GgmlType::BF16) {
     if (n_tok > kTb) {
-      // More than one token tile: rather than decoding every chunk again for each tile, decode the R
-      // rows once into fp32 and run the F32 tiles over them. The F32 tiles walk the same vectors in the
-      // same order with the same decoded values, so every dot has the same bits as the direct path
-      // (batch invariance holds across the switch).
+      // More than one token tile of a block type: rather than decoding every chunk again for each tile,
+      // decode the R rows once into fp32 and run the F32 tiles over them. The F32 tiles walk the same
+      // vectors in the same order with the same decoded values, so every dot has the same bits as the
+      // direct path (batch invariance holds across the switch). F16/BF16 convert in one or two
+      // instructions, no dearer than reloading the buffer, so they stay direct.
       constexpr int kC = K::template chunk<T>();
       constexpr int kNv = kC / K::L;
       const int64_t n_cols = n_chunks * kC;
