@@ -109,10 +109,14 @@ const char* cpu_isa_name(CpuIsa isa) {
 
 #if defined(__x86_64__) || defined(__i386__)
 namespace {
-// F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c".
+// F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c". Asked once:
+// every kernel call checks its family, and CPUID traps to the hypervisor in a VM (microseconds a call).
 bool cpu_has_f16c() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+  }();
+  return has;
 }
 }  // namespace
 #endif
