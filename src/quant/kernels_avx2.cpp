@@ -1,6 +1,11 @@
 // AVX2 + FMA + F16C kernels: weights are dequantized to fp32 in registers, 32 elements (4 vectors) at a
 // time, and multiplied with fp32 activations. Compiled for that ISA via the pragma below and only called
 // after dispatch.cpp checked __builtin_cpu_supports, so the rest of the library stays baseline x86-64.
+//
+// Every decoded value is the reference dequantizer's (quant_ref.cpp, codec_*.cpp) bit for bit: in every
+// format a value is an fp16 (or e8m0) scale times small integers (or IQ1's +-1/8-shifted ones), a product
+// of at most 24 significant bits that fp32 holds exactly, so fused and separate multiply-adds round alike
+// and the order of the multiplications does not matter.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>

@@ -1,5 +1,10 @@
 // AVX-512 (F, BW, VL) kernels: same structure as the AVX2 family with 16-lane vectors, so a 32-element
 // chunk is two vectors and the 32-register file allows a 4 rows x 4 tokens tile.
+//
+// Every decoded value is the reference dequantizer's (quant_ref.cpp, codec_*.cpp) bit for bit: in every
+// format a value is an fp16 (or e8m0) scale times small integers (or IQ1's +-1/8-shifted ones), a product
+// of at most 24 significant bits that fp32 holds exactly, so fused and separate multiply-adds round alike
+// and the order of the multiplications does not matter.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
