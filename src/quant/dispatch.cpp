@@ -25,38 +25,9 @@ using namespace quant_detail;
 
 namespace {
 
+// Every compute type has a reference codec and a register decoder in each SIMD family
+// (kernels_tile.h's matmul_dispatch; test_quant_kernels covers each type on each family).
 bool has_kernels(GgmlType t) { return type_traits(t).compute; }
-
-// Types whose chunks the SIMD families decode in registers (kernels_tile.h's matmul_dispatch).
-bool has_simd_decode(GgmlType t) {
-  switch (t) {
-    case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: case GgmlType::Q8_0:
-    case GgmlType::Q4_0: case GgmlType::Q4_K: case GgmlType::Q6_K: case GgmlType::Q4_1: case GgmlType::Q5_0:
-    case GgmlType::Q5_1: case GgmlType::Q2_K: case GgmlType::Q3_K: case GgmlType::Q5_K: case GgmlType::IQ4_NL:
-    case GgmlType::IQ4_XS: case GgmlType::MXFP4: case GgmlType::IQ2_XXS: case GgmlType::IQ2_XS: case GgmlType::IQ2_S:
-    case GgmlType::IQ3_XXS: case GgmlType::IQ3_S: case GgmlType::IQ1_S: case GgmlType::IQ1_M: return true;
-    default: return false;
-  }
-}
-
-// The other types on a SIMD family: each weight row is decoded once into fp32 (the reference
-// dequantizer), then the family's F32 kernel multiplies it with every token. The row is still read
-// once for all tokens, and a token's result does not depend on the others in the step.
-void matmul_via_f32(MatmulFn fn, GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows,
-                    int64_t n_cols, const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
-  // The F32 kernels walk whole 64-element chunks (see matmul_rows); other lengths go to the scalar family.
-  if (n_cols % 64 != 0) fn = matmul_scalar;
-  if (fn == matmul_scalar) {
-    fn(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
-    return;
-  }
-  thread_local std::vector<float> row;  // (n_cols) one decoded weight row; reused across calls
-  row.resize(static_cast<size_t>(n_cols));
-  for (int64_t r = 0; r < n_rows; ++r) {
-    dequantize_row(type, w + static_cast<size_t>(r) * row_stride, row.data(), n_cols);
-    fn(GgmlType::F32, reinterpret_cast<const uint8_t*>(row.data()), 0, 1, n_cols, x, ldx, n_tok, y + r, ldy);
-  }
-}
 
 MatmulFn kernel_for(CpuIsa isa) {
   if (!cpu_isa_supported(isa))
@@ -165,10 +136,6 @@ void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, in
   if (n_rows == 0 || n_tok == 0) return;
   // The SIMD families walk rows in chunks of up to 64 elements and have no tail loop; block types
   // always fill whole chunks, but plain types can have any row length (the tiny models' n_ff of 172).
-  if (!has_simd_decode(type)) {
-    matmul_via_f32(fn, type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
-    return;
-  }
   const bool plain = type == GgmlType::F32 || type == GgmlType::F16 || type == GgmlType::BF16;
   if (plain && n_cols % 64 != 0) fn = matmul_scalar;
   fn(type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);

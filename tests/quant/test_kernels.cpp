@@ -15,8 +15,7 @@
 namespace shardlm {
 namespace {
 
-// Every type with CPU kernels: those the SIMD families decode in registers and those they run through a
-// decoded fp32 row (dispatch.cpp), so both paths are covered for every family.
+// Every type with CPU kernels (each has a register decoder in every SIMD family).
 constexpr GgmlType kTypes[] = {
     GgmlType::F32,  GgmlType::F16,    GgmlType::BF16,   GgmlType::Q8_0,    GgmlType::Q4_0,  GgmlType::Q4_K,
     GgmlType::Q6_K, GgmlType::Q4_1,   GgmlType::Q5_0,   GgmlType::Q5_1,    GgmlType::Q2_K,  GgmlType::Q3_K,
