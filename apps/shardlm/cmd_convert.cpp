@@ -8,21 +8,26 @@
 #include "loader/gguf_export.h"
 #include "loader/hf_source.h"
 #include "loader/llama2c_source.h"
+#include "loader/model_source.h"
 
 namespace shardlm {
 
 int cmd_convert(int argc, const char* const* argv) {
-  CLI::App app("Convert a llama2.c checkpoint (with its tokenizer.bin) or a Hugging Face directory to GGUF.",
+  CLI::App app("Convert a llama2.c checkpoint (with its tokenizer.bin), a Hugging Face directory or a GGUF file "
+               "to GGUF, optionally quantizing with one of llama-quantize's schemes.",
                "convert");
   std::string from, input, tokenizer, out, type;
-  bool quiet = false;
-  app.add_option("--from", from, "source format: llama2c or hf")->required();
-  app.add_option("input", input, "checkpoint file (llama2c) or model directory (hf)")->required();
+  bool quiet = false, allow_requantize = false;
+  app.add_option("--from", from, "source format: llama2c, hf or gguf")->required();
+  app.add_option("input", input, "checkpoint file (llama2c), model directory (hf) or GGUF file (gguf)")->required();
   app.add_option("--tokenizer", tokenizer,
                  "llama2.c tokenizer.bin (required with --from llama2c); with --from hf, a tokenizer.json, a "
                  "directory holding one, or a GGUF whose vocabulary replaces the directory's");
   app.add_option("-o,--output", out, "output GGUF path")->required();
   app.add_option("--type", type, "convert weights to a scheme: " + scheme_names() + " (default: keep)");
+  app.add_flag("--allow-requantize", allow_requantize,
+               "with --from gguf: quantize tensors that are already quantized (llama-quantize's flag; quality "
+               "suffers compared with quantizing from F16/F32)");
   app.add_flag("-q,--quiet", quiet, "no progress output");
   if (int rc = parse_cli(app, argc, argv); rc >= 0) return rc;
   std::unique_ptr<ModelSource> src;
@@ -36,8 +41,20 @@ int cmd_convert(int argc, const char* const* argv) {
            "*.safetensors)");
     src = open_model(input);
     if (!tokenizer.empty()) src = with_tokenizer(std::move(src), load_tokenizer_files(tokenizer));
+  } else if (from == "gguf") {
+    std::error_code ec;
+    if (std::filesystem::exists(out, ec) && std::filesystem::equivalent(input, out, ec))
+      fail("-o '", out, "' is the input file: write the converted model to another path");
+    src = open_model_source(input);
+    if (src->format_name() != "gguf") fail("--from gguf: '", input, "' is not a GGUF file");
+    if (!type.empty() && !allow_requantize)
+      for (const SourceTensor& t : src->tensors())
+        if (t.n_dims >= 2 && t.type != GgmlType::F32 && t.type != GgmlType::F16 && t.type != GgmlType::BF16)
+          fail("--from gguf: tensor '", t.name, "' is already quantized (", type_name(t.type),
+               "); quantize from an F16/F32 file, or pass --allow-requantize");
+    if (!tokenizer.empty()) fail("--tokenizer is not used with --from gguf (the GGUF's vocabulary is kept)");
   } else {
-    fail("--from '", from, "' is not llama2c or hf");
+    fail("--from '", from, "' is not llama2c, hf or gguf");
   }
   if (!quiet) {
     const ModelConfig& c = src->config();

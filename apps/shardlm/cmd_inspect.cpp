@@ -1,6 +1,8 @@
 // inspect: what a model file holds, from its metadata and tensor table alone (no tensor data is read).
 #include <cstdio>
 #include <filesystem>
+#include <map>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -63,17 +65,28 @@ int cmd_inspect(int argc, const char* const* argv) {
       tensors.emplace_back(t.name, t.type, std::vector<int64_t>(t.ne.begin(), t.ne.begin() + t.n_dims), t.n_bytes);
   }
   uint64_t n_params = 0, n_bytes = 0;
+  struct TypeTotal {
+    uint64_t tensors = 0, params = 0, bytes = 0;
+  };
+  std::map<std::string, TypeTotal> by_type;  // llama-quantize's mix at a glance (e.g. q4_K + q6_K for q4_k_m)
   for (const auto& [name, type, ne, bytes] : tensors) {
     if (name == "rope_freqs.weight") continue;  // a table derived from the config, not a parameter
     uint64_t n = 1;
     for (int64_t x : ne) n *= static_cast<uint64_t>(x);
     n_params += n;
     n_bytes += bytes;
+    TypeTotal& tt = by_type[type_name(type)];
+    ++tt.tensors;
+    tt.params += n;
+    tt.bytes += bytes;
   }
   j["path"] = path;
   j["format"] = format;
   j["n_params"] = n_params;
   j["weight_bytes"] = n_bytes;
+  j["types"] = nlohmann::json::object();
+  for (const auto& [type, tt] : by_type)
+    j["types"][type] = {{"tensors", tt.tensors}, {"params", tt.params}, {"bytes", tt.bytes}};
   if (config) {
     const ModelConfig& c = *config;
     j["config"] = {{"arch", c.arch}, {"name", c.name}, {"n_vocab", c.n_vocab}, {"n_embd", c.n_embd},
@@ -108,6 +121,9 @@ int cmd_inspect(int argc, const char* const* argv) {
   }
   std::printf("  parameters %.4g (%llu), weights %s in %zu tensors\n", double(n_params), (unsigned long long)n_params,
               human_bytes(n_bytes).c_str(), tensors.size());
+  for (const auto& [type, tt] : by_type)
+    std::printf("    %-8s %4llu tensors  %10s  %5.2f bits per weight\n", type.c_str(), (unsigned long long)tt.tensors,
+                human_bytes(tt.bytes).c_str(), tt.params ? 8.0 * double(tt.bytes) / double(tt.params) : 0.0);
   if (gguf) {
     std::printf("metadata:\n");
     for (const auto& e : gguf->kvs()) std::printf("  %-44s %s\n", e.key.c_str(), value_text(e.value).c_str());
