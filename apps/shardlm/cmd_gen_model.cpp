@@ -4,6 +4,7 @@
 // 40 GB file a matter of disk speed.
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <thread>
 
 #include "cli_common.h"
@@ -70,6 +71,41 @@ void fill_blocks(GgmlType type, uint8_t* dst, int64_t first, int64_t n_blocks, u
         put_f16(blk + 2, 0.02f / (32.0f * 8.0f));                      // dmin * 6-bit min
         break;
       case GgmlType::Q6_K: put_f16(blk + 208, 0.02f / (18.0f * 74.0f)); break;  // d * int8 scale * (q-32)
+      // The other types: a block scale giving weights of roughly the same spread (std ~0.02) from the random
+      // codes: 1 / (spread of the code values x the mean sub-block scale), mins near the codes' mean.
+      case GgmlType::Q4_1:  // d * q + m, q 0..15
+        put_f16(blk, 0.02f / 4.6f);
+        put_f16(blk + 2, -7.5f * 0.02f / 4.6f);
+        break;
+      case GgmlType::Q5_0: put_f16(blk, 0.02f / 9.2f); break;  // q - 16, q 0..31
+      case GgmlType::Q5_1:
+        put_f16(blk, 0.02f / 9.2f);
+        put_f16(blk + 2, -15.5f * 0.02f / 9.2f);
+        break;
+      case GgmlType::Q2_K:  // d * (sc & 15) * q - dmin * (sc >> 4), q 0..3
+        put_f16(blk + 80, 0.02f / (7.5f * 1.1f));
+        put_f16(blk + 82, 1.5f * 0.02f / (7.5f * 1.1f));
+        break;
+      case GgmlType::Q3_K: put_f16(blk + 108, 0.02f / (18.0f * 2.3f)); break;  // d * (sc - 32) * (q - 4)
+      case GgmlType::Q5_K:  // as Q4_K with 5-bit codes
+        put_f16(blk, 0.02f / (9.2f * 32.0f));
+        put_f16(blk + 2, 0.02f / (32.0f * 16.0f));
+        break;
+      case GgmlType::IQ4_NL: put_f16(blk, 0.02f / 70.0f); break;            // d * kvalues (std ~70)
+      case GgmlType::IQ4_XS: put_f16(blk, 0.02f / (18.0f * 70.0f)); break;  // d * (ls - 32) * kvalues
+      case GgmlType::MXFP4: blk[0] = 120; break;  // 2^(120-128) * e2m1 values (std ~6): std ~0.023
+      case GgmlType::IQ2_XXS: case GgmlType::IQ2_XS: case GgmlType::IQ2_S:  // d * (0.5 + ls) / 4 * grid (8..43)
+        put_f16(blk, 0.02f / (2.0f * 25.0f));
+        break;
+      case GgmlType::IQ3_XXS: case GgmlType::IQ3_S:  // d * (0.5 + ls) / 2 * grid (4..62)
+        put_f16(blk, 0.02f / (4.0f * 30.0f));
+        break;
+      case GgmlType::IQ1_S: put_f16(blk, 0.02f / 15.0f); break;  // d * (2 ls + 1) * (-1..1 + delta)
+      case GgmlType::IQ1_M: {  // the fp16 scale lives in the top nibbles of the four scale words (bytes 48..55)
+        const uint16_t d = fp32_to_fp16(0.02f / 15.0f);
+        for (int k = 0; k < 4; ++k) blk[49 + 2 * k] = static_cast<uint8_t>((blk[49 + 2 * k] & 0x0F) | (((d >> (4 * k)) & 0xF) << 4));
+        break;
+      }
       default: fail("gen-model cannot synthesize ", type_name(type), " blocks");
     }
   }
@@ -160,12 +196,19 @@ int cmd_gen_model(int argc, const char* const* argv) {
       const int64_t n_chunks = (n_blocks + kChunk - 1) / kChunk;
       const int parts = static_cast<int>(std::min<int64_t>(n_thr, n_chunks));
       std::vector<std::thread> pool;
+      std::vector<std::exception_ptr> errors(static_cast<size_t>(parts));  // a worker's error, rethrown here
       for (int k = 0; k < parts; ++k)
-        pool.emplace_back([=] {
-          for (int64_t ch = k; ch < n_chunks; ch += parts)
-            fill_blocks(ty, dst, ch * kChunk, std::min(kChunk, n_blocks - ch * kChunk), tseed);
+        pool.emplace_back([=, &errors] {
+          try {
+            for (int64_t ch = k; ch < n_chunks; ch += parts)
+              fill_blocks(ty, dst, ch * kChunk, std::min(kChunk, n_blocks - ch * kChunk), tseed);
+          } catch (...) {
+            errors[static_cast<size_t>(k)] = std::current_exception();
+          }
         });
       for (auto& th : pool) th.join();
+      for (const auto& e : errors)
+        if (e) std::rethrow_exception(e);
     });
   }
   Progress progress("writing " + out, !quiet);
