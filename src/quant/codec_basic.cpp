@@ -730,4 +730,6 @@ bool quantize_basic(GgmlType type, const float* x, uint8_t* y, int64_t n) {
   }
 }
 
+bool quantize_basic_imatrix(GgmlType, const float*, uint8_t*, int64_t, const float*) { return false; }
+
 }  // namespace shardlm::quant_detail

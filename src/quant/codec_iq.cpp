@@ -637,4 +637,6 @@ bool quantize_iq(GgmlType type, const float* x, uint8_t* y, int64_t n) {
   }
 }
 
+bool quantize_iq_imatrix(GgmlType, const float*, uint8_t*, int64_t, const float*) { return false; }
+
 }  // namespace shardlm::quant_detail

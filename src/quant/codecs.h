@@ -24,4 +24,13 @@ bool quantize_basic(GgmlType type, const float* x, uint8_t* y, int64_t n);
 // IQ1_S, IQ1_M: llama-quantize refuses them without one, and so do we).
 bool quantize_iq(GgmlType type, const float* x, uint8_t* y, int64_t n);
 
+// With an importance matrix: ggml's quantize_<type>(src, dst, 1, n, quant_weights) as llama-quantize calls it
+// with `--imatrix` (the *_impl algorithms that weigh each element's error), so the bytes equal its output.
+// imatrix: (n) one importance per column of the row (llama-imatrix's sum of squared activations / count), the same
+// for every row of the tensor; never null here. Return false for a type the file does not handle.
+// codec_basic.cpp: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4.
+// codec_iq.cpp:    IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M.
+bool quantize_basic_imatrix(GgmlType type, const float* x, uint8_t* y, int64_t n, const float* imatrix);
+bool quantize_iq_imatrix(GgmlType type, const float* x, uint8_t* y, int64_t n, const float* imatrix);
+
 }  // namespace shardlm::quant_detail

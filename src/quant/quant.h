@@ -20,6 +20,10 @@ float bf16_to_fp32(uint16_t h);
 // files we write match what llama.cpp's quantizer would produce in layout (values may differ only where
 // ggml uses an importance matrix; we do not).
 void quantize_row(GgmlType type, const float* src /* (n) */, void* dst, int64_t n);
+// The same with an importance matrix (llama-quantize's --imatrix): imatrix (n) weighs each column's error,
+// the bytes are ggml's quantize_<type> with those weights. Every compute type but F32/F16/BF16.
+void quantize_row_imatrix(GgmlType type, const float* src /* (n) */, void* dst, int64_t n,
+                          const float* imatrix /* (n) */);
 void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_t n);
 
 // Whether quantize_row can write `type` (every compute type except the IQ types that need an importance

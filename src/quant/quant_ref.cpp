@@ -359,6 +359,18 @@ void quantize_row(GgmlType type, const float* src /* (n) */, void* dst, int64_t 
             " cannot be written without an importance matrix (llama-quantize refuses it too)");
 }
 
+void quantize_row_imatrix(GgmlType type, const float* src /* (n) */, void* dst, int64_t n,
+                          const float* imatrix /* (n) */) {
+  check_row(type, dst, "quantize_row_imatrix destination", n);
+  if (n > 0 && src == nullptr) fail("quantize_row_imatrix source is null for a row of ", n, " elements");
+  if (n > 0 && imatrix == nullptr) fail("quantize_row_imatrix: the importance matrix is null");
+  if (type == GgmlType::F32 || type == GgmlType::F16 || type == GgmlType::BF16)
+    fail("quantize_row_imatrix: ", type_name(type), " is not a quantized type");
+  auto* y = static_cast<uint8_t*>(dst);
+  if (quantize_basic_imatrix(type, src, y, n, imatrix) || quantize_iq_imatrix(type, src, y, n, imatrix)) return;
+  fail_kind(ErrorKind::kUnsupported, "type ", type_name(type), " has no importance-matrix quantizer");
+}
+
 void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_t n) {
   check_row(type, src, "dequantize_row source", n);
   if (n > 0 && dst == nullptr) fail("dequantize_row destination is null for a row of ", n, " elements");
