@@ -47,11 +47,18 @@ struct Bytes8 {
     return static_cast<int>(((i < 4 ? lo : hi) >> (8 * (i & 3))) & 0xFFu);
   }
 };
+// kStaged: p points into a copy in shared memory (matvec_group8_kernel's staged chunks), read with plain loads.
+template <bool kStaged = false>
+__device__ __forceinline__ uint32_t ld_word(const uint32_t* w) {
+  if constexpr (kStaged) return *w;
+  else return __ldg(w);
+}
+template <bool kStaged = false>
 __device__ __forceinline__ Bytes8 ld8(const uint8_t* p) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   const uint32_t* w = reinterpret_cast<const uint32_t*>(a & ~uintptr_t{3});
   const uint32_t sh = static_cast<uint32_t>(a & 3) * 8;
-  const uint32_t w0 = __ldg(w), w1 = __ldg(w + 1), w2 = sh != 0 ? __ldg(w + 2) : 0u;
+  const uint32_t w0 = ld_word<kStaged>(w), w1 = ld_word<kStaged>(w + 1), w2 = sh != 0 ? ld_word<kStaged>(w + 2) : 0u;
   return Bytes8{__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh)};
 }
 
@@ -83,7 +90,9 @@ __device__ __forceinline__ void iq_signed8(float db, uint64_t grid, uint32_t sig
 
 // Elements 8g .. 8g+7 of a row of a grouped type starting at `row` (g < n_cols / 8). Comments give the
 // block layout (byte offsets) and the value; every product and sum is one rounding, as in ggml.
-__device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, float (&v)[8]) {
+// kStaged: `row` is a 4-byte aligned copy in shared memory (see ld8).
+template <bool kStaged = false>
+__device__ __forceinline__ void dq_group8(GgmlType type, const uint8_t* row, int64_t g, float (&v)[8]) {
   // 32-element blocks: group k (0..3) of the block; elements 8k+i are nibble 8(k%2)+i, low (k < 2) or high.
   // 256-element super-blocks: group k (0..31).
   const int k4 = static_cast<int>(g % 4), sh4 = 4 * (k4 / 2), o4 = 8 * (k4 % 2);
@@ -92,7 +101,7 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
     case GgmlType::Q4_1: {  // 20 B: fp16 d @0, fp16 m @2, qs[16] @4; x = q*d + m
       const uint8_t* b = row + (g / 4) * 20;
       const float d = f16_bits(rd16(b)), m = f16_bits(rd16(b + 2));
-      const Bytes8 qs = ld8(b + 4 + o4);
+      const Bytes8 qs = ld8<kStaged>(b + 4 + o4);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = __fadd_rn(__fmul_rn(static_cast<float>((qs[i] >> sh4) & 0xF), d), m);
       return;
@@ -101,7 +110,7 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
       const uint8_t* b = row + (g / 4) * 22;
       const float d = f16_bits(rd16(b));
       const int hb = b[2 + k4];
-      const Bytes8 qs = ld8(b + 6 + o4);
+      const Bytes8 qs = ld8<kStaged>(b + 6 + o4);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int q = (((qs[i] >> sh4) & 0xF) | (((hb >> i) & 1) << 4)) - 16;
@@ -113,7 +122,7 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
       const uint8_t* b = row + (g / 4) * 24;
       const float d = f16_bits(rd16(b)), m = f16_bits(rd16(b + 2));
       const int hb = b[4 + k4];
-      const Bytes8 qs = ld8(b + 8 + o4);
+      const Bytes8 qs = ld8<kStaged>(b + 8 + o4);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int q = ((qs[i] >> sh4) & 0xF) | (((hb >> i) & 1) << 4);
@@ -124,7 +133,7 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
     case GgmlType::MXFP4: {  // 17 B: e8m0 e @0, qs[16] @1; x = kvalues_mxfp4[q] * 2^(e-128)
       const uint8_t* b = row + (g / 4) * 17;
       const float d = e8m0_half(b[0]);
-      const Bytes8 qs = ld8(b + 1 + o4);
+      const Bytes8 qs = ld8<kStaged>(b + 1 + o4);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(static_cast<float>(iq::kValuesFp4[(qs[i] >> sh4) & 0xF]), d);
       return;
@@ -132,7 +141,7 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
     case GgmlType::IQ4_NL: {  // 18 B: fp16 d @0, qs[16] @2; x = d * kvalues_iq4nl[q]
       const uint8_t* b = row + (g / 4) * 18;
       const float d = f16_bits(rd16(b));
-      const Bytes8 qs = ld8(b + 2 + o4);
+      const Bytes8 qs = ld8<kStaged>(b + 2 + o4);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(d, static_cast<float>(iq::kValuesIq4nl[(qs[i] >> sh4) & 0xF]));
       return;
@@ -146,7 +155,7 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
         const int sc = b[is];
         const float dl = __fmul_rn(f16_bits(rd16(b + 80)), static_cast<float>(sc & 0xF));
         const float ml = __fmul_rn(f16_bits(rd16(b + 82)), static_cast<float>(sc >> 4));
-        const Bytes8 q = ld8(b + 16 + 32 * n + l32);
+        const Bytes8 q = ld8<kStaged>(b + 16 + 32 * n + l32);
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = __fsub_rn(__fmul_rn(dl, static_cast<float>((q[i] >> (2 * j)) & 3)), ml);
       } else {  // 110 B: hmask[32] @0, qs[64] @32, scales[12] @96 (16 x 6 bits), fp16 d @108; x = d*(s-32) * (q - 4*!h)
@@ -155,8 +164,8 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
         const int lo = is < 8 ? (sc[is] & 0xF) : (sc[is - 8] >> 4);
         const int hi = (sc[8 + is % 4] >> (2 * (is / 4))) & 3;
         const float dl = __fmul_rn(f16_bits(rd16(b + 108)), static_cast<float>((lo | (hi << 4)) - 32));
-        const Bytes8 q = ld8(b + 32 + 32 * n + l32);
-        const Bytes8 hm = ld8(b + l32);
+        const Bytes8 q = ld8<kStaged>(b + 32 + 32 * n + l32);
+        const Bytes8 hm = ld8<kStaged>(b + l32);
         const int m = 1 << (4 * n + j);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -173,8 +182,8 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
       k4_scale_min(b + 4, s, sc, mn);
       const float d1 = __fmul_rn(f16_bits(rd16(b)), static_cast<float>(sc));
       const float m1 = __fmul_rn(f16_bits(rd16(b + 2)), static_cast<float>(mn));
-      const Bytes8 ql = ld8(b + 48 + 32 * (s / 2) + l32);
-      const Bytes8 qh = ld8(b + 16 + l32);
+      const Bytes8 ql = ld8<kStaged>(b + 48 + 32 * (s / 2) + l32);
+      const Bytes8 qh = ld8<kStaged>(b + 16 + l32);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int q = ((ql[i] >> (4 * (s & 1))) & 0xF) + (((qh[i] >> s) & 1) ? 16 : 0);
@@ -256,7 +265,7 @@ __device__ inline void dq_group8(GgmlType type, const uint8_t* row, int64_t g, f
       const uint8_t* b = row + (g / 32) * 136;
       const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((rd16(b + 2) >> (2 * ib)) & 3) << 4);
       const float dl = __fmul_rn(f16_bits(rd16(b)), static_cast<float>(ls - 32));
-      const Bytes8 qs = ld8(b + 8 + 16 * ib + 8 * (l % 2));
+      const Bytes8 qs = ld8<kStaged>(b + 8 + 16 * ib + 8 * (l % 2));
       const int sh = 4 * (l / 2);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(dl, static_cast<float>(iq::kValuesIq4nl[(qs[i] >> sh) & 0xF]));

@@ -802,33 +802,95 @@ __global__ void matvec_generic_kernel(GgmlType type, const uint8_t* __restrict__
   if (lane == 0) y[row] = acc;
 }
 
-// The grouped types (kernels.cuh's dq_grouped: Q4_1 ... IQ1_M, MXFP4), which have no fast kernel: one warp
-// per row, each lane decodes runs of 8 elements with dq_group8 (a warp step covers 256 columns: one
-// super-block of the K/IQ types, eight blocks of the 32-element ones), so every scale and grid entry is
-// decoded once per 8 elements. A lane decodes U runs (U warp steps) before it multiplies, so that U runs'
-// loads are in flight together: the decode is a chain of dependent loads (scales, then grid entries), and
-// one run at a time left the kernel waiting on it. Weights are read as bytes or through ld8 (rows of these
-// types may start at any address); x as two float4 per run when it is 16-byte aligned (x_vec), else element
-// by element (a warp's scalar loads of 8-element runs touch 8 cache lines each: four times the L1 work).
-template <GgmlType T, int U>
-__global__ void __launch_bounds__(256) matvec_group8_kernel(
+// The grouped types (kernels.cuh's dq_grouped: Q4_1 ... IQ1_M, MXFP4), which have no fast kernel: each lane
+// decodes runs of 8 elements with dq_group8 (a warp step covers 256 columns: one super-block of the K/IQ
+// types, eight blocks of the 32-element ones), so every scale and grid entry is decoded once per 8 elements.
+// A warp owns R rows and walks them in chunks of U warp steps: it copies each row's chunk (U * step bytes,
+// at any alignment) into its shared-memory buffer with warp-coalesced, L1-bypassing 16-byte loads of the
+// aligned words covering it (the next chunk's loads are issued before the current one is decoded, so they
+// are in flight during the decode), then every lane decodes its U runs of each row from shared memory
+// (dq_group8<true>: byte and word loads there are cheap, where the same loads from global memory made the
+// kernel load-issue bound) and multiplies them with the same 8 x values (one x load serves R rows). x is
+// read as two float4 per run when it is 16-byte aligned (x_vec), else element by element.
+template <GgmlType T>
+constexpr int group8_step_bytes() {  // bytes of 256 columns
+  switch (T) {
+    case GgmlType::Q4_1: return 8 * 20;
+    case GgmlType::Q5_0: return 8 * 22;
+    case GgmlType::Q5_1: return 8 * 24;
+    case GgmlType::MXFP4: return 8 * 17;
+    case GgmlType::IQ4_NL: return 8 * 18;
+    case GgmlType::Q2_K: return 84;
+    case GgmlType::Q3_K: return 110;
+    case GgmlType::Q5_K: return 176;
+    case GgmlType::IQ2_XXS: return 66;
+    case GgmlType::IQ2_XS: return 74;
+    case GgmlType::IQ2_S: return 82;
+    case GgmlType::IQ3_XXS: return 98;
+    case GgmlType::IQ3_S: return 110;
+    case GgmlType::IQ1_S: return 50;
+    case GgmlType::IQ1_M: return 56;
+    case GgmlType::IQ4_XS: return 136;
+    default: return 0;
+  }
+}
+
+constexpr int kG8Warps = 4;
+
+template <GgmlType T, int U, int R>
+__global__ void __launch_bounds__(kG8Warps * 32) matvec_group8_kernel(
     const uint8_t* __restrict__ w /* (n_rows, row_stride) */, size_t row_stride, int64_t n_rows,
-    int64_t n_grp /* n_cols / 8 */, const float* __restrict__ x /* (n_cols) */, bool x_vec,
+    int64_t n_grp /* n_cols / 8 */, size_t row_bytes, const float* __restrict__ x /* (n_cols) */, bool x_vec,
     float* __restrict__ y /* (n_rows) */) {
+  constexpr int kChunk = U * group8_step_bytes<T>();  // bytes of a chunk of a row
+  constexpr int kVec = (kChunk + 30) / 16;             // aligned 16-byte words covering it, at most
+  constexpr int kPer = (kVec + 31) / 32;               // per lane
+  static_assert(group8_step_bytes<T>() > 0);
+  __shared__ __align__(16) uint8_t stage[kG8Warps][R][kVec * 16];
   pdl_enter();
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= n_rows) return;
-  const uint8_t* p = w + static_cast<size_t>(row) * row_stride;
-  float acc = 0.0f;
-  for (int64_t g0 = lane; g0 < n_grp; g0 += 32 * U) {
-    float v[U][8];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kG8Warps + warp) * R;
+  if (row0 >= n_rows) return;
+  const int64_t n_chunks = (n_grp + 32 * U - 1) / (32 * U);
+  const uint8_t* rows[R];
+  bool live[R];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (g0 + 32 * u < n_grp) dq_group8(T, p, g0 + 32 * u, v[u]);
+  for (int r = 0; r < R; ++r) {
+    live[r] = row0 + r < n_rows;
+    rows[r] = w + static_cast<size_t>(live[r] ? row0 + r : row0) * row_stride;
+  }
+  uint4 buf[R][kPer];
+  auto load = [&](int64_t c) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uintptr_t start = reinterpret_cast<uintptr_t>(rows[r]) + static_cast<uintptr_t>(c) * kChunk;
+      const uintptr_t end = reinterpret_cast<uintptr_t>(rows[r]) + row_bytes;
+      const uintptr_t a0 = start & ~uintptr_t{15};
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int idx = lane + 32 * j;
+        const uintptr_t a = a0 + 16 * static_cast<uintptr_t>(idx);
+        buf[r][j] = (live[r] && idx < kVec && a < end) ? ld_stream(reinterpret_cast<const void*>(a)) : make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+  load(0);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    __syncwarp();  // the previous chunk's decode is done with the buffer
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j)
+        if (lane + 32 * j < kVec) reinterpret_cast<uint4*>(stage[warp][r])[lane + 32 * j] = buf[r][j];
+    __syncwarp();
+    if (c + 1 < n_chunks) load(c + 1);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t g = g0 + 32 * u;
+      const int gl = lane + 32 * u;  // run within the chunk
+      const int64_t g = c * 32 * U + gl;
       if (g < n_grp) {
         float xs[8];
         if (x_vec) {
@@ -847,20 +909,33 @@ __global__ void __launch_bounds__(256) matvec_group8_kernel(
           for (int i = 0; i < 8; ++i) xs[i] = __ldg(x + 8 * g + i);
         }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc = fmaf(v[u][i], xs[i], acc);
+        for (int r = 0; r < R; ++r) {
+          const int off = static_cast<int>((reinterpret_cast<uintptr_t>(rows[r]) + static_cast<uintptr_t>(c) * kChunk) & 15);
+          float v[8];
+          dq_group8<true>(T, stage[warp][r] + off, gl, v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[r] = fmaf(v[i], xs[i], acc[r]);
+        }
       }
     }
   }
-  acc = warp_sum(acc);
-  if (lane == 0) y[row] = acc;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float a = warp_sum(acc[r]);
+    if (lane == 0 && live[r]) y[row0 + r] = a;
+  }
 }
 
 template <GgmlType T>
 void launch_group8(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
                    cudaStream_t s) {
-  constexpr int kWarps = 8, kU = 4;
-  launch_pdl(matvec_group8_kernel<T, kU>, dim3(static_cast<unsigned>((n_rows + kWarps - 1) / kWarps)), dim3(kWarps * 32),
-             0, s, static_cast<const uint8_t*>(w), stride, n_rows, n_cols / 8, x, aligned16(x), y);
+  constexpr int kU = 8, kR = 2;
+  const int64_t per_block = int64_t{kG8Warps} * kR;
+  const size_t row_bytes = static_cast<size_t>(n_cols / 256) * group8_step_bytes<T>() +
+                           static_cast<size_t>(n_cols % 256 / 32) * (group8_step_bytes<T>() / 8);
+  launch_pdl(matvec_group8_kernel<T, kU, kR>, dim3(static_cast<unsigned>((n_rows + per_block - 1) / per_block)),
+             dim3(kG8Warps * 32), 0, s, static_cast<const uint8_t*>(w), stride, n_rows, n_cols / 8, row_bytes, x,
+             aligned16(x), y);
   SHARDLM_CUDA_CHECK_LAUNCH("matvec_group8_kernel");
 }
 
