@@ -8,6 +8,8 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <numeric>
+#include <span>
 #include <vector>
 
 #include "core/error.h"
@@ -196,6 +198,15 @@ class GridSearch {
   // Grid index of the point with these levels (dim of them), or -1.
   int index(const int8_t* levels) const { return on_grid_[key(levels)]; }
 
+  // The neighbour list of off-grid levels (dim), for searches that score candidates their own way (IQ1).
+  std::span<const uint16_t> neighbours(const int8_t* levels) const {
+    const size_t k = key(levels);
+    return {neighbours_.data() + first_[k], first_[k + 1] - first_[k]};
+  }
+
+  // Grid point g as 2l+1 per value (dim).
+  const int8_t* point(int g) const { return &points_[static_cast<size_t>(g) * dim_]; }
+
   // Replaces the off-grid levels (dim) by those of the neighbour closest to xval (dim) at `scale` under
   // weights w (dim) (ggml's iq2/iq3_find_best_neighbour).
   void snap_to_neighbour(int8_t* levels, const float* xval, const float* w, float scale) const {
@@ -295,8 +306,25 @@ GridSearch::GridSearch(const Entry* grid, int grid_size, int dim, int bits,
   first_[nkeys] = static_cast<uint32_t>(neighbours_.size());
 }
 
-// Built on first use (the IQ2_S one takes a few tens of milliseconds); C++ makes the initialisation of a
-// function-local static thread-safe.
+// Built on first use (the IQ2_S and IQ1 ones take a few tens of milliseconds); C++ makes the initialisation
+// of a function-local static thread-safe. The parameters are ggml's iq2xs_init_impl / iq3xs_init_impl ones:
+// the quantizers round to levels 0..kMaxQ-1, and nwant is 2 for IQ2_XXS/IQ2_XS, 1 for IQ2_S, 3 for IQ1.
+const GridSearch& iq2xxs_search() {
+  static const GridSearch s(kIq2xxsGrid, 256, 8, 2, {0x08, 0x19, 0x2b, 0x3e}, 2, 2);
+  return s;
+}
+
+const GridSearch& iq2xs_search() {
+  static const GridSearch s(kIq2xsGrid, 512, 8, 2, {0x08, 0x19, 0x2b, 0x3e}, 2, 2);
+  return s;
+}
+
+// IQ1_S and IQ1_M share one grid; its bytes are the int8 values -1, 0, 1.
+const GridSearch& iq1s_search() {
+  static const GridSearch s(kIq1sGrid, 2048, 8, 2, {0xff, 0x00, 0x01}, 2, 3);
+  return s;
+}
+
 const GridSearch& iq2s_search() {
   static const GridSearch s(kIq2sGrid, 1024, 8, 2, {0x08, 0x19, 0x2b, 0x3e}, 2, 1);
   return s;
@@ -321,6 +349,7 @@ struct FitParams {
   float step;
   bool assume_on_grid;  // the on-grid flags before any trial is accepted
   bool refit_all;       // after the trials, re-snap every point, not only those that were off the grid
+  bool refit_always;    // re-snap even when every point of the best trial was on the grid (IQ2_XXS)
 };
 
 // The level l of each of `dim` magnitudes at inverse scale id: the nearest odd multiple 2l+1 of the
@@ -334,16 +363,17 @@ void round_to_levels(const float* xval, int dim, float id, int kmax_q, int8_t* l
 // at each trial scale every point of dim values is rounded to levels, and replaced by its best neighbour
 // when off the grid; the trial with the best weighted least-squares fit wins. The points that needed a
 // neighbour (all points with refit_all) are then re-snapped at the fitted scale and the scale refitted.
-// Returns the scale; L (n) gets the levels, each point of them on the grid.
+// `max` sets the trial scales; scale0 is the result if no trial fits (ggml: max/(2*kmax_q-1), or IQ2_XXS's
+// make_qp_quants scale). Returns the scale; L (n) gets the levels, each point of them on the grid.
 float fit_group(const GridSearch& gs, const FitParams& p, const float* xval, const float* weight,
-                const float* waux, float max, int8_t* L) {
+                const float* waux, float max, float scale0, int8_t* L) {
   const int dim = gs.dim();
   const int npoints = p.n / dim;
   int8_t laux[32];
   bool on_grid[8], on_grid_aux[8];
   std::fill(L, L + p.n, int8_t{0});
   float best = 0;
-  float scale = max / (2 * p.kmax_q - 1);
+  float scale = scale0;
   std::fill(on_grid, on_grid + npoints, p.assume_on_grid);
   for (int is = -p.steps; is <= p.steps; ++is) {
     const float id = (2 * p.kmax_q - 1 + is * p.step) / max;
@@ -369,7 +399,7 @@ float fit_group(const GridSearch& gs, const FitParams& p, const float* xval, con
     }
   }
   const bool any_off = std::find(on_grid, on_grid + npoints, false) != on_grid + npoints;
-  if (any_off && scale > 0) {
+  if ((any_off || p.refit_always) && scale > 0) {
     const float id = 1 / scale;
     for (int k = 0; k < npoints; ++k) {
       if (!p.refit_all && on_grid[k]) continue;
@@ -396,30 +426,46 @@ int grid_index_of(const GridSearch& gs, const int8_t* levels) {
   return g;
 }
 
-// 2 * mean(x^2) over the super-block: IQ2_S's weights get a quarter of it as a floor.
-float super_block_sigma2(const float* x /* (kQK) */) {
+// Sum of x^2 over the super-block, in ggml's order.
+float super_block_sumx2(const float* x /* (kQK) */) {
   float sumx2 = 0;
   for (int i = 0; i < kQK; ++i) sumx2 += x[i] * x[i];
-  return 2 * sumx2 / kQK;
+  return sumx2;
+}
+
+// 2 * mean(x^2) over the super-block: IQ2_S's weights get a quarter of it as a floor, and the importance
+// weights of every type but IQ2_XXS/IQ2_XS add it to x^2.
+float super_block_sigma2(const float* x /* (kQK) */) { return 2 * super_block_sumx2(x) / kQK; }
+
+// With an importance matrix ggml weighs each error by the column's importance times the value's size,
+// softened by the super-block's spread so that near-zero values still count.
+void importance_weights(const float* xb /* (n) */, const float* qw /* (n) */, float sigma2, int n,
+                        float* weight /* (n) */) {
+  for (int i = 0; i < n; ++i) weight[i] = qw[i] * std::sqrt(sigma2 + xb[i] * xb[i]);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Quantization.
 
-void quantize_iq3_xxs(const float* x /* (n) */, uint8_t* y, int64_t n) {
+void quantize_iq3_xxs(const float* x /* (n) */, const float* qw /* (n) or null */, uint8_t* y, int64_t n) {
   constexpr float kGroupMaxEps = 1e-8f;  // ggml's GROUP_MAX_EPS_IQ3_XXS
   const GridSearch& gs = iq3xxs_search();
   const FitParams fp{
-      .n = 32, .kmax_q = 8, .steps = 15, .step = 0.2f, .assume_on_grid = true, .refit_all = false};
+      .n = 32, .kmax_q = 8, .steps = 15, .step = 0.2f, .assume_on_grid = true, .refit_all = false, .refit_always = false};
   float scales[kQK / 32];
   float weight[32], waux[32], xval[32];
   int8_t L[32];
   for (int64_t b = 0; b < n / kQK; ++b, x += kQK, y += kIQ3_XXSBytes) {
     std::memset(y, 0, kIQ3_XXSBytes);
     float max_scale = 0;
+    const float sigma2 = super_block_sigma2(x);
     for (int ib = 0; ib < kQK / 32; ++ib) {
       const float* xb = x + 32 * ib;
-      for (int i = 0; i < 32; ++i) weight[i] = xb[i] * xb[i];
+      if (qw) {
+        importance_weights(xb, qw + b * kQK + 32 * ib, sigma2, 32, weight);
+      } else {
+        for (int i = 0; i < 32; ++i) weight[i] = xb[i] * xb[i];
+      }
       for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
       // Signs are stored as 7-bit indices into the even-parity sign bytes: with an odd number of
       // negatives, the value that costs least to get wrong keeps the wrong sign (a negative magnitude).
@@ -457,7 +503,7 @@ void quantize_iq3_xxs(const float* x /* (n) */, uint8_t* y, int64_t n) {
         scales[ib] = 0;  // indices and signs stay 0
         continue;
       }
-      float scale = fit_group(gs, fp, xval, weight, waux, max, L);
+      float scale = fit_group(gs, fp, xval, weight, waux, max, max / (2 * fp.kmax_q - 1), L);
       if (scale < 0) {
         // ggml: "should never happen"; the scale is stored unsigned, so flip it and the signs.
         scale = -scale;
@@ -485,10 +531,10 @@ void quantize_iq3_xxs(const float* x /* (n) */, uint8_t* y, int64_t n) {
   }
 }
 
-void quantize_iq3_s(const float* x /* (n) */, uint8_t* y, int64_t n) {
+void quantize_iq3_s(const float* x /* (n) */, const float* qw /* (n) or null */, uint8_t* y, int64_t n) {
   const GridSearch& gs = iq3s_search();
   const FitParams fp{
-      .n = 32, .kmax_q = 8, .steps = 9, .step = 0.2f, .assume_on_grid = false, .refit_all = true};
+      .n = 32, .kmax_q = 8, .steps = 9, .step = 0.2f, .assume_on_grid = false, .refit_all = true, .refit_always = false};
   float scales[kQK / 32];
   float weight[32], waux[32], xval[32];
   int8_t L[32];
@@ -500,9 +546,14 @@ void quantize_iq3_s(const float* x /* (n) */, uint8_t* y, int64_t n) {
     uint8_t* qs = y + kIQ3_SQs;
     uint8_t* signs = y + kIQ3_SSigns;
     float max_scale = 0;
+    const float sigma2 = super_block_sigma2(x);
     for (int ib = 0; ib < kQK / 32; ++ib) {
       const float* xb = x + 32 * ib;
-      for (int i = 0; i < 32; ++i) weight[i] = xb[i] * xb[i];
+      if (qw) {
+        importance_weights(xb, qw + b * kQK + 32 * ib, sigma2, 32, weight);
+      } else {
+        for (int i = 0; i < 32; ++i) weight[i] = xb[i] * xb[i];
+      }
       for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
       uint8_t block_signs[4];  // IQ3_S stores whole sign bytes: no parity constraint
       for (int k = 0; k < 4; ++k) {
@@ -523,7 +574,7 @@ void quantize_iq3_s(const float* x /* (n) */, uint8_t* y, int64_t n) {
         scales[ib] = 0;
         continue;
       }
-      float scale = fit_group(gs, fp, xval, weight, waux, max, L);
+      float scale = fit_group(gs, fp, xval, weight, waux, max, max / (2 * fp.kmax_q - 1), L);
       if (scale < 0) {
         scale = -scale;
         for (int k = 0; k < 4; ++k) block_signs[k] = static_cast<uint8_t>(~block_signs[k]);
@@ -551,11 +602,11 @@ void quantize_iq3_s(const float* x /* (n) */, uint8_t* y, int64_t n) {
   }
 }
 
-void quantize_iq2_s(const float* x /* (n) */, uint8_t* y, int64_t n) {
+void quantize_iq2_s(const float* x /* (n) */, const float* qw /* (n) or null */, uint8_t* y, int64_t n) {
   constexpr float kGroupMaxEps = 1e-8f;  // ggml's GROUP_MAX_EPS_IQ2_S
   const GridSearch& gs = iq2s_search();
   const FitParams fp{
-      .n = 16, .kmax_q = 3, .steps = 9, .step = 0.1f, .assume_on_grid = true, .refit_all = false};
+      .n = 16, .kmax_q = 3, .steps = 9, .step = 0.1f, .assume_on_grid = true, .refit_all = false, .refit_always = false};
   float scales[kQK / 16];
   float weight[16], waux[16], xval[16];
   int8_t L[16];
@@ -565,8 +616,12 @@ void quantize_iq2_s(const float* x /* (n) */, uint8_t* y, int64_t n) {
     const float sigma2 = super_block_sigma2(x);
     for (int ib = 0; ib < kQK / 16; ++ib) {
       const float* xb = x + 16 * ib;
-      // Without an importance matrix ggml weighs by x^2 plus a floor from the super-block's spread.
-      for (int i = 0; i < 16; ++i) weight[i] = 0.25f * sigma2 + xb[i] * xb[i];
+      if (qw) {
+        importance_weights(xb, qw + b * kQK + 16 * ib, sigma2, 16, weight);
+      } else {
+        // Without an importance matrix ggml weighs by x^2 plus a floor from the super-block's spread.
+        for (int i = 0; i < 16; ++i) weight[i] = 0.25f * sigma2 + xb[i] * xb[i];
+      }
       for (int i = 0; i < 16; ++i) waux[i] = std::sqrt(weight[i]);
       uint8_t block_signs[2];
       for (int k = 0; k < 2; ++k) {
@@ -587,7 +642,7 @@ void quantize_iq2_s(const float* x /* (n) */, uint8_t* y, int64_t n) {
         scales[ib] = 0;
         continue;
       }
-      float scale = fit_group(gs, fp, xval, weight, waux, max, L);
+      float scale = fit_group(gs, fp, xval, weight, waux, max, max / (2 * fp.kmax_q - 1), L);
       if (scale < 0) {
         scale = -scale;
         for (int k = 0; k < 2; ++k) block_signs[k] = static_cast<uint8_t>(~block_signs[k]);
@@ -613,6 +668,482 @@ void quantize_iq2_s(const float* x /* (n) */, uint8_t* y, int64_t n) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Quantization with an importance matrix only (ggml's quantize_row_iq2_xxs_impl, iq2_xs_impl, iq1_s_impl,
+// iq1_m_impl; llama-quantize refuses these types without one).
+
+// Splits the signs off one group of 8 (xb, weight: 8) into xval (8) as IQ2_XXS/IQ2_XS/IQ3_XXS store them: a
+// 7-bit index into the even-parity sign bytes. With an odd number of negatives, the value that costs least
+// to get wrong (smallest weight*x^2, first on ties) keeps its wrong sign as a negative magnitude.
+uint8_t split_parity_signs(const float* xb, const float* weight, float* xval) {
+  int nflip = 0;
+  uint8_t s = 0;
+  for (int i = 0; i < 8; ++i) {
+    if (xb[i] >= 0) {
+      xval[i] = xb[i];
+    } else {
+      xval[i] = -xb[i];
+      ++nflip;
+      s |= static_cast<uint8_t>(1 << i);
+    }
+  }
+  if (nflip % 2) {
+    int imin = 0;
+    float min = weight[0] * xb[0] * xb[0];
+    for (int i = 1; i < 8; ++i) {
+      const float ax = weight[i] * xb[i] * xb[i];
+      if (ax < min) {
+        min = ax;
+        imin = i;
+      }
+    }
+    xval[imin] = -xval[imin];
+    s ^= static_cast<uint8_t>(1 << imin);
+  }
+  return s & 127;
+}
+
+// ggml's make_qp_quants: the weighted least-squares scale of non-negative levels 0..nmax for x (n), from a
+// few trial scales and then coordinate descent on the levels. L (n) is uint8 as in ggml: IQ2_XXS passes
+// magnitudes that may include one negative (see split_parity_signs), whose negative level wraps around
+// in L and so changes later sums; kept because only ggml's exact scale gives its bytes.
+float make_qp_quants(int n, int nmax, const float* x, uint8_t* L, const float* w) {
+  constexpr float kGroupMaxEps = 1e-15f;  // ggml's GROUP_MAX_EPS
+  float max = 0;
+  for (int i = 0; i < n; ++i) max = ggml_max(max, x[i]);
+  if (max < kGroupMaxEps) {
+    std::fill(L, L + n, uint8_t{0});
+    return 0.f;
+  }
+  float iscale = nmax / max;
+  for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(nearest_int(iscale * x[i]));
+  const float scale = 1 / iscale;
+  float best_mse = 0;
+  for (int i = 0; i < n; ++i) {
+    const float diff = x[i] - scale * L[i];
+    best_mse += w[i] * diff * diff;
+  }
+  for (int is = -4; is <= 4; ++is) {
+    if (is == 0) continue;
+    const float iscale_is = (0.1f * is + nmax) / max;
+    const float scale_is = 1 / iscale_is;
+    float mse = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::min(nmax, nearest_int(iscale_is * x[i]));
+      const float diff = x[i] - scale_is * l;
+      mse += w[i] * diff * diff;
+    }
+    if (mse < best_mse) {
+      best_mse = mse;
+      iscale = iscale_is;
+    }
+  }
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = std::min(nmax, nearest_int(iscale * x[i]));
+    L[i] = static_cast<uint8_t>(l);
+    sumlx += w[i] * x[i] * l;
+    suml2 += w[i] * l * l;
+  }
+  for (int itry = 0; itry < 5; ++itry) {
+    int n_changed = 0;
+    for (int i = 0; i < n; ++i) {
+      float slx = sumlx - w[i] * x[i] * L[i];
+      float sl2 = suml2 - w[i] * L[i] * L[i];
+      if (slx > 0 && sl2 > 0) {
+        const int new_l = std::min(nmax, nearest_int(x[i] * sl2 / slx));
+        if (new_l != L[i]) {
+          slx += w[i] * x[i] * new_l;
+          sl2 += w[i] * new_l * new_l;
+          if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+            L[i] = static_cast<uint8_t>(new_l);
+            sumlx = slx;
+            suml2 = sl2;
+            ++n_changed;
+          }
+        }
+      }
+    }
+    if (!n_changed) break;
+  }
+  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// The 4-bit group scales of IQ2_XXS/IQ2_XS/IQ3: the level l with (2l+1) * d closest to each.
+int group_scale_level(float id, float scale) {
+  return std::clamp(nearest_int(0.5f * (id * scale - 1)), 0, 15);
+}
+
+void quantize_iq2_xxs(const float* x /* (n) */, const float* qw /* (n) */, uint8_t* y, int64_t n) {
+  constexpr float kGroupMaxEps = 1e-15f;  // ggml's GROUP_MAX_EPS
+  constexpr int kMaxQ = 3;
+  const GridSearch& gs = iq2xxs_search();
+  // Trials around the make_qp_quants fit, and every point re-snapped at the chosen scale.
+  const FitParams fp{.n = 32, .kmax_q = kMaxQ, .steps = 6, .step = 0.1f, .assume_on_grid = true,
+                     .refit_all = true, .refit_always = true};
+  float scales[kQK / 32];
+  float weight[32], waux[32], xval[32];
+  int8_t L[32];
+  uint8_t qp_levels[32];
+  for (int64_t b = 0; b < n / kQK; ++b, x += kQK, qw += kQK, y += kIQ2_XXSBytes) {
+    std::memset(y, 0, kIQ2_XXSBytes);
+    // Per 32 values: u32 of 4 grid indices, u32 of 4 sign indices and the scale (see blocks_iq.h).
+    uint32_t q2[2 * (kQK / 32)] = {};
+    float max_scale = 0;
+    // IQ2_XXS/IQ2_XS soften the importance by mean(x^2), not twice it as the other types.
+    const float sigma2 = super_block_sumx2(x) / kQK;
+    for (int ib = 0; ib < kQK / 32; ++ib) {
+      const float* xb = x + 32 * ib;
+      importance_weights(xb, qw + 32 * ib, sigma2, 32, weight);
+      for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
+      uint8_t block_signs[4];
+      for (int k = 0; k < 4; ++k) block_signs[k] = split_parity_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
+      float max = xval[0];
+      for (int i = 1; i < 32; ++i) max = ggml_max(max, xval[i]);
+      scales[ib] = 0;
+      if (max < kGroupMaxEps) continue;
+      const float scale0 = make_qp_quants(32, kMaxQ + 1, xval, qp_levels, weight);
+      const float eff_max = scale0 * kMaxQ;
+      if (eff_max <= 0) continue;
+      float scale = fit_group(gs, fp, xval, weight, waux, eff_max, scale0, L);
+      if (scale < 0) {
+        // ggml: "should never happen"; the scale is stored unsigned, so flip it and the signs.
+        scale = -scale;
+        for (int k = 0; k < 4; ++k) block_signs[k] = static_cast<uint8_t>(~block_signs[k] & 127);
+      }
+      for (int k = 0; k < 4; ++k) {
+        q2[2 * ib] |= static_cast<uint32_t>(grid_index_of(gs, L + 8 * k)) << (8 * k);
+        q2[2 * ib + 1] |= static_cast<uint32_t>(block_signs[k]) << (7 * k);
+      }
+      scales[ib] = scale;
+      max_scale = ggml_max(max_scale, scale);
+    }
+    if (!max_scale) continue;  // d and every index stay 0
+    const float d = max_scale / 31;
+    store_u16(y, fp32_to_fp16(d));
+    const float id = 1 / d;
+    for (int ib = 0; ib < kQK / 32; ++ib) q2[2 * ib + 1] |= static_cast<uint32_t>(group_scale_level(id, scales[ib])) << 28;
+    for (int i = 0; i < 2 * (kQK / 32); ++i) store_u32(y + kIQ2_XXSQs + 4 * i, q2[i]);
+  }
+}
+
+void quantize_iq2_xs(const float* x /* (n) */, const float* qw /* (n) */, uint8_t* y, int64_t n) {
+  constexpr float kGroupMaxEps = 1e-15f;  // ggml's GROUP_MAX_EPS
+  const GridSearch& gs = iq2xs_search();
+  const FitParams fp{.n = 16, .kmax_q = 3, .steps = 9, .step = 0.1f, .assume_on_grid = true,
+                     .refit_all = false, .refit_always = false};
+  float scales[kQK / 16];
+  float weight[16], waux[16], xval[16];
+  int8_t L[16];
+  for (int64_t b = 0; b < n / kQK; ++b, x += kQK, qw += kQK, y += kIQ2_XSBytes) {
+    std::memset(y, 0, kIQ2_XSBytes);
+    uint16_t q2[2 * (kQK / 16)] = {};  // per 8 values: grid index | sign index << 9
+    float max_scale = 0;
+    const float sigma2 = super_block_sumx2(x) / kQK;
+    for (int ib = 0; ib < kQK / 16; ++ib) {
+      const float* xb = x + 16 * ib;
+      importance_weights(xb, qw + 16 * ib, sigma2, 16, weight);
+      for (int i = 0; i < 16; ++i) waux[i] = std::sqrt(weight[i]);
+      uint8_t block_signs[2];
+      for (int k = 0; k < 2; ++k) block_signs[k] = split_parity_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
+      float max = xval[0];
+      for (int i = 1; i < 16; ++i) max = ggml_max(max, xval[i]);
+      scales[ib] = 0;
+      if (max < kGroupMaxEps) continue;
+      float scale = fit_group(gs, fp, xval, weight, waux, max, max / (2 * fp.kmax_q - 1), L);
+      if (scale < 0) {
+        scale = -scale;
+        for (int k = 0; k < 2; ++k) block_signs[k] = static_cast<uint8_t>(~block_signs[k] & 127);
+      }
+      for (int k = 0; k < 2; ++k)
+        q2[2 * ib + k] = static_cast<uint16_t>(grid_index_of(gs, L + 8 * k) | (block_signs[k] << 9));
+      scales[ib] = scale;
+      max_scale = ggml_max(max_scale, scale);
+    }
+    if (!max_scale) continue;
+    const float d = max_scale / 31;
+    store_u16(y, fp32_to_fp16(d));
+    const float id = 1 / d;
+    for (int ib = 0; ib < kQK / 16; ++ib)
+      y[kIQ2_XSScales + ib / 2] |= static_cast<uint8_t>(group_scale_level(id, scales[ib]) << (4 * (ib % 2)));
+    for (int i = 0; i < 2 * (kQK / 16); ++i) store_u16(y + kIQ2_XSQs + 2 * i, q2[i]);
+  }
+}
+
+// IQ1 values are d * (2s+1) * (g + shift) with g in {-1, 0, 1} and shift = +-delta per 8 (IQ1_M) or 32
+// (IQ1_S) values: the three levels of a positive and of a negative shift.
+constexpr float kIq1Plus[3] = {-1 + SHARDLM_IQ1S_DELTA, SHARDLM_IQ1S_DELTA, 1 + SHARDLM_IQ1S_DELTA};
+constexpr float kIq1Minus[3] = {-1 - SHARDLM_IQ1S_DELTA, -SHARDLM_IQ1S_DELTA, 1 - SHARDLM_IQ1S_DELTA};
+
+// ggml's iq1_find_best_neighbour2: replaces the off-grid levels (8) by those of the neighbour whose values
+// xs[level] * scale are closest to xb (8) under weight (8); first of equals. Returns its grid index.
+int iq1_snap_to_neighbour(const GridSearch& gs, int8_t* levels, const float* xb, const float* weight,
+                          float scale, const float* xs) {
+  const std::span<const uint16_t> nbrs = gs.neighbours(levels);
+  float best_d2 = FLT_MAX;
+  int best = -1;
+  for (const uint16_t g : nbrs) {
+    const int8_t* pg = gs.point(g);
+    float d2 = 0;
+    for (int i = 0; i < 8; ++i) {
+      const float q = xs[(pg[i] - 1) / 2];
+      const float diff = scale * q - xb[i];
+      d2 += weight[i] * diff * diff;
+    }
+    if (d2 < best_d2) {
+      best_d2 = d2;
+      best = g;
+    }
+  }
+  // Only inf/NaN distances leave no candidate; ggml then scans the whole grid with an out-of-bounds read
+  // (xval indexed by grid index), which cannot be reproduced: take the first neighbour.
+  if (best < 0) best = nbrs[0];
+  const int8_t* pg = gs.point(best);
+  for (int i = 0; i < 8; ++i) levels[i] = static_cast<int8_t>((pg[i] - 1) / 2);
+  return best;
+}
+
+// Order of the group's values (n), ascending: ggml sorts (value, index) pairs with glibc's qsort, a
+// merge sort for these sizes, so equal values keep index order as with a stable sort.
+void sort_by_value(const float* xb, int n, int* idx /* (n) */) {
+  std::iota(idx, idx + n, 0);
+  std::stable_sort(idx, idx + n, [xb](int a, int b) { return xb[a] < xb[b]; });
+}
+
+// Levels 0/1/2 from the two split points of the sorted order (L: n).
+void levels_from_split(const int* idx, int n, int i1, int i2, int8_t* L) {
+  for (int j = 0; j < n; ++j) L[idx[j]] = static_cast<int8_t>(j < i1 ? 0 : j < i2 ? 1 : 2);
+}
+
+void quantize_iq1_s(const float* x /* (n) */, const float* qw /* (n) */, uint8_t* y, int64_t n) {
+  constexpr float kGroupMaxEps = 1e-12f;  // ggml's GROUP_MAX_EPS_IQ1_S
+  constexpr int kBs = 32;
+  const GridSearch& gs = iq1s_search();
+  float scales[kQK / kBs];
+  int8_t shifts[kQK / kBs];
+  float weight[kBs], sumx[kBs + 1], sumw[kBs + 1];
+  int idx[kBs];
+  int8_t L[kBs];
+  int index[kBs / 8];
+  for (int64_t b = 0; b < n / kQK; ++b, x += kQK, qw += kQK, y += kIQ1_SBytes) {
+    std::memset(y, 0, kIQ1_SBytes);
+    float max_scale = 0;
+    const float sigma2 = super_block_sigma2(x);
+    for (int ib = 0; ib < kQK / kBs; ++ib) {
+      const float* xb = x + kBs * ib;
+      importance_weights(xb, qw + kBs * ib, sigma2, kBs, weight);
+      scales[ib] = 0;
+      shifts[ib] = 1;
+      float max = std::fabs(xb[0]);
+      for (int i = 1; i < kBs; ++i) max = ggml_max(max, std::fabs(xb[i]));
+      if (max < kGroupMaxEps) continue;
+      // With three levels the weighted least-squares fit can be searched exhaustively: in value order,
+      // every split into (low, middle, high) for either shift, scored from prefix sums.
+      sort_by_value(xb, kBs, idx);
+      sumx[0] = sumw[0] = 0;
+      for (int j = 0; j < kBs; ++j) {
+        const int i = idx[j];
+        sumx[j + 1] = sumx[j] + weight[i] * xb[i];
+        sumw[j + 1] = sumw[j] + weight[i];
+      }
+      float best_score = -FLT_MAX, scale = max;
+      int besti1 = -1, besti2 = -1, best_shift = 0;
+      for (int i1 = 0; i1 <= kBs; ++i1) {
+        for (int i2 = i1; i2 <= kBs; ++i2) {
+          for (const int shift : {1, -1}) {
+            const float* xs = shift == 1 ? kIq1Plus : kIq1Minus;
+            const float sumqx = (sumx[i1] - sumx[0]) * xs[0] + (sumx[i2] - sumx[i1]) * xs[1] +
+                                (sumx[kBs] - sumx[i2]) * xs[2];
+            const float sumq2 = (sumw[i1] - sumw[0]) * xs[0] * xs[0] + (sumw[i2] - sumw[i1]) * xs[1] * xs[1] +
+                                (sumw[kBs] - sumw[i2]) * xs[2] * xs[2];
+            if (sumq2 > 0 && sumqx * sumqx > best_score * sumq2) {
+              scale = sumqx / sumq2;
+              best_score = scale * sumqx;
+              besti1 = i1;
+              besti2 = i2;
+              best_shift = shift;
+            }
+          }
+        }
+      }
+      if (besti1 < 0 || besti2 < 0 || best_shift == 0) continue;
+      levels_from_split(idx, kBs, besti1, besti2, L);
+      if (scale < 0) {
+        for (int j = 0; j < kBs; ++j) L[j] = static_cast<int8_t>(2 - L[j]);
+        scale = -scale;
+        best_shift = -best_shift;
+      }
+      const float* xs = best_shift == 1 ? kIq1Plus : kIq1Minus;
+      bool all_on_grid = true;
+      for (int k = 0; k < kBs / 8; ++k) {
+        index[k] = gs.index(L + 8 * k);
+        if (index[k] < 0) {
+          all_on_grid = false;
+          index[k] = iq1_snap_to_neighbour(gs, L + 8 * k, xb + 8 * k, weight + 8 * k, scale, xs);
+        }
+      }
+      if (!all_on_grid) {
+        float sumqx = 0, sumq2 = 0;
+        for (int k = 0; k < kBs / 8; ++k) {
+          const int8_t* pg = gs.point(index[k]);
+          for (int j = 0; j < 8; ++j) {
+            const float w = weight[8 * k + j];
+            const float q = xs[(pg[j] - 1) / 2];
+            sumqx += w * q * xb[8 * k + j];
+            sumq2 += w * q * q;
+          }
+        }
+        if (sumqx > 0 && sumq2 > 0) scale = sumqx / sumq2;
+      }
+      unsigned h = 0;
+      for (int k = 0; k < kBs / 8; ++k) {
+        y[kIQ1_SQs + (kBs / 8) * ib + k] = static_cast<uint8_t>(index[k] & 255);
+        h |= static_cast<unsigned>(index[k] >> 8) << (3 * k);
+      }
+      store_u16(y + kIQ1_SQh + 2 * ib, static_cast<uint16_t>(h));
+      scales[ib] = scale;
+      shifts[ib] = static_cast<int8_t>(best_shift);
+      max_scale = ggml_max(max_scale, scale);
+    }
+    if (!max_scale) continue;
+    const float d = max_scale / 15;
+    store_u16(y, fp32_to_fp16(d * 1.125f));  // ggml's fudge factor
+    const float id = 1 / d;
+    for (int ib = 0; ib < kQK / kBs; ++ib) {
+      int l = std::clamp(nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
+      if (shifts[ib] == -1) l |= 8;
+      uint8_t* qh = y + kIQ1_SQh + 2 * ib;
+      store_u16(qh, static_cast<uint16_t>(load_u16(qh) | (l << 12)));
+    }
+  }
+}
+
+void quantize_iq1_m(const float* x /* (n) */, const float* qw /* (n) */, uint8_t* y, int64_t n) {
+  constexpr float kGroupMaxEps = 1e-7f;  // ggml's GROUP_MAX_EPS_IQ1_M
+  constexpr int kBs = 16;
+  const GridSearch& gs = iq1s_search();
+  // The shift pattern k of a group of 16: bit 1 the sign of the first 8 values' shift, bit 0 the second's
+  // (0: +,+  1: +,-  2: -,+  3: -,-), and its qh bits (3 for the first index, 7 for the second).
+  const float* const first_half[4] = {kIq1Plus, kIq1Plus, kIq1Minus, kIq1Minus};
+  const float* const second_half[4] = {kIq1Plus, kIq1Minus, kIq1Plus, kIq1Minus};
+  constexpr uint8_t kMasks[4] = {0x00, 0x80, 0x08, 0x88};
+  float scales[kQK / kBs];
+  int8_t shifts[kQK / kBs];
+  float weight[kBs];
+  int idx[kBs];
+  int8_t L[kBs];
+  int index[kBs / 8];
+  for (int64_t b = 0; b < n / kQK; ++b, x += kQK, qw += kQK, y += kIQ1_MBytes) {
+    std::memset(y, 0, kIQ1_MBytes);
+    float max_scale = 0;
+    const float sigma2 = super_block_sigma2(x);
+    for (int ib = 0; ib < kQK / kBs; ++ib) {
+      const float* xb = x + kBs * ib;
+      importance_weights(xb, qw + kBs * ib, sigma2, kBs, weight);
+      scales[ib] = 0;
+      shifts[ib] = 0;
+      float max = std::fabs(xb[0]);
+      for (int i = 1; i < kBs; ++i) max = ggml_max(max, std::fabs(xb[i]));
+      if (max < kGroupMaxEps) continue;
+      // Exhaustive split search as IQ1_S, for the four shift patterns at once; ggml accumulates each
+      // split's sums element by element in value order (no prefix sums), and so do we.
+      sort_by_value(xb, kBs, idx);
+      float best_score = -FLT_MAX, scale = max;
+      int besti1 = -1, besti2 = -1, best_k = -1;
+      for (int i1 = 0; i1 <= kBs; ++i1) {
+        for (int i2 = i1; i2 <= kBs; ++i2) {
+          float sumqx[4] = {}, sumq2[4] = {};
+          for (int j = 0; j < kBs; ++j) {
+            const int i = idx[j];
+            const int level = j < i1 ? 0 : j < i2 ? 1 : 2;
+            for (int k = 0; k < 4; ++k) {
+              const float q = (i < kBs / 2 ? first_half[k] : second_half[k])[level];
+              sumqx[k] += weight[i] * q * xb[i];
+              sumq2[k] += weight[i] * q * q;
+            }
+          }
+          for (int k = 0; k < 4; ++k) {
+            if (sumq2[k] > 0 && sumqx[k] * sumqx[k] > best_score * sumq2[k]) {
+              scale = sumqx[k] / sumq2[k];
+              best_score = scale * sumqx[k];
+              besti1 = i1;
+              besti2 = i2;
+              best_k = k;
+            }
+          }
+        }
+      }
+      if (besti1 < 0 || besti2 < 0 || best_k < 0) continue;
+      levels_from_split(idx, kBs, besti1, besti2, L);
+      if (scale < 0) {
+        for (int j = 0; j < kBs; ++j) L[j] = static_cast<int8_t>(2 - L[j]);
+        scale = -scale;
+        best_k = 3 - best_k;  // both shifts flip
+      }
+      bool all_on_grid = true;
+      for (int k = 0; k < kBs / 8; ++k) {
+        const float* xs = k == 0 ? first_half[best_k] : second_half[best_k];
+        index[k] = gs.index(L + 8 * k);
+        if (index[k] < 0) {
+          all_on_grid = false;
+          index[k] = iq1_snap_to_neighbour(gs, L + 8 * k, xb + 8 * k, weight + 8 * k, scale, xs);
+        }
+      }
+      if (!all_on_grid) {
+        float sumqx = 0, sumq2 = 0;
+        for (int k = 0; k < kBs / 8; ++k) {
+          const float* xs = k == 0 ? first_half[best_k] : second_half[best_k];
+          const int8_t* pg = gs.point(index[k]);
+          for (int j = 0; j < 8; ++j) {
+            const float w = weight[8 * k + j];
+            const float q = xs[(pg[j] - 1) / 2];
+            sumqx += w * q * xb[8 * k + j];
+            sumq2 += w * q * q;
+          }
+        }
+        if (sumqx > 0 && sumq2 > 0) scale = sumqx / sumq2;
+      }
+      y[kIQ1_MQs + 2 * ib] = static_cast<uint8_t>(index[0] & 255);
+      y[kIQ1_MQs + 2 * ib + 1] = static_cast<uint8_t>(index[1] & 255);
+      y[kIQ1_MQh + ib] = static_cast<uint8_t>((index[0] >> 8) | ((index[1] >> 8) << 4));
+      scales[ib] = scale;
+      shifts[ib] = static_cast<int8_t>(best_k);
+      max_scale = ggml_max(max_scale, scale);
+    }
+    if (!max_scale) continue;
+    // The 3-bit group scales from max_scale, then the super-block scale refitted by least squares over the
+    // whole super-block as stored (groups skipped above included, at grid point 0 and scale level 0).
+    uint16_t sc[4] = {};
+    float d = max_scale / 15;
+    const float id = 1 / d;
+    float sumqx = 0, sumq2 = 0;
+    for (int ib = 0; ib < kQK / kBs; ++ib) {
+      const int l = std::clamp(nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
+      sc[ib / 4] = static_cast<uint16_t>(sc[ib / 4] | (l << (3 * (ib % 4))));
+      const uint8_t qh = y[kIQ1_MQh + ib] |= kMasks[shifts[ib]];
+      const float* xb = x + kBs * ib;
+      importance_weights(xb, qw + kBs * ib, sigma2, kBs, weight);
+      for (int k = 0; k < kBs / 8; ++k) {
+        const float* xs = k == 0 ? first_half[shifts[ib]] : second_half[shifts[ib]];
+        const int8_t* pg = gs.point(y[kIQ1_MQs + 2 * ib + k] + ((qh << (8 - 4 * k)) & 0x700));
+        for (int j = 0; j < 8; ++j) {
+          const float w = weight[8 * k + j];
+          const float q = xs[(pg[j] - 1) / 2] * (2 * l + 1);
+          sumqx += w * q * xb[8 * k + j];
+          sumq2 += w * q * q;
+        }
+      }
+    }
+    if (sumq2 > 0) d = sumqx / sumq2;
+    const uint16_t d16 = fp32_to_fp16(d * 1.1125f);  // ggml's fudge factor
+    sc[0] = static_cast<uint16_t>(sc[0] | ((d16 & 0x000f) << 12));
+    sc[1] = static_cast<uint16_t>(sc[1] | ((d16 & 0x00f0) << 8));
+    sc[2] = static_cast<uint16_t>(sc[2] | ((d16 & 0x0f00) << 4));
+    sc[3] = static_cast<uint16_t>(sc[3] | (d16 & 0xf000));
+    for (int i = 0; i < 4; ++i) store_u16(y + kIQ1_MScales + 2 * i, sc[i]);
+  }
+}
+
 }  // namespace
 
 bool dequantize_iq(GgmlType type, const uint8_t* x, float* y, int64_t n) {
@@ -630,13 +1161,24 @@ bool dequantize_iq(GgmlType type, const uint8_t* x, float* y, int64_t n) {
 
 bool quantize_iq(GgmlType type, const float* x, uint8_t* y, int64_t n) {
   switch (type) {
-    case GgmlType::IQ3_XXS: quantize_iq3_xxs(x, y, n); return true;
-    case GgmlType::IQ3_S: quantize_iq3_s(x, y, n); return true;
-    case GgmlType::IQ2_S: quantize_iq2_s(x, y, n); return true;
+    case GgmlType::IQ3_XXS: quantize_iq3_xxs(x, nullptr, y, n); return true;
+    case GgmlType::IQ3_S: quantize_iq3_s(x, nullptr, y, n); return true;
+    case GgmlType::IQ2_S: quantize_iq2_s(x, nullptr, y, n); return true;
     default: return false;  // IQ2_XXS, IQ2_XS, IQ1_S, IQ1_M need an importance matrix
   }
 }
 
-bool quantize_iq_imatrix(GgmlType, const float*, uint8_t*, int64_t, const float*) { return false; }
+bool quantize_iq_imatrix(GgmlType type, const float* x, uint8_t* y, int64_t n, const float* imatrix) {
+  switch (type) {
+    case GgmlType::IQ2_XXS: quantize_iq2_xxs(x, imatrix, y, n); return true;
+    case GgmlType::IQ2_XS: quantize_iq2_xs(x, imatrix, y, n); return true;
+    case GgmlType::IQ1_S: quantize_iq1_s(x, imatrix, y, n); return true;
+    case GgmlType::IQ1_M: quantize_iq1_m(x, imatrix, y, n); return true;
+    case GgmlType::IQ3_XXS: quantize_iq3_xxs(x, imatrix, y, n); return true;
+    case GgmlType::IQ3_S: quantize_iq3_s(x, imatrix, y, n); return true;
+    case GgmlType::IQ2_S: quantize_iq2_s(x, imatrix, y, n); return true;
+    default: return false;
+  }
+}
 
 }  // namespace shardlm::quant_detail
