@@ -1,7 +1,9 @@
 // IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M (see codecs.h). The dequantizers are ggml's
-// dequantize_row_iq*; the quantizers are the three that ggml runs without an importance matrix
-// (quantize_row_iq3_xxs_ref, quantize_row_iq3_s_ref, quantize_row_iq2_s_ref), followed operation by
-// operation as in quant_ref.cpp, because byte-identical output is the point. Layouts: quant/blocks_iq.h.
+// dequantize_row_iq*. The quantizers are ggml's quantize_iq* (the *_impl functions): without an importance
+// matrix only the three that ggml runs so (quantize_row_iq3_xxs_ref, iq3_s_ref, iq2_s_ref), with one all
+// seven (llama-quantize --imatrix; IQ2_XXS, IQ2_XS, IQ1_S, IQ1_M need it). They follow ggml operation by
+// operation as in quant_ref.cpp (float evaluation order, tie-breaking of every search), because
+// byte-identical output is the point. Layouts: quant/blocks_iq.h.
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -444,6 +446,37 @@ void importance_weights(const float* xb /* (n) */, const float* qw /* (n) */, fl
   for (int i = 0; i < n; ++i) weight[i] = qw[i] * std::sqrt(sigma2 + xb[i] * xb[i]);
 }
 
+// Splits the signs off one group of 8 (xb, weight: 8) into xval (8) as IQ2_XXS/IQ2_XS/IQ3_XXS store them: a
+// 7-bit index into the even-parity sign bytes. With an odd number of negatives, the value that costs least
+// to get wrong (smallest weight*x^2, first on ties) keeps its wrong sign as a negative magnitude.
+uint8_t split_parity_signs(const float* xb, const float* weight, float* xval) {
+  int nflip = 0;
+  uint8_t s = 0;
+  for (int i = 0; i < 8; ++i) {
+    if (xb[i] >= 0) {
+      xval[i] = xb[i];
+    } else {
+      xval[i] = -xb[i];
+      ++nflip;
+      s |= static_cast<uint8_t>(1 << i);
+    }
+  }
+  if (nflip % 2) {
+    int imin = 0;
+    float min = weight[0] * xb[0] * xb[0];
+    for (int i = 1; i < 8; ++i) {
+      const float ax = weight[i] * xb[i] * xb[i];
+      if (ax < min) {
+        min = ax;
+        imin = i;
+      }
+    }
+    xval[imin] = -xval[imin];
+    s ^= static_cast<uint8_t>(1 << imin);
+  }
+  return s & 127;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Quantization.
 
@@ -451,7 +484,8 @@ void quantize_iq3_xxs(const float* x /* (n) */, const float* qw /* (n) or null *
   constexpr float kGroupMaxEps = 1e-8f;  // ggml's GROUP_MAX_EPS_IQ3_XXS
   const GridSearch& gs = iq3xxs_search();
   const FitParams fp{
-      .n = 32, .kmax_q = 8, .steps = 15, .step = 0.2f, .assume_on_grid = true, .refit_all = false, .refit_always = false};
+      .n = 32, .kmax_q = 8, .steps = 15, .step = 0.2f,
+      .assume_on_grid = true, .refit_all = false, .refit_always = false};
   float scales[kQK / 32];
   float weight[32], waux[32], xval[32];
   int8_t L[32];
@@ -467,36 +501,9 @@ void quantize_iq3_xxs(const float* x /* (n) */, const float* qw /* (n) or null *
         for (int i = 0; i < 32; ++i) weight[i] = xb[i] * xb[i];
       }
       for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
-      // Signs are stored as 7-bit indices into the even-parity sign bytes: with an odd number of
-      // negatives, the value that costs least to get wrong keeps the wrong sign (a negative magnitude).
       uint8_t block_signs[4];
-      for (int k = 0; k < 4; ++k) {
-        int nflip = 0;
-        uint8_t s = 0;
-        for (int i = 0; i < 8; ++i) {
-          if (xb[8 * k + i] >= 0) {
-            xval[8 * k + i] = xb[8 * k + i];
-          } else {
-            xval[8 * k + i] = -xb[8 * k + i];
-            ++nflip;
-            s |= static_cast<uint8_t>(1 << i);
-          }
-        }
-        if (nflip % 2) {
-          int imin = 0;
-          float min = weight[8 * k] * xb[8 * k] * xb[8 * k];
-          for (int i = 1; i < 8; ++i) {
-            const float ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
-            if (ax < min) {
-              min = ax;
-              imin = i;
-            }
-          }
-          xval[8 * k + imin] = -xval[8 * k + imin];
-          s ^= static_cast<uint8_t>(1 << imin);
-        }
-        block_signs[k] = s & 127;
-      }
+      for (int k = 0; k < 4; ++k)
+        block_signs[k] = split_parity_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
       float max = xval[0];
       for (int i = 1; i < 32; ++i) max = ggml_max(max, xval[i]);
       if (max < kGroupMaxEps) {
@@ -534,7 +541,8 @@ void quantize_iq3_xxs(const float* x /* (n) */, const float* qw /* (n) or null *
 void quantize_iq3_s(const float* x /* (n) */, const float* qw /* (n) or null */, uint8_t* y, int64_t n) {
   const GridSearch& gs = iq3s_search();
   const FitParams fp{
-      .n = 32, .kmax_q = 8, .steps = 9, .step = 0.2f, .assume_on_grid = false, .refit_all = true, .refit_always = false};
+      .n = 32, .kmax_q = 8, .steps = 9, .step = 0.2f,
+      .assume_on_grid = false, .refit_all = true, .refit_always = false};
   float scales[kQK / 32];
   float weight[32], waux[32], xval[32];
   int8_t L[32];
@@ -606,7 +614,8 @@ void quantize_iq2_s(const float* x /* (n) */, const float* qw /* (n) or null */,
   constexpr float kGroupMaxEps = 1e-8f;  // ggml's GROUP_MAX_EPS_IQ2_S
   const GridSearch& gs = iq2s_search();
   const FitParams fp{
-      .n = 16, .kmax_q = 3, .steps = 9, .step = 0.1f, .assume_on_grid = true, .refit_all = false, .refit_always = false};
+      .n = 16, .kmax_q = 3, .steps = 9, .step = 0.1f,
+      .assume_on_grid = true, .refit_all = false, .refit_always = false};
   float scales[kQK / 16];
   float weight[16], waux[16], xval[16];
   int8_t L[16];
@@ -671,37 +680,6 @@ void quantize_iq2_s(const float* x /* (n) */, const float* qw /* (n) or null */,
 // ---------------------------------------------------------------------------------------------------
 // Quantization with an importance matrix only (ggml's quantize_row_iq2_xxs_impl, iq2_xs_impl, iq1_s_impl,
 // iq1_m_impl; llama-quantize refuses these types without one).
-
-// Splits the signs off one group of 8 (xb, weight: 8) into xval (8) as IQ2_XXS/IQ2_XS/IQ3_XXS store them: a
-// 7-bit index into the even-parity sign bytes. With an odd number of negatives, the value that costs least
-// to get wrong (smallest weight*x^2, first on ties) keeps its wrong sign as a negative magnitude.
-uint8_t split_parity_signs(const float* xb, const float* weight, float* xval) {
-  int nflip = 0;
-  uint8_t s = 0;
-  for (int i = 0; i < 8; ++i) {
-    if (xb[i] >= 0) {
-      xval[i] = xb[i];
-    } else {
-      xval[i] = -xb[i];
-      ++nflip;
-      s |= static_cast<uint8_t>(1 << i);
-    }
-  }
-  if (nflip % 2) {
-    int imin = 0;
-    float min = weight[0] * xb[0] * xb[0];
-    for (int i = 1; i < 8; ++i) {
-      const float ax = weight[i] * xb[i] * xb[i];
-      if (ax < min) {
-        min = ax;
-        imin = i;
-      }
-    }
-    xval[imin] = -xval[imin];
-    s ^= static_cast<uint8_t>(1 << imin);
-  }
-  return s & 127;
-}
 
 // ggml's make_qp_quants: the weighted least-squares scale of non-negative levels 0..nmax for x (n), from a
 // few trial scales and then coordinate descent on the levels. L (n) is uint8 as in ggml: IQ2_XXS passes
@@ -797,7 +775,8 @@ void quantize_iq2_xxs(const float* x /* (n) */, const float* qw /* (n) */, uint8
       importance_weights(xb, qw + 32 * ib, sigma2, 32, weight);
       for (int i = 0; i < 32; ++i) waux[i] = std::sqrt(weight[i]);
       uint8_t block_signs[4];
-      for (int k = 0; k < 4; ++k) block_signs[k] = split_parity_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
+      for (int k = 0; k < 4; ++k)
+        block_signs[k] = split_parity_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
       float max = xval[0];
       for (int i = 1; i < 32; ++i) max = ggml_max(max, xval[i]);
       scales[ib] = 0;
@@ -822,7 +801,8 @@ void quantize_iq2_xxs(const float* x /* (n) */, const float* qw /* (n) */, uint8
     const float d = max_scale / 31;
     store_u16(y, fp32_to_fp16(d));
     const float id = 1 / d;
-    for (int ib = 0; ib < kQK / 32; ++ib) q2[2 * ib + 1] |= static_cast<uint32_t>(group_scale_level(id, scales[ib])) << 28;
+    for (int ib = 0; ib < kQK / 32; ++ib)
+      q2[2 * ib + 1] |= static_cast<uint32_t>(group_scale_level(id, scales[ib])) << 28;
     for (int i = 0; i < 2 * (kQK / 32); ++i) store_u32(y + kIQ2_XXSQs + 4 * i, q2[i]);
   }
 }
@@ -845,7 +825,8 @@ void quantize_iq2_xs(const float* x /* (n) */, const float* qw /* (n) */, uint8_
       importance_weights(xb, qw + 16 * ib, sigma2, 16, weight);
       for (int i = 0; i < 16; ++i) waux[i] = std::sqrt(weight[i]);
       uint8_t block_signs[2];
-      for (int k = 0; k < 2; ++k) block_signs[k] = split_parity_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
+      for (int k = 0; k < 2; ++k)
+        block_signs[k] = split_parity_signs(xb + 8 * k, weight + 8 * k, xval + 8 * k);
       float max = xval[0];
       for (int i = 1; i < 16; ++i) max = ggml_max(max, xval[i]);
       scales[ib] = 0;
@@ -1120,7 +1101,8 @@ void quantize_iq1_m(const float* x /* (n) */, const float* qw /* (n) */, uint8_t
     for (int ib = 0; ib < kQK / kBs; ++ib) {
       const int l = std::clamp(nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
       sc[ib / 4] = static_cast<uint16_t>(sc[ib / 4] | (l << (3 * (ib % 4))));
-      const uint8_t qh = y[kIQ1_MQh + ib] |= kMasks[shifts[ib]];
+      y[kIQ1_MQh + ib] |= kMasks[shifts[ib]];
+      const uint8_t qh = y[kIQ1_MQh + ib];  // the shift bits are masked off below
       const float* xb = x + kBs * ib;
       importance_weights(xb, qw + kBs * ib, sigma2, kBs, weight);
       for (int k = 0; k < kBs / 8; ++k) {
