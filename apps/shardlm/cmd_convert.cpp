@@ -1,5 +1,6 @@
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -7,6 +8,7 @@
 #include "core/error.h"
 #include "loader/gguf_export.h"
 #include "loader/hf_source.h"
+#include "loader/imatrix.h"
 #include "loader/llama2c_source.h"
 #include "loader/model_source.h"
 
@@ -16,7 +18,7 @@ int cmd_convert(int argc, const char* const* argv) {
   CLI::App app("Convert a llama2.c checkpoint (with its tokenizer.bin), a Hugging Face directory or a GGUF file "
                "to GGUF, optionally quantizing with one of llama-quantize's schemes.",
                "convert");
-  std::string from, input, tokenizer, out, type;
+  std::string from, input, tokenizer, out, type, imatrix_path;
   bool quiet = false, allow_requantize = false;
   app.add_option("--from", from, "source format: llama2c, hf or gguf")->required();
   app.add_option("input", input, "checkpoint file (llama2c), model directory (hf) or GGUF file (gguf)")->required();
@@ -25,6 +27,9 @@ int cmd_convert(int argc, const char* const* argv) {
                  "directory holding one, or a GGUF whose vocabulary replaces the directory's");
   app.add_option("-o,--output", out, "output GGUF path")->required();
   app.add_option("--type", type, "convert weights to a scheme: " + scheme_names() + " (default: keep)");
+  app.add_option("--imatrix", imatrix_path,
+                 "importance matrix from llama-imatrix (GGUF): quantize with it as llama-quantize --imatrix does; "
+                 "needed by iq3_xs, iq3_xxs, q2_k_s, iq2_m, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s");
   app.add_flag("--allow-requantize", allow_requantize,
                "with --from gguf: quantize tensors that are already quantized (llama-quantize's flag; quality "
                "suffers compared with quantizing from F16/F32)");
@@ -63,8 +68,17 @@ int cmd_convert(int argc, const char* const* argv) {
                  static_cast<long long>(c.n_vocab), out.c_str(), type.empty() ? "the source types" : type.c_str());
     if (!src->vocab()) std::fprintf(stderr, "note: no tokenizer in %s; the GGUF will have none\n", input.c_str());
   }
+  std::optional<ImportanceMatrix> imatrix;
+  if (!imatrix_path.empty()) {
+    if (type.empty()) fail("--imatrix needs --type (a quantization scheme)");
+    imatrix = load_imatrix(imatrix_path);
+    if (!quiet)
+      std::fprintf(stderr, "importance matrix %s: %zu entries, %lld chunks%s%s\n", imatrix_path.c_str(),
+                   imatrix->entries.size(), static_cast<long long>(imatrix->chunk_count),
+                   imatrix->datasets.empty() ? "" : " of ", imatrix->datasets.empty() ? "" : imatrix->datasets[0].c_str());
+  }
   Progress progress("writing " + out, !quiet);
-  export_gguf(*src, out, type, [&](uint64_t d, uint64_t t) { progress(d, t); });
+  export_gguf(*src, out, type, [&](uint64_t d, uint64_t t) { progress(d, t); }, imatrix ? &*imatrix : nullptr);
   progress.finish();
   return 0;
 }

@@ -177,7 +177,8 @@ int cmd_gen_model(int argc, const char* const* argv) {
   if (!rf.empty()) w.add_tensor("rope_freqs.weight", GgmlType::F32, {static_cast<int64_t>(rf.size())}, rf.data());
   uint64_t index = 0;
   for (const TensorSpec& t : model_tensors(c)) {
-    const GgmlType ty = tensor_type_for_scheme(type, t, c);
+    // Synthesized blocks need no importance matrix, but real files of the schemes that need one are made with one.
+    const GgmlType ty = tensor_type_for_scheme(type, t, c, scheme_needs_imatrix(type));
     const bool is_norm = t.ne.size() == 1 && t.name.find("norm") != std::string::npos;
     const uint64_t tseed = seed * 0x9E3779B97F4A7C15ull + (++index);
     w.add_tensor(t.name, ty, t.ne, [ty, is_norm, tseed, n_thr](uint8_t* dst, size_t bytes) {

@@ -100,22 +100,31 @@ bool ends_with(const std::string& s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// llama.cpp's file types (llama_ftype) that it writes without an importance matrix, by llama-quantize's
-// names. Q2_K_S, IQ3_XS, IQ3_XXS and the IQ2/IQ1 schemes are left out: llama-quantize refuses them without
-// an imatrix (tensor_requires_imatrix), and so do we.
+// llama.cpp's file types (llama_ftype) by llama-quantize's names. The last nine need an importance matrix
+// (llama-quantize refuses them without one: tensor_requires_imatrix), and so do we.
 struct Scheme {
   const char* name;
-  int ftype;         // llama_ftype, written as general.file_type
-  GgmlType base;     // llama_ftype_get_default_type
+  int ftype;            // llama_ftype, written as general.file_type
+  GgmlType base;        // llama_ftype_get_default_type
+  bool needs_imatrix;
 };
-constexpr std::array<Scheme, 21> kSchemes = {{
-    {"f32", 0, GgmlType::F32},         {"f16", 1, GgmlType::F16},         {"bf16", 32, GgmlType::BF16},
-    {"q8_0", 7, GgmlType::Q8_0},       {"q6_k", 18, GgmlType::Q6_K},      {"q5_k_m", 17, GgmlType::Q5_K},
-    {"q5_k_s", 16, GgmlType::Q5_K},    {"q5_1", 9, GgmlType::Q5_1},       {"q5_0", 8, GgmlType::Q5_0},
-    {"q4_k_m", 15, GgmlType::Q4_K},    {"q4_k_s", 14, GgmlType::Q4_K},    {"q4_1", 3, GgmlType::Q4_1},
-    {"q4_0", 2, GgmlType::Q4_0},       {"iq4_nl", 25, GgmlType::IQ4_NL},  {"iq4_xs", 30, GgmlType::IQ4_XS},
-    {"q3_k_l", 13, GgmlType::Q3_K},    {"q3_k_m", 12, GgmlType::Q3_K},    {"q3_k_s", 11, GgmlType::Q3_K},
-    {"iq3_m", 27, GgmlType::IQ3_S},    {"iq3_s", 26, GgmlType::IQ3_S},    {"q2_k", 10, GgmlType::Q2_K},
+constexpr std::array<Scheme, 30> kSchemes = {{
+    {"f32", 0, GgmlType::F32, false},         {"f16", 1, GgmlType::F16, false},
+    {"bf16", 32, GgmlType::BF16, false},      {"q8_0", 7, GgmlType::Q8_0, false},
+    {"q6_k", 18, GgmlType::Q6_K, false},      {"q5_k_m", 17, GgmlType::Q5_K, false},
+    {"q5_k_s", 16, GgmlType::Q5_K, false},    {"q5_1", 9, GgmlType::Q5_1, false},
+    {"q5_0", 8, GgmlType::Q5_0, false},       {"q4_k_m", 15, GgmlType::Q4_K, false},
+    {"q4_k_s", 14, GgmlType::Q4_K, false},    {"q4_1", 3, GgmlType::Q4_1, false},
+    {"q4_0", 2, GgmlType::Q4_0, false},       {"iq4_nl", 25, GgmlType::IQ4_NL, false},
+    {"iq4_xs", 30, GgmlType::IQ4_XS, false},  {"q3_k_l", 13, GgmlType::Q3_K, false},
+    {"q3_k_m", 12, GgmlType::Q3_K, false},    {"q3_k_s", 11, GgmlType::Q3_K, false},
+    {"iq3_m", 27, GgmlType::IQ3_S, false},    {"iq3_s", 26, GgmlType::IQ3_S, false},
+    {"q2_k", 10, GgmlType::Q2_K, false},
+    {"iq3_xs", 22, GgmlType::IQ3_S, true},    {"iq3_xxs", 23, GgmlType::IQ3_XXS, true},
+    {"q2_k_s", 21, GgmlType::Q2_K, true},     {"iq2_m", 29, GgmlType::IQ2_S, true},
+    {"iq2_s", 28, GgmlType::IQ2_XS, true},    {"iq2_xs", 20, GgmlType::IQ2_XS, true},
+    {"iq2_xxs", 19, GgmlType::IQ2_XXS, true}, {"iq1_m", 31, GgmlType::IQ1_M, true},
+    {"iq1_s", 24, GgmlType::IQ1_S, true},
 }};
 
 const Scheme* find_scheme(std::string_view name) {
@@ -209,55 +218,96 @@ int scheme_file_type(std::string_view scheme) {
   return k == nullptr ? -1 : k->ftype;
 }
 
-// Mirrors llama.cpp's llama_tensor_get_type (src/llama-quant.cpp) for dense models without an importance
-// matrix, tensor by tensor:
+bool scheme_needs_imatrix(std::string_view scheme) {
+  const Scheme* k = find_scheme(scheme);
+  return k != nullptr && k->needs_imatrix;
+}
+
+bool tensor_needs_imatrix(std::string_view name, GgmlType type) {
+  if (name == "token_embd.weight" || name == "output.weight") return false;  // llama.cpp exempts both
+  switch (type) {
+    case GgmlType::IQ3_XXS: case GgmlType::IQ2_XXS: case GgmlType::IQ2_XS: case GgmlType::IQ2_S:
+    case GgmlType::IQ1_M: case GgmlType::IQ1_S:
+      return true;
+    default: return false;  // (and Q2_K tensors of a q2_k_s file: see convert)
+  }
+}
+
+// Mirrors llama.cpp's llama_tensor_get_type (src/llama-quant.cpp) for dense models, tensor by tensor, in its
+// order of precedence:
 // - 1-D tensors (norms, biases) are never quantized and stay F32 (as the converter writes them).
 // - Float schemes (f32/f16/bf16) convert every 2-D tensor; llama_tensor_get_type is not consulted.
 // - output.weight (or token_embd when the output is tied): Q8_0 when its rows do not hold whole blocks of
-//   the scheme's type, else Q6_K unless the scheme's type is Q8_0.
-// - attn_v (the i-th of n is layer i here: one per layer), ffn_down and attn_output get more bits by the
-//   scheme's rules below, including the "70B" bump (80 layers is how llama.cpp's llama/qwen2 loaders
-//   classify LLM_TYPE_70B) and the grouped-query rules (n_gqa = n_head / n_head_kv).
+//   the scheme's type, Q5_K for the IQ1/IQ2/IQ3_XXS schemes, else Q6_K unless the scheme's type is Q8_0.
+// - attn_v (the i-th of n is layer i here: one per layer), ffn_down, attn_output, attn_q/k and ffn_gate/up get
+//   other types by the scheme's rules below, including the "70B" bump (80 layers is how llama.cpp's llama/qwen2
+//   loaders classify LLM_TYPE_70B), the grouped-query rules (n_gqa = n_head / n_head_kv) and the rules that
+//   depend on whether an importance matrix is given (`imatrix`).
 // - Every choice then falls back as llama.cpp does when the row length is not a block multiple.
-GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, const ModelConfig& c) {
+GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, const ModelConfig& c, bool imatrix) {
   const Scheme* k = find_scheme(scheme);
   if (k == nullptr) fail("quantization scheme '", scheme, "' is unknown; known: ", scheme_names());
   if (t.ne.empty()) fail("tensor '", t.name, "' has no dimensions");
   if (t.ne.size() == 1) return GgmlType::F32;
   if (k->base == GgmlType::F32 || k->base == GgmlType::F16 || k->base == GgmlType::BF16) return k->base;
 
+  using G = GgmlType;
   const std::string s = k->name;
   const int64_t n_gqa = c.n_head_kv > 0 ? c.n_head / c.n_head_kv : 1;
   const int64_t i = t.layer, n = c.n_layer;
   const bool is_output = t.name == "output.weight" || (c.tied_output && t.name == "token_embd.weight");
-  GgmlType type = k->base;
+  const bool iq_low = s == "iq2_xxs" || s == "iq2_xs" || s == "iq1_s" || s == "iq2_s" || s == "iq2_m" || s == "iq1_m";
+  const bool iq2_sm = s == "iq2_s" || s == "iq2_m";
+  G type = k->base;
   if (is_output) {
-    if (t.ne.at(0) % block_size(k->base) != 0) type = GgmlType::Q8_0;
-    else if (k->base != GgmlType::Q8_0) type = GgmlType::Q6_K;
+    if (t.ne.at(0) % block_size(k->base) != 0) type = G::Q8_0;
+    else if (iq_low || s == "iq3_xxs") type = G::Q5_K;
+    else if (k->base != G::Q8_0) type = G::Q6_K;
+  } else if (t.name == "token_embd.weight") {
+    if (s == "iq2_xxs" || s == "iq2_xs" || s == "iq1_s" || s == "iq1_m") type = G::Q2_K;
+    else if (iq2_sm || s == "iq3_xxs") type = G::IQ3_S;
+  } else if (iq_low) {
+    if (ends_with(t.name, "attn_v.weight")) type = n_gqa >= 4 ? G::Q4_K : iq2_sm ? G::IQ3_S : G::Q2_K;
+    else if (ends_with(t.name, "ffn_down.weight") && i < n / 8) type = iq2_sm ? G::IQ3_S : G::Q2_K;
+    else if (ends_with(t.name, "attn_output.weight")) {
+      if (s == "iq1_s" || s == "iq1_m") type = G::IQ2_XXS;
+      else if (iq2_sm) type = G::IQ3_S;
+    }
   } else if (ends_with(t.name, "attn_v.weight")) {
-    if (s == "q2_k") type = n_gqa >= 4 ? GgmlType::Q4_K : GgmlType::Q3_K;
-    else if (s == "iq3_s" && n_gqa >= 4) type = GgmlType::Q4_K;
-    else if (s == "iq3_m") type = GgmlType::Q4_K;
-    else if (s == "q3_k_m") type = i < 2 ? GgmlType::Q5_K : GgmlType::Q4_K;
-    else if (s == "q3_k_l") type = GgmlType::Q5_K;
-    else if ((s == "iq4_nl" || s == "iq4_xs") && n_gqa >= 4) type = GgmlType::Q5_K;
-    else if ((s == "q4_k_m" || s == "q5_k_m") && use_more_bits(i, n)) type = GgmlType::Q6_K;
-    else if (s == "q4_k_s" && i < 4) type = GgmlType::Q5_K;
-    if (n == 80 && (type == GgmlType::Q3_K || type == GgmlType::Q4_K)) type = GgmlType::Q5_K;
+    if (s == "q2_k") type = n_gqa >= 4 ? G::Q4_K : G::Q3_K;
+    else if (s == "q2_k_s" && n_gqa >= 4) type = G::Q4_K;
+    else if (s == "iq3_xxs") type = n_gqa >= 4 ? G::Q4_K : !imatrix ? G::IQ3_S : G::IQ3_XXS;
+    else if ((s == "iq3_xs" || s == "iq3_s") && n_gqa >= 4) type = G::Q4_K;
+    else if (s == "iq3_m") type = G::Q4_K;
+    else if (s == "q3_k_m") type = i < 2 ? G::Q5_K : G::Q4_K;
+    else if (s == "q3_k_l") type = G::Q5_K;
+    else if ((s == "iq4_nl" || s == "iq4_xs") && n_gqa >= 4) type = G::Q5_K;
+    else if ((s == "q4_k_m" || s == "q5_k_m") && use_more_bits(i, n)) type = G::Q6_K;
+    else if (s == "q4_k_s" && i < 4) type = G::Q5_K;
+    if (n == 80 && (type == G::Q3_K || type == G::Q4_K)) type = G::Q5_K;
+  } else if (ends_with(t.name, "attn_k.weight") || ends_with(t.name, "attn_q.weight")) {
+    if (s == "iq3_xs") type = G::IQ3_XXS;
+    else if (s == "iq3_xxs") type = G::IQ2_S;
   } else if (ends_with(t.name, "ffn_down.weight")) {
-    if (s == "q2_k") type = GgmlType::Q3_K;
-    else if (s == "q3_k_m") type = i < n / 16 ? GgmlType::Q5_K : GgmlType::Q4_K;  // not Falcon: always Q4_K
-    else if (s == "iq3_m" && i < n / 8) type = GgmlType::Q4_K;
-    else if (s == "q3_k_l") type = GgmlType::Q5_K;
-    else if (s == "q4_k_m") { if (use_more_bits(i, n)) type = GgmlType::Q6_K; }
-    else if (i < n / 8 && (s == "iq4_nl" || s == "iq4_xs")) type = GgmlType::Q5_K;
-    else if (s == "q5_k_m" && use_more_bits(i, n)) type = GgmlType::Q6_K;
-    else if (s == "q4_k_s" && i < n / 8) type = GgmlType::Q5_K;
+    if (s == "q2_k") type = G::Q3_K;
+    else if (s == "q2_k_s") { if (i < n / 8) type = G::Q4_K; }
+    else if (s == "iq3_xxs" && !imatrix) type = i < n / 8 ? G::Q4_K : G::Q3_K;
+    else if (s == "q3_k_m") type = i < n / 16 ? G::Q5_K : G::Q4_K;  // not Falcon: always Q4_K
+    else if (s == "iq3_m" && i < n / 8) type = G::Q4_K;
+    else if (s == "q3_k_l") type = G::Q5_K;
+    else if (s == "q4_k_m") { if (use_more_bits(i, n)) type = G::Q6_K; }
+    else if (i < n / 8 && (s == "iq4_nl" || s == "iq4_xs") && !imatrix) type = G::Q5_K;
+    else if (s == "q5_k_m" && use_more_bits(i, n)) type = G::Q6_K;
+    else if (s == "q4_k_s" && i < n / 8) type = G::Q5_K;
+    else if ((s == "q4_0" || s == "q5_0") && imatrix && i < n / 8) type = s == "q4_0" ? G::Q4_1 : G::Q5_1;
   } else if (ends_with(t.name, "attn_output.weight")) {
-    if (s == "q2_k") type = GgmlType::Q3_K;
-    else if (s == "q3_k_m") type = GgmlType::Q4_K;
-    else if (s == "q3_k_l") type = GgmlType::Q5_K;
-    else if (s == "iq3_m") type = GgmlType::Q4_K;
+    if (s == "q2_k") type = G::Q3_K;
+    else if (s == "iq3_xxs") type = G::IQ3_S;
+    else if (s == "q3_k_m") type = G::Q4_K;
+    else if (s == "q3_k_l") type = G::Q5_K;
+    else if (s == "iq3_m") type = G::Q4_K;
+  } else if (ends_with(t.name, "ffn_gate.weight") || ends_with(t.name, "ffn_up.weight")) {
+    if (s == "iq3_xs" && i >= n / 8 && i < 7 * n / 8) type = G::IQ3_XXS;
   }
   return fallback(type, t);
 }

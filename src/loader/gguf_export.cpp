@@ -1,5 +1,6 @@
 #include "loader/gguf_export.h"
 
+#include <cctype>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -11,6 +12,13 @@
 #include "quant/quant.h"
 
 namespace shardlm {
+
+namespace {
+std::string lower_ascii(std::string s) {
+  for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return s;
+}
+}  // namespace
 
 void write_model_metadata(GgufWriter& w, const ModelConfig& c, const Vocab* vocab, const std::string& chat_template) {
   const std::string a = c.arch + ".";
@@ -83,9 +91,12 @@ void write_model_metadata(GgufWriter& w, const ModelConfig& c, const Vocab* voca
 }
 
 void export_gguf(const ModelSource& src, const std::string& path, const std::string& scheme,
-                 const std::function<void(uint64_t, uint64_t)>& progress) {
+                 const std::function<void(uint64_t, uint64_t)>& progress, const ImportanceMatrix* imatrix) {
   if (!scheme.empty() && !is_known_scheme(scheme))
     fail("type '", scheme, "' is not a known scheme (", scheme_names(), ")");
+  if (!scheme.empty() && scheme_needs_imatrix(scheme) && imatrix == nullptr)
+    fail("type '", scheme, "' needs an importance matrix, as in llama-quantize: make one with llama-imatrix -m MODEL "
+         "-f TEXT and pass --imatrix FILE");
   const ModelConfig& c = src.config();
   GgufWriter w;
   ModelConfig named = c;
@@ -96,6 +107,12 @@ void export_gguf(const ModelSource& src, const std::string& path, const std::str
     named.name = std::filesystem::path(src.path()).lexically_normal().parent_path().filename().string();
   write_model_metadata(w, named, src.vocab(), src.chat_template());
   if (const int ft = scheme_file_type(scheme); ft >= 0) w.set_u32("general.file_type", static_cast<uint32_t>(ft));
+  if (imatrix != nullptr) {  // llama-quantize's record of the importance matrix used
+    w.set_string("quantize.imatrix.file", imatrix->path);
+    if (!imatrix->datasets.empty()) w.set_string("quantize.imatrix.dataset", imatrix->datasets[0]);
+    w.set_i32("quantize.imatrix.entries_count", static_cast<int32_t>(imatrix->entries.size()));
+    w.set_i32("quantize.imatrix.chunks_count", static_cast<int32_t>(imatrix->chunk_count));
+  }
   if (!c.rope_freq_factors.empty() && !src.find_tensor("rope_freqs.weight"))
     w.add_tensor("rope_freqs.weight", GgmlType::F32, {static_cast<int64_t>(c.rope_freq_factors.size())},
                  c.rope_freq_factors.data());
@@ -104,12 +121,33 @@ void export_gguf(const ModelSource& src, const std::string& path, const std::str
     GgmlType to = t.type;
     if (!scheme.empty()) {
       TensorSpec spec{t.name, ne, tensor_layer(t.name, c.n_layer, src.path())};
-      to = tensor_type_for_scheme(scheme, spec, c);
+      to = tensor_type_for_scheme(scheme, spec, c, imatrix != nullptr);
     }
     const int64_t n0 = t.ne[0], rows = t.ne[1] * t.ne[2] * t.ne[3];
+    const bool quantized = to != t.type && to != GgmlType::F32 && to != GgmlType::F16 && to != GgmlType::BF16;
+    // This tensor's importances (ne0 per expert), as llama-quantize picks them.
+    const float* im = nullptr;
+    if (quantized && imatrix != nullptr) {
+      const auto it = imatrix->entries.find(t.name);
+      if (it != imatrix->entries.end()) {
+        const uint64_t want = static_cast<uint64_t>(n0) * static_cast<uint64_t>(t.ne[2]);
+        if (it->second.size() == want) im = it->second.data();
+        else if (t.name != "token_embd.weight")  // llama-quantize ignores a mismatched entry only there
+          fail("--imatrix: entry '", t.name, "' has ", it->second.size(), " values; the tensor needs ", want,
+               " (an importance matrix made for another model?)");
+      }
+    }
+    if (quantized && im == nullptr) {
+      const bool q2_k_s = lower_ascii(scheme) == "q2_k_s" && to == GgmlType::Q2_K && t.name != "token_embd.weight" &&
+                          t.name != "output.weight";
+      if (tensor_needs_imatrix(t.name, to) || q2_k_s || !can_quantize(to))
+        fail("tensor '", t.name, "': type ", type_name(to), " needs an importance matrix",
+             imatrix ? " and --imatrix has no entry for it" : " (--imatrix FILE, made by llama-imatrix)");
+    }
     const size_t in_row = static_cast<size_t>(row_bytes(t.type, n0));
     const SourceTensor* tp = &t;
-    w.add_tensor(t.name, to, ne, [tp, to, n0, rows, in_row](uint8_t* dst, size_t) {
+    const int64_t rows_per_expert = t.ne[1];
+    w.add_tensor(t.name, to, ne, [tp, to, n0, rows, in_row, im, rows_per_expert](uint8_t* dst, size_t) {
       if (to == tp->type) {
         std::memcpy(dst, tp->data, tp->n_bytes);
         return;
@@ -118,7 +156,9 @@ void export_gguf(const ModelSource& src, const std::string& path, const std::str
       const size_t out_row = static_cast<size_t>(row_bytes(to, n0));
       for (int64_t r = 0; r < rows; ++r) {
         dequantize_row(tp->type, tp->data + in_row * static_cast<size_t>(r), row.data(), n0);
-        quantize_row(to, row.data(), dst + out_row * static_cast<size_t>(r), n0);
+        uint8_t* out = dst + out_row * static_cast<size_t>(r);
+        if (im != nullptr) quantize_row_imatrix(to, row.data(), out, n0, im + (r / rows_per_expert) * n0);
+        else quantize_row(to, row.data(), out, n0);
       }
     });
   }

@@ -66,7 +66,7 @@ ModelDesc model_desc_from_config(const ModelConfig& c, std::string_view scheme) 
     t.name = s.name;
     t.ne = s.ne;
     t.layer = s.layer;
-    t.type = tensor_type_for_scheme(scheme, s, c);
+    t.type = tensor_type_for_scheme(scheme, s, c, scheme_needs_imatrix(scheme));  // such files are made with one
     t.n_bytes = tensor_bytes(t.type, t.ne, t.name);
     m.tensors.push_back(std::move(t));
   }

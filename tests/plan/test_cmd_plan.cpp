@@ -54,7 +54,7 @@ TEST(CmdPlan, BadValuesThrowNamedErrors) {
     const char* needle;
   } rows[] = {
       {{"-m", "llama-9b"}, "llama-9b"},
-      {{"-m", "tiny", "--quant", "iq1_s"}, "iq1_s"},
+      {{"-m", "tiny", "--quant", "q3_k_xl"}, "q3_k_xl"},
       {{"-m", "tiny", "--gpus", "rtx9999"}, "rtx9999"},
       {{"-m", "tiny", "--gpus", "24G,,24G"}, "--gpus"},
       {{"-m", "tiny", "--cpu-mem", "64"}, "--cpu-mem"},

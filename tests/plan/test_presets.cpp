@@ -140,17 +140,18 @@ TEST(Presets, UnknownNamesAreClearErrors) {
     EXPECT_NE(std::string(e.what()).find("llama-3.1-8b"), std::string::npos) << e.what();
   }
   try {
-    model_desc_from_preset("llama-3.1-8b", "iq2_xxs");  // needs an importance matrix
+    model_desc_from_preset("llama-3.1-8b", "q3_k_xl");  // not one of llama-quantize's names
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("iq2_xxs"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("q3_k_xl"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("q4_k_m"), std::string::npos) << e.what();
   }
 }
 
-// Every tensor of every test preset under every scheme, against the types llama.cpp's llama-quantize gave
-// the same tensors (recorded by scripts/record_llama_quantize_types.py, read back with gguf-py): the presets
-// cover 64-wide rows (fallbacks), GQA 2 and 4, 4 and 16 layers, qwen2 biases.
+// Every tensor of every test preset under every scheme, with and without an importance matrix ("+imatrix"),
+// against the types llama.cpp's llama-quantize gave the same tensors (recorded by
+// scripts/record_llama_quantize_types.py, read back with gguf-py): the presets cover 64-wide rows (fallbacks),
+// GQA 2 and 4, 4 and 16 layers, qwen2 biases.
 TEST(Presets, EveryTensorTypeMatchesLlamaQuantize) {
   std::ifstream f(test::fixture_path("quant/llama_quantize_types.json"));
   const auto j = nlohmann::json::parse(f);
@@ -160,20 +161,23 @@ TEST(Presets, EveryTensorTypeMatchesLlamaQuantize) {
     ASSERT_NE(p, nullptr) << preset;
     const auto specs = model_tensors(p->config);
     ASSERT_FALSE(schemes.empty());
-    for (const auto& [scheme, types] : schemes.items()) {
+    for (const auto& [key, types] : schemes.items()) {
+      const bool imatrix = key.size() > 8 && key.compare(key.size() - 8, 8, "+imatrix") == 0;
+      const std::string scheme = imatrix ? key.substr(0, key.size() - 8) : key;
       ASSERT_TRUE(is_known_scheme(scheme)) << scheme;
+      EXPECT_EQ(scheme_needs_imatrix(scheme), imatrix && schemes.find(scheme) == schemes.end()) << key;
       EXPECT_EQ(types.size(), specs.size()) << preset << " " << scheme;
       for (const TensorSpec& t : specs) {
         ASSERT_TRUE(types.contains(t.name)) << preset << " " << scheme << " " << t.name;
         const auto want = parse_type(types.at(t.name).get<std::string>());
         ASSERT_TRUE(want.has_value()) << types.at(t.name);
-        EXPECT_EQ(std::string(type_name(tensor_type_for_scheme(scheme, t, p->config))), type_name(*want))
-            << preset << " " << scheme << " " << t.name;
+        EXPECT_EQ(std::string(type_name(tensor_type_for_scheme(scheme, t, p->config, imatrix))), type_name(*want))
+            << preset << " " << key << " " << t.name;
         ++checked;
       }
     }
   }
-  EXPECT_GT(checked, 4000);
+  EXPECT_GT(checked, 10000);
 }
 
 }  // namespace
