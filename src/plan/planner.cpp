@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "config/presets.h"
@@ -98,16 +99,41 @@ class Search {
     const double rows = static_cast<double>(m_.config.n_embd) / tp;
     return rows >= 4096 ? e : e * std::pow(rows / 4096.0, 0.65);
   }
+  // The type of the model's FFN matrices (most of its bytes), which sets the decode efficiency below.
+  std::optional<GgmlType> ffn_type() const {
+    const TensorDesc* t = m_.find("blk.0.ffn_gate.weight");
+    if (!t) return std::nullopt;
+    return t->type;
+  }
   // CPU decode efficiency for this model's weight type (see CostParams).
   double cpu_efficiency() const {
-    const TensorDesc* t = m_.find("blk.0.ffn_gate.weight");
+    const auto t = ffn_type();
     if (!t) return p_.cpu_bandwidth_efficiency;
-    switch (t->type) {
+    switch (*t) {
+      case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: return p_.cpu_bandwidth_efficiency;
       case GgmlType::Q8_0: return p_.cpu_q8_efficiency;
-      case GgmlType::Q4_0:
-      case GgmlType::Q4_K:
-      case GgmlType::Q6_K: return p_.cpu_q4_efficiency;
-      default: return p_.cpu_bandwidth_efficiency;
+      case GgmlType::Q3_K: return p_.cpu_q4_efficiency * p_.cpu_q3_factor;
+      case GgmlType::Q2_K: case GgmlType::IQ3_XXS: case GgmlType::IQ3_S: case GgmlType::IQ2_XXS:
+      case GgmlType::IQ2_XS: case GgmlType::IQ2_S:
+        return p_.cpu_q4_efficiency * p_.cpu_q2_factor;
+      case GgmlType::IQ1_S: case GgmlType::IQ1_M: return p_.cpu_q4_efficiency * p_.cpu_q1_factor;
+      default: return p_.cpu_q4_efficiency;  // q4_0, q4_K, q6_K and the 4-5 bit types
+    }
+  }
+  // GPU decode efficiency for this model's weight type: the packed kernels' types reach
+  // gpu_bandwidth_efficiency, the others run the generic group kernel (see CostParams).
+  double gpu_efficiency() const {
+    const auto t = ffn_type();
+    if (!t) return p_.gpu_bandwidth_efficiency;
+    switch (*t) {
+      case GgmlType::F32: case GgmlType::F16: case GgmlType::BF16: case GgmlType::Q8_0: case GgmlType::Q4_0:
+      case GgmlType::Q4_K: case GgmlType::Q6_K:
+        return p_.gpu_bandwidth_efficiency;
+      case GgmlType::IQ4_XS: case GgmlType::Q3_K: return p_.gpu_bandwidth_efficiency * p_.gpu_generic_mid_factor;
+      case GgmlType::Q2_K: case GgmlType::IQ3_XXS: case GgmlType::IQ3_S: case GgmlType::IQ2_XXS: case GgmlType::IQ2_XS:
+      case GgmlType::IQ2_S: case GgmlType::IQ1_S: case GgmlType::IQ1_M:
+        return p_.gpu_bandwidth_efficiency * p_.gpu_generic_low_factor;
+      default: return p_.gpu_bandwidth_efficiency * p_.gpu_generic_factor;
     }
   }
 
@@ -236,7 +262,7 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       const double embd_row = s.first ? static_cast<double>(w.token_embd_row_bytes) : 0.0;
       const double out_part = s.last ? static_cast<double>(w.output_norm_bytes) + out_read : 0.0;
       d.decode_read_bytes = static_cast<double>(layer_w + d.kv_seq_bytes) + embd_row + out_part;
-      const double eff = dev.kind == PlanDeviceKind::kGpu ? p_.gpu_bandwidth_efficiency : cpu_efficiency();
+      const double eff = dev.kind == PlanDeviceKind::kGpu ? gpu_efficiency() : cpu_efficiency();
       const double overhead_s = dev.kind == PlanDeviceKind::kGpu ? nl * p_.gpu_layer_overhead_s : 0.0;
       stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff) + overhead_s);
       // A step of N sequences: the weights once, every sequence's KV (the whole pool, each sequence at the

@@ -53,6 +53,19 @@ struct CostParams {
   // q4_0 33-45%. Applied to the CPU's weight reads by the type of the model's FFN matrices.
   double cpu_q8_efficiency = 0.55;
   double cpu_q4_efficiency = 0.42;  // q4_0, q4_K, q6_K
+  // The other block types, as a share of cpu_q4_efficiency: one AVX2 thread's decode throughput of a 4096 x
+  // 4096 weight relative to q4_K's (2026-12-06, this 2-core machine: q5_K 1.05, q5_0/q5_1/q4_1/iq4_nl 1.25,
+  // iq4_xs/mxfp4 1.1, q3_K 0.68, q2_K 0.55, iq3/iq2 0.40-0.52, iq1 0.26-0.35 x q4_K's 1.86 GB/s).
+  double cpu_q3_factor = 0.68;  // q3_K
+  double cpu_q2_factor = 0.50;  // q2_K, iq3_*, iq2_*
+  double cpu_q1_factor = 0.30;  // iq1_s, iq1_m
+  // GPU decode of the types without packed kernels (all but f32/f16/bf16/q8_0/q4_0/q4_K/q6_K): the generic
+  // group kernel, as a share of gpu_bandwidth_efficiency, fitted to tg64 of llama-3.1-8b from gen-model on one
+  // H100 (2026-12-06, build f391742; the per-layer overhead kept): q5_k_m 145.6 (0.28), q5_0 159.5 (0.31),
+  // iq4_xs 155.0 (0.24), q3_k_m 183.5 (0.26), q2_k 175.5 (0.20) tokens/s, where q4_k_m reaches 436.2 (1.0).
+  double gpu_generic_factor = 0.29;      // q5_K, q5_0/1, q4_1, iq4_nl, mxfp4
+  double gpu_generic_mid_factor = 0.25;  // iq4_xs, q3_K
+  double gpu_generic_low_factor = 0.20;  // q2_K and the IQ3/IQ2/IQ1 types
   // Prefill (512-token steps): share of the dense matmul rate for 16-bit weights and for block types
   // (dequantized to 16 bits before each GEMM) at 4096 or more rows per GPU; narrower tensor-parallel
   // shards run smaller GEMMs and the share scales by (rows / 4096)^0.65. Fitted on H100s (2026-11-26):
