@@ -48,7 +48,9 @@ kl() {  # llama.cpp's file, shardlm's file -> mean KLD of shardlm's run from lla
   "$shardlm" perplexity -m "$2" --kl-divergence-base "$work/base.kl" --kl-divergence -c $ctx -b $ctx -q 2>&1 |
     grep -h "Mean    KLD:" | awk '{print $3}'
 }
-"$bin/llama-imatrix" -m "$base" -f "$text" -c $ctx --chunks $imatrix_chunks -t 2 -o "$work/imatrix.gguf" > "$work/imatrix.log" 2>&1
+imatrix=tests/data/quant/aidreams-w256-imatrix.gguf
+rm -f "$imatrix"
+"$bin/llama-imatrix" -m "$base" -f "$text" -c $ctx --chunks $imatrix_chunks -t 2 -o "$imatrix" > "$work/imatrix.log" 2>&1
 read -r p e <<< "$(ppl "$base")"
 entries=("$(printf '  "base": {"model": "%s", "ppl": %s, "ppl_error": %s}' "$base" "$p" "$e")")
 schemes=()
@@ -76,13 +78,23 @@ for t in iq3_xxs iq2_s iq2_xxs iq2_xs iq1_s iq1_m mxfp4; do
   if [ "$t" = mxfp4 ]; then
     "$bin/llama-quantize" --pure "$base" "$f" MXFP4_MOE 2 > "$work/quantize-$t.log" 2>&1
   else
-    "$bin/llama-quantize" --pure --imatrix "$work/imatrix.gguf" --token-embedding-type q8_0 "$base" "$f" \
+    "$bin/llama-quantize" --pure --imatrix "$imatrix" --token-embedding-type q8_0 "$base" "$f" \
       "${ftype[$t]}" 2 > "$work/quantize-$t.log" 2>&1
   fi
   read -r p e <<< "$(ppl "$f")"
   k=$(kl "$f" "$f")
   pure+=("$(printf '    {"model": "%s", "type": "%s", "ppl": %s, "ppl_error": %s, "kld_shardlm_vs_llama": %s}' "$f" "$t" "$p" "$e" "$k")")
   echo "$t ppl $p kld $k"
+done
+# With the importance matrix: every scheme, the tensor bytes only (test_e2e checks `convert --imatrix` writes them).
+with_imatrix=()
+for s in q8_0 q6_k q5_k_m q5_k_s q5_1 q5_0 q4_k_m q4_k_s q4_1 q4_0 iq4_nl iq4_xs q3_k_l q3_k_m q3_k_s iq3_m iq3_s q2_k \
+         iq3_xs iq3_xxs q2_k_s iq2_m iq2_s iq2_xs iq2_xxs iq1_m iq1_s; do
+  f="$work/llama-imatrix-$s.gguf"
+  "$bin/llama-quantize" --imatrix "$imatrix" "$base" "$f" "${s^^}" 2 > "$work/quantize-imatrix-$s.log" 2>&1
+  h=$(tensor_hash "$f")
+  with_imatrix+=("$(printf '    {"scheme": "%s", "tensor_fnv1a64": "%s"}' "$s" "$h")")
+  echo "$s+imatrix hash $h"
 done
 {
   echo '{'
@@ -92,6 +104,10 @@ done
   echo "${entries[0]},"
   echo '  "schemes": ['
   (IFS=$'\n'; echo "${schemes[*]}" | sed '$!s/$/,/')
+  echo '  ],'
+  echo "  \"imatrix\": \"$imatrix\","
+  echo '  "imatrix_schemes": ['
+  (IFS=$'\n'; echo "${with_imatrix[*]}" | sed '$!s/$/,/')
   echo '  ],'
   echo '  "pure": ['
   (IFS=$'\n'; echo "${pure[*]}" | sed '$!s/$/,/')

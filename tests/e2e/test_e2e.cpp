@@ -581,6 +581,38 @@ TEST(WeightTypes, ConvertWritesLlamaQuantizesBytesAndPerplexityAgrees) {
                     p["type"].get<std::string>(), chunks);
 }
 
+// With llama-imatrix's importance matrix of the same model (tests/data/quant/aidreams-w256-imatrix.gguf), every
+// scheme, including those that need one (iq2_xxs ... iq1_s), is written byte-identical to llama-quantize --imatrix.
+TEST(WeightTypes, ConvertWithImatrixWritesLlamaQuantizesBytes) {
+  std::ifstream f(shardlm::test::fixture_path("quant/llama_quant_types.json"));
+  const nlohmann::json j = nlohmann::json::parse(f);
+  const std::string base = shardlm::test::fixture_path("quant/aidreams-w256-f16.gguf");
+  const std::string imatrix = std::string(SHARDLM_SOURCE_DIR) + "/" + j["imatrix"].get<std::string>();
+  ASSERT_GE(j["imatrix_schemes"].size(), 27u);
+  for (const auto& s : j["imatrix_schemes"]) {
+    const std::string scheme = s["scheme"].get<std::string>(), out = tmp("w256-im-" + scheme + ".gguf");
+    std::remove(out.c_str());
+    const Result c = run({"convert", "--from", "gguf", base, "--type", scheme, "--imatrix", imatrix, "-o", out, "-q"});
+    ASSERT_EQ(c.rc, 0) << scheme << ": " << c.err;
+    char hash[17];
+    std::snprintf(hash, sizeof hash, "%016llx", static_cast<unsigned long long>(ppl::tensor_fnv1a64(out)));
+    EXPECT_EQ(std::string(hash), s["tensor_fnv1a64"].get<std::string>())
+        << scheme << " --imatrix: our tensor bytes differ from llama-quantize's";
+    std::remove(out.c_str());
+  }
+  // Without the importance matrix those schemes are refused before anything is written, naming the flag.
+  const std::string out = tmp("w256-im-refused.gguf");
+  std::remove(out.c_str());
+  const Result r = run({"convert", "--from", "gguf", base, "--type", "iq2_xxs", "-o", out, "-q"});
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.err.find("--imatrix"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(out));
+  // An importance matrix that is not one is refused, naming the file.
+  const Result bad = run({"convert", "--from", "gguf", base, "--type", "q4_k_m", "--imatrix", base, "-o", out, "-q"});
+  EXPECT_NE(bad.rc, 0);
+  EXPECT_NE(bad.err.find("aidreams-w256-f16.gguf"), std::string::npos) << bad.err;
+}
+
 TEST(WeightTypes, ConvertFromGgufRefusesRequantizingAndOverwritingItsInput) {
   const std::string base = shardlm::test::fixture_path("quant/aidreams-w256-f16.gguf");
   const std::string q = tmp("w256-requant.gguf");
@@ -594,9 +626,9 @@ TEST(WeightTypes, ConvertFromGgufRefusesRequantizingAndOverwritingItsInput) {
   EXPECT_NE(self.rc, 0);
   EXPECT_NE(self.err.find("is the input file"), std::string::npos) << self.err;
   EXPECT_EQ(ppl::tensor_fnv1a64(q), ppl::tensor_fnv1a64(q));  // still a readable GGUF
-  const Result unknown = run({"convert", "--from", "gguf", base, "--type", "iq2_xxs", "-o", tmp("w256-x.gguf"), "-q"});
+  const Result unknown = run({"convert", "--from", "gguf", base, "--type", "q3_k_xl", "-o", tmp("w256-x.gguf"), "-q"});
   EXPECT_NE(unknown.rc, 0);
-  EXPECT_NE(unknown.err.find("iq2_xxs"), std::string::npos) << unknown.err;
+  EXPECT_NE(unknown.err.find("q3_k_xl"), std::string::npos) << unknown.err;
   std::remove(q.c_str());
 }
 
@@ -630,7 +662,8 @@ TEST(WeightTypes, InspectCountsTensorsAndBytesPerType) {
 // weights have the spread gen-model aims at (std ~0.02, finite), whatever the block format.
 TEST(WeightTypes, GenModelSynthesizesEveryScheme) {
   for (const char* scheme : {"q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0",
-                             "iq4_nl", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "iq3_m", "iq3_s", "q2_k"}) {
+                             "iq4_nl", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "iq3_m", "iq3_s", "q2_k", "iq3_xs",
+                             "iq3_xxs", "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"}) {
     SCOPED_TRACE(scheme);
     const std::string path = tmp(std::string("gen-") + scheme + ".gguf");
     ASSERT_EQ(run({"gen-model", "--arch", "tiny-k", "--type", scheme, "-o", path, "-q"}).rc, 0);
