@@ -3,6 +3,7 @@
 // read through memcpy and the layout stays in one place for the scalar and SIMD kernels.
 #pragma once
 
+#include <bit>
 #include <cstdint>
 #include <cstring>
 
@@ -38,6 +39,19 @@ inline uint16_t load_u16(const uint8_t* p) {
 }
 
 inline void store_u16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, sizeof v); }
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// ggml's nearest_int: round half to even through the float adder; valid for |v| <= 2^22 (out-of-range
+// values only reach clamped levels). The reference quantizers' rounding (not used by the ISA files).
+inline int nearest_int(float v) {
+  const float t = v + 12582912.f;
+  return static_cast<int>(std::bit_cast<uint32_t>(t) & 0x007fffffu) - 0x00400000;
+}
 
 // The 6-bit scale and min of sub-block j (0..7) of a Q4_K super-block (ggml's get_scale_min_k4): the
 // first four sit in the low 6 bits of bytes 0..3 / 4..7; the last four keep their low 4 bits in bytes

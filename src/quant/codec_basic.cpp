@@ -27,22 +27,10 @@ namespace {
 
 constexpr float kGroupMaxEps = 1e-15f;  // ggml's GROUP_MAX_EPS: below it a group counts as all zero
 
-// ggml's nearest_int: round half to even through the float adder; valid for |v| <= 2^22.
-int nearest_int(float v) {
-  const float t = v + 12582912.f;
-  return static_cast<int>(std::bit_cast<uint32_t>(t) & 0x007fffffu) - 0x00400000;
-}
-
 // C's (int8_t)f / (uint8_t)f as GCC compiles them on x86 (truncate to int32, keep the low byte). Only
 // reached with in-range values on sane input, but written through int so that it stays well defined.
 int8_t trunc_i8(float f) { return static_cast<int8_t>(static_cast<int>(f)); }
 uint8_t trunc_u8(float f) { return static_cast<uint8_t>(static_cast<int>(f)); }
-
-uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 void store_u32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, sizeof v); }
 

@@ -26,19 +26,6 @@ namespace {
 #define SHARDLM_IQ_TABLE(type, name, size) inline constexpr type name[size] =
 #include "quant/iq_tables.h"
 
-// ggml's nearest_int: round half to even through the float adder; valid for |v| <= 2^22 (out-of-range
-// values only reach clamped levels).
-int nearest_int(float v) {
-  const float t = v + 12582912.f;
-  return static_cast<int>(std::bit_cast<uint32_t>(t) & 0x007fffffu) - 0x00400000;
-}
-
-uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 void store_u32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, sizeof v); }
 
 // ggml's MAX macro, kept instead of std::max where the operand order decides which of two equal values

@@ -57,12 +57,6 @@ float bf16_to_fp32(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_
 
 namespace {
 
-// ggml's nearest_int: round half to even through the float adder; valid for |v| <= 2^22.
-int nearest_int(float v) {
-  const float t = v + 12582912.f;
-  return static_cast<int>(std::bit_cast<uint32_t>(t) & 0x007fffffu) - 0x00400000;
-}
-
 constexpr float kGroupMaxEps = 1e-15f;
 
 void quantize_q8_0(const float* x /* (n) */, uint8_t* y, int64_t n) {
