@@ -30,6 +30,11 @@ bool quantize_iq(GgmlType type, const float* x, uint8_t* y, int64_t n);
 // for every row of the tensor; never null here. Return false for a type the file does not handle.
 // codec_basic.cpp: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4.
 // codec_iq.cpp:    IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M.
+// ggml's make_qkx2_quants (codec_basic.cpp): the (scale, min) fit of the Q4_K, Q5_K and Q2_K reference quantizers.
+//   x, weights: (n);  L, laux: (n) levels in [0, nmax] (laux is scratch);  the_min receives -min.
+float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float& the_min,
+                       uint8_t* laux, float rmin, float rdelta, int nstep, bool use_mad);
+
 bool quantize_basic_imatrix(GgmlType type, const float* x, uint8_t* y, int64_t n, const float* imatrix);
 bool quantize_iq_imatrix(GgmlType type, const float* x, uint8_t* y, int64_t n, const float* imatrix);
 
