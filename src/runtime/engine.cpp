@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
@@ -141,6 +142,12 @@ Engine::~Engine() {
   // communicator destroyed under a live graph that captured it made the process hang at exit). The
   // model's buffers belong to the backends, so the model goes before them.
   if (backend_) backend_->synchronize();
+  // Plans still in flight reference our buffers; a peer that is gone makes the wait abort the job.
+  try {
+    while (!plans_in_flight_.empty()) retire_oldest_plan();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "shardlm: rank 0: step plans not delivered at exit: %s\n", e.what());
+  }
   graph_.reset();
   model_.reset();
 }
@@ -221,6 +228,8 @@ namespace {
 
 constexpr int kTagRowsSize = 200;  // last stage -> rank 0: the size of a step's rows
 constexpr int kTagRows = 201;      // last stage -> rank 0: the rows
+constexpr int kTagPlanSize = 202;  // rank 0 -> every rank: the size of a step's plan (words)
+constexpr int kTagPlan = 203;      // rank 0 -> every rank: the plan
 
 // Rows as floats (ids as their bits): per row n_top, (logit, id) pairs, n_extra, values, n_logits, values, lse.
 std::vector<float> encode_rows(const std::vector<RowCandidates>& rows) {
@@ -307,11 +316,40 @@ void Engine::shutdown() {
   if (stopped_) return;
   WirePlan w;
   w.kind = WirePlan::kShutdown;
-  std::vector<int32_t> wire = w.encode();
-  uint64_t n_wire = wire.size();
-  world_->broadcast(&n_wire, sizeof n_wire, 0);
-  world_->broadcast(wire.data(), n_wire * sizeof(int32_t), 0);
+  publish_plan(w.encode());
+  // Delivered before this rank may go on to tear MPI down.
+  while (!plans_in_flight_.empty()) retire_oldest_plan();
   stopped_ = true;
+}
+
+void Engine::publish_plan(std::vector<int32_t> wire) {
+  // Sent, not broadcast: a collective's root can wait until the others enter it (OpenMPI did, when the
+  // previous micro-batch's hidden state still held its shared-memory fragments), and a first pipeline
+  // stage waiting for the next stage to finish a micro-batch computes nothing meanwhile: the stages ran
+  // one at a time. Rank 0 goes on at once; a few plans may be in flight.
+  constexpr size_t kMaxInFlight = 4;
+  while (plans_in_flight_.size() >= kMaxInFlight) retire_oldest_plan();
+  PlanInFlight& p = plans_in_flight_.emplace_back();  // a deque: its elements stay where they are
+  p.n = wire.size();
+  p.wire = std::move(wire);
+  for (int r = 1; r < comm_.world_size(); ++r) {
+    p.handles.push_back(comm_.isend(&p.n, sizeof p.n, r, kTagPlanSize));
+    p.handles.push_back(comm_.isend(p.wire.data(), p.wire.size() * sizeof(int32_t), r, kTagPlan));
+  }
+}
+
+void Engine::retire_oldest_plan() {
+  for (int h : plans_in_flight_.front().handles) comm_.wait_send(h);
+  plans_in_flight_.pop_front();
+}
+
+std::vector<int32_t> Engine::receive_plan() {
+  uint64_t n = 0;
+  comm_.recv(&n, sizeof n, 0, kTagPlanSize);
+  if (n > (uint64_t{1} << 30)) fail_kind(ErrorKind::kComm, "step plan from rank 0 claims ", n, " words");
+  std::vector<int32_t> wire(n);
+  comm_.recv(wire.data(), n * sizeof(int32_t), 0, kTagPlan);
+  return wire;
 }
 
 void Engine::run_plan(const WirePlan& w, std::vector<RowCandidates>* rows) {
@@ -417,11 +455,10 @@ bool Engine::step(std::vector<SeqEvent>* events, std::vector<ScoredRow>* scored)
     }
     wire = w.encode();
   }
-  uint64_t n_wire = wire.size();
-  world_->broadcast(&n_wire, sizeof n_wire, 0);
-  wire.resize(n_wire);
-  world_->broadcast(wire.data(), n_wire * sizeof(int32_t), 0);
-  if (!sched_) w = WirePlan::decode(wire);
+  if (sched_)
+    publish_plan(std::move(wire));
+  else
+    w = WirePlan::decode(receive_plan());
   last_step_rows_ = w.kind == WirePlan::kWork && !w.batch.out_rows.empty();
   last_step_greedy_run_ = w.kind == WirePlan::kWork && w.greedy_steps > 0;
   if (w.kind == WirePlan::kShutdown) stopped_ = true;

@@ -2,12 +2,13 @@
 // and runs many sequences at once (continuous batching).
 //
 // Rank 0 owns the sequences: its Scheduler (runtime/scheduler.h) plans every step, and the plan (tokens,
-// batch descriptor, what each logits row is for) is broadcast to every rank, so ranks can never disagree
+// batch descriptor, what each logits row is for) is sent to every rank, so ranks can never disagree
 // on a step. Every rank runs the plan through its layers; the last stage's candidates (or logits) travel
 // back to rank 0 point-to-point, where the per-sequence samplers pick the tokens. `generate` is a client
 // of the same path with one sequence.
 #pragma once
 
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -98,7 +99,7 @@ class Engine {
     std::vector<float> logits;  // (n_vocab)
   };
   // A serving loop: rank 0's engine thread calls step() whenever there may be work, and at least every
-  // second while idle (an idle step is a tiny broadcast: the other ranks' --comm-timeout watchdog never
+  // second while idle (an idle step is a tiny message: the other ranks' --comm-timeout watchdog never
   // fires on an idle server); the other ranks loop `while (!engine.stopped()) engine.step();`.
   bool step(std::vector<SeqEvent>* events = nullptr, std::vector<ScoredRow>* scored = nullptr);
   // Rank 0: the other ranks' next step() returns false and stopped() becomes true on every rank.
@@ -132,6 +133,10 @@ class Engine {
   bool greedy_run_possible(const StepPlan& plan) const;
   void run_plan(const WirePlan& w, std::vector<RowCandidates>* rows);
   std::vector<int32_t> greedy_run(const WirePlan& w);
+  // Rank 0 sends each step's plan to every other rank without waiting for it to arrive; they receive it.
+  void publish_plan(std::vector<int32_t> wire);
+  void retire_oldest_plan();  // waits until the oldest plan in flight was delivered
+  std::vector<int32_t> receive_plan();
 
   Communicator& comm_;
   EngineOptions options_;
@@ -144,6 +149,12 @@ class Engine {
   struct GraphState;
   std::unique_ptr<GraphState> graph_;
   std::unique_ptr<CommGroup> world_;
+  struct PlanInFlight {
+    uint64_t n = 0;              // words in wire (sent first)
+    std::vector<int32_t> wire;   // (n) the encoded plan
+    std::vector<int> handles;    // isend handles, two per other rank
+  };
+  std::deque<PlanInFlight> plans_in_flight_;  // rank 0: plans sent, not yet known delivered
   std::vector<HeldTensor> held_;
   std::unique_ptr<Scheduler> sched_;             // rank 0
   std::map<int64_t, Sampler> samplers_;          // rank 0: one per live sequence

@@ -518,6 +518,13 @@ class NcclCommunicator final : public Communicator {
     st_->track("send", cat("to rank ", peer));
     spent_ += now_s() - t0;
   }
+  // Host messages only (device ones go in stream order with a blocking send).
+  int isend(const void* buf, size_t bytes, int peer, int tag) override {
+    if (!is_device_pointer(*st_, buf)) return mpi_->isend(buf, bytes, peer, tag);
+    send(buf, bytes, peer, tag);
+    return -1;
+  }
+  void wait_send(int handle) override { mpi_->wait_send(handle); }
   void recv(void* buf, size_t bytes, int peer, int tag) override {
     if (!is_device_pointer(*st_, buf)) return mpi_->recv(buf, bytes, peer, tag);
     const double t0 = now_s();
