@@ -93,7 +93,8 @@ int cmd_inspect(int argc, const char* const* argv) {
                    {"n_layer", c.n_layer}, {"n_head", c.n_head}, {"n_head_kv", c.n_head_kv},
                    {"head_dim", c.head_dim}, {"n_ff", c.n_ff}, {"n_ctx_train", c.n_ctx_train},
                    {"rms_eps", c.rms_eps}, {"rope_freq_base", c.rope_freq_base},
-                   {"rope_scaling", c.rope_scaling.type}, {"qkv_bias", c.qkv_bias}, {"tied_output", c.tied_output}};
+                   {"rope_scaling", c.rope_scaling.type}, {"qkv_bias", c.qkv_bias}, {"qk_norm", c.qk_norm},
+                   {"tied_output", c.tied_output}};
   }
   if (gguf) {
     nlohmann::json kv = nlohmann::json::object();
@@ -116,8 +117,9 @@ int cmd_inspect(int argc, const char* const* argv) {
     std::printf("  vocab %lld, embedding %lld, layers %lld, heads %lld (kv %lld, dim %lld), ffn %lld, context %lld\n",
                 (long long)c.n_vocab, (long long)c.n_embd, (long long)c.n_layer, (long long)c.n_head,
                 (long long)c.n_head_kv, (long long)c.head_dim, (long long)c.n_ff, (long long)c.n_ctx_train);
-    std::printf("  rms eps %g, rope base %g, rope scaling %s, qkv bias %s, tied output %s\n", c.rms_eps,
-                c.rope_freq_base, c.rope_scaling.type.c_str(), c.qkv_bias ? "yes" : "no", c.tied_output ? "yes" : "no");
+    std::printf("  rms eps %g, rope base %g, rope scaling %s, qkv bias %s, q/k norm %s, tied output %s\n", c.rms_eps,
+                c.rope_freq_base, c.rope_scaling.type.c_str(), c.qkv_bias ? "yes" : "no", c.qk_norm ? "yes" : "no",
+                c.tied_output ? "yes" : "no");
   }
   std::printf("  parameters %.4g (%llu), weights %s in %zu tensors\n", double(n_params), (unsigned long long)n_params,
               human_bytes(n_bytes).c_str(), tensors.size());

@@ -140,18 +140,22 @@ HfConfig parse_hf_config(std::string_view json_text, const std::string& name) {
   const bool llama = h.architecture == "LlamaForCausalLM";
   const bool mistral = h.architecture == "MistralForCausalLM";
   const bool qwen2 = h.architecture == "Qwen2ForCausalLM";
-  if (!llama && !mistral && !qwen2)
+  const bool qwen3 = h.architecture == "Qwen3ForCausalLM";
+  if (!llama && !mistral && !qwen2 && !qwen3)
     fail_kind(ErrorKind::kUnsupported, name, ": field 'architectures' = '", h.architecture,
-              "' is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)");
-  // Mistral is the llama graph (GGUF calls it "llama" too); Qwen2 adds q/k/v biases.
-  c.arch = qwen2 ? "qwen2" : "llama";
-  c.qkv_bias = qwen2;
+              "' is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+              "Qwen3ForCausalLM)");
+  // Mistral is the llama graph (GGUF calls it "llama" too); Qwen2 adds q/k/v biases; Qwen3 drops them
+  // (attention_bias, false in published checkpoints) and norms each q/k head.
+  c.arch = qwen2 ? "qwen2" : qwen3 ? "qwen3" : "llama";
+  c.qkv_bias = qwen2 || (qwen3 && f.opt_bool("attention_bias").value_or(false));
+  c.qk_norm = qwen3;
   c.name = f.opt_str("_name_or_path").value_or("");
   if (c.name.empty()) c.name = f.opt_str("model_type").value_or(h.architecture);
 
   if (auto act = f.opt_str("hidden_act"); act && *act != "silu")
     fail_kind(ErrorKind::kUnsupported, name, ": field 'hidden_act' = '", *act, "' is not supported (supported: silu)");
-  if (!qwen2 && f.opt_bool("attention_bias").value_or(false))
+  if (!qwen2 && !qwen3 && f.opt_bool("attention_bias").value_or(false))
     fail_kind(ErrorKind::kUnsupported, name, ": field 'attention_bias' = true is not supported for ", h.architecture);
   if (f.opt_bool("mlp_bias").value_or(false))
     fail_kind(ErrorKind::kUnsupported, name, ": field 'mlp_bias' = true is not supported");
@@ -192,7 +196,7 @@ HfConfig parse_hf_config(std::string_view json_text, const std::string& name) {
   h.dtype = f.opt_str("dtype").value_or(f.opt_str("torch_dtype").value_or(""));
 
   // Qwen2 writes a sliding_window value even when use_sliding_window is false; only the flag counts.
-  const bool window_used = qwen2 ? f.opt_bool("use_sliding_window").value_or(false) : (mistral || llama);
+  const bool window_used = (qwen2 || qwen3) ? f.opt_bool("use_sliding_window").value_or(false) : (mistral || llama);
   if (window_used) {
     if (auto w = f.opt_int("sliding_window", 1)) {
       h.sliding_window = *w;

@@ -11,8 +11,8 @@ void ModelConfig::validate() const {
   auto positive = [](const char* field, int64_t v, int64_t limit) {
     if (v < 1 || v > limit) fail("model config: ", field, " = ", v, " is outside [1, ", limit, "]");
   };
-  if (arch != "llama" && arch != "qwen2")
-    fail("model config: architecture '", arch, "' is not supported (supported: llama, qwen2)");
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3")
+    fail("model config: architecture '", arch, "' is not supported (supported: llama, qwen2, qwen3)");
   positive("n_vocab", n_vocab, int64_t(1) << 24);
   positive("n_embd", n_embd, int64_t(1) << 17);
   positive("n_layer", n_layer, 4096);
@@ -64,8 +64,8 @@ ModelConfig config_from_gguf(const GgufFile& f) {
   const auto arch = f.get_string("general.architecture");
   if (!arch) fail(f.path(), ": general.architecture is missing (not a model file?)");
   c.arch = *arch;
-  if (c.arch != "llama" && c.arch != "qwen2")
-    fail(f.path(), ": general.architecture '", c.arch, "' is not supported (supported: llama, qwen2)");
+  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3")
+    fail(f.path(), ": general.architecture '", c.arch, "' is not supported (supported: llama, qwen2, qwen3)");
   c.name = f.get_string("general.name").value_or("");
   const std::string a = c.arch + ".";
   auto need = [&](const std::string& key) -> int64_t {
@@ -89,6 +89,7 @@ ModelConfig config_from_gguf(const GgufFile& f) {
   if (const auto st = f.get_string(a + "rope.scaling.type"); st && *st != "none")
     fail(f.path(), ": ", a, "rope.scaling.type '", *st, "' is not supported (only Llama 3.1's rope_freqs)");
   c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  c.qk_norm = f.find_tensor("blk.0.attn_q_norm.weight") != nullptr;
   c.tied_output = f.find_tensor("output.weight") == nullptr;
   const GgufTensorInfo* emb = f.find_tensor("token_embd.weight");
   if (!emb) fail(f.path(), ": tensor token_embd.weight is missing");

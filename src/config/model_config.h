@@ -20,7 +20,7 @@ struct RopeScaling {
 };
 
 struct ModelConfig {
-  std::string arch = "llama";  // GGUF general.architecture: "llama" or "qwen2"
+  std::string arch = "llama";  // GGUF general.architecture: "llama", "qwen2" or "qwen3"
   std::string name;            // general.name, informative
   int64_t n_vocab = 0;
   int64_t n_embd = 0;          // hidden size
@@ -37,11 +37,12 @@ struct ModelConfig {
   // Llama 3.1; empty means none. Filled from rope_scaling by rope_freq_factors() when a file has no table.
   std::vector<float> rope_freq_factors;
   bool qkv_bias = false;       // qwen2
+  bool qk_norm = false;        // qwen3: an RMS norm (weights of head_dim) on every q and k head before RoPE
   bool tied_output = false;    // output matrix is token_embd (no output.weight)
 
-  // llama.cpp's "NEOX" rotary layout (qwen2): rotate halves of each head rather than adjacent pairs. The
+  // llama.cpp's "NEOX" rotary layout (qwen2, qwen3): rotate halves of each head rather than adjacent pairs. The
   // loader permutes q/k rows of such models into adjacent pairs, so files keep llama.cpp's convention.
-  bool rope_neox() const { return arch == "qwen2"; }
+  bool rope_neox() const { return arch == "qwen2" || arch == "qwen3"; }
   int64_t q_dim() const { return n_head * head_dim; }
   int64_t kv_dim() const { return n_head_kv * head_dim; }
   // Throws Error naming the first inconsistent field (zero sizes, n_head % n_head_kv != 0, ...).

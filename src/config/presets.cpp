@@ -71,6 +71,12 @@ std::vector<Preset> build_presets() {
     c.qkv_bias = true;
     p.push_back({"qwen2.5-72b", "Qwen2.5 72B (80 layers, GQA 64/8, q/k/v biases)", c});
   }
+  {
+    // Qwen3 8B's config.json: head_dim 128 given, q/k norms, no biases, untied output.
+    ModelConfig c = make("qwen3", "Qwen3 8B", 151936, 4096, 36, 32, 8, 12288, 40960, 1e-6f, 1000000.0f);
+    c.qk_norm = true;
+    p.push_back({"qwen3-8b", "Qwen3 8B (36 layers, GQA 32/8, q/k norms)", c});
+  }
   // Test shapes. "tiny" is the smallest useful Llama (head_dim 16, GQA 2): fine for f32/f16/q8_0/q4_0,
   // while K-quant schemes fall back to 32-blocks on its 64-wide rows exactly as llama.cpp would.
   // "tiny-k" and "tiny-qwen2" keep every row length a multiple of 256 so K-quants apply unchanged.
@@ -86,6 +92,14 @@ std::vector<Preset> build_presets() {
     ModelConfig c = make("qwen2", "tiny-qwen2", 1024, 256, 4, 4, 2, 768, 512, 1e-6f, 1000000.0f);
     c.qkv_bias = true;
     p.push_back({"tiny-qwen2", "test model, Qwen2 style: dim 256, 4 layers, q/k/v biases, n_ff 768", c});
+  }
+  {
+    // head_dim 64 with 8 heads of a 256-wide model: q is 512 wide, wider than the hidden state, as in
+    // Qwen3-30B-A3B (head_dim 128, 32 heads, dim 2048).
+    ModelConfig c = make("qwen3", "tiny-qwen3", 1024, 256, 4, 8, 2, 768, 512, 1e-6f, 1000000.0f);
+    c.head_dim = 64;
+    c.qk_norm = true;
+    p.push_back({"tiny-qwen3", "test model, Qwen3 style: dim 256, 4 layers, 8 heads of 64 / 2 KV heads, q/k norms", c});
   }
   return p;
 }
@@ -194,6 +208,8 @@ std::vector<TensorSpec> model_tensors(const ModelConfig& c) {
     if (c.qkv_bias) t.push_back({b + "attn_k.bias", {c.kv_dim()}, l});
     t.push_back({b + "attn_v.weight", {c.n_embd, c.kv_dim()}, l});
     if (c.qkv_bias) t.push_back({b + "attn_v.bias", {c.kv_dim()}, l});
+    if (c.qk_norm) t.push_back({b + "attn_q_norm.weight", {c.head_dim}, l});
+    if (c.qk_norm) t.push_back({b + "attn_k_norm.weight", {c.head_dim}, l});
     t.push_back({b + "attn_output.weight", {c.q_dim(), c.n_embd}, l});
     t.push_back({b + "ffn_norm.weight", {c.n_embd}, l});
     t.push_back({b + "ffn_gate.weight", {c.n_embd, c.n_ff}, l});

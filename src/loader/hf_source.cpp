@@ -59,6 +59,10 @@ std::vector<Expected> expected_tensors(const ModelConfig& c) {
       add(h + "self_attn.k_proj.bias", {c.kv_dim()}, k_heads);
       add(h + "self_attn.v_proj.bias", {c.kv_dim()}, 0);
     }
+    if (c.qk_norm) {
+      add(h + "self_attn.q_norm.weight", {c.head_dim}, 0);
+      add(h + "self_attn.k_norm.weight", {c.head_dim}, 0);
+    }
     add(h + "self_attn.o_proj.weight", {c.n_embd, c.q_dim()}, 0);
     add(h + "post_attention_layernorm.weight", {c.n_embd}, 0);
     add(h + "mlp.gate_proj.weight", {c.n_ff, c.n_embd}, 0);
@@ -162,9 +166,9 @@ class HfModelSource final : public ModelSource {
 }  // namespace
 
 // Llama and Mistral checkpoints rotate halves, GGUF's `llama` rotates adjacent pairs: permute here, as
-// llama.cpp's converter does. Qwen2 stays in the halves ("NEOX") layout, which GGUF's `qwen2` keeps too;
-// the weight loader permutes both sources of it the same way (ModelConfig::rope_neox).
-bool hf_rotary_permuted(const std::string& arch) { return arch != "qwen2"; }
+// llama.cpp's converter does. Qwen2 and Qwen3 stay in the halves ("NEOX") layout, which GGUF's `qwen2` and
+// `qwen3` keep too; the weight loader permutes both sources of them the same way (ModelConfig::rope_neox).
+bool hf_rotary_permuted(const std::string& arch) { return arch != "qwen2" && arch != "qwen3"; }
 
 void permute_rotary_rows(const uint8_t* src, uint8_t* dst, int64_t n_head, int64_t head_dim, uint64_t row_bytes) {
   SHARDLM_CHECK(head_dim % 2 == 0, "head_dim ", head_dim);
@@ -193,6 +197,8 @@ std::string hf_to_gguf_name(const std::string& hf_name) {
       {"self_attn.q_proj.bias", "attn_q.bias"},
       {"self_attn.k_proj.bias", "attn_k.bias"},
       {"self_attn.v_proj.bias", "attn_v.bias"},
+      {"self_attn.q_norm.weight", "attn_q_norm.weight"},
+      {"self_attn.k_norm.weight", "attn_k_norm.weight"},
       {"self_attn.o_proj.weight", "attn_output.weight"},
       {"post_attention_layernorm.weight", "ffn_norm.weight"},
       {"mlp.gate_proj.weight", "ffn_gate.weight"},

@@ -18,6 +18,7 @@ std::pair<int64_t, int64_t> expected_shape(const ModelConfig& c, const std::stri
     return name.size() >= suf.size() && name.compare(name.size() - suf.size(), suf.size(), suf) == 0;
   };
   if (name == "token_embd.weight" || name == "output.weight") return {c.n_embd, c.n_vocab};
+  if (ends("attn_q_norm.weight") || ends("attn_k_norm.weight")) return {c.head_dim, 1};
   if (ends("_norm.weight")) return {c.n_embd, 1};
   if (ends("attn_q.weight")) return {c.n_embd, c.q_dim()};
   if (ends("attn_k.weight") || ends("attn_v.weight")) return {c.n_embd, c.kv_dim()};
@@ -114,8 +115,11 @@ class Loader {
     if (t.type != GgmlType::F32 && t.type != GgmlType::F16 && t.type != GgmlType::BF16)
       fail(src_.path(), ": tensor '", name, "' has type ", type_name(t.type), "; norms and biases must be f32/f16/bf16");
     dequantize_row(t.type, t.data, f.data(), n);
+    // q/k biases and Qwen3's per-head q/k norm weights (one head of head_dim) follow their rows' permutation.
     if (c_.rope_neox() && (name.find("attn_q.bias") != std::string::npos ||
-                           name.find("attn_k.bias") != std::string::npos)) {
+                           name.find("attn_k.bias") != std::string::npos ||
+                           name.find("attn_q_norm.weight") != std::string::npos ||
+                           name.find("attn_k_norm.weight") != std::string::npos)) {
       std::vector<float> p(f.size());
       permute_rotary_rows(reinterpret_cast<const uint8_t*>(f.data()), reinterpret_cast<uint8_t*>(p.data()),
                           n / c_.head_dim, c_.head_dim, sizeof(float));
@@ -200,6 +204,10 @@ ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, const 
       lw.bq = ld.vec(blk(l, "attn_q.bias"));
       lw.bk = ld.vec(blk(l, "attn_k.bias"));
       lw.bv = ld.vec(blk(l, "attn_v.bias"));
+    }
+    if (c.qk_norm) {
+      lw.q_norm = ld.vec(blk(l, "attn_q_norm.weight"));
+      lw.k_norm = ld.vec(blk(l, "attn_k_norm.weight"));
     }
     lw.wo = ld.matrix(blk(l, "attn_output.weight"), down);
     lw.ffn_norm = ld.vec(blk(l, "ffn_norm.weight"));

@@ -17,6 +17,7 @@ struct LlamaModel::Segment {
   std::vector<KvLayerView> kv_views;  // (end - first) the engine's pools of these layers
   // Activations of one step, in b's memory.
   std::unique_ptr<DeviceBuffer> x, xn, q, k, v, att, o, gate, up;
+  std::unique_ptr<DeviceBuffer> kn;  // (n_batch, kv_local * head_dim) normed k heads (qwen3), else null
 };
 
 std::vector<KvLayerView> allocate_kv_pools(const ModelConfig& config, int64_t n_head_kv_local,
@@ -89,6 +90,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
       seg->att = act(heads_.q_heads.size() * hd);
       seg->k = act(kv_w);
       seg->v = act(kv_w);
+      if (config_.qk_norm) seg->kn = act(kv_w);
       seg->gate = act(ff_local_);
       seg->up = act(ff_local_);
       segments_.push_back(std::move(seg));
@@ -310,6 +312,15 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
     b.add_bias(q, w.bq, n_tok, nq * hd);
     b.add_bias(k, w.bk, n_tok, nkv * hd);
     b.add_bias(v, w.bv, n_tok, nkv * hd);
+  }
+  if (w.q_norm) {
+    // Qwen3: each head is a row of head_dim for the norm. Out of place (no op promises in-place norms):
+    // q's normed heads go to att, and attention then writes into q, which the output matmul reads.
+    float* kn = seg.kn->as<float>();
+    b.rms_norm(q, w.q_norm, att, n_tok * nq, hd, config_.rms_eps);
+    b.rms_norm(k, w.k_norm, kn, n_tok * nkv, hd, config_.rms_eps);
+    std::swap(q, att);
+    k = kn;
   }
   b.rope_attention(q, k, v, kv, n_tok, nq, config_.rope_freq_base, ff, att);
   // o's sum over the group is the next call (reduce_add_norm); where that call is the device's fused one,

@@ -25,6 +25,8 @@ struct LayerWeights {
   const float* bq = nullptr;         // (q_local * head_dim) qwen2 only
   const float* bk = nullptr;         // (kv_local * head_dim)
   const float* bv = nullptr;         // (kv_local * head_dim)
+  const float* q_norm = nullptr;     // (head_dim) qwen3 only: every q head's RMS norm weights, before RoPE
+  const float* k_norm = nullptr;     // (head_dim) the same for k heads
   WeightView wo;                     // (n_embd rows, q_local * head_dim)
   const float* ffn_norm = nullptr;   // (n_embd)
   WeightView w_gate;                 // (ff_local rows, n_embd)

@@ -1,6 +1,6 @@
 // Runs the reference.json cases of tiny Hugging Face fixtures under one layout (started by mpirun with
 // tp*pp ranks, or alone) and writes what the sampler rank saw to a JSON file, per model:
-//   bf16-RoPE engine (Bf16RopeSource, as transformers computed): logits at the first and last position;
+//   reference-RoPE engine (ReferenceRopeSource: frequencies as transformers computed them): logits at the first and last position;
 //   the engine as it runs the model (exact frequencies): argmax at every position, the last position's
 //   logits and 32 greedy tokens (no stop token).
 // Several models per launch, so that a layout costs one mpirun start.
@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
       nlohmann::json cases = nlohmann::json::array();
       for (size_t i = 0; i < ref.size(); ++i) cases.push_back(nlohmann::json::object());
       {
-        const test::Bf16RopeSource rounded(*src);
+        const test::ReferenceRopeSource rounded(*src, argv[a + 1]);
         Engine e(rounded, *comm, o);
         const int64_t nv = e.config().n_vocab;
         for (size_t i = 0; i < ref.size(); ++i) {

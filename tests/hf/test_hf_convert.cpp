@@ -25,7 +25,7 @@ namespace {
 using nlohmann::json;
 
 const std::vector<std::string> kFixtures = {"tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2",
-                                            "tiny-mistral"};
+                                            "tiny-mistral", "tiny-qwen3"};
 
 // KL(reference softmax || ours) at the first and last prompt positions, nats. Measured on these fixtures
 // (bf16-rounded RoPE as the reference): bf16 below 1e-12 (the same weights); q4_0 4.4e-3..8.3e-3
@@ -50,7 +50,8 @@ struct Cfg {
 Cfg read_config(const std::string& dir) {
   const json j = json::parse(read_small_file(dir + "/config.json", 1 << 20));
   Cfg c;
-  c.arch = j.at("model_type") == "qwen2" ? "qwen2" : "llama";  // llama.cpp writes Mistral as `llama`
+  const std::string mt = j.at("model_type");
+  c.arch = mt == "qwen2" || mt == "qwen3" ? mt : "llama";  // llama.cpp writes Mistral as `llama`
   c.hidden = j.at("hidden_size");
   c.layers = j.at("num_hidden_layers");
   c.ff = j.at("intermediate_size");
@@ -105,9 +106,22 @@ TEST_P(HfConvert, MetadataIsWhatLlamaCppReads) {
     EXPECT_EQ(int(t.type), int(vec ? GgmlType::F32 : GgmlType::F16)) << t.name;
   }
   EXPECT_EQ(g->find_tensor("blk.0.attn_q.bias") != nullptr, want.arch == "qwen2");
+  // Qwen3's per-head norms travel as llama.cpp names them, one head_dim vector each, unpermuted.
+  EXPECT_EQ(g->find_tensor("blk.0.attn_q_norm.weight") != nullptr, want.arch == "qwen3");
+  if (const GgufTensorInfo* qn = g->find_tensor("blk.2.attn_k_norm.weight")) {
+    EXPECT_EQ(qn->ne[0], want.head_dim);
+    const auto norms = SafetensorsCheckpoint::open_dir(dir);  // owns the mapping hn points into
+    const SafetensorsTensor* hn = norms->find("model.layers.2.self_attn.k_norm.weight");
+    ASSERT_NE(hn, nullptr);
+    std::vector<float> h(static_cast<size_t>(want.head_dim));
+    dequantize_row(GgmlType::BF16, hn->data, h.data(), want.head_dim);
+    const float* gf = reinterpret_cast<const float*>(g->tensor_data(*qn));
+    for (int64_t i = 0; i < want.head_dim; ++i) EXPECT_EQ(gf[i], h[size_t(i)]) << "k_norm " << i;
+  }
 
   // q_proj as stored (bf16) against the file's attn_q (f16): llama interleaves each head's halves,
-  // qwen2 keeps them (llama.cpp rotates Qwen2 with NEOX and its converter does not permute).
+  // qwen2 and qwen3 keep them (llama.cpp rotates them with NEOX and its converter does not permute).
+  const bool neox = want.arch == "qwen2" || want.arch == "qwen3";
   const auto ckpt = SafetensorsCheckpoint::open_dir(dir);
   for (const char* which : {"q", "k"}) {
     const SafetensorsTensor* hq = ckpt->find(cat("model.layers.1.self_attn.", which, "_proj.weight"));
@@ -118,7 +132,7 @@ TEST_P(HfConvert, MetadataIsWhatLlamaCppReads) {
     std::vector<float> hrow(static_cast<size_t>(n)), grow(static_cast<size_t>(n));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = r / hd, i = r % hd;
-      const int64_t from = want.arch == "qwen2" ? r : h * hd + (i % 2 == 0 ? i / 2 : hd / 2 + i / 2);
+      const int64_t from = neox ? r : h * hd + (i % 2 == 0 ? i / 2 : hd / 2 + i / 2);
       dequantize_row(GgmlType::BF16, hq->data + size_t(from * n * 2), hrow.data(), n);
       dequantize_row(GgmlType::F16, g->tensor_data(*gq) + size_t(r * n * 2), grow.data(), n);
       for (int64_t c = 0; c < n; ++c)
@@ -147,7 +161,7 @@ TEST_P(HfConvert, EverySchemeLoadsAndRuns) {
       if (t.name.rfind("blk.", 0) == 0) spec.layer = std::stoi(t.name.substr(4));
       EXPECT_EQ(int(t.type), int(tensor_type_for_scheme(scheme, spec, gsrc->config()))) << t.name;
     }
-    const Bf16RopeSource rounded(*gsrc);
+    const ReferenceRopeSource rounded(*gsrc, dir);
     auto comm = make_single_rank_communicator();
     EngineOptions o;
     o.n_threads = 2;
@@ -172,7 +186,7 @@ TEST_P(HfConvert, EverySchemeLoadsAndRuns) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, HfConvert, ::testing::Values("tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2", "tiny-mistral"),
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfConvert, ::testing::Values("tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2", "tiny-mistral", "tiny-qwen3"),
                          [](const ::testing::TestParamInfo<const char*>& i) {
                            std::string n = i.param;
                            for (char& ch : n)

@@ -44,7 +44,7 @@ class HfEndToEnd : public ::testing::TestWithParam<const char*> {};
 TEST_P(HfEndToEnd, LogitsMatchTransformersWithItsBf16RopeFrequencies) {
   const std::string dir = test::hf_fixture(GetParam());
   auto src = open_model_source(dir);
-  const test::Bf16RopeSource rounded(*src);
+  const test::ReferenceRopeSource rounded(*src, dir);
   auto comm = make_single_rank_communicator();
   EngineOptions o;
   o.backend = "cpu";
@@ -97,7 +97,7 @@ TEST_P(HfEndToEnd, GreedyMatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfEndToEnd,
                          ::testing::Values("tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2",
-                                           "tiny-mistral"),
+                                           "tiny-mistral", "tiny-qwen3"),
                          [](const ::testing::TestParamInfo<const char*>& i) {
                            std::string n = i.param;
                            for (char& ch : n)

@@ -27,7 +27,7 @@ namespace shardlm::test {
 namespace {
 
 const std::vector<std::string> kFixtures = {"tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2",
-                                            "tiny-mistral"};
+                                            "tiny-mistral", "tiny-qwen3"};
 const std::vector<std::string> kFormats = {"hf", "f16", "q8_0"};
 
 constexpr double kAtol = 1e-4, kRtol = 1e-4;

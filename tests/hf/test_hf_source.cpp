@@ -125,6 +125,26 @@ TEST(HfSource, FixturesNamesShapesTypes) {
   }
 }
 
+// Qwen3: no biases, and the per-head q/k norms (head_dim 64) under llama.cpp's names.
+TEST(HfSource, Qwen3HasPerHeadQkNorms) {
+  auto s = open_hf_model_source(test::hf_fixture("tiny-qwen3"));
+  const ModelConfig& c = s->config();
+  EXPECT_EQ(c.arch, "qwen3");
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.qkv_bias);
+  EXPECT_TRUE(c.rope_neox());
+  EXPECT_EQ(c.head_dim, 64);
+  EXPECT_EQ(s->tensors().size(), 3u * 11 + 2);  // 9 + 2 norms per layer, embedding, final norm; tied output
+  for (int i = 0; i < 3; ++i)
+    for (const char* n : {"attn_q_norm.weight", "attn_k_norm.weight"}) {
+      const SourceTensor* t = find(*s, "blk." + std::to_string(i) + "." + n);
+      ASSERT_NE(t, nullptr) << n;
+      EXPECT_EQ(t->n_dims, 1);
+      EXPECT_EQ(t->ne[0], 64);
+    }
+  EXPECT_EQ(find(*s, "blk.0.attn_q.bias"), nullptr);
+}
+
 // Row r of a row-major tensor with `row_bytes` bytes per row.
 const uint8_t* row(const uint8_t* p, int64_t r, uint64_t row_bytes) { return p + r * row_bytes; }
 

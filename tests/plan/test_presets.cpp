@@ -62,8 +62,19 @@ TEST(Presets, HyperParameters) {
   for (const Preset& p : presets()) {
     SCOPED_TRACE(p.name);
     EXPECT_EQ(p.config.n_head % p.config.n_head_kv, 0);
-    EXPECT_EQ(p.config.head_dim * p.config.n_head, p.config.n_embd);
+    // Qwen3 gives head_dim apart (Qwen3-30B-A3B: 32 heads of 128 on a 2048-wide model).
+    if (p.config.arch != "qwen3") {
+      EXPECT_EQ(p.config.head_dim * p.config.n_head, p.config.n_embd);
+    }
   }
+  const ModelConfig& q3 = find_preset("qwen3-8b")->config;
+  EXPECT_TRUE(q3.qk_norm);
+  EXPECT_FALSE(q3.qkv_bias);
+  EXPECT_EQ(q3.head_dim, 128);
+  EXPECT_EQ(q3.n_layer, 36);
+  EXPECT_EQ(q3.n_ff, 12288);
+  const ModelConfig& t3 = find_preset("tiny-qwen3")->config;
+  EXPECT_EQ(t3.q_dim(), 2 * t3.n_embd);  // q wider than the hidden state
 }
 
 TEST(Presets, TensorListInGgufOrder) {
