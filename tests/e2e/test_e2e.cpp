@@ -467,12 +467,22 @@ TEST(Perplexity, WritesLlamaCppsBaseFileFormat) {
 // 2048); the tiny-qwen3 preset has 8 heads of 64 on 256. Its log-probabilities on the fp64 reference backend
 // are the base; the CPU backend at one rank, tp 2 and pp 2 must give the same distributions (KL at the
 // file's 16-bit resolution, every top token the same). Measured: |mean KLD| < 1e-6, same top 100%; another
-// seed's weights give KLD 0.09 and 0% same top, so a wrong q/k norm or head split cannot pass.
-TEST(Perplexity, Qwen3WideQueriesMatchTheReferenceBackendInEveryLayout) {
+// seed's weights give KLD 0.09 and 0% same top, so a wrong q/k norm or head split cannot pass. The same file
+// against llama.cpp's own qwen3 graph (its base file, tests/data/text/README.md): also KLD 0, same top 100%
+// (llama-perplexity's PPL 1109.6489, our reference backend's 1109.6497).
+TEST(Perplexity, Qwen3WideQueriesMatchTheReferenceBackendInEveryLayoutAndLlamaCpp) {
   const std::string model = tmp("tiny-qwen3-" + std::to_string(getpid()) + ".gguf");
   const std::string base = tmp("tiny-qwen3-" + std::to_string(getpid()) + ".kl");
   std::remove(base.c_str());
-  ASSERT_EQ(run({"gen-model", "--arch", "tiny-qwen3", "--type", "f32", "-o", model, "-q"}).rc, 0);
+  ASSERT_EQ(run({"gen-model", "--arch", "tiny-qwen3", "--type", "f32", "--seed", "1", "-o", model, "-q"}).rc, 0);
+  {
+    const Result r = run({"perplexity", "-m", model, "--kl-divergence-base",
+                          shardlm::test::fixture_path("text/llama-tiny-qwen3-f32.kl"), "--kl-divergence", "-q"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    const auto [kld, top] = ppl::kld_and_top(r);
+    EXPECT_LT(std::abs(kld), 1e-5) << "against llama.cpp\n" << r.out;
+    EXPECT_EQ(top, 100.0) << "against llama.cpp\n" << r.out;
+  }
   auto a = ppl::args(model, 2);
   a.insert(a.end(), {"--backend", "reference", "--kl-divergence-base", base});
   const Result w = run(a);
