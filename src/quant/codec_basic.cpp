@@ -21,12 +21,12 @@
 
 namespace shardlm::quant_detail {
 
-// ggml's make_qkx2_quants: an asymmetric (scale, min) fit of n values to [0, nmax], trying nstep+1
-// scales around the min-max one and keeping the weighted best, by squared error or (use_mad) absolute
-// error. Returns the scale and stores -min in the_min. Serves Q4_K (quant_ref.cpp), Q5_K and Q2_K (use_mad).
-float make_qkx2_quants(int n, int nmax, const float* x /* (n) */, const float* weights /* (n) */,
-                       uint8_t* L /* (n) */, float& the_min, uint8_t* laux /* (n) */, float rmin,
-                       float rdelta, int nstep, bool use_mad) {
+namespace {
+
+// The fit both share; degenerate_below: qkx3's `max <= min` test (qkx2's is `max == min`).
+float make_qkx_quants(int n, int nmax, const float* x /* (n) */, const float* weights /* (n) */,
+                      uint8_t* L /* (n) */, float& the_min, uint8_t* laux /* (n) */, float rmin, float rdelta,
+                      int nstep, bool use_mad, bool degenerate_below) {
   float min = x[0], max = x[0];
   float sum_w = weights[0];
   float sum_x = sum_w * x[0];
@@ -38,7 +38,7 @@ float make_qkx2_quants(int n, int nmax, const float* x /* (n) */, const float* w
     sum_x += w * x[i];
   }
   if (min > 0) min = 0;
-  if (max == min) {
+  if (degenerate_below ? max <= min : max == min) {
     for (int i = 0; i < n; ++i) L[i] = 0;
     the_min = -min;
     return 0.f;
@@ -89,6 +89,17 @@ float make_qkx2_quants(int n, int nmax, const float* x /* (n) */, const float* w
   }
   the_min = -min;
   return scale;
+}
+
+}  // namespace
+
+// ggml's make_qkx2_quants: an asymmetric (scale, min) fit of n values to [0, nmax], trying nstep+1
+// scales around the min-max one and keeping the weighted best, by squared error or (use_mad) absolute
+// error. Returns the scale and stores -min in the_min. Serves Q4_K (quant_ref.cpp), Q5_K and Q2_K (use_mad).
+float make_qkx2_quants(int n, int nmax, const float* x /* (n) */, const float* weights /* (n) */,
+                       uint8_t* L /* (n) */, float& the_min, uint8_t* laux /* (n) */, float rmin,
+                       float rdelta, int nstep, bool use_mad) {
+  return make_qkx_quants(n, nmax, x, weights, L, the_min, laux, rmin, rdelta, nstep, use_mad, false);
 }
 
 namespace {
@@ -729,70 +740,7 @@ void imatrix_weights(int n, const float* x /* (n) */, const float* qw /* (n) */,
 // degenerate test. Returns the scale and stores -min in the_min.
 float make_qkx3_quants(int n, int nmax, const float* x /* (n) */, const float* weights /* (n) */,
                        uint8_t* L /* (n) */, float& the_min, uint8_t* laux /* (n) */) {
-  constexpr float rmin = -0.9f, rdelta = 0.05f;
-  constexpr int nstep = 36;
-  float min = x[0], max = x[0];
-  float sum_w = weights[0];
-  float sum_x = sum_w * x[0];
-  for (int i = 1; i < n; ++i) {
-    if (x[i] < min) min = x[i];
-    if (x[i] > max) max = x[i];
-    const float w = weights[i];
-    sum_w += w;
-    sum_x += w * x[i];
-  }
-  if (min > 0) min = 0;
-  if (max <= min) {
-    std::memset(L, 0, static_cast<size_t>(n));
-    the_min = -min;
-    return 0.f;
-  }
-  float iscale = nmax / (max - min);
-  float scale = 1 / iscale;
-  float best_error = 0;
-  for (int i = 0; i < n; ++i) {
-    const int l = nearest_int(iscale * (x[i] - min));
-    L[i] = static_cast<uint8_t>(std::max(0, std::min(nmax, l)));
-    float diff = scale * L[i] + min - x[i];
-    diff = diff * diff;
-    best_error += weights[i] * diff;
-  }
-  for (int is = 0; is <= nstep; ++is) {
-    iscale = (rmin + rdelta * is + nmax) / (max - min);
-    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-    for (int i = 0; i < n; ++i) {
-      int l = nearest_int(iscale * (x[i] - min));
-      l = std::max(0, std::min(nmax, l));
-      laux[i] = static_cast<uint8_t>(l);
-      const float w = weights[i];
-      sum_l += w * l;
-      sum_l2 += w * l * l;
-      sum_xl += w * l * x[i];
-    }
-    const float D = sum_w * sum_l2 - sum_l * sum_l;
-    if (D > 0) {
-      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-      if (this_min > 0) {
-        this_min = 0;
-        this_scale = sum_xl / sum_l2;
-      }
-      float cur_error = 0;
-      for (int i = 0; i < n; ++i) {
-        float diff = this_scale * laux[i] + this_min - x[i];
-        diff = diff * diff;
-        cur_error += weights[i] * diff;
-      }
-      if (cur_error < best_error) {
-        for (int i = 0; i < n; ++i) L[i] = laux[i];
-        best_error = cur_error;
-        scale = this_scale;
-        min = this_min;
-      }
-    }
-  }
-  the_min = -min;
-  return scale;
+  return make_qkx_quants(n, nmax, x, weights, L, the_min, laux, -0.9f, 0.05f, 36, false, true);
 }
 
 // ggml's make_qp_quants: unsigned levels [0, nmax] for n non-negative values (the sub-block scales or
