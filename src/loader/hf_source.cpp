@@ -168,7 +168,11 @@ class HfModelSource final : public ModelSource {
 // Llama and Mistral checkpoints rotate halves, GGUF's `llama` rotates adjacent pairs: permute here, as
 // llama.cpp's converter does. Qwen2 and Qwen3 stay in the halves ("NEOX") layout, which GGUF's `qwen2` and
 // `qwen3` keep too; the weight loader permutes both sources of them the same way (ModelConfig::rope_neox).
-bool hf_rotary_permuted(const std::string& arch) { return arch != "qwen2" && arch != "qwen3"; }
+bool hf_rotary_permuted(const std::string& arch) {
+  ModelConfig c;  // the list of NEOX architectures lives in rope_neox() alone
+  c.arch = arch;
+  return !c.rope_neox();
+}
 
 void permute_rotary_rows(const uint8_t* src, uint8_t* dst, int64_t n_head, int64_t head_dim, uint64_t row_bytes) {
   SHARDLM_CHECK(head_dim % 2 == 0, "head_dim ", head_dim);
