@@ -5,9 +5,10 @@
 # the bundled model and on those files over the first chunks of tests/data/text/fsf-licenses.txt. Also saves
 # llama.cpp's log-probabilities of the bundled model (--kl-divergence-base, 20 chunks) and its KL divergence
 # of the quantized files from them. Writes tests/data/text/llama_perplexity.json and llama-base-f32.kl;
-# test_e2e checks `shardlm perplexity` against them. Last, llama.cpp's log-probabilities of a Qwen3 file
-# (gen-model's tiny-qwen3, seed 1, F32: per-head q/k norms, q wider than the hidden state), for the same
-# check of our qwen3 graph: tests/data/text/llama-tiny-qwen3-f32.kl (needs build/apps/shardlm/shardlm).
+# test_e2e checks `shardlm perplexity` against them. Last, llama.cpp's log-probabilities of gen-model's
+# tiny-qwen3 (seed 1, F32: per-head q/k norms, q wider than the hidden state), tiny-qwen3moe and
+# tiny-mixtral (experts), for the same check of those graphs: tests/data/text/llama-<preset>-f32.kl (needs
+# build/apps/shardlm/shardlm).
 #   scripts/llama_perplexity_reference.sh LLAMA_CPP_TARBALL [WORK_DIR]
 # (the tarball: ../shared/peers/llama.cpp-d32676d.tar.xz; WORK_DIR default /tmp/llama-ppl-ref)
 set -euo pipefail
@@ -72,9 +73,12 @@ done
   echo '}'
 } > tests/data/text/llama_perplexity.json
 cat tests/data/text/llama_perplexity.json
-# Qwen3 (llama.cpp's own qwen3 graph) on a file shardlm's gen-model writes the same way every time.
-qwen3=$work/tiny-qwen3-f32.gguf
-rm -f "$qwen3" tests/data/text/llama-tiny-qwen3-f32.kl
-build/apps/shardlm/shardlm gen-model --arch tiny-qwen3 --type f32 --seed 1 -o "$qwen3" -q
-"$work/b/bin/llama-perplexity" -m "$qwen3" -f "$text" -c "$ctx" -b "$ctx" --chunks 2 -t 2 \
-  --kl-divergence-base tests/data/text/llama-tiny-qwen3-f32.kl > "$work/qwen3.out" 2>&1
+# Qwen3 and the mixtures of experts (llama.cpp's own qwen3, qwen3moe and llama-with-experts graphs) on files
+# shardlm's gen-model writes the same way every time.
+for preset in tiny-qwen3 tiny-qwen3moe tiny-mixtral; do
+  model=$work/$preset-f32.gguf
+  rm -f "$model" "tests/data/text/llama-$preset-f32.kl"
+  build/apps/shardlm/shardlm gen-model --arch "$preset" --type f32 --seed 1 -o "$model" -q
+  "$work/b/bin/llama-perplexity" -m "$model" -f "$text" -c "$ctx" -b "$ctx" --chunks 2 -t 2 \
+    --kl-divergence-base "tests/data/text/llama-$preset-f32.kl" > "$work/$preset.out" 2>&1
+done

@@ -29,7 +29,8 @@ namespace {
 // does not accept as short names; they are rewritten to their long forms before parsing.
 std::vector<std::string> rewrite_llama_flags(int argc, const char* const* argv) {
   static const std::pair<const char*, const char*> kMap[] = {
-      {"-ngl", "--n-gpu-layers"}, {"-ts", "--tensor-split"}, {"-sm", "--split-mode"}, {"-mg", "--main-gpu"}};
+      {"-ngl", "--n-gpu-layers"}, {"-ts", "--tensor-split"}, {"-sm", "--split-mode"}, {"-mg", "--main-gpu"},
+      {"-ot", "--override-tensor"}, {"-cmoe", "--cpu-moe"}, {"-ncmoe", "--n-cpu-moe"}};
   std::vector<std::string> out;
   for (int i = 0; i < argc; ++i) {
     std::string a = argv[i];
@@ -74,6 +75,10 @@ int cmd_plan(int argc, const char* const* argv) {
   std::optional<std::string> gpus, cpu_mem, link;
   std::optional<double> cpu_bw;
   std::optional<int> tp, pp, ngl;
+  bool expert_parallel = false;
+  bool cpu_moe = false;
+  std::optional<int> n_cpu_moe;
+  std::vector<std::string> tensor_overrides;
   int64_t ctx = 4096, batch = 512, max_num_seqs = 1;
   int main_gpu = 0;
   bool explain = false, json = false;
@@ -97,6 +102,14 @@ int cmd_plan(int argc, const char* const* argv) {
   app.add_option("--kv-type", kv_type, "KV cache type: f16, f32, bf16, q8_0 or q4_0")->capture_default_str();
   app.add_option("--tp,--tensor-parallel-size", tp, "pin the tensor parallel size");
   app.add_option("--pp,--pipeline-parallel-size", pp, "pin the number of pipeline stages");
+  app.add_flag("--cpu-moe", cpu_moe, "mixture of experts: every layer's experts in RAM, run by the CPU (also -cmoe)");
+  app.add_option("--n-cpu-moe", n_cpu_moe, "mixture of experts: the first N layers' experts in RAM (also -ncmoe; "
+                 "default: the planner keeps the fewest in RAM that let the model fit)");
+  app.add_option("--override-tensor", tensor_overrides,
+                 "PATTERN=DEVICE as llama.cpp's -ot, e.g. exps=CPU (expert tensors only; repeatable; also -ot)");
+  app.add_flag("--enable-expert-parallel", expert_parallel,
+               "mixture of experts: partition each layer's experts whole over a stage's tp ranks (default: every "
+               "rank holds 1/tp of every expert)");
   app.add_option("--layer-split,--tensor-split", layer_split,
                  "layer proportions per pipeline stage, e.g. 3,1 (also -ts)");
   app.add_option("--n-gpu-layers", ngl, "layers on the GPUs, the rest on the CPU (also -ngl; 99 = all)");
@@ -164,6 +177,10 @@ int cmd_plan(int argc, const char* const* argv) {
   if (!kv) fail("KV cache type (--kv-type): '", kv_type, "' is unknown; use f16, f32, bf16, q8_0 or q4_0");
   req.kv_type = *kv;
   req.tp = tp;
+  req.expert_parallel = expert_parallel;
+  if (cpu_moe) req.n_cpu_moe = 100000;  // above any layer count: all
+  else if (n_cpu_moe) req.n_cpu_moe = *n_cpu_moe;
+  req.tensor_overrides = tensor_overrides;
   req.pp = pp;
   if (!layer_split.empty()) req.layer_split = parse_split(layer_split);
   req.n_gpu_layers = ngl;

@@ -34,7 +34,8 @@ const char* llama_cpp_alias(const char* arg) {
   static const std::pair<const char*, const char*> kAliases[] = {
       {"-ts", "--tensor-split"}, {"-sm", "--split-mode"},   {"-ngl", "--n-gpu-layers"},
       {"-mg", "--main-gpu"},     {"-ctk", "--cache-type-k"}, {"-ctv", "--cache-type-v"},
-      {"-npl", "--n-parallel"},
+      {"-npl", "--n-parallel"},  {"-ot", "--override-tensor"}, {"-cmoe", "--cpu-moe"},
+      {"-ncmoe", "--n-cpu-moe"},
   };
   for (const auto& [from, to] : kAliases)
     if (!std::strcmp(arg, from)) return to;

@@ -35,8 +35,10 @@ ModelDesc model_desc_from_source(const ModelSource& src) {
     TensorDesc t;
     t.name = st.name;
     t.type = st.type;
-    // Collapse to the loader's 2-D view: ne0 and the product of the rest.
+    // Collapse to the loader's 2-D view: ne0 and the product of the rest; 3-D experts stay 3-D (the loader
+    // takes each expert as a matrix of its own).
     t.ne = {st.ne[0], st.ne[1] * st.ne[2] * st.ne[3]};
+    if (st.n_dims == 3 && st.ne[3] == 1) t.ne = {st.ne[0], st.ne[1], st.ne[2]};
     if (st.n_dims <= 1 && t.ne[1] == 1) t.ne.resize(1);
     t.n_bytes = st.n_bytes;
     t.layer = tensor_layer(t.name, m.config.n_layer, src.path());
@@ -62,6 +64,7 @@ RunPlan plan_run(const ModelDesc& m, const RunPlanRequest& req) {
   pr.kv_type = req.kv_type;
   pr.max_num_seqs = std::max<int64_t>(1, req.max_num_seqs);
   pr.layer_split = req.layer_split;
+  pr.expert_parallel = req.expert_parallel;
   const bool pinned = req.tp || req.pp;
   std::vector<std::pair<int, int>> layouts;  // (tp, pp) to evaluate when pinned or launched
   if (pinned) {

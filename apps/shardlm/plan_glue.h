@@ -21,6 +21,7 @@ ModelDesc model_desc_from_source(const ModelSource& src);
 struct RunPlanRequest {
   std::optional<int> tp, pp;          // both unset: the planner chooses
   std::vector<double> layer_split;    // proportions per stage; empty = even
+  bool expert_parallel = false;       // --enable-expert-parallel
   int64_t ctx = 0;                    // the context the engine will allocate (already resolved)
   int64_t batch = 256;                // the engine's batch (already clamped to ctx)
   int64_t max_num_seqs = 1;           // sequences the KV pool holds at ctx each (serve's --max-num-seqs)

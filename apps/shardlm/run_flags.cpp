@@ -17,6 +17,9 @@ void RunFlags::add_to(CLI::App& app) {
                            "tensor-parallel ranks (heads and FFN columns split; default: the planner's choice)");
   pp_opt_ = app.add_option("--pp,--pipeline-parallel-size", pp,
                            "pipeline stages (consecutive layer ranges; default: the planner's choice)");
+  app.add_flag("--enable-expert-parallel", expert_parallel,
+               "mixture of experts: partition each layer's experts whole over a stage's tp ranks, attention "
+               "staying tensor-parallel (default: every rank holds 1/tp of every expert)");
   app.add_option("--layer-split,--tensor-split", layer_split,
                  "layers per pipeline stage as proportions, e.g. 3,1 (rounded to whole layers); also -ts");
   app.add_option("--split-mode", split_mode, "llama.cpp's -sm: layer, row or tensor (informational: give --tp/--pp)");
@@ -30,6 +33,15 @@ void RunFlags::add_to(CLI::App& app) {
   app.add_option("--backend", backend, "cpu, cuda, or reference (slow fp64 yardstick)");
   app.add_option("--n-gpu-layers", n_gpu_layers, "with --backend cuda: layers on the GPU (the last ones; the rest run "
                  "on the CPU); also -ngl");
+  app.add_flag("--cpu-moe", cpu_moe,
+               "with --backend cuda, mixture of experts: keep every layer's experts in RAM and run them on the CPU, "
+               "attention and the router on the GPU (also -cmoe)");
+  app.add_option("--n-cpu-moe", n_cpu_moe, "with --backend cuda: the experts of the first N layers in RAM (also -ncmoe)")
+      ->capture_default_str();
+  app.add_option("--override-tensor", tensor_overrides,
+                 "with --backend cuda: PATTERN=DEVICE, tensors whose name matches the regular expression go to DEVICE "
+                 "(CPU for experts in RAM, e.g. exps=CPU or blk\\.[0-9]\\.ffn_.*_exps=CPU; CUDA0 keeps them on the "
+                 "GPU); repeatable or comma-separated, first match wins (also -ot)");
   app.add_flag("--no-cuda-graphs", no_graphs, "with --backend cuda: launch decode kernels one by one");
   app.add_flag("--full-logits", full_logits,
                "move every decode step's whole logits row to the host and sample there (default: the device "
@@ -50,6 +62,7 @@ EngineOptions RunFlags::engine_options() const {
   if (pp < 1 || pp > 1024) fail("--pp ", pp, " is outside [1, 1024]");
   o.tp = tp;
   o.pp = pp;
+  o.expert_parallel = expert_parallel;
   if (!split_mode.empty() && split_mode != "layer" && split_mode != "row" && split_mode != "tensor" &&
       split_mode != "none")
     fail("--split-mode '", split_mode, "' is not one of layer, row, tensor, none");
@@ -68,6 +81,9 @@ EngineOptions RunFlags::engine_options() const {
   o.backend = backend;
   if (n_gpu_layers < -1) fail("-ngl ", n_gpu_layers, " must be >= 0");
   o.n_gpu_layers = n_gpu_layers;
+  if (n_cpu_moe < 0 || n_cpu_moe > 100000) fail("--n-cpu-moe ", n_cpu_moe, " is outside [0, 100000]");
+  o.n_cpu_moe = cpu_moe ? 100000 : n_cpu_moe;  // above any layer count: all of them
+  o.tensor_overrides = tensor_overrides;
   o.cuda_graphs = !no_graphs;
   o.full_logits = full_logits;
   if (!(comm_timeout >= 1 && comm_timeout <= 86400)) fail("--comm-timeout ", comm_timeout, " is outside [1, 86400]");
@@ -93,6 +109,7 @@ EngineOptions RunFlags::resolve(const ModelSource& src, int64_t ctx_if_unset) co
     rq.pp = o.pp;
   }
   rq.layer_split = o.layer_split;
+  rq.expert_parallel = o.expert_parallel;
   rq.ctx = ctx;
   rq.batch = std::min(o.n_batch, ctx);
   rq.kv_type = o.kv_type;

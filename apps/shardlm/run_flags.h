@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -12,6 +13,7 @@ namespace shardlm {
 struct RunFlags {
   std::string model;
   int tp = 1, pp = 1;
+  bool expert_parallel = false;
   std::string layer_split;
   std::string split_mode;
   int64_t n_ctx = 0;
@@ -21,6 +23,9 @@ struct RunFlags {
   std::string kv_type = "f16";  // as plan assumes, llama.cpp defaults and the issue asks
   std::string backend = "cpu";
   int n_gpu_layers = -1;
+  bool cpu_moe = false;                     // --cpu-moe: every layer's experts in RAM
+  int n_cpu_moe = 0;                        // --n-cpu-moe N: the first N layers' experts in RAM
+  std::vector<std::string> tensor_overrides;  // -ot PATTERN=DEVICE, repeatable
   bool no_graphs = false;
   bool full_logits = false;
   double comm_timeout = 60;

@@ -140,16 +140,36 @@ HfConfig parse_hf_config(std::string_view json_text, const std::string& name) {
   const bool llama = h.architecture == "LlamaForCausalLM";
   const bool mistral = h.architecture == "MistralForCausalLM";
   const bool qwen2 = h.architecture == "Qwen2ForCausalLM";
-  const bool qwen3 = h.architecture == "Qwen3ForCausalLM";
-  if (!llama && !mistral && !qwen2 && !qwen3)
+  const bool qwen3moe = h.architecture == "Qwen3MoeForCausalLM";
+  const bool mixtral = h.architecture == "MixtralForCausalLM";
+  const bool qwen3 = h.architecture == "Qwen3ForCausalLM" || qwen3moe;
+  if (!llama && !mistral && !qwen2 && !qwen3 && !mixtral)
     fail_kind(ErrorKind::kUnsupported, name, ": field 'architectures' = '", h.architecture,
-              "' is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-              "Qwen3ForCausalLM)");
-  // Mistral is the llama graph (GGUF calls it "llama" too); Qwen2 adds q/k/v biases; Qwen3 drops them
-  // (attention_bias, false in published checkpoints) and norms each q/k head.
-  c.arch = qwen2 ? "qwen2" : qwen3 ? "qwen3" : "llama";
+              "' is not supported (supported: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+              "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)");
+  // Mistral and Mixtral are the llama graph (GGUF calls them "llama" too; Mixtral with experts); Qwen2 adds
+  // q/k/v biases; Qwen3 drops them (attention_bias, false in published checkpoints) and norms each q/k head.
+  c.arch = qwen2 ? "qwen2" : qwen3moe ? "qwen3moe" : qwen3 ? "qwen3" : "llama";
   c.qkv_bias = qwen2 || (qwen3 && f.opt_bool("attention_bias").value_or(false));
   c.qk_norm = qwen3;
+  if (qwen3moe || mixtral) {
+    // Published checkpoints (transformers 4.x) say num_experts for Qwen3-MoE; transformers 5 writes
+    // num_local_experts, Mixtral's name.
+    const char* count_key = f.get("num_local_experts") ? "num_local_experts" : "num_experts";
+    c.n_expert = f.req_int(count_key, 1);
+    c.n_expert_used = f.req_int("num_experts_per_tok", 1);
+    if (c.n_expert_used > c.n_expert)
+      fail(name, ": field 'num_experts_per_tok' = ", c.n_expert_used, " exceeds '", count_key, "' = ", c.n_expert);
+    c.expert_weights_norm = qwen3moe ? f.opt_bool("norm_topk_prob").value_or(false) : true;
+  }
+  if (qwen3moe) {
+    if (const json* dense = f.get("mlp_only_layers"); dense && !(dense->is_array() && dense->empty()))
+      fail_kind(ErrorKind::kUnsupported, name, ": field 'mlp_only_layers' = ", dense->dump(),
+                " is not supported (every layer must be a mixture of experts)");
+    if (auto step = f.opt_int("decoder_sparse_step", 1); step && *step != 1)
+      fail_kind(ErrorKind::kUnsupported, name, ": field 'decoder_sparse_step' = ", *step,
+                " is not supported (every layer must be a mixture of experts)");
+  }
   c.name = f.opt_str("_name_or_path").value_or("");
   if (c.name.empty()) c.name = f.opt_str("model_type").value_or(h.architecture);
 
@@ -179,6 +199,7 @@ HfConfig parse_hf_config(std::string_view json_text, const std::string& name) {
   }
   if (c.head_dim % 2 != 0) fail(name, ": head_dim = ", c.head_dim, " must be even (RoPE rotates pairs)");
   c.n_ff = f.req_int("intermediate_size", 1);
+  if (c.moe()) c.n_ff_exp = qwen3moe ? f.req_int("moe_intermediate_size", 1) : c.n_ff;
   h.max_position_embeddings = f.req_int("max_position_embeddings", 1);
   c.n_ctx_train = h.max_position_embeddings;
   const double eps = f.req_num("rms_norm_eps");
@@ -196,7 +217,7 @@ HfConfig parse_hf_config(std::string_view json_text, const std::string& name) {
   h.dtype = f.opt_str("dtype").value_or(f.opt_str("torch_dtype").value_or(""));
 
   // Qwen2 writes a sliding_window value even when use_sliding_window is false; only the flag counts.
-  const bool window_used = (qwen2 || qwen3) ? f.opt_bool("use_sliding_window").value_or(false) : (mistral || llama);
+  const bool window_used = (qwen2 || qwen3) ? f.opt_bool("use_sliding_window").value_or(false) : (mistral || llama || mixtral);
   if (window_used) {
     if (auto w = f.opt_int("sliding_window", 1)) {
       h.sliding_window = *w;

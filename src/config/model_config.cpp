@@ -11,8 +11,8 @@ void ModelConfig::validate() const {
   auto positive = [](const char* field, int64_t v, int64_t limit) {
     if (v < 1 || v > limit) fail("model config: ", field, " = ", v, " is outside [1, ", limit, "]");
   };
-  if (arch != "llama" && arch != "qwen2" && arch != "qwen3")
-    fail("model config: architecture '", arch, "' is not supported (supported: llama, qwen2, qwen3)");
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3" && arch != "qwen3moe")
+    fail("model config: architecture '", arch, "' is not supported (supported: llama, qwen2, qwen3, qwen3moe)");
   positive("n_vocab", n_vocab, int64_t(1) << 24);
   positive("n_embd", n_embd, int64_t(1) << 17);
   positive("n_layer", n_layer, 4096);
@@ -24,6 +24,13 @@ void ModelConfig::validate() const {
   if (n_head % n_head_kv != 0)
     fail("model config: n_head = ", n_head, " is not a multiple of n_head_kv = ", n_head_kv);
   if (head_dim % 2 != 0) fail("model config: head_dim = ", head_dim, " must be even for RoPE");
+  if (arch == "qwen3moe" && n_expert == 0) fail("model config: qwen3moe needs an expert count (expert_count)");
+  if (n_expert < 0 || n_expert > 4096) fail("model config: expert_count = ", n_expert, " is outside [0, 4096]");
+  if (n_expert > 0) {
+    if (n_expert_used < 1 || n_expert_used > n_expert)
+      fail("model config: expert_used_count = ", n_expert_used, " is outside [1, expert_count = ", n_expert, "]");
+    positive("expert_feed_forward_length", n_ff_exp, int64_t(1) << 20);
+  }
   if (!(rms_eps > 0 && rms_eps < 1)) fail("model config: rms_norm_eps = ", rms_eps, " is outside (0, 1)");
   if (!(rope_freq_base > 1 && std::isfinite(rope_freq_base)))
     fail("model config: rope freq_base = ", rope_freq_base, " must be a finite number > 1");
@@ -64,8 +71,8 @@ ModelConfig config_from_gguf(const GgufFile& f) {
   const auto arch = f.get_string("general.architecture");
   if (!arch) fail(f.path(), ": general.architecture is missing (not a model file?)");
   c.arch = *arch;
-  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3")
-    fail(f.path(), ": general.architecture '", c.arch, "' is not supported (supported: llama, qwen2, qwen3)");
+  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "qwen3moe")
+    fail(f.path(), ": general.architecture '", c.arch, "' is not supported (supported: llama, qwen2, qwen3, qwen3moe)");
   c.name = f.get_string("general.name").value_or("");
   const std::string a = c.arch + ".";
   auto need = [&](const std::string& key) -> int64_t {
@@ -90,6 +97,15 @@ ModelConfig config_from_gguf(const GgufFile& f) {
     fail(f.path(), ": ", a, "rope.scaling.type '", *st, "' is not supported (only Llama 3.1's rope_freqs)");
   c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
   c.qk_norm = f.find_tensor("blk.0.attn_q_norm.weight") != nullptr;
+  if (f.get_uint(a + "expert_count") && need(a + "expert_count") > 0) {
+    c.n_expert = need(a + "expert_count");
+    if (!f.get_uint(a + "expert_used_count")) fail(f.path(), ": ", a, "expert_count is set but ", a, "expert_used_count is missing");
+    c.n_expert_used = need(a + "expert_used_count");
+    // Mixtral's experts are feed_forward_length wide; qwen3moe names the expert width apart.
+    c.n_ff_exp = f.get_uint(a + "expert_feed_forward_length") ? need(a + "expert_feed_forward_length") : c.n_ff;
+    // llama.cpp renormalizes the chosen experts' weights for both (its qwen3moe and llama graphs).
+    c.expert_weights_norm = true;
+  }
   c.tied_output = f.find_tensor("output.weight") == nullptr;
   const GgufTensorInfo* emb = f.find_tensor("token_embd.weight");
   if (!emb) fail(f.path(), ": tensor token_embd.weight is missing");

@@ -20,7 +20,7 @@ struct RopeScaling {
 };
 
 struct ModelConfig {
-  std::string arch = "llama";  // GGUF general.architecture: "llama", "qwen2" or "qwen3"
+  std::string arch = "llama";  // GGUF general.architecture: "llama", "qwen2", "qwen3" or "qwen3moe"
   std::string name;            // general.name, informative
   int64_t n_vocab = 0;
   int64_t n_embd = 0;          // hidden size
@@ -39,10 +39,20 @@ struct ModelConfig {
   bool qkv_bias = false;       // qwen2
   bool qk_norm = false;        // qwen3: an RMS norm (weights of head_dim) on every q and k head before RoPE
   bool tied_output = false;    // output matrix is token_embd (no output.weight)
+  // Mixture of experts (qwen3moe; Mixtral is `llama` with experts): every layer's FFN is n_expert experts of
+  // width n_ff_exp, of which a router picks n_expert_used per token (softmax over all, then the top k, their
+  // weights renormalized to sum 1 when expert_weights_norm). n_expert == 0: dense FFN of width n_ff.
+  int64_t n_expert = 0;
+  int64_t n_expert_used = 0;
+  int64_t n_ff_exp = 0;
+  bool expert_weights_norm = true;
 
   // llama.cpp's "NEOX" rotary layout (qwen2, qwen3): rotate halves of each head rather than adjacent pairs. The
   // loader permutes q/k rows of such models into adjacent pairs, so files keep llama.cpp's convention.
-  bool rope_neox() const { return arch == "qwen2" || arch == "qwen3"; }
+  bool rope_neox() const { return arch == "qwen2" || arch == "qwen3" || arch == "qwen3moe"; }
+  bool moe() const { return n_expert > 0; }
+  // Width of one FFN (an expert's when moe()).
+  int64_t ffn_width() const { return moe() ? n_ff_exp : n_ff; }
   int64_t q_dim() const { return n_head * head_dim; }
   int64_t kv_dim() const { return n_head_kv * head_dim; }
   // Throws Error naming the first inconsistent field (zero sizes, n_head % n_head_kv != 0, ...).

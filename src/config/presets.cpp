@@ -77,6 +77,29 @@ std::vector<Preset> build_presets() {
     c.qk_norm = true;
     p.push_back({"qwen3-8b", "Qwen3 8B (36 layers, GQA 32/8, q/k norms)", c});
   }
+  const auto moe = [](ModelConfig c, int64_t n_expert, int64_t used, int64_t n_ff_exp) {
+    c.n_expert = n_expert;
+    c.n_expert_used = used;
+    c.n_ff_exp = n_ff_exp;
+    return c;
+  };
+  {
+    // Qwen3-30B-A3B's config.json: 32 heads of 128 on a 2048-wide model, 128 experts of 768, 8 per token.
+    ModelConfig c = make("qwen3moe", "Qwen3 30B A3B", 151936, 2048, 48, 32, 4, 6144, 40960, 1e-6f, 1000000.0f);
+    c.head_dim = 128;
+    c.qk_norm = true;
+    p.push_back({"qwen3-30b-a3b", "Qwen3 30B-A3B (48 layers, 128 experts of 768, 8 per token)", moe(c, 128, 8, 768)});
+  }
+  {
+    ModelConfig c = make("qwen3moe", "Qwen3 235B A22B", 151936, 4096, 94, 64, 4, 12288, 40960, 1e-6f, 1000000.0f);
+    c.head_dim = 128;
+    c.qk_norm = true;
+    p.push_back({"qwen3-235b-a22b", "Qwen3 235B-A22B (94 layers, 128 experts of 1536, 8 per token)",
+                 moe(c, 128, 8, 1536)});
+  }
+  p.push_back({"mixtral-8x7b", "Mixtral 8x7B (32 layers, 8 experts of 14336, 2 per token)",
+               moe(make("llama", "Mixtral 8x7B", 32000, 4096, 32, 32, 8, 14336, 32768, 1e-5f, 1000000.0f), 8, 2,
+                   14336)});
   // Test shapes. "tiny" is the smallest useful Llama (head_dim 16, GQA 2): fine for f32/f16/q8_0/q4_0,
   // while K-quant schemes fall back to 32-blocks on its 64-wide rows exactly as llama.cpp would.
   // "tiny-k" and "tiny-qwen2" keep every row length a multiple of 256 so K-quants apply unchanged.
@@ -101,6 +124,15 @@ std::vector<Preset> build_presets() {
     c.qk_norm = true;
     p.push_back({"tiny-qwen3", "test model, Qwen3 style: dim 256, 4 layers, 8 heads of 64 / 2 KV heads, q/k norms", c});
   }
+  {
+    ModelConfig c = make("qwen3moe", "tiny-qwen3moe", 1024, 256, 4, 4, 2, 768, 512, 1e-6f, 1000000.0f);
+    c.head_dim = 64;
+    c.qk_norm = true;
+    p.push_back({"tiny-qwen3moe", "test model, Qwen3-MoE style: dim 256, 4 layers, 8 experts of 256, 2 per token",
+                 moe(c, 8, 2, 256)});
+  }
+  p.push_back({"tiny-mixtral", "test model, Mixtral style: dim 256, 4 layers, 8 experts of 512, 2 per token",
+               moe(make("llama", "tiny-mixtral", 512, 256, 4, 4, 2, 512, 512, 1e-5f, 1000000.0f), 8, 2, 512)});
   return p;
 }
 
@@ -212,9 +244,16 @@ std::vector<TensorSpec> model_tensors(const ModelConfig& c) {
     if (c.qk_norm) t.push_back({b + "attn_k_norm.weight", {c.head_dim}, l});
     t.push_back({b + "attn_output.weight", {c.q_dim(), c.n_embd}, l});
     t.push_back({b + "ffn_norm.weight", {c.n_embd}, l});
-    t.push_back({b + "ffn_gate.weight", {c.n_embd, c.n_ff}, l});
-    t.push_back({b + "ffn_up.weight", {c.n_embd, c.n_ff}, l});
-    t.push_back({b + "ffn_down.weight", {c.n_ff, c.n_embd}, l});
+    if (c.moe()) {  // llama.cpp's 3-D expert tensors {in, out, n_expert}
+      t.push_back({b + "ffn_gate_inp.weight", {c.n_embd, c.n_expert}, l});
+      t.push_back({b + "ffn_gate_exps.weight", {c.n_embd, c.n_ff_exp, c.n_expert}, l});
+      t.push_back({b + "ffn_up_exps.weight", {c.n_embd, c.n_ff_exp, c.n_expert}, l});
+      t.push_back({b + "ffn_down_exps.weight", {c.n_ff_exp, c.n_embd, c.n_expert}, l});
+    } else {
+      t.push_back({b + "ffn_gate.weight", {c.n_embd, c.n_ff}, l});
+      t.push_back({b + "ffn_up.weight", {c.n_embd, c.n_ff}, l});
+      t.push_back({b + "ffn_down.weight", {c.n_ff, c.n_embd}, l});
+    }
   }
   t.push_back({"output_norm.weight", {c.n_embd}, -1});
   if (!c.tied_output) t.push_back({"output.weight", {c.n_embd, c.n_vocab}, -1});
@@ -265,6 +304,8 @@ GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, co
   if (k == nullptr) fail("quantization scheme '", scheme, "' is unknown; known: ", scheme_names());
   if (t.ne.empty()) fail("tensor '", t.name, "' has no dimensions");
   if (t.ne.size() == 1) return GgmlType::F32;
+  // The router stays F32, as llama.cpp's converter writes it and llama-quantize leaves it.
+  if (ends_with(t.name, "ffn_gate_inp.weight")) return GgmlType::F32;
   if (k->base == GgmlType::F32 || k->base == GgmlType::F16 || k->base == GgmlType::BF16) return k->base;
 
   using G = GgmlType;

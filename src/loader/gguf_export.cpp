@@ -18,6 +18,29 @@ std::string lower_ascii(std::string s) {
   for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   return s;
 }
+// "blk.L.ffn_gate.E.weight" -> {L, "ffn_gate", E}; expert -1 for any other name.
+struct ExpertName {
+  int64_t layer = -1;
+  std::string kind;
+  int64_t expert = -1;
+};
+ExpertName split_expert_name(const std::string& name) {
+  ExpertName r;
+  if (name.rfind("blk.", 0) != 0) return r;
+  const size_t d1 = name.find('.', 4), d2 = d1 == std::string::npos ? d1 : name.find('.', d1 + 1);
+  const size_t d3 = d2 == std::string::npos ? d2 : name.find('.', d2 + 1);
+  if (d3 == std::string::npos || name.compare(d3, std::string::npos, ".weight") != 0) return r;
+  const std::string kind = name.substr(d1 + 1, d2 - d1 - 1), e = name.substr(d2 + 1, d3 - d2 - 1);
+  const std::string layer = name.substr(4, d1 - 4);
+  const auto digits = [](const std::string& x) {
+    return !x.empty() && x.size() <= 6 && x.find_first_not_of("0123456789") == std::string::npos;
+  };
+  if ((kind != "ffn_gate" && kind != "ffn_up" && kind != "ffn_down") || !digits(e) || !digits(layer)) return r;
+  r.layer = std::stoll(layer);
+  r.kind = kind;
+  r.expert = std::stoll(e);
+  return r;
+}
 }  // namespace
 
 void write_model_metadata(GgufWriter& w, const ModelConfig& c, const Vocab* vocab, const std::string& chat_template) {
@@ -38,6 +61,11 @@ void write_model_metadata(GgufWriter& w, const ModelConfig& c, const Vocab* voca
     w.set_u32(a + "attention.value_length", static_cast<uint32_t>(c.head_dim));
   }
   w.set_u32(a + "vocab_size", static_cast<uint32_t>(c.n_vocab));
+  if (c.moe()) {
+    w.set_u32(a + "expert_count", static_cast<uint32_t>(c.n_expert));
+    w.set_u32(a + "expert_used_count", static_cast<uint32_t>(c.n_expert_used));
+    if (c.arch != "llama") w.set_u32(a + "expert_feed_forward_length", static_cast<uint32_t>(c.n_ff_exp));
+  }
   w.set_u32("general.quantization_version", 2);  // GGML_QNT_VERSION, which llama.cpp's writers record
   if (!vocab) return;
   // llama.cpp (and our GGUF reader) want one token per embedding row. Checkpoints pad their embeddings
@@ -116,49 +144,70 @@ void export_gguf(const ModelSource& src, const std::string& path, const std::str
   if (!c.rope_freq_factors.empty() && !src.find_tensor("rope_freqs.weight"))
     w.add_tensor("rope_freqs.weight", GgmlType::F32, {static_cast<int64_t>(c.rope_freq_factors.size())},
                  c.rope_freq_factors.data());
-  for (const SourceTensor& t : src.tensors()) {
-    std::vector<int64_t> ne(t.ne.begin(), t.ne.begin() + std::max(1, t.n_dims));
+  for (const SourceTensor& first : src.tensors()) {
+    // Per-expert matrices (blk.L.ffn_gate.E.weight, as a Hugging Face directory exposes them) are written as
+    // llama.cpp's converter writes them: one 3-D blk.L.ffn_gate_exps.weight {in, out, n_expert}, experts
+    // in order, at expert 0's turn.
+    std::string name = first.name;
+    std::vector<const SourceTensor*> parts = {&first};
+    std::vector<int64_t> ne(first.ne.begin(), first.ne.begin() + std::max(1, first.n_dims));
+    if (const auto [layer, kind, expert] = split_expert_name(first.name); expert >= 0) {
+      if (expert > 0) continue;
+      name = cat("blk.", layer, ".", kind, "_exps.weight");
+      for (int64_t x = 1; x < c.n_expert; ++x) {
+        const SourceTensor* p = src.find_tensor(cat("blk.", layer, ".", kind, ".", x, ".weight"));
+        if (!p || p->type != first.type || p->ne != first.ne)
+          fail(src.path(), ": expert ", x, " of ", name, " is missing or differs from expert 0 in type or shape");
+        parts.push_back(p);
+      }
+      ne = {first.ne[0], first.ne[1], c.n_expert};
+    }
+    const SourceTensor& t = first;
     GgmlType to = t.type;
     if (!scheme.empty()) {
-      TensorSpec spec{t.name, ne, tensor_layer(t.name, c.n_layer, src.path())};
+      TensorSpec spec{name, ne, tensor_layer(name, c.n_layer, src.path())};
       to = tensor_type_for_scheme(scheme, spec, c, imatrix != nullptr);
     }
-    const int64_t n0 = t.ne[0], rows = t.ne[1] * t.ne[2] * t.ne[3];
+    const int64_t n0 = t.ne[0], rows = t.ne[1] * t.ne[2] * t.ne[3];  // per part
     const bool quantized = to != t.type && to != GgmlType::F32 && to != GgmlType::F16 && to != GgmlType::BF16;
     // This tensor's importances (ne0 per expert), as llama-quantize picks them.
     const float* im = nullptr;
     if (quantized && imatrix != nullptr) {
-      const auto it = imatrix->entries.find(t.name);
+      const auto it = imatrix->entries.find(name);
       if (it != imatrix->entries.end()) {
-        const uint64_t want = static_cast<uint64_t>(n0) * static_cast<uint64_t>(t.ne[2]);
+        const uint64_t want = static_cast<uint64_t>(n0) * static_cast<uint64_t>(ne.size() > 2 ? ne[2] : 1);
         if (it->second.size() == want) im = it->second.data();
-        else if (t.name != "token_embd.weight")  // llama-quantize ignores a mismatched entry only there
-          fail("--imatrix: entry '", t.name, "' has ", it->second.size(), " values; the tensor needs ", want,
+        else if (name != "token_embd.weight")  // llama-quantize ignores a mismatched entry only there
+          fail("--imatrix: entry '", name, "' has ", it->second.size(), " values; the tensor needs ", want,
                " (an importance matrix made for another model?)");
       }
     }
     if (quantized && im == nullptr) {
-      const bool q2_k_s = lower_ascii(scheme) == "q2_k_s" && to == GgmlType::Q2_K && t.name != "token_embd.weight" &&
-                          t.name != "output.weight";
-      if (tensor_needs_imatrix(t.name, to) || q2_k_s || !can_quantize(to))
-        fail("tensor '", t.name, "': type ", type_name(to), " needs an importance matrix",
+      const bool q2_k_s = lower_ascii(scheme) == "q2_k_s" && to == GgmlType::Q2_K && name != "token_embd.weight" &&
+                          name != "output.weight";
+      if (tensor_needs_imatrix(name, to) || q2_k_s || !can_quantize(to))
+        fail("tensor '", name, "': type ", type_name(to), " needs an importance matrix",
              imatrix ? " and --imatrix has no entry for it" : " (--imatrix FILE, made by llama-imatrix)");
     }
     const size_t in_row = static_cast<size_t>(row_bytes(t.type, n0));
-    const SourceTensor* tp = &t;
     const int64_t rows_per_expert = t.ne[1];
-    w.add_tensor(t.name, to, ne, [tp, to, n0, rows, in_row, im, rows_per_expert](uint8_t* dst, size_t) {
-      if (to == tp->type) {
-        std::memcpy(dst, tp->data, tp->n_bytes);
-        return;
-      }
-      std::vector<float> row(static_cast<size_t>(n0));
+    w.add_tensor(name, to, ne, [parts, to, n0, rows, in_row, im, rows_per_expert](uint8_t* dst, size_t) {
       const size_t out_row = static_cast<size_t>(row_bytes(to, n0));
-      for (int64_t r = 0; r < rows; ++r) {
-        dequantize_row(tp->type, tp->data + in_row * static_cast<size_t>(r), row.data(), n0);
-        uint8_t* out = dst + out_row * static_cast<size_t>(r);
-        if (im != nullptr) quantize_row_imatrix(to, row.data(), out, n0, im + (r / rows_per_expert) * n0);
-        else quantize_row(to, row.data(), out, n0);
+      std::vector<float> row(static_cast<size_t>(n0));
+      for (size_t p = 0; p < parts.size(); ++p) {
+        const SourceTensor* tp = parts[p];
+        uint8_t* part_dst = dst + out_row * static_cast<size_t>(rows) * p;
+        if (to == tp->type) {
+          std::memcpy(part_dst, tp->data, tp->n_bytes);
+          continue;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          dequantize_row(tp->type, tp->data + in_row * static_cast<size_t>(r), row.data(), n0);
+          uint8_t* out = part_dst + out_row * static_cast<size_t>(r);
+          const int64_t g = static_cast<int64_t>(p) * rows + r;  // row of the whole (stacked) tensor
+          if (im != nullptr) quantize_row_imatrix(to, row.data(), out, n0, im + (g / rows_per_expert) * n0);
+          else quantize_row(to, row.data(), out, n0);
+        }
       }
     });
   }

@@ -65,9 +65,23 @@ std::vector<Expected> expected_tensors(const ModelConfig& c) {
     }
     add(h + "self_attn.o_proj.weight", {c.n_embd, c.q_dim()}, 0);
     add(h + "post_attention_layernorm.weight", {c.n_embd}, 0);
-    add(h + "mlp.gate_proj.weight", {c.n_ff, c.n_embd}, 0);
-    add(h + "mlp.up_proj.weight", {c.n_ff, c.n_embd}, 0);
-    add(h + "mlp.down_proj.weight", {c.n_embd, c.n_ff}, 0);
+    if (c.moe()) {
+      // The Hub's layout: a router and one 2-D tensor per expert (exposed as llama.cpp's older per-expert
+      // names, blk.L.ffn_gate.E.weight; convert stacks them into the 3-D ffn_*_exps tensors).
+      const bool mixtral = c.arch == "llama";
+      const std::string m = mixtral ? "block_sparse_moe." : "mlp.";
+      add(h + m + "gate.weight", {c.n_expert, c.n_embd}, 0);
+      for (int64_t x = 0; x < c.n_expert; ++x) {
+        const std::string ex = cat(h, m, "experts.", x, ".");
+        add(ex + (mixtral ? "w1.weight" : "gate_proj.weight"), {c.n_ff_exp, c.n_embd}, 0);
+        add(ex + (mixtral ? "w3.weight" : "up_proj.weight"), {c.n_ff_exp, c.n_embd}, 0);
+        add(ex + (mixtral ? "w2.weight" : "down_proj.weight"), {c.n_embd, c.n_ff_exp}, 0);
+      }
+    } else {
+      add(h + "mlp.gate_proj.weight", {c.n_ff, c.n_embd}, 0);
+      add(h + "mlp.up_proj.weight", {c.n_ff, c.n_embd}, 0);
+      add(h + "mlp.down_proj.weight", {c.n_embd, c.n_ff}, 0);
+    }
   }
   add("model.norm.weight", {c.n_embd}, 0);
   if (!c.tied_output) add("lm_head.weight", {c.n_vocab, c.n_embd}, 0);
@@ -208,6 +222,14 @@ std::string hf_to_gguf_name(const std::string& hf_name) {
       {"mlp.gate_proj.weight", "ffn_gate.weight"},
       {"mlp.up_proj.weight", "ffn_up.weight"},
       {"mlp.down_proj.weight", "ffn_down.weight"},
+      {"mlp.gate.weight", "ffn_gate_inp.weight"},               // Qwen3-MoE router
+      {"block_sparse_moe.gate.weight", "ffn_gate_inp.weight"},  // Mixtral router
+  };
+  // One expert's matrix: "mlp.experts.E.gate_proj.weight" (Qwen3-MoE) or "block_sparse_moe.experts.E.w1.weight"
+  // (Mixtral: w1 gate, w3 up, w2 down).
+  static const std::map<std::string, std::string> kExpert = {
+      {"gate_proj.weight", "ffn_gate"}, {"up_proj.weight", "ffn_up"}, {"down_proj.weight", "ffn_down"},
+      {"w1.weight", "ffn_gate"},        {"w3.weight", "ffn_up"},      {"w2.weight", "ffn_down"},
   };
   static constexpr std::string_view kPrefix = "model.layers.";
   if (hf_name.compare(0, kPrefix.size(), kPrefix) != 0) return {};
@@ -217,9 +239,19 @@ std::string hf_to_gguf_name(const std::string& hf_name) {
   // A layer index: digits, no leading zero unless it is "0", then a dot.
   if (dot == start || dot >= hf_name.size() || hf_name[dot] != '.' || (hf_name[start] == '0' && dot - start > 1))
     return {};
-  auto it = kLayer.find(hf_name.substr(dot + 1));
+  const std::string layer = hf_name.substr(start, dot - start), rest = hf_name.substr(dot + 1);
+  for (const std::string p : {"mlp.experts.", "block_sparse_moe.experts."}) {
+    if (rest.compare(0, p.size(), p) != 0) continue;
+    size_t e = p.size();
+    while (e < rest.size() && rest[e] >= '0' && rest[e] <= '9') ++e;
+    if (e == p.size() || e >= rest.size() || rest[e] != '.' || (rest[p.size()] == '0' && e - p.size() > 1)) return {};
+    auto x = kExpert.find(rest.substr(e + 1));
+    if (x == kExpert.end()) return {};
+    return "blk." + layer + "." + x->second + "." + rest.substr(p.size(), e - p.size()) + ".weight";
+  }
+  auto it = kLayer.find(rest);
   if (it == kLayer.end()) return {};
-  return "blk." + hf_name.substr(start, dot - start) + "." + it->second;
+  return "blk." + layer + "." + it->second;
 }
 
 namespace {

@@ -18,6 +18,14 @@ std::pair<int64_t, int64_t> expected_shape(const ModelConfig& c, const std::stri
     return name.size() >= suf.size() && name.compare(name.size() - suf.size(), suf.size(), suf) == 0;
   };
   if (name == "token_embd.weight" || name == "output.weight") return {c.n_embd, c.n_vocab};
+  // Experts: 3-D ffn_*_exps {in, out, n_expert} (rows of all experts, checked per dimension by
+  // checked_tensor) or one 2-D blk.L.ffn_*.E.weight per expert.
+  if (ends("ffn_gate_inp.weight")) return {c.n_embd, c.n_expert};
+  if (ends("ffn_gate_exps.weight") || ends("ffn_up_exps.weight")) return {c.n_embd, c.n_ff_exp * c.n_expert};
+  if (ends("ffn_down_exps.weight")) return {c.n_ff_exp, c.n_embd * c.n_expert};
+  if (expert_index(name) >= 0)  // blk.L.ffn_{gate,up,down}.E.weight
+    return name.find(".ffn_down.") != std::string::npos ? std::pair<int64_t, int64_t>{c.n_ff_exp, c.n_embd}
+                                                        : std::pair<int64_t, int64_t>{c.n_embd, c.n_ff_exp};
   if (ends("attn_q_norm.weight") || ends("attn_k_norm.weight")) return {c.head_dim, 1};
   if (ends("_norm.weight")) return {c.n_embd, 1};
   if (ends("attn_q.weight")) return {c.n_embd, c.q_dim()};
@@ -33,11 +41,24 @@ std::pair<int64_t, int64_t> expected_shape(const ModelConfig& c, const std::stri
 const SourceTensor& checked_tensor(const ModelSource& src, const std::string& name) {
   const SourceTensor& t = src.tensor(name);
   const auto [e0, e1] = expected_shape(src.config(), name);
+  // Experts first: a wrong expert count shows in the third dimension, which names the field to look at.
+  const bool exps = name.size() >= 12 && name.compare(name.size() - 12, 12, "_exps.weight") == 0;
+  if (exps && (t.ne[2] != src.config().n_expert || t.ne[3] != 1))
+    fail(src.path(), ": tensor '", name, "' has shape [", t.ne[0], ", ", t.ne[1], ", ", t.ne[2], ", ", t.ne[3],
+         "]: its third dimension must be expert_count = ", src.config().n_expert);
   const int64_t ne1 = t.ne[1] * t.ne[2] * t.ne[3];
   if (t.ne[0] != e0 || ne1 != e1)
     fail(src.path(), ": tensor '", name, "' has shape [", t.ne[0], ", ", ne1, "], the config implies [", e0, ", ",
          e1, "]");
   return t;
+}
+
+// The type of layer l's FFN down projection (its blocks decide how tensor parallelism cuts the FFN):
+// ffn_down, or with experts ffn_down_exps or expert 0's ffn_down.0.
+GgmlType ffn_down_type(const ModelSource& src, int l) {
+  if (!src.config().moe()) return checked_tensor(src, blk(l, "ffn_down.weight")).type;
+  if (src.find_tensor(blk(l, "ffn_down_exps.weight"))) return checked_tensor(src, blk(l, "ffn_down_exps.weight")).type;
+  return checked_tensor(src, blk(l, "ffn_down.0.weight")).type;
 }
 
 class Loader {
@@ -61,7 +82,8 @@ class Loader {
       fail(src_.path(), ": tensor '", name, "' has type ", type_name(t.type), ", which the ", b_->name(),
            " backend cannot compute with");
     const int64_t ne1 = t.ne[1] * t.ne[2] * t.ne[3];
-    const TensorShard s = tensor_shard(name, t.type, t.ne[0], ne1, c_, down_type, m_.tp_size(), m_.tp_rank());
+    const TensorShard s =
+        tensor_shard(name, t.type, t.ne[0], ne1, c_, down_type, m_.tp_size(), m_.tp_rank(), m_.expert_parallel());
     const size_t full_row = static_cast<size_t>(row_bytes(t.type, t.ne[0]));
     WeightView v;
     v.type = t.type;
@@ -99,6 +121,36 @@ class Loader {
       v = b_->place_matmul_weight(v, w_.storage);
     }
     count(name, t.type, s, (already_mapped && mapped) ? 0 : s.n_bytes);
+    return v;
+  }
+
+  // Layer l's matrices of one kind ("ffn_gate", "ffn_up" or "ffn_down") of the experts this rank holds
+  // (Mapping::experts(): all of them, each sliced like a dense FFN of width n_ff_exp, or under expert
+  // parallelism its share, whole): from the 3-D blk.l.<kind>_exps.weight (views into it, no copy where
+  // mapped) or from one 2-D blk.l.<kind>.E.weight per expert.
+  std::vector<WeightView> experts(int l, const std::string& kind, GgmlType down_type) {
+    std::vector<WeightView> v;
+    const ExpertRange range = m_.experts();
+    const std::string exps = blk(l, (kind + "_exps.weight").c_str());
+    if (src_.find_tensor(exps)) {
+      const SourceTensor& t = checked_tensor(src_, exps);
+      const uint64_t per = t.n_bytes / static_cast<uint64_t>(c_.n_expert);
+      for (int x = range.begin; x < range.end; ++x) {
+        SourceTensor s = t;
+        s.n_dims = 2;
+        s.ne = {t.ne[0], t.ne[1], 1, 1};
+        s.data = t.data + per * static_cast<uint64_t>(x);
+        s.n_bytes = per;
+        v.push_back(matrix_from(s, exps, down_type, false));
+      }
+      return v;
+    }
+    for (int x = range.begin; x < range.end; ++x) {
+      const std::string name = blk(l, cat(kind, ".", x, ".weight").c_str());
+      if (!src_.find_tensor(name))
+        fail(src_.path(), ": expert ", x, " of layer ", l, " is missing: neither ", exps, " nor ", name);
+      v.push_back(matrix(name, down_type));
+    }
     return v;
   }
 
@@ -159,12 +211,12 @@ class Loader {
 
 }  // namespace
 
-void check_layout(const ModelSource& src, int tp_size) {
+void check_layout(const ModelSource& src, int tp_size, bool expert_parallel) {
   const ModelConfig& c = src.config();
   for (int l = 0; l < c.n_layer; ++l) {
-    const GgmlType down = checked_tensor(src, blk(l, "ffn_down.weight")).type;
+    const GgmlType down = ffn_down_type(src, l);
     const GgmlType out = checked_tensor(src, blk(l, "attn_output.weight")).type;
-    check_shardable(c, out, down, tp_size);
+    check_shardable(c, out, down, tp_size, expert_parallel);
   }
   head_shard(c, tp_size, 0);
 }
@@ -177,8 +229,9 @@ ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, Backen
 ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, const Placement& placement,
                           std::vector<HeldTensor>* held, const std::function<void(uint64_t, uint64_t)>& progress) {
   const ModelConfig& c = src.config();
-  check_layout(src, mapping.tp_size());
-  if (static_cast<int>(placement.layers.size()) != mapping.layers().size() || !placement.embd || !placement.out)
+  check_layout(src, mapping.tp_size(), mapping.expert_parallel());
+  if (static_cast<int>(placement.layers.size()) != mapping.layers().size() || !placement.embd || !placement.out ||
+      (!placement.experts.empty() && placement.experts.size() != placement.layers.size()))
     fail_kind(ErrorKind::kInternal, "placement names ", placement.layers.size(), " layers, the stage has ",
               mapping.layers().size());
   Loader ld(src, mapping, held);
@@ -194,7 +247,7 @@ ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, const 
     Backend* lb = placement.layers[static_cast<size_t>(l - layers.begin)];
     ld.use(*lb);
     w.layer_backend.push_back(lb);
-    const GgmlType down = src.tensor(blk(l, "ffn_down.weight")).type;
+    const GgmlType down = ffn_down_type(src, l);
     LayerWeights lw;
     lw.attn_norm = ld.vec(blk(l, "attn_norm.weight"));
     lw.wq = ld.matrix(blk(l, "attn_q.weight"), down);
@@ -211,9 +264,24 @@ ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, const 
     }
     lw.wo = ld.matrix(blk(l, "attn_output.weight"), down);
     lw.ffn_norm = ld.vec(blk(l, "ffn_norm.weight"));
-    lw.w_gate = ld.matrix(blk(l, "ffn_gate.weight"), down);
-    lw.w_up = ld.matrix(blk(l, "ffn_up.weight"), down);
-    lw.w_down = ld.matrix(blk(l, "ffn_down.weight"), down);
+    if (c.moe()) {
+      lw.router = ld.matrix(blk(l, "ffn_gate_inp.weight"), down);
+      Backend* eb = placement.experts.empty() ? lb : placement.experts[static_cast<size_t>(l - layers.begin)];
+      const uint64_t before = w.weight_bytes;
+      ld.use(*eb);
+      lw.exp_gate = ld.experts(l, "ffn_gate", down);
+      lw.exp_up = ld.experts(l, "ffn_up", down);
+      lw.exp_down = ld.experts(l, "ffn_down", down);
+      ld.use(*lb);
+      if (eb != lb) {
+        lw.expert_backend = eb;
+        w.expert_host_bytes += w.weight_bytes - before;
+      }
+    } else {
+      lw.w_gate = ld.matrix(blk(l, "ffn_gate.weight"), down);
+      lw.w_up = ld.matrix(blk(l, "ffn_up.weight"), down);
+      lw.w_down = ld.matrix(blk(l, "ffn_down.weight"), down);
+    }
     w.layers.push_back(lw);
     done += total / static_cast<uint64_t>(c.n_layer + 1);
     if (progress) progress(done, total);

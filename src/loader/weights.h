@@ -28,8 +28,11 @@ struct Placement {
   Backend* embd = nullptr;
   Backend* out = nullptr;
   std::vector<Backend*> layers;  // (stage layers)
+  // (stage layers) where each layer's experts live and run, when not with their layer (experts in RAM
+  // beside a GPU layer: --cpu-moe); empty: every layer's experts with it.
+  std::vector<Backend*> experts;
   static Placement all_on(Backend& b, int n_stage_layers) {
-    return {&b, &b, std::vector<Backend*>(static_cast<size_t>(n_stage_layers), &b)};
+    return {&b, &b, std::vector<Backend*>(static_cast<size_t>(n_stage_layers), &b), {}};
   }
 };
 
@@ -46,7 +49,8 @@ ModelWeights load_weights(const ModelSource& src, const Mapping& mapping, Backen
                           const std::function<void(uint64_t, uint64_t)>& progress = nullptr);
 
 // Checks, without loading, that every tensor this layout needs exists with the expected shape and that
-// the TP split keeps whole blocks. Throws Error naming the tensor.
-void check_layout(const ModelSource& src, int tp_size);
+// the TP split keeps whole blocks (experts are not cut under expert parallelism). Throws Error naming the
+// tensor.
+void check_layout(const ModelSource& src, int tp_size, bool expert_parallel = false);
 
 }  // namespace shardlm

@@ -18,6 +18,19 @@ struct LlamaModel::Segment {
   // Activations of one step, in b's memory.
   std::unique_ptr<DeviceBuffer> x, xn, q, k, v, att, o, gate, up;
   std::unique_ptr<DeviceBuffer> kn;  // (n_batch, kv_local * head_dim) normed k heads (qwen3), else null
+  // Mixture of experts only (else null): gate/up then hold (n_batch * n_expert_used, ff_local).
+  std::unique_ptr<DeviceBuffer> router_logits;  // (n_batch, n_expert)
+  std::unique_ptr<DeviceBuffer> xs;             // (n_batch * n_expert_used, n_embd) token rows grouped by expert
+  std::unique_ptr<DeviceBuffer> ys;             // (n_batch * n_expert_used, n_embd) each chosen expert's output
+  // Experts held apart from the segment's backend (in RAM, run by the CPU): the FFN's buffers there, null
+  // otherwise. xn arrives from the segment's backend, o goes back to it.
+  Backend* eb = nullptr;
+  std::unique_ptr<DeviceBuffer> e_xn;    // (n_batch, n_embd)
+  std::unique_ptr<DeviceBuffer> e_xs;    // (n_batch * n_expert_used, n_embd)
+  std::unique_ptr<DeviceBuffer> e_gate;  // (n_batch * n_expert_used, ff_local)
+  std::unique_ptr<DeviceBuffer> e_up;    // (n_batch * n_expert_used, ff_local)
+  std::unique_ptr<DeviceBuffer> e_ys;    // (n_batch * n_expert_used, n_embd)
+  std::unique_ptr<DeviceBuffer> e_o;     // (n_batch, n_embd)
 };
 
 std::vector<KvLayerView> allocate_kv_pools(const ModelConfig& config, int64_t n_head_kv_local,
@@ -67,7 +80,11 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
   if (n_layers != mapping_.layers().size() || static_cast<int>(weights_.layer_backend.size()) != n_layers || n_layers < 1)
     fail_kind(ErrorKind::kInternal, "weights hold ", n_layers, " layers on ", weights_.layer_backend.size(),
               " backends, stage owns ", mapping_.layers().size());
-  ff_local_ = weights_.layers[0].w_gate.n_rows;
+  ff_local_ = config_.moe() ? weights_.layers[0].exp_gate.at(0).n_rows : weights_.layers[0].w_gate.n_rows;
+  if (config_.moe() && weights_.layers[0].exp_gate.size() != static_cast<size_t>(mapping_.experts().size()))
+    fail_kind(ErrorKind::kInternal, "layer 0 holds ", weights_.layers[0].exp_gate.size(), " experts, the mapping ",
+              mapping_.experts().size());
+  const int64_t ffn_rows = config_.moe() ? config_.n_expert_used : 1;  // FFN rows per token
 
   const int64_t hd = config_.head_dim, nb = options_.n_batch;
   const int64_t kv_w = heads_.kv_heads.size() * hd;
@@ -91,12 +108,36 @@ LlamaModel::LlamaModel(const ModelConfig& config, const Mapping& mapping, Commun
       seg->k = act(kv_w);
       seg->v = act(kv_w);
       if (config_.qk_norm) seg->kn = act(kv_w);
-      seg->gate = act(ff_local_);
-      seg->up = act(ff_local_);
+      seg->gate = act(ff_local_ * ffn_rows);
+      seg->up = act(ff_local_ * ffn_rows);
+      if (config_.moe()) {
+        seg->router_logits = act(config_.n_expert);
+        seg->xs = act(config_.n_embd * ffn_rows);
+        seg->ys = act(config_.n_embd * ffn_rows);
+      }
       segments_.push_back(std::move(seg));
     }
     Segment& seg = *segments_.back();
     seg.end = l + 1;
+    if (Backend* eb = weights_.layers[static_cast<size_t>(l)].expert_backend; eb != nullptr && eb != b) {
+      if (seg.eb != nullptr && seg.eb != eb)
+        fail_kind(ErrorKind::kInternal, "layer ", l, ": experts on a second backend apart from their layer's");
+      if (seg.eb == nullptr) {
+        seg.eb = eb;
+        auto eact = [&](int64_t width) {
+          const size_t bytes =
+              static_cast<size_t>(checked_mul<int64_t>(nb, std::max<int64_t>(width, 1), "workspace")) * sizeof(float);
+          workspace_bytes_ += bytes;
+          return eb->alloc(bytes);
+        };
+        seg.e_xn = eact(config_.n_embd);
+        seg.e_xs = eact(config_.n_embd * ffn_rows);
+        seg.e_gate = eact(ff_local_ * ffn_rows);
+        seg.e_up = eact(ff_local_ * ffn_rows);
+        seg.e_ys = eact(config_.n_embd * ffn_rows);
+        seg.e_o = eact(config_.n_embd);
+      }
+    }
     const KvLayerView& v = options_.kv[static_cast<size_t>(l)];
     if (v.n_head_kv != heads_.kv_heads.size())
       fail_kind(ErrorKind::kInternal, "KV pool of layer ", l, " holds ", v.n_head_kv, " heads, this rank ",
@@ -184,7 +225,9 @@ void LlamaModel::segment_body(size_t s, const BatchInfo& batch) {
 }
 
 bool LlamaModel::greedy_on_device() const {
-  if (mapping_.pp_size() != 1 || segments_.size() != 1 || config_.n_vocab >= (int64_t{1} << 24)) return false;
+  // Experts are routed on the host: a step reads the router's logits back, which the device token avoids.
+  if (mapping_.pp_size() != 1 || segments_.size() != 1 || config_.n_vocab >= (int64_t{1} << 24) || config_.moe())
+    return false;
   const Backend& b = *segments_.front()->b;
   return b.device_tokens() && (mapping_.tp_size() == 1 || device_collectives(b));
 }
@@ -335,6 +378,7 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
   float* g = seg.gate->as<float>();
   float* u = seg.up->as<float>();
   reduce_add_norm(b, o, x, w.ffn_norm, xn, n_tok);
+  if (config_.moe()) return moe_ffn(seg, w, n_tok);
   {
     const WeightView ws[2] = {w.w_gate, w.w_up};
     float* const ys[2] = {g, u};
@@ -349,6 +393,89 @@ void LlamaModel::layer(Segment& seg, int index, int64_t n_tok, bool add_pending)
     b.matmul(w.w_down, g, o, n_tok);
   // o is this rank's share: its all-reduce and x += o are left to the next layer (reduce_add_norm) or to
   // the end of the segment.
+}
+
+void LlamaModel::moe_ffn(Segment& seg, const LayerWeights& w, int64_t n_tok) {
+  Backend& b = *seg.b;
+  const int64_t d = config_.n_embd, n_exp = config_.n_expert, k = config_.n_expert_used;
+  float* xn = seg.xn->as<float>();
+  // Routing on the host: softmax over the experts, the k most likely (lowest index first on ties), their
+  // probabilities as weights, renormalized to sum 1 where the model says so. Every tensor-parallel rank
+  // computes the same (its router and xn are the same).
+  float* rl = seg.router_logits->as<float>();
+  b.matmul(w.router, xn, rl, n_tok);
+  std::vector<float> logits(static_cast<size_t>(n_tok * n_exp));
+  b.download(logits.data(), rl, logits.size() * sizeof(float));
+  std::vector<int32_t> chosen(static_cast<size_t>(n_tok * k));  // (n_tok, k) expert ids
+  std::vector<float> weight(static_cast<size_t>(n_tok * k));    // (n_tok, k)
+  std::vector<double> p(static_cast<size_t>(n_exp));
+  std::vector<int32_t> order(static_cast<size_t>(n_exp));
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const float* lt = logits.data() + t * n_exp;
+    const double mx = *std::max_element(lt, lt + n_exp);
+    double sum = 0;
+    for (int64_t e = 0; e < n_exp; ++e) sum += p[static_cast<size_t>(e)] = std::exp(double(lt[e]) - mx);
+    for (int64_t e = 0; e < n_exp; ++e) order[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t c) {
+      return p[static_cast<size_t>(a)] > p[static_cast<size_t>(c)] || (p[static_cast<size_t>(a)] == p[static_cast<size_t>(c)] && a < c);
+    });
+    double top = 0;
+    for (int64_t j = 0; j < k; ++j) top += p[static_cast<size_t>(order[static_cast<size_t>(j)])];
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = order[static_cast<size_t>(j)];
+      chosen[static_cast<size_t>(t * k + j)] = e;
+      weight[static_cast<size_t>(t * k + j)] =
+          static_cast<float>(p[static_cast<size_t>(e)] / (config_.expert_weights_norm ? top : sum));
+    }
+  }
+  // Group the (token, slot) pairs whose expert this rank holds (all of them unless expert-parallel) by
+  // expert: slot_row[t*k + j] is the pair's row in xs/ys (-1: another rank's expert), tok[row] its token.
+  const ExpertRange held = mapping_.experts();
+  std::vector<int64_t> count(static_cast<size_t>(n_exp) + 1, 0);
+  for (int32_t e : chosen)
+    if (held.contains(e)) ++count[static_cast<size_t>(e) + 1];
+  for (int64_t e = 0; e < n_exp; ++e) count[static_cast<size_t>(e) + 1] += count[static_cast<size_t>(e)];
+  const int64_t n_rows = count[static_cast<size_t>(n_exp)];
+  std::vector<int64_t> next(count.begin(), count.end() - 1);
+  std::vector<int32_t> slot_row(chosen.size(), -1), tok(static_cast<size_t>(n_rows));
+  for (size_t i = 0; i < chosen.size(); ++i) {
+    if (!held.contains(chosen[i])) continue;
+    const int64_t r = next[static_cast<size_t>(chosen[i])]++;
+    slot_row[i] = static_cast<int32_t>(r);
+    tok[static_cast<size_t>(r)] = static_cast<int32_t>(static_cast<int64_t>(i) / k);
+  }
+  // The experts run where they live: on the segment's backend, or (in RAM beside a GPU layer) on the CPU,
+  // which reads xn from the device and sends the weighted sum back.
+  const bool apart = w.expert_backend != nullptr && w.expert_backend != &b;
+  Backend& eb = apart ? *w.expert_backend : b;
+  if (apart && seg.eb != &eb) fail_kind(ErrorKind::kInternal, "experts' backend has no buffers in this segment");
+  float* g = (apart ? seg.e_gate : seg.gate)->as<float>();
+  float* u = (apart ? seg.e_up : seg.up)->as<float>();
+  float* xs = (apart ? seg.e_xs : seg.xs)->as<float>();
+  float* ys = (apart ? seg.e_ys : seg.ys)->as<float>();
+  float* out = (apart ? seg.e_o : seg.o)->as<float>();
+  if (apart) {
+    b.download(seg.e_xn->as<float>(), xn, static_cast<size_t>(n_tok * d) * sizeof(float));
+    xn = seg.e_xn->as<float>();
+  }
+  if (n_rows > 0) eb.gather_rows(xn, tok.data(), n_rows, d, xs);
+  // w.exp_*[i] is expert held.begin + i.
+  for (int64_t e = held.begin; e < held.end; ++e) {
+    const int64_t r0 = count[static_cast<size_t>(e)], n = count[static_cast<size_t>(e) + 1] - r0;
+    if (n == 0) continue;  // at batch 1 only k experts' rows are read
+    const size_t i = static_cast<size_t>(e - held.begin);
+    const WeightView ws[2] = {w.exp_gate[i], w.exp_up[i]};
+    float* const outs[2] = {g + r0 * ff_local_, u + r0 * ff_local_};
+    eb.matmul_group(ws, 2, xs + r0 * d, outs, n);
+  }
+  if (n_rows > 0) eb.swiglu(g, u, g, n_rows * ff_local_);
+  for (int64_t e = held.begin; e < held.end; ++e) {
+    const int64_t r0 = count[static_cast<size_t>(e)], n = count[static_cast<size_t>(e) + 1] - r0;
+    if (n > 0) eb.matmul(w.exp_down[static_cast<size_t>(e - held.begin)], g + r0 * ff_local_, ys + r0 * d, n);
+  }
+  // Under expert parallelism each rank sums its own experts' share; the FFN's all-reduce adds the rest.
+  eb.weighted_row_sum(ys, n_rows, slot_row.data(), weight.data(), n_tok, static_cast<int>(k), d, out);
+  if (apart) b.upload(seg.o->as<float>(), out, static_cast<size_t>(n_tok * d) * sizeof(float));
 }
 
 void LlamaModel::reduce_add_norm(Backend& b, float* o, float* x, const float* w, float* xn, int64_t n_tok) {

@@ -32,6 +32,17 @@ struct LayerWeights {
   WeightView w_gate;                 // (ff_local rows, n_embd)
   WeightView w_up;                   // (ff_local rows, n_embd)
   WeightView w_down;                 // (n_embd rows, ff_local)
+  // Mixture of experts (ModelConfig::moe(); then w_gate/w_up/w_down are empty): the router, replicated on
+  // every rank, and the FFN of each expert this rank holds (Mapping::experts(): all, each cut over the
+  // tensor-parallel ranks like a dense FFN, or whole under expert parallelism); element i is expert
+  // experts().begin + i.
+  WeightView router;                 // (n_expert rows, n_embd)
+  std::vector<WeightView> exp_gate;  // (experts held) each (ff_local rows, n_embd)
+  std::vector<WeightView> exp_up;    // (experts held) each (ff_local rows, n_embd)
+  std::vector<WeightView> exp_down;  // (experts held) each (n_embd rows, ff_local)
+  // Where the experts live and run when not on the layer's backend (experts in RAM beside a GPU layer);
+  // null: the layer's backend.
+  Backend* expert_backend = nullptr;
 };
 
 struct ModelWeights {
@@ -44,6 +55,7 @@ struct ModelWeights {
   // Owns whatever had to be copied or converted; mapped weights point into the source instead.
   std::vector<std::unique_ptr<DeviceBuffer>> storage;
   uint64_t weight_bytes = 0;             // bytes of weights this rank holds (mapped or copied)
+  uint64_t expert_host_bytes = 0;        // of which experts held apart from their layer (in RAM)
 };
 
 struct ModelOptions {
@@ -141,6 +153,11 @@ class LlamaModel {
   // this rank's share of it, not yet all-reduced); the layer leaves its own there too, for the next layer
   // or the end of the segment to reduce and add.
   void layer(Segment& seg, int index, int64_t n_tok, bool add_pending);
+  // The mixture-of-experts FFN of one layer on xn (n_tok, n_embd) into o, this rank's share (the dense FFN's
+  // counterpart): the router's top n_expert_used experts per token are chosen on the host, the token rows
+  // grouped by expert, each expert's matmuls run once over its rows, and the outputs summed with their
+  // weights.
+  void moe_ffn(Segment& seg, const LayerWeights& w, int64_t n_tok);
   // o = its sum over the tensor-parallel group, x += o, xn = rms_norm(x) * w: one backend op (one kernel
   // on CUDA with NCCL) where the communicator reads device memory.
   void reduce_add_norm(Backend& b, float* o, float* x, const float* w, float* xn, int64_t n_tok);

@@ -169,6 +169,27 @@ class Backend {
   }
   // y[t, i] += b[i].
   virtual void add_bias(float* y /* (n_tok, n) */, const float* b /* (n) */, int64_t n_tok, int64_t n) = 0;
+  // out[t] = sum over j < k with rows[t*k + j] >= 0 of w[t*k + j] * y[rows[t*k + j]]: each token's chosen
+  // experts' outputs summed with their router weights (mixture of experts); a negative row is an expert
+  // another rank holds (expert parallelism), and a token with none here gets zeros. rows and w are host
+  // memory. The default downloads y, sums on the host and uploads out.
+  virtual void weighted_row_sum(const float* y /* (n_y, width) */, int64_t n_y, const int32_t* rows /* (n_out * k) */,
+                                const float* w /* (n_out * k) */, int64_t n_out, int k, int64_t width,
+                                float* out /* (n_out, width) */) {
+    std::vector<float> hy(static_cast<size_t>(n_y * width)), ho(static_cast<size_t>(n_out * width), 0.0f);
+    if (n_y > 0) download(hy.data(), y, hy.size() * sizeof(float));
+    for (int64_t t = 0; t < n_out; ++t)
+      for (int j = 0; j < k; ++j) {
+        const int32_t r = rows[t * k + j];
+        if (r < 0) continue;
+        if (r >= n_y) fail_kind(ErrorKind::kInternal, "weighted_row_sum: row ", r, " outside [0, ", n_y, ")");
+        const float wj = w[t * k + j];
+        const float* yr = hy.data() + r * width;
+        float* o = ho.data() + t * width;
+        for (int64_t i = 0; i < width; ++i) o[i] += wj * yr[i];
+      }
+    upload(out, ho.data(), ho.size() * sizeof(float));
+  }
   // y[i] += x[i].
   virtual void add(float* y /* (n) */, const float* x /* (n) */, int64_t n) = 0;
   // out = silu(gate) * up, element-wise.

@@ -4,6 +4,7 @@
 
 #include "config/presets.h"
 #include "core/error.h"
+#include "plan/mapping.h"
 #include "plan/shard.h"
 
 namespace shardlm {
@@ -81,7 +82,7 @@ ModelDesc model_desc_from_preset(std::string_view preset, std::string_view schem
   return m;
 }
 
-std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
+std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp, bool expert_parallel) {
   const ModelConfig& c = m.config;
   if (tp < 1) fail("tensor parallel size: ", tp, " must be >= 1");
   if (c.n_layer < 1) fail("model: n_layer ", c.n_layer, " must be >= 1");
@@ -89,7 +90,8 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
   std::vector<GgmlType> down(static_cast<size_t>(c.n_layer), GgmlType::F32);
   std::vector<bool> have_down(static_cast<size_t>(c.n_layer), false);
   for (const TensorDesc& t : m.tensors)
-    if (t.layer >= 0 && ends_with(t.name, "ffn_down.weight")) {
+    if (t.layer >= 0 && (ends_with(t.name, "ffn_down.weight") || ends_with(t.name, "ffn_down_exps.weight") ||
+                         ends_with(t.name, "ffn_down.0.weight"))) {
       if (t.layer >= c.n_layer) fail("tensor '", t.name, "' is outside the model's ", c.n_layer, " layers");
       down[static_cast<size_t>(t.layer)] = t.type;
       have_down[static_cast<size_t>(t.layer)] = true;
@@ -105,10 +107,26 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
     const HeadShard h = head_shard(c, tp, r);
     w.kv_heads = h.kv_heads.size();
     w.q_heads = h.q_heads.size();
-    w.ff_units = ffn_shard(c, block_size(down[0]), tp, r).size();
+    // The experts this rank holds, as Mapping::experts() gives them to the loader.
+    const Mapping map(tp, r, tp, 1, static_cast<int>(c.n_layer), {}, static_cast<int>(c.n_expert), expert_parallel);
+    const ExpertRange held = map.experts();
+    w.experts_held = held.size();
+    w.layer_expert_bytes.assign(static_cast<size_t>(c.n_layer), 0);
+    w.layer_expert_gpu_pad.assign(static_cast<size_t>(c.n_layer), 0);
+    w.ff_units = expert_parallel ? c.ffn_width() : ffn_shard(c, block_size(down[0]), tp, r).size();
     for (const TensorDesc& t : m.tensors) {
-      if (t.ne.size() > 2) fail("tensor '", t.name, "' has ", t.ne.size(), " dimensions; at most 2 are supported");
+      // 3-D: experts {in, out, n_expert}, each cut like a dense matrix.
+      if (t.ne.size() > 3 || (t.ne.size() == 3 && !ends_with(t.name, "_exps.weight")))
+        fail("tensor '", t.name, "' has ", t.ne.size(), " dimensions; only expert tensors (*_exps) have 3");
+      if (t.ne.size() == 3 && t.ne[2] != c.n_expert)
+        fail("tensor '", t.name, "' holds ", t.ne[2], " experts, the model has expert_count ", c.n_expert);
       const int64_t ne1 = t.ne.size() > 1 ? t.ne[1] : 1;
+      // Matrices of this tensor the rank holds: its experts of a 3-D tensor (each allocated apart), none or
+      // one of a per-expert tensor, one otherwise.
+      const int exp_index = expert_index(t.name);
+      const bool exp = t.ne.size() == 3 || exp_index >= 0;
+      const uint64_t n_mat = t.ne.size() == 3 ? static_cast<uint64_t>(held.size())
+                                              : (exp_index < 0 || held.contains(exp_index) ? 1 : 0);
       const bool known = t.layer >= 0 || t.name == "token_embd.weight" || t.name == "output.weight" ||
                          t.name == "output_norm.weight";
       if (!known) {  // e.g. rope_freqs.weight: small, needed wherever layers run
@@ -118,8 +136,15 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp) {
       const GgmlType dt = t.layer >= 0 ? down[static_cast<size_t>(t.layer)] : down[0];
       // The loader converts norms and biases to f32 (biases sliced like their matrix's rows).
       const bool to_f32 = ends_with(t.name, "_norm.weight") || ends_with(t.name, ".bias");
-      const TensorShard s = tensor_shard(t.name, to_f32 ? GgmlType::F32 : t.type, t.ne[0], ne1, c, dt, tp, r);
-      const uint64_t pad = gpu_alloc_pad(s.n_bytes);
+      // One matrix (of a 3-D tensor: one expert's ne1 rows).
+      TensorShard s =
+          tensor_shard(t.name, to_f32 ? GgmlType::F32 : t.type, t.ne[0], ne1, c, dt, tp, r, expert_parallel);
+      const uint64_t pad = gpu_alloc_pad(s.n_bytes) * n_mat;
+      s.n_bytes *= n_mat;
+      if (exp && t.layer >= 0) {
+        w.layer_expert_bytes[static_cast<size_t>(t.layer)] += s.n_bytes;
+        w.layer_expert_gpu_pad[static_cast<size_t>(t.layer)] += pad;
+      }
       if (t.layer >= 0) {
         w.layer_bytes[static_cast<size_t>(t.layer)] += s.n_bytes;
         w.layer_gpu_pad[static_cast<size_t>(t.layer)] += pad;
@@ -164,7 +189,12 @@ uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t bat
   int64_t e = 0;
   e += 3 * batch * c.n_embd;                                        // hidden, its norm, attention out
   e += 2 * batch * (r.q_heads + r.kv_heads) * c.head_dim;           // q, attention result, k, v
-  e += 2 * batch * std::max<int64_t>(r.ff_units, 1);                // gate, up (down writes the hidden)
+  // gate, up (down writes the hidden); a mixture of experts holds them for every chosen (token, expert)
+  // pair, the router's logits and those pairs' inputs and outputs
+  const int64_t pairs = c.moe() ? batch * c.n_expert_used : batch;
+  e += 2 * pairs * std::max<int64_t>(r.ff_units, 1);
+  if (c.moe()) e += batch * c.n_expert + 2 * pairs * c.n_embd;
+  if (c.qk_norm) e += batch * r.kv_heads * c.head_dim;              // normed k heads
   if (attention_scores) e += batch * r.q_heads * ctx;               // scores, no flash attention
   if (last_stage) e += r.vocab_rows + c.n_vocab;                    // one row: local and gathered logits
   return static_cast<uint64_t>(checked_mul<int64_t>(e, f, "workspace bytes"));
@@ -172,10 +202,18 @@ uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t bat
 
 double layer_flops_per_token(const ModelConfig& c, int64_t ctx) {
   const double d = static_cast<double>(c.n_embd);
-  const double matmul = 2.0 * (d * static_cast<double>(c.q_dim()) * 2 + d * static_cast<double>(c.kv_dim()) * 2 +
-                               3.0 * d * static_cast<double>(c.n_ff));
+  // A mixture of experts runs its router and n_expert_used experts per token.
+  const double ffn = c.moe() ? d * static_cast<double>(c.n_expert) : 3.0 * d * static_cast<double>(c.n_ff);
+  const double matmul = 2.0 * (d * static_cast<double>(c.q_dim()) * 2 + d * static_cast<double>(c.kv_dim()) * 2 + ffn) +
+                        expert_flops_per_token(c);
   const double attention = 4.0 * static_cast<double>(c.q_dim()) * static_cast<double>(ctx);
   return matmul + attention;
+}
+
+double expert_flops_per_token(const ModelConfig& c) {
+  if (!c.moe()) return 0.0;
+  return 2.0 * 3.0 * static_cast<double>(c.n_embd) * static_cast<double>(c.n_ff_exp) *
+         static_cast<double>(c.n_expert_used);
 }
 
 }  // namespace shardlm

@@ -60,7 +60,12 @@ uint64_t gpu_alloc_pad(uint64_t n);
 // Bytes one tensor-parallel rank holds, split by where they live.
 struct RankWeights {
   std::vector<uint64_t> layer_bytes;  // per layer, this rank's shards of blk.{i}.*
+  std::vector<uint64_t> layer_expert_bytes;  // per layer, the part of layer_bytes that is experts (a token
+                                             // reads n_expert_used of n_expert of them)
+  int64_t experts_held = 0;                  // experts per MoE layer on this rank (all but under expert
+                                             // parallelism), each whole or 1/tp of it
   std::vector<uint64_t> layer_gpu_pad;  // per layer, what gpu_alloc_pad adds to those shards on a GPU
+  std::vector<uint64_t> layer_expert_gpu_pad;  // per layer, the part of layer_gpu_pad that is experts
   uint64_t token_embd_gpu_pad = 0;      // the same for the other tensors
   uint64_t output_gpu_pad = 0;
   uint64_t output_norm_gpu_pad = 0;
@@ -80,8 +85,9 @@ struct RankWeights {
 // Per-rank weights at tensor-parallel size tp for every tp_rank, counted as load_weights() counts them:
 // matrices in their file type through tensor_shard(), norms and biases converted to f32 (biases sliced).
 // Throws Error (from tensor_shard /
-// head_shard: the tensor, the slice and the block size) when tp cannot split this model.
-std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp);
+// head_shard: the tensor, the slice and the block size) when tp cannot split this model. expert_parallel:
+// the experts partitioned whole over the tp ranks (Mapping::experts()).
+std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp, bool expert_parallel = false);
 
 // Bytes of K and V for one token in one layer on a rank holding `kv_heads` heads (kv_type f32, f16, bf16, q8_0 or q4_0).
 uint64_t kv_bytes_per_token_layer(const ModelConfig& c, int64_t kv_heads, GgmlType kv_type);
@@ -99,5 +105,7 @@ uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t bat
 // Floating-point operations of one token through one layer at context `ctx` (2 per matmul weight plus
 // attention's q.k and p.v), for prefill estimates.
 double layer_flops_per_token(const ModelConfig& c, int64_t ctx);
+// Of that, the n_expert_used experts' FFN matmuls of a mixture of experts (0 for a dense model).
+double expert_flops_per_token(const ModelConfig& c);
 
 }  // namespace shardlm

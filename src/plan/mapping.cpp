@@ -53,8 +53,9 @@ std::vector<LayerRange> split_layers(int n_layer, int n_stages, const std::vecto
 }
 
 Mapping::Mapping(int world_size, int rank, int tp_size, int pp_size, int n_layer,
-                 const std::vector<double>& layer_split)
-    : world_size_(world_size), rank_(rank), tp_size_(tp_size), pp_size_(pp_size) {
+                 const std::vector<double>& layer_split, int n_expert, bool expert_parallel)
+    : world_size_(world_size), rank_(rank), tp_size_(tp_size), pp_size_(pp_size), n_expert_(n_expert),
+      expert_parallel_(expert_parallel) {
   if (tp_size < 1) fail("tensor parallel size (--tp): ", tp_size, " must be >= 1");
   if (pp_size < 1) fail("pipeline parallel size (--pp): ", pp_size, " must be >= 1");
   if (world_size != tp_size * pp_size)
@@ -62,6 +63,20 @@ Mapping::Mapping(int world_size, int rank, int tp_size, int pp_size, int n_layer
          tp_size * pp_size, " (launch exactly tp*pp ranks)");
   if (rank < 0 || rank >= world_size) fail("rank ", rank, " is outside [0, ", world_size, ")");
   stages_ = split_layers(n_layer, pp_size, layer_split);
+  if (n_expert < 0) fail("expert_count ", n_expert, " must be >= 0");
+  if (expert_parallel && n_expert == 0)
+    fail("--enable-expert-parallel: the model has no experts (it is not a mixture of experts)");
+  if (expert_parallel && n_expert < tp_size)
+    fail("--enable-expert-parallel: ", n_expert, " experts cannot be partitioned over tensor parallel size ",
+         tp_size, " (every rank must hold at least one expert)");
+}
+
+ExpertRange Mapping::experts_of(int tp_rank) const {
+  if (tp_rank < 0 || tp_rank >= tp_size_) fail("tp rank ", tp_rank, " is outside [0, ", tp_size_, ")");
+  if (!expert_parallel_) return {0, n_expert_};
+  const int base = n_expert_ / tp_size_, extra = n_expert_ % tp_size_;
+  const int begin = tp_rank * base + std::min(tp_rank, extra);
+  return {begin, begin + base + (tp_rank < extra ? 1 : 0)};
 }
 
 std::vector<int> Mapping::tp_group() const {
@@ -86,8 +101,10 @@ int Mapping::next_stage_rank() const {
 
 std::string Mapping::describe() const {
   const LayerRange l = layers();
+  const ExpertRange e = experts();
   return cat("rank ", rank_, " (pp ", pp_rank(), "/", pp_size_, ", tp ", tp_rank(), "/", tp_size_,
-             ") layers ", l.begin, "..", l.end - 1);
+             ") layers ", l.begin, "..", l.end - 1,
+             expert_parallel_ ? cat(" experts ", e.begin, "..", e.end - 1) : std::string());
 }
 
 }  // namespace shardlm

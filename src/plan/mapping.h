@@ -10,6 +10,9 @@
 //                its TP group is {2,3}, its pipeline group is {1,3}, its previous-stage peer is rank 1.
 //   tp 4, pp 2 with layer split 3,1 over 32 layers: stage 0 = ranks 0..3, layers [0,24); stage 1 = ranks 4..7,
 //                layers [24,32). Activations go from rank r to rank r + tp (same tp_rank, next stage).
+//   Expert parallelism (vLLM's --enable-expert-parallel), 8 experts at tp 2, pp 2: ranks 0 and 2 hold
+//                experts 0..3 of their stage's layers, ranks 1 and 3 experts 4..7, each expert whole;
+//                attention stays tensor-parallel. Without it every rank holds 1/tp of every expert.
 #pragma once
 
 #include <cstdint>
@@ -30,11 +33,20 @@ struct LayerRange {
 // a weight is not a positive finite number. Empty proportions mean equal weights for `n_stages`.
 std::vector<LayerRange> split_layers(int n_layer, int n_stages, const std::vector<double>& proportions);
 
+// Experts [begin, end) of every mixture-of-experts layer that one rank holds.
+struct ExpertRange {
+  int begin = 0;
+  int end = 0;
+  int size() const { return end - begin; }
+  bool contains(int e) const { return e >= begin && e < end; }
+};
+
 class Mapping {
  public:
-  // Throws Error when tp_size/pp_size are < 1, rank is outside [0, tp*pp), or the layer split is invalid.
+  // Throws Error when tp_size/pp_size are < 1, rank is outside [0, tp*pp), the layer split is invalid, or
+  // expert_parallel is asked for a model without experts (n_expert 0) or with fewer experts than tp_size.
   Mapping(int world_size, int rank, int tp_size, int pp_size, int n_layer,
-          const std::vector<double>& layer_split = {});
+          const std::vector<double>& layer_split = {}, int n_expert = 0, bool expert_parallel = false);
 
   int world_size() const { return world_size_; }
   int rank() const { return rank_; }
@@ -57,10 +69,19 @@ class Mapping {
   LayerRange layers() const { return stages_[static_cast<size_t>(pp_rank())]; }
   LayerRange layers_of_stage(int pp_rank) const { return stages_.at(static_cast<size_t>(pp_rank)); }
 
-  std::string describe() const;  // "rank 3 (pp 1/2, tp 1/2) layers 2..3"
+  bool expert_parallel() const { return expert_parallel_; }
+  // The experts this rank holds whole under expert parallelism: its tp_rank's share of n_expert, sizes
+  // differing by at most one (the first n_expert % tp ranks hold one more); otherwise all n_expert, each
+  // cut over the tensor-parallel ranks like a dense FFN (tensor_shard). Empty for a dense model.
+  ExpertRange experts() const { return experts_of(tp_rank()); }
+  ExpertRange experts_of(int tp_rank) const;
+
+  std::string describe() const;  // "rank 3 (pp 1/2, tp 1/2) layers 2..3[ experts 4..7]"
 
  private:
   int world_size_, rank_, tp_size_, pp_size_;
+  int n_expert_ = 0;
+  bool expert_parallel_ = false;
   std::vector<LayerRange> stages_;
 };
 

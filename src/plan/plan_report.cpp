@@ -61,7 +61,8 @@ nlohmann::json plan_to_json(const Plan& p) {
                  {"pp", L.pp},
                  {"layer_split", L.layer_split},
                  {"n_gpu_layers", L.n_gpu_layers},
-                 {"cpu_ranks", L.cpu_ranks}};
+                 {"cpu_ranks", L.cpu_ranks},
+                 {"experts_in_ram_layers", L.n_experts_in_ram()}};
   j["devices"] = nlohmann::json::array();
   for (const DevicePlan& d : p.chosen.devices) j["devices"].push_back(device_json(d));
   j["predicted_decode_tokens_per_s"] = p.chosen.decode_tps;
@@ -80,6 +81,7 @@ nlohmann::json plan_to_json(const Plan& p) {
                                {"pp", c.layout.pp},
                                {"layer_split", c.layout.layer_split},
                                {"n_gpu_layers", c.layout.n_gpu_layers},
+                               {"experts_in_ram_layers", c.layout.n_experts_in_ram()},
                                {"predicted_decode_tokens_per_s", c.decode_tps},
                                {"sequences_that_fit", c.seqs_that_fit},
                                {"aggregate_decode_tokens_per_s", c.aggregate_decode_tps}});
@@ -109,6 +111,14 @@ std::string plan_to_text(const Plan& p, bool explain) {
   if (L.pp > 1) {
     os << ", layers per stage";
     for (size_t i = 0; i < L.layer_split.size(); ++i) os << (i ? "/" : " ") << L.layer_split[i];
+  }
+  if (!L.cpu_ranks && L.n_experts_in_ram() > 0) {
+    // As llama.cpp spells it when the layers are the first ones.
+    int prefix = 0;
+    while (prefix < static_cast<int>(L.experts_in_ram.size()) && L.experts_in_ram[static_cast<size_t>(prefix)]) ++prefix;
+    os << ", experts of " << L.n_experts_in_ram() << " layers in RAM";
+    if (prefix == L.n_experts_in_ram())
+      os << (prefix == static_cast<int>(L.experts_in_ram.size()) ? " (--cpu-moe)" : cat(" (--n-cpu-moe ", prefix, ")"));
   }
   os << "\n\n";
   os << std::left << std::setw(22) << "device" << std::right << std::setw(6) << "rank" << std::setw(10) << "layers"
@@ -152,7 +162,9 @@ std::string plan_to_text(const Plan& p, bool explain) {
        << " (block types) of the dense matmul rate, less for GPU shards under 4096 rows; GPU reserve "
        << gib(p.params.gpu_reserve_bytes) << " GiB + " << gib(p.params.gpu_comm_reserve_bytes)
        << " GiB per NCCL communicator of the rank + the weight shards' rounding to whole 2 MiB pages (allocations of "
-          "1 MiB and more); see docs/planner.md\n";
+          "1 MiB and more); a mixture of experts reads n_e(1-(1-k/n_e)^B) of its n_e experts for B tokens, experts in "
+          "RAM at the CPU's bandwidth + "
+       << p.params.cpu_moe_layer_overhead_s * 1e6 << " us per such layer; see docs/planner.md\n";
   }
   return os.str();
 }

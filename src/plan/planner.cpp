@@ -1,5 +1,7 @@
 #include "plan/planner.h"
 
+#include "plan/expert_offload.h"
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -10,6 +12,7 @@
 
 #include "config/presets.h"
 #include "core/error.h"
+#include "plan/expert_offload.h"
 #include "plan/mapping.h"
 
 namespace shardlm {
@@ -37,14 +40,21 @@ struct Stage {
 class Search {
  public:
   Search(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest& req, const CostParams& p)
-      : m_(m), inv_(inv), req_(req), p_(p) {}
+      : m_(m), inv_(inv), req_(req), p_(p) {
+    if (req.n_cpu_moe || !req.tensor_overrides.empty()) {
+      std::vector<std::string> names;
+      for (const TensorDesc& t : m.tensors) names.push_back(t.name);
+      pinned_ram_ = expert_layers_in_ram(m.config, names, req.n_cpu_moe.value_or(0), req.tensor_overrides);
+      ram_pinned_ = true;
+    }
+  }
 
   // Per-rank weights at this tp, or nullptr (with the reason kept) when tp cannot split the model.
   const std::vector<RankWeights>* weights(int tp) {
     if (auto it = rw_.find(tp); it != rw_.end()) return &it->second;
     if (bad_tp_.count(tp)) return nullptr;
     try {
-      return &rw_.emplace(tp, rank_weights(m_, tp)).first->second;
+      return &rw_.emplace(tp, rank_weights(m_, tp, req_.expert_parallel)).first->second;
     } catch (const Error& e) {
       bad_tp_[tp] = e.what();
       return nullptr;
@@ -78,7 +88,7 @@ class Search {
     return true;
   }
   std::vector<int> initial_counts(int tp, int pp, int ngl, const std::vector<Device>& gpus, int64_t ctx);
-  std::optional<Candidate> gpu_candidate(int tp, int pp, int ngl, int64_t ctx);
+  std::optional<Candidate> gpu_candidate(int tp, int pp, int ngl, int64_t ctx, const std::vector<bool>& in_ram);
   void add_gpu_layouts(int tp, int pp, int64_t ctx, std::vector<Candidate>& out);
   void add_cpu_layouts(int64_t ctx, std::vector<Candidate>& out);
 
@@ -88,8 +98,14 @@ class Search {
     const int comms = (tp > 1 ? 1 : 0) + (pp > 1 ? ((stage == 0 || stage == pp - 1) ? 1 : 2) : 0);
     return p_.gpu_reserve_bytes + static_cast<uint64_t>(comms) * p_.gpu_comm_reserve_bytes;
   }
+  // Layer 0's FFN gate: the dense one or, in a mixture of experts, the experts' (3-D or expert 0's).
+  const TensorDesc* ffn_gate() const {
+    for (const char* n : {"blk.0.ffn_gate.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight"})
+      if (const TensorDesc* t = m_.find(n)) return t;
+    return nullptr;
+  }
   bool block_weights() const {
-    const TensorDesc* t = m_.find("blk.0.ffn_gate.weight");
+    const TensorDesc* t = ffn_gate();
     return t && block_size(t->type) > 1;
   }
   // Share of the dense matmul rate a prefill step achieves on `dev` with tp-way shards (see CostParams).
@@ -101,7 +117,7 @@ class Search {
   }
   // The type of the model's FFN matrices (most of its bytes), which sets the decode efficiency below.
   std::optional<GgmlType> ffn_type() const {
-    const TensorDesc* t = m_.find("blk.0.ffn_gate.weight");
+    const TensorDesc* t = ffn_gate();
     if (!t) return std::nullopt;
     return t->type;
   }
@@ -143,6 +159,8 @@ class Search {
   const CostParams& p_;
   std::map<int, std::vector<RankWeights>> rw_;
   std::map<int, std::string> bad_tp_;
+  bool ram_pinned_ = false;        // --n-cpu-moe / --cpu-moe / -ot given
+  std::vector<bool> pinned_ram_;   // (n_layer) their experts-in-RAM layers
 };
 
 std::vector<Stage> Search::stages(const Layout& L) {
@@ -205,6 +223,19 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
   const double n_seqs = static_cast<double>(req_.max_num_seqs);
   int64_t seqs_fit = std::numeric_limits<int64_t>::max();
   const std::vector<Stage> st = stages(L);
+  // Experts in RAM beside the GPU ranks (--cpu-moe): the host holds them for every rank, and its CPU reads
+  // them; one device entry sums them.
+  DevicePlan ram;
+  ram.name = "CPU (experts)";
+  ram.kind = PlanDeviceKind::kCpu;
+  ram.pp_rank = -1;
+  ram.capacity_bytes = inv_.cpu.capacity_bytes;
+  ram.reserve_bytes = cpu_reserve();
+  const double pick = c.moe() ? static_cast<double>(c.n_expert_used) / static_cast<double>(c.n_expert) : 0.0;
+  // Share of a layer's experts that B tokens read: n_e(1 - (1 - k/n_e)^B) distinct experts of n_e on
+  // average (uniform routing); k/n_e at batch 1. A tensor-parallel rank holds a slice of every expert, an
+  // expert-parallel one whole experts: the same share either way.
+  const auto read_share = [&](double tokens) { return c.moe() ? 1.0 - std::pow(1.0 - pick, tokens) : 0.0; };
   for (size_t si = 0; si < st.size(); ++si) {
     const Stage& s = st[si];
     const std::vector<RankWeights>* rws = weights(s.tp);
@@ -222,10 +253,27 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       d.pp_rank = s.offload ? -1 : s.pp_rank;
       d.capacity_bytes = dev.capacity_bytes;
       d.reserve_bytes = s.reserve[static_cast<size_t>(t)];
-      uint64_t layer_w = 0, layer_pad = 0;
+      uint64_t layer_w = 0, layer_pad = 0, expert_w = 0, ram_w = 0;
+      int ram_layers = 0;
       for (int l = s.layers.begin; l < s.layers.end; ++l) {
-        layer_w += w.layer_bytes[static_cast<size_t>(l)];
-        layer_pad += w.layer_gpu_pad[static_cast<size_t>(l)];
+        const size_t li = static_cast<size_t>(l);
+        const bool in_ram = dev.kind == PlanDeviceKind::kGpu && !L.experts_in_ram.empty() && L.experts_in_ram[li];
+        layer_w += w.layer_bytes[li];
+        layer_pad += w.layer_gpu_pad[li];
+        if (in_ram) {
+          layer_w -= w.layer_expert_bytes[li];
+          layer_pad -= w.layer_expert_gpu_pad[li];
+          ram_w += w.layer_expert_bytes[li];
+          ++ram_layers;
+        } else {
+          expert_w += w.layer_expert_bytes[li];
+        }
+      }
+      if (ram_layers > 0) {
+        ram.weight_bytes += ram_w;
+        // The FFN's buffers on the host (LlamaModel's e_*): xn and o, k rows of inputs and outputs, gate/up.
+        const int64_t k = c.n_expert_used, b = req_.batch;
+        ram.workspace_bytes += static_cast<uint64_t>(4 * b * (2 * c.n_embd + 2 * k * c.n_embd + 2 * k * w.ff_units));
       }
       // As load_weights counts: a tied output on a CPU rank that also maps the embedding costs nothing
       // extra (it points into the mapped table); a device copies it. rope_freqs stays in the config.
@@ -261,17 +309,30 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       const double out_read = static_cast<double>(w.output_bytes);
       const double embd_row = s.first ? static_cast<double>(w.token_embd_row_bytes) : 0.0;
       const double out_part = s.last ? static_cast<double>(w.output_norm_bytes) + out_read : 0.0;
-      d.decode_read_bytes = static_cast<double>(layer_w + d.kv_seq_bytes) + embd_row + out_part;
+      // A mixture of experts reads, of its experts, those its tokens chose (read_share).
+      const auto expert_read = [&](double tokens) { return static_cast<double>(expert_w) * read_share(tokens); };
+      const double dense_w = static_cast<double>(layer_w - expert_w);
+      d.decode_read_bytes = dense_w + expert_read(1.0) + static_cast<double>(d.kv_seq_bytes) + embd_row + out_part;
+      // Experts in RAM: the CPU reads their share at its bandwidth, shared by the stage's ranks, plus the
+      // round trip of each such layer's activations; the GPU waits meanwhile.
+      const auto ram_s = [&](double tokens) {
+        if (ram_layers == 0) return 0.0;
+        return static_cast<double>(ram_w) * read_share(tokens) / (inv_.cpu.bandwidth / s.tp * cpu_efficiency()) +
+               ram_layers * p_.cpu_moe_layer_overhead_s;
+      };
       const double eff = dev.kind == PlanDeviceKind::kGpu ? gpu_efficiency() : cpu_efficiency();
       const double overhead_s = dev.kind == PlanDeviceKind::kGpu ? nl * p_.gpu_layer_overhead_s : 0.0;
-      stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff) + overhead_s);
+      stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff) + overhead_s + ram_s(1.0));
       // A step of N sequences: the weights once, every sequence's KV (the whole pool, each sequence at the
       // full context) and embedding row, the per-layer overhead once. At N = 1 this is the batch-1 figure.
-      const double step_read = static_cast<double>(layer_w + d.kv_bytes) + n_seqs * embd_row + out_part;
-      stage_step_s = std::max(stage_step_s, step_read / (dev.bandwidth * eff) + overhead_s);
-      const double flops = nl * layer_flops_per_token(c, std::max<int64_t>(1, ctx / 2)) / s.tp +
+      const double step_read = dense_w + expert_read(n_seqs) + static_cast<double>(d.kv_bytes) + n_seqs * embd_row + out_part;
+      stage_step_s = std::max(stage_step_s, step_read / (dev.bandwidth * eff) + overhead_s + ram_s(n_seqs));
+      // Prefill: the experts of layers in RAM are multiplied by the CPU (all ranks' shares together).
+      const double ram_flops = ram_layers * expert_flops_per_token(c) / s.tp;
+      const double flops = nl * layer_flops_per_token(c, std::max<int64_t>(1, ctx / 2)) / s.tp - ram_flops +
                            (s.last ? 2.0 * static_cast<double>(c.n_embd) * static_cast<double>(c.n_vocab) / s.tp : 0.0);
-      stage_flop_s = std::max(stage_flop_s, flops / (dev.matmul_flops * matmul_efficiency(dev, s.tp)));
+      stage_flop_s = std::max(stage_flop_s, flops / (dev.matmul_flops * matmul_efficiency(dev, s.tp)) +
+                                                ram_flops * s.tp / (inv_.cpu.matmul_flops * p_.cpu_matmul_efficiency));
       if (!d.fits && cand.fits) {
         cand.fits = false;
         cand.why = cat(d.name, d.rank >= 0 ? cat(" (rank ", d.rank, ")") : std::string(), " needs ",
@@ -300,6 +361,21 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
     decode_s += stage_read_s + comm(1.0);
     step_s += stage_step_s + comm(n_seqs);
     prefill_s += stage_flop_s;
+  }
+  if (ram.weight_bytes > 0) {
+    // With layers offloaded as well (-ngl), the offload CPU's share of the RAM is taken already.
+    for (const DevicePlan& d : cand.devices)
+      if (d.rank < 0 && d.kind == PlanDeviceKind::kCpu)
+        ram.capacity_bytes = ram.capacity_bytes > d.total_bytes ? ram.capacity_bytes - d.total_bytes : 0;
+    ram.total_bytes = ram.weight_bytes + ram.workspace_bytes;
+    ram.fits = ram.total_bytes + ram.reserve_bytes <= ram.capacity_bytes;
+    ram.decode_read_bytes = static_cast<double>(ram.weight_bytes) * read_share(1.0);
+    if (!ram.fits && cand.fits) {
+      cand.fits = false;
+      cand.why = cat(ram.name, " needs ", format_bytes(ram.total_bytes), " + ", format_bytes(ram.reserve_bytes),
+                     " reserve > ", format_bytes(ram.capacity_bytes));
+    }
+    cand.devices.push_back(ram);
   }
   cand.decode_tps = decode_s > 0 ? 1.0 / decode_s : 0;
   cand.aggregate_decode_tps = step_s > 0 ? n_seqs / step_s : 0;
@@ -343,12 +419,13 @@ std::vector<int> Search::initial_counts(int tp, int pp, int ngl, const std::vect
 
 // The layout (tp, pp) with `ngl` layers on the GPUs; the split is rebalanced one layer at a time from the
 // most overfull stage to the one with most room while that helps (layers differ in size under q4_k_m).
-std::optional<Candidate> Search::gpu_candidate(int tp, int pp, int ngl, int64_t ctx) {
+std::optional<Candidate> Search::gpu_candidate(int tp, int pp, int ngl, int64_t ctx, const std::vector<bool>& in_ram) {
   if (ngl < pp) return std::nullopt;
   Layout L;
   L.tp = tp;
   L.pp = pp;
   L.n_gpu_layers = ngl;
+  L.experts_in_ram = in_ram;
   L.layer_split = initial_counts(tp, pp, ngl, gpus_for(tp * pp), ctx);
   Candidate best = evaluate(L, ctx);
   if (!req_.layer_split.empty() || pp == 1) return best;
@@ -385,20 +462,46 @@ void Search::add_gpu_layouts(int tp, int pp, int64_t ctx, std::vector<Candidate>
   if (req_.n_gpu_layers) {
     const int ngl = std::min(*req_.n_gpu_layers, n_layer);
     if (ngl < pp) return;  // reported by make_plan when pinned
-    if (auto c = gpu_candidate(tp, pp, ngl, ctx)) out.push_back(*c);
+    if (auto c = gpu_candidate(tp, pp, ngl, ctx, pinned_ram_)) out.push_back(*c);
     return;
   }
-  std::optional<Candidate> full = gpu_candidate(tp, pp, n_layer, ctx);
+  std::optional<Candidate> full = gpu_candidate(tp, pp, n_layer, ctx, pinned_ram_);
   if (full && (gpu_part_fits(*full) || inv_.cpu.capacity_bytes == 0)) {
     out.push_back(*full);
     return;
+  }
+  // A mixture of experts that does not fit: keep the experts of the first N layers in RAM (what
+  // llama.cpp's --n-cpu-moe does), the smallest N whose GPU part fits (binary search: the GPU part shrinks
+  // as N grows); attention, norms and router stay on the GPUs.
+  if (m_.config.moe() && !ram_pinned_ && inv_.cpu.capacity_bytes > 0) {
+    const auto prefix = [&](int n) {
+      std::vector<bool> v(static_cast<size_t>(n_layer), false);
+      for (int l = 0; l < n; ++l) v[static_cast<size_t>(l)] = true;
+      return v;
+    };
+    int lo = 1, hi = n_layer;  // hi: candidate known or assumed to fit
+    std::optional<Candidate> best;
+    if (auto all = gpu_candidate(tp, pp, n_layer, ctx, prefix(n_layer)); all && gpu_part_fits(*all)) {
+      best = all;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        std::optional<Candidate> c = gpu_candidate(tp, pp, n_layer, ctx, prefix(mid));
+        if (c && gpu_part_fits(*c)) {
+          hi = mid;
+          best = c;
+        } else {
+          lo = mid + 1;
+        }
+      }
+    }
+    if (best) out.push_back(*best);
   }
   // Offload: the largest number of GPU layers whose GPU part fits (binary search; fit shrinks with layers).
   int lo = pp - 1, hi = n_layer - 1;  // lo: known fitting (pp-1 = none), hi: candidate upper bound
   std::optional<Candidate> best;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    std::optional<Candidate> c = gpu_candidate(tp, pp, mid, ctx);
+    std::optional<Candidate> c = gpu_candidate(tp, pp, mid, ctx, pinned_ram_);
     if (c && gpu_part_fits(*c)) {
       lo = mid;
       best = c;
@@ -483,6 +586,7 @@ std::string layout_name(const Layout& L, int n_layer) {
     for (size_t i = 0; i < L.layer_split.size(); ++i) s += cat(i ? "/" : "", L.layer_split[i]);
   }
   if (!L.cpu_ranks && L.n_gpu_layers < n_layer) s += cat(", ", n_layer - L.n_gpu_layers, " layers on CPU");
+  if (!L.cpu_ranks && L.n_experts_in_ram() > 0) s += cat(", experts of ", L.n_experts_in_ram(), " layers in RAM");
   return s;
 }
 
@@ -538,7 +642,7 @@ void validate_request(const ModelDesc& m, const DeviceInventory& inv, const Plan
   }
   if (req.tp) {
     try {
-      rank_weights(m, *req.tp);
+      rank_weights(m, *req.tp, req.expert_parallel);
     } catch (const Error& e) {
       fail("tensor parallel size (--tp) ", *req.tp, " cannot split this model: ", e.what());
     }
@@ -546,6 +650,10 @@ void validate_request(const ModelDesc& m, const DeviceInventory& inv, const Plan
 }
 
 }  // namespace
+
+int Layout::n_experts_in_ram() const {
+  return static_cast<int>(std::count(experts_in_ram.begin(), experts_in_ram.end(), true));
+}
 
 SplitMode parse_split_mode(std::string_view s) {
   std::string l;
@@ -608,6 +716,15 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
       else hi = mid - 1;
     }
     plan.max_context = lo;
+    if (!L.cpu_ranks && L.n_experts_in_ram() > 0) {
+      Layout on_gpu = L;
+      on_gpu.experts_in_ram.clear();
+      const double gpu_tps = search.evaluate(on_gpu, req.ctx).decode_tps;
+      plan.notes.push_back(cat("the experts of ", L.n_experts_in_ram(), " of ", n_layer,
+                               " layers stay in RAM and run on the CPU (attention and the router on the GPU): predicted ",
+                               tps(plan.chosen.decode_tps), " tok/s instead of ", tps(gpu_tps),
+                               " tok/s with every expert on the GPUs"));
+    }
     if (!L.cpu_ranks && L.n_gpu_layers < n_layer) {
       Layout all = L;
       all.n_gpu_layers = n_layer;

@@ -36,6 +36,12 @@ struct PlanRequest {
   std::optional<int> n_gpu_layers;  // -ngl; values above n_layer mean all (llama.cpp's -ngl 99)
   std::optional<SplitMode> split_mode;
   int main_gpu = 0;
+  bool expert_parallel = false;  // --enable-expert-parallel: experts partitioned whole over each stage's tp ranks
+  // Mixture of experts on GPUs: the first n layers' experts in RAM (--n-cpu-moe; --cpu-moe = all) and
+  // llama.cpp's -ot PATTERN=DEVICE values (plan/expert_offload.h). Unset and no overrides: the planner
+  // keeps experts in RAM, the first layers' first, when that is what lets the model fit.
+  std::optional<int> n_cpu_moe;
+  std::vector<std::string> tensor_overrides;
 };
 
 // The constants of the cost model, stated once so that reports can print them.
@@ -73,6 +79,10 @@ struct CostParams {
   double matmul_efficiency = 0.33;
   double quant_matmul_efficiency = 0.22;
   double cpu_matmul_efficiency = 0.50;  // CPU ranks and offloaded layers
+  // Experts in RAM beside a GPU (--cpu-moe): per such layer and token, the activations' round trip (the
+  // normed hidden state down, the weighted sum up, each a synchronized copy) and waking the CPU's threads.
+  // An estimate, not yet fitted on hardware.
+  double cpu_moe_layer_overhead_s = 40e-6;
   uint64_t gpu_reserve_bytes = 768ull << 20;  // CUDA context, cuBLAS workspace, allocator slack
   // Plus, per NCCL communicator a GPU rank joins (its tensor-parallel group, each pipeline neighbour):
   // NCCL's buffers and the one-shot all-reduce's. Device memory in use beyond allocations measured
@@ -110,6 +120,9 @@ struct Layout {
   std::vector<int> layer_split;  // layers per pipeline stage (on the ranks)
   int n_gpu_layers = 0;          // layers on GPUs; the first n_layer - n_gpu_layers run on the CPU
   bool cpu_ranks = false;        // the ranks are CPU processes (no GPU used)
+  // (n_layer) layers whose experts stay in RAM and run on the CPU beside GPU layers; empty: none.
+  std::vector<bool> experts_in_ram;
+  int n_experts_in_ram() const;  // layers with experts in RAM
 };
 
 struct Candidate {

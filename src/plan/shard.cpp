@@ -1,6 +1,7 @@
 #include "plan/shard.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -34,9 +35,10 @@ HeadShard head_shard(const ModelConfig& c, int tp_size, int tp_rank) {
 }
 
 Range ffn_shard(const ModelConfig& c, int64_t unit, int tp_size, int tp_rank) {
-  if (c.n_ff % unit != 0)
-    fail("n_ff ", c.n_ff, " is not a multiple of ffn_down's block size ", unit);
-  const int64_t units = c.n_ff / unit;
+  const int64_t n_ff = c.ffn_width();  // every expert is cut the same way
+  if (n_ff % unit != 0)
+    fail(c.moe() ? "expert_feed_forward_length " : "n_ff ", n_ff, " is not a multiple of ffn_down's block size ", unit);
+  const int64_t units = n_ff / unit;
   if (units < tp_size)
     fail("tensor parallel size ", tp_size, " exceeds the ", units, " blocks of ", unit,
          " FFN columns in ffn_down: a split would cut a quantization block");
@@ -70,9 +72,22 @@ TensorShard make(ShardKind kind, Range r, int64_t ne0, int64_t ne1, GgmlType typ
 
 }  // namespace
 
+int expert_index(const std::string& name) {
+  for (const char* kind : {".ffn_gate.", ".ffn_up.", ".ffn_down."}) {
+    const size_t at = name.find(kind);
+    if (at == std::string::npos || !ends_with(name, ".weight")) continue;
+    const size_t b = at + std::strlen(kind), e = name.size() - 7;
+    if (b >= e || e - b > 6 || name.find_first_not_of("0123456789", b) != e) continue;
+    return std::stoi(name.substr(b, e - b));
+  }
+  return -1;
+}
+
 TensorShard tensor_shard(const std::string& name, GgmlType type, int64_t ne0, int64_t ne1,
-                         const ModelConfig& c, GgmlType down_type, int tp_size, int tp_rank) {
-  if (tp_size == 1 || name == "token_embd.weight" || ends_with(name, "_norm.weight"))
+                         const ModelConfig& c, GgmlType down_type, int tp_size, int tp_rank, bool expert_parallel) {
+  // The router is small and every rank routes its tokens itself.
+  if (tp_size == 1 || name == "token_embd.weight" || ends_with(name, "_norm.weight") ||
+      ends_with(name, "ffn_gate_inp.weight"))
     return make(ShardKind::kReplicated, {0, ne1}, ne0, ne1, type, name);
   if (name == "output.weight")
     return make(ShardKind::kRows, vocab_shard(c, tp_size, tp_rank), ne0, ne1, type, name);
@@ -89,18 +104,30 @@ TensorShard tensor_shard(const std::string& name, GgmlType type, int64_t ne0, in
     return make(out_rows, {h.kv_heads.begin * hd, h.kv_heads.end * hd}, ne0, ne1, type, name);
   if (ends_with(name, "attn_output.weight"))
     return make(ShardKind::kCols, {h.q_heads.begin * hd, h.q_heads.end * hd}, ne0, ne1, type, name);
+  // An expert (one slice of ffn_*_exps, or blk.L.ffn_*.E.weight) is cut like a dense FFN of its width, or
+  // held whole by the rank its expert belongs to under expert parallelism (the loader and the planner take
+  // only that rank's experts).
+  const auto expert = [&](const char* kind) {
+    return ends_with(name, std::string(kind) + "_exps.weight") ||
+           (expert_index(name) >= 0 && name.find(std::string(kind) + ".") != std::string::npos);
+  };
+  const bool is_expert = expert("ffn_gate") || expert("ffn_up") || expert("ffn_down");
+  if (is_expert && expert_parallel) return make(ShardKind::kReplicated, {0, ne1}, ne0, ne1, type, name);
   const Range f = ffn_shard(c, block_size(down_type), tp_size, tp_rank);
-  if (ends_with(name, "ffn_gate.weight") || ends_with(name, "ffn_up.weight"))
-    return make(ShardKind::kRows, f, ne0, ne1, type, name);
-  if (ends_with(name, "ffn_down.weight")) return make(ShardKind::kCols, f, ne0, ne1, type, name);
+  const auto is = [&](const char* kind) { return ends_with(name, std::string(kind) + ".weight") || expert(kind); };
+  if (is("ffn_gate") || is("ffn_up")) return make(ShardKind::kRows, f, ne0, ne1, type, name);
+  if (is("ffn_down")) return make(ShardKind::kCols, f, ne0, ne1, type, name);
   fail("tensor '", name, "' has no tensor-parallel sharding rule");
 }
 
-void check_shardable(const ModelConfig& c, GgmlType attn_output_type, GgmlType ffn_down_type, int tp_size) {
+void check_shardable(const ModelConfig& c, GgmlType attn_output_type, GgmlType ffn_down_type, int tp_size,
+                     bool expert_parallel) {
   for (int r = 0; r < tp_size; ++r) {
     tensor_shard("blk.0.attn_output.weight", attn_output_type, c.q_dim(), c.n_embd, c, ffn_down_type,
                  tp_size, r);
-    tensor_shard("blk.0.ffn_down.weight", ffn_down_type, c.n_ff, c.n_embd, c, ffn_down_type, tp_size, r);
+    if (!expert_parallel)  // whole experts are never cut
+      tensor_shard(c.moe() ? "blk.0.ffn_down_exps.weight" : "blk.0.ffn_down.weight", ffn_down_type, c.ffn_width(),
+                   c.n_embd, c, ffn_down_type, tp_size, r);
   }
 }
 

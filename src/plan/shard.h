@@ -45,6 +45,10 @@ HeadShard head_shard(const ModelConfig& c, int tp_size, int tp_rank);
 Range ffn_shard(const ModelConfig& c, int64_t unit, int tp_size, int tp_rank);
 Range vocab_shard(const ModelConfig& c, int tp_size, int tp_rank);
 
+// The expert of a per-expert matrix name ("blk.3.ffn_up.7.weight" gives 7, for ffn_gate/ffn_up/ffn_down),
+// or -1 for any other name (3-D ffn_*_exps tensors included).
+int expert_index(const std::string& name);
+
 enum class ShardKind { kReplicated, kRows, kCols };
 struct TensorShard {
   ShardKind kind = ShardKind::kReplicated;
@@ -55,12 +59,16 @@ struct TensorShard {
 };
 
 // How this rank holds tensor `name` (GGUF naming) of type `type` and full shape (ne0, ne1).
-// `down_type` is ffn_down's type of the same layer (FFN units follow its block size).
+// `down_type` is ffn_down's type of the same layer (FFN units follow its block size). Experts are cut like a
+// dense FFN of expert_feed_forward_length, or kept whole under expert parallelism (Mapping::experts() says
+// which of them a rank holds).
 TensorShard tensor_shard(const std::string& name, GgmlType type, int64_t ne0, int64_t ne1,
-                         const ModelConfig& c, GgmlType down_type, int tp_size, int tp_rank);
+                         const ModelConfig& c, GgmlType down_type, int tp_size, int tp_rank,
+                         bool expert_parallel = false);
 
 // Throws Error (naming the tensor, its type, the slice and the block size) if any tensor of a model with
 // these types would be cut inside a block at this tp_size. `type_of(name)` gives each tensor's type.
-void check_shardable(const ModelConfig& c, GgmlType attn_output_type, GgmlType ffn_down_type, int tp_size);
+void check_shardable(const ModelConfig& c, GgmlType attn_output_type, GgmlType ffn_down_type, int tp_size,
+                     bool expert_parallel = false);
 
 }  // namespace shardlm

@@ -13,6 +13,7 @@
 #endif
 #include "core/error.h"
 #include "core/units.h"
+#include "plan/expert_offload.h"
 #include "runtime/host_threads.h"
 
 namespace shardlm {
@@ -52,7 +53,7 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
   if (options_.micro_batch <= 0) options_.micro_batch = std::max<int64_t>(1, options_.n_batch / options_.pp);
   options_.micro_batch = std::min(options_.micro_batch, options_.n_batch);
   const Mapping mapping(comm.world_size(), comm.rank(), options_.tp, options_.pp, static_cast<int>(c.n_layer),
-                        options_.layer_split);
+                        options_.layer_split, static_cast<int>(c.n_expert), options_.expert_parallel);
   // Collective over this host's ranks, so every rank asks, whatever its -t.
   const int host_threads = host_default_cpu_threads(comm);
   const int threads = options_.n_threads > 0 ? options_.n_threads : host_threads;
@@ -88,9 +89,25 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
                                             : std::min<int>(options_.n_gpu_layers, static_cast<int>(c.n_layer));
   // llama.cpp's -ngl: the last ngl layers run on the GPU, the first ones (and their embedding) on the CPU.
   const int first_gpu_layer = static_cast<int>(c.n_layer) - ngl;
-  if (options_.backend == "cuda" && first_gpu_layer > stage.begin) cpu_backend_ = make_cpu_backend(threads);
+  // Experts in RAM (--cpu-moe, --n-cpu-moe, -ot): decided from the tensor names alone, as the planner does.
+  std::vector<bool> experts_in_ram(static_cast<size_t>(c.n_layer), false);
+  if (options_.n_cpu_moe != 0 || !options_.tensor_overrides.empty()) {
+    if (options_.backend != "cuda")
+      fail("--cpu-moe, --n-cpu-moe and -ot keep experts in RAM beside a GPU: they need --backend cuda (on the ",
+           options_.backend, " backend every weight is in RAM already)");
+    std::vector<std::string> names;
+    for (const SourceTensor& t : src.tensors()) names.push_back(t.name);
+    experts_in_ram = expert_layers_in_ram(c, names, options_.n_cpu_moe, options_.tensor_overrides);
+  }
+  bool any_in_ram = false;
+  for (int l = stage.begin; l < stage.end; ++l) any_in_ram = any_in_ram || experts_in_ram[static_cast<size_t>(l)];
+  if (options_.backend == "cuda" && (first_gpu_layer > stage.begin || any_in_ram)) cpu_backend_ = make_cpu_backend(threads);
   for (int l = stage.begin; l < stage.end; ++l)
     placement.layers.push_back(l >= first_gpu_layer || !cpu_backend_ ? backend_.get() : cpu_backend_.get());
+  if (any_in_ram)
+    for (int l = stage.begin; l < stage.end; ++l)
+      placement.experts.push_back(experts_in_ram[static_cast<size_t>(l)] ? cpu_backend_.get()
+                                                                         : placement.layers[static_cast<size_t>(l - stage.begin)]);
   placement.embd = placement.layers.front();
   placement.out = placement.layers.back();
   ModelWeights w = load_weights(src, mapping, placement, &held_, load_progress);
@@ -126,7 +143,8 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
     sched_ = std::make_unique<Scheduler>(so);
   }
 #ifdef SHARDLM_HAVE_CUDA
-  if (options_.backend == "cuda" && options_.cuda_graphs && !cpu_backend_ &&
+  // A mixture of experts reads its routing back to the host inside the step: no graph can hold that.
+  if (options_.backend == "cuda" && options_.cuda_graphs && !cpu_backend_ && !c.moe() &&
       (options_.tp == 1 || comm_.accepts_device_memory())) {
     graph_ = std::make_unique<GraphState>(*backend_);
     model_->set_decode_runner(
@@ -613,7 +631,9 @@ std::vector<float> Engine::all_logits(const std::vector<int32_t>& ids) {
 
 std::string Engine::layout_report() {
   const Mapping& m = model_->mapping();
-  std::string mine = cat("  ", m.describe(), ": weights ", human_bytes(model_->weights().weight_bytes), ", KV cache ",
+  const uint64_t in_ram = model_->weights().expert_host_bytes;
+  std::string mine = cat("  ", m.describe(), ": weights ", human_bytes(model_->weights().weight_bytes),
+                         in_ram > 0 ? cat(" (experts in RAM ", human_bytes(in_ram), ")") : std::string(), ", KV cache ",
                          human_bytes(kv_bytes_), ", workspace ", human_bytes(model_->workspace_bytes()),
                          "; q heads [", head_shard(config(), m.tp_size(), m.tp_rank()).q_heads.begin, ", ",
                          head_shard(config(), m.tp_size(), m.tp_rank()).q_heads.end, "), kv heads [",

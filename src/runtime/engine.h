@@ -28,6 +28,10 @@ namespace shardlm {
 struct EngineOptions {
   int tp = 1;
   int pp = 1;
+  // Mixture of experts: partition the experts of each layer over the tp ranks of a stage, each rank holding
+  // whole experts (vLLM's --enable-expert-parallel); attention stays tensor-parallel. Off: every rank holds
+  // 1/tp of every expert.
+  bool expert_parallel = false;
   std::vector<double> layer_split;  // pipeline stage proportions; empty = even
   int64_t n_ctx = 0;                // 0: the model's training context (capped at 4096)
   int64_t n_batch = 512;            // most tokens in one forward step (llama.cpp's -ub default)
@@ -39,6 +43,14 @@ struct EngineOptions {
   int n_threads = 0;                // CPU threads per rank; 0 = runtime/host_threads.h's default
   std::string backend = "cpu";      // "cpu", "reference" or "cuda"
   int n_gpu_layers = -1;            // cuda: layers on the GPU, the last ones (-1 = all); the rest on the CPU
+  // cuda, mixture of experts: the experts of the model's first n_cpu_moe layers stay in RAM and run on
+  // the CPU while attention, norms and the router run on the GPU (llama.cpp's --n-cpu-moe; --cpu-moe is
+  // every layer).
+  int n_cpu_moe = 0;
+  // cuda: llama.cpp's -ot/--override-tensor, PATTERN=DEVICE: tensors whose name the regular expression
+  // matches (searched, ECMAScript) go to DEVICE. This engine moves expert tensors (ffn_*_exps, the three of a
+  // layer together) to CPU; CUDA/CUDA<n> of this rank's GPU keeps a tensor there. Anything else is an Error.
+  std::vector<std::string> tensor_overrides;
   bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs
   bool full_logits = false;         // decode steps move the whole logits row to the host (else candidates)
   // cuda, greedy decoding without penalties of a lone sequence: the token stays on the device and the host

@@ -463,21 +463,33 @@ TEST(Perplexity, WritesLlamaCppsBaseFileFormat) {
                      {"fsf-licenses.txt", "log-probability"});
 }
 
-// Qwen3 gives head_dim apart, so q can be wider than the hidden state (Qwen3-30B-A3B: 32 heads of 128 on
-// 2048); the tiny-qwen3 preset has 8 heads of 64 on 256. Its log-probabilities on the fp64 reference backend
-// are the base; the CPU backend at one rank, tp 2 and pp 2 must give the same distributions (KL at the
-// file's 16-bit resolution, every top token the same). Measured: |mean KLD| < 1e-6, same top 100%; another
-// seed's weights give KLD 0.09 and 0% same top, so a wrong q/k norm or head split cannot pass. The same file
-// against llama.cpp's own qwen3 graph (its base file, tests/data/text/README.md): also KLD 0, same top 100%
-// (llama-perplexity's PPL 1109.6489, our reference backend's 1109.6497).
-TEST(Perplexity, Qwen3WideQueriesMatchTheReferenceBackendInEveryLayoutAndLlamaCpp) {
-  const std::string model = tmp("tiny-qwen3-" + std::to_string(getpid()) + ".gguf");
-  const std::string base = tmp("tiny-qwen3-" + std::to_string(getpid()) + ".kl");
+// gen-model presets whose graphs llama.cpp also implements, each file scored against llama.cpp's own
+// log-probabilities of it (a base file of llama-perplexity, tests/data/text/README.md), then against our fp64
+// reference backend's in every layout: the CPU backend at one rank, tp 2 and pp 2 (and the mixtures of
+// experts at tp 2 with expert parallelism) must give the same distributions (KL at the file's 16-bit
+// resolution, every top token the same).
+// - tiny-qwen3: head_dim apart, q wider than the hidden state (Qwen3-30B-A3B: 32 heads of 128 on 2048); 8
+//   heads of 64 on 256. Measured: |mean KLD| < 1e-6, same top 100%; another seed's weights give KLD 0.09
+//   and 0% same top, so a wrong q/k norm or head split cannot pass (llama-perplexity's PPL 1109.6489, our
+//   reference backend's 1109.6497).
+// - tiny-qwen3moe (8 experts, 2 per token, renormalized) and tiny-mixtral (llama with 8 experts): llama.cpp's
+//   PPL 981.5732 and 592.2228, ours 981.5730 and 592.2231, KLD 0.000000, same top 100% (2026-12-06).
+struct PplPreset {
+  const char* name;
+  bool moe;
+};
+class PerplexityPresets : public ::testing::TestWithParam<PplPreset> {};
+
+TEST_P(PerplexityPresets, MatchLlamaCppAndTheReferenceBackendInEveryLayout) {
+  const PplPreset p = GetParam();
+  const std::string model = tmp(std::string(p.name) + "-" + std::to_string(getpid()) + ".gguf");
+  const std::string base = tmp(std::string(p.name) + "-" + std::to_string(getpid()) + ".kl");
   std::remove(base.c_str());
-  ASSERT_EQ(run({"gen-model", "--arch", "tiny-qwen3", "--type", "f32", "--seed", "1", "-o", model, "-q"}).rc, 0);
+  ASSERT_EQ(run({"gen-model", "--arch", p.name, "--type", "f32", "--seed", "1", "-o", model, "-q"}).rc, 0);
   {
     const Result r = run({"perplexity", "-m", model, "--kl-divergence-base",
-                          shardlm::test::fixture_path("text/llama-tiny-qwen3-f32.kl"), "--kl-divergence", "-q"});
+                          shardlm::test::fixture_path(std::string("text/llama-") + p.name + "-f32.kl"),
+                          "--kl-divergence", "-q"});
     ASSERT_EQ(r.rc, 0) << r.err;
     const auto [kld, top] = ppl::kld_and_top(r);
     EXPECT_LT(std::abs(kld), 1e-5) << "against llama.cpp\n" << r.out;
@@ -487,20 +499,33 @@ TEST(Perplexity, Qwen3WideQueriesMatchTheReferenceBackendInEveryLayoutAndLlamaCp
   a.insert(a.end(), {"--backend", "reference", "--kl-divergence-base", base});
   const Result w = run(a);
   ASSERT_EQ(w.rc, 0) << w.err;
-  for (const std::vector<std::string>& layout :
-       {std::vector<std::string>{"--tp", "1"}, {"--tp", "2"}, {"--pp", "2"}}) {
+  std::vector<std::vector<std::string>> layouts = {{"--tp", "1"}, {"--tp", "2"}, {"--pp", "2"}};
+  if (p.moe) layouts.push_back({"--tp", "2", "--enable-expert-parallel"});
+  for (const std::vector<std::string>& layout : layouts) {
     std::vector<std::string> c = {"perplexity", "-m", model, "--kl-divergence-base", base, "--kl-divergence",
                                   "--backend", "cpu", "-q"};
     c.insert(c.end(), layout.begin(), layout.end());
+    std::string name;
+    for (const std::string& x : layout) name += x + " ";
     const Result r = run(c);
-    ASSERT_EQ(r.rc, 0) << layout[0] << " " << layout[1] << ": " << r.err;
+    ASSERT_EQ(r.rc, 0) << name << ": " << r.err;
     const auto [kld, top] = ppl::kld_and_top(r);
-    EXPECT_LT(std::abs(kld), 1e-5) << layout[0] << " " << layout[1] << "\n" << r.out;
-    EXPECT_EQ(top, 100.0) << layout[0] << " " << layout[1] << "\n" << r.out;
+    EXPECT_LT(std::abs(kld), 1e-5) << name << "\n" << r.out;
+    EXPECT_EQ(top, 100.0) << name << "\n" << r.out;
   }
   std::remove(model.c_str());
   std::remove(base.c_str());
 }
+
+INSTANTIATE_TEST_SUITE_P(Presets, PerplexityPresets,
+                         ::testing::Values(PplPreset{"tiny-qwen3", false}, PplPreset{"tiny-qwen3moe", true},
+                                           PplPreset{"tiny-mixtral", true}),
+                         [](const ::testing::TestParamInfo<PplPreset>& i) {
+                           std::string n = i.param.name;
+                           for (char& ch : n)
+                             if (ch == '-') ch = '_';
+                           return n;
+                         });
 
 // Quantized KV caches measured the llama.cpp way: an f32-cache base file, then the KL divergence of each
 // cache type from it, on a head_dim-32 checkpoint read with the bundled model's tokenizer. Measured

@@ -20,6 +20,8 @@ namespace shardlm::test {
 struct RefCase {
   std::vector<int32_t> prompt_ids, argmax_all, greedy_32;
   std::vector<float> logits_first, logits_last;
+  // The reference's top-1 minus top-2 logit at each greedy step (the newer fixtures; empty otherwise).
+  std::vector<float> greedy_margins;
 };
 
 inline std::vector<RefCase> load_reference(const std::string& fixture_dir) {
@@ -28,7 +30,8 @@ inline std::vector<RefCase> load_reference(const std::string& fixture_dir) {
   for (const auto& c : j.at("cases"))
     r.push_back({c.at("prompt_ids").get<std::vector<int32_t>>(), c.at("argmax_all").get<std::vector<int32_t>>(),
                  c.at("greedy_32").get<std::vector<int32_t>>(), c.at("logits_first").get<std::vector<float>>(),
-                 c.at("logits_last").get<std::vector<float>>()});
+                 c.at("logits_last").get<std::vector<float>>(),
+                 c.contains("greedy_margins") ? c["greedy_margins"].get<std::vector<float>>() : std::vector<float>{}});
   return r;
 }
 

@@ -20,13 +20,15 @@ using namespace shardlm;
 
 int main(int argc, char** argv) {
   if (argc < 6 || (argc - 4) % 2 != 0) {
-    std::fprintf(stderr, "usage: hf_worker OUT TP PP MODEL FIXTURE_DIR [MODEL FIXTURE_DIR ...]\n");
+    std::fprintf(stderr, "usage: hf_worker OUT TP[ep] PP MODEL FIXTURE_DIR [MODEL FIXTURE_DIR ...]  (2ep: tp 2 with "
+                         "expert parallelism)\n");
     return 2;
   }
   try {
     auto comm = launched_by_mpi() ? make_mpi_communicator(&argc, &argv, 120) : make_single_rank_communicator();
     EngineOptions o;
     o.tp = std::atoi(argv[2]);
+    o.expert_parallel = std::string(argv[2]).find("ep") != std::string::npos;
     o.pp = std::atoi(argv[3]);
     o.n_threads = 1;
     o.micro_batch = 4;  // several micro-batches per prompt, so the pipeline path is exercised

@@ -25,7 +25,7 @@ namespace {
 using nlohmann::json;
 
 const std::vector<std::string> kFixtures = {"tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2",
-                                            "tiny-mistral", "tiny-qwen3"};
+                                            "tiny-mistral", "tiny-qwen3", "tiny-qwen3moe", "tiny-mixtral"};
 
 // KL(reference softmax || ours) at the first and last prompt positions, nats. Measured on these fixtures
 // (bf16-rounded RoPE as the reference): bf16 below 1e-12 (the same weights); q4_0 4.4e-3..8.3e-3
@@ -46,18 +46,19 @@ struct Cfg {
   int64_t hidden, layers, ff, heads, kv_heads, head_dim, ctx;
   double eps, theta;
   bool llama3_rope;
+  int64_t experts = 0, experts_used = 0, ff_exp = 0;  // mixtures of experts
 };
 Cfg read_config(const std::string& dir) {
   const json j = json::parse(read_small_file(dir + "/config.json", 1 << 20));
   Cfg c;
   const std::string mt = j.at("model_type");
-  c.arch = mt == "qwen2" || mt == "qwen3" ? mt : "llama";  // llama.cpp writes Mistral as `llama`
+  c.arch = mt == "qwen2" || mt == "qwen3" ? mt : mt == "qwen3_moe" ? "qwen3moe" : "llama";  // Mistral, Mixtral: `llama`
   c.hidden = j.at("hidden_size");
   c.layers = j.at("num_hidden_layers");
   c.ff = j.at("intermediate_size");
   c.heads = j.at("num_attention_heads");
   c.kv_heads = j.at("num_key_value_heads");
-  c.head_dim = j.value("head_dim", c.hidden / c.heads);
+  c.head_dim = j.contains("head_dim") && j["head_dim"].is_number() ? j["head_dim"].get<int64_t>() : c.hidden / c.heads;
   c.ctx = j.at("max_position_embeddings");
   if (j.contains("sliding_window") && j["sliding_window"].is_number()) c.ctx = std::min<int64_t>(c.ctx, j["sliding_window"]);
   c.eps = j.at("rms_norm_eps");
@@ -65,6 +66,9 @@ Cfg read_config(const std::string& dir) {
   c.theta = rp.at("rope_theta");
   const json rs = j.contains("rope_parameters") ? j["rope_parameters"] : j.value("rope_scaling", json::object());
   c.llama3_rope = rs.is_object() && rs.value("rope_type", "") == "llama3";
+  c.experts = j.value("num_experts", j.value("num_local_experts", int64_t{0}));
+  c.experts_used = j.value("num_experts_per_tok", int64_t{0});
+  c.ff_exp = j.value("moe_intermediate_size", c.ff);  // Mixtral's experts are intermediate_size wide
   return c;
 }
 
@@ -101,13 +105,40 @@ TEST_P(HfConvert, MetadataIsWhatLlamaCppReads) {
     EXPECT_FLOAT_EQ(f[0], 1.0f);                     // the highest frequency is not scaled
     EXPECT_FLOAT_EQ(f[want.head_dim / 2 - 1], 8.0f);  // the lowest is divided by `factor`
   }
+  // Vectors and the router stay F32, as llama.cpp's converter keeps them (and llama-quantize leaves them).
   for (const auto& t : g->tensors()) {
-    const bool vec = t.n_dims == 1;
-    EXPECT_EQ(int(t.type), int(vec ? GgmlType::F32 : GgmlType::F16)) << t.name;
+    const bool f32 = t.n_dims == 1 || t.name.find("ffn_gate_inp") != std::string::npos;
+    EXPECT_EQ(int(t.type), int(f32 ? GgmlType::F32 : GgmlType::F16)) << t.name;
   }
   EXPECT_EQ(g->find_tensor("blk.0.attn_q.bias") != nullptr, want.arch == "qwen2");
   // Qwen3's per-head norms travel as llama.cpp names them, one head_dim vector each, unpermuted.
-  EXPECT_EQ(g->find_tensor("blk.0.attn_q_norm.weight") != nullptr, want.arch == "qwen3");
+  EXPECT_EQ(g->find_tensor("blk.0.attn_q_norm.weight") != nullptr, want.arch == "qwen3" || want.arch == "qwen3moe");
+  // Experts: llama.cpp's keys and 3-D tensors {in, out, n_expert}; no per-expert or dense FFN tensors.
+  if (want.experts > 0) {
+    EXPECT_EQ(g->get_uint(a + "expert_count"), uint64_t(want.experts));
+    EXPECT_EQ(g->get_uint(a + "expert_used_count"), uint64_t(want.experts_used));
+    if (want.arch == "qwen3moe") {
+      EXPECT_EQ(g->get_uint(a + "expert_feed_forward_length"), uint64_t(want.ff_exp));
+    }
+    for (int64_t l = 0; l < want.layers; ++l) {
+      const std::string b = "blk." + std::to_string(l) + ".";
+      const GgufTensorInfo* router = g->find_tensor(b + "ffn_gate_inp.weight");
+      ASSERT_NE(router, nullptr) << l;
+      EXPECT_EQ(router->ne[0], want.hidden);
+      EXPECT_EQ(router->ne[1], want.experts);
+      for (const char* k : {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}) {
+        const GgufTensorInfo* t = g->find_tensor(b + k + ".weight");
+        ASSERT_NE(t, nullptr) << b << k;
+        const bool down = std::string(k) == "ffn_down_exps";
+        EXPECT_EQ(t->n_dims, 3) << t->name;
+        EXPECT_EQ(t->ne[0], down ? want.ff_exp : want.hidden) << t->name;
+        EXPECT_EQ(t->ne[1], down ? want.hidden : want.ff_exp) << t->name;
+        EXPECT_EQ(t->ne[2], want.experts) << t->name;
+      }
+      EXPECT_EQ(g->find_tensor(b + "ffn_up.weight"), nullptr);
+      EXPECT_EQ(g->find_tensor(b + "ffn_up.0.weight"), nullptr);
+    }
+  }
   if (const GgufTensorInfo* qn = g->find_tensor("blk.2.attn_k_norm.weight")) {
     EXPECT_EQ(qn->ne[0], want.head_dim);
     const auto norms = SafetensorsCheckpoint::open_dir(dir);  // owns the mapping hn points into
@@ -121,7 +152,7 @@ TEST_P(HfConvert, MetadataIsWhatLlamaCppReads) {
 
   // q_proj as stored (bf16) against the file's attn_q (f16): llama interleaves each head's halves,
   // qwen2 and qwen3 keep them (llama.cpp rotates them with NEOX and its converter does not permute).
-  const bool neox = want.arch == "qwen2" || want.arch == "qwen3";
+  const bool neox = want.arch == "qwen2" || want.arch == "qwen3" || want.arch == "qwen3moe";
   const auto ckpt = SafetensorsCheckpoint::open_dir(dir);
   for (const char* which : {"q", "k"}) {
     const SafetensorsTensor* hq = ckpt->find(cat("model.layers.1.self_attn.", which, "_proj.weight"));
@@ -186,7 +217,7 @@ TEST_P(HfConvert, EverySchemeLoadsAndRuns) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, HfConvert, ::testing::Values("tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2", "tiny-mistral", "tiny-qwen3"),
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfConvert, ::testing::Values("tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2", "tiny-mistral", "tiny-qwen3", "tiny-qwen3moe", "tiny-mixtral"),
                          [](const ::testing::TestParamInfo<const char*>& i) {
                            std::string n = i.param;
                            for (char& ch : n)

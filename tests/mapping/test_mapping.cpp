@@ -59,6 +59,46 @@ TEST(Mapping, EveryRankOfTp2Pp2) {
   }
 }
 
+// Expert parallelism: the experts of every layer partitioned over a stage's tp ranks, the first n % tp
+// ranks holding one more; the same ranges on every stage; all experts everywhere without it.
+TEST(Mapping, ExpertRangesOfEveryRank) {
+  struct E {
+    int tp, pp, n_expert;
+    std::vector<std::pair<int, int>> per_tp_rank;  // [begin, end) by tp_rank
+  };
+  const std::vector<E> cases = {
+      {2, 2, 8, {{0, 4}, {4, 8}}},
+      {4, 1, 128, {{0, 32}, {32, 64}, {64, 96}, {96, 128}}},
+      {3, 1, 8, {{0, 3}, {3, 6}, {6, 8}}},
+      {4, 2, 6, {{0, 2}, {2, 4}, {4, 5}, {5, 6}}},
+      {2, 1, 2, {{0, 1}, {1, 2}}},
+  };
+  for (const E& e : cases)
+    for (int r = 0; r < e.tp * e.pp; ++r) {
+      const Mapping m(e.tp * e.pp, r, e.tp, e.pp, 4, {}, e.n_expert, true);
+      SCOPED_TRACE(m.describe());
+      const auto want = e.per_tp_rank[static_cast<size_t>(m.tp_rank())];
+      EXPECT_TRUE(m.expert_parallel());
+      EXPECT_EQ(m.experts().begin, want.first);
+      EXPECT_EQ(m.experts().end, want.second);
+      EXPECT_NE(m.describe().find("experts " + std::to_string(want.first) + ".." + std::to_string(want.second - 1)),
+                std::string::npos);
+      const Mapping dense(e.tp * e.pp, r, e.tp, e.pp, 4, {}, e.n_expert, false);
+      EXPECT_EQ(dense.experts().begin, 0);
+      EXPECT_EQ(dense.experts().end, e.n_expert);
+    }
+  // No experts, or fewer than ranks: refused by name.
+  for (auto [n, tp] : {std::pair{0, 2}, {3, 4}}) {
+    try {
+      Mapping(tp, 0, tp, 1, 4, {}, n, true);
+      ADD_FAILURE() << n << " experts over tp " << tp;
+    } catch (const Error& err) {
+      EXPECT_NE(std::string(err.what()).find("--enable-expert-parallel"), std::string::npos) << err.what();
+    }
+  }
+  EXPECT_EQ(Mapping(2, 1, 2, 1, 4).experts().size(), 0);  // a dense model holds no experts
+}
+
 TEST(Mapping, Tp4Pp2WithUnevenSplit) {
   for (int r = 0; r < 8; ++r) {
     const Mapping m(8, r, 4, 2, 32, {3, 1});

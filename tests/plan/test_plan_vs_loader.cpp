@@ -6,13 +6,18 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "../../apps/shardlm/plan_glue.h"
 #include "backends/cpu/cpu_backend.h"
 #include "core/error.h"
+#include "loader/gguf_export.h"
 #include "loader/weights.h"
 #include "model/golden.h"
 #include "model/llama.h"
@@ -129,6 +134,82 @@ TEST(PlanVsLoader, WeightBytesEqualAndTotalsWithinFivePercent) {
       }
     EXPECT_GE(checked, 1 + 2 + 4 + 2 + 4 + 8 + 4 + 8 + 16);
   }
+}
+
+// Mixtures of experts, as Hugging Face directories (one 2-D tensor per expert) and converted to GGUF Q8_0
+// (3-D ffn_*_exps, each expert allocated apart): the planner's bytes per rank equal the loader's at tp 1/2/4
+// x pp 1/2, with every rank holding 1/tp of every expert and under expert parallelism (whole experts, 8
+// over 2 or 4 ranks). Q8_0 experts of width 64 cannot be cut 4 ways (a block is 32 wide): refused without
+// expert parallelism, planned with it.
+TEST(PlanVsLoader, MixtureOfExpertsWeightBytesEqualWithAndWithoutExpertParallelism) {
+  DeviceRequest dreq;
+  dreq.cpu_mem = "64G";
+  dreq.cpu_cores = 16;
+  DeviceInventory inv = make_inventory(dreq);
+  inv.gpus.clear();
+  for (const char* fixture : {"tiny-qwen3moe", "tiny-mixtral"})
+    for (bool gguf : {false, true}) {
+      const std::string dir = std::string(SHARDLM_SOURCE_DIR) + "/tests/data/hf/" + fixture;
+      std::string path = dir;
+      if (gguf) {
+        path = std::string(SHARDLM_BINARY_DIR) + "/plan-vs-loader-" + fixture + "-" + std::to_string(::getpid()) + ".gguf";
+        export_gguf(*open_model_source(dir), path, "q8_0");
+      }
+      SCOPED_TRACE(path);
+      const auto src = open_model_source(path);
+      const ModelDesc desc = model_desc_from_source(*src);
+      const ModelConfig& c = src->config();
+      ASSERT_TRUE(c.moe());
+      int checked = 0;
+      std::map<std::pair<int, int>, uint64_t> total;  // (tp, pp): bytes over all ranks without expert parallelism
+      for (bool ep : {false, true})
+        for (int tp : {1, 2, 4})
+          for (int pp : {1, 2}) {
+            if (ep && tp == 1) continue;
+            SCOPED_TRACE(testing::Message() << "tp " << tp << " pp " << pp << (ep ? " expert-parallel" : ""));
+            PlanRequest req;
+            req.ctx = 256;
+            req.batch = 64;
+            req.kv_type = GgmlType::F32;
+            req.tp = tp;
+            req.pp = pp;
+            req.expert_parallel = ep;
+            if (gguf && !ep && c.ffn_width() / 32 < tp) {
+              // tiny-qwen3moe's Q8_0 experts, 64 wide, are 2 blocks of 32: tp 4 would cut blocks; whole
+              // experts need no cut. (tiny-mixtral's are 128 wide.)
+              try {
+                make_plan(desc, inv, req);
+                ADD_FAILURE() << "tp 4 accepted";
+              } catch (const Error& e) {
+                EXPECT_NE(std::string(e.what()).find("a split would cut a quantization block"), std::string::npos)
+                    << e.what();
+              }
+              checked += tp * pp;
+              continue;
+            }
+            const Plan plan = make_plan(desc, inv, req);
+            ASSERT_TRUE(plan.fits);
+            ASSERT_EQ(plan.chosen.devices.size(), static_cast<size_t>(tp * pp));
+            uint64_t sum = 0;
+            for (int r = 0; r < tp * pp; ++r) {
+              const Mapping mapping(tp * pp, r, tp, pp, static_cast<int>(c.n_layer), {}, static_cast<int>(c.n_expert), ep);
+              auto backend = make_cpu_backend(1);
+              const ModelWeights w = load_weights(*src, mapping, *backend);
+              EXPECT_EQ(plan.chosen.devices[static_cast<size_t>(r)].weight_bytes, w.weight_bytes) << "rank " << r;
+              sum += w.weight_bytes;
+              ++checked;
+            }
+            // Expert parallelism stores each expert once per stage, as the tensor-parallel cut does (in tp
+            // slices): the same bytes over the stage's ranks.
+            if (!ep) {
+              total[{tp, pp}] = sum;
+            } else if (total.count({tp, pp})) {
+              EXPECT_EQ(sum, total.at({tp, pp}));
+            }
+          }
+      EXPECT_EQ(checked, (1 + 2 + 4) * 3 + (2 + 4) * 3);
+      if (gguf) std::remove(path.c_str());
+    }
 }
 
 TEST(PlanGlue, TinyModelStaysOnOneRankAndPinnedLayoutsAreKept) {

@@ -3,6 +3,7 @@
 
 #include "config/presets.h"
 #include "core/error.h"
+#include "plan/cost_model.h"
 #include "plan/planner.h"
 
 namespace shardlm {
@@ -258,6 +259,103 @@ TEST(Planner, DecodeByWeightTypeOnOneH100) {
     const Plan p = make_plan(model_desc_from_preset("llama-3.1-8b", r.scheme), inv, req);
     EXPECT_NEAR(p.chosen.decode_tps, r.measured, 0.12 * r.measured);
   }
+}
+
+}  // namespace
+}  // namespace shardlm
+
+namespace shardlm {
+namespace {
+
+// Qwen3-30B-A3B at Q4_K_M (17.3 GB) on a 12 GB card and 32 GB of RAM, the example: the planner keeps
+// the experts of the fewest first layers in RAM that let the GPU part fit (llama.cpp's --n-cpu-moe N), with
+// attention, norms and the router of every layer on the GPU; it beats offloading whole layers; one layer
+// fewer in RAM does not fit. Decode by hand from the devices' bytes: the GPU's at 0.90 of its bandwidth +
+// 16 us per layer, then the CPU's share of its experts (8 of 128 per token) at 0.42 x 20 GB/s (Q4_K) + 40 us
+// per layer in RAM.
+TEST(Planner, Qwen3MoeOnA12GbCardKeepsTheFirstLayersExpertsInRam) {
+  const ModelDesc m = model_desc_from_preset("qwen3-30b-a3b", "q4_k_m");
+  const DeviceInventory inv = machine("12G", "32G");
+  const Plan p = make_plan(m, inv, PlanRequest{});
+  ASSERT_TRUE(p.fits) << plan_to_text(p, true);
+  const Layout& L = p.chosen.layout;
+  EXPECT_EQ(L.n_gpu_layers, 48);
+  const int n = L.n_experts_in_ram();
+  EXPECT_GT(n, 0);
+  EXPECT_LT(n, 48);
+  for (int l = 0; l < 48; ++l) EXPECT_EQ(L.experts_in_ram[static_cast<size_t>(l)], l < n) << l;
+  ASSERT_EQ(p.chosen.devices.size(), 2u);
+  const DevicePlan& gpu = p.chosen.devices[0];
+  const DevicePlan& ram = p.chosen.devices[1];
+  EXPECT_EQ(ram.name, "CPU (experts)");
+  EXPECT_TRUE(gpu.fits);
+  EXPECT_TRUE(ram.fits);
+  // The experts in RAM are exactly n layers' ffn_*_exps tensors.
+  uint64_t experts_of_n = 0;
+  for (const TensorDesc& t : m.tensors)
+    if (t.layer >= 0 && t.layer < n && t.name.find("_exps.weight") != std::string::npos) experts_of_n += t.n_bytes;
+  EXPECT_EQ(ram.weight_bytes, experts_of_n);
+  EXPECT_EQ(gpu.weight_bytes + ram.weight_bytes, m.weight_bytes());
+  const double want = 1.0 / (gpu.decode_read_bytes / (0.90 * inv.gpus[0].bandwidth) + 48 * 16e-6 +
+                             ram.decode_read_bytes / (0.42 * inv.cpu.bandwidth) + n * 40e-6);
+  EXPECT_NEAR(p.chosen.decode_tps / want, 1.0, 1e-6);
+  EXPECT_NEAR(ram.decode_read_bytes, static_cast<double>(ram.weight_bytes) * 8 / 128, 1.0);
+  // Whole layers on the CPU instead: slower, and listed as such.
+  bool offload_listed = false;
+  for (const Candidate& c : p.ranked)
+    if (c.layout.n_gpu_layers < 48 && !c.layout.cpu_ranks) {
+      offload_listed = true;
+      EXPECT_LT(c.decode_tps, p.chosen.decode_tps);
+    }
+  EXPECT_TRUE(offload_listed);
+  EXPECT_EQ(plan_to_json(p)["layout"]["experts_in_ram_layers"].get<int>(), n);
+  EXPECT_NE(plan_to_text(p, false).find("--n-cpu-moe " + std::to_string(n)), std::string::npos);
+  // Minimal: one layer fewer in RAM (pinned, every layer on the GPU) leaves the GPU over its memory.
+  PlanRequest fewer;
+  fewer.n_cpu_moe = n - 1;
+  fewer.n_gpu_layers = 99;
+  EXPECT_FALSE(make_plan(m, inv, fewer).fits);
+  fewer.n_cpu_moe = n;
+  EXPECT_TRUE(make_plan(m, inv, fewer).fits);
+}
+
+// Pinned by the user: --cpu-moe (all layers), -ot patterns; a dense model refuses them by name; on an H100
+// everything stays on the GPU, and decode reads 8 of 128 experts per token.
+TEST(Planner, ExpertsInRamAsPinnedAndTheReadShareOnOneH100) {
+  const ModelDesc m = model_desc_from_preset("qwen3-30b-a3b", "q4_0");
+  PlanRequest all;
+  all.n_cpu_moe = 100000;
+  const Plan pa = make_plan(m, machine("h100-sxm", "256G"), all);
+  ASSERT_TRUE(pa.fits);
+  EXPECT_EQ(pa.chosen.layout.n_experts_in_ram(), 48);
+  PlanRequest two;
+  two.tensor_overrides = {"blk\\.(0|1)\\.ffn_.*_exps=CPU"};
+  const Plan p2 = make_plan(m, machine("h100-sxm", "256G"), two);
+  EXPECT_EQ(p2.chosen.layout.n_experts_in_ram(), 2);
+  EXPECT_GT(p2.chosen.decode_tps, pa.chosen.decode_tps);
+  PlanRequest bad;
+  bad.n_cpu_moe = 4;
+  EXPECT_THROW(make_plan(model_desc_from_preset("llama-3.1-8b", "q4_0"), machine("h100-sxm", "256G"), bad), Error);
+
+  const Plan p = make_plan(m, machine("h100-sxm", "256G"), PlanRequest{});
+  ASSERT_TRUE(p.fits);
+  EXPECT_EQ(p.chosen.layout.n_experts_in_ram(), 0);
+  const std::vector<RankWeights> w = rank_weights(m, 1);
+  uint64_t experts = 0;
+  for (uint64_t b : w[0].layer_expert_bytes) experts += b;
+  uint64_t all_layers = 0;
+  for (uint64_t b : w[0].layer_bytes) all_layers += b;
+  const DevicePlan& d = p.chosen.devices[0];
+  const double want = static_cast<double>(all_layers - experts) + static_cast<double>(experts) * 8.0 / 128.0 +
+                      static_cast<double>(d.kv_seq_bytes + w[0].token_embd_row_bytes + w[0].output_bytes +
+                                          w[0].output_norm_bytes);
+  EXPECT_NEAR(d.decode_read_bytes / want, 1.0, 1e-9);
+  // 128 sequences touch 1 - (1 - 1/16)^128 of the experts: nearly all.
+  PlanRequest many;
+  many.max_num_seqs = 128;
+  many.ctx = 512;
+  const Plan pm = make_plan(m, machine("h100-sxm", "256G"), many);
+  EXPECT_GT(pm.chosen.aggregate_decode_tps, 20 * pm.chosen.decode_tps);
 }
 
 }  // namespace
