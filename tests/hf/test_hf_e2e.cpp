@@ -124,6 +124,39 @@ TEST_P(HfEndToEnd, GreedyMatchesTransformers) {
   EXPECT_EQ(n_cases, 2);
 }
 
+#ifdef SHARDLM_HF_E2E_CUDA
+// Mixtures of experts with every layer's experts in RAM (--cpu-moe): attention and the router on the GPU,
+// the experts on the CPU backend; the CUDA bound against transformers, and the same argmax and greedy tokens.
+TEST_P(HfEndToEnd, ExpertsInRamMatchTransformers) {
+  const std::string dir = test::hf_fixture(GetParam());
+  auto src = open_model_source(dir);
+  if (!src->config().moe()) GTEST_SKIP() << "no experts";
+  if (backend_missing()) GTEST_SKIP() << "no CUDA GPU visible";
+  auto comm = make_single_rank_communicator();
+  EngineOptions o;
+  o.backend = kBackend;
+  o.n_threads = 2;
+  o.n_cpu_moe = 1000;
+  Engine engine(*src, *comm, o);
+  EXPECT_GT(engine.model().weights().expert_host_bytes, 0u);
+  const int64_t nv = engine.config().n_vocab;
+  const json ref = json::parse(read_small_file(dir + "/reference.json", 64 << 20));
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  for (const json& c : ref.at("cases")) {
+    const auto ids = c.at("prompt_ids").get<std::vector<int32_t>>();
+    const std::vector<float> all = engine.all_logits(ids);
+    ASSERT_EQ(all.size(), ids.size() * size_t(nv));
+    expect_close(all.data() + (ids.size() - 1) * nv, c.at("logits_last").get<std::vector<float>>(), "last position",
+                 kAtolDevice, kRtolDevice);
+    const auto am = c.at("argmax_all").get<std::vector<int32_t>>();
+    for (size_t p = 0; p < ids.size(); ++p) EXPECT_EQ(argmax(all.data() + p * nv, nv), am[p]) << "position " << p;
+    const auto want = c.at("greedy_32").get<std::vector<int32_t>>();
+    EXPECT_EQ(engine.generate(ids, static_cast<int64_t>(want.size()), greedy, -1).generated, want);
+  }
+}
+#endif
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfEndToEnd,
                          ::testing::Values("tiny-llama2", "tiny-llama31", "tiny-llama31-v4config", "tiny-qwen2",
                                            "tiny-mistral", "tiny-qwen3", "tiny-qwen3moe", "tiny-mixtral"),
