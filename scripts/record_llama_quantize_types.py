@@ -15,7 +15,7 @@ import sys
 import tarfile
 import tempfile
 
-PRESETS = ["tiny", "tiny-k", "tiny-gqa4", "tiny-qwen2"]
+PRESETS = ["tiny", "tiny-k", "tiny-gqa4", "tiny-qwen2", "tiny-qwen3moe", "tiny-mixtral"]
 SCHEMES = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0", "iq4_nl",
            "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "iq3_m", "iq3_s", "q2_k"]
 IMATRIX_SCHEMES = ["iq3_xs", "iq3_xxs", "q2_k_s", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"]

@@ -288,8 +288,8 @@ bool tensor_needs_imatrix(std::string_view name, GgmlType type) {
   }
 }
 
-// Mirrors llama.cpp's llama_tensor_get_type (src/llama-quant.cpp) for dense models, tensor by tensor, in its
-// order of precedence:
+// Mirrors llama.cpp's llama_tensor_get_type (src/llama-quant.cpp) for dense models and mixtures of experts,
+// tensor by tensor, in its order of precedence:
 // - 1-D tensors (norms, biases) are never quantized and stay F32 (as the converter writes them).
 // - Float schemes (f32/f16/bf16) convert every 2-D tensor; llama_tensor_get_type is not consulted.
 // - output.weight (or token_embd when the output is tied): Q8_0 when its rows do not hold whole blocks of
@@ -315,6 +315,10 @@ GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, co
   const bool is_output = t.name == "output.weight" || (c.tied_output && t.name == "token_embd.weight");
   const bool iq_low = s == "iq2_xxs" || s == "iq2_xs" || s == "iq1_s" || s == "iq2_s" || s == "iq2_m" || s == "iq1_m";
   const bool iq2_sm = s == "iq2_s" || s == "iq2_m";
+  // Mixtures of experts: ffn_*_exps (and one tensor per expert) are FFN tensors of their layer, as
+  // llama.cpp's name search puts them; its 8-expert rules (Mixtral-8x7B's) bump attention.
+  const auto has = [&](const char* part) { return t.name.find(part) != std::string::npos; };
+  const bool experts8 = c.n_expert == 8;
   G type = k->base;
   if (is_output) {
     if (t.ne.at(0) % block_size(k->base) != 0) type = G::Q8_0;
@@ -324,10 +328,15 @@ GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, co
     if (s == "iq2_xxs" || s == "iq2_xs" || s == "iq1_s" || s == "iq1_m") type = G::Q2_K;
     else if (iq2_sm || s == "iq3_xxs") type = G::IQ3_S;
   } else if (iq_low) {
-    if (ends_with(t.name, "attn_v.weight")) type = n_gqa >= 4 ? G::Q4_K : iq2_sm ? G::IQ3_S : G::Q2_K;
-    else if (ends_with(t.name, "ffn_down.weight") && i < n / 8) type = iq2_sm ? G::IQ3_S : G::Q2_K;
-    else if (ends_with(t.name, "attn_output.weight")) {
-      if (s == "iq1_s" || s == "iq1_m") type = G::IQ2_XXS;
+    if (ends_with(t.name, "attn_v.weight")) {
+      type = n_gqa >= 4 || c.n_expert >= 4 ? G::Q4_K : iq2_sm ? G::IQ3_S : G::Q2_K;
+    } else if (experts8 && ends_with(t.name, "attn_k.weight")) {
+      type = G::Q4_K;
+    } else if (has("ffn_down")) {
+      if (i < n / 8) type = iq2_sm ? G::IQ3_S : G::Q2_K;
+    } else if (ends_with(t.name, "attn_output.weight")) {
+      if (experts8) type = G::Q5_K;
+      else if (s == "iq1_s" || s == "iq1_m") type = G::IQ2_XXS;
       else if (iq2_sm) type = G::IQ3_S;
     }
   } else if (ends_with(t.name, "attn_v.weight")) {
@@ -342,15 +351,18 @@ GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, co
     else if ((s == "q4_k_m" || s == "q5_k_m") && use_more_bits(i, n)) type = G::Q6_K;
     else if (s == "q4_k_s" && i < 4) type = G::Q5_K;
     if (n == 80 && (type == G::Q3_K || type == G::Q4_K)) type = G::Q5_K;
+    if (experts8) type = G::Q8_0;  // "bumping this to Q8_0 trades just ~128MB"
+  } else if (ends_with(t.name, "attn_k.weight") && experts8) {
+    type = G::Q8_0;
   } else if (ends_with(t.name, "attn_k.weight") || ends_with(t.name, "attn_q.weight")) {
     if (s == "iq3_xs") type = G::IQ3_XXS;
     else if (s == "iq3_xxs") type = G::IQ2_S;
-  } else if (ends_with(t.name, "ffn_down.weight")) {
+  } else if (has("ffn_down")) {
     if (s == "q2_k") type = G::Q3_K;
     else if (s == "q2_k_s") { if (i < n / 8) type = G::Q4_K; }
     else if (s == "iq3_xxs" && !imatrix) type = i < n / 8 ? G::Q4_K : G::Q3_K;
     else if (s == "q3_k_m") type = i < n / 16 ? G::Q5_K : G::Q4_K;  // not Falcon: always Q4_K
-    else if (s == "iq3_m" && i < n / 8) type = G::Q4_K;
+    else if (s == "iq3_m" && (i < n / 8 || (experts8 && use_more_bits(i, n)))) type = G::Q4_K;
     else if (s == "q3_k_l") type = G::Q5_K;
     else if (s == "q4_k_m") { if (use_more_bits(i, n)) type = G::Q6_K; }
     else if (i < n / 8 && (s == "iq4_nl" || s == "iq4_xs") && !imatrix) type = G::Q5_K;
@@ -358,12 +370,16 @@ GgmlType tensor_type_for_scheme(std::string_view scheme, const TensorSpec& t, co
     else if (s == "q4_k_s" && i < n / 8) type = G::Q5_K;
     else if ((s == "q4_0" || s == "q5_0") && imatrix && i < n / 8) type = s == "q4_0" ? G::Q4_1 : G::Q5_1;
   } else if (ends_with(t.name, "attn_output.weight")) {
-    if (s == "q2_k") type = G::Q3_K;
+    if (experts8) {
+      if (s == "q2_k" || s == "iq3_xs" || s == "iq3_xxs" || s == "q3_k_s" || s == "q3_k_m" || s == "iq4_nl" ||
+          s == "q4_k_s" || s == "q4_k_m" || s == "iq3_s" || s == "iq3_m" || s == "iq4_xs")
+        type = G::Q5_K;
+    } else if (s == "q2_k") type = G::Q3_K;
     else if (s == "iq3_xxs") type = G::IQ3_S;
     else if (s == "q3_k_m") type = G::Q4_K;
     else if (s == "q3_k_l") type = G::Q5_K;
     else if (s == "iq3_m") type = G::Q4_K;
-  } else if (ends_with(t.name, "ffn_gate.weight") || ends_with(t.name, "ffn_up.weight")) {
+  } else if (has("ffn_gate") || has("ffn_up")) {
     if (s == "iq3_xs" && i >= n / 8 && i < 7 * n / 8) type = G::IQ3_XXS;
   }
   return fallback(type, t);

@@ -162,7 +162,8 @@ TEST(Presets, UnknownNamesAreClearErrors) {
 // Every tensor of every test preset under every scheme, with and without an importance matrix ("+imatrix"),
 // against the types llama.cpp's llama-quantize gave the same tensors (recorded by
 // scripts/record_llama_quantize_types.py, read back with gguf-py): the presets cover 64-wide rows (fallbacks),
-// GQA 2 and 4, 4 and 16 layers, qwen2 biases.
+// GQA 2 and 4, 4 and 16 layers, qwen2 biases, and mixtures of 8 experts (qwen3moe, Mixtral: 3-D expert
+// tensors and llama.cpp's 8-expert rules for attention).
 TEST(Presets, EveryTensorTypeMatchesLlamaQuantize) {
   std::ifstream f(test::fixture_path("quant/llama_quantize_types.json"));
   const auto j = nlohmann::json::parse(f);
