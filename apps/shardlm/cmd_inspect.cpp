@@ -95,6 +95,9 @@ int cmd_inspect(int argc, const char* const* argv) {
                    {"rms_eps", c.rms_eps}, {"rope_freq_base", c.rope_freq_base},
                    {"rope_scaling", c.rope_scaling.type}, {"qkv_bias", c.qkv_bias}, {"qk_norm", c.qk_norm},
                    {"tied_output", c.tied_output}};
+    if (c.moe())
+      j["config"].update({{"expert_count", c.n_expert}, {"expert_used_count", c.n_expert_used},
+                          {"expert_feed_forward_length", c.n_ff_exp}, {"expert_weights_norm", c.expert_weights_norm}});
   }
   if (gguf) {
     nlohmann::json kv = nlohmann::json::object();
@@ -120,6 +123,10 @@ int cmd_inspect(int argc, const char* const* argv) {
     std::printf("  rms eps %g, rope base %g, rope scaling %s, qkv bias %s, q/k norm %s, tied output %s\n", c.rms_eps,
                 c.rope_freq_base, c.rope_scaling.type.c_str(), c.qkv_bias ? "yes" : "no", c.qk_norm ? "yes" : "no",
                 c.tied_output ? "yes" : "no");
+    if (c.moe())
+      std::printf("  experts: expert_count %lld, expert_used_count %lld per token, width %lld, weights %s\n",
+                  (long long)c.n_expert, (long long)c.n_expert_used, (long long)c.n_ff_exp,
+                  c.expert_weights_norm ? "renormalized to sum 1" : "the softmax probabilities");
   }
   std::printf("  parameters %.4g (%llu), weights %s in %zu tensors\n", double(n_params), (unsigned long long)n_params,
               human_bytes(n_bytes).c_str(), tensors.size());

@@ -108,9 +108,42 @@ TEST(HfCli, GenerateOnDirectoryMatchesTransformers) {
   }
 }
 
-// Disabled until `plan -m DIR` reads model directories: it fails with "is a directory, expected a GGUF
-// file" (apps/shardlm/cmd_plan.cpp, src/plan/ - outside tests/hf; reported). Run with
-// --gtest_also_run_disabled_tests to check the fix.
+// Mixtures of experts from the command line: transformers' greedy tokens on one rank and (with MPI) at tp 2
+// with and without --enable-expert-parallel; inspect names the expert keys; plan counts the expert-parallel
+// layout; the experts-in-RAM flags are refused where they cannot apply, naming the flag.
+TEST(HfCli, MixtureOfExpertsCommands) {
+  const std::string dir = hf_fixture("tiny-qwen3moe");
+  const RefCase c = load_reference(dir)[0];
+  std::vector<std::vector<std::string>> layouts = {{}};
+#ifdef SHARDLM_E2E_MPI
+  layouts.push_back({"--tp", "2"});
+  layouts.push_back({"--tp", "2", "--enable-expert-parallel"});
+#endif
+  for (const auto& l : layouts) {
+    std::vector<std::string> args = {"generate", "-m", dir, "--prompt-ids", id_list(c.prompt_ids), "-n", "32",
+                                     "--greedy", "--ignore-eos", "--json", "-q"};
+    args.insert(args.end(), l.begin(), l.end());
+    const Result r = run(args);
+    ASSERT_EQ(r.rc, 0) << l.size() << ": " << r.err;
+    EXPECT_EQ(parse(r)["generated_ids"].get<std::vector<int32_t>>(), c.greedy_32) << l.size();
+  }
+  const Result i = run({"inspect", dir});
+  ASSERT_EQ(i.rc, 0) << i.err;
+  EXPECT_NE(i.out.find("expert_count"), std::string::npos) << i.out.substr(0, 600);
+  const Result p = run({"plan", "-m", dir, "--gpus", "24G,24G", "--tp", "2", "--enable-expert-parallel", "--json"});
+  ASSERT_EQ(p.rc, 0) << p.err;
+  EXPECT_EQ(parse(p)["devices"].size(), 2u);
+  const Result cpu_moe = run({"generate", "-m", dir, "--prompt-ids", "1,2", "-n", "2", "--cpu-moe", "-q"});
+  EXPECT_EQ(cpu_moe.rc, 2);
+  EXPECT_NE(cpu_moe.err.find("need --backend cuda"), std::string::npos) << cpu_moe.err;
+  const Result ot = run({"plan", "-m", dir, "--gpus", "24G", "-ot", "exps"});
+  EXPECT_EQ(ot.rc, 2);
+  EXPECT_NE(ot.err.find("PATTERN=DEVICE"), std::string::npos) << ot.err;
+  const Result dense = run({"plan", "-m", hf_fixture("tiny-qwen2"), "--gpus", "24G", "--n-cpu-moe", "2"});
+  EXPECT_EQ(dense.rc, 2);
+  EXPECT_NE(dense.err.find("no experts"), std::string::npos) << dense.err;
+}
+
 TEST(HfCli, PlanReadsDirectories) {
   const Result p = run({"plan", "-m", hf_fixture("tiny-qwen2"), "--json"});
   ASSERT_EQ(p.rc, 0) << p.err;
