@@ -71,32 +71,29 @@ std::vector<Preset> build_presets() {
     c.qkv_bias = true;
     p.push_back({"qwen2.5-72b", "Qwen2.5 72B (80 layers, GQA 64/8, q/k/v biases)", c});
   }
-  {
-    // Qwen3 8B's config.json: head_dim 128 given, q/k norms, no biases, untied output.
-    ModelConfig c = make("qwen3", "Qwen3 8B", 151936, 4096, 36, 32, 8, 12288, 40960, 1e-6f, 1000000.0f);
+  // Qwen3 (dense and MoE): q/k RMS norms per head, head_dim given apart from n_embd / n_head.
+  const auto qwen3 = [](ModelConfig c, int64_t head_dim) {
+    c.head_dim = head_dim;
     c.qk_norm = true;
-    p.push_back({"qwen3-8b", "Qwen3 8B (36 layers, GQA 32/8, q/k norms)", c});
-  }
+    return c;
+  };
   const auto moe = [](ModelConfig c, int64_t n_expert, int64_t used, int64_t n_ff_exp) {
     c.n_expert = n_expert;
     c.n_expert_used = used;
     c.n_ff_exp = n_ff_exp;
     return c;
   };
-  {
-    // Qwen3-30B-A3B's config.json: 32 heads of 128 on a 2048-wide model, 128 experts of 768, 8 per token.
-    ModelConfig c = make("qwen3moe", "Qwen3 30B A3B", 151936, 2048, 48, 32, 4, 6144, 40960, 1e-6f, 1000000.0f);
-    c.head_dim = 128;
-    c.qk_norm = true;
-    p.push_back({"qwen3-30b-a3b", "Qwen3 30B-A3B (48 layers, 128 experts of 768, 8 per token)", moe(c, 128, 8, 768)});
-  }
-  {
-    ModelConfig c = make("qwen3moe", "Qwen3 235B A22B", 151936, 4096, 94, 64, 4, 12288, 40960, 1e-6f, 1000000.0f);
-    c.head_dim = 128;
-    c.qk_norm = true;
-    p.push_back({"qwen3-235b-a22b", "Qwen3 235B-A22B (94 layers, 128 experts of 1536, 8 per token)",
-                 moe(c, 128, 8, 1536)});
-  }
+  // Qwen3 8B's config.json: head_dim 128 given, q/k norms, no biases, untied output.
+  p.push_back({"qwen3-8b", "Qwen3 8B (36 layers, GQA 32/8, q/k norms)",
+               qwen3(make("qwen3", "Qwen3 8B", 151936, 4096, 36, 32, 8, 12288, 40960, 1e-6f, 1000000.0f), 128)});
+  // Qwen3-30B-A3B's config.json: 32 heads of 128 on a 2048-wide model, 128 experts of 768, 8 per token.
+  p.push_back({"qwen3-30b-a3b", "Qwen3 30B-A3B (48 layers, 128 experts of 768, 8 per token)",
+               moe(qwen3(make("qwen3moe", "Qwen3 30B A3B", 151936, 2048, 48, 32, 4, 6144, 40960, 1e-6f, 1000000.0f), 128),
+                   128, 8, 768)});
+  p.push_back({"qwen3-235b-a22b", "Qwen3 235B-A22B (94 layers, 128 experts of 1536, 8 per token)",
+               moe(qwen3(make("qwen3moe", "Qwen3 235B A22B", 151936, 4096, 94, 64, 4, 12288, 40960, 1e-6f, 1000000.0f),
+                         128),
+                   128, 8, 1536)});
   p.push_back({"mixtral-8x7b", "Mixtral 8x7B (32 layers, 8 experts of 14336, 2 per token)",
                moe(make("llama", "Mixtral 8x7B", 32000, 4096, 32, 32, 8, 14336, 32768, 1e-5f, 1000000.0f), 8, 2,
                    14336)});
@@ -116,21 +113,13 @@ std::vector<Preset> build_presets() {
     c.qkv_bias = true;
     p.push_back({"tiny-qwen2", "test model, Qwen2 style: dim 256, 4 layers, q/k/v biases, n_ff 768", c});
   }
-  {
-    // head_dim 64 with 8 heads of a 256-wide model: q is 512 wide, wider than the hidden state, as in
-    // Qwen3-30B-A3B (head_dim 128, 32 heads, dim 2048).
-    ModelConfig c = make("qwen3", "tiny-qwen3", 1024, 256, 4, 8, 2, 768, 512, 1e-6f, 1000000.0f);
-    c.head_dim = 64;
-    c.qk_norm = true;
-    p.push_back({"tiny-qwen3", "test model, Qwen3 style: dim 256, 4 layers, 8 heads of 64 / 2 KV heads, q/k norms", c});
-  }
-  {
-    ModelConfig c = make("qwen3moe", "tiny-qwen3moe", 1024, 256, 4, 4, 2, 768, 512, 1e-6f, 1000000.0f);
-    c.head_dim = 64;
-    c.qk_norm = true;
-    p.push_back({"tiny-qwen3moe", "test model, Qwen3-MoE style: dim 256, 4 layers, 8 experts of 256, 2 per token",
-                 moe(c, 8, 2, 256)});
-  }
+  // head_dim 64 with 8 heads of a 256-wide model: q is 512 wide, wider than the hidden state, as in
+  // Qwen3-30B-A3B (head_dim 128, 32 heads, dim 2048).
+  p.push_back({"tiny-qwen3", "test model, Qwen3 style: dim 256, 4 layers, 8 heads of 64 / 2 KV heads, q/k norms",
+               qwen3(make("qwen3", "tiny-qwen3", 1024, 256, 4, 8, 2, 768, 512, 1e-6f, 1000000.0f), 64)});
+  p.push_back({"tiny-qwen3moe", "test model, Qwen3-MoE style: dim 256, 4 layers, 8 experts of 256, 2 per token",
+               moe(qwen3(make("qwen3moe", "tiny-qwen3moe", 1024, 256, 4, 4, 2, 768, 512, 1e-6f, 1000000.0f), 64), 8, 2,
+                   256)});
   p.push_back({"tiny-mixtral", "test model, Mixtral style: dim 256, 4 layers, 8 experts of 512, 2 per token",
                moe(make("llama", "tiny-mixtral", 512, 256, 4, 4, 2, 512, 512, 1e-5f, 1000000.0f), 8, 2, 512)});
   return p;
