@@ -459,20 +459,16 @@ void LlamaModel::moe_ffn(Segment& seg, const LayerWeights& w, int64_t n_tok) {
     xn = seg.e_xn->as<float>();
   }
   if (n_rows > 0) eb.gather_rows(xn, tok.data(), n_rows, d, xs);
-  // w.exp_*[i] is expert held.begin + i.
-  for (int64_t e = held.begin; e < held.end; ++e) {
-    const int64_t r0 = count[static_cast<size_t>(e)], n = count[static_cast<size_t>(e) + 1] - r0;
-    if (n == 0) continue;  // at batch 1 only k experts' rows are read
-    const size_t i = static_cast<size_t>(e - held.begin);
-    const WeightView ws[2] = {w.exp_gate[i], w.exp_up[i]};
-    float* const outs[2] = {g + r0 * ff_local_, u + r0 * ff_local_};
-    eb.matmul_group(ws, 2, xs + r0 * d, outs, n);
-  }
+  // w.exp_*[i] is expert held.begin + i, its rows [count[held.begin + i], count[held.begin + i + 1]); at
+  // batch 1 only the k chosen experts have rows, so only their weights are read.
+  const int64_t* bounds = count.data() + held.begin;
+  const WeightView* gate_up[2] = {w.exp_gate.data(), w.exp_up.data()};
+  float* const gu_out[2] = {g, u};
+  eb.matmul_experts(gate_up, 2, held.size(), bounds, xs, gu_out);
   if (n_rows > 0) eb.swiglu(g, u, g, n_rows * ff_local_);
-  for (int64_t e = held.begin; e < held.end; ++e) {
-    const int64_t r0 = count[static_cast<size_t>(e)], n = count[static_cast<size_t>(e) + 1] - r0;
-    if (n > 0) eb.matmul(w.exp_down[static_cast<size_t>(e - held.begin)], g + r0 * ff_local_, ys + r0 * d, n);
-  }
+  const WeightView* down[1] = {w.exp_down.data()};
+  float* const down_out[1] = {ys};
+  eb.matmul_experts(down, 1, held.size(), bounds, g, down_out);
   // Under expert parallelism each rank sums its own experts' share; the FFN's all-reduce adds the rest.
   eb.weighted_row_sum(ys, n_rows, slot_row.data(), weight.data(), n_tok, static_cast<int>(k), d, out);
   if (apart) b.upload(seg.o->as<float>(), out, static_cast<size_t>(n_tok * d) * sizeof(float));

@@ -5,6 +5,7 @@
 // typed (any GgmlType the backend supports) and stored as rows of ne[0] elements, like GGUF.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -166,6 +167,30 @@ class Backend {
   virtual void matmul_group(const WeightView* ws /* (n) */, int n, const float* x /* (n_tok, n_cols) */,
                             float* const* ys /* (n) each (n_tok, ws[i].n_rows) */, int64_t n_tok) {
     for (int i = 0; i < n; ++i) matmul(ws[i], x, ys[i], n_tok);
+  }
+  // Experts' matmuls over rows grouped by expert (ggml's MUL_MAT_ID, mixture of experts): for every set s
+  // and expert e with rows, ys[s] rows [bounds[e], bounds[e+1]) = sets[s][e] x rows [bounds[e], bounds[e+1]).
+  // Every expert of a set has the same shape. The default runs matmul_group per expert; a backend may run
+  // all experts' rows as one parallel job (the CPU's: one dispatch of its threads instead of one per expert
+  // and set, which at batch 1 costs more than the rows themselves).
+  virtual void matmul_experts(const WeightView* const* sets /* (n_sets) each (n_experts) */, int n_sets,
+                              int n_experts, const int64_t* bounds /* (n_experts + 1) row offsets, host */,
+                              const float* x /* (bounds[n_experts], n_cols) */,
+                              float* const* ys /* (n_sets) each (bounds[n_experts], sets[s][0].n_rows) */) {
+    for (int e = 0; e < n_experts; ++e) {
+      const int64_t r0 = bounds[e], n = bounds[e + 1] - r0;
+      if (n <= 0) continue;
+      WeightView ws[4];
+      float* outs[4];
+      for (int s0 = 0; s0 < n_sets; s0 += 4) {
+        const int m = std::min(4, n_sets - s0);
+        for (int i = 0; i < m; ++i) {
+          ws[i] = sets[s0 + i][e];
+          outs[i] = ys[s0 + i] + r0 * ws[i].n_rows;
+        }
+        matmul_group(ws, m, x + r0 * ws[0].n_cols, outs, n);
+      }
+    }
   }
   // y[t, i] += b[i].
   virtual void add_bias(float* y /* (n_tok, n) */, const float* b /* (n) */, int64_t n_tok, int64_t n) = 0;

@@ -110,6 +110,42 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void matmul_experts(const WeightView* const* sets, int n_sets, int n_experts, const int64_t* bounds,
+                      const float* x, float* const* ys) override {
+    // One job for every (set, expert, row chunk) with tokens: the threads start once for all of them.
+    struct Item {
+      int set, expert;
+      int64_t r0, r1;  // weight rows
+    };
+    std::vector<Item> items;
+    int64_t total_rows = 0;
+    for (int s = 0; s < n_sets; ++s)
+      for (int e = 0; e < n_experts; ++e)
+        if (bounds[e + 1] > bounds[e]) total_rows += sets[s][e].n_rows;
+    if (total_rows == 0) return;
+    const int64_t grain = std::max<int64_t>(16, total_rows / (pool_.size() * 4));
+    for (int s = 0; s < n_sets; ++s)
+      for (int e = 0; e < n_experts; ++e) {
+        if (bounds[e + 1] <= bounds[e]) continue;
+        for (int64_t r = 0; r < sets[s][e].n_rows; r += grain)
+          items.push_back({s, e, r, std::min(sets[s][e].n_rows, r + grain)});
+      }
+    pool_.parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const Item& it = items[static_cast<size_t>(i)];
+        const WeightView& w = sets[it.set][it.expert];
+        const int64_t t0 = bounds[it.expert], n_tok = bounds[it.expert + 1] - t0;
+        const auto* rows = static_cast<const uint8_t*>(w.data) + w.row_stride * it.r0;
+        const float* xe = x + t0 * w.n_cols;
+        float* ye = ys[it.set] + t0 * w.n_rows + it.r0;
+        if (n_tok == 1)
+          matvec_rows(w.type, rows, w.row_stride, it.r1 - it.r0, w.n_cols, xe, ye);
+        else
+          matmul_rows(w.type, rows, w.row_stride, it.r1 - it.r0, w.n_cols, xe, w.n_cols, n_tok, ye, w.n_rows);
+      }
+    });
+  }
+
   void add_bias(float* y, const float* b, int64_t n_tok, int64_t n) override {
     for (int64_t t = 0; t < n_tok; ++t)
       for (int64_t i = 0; i < n; ++i) y[t * n + i] += b[i];
