@@ -110,7 +110,6 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp, bool expert_pa
     // The experts this rank holds, as Mapping::experts() gives them to the loader.
     const Mapping map(tp, r, tp, 1, static_cast<int>(c.n_layer), {}, static_cast<int>(c.n_expert), expert_parallel);
     const ExpertRange held = map.experts();
-    w.experts_held = held.size();
     w.layer_expert_bytes.assign(static_cast<size_t>(c.n_layer), 0);
     w.layer_expert_gpu_pad.assign(static_cast<size_t>(c.n_layer), 0);
     w.ff_units = expert_parallel ? c.ffn_width() : ffn_shard(c, block_size(down[0]), tp, r).size();

@@ -62,8 +62,6 @@ struct RankWeights {
   std::vector<uint64_t> layer_bytes;  // per layer, this rank's shards of blk.{i}.*
   std::vector<uint64_t> layer_expert_bytes;  // per layer, the part of layer_bytes that is experts (a token
                                              // reads n_expert_used of n_expert of them)
-  int64_t experts_held = 0;                  // experts per MoE layer on this rank (all but under expert
-                                             // parallelism), each whole or 1/tp of it
   std::vector<uint64_t> layer_gpu_pad;  // per layer, what gpu_alloc_pad adds to those shards on a GPU
   std::vector<uint64_t> layer_expert_gpu_pad;  // per layer, the part of layer_gpu_pad that is experts
   uint64_t token_embd_gpu_pad = 0;      // the same for the other tensors
