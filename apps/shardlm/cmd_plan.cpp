@@ -2,6 +2,8 @@
 // Exit status: 0 the model fits (plan printed), 3 nothing fits (the closest miss and the smallest
 // changes that would fit are printed), 2 bad input (flags, files), 1 other errors (thrown as Error).
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <filesystem>
 #include <iostream>
@@ -59,6 +61,14 @@ std::vector<double> parse_split(const std::string& s) {
   return v;
 }
 
+int64_t parse_ctx_arg(const std::string& s) {
+  int64_t v = 0;
+  const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || p != s.data() + s.size() || v < 1 || v > kMaxPlanCtx)
+    fail("context (--ctx): '", s, "' is neither 'max' nor a whole number in [1, ", kMaxPlanCtx, "]");
+  return v;
+}
+
 bool looks_like_file(const std::string& m) {
   return m.size() > 5 && m.compare(m.size() - 5, 5, ".gguf") == 0;
 }
@@ -79,7 +89,8 @@ int cmd_plan(int argc, const char* const* argv) {
   bool cpu_moe = false;
   std::optional<int> n_cpu_moe;
   std::vector<std::string> tensor_overrides;
-  int64_t ctx = 4096, batch = 512, max_num_seqs = 1;
+  std::string ctx_arg;  // a number or "max"; empty: what generate uses, min(trained context, 4096)
+  int64_t batch = 512, max_num_seqs = 1;
   int main_gpu = 0;
   bool explain = false, json = false;
   app.add_option("-m,--model", model, "GGUF file, or a preset: " + preset_names())->required();
@@ -93,8 +104,19 @@ int cmd_plan(int argc, const char* const* argv) {
                  "CPU memory bandwidth in GB/s (default: measured here with a 256 MiB copy on every core; 20, an "
                  "assumption, with --cpu-mem, which plans for another machine's CPU)");
   app.add_option("--link", link, "link between devices: nvlink, pcie4, pcie5, ethernet, shm");
-  app.add_option("--ctx,--max-model-len", ctx, "context length the KV cache must hold")->capture_default_str();
-  app.add_option("--batch", batch, "tokens per forward pass (prefill micro-batch)")->capture_default_str();
+  app.add_option("--ctx,--max-model-len,-c,--ctx-size", ctx_arg,
+                 "context length the KV cache must hold, or 'max': the largest that fits, up to the trained context "
+                 "(default: as generate, the model's trained context up to 4096)")
+      ->check([](const std::string& v) -> std::string {
+        if (v == "max") return "";
+        try {
+          parse_ctx_arg(v);
+        } catch (const Error& e) {
+          return e.what();
+        }
+        return "";
+      });
+  app.add_option("-b,--batch-size,--batch", batch, "tokens per forward pass (prefill micro-batch)")->capture_default_str();
   app.add_option("--max-num-seqs", max_num_seqs,
                  "sequences decoding together (1..4096): the KV pool holds max-num-seqs x ctx positions and must "
                  "fit; also prints how many sequences fit and the aggregate decode tokens/s")
@@ -170,8 +192,16 @@ int cmd_plan(int argc, const char* const* argv) {
                             " threads); --cpu-bandwidth overrides"));
 
   PlanRequest req;
-  req.ctx = ctx;
-  req.batch = batch;
+  if (ctx_arg == "max") {
+    req.ctx_max = true;
+    req.ctx = default_context(desc.config);  // reported only when nothing fits
+  } else if (ctx_arg.empty()) {
+    req.ctx = default_context(desc.config);  // generate's, serve's and the engine's
+  } else {
+    req.ctx = parse_ctx_arg(ctx_arg);
+  }
+  // As generate: a prefill step holds at most the whole context (run_flags' resolve).
+  req.batch = std::min(batch, req.ctx);
   req.max_num_seqs = max_num_seqs;  // make_plan validates 1..4096, naming --max-num-seqs
   const std::optional<GgmlType> kv = parse_type(kv_type);
   if (!kv) fail("KV cache type (--kv-type): '", kv_type, "' is unknown; use f16, f32, bf16, q8_0 or q4_0");

@@ -101,7 +101,7 @@ EngineOptions RunFlags::resolve(const ModelSource& src, int64_t ctx_if_unset) co
   if (!cpu_mem.empty()) parse_size(cpu_mem, "--cpu-mem");
   const ModelConfig& c = src.config();
   const int64_t train = c.n_ctx_train > 0 ? c.n_ctx_train : 4096;
-  int64_t ctx = o.n_ctx > 0 ? o.n_ctx : std::min<int64_t>(train, ctx_if_unset > 0 ? ctx_if_unset : 4096);
+  int64_t ctx = o.n_ctx > 0 ? o.n_ctx : ctx_if_unset > 0 ? std::min<int64_t>(train, ctx_if_unset) : default_context(c);
   ctx = std::max<int64_t>(ctx, 1);  // the engine refuses contexts outside [1, trained] with its own message
   RunPlanRequest rq;
   if (layout_given()) {

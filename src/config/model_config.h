@@ -63,6 +63,13 @@ struct ModelConfig {
 // converter); empty when rope_scaling.type is "none".
 std::vector<float> llama3_rope_freq_factors(const ModelConfig& c);
 
+// The context a run gets when none is asked for (generate, serve, bench, the engine, plan): the trained
+// context, at most 4096 (a KV cache of the whole 128K context of Llama 3.1 would be 16 GiB at 8B); 4096
+// when the model does not say.
+inline int64_t default_context(const ModelConfig& c) {
+  return c.n_ctx_train > 0 ? (c.n_ctx_train < 4096 ? c.n_ctx_train : 4096) : 4096;
+}
+
 // Reads {arch}.* keys; throws Error naming the key for anything missing or out of range.
 ModelConfig config_from_gguf(const GgufFile& f);
 

@@ -71,7 +71,13 @@ nlohmann::json plan_to_json(const Plan& p) {
   j["sequences_that_fit"] = p.chosen.seqs_that_fit;
   // max_num_seqs sequences decoding together, each at the full context ctx.
   j["aggregate_decode_tokens_per_s"] = p.chosen.aggregate_decode_tps;
-  j["max_context"] = p.max_context;
+  j["max_context"] = p.max_context;  // of the chosen (or closest-miss) layout
+  j["ctx_is_max"] = p.ctx_is_max;
+  j["ctx_train"] = p.ctx_train;
+  if (!p.fits) {
+    j["max_context_any_layout"] = p.max_context_any;
+    j["max_context_any_layout_name"] = p.max_context_any_layout;
+  }
   j["why_not"] = p.fits ? "" : p.chosen.why;
   j["candidates"] = nlohmann::json::array();
   for (const Candidate& c : p.ranked)
@@ -105,7 +111,9 @@ std::string plan_to_text(const Plan& p, bool explain) {
   const Layout& L = p.chosen.layout;
   os << "model: " << p.model << "  (" << rate(static_cast<double>(p.n_params) / 1e9) << "e9 params, "
      << gib(p.weight_bytes) << " GiB = " << rate(static_cast<double>(p.weight_bytes) / 1e9) << " GB of weights)\n";
-  os << "context " << p.ctx << ", batch " << p.batch << ", KV cache " << type_name(p.kv_type) << "\n";
+  os << "context " << p.ctx << (p.ctx_is_max ? " (--ctx max: the largest that fits)" : "")
+     << (p.ctx_train > 0 ? cat(", trained context ", p.ctx_train) : std::string(", trained context unknown"))
+     << ", batch " << p.batch << ", KV cache " << type_name(p.kv_type) << "\n";
   os << (p.fits ? "FITS" : "DOES NOT FIT") << ": " << (L.cpu_ranks ? "CPU ranks" : "GPU ranks") << " tp " << L.tp
      << " x pp " << L.pp << ", " << L.n_gpu_layers << " GPU layers";
   if (L.pp > 1) {
@@ -142,7 +150,12 @@ std::string plan_to_text(const Plan& p, bool explain) {
      << (p.max_num_seqs == 1 ? " sequence" : " sequences")
      << " decoding together (each at context " << p.ctx << "; weights read once per step)\n";
   os << "max context for this layout" << (p.max_num_seqs > 1 ? cat(" (", p.max_num_seqs, " sequences)") : std::string())
-     << ": " << p.max_context << "\n";
+     << ": " << p.max_context
+     << (p.fits || p.max_context > 0 ? std::string() : std::string(" (its weights and workspace alone do not fit)"))
+     << (p.ctx_train > 0 ? cat(" (trained context ", p.ctx_train, ")") : std::string()) << "\n";
+  if (!p.fits)
+    os << "largest context that fits with any layout: " << p.max_context_any
+       << (p.max_context_any > 0 ? cat(" (", p.max_context_any_layout, ")") : std::string(" (none)")) << "\n";
   if (!p.fits) {
     os << "why: " << p.chosen.why << "\n";
     os << "smallest changes that would fit:\n";

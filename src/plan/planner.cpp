@@ -19,7 +19,6 @@ namespace shardlm {
 namespace {
 
 constexpr double kActBytes = 4.0;          // fp32 activations travel between devices
-constexpr int64_t kMaxCtx = int64_t{1} << 24;
 constexpr int64_t kMaxBatch = 65536;
 constexpr int64_t kMaxNumSeqs = 4096;
 
@@ -604,7 +603,7 @@ void validate_request(const ModelDesc& m, const DeviceInventory& inv, const Plan
       c.n_ff < 1)
     fail("model '", m.source, "': hyper-parameters must be positive (n_layer ", c.n_layer, ", n_embd ", c.n_embd,
          ", n_head ", c.n_head, ", n_head_kv ", c.n_head_kv, ")");
-  if (req.ctx < 1 || req.ctx > kMaxCtx) fail("context (--ctx): ", req.ctx, " must be in [1, ", kMaxCtx, "]");
+  if (req.ctx < 1 || req.ctx > kMaxPlanCtx) fail("context (--ctx): ", req.ctx, " must be in [1, ", kMaxPlanCtx, "]");
   if (req.batch < 1 || req.batch > kMaxBatch) fail("batch (--batch): ", req.batch, " must be in [1, ", kMaxBatch, "]");
   if (req.max_num_seqs < 1 || req.max_num_seqs > kMaxNumSeqs)
     fail("sequences (--max-num-seqs): ", req.max_num_seqs, " must be in [1, ", kMaxNumSeqs, "]");
@@ -664,22 +663,49 @@ SplitMode parse_split_mode(std::string_view s) {
   fail("split mode (--split-mode): '", s, "' is unknown; use layer, row, tensor or none");
 }
 
-Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest& req, const CostParams& params) {
-  validate_request(m, inv, req);
+Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest& asked, const CostParams& params) {
+  validate_request(m, inv, asked);
   const ModelConfig& c = m.config;
   const int n_layer = static_cast<int>(c.n_layer);
   Plan plan;
   plan.model = m.source;
   plan.n_params = m.n_params();
   plan.weight_bytes = m.weight_bytes();
-  plan.ctx = req.ctx;
-  plan.batch = req.batch;
-  plan.max_num_seqs = req.max_num_seqs;
-  plan.kv_type = req.kv_type;
+  plan.ctx_train = c.n_ctx_train;
+  plan.batch = asked.batch;
+  plan.max_num_seqs = asked.max_num_seqs;
+  plan.kv_type = asked.kv_type;
   plan.params = params;
   plan.notes = inv.notes;
 
-  Search search(m, inv, req, params);
+  Search search(m, inv, asked, params);
+  // The request with the context it is planned at: --ctx max searches it (fit shrinks monotonically with
+  // context, so the largest fitting one is found by bisection), capped by the trained context.
+  PlanRequest req = asked;
+  if (asked.ctx_max) {
+    const int64_t cap = c.n_ctx_train > 0 ? std::min(c.n_ctx_train, kMaxPlanCtx) : kMaxPlanCtx;
+    const auto fits_at = [&](int64_t x) {
+      const auto r = search.run(x);
+      return !r.empty() && r.front().fits;
+    };
+    if (fits_at(cap)) {
+      req.ctx = cap;
+      plan.ctx_is_max = true;
+    } else if (fits_at(1)) {
+      int64_t lo = 1, hi = cap - 1;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo + 1) / 2;
+        if (fits_at(mid)) lo = mid;
+        else hi = mid - 1;
+      }
+      req.ctx = lo;
+      plan.ctx_is_max = true;
+    } else {
+      plan.notes.push_back(cat("--ctx max: nothing fits at any context; the closest miss is shown at context ",
+                               req.ctx));
+    }
+  }
+  plan.ctx = req.ctx;
   std::vector<Candidate> ranked = search.run(req.ctx);
   if (ranked.empty()) {
     if (inv.cpu.capacity_bytes == 0 && inv.gpus.empty())
@@ -707,7 +733,7 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
   const Layout& L = plan.chosen.layout;
   if (plan.fits) {
     // Largest context for the chosen layout (fit shrinks monotonically with context).
-    int64_t hi = std::max<int64_t>(c.n_ctx_train > 0 ? c.n_ctx_train : kMaxCtx, req.ctx);
+    int64_t hi = std::max<int64_t>(c.n_ctx_train > 0 ? c.n_ctx_train : kMaxPlanCtx, req.ctx);
     int64_t lo = req.ctx;
     if (search.evaluate(L, hi).fits) lo = hi;
     while (lo < hi) {
@@ -737,7 +763,17 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
                                tps(plan.all_gpu_decode_tps / plan.chosen.decode_tps), "x slower)"));
     }
   } else {
-    // Shorter context: the largest that fits with any layout.
+    // The closest miss's own largest context (0 when its weights alone do not fit), then the largest that
+    // fits with any layout, which may be another one: each is reported as what it is.
+    {
+      int64_t lo = 0, hi = req.ctx - 1;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo + 1) / 2;
+        if (search.evaluate(L, mid).fits) lo = mid;
+        else hi = mid - 1;
+      }
+      plan.max_context = lo;
+    }
     int64_t lo = 0, hi = req.ctx - 1;
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo + 1) / 2;
@@ -745,10 +781,11 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
       if (!r.empty() && r.front().fits) lo = mid;
       else hi = mid - 1;
     }
-    plan.max_context = lo;
+    plan.max_context_any = lo;
     if (lo > 0) {
       const Candidate cc = search.run(lo).front();
-      plan.suggestions.push_back(cat("a shorter context: --ctx ", lo, " fits (", layout_name(cc.layout, n_layer), ", ",
+      plan.max_context_any_layout = layout_name(cc.layout, n_layer);
+      plan.suggestions.push_back(cat("a shorter context: --ctx ", lo, " fits (", plan.max_context_any_layout, ", ",
                                      tps(cc.decode_tps), " tok/s)"));
     }
     // One or more GPUs like the largest one.

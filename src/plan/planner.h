@@ -25,6 +25,10 @@ SplitMode parse_split_mode(std::string_view s);  // throws Error naming --split-
 // What the user asked for; unset fields are searched.
 struct PlanRequest {
   int64_t ctx = 4096;     // tokens of context the KV cache must hold (--ctx / --max-model-len)
+  // --ctx max: plan at the largest context some layout (within the pinned options) fits, capped by the
+  // model's trained context (kMaxPlanCtx when the model does not say); `ctx` is then only the fallback
+  // reported when nothing fits at any context.
+  bool ctx_max = false;
   int64_t batch = 512;    // tokens per forward pass (prefill micro-batch) for the workspace
   // Sequences decoding together (--max-num-seqs): the engine's paged KV pool holds max_num_seqs x ctx
   // positions, and the fit decision counts all of them. 1 = the batch-1 plan.
@@ -146,6 +150,8 @@ struct Plan {
   int64_t n_params = 0;
   uint64_t weight_bytes = 0;
   int64_t ctx = 0;
+  bool ctx_is_max = false;       // ctx was chosen by --ctx max
+  int64_t ctx_train = 0;         // the model's trained context (0 = unknown)
   int64_t batch = 0;
   int64_t max_num_seqs = 1;
   uint64_t kv_pool_bytes = 0;    // KV over all devices of the chosen layout: max_num_seqs x ctx positions
@@ -153,6 +159,10 @@ struct Plan {
   bool fits = false;
   Candidate chosen;              // the best fitting layout, or the closest miss when nothing fits
   int64_t max_context = 0;       // largest context the chosen layout holds for max_num_seqs sequences (0 when none)
+  // When nothing fits: the largest context that fits with any layout (0 when none) and that layout's name;
+  // the chosen (closest-miss) layout's own figure is max_context.
+  int64_t max_context_any = 0;
+  std::string max_context_any_layout;
   double all_gpu_decode_tps = 0; // with CPU offload: the rate if those layers were on the GPUs too
   std::vector<Candidate> ranked;     // best first, for --explain
   std::vector<std::string> suggestions;  // when nothing fits: the smallest changes that would
@@ -164,6 +174,9 @@ struct Plan {
 // pinned tp that cannot split the heads, layer_split of the wrong length, bad ctx/batch ...).
 Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest& req,
                const CostParams& params = {});
+
+// The largest context a plan accepts (--ctx / --max-model-len).
+constexpr int64_t kMaxPlanCtx = int64_t{1} << 24;
 
 nlohmann::json plan_to_json(const Plan& p);
 std::string plan_to_text(const Plan& p, bool explain);
