@@ -42,7 +42,7 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
   if (options_.tp * options_.pp != comm.world_size())
     fail("--tp ", options_.tp, " x --pp ", options_.pp, " = ", options_.tp * options_.pp, " ranks, but ",
          comm.world_size(), " were launched");
-  if (options_.n_ctx == 0) options_.n_ctx = std::min<int64_t>(c.n_ctx_train, 4096);
+  if (options_.n_ctx == 0) options_.n_ctx = default_context(c);
   if (options_.n_ctx < 1 || options_.n_ctx > c.n_ctx_train)
     fail("context size -c ", options_.n_ctx, " is outside [1, ", c.n_ctx_train, "] (the model's training context)");
   if (options_.n_batch < 1 || options_.n_batch > 65536) fail("batch size ", options_.n_batch, " is outside [1, 65536]");
@@ -140,6 +140,7 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
     so.n_ctx = options_.n_ctx;
     so.block_size = block_size;
     so.n_blocks = n_blocks;
+    so.prefix_caching = options_.prefix_caching;
     sched_ = std::make_unique<Scheduler>(so);
   }
 #ifdef SHARDLM_HAVE_CUDA
@@ -596,6 +597,11 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_pr
     }
     for (const SeqEvent& e : ev)
       if (e.token >= 0) {
+        if (res.generated.empty()) {
+          // Prefix caching: the prompt positions found in the cache were not computed.
+          res.cached_prompt_tokens = e.cached_prompt_tokens;
+          res.times.prefill_tokens -= e.cached_prompt_tokens;
+        }
         res.generated.push_back(e.token);
         if (on_token) on_token(e.token);
       }

@@ -39,6 +39,9 @@ struct EngineOptions {
                                     // 0 = n_batch / pp (at least 1)
   int64_t max_num_seqs = 1;         // sequences in one step (and running at once)
   int64_t kv_blocks = 0;            // blocks in the KV pool; 0 = max_num_seqs sequences of n_ctx positions
+  // A new sequence's prompt reuses the KV blocks of an earlier one that started with the same tokens
+  // (SchedulerOptions::prefix_caching): serve and chat turn it on.
+  bool prefix_caching = false;
   GgmlType kv_type = GgmlType::F32;
   int n_threads = 0;                // CPU threads per rank; 0 = runtime/host_threads.h's default
   std::string backend = "cpu";      // "cpu", "reference" or "cuda"
@@ -61,13 +64,14 @@ struct EngineOptions {
 
 struct StepTimes {
   double prefill_s = 0, decode_s = 0, comm_s = 0;
-  int64_t prefill_tokens = 0, decode_tokens = 0;
+  int64_t prefill_tokens = 0, decode_tokens = 0;  // tokens computed
 };
 
 struct GenerateResult {
   std::vector<int32_t> generated;
   StepTimes times;
   bool tokens_on_device = false;  // decode steps took the device-greedy path (EngineOptions::device_greedy)
+  int64_t cached_prompt_tokens = 0;  // prefix caching: prompt tokens not computed (times.prefill_tokens excludes them)
 };
 
 class Engine {

@@ -66,11 +66,45 @@ const Scheduler::Seq& Scheduler::live(int64_t id) const {
 const std::vector<int32_t>& Scheduler::tokens(int64_t id) const { return live(id).tokens; }
 const SequenceParams& Scheduler::params(int64_t id) const { return live(id).params; }
 
-void Scheduler::preempt(int64_t id) {
-  Seq& s = live(id);
+void Scheduler::drop_blocks(Seq& s) {
   alloc_.release_all(s.blocks);
   s.blocks.clear();
   s.n_computed = 0;
+  s.n_published = 0;
+  s.chain = -1;
+}
+
+void Scheduler::match_prefix(Seq& s) {
+  if (!o_.prefix_caching || s.params.score_only || !s.blocks.empty()) return;
+  // At least the prompt's last token is computed again: its row gives the first sampled token.
+  const int64_t bs = o_.block_size;
+  const int64_t full = (static_cast<int64_t>(s.tokens.size()) - 1) / bs;
+  int32_t parent = -1;
+  for (int64_t i = 0; i < full; ++i) {
+    const int32_t b = alloc_.lookup(parent, s.tokens.data() + i * bs, bs);
+    if (b < 0) break;
+    alloc_.retain(b);
+    s.blocks.push_back(b);
+    parent = b;
+  }
+  s.n_computed = static_cast<int64_t>(s.blocks.size()) * bs;
+  s.n_published = static_cast<int64_t>(s.blocks.size());
+  s.chain = parent;
+  s.n_cached = std::min(s.n_computed, s.n_prompt);
+}
+
+void Scheduler::publish_blocks(Seq& s) {
+  if (!o_.prefix_caching || s.params.score_only) return;
+  const int64_t bs = o_.block_size;
+  for (; s.n_published < s.n_computed / bs; ++s.n_published) {
+    const auto i = static_cast<size_t>(s.n_published);
+    s.chain = alloc_.publish(s.blocks[i], s.chain, s.tokens.data() + s.n_published * bs, bs);
+  }
+}
+
+void Scheduler::preempt(int64_t id) {
+  Seq& s = live(id);
+  drop_blocks(s);
   running_.erase(std::find(running_.begin(), running_.end(), id));
   waiting_.push_front(id);
   ++preemptions_;
@@ -125,8 +159,16 @@ StepPlan Scheduler::schedule() {
          static_cast<int64_t>(running_.size()) < o_.max_num_seqs) {
     const int64_t id = waiting_.front();
     Seq& s = live(id);
+    match_prefix(s);
     const int64_t n = std::min<int64_t>(static_cast<int64_t>(s.tokens.size()) - s.n_computed, budget);
-    if (!grow(s, s.n_computed + n)) break;  // first come first served: nobody overtakes it
+    if (!grow(s, s.n_computed + n)) {
+      drop_blocks(s);  // matched blocks go back (still cached); matched again when it is admitted
+      break;           // first come first served: nobody overtakes it
+    }
+    if (o_.prefix_caching && !s.params.score_only) {
+      prefix_queries_ += s.n_prompt;
+      prefix_hits_ += s.n_cached;
+    }
     waiting_.pop_front();
     running_.push_back(id);
     picked.emplace_back(id, static_cast<int32_t>(n));
@@ -179,6 +221,7 @@ std::vector<SeqEvent> Scheduler::commit(const StepPlan& plan, const std::vector<
     }
     Seq& s = it->second;
     s.n_computed = p.pos0 + p.n_tok;
+    publish_blocks(s);
     if (p.scores) {
       if (s.n_computed == static_cast<int64_t>(s.tokens.size())) {
         SeqEvent e;
@@ -197,6 +240,7 @@ std::vector<SeqEvent> Scheduler::commit(const StepPlan& plan, const std::vector<
     SeqEvent e;
     e.id = p.id;
     e.token = tok;
+    e.cached_prompt_tokens = s.n_cached;
     const int64_t generated = static_cast<int64_t>(s.tokens.size()) - s.n_prompt;
     const auto& stop = s.params.stop_ids;
     if (std::find(stop.begin(), stop.end(), tok) != stop.end())

@@ -30,6 +30,10 @@ struct SchedulerOptions {
   int64_t n_ctx = 0;                     // positions one sequence may use
   int64_t block_size = 16;               // positions per KV block
   int64_t n_blocks = 0;                  // blocks in the pool
+  // Prefix caching (vLLM's --enable-prefix-caching): full KV blocks stay known by their token prefix after
+  // their sequence ends (until the pool needs them), and a new sequence whose prompt starts with such
+  // blocks reuses them instead of computing those positions again. Off: every prompt is computed whole.
+  bool prefix_caching = false;
 };
 
 struct SequenceParams {
@@ -75,6 +79,8 @@ struct SeqEvent {
   // tokens (TokenCandidate::logit holding the log-probability), most likely first.
   float logprob = 0.0f;
   std::vector<TokenCandidate> top_logprobs;
+  // Prefix caching: prompt tokens whose KV rows came from the cache at the sequence's admission.
+  int64_t cached_prompt_tokens = 0;
 };
 
 class Scheduler {
@@ -93,6 +99,12 @@ class Scheduler {
   int64_t n_running() const { return static_cast<int64_t>(running_.size()); }
   int64_t n_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   int64_t n_preemptions() const { return preemptions_; }
+  // Prefix caching: prompt tokens looked up at admission, and those found in cached blocks (vLLM's
+  // prefix_cache_queries / prefix_cache_hits).
+  int64_t prefix_query_tokens() const { return prefix_queries_; }
+  int64_t prefix_hit_tokens() const { return prefix_hits_; }
+  // A live sequence's prompt tokens taken from cached blocks at its (last) admission.
+  int64_t cached_prompt_tokens(int64_t id) const { return live(id).n_cached; }
   const KvBlockAllocator& blocks() const { return alloc_; }
   const SchedulerOptions& options() const { return o_; }
 
@@ -124,11 +136,19 @@ class Scheduler {
     int64_t n_computed = 0;       // positions whose KV rows are in its blocks
     std::vector<int32_t> blocks;  // its block table
     SequenceParams params;
+    int64_t n_published = 0;      // prefix caching: its leading full blocks offered to the cache ...
+    int32_t chain = -1;           // ... and the cached block holding the last of them (-1: none)
+    int64_t n_cached = 0;         // prompt positions found in the cache at admission
   };
   Seq& live(int64_t id);
   const Seq& live(int64_t id) const;
   void preempt(int64_t id);
   void finish(int64_t id);
+  // Prefix caching: a sequence about to be admitted takes the cached blocks its prompt starts with; a
+  // sequence's newly computed full blocks are offered to the cache.
+  void match_prefix(Seq& s);
+  void drop_blocks(Seq& s);
+  void publish_blocks(Seq& s);
 
   SchedulerOptions o_;
   KvBlockAllocator alloc_;
@@ -137,6 +157,7 @@ class Scheduler {
   std::deque<int64_t> waiting_;  // not admitted (new or preempted), in order
   int64_t next_id_ = 1;
   int64_t preemptions_ = 0;
+  int64_t prefix_queries_ = 0, prefix_hits_ = 0;
 };
 
 }  // namespace shardlm

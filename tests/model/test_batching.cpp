@@ -166,6 +166,64 @@ TEST(Batching, AbortedSequenceFreesItsBlocksAndOthersContinue) {
   EXPECT_EQ(many.scheduler()->blocks().n_free(), many.kv_blocks());
 }
 
+// Prefix caching: requests that share their first 20-45 tokens (three stems, a chat's system prompt and
+// history) reuse each other's KV blocks, in a pool large enough to keep them and in one so small that
+// cached blocks are evicted and sequences preempted; every request still gets exactly the ids it gets alone
+// with nothing cached (a reused row is the row it would compute: the arithmetic of a token is independent
+// of its step), and the blocks really were reused. Also the second of two identical requests run one after
+// the other, the case of a chat's next turn.
+TEST(Batching, PrefixCachingGivesTheIdsOfARunWithoutIt) {
+  auto comm = make_single_rank_communicator();
+  auto src = open_model_source(converted_model("stories260K"));
+  const int32_t nv = static_cast<int32_t>(src->config().n_vocab);
+  std::vector<Request> reqs = requests(12, nv, 99);
+  std::mt19937 rng(5);
+  std::vector<std::vector<int32_t>> stems(3);
+  for (auto& st : stems) {
+    st.push_back(1);
+    const int len = 20 + static_cast<int>(rng() % 26);
+    for (int t = 1; t < len; ++t) st.push_back(3 + static_cast<int32_t>(rng() % uint32_t(nv - 3)));
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    std::vector<int32_t> p = stems[i % 3];
+    p.insert(p.end(), reqs[i].prompt.begin() + 1, reqs[i].prompt.begin() + 1 + std::min<ptrdiff_t>(8, ptrdiff_t(reqs[i].prompt.size()) - 1));
+    reqs[i].prompt = p;
+  }
+  reqs.push_back(reqs[0]);  // the same request again
+  Engine one(*src, *comm, options("cpu", 1, 0));
+  const auto want = alone(one, reqs);
+  for (int64_t kv_blocks : {int64_t{0}, int64_t{7}}) {
+    SCOPED_TRACE(kv_blocks);
+    EngineOptions o = options("cpu", 4, kv_blocks);
+    o.prefix_caching = true;
+    Engine many(*src, *comm, o);
+    int64_t most = 0;
+    const auto got = batched(many, reqs, 2, -1, &most);
+    for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ(got[i], want[i]) << "request " << i;
+    const Scheduler& s = *many.scheduler();
+    EXPECT_GT(s.prefix_hit_tokens(), many.kv_block_size() * 6) << "the shared stems were not reused";
+    if (kv_blocks > 0) {
+      EXPECT_GT(s.n_preemptions(), 0) << "the small pool preempted nothing";
+    }
+    EXPECT_EQ(s.blocks().n_free(), many.kv_blocks()) << "blocks were not returned to the pool";
+  }
+  // One after the other: the second run of a prompt computes only what the first did not leave in full
+  // blocks, and gives the same ids.
+  EngineOptions o = options("cpu", 1, 0);
+  o.prefix_caching = true;
+  Engine e(*src, *comm, o);
+  const Request& r = reqs[1];
+  const auto first = e.generate(r.prompt, r.params.max_tokens, r.params.sampling, -1);
+  const auto second = e.generate(r.prompt, r.params.max_tokens, r.params.sampling, -1);
+  EXPECT_EQ(first.generated, second.generated);
+  EXPECT_EQ(first.times.prefill_tokens, static_cast<int64_t>(r.prompt.size()));
+  const int64_t n = static_cast<int64_t>(r.prompt.size()), bs = e.kv_block_size();
+  EXPECT_EQ(second.cached_prompt_tokens, (n - 1) / bs * bs);
+  EXPECT_EQ(second.times.prefill_tokens, n - (n - 1) / bs * bs)
+      << "the second run computed more of the prompt than what follows its full blocks";
+  EXPECT_GT(second.cached_prompt_tokens, 0);
+}
+
 TEST(Batching, PromptLargerThanThePoolIsRefused) {
   auto comm = make_single_rank_communicator();
   auto src = open_model_source(converted_model("stories260K"));

@@ -1086,5 +1086,192 @@ TEST(Scheduler, ReserveAndCommitRun) {
   EXPECT_EQ(t.blocks().n_free(), 6);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Prefix caching
+
+std::vector<int32_t> toks(std::initializer_list<int32_t> l) { return std::vector<int32_t>(l); }
+
+// A published chain is found block by block; a duplicate publish names the block that already holds the
+// content; released cached blocks count as free but are given out only after the never-cached ones, least
+// recently released first; once a block is given out again, it and every block cached after it stop
+// matching (their KV rows were computed after the old content).
+TEST(KvBlockAllocator, PrefixCacheChainsAndEvicts) {
+  KvBlockAllocator a(4);
+  std::vector<int32_t> x;
+  ASSERT_TRUE(a.allocate(2, &x));  // 0, 1
+  const auto A = toks({1, 2, 3, 4}), B = toks({5, 6, 7, 8}), C = toks({9, 9, 9, 9});
+  EXPECT_EQ(a.lookup(-1, A.data(), 4), -1);
+  EXPECT_EQ(a.publish(0, -1, A.data(), 4), 0);
+  EXPECT_EQ(a.publish(1, 0, B.data(), 4), 1);
+  EXPECT_EQ(a.n_cached(), 2);
+  EXPECT_EQ(a.lookup(-1, A.data(), 4), 0);
+  EXPECT_EQ(a.lookup(0, B.data(), 4), 1);
+  EXPECT_EQ(a.lookup(-1, B.data(), 4), -1) << "the same tokens after another prefix are other KV rows";
+  EXPECT_EQ(a.lookup(1, B.data(), 4), -1);
+  // A second sequence computed the same first block into block 2: the cache keeps block 0.
+  std::vector<int32_t> y;
+  ASSERT_TRUE(a.allocate(1, &y));
+  EXPECT_EQ(y, toks({2}));
+  EXPECT_EQ(a.publish(2, -1, A.data(), 4), 0);
+  EXPECT_EQ(a.n_cached(), 2);
+  a.release(2);  // uncached: plainly free
+  a.release(0);
+  a.release(1);
+  EXPECT_EQ(a.n_free(), 4);
+  EXPECT_EQ(a.n_used(), 0);
+  EXPECT_EQ(a.lookup(-1, A.data(), 4), 0) << "cached blocks outlive their sequence";
+  // A match takes a holder: the block is no longer free.
+  a.retain(0);
+  EXPECT_EQ(a.holders(0), 1);
+  EXPECT_EQ(a.n_free(), 3);
+  a.retain(1);   // both matched by one sequence ...
+  a.release(0);  // ... which ends: block 0 is now the least recently released
+  a.release(1);
+  std::vector<int32_t> z;
+  ASSERT_TRUE(a.allocate(3, &z));
+  EXPECT_EQ(z, toks({2, 3, 0})) << "never-cached blocks first, then the least recently released cached one";
+  EXPECT_EQ(a.lookup(-1, A.data(), 4), -1) << "block 0 was given out for other content";
+  EXPECT_EQ(a.lookup(0, B.data(), 4), -1) << "block 1's rows were computed after block 0's old content";
+  EXPECT_EQ(a.n_cached(), 1) << "block 1 keeps its key until it is given out";
+  // Block 0 holding A again does not revive block 1: its key names block 0's earlier life.
+  EXPECT_EQ(a.publish(0, -1, A.data(), 4), 0);
+  EXPECT_EQ(a.lookup(-1, A.data(), 4), 0);
+  EXPECT_EQ(a.lookup(0, B.data(), 4), -1);
+  std::vector<int32_t> w;
+  ASSERT_TRUE(a.allocate(1, &w));
+  EXPECT_EQ(w, toks({1})) << "the last free block is the stale one";
+  EXPECT_EQ(a.n_cached(), 1);
+  EXPECT_EQ(a.publish(z[0], -1, C.data(), 4), 2);
+  EXPECT_EQ(a.lookup(-1, C.data(), 4), 2);
+  a.release(3);
+  EXPECT_THROW(a.retain(3), Error) << "a free block that is not cached cannot be matched";
+  EXPECT_THROW(a.publish(3, -1, A.data(), 4), Error) << "publish of a free block";
+}
+
+// A prompt that starts with a finished sequence's full blocks is admitted with them: its first step starts
+// after them, its table begins with them, and the counters say how many prompt tokens were found. The
+// prompt's last token is always computed (its row gives the first token). Off, nothing is shared.
+TEST(Scheduler, PrefixCachingReusesFullBlocks) {
+  for (bool on : {false, true}) {
+    SCOPED_TRACE(on);
+    SchedulerOptions o = options(2, 64, 64, 4, 16);
+    o.prefix_caching = on;
+    Scheduler s(o);
+    const auto first = prompt_of(10);
+    s.add(first, gen(3));
+    StepPlan p = s.schedule();
+    ASSERT_EQ(p.seqs.size(), 1u);
+    EXPECT_EQ(p.seqs[0].pos0, 0);
+    const std::vector<int32_t> a_blocks(p.batch.blocks(0), p.batch.blocks(0) + 3);
+    s.commit(p, {100});
+    s.commit(s.schedule(), {101});
+    s.commit(s.schedule(), {102});  // 10 prompt + 2 fed back: positions 0..11 computed, 3 full blocks
+    EXPECT_FALSE(s.has_work());
+    EXPECT_EQ(s.blocks().n_free(), 16);
+    // Shares 9 prompt tokens: 2 full blocks.
+    auto second = prompt_of(9);
+    second.push_back(500);
+    second.push_back(501);
+    const int64_t b = s.add(second, gen(2));
+    p = s.schedule();
+    ASSERT_EQ(p.seqs.size(), 1u);
+    EXPECT_EQ(p.seqs[0].pos0, on ? 8 : 0);
+    EXPECT_EQ(p.seqs[0].n_tok, on ? 3 : 11);
+    EXPECT_EQ(p.batch.out_rows, toks({p.seqs[0].n_tok - 1}));
+    if (on) {
+      EXPECT_EQ(p.batch.blocks(0)[0], a_blocks[0]);
+      EXPECT_EQ(p.batch.blocks(0)[1], a_blocks[1]);
+      EXPECT_EQ(s.cached_prompt_tokens(b), 8);
+      EXPECT_EQ(s.prefix_query_tokens(), 10 + 11);
+      EXPECT_EQ(s.prefix_hit_tokens(), 8);
+    } else {
+      EXPECT_EQ(s.cached_prompt_tokens(b), 0);
+    }
+    s.commit(p, {7});
+    // The whole of the first sequence's tokens (prompt and generated) as a prompt: all 3 full blocks are
+    // found, and position 12 (its only other token) is computed; a prompt of exactly 12 recomputes the last
+    // block's last token instead: 2 blocks.
+    auto third = first;
+    for (int32_t t : {100, 101, 102}) third.push_back(t);
+    const int64_t c = s.add(third, gen(1));
+    auto exact = first;
+    exact.push_back(100);
+    exact.push_back(101);
+    const int64_t d = s.add(exact, gen(1));
+    p = s.schedule();
+    ASSERT_EQ(p.seqs.size(), 2u) << "b running, c admitted (max_num_seqs 2)";
+    EXPECT_EQ(p.seqs[1].id, c);
+    EXPECT_EQ(p.seqs[1].pos0, on ? 12 : 0);
+    s.commit(p, sampled_all(p, 7));  // b samples; c finishes (max_tokens 1)
+    p = s.schedule();
+    const PlannedSeq* pd = find_seq(p, d);
+    ASSERT_NE(pd, nullptr);
+    EXPECT_EQ(pd->pos0, on ? 8 : 0);
+  }
+}
+
+// Random traffic with shared prefixes through a pool small enough to evict and preempt, checked against a
+// model of the KV rows: every position a step reads must hold the row of this sequence's own token prefix
+// (whoever computed it), and no block written by a step is held by anyone else.
+TEST(Scheduler, PrefixCachingRandomTrafficReadsOnlyItsOwnPrefix) {
+  std::mt19937 rng(1234);
+  const int64_t bs = 4, n_blocks = 10, n_ctx = 40;
+  SchedulerOptions o = options(4, 16, n_ctx, bs, n_blocks);
+  o.prefix_caching = true;
+  Scheduler s(o);
+  // What the KV row at (block, offset) was computed from: a hash of the token prefix ending there.
+  std::vector<uint64_t> kv(static_cast<size_t>(n_blocks * bs), 0);
+  const auto prefix_hash = [](const std::vector<int32_t>& t, int64_t upto) {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t i = 0; i <= upto; ++i) h = (h ^ static_cast<uint64_t>(t[static_cast<size_t>(i)] + 7)) * 1099511628211ull;
+    return h;
+  };
+  const std::vector<std::vector<int32_t>> stems = {prompt_of(9, 1), prompt_of(13, 50), prompt_of(4, 90)};
+  int64_t steps = 0, hits_before = 0;
+  for (int round = 0; round < 400; ++round) {
+    if (s.n_waiting() < 3 && rng() % 2 == 0) {
+      std::vector<int32_t> pr = stems[rng() % stems.size()];
+      pr.resize(std::min<size_t>(pr.size(), 1 + rng() % pr.size()));
+      for (uint32_t k = rng() % 6; k > 0; --k) pr.push_back(static_cast<int32_t>(200 + rng() % 3));
+      s.add(pr, gen(1 + static_cast<int64_t>(rng() % 12)));
+    }
+    if (!s.has_work()) continue;
+    const StepPlan p = s.schedule();
+    if (p.empty()) continue;
+    ++steps;
+    std::set<int32_t> written;
+    for (size_t i = 0; i < p.seqs.size(); ++i) {
+      const PlannedSeq& q = p.seqs[i];
+      const std::vector<int32_t>& t = s.tokens(q.id);
+      const int32_t* table = p.batch.blocks(static_cast<int64_t>(i));
+      for (int64_t pos = 0; pos < q.pos0; ++pos)
+        ASSERT_EQ(kv[static_cast<size_t>(table[pos / bs] * bs + pos % bs)], prefix_hash(t, pos))
+            << "sequence " << q.id << " reads a row of another prefix at position " << pos;
+      for (int64_t pos = q.pos0; pos < q.pos0 + q.n_tok; ++pos) {
+        const int32_t blk = table[pos / bs];
+        ASSERT_EQ(s.blocks().holders(blk), 1) << "block " << blk << " is shared but written";
+        written.insert(blk);
+        kv[static_cast<size_t>(blk * bs + pos % bs)] = prefix_hash(t, pos);
+      }
+    }
+    // Two sequences of one step never write one block.
+    size_t n_written_blocks = 0;
+    for (size_t i = 0; i < p.seqs.size(); ++i) {
+      const PlannedSeq& q = p.seqs[i];
+      n_written_blocks += static_cast<size_t>(kv_blocks_for(q.pos0 + q.n_tok, bs) - q.pos0 / bs);
+    }
+    EXPECT_EQ(written.size(), n_written_blocks);
+    std::vector<int32_t> sampled;
+    for (const PlannedSeq& q : p.seqs)
+      if (q.samples) sampled.push_back(static_cast<int32_t>(200 + rng() % 3));
+    s.commit(p, sampled);
+    if (round == 200) hits_before = s.prefix_hit_tokens();
+  }
+  EXPECT_GT(steps, 200);
+  EXPECT_GT(hits_before, 0) << "the traffic never reused a block: the test would not see a sharing bug";
+  EXPECT_GT(s.n_preemptions(), 0) << "the pool never ran short: eviction under pressure untested";
+  EXPECT_LE(s.prefix_hit_tokens(), s.prefix_query_tokens());
+}
+
 }  // namespace
 }  // namespace shardlm
