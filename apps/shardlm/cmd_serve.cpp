@@ -20,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "chat_support.h"
 #include "cli_common.h"
 #include "commands.h"
 #include "core/error.h"
@@ -49,45 +50,6 @@ int cmd_serve(int, const char* const*) {
 namespace {
 
 using namespace std::chrono_literals;
-
-std::string read_text_file(const std::string& path, const char* flag) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail_kind(ErrorKind::kIo, flag, ": cannot read '", path, "'");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-// --chat-template: a Jinja file, or a tokenizer_config.json whose "chat_template" is a string.
-std::string load_chat_template(const std::string& path) {
-  std::string text = read_text_file(path, "--chat-template");
-  if (path.size() > 5 && path.substr(path.size() - 5) == ".json") {
-    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-    if (j.is_object() && j.contains("chat_template") && j["chat_template"].is_string())
-      return j["chat_template"].get<std::string>();
-    fail("--chat-template ", path, ": a .json file must be an object with a \"chat_template\" string");
-  }
-  if (text.empty()) fail("--chat-template ", path, " is empty");
-  return text;
-}
-
-// The model's end-of-turn tokens, which chat generation stops at besides eos: the pieces the common chat
-// formats end a turn with, where the vocabulary has them as tokens.
-std::vector<int32_t> stop_ids_of(const Vocab& v) {
-  std::vector<int32_t> ids;
-  if (v.eos >= 0) ids.push_back(v.eos);
-  static const char* const kEndOfTurn[] = {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
-                                           "<|endoftext|>", "<|END_OF_TURN_TOKEN|>"};
-  for (const char* piece : kEndOfTurn) {
-    for (size_t i = 0; i < v.tokens.size(); ++i) {
-      if (v.tokens[i] != piece) continue;
-      const bool special = v.types.empty() || v.types[i] == TokenType::kControl || v.types[i] == TokenType::kUserDefined;
-      if (special && std::find(ids.begin(), ids.end(), int32_t(i)) == ids.end()) ids.push_back(int32_t(i));
-      break;
-    }
-  }
-  return ids;
-}
 
 std::string default_model_name(const std::string& path) {
   std::filesystem::path p(path);
@@ -180,11 +142,16 @@ int cmd_serve(int argc, const char* const* argv) {
   std::string host = "127.0.0.1", served_name, api_key, chat_template_path;
   int port = 8080;
   int64_t max_num_seqs = 16, max_queue = 64, max_body_bytes = int64_t(4) << 20;
+  bool prefix_caching = true;
   double shutdown_timeout = 30;
   app.add_option("--host", host, "address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)");
   app.add_option("--port", port, "TCP port (0: any free port; the chosen one is printed)");
   app.add_option("--max-num-seqs", max_num_seqs, "sequences running at once (in one batch)");
   app.add_option("--max-num-batched-tokens", rf.n_batch, "most tokens in one forward step (same as -b)");
+  app.add_flag("--enable-prefix-caching,!--no-enable-prefix-caching", prefix_caching,
+               "reuse the KV blocks of earlier prompts that start with the same tokens (vLLM's flag; usage reports "
+               "prompt_tokens_details.cached_tokens)")
+      ->capture_default_str();
   app.add_option("--served-model-name", served_name,
                  "the model's name in the API (default: the model file's name without .gguf)");
   app.add_option("--api-key", api_key,
@@ -221,6 +188,7 @@ int cmd_serve(int argc, const char* const* argv) {
   rf.max_num_seqs = max_num_seqs;    // the planner checks the KV pool of that many full contexts
   EngineOptions eo = rf.resolve(*src);
   eo.max_num_seqs = max_num_seqs;
+  eo.prefix_caching = prefix_caching;
   if (int rc = maybe_self_launch(eo.tp, eo.pp, argc, argv, SIGUSR1); rc >= 0) return rc;
 
   // Every thread from here on (MPI's, HTTP's) inherits a mask without these: the signal thread of rank 0
@@ -327,9 +295,12 @@ int cmd_serve(int argc, const char* const* argv) {
     return 0;
   }
   if (!rf.quiet)
-    std::fprintf(stderr, "layout: %d rank(s), tp %d x pp %d, backend %s, context %lld, %lld sequences at once\n%s",
+    std::fprintf(stderr,
+                 "layout: %d rank(s), tp %d x pp %d, backend %s, context %lld, %lld sequences at once, prefix caching "
+                 "%s\n%s",
                  comm->world_size(), eo.tp, eo.pp, engine.backend_name().c_str(),
-                 static_cast<long long>(engine.n_ctx()), static_cast<long long>(max_num_seqs), report.c_str());
+                 static_cast<long long>(engine.n_ctx()), static_cast<long long>(max_num_seqs),
+                 prefix_caching ? "on" : "off", report.c_str());
   serve::EngineLoopOptions lo;
   lo.max_outstanding = max_num_seqs + max_queue;
   lo.shutdown_timeout_s = shutdown_timeout;

@@ -22,6 +22,7 @@ void Delta::merge(Delta&& later) {
   if (!later.finish_reason.empty()) finish_reason = later.finish_reason;
   if (later.error) error = std::move(later.error);
   completion_tokens = std::max(completion_tokens, later.completion_tokens);
+  cached_tokens = std::max(cached_tokens, later.cached_tokens);
 }
 
 bool RequestHandle::wait(Delta* out, std::chrono::milliseconds timeout) {
@@ -155,6 +156,7 @@ void EngineLoop::publish_gauges() {
   const double nb = s ? double(s->blocks().n_blocks()) : 0;
   metrics_->set_gauges(s ? s->n_running() : 0, (s ? s->n_waiting() : 0) + queued,
                        nb > 0 ? double(s->blocks().n_used()) / nb : 0);
+  if (s) metrics_->set_prefix_cache(s->prefix_query_tokens(), s->prefix_hit_tokens());
 }
 
 void EngineLoop::run() {
@@ -228,6 +230,7 @@ void EngineLoop::run() {
           }
         }
         d.completion_tokens = lv.generated;
+        d.cached_tokens = e.cached_prompt_tokens;
         if (!reason.empty())
           finish(it, std::move(d), reason);
         else

@@ -52,6 +52,7 @@ struct Delta {
   std::string finish_reason;               // "" while running; then "stop", "length" or "abort"
   std::optional<ApiError> error;           // the request failed (the end)
   int64_t completion_tokens = 0;           // generated so far
+  int64_t cached_tokens = 0;               // prompt tokens taken from the prefix cache
   bool done() const { return !finish_reason.empty() || error.has_value(); }
   void merge(Delta&& later);
 };

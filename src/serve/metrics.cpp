@@ -31,6 +31,12 @@ void ServeMetrics::set_gauges(int64_t running, int64_t waiting, double kv_usage)
   kv_usage_ = std::clamp(kv_usage, 0.0, 1.0);
 }
 
+void ServeMetrics::set_prefix_cache(int64_t query_tokens, int64_t hit_tokens) {
+  std::lock_guard<std::mutex> l(mu_);
+  prefix_queries_ = query_tokens;
+  prefix_hits_ = hit_tokens;
+}
+
 void ServeMetrics::add_prompt_tokens(int64_t n) {
   std::lock_guard<std::mutex> l(mu_);
   prompt_tokens_ += n;
@@ -123,6 +129,10 @@ std::string ServeMetrics::render(const std::string& model) const {
   simple(os, "shardlm:kv_cache_usage_perc", "gauge", "Share of the KV cache blocks in use (1 = full).", lb, kv_usage_);
   simple(os, "shardlm:prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", lb, double(prompt_tokens_));
   simple(os, "shardlm:generation_tokens_total", "counter", "Generated tokens.", lb, double(generation_tokens_));
+  simple(os, "shardlm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", lb,
+         double(prefix_queries_));
+  simple(os, "shardlm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", lb,
+         double(prefix_hits_));
   os << "# HELP shardlm:request_success_total Finished requests by finish reason.\n"
         "# TYPE shardlm:request_success_total counter\n";
   os << "shardlm:request_success_total{" << lb << ",finished_reason=\"stop\"} " << finished_stop_ << "\n";

@@ -32,6 +32,8 @@ class ServeMetrics {
   void observe_itl(double s);
   void observe_e2e(double s);
   void count_finished(const std::string& reason);  // "stop", "length", "abort"
+  // Prefix caching: the scheduler's running totals of prompt tokens looked up and found.
+  void set_prefix_cache(int64_t query_tokens, int64_t hit_tokens);
 
   // Any thread: the exposition text, every series labelled model_name="<model>".
   std::string render(const std::string& model) const;
@@ -41,6 +43,7 @@ class ServeMetrics {
   int64_t running_ = 0, waiting_ = 0;
   double kv_usage_ = 0;
   int64_t prompt_tokens_ = 0, generation_tokens_ = 0;
+  int64_t prefix_queries_ = 0, prefix_hits_ = 0;
   int64_t finished_stop_ = 0, finished_length_ = 0, finished_abort_ = 0;
   Histogram ttft_, itl_, e2e_;
 };

@@ -145,6 +145,7 @@ struct TokenLogprob {
 struct Usage {
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
+  int64_t cached_tokens = 0;  // of prompt_tokens, found in the prefix cache (OpenAI's prompt_tokens_details)
 };
 
 struct ResponseMeta {

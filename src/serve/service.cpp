@@ -78,6 +78,7 @@ bool ResponseStream::next(std::string* out, std::chrono::milliseconds timeout) {
   Delta d;
   if (!h_->wait(&d, timeout)) return true;
   completion_tokens_ = std::max(completion_tokens_, d.completion_tokens);
+  cached_tokens_ = std::max(cached_tokens_, d.cached_tokens);
   if (d.error) {
     finished_ = true;
     status_ = d.error->status;
@@ -90,7 +91,7 @@ bool ResponseStream::next(std::string* out, std::chrono::milliseconds timeout) {
     return false;
   }
   for (GeneratedToken& t : d.tokens) tokens_.push_back(std::move(t));
-  const Usage usage{s_.prompt_tokens, completion_tokens_};
+  const Usage usage{s_.prompt_tokens, completion_tokens_, cached_tokens_};
   if (!s_.stream) {
     text_ += d.text;
     if (!d.done()) return true;

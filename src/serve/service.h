@@ -83,6 +83,7 @@ class ResponseStream {
   std::vector<GeneratedToken> tokens_;       // non-streaming: all; streaming: not yet sent
   int64_t chars_sent_ = 0;                   // streaming completions: text_offset of the next token
   int64_t completion_tokens_ = 0;
+  int64_t cached_tokens_ = 0;
 };
 
 class Service {

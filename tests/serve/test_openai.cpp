@@ -251,7 +251,7 @@ TEST(ErrorBodies, StatusesAndShape) {
 const ResponseMeta kMeta{"cmpl-1", 1700000000, "tiny"};
 
 TEST(Responses, Completion) {
-  const json j = completion_response(kMeta, "text", nullptr, "length", Usage{5, 3});
+  const json j = completion_response(kMeta, "text", nullptr, "length", Usage{5, 3, 4});
   EXPECT_EQ(j["object"], "text_completion");
   EXPECT_EQ(j["id"], "cmpl-1");
   EXPECT_EQ(j["created"], 1700000000);
@@ -261,7 +261,8 @@ TEST(Responses, Completion) {
   EXPECT_EQ(j["choices"][0]["text"], "text");
   EXPECT_TRUE(j["choices"][0]["logprobs"].is_null());
   EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
-  EXPECT_EQ(j["usage"], json::parse(R"({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8})"));
+  EXPECT_EQ(j["usage"], json::parse(R"({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                                        "prompt_tokens_details": {"cached_tokens": 4}})"));
 }
 
 TEST(Responses, Chat) {

@@ -212,7 +212,12 @@ await check('chat completion, whole and streamed, with logprobs', async () => {
   assert.equal(first.role, 'assistant');
   assert.equal(text, r.choices[0].message.content);
   assert.equal(finish, r.choices[0].finish_reason);
-  assert.deepEqual(usage, r.usage);
+  // The same messages again: the prompt's full KV blocks (16 positions) come from the prefix cache.
+  const { prompt_tokens_details: details, ...counts } = usage;
+  const { prompt_tokens_details: first_details, ...first_counts } = r.usage;
+  assert.deepEqual(counts, first_counts);
+  assert.equal(details.cached_tokens, Math.floor((r.usage.prompt_tokens - 1) / 16) * 16);
+  assert.ok(first_details.cached_tokens <= details.cached_tokens);
 });
 
 await check('/tokenize and /detokenize round trip', async () => {
@@ -316,6 +321,11 @@ await check('/metrics: Prometheus text with the gauges, counters and histograms'
   assert.equal(types.get('shardlm:prompt_tokens_total'), 'counter');
   assert.ok(v('shardlm:prompt_tokens_total') > 0);
   assert.ok(v('shardlm:generation_tokens_total') > 100);
+  // Repeated prompts above reused their blocks; hits are a part of the lookups.
+  assert.equal(types.get('shardlm:prefix_cache_hits_total'), 'counter');
+  assert.ok(v('shardlm:prefix_cache_hits_total') > 0);
+  assert.ok(v('shardlm:prefix_cache_hits_total') <= v('shardlm:prefix_cache_queries_total'));
+  assert.ok(v('shardlm:prefix_cache_queries_total') <= v('shardlm:prompt_tokens_total'));
   for (const h of ['shardlm:time_to_first_token_seconds', 'shardlm:inter_token_latency_seconds',
     'shardlm:e2e_request_latency_seconds']) {
     assert.equal(types.get(h), 'histogram', h);
