@@ -15,5 +15,6 @@ int cmd_bench(int argc, const char* const* argv);
 int cmd_plan(int argc, const char* const* argv);
 int cmd_serve(int argc, const char* const* argv);
 int cmd_perplexity(int argc, const char* const* argv);
+int cmd_chat(int argc, const char* const* argv);
 
 }  // namespace shardlm

@@ -18,6 +18,7 @@ struct Command {
 
 const Command kCommands[] = {
     {"generate", shardlm::cmd_generate, "generate text from a prompt (on one rank or split with --tp/--pp)"},
+    {"chat", shardlm::cmd_chat, "an interactive conversation with the model's chat template (any layout)"},
     {"serve", shardlm::cmd_serve, "an OpenAI-compatible HTTP server (completions, chat, streaming, metrics)"},
     {"plan", shardlm::cmd_plan, "will it run, and how fast? memory per device and the split, before loading"},
     {"bench", shardlm::cmd_bench, "prompt-processing and generation tokens/s"},

@@ -5,12 +5,20 @@
 // --tokenizer pairs a tokenizer with a model and refuses one larger than the model's vocabulary.
 // Expectations: transformers' reference.json, and chat_templates.json's renderings by Jinja2.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <regex>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 
 #include "hf_reference.h"
@@ -298,6 +306,140 @@ TEST(HfCli, TokenizerErrorsAreClear) {
   expect_fail({"generate", "-m", s.model, "--tokenizer", spm, "--chat", "-p", "Hello"}, {"no chat template"});
   expect_fail({"generate", "-m", s.model, "--system", "x", "-p", "Hello"}, {"--system needs --chat"});
   expect_fail({"generate", "-m", s.model, "--tokenizer", d.str() + "/nope.json", "-p", "Hello"}, {"nope.json"});
+}
+
+// ---- shardlm chat ----
+
+// The "[N prompt tokens, C from the cache; G generated in S s]" line chat prints after each answer.
+struct TurnStats {
+  bool stopped = false;
+  int64_t prompt = 0, cached = 0, generated = 0;
+};
+std::vector<TurnStats> turn_stats(const std::string& err) {
+  std::vector<TurnStats> out;
+  const std::regex re(R"(\[(stopped; )?(\d+) prompt tokens, (\d+) from the cache; (\d+) generated in)");
+  for (auto it = std::sregex_iterator(err.begin(), err.end(), re); it != std::sregex_iterator(); ++it)
+    out.push_back({(*it)[1].matched, std::stoll((*it)[2]), std::stoll((*it)[3]), std::stoll((*it)[4])});
+  return out;
+}
+
+Result chat_run(const std::vector<std::string>& args, const std::string& input) {
+  static int n = 0;
+  const std::string in = std::string(SHARDLM_BINARY_DIR) + "/hfcli-chat-" + std::to_string(::getpid()) + "-" +
+                         std::to_string(n++) + ".in";
+  std::ofstream(in, std::ios::binary) << input;
+  std::vector<std::string> a = {"chat"};
+  a.insert(a.end(), args.begin(), args.end());
+  std::string cmd = quote(std::string(SHARDLM_BINARY_DIR) + "/apps/shardlm/shardlm");
+  for (const auto& x : a) cmd.append(" ").append(quote(x));
+  const std::string base = in.substr(0, in.size() - 3);
+  cmd += " < " + in + " > " + base + ".out 2> " + base + ".err";
+  const int st = std::system(cmd.c_str());
+  Result r{WIFEXITED(st) ? WEXITSTATUS(st) : 128, slurp(base + ".out"), slurp(base + ".err")};
+  for (const char* ext : {".in", ".out", ".err"}) std::remove((base + ext).c_str());
+  return r;
+}
+
+// A system message of several KV blocks (16 positions each), so that the conversation's shared start spans
+// whole blocks.
+const std::string kLongSystem =
+    "You are a careful assistant for people who run language models on their own computers. Answer briefly, "
+    "name the hardware you assume, and say when a figure is an estimate rather than a measurement.";
+
+// Three turns (ChatML): the second's prompt (the whole conversation through the template) starts with the
+// first turn's, whose full KV blocks the cache still holds; after /clear the first message again is answered
+// as the first time, from the cache. The first answer is generate --chat's for the same message (greedy),
+// and the answers are the same with prefix caching off (a cached row is the row that would be computed).
+TEST(HfCli, ChatKeepsTheConversationInTheKvCache) {
+  ChatSetup& s = chat_setup();
+  const std::string tok = s.tok_dir("chatml");
+  const std::string input = "Hello!\nName two GPUs.\n/clear\nHello!\n";
+  const std::vector<std::string> flags = {"-m", s.model, "--tokenizer", tok, "--system", kLongSystem, "--greedy",
+                                          "-n", "6"};
+  const Result r = chat_run(flags, input);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const std::vector<TurnStats> t = turn_stats(r.err);
+  ASSERT_EQ(t.size(), 3u) << r.err;
+  ASSERT_GE(t[0].prompt, 40) << "the system message should span several blocks";
+  EXPECT_EQ(t[0].cached, 0);
+  EXPECT_GT(t[1].prompt, t[0].prompt + t[0].generated - 1) << "the second turn's prompt lacks the first turn";
+  EXPECT_GE(t[1].cached, t[0].prompt / 16 * 16 - 16) << "the second turn computed the first turn again";
+  EXPECT_EQ(t[2].prompt, t[0].prompt);
+  EXPECT_EQ(t[2].cached, (t[0].prompt - 1) / 16 * 16) << "the first message again: all its full blocks";
+  EXPECT_NE(r.err.find("(the conversation is cleared)"), std::string::npos) << r.err;
+  const Result g = run({"generate", "-m", s.model, "--tokenizer", tok, "--chat", "--system", kLongSystem, "-p",
+                        "Hello!", "--greedy", "-n", "6", "--json", "-q"});
+  ASSERT_EQ(g.rc, 0) << g.err;
+  const std::string first = parse(g)["text"].get<std::string>() + "\n";
+  ASSERT_GE(r.out.size(), 2 * first.size());
+  EXPECT_EQ(r.out.substr(0, first.size()), first) << r.out;
+  EXPECT_EQ(r.out.substr(r.out.size() - first.size()), first) << r.out;
+  std::vector<std::string> off = flags;
+  off.push_back("--no-enable-prefix-caching");
+  const Result o = chat_run(off, input);
+  ASSERT_EQ(o.rc, 0) << o.err;
+  EXPECT_EQ(o.out, r.out);
+  for (const TurnStats& x : turn_stats(o.err)) EXPECT_EQ(x.cached, 0);
+  // Flags are checked before loading; a model without a chat template is refused by name.
+  EXPECT_EQ(chat_run({"-m", s.model_with_template, "-n", "0"}, "").rc, 2);
+  EXPECT_EQ(chat_run({"-m", s.model_with_template, "--greedy", "--temp", "0.7"}, "").rc, 2);
+  const Result none = chat_run({"-m", s.model, "--tokenizer", tok_fixture("llama2")}, "Hello!\n");
+  EXPECT_EQ(none.rc, 2);
+  EXPECT_NE(none.err.find("no chat template"), std::string::npos) << none.err;
+}
+
+// Ctrl-C while an answer is written stops that answer (the program goes on and answers the next message);
+// end of input then ends the program with status 0.
+TEST(HfCli, ChatCtrlCStopsTheAnswerNotTheProgram) {
+  ChatSetup& s = chat_setup();
+  const std::string tok = s.tok_dir("chatml");
+  const std::string base = std::string(SHARDLM_BINARY_DIR) + "/hfcli-ctrlc-" + std::to_string(::getpid());
+  int in[2];
+  ASSERT_EQ(pipe(in), 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(in[0], 0);
+    close(in[1]);
+    const int o = open((base + ".out").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int e = open((base + ".err").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(o, 1);
+    dup2(e, 2);
+    const std::string bin = std::string(SHARDLM_BINARY_DIR) + "/apps/shardlm/shardlm";
+    execl(bin.c_str(), bin.c_str(), "chat", "-m", s.model.c_str(), "--tokenizer", tok.c_str(), "--system",
+          kLongSystem.c_str(), "--greedy", "-c", "512", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(in[0]);
+  const auto write_line = [&](const std::string& l) {
+    ASSERT_EQ(write(in[1], l.data(), l.size()), static_cast<ssize_t>(l.size()));
+  };
+  const auto wait_for = [&](const std::function<bool()>& cond, double seconds) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (!cond()) {
+      if (std::chrono::steady_clock::now() > end) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return true;
+  };
+  write_line("Hello!\n");
+  // The answer (up to ~450 tokens) has begun: interrupt it.
+  ASSERT_TRUE(wait_for([&] { return !slurp(base + ".out").empty(); }, 60)) << slurp(base + ".err");
+  kill(pid, SIGINT);
+  ASSERT_TRUE(wait_for([&] { return turn_stats(slurp(base + ".err")).size() == 1; }, 30)) << slurp(base + ".err");
+  const TurnStats first = turn_stats(slurp(base + ".err"))[0];
+  EXPECT_TRUE(first.stopped) << slurp(base + ".err");
+  EXPECT_LT(first.generated, 512 - first.prompt) << "the answer ran to the end of the context";
+  write_line("Name two GPUs.\n");
+  close(in[1]);
+  int status = 0;
+  ASSERT_TRUE(wait_for([&] { return waitpid(pid, &status, WNOHANG) == pid; }, 120)) << slurp(base + ".err");
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << slurp(base + ".err");
+  const std::vector<TurnStats> t = turn_stats(slurp(base + ".err"));
+  ASSERT_EQ(t.size(), 2u) << slurp(base + ".err");
+  EXPECT_FALSE(t[1].stopped);
+  EXPECT_GT(t[1].cached, 0) << "the interrupted turn's prompt was not reused";
+  std::remove((base + ".out").c_str());
+  std::remove((base + ".err").c_str());
 }
 
 }  // namespace
