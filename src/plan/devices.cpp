@@ -76,14 +76,19 @@ std::optional<uint64_t> try_size(std::string_view s, std::string* why) {
   }
   std::string unit;
   for (char ch : t.substr(i)) unit += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  // Every spelling is binary: "24GB" is what people write for a 24 GiB card (nvidia-smi's 24576 MiB), and
+  // one meaning for G, GB and GiB keeps "--gpus 24GB" and "--gpus 24G" the same machine.
   double mul = 0;
-  if (unit == "k" || unit == "kib") mul = 1024.0;
-  else if (unit == "m" || unit == "mib") mul = 1024.0 * 1024;
-  else if (unit == "g" || unit == "gib") mul = 1024.0 * 1024 * 1024;
-  else if (unit == "t" || unit == "tib") mul = 1024.0 * 1024 * 1024 * 1024;
+  if (!unit.empty() && unit.size() <= 3 && (unit.size() == 1 || unit.substr(1) == "b" || unit.substr(1) == "ib")) {
+    if (unit[0] == 'k') mul = 1024.0;
+    else if (unit[0] == 'm') mul = 1024.0 * 1024;
+    else if (unit[0] == 'g') mul = 1024.0 * 1024 * 1024;
+    else if (unit[0] == 't') mul = 1024.0 * 1024 * 1024 * 1024;
+  }
   if (mul == 0) {
-    *why = unit.empty() ? "a unit is missing (K, M, G or T; binary, e.g. 24G)"
-                        : cat("unit '", t.substr(i), "' is not one of K, M, G, T (binary: G = GiB)");
+    *why = unit.empty() ? "a unit is missing (K, M, G or T, also KB/KiB ...; binary, e.g. 24G = 24GB = 24GiB)"
+                        : cat("unit '", t.substr(i), "' is not one of K, M, G, T, KB, MB, GB, TB, KiB, MiB, GiB, TiB ",
+                              "(all binary: G = GB = GiB)");
     return std::nullopt;
   }
   const double bytes = v * mul;

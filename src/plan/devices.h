@@ -49,7 +49,8 @@ struct LinkSpec {
 const std::vector<LinkSpec>& link_table();
 const LinkSpec& find_link(std::string_view name);  // throws Error naming --link and the known links
 
-// "24G", "24GiB", "512M", "1.5T", "64g" -> bytes (binary units: G = GiB). A unit is required. Throws
+// "24G", "24GB", "24GiB", "512M", "1.5T", "64g" -> bytes. Every unit is binary (G = GB = GiB: 24GB is the
+// 24 GiB card people mean). A unit is required. Throws
 // Error naming `field`, the value and what is accepted.
 uint64_t parse_size(std::string_view s, std::string_view field);
 std::string format_bytes(uint64_t bytes);  // "23.41 GiB"

@@ -14,9 +14,12 @@ TEST(Devices, ParseSize) {
     const char* s;
     uint64_t want;
   } rows[] = {{"24G", 24 * GiB}, {"24g", 24 * GiB}, {"24GiB", 24 * GiB}, {"512M", 512ull << 20},
-              {"1.5T", 1536 * GiB}, {"64K", 64 * 1024}, {" 8G ", 8 * GiB}};
+              {"1.5T", 1536 * GiB}, {"64K", 64 * 1024}, {" 8G ", 8 * GiB},
+              // Binary whatever the spelling (issue 23): 24GB is the 24 GiB card people mean.
+              {"24GB", 24 * GiB}, {"24gb", 24 * GiB}, {"512MB", 512ull << 20}, {"512MiB", 512ull << 20},
+              {"2TB", 2048 * GiB}, {"2TiB", 2048 * GiB}, {"64KB", 64 * 1024}, {"64KiB", 64 * 1024}};
   for (const Row& r : rows) EXPECT_EQ(parse_size(r.s, "--cpu-mem"), r.want) << r.s;
-  for (const char* bad : {"24", "24GB", "G", "", "-1G", "0G", "24Q", "1e3G", "9999999T"}) {
+  for (const char* bad : {"24", "G", "", "-1G", "0G", "24Q", "1e3G", "9999999T", "24GBB", "24Gi", "24B", "24iB", "24GB/s"}) {
     try {
       parse_size(bad, "--cpu-mem");
       ADD_FAILURE() << "accepted '" << bad << "'";
