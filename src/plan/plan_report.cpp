@@ -174,7 +174,9 @@ std::string plan_to_text(const Plan& p, bool explain) {
        << ")\n";
     i = k;
   }
-  if (!M.gpus.empty()) os << "link between GPUs: " << link_text(M.link) << ", " << M.link_source << "\n";
+  if (!M.gpus.empty())
+    os << "link between GPUs: " << link_text(M.link) << ", " << M.link_source
+       << (M.gpus.size() == 1 ? " (unused with one GPU)" : "") << "\n";
   os << "CPU: " << M.cpu_cores << " cores (" << M.cpu_cores_source << "), " << gib(M.cpu.capacity_bytes) << " GiB RAM ("
      << M.cpu_mem_source << "), " << gbs(M.cpu.bandwidth) << " GB/s (" << M.cpu_bandwidth_source << ")\n";
   os << (p.fits ? "FITS" : "DOES NOT FIT") << ": " << (L.cpu_ranks ? "CPU ranks" : "GPU ranks") << " tp " << L.tp

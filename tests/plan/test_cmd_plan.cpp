@@ -178,6 +178,7 @@ TEST(CmdPlan, GpuBySizeAndOverrides) {
   std::string out;
   EXPECT_EQ(run({"-m", "llama-3.1-8b", "--gpus", "8G", "--cpu-mem", "1K", "--ctx", "2048"}, &out), 0);
   EXPECT_NE(out.find("GPU: 1 x GPU 8.00 GiB, 8.00 GiB, 936 GB/s (assumed (RTX 3090-class))"), std::string::npos) << out;
+  EXPECT_NE(out.find("(unused with one GPU)"), std::string::npos) << out;
 }
 
 // Issue 23 item 3: the link is printed (text, --explain, JSON) and GeForce cards' missing peer-to-peer slows
