@@ -744,6 +744,7 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
     if (!L.cpu_ranks && L.n_gpu_layers < n_layer) {
       Layout all = L;
       all.n_gpu_layers = n_layer;
+      all.experts_in_ram.clear();  // every layer and its experts on the GPUs
       all.layer_split.clear();
       for (const LayerRange& r : split_layers(n_layer, L.pp, {})) all.layer_split.push_back(r.size());
       plan.all_gpu_decode_tps = search.evaluate(all, req.ctx).decode_tps;

@@ -219,6 +219,10 @@ TEST(CmdPlan, JsonFields) {
   // Offloaded: the all-GPU rate is the faster one.
   j = plan_json({"-m", "llama-3.1-70b", "--gpus", "rtx4090", "--cpu-mem", "64G"});
   EXPECT_GT(j["all_gpu_decode_tokens_per_s"].get<double>(), j["predicted_decode_tokens_per_s"].get<double>());
+  // Experts in RAM (a mixture of experts on a 12 GiB card): the all-GPU rate has them on the GPU.
+  j = plan_json({"-m", "qwen3-30b-a3b", "--quant", "q4_k_m", "--gpus", "12G", "--cpu-mem", "32G"});
+  ASSERT_GT(j["layout"]["experts_in_ram_layers"].get<int>(), 0) << j["layout"];
+  EXPECT_GT(j["all_gpu_decode_tokens_per_s"].get<double>(), j["predicted_decode_tokens_per_s"].get<double>());
 
   j = plan_json({"-m", "llama-3.1-70b", "--gpus", "24G,24G", "--cpu-mem", "1K", "-sm", "layer", "-ts", "1,1", "--ctx",
                  "2048"});
