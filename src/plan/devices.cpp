@@ -417,6 +417,9 @@ DeviceInventory make_inventory(const DeviceRequest& req, const GpuDetector& dete
   inv.cpu.bandwidth_source = inv.cpu_bandwidth_source;
   inv.cpu.matmul_flops = kCpuFlopsPerCore * inv.cpu_cores;
   if (!req.cpu_mem && ci.mem_bytes != 0) inv.notes.push_back("CPU RAM from /proc/meminfo (MemTotal)");
+  if (preset && !req.cpu_mem)
+    inv.notes.push_back(cat("--cpu ", preset->key, " without --cpu-mem: the RAM is this machine's; give --cpu-mem "
+                            "for the other machine's"));
   if (req.link) {
     inv.link = find_link(*req.link);
     inv.link_source = "--link";

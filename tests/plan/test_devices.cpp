@@ -247,6 +247,15 @@ TEST(Devices, CpuPresetsAndSources) {
     EXPECT_GT(c.cores, 0);
     EXPECT_GT(c.bandwidth_gbs, 20);
   }
+  // A named CPU without --cpu-mem takes this machine's RAM, and says so.
+  DeviceRequest named;
+  named.cpu = "epyc-9654";
+  inv = make_inventory(named);
+  EXPECT_EQ(inv.cpu_cores, 96);
+  EXPECT_EQ(inv.cpu_mem_source, "this machine's /proc/meminfo");
+  bool said = false;
+  for (const std::string& n : inv.notes) said |= n.find("without --cpu-mem") != std::string::npos;
+  EXPECT_TRUE(said);
   other.cpu = "pentium-4";
   try {
     make_inventory(other);
