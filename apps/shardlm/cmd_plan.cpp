@@ -82,8 +82,9 @@ int cmd_plan(int argc, const char* const* argv) {
       "Exit status: 0 fits, 3 nothing fits (suggestions printed), 2 bad input.",
       "shardlm plan"};
   std::string model, quant = "q4_k_m", kv_type = "f16", layer_split, split_mode;
-  std::optional<std::string> gpus, cpu_mem, link;
-  std::optional<double> cpu_bw;
+  std::optional<std::string> gpus, cpu_mem, link, cpu_bw, cpu, gpu_bw;
+  std::optional<int> cpu_cores;
+  std::optional<double> gpu_tflops;
   std::optional<int> tp, pp, ngl;
   bool expert_parallel = false;
   bool cpu_moe = false;
@@ -98,12 +99,30 @@ int cmd_plan(int argc, const char* const* argv) {
                                                          "); with a GGUF, plan as if re-quantized")
                         ->capture_default_str();
   app.add_option("--gpus", gpus,
-                 "GPUs: sizes (24G,24G; G = GiB), names (" + gpu_names() + ") or counts (rtx3090x2, h100x4)");
-  app.add_option("--cpu-mem", cpu_mem, "CPU RAM for offload / CPU ranks, e.g. 64G (default: /proc/meminfo)");
+                 "GPUs: sizes (24G,24G; G = GB = GiB, binary), names (" + gpu_names() +
+                     ") or counts (rtx3090x2, h100x4). Default: none (CPU only)");
+  app.add_option("--gpu-bandwidth", gpu_bw,
+                 "every GPU's memory bandwidth in GB/s (e.g. 256 or 256GB/s), replacing the datasheet's (default: the "
+                 "named card's; 936, an RTX 3090's, for a GPU given by size)");
+  app.add_option("--gpu-tflops", gpu_tflops,
+                 "every GPU's dense FP16 matmul rate in TFLOP/s (default: the named card's; 71 for a GPU given by size)");
+  app.add_option("--cpu", cpu,
+                 "the CPU planned for, by name: " + cpu_names() +
+                     " (its cores and datasheet memory bandwidth; --cpu-cores/--cpu-bandwidth override). Default: this "
+                     "machine's");
+  app.add_option("--cpu-cores", cpu_cores,
+                 "CPU cores for prefill and CPU ranks (1..4096; default: this machine's, or " +
+                     std::to_string(kAssumedCpuCores) + ", an assumption, with --cpu-mem)");
+  app.add_option("--cpu-mem", cpu_mem,
+                 "CPU RAM for offload / CPU ranks, e.g. 64G (binary; default: /proc/meminfo). Planning for another "
+                 "machine: its cores and bandwidth are then assumed unless --cpu/--cpu-cores/--cpu-bandwidth say");
   app.add_option("--cpu-bandwidth", cpu_bw,
-                 "CPU memory bandwidth in GB/s (default: measured here with a 256 MiB copy on every core; 20, an "
-                 "assumption, with --cpu-mem, which plans for another machine's CPU)");
-  app.add_option("--link", link, "link between devices: nvlink, pcie4, pcie5, ethernet, shm");
+                 "CPU memory bandwidth in GB/s, e.g. 80 or 80GB/s (default: measured here with a 256 MiB copy on every "
+                 "core; the --cpu preset's; 20, an assumption, with --cpu-mem, which plans for another machine's CPU)");
+  app.add_option("--link", link,
+                 "link between GPUs: nvlink, pcie4, pcie5, pcie4-nop2p, pcie5-nop2p (no peer-to-peer: all-reduce through "
+                 "host memory), ethernet, shm (default: the first GPU's: nvlink for SXM parts, pcie*-nop2p for GeForce "
+                 "cards, e.g. --link nvlink for RTX 3090s with a bridge)");
   app.add_option("--ctx,--max-model-len,-c,--ctx-size", ctx_arg,
                  "context length the KV cache must hold, or 'max': the largest that fits, up to the trained context "
                  "(default: as generate, the model's trained context up to 4096)")
@@ -170,16 +189,23 @@ int cmd_plan(int argc, const char* const* argv) {
   DeviceRequest dreq;
   dreq.gpus = gpus;
   dreq.cpu_mem = cpu_mem;
-  dreq.cpu_bandwidth_gbs = cpu_bw;
-  // Planning for this machine's CPU (no --cpu-mem): its bandwidth decides the speed of offloaded layers and
-  // CPU ranks, so measure it (~0.1 s) rather than assume.
+  if (cpu_bw) dreq.cpu_bandwidth_gbs = parse_bandwidth_gbs(*cpu_bw, "--cpu-bandwidth");
+  if (gpu_bw) dreq.gpu_bandwidth_gbs = parse_bandwidth_gbs(*gpu_bw, "--gpu-bandwidth");
+  dreq.gpu_tflops = gpu_tflops;
+  dreq.cpu = cpu;
+  dreq.cpu_cores = cpu_cores;
+  // --cpu-mem or --cpu: the plan is for another machine's CPU, whose cores are not these.
+  dreq.cpu_is_this_machine = !cpu_mem && !cpu;
+  // Planning for this machine's CPU (neither --cpu-mem nor --cpu): its bandwidth decides the speed of
+  // offloaded layers and CPU ranks, so measure it (~0.1 s) rather than assume.
   // The same 256 MiB copy as bench's, so that both report the same figure; without the memory for it the
   // planner keeps its stated assumption.
   std::optional<double> measured_gbs;
-  if (!cpu_bw && !cpu_mem) {
+  if (!cpu_bw && dreq.cpu_is_this_machine) {
     try {
       measured_gbs = measure_host_bandwidth(cpu_core_count(), size_t{256} << 20) / 1e9;
       dreq.cpu_bandwidth_gbs = measured_gbs;
+      dreq.cpu_bandwidth_measured = true;
     } catch (const std::bad_alloc&) {
       measured_gbs.reset();
     }

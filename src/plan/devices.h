@@ -22,6 +22,9 @@ struct Device {
   double bandwidth = 0;         // memory bandwidth, bytes/s (datasheet or configured)
   double matmul_flops = 0;      // dense FP16 (GPU) / FP32 (CPU) matmul rate, FLOP/s
   std::string default_link = "pcie4";  // how such cards are usually connected (SXM: nvlink)
+  // Where bandwidth and matmul_flops came from: "datasheet", "assumed (...)", "--gpu-bandwidth" ...
+  std::string bandwidth_source = "datasheet";
+  std::string flops_source = "datasheet";
 };
 
 // Datasheet figures. Memory is the total nvidia-smi reports (MiB), bandwidth and dense FP16 tensor rate
@@ -35,6 +38,19 @@ struct GpuSpec {
   const char* default_link;  // "nvlink" for SXM parts, "pcie4"/"pcie5" otherwise
 };
 const std::vector<GpuSpec>& gpu_table();
+// Named CPUs for --cpu: physical cores and the datasheet peak memory bandwidth of the memory the vendor
+// lists (channels x MT/s x 8 bytes).
+struct CpuSpec {
+  const char* key;        // "ryzen-7950x"
+  const char* name;       // "AMD Ryzen 9 7950X (2 x DDR5-5200)"
+  int cores;
+  double bandwidth_gbs;   // GB/s (1e9)
+};
+const std::vector<CpuSpec>& cpu_table();
+const CpuSpec* find_cpu(std::string_view name);  // nullptr if unknown
+std::string cpu_names();
+// "80", "80GB/s", "80 GB/s" -> 80 (GB/s, 1e9 bytes/s). Throws Error naming `field`, the value and the limit.
+double parse_bandwidth_gbs(std::string_view s, std::string_view field);
 // Accepts the key or an alias ("3090", "rtx-3090", "h100", "H100 SXM"); nullptr if unknown.
 const GpuSpec* find_gpu(std::string_view name);
 std::string gpu_names();
@@ -45,11 +61,13 @@ struct LinkSpec {
   std::string name;
   double latency_s = 0;
   double bandwidth = 0;  // bytes/s, one direction
+  bool peer_to_peer = true;  // GPUs reach each other directly; false: through host memory (or not GPUs)
 };
 const std::vector<LinkSpec>& link_table();
 const LinkSpec& find_link(std::string_view name);  // throws Error naming --link and the known links
 
-// "24G", "24GiB", "512M", "1.5T", "64g" -> bytes (binary units: G = GiB). A unit is required. Throws
+// "24G", "24GB", "24GiB", "512M", "1.5T", "64g" -> bytes. Every unit is binary (G = GB = GiB: 24GB is the
+// 24 GiB card people mean). A unit is required. Throws
 // Error naming `field`, the value and what is accepted.
 uint64_t parse_size(std::string_view s, std::string_view field);
 std::string format_bytes(uint64_t bytes);  // "23.41 GiB"
@@ -69,6 +87,8 @@ struct CpuInfo {
 constexpr double kDefaultCpuBandwidth = 20e9;
 // Sustained FP32 matmul rate per core assumed for prefill on the CPU (AVX2 FMA at ~3 GHz, ~30% of peak).
 constexpr double kCpuFlopsPerCore = 30e9;
+// Cores of another machine's CPU when neither --cpu nor --cpu-cores says: a common desktop part.
+constexpr int kAssumedCpuCores = 8;
 
 // MemTotal from the text of /proc/meminfo, in bytes; throws Error when the line is missing or malformed.
 uint64_t parse_meminfo(std::string_view text);
@@ -86,6 +106,10 @@ struct DeviceInventory {
   LinkSpec link;    // between GPUs (or CPU ranks: shared memory)
   LinkSpec host_link;  // between the CPU and the GPUs (PCIe) for offloaded layers
   std::vector<std::string> notes;
+  // Where each figure came from, for the report: "measured here", "/proc/meminfo", "--cpu-cores",
+  // "--cpu ryzen-7950x (datasheet)", "assumed" ...
+  std::string cpu_cores_source, cpu_mem_source, cpu_bandwidth_source;
+  std::string link_source;  // "--link" or "default for <card>"
 };
 
 // What the user said about the machine; unset fields are detected.
@@ -93,11 +117,20 @@ struct DeviceRequest {
   std::optional<std::string> gpus;          // --gpus
   std::optional<std::string> cpu_mem;       // --cpu-mem
   std::optional<double> cpu_bandwidth_gbs;  // --cpu-bandwidth (GB/s)
+  bool cpu_bandwidth_measured = false;      // cpu_bandwidth_gbs was measured on this machine, not given
   std::optional<std::string> link;          // --link
-  std::optional<int> cpu_cores;             // for tests; detected otherwise
+  std::optional<int> cpu_cores;             // --cpu-cores; detected otherwise
+  std::optional<std::string> cpu;           // --cpu PRESET: cores and bandwidth unless given
+  std::optional<double> gpu_bandwidth_gbs;  // --gpu-bandwidth: every GPU's, replacing the datasheet's
+  std::optional<double> gpu_tflops;         // --gpu-tflops: every GPU's dense FP16 rate
+  // False when planning for another machine (`plan --cpu-mem` without --cpu): its cores are not this
+  // machine's, so kAssumedCpuCores stands in (and is reported as assumed) unless --cpu-cores is given.
+  bool cpu_is_this_machine = true;
 };
-// Builds the inventory: given GPUs, else the detector's, else none (CPU only). CPU RAM and cores are
-// detected unless given. Default link: the first GPU's (nvlink for SXM parts, PCIe otherwise).
+// Builds the inventory: given GPUs, else the detector's, else none (CPU only). CPU cores and bandwidth:
+// given, else the --cpu preset's, else detected (cores) / the default (bandwidth); RAM given or detected.
+// Default link: the first GPU's (nvlink for SXM parts, PCIe without peer-to-peer for GeForce cards).
+// Throws Error naming the flag for unknown names and values out of range.
 DeviceInventory make_inventory(const DeviceRequest& req, const GpuDetector& detect = nullptr);
 
 }  // namespace shardlm

@@ -24,11 +24,38 @@ nlohmann::json device_json(const DevicePlan& d) {
   j["kv_sequence_bytes"] = d.kv_seq_bytes;
   j["workspace_bytes"] = d.workspace_bytes;
   j["total_bytes"] = d.total_bytes;
+  // `layers` is [first, last], both inclusive (kept for existing readers); layer_begin/layer_end are the
+  // half-open range [begin, end) that bench and the loader use (LayerRange). Both 0 when no layer.
   j["layers"] = d.first_layer >= 0 ? nlohmann::json::array({d.first_layer, d.last_layer}) : nlohmann::json::array();
+  j["layer_begin"] = d.first_layer >= 0 ? d.first_layer : 0;
+  j["layer_end"] = d.first_layer >= 0 ? d.last_layer + 1 : 0;
   j["token_embd"] = d.has_token_embd;
   j["output"] = d.has_output;
   j["fits"] = d.fits;
   return j;
+}
+
+nlohmann::json link_json(const LinkSpec& l, const std::string& source) {
+  return {{"name", l.name},
+          {"latency_s", l.latency_s},
+          {"bandwidth_bytes_per_s", l.bandwidth},
+          {"peer_to_peer", l.peer_to_peer},
+          {"source", source}};
+}
+
+std::string gbs(double bytes_per_s) {
+  std::ostringstream os;
+  os << std::fixed << std::setprecision(bytes_per_s < 100e9 ? 1 : 0) << bytes_per_s / 1e9;
+  return os.str();
+}
+
+std::string link_text(const LinkSpec& l) {
+  std::ostringstream os;
+  os << l.name << " (" << l.latency_s * 1e6 << " us per small all-reduce, " << gbs(l.bandwidth) << " GB/s"
+     << (l.peer_to_peer ? ", peer-to-peer" : "") << ")";
+  if (!l.peer_to_peer && l.name.find("nop2p") != std::string::npos)
+    os << ": no peer-to-peer between the cards, every all-reduce goes through host memory";
+  return os.str();
 }
 
 std::string gib(uint64_t b) {
@@ -67,7 +94,8 @@ nlohmann::json plan_to_json(const Plan& p) {
   for (const DevicePlan& d : p.chosen.devices) j["devices"].push_back(device_json(d));
   j["predicted_decode_tokens_per_s"] = p.chosen.decode_tps;
   j["predicted_prefill_tokens_per_s"] = p.chosen.prefill_tps;
-  j["all_gpu_decode_tokens_per_s"] = p.all_gpu_decode_tps;
+  // null for CPU ranks or no fitting layout; otherwise the rate with everything on the GPUs.
+  j["all_gpu_decode_tokens_per_s"] = p.all_gpu_decode_tps > 0 ? nlohmann::json(p.all_gpu_decode_tps) : nlohmann::json();
   j["sequences_that_fit"] = p.chosen.seqs_that_fit;
   // max_num_seqs sequences decoding together, each at the full context ctx.
   j["aggregate_decode_tokens_per_s"] = p.chosen.aggregate_decode_tps;
@@ -92,6 +120,32 @@ nlohmann::json plan_to_json(const Plan& p) {
                                {"sequences_that_fit", c.seqs_that_fit},
                                {"aggregate_decode_tokens_per_s", c.aggregate_decode_tps}});
   j["suggestions"] = p.suggestions;
+  j["suggestion_changes"] = nlohmann::json::array();
+  for (const Suggestion& sg : p.suggestion_details)
+    j["suggestion_changes"].push_back({{"kind", sg.kind},
+                                       {"change", sg.change},
+                                       {"tp", sg.layout.tp},
+                                       {"pp", sg.layout.pp},
+                                       {"n_gpu_layers", sg.layout.n_gpu_layers},
+                                       {"predicted_decode_tokens_per_s", sg.decode_tps},
+                                       {"text", sg.text}});
+  // The machine planned for, each figure with where it came from (datasheet, given, measured, assumed).
+  const DeviceInventory& M = p.machine;
+  j["link"] = link_json(M.link, M.link_source);
+  j["cpu"] = {{"cores", M.cpu_cores},
+              {"cores_source", M.cpu_cores_source},
+              {"mem_bytes", M.cpu.capacity_bytes},
+              {"mem_source", M.cpu_mem_source},
+              {"bandwidth_bytes_per_s", M.cpu.bandwidth},
+              {"bandwidth_source", M.cpu_bandwidth_source}};
+  j["gpus"] = nlohmann::json::array();
+  for (const Device& g : M.gpus)
+    j["gpus"].push_back({{"name", g.name},
+                         {"capacity_bytes", g.capacity_bytes},
+                         {"bandwidth_bytes_per_s", g.bandwidth},
+                         {"bandwidth_source", g.bandwidth_source},
+                         {"matmul_flops", g.matmul_flops},
+                         {"flops_source", g.flops_source}});
   j["notes"] = p.notes;
   j["assumptions"] = {{"gpu_bandwidth_efficiency", p.params.gpu_bandwidth_efficiency},
                       {"gpu_layer_overhead_s", p.params.gpu_layer_overhead_s},
@@ -114,6 +168,25 @@ std::string plan_to_text(const Plan& p, bool explain) {
   os << "context " << p.ctx << (p.ctx_is_max ? " (--ctx max: the largest that fits)" : "")
      << (p.ctx_train > 0 ? cat(", trained context ", p.ctx_train) : std::string(", trained context unknown"))
      << ", batch " << p.batch << ", KV cache " << type_name(p.kv_type) << "\n";
+  // The machine's figures and where each came from, so that a plan for another machine says what it
+  // assumed of it.
+  const DeviceInventory& M = p.machine;
+  for (size_t i = 0; i < M.gpus.size();) {
+    size_t k = i;
+    while (k < M.gpus.size() && M.gpus[k].name == M.gpus[i].name && M.gpus[k].bandwidth == M.gpus[i].bandwidth &&
+           M.gpus[k].matmul_flops == M.gpus[i].matmul_flops)
+      ++k;
+    const Device& g = M.gpus[i];
+    os << "GPU: " << (k - i) << " x " << g.name << ", " << gib(g.capacity_bytes) << " GiB, " << gbs(g.bandwidth)
+       << " GB/s (" << g.bandwidth_source << "), " << rate(g.matmul_flops / 1e12) << " TFLOP/s FP16 (" << g.flops_source
+       << ")\n";
+    i = k;
+  }
+  if (!M.gpus.empty())
+    os << "link between GPUs: " << link_text(M.link) << ", " << M.link_source
+       << (M.gpus.size() == 1 ? " (unused with one GPU)" : "") << "\n";
+  os << "CPU: " << M.cpu_cores << " cores (" << M.cpu_cores_source << "), " << gib(M.cpu.capacity_bytes) << " GiB RAM ("
+     << M.cpu_mem_source << "), " << gbs(M.cpu.bandwidth) << " GB/s (" << M.cpu_bandwidth_source << ")\n";
   os << (p.fits ? "FITS" : "DOES NOT FIT") << ": " << (L.cpu_ranks ? "CPU ranks" : "GPU ranks") << " tp " << L.tp
      << " x pp " << L.pp << ", " << L.n_gpu_layers << " GPU layers";
   if (L.pp > 1) {
@@ -163,6 +236,8 @@ std::string plan_to_text(const Plan& p, bool explain) {
   }
   for (const std::string& n : p.notes) os << "note: " << n << "\n";
   if (explain) {
+    os << "\nlink: " << link_text(M.link) << " [" << M.link_source << "]; host link for offloaded layers: "
+       << link_text(M.host_link) << "\n";
     os << "\ncandidates (best first):\n";
     for (const Candidate& c : p.ranked) os << "  " << c.verdict << "\n";
     os << "\nassumptions: decode = sum over pipeline stages of (bytes read per token by the slowest rank / "

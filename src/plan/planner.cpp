@@ -677,6 +677,19 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
   plan.kv_type = asked.kv_type;
   plan.params = params;
   plan.notes = inv.notes;
+  plan.machine = inv;
+  const auto suggest = [&](std::string text, std::string kind, nlohmann::json change, const Candidate* cc) {
+    Suggestion sg;
+    sg.kind = std::move(kind);
+    sg.change = std::move(change);
+    if (cc) {
+      sg.layout = cc->layout;
+      sg.decode_tps = cc->decode_tps;
+    }
+    sg.text = text;
+    plan.suggestions.push_back(std::move(text));
+    plan.suggestion_details.push_back(std::move(sg));
+  };
 
   Search search(m, inv, asked, params);
   // The request with the context it is planned at: --ctx max searches it (fit shrinks monotonically with
@@ -742,10 +755,13 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
       else hi = mid - 1;
     }
     plan.max_context = lo;
+    // With every layer on the GPUs the chosen rate is the all-GPU rate (the offload cases below replace it).
+    if (!L.cpu_ranks) plan.all_gpu_decode_tps = plan.chosen.decode_tps;
     if (!L.cpu_ranks && L.n_experts_in_ram() > 0) {
       Layout on_gpu = L;
       on_gpu.experts_in_ram.clear();
       const double gpu_tps = search.evaluate(on_gpu, req.ctx).decode_tps;
+      plan.all_gpu_decode_tps = gpu_tps;
       plan.notes.push_back(cat("the experts of ", L.n_experts_in_ram(), " of ", n_layer,
                                " layers stay in RAM and run on the CPU (attention and the router on the GPU): predicted ",
                                tps(plan.chosen.decode_tps), " tok/s instead of ", tps(gpu_tps),
@@ -754,6 +770,7 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
     if (!L.cpu_ranks && L.n_gpu_layers < n_layer) {
       Layout all = L;
       all.n_gpu_layers = n_layer;
+      all.experts_in_ram.clear();  // every layer and its experts on the GPUs
       all.layer_split.clear();
       for (const LayerRange& r : split_layers(n_layer, L.pp, {})) all.layer_split.push_back(r.size());
       plan.all_gpu_decode_tps = search.evaluate(all, req.ctx).decode_tps;
@@ -785,8 +802,9 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
     if (lo > 0) {
       const Candidate cc = search.run(lo).front();
       plan.max_context_any_layout = layout_name(cc.layout, n_layer);
-      plan.suggestions.push_back(cat("a shorter context: --ctx ", lo, " fits (", plan.max_context_any_layout, ", ",
-                                     tps(cc.decode_tps), " tok/s)"));
+      suggest(cat("a shorter context: --ctx ", lo, " fits (", plan.max_context_any_layout, ", ", tps(cc.decode_tps),
+                  " tok/s)"),
+              "ctx", {{"ctx", lo}}, &cc);
     }
     // One or more GPUs like the largest one.
     if (!inv.gpus.empty()) {
@@ -805,8 +823,10 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
         Search s2(m, more, free_req, params);
         const auto r = s2.run(req.ctx);
         if (!r.empty() && r.front().fits) {
-          plan.suggestions.push_back(cat(k, " more ", big.name, " (", format_bytes(big.capacity_bytes), "): fits as ",
-                                         layout_name(r.front().layout, n_layer), ", ", tps(r.front().decode_tps), " tok/s"));
+          suggest(cat(k, " more ", big.name, " (", format_bytes(big.capacity_bytes), "): fits as ",
+                      layout_name(r.front().layout, n_layer), ", ", tps(r.front().decode_tps), " tok/s"),
+                  "more_gpus", {{"add_gpus", k}, {"gpu", big.name}, {"gpu_capacity_bytes", big.capacity_bytes}},
+                  &r.front());
           break;
         }
       }
@@ -823,9 +843,9 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
       Search s2(alt, inv, req, params);
       const auto r = s2.run(req.ctx);
       if (!r.empty() && r.front().fits) {
-        plan.suggestions.push_back(cat("a lower-bit quantization: ", scheme, " (", format_bytes(alt.weight_bytes()),
-                                       ") fits as ", layout_name(r.front().layout, n_layer), ", ",
-                                       tps(r.front().decode_tps), " tok/s"));
+        suggest(cat("a lower-bit quantization: ", scheme, " (", format_bytes(alt.weight_bytes()), ") fits as ",
+                    layout_name(r.front().layout, n_layer), ", ", tps(r.front().decode_tps), " tok/s"),
+                "quant", {{"quant", scheme}, {"weight_bytes", alt.weight_bytes()}}, &r.front());
         break;
       }
     }
@@ -845,15 +865,19 @@ Plan make_plan(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest
         const uint64_t ram = cpu_need + std::max(params.cpu_reserve_min_bytes,
                                                  static_cast<uint64_t>(static_cast<double>(cpu_need) * params.cpu_reserve_fraction / (1 - params.cpu_reserve_fraction)));
         if (cpu_need > 0 && ram <= inv.cpu.capacity_bytes)  // only the pinned -ngl kept it off the CPU
-          plan.suggestions.push_back(cat("CPU offload with the RAM you have: -ngl ", cc.layout.n_gpu_layers, " (",
-                                         layout_name(cc.layout, n_layer), "), predicted ", tps(cc.decode_tps), " tok/s"));
+          suggest(cat("CPU offload with the RAM you have: -ngl ", cc.layout.n_gpu_layers, " (",
+                      layout_name(cc.layout, n_layer), "), predicted ", tps(cc.decode_tps), " tok/s"),
+                  "cpu_offload", {{"n_gpu_layers", cc.layout.n_gpu_layers}, {"cpu_mem_bytes", inv.cpu.capacity_bytes}},
+                  &cc);
         else if (cpu_need > 0)
-          plan.suggestions.push_back(cat("CPU offload with about ", format_bytes(ram), " of RAM (--cpu-mem; have ",
-                                         format_bytes(inv.cpu.capacity_bytes), "): ", layout_name(cc.layout, n_layer),
-                                         ", predicted ", tps(cc.decode_tps), " tok/s"));
+          suggest(cat("CPU offload with about ", format_bytes(ram), " of RAM (--cpu-mem; have ",
+                      format_bytes(inv.cpu.capacity_bytes), "): ", layout_name(cc.layout, n_layer), ", predicted ",
+                      tps(cc.decode_tps), " tok/s"),
+                  "cpu_offload", {{"n_gpu_layers", cc.layout.n_gpu_layers}, {"cpu_mem_bytes", ram}}, &cc);
       }
     }
-    if (plan.suggestions.empty()) plan.suggestions.push_back("no single change found; the model needs more memory");
+    if (plan.suggestions.empty())
+      suggest("no single change found; the model needs more memory", "none", nlohmann::json::object(), nullptr);
   }
   if (c.n_ctx_train > 0 && req.ctx > c.n_ctx_train)
     plan.notes.push_back(cat("context ", req.ctx, " exceeds the model's trained context ", c.n_ctx_train));

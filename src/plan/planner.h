@@ -145,6 +145,16 @@ struct Candidate {
   std::string verdict;              // filled for --explain: chosen / why it lost
 };
 
+// A suggestion of plan_to_text's "smallest changes that would fit", in a form scripts can act on.
+struct Suggestion {
+  std::string kind;       // "ctx", "more_gpus", "quant", "cpu_offload" or "none"
+  nlohmann::json change;  // what to change: {"ctx": N}, {"add_gpus": k, "gpu": name}, {"quant": "q4_0"},
+                          // {"n_gpu_layers": n, "cpu_mem_bytes": b}; {} for "none"
+  Layout layout;          // the layout that then fits (tp, pp, n_gpu_layers)
+  double decode_tps = 0;  // its predicted batch-1 decode rate
+  std::string text;       // the same sentence as in Plan::suggestions
+};
+
 struct Plan {
   std::string model;
   int64_t n_params = 0;
@@ -163,9 +173,13 @@ struct Plan {
   // the chosen (closest-miss) layout's own figure is max_context.
   int64_t max_context_any = 0;
   std::string max_context_any_layout;
-  double all_gpu_decode_tps = 0; // with CPU offload: the rate if those layers were on the GPUs too
+  // The rate with every layer (and expert) on the GPUs: the chosen rate when they all are; with CPU offload
+  // the rate if those layers were on the GPUs too; 0 for CPU ranks (JSON null).
+  double all_gpu_decode_tps = 0;
   std::vector<Candidate> ranked;     // best first, for --explain
   std::vector<std::string> suggestions;  // when nothing fits: the smallest changes that would
+  std::vector<Suggestion> suggestion_details;  // the same, machine-readable (JSON "suggestion_changes")
+  DeviceInventory machine;               // the devices, link and CPU figures planned for, with their sources
   std::vector<std::string> notes;        // assumptions and warnings
   CostParams params;
 };

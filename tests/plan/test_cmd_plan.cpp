@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "loader/model_source.h"
 #include "runtime/engine.h"
+#include "plan/devices.h"
 #include <nlohmann/json.hpp>
 
 namespace shardlm {
@@ -69,6 +70,12 @@ TEST(CmdPlan, BadValuesThrowNamedErrors) {
       {{"-m", "tiny", "--gpus", "24G", "-ts", "1,x"}, "--layer-split"},
       {{"-m", "tiny", "--cpu-mem", "8G", "--max-num-seqs", "0"}, "--max-num-seqs"},
       {{"-m", "tiny", "--cpu-mem", "8G", "--max-num-seqs", "4097"}, "--max-num-seqs"},
+      {{"-m", "tiny", "--cpu", "pentium-4"}, "--cpu"},
+      {{"-m", "tiny", "--cpu-mem", "8G", "--cpu-cores", "0"}, "--cpu-cores"},
+      {{"-m", "tiny", "--cpu-mem", "8G", "--cpu-bandwidth", "80MB/s"}, "--cpu-bandwidth"},
+      {{"-m", "tiny", "--cpu-mem", "8G", "--cpu-bandwidth", "0"}, "--cpu-bandwidth"},
+      {{"-m", "tiny", "--gpus", "8G", "--gpu-bandwidth", "fast"}, "--gpu-bandwidth"},
+      {{"-m", "tiny", "--gpus", "8G", "--gpu-tflops", "-3"}, "--gpu-tflops"},
   };
   for (const Row& r : rows) {
     try {
@@ -196,6 +203,182 @@ TEST(CmdPlan, MaxContextDescribesTheLayoutShown) {
   EXPECT_NE(out.find("max context for this layout: " + std::to_string(own) + " (trained context 131072)"),
             std::string::npos) << out;
   EXPECT_NE(out.find("largest context that fits with any layout: " + std::to_string(any)), std::string::npos) << out;
+}
+
+nlohmann::json plan_json(std::vector<const char*> args) {
+  args.push_back("--json");
+  std::string out;
+  const int rc = run(args, &out);
+  EXPECT_TRUE(rc == 0 || rc == 3) << rc;
+  return nlohmann::json::parse(out);
+}
+
+// Issue 23 item 1: planning for another machine never takes this machine's cores, a named CPU brings its
+// cores and bandwidth, and the output says where each CPU figure came from.
+TEST(CmdPlan, AnotherMachinesCpu) {
+  // 70B on one 4090 with the rest in 64 GiB of RAM: the CPU's figures decide the speed.
+  nlohmann::json j = plan_json({"-m", "llama-3.1-70b", "--quant", "q4_k_m", "--gpus", "rtx4090", "--cpu-mem", "64G"});
+  EXPECT_EQ(j["cpu"]["cores"].get<int>(), kAssumedCpuCores);
+  EXPECT_EQ(j["cpu"]["cores_source"], "assumed");
+  EXPECT_EQ(j["cpu"]["bandwidth_source"], "assumed");
+  EXPECT_EQ(j["cpu"]["mem_source"], "--cpu-mem");
+  const double assumed_tps = j["predicted_decode_tokens_per_s"].get<double>();
+  const double assumed_prefill = j["predicted_prefill_tokens_per_s"].get<double>();
+  j = plan_json({"-m", "llama-3.1-70b", "--quant", "q4_k_m", "--gpus", "rtx4090", "--cpu-mem", "64G", "--cpu",
+                 "ryzen-7950x"});
+  EXPECT_EQ(j["cpu"]["cores"].get<int>(), 16);
+  EXPECT_DOUBLE_EQ(j["cpu"]["bandwidth_bytes_per_s"].get<double>(), 83.2e9);
+  EXPECT_EQ(j["cpu"]["bandwidth_source"], "--cpu ryzen-7950x (datasheet peak)");
+  // The offloaded layers run at the CPU's bandwidth: 83.2 instead of 20 GB/s is faster, not the same.
+  EXPECT_GT(j["predicted_decode_tokens_per_s"].get<double>(), 2 * assumed_tps);
+  EXPECT_GT(j["predicted_prefill_tokens_per_s"].get<double>(), assumed_prefill);
+  j = plan_json({"-m", "llama-3.1-70b", "--quant", "q4_k_m", "--gpus", "rtx4090", "--cpu-mem", "64G", "--cpu-cores",
+                 "24", "--cpu-bandwidth", "80GB/s"});
+  EXPECT_EQ(j["cpu"]["cores"].get<int>(), 24);
+  EXPECT_EQ(j["cpu"]["cores_source"], "--cpu-cores");
+  EXPECT_DOUBLE_EQ(j["cpu"]["bandwidth_bytes_per_s"].get<double>(), 80e9);
+  EXPECT_EQ(j["cpu"]["bandwidth_source"], "--cpu-bandwidth");
+  std::string out;
+  EXPECT_EQ(run({"-m", "llama-3.1-70b", "--gpus", "rtx4090", "--cpu-mem", "64G", "--cpu", "ryzen-7950x"}, &out), 0);
+  EXPECT_NE(out.find("CPU: 16 cores (--cpu ryzen-7950x), 64.00 GiB RAM (--cpu-mem), 83.2 GB/s (--cpu ryzen-7950x "
+                     "(datasheet peak))"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(run({"--help"}, &out), 0);
+  for (const char* flag : {"--cpu TEXT", "--cpu-cores INT", "--gpu-bandwidth TEXT", "--gpu-tflops FLOAT", "ryzen-7950x",
+                           "rtx4060-laptop", "pcie4-nop2p", "G = GB = GiB"})
+    EXPECT_NE(out.find(flag), std::string::npos) << flag << "\n" << out;
+}
+
+// Issue 23 item 2: an 8 GB card given by size is reported as assumed, and --gpu-bandwidth / a named laptop
+// card give the laptop's rate (a third of the RTX 3090-class assumption), not 150 tok/s.
+TEST(CmdPlan, GpuBySizeAndOverrides) {
+  const std::vector<const char*> base{"-m", "llama-3.1-8b", "--quant", "q4_k_m", "--cpu-mem", "1K", "--ctx", "2048"};
+  auto with = [&](std::vector<const char*> extra) {
+    std::vector<const char*> a = base;
+    a.insert(a.end(), extra.begin(), extra.end());
+    return plan_json(a);
+  };
+  const nlohmann::json sized = with({"--gpus", "8G"});
+  EXPECT_EQ(sized["gpus"][0]["bandwidth_source"], "assumed (RTX 3090-class)");
+  const nlohmann::json laptop = with({"--gpus", "rtx4060-laptop"});
+  const nlohmann::json given = with({"--gpus", "8G", "--gpu-bandwidth", "256GB/s"});
+  EXPECT_EQ(given["gpus"][0]["bandwidth_source"], "--gpu-bandwidth");
+  const double t_sized = sized["predicted_decode_tokens_per_s"].get<double>();
+  const double t_laptop = laptop["predicted_decode_tokens_per_s"].get<double>();
+  const double t_given = given["predicted_decode_tokens_per_s"].get<double>();
+  // Same bandwidth, same prediction; decode is a bandwidth roofline plus a fixed time per layer, so 256 of
+  // 936 GB/s is between 256/936 and 1 of the rate.
+  EXPECT_NEAR(t_given, t_laptop, 1e-9 * t_laptop);
+  EXPECT_LT(t_laptop, 0.4 * t_sized);
+  EXPECT_GT(t_laptop, 256.0 / 936 * t_sized);
+  EXPECT_LT(t_laptop, 60.0);
+  const nlohmann::json flops = with({"--gpus", "8G", "--gpu-tflops", "20"});
+  EXPECT_LT(flops["predicted_prefill_tokens_per_s"].get<double>(), sized["predicted_prefill_tokens_per_s"].get<double>());
+  std::string out;
+  EXPECT_EQ(run({"-m", "llama-3.1-8b", "--gpus", "8G", "--cpu-mem", "1K", "--ctx", "2048"}, &out), 0);
+  EXPECT_NE(out.find("GPU: 1 x GPU 8.00 GiB, 8.00 GiB, 936 GB/s (assumed (RTX 3090-class))"), std::string::npos) << out;
+  EXPECT_NE(out.find("(unused with one GPU)"), std::string::npos) << out;
+}
+
+// Issue 23 item 3: the link is printed (text, --explain, JSON) and GeForce cards' missing peer-to-peer slows
+// tensor parallelism; an NVLink bridge on 3090s is given with --link nvlink.
+TEST(CmdPlan, LinkShownAndModelled) {
+  nlohmann::json j = plan_json({"-m", "llama-3.1-8b", "--quant", "q4_0", "--gpus", "rtx4090x2", "--cpu-mem", "1K",
+                                "--tp", "2"});
+  EXPECT_EQ(j["link"]["name"], "pcie4-nop2p");
+  EXPECT_FALSE(j["link"]["peer_to_peer"].get<bool>());
+  EXPECT_EQ(j["link"]["source"], "default for NVIDIA RTX 4090");
+  const double nop2p = j["predicted_decode_tokens_per_s"].get<double>();
+  j = plan_json({"-m", "llama-3.1-8b", "--quant", "q4_0", "--gpus", "rtx4090x2", "--cpu-mem", "1K", "--tp", "2",
+                 "--link", "pcie4"});
+  EXPECT_GT(j["predicted_decode_tokens_per_s"].get<double>(), nop2p);
+  nlohmann::json pcie = plan_json({"-m", "llama-3.1-8b", "--quant", "q4_0", "--gpus", "rtx3090x2", "--cpu-mem", "1K",
+                                   "--tp", "2"});
+  nlohmann::json bridge = plan_json({"-m", "llama-3.1-8b", "--quant", "q4_0", "--gpus", "rtx3090x2", "--cpu-mem",
+                                     "1K", "--tp", "2", "--link", "nvlink"});
+  EXPECT_EQ(bridge["link"]["name"], "nvlink");
+  EXPECT_EQ(bridge["link"]["source"], "--link");
+  EXPECT_GT(bridge["predicted_decode_tokens_per_s"].get<double>(), pcie["predicted_decode_tokens_per_s"].get<double>());
+  j = plan_json({"-m", "llama-3.1-8b", "--gpus", "h100x2", "--cpu-mem", "1K"});
+  EXPECT_EQ(j["link"]["name"], "nvlink");
+  std::string out;
+  EXPECT_EQ(run({"-m", "llama-3.1-8b", "--gpus", "rtx4090x2", "--cpu-mem", "1K", "--explain"}, &out), 0);
+  EXPECT_NE(out.find("link between GPUs: pcie4-nop2p (40 us per small all-reduce, 10.0 GB/s): no peer-to-peer"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("\nlink: pcie4-nop2p"), std::string::npos) << out;
+}
+
+// Issue 23 item 5: the JSON's all-GPU rate, half-open layer ranges and machine-readable suggestions.
+TEST(CmdPlan, JsonFields) {
+  nlohmann::json j = plan_json({"-m", "llama-3.1-8b", "--gpus", "rtx4090", "--cpu-mem", "1K"});
+  EXPECT_DOUBLE_EQ(j["all_gpu_decode_tokens_per_s"].get<double>(), j["predicted_decode_tokens_per_s"].get<double>());
+  j = plan_json({"-m", "tiny", "--quant", "f32", "--cpu-mem", "8G"});
+  EXPECT_TRUE(j["all_gpu_decode_tokens_per_s"].is_null()) << j["all_gpu_decode_tokens_per_s"];
+  // Offloaded: the all-GPU rate is the faster one.
+  j = plan_json({"-m", "llama-3.1-70b", "--gpus", "rtx4090", "--cpu-mem", "64G"});
+  EXPECT_GT(j["all_gpu_decode_tokens_per_s"].get<double>(), j["predicted_decode_tokens_per_s"].get<double>());
+  // Experts in RAM (a mixture of experts on a 12 GiB card): the all-GPU rate has them on the GPU.
+  j = plan_json({"-m", "qwen3-30b-a3b", "--quant", "q4_k_m", "--gpus", "12G", "--cpu-mem", "32G"});
+  ASSERT_GT(j["layout"]["experts_in_ram_layers"].get<int>(), 0) << j["layout"];
+  EXPECT_GT(j["all_gpu_decode_tokens_per_s"].get<double>(), j["predicted_decode_tokens_per_s"].get<double>());
+
+  j = plan_json({"-m", "llama-3.1-70b", "--gpus", "24G,24G", "--cpu-mem", "1K", "-sm", "layer", "-ts", "1,1", "--ctx",
+                 "2048"});
+  int covered = 0, expect_begin = 0;
+  for (const nlohmann::json& d : j["devices"]) {
+    const int b = d["layer_begin"].get<int>(), e = d["layer_end"].get<int>();
+    EXPECT_EQ(b, expect_begin);  // half-open ranges tile the layers
+    EXPECT_EQ(b, d["layers"][0].get<int>());
+    EXPECT_EQ(e, d["layers"][1].get<int>() + 1);  // `layers` stays inclusive
+    covered += e - b;
+    expect_begin = e;
+  }
+  EXPECT_EQ(covered, 80);
+  EXPECT_EQ(j["devices"][0]["layer_end"].get<int>(), 40);
+
+  j = plan_json({"-m", "llama-3.1-70b", "--gpus", "rtx4090", "--cpu-mem", "64G", "-ngl", "99"});
+  ASSERT_FALSE(j["fits"].get<bool>());
+  ASSERT_EQ(j["suggestion_changes"].size(), j["suggestions"].size());
+  ASSERT_FALSE(j["suggestion_changes"].empty());
+  bool more_gpus = false, quant = false;
+  for (size_t i = 0; i < j["suggestion_changes"].size(); ++i) {
+    const nlohmann::json& s = j["suggestion_changes"][i];
+    EXPECT_EQ(s["text"], j["suggestions"][i]);
+    if (s["kind"] == "more_gpus") {
+      more_gpus = true;
+      EXPECT_GE(s["change"]["add_gpus"].get<int>(), 1);
+      EXPECT_EQ(s["change"]["gpu"], "NVIDIA RTX 4090");
+      EXPECT_GT(s["predicted_decode_tokens_per_s"].get<double>(), 0);
+    }
+    if (s["kind"] == "quant") {
+      quant = true;
+      const std::string q = s["change"]["quant"].get<std::string>();
+      EXPECT_NE(s["text"].get<std::string>().find(q), std::string::npos);
+    }
+  }
+  EXPECT_TRUE(more_gpus) << j["suggestion_changes"];
+  // 8B F16 (16 GB) with a 32k context on a 16 GB card: a shorter context or Q8_0 fits; the suggested --ctx is a
+  // number, the same as in the sentence.
+  j = plan_json({"-m", "llama-3.1-8b", "--quant", "f16", "--gpus", "rtx4060ti", "--cpu-mem", "1K", "--ctx", "32768",
+                 "-ngl", "99"});
+  ASSERT_FALSE(j["fits"].get<bool>());
+  bool ctx = false;
+  for (const nlohmann::json& s : j["suggestion_changes"]) {
+    if (s["kind"] == "quant") {
+      quant = true;
+      EXPECT_EQ(s["change"]["quant"], "q8_0") << s;
+    }
+    if (s["kind"] == "ctx") {
+      ctx = true;
+      const int64_t n = s["change"]["ctx"].get<int64_t>();
+      EXPECT_GT(n, 0);
+      EXPECT_NE(s["text"].get<std::string>().find(cat("--ctx ", n, " ")), std::string::npos) << s;
+    }
+  }
+  EXPECT_TRUE(ctx) << j["suggestion_changes"];
+  EXPECT_TRUE(quant) << j["suggestion_changes"];
 }
 
 }  // namespace
