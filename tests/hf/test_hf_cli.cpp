@@ -380,6 +380,21 @@ TEST(HfCli, ChatKeepsTheConversationInTheKvCache) {
   ASSERT_EQ(o.rc, 0) << o.err;
   EXPECT_EQ(o.out, r.out);
   for (const TurnStats& x : turn_stats(o.err)) EXPECT_EQ(x.cached, 0);
+#ifdef SHARDLM_E2E_MPI
+  // Any layout: the ranks started through mpirun follow rank 0's turns (its idle steps between lines keep
+  // their watchdogs quiet) and the conversation is the same.
+  for (const char* layout : {"--tp", "--pp"}) {
+    std::vector<std::string> split = flags;
+    split.push_back(layout);
+    split.push_back("2");
+    const Result m = chat_run(split, input);
+    ASSERT_EQ(m.rc, 0) << layout << ": " << m.err;
+    EXPECT_EQ(m.out, r.out) << layout;
+    const std::vector<TurnStats> mt = turn_stats(m.err);
+    ASSERT_EQ(mt.size(), 3u) << m.err;
+    EXPECT_EQ(mt[1].cached, t[1].cached) << layout;
+  }
+#endif
   // Flags are checked before loading; a model without a chat template is refused by name.
   EXPECT_EQ(chat_run({"-m", s.model_with_template, "-n", "0"}, "").rc, 2);
   EXPECT_EQ(chat_run({"-m", s.model_with_template, "--greedy", "--temp", "0.7"}, "").rc, 2);
