@@ -880,8 +880,9 @@ TEST(CliEdges, InterruptedWriteLeavesNoHalfFile) {
   ASSERT_TRUE(writing) << "no output file appeared";
   ASSERT_FALSE(finished_early) << "gen-model finished before the signal: the test proves nothing";
   EXPECT_FALSE(std::filesystem::exists(out)) << "a half-written " << out << " is left";
-  EXPECT_TRUE(files_starting(out).empty()) << files_starting(out).front();
-  for (const auto& f : files_starting(out)) std::remove(f.c_str());
+  const std::vector<std::string> left = files_starting(out);
+  EXPECT_TRUE(left.empty()) << "left behind: " << (left.empty() ? "" : left.front());
+  for (const auto& f : left) std::remove(f.c_str());
   std::remove(p.out_path.c_str());
   std::remove(p.err_path.c_str());
 }
