@@ -29,7 +29,8 @@ void RunFlags::add_to(CLI::App& app) {
   app.add_option("-c,--ctx-size,--max-model-len", n_ctx, "context size in tokens (default: model's, at most 4096)");
   app.add_option("-b,--batch-size", n_batch, "largest number of tokens in one forward step");
   app.add_option("--micro-batch", micro_batch, "prompt tokens per pipeline step (default: batch / pp)");
-  app.add_option("-t,--threads", threads, "threads per rank (default: the cores this rank may run on, shared among the ranks on the host)");
+  app.add_option("-t,--threads", threads, "threads per rank, at most this machine's cores (0 = the default: the cores "
+                 "this rank may run on, shared among the ranks on the host)");
   app.add_option("--kv-type,--cache-type-k,--cache-type-v", kv_type, "KV cache type: f16, f32 (exact golden checks), bf16, q8_0 or q4_0 (llama.cpp's -ctk/-ctv; one type "
                  "for K and V; q8_0/q4_0 need head_dim a multiple of 32 and the cpu backend)")
       ->capture_default_str();
@@ -44,7 +45,8 @@ void RunFlags::add_to(CLI::App& app) {
   app.add_option("--override-tensor", tensor_overrides,
                  "with --backend cuda: PATTERN=DEVICE, tensors whose name matches the regular expression go to DEVICE "
                  "(CPU for experts in RAM, e.g. exps=CPU or blk\\.[0-9]\\.ffn_.*_exps=CPU; CUDA0 keeps them on the "
-                 "GPU); repeatable or comma-separated, first match wins (also -ot)");
+                 "GPU); repeatable or comma-separated, first match wins (also -ot)")
+      ->default_str("");  // none by default: the captured "=[]" in --help says nothing
   app.add_flag("--no-cuda-graphs", no_graphs, "with --backend cuda: launch decode kernels one by one");
   app.add_flag("--full-logits", full_logits,
                "move every decode step's whole logits row to the host and sample there (default: the device "
