@@ -1,6 +1,7 @@
 #include "cli_common.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -11,6 +12,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -69,6 +73,93 @@ std::vector<double> parse_proportions(const std::string& s, const std::string& f
   }
   if (out.empty()) fail(flag, ": no proportions given (expected e.g. 3,1)");
   return out;
+}
+
+std::string read_text_file(const std::string& path, const std::string& flag) {
+  std::stringstream ss;
+  if (path == "-") {
+    ss << std::cin.rdbuf();
+    if (std::cin.bad()) fail_kind(ErrorKind::kIo, flag, " -: cannot read standard input");
+    return ss.str();
+  }
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail_kind(ErrorKind::kIo, flag, " '", path, "' is a directory, not a file");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail_kind(ErrorKind::kIo, flag, ": cannot read '", path, "' (", std::strerror(errno), ")");
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+uint64_t random_seed() {
+  std::random_device rd;
+  // Below 2^53 so the seed survives JSON readers that hold numbers as doubles.
+  return ((uint64_t(rd()) << 32) | uint64_t(rd())) & ((uint64_t{1} << 53) - 1);
+}
+
+namespace {
+// The temporary file being written, for the signal handler: fixed buffers (no allocation in a handler).
+// GgufWriter::write stages its output in "<path>.tmp" itself (renamed when complete, removed on an error,
+// but not on a signal), so that file is removed too.
+char g_tmp_path[4096] = {0};
+char g_writer_tmp_path[4096 + 4] = {0};
+extern "C" void remove_tmp_and_reraise(int sig) {
+  if (g_tmp_path[0]) unlink(g_tmp_path);
+  if (g_writer_tmp_path[0]) unlink(g_writer_tmp_path);
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+}  // namespace
+
+void write_output_file(const std::string& path, const std::string& flag, const std::vector<std::string>& inputs,
+                       const std::function<void(const std::string& tmp)>& write) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path out = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  for (const std::string& in : inputs) {
+    std::error_code ec2;
+    const bool same = (!ec && fs::weakly_canonical(fs::absolute(in, ec2), ec2) == out) ||
+                      (fs::exists(path, ec2) && fs::equivalent(in, path, ec2));
+    if (same) fail(flag, " '", path, "' is the input file '", in, "': write the output to another path");
+  }
+  if (fs::is_directory(path, ec)) fail(flag, " '", path, "' is a directory: give a file path");
+  if (!write) return;  // only the checks
+  // Same directory as the output, so the rename is atomic (one filesystem).
+  std::string tmp = path + ".tmp-XXXXXX";
+  const int fd = mkstemp(tmp.data());
+  if (fd < 0) fail_kind(ErrorKind::kIo, flag, ": cannot create '", tmp, "' (", std::strerror(errno), ")");
+  close(fd);
+  if (tmp.size() < sizeof g_tmp_path) {
+    std::memcpy(g_tmp_path, tmp.c_str(), tmp.size() + 1);
+    const std::string writer_tmp = tmp + ".tmp";
+    std::memcpy(g_writer_tmp_path, writer_tmp.c_str(), writer_tmp.size() + 1);
+  }
+  struct sigaction sa = {}, old_int = {}, old_term = {}, old_hup = {};
+  sa.sa_handler = remove_tmp_and_reraise;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, &old_int);
+  sigaction(SIGTERM, &sa, &old_term);
+  sigaction(SIGHUP, &sa, &old_hup);
+  auto restore = [&] {
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGTERM, &old_term, nullptr);
+    sigaction(SIGHUP, &old_hup, nullptr);
+    g_tmp_path[0] = 0;
+    g_writer_tmp_path[0] = 0;
+  };
+  try {
+    write(tmp);
+    // mkstemp made it 0600; give the output the mode a plain create would (0666 less the umask).
+    const mode_t mask = umask(0);
+    umask(mask);
+    chmod(tmp.c_str(), 0666 & ~mask);
+    fs::rename(tmp, path);  // replaces an existing output only now, whole
+  } catch (...) {
+    std::error_code rm;
+    fs::remove(tmp, rm);
+    restore();
+    throw;
+  }
+  restore();
 }
 
 std::string default_model_path() {

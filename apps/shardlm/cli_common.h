@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,6 +21,20 @@ namespace shardlm {
 std::vector<int32_t> parse_id_list(const std::string& s, const std::string& flag);
 // Parses "3,1" into positive proportions.
 std::vector<double> parse_proportions(const std::string& s, const std::string& flag);
+
+// The whole of a text file, or of standard input when `path` is "-"; Error names `flag` and the path.
+std::string read_text_file(const std::string& path, const std::string& flag);
+
+// A seed for --seed -1: from std::random_device, so two runs differ; the caller prints it.
+uint64_t random_seed();
+
+// Writes `path` through `write(tmp)`: `write` fills a temporary file next to `path`, which is renamed onto
+// `path` only once `write` returned, so an error, Ctrl-C or SIGTERM part-way leaves no half-written file at
+// `path` (and removes the temporary one). Refuses (Error naming `flag`) when `path` is one of `inputs`
+// (compared as canonical paths), so an output never overwrites the file it is made from. A null `write`
+// only checks.
+void write_output_file(const std::string& path, const std::string& flag, const std::vector<std::string>& inputs,
+                       const std::function<void(const std::string& tmp)>& write);
 
 // The bundled model: $SHARDLM_DEFAULT_MODEL, else the path compiled in, else models/ next to the binary.
 std::string default_model_path();

@@ -174,8 +174,11 @@ int cmd_bench(int argc, const char* const* argv) {
   int64_t n_prompt = 512, n_gen = 128, depth = 0;
   int reps = 3;
   bool json = false;
-  app.add_option("-p,--n-prompt", n_prompt, "prompt tokens for the pp test (0 skips it)");
-  app.add_option("-n,--n-gen", n_gen, "generated tokens for the tg test (0 skips it)");
+  app.option_defaults()->always_capture_default();  // --help shows every option's default
+  CLI::Option* p_opt = app.add_option("-p,--n-prompt", n_prompt,
+                                      "prompt tokens for the pp test (0 skips it; the default shrinks to the context)");
+  CLI::Option* n_opt = app.add_option("-n,--n-gen", n_gen,
+                                      "generated tokens for the tg test (0 skips it; the default shrinks to the context)");
   app.add_option("-r,--repetitions", reps, "runs of each test (the median is reported)");
   app.add_option("-d,--n-depth", depth,
                  "llama-bench's -d: run pp and tg after this many positions are already in the KV cache (pp at depth "
@@ -199,6 +202,20 @@ int cmd_bench(int argc, const char* const* argv) {
   if (depth < 0 || depth > (int64_t{1} << 24)) fail("-d ", depth, " is outside [0, 16777216]");
   const std::string path = rf.model_path();
   auto src = open_model(path);  // once: the planner reads it, then the engine loads from it
+  const int64_t train = src->config().n_ctx_train > 0 ? src->config().n_ctx_train : 4096;
+  // Defaults fit the model: llama-bench's -p 512 -n 128 are more positions than a small model has (the
+  // bundled one is trained on 128), so a default that does not fit shrinks to what does; given values stay.
+  std::string fitted;
+  if (const int64_t room = (rf.n_ctx > 0 ? rf.n_ctx : train) - depth; room >= 2) {
+    if (p_opt->count() == 0 && n_prompt > room) {
+      fitted += cat(" -p ", n_prompt, " -> ", room);
+      n_prompt = room;
+    }
+    if (n_opt->count() == 0 && n_gen + 1 > room) {
+      fitted += cat(" -n ", n_gen, " -> ", room - 1);
+      n_gen = room - 1;
+    }
+  }
   std::vector<int64_t> npl;
   if (!npl_list.empty()) {
     for (double v : parse_proportions(npl_list, "-npl")) {
@@ -213,9 +230,22 @@ int cmd_bench(int argc, const char* const* argv) {
   auto comm = make_communicator(rf.comm_timeout);
   const bool rank0 = comm->rank() == 0;
   if (eo.n_ctx == 0) eo.n_ctx = std::min<int64_t>(src->config().n_ctx_train, depth + std::max<int64_t>(n_prompt, 1) + n_gen);
-  if (depth + std::max(n_prompt, n_gen + 1) > eo.n_ctx)
-    fail("-d ", depth, " plus the test's ", std::max(n_prompt, n_gen + 1), " tokens need ", depth + std::max(n_prompt, n_gen + 1),
-         " positions; the context is ", eo.n_ctx, " (raise -c, up to the model's ", src->config().n_ctx_train, ")");
+  if (const int64_t need = depth + std::max(n_prompt, n_gen + 1); need > eo.n_ctx) {
+    // Name the flag that asks too much, and raise -c only where the model allows it.
+    const int64_t room = eo.n_ctx - depth;
+    std::vector<std::string> ways;
+    if (need <= train) ways.push_back(cat("raise -c to ", need));
+    if (room >= 1 && n_prompt > room) ways.push_back(cat("lower -p to ", room));
+    if (room >= 2 && n_gen + 1 > room) ways.push_back(cat("lower -n to ", room - 1));
+    if (depth > 0) ways.push_back("lower -d");
+    std::string advice;
+    for (size_t i = 0; i < ways.size(); ++i) advice += (i ? " or " : "") + ways[i];
+    fail("-d ", depth, " plus the test's ", std::max(n_prompt, n_gen + 1), " tokens (", n_prompt >= n_gen + 1 ? "-p" : "-n",
+         ") need ", need, " positions; the context is ", eo.n_ctx, ", the model's at most ", train, " (", advice, ")");
+  }
+  if (rank0 && !fitted.empty() && !rf.quiet)
+    std::fprintf(stderr, "note: default sizes fitted to the context of %lld:%s\n", static_cast<long long>(eo.n_ctx),
+                 fitted.c_str());
   Progress progress("loading", rank0 && !rf.quiet && !json);
   Engine engine(*src, *comm, eo, [&](uint64_t d, uint64_t t) { progress(d, t); });
   progress.finish();

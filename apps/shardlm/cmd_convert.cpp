@@ -36,6 +36,23 @@ int cmd_convert(int argc, const char* const* argv) {
   app.add_flag("-q,--quiet", quiet, "no progress output");
   if (int rc = parse_cli(app, argc, argv); rc >= 0) return rc;
   std::unique_ptr<ModelSource> src;
+  // Every file the conversion reads: the output may be none of them (checked before anything is written).
+  std::vector<std::string> inputs;
+  auto add_inputs = [&](const std::string& p) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(p, ec)) {
+      inputs.push_back(p);
+      return;
+    }
+    // A checkpoint directory: its weights, configs and tokenizer files. GGUF files there are not read, so a
+    // previous conversion written into the directory may be replaced.
+    for (const auto& e : std::filesystem::directory_iterator(p, ec))
+      if (e.is_regular_file(ec) && e.path().extension() != ".gguf") inputs.push_back(e.path().string());
+  };
+  add_inputs(input);
+  if (!tokenizer.empty()) add_inputs(tokenizer);
+  if (!imatrix_path.empty()) inputs.push_back(imatrix_path);
+  write_output_file(out, "-o", inputs, nullptr);  // refuses now, before the (long) reading
   if (from == "llama2c") {
     if (tokenizer.empty()) fail("--tokenizer is required with --from llama2c");
     src = open_llama2c_source(input, tokenizer);
@@ -47,9 +64,6 @@ int cmd_convert(int argc, const char* const* argv) {
     src = open_model(input);
     if (!tokenizer.empty()) src = with_tokenizer(std::move(src), load_tokenizer_files(tokenizer));
   } else if (from == "gguf") {
-    std::error_code ec;
-    if (std::filesystem::exists(out, ec) && std::filesystem::equivalent(input, out, ec))
-      fail("-o '", out, "' is the input file: write the converted model to another path");
     src = open_model_source(input);
     if (src->format_name() != "gguf") fail("--from gguf: '", input, "' is not a GGUF file");
     if (!type.empty() && !allow_requantize)
@@ -77,9 +91,11 @@ int cmd_convert(int argc, const char* const* argv) {
                    imatrix->entries.size(), static_cast<long long>(imatrix->chunk_count),
                    imatrix->datasets.empty() ? "" : " of ", imatrix->datasets.empty() ? "" : imatrix->datasets[0].c_str());
   }
-  Progress progress("writing " + out, !quiet);
-  export_gguf(*src, out, type, [&](uint64_t d, uint64_t t) { progress(d, t); }, imatrix ? &*imatrix : nullptr);
-  progress.finish();
+  write_output_file(out, "-o", inputs, [&](const std::string& tmp) {
+    Progress progress("writing " + out, !quiet);
+    export_gguf(*src, tmp, type, [&](uint64_t d, uint64_t t) { progress(d, t); }, imatrix ? &*imatrix : nullptr);
+    progress.finish();
+  });
   return 0;
 }
 

@@ -213,7 +213,8 @@ int cmd_gen_model(int argc, const char* const* argv) {
     });
   }
   Progress progress("writing " + out, !quiet);
-  w.write(out, [&](uint64_t d, uint64_t t) { progress(d, t); });
+  write_output_file(out, "-o", {},
+                    [&](const std::string& tmp) { w.write(tmp, [&](uint64_t d, uint64_t t) { progress(d, t); }); });
   progress.finish();
   return 0;
 }

@@ -17,6 +17,7 @@ int cmd_generate(int argc, const char* const* argv) {
   CLI::App app("Generate a continuation of a prompt. With --tp/--pp the model is split across ranks "
                "(started through mpirun unless already under MPI); only rank 0 prints.",
                "generate");
+  app.option_defaults()->always_capture_default();  // --help shows every option's default
   RunFlags rf;
   rf.add_to(app);
   std::string prompt, prompt_ids, prompt_file;
@@ -26,11 +27,11 @@ int cmd_generate(int argc, const char* const* argv) {
   bool ignore_eos = false, json = false, greedy = false, chat = false;
   std::string tokenizer_path, system;
   app.add_option("-p,--prompt", prompt, "prompt text");
-  app.add_option("-f,--file", prompt_file, "read the prompt text from a file");
+  app.add_option("-f,--file", prompt_file, "read the prompt text from a file (- = standard input)");
   app.add_option("--prompt-ids", prompt_ids, "prompt as token ids, e.g. 1,2,3 (no BOS is added)");
   app.add_option("-n,--n-predict", n_predict, "tokens to generate (at most)");
-  app.add_option("--temp", sp.temperature, "temperature; 0 = greedy");
-  app.add_flag("--greedy", greedy, "same as --temp 0");
+  CLI::Option* temp_opt = app.add_option("--temp", sp.temperature, "temperature; 0 = greedy");
+  app.add_flag("--greedy", greedy, "same as --temp 0 (not together with another --temp)");
   app.add_option("--top-k", sp.top_k, "keep the k most likely tokens (0 = off)");
   app.add_option("--top-p", sp.top_p, "nucleus sampling threshold (1 = off)");
   app.add_option("--min-p", sp.min_p, "drop tokens below min-p times the best one's probability (0 = off)");
@@ -40,7 +41,9 @@ int cmd_generate(int argc, const char* const* argv) {
   app.add_option("--frequency-penalty", sp.frequency_penalty,
                  "subtracted from a token's logit per occurrence in the penalty window (0 = off)");
   app.add_option("--repeat-last-n", sp.repeat_last_n, "how many recent tokens the penalties consider");
-  app.add_option("--seed", sp.seed, "random seed (same seed, same output)");
+  int64_t seed = -1;
+  app.add_option("--seed", seed, "random seed (same seed, same output); -1 = a random one, printed on stderr and in "
+                 "--json so the run can be repeated");
   app.add_flag("--ignore-eos", ignore_eos, "do not stop at the end-of-sequence token");
   app.add_flag("--chat", chat,
                "render the prompt as a user message with the model's chat template (GGUF tokenizer.chat_template "
@@ -49,10 +52,15 @@ int cmd_generate(int argc, const char* const* argv) {
   app.add_option("--tokenizer", tokenizer_path,
                  "use this tokenizer (tokenizer.json, a directory holding one, or a GGUF) and its chat template "
                  "instead of the model's; it may not have more tokens than the model's vocabulary");
-  app.add_flag("--json", json, "print {\"prompt_ids\", \"generated_ids\", \"text\"} as JSON");
+  app.add_flag("--json", json, "print {\"prompt_ids\", \"generated_ids\", \"text\", \"seed\"} as JSON");
   if (int rc = parse_cli(app, argc, argv); rc >= 0) return rc;
+  if (greedy && temp_opt->count() > 0 && sp.temperature != 0)
+    fail("--greedy and --temp ", sp.temperature, " contradict each other: --greedy is --temp 0; give one of them");
   if (greedy) sp.temperature = 0;
   sp.validate();
+  if (seed < -1) fail("--seed ", seed, " is outside [-1, ", INT64_MAX, "] (-1 = a random seed)");
+  // As llama.cpp: -1 (the default) draws a seed, which is reported so the run can be repeated with --seed.
+  sp.seed = seed >= 0 ? static_cast<uint64_t>(seed) : random_seed();
   if (n_predict < 1 || n_predict > (1 << 24)) fail("-n ", n_predict, " is outside [1, 16777216]");
   if (int(!prompt.empty()) + int(!prompt_ids.empty()) + int(!prompt_file.empty()) > 1)
     fail("give only one of -p, -f and --prompt-ids");
@@ -69,13 +77,10 @@ int cmd_generate(int argc, const char* const* argv) {
   const Vocab* vocab = src->vocab();
   std::unique_ptr<Tokenizer> tok;
   if (vocab) tok = Tokenizer::create(*vocab);
-  if (!prompt_file.empty()) {
-    std::ifstream f(prompt_file);
-    if (!f) fail_kind(ErrorKind::kIo, "cannot read prompt file '", prompt_file, "'");
-    std::stringstream ss;
-    ss << f.rdbuf();
-    prompt = ss.str();
-  }
+  if (!prompt_file.empty()) prompt = read_text_file(prompt_file, "-f");
+  if (prompt_ids.empty() && prompt.empty())
+    fail(prompt_file.empty() ? std::string("the prompt is empty: give -p TEXT, -f FILE or --prompt-ids")
+                             : cat("-f '", prompt_file, "': the prompt is empty"));
   std::vector<int32_t> ids;
   std::string rendered;  // --chat: the template's output
   if (!prompt_ids.empty()) {
@@ -102,7 +107,7 @@ int cmd_generate(int argc, const char* const* argv) {
   } else {
     if (!tok) fail(path, " has no tokenizer: pass --prompt-ids");
     ids = tok->encode(prompt, true, false);
-    if (ids.empty()) fail("the prompt is empty: give -p TEXT or --prompt-ids");
+    if (ids.empty()) fail("the prompt is empty: give -p TEXT, -f FILE or --prompt-ids");
   }
   for (int32_t id : ids)
     if (id >= src->config().n_vocab)
@@ -126,10 +131,20 @@ int cmd_generate(int argc, const char* const* argv) {
       std::fflush(stdout);
     }
   };
-  if (static_cast<int64_t>(ids.size()) + n_predict - 1 > engine.n_ctx())
-    fail("the prompt (", ids.size(), " tokens) plus ", n_predict, " generated tokens need ",
-         static_cast<int64_t>(ids.size()) + n_predict - 1, " positions, more than the context size ", engine.n_ctx(),
-         " (raise -c or lower -n)");
+  if (const int64_t need = static_cast<int64_t>(ids.size()) + n_predict - 1; need > engine.n_ctx()) {
+    // Advice that can be followed: -c cannot go past the model's training context.
+    const int64_t train = src->config().n_ctx_train;
+    const int64_t room = engine.n_ctx() - static_cast<int64_t>(ids.size()) + 1;  // the largest -n that fits
+    std::string advice;
+    if (need <= train) advice = cat("raise -c to ", need, room >= 1 ? cat(" or lower -n to ", room) : std::string());
+    else if (room >= 1) advice = cat("lower -n to ", room, " or shorten the prompt; -c cannot exceed the model's ", train);
+    else advice = cat("shorten the prompt to at most ", train, " tokens; -c cannot exceed the model's ", train);
+    fail("the prompt (", ids.size(), " tokens) plus ", n_predict, " generated tokens need ", need,
+         " positions, more than the context size ", engine.n_ctx(), " (", advice, ")");
+  }
+  if (rank0 && !json && !rf.quiet && sp.temperature > 0)
+    std::fprintf(stderr, "seed: %llu (repeat this run with --seed %llu)\n", static_cast<unsigned long long>(sp.seed),
+                 static_cast<unsigned long long>(sp.seed));
   if (rank0 && !json && !prompt.empty() && !chat) std::fputs(prompt.c_str(), stdout);
   GenerateResult res = engine.generate(ids, n_predict, sp, eos, on_token);
   if (rank0) {
@@ -138,6 +153,7 @@ int cmd_generate(int argc, const char* const* argv) {
       j["prompt_ids"] = ids;
       j["generated_ids"] = res.generated;
       j["text"] = text;
+      j["seed"] = sp.seed;
       if (chat) j["rendered"] = rendered;
       std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     } else {

@@ -46,7 +46,8 @@ const char* llama_cpp_alias(const char* arg) {
 void usage(FILE* out) {
   std::fprintf(out,
                "shardlm: run one language model split across several devices.\n\n"
-               "Usage: shardlm <command> [options]    (shardlm <command> --help for its options)\n\n"
+               "Usage: shardlm <command> [options]    (shardlm <command> --help or shardlm help <command> for its "
+               "options)\n\n"
                "Commands:\n");
   for (const auto& c : kCommands) std::fprintf(out, "  %-11s %s\n", c.name, c.help);
   std::fprintf(out,
@@ -60,6 +61,25 @@ void usage(FILE* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // `shardlm help COMMAND` is `shardlm COMMAND --help`.
+  std::vector<char*> help_args;
+  char help_flag[] = "--help";
+  if (argc == 3 && !std::strcmp(argv[1], "help")) {
+    bool known = false;
+    for (const auto& c : kCommands) known = known || !std::strcmp(argv[2], c.name);
+    if (!known) {
+      std::fprintf(stderr, "shardlm: unknown command '%s'\n\n", argv[2]);
+      usage(stderr);
+      return 2;
+    }
+    help_args = {argv[0], argv[2], help_flag, nullptr};
+    argv = help_args.data();
+    argc = 3;
+  } else if (argc > 3 && !std::strcmp(argv[1], "help")) {
+    std::fprintf(stderr, "shardlm: 'help' takes one command name\n\n");
+    usage(stderr);
+    return 2;
+  }
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
     usage(argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <thread>
 
 #include "cli_common.h"
 #include "comm/launcher.h"
@@ -22,11 +23,14 @@ void RunFlags::add_to(CLI::App& app) {
                "staying tensor-parallel (default: every rank holds 1/tp of every expert)");
   app.add_option("--layer-split,--tensor-split", layer_split,
                  "layers per pipeline stage as proportions, e.g. 3,1 (rounded to whole layers); also -ts");
-  app.add_option("--split-mode", split_mode, "llama.cpp's -sm: layer, row or tensor (informational: give --tp/--pp)");
+  app.add_option("--split-mode", split_mode,
+                 "llama.cpp's -sm: layer, row, tensor or none; accepted for llama.cpp command lines but not used "
+                 "(a note says so): the split is --tp (rows, as row/tensor) and --pp (layers, as layer)");
   app.add_option("-c,--ctx-size,--max-model-len", n_ctx, "context size in tokens (default: model's, at most 4096)");
   app.add_option("-b,--batch-size", n_batch, "largest number of tokens in one forward step");
   app.add_option("--micro-batch", micro_batch, "prompt tokens per pipeline step (default: batch / pp)");
-  app.add_option("-t,--threads", threads, "threads per rank (default: the cores this rank may run on, shared among the ranks on the host)");
+  app.add_option("-t,--threads", threads, "threads per rank, at most this machine's cores (0 = the default: the cores "
+                 "this rank may run on, shared among the ranks on the host)");
   app.add_option("--kv-type,--cache-type-k,--cache-type-v", kv_type, "KV cache type: f16, f32 (exact golden checks), bf16, q8_0 or q4_0 (llama.cpp's -ctk/-ctv; one type "
                  "for K and V; q8_0/q4_0 need head_dim a multiple of 32 and the cpu backend)")
       ->capture_default_str();
@@ -41,7 +45,8 @@ void RunFlags::add_to(CLI::App& app) {
   app.add_option("--override-tensor", tensor_overrides,
                  "with --backend cuda: PATTERN=DEVICE, tensors whose name matches the regular expression go to DEVICE "
                  "(CPU for experts in RAM, e.g. exps=CPU or blk\\.[0-9]\\.ffn_.*_exps=CPU; CUDA0 keeps them on the "
-                 "GPU); repeatable or comma-separated, first match wins (also -ot)");
+                 "GPU); repeatable or comma-separated, first match wins (also -ot)")
+      ->default_str("");  // none by default: the captured "=[]" in --help says nothing
   app.add_flag("--no-cuda-graphs", no_graphs, "with --backend cuda: launch decode kernels one by one");
   app.add_flag("--full-logits", full_logits,
                "move every decode step's whole logits row to the host and sample there (default: the device "
@@ -75,7 +80,11 @@ EngineOptions RunFlags::engine_options() const {
   o.n_batch = n_batch;
   if (micro_batch < 0) fail("--micro-batch ", micro_batch, " must be >= 0");
   o.micro_batch = micro_batch;
-  if (threads < 0 || threads > 1024) fail("-t ", threads, " is outside [0, 1024]");
+  // One rule for every command that runs a model: more threads than cores only slows a rank down (the
+  // threads take turns on a core at every step), so such a -t is a mistake, not a request.
+  if (const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+      threads < 0 || threads > cores)
+    fail("-t ", threads, " is outside [0, ", cores, "] (0 = the default; ", cores, " = this machine's cores)");
   o.n_threads = threads;
   o.kv_type = parse_kv_type(kv_type, "--kv-type");
   o.backend = backend;
@@ -102,7 +111,12 @@ EngineOptions RunFlags::resolve(const ModelSource& src, int64_t ctx_if_unset) co
   const ModelConfig& c = src.config();
   const int64_t train = c.n_ctx_train > 0 ? c.n_ctx_train : 4096;
   int64_t ctx = o.n_ctx > 0 ? o.n_ctx : ctx_if_unset > 0 ? std::min<int64_t>(train, ctx_if_unset) : default_context(c);
-  ctx = std::max<int64_t>(ctx, 1);  // the engine refuses contexts outside [1, trained] with its own message
+  // Refused before the planner runs: its advice for a context that does not fit in memory could name a
+  // context that the engine then refuses for exceeding the training context.
+  if (c.n_ctx_train > 0 && o.n_ctx > c.n_ctx_train)
+    fail("-c ", o.n_ctx, " is outside [1, ", c.n_ctx_train, "] (the model's training context; 0 = the default, ",
+         default_context(c), ")");
+  ctx = std::max<int64_t>(ctx, 1);
   RunPlanRequest rq;
   if (layout_given()) {
     rq.tp = o.tp;
@@ -121,6 +135,9 @@ EngineOptions RunFlags::resolve(const ModelSource& src, int64_t ctx_if_unset) co
   o.tp = rp.tp;
   o.pp = rp.pp;
   if (!quiet && !layout_given() && launch.rank == 0) std::fprintf(stderr, "%s\n", rp.summary.c_str());
+  if (!split_mode.empty() && launch.rank == 0)  // even with -q: the flag does not do what it says
+    std::fprintf(stderr, "note: --split-mode %s is not used: shardlm splits rows with --tp N and layers with "
+                 "--pp N (this run: tp %d x pp %d)\n", split_mode.c_str(), o.tp, o.pp);
   return o;
 }
 

@@ -39,6 +39,8 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
                const std::function<void(uint64_t, uint64_t)>& load_progress)
     : comm_(comm), options_(options) {
   const ModelConfig& c = src.config();
+  if (const Vocab* v = src.vocab(); v && !v->tokens.empty() && static_cast<int64_t>(v->tokens.size()) < c.n_vocab)
+    n_tokens_ = static_cast<int64_t>(v->tokens.size());
   if (options_.tp * options_.pp != comm.world_size())
     fail("--tp ", options_.tp, " x --pp ", options_.pp, " = ", options_.tp * options_.pp, " ranks, but ",
          comm.world_size(), " were launched");
@@ -309,7 +311,10 @@ int64_t Engine::add_sequence(std::vector<int32_t> prompt, const SequenceParams& 
     if (id < 0 || id >= config().n_vocab)
       fail("prompt token id ", id, " is outside the vocabulary [0, ", config().n_vocab, ")");
   const int64_t id = sched_->add(std::move(prompt), params);
-  samplers_.emplace(id, Sampler(params.sampling));
+  SamplerParams sp = params.sampling;
+  // Ids the tokenizer lacks (padded embedding rows) have no text: never sample them.
+  if (n_tokens_ > 0 && (sp.n_valid <= 0 || sp.n_valid > n_tokens_)) sp.n_valid = n_tokens_;
+  samplers_.emplace(id, Sampler(sp));
   return id;
 }
 
@@ -564,7 +569,9 @@ GenerateResult Engine::generate(const std::vector<int32_t>& prompt, int64_t n_pr
   const int64_t need = static_cast<int64_t>(prompt.size()) + n_predict - 1;
   if (need > options_.n_ctx)
     fail("the prompt (", prompt.size(), " tokens) plus ", n_predict, " generated tokens need ", need,
-         " positions, more than the context size ", options_.n_ctx, " (raise -c or lower -n)");
+         " positions, more than the context size ", options_.n_ctx,
+         options_.n_ctx < config().n_ctx_train ? cat(" (lower -n, or raise -c up to the model's ", config().n_ctx_train, ")")
+                                               : cat(" (the model's largest: lower -n or shorten the prompt)"));
   for (int32_t id : prompt)
     if (id < 0 || id >= config().n_vocab)
       fail("prompt token id ", id, " is outside the vocabulary [0, ", config().n_vocab, ")");

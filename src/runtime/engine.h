@@ -174,6 +174,7 @@ class Engine {
   std::vector<HeldTensor> held_;
   std::unique_ptr<Scheduler> sched_;             // rank 0
   std::map<int64_t, Sampler> samplers_;          // rank 0: one per live sequence
+  int64_t n_tokens_ = 0;                         // the tokenizer's size when smaller than n_vocab, else 0
   std::vector<std::pair<double, double>> prefill_trace_;
   bool tracing_ = false;                         // generate/all_logits: record steps until the first logits
   bool stopped_ = false;                         // a shutdown plan was sent or received

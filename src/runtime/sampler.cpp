@@ -18,6 +18,7 @@ void SamplerParams::validate() const {
   if (!(top_p > 0 && top_p <= 1)) fail("--top-p ", top_p, " is outside (0, 1]");
   if (!(min_p >= 0 && min_p < 1)) fail("--min-p ", min_p, " is outside [0, 1)");
   if (!(repeat_penalty > 0 && repeat_penalty <= 10)) fail("--repeat-penalty ", repeat_penalty, " is outside (0, 10]");
+  if (n_valid < 0) fail("sampler: n_valid ", n_valid, " must be >= 0");
   if (repeat_last_n < 0) fail("--repeat-last-n ", repeat_last_n, " must be >= 0");
   if (!(presence_penalty >= -2 && presence_penalty <= 2))
     fail("--presence-penalty ", presence_penalty, " is outside [-2, 2]");
@@ -61,6 +62,7 @@ std::vector<int32_t> Sampler::penalized(const std::vector<int32_t>& history, int
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n_vocab, const std::vector<int32_t>& history) {
+  n_vocab = usable(n_vocab);  // masked ids are the highest ones: the first n_valid logits are the choice
   std::vector<int32_t> counts;
   const std::vector<int32_t> pen = penalized(history, n_vocab, &counts);
   if (p_.temperature <= 0) {  // greedy: one pass, no candidate list
@@ -78,6 +80,8 @@ int32_t Sampler::sample(const float* logits, int64_t n_vocab, const std::vector<
 CandidateRequest Sampler::request(const std::vector<int32_t>& history, int64_t n_vocab) const {
   CandidateRequest r;
   if (p_.temperature > 0 && p_.top_k <= 0) return r;  // the whole distribution takes part
+  // Masked ids could fill the device's top-k, leaving fewer than k that may be chosen: take every logit.
+  if (usable(n_vocab) < n_vocab) return r;
   r.extra = penalized(history, n_vocab);
   const int64_t k = (p_.temperature > 0 ? p_.top_k : 1) + static_cast<int64_t>(r.extra.size());
   if (k > kMaxCandidates) {

@@ -2,6 +2,7 @@
 // top-p, min-p and a seeded draw. The same seed and logits give the same token on every machine.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -23,6 +24,10 @@ struct SamplerParams {
   float frequency_penalty = 0.0f;
   int32_t repeat_last_n = 64;  // tokens of history the penalties look at (llama.cpp's penalty_last_n)
   uint64_t seed = 0;
+  // Ids at or above this are never chosen (0: every id may be). A tokenizer may have fewer tokens than the
+  // model's vocabulary (embedding rows padded to a multiple); a padded id has no text, so sampling one would
+  // end the run. The engine sets it from the model's tokenizer.
+  int64_t n_valid = 0;
   // Throws Error naming the parameter when out of range.
   void validate() const;
 };
@@ -49,7 +54,8 @@ class Sampler {
   // (a token outside both is beaten by k unpenalized tokens before and after the penalty).
   CandidateRequest request(const std::vector<int32_t>& history, int64_t n_vocab) const;
   // Greedy with no penalty: the token is the first logit in candidate order whatever the history.
-  bool plain_greedy() const { return p_.temperature <= 0 && !penalty_on(); }
+  // With masked ids the device's argmax could pick a padded one, so masking also rules it out.
+  bool plain_greedy() const { return p_.temperature <= 0 && !penalty_on() && p_.n_valid <= 0; }
   // The token sample() would return for the full logits, given what request() asked for; consumes the
   // random stream exactly as sample() does.
   // `history` is the one request() was given (the penalties' counts come from it).
@@ -63,6 +69,8 @@ class Sampler {
     return p_.repeat_last_n > 0 &&
            (p_.repeat_penalty != 1.0f || p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f);
   }
+  // The ids that may be chosen: [0, usable(n_vocab)).
+  int64_t usable(int64_t n_vocab) const { return p_.n_valid > 0 ? std::min(n_vocab, p_.n_valid) : n_vocab; }
   // The distinct tokens of the penalty window, in order of first appearance, and how often each occurs.
   std::vector<int32_t> penalized(const std::vector<int32_t>& history, int64_t n_vocab,
                                  std::vector<int32_t>* counts = nullptr) const;

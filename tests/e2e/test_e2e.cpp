@@ -46,7 +46,9 @@ struct Proc {
   std::string out_path, err_path;
   int status = -1;
 
-  explicit Proc(const std::vector<std::string>& args, const std::string& tag = "run") {
+  // `stdin_path`: a file for the process to read as standard input (empty: this process's).
+  explicit Proc(const std::vector<std::string>& args, const std::string& tag = "run",
+                const std::string& stdin_path = "") {
     static int n = 0;
     out_path = tmp(tag + std::to_string(getpid()) + "-" + std::to_string(n) + ".out");
     err_path = tmp(tag + std::to_string(getpid()) + "-" + std::to_string(n++) + ".err");
@@ -59,6 +61,11 @@ struct Proc {
       if (o < 0 || e < 0) _exit(126);
       dup2(o, 1);
       dup2(e, 2);
+      if (!stdin_path.empty()) {
+        const int i = open(stdin_path.c_str(), O_RDONLY);
+        if (i < 0) _exit(126);
+        dup2(i, 0);
+      }
       std::vector<char*> c;
       for (auto& s : a) c.push_back(s.data());
       c.push_back(nullptr);
@@ -86,8 +93,8 @@ struct Result {
   std::string out, err;
 };
 
-Result run(const std::vector<std::string>& args, double timeout = 120) {
-  Proc p(args);
+Result run(const std::vector<std::string>& args, double timeout = 120, const std::string& stdin_path = "") {
+  Proc p(args, "run", stdin_path);
   if (!p.wait(timeout)) {
     kill(p.pid, SIGKILL);
     p.wait(10);
@@ -799,3 +806,222 @@ TEST(Perplexity, TensorAndPipelineLayoutsAgreeWithOneRank) {
   }
 }
 #endif
+
+// Issue 23, items 7 to 10: the command line's rough edges. Each test failed before its fix.
+namespace edges {
+
+bool contains(const std::string& s, const std::string& w) { return s.find(w) != std::string::npos; }
+
+// Files in the e2e scratch directory whose name starts with `prefix` (temporary files left behind).
+std::vector<std::string> files_starting(const std::string& prefix) {
+  std::vector<std::string> out;
+  const std::filesystem::path p(prefix);
+  for (const auto& e : std::filesystem::directory_iterator(p.parent_path()))
+    if (e.path().filename().string().rfind(p.filename().string(), 0) == 0) out.push_back(e.path().string());
+  return out;
+}
+
+// Item 7: an output that is one of the inputs is refused and the input is left as it was.
+TEST(CliEdges, ConvertRefusesAnOutputThatIsAnInput) {
+  namespace fs = std::filesystem;
+  const std::string ckpt = tmp("edge-ckpt.bin"), tok = tmp("edge-tok.bin");
+  fs::copy_file(shardlm::test::fixture_path("models/stories260K.bin"), ckpt, fs::copy_options::overwrite_existing);
+  fs::copy_file(shardlm::test::fixture_path("models/aidreams260K.tok512.bin"), tok, fs::copy_options::overwrite_existing);
+  const std::string ckpt_bytes = slurp(ckpt), tok_bytes = slurp(tok);
+  // The same files by other names: a ./ in the path, and a symbolic link.
+  const std::string link = tmp("edge-ckpt-link.bin");
+  std::remove(link.c_str());
+  fs::create_symlink(ckpt, link);
+  for (const std::string& out : {ckpt, tok, std::string(SHARDLM_BINARY_DIR) + "/./e2e-edge-ckpt.bin", link}) {
+    SCOPED_TRACE(out);
+    expect_usage_error({"convert", "--from", "llama2c", ckpt, "--tokenizer", tok, "-o", out, "-q"},
+                       {"-o", "is the input file"});
+  }
+  EXPECT_EQ(slurp(ckpt), ckpt_bytes);
+  EXPECT_EQ(slurp(tok), tok_bytes);
+  // A Hugging Face directory: every file read from it is an input.
+  const std::string dir = tmp("edge-hf");
+  fs::remove_all(dir);
+  fs::copy(shardlm::test::fixture_path("hf/tiny-llama31"), dir);
+  const std::string st = dir + "/model.safetensors", st_bytes = slurp(st);
+  expect_usage_error({"convert", "--from", "hf", dir, "-o", st, "-q"}, {"-o", "is the input file"});
+  expect_usage_error({"convert", "--from", "hf", dir, "-o", dir + "/config.json", "-q"}, {"-o", "is the input file"});
+  EXPECT_EQ(slurp(st), st_bytes);
+  // A GGUF written into the directory is not an input: converting again replaces it.
+  const std::string out = dir + "/model.gguf";
+  ASSERT_EQ(run({"convert", "--from", "hf", dir, "-o", out, "-q"}).rc, 0);
+  const Result again = run({"convert", "--from", "hf", dir, "-o", out, "-q", "--type", "q8_0"});
+  EXPECT_EQ(again.rc, 0) << again.err;
+  EXPECT_TRUE(files_starting(out + ".tmp-").empty());
+  fs::remove_all(dir);
+  std::remove(link.c_str());
+  std::remove(ckpt.c_str());
+  std::remove(tok.c_str());
+}
+
+// Item 7: a write stopped part-way (SIGTERM) leaves neither a half file at -o nor the temporary file.
+TEST(CliEdges, InterruptedWriteLeavesNoHalfFile) {
+  const std::string out = tmp("edge-interrupted.gguf");
+  std::remove(out.c_str());
+  for (const auto& f : files_starting(out)) std::remove(f.c_str());
+  // About 1.3 GB of q8_0 weights: seconds of writing, so the signal lands while the file is being written.
+  Proc p({"gen-model", "--arch", "llama-3.2-1b", "--type", "q8_0", "-o", out, "-q"}, "interrupt");
+  bool writing = false;
+  for (int i = 0; i < 3000 && !writing; ++i) {
+    for (const auto& f : files_starting(out)) {
+      std::error_code ec;
+      if (std::filesystem::file_size(f, ec) > 0 && !ec) writing = true;
+    }
+    if (!writing) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const bool finished_early = p.wait(0);
+  kill(p.pid, SIGTERM);
+  ASSERT_TRUE(p.wait(60));
+  ASSERT_TRUE(writing) << "no output file appeared";
+  ASSERT_FALSE(finished_early) << "gen-model finished before the signal: the test proves nothing";
+  EXPECT_FALSE(std::filesystem::exists(out)) << "a half-written " << out << " is left";
+  const std::vector<std::string> left = files_starting(out);
+  EXPECT_TRUE(left.empty()) << "left behind: " << (left.empty() ? "" : left.front());
+  for (const auto& f : left) std::remove(f.c_str());
+  std::remove(p.out_path.c_str());
+  std::remove(p.err_path.c_str());
+}
+
+// Item 8: a tokenizer smaller than the model's vocabulary (512 tokens for tiny-qwen2's 1024 rows): ids it
+// does not have are never sampled, greedy or not, and the run ends with its JSON.
+TEST(CliEdges, PaddedIdsAreNeverSampled) {
+  const std::string model = tmp("edge-qwen2.gguf");
+  ASSERT_EQ(run({"gen-model", "--arch", "tiny-qwen2", "--type", "f32", "-o", model, "-q"}).rc, 0);
+  const std::vector<std::vector<std::string>> modes = {
+      {"--greedy"},
+      {"--temp", "1.5", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", "1"},
+      {"--temp", "1", "--seed", "2"},
+      {"--greedy", "--repeat-penalty", "1.3"}};
+  for (const auto& mode : modes) {
+    std::vector<std::string> args = {"generate", "-m", model, "--tokenizer", kModel, "-p", "Once upon a time", "-n",
+                                     "48", "--ignore-eos", "--json", "-q"};
+    args.insert(args.end(), mode.begin(), mode.end());
+    const Result r = run(args);
+    ASSERT_EQ(r.rc, 0) << mode[0] << ": " << r.err;
+    const auto ids = parse_json(r)["generated_ids"].get<std::vector<int32_t>>();
+    EXPECT_EQ(ids.size(), 48u);
+    for (int32_t id : ids) EXPECT_LT(id, 512) << mode[0];
+  }
+  std::remove(model.c_str());
+}
+
+// Item 9: advice that can be followed.
+TEST(CliEdges, ContextAdviceCanBeFollowed) {
+  // Above the training context (128): refused with the limit, before any planner suggestion.
+  expect_usage_error({"generate", "-m", kModel, "-c", "100000", "-p", "hi", "-n", "2"}, {"-c 100000", "[1, 128]"});
+  // -c already at its maximum: "raise -c" would be wrong.
+  std::string long_prompt;
+  for (int i = 0; i < 4; ++i) long_prompt += "Once upon a time ";  // about 50 tokens
+  const Result r = run({"generate", "-m", kModel, "-c", "128", "-n", "120", "-p", long_prompt});
+  EXPECT_EQ(r.rc, 2) << r.err;
+  EXPECT_FALSE(contains(r.err, "raise -c")) << r.err;
+  EXPECT_TRUE(contains(r.err, "lower -n to")) << r.err;
+  // Below the maximum, raising -c is the advice, with the number that works.
+  const Result s = run({"generate", "-m", kModel, "-c", "16", "-n", "20", "-p", "Once upon a time"});
+  EXPECT_EQ(s.rc, 2) << s.err;
+  EXPECT_TRUE(contains(s.err, "raise -c to ")) << s.err;
+}
+
+TEST(CliEdges, BenchDefaultsFitTheBundledModel) {
+  const Result r = run({"bench", "-m", kModel, "-r", "1", "--json", "-q"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  // A -p the user gave is kept, and the message names -p (the flag that asks too much), not -n.
+  const Result p = run({"bench", "-m", kModel, "-p", "512", "-r", "1", "-q"});
+  EXPECT_EQ(p.rc, 2);
+  EXPECT_TRUE(contains(p.err, "lower -p to 128")) << p.err;
+  EXPECT_FALSE(contains(p.err, "raise -c")) << p.err;
+  EXPECT_FALSE(contains(p.err, "lower -n")) << p.err;
+}
+
+// Item 10: what was accepted silently.
+TEST(CliEdges, ContradictoryOrImpossibleFlagsAreRefused) {
+  expect_usage_error({"generate", "-m", kModel, "-p", "hi", "--greedy", "--temp", "0.5"}, {"--greedy", "--temp 0.5"});
+  expect_usage_error({"generate", "-m", kModel, "-p", "hi", "-t", "1000"}, {"-t 1000", "cores"});
+  expect_usage_error({"bench", "-m", kModel, "-t", "1000"}, {"-t 1000", "cores"});
+  expect_usage_error({"generate", "-m", kModel, "-p", "hi", "--seed", "-2"}, {"--seed -2"});
+  expect_usage_error({"generate", "-m", kModel, "-p", ""}, {"prompt is empty"});
+  expect_usage_error({"generate", "-m", kModel}, {"prompt is empty"});
+  const std::string empty = tmp("edge-empty.txt");
+  std::ofstream(empty).close();
+  expect_usage_error({"generate", "-m", kModel, "-f", empty}, {"edge-empty.txt", "prompt is empty"});
+  std::remove(empty.c_str());
+  // --greedy with --temp 0 says the same thing twice: accepted.
+  EXPECT_EQ(run({"generate", "-m", kModel, "-p", "hi", "-n", "2", "--greedy", "--temp", "0", "-q"}).rc, 0);
+}
+
+TEST(CliEdges, SeedMinusOneIsRandomAndPrinted) {
+  const std::vector<std::string> base = {"generate", "-m", kModel, "-p", "Once upon a time", "-n", "24",
+                                         "--temp", "1", "--ignore-eos", "--json", "-q"};
+  auto with = [&](std::vector<std::string> extra) {
+    auto a = base;
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  };
+  const Result a = run(base), b = run(with({"--seed", "-1"}));
+  ASSERT_EQ(a.rc, 0) << a.err;
+  ASSERT_EQ(b.rc, 0) << b.err;
+  const auto ja = parse_json(a), jb = parse_json(b);
+  ASSERT_TRUE(ja.contains("seed") && jb.contains("seed")) << a.out;
+  EXPECT_NE(ja["seed"], jb["seed"]);  // two draws of 53 bits
+  // The printed seed repeats the run.
+  const Result again = run(with({"--seed", std::to_string(ja["seed"].get<uint64_t>())}));
+  ASSERT_EQ(again.rc, 0) << again.err;
+  EXPECT_EQ(parse_json(again)["generated_ids"], ja["generated_ids"]);
+  // Without --json the seed is on stderr.
+  const Result text = run({"generate", "-m", kModel, "-p", "Once upon a time", "-n", "4", "--temp", "1"});
+  ASSERT_EQ(text.rc, 0) << text.err;
+  EXPECT_TRUE(contains(text.err, "seed: ")) << text.err;
+}
+
+TEST(CliEdges, SplitModeNoteAndPromptFromStandardInput) {
+  const Result sm = run({"generate", "-m", kModel, "-p", "hi", "-n", "2", "--split-mode", "row", "-q"});
+  EXPECT_EQ(sm.rc, 0) << sm.err;
+  EXPECT_TRUE(contains(sm.err, "note: --split-mode row is not used")) << sm.err;
+  const std::string in = tmp("edge-stdin.txt");
+  std::ofstream(in) << "Once upon a time";
+  const Result r = run({"generate", "-m", kModel, "-f", "-", "-n", "20", "--greedy", "--ignore-eos", "--json"}, 120, in);
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(parse_json(r)["generated_ids"].get<std::vector<int32_t>>(), golden_first(20));
+  const Result t = run({"tokenize", "-m", kModel, "-f", "-", "--json"}, 120, in);
+  ASSERT_EQ(t.rc, 0) << t.err;
+  EXPECT_EQ(parse_json(t)["ids"], golden_case0()["prompt_ids"]);
+  std::remove(in.c_str());
+}
+
+TEST(CliEdges, HelpShowsDefaultsAndHelpCommandWorks) {
+  const Result h = run({"generate", "--help"});
+  ASSERT_EQ(h.rc, 0);
+  for (const char* d : {"=64", "=0.8", "=-1", "=512"}) EXPECT_TRUE(contains(h.out, d)) << d << " not in\n" << h.out;
+  const Result hc = run({"help", "generate"});
+  EXPECT_EQ(hc.rc, 0);
+  EXPECT_EQ(hc.out, h.out);
+  EXPECT_FALSE(contains(hc.out, "Commands:"));
+  expect_usage_error({"help", "no-such-command"}, {"no-such-command"});
+  const Result b = run({"bench", "--help"});
+  EXPECT_TRUE(contains(b.out, "=512")) << b.out;
+}
+
+TEST(CliEdges, TokenJsonOutputsAreComplete) {
+  const Result d = run({"detokenize", "-m", kModel, "--ids", "1,403,407,261,378", "--json"});
+  ASSERT_EQ(d.rc, 0) << d.err;
+  const auto jd = parse_json(d);
+  EXPECT_EQ(jd["ids"], nlohmann::json::array({1, 403, 407, 261, 378}));
+  EXPECT_TRUE(jd["text"].is_string());
+  const Result plain = run({"detokenize", "-m", kModel, "--ids", "1,403,407,261,378"});
+  EXPECT_EQ(jd["text"].get<std::string>() + "\n", plain.out);
+  const Result t = run({"tokenize", "-m", kModel, "--text", "Once upon a time", "--pieces", "--json"});
+  ASSERT_EQ(t.rc, 0) << t.err;
+  const auto jt = parse_json(t);
+  ASSERT_TRUE(jt.contains("pieces")) << t.out;
+  EXPECT_EQ(jt["pieces"].size(), jt["ids"].size());
+  std::string joined;
+  for (const auto& p : jt["pieces"]) joined += p.get<std::string>();
+  EXPECT_TRUE(contains(joined, "upon")) << joined;
+}
+
+}  // namespace edges

@@ -196,5 +196,27 @@ TEST(Sampler, RequestSizes) {
   EXPECT_EQ(Sampler(p).request({1}, 30).k, 30);     // never more than the vocabulary
 }
 
+// Issue 23 item 8: ids at or above n_valid (padded rows a smaller tokenizer lacks) are never chosen, even
+// when their logits are the largest, in every mode; and the candidate path is bypassed (full logits).
+TEST(Sampler, MaskedIdsAreNeverChosen) {
+  const int64_t n = 64, valid = 40;
+  std::vector<float> l(static_cast<size_t>(n), 0.0f);
+  for (int64_t i = 0; i < n; ++i) l[size_t(i)] = i >= valid ? 10.0f : float(i % 7) * 0.1f;
+  std::vector<SamplerParams> modes(4);
+  modes[1].temperature = 1.0f;
+  modes[2].temperature = 2.0f, modes[2].top_k = 0, modes[2].top_p = 1, modes[2].min_p = 0;
+  modes[3].repeat_penalty = 1.5f;
+  for (SamplerParams p : modes) {
+    p.n_valid = valid;
+    Sampler s(p);
+    EXPECT_EQ(s.request({}, n).k, 0) << "the device's top-k could all be masked ids";
+    EXPECT_FALSE(s.plain_greedy()) << "the device's argmax could be a masked id";
+    std::vector<int32_t> history = {41, 5};
+    for (int i = 0; i < 200; ++i) EXPECT_LT(s.sample(l.data(), n, history), valid) << p.temperature;
+  }
+  SamplerParams open;  // n_valid 0: every id may be chosen
+  EXPECT_GE(Sampler(open).sample(l.data(), n, {}), valid);
+}
+
 }  // namespace
 }  // namespace shardlm
