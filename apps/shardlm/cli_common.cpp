@@ -267,9 +267,22 @@ int maybe_self_launch(int tp, int pp, int argc, const char* const* argv, int for
   for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
   std::fflush(stdout);
   std::fflush(stderr);
+  // With signals to forward, mpirun runs in a process group of its own: a terminal's Ctrl-C then reaches
+  // this process alone, which passes it on as `forward_term_as` (mpirun itself would abort the whole job on
+  // SIGINT). A background group that reads the terminal is stopped (SIGTTIN), so mpirun's standard input
+  // is a pipe that a thread of this process fills from ours.
+  const bool own_group = forward_term_as > 0;
+  int in_pipe[2] = {-1, -1};
+  if (own_group && pipe(in_pipe) != 0) fail_kind(ErrorKind::kResource, "cannot start mpirun: pipe failed");
   const pid_t pid = fork();
   if (pid < 0) fail_kind(ErrorKind::kResource, "cannot start mpirun: fork failed");
   if (pid == 0) {
+    if (own_group) {
+      setpgid(0, 0);
+      dup2(in_pipe[0], 0);
+      close(in_pipe[0]);
+      close(in_pipe[1]);
+    }
     std::vector<char*> cargs;
     for (auto& a : args) cargs.push_back(a.data());
     cargs.push_back(nullptr);
@@ -277,6 +290,28 @@ int maybe_self_launch(int tp, int pp, int argc, const char* const* argv, int for
     std::fprintf(stderr, "shardlm: cannot run mpirun (%s); install openmpi-bin or launch with mpirun yourself\n",
                  std::strerror(errno));
     _exit(127);
+  }
+  if (own_group) {
+    close(in_pipe[0]);
+    signal(SIGPIPE, SIG_IGN);  // mpirun gone: a failed write, not the end of this process and its exit status
+    std::thread([fd = in_pipe[1]] {
+      char buf[4096];
+      for (;;) {
+        const ssize_t n = read(0, buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        for (ssize_t off = 0; off < n;) {
+          const ssize_t w = write(fd, buf + off, static_cast<size_t>(n - off));
+          if (w < 0 && errno == EINTR) continue;
+          if (w <= 0) {
+            close(fd);
+            return;
+          }
+          off += w;
+        }
+      }
+      close(fd);  // end of our input: rank 0 reads end of file
+    }).detach();
   }
   if (forward_term_as > 0) {
     g_launched_pid = pid;

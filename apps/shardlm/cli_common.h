@@ -68,8 +68,9 @@ class Progress {
 // For commands that run on several ranks: when tp*pp > 1 and this process was not started by an MPI
 // launcher, re-runs the same command line under `mpirun -np tp*pp` and returns its exit status;
 // returns -1 when the caller should go on in this process. `forward_term_as` > 0: SIGTERM and SIGINT sent to
-// this (launching) process are passed on to mpirun as that signal (serve: SIGUSR1, which mpirun hands to
-// every rank, where SIGTERM would make mpirun kill the job).
+// this (launching) process are passed on to mpirun as that signal (serve and chat: SIGUSR1, which mpirun hands
+// to every rank, where SIGTERM would make mpirun kill the job); mpirun then runs in its own process group so
+// that a terminal's Ctrl-C reaches this process only, and reads our standard input through a pipe.
 int maybe_self_launch(int tp, int pp, int argc, const char* const* argv, int forward_term_as = 0);
 
 // The communicator for this process: MPI when launched by mpirun (or when world > 1), else single rank.

@@ -404,57 +404,82 @@ TEST(HfCli, ChatKeepsTheConversationInTheKvCache) {
 }
 
 // Ctrl-C while an answer is written stops that answer (the program goes on and answers the next message);
-// end of input then ends the program with status 0.
+// end of input then ends the program with status 0. The signal goes to the whole process group, as a
+// terminal sends it; with MPI also under --pp 2, where mpirun would end the job if it received the SIGINT.
 TEST(HfCli, ChatCtrlCStopsTheAnswerNotTheProgram) {
   ChatSetup& s = chat_setup();
   const std::string tok = s.tok_dir("chatml");
-  const std::string base = std::string(SHARDLM_BINARY_DIR) + "/hfcli-ctrlc-" + std::to_string(::getpid());
-  int in[2];
-  ASSERT_EQ(pipe(in), 0);
-  const pid_t pid = fork();
-  if (pid == 0) {
-    dup2(in[0], 0);
-    close(in[1]);
-    const int o = open((base + ".out").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int e = open((base + ".err").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(o, 1);
-    dup2(e, 2);
-    const std::string bin = std::string(SHARDLM_BINARY_DIR) + "/apps/shardlm/shardlm";
-    execl(bin.c_str(), bin.c_str(), "chat", "-m", s.model.c_str(), "--tokenizer", tok.c_str(), "--system",
-          kLongSystem.c_str(), "--greedy", "-c", "512", static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  close(in[0]);
-  const auto write_line = [&](const std::string& l) {
-    ASSERT_EQ(write(in[1], l.data(), l.size()), static_cast<ssize_t>(l.size()));
-  };
-  const auto wait_for = [&](const std::function<bool()>& cond, double seconds) {
-    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-    while (!cond()) {
-      if (std::chrono::steady_clock::now() > end) return false;
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  std::vector<std::vector<std::string>> layouts = {{}};
+#ifdef SHARDLM_E2E_MPI
+  layouts.push_back({"--pp", "2"});
+#endif
+  for (const auto& layout : layouts) {
+    SCOPED_TRACE(layout.empty() ? "one rank" : "--pp 2");
+    const std::string base = std::string(SHARDLM_BINARY_DIR) + "/hfcli-ctrlc-" + std::to_string(::getpid());
+    std::vector<std::string> args = {std::string(SHARDLM_BINARY_DIR) + "/apps/shardlm/shardlm",
+                                     "chat", "-m", s.model, "--tokenizer", tok, "--system", kLongSystem, "--greedy",
+                                     "-c", "512"};
+    args.insert(args.end(), layout.begin(), layout.end());
+    int in[2];
+    ASSERT_EQ(pipe(in), 0);
+    const pid_t pid = fork();
+    if (pid == 0) {
+      setpgid(0, 0);  // a job of its own, as a shell starts it
+      dup2(in[0], 0);
+      close(in[1]);
+      const int o = open((base + ".out").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      const int e = open((base + ".err").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(o, 1);
+      dup2(e, 2);
+      std::vector<char*> c;
+      for (auto& a : args) c.push_back(a.data());
+      c.push_back(nullptr);
+      execv(c[0], c.data());
+      _exit(127);
     }
-    return true;
-  };
-  write_line("Hello!\n");
-  // The answer (up to ~450 tokens) has begun: interrupt it.
-  ASSERT_TRUE(wait_for([&] { return !slurp(base + ".out").empty(); }, 60)) << slurp(base + ".err");
-  kill(pid, SIGINT);
-  ASSERT_TRUE(wait_for([&] { return turn_stats(slurp(base + ".err")).size() == 1; }, 30)) << slurp(base + ".err");
-  const TurnStats first = turn_stats(slurp(base + ".err"))[0];
-  EXPECT_TRUE(first.stopped) << slurp(base + ".err");
-  EXPECT_LT(first.generated, 512 - first.prompt) << "the answer ran to the end of the context";
-  write_line("Name two GPUs.\n");
-  close(in[1]);
-  int status = 0;
-  ASSERT_TRUE(wait_for([&] { return waitpid(pid, &status, WNOHANG) == pid; }, 120)) << slurp(base + ".err");
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << slurp(base + ".err");
-  const std::vector<TurnStats> t = turn_stats(slurp(base + ".err"));
-  ASSERT_EQ(t.size(), 2u) << slurp(base + ".err");
-  EXPECT_FALSE(t[1].stopped);
-  EXPECT_GT(t[1].cached, 0) << "the interrupted turn's prompt was not reused";
-  std::remove((base + ".out").c_str());
-  std::remove((base + ".err").c_str());
+    setpgid(pid, pid);
+    close(in[0]);
+    const auto write_line = [&](const std::string& l) {
+      ASSERT_EQ(write(in[1], l.data(), l.size()), static_cast<ssize_t>(l.size()));
+    };
+    const auto wait_for = [&](const std::function<bool()>& cond, double seconds) {
+      const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+      while (!cond()) {
+        if (std::chrono::steady_clock::now() > end) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+      return true;
+    };
+    const auto err = [&] { return slurp(base + ".err"); };
+    write_line("Hello!\n");
+    // The answer (up to ~450 tokens) has begun: interrupt it as a terminal's Ctrl-C does.
+    const bool begun = wait_for([&] { return !slurp(base + ".out").empty(); }, 90);
+    if (!begun) kill(-pid, SIGKILL);
+    ASSERT_TRUE(begun) << err();
+    kill(-pid, SIGINT);
+    const bool one_turn = wait_for([&] { return turn_stats(err()).size() == 1; }, 30);
+    if (!one_turn) kill(-pid, SIGKILL);
+    ASSERT_TRUE(one_turn) << err();
+    const TurnStats first = turn_stats(err())[0];
+    EXPECT_TRUE(first.stopped) << err();
+    EXPECT_LT(first.generated, 512 - first.prompt) << "the answer ran to the end of the context";
+    write_line("Name two GPUs.\n");
+    close(in[1]);
+    int status = 0;
+    const bool exited = wait_for([&] { return waitpid(pid, &status, WNOHANG) == pid; }, 120);
+    if (!exited) {
+      kill(-pid, SIGKILL);
+      waitpid(pid, &status, 0);
+    }
+    ASSERT_TRUE(exited) << err();
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << err();
+    const std::vector<TurnStats> t = turn_stats(err());
+    ASSERT_EQ(t.size(), 2u) << err();
+    EXPECT_FALSE(t[1].stopped);
+    EXPECT_GT(t[1].cached, 0) << "the interrupted turn's prompt was not reused";
+    std::remove((base + ".out").c_str());
+    std::remove((base + ".err").c_str());
+  }
 }
 
 }  // namespace
