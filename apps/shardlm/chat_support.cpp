@@ -1,21 +1,18 @@
 #include "chat_support.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "cli_common.h"
 #include "core/error.h"
 
 namespace shardlm {
 
 std::string load_chat_template(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail_kind(ErrorKind::kIo, "--chat-template: cannot read '", path, "'");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  std::string text = ss.str();
+  // Not standard input: chat reads the conversation from it, serve has nothing there.
+  if (path == "-") fail("--chat-template: give a file; standard input cannot hold the template");
+  std::string text = read_text_file(path, "--chat-template");
   if (path.size() > 5 && path.substr(path.size() - 5) == ".json") {
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
     if (j.is_object() && j.contains("chat_template") && j["chat_template"].is_string())
