@@ -211,6 +211,7 @@ int cmd_serve(int argc, const char* const* argv) {
   sc.chat_template = chat_template;
   sc.api_key = api_key;
   sc.stop_ids = stop_ids_of(*vocab);
+  sc.max_num_seqs = max_num_seqs;
   std::unique_ptr<serve::Service> service;
   serve::ServeMetrics metrics;
   std::unique_ptr<serve::EngineLoop> loop;

@@ -25,12 +25,17 @@ void Delta::merge(Delta&& later) {
   cached_tokens = std::max(cached_tokens, later.cached_tokens);
 }
 
-bool RequestHandle::wait(Delta* out, std::chrono::milliseconds timeout) {
-  *out = Delta{};
+bool RequestHandle::wait(std::vector<Delta>* out, std::chrono::milliseconds timeout) {
+  out->clear();
   std::unique_lock<std::mutex> l(mu_);
   if (!cv_.wait_for(l, timeout, [&] { return !queue_.empty(); })) return false;
   while (!queue_.empty()) {
-    out->merge(std::move(queue_.front()));
+    Delta& d = queue_.front();
+    auto same = std::find_if(out->begin(), out->end(), [&](const Delta& o) { return o.index == d.index; });
+    if (same == out->end())
+      out->push_back(std::move(d));
+    else
+      same->merge(std::move(d));
     queue_.pop_front();
   }
   return true;
@@ -62,11 +67,12 @@ void EngineLoop::wake() {
 
 Parsed<std::shared_ptr<RequestHandle>> EngineLoop::submit(Submission s) {
   auto h = std::make_shared<RequestHandle>([this] { wake(); });
+  SHARDLM_CHECK(s.n >= 1, "a submission needs at least one choice, got n = ", s.n);
   {
     std::lock_guard<std::mutex> l(mu_);
     if (shutdown_.load() || failed_.load()) return serve::shutting_down();
-    if (outstanding_.load() >= o_.max_outstanding) return queue_full(o_.max_outstanding);
-    ++outstanding_;
+    if (outstanding_.load() + s.n > o_.max_outstanding) return queue_full(o_.max_outstanding);
+    outstanding_ += s.n;
     incoming_.push_back(Incoming{std::move(s), h, now_s()});
   }
   cv_.notify_all();
@@ -85,33 +91,43 @@ void EngineLoop::begin_shutdown(bool now) {
 
 void EngineLoop::admit(Incoming& in) {
   if (in.h->cancelled()) {
-    --outstanding_;
+    outstanding_ -= in.s.n;
     return;
   }
-  Live lv;
-  lv.h = in.h;
-  lv.text = TextStream(in.s.stop);
-  lv.stop_ids = in.s.params.stop_ids;
-  lv.logprobs = in.s.params.logprobs;
-  lv.t_arrival = in.t_arrival;
   const int64_t n_prompt = static_cast<int64_t>(in.s.prompt.size());
-  int64_t id = 0;
+  std::vector<int64_t> ids;
   try {
-    id = engine_.add_sequence(std::move(in.s.prompt), in.s.params);
+    for (int32_t i = 0; i < in.s.n; ++i) {
+      SequenceParams p = in.s.params;
+      p.sampling.seed = choice_seed(in.s.params.sampling.seed, i);
+      ids.push_back(engine_.add_sequence(in.s.prompt, p));
+    }
   } catch (const Error& e) {
     // What the HTTP side did not check (it checks the context and the vocabulary): a KV pool too small.
+    // The request fails whole: the choices already added are taken back.
+    for (int64_t id : ids) engine_.abort_sequence(id);
     Delta d;
     d.error = e.kind() == ErrorKind::kInvalidInput ? bad_request(e.what()) : server_error(e.what());
     in.h->post(std::move(d));
-    --outstanding_;
+    outstanding_ -= in.s.n;
     return;
   }
-  if (metrics_) metrics_->add_prompt_tokens(n_prompt);
-  live_.emplace(id, std::move(lv));
+  if (metrics_) metrics_->add_prompt_tokens(n_prompt);  // once: the choices share the prompt, as usage counts it
+  for (int32_t i = 0; i < in.s.n; ++i) {
+    Live lv;
+    lv.h = in.h;
+    lv.index = i;
+    lv.text = TextStream(in.s.stop);
+    lv.stop_ids = in.s.params.stop_ids;
+    lv.logprobs = in.s.params.logprobs;
+    lv.t_arrival = in.t_arrival;
+    live_.emplace(ids[static_cast<size_t>(i)], std::move(lv));
+  }
 }
 
 void EngineLoop::finish(std::map<int64_t, Live>::iterator it, Delta d, const std::string& reason) {
   Live& lv = it->second;
+  d.index = lv.index;
   d.text += lv.text.finish();
   d.finish_reason = reason;
   d.completion_tokens = lv.generated;
@@ -119,9 +135,12 @@ void EngineLoop::finish(std::map<int64_t, Live>::iterator it, Delta d, const std
     metrics_->observe_e2e(now_s() - lv.t_arrival);
     metrics_->count_finished(reason);
   }
-  lv.h->post(std::move(d));
+  // Counted out before the reader hears of the end: a client that sends its next request at once must not
+  // find this one still holding a place (429 at the limit).
+  std::shared_ptr<RequestHandle> h = std::move(lv.h);
   live_.erase(it);
   --outstanding_;
+  h->post(std::move(d));
 }
 
 void EngineLoop::fail_all(const ApiError& e) {
@@ -202,6 +221,7 @@ void EngineLoop::run() {
         if (it == live_.end()) continue;
         Live& lv = it->second;
         Delta d;
+        d.index = lv.index;
         std::string reason = finish_reason_name(e.finish);
         if (e.token >= 0) {
           ++lv.generated;
@@ -253,7 +273,7 @@ void EngineLoop::run() {
     Delta d;
     d.error = serve::shutting_down();
     in.h->post(std::move(d));
-    --outstanding_;
+    outstanding_ -= in.s.n;
   }
   publish_gauges();
   engine_.shutdown();

@@ -45,8 +45,9 @@ struct GeneratedToken {
   std::vector<TokenCandidate> top;         // the most likely tokens (logit = log-probability)
 };
 
-// What happened to a request since the last Delta its reader took.
+// What happened to one choice of a request since the last Delta its reader took.
 struct Delta {
+  int32_t index = 0;                       // the choice (0 .. n-1)
   std::string text;                        // new text: whole characters, nothing of a stop string
   std::vector<GeneratedToken> tokens;      // tokens sampled since (the stop-id token included)
   std::string finish_reason;               // "" while running; then "stop", "length" or "abort"
@@ -57,15 +58,16 @@ struct Delta {
   void merge(Delta&& later);
 };
 
-// One request as both sides see it. The reader (an HTTP thread) waits for deltas; cancel() tells the
-// engine thread to abort the sequence at its next step (a client that went away).
+// One request as both sides see it: its n choices are n engine sequences posting here. The reader (an
+// HTTP thread) waits for deltas; cancel() tells the engine thread to abort every sequence of the request at
+// its next step (a client that went away).
 class RequestHandle {
  public:
   explicit RequestHandle(std::function<void()> wake) : wake_(std::move(wake)) {}
 
-  // Waits up to `timeout` for news and merges everything queued into `out` (cleared first). True when
-  // there was news; false on timeout.
-  bool wait(Delta* out, std::chrono::milliseconds timeout);
+  // Waits up to `timeout` for news and merges everything queued into `out` (cleared first): one Delta per
+  // choice that had news, in the order the news came. True when there was news; false on timeout.
+  bool wait(std::vector<Delta>* out, std::chrono::milliseconds timeout);
   void cancel();
   bool cancelled() const { return cancelled_.load(); }
 
@@ -79,15 +81,19 @@ class RequestHandle {
   std::function<void()> wake_;
 };
 
-// A request ready for the engine: tokens and parameters, plus the stop strings the text is cut at.
+// A request ready for the engine: tokens and parameters, plus the stop strings the text is cut at. Its n
+// choices are n sequences of the same prompt (the prefix cache shares the prompt's full blocks), choice i
+// sampled with the seed choice_seed(params.sampling.seed, i).
 struct Submission {
   std::vector<int32_t> prompt;
   SequenceParams params;
   std::vector<std::string> stop;
+  int32_t n = 1;
 };
 
 struct EngineLoopOptions {
-  int64_t max_outstanding = 80;   // requests admitted and not finished (running + waiting); more -> 429
+  int64_t max_outstanding = 80;   // sequences (a request's n choices count n) admitted and not finished
+                                  // (running + waiting); more -> 429
   double shutdown_timeout_s = 30; // after begin_shutdown(), how long running requests may go on
   double idle_step_s = 0.5;       // an idle engine steps at least this often (< 1 s, the idle protocol)
 };
@@ -97,7 +103,8 @@ class EngineLoop {
   // `tok` turns tokens into text. `metrics` may be null.
   EngineLoop(Engine& engine, const Tokenizer& tok, ServeMetrics* metrics, EngineLoopOptions options);
 
-  // Any thread: queues a request; 429 when max_outstanding are already in, 503 after begin_shutdown().
+  // Any thread: queues a request, all its n choices or none: 429 when they would pass max_outstanding,
+  // 503 after begin_shutdown().
   Parsed<std::shared_ptr<RequestHandle>> submit(Submission s);
   // Any thread (a signal's): stop admitting; what runs gets shutdown_timeout_s to finish. A second call
   // with `now` true ends it at once (aborting what runs).
@@ -117,6 +124,7 @@ class EngineLoop {
   };
   struct Live {
     std::shared_ptr<RequestHandle> h;
+    int32_t index = 0;               // the choice
     TextStream text;
     std::vector<int32_t> stop_ids;
     int32_t logprobs = -1;

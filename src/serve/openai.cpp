@@ -183,10 +183,11 @@ std::optional<std::string> get_string(const json& o, const char* key) {
 
 void parse_common(const json& o, CommonRequest& r, const ParseLimits& lim, bool chat) {
   if (auto m = get_string(o, "model")) r.model = *m;
-  if (auto n = get_int(o, "n", 1, 128); n && *n != 1)
-    bad("n", "'n' is " + std::to_string(*n) + ": only n = 1 (one choice per request) is supported");
-  if (auto b = get_int(o, "best_of", 1, 128); b && *b != 1)
-    bad("best_of", "'best_of' is " + std::to_string(*b) + ": only 1 is supported");
+  if (auto n = get_int(o, "n", 1, kMaxChoices)) r.n = static_cast<int32_t>(*n);
+  // best_of > n would generate choices to throw away, ranked by their logprob: not implemented.
+  if (auto b = get_int(o, "best_of", 1, kMaxChoices); b && *b != r.n)
+    bad("best_of", "'best_of' is " + std::to_string(*b) + ": only best_of = n (" + std::to_string(r.n) +
+                       ") is supported");
   constexpr int64_t kMaxTok = int64_t(1) << 30;
   r.max_tokens = get_int(o, "max_tokens", 1, kMaxTok);
   if (chat) {
@@ -490,42 +491,54 @@ json finish_json(const std::string& f) { return f.empty() ? json(nullptr) : json
 
 }  // namespace
 
-json completion_response(const ResponseMeta& m, const std::string& text, const json& logprobs,
-                         const std::string& finish_reason, const Usage& u) {
+json completion_response(const ResponseMeta& m, const std::vector<ChoiceResult>& choices, const Usage& u) {
   json j = head(m, "text_completion");
-  j["choices"] = json::array({json{{"index", 0}, {"text", text}, {"logprobs", logprobs},
-                                   {"finish_reason", finish_json(finish_reason)}}});
+  j["choices"] = json::array();
+  for (size_t i = 0; i < choices.size(); ++i)
+    j["choices"].push_back(json{{"index", i}, {"text", choices[i].text}, {"logprobs", choices[i].logprobs},
+                                {"finish_reason", finish_json(choices[i].finish_reason)}});
   j["usage"] = usage_json(u);
   return j;
+}
+
+json chat_response(const ResponseMeta& m, const std::vector<ChoiceResult>& choices, const Usage& u) {
+  json j = head(m, "chat.completion");
+  j["choices"] = json::array();
+  for (size_t i = 0; i < choices.size(); ++i)
+    j["choices"].push_back(json{{"index", i},
+                                {"message", json{{"role", "assistant"}, {"content", choices[i].text}}},
+                                {"logprobs", choices[i].logprobs},
+                                {"finish_reason", finish_json(choices[i].finish_reason)}});
+  j["usage"] = usage_json(u);
+  return j;
+}
+
+json completion_response(const ResponseMeta& m, const std::string& text, const json& logprobs,
+                         const std::string& finish_reason, const Usage& u) {
+  return completion_response(m, {ChoiceResult{text, logprobs, finish_reason}}, u);
 }
 
 json chat_response(const ResponseMeta& m, const std::string& content, const json& logprobs,
                    const std::string& finish_reason, const Usage& u) {
-  json j = head(m, "chat.completion");
-  j["choices"] = json::array({json{{"index", 0},
-                                   {"message", json{{"role", "assistant"}, {"content", content}}},
-                                   {"logprobs", logprobs},
-                                   {"finish_reason", finish_json(finish_reason)}}});
-  j["usage"] = usage_json(u);
-  return j;
+  return chat_response(m, {ChoiceResult{content, logprobs, finish_reason}}, u);
 }
 
 json completion_chunk(const ResponseMeta& m, const std::string& text, const json& logprobs,
-                      const std::string& finish_reason, bool include_usage) {
+                      const std::string& finish_reason, bool include_usage, int32_t index) {
   json j = head(m, "text_completion");
-  j["choices"] = json::array({json{{"index", 0}, {"text", text}, {"logprobs", logprobs},
+  j["choices"] = json::array({json{{"index", index}, {"text", text}, {"logprobs", logprobs},
                                    {"finish_reason", finish_json(finish_reason)}}});
   if (include_usage) j["usage"] = nullptr;
   return j;
 }
 
 json chat_chunk(const ResponseMeta& m, const std::optional<std::string>& role, const std::optional<std::string>& content,
-                const json& logprobs, const std::string& finish_reason, bool include_usage) {
+                const json& logprobs, const std::string& finish_reason, bool include_usage, int32_t index) {
   json j = head(m, "chat.completion.chunk");
   json delta = json::object();
   if (role) delta["role"] = *role;
   if (content) delta["content"] = *content;
-  j["choices"] = json::array({json{{"index", 0}, {"delta", delta}, {"logprobs", logprobs},
+  j["choices"] = json::array({json{{"index", index}, {"delta", delta}, {"logprobs", logprobs},
                                    {"finish_reason", finish_json(finish_reason)}}});
   if (include_usage) j["usage"] = nullptr;
   return j;

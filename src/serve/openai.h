@@ -9,8 +9,9 @@
 //   both:        model, max_tokens (chat also max_completion_tokens), temperature [0, 2], top_p (0, 1],
 //                top_k (-1 or 0 = off), min_p [0, 1], repetition_penalty (0, 10], seed, stop (string or up
 //                to 4 strings), presence_penalty / frequency_penalty [-2, 2] (over the last 64 tokens of
-//                prompt and output, as llama-server applies them), n (1 only), ignore_eos,
-//                stream, stream_options.include_usage (with stream only)
+//                prompt and output, as llama-server applies them), n [1, kMaxChoices] (each choice an
+//                engine sequence of its own; best_of only equal to n), ignore_eos, stream,
+//                stream_options.include_usage (with stream only)
 //   completions: prompt (a string, token ids, or a list holding one of those), echo, logprobs (0..20)
 //   chat:        messages (role system | developer | user | assistant; content a string or a list of
 //                {"type": "text", "text": ...} parts), logprobs (bool), top_logprobs (0..20, with logprobs)
@@ -69,8 +70,12 @@ class Parsed {
 };
 
 // Fields both endpoints share.
+inline constexpr int32_t kMaxChoices = 128;  // `n` beyond this is refused while parsing; the server's
+                                             // --max-num-seqs may bound it lower (Service)
+
 struct CommonRequest {
   std::string model;                   // "" when absent
+  int32_t n = 1;                       // choices, each sampled independently (choice_seed)
   std::optional<int64_t> max_tokens;   // absent or null: the endpoint's default
   double temperature = 1.0;            // OpenAI's default
   double top_p = 1.0;
@@ -133,6 +138,11 @@ Parsed<int64_t> resolve_max_tokens(int64_t prompt_tokens, std::optional<int64_t>
 SequenceParams sequence_params(const CommonRequest& r, int64_t max_tokens, const std::vector<int32_t>& stop_ids,
                                int32_t logprobs, uint64_t seed);
 
+// The sampler seed of choice `index` of a request whose seed (given or drawn) is `seed`: seed + index
+// (wrapping), so choice 0 samples as the same request with n = 1 does, and a seeded request with n > 1
+// repeats every one of its choices.
+inline uint64_t choice_seed(uint64_t seed, int32_t index) { return seed + static_cast<uint64_t>(index); }
+
 // ---- Responses ----
 
 // One generated token with its log-probability and the most likely alternatives (most likely first).
@@ -165,19 +175,32 @@ nlohmann::json completion_logprobs(const std::vector<TokenLogprob>& tokens, int6
 // Chat's {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}.
 nlohmann::json chat_logprobs(const std::vector<TokenLogprob>& tokens);
 
-// Whole responses. `logprobs` null when not asked for. finish_reason "stop", "length" or "abort".
+// One choice of a whole response. `logprobs` null when not asked for. finish_reason "stop", "length" or
+// "abort".
+struct ChoiceResult {
+  std::string text;
+  nlohmann::json logprobs;
+  std::string finish_reason;
+};
+
+// Whole responses: choices[i].index = i.
+nlohmann::json completion_response(const ResponseMeta& m, const std::vector<ChoiceResult>& choices, const Usage& u);
+nlohmann::json chat_response(const ResponseMeta& m, const std::vector<ChoiceResult>& choices, const Usage& u);
+// The same with one choice.
 nlohmann::json completion_response(const ResponseMeta& m, const std::string& text, const nlohmann::json& logprobs,
                                    const std::string& finish_reason, const Usage& u);
 nlohmann::json chat_response(const ResponseMeta& m, const std::string& content, const nlohmann::json& logprobs,
                              const std::string& finish_reason, const Usage& u);
-// Streamed chunks: finish_reason "" -> null. With include_usage every chunk carries "usage": null and
-// usage_chunk (choices: []) comes last, before [DONE].
+// Streamed chunks: one choice each, `index` saying which (with n > 1 the choices' chunks interleave);
+// finish_reason "" -> null. With include_usage every chunk carries "usage": null and usage_chunk
+// (choices: []) comes last, before [DONE].
 nlohmann::json completion_chunk(const ResponseMeta& m, const std::string& text, const nlohmann::json& logprobs,
-                                const std::string& finish_reason, bool include_usage);
-// The first chat chunk has role (delta {"role": "assistant", "content": ""}); the last has an empty delta.
+                                const std::string& finish_reason, bool include_usage, int32_t index = 0);
+// A choice's first chat chunk has role (delta {"role": "assistant", "content": ""}); its last has an empty
+// delta.
 nlohmann::json chat_chunk(const ResponseMeta& m, const std::optional<std::string>& role,
                           const std::optional<std::string>& content, const nlohmann::json& logprobs,
-                          const std::string& finish_reason, bool include_usage);
+                          const std::string& finish_reason, bool include_usage, int32_t index = 0);
 nlohmann::json usage_chunk(const ResponseMeta& m, const char* object, const Usage& u);
 nlohmann::json usage_json(const Usage& u);
 

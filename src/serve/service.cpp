@@ -1,5 +1,6 @@
 #include "serve/service.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <ctime>
 
@@ -61,26 +62,32 @@ bool ResponseStream::next(std::string* out, std::chrono::milliseconds timeout) {
   if (finished_) return false;
   const bool chat = s_.kind == Kind::kChat;
   const char* object = chat ? "chat.completion.chunk" : "text_completion";
+  if (choices_.empty()) choices_.resize(static_cast<size_t>(s_.n));
   if (s_.stream && !started_) {
     started_ = true;
-    // The first event at once: the role (chat) or the echoed prompt (completions), as vLLM sends them.
+    // The first events at once: each choice's role (chat) or echoed prompt (completions), as vLLM sends them.
     if (chat) {
-      *out += sse_event(chat_chunk(s_.meta, std::string("assistant"), std::string(), nullptr, "", s_.include_usage));
+      for (int32_t i = 0; i < s_.n; ++i)
+        *out += sse_event(chat_chunk(s_.meta, std::string("assistant"), std::string(), nullptr, "", s_.include_usage, i));
       return true;
     }
     if (!s_.echo.empty()) {
-      *out += sse_event(completion_chunk(s_.meta, s_.echo, nullptr, "", s_.include_usage));
-      chars_sent_ = count_chars(s_.echo);
+      for (int32_t i = 0; i < s_.n; ++i) {
+        *out += sse_event(completion_chunk(s_.meta, s_.echo, nullptr, "", s_.include_usage, i));
+        choices_[static_cast<size_t>(i)].chars_sent = count_chars(s_.echo);
+      }
       return true;
     }
   }
   started_ = true;
-  Delta d;
-  if (!h_->wait(&d, timeout)) return true;
-  completion_tokens_ = std::max(completion_tokens_, d.completion_tokens);
-  cached_tokens_ = std::max(cached_tokens_, d.cached_tokens);
-  if (d.error) {
+  std::vector<Delta> ds;
+  if (!h_->wait(&ds, timeout)) return true;
+  for (Delta& d : ds) {
+    if (!d.error) continue;
+    // One failed choice fails the request: the others are aborted (the destructor's cancel is skipped, so
+    // here).
     finished_ = true;
+    h_->cancel();
     status_ = d.error->status;
     if (s_.stream) {
       *out += "data: " + d.error->body_text() + "\n\n";
@@ -90,35 +97,55 @@ bool ResponseStream::next(std::string* out, std::chrono::milliseconds timeout) {
     }
     return false;
   }
-  for (GeneratedToken& t : d.tokens) tokens_.push_back(std::move(t));
-  const Usage usage{s_.prompt_tokens, completion_tokens_, cached_tokens_};
+  for (Delta& d : ds) take(d, out);
+  if (n_done_ < s_.n) return true;
+  finished_ = true;
+  Usage usage{s_.prompt_tokens, 0, cached_tokens_};
+  for (const Choice& c : choices_) usage.completion_tokens += c.completion_tokens;
   if (!s_.stream) {
-    text_ += d.text;
-    if (!d.done()) return true;
-    finished_ = true;
-    const json lp = logprobs_json(tokens_, count_chars(s_.echo));
-    *out += dump(chat ? chat_response(s_.meta, text_, lp, d.finish_reason, usage)
-                      : completion_response(s_.meta, s_.echo + text_, lp, d.finish_reason, usage));
+    std::vector<ChoiceResult> results;
+    for (const Choice& c : choices_)
+      results.push_back(ChoiceResult{chat ? c.text : s_.echo + c.text, logprobs_json(c.tokens, count_chars(s_.echo)),
+                                     c.finish_reason});
+    *out += dump(chat ? chat_response(s_.meta, results, usage) : completion_response(s_.meta, results, usage));
     return false;
   }
-  // Streaming: a chunk when there is text (the tokens' logprobs ride along), the finish in the last one.
-  const bool logprobs_due = s_.logprobs >= 0 && !tokens_.empty();
-  if (!d.text.empty() || (d.done() && (logprobs_due || !chat))) {
-    const json lp = logprobs_json(tokens_, chars_sent_);
-    if (chat) {
-      *out += sse_event(chat_chunk(s_.meta, std::nullopt, d.text, lp, "", s_.include_usage));
-    } else {
-      *out += sse_event(completion_chunk(s_.meta, d.text, lp, d.done() ? d.finish_reason : "", s_.include_usage));
-    }
-    for (const GeneratedToken& g : tokens_) chars_sent_ += count_chars(tok_.token_to_piece(g.id));
-    tokens_.clear();
-  }
-  if (!d.done()) return true;
-  finished_ = true;
-  if (chat) *out += sse_event(chat_chunk(s_.meta, std::nullopt, std::nullopt, nullptr, d.finish_reason, s_.include_usage));
   if (s_.include_usage) *out += sse_event(usage_chunk(s_.meta, object, usage));
   *out += kSseDone;
   return false;
+}
+
+void ResponseStream::take(Delta& d, std::string* out) {
+  SHARDLM_CHECK(d.index >= 0 && d.index < s_.n, "news of choice ", d.index, " of a request with ", s_.n, " choices");
+  Choice& c = choices_[static_cast<size_t>(d.index)];
+  if (!c.finish_reason.empty()) return;  // nothing follows a choice's end
+  c.completion_tokens = std::max(c.completion_tokens, d.completion_tokens);
+  if (d.index == 0) cached_tokens_ = std::max(cached_tokens_, d.cached_tokens);
+  for (GeneratedToken& t : d.tokens) c.tokens.push_back(std::move(t));
+  if (d.done()) {
+    c.finish_reason = d.finish_reason;
+    ++n_done_;
+  }
+  if (!s_.stream) {
+    c.text += d.text;
+    return;
+  }
+  const bool chat = s_.kind == Kind::kChat;
+  // Streaming: a chunk when there is text (the tokens' logprobs ride along), the finish in the choice's last.
+  const bool logprobs_due = s_.logprobs >= 0 && !c.tokens.empty();
+  if (!d.text.empty() || (d.done() && (logprobs_due || !chat))) {
+    const json lp = logprobs_json(c.tokens, c.chars_sent);
+    if (chat) {
+      *out += sse_event(chat_chunk(s_.meta, std::nullopt, d.text, lp, "", s_.include_usage, d.index));
+    } else {
+      *out += sse_event(
+          completion_chunk(s_.meta, d.text, lp, d.done() ? d.finish_reason : "", s_.include_usage, d.index));
+    }
+    for (const GeneratedToken& g : c.tokens) c.chars_sent += count_chars(tok_.token_to_piece(g.id));
+    c.tokens.clear();
+  }
+  if (d.done() && chat)
+    *out += sse_event(chat_chunk(s_.meta, std::nullopt, std::nullopt, nullptr, d.finish_reason, s_.include_usage, d.index));
 }
 
 // ---- Service ----
@@ -194,9 +221,17 @@ Service::Started Service::start(ResponseStream::Kind kind, const CommonRequest& 
     st.reply = error_reply(max_tokens.error());
     return st;
   }
+  if (c_.max_num_seqs > 0 && r.n > c_.max_num_seqs) {
+    st.reply = error_reply(bad_request("'n' is " + std::to_string(r.n) + ", more than the " +
+                                           std::to_string(c_.max_num_seqs) +
+                                           " sequences this server runs at once (--max-num-seqs)",
+                                       "n"));
+    return st;
+  }
   Submission sub;
   sub.params = sequence_params(r, max_tokens.value(), c_.stop_ids, logprobs, random_u64());
   sub.stop = r.stop;
+  sub.n = r.n;
   sub.prompt = std::move(prompt);
   try {
     sub.params.sampling.validate();
@@ -216,6 +251,7 @@ Service::Started Service::start(ResponseStream::Kind kind, const CommonRequest& 
   s.prompt_tokens = n_prompt;
   s.echo = std::move(echo);
   s.logprobs = logprobs;
+  s.n = r.n;
   char id[40];
   std::snprintf(id, sizeof id, "%s-%016llx%08llx", kind == ResponseStream::Kind::kChat ? "chatcmpl" : "cmpl",
                 static_cast<unsigned long long>(random_u64()), static_cast<unsigned long long>(random_u64() >> 32));

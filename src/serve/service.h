@@ -35,6 +35,7 @@ struct ServiceConfig {
   std::string api_key;                 // "" : no key needed
   std::vector<int32_t> stop_ids;       // generation ends at these (eos, end-of-turn) unless ignore_eos
   int64_t default_max_tokens = 16;     // /v1/completions without max_tokens (OpenAI's default)
+  int64_t max_num_seqs = 0;            // > 0: a request's `n` may not exceed it (its choices run in one batch)
   int64_t created = 0;                 // unix seconds, for /v1/models
 };
 
@@ -45,7 +46,10 @@ struct Reply {
 };
 Reply error_reply(const ApiError& e);
 
-// The body of one generation request, produced as the engine goes.
+// The body of one generation request, produced as the engine goes. With n > 1 the whole JSON holds the n
+// choices in index order; streamed, each choice's chunks carry its index, each choice ends with its own
+// finish_reason chunk, and one usage chunk (completion tokens summed over the choices) and one [DONE]
+// follow the last.
 class ResponseStream {
  public:
   enum class Kind { kCompletion, kChat };
@@ -57,6 +61,7 @@ class ResponseStream {
     int64_t prompt_tokens = 0;
     std::string echo;          // completions with echo: the prompt's text, before the generated text
     int32_t logprobs = -1;     // -1: none
+    int32_t n = 1;             // choices
   };
   ResponseStream(Setup s, std::shared_ptr<RequestHandle> h, const Tokenizer& tok);
   ~ResponseStream();  // an unfinished request is cancelled (its client went away)
@@ -74,16 +79,25 @@ class ResponseStream {
   std::vector<TokenLogprob> logprob_entries(const std::vector<GeneratedToken>& toks) const;
   nlohmann::json logprobs_json(const std::vector<GeneratedToken>& toks, int64_t offset) const;
 
+  // Adds one choice's news to `out` (streaming: its chunks; else nothing until the whole body).
+  void take(Delta& d, std::string* out);
+
+  struct Choice {
+    std::string text;                        // whole text (non-streaming)
+    std::vector<GeneratedToken> tokens;      // non-streaming: all; streaming: not yet sent
+    int64_t chars_sent = 0;                  // streaming completions: text_offset of the next token
+    int64_t completion_tokens = 0;
+    std::string finish_reason;               // "" while running
+  };
+
   Setup s_;
   std::shared_ptr<RequestHandle> h_;
   const Tokenizer& tok_;
   bool started_ = false, finished_ = false;
   int status_ = 200;
-  std::string text_;                         // whole response (non-streaming)
-  std::vector<GeneratedToken> tokens_;       // non-streaming: all; streaming: not yet sent
-  int64_t chars_sent_ = 0;                   // streaming completions: text_offset of the next token
-  int64_t completion_tokens_ = 0;
-  int64_t cached_tokens_ = 0;
+  std::vector<Choice> choices_;              // [n]
+  int64_t n_done_ = 0;                       // choices with their finish_reason
+  int64_t cached_tokens_ = 0;                // choice 0's: the prompt is counted once
 };
 
 class Service {

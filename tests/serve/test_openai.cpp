@@ -88,6 +88,20 @@ TEST(ParseCompletion, EveryField) {
   EXPECT_EQ(r.logprobs, 3);
   EXPECT_TRUE(r.common.stream);
   EXPECT_TRUE(r.common.include_usage);
+  EXPECT_EQ(r.common.n, 1);
+}
+
+TEST(ParseCompletion, ChoiceCount) {
+  EXPECT_EQ(completion_ok(R"({"prompt": "x"})").common.n, 1);
+  EXPECT_EQ(completion_ok(R"({"prompt": "x", "n": 3})").common.n, 3);
+  EXPECT_EQ(completion_ok(R"({"prompt": "x", "n": 128, "best_of": 128})").common.n, 128);
+  auto chat = parse_chat_request(R"({"messages": [{"role": "user", "content": "x"}], "n": 4})");
+  ASSERT_TRUE(chat.ok()) << chat.error().message;
+  EXPECT_EQ(chat.value().common.n, 4);
+  // Choice i's seed: the request's plus i, wrapping (a negative seed is its two's complement).
+  EXPECT_EQ(choice_seed(7, 0), 7u);
+  EXPECT_EQ(choice_seed(7, 3), 10u);
+  EXPECT_EQ(choice_seed(~uint64_t(0), 2), 1u);
 }
 
 TEST(ParseCompletion, PromptForms) {
@@ -123,8 +137,11 @@ TEST(ParseCompletion, Errors) {
   expect_error(R"({"prompt": "x", "repetition_penalty": 0})", 400, "repetition_penalty", "outside");
   expect_error(R"({"prompt": "x", "presence_penalty": 2.5})", 400, "presence_penalty", "2.5");
   expect_error(R"({"prompt": "x", "frequency_penalty": -3})", 400, "frequency_penalty", "-3");
-  expect_error(R"({"prompt": "x", "n": 2})", 400, "n", "only n = 1");
-  expect_error(R"({"prompt": "x", "best_of": 3})", 400, "best_of", "only 1");
+  expect_error(R"({"prompt": "x", "n": 0})", 400, "n", "outside [1, 128]");
+  expect_error(R"({"prompt": "x", "n": 129})", 400, "n", "outside [1, 128]");
+  expect_error(R"({"prompt": "x", "n": 1.5})", 400, "n", "integer");
+  expect_error(R"({"prompt": "x", "best_of": 3})", 400, "best_of", "only best_of = n (1)");
+  expect_error(R"({"prompt": "x", "n": 2, "best_of": 3})", 400, "best_of", "only best_of = n (2)");
   expect_error(R"({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]})", 400, "stop", "more than 4");
   expect_error(R"({"prompt": "x", "stop": [1]})", 400, "stop", "strings");
   expect_error(R"({"prompt": "x", "stop": [""]})", 400, "stop", "empty");
@@ -182,7 +199,7 @@ TEST(ParseChat, Errors) {
   expect_error(R"({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21})", 400,
                "top_logprobs", "outside [0, 20]", true);
   expect_error(R"({"messages": [{"role": "user", "content": "x"}], "logprobs": 1})", 400, "logprobs", "boolean", true);
-  expect_error(R"({"messages": [{"role": "user", "content": "x"}], "n": 2})", 400, "n", "only n = 1", true);
+  expect_error(R"({"messages": [{"role": "user", "content": "x"}], "n": 0})", 400, "n", "outside [1, 128]", true);
   expect_error(R"({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})", 400, "tools",
                "not supported", true);
 }
@@ -263,6 +280,28 @@ TEST(Responses, Completion) {
   EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
   EXPECT_EQ(j["usage"], json::parse(R"({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
                                         "prompt_tokens_details": {"cached_tokens": 4}})"));
+}
+
+TEST(Responses, SeveralChoices) {
+  const json lp = json{{"content", json::array()}};
+  const json c = completion_response(kMeta, {{"a", nullptr, "stop"}, {"bc", lp, "length"}}, Usage{5, 7});
+  ASSERT_EQ(c["choices"].size(), 2u);
+  for (size_t i = 0; i < 2; ++i) EXPECT_EQ(c["choices"][i]["index"], i);
+  EXPECT_EQ(c["choices"][0]["text"], "a");
+  EXPECT_EQ(c["choices"][1]["text"], "bc");
+  EXPECT_TRUE(c["choices"][0]["logprobs"].is_null());
+  EXPECT_EQ(c["choices"][1]["logprobs"], lp);
+  EXPECT_EQ(c["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(c["choices"][1]["finish_reason"], "length");
+  EXPECT_EQ(c["usage"]["total_tokens"], 12);
+  const json h = chat_response(kMeta, {{"x", nullptr, "stop"}, {"y", nullptr, "stop"}, {"z", nullptr, "abort"}},
+                               Usage{1, 3});
+  ASSERT_EQ(h["choices"].size(), 3u);
+  EXPECT_EQ(h["choices"][2]["index"], 2);
+  EXPECT_EQ(h["choices"][2]["message"]["content"], "z");
+  EXPECT_EQ(h["choices"][2]["finish_reason"], "abort");
+  EXPECT_EQ(completion_chunk(kMeta, "a", nullptr, "", false, 5)["choices"][0]["index"], 5);
+  EXPECT_EQ(chat_chunk(kMeta, std::nullopt, std::string("b"), nullptr, "", false, 3)["choices"][0]["index"], 3);
 }
 
 TEST(Responses, Chat) {

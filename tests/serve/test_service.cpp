@@ -54,6 +54,7 @@ struct Server {
     c.model_name = "tiny";
     c.chat_template = kChatMl;
     c.stop_ids = {tok->eos()};
+    c.max_num_seqs = max_seqs;
     service = std::make_unique<Service>(c, *tok);
     service->ready(loop.get(), engine->n_ctx());
   }
@@ -239,6 +240,142 @@ TEST(Service, LogprobsAndSeeds) {
   }
 }
 
+// The texts of a streamed body's choices, by index, each choice's finish_reason (exactly one per choice)
+// and the usage chunk's usage (null without one).
+struct StreamedChoices {
+  std::vector<std::string> text, finish;
+  json usage;
+};
+StreamedChoices streamed_choices(const std::vector<json>& ev, size_t n, bool chat) {
+  StreamedChoices r;
+  r.text.resize(n);
+  r.finish.resize(n);
+  for (const json& e : ev) {
+    if (e["choices"].empty()) {
+      EXPECT_TRUE(r.usage.is_null()) << "a second usage chunk";
+      r.usage = e["usage"];
+      continue;
+    }
+    EXPECT_TRUE(r.usage.is_null()) << "a chunk after the usage chunk";
+    EXPECT_EQ(e["choices"].size(), 1u);
+    const size_t i = e["choices"][0]["index"];
+    EXPECT_LT(i, n);
+    if (i >= n) continue;
+    EXPECT_TRUE(r.finish[i].empty()) << "choice " << i << " has a chunk after its finish_reason";
+    const json& text = chat ? e["choices"][0]["delta"]["content"] : e["choices"][0]["text"];
+    if (text.is_string()) r.text[i] += text.get<std::string>();
+    if (!e["choices"][0]["finish_reason"].is_null()) r.finish[i] = e["choices"][0]["finish_reason"];
+  }
+  for (size_t i = 0; i < n; ++i) EXPECT_FALSE(r.finish[i].empty()) << "choice " << i << " has no finish_reason";
+  return r;
+}
+
+// n > 1: n choices of the same prompt, choice i sampled with seed + i (so choice i equals the n = 1 request
+// with that seed), a seeded request repeats, the streamed choices equal the whole ones, and usage counts
+// the prompt once and the completion tokens of every choice.
+TEST(Service, SeveralChoices) {
+  Server s;
+  s.start();
+  const json base = {{"prompt", "Once upon a time"}, {"max_tokens", 12}, {"ignore_eos", true}, {"seed", 11}};
+  json req = base;
+  req["n"] = 3;
+  auto [status, body] = s.completions(req);
+  ASSERT_EQ(status, 200) << body;
+  const json j = json::parse(body);
+  ASSERT_EQ(j["choices"].size(), 3u);
+  int64_t completion_tokens = 0;
+  std::vector<std::string> texts;
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(j["choices"][i]["index"], i);
+    EXPECT_EQ(j["choices"][i]["finish_reason"], "length");
+    texts.push_back(j["choices"][i]["text"]);
+    json one = base;
+    one["seed"] = 11 + static_cast<int>(i);
+    auto [s1, b1] = s.completions(one);
+    ASSERT_EQ(s1, 200) << b1;
+    const json o = json::parse(b1);
+    EXPECT_EQ(o["choices"][0]["text"], texts[i]) << "choice " << i << " is not the request with seed 11 + " << i;
+    completion_tokens += o["usage"]["completion_tokens"].get<int64_t>();
+  }
+  // Sampled at temperature 1: three choices of 12 tokens all alike would mean one seed for all.
+  EXPECT_FALSE(texts[0] == texts[1] && texts[1] == texts[2]) << texts[0];
+  EXPECT_EQ(j["usage"]["completion_tokens"], completion_tokens);
+  EXPECT_EQ(completion_tokens, 36);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], static_cast<int64_t>(s.tok->encode("Once upon a time", true, false).size()));
+  EXPECT_EQ(json::parse(s.completions(req).second)["choices"], j["choices"]);  // the same seed, the same choices
+
+  req["stream"] = true;
+  req["stream_options"] = {{"include_usage", true}};
+  auto [s2, sse] = s.completions(req);
+  ASSERT_EQ(s2, 200) << sse;
+  const StreamedChoices sc = streamed_choices(events(sse), 3, /*chat=*/false);
+  EXPECT_EQ(sc.text, texts);
+  for (const std::string& f : sc.finish) EXPECT_EQ(f, "length");
+  EXPECT_EQ(sc.usage, j["usage"]);
+}
+
+TEST(Service, SeveralChoicesChatEchoLogprobs) {
+  Server s;
+  s.start();
+  const json msgs = {{{"role", "user"}, {"content", "Tell me a story"}}};
+  const json req = {{"messages", msgs}, {"max_tokens", 6}, {"n", 2}, {"seed", 3}, {"ignore_eos", true},
+                    {"logprobs", true}, {"top_logprobs", 1}};
+  auto [status, body] = s.chat(req);
+  ASSERT_EQ(status, 200) << body;
+  const json j = json::parse(body);
+  ASSERT_EQ(j["choices"].size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    // Each choice's logprobs are its own tokens.
+    std::string joined;
+    for (const json& t : j["choices"][i]["logprobs"]["content"]) joined += t["token"].get<std::string>();
+    EXPECT_EQ(joined, j["choices"][i]["message"]["content"]);
+    EXPECT_EQ(j["choices"][i]["logprobs"]["content"].size(), 6u);
+  }
+  json sreq = req;
+  sreq["stream"] = true;
+  auto [s2, sse] = s.chat(sreq);
+  ASSERT_EQ(s2, 200) << sse;
+  const auto ev = events(sse);
+  // Every choice opens with its role chunk and closes with an empty delta carrying its finish_reason.
+  std::vector<int> roles(2, 0), closes(2, 0);
+  for (const json& e : ev) {
+    const size_t i = e["choices"][0]["index"];
+    ASSERT_LT(i, 2u);
+    if (e["choices"][0]["delta"].contains("role")) {
+      EXPECT_EQ(closes[i] + roles[i], 0) << "the role chunk is not choice " << i << "'s first";
+      ++roles[i];
+    }
+    if (e["choices"][0]["delta"] == json::object()) ++closes[i];
+  }
+  EXPECT_EQ(roles, (std::vector<int>{1, 1}));
+  EXPECT_EQ(closes, (std::vector<int>{1, 1}));
+  const StreamedChoices sc = streamed_choices(ev, 2, /*chat=*/true);
+  for (size_t i = 0; i < 2; ++i) EXPECT_EQ(sc.text[i], j["choices"][i]["message"]["content"]);
+
+  // Completions with echo: every choice starts with the prompt, streamed or not; legacy logprobs per choice.
+  json creq = {{"prompt", "Once"}, {"max_tokens", 5}, {"n", 2}, {"echo", true}, {"seed", 4}, {"ignore_eos", true}};
+  auto [s3, whole] = s.completions(creq);
+  ASSERT_EQ(s3, 200) << whole;
+  const json w = json::parse(whole);
+  ASSERT_EQ(w["choices"].size(), 2u);
+  creq["stream"] = true;
+  const StreamedChoices ec = streamed_choices(events(s.completions(creq).second), 2, /*chat=*/false);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(w["choices"][i]["text"].get<std::string>().rfind("Once", 0), 0u) << w["choices"][i]["text"];
+    EXPECT_EQ(ec.text[i], w["choices"][i]["text"]);
+  }
+  auto [s4, lpb] = s.completions({{"prompt", "Once"}, {"max_tokens", 5}, {"n", 2}, {"logprobs", 2}, {"seed", 4},
+                                  {"ignore_eos", true}});
+  ASSERT_EQ(s4, 200) << lpb;
+  const json l = json::parse(lpb);
+  for (size_t i = 0; i < 2; ++i) {
+    std::string joined;
+    for (const json& t : l["choices"][i]["logprobs"]["tokens"]) joined += t.get<std::string>();
+    EXPECT_EQ(joined, l["choices"][i]["text"]);
+    EXPECT_EQ(l["choices"][i]["text"], w["choices"][i]["text"].get<std::string>().substr(4)) << "seed 4 + " << i;
+  }
+}
+
 TEST(Service, ChatStreamShape) {
   Server s;
   s.start();
@@ -264,7 +401,9 @@ TEST(Service, BadRequests) {
   s.start();
   EXPECT_EQ(s.call(s.service->completions("{oops")).first, 400);
   EXPECT_EQ(s.completions({{"prompt", "x"}, {"model", "gpt-4"}}).first, 404);
-  EXPECT_EQ(s.completions({{"prompt", "x"}, {"n", 2}}).first, 400);
+  auto [sn, nbody] = s.completions({{"prompt", "x"}, {"n", 5}});  // more than the 4 sequences at once
+  EXPECT_EQ(sn, 400);
+  EXPECT_NE(nbody.find("--max-num-seqs"), std::string::npos) << nbody;
   EXPECT_EQ(s.completions({{"prompt", "x"}, {"max_tokens", 1000}}).first, 400);  // context 128
   std::string longp;
   for (int i = 0; i < 200; ++i) longp += " word";
@@ -296,6 +435,44 @@ TEST(Service, CancelledStreamIsAborted) {
   while (s.loop->outstanding() > 0 && std::chrono::steady_clock::now() - t0 < 10s) std::this_thread::sleep_for(10ms);
   EXPECT_EQ(s.loop->outstanding(), 0);
   EXPECT_NE(s.metrics.render("tiny").find("finished_reason=\"abort\"} 1"), std::string::npos);
+}
+
+// A client that leaves a request of n choices: every one of its sequences is aborted.
+TEST(Service, CancelledSeveralChoicesAreAllAborted) {
+  Server s;
+  s.start();
+  auto st = s.service->completions(json{{"prompt", "Once"}, {"max_tokens", 120}, {"ignore_eos", true},
+                                        {"n", 3}, {"stream", true}}.dump());
+  ASSERT_TRUE(st.stream);
+  EXPECT_EQ(s.loop->outstanding(), 3);
+  std::string out;
+  st.stream->next(&out, 1000ms);
+  st.stream.reset();  // the client left
+  const auto t0 = std::chrono::steady_clock::now();
+  while (s.loop->outstanding() > 0 && std::chrono::steady_clock::now() - t0 < 10s) std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(s.loop->outstanding(), 0);
+  EXPECT_NE(s.metrics.render("tiny").find("finished_reason=\"abort\"} 3"), std::string::npos)
+      << s.metrics.render("tiny");
+}
+
+// A request's choices are admitted together or not at all: 3 choices do not fit a queue of 2 sequences
+// (429, nothing queued), 2 do.
+TEST(Service, SeveralChoicesQueueAllOrNothing) {
+  EngineLoopOptions lo;
+  lo.max_outstanding = 2;
+  Server s(lo);
+  auto three = s.service->completions(json{{"prompt", "Once"}, {"max_tokens", 3}, {"n", 3}}.dump());
+  ASSERT_TRUE(three.reply);
+  EXPECT_EQ(three.reply->status, 429);
+  EXPECT_EQ(s.loop->outstanding(), 0);
+  auto two = s.service->completions(json{{"prompt", "Once"}, {"max_tokens", 3}, {"n", 2}}.dump());
+  ASSERT_TRUE(two.stream);
+  EXPECT_EQ(s.loop->outstanding(), 2);
+  s.start();
+  auto [status, body] = s.call(std::move(two));
+  ASSERT_EQ(status, 200) << body;
+  EXPECT_EQ(json::parse(body)["choices"].size(), 2u);
+  EXPECT_EQ(s.loop->outstanding(), 0);
 }
 
 TEST(Service, QueueFullAndShutdown) {
