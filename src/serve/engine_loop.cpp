@@ -112,7 +112,9 @@ void EngineLoop::admit(Incoming& in) {
     outstanding_ -= in.s.n;
     return;
   }
-  if (metrics_) metrics_->add_prompt_tokens(n_prompt);  // once: the choices share the prompt, as usage counts it
+  // The metrics count sequences, as the engine sees them: each choice's prompt is looked up in the prefix
+  // cache and each choice finishes (usage, the client's view, counts the prompt once).
+  if (metrics_) metrics_->add_prompt_tokens(n_prompt * in.s.n);
   for (int32_t i = 0; i < in.s.n; ++i) {
     Live lv;
     lv.h = in.h;

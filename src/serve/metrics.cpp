@@ -127,13 +127,13 @@ std::string ServeMetrics::render(const std::string& model) const {
   simple(os, "shardlm:num_requests_running", "gauge", "Requests in the engine's running batch.", lb, double(running_));
   simple(os, "shardlm:num_requests_waiting", "gauge", "Requests waiting for a place in the batch.", lb, double(waiting_));
   simple(os, "shardlm:kv_cache_usage_perc", "gauge", "Share of the KV cache blocks in use (1 = full).", lb, kv_usage_);
-  simple(os, "shardlm:prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", lb, double(prompt_tokens_));
+  simple(os, "shardlm:prompt_tokens_total", "counter", "Prompt tokens of admitted sequences (a request of n choices counts n).", lb, double(prompt_tokens_));
   simple(os, "shardlm:generation_tokens_total", "counter", "Generated tokens.", lb, double(generation_tokens_));
   simple(os, "shardlm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", lb,
          double(prefix_queries_));
   simple(os, "shardlm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", lb,
          double(prefix_hits_));
-  os << "# HELP shardlm:request_success_total Finished requests by finish reason.\n"
+  os << "# HELP shardlm:request_success_total Finished sequences by finish reason (a request of n choices counts n).\n"
         "# TYPE shardlm:request_success_total counter\n";
   os << "shardlm:request_success_total{" << lb << ",finished_reason=\"stop\"} " << finished_stop_ << "\n";
   os << "shardlm:request_success_total{" << lb << ",finished_reason=\"length\"} " << finished_length_ << "\n";

@@ -166,6 +166,57 @@ await check('a seeded sampled completion repeats', async () => {
   assert.equal(a.usage.completion_tokens, 24);
 });
 
+await check('n = 3: three seeded choices, each repeatable and equal to n = 1 with seed + index; usage sums', async () => {
+  const req = { model: NAME, prompt: PROMPT, max_tokens: 10, temperature: 1, seed: 77, ignore_eos: true, n: 3 };
+  const a = await client.completions.create(req);
+  assert.equal(a.choices.length, 3);
+  a.choices.forEach((c, i) => assert.equal(c.index, i));
+  const b = await client.completions.create(req);
+  assert.deepEqual(b.choices.map((c) => c.text), a.choices.map((c) => c.text));
+  assert.ok(new Set(a.choices.map((c) => c.text)).size > 1, 'three sampled choices all alike: one seed for all?');
+  for (let i = 0; i < 3; ++i) {
+    const one = await client.completions.create({ ...req, n: 1, seed: 77 + i });
+    assert.equal(one.choices[0].text, a.choices[i].text, `choice ${i}`);
+  }
+  assert.equal(a.usage.completion_tokens, 30);
+  const t = await post('/tokenize', { prompt: PROMPT });
+  assert.equal(a.usage.prompt_tokens, t.json.count);  // the prompt counted once
+  assert.equal(a.usage.total_tokens, t.json.count + 30);
+});
+
+await check('n = 2 streamed: interleaved chunks by index, a finish per choice, one usage chunk', async () => {
+  const messages = [{ role: 'user', content: 'Tell me a story.' }];
+  const req = { model: NAME, messages, max_completion_tokens: 8, temperature: 1, seed: 5, ignore_eos: true, n: 2 };
+  const whole = await client.chat.completions.create(req);
+  assert.equal(whole.choices.length, 2);
+  const stream = await client.chat.completions.create({ ...req, stream: true, stream_options: { include_usage: true } });
+  const text = ['', ''], finish = [null, null];
+  let usage = null, usageChunks = 0;
+  for await (const c of stream) {
+    if (!c.choices.length) { usage = c.usage; ++usageChunks; continue; }
+    assert.equal(usage, null, 'a chunk after the usage chunk');
+    const i = c.choices[0].index;
+    assert.ok(i === 0 || i === 1, `index ${i}`);
+    assert.equal(finish[i], null, `choice ${i} goes on after its finish_reason`);
+    if (c.choices[0].delta.content) text[i] += c.choices[0].delta.content;
+    if (c.choices[0].finish_reason) finish[i] = c.choices[0].finish_reason;
+  }
+  assert.equal(usageChunks, 1);
+  assert.deepEqual(text, whole.choices.map((c) => c.message.content));
+  assert.deepEqual(finish, ['length', 'length']);
+  assert.equal(usage.completion_tokens, 16);
+  assert.equal(usage.prompt_tokens, whole.usage.prompt_tokens);
+
+  // The client's own accumulation of a streamed completion keeps the choices apart too.
+  const cs = await client.completions.create({ model: NAME, prompt: PROMPT, max_tokens: 6, seed: 9, ignore_eos: true,
+    n: 2, stream: true });
+  const ctext = ['', ''];
+  for await (const c of cs) ctext[c.choices[0].index] += c.choices[0].text;
+  const cw = await client.completions.create({ model: NAME, prompt: PROMPT, max_tokens: 6, seed: 9, ignore_eos: true,
+    n: 2 });
+  assert.deepEqual(ctext, cw.choices.map((c) => c.text));
+});
+
 await check('completion logprobs: legacy shape', async () => {
   const r = await client.completions.create({ model: NAME, prompt: PROMPT, max_tokens: 6, temperature: 0, logprobs: 3,
     ignore_eos: true });
@@ -250,7 +301,8 @@ await check('bad requests get their 4xx and the server still answers', async () 
   expectError(await post('/v1/completions', { prompt: 'x', max_tokens: 'ten' }), 400, 'max_tokens');
   expectError(await post('/v1/completions', { prompt: 7 }), 400, 'prompt');
   expectError(await post('/v1/completions', { prompt: 'x', temperature: 'hot' }), 400, 'temperature');
-  expectError(await post('/v1/completions', { prompt: 'x', n: 2 }), 400, 'n');
+  expectError(await post('/v1/completions', { prompt: 'x', n: 5 }), 400, 'n');  // more than --max-num-seqs 4
+  expectError(await post('/v1/completions', { prompt: 'x', n: 0 }), 400, 'n');
   expectError(await post('/v1/completions', { prompt: 'x', presence_penalty: 3 }), 400, 'presence_penalty');
   expectError(await post('/v1/completions', { prompt: 'x', model: 'gpt-4' }), 404, 'model');
   expectError(await post('/v1/completions', { prompt: 'word '.repeat(300) }), 400, 'prompt');
@@ -264,7 +316,7 @@ await check('bad requests get their 4xx and the server still answers', async () 
   // Through the client: its typed errors.
   await assert.rejects(client.completions.create({ model: 'gpt-4', prompt: 'x' }),
     (e) => e instanceof OpenAI.NotFoundError && e.status === 404 && e.code === 'model_not_found');
-  await assert.rejects(client.completions.create({ model: NAME, prompt: 'x', n: 2 }),
+  await assert.rejects(client.completions.create({ model: NAME, prompt: 'x', n: 5 }),
     (e) => e instanceof OpenAI.BadRequestError && e.param === 'n');
   await assert.rejects(client.chat.completions.create({ model: NAME, messages: [] }),
     (e) => e instanceof OpenAI.BadRequestError);
