@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -29,6 +30,7 @@
 #ifdef SHARDLM_HAVE_HTTPLIB
 #include <httplib.h>
 
+#include "serve/connection.h"
 #include "serve/engine_loop.h"
 #include "serve/metrics.h"
 #include "serve/service.h"
@@ -69,14 +71,19 @@ void send(httplib::Response& res, const serve::Reply& r) {
 }
 
 // A generation request's reply: the whole JSON, or server-sent events as the engine produces them.
-void answer(httplib::Response& res, serve::Service::Started st) {
+void answer(const httplib::Request& req, httplib::Response& res, serve::Service::Started st) {
   if (st.reply) return send(res, *st.reply);
   std::shared_ptr<serve::ResponseStream> stream = std::move(st.stream);
   if (!stream->streaming()) {
-    // The handler's thread waits for the end. (cpp-httplib 0.11 cannot tell that a client of a plain
-    // request left; a request's work is bounded by its max_tokens.)
+    // The handler's thread waits for the end, looking at the connection meanwhile (nothing is written
+    // before the end, so no failed write would tell): a client that left has its sequences aborted at
+    // the engine's next step, and the loop ends with their "abort". Where the socket cannot be found,
+    // the request runs to its max_tokens.
+    const std::optional<serve::ClientConnection> conn =
+        serve::ClientConnection::find(req.local_addr, req.local_port, req.remote_addr, req.remote_port);
     std::string body;
-    while (stream->next(&body, 1000ms)) {
+    while (stream->next(&body, 50ms)) {
+      if (conn && conn->closed()) stream->cancel();
     }
     res.status = stream->status();
     res.set_content(body, stream->content_type());
@@ -250,10 +257,10 @@ int cmd_serve(int argc, const char* const* argv) {
       res.set_content(e.body_text(), "application/json");
     });
     svr.Post("/v1/completions", [&s](const httplib::Request& req, httplib::Response& res) {
-      answer(res, s.completions(req.body));
+      answer(req, res, s.completions(req.body));
     });
     svr.Post("/v1/chat/completions", [&s](const httplib::Request& req, httplib::Response& res) {
-      answer(res, s.chat(req.body));
+      answer(req, res, s.chat(req.body));
     });
     svr.Get("/v1/models", [&s](const httplib::Request&, httplib::Response& res) { send(res, s.models()); });
     svr.Get("/health", [&s](const httplib::Request&, httplib::Response& res) { send(res, s.health()); });

@@ -11,6 +11,7 @@
 // (a folder for the chat template file), SHARDLM_SERVE_EXTRA (more server flags).
 import { execFile } from 'node:child_process';
 import { rmSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
@@ -342,6 +343,30 @@ await check('a client that leaves mid-stream: its sequence ends, the server goes
   // The bundled model may well finish its 100 tokens before the abort arrives: then it counts as "length".
   const aborted = m.text.match(/finished_reason="abort"\} (\d+)/);
   console.log(`  (requests aborted so far: ${aborted ? aborted[1] : '?'})`);
+  await expectStillServing();
+});
+
+await check('a client that leaves a non-streaming request: all its n sequences are aborted, blocks freed', async () => {
+  const metric = (text, re) => Number((text.match(re) || [])[1]);
+  const abortRe = /finished_reason="abort"\} (\d+)/;
+  const abortsBefore = metric((await get('/metrics')).text, abortRe);
+  // 4 x 110 tokens take a few hundred ms here; the server looks at the connection every 50 ms.
+  const body = JSON.stringify({ model: NAME, prompt: PROMPT, max_tokens: 110, ignore_eos: true, n: 4 });
+  const sock = connect(Number(new URL(base).port), '127.0.0.1');
+  await new Promise((resolve, reject) => { sock.on('connect', resolve); sock.on('error', reject); });
+  sock.write(`POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${KEY}\r\n` +
+    `Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+  await new Promise((r) => setTimeout(r, 20));
+  sock.destroy();  // gone before the answer
+  let m;
+  for (let i = 0; ; ++i) {
+    m = (await get('/metrics')).text;
+    if (metric(m, /shardlm:num_requests_running\{[^}]*\} (\S+)/) === 0 &&
+        metric(m, /shardlm:kv_cache_usage_perc\{[^}]*\} (\S+)/) === 0 && metric(m, abortRe) > abortsBefore) break;
+    assert.ok(i < 100, `the abandoned request still runs, or was not aborted, after 10 s:\n${m}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.equal(metric(m, abortRe) - abortsBefore, 4, 'all four choices aborted');
   await expectStillServing();
 });
 
