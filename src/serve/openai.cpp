@@ -51,8 +51,9 @@ ApiError body_too_large(uint64_t limit) {
 ApiError queue_full(int64_t limit) {
   ApiError e;
   e.status = 429;
-  e.message = "The server is busy: " + std::to_string(limit) +
-              " requests are already running or queued (--max-num-seqs plus --max-queue); retry later";
+  e.message = "The server is busy: at most " + std::to_string(limit) +
+              " sequences (a request of n choices counts n) may run or wait at once (--max-num-seqs plus "
+              "--max-queue), and this request's would pass that; retry later";
   e.code = "queue_full";
   return e;
 }
