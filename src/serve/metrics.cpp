@@ -37,6 +37,11 @@ void ServeMetrics::set_prefix_cache(int64_t query_tokens, int64_t hit_tokens) {
   prefix_hits_ = hit_tokens;
 }
 
+void ServeMetrics::set_device_memory(std::vector<DeviceMemory> devices) {
+  std::lock_guard<std::mutex> l(mu_);
+  devices_ = std::move(devices);
+}
+
 void ServeMetrics::add_prompt_tokens(int64_t n) {
   std::lock_guard<std::mutex> l(mu_);
   prompt_tokens_ += n;
@@ -127,12 +132,20 @@ std::string ServeMetrics::render(const std::string& model) const {
   simple(os, "shardlm:num_requests_running", "gauge", "Requests in the engine's running batch.", lb, double(running_));
   simple(os, "shardlm:num_requests_waiting", "gauge", "Requests waiting for a place in the batch.", lb, double(waiting_));
   simple(os, "shardlm:kv_cache_usage_perc", "gauge", "Share of the KV cache blocks in use (1 = full).", lb, kv_usage_);
-  simple(os, "shardlm:prompt_tokens_total", "counter", "Prompt tokens of admitted sequences (a request of n choices counts n).", lb, double(prompt_tokens_));
+  simple(os, "shardlm:prompt_tokens_total", "counter",
+         "Prompt tokens of admitted sequences (a request of n choices counts n).", lb, double(prompt_tokens_));
   simple(os, "shardlm:generation_tokens_total", "counter", "Generated tokens.", lb, double(generation_tokens_));
   simple(os, "shardlm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", lb,
          double(prefix_queries_));
   simple(os, "shardlm:prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.", lb,
          double(prefix_hits_));
+  if (!devices_.empty()) {
+    os << "# HELP shardlm:device_memory_used_bytes Bytes the engine of rank 0 holds on a device (weights, KV "
+          "cache, workspace).\n# TYPE shardlm:device_memory_used_bytes gauge\n";
+    for (const DeviceMemory& d : devices_)
+      os << "shardlm:device_memory_used_bytes{" << lb << ",device=\"" << escape_label(d.device) << "\"} "
+         << num(d.used_bytes) << "\n";
+  }
   os << "# HELP shardlm:request_success_total Finished sequences by finish reason (a request of n choices counts n).\n"
         "# TYPE shardlm:request_success_total counter\n";
   os << "shardlm:request_success_total{" << lb << ",finished_reason=\"stop\"} " << finished_stop_ << "\n";

@@ -1,6 +1,6 @@
 // The server's Prometheus metrics (GET /metrics, text exposition format 0.0.4), named after vLLM's with
-// the "shardlm:" prefix: gauges of running and waiting requests and of the KV pool's use, token counters,
-// and latency histograms. Thread-safe: the engine thread records, HTTP threads render.
+// the "shardlm:" prefix: gauges of running and waiting requests, of the KV pool's use and of the memory
+// rank 0 holds per device, token counters, and latency histograms. Thread-safe: the engine thread records, HTTP threads render.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +9,12 @@
 #include <vector>
 
 namespace shardlm::serve {
+
+// Bytes the engine holds on one device of its rank: "cpu", "cuda0", ...
+struct DeviceMemory {
+  std::string device;
+  double used_bytes = 0;
+};
 
 struct Histogram {
   std::vector<double> bounds;    // upper bounds, ascending; +Inf is implied
@@ -34,6 +40,8 @@ class ServeMetrics {
   void count_finished(const std::string& reason);  // "stop", "length", "abort"
   // Prefix caching: the scheduler's running totals of prompt tokens looked up and found.
   void set_prefix_cache(int64_t query_tokens, int64_t hit_tokens);
+  // The memory of rank 0's devices (none: the gauge is left out).
+  void set_device_memory(std::vector<DeviceMemory> devices);
 
   // Any thread: the exposition text, every series labelled model_name="<model>".
   std::string render(const std::string& model) const;
@@ -45,6 +53,7 @@ class ServeMetrics {
   int64_t prompt_tokens_ = 0, generation_tokens_ = 0;
   int64_t prefix_queries_ = 0, prefix_hits_ = 0;
   int64_t finished_stop_ = 0, finished_length_ = 0, finished_abort_ = 0;
+  std::vector<DeviceMemory> devices_;
   Histogram ttft_, itl_, e2e_;
 };
 

@@ -388,6 +388,15 @@ TEST(Metrics, PrometheusText) {
             std::string::npos);
   EXPECT_NE(t.find("shardlm:inter_token_latency_seconds_count{model_name=\"tiny \\\"m\\\"\"} 2\n"), std::string::npos);
   EXPECT_NE(t.find("shardlm:e2e_request_latency_seconds_sum{model_name=\"tiny \\\"m\\\"\"} 1.2"), std::string::npos);
+  // No devices reported: no device gauge; then one line per device.
+  EXPECT_EQ(t.find("device_memory_used_bytes"), std::string::npos);
+  m.set_device_memory({{"cuda0", 3e9}, {"cpu", 123456}});
+  const std::string d = m.render("tiny");
+  EXPECT_NE(d.find("# TYPE shardlm:device_memory_used_bytes gauge\n"
+                   "shardlm:device_memory_used_bytes{model_name=\"tiny\",device=\"cuda0\"} 3000000000\n"
+                   "shardlm:device_memory_used_bytes{model_name=\"tiny\",device=\"cpu\"} 123456\n"),
+            std::string::npos)
+      << d;
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 
 #include "comm/communicator.h"
 #include "loader/model_source.h"
+#include "model/llama.h"
 #include "runtime/engine.h"
 #include "serve/engine_loop.h"
 #include "serve/service.h"
@@ -473,6 +474,23 @@ TEST(Service, SeveralChoicesQueueAllOrNothing) {
   ASSERT_EQ(status, 200) << body;
   EXPECT_EQ(json::parse(body)["choices"].size(), 2u);
   EXPECT_EQ(s.loop->outstanding(), 0);
+}
+
+// /metrics' device memory on the CPU backend: the mapped weights plus what the backend allocated, the KV pool
+// among it.
+TEST(Service, DeviceMemoryGauge) {
+  Server s;
+  s.start();
+  ASSERT_EQ(s.completions({{"prompt", "Once"}, {"max_tokens", 2}}).first, 200);
+  const std::string m = s.metrics.render("tiny");
+  const std::string key = "shardlm:device_memory_used_bytes{model_name=\"tiny\",device=\"cpu\"} ";
+  const size_t at = m.find(key);
+  ASSERT_NE(at, std::string::npos) << m;
+  const double used = std::stod(m.substr(at + key.size()));
+  const double weights = double(s.engine->model().weights().weight_bytes);
+  EXPECT_GT(weights, 0);
+  EXPECT_EQ(used, weights + double(s.engine->device_bytes()));
+  EXPECT_GE(used, weights + double(s.engine->kv_bytes()));
 }
 
 TEST(Service, QueueFullAndShutdown) {

@@ -403,6 +403,10 @@ await check('/metrics: Prometheus text with the gauges, counters and histograms'
   assert.ok(v('shardlm:prefix_cache_hits_total') > 0);
   assert.ok(v('shardlm:prefix_cache_hits_total') <= v('shardlm:prefix_cache_queries_total'));
   assert.ok(v('shardlm:prefix_cache_queries_total') <= v('shardlm:prompt_tokens_total'));
+  // Rank 0's memory: on the CPU backend its mapped weights (the bundled file's ~1 MB) plus the KV pool.
+  assert.equal(types.get('shardlm:device_memory_used_bytes'), 'gauge');
+  const mem = values.get(`shardlm:device_memory_used_bytes{model_name="${NAME}",device="cpu"}`);
+  assert.ok(mem > 100_000 && mem < 1e9, `device_memory_used_bytes{device="cpu"} ${mem}`);
   for (const h of ['shardlm:time_to_first_token_seconds', 'shardlm:inter_token_latency_seconds',
     'shardlm:e2e_request_latency_seconds']) {
     assert.equal(types.get(h), 'histogram', h);
