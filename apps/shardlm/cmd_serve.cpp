@@ -167,7 +167,8 @@ int cmd_serve(int argc, const char* const* argv) {
   app.add_option("--chat-template", chat_template_path,
                  "chat template for /v1/chat/completions: a Jinja file, or a tokenizer_config.json (default: the "
                  "model's own)");
-  app.add_option("--max-queue", max_queue, "sequences (a request of n choices counts n) that may wait beyond --max-num-seqs; more get 429");
+  app.add_option("--max-queue", max_queue,
+                 "sequences (a request of n choices counts n) that may wait beyond --max-num-seqs; more get 429");
   app.add_option("--max-body-bytes", max_body_bytes, "largest request body; larger ones get 413");
   app.add_option("--shutdown-timeout", shutdown_timeout,
                  "seconds running requests may take to finish after SIGTERM before they are aborted");

@@ -1,6 +1,7 @@
 // The server's Prometheus metrics (GET /metrics, text exposition format 0.0.4), named after vLLM's with
 // the "shardlm:" prefix: gauges of running and waiting requests, of the KV pool's use and of the memory
-// rank 0 holds per device, token counters, and latency histograms. Thread-safe: the engine thread records, HTTP threads render.
+// rank 0 holds per device, token counters, and latency histograms. Thread-safe: the engine thread records,
+// HTTP threads render.
 #pragma once
 
 #include <cstdint>

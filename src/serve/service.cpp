@@ -68,7 +68,8 @@ bool ResponseStream::next(std::string* out, std::chrono::milliseconds timeout) {
     // The first events at once: each choice's role (chat) or echoed prompt (completions), as vLLM sends them.
     if (chat) {
       for (int32_t i = 0; i < s_.n; ++i)
-        *out += sse_event(chat_chunk(s_.meta, std::string("assistant"), std::string(), nullptr, "", s_.include_usage, i));
+        *out += sse_event(
+            chat_chunk(s_.meta, std::string("assistant"), std::string(), nullptr, "", s_.include_usage, i));
       return true;
     }
     if (!s_.echo.empty()) {
@@ -145,7 +146,8 @@ void ResponseStream::take(Delta& d, std::string* out) {
     c.tokens.clear();
   }
   if (d.done() && chat)
-    *out += sse_event(chat_chunk(s_.meta, std::nullopt, std::nullopt, nullptr, d.finish_reason, s_.include_usage, d.index));
+    *out += sse_event(
+        chat_chunk(s_.meta, std::nullopt, std::nullopt, nullptr, d.finish_reason, s_.include_usage, d.index));
 }
 
 // ---- Service ----

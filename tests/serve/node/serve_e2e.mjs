@@ -167,7 +167,7 @@ await check('a seeded sampled completion repeats', async () => {
   assert.equal(a.usage.completion_tokens, 24);
 });
 
-await check('n = 3: three seeded choices, each repeatable and equal to n = 1 with seed + index; usage sums', async () => {
+await check('n = 3: seeded choices, each repeatable and equal to n = 1 with seed + index; usage sums', async () => {
   const req = { model: NAME, prompt: PROMPT, max_tokens: 10, temperature: 1, seed: 77, ignore_eos: true, n: 3 };
   const a = await client.completions.create(req);
   assert.equal(a.choices.length, 3);
@@ -190,7 +190,8 @@ await check('n = 2 streamed: interleaved chunks by index, a finish per choice, o
   const req = { model: NAME, messages, max_completion_tokens: 8, temperature: 1, seed: 5, ignore_eos: true, n: 2 };
   const whole = await client.chat.completions.create(req);
   assert.equal(whole.choices.length, 2);
-  const stream = await client.chat.completions.create({ ...req, stream: true, stream_options: { include_usage: true } });
+  const stream = await client.chat.completions.create({ ...req, stream: true,
+    stream_options: { include_usage: true } });
   const text = ['', ''], finish = [null, null];
   let usage = null, usageChunks = 0;
   for await (const c of stream) {
