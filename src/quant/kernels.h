@@ -23,4 +23,9 @@ void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_r
 void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                    const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
 
+
+// The integer kernels of the avx2 family for the types in quantizes_activations (quant.h).
+void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                      const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
+
 }  // namespace shardlm::quant_detail

@@ -1,5 +1,6 @@
 // AVX2 + FMA + F16C kernels: weights are dequantized to fp32 in registers, 32 elements (4 vectors) at a
-// time, and multiplied with fp32 activations. Compiled for that ISA via the pragma below and only called
+// time, and multiplied with fp32 activations; Q8_0, Q4_0, Q4_K and Q6_K instead take integer dot products
+// with int8-rounded activations (matmul_int8_avx2, below). Compiled for that ISA via the pragma below and only called
 // after dispatch.cpp checked __builtin_cpu_supports, so the rest of the library stays baseline x86-64.
 //
 // Every decoded value is the reference dequantizer's (quant_ref.cpp, codec_*.cpp) bit for bit: in every
@@ -407,11 +408,231 @@ struct Avx2 {
   }
 };
 
+// ---- Integer dot products on int8-rounded activations (Q8_0, Q4_0, Q4_K, Q6_K) ----
+// A float-decode chunk costs ~16 instructions per 32 weights and token (widen, convert, scale, FMA), which
+// keeps decode far below memory speed on few cores. Here each token's activations are rounded once per call
+// to int8 blocks of 32 (quantize_activation_q8's rule, bit for bit), and a chunk's dot is maddubs + madd on 32
+// byte lanes at once: an exact int32 sum, then one fp32 multiply-add with the two block scales.
+
+// One token's rounded activations.
+struct ActRow {
+  const int8_t* q;  // (n_cols) int8 values
+  const float* d;   // (n_cols / 32) block scales
+  const float* s;   // (n_cols / 32) d * (sum of the block's q): the block-minimum term of Q4_K
+};
+
+// x (n, a multiple of 32) -> q (n) int8, d and s (n / 32); the same bits as quantize_activation_q8.
+void quantize_act(const float* x, int64_t n, int8_t* q, float* d, float* s) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = 0; b < n / 32; ++b) {
+    __m256 v[4];
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_ps(x + 32 * b + 8 * k);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                             _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const float db = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
+    __m256i iv[4];
+    for (int k = 0; k < 4; ++k)
+      iv[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i sum4 = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum4), _mm256_extracti128_si256(sum4, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    // packs work within 128-bit lanes: the bytes come out as 4-element groups 0,2,4,6,1,3,5,7 of the block.
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    d[b] = db;
+    s[b] = db * static_cast<float>(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// Chunk c (32 weights) of a row as int8 lanes in element order, with what scales their integer dot.
+struct WChunk {
+  __m256i q;    // 32 quants: signed (Q8_0), or unsigned with the offset kOffset<T> still in them
+  __m256i sc;   // 16 int16 multipliers of the maddubs pairs: 1, or Q6_K's 16-element scales
+  float d;      // fp32 scale of the chunk's integer dot
+  float m;      // Q4_K: the minimum's scale (value = d * q - m)
+};
+
+// The offset the unsigned quants keep (value = d * (q - offset)): subtracted after maddubs as
+// offset * sum(x) per pair, computed once per token and chunk for all rows. Q8_0's signed quants have none
+// (kSigned) and take the sign trick instead.
+template <GgmlType T>
+constexpr int kOffset = T == GgmlType::Q4_0 ? 8 : T == GgmlType::Q6_K ? 32 : 0;
+template <GgmlType T>
+constexpr bool kSigned = T == GgmlType::Q8_0;
+template <GgmlType T>
+constexpr bool kHasMin = T == GgmlType::Q4_K;
+
+template <GgmlType T>
+void decode_i8(const uint8_t* row, int64_t c, WChunk& w) {
+  if constexpr (T == GgmlType::Q8_0) {
+    const uint8_t* b = row + c * kQ8_0Bytes;
+    w.d = half(b);
+    w.q = ld256(b + kQ8_0Qs);
+    w.sc = _mm256_set1_epi16(1);
+  } else if constexpr (T == GgmlType::Q4_0) {
+    const uint8_t* b = row + c * kQ4_0Bytes;
+    w.d = half(b);
+    w.q = nibbles32(b + kQ4_0Qs);
+    w.sc = _mm256_set1_epi16(1);
+  } else if constexpr (T == GgmlType::Q4_K) {
+    const uint8_t* b = row + (c >> 3) * kQ4_KBytes;
+    const int j = static_cast<int>(c & 7);
+    int sc, m;
+    q4k_scale_min(j, b + kQ4_KScales, sc, m);
+    w.d = half(b) * static_cast<float>(sc);
+    w.m = half(b + kQ4_KDmin) * static_cast<float>(m);
+    const __m256i raw = ld256(b + kQ4_KQs + (j >> 1) * 32);
+    w.q = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+    w.sc = _mm256_set1_epi16(1);
+  } else if constexpr (T == GgmlType::Q6_K) {
+    const uint8_t* b = row + (c >> 3) * kQ6_KBytes;
+    const int q8 = static_cast<int>(c & 7), g = q8 >> 2, s = q8 & 3;
+    const auto* scales = reinterpret_cast<const int8_t*>(b + kQ6_KScales) + g * 8 + 2 * s;
+    __m256i ql = ld256(b + g * 64 + (s & 1) * 32);
+    __m256i qh = ld256(b + kQ6_KQh + g * 32);
+    ql = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((s >> 1) * 4)), _mm256_set1_epi8(0x0F));
+    qh = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(3));
+    w.q = _mm256_or_si256(ql, _mm256_slli_epi16(qh, 4));
+    // maddubs pair lanes 0..7 hold elements 0..15 (scale 2s), lanes 8..15 elements 16..31 (scale 2s+1).
+    w.sc = _mm256_setr_m128i(_mm_set1_epi16(scales[0]), _mm_set1_epi16(scales[1]));
+    w.d = half(b + kQ6_KD);
+  } else {
+    static_assert(T == GgmlType::F32 && T != GgmlType::F32, "no int8 decoder for this type");
+  }
+}
+
+// The chunk's 8 int32 partial dots with 32 activations xq; bias = maddubs(kOffset, xq). maddubs needs an
+// unsigned first operand: signed weights lend their signs to the activations (|w| * sign(w) x). Pairs stay
+// below int16's limit: 2 * 128 * 127 = 32,512; Q6_K's 2 * 63 * 127, times a scale below 128 after madd,
+// is well inside int32.
+template <GgmlType T>
+__m256i dot_i8(const WChunk& w, __m256i xq, __m256i bias) {
+  __m256i p;
+  if constexpr (kSigned<T>) {
+    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w.q, w.q), _mm256_sign_epi8(xq, w.q));
+  } else if constexpr (kOffset<T> != 0) {
+    p = _mm256_sub_epi16(_mm256_maddubs_epi16(w.q, xq), bias);
+  } else {
+    p = _mm256_maddubs_epi16(w.q, xq);
+  }
+  return _mm256_madd_epi16(p, w.sc);
+}
+
+// R rows x TB tokens. Each (row, token) result is one fixed sequence of operations over the chunks, the
+// same whatever R and TB are and whether the chunks are decoded here or read back decoded (batch
+// invariance, as for the float tiles in kernels_tile.h). Src is either raw rows (decoded per chunk) or
+// `const WChunk*` rows of n_chunks already decoded (prefill: each row decoded once for all its tiles).
+template <GgmlType T, int R, int TB, bool kDecoded>
+void itile(const void* w /* (R rows) */, size_t stride, int64_t n_chunks, const ActRow* a /* (TB) */,
+           float* y /* (TB, ldy) */, int64_t ldy) {
+  __m256 acc[R][TB];
+  float corr[R][TB];  // Q4_K: sum over chunks of m * s
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) {
+      acc[r][t] = _mm256_setzero_ps();
+      corr[r][t] = 0.0f;
+    }
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    WChunk wc[R];
+    for (int r = 0; r < R; ++r) {
+      if constexpr (kDecoded) {
+        wc[r] = static_cast<const WChunk*>(w)[r * n_chunks + c];
+        if constexpr (T != GgmlType::Q6_K) wc[r].sc = _mm256_set1_epi16(1);  // a constant, not a load
+      } else {
+        decode_i8<T>(static_cast<const uint8_t*>(w) + r * stride, c, wc[r]);
+      }
+    }
+    __m256 wd[R];  // the rows' scales, broadcast once for all tokens
+    for (int r = 0; r < R; ++r) wd[r] = _mm256_set1_ps(wc[r].d);
+    for (int t = 0; t < TB; ++t) {
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + 32 * c));
+      const __m256 dx = _mm256_broadcast_ss(a[t].d + c);
+      __m256i bias = _mm256_setzero_si256();
+      if constexpr (kOffset<T> != 0) bias = _mm256_maddubs_epi16(_mm256_set1_epi8(kOffset<T>), xq);
+      for (int r = 0; r < R; ++r) {
+        const __m256 p = _mm256_cvtepi32_ps(dot_i8<T>(wc[r], xq, bias));
+        acc[r][t] = _mm256_fmadd_ps(p, _mm256_mul_ps(wd[r], dx), acc[r][t]);
+        if constexpr (kHasMin<T>) corr[r][t] = __builtin_fmaf(wc[r].m, a[t].s[c], corr[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) y[t * ldy + r] = Avx2::hsum(acc[r][t]) - corr[r][t];
+}
+
+template <GgmlType T, int R, bool kDecoded>
+void irows(const void* w, size_t stride, int64_t n_chunks, const ActRow* a, int64_t n_tok, float* y,
+           int64_t ldy) {
+  constexpr int kTb = 3;
+  int64_t t = 0;
+  for (; t + kTb <= n_tok; t += kTb) itile<T, R, kTb, kDecoded>(w, stride, n_chunks, a + t, y + t * ldy, ldy);
+  if (n_tok - t == 2) itile<T, R, 2, kDecoded>(w, stride, n_chunks, a + t, y + t * ldy, ldy);
+  if (n_tok - t == 1) itile<T, R, 1, kDecoded>(w, stride, n_chunks, a + t, y + t * ldy, ldy);
+}
+
+template <GgmlType T>
+void imatmul(const uint8_t* w, size_t stride, int64_t n_rows, int64_t n_cols, const ActRow* a, int64_t n_tok,
+             float* y, int64_t ldy, WChunk* decoded /* (2, n_cols / 32) */) {
+  const int64_t n_chunks = n_cols / 32;
+  int64_t r = 0;
+  if (n_tok == 1) {  // decode: four rows share each activation load
+    for (; r + 4 <= n_rows; r += 4) irows<T, 4, false>(w + r * stride, stride, n_chunks, a, n_tok, y + r, ldy);
+    for (; r < n_rows; ++r) irows<T, 1, false>(w + r * stride, stride, n_chunks, a, n_tok, y + r, ldy);
+    return;
+  }
+  // Several tokens: decode each pair of rows once, then run every token tile over the decoded chunks.
+  for (; r < n_rows; r += 2) {
+    const int rows = n_rows - r >= 2 ? 2 : 1;
+    for (int k = 0; k < rows; ++k)
+      for (int64_t c = 0; c < n_chunks; ++c) decode_i8<T>(w + (r + k) * stride, c, decoded[k * n_chunks + c]);
+    if (rows == 2) irows<T, 2, true>(decoded, 0, n_chunks, a, n_tok, y + r, ldy);
+    else irows<T, 1, true>(decoded, 0, n_chunks, a, n_tok, y + r, ldy);
+  }
+}
+
 }  // namespace
 
 void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                  const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   matmul_dispatch<Avx2>(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+
+void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                      const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  // Scratch: the token table, then per token n_cols int8 values, n_cols / 32 scales and as many sums.
+  const int64_t nb = n_cols / 32;
+  const int64_t per_tok = n_cols / 4 + 2 * nb;  // in floats
+  // Then two decoded rows (prefill), placed first for their 32-byte alignment.
+  static_assert(sizeof(ActRow) % sizeof(float) == 0 && sizeof(WChunk) % sizeof(float) == 0);
+  constexpr int64_t kRowFloats = sizeof(ActRow) / sizeof(float), kChunkFloats = sizeof(WChunk) / sizeof(float);
+  const int64_t dec_floats = n_tok > 1 ? 2 * nb * kChunkFloats : 0;
+  float* raw = decode_scratch(static_cast<size_t>(8 + dec_floats + n_tok * (kRowFloats + per_tok)));
+  float* buf = raw + (8 - (reinterpret_cast<uintptr_t>(raw) / sizeof(float)) % 8) % 8;  // 32-byte aligned
+  auto* decoded = reinterpret_cast<WChunk*>(buf);
+  auto* rows = reinterpret_cast<ActRow*>(buf + dec_floats);  // (n_tok)
+  for (int64_t t = 0; t < n_tok; ++t) {
+    float* base = buf + dec_floats + n_tok * kRowFloats + t * per_tok;
+    auto* q = reinterpret_cast<int8_t*>(base);
+    float* d = base + n_cols / 4;
+    float* s = d + nb;
+    quantize_act(x + t * ldx, n_cols, q, d, s);
+    rows[t] = ActRow{q, d, s};
+  }
+  switch (type) {
+    case GgmlType::Q8_0: return imatmul<GgmlType::Q8_0>(w, row_stride, n_rows, n_cols, rows, n_tok, y, ldy, decoded);
+    case GgmlType::Q4_0: return imatmul<GgmlType::Q4_0>(w, row_stride, n_rows, n_cols, rows, n_tok, y, ldy, decoded);
+    case GgmlType::Q4_K: return imatmul<GgmlType::Q4_K>(w, row_stride, n_rows, n_cols, rows, n_tok, y, ldy, decoded);
+    case GgmlType::Q6_K: return imatmul<GgmlType::Q6_K>(w, row_stride, n_rows, n_cols, rows, n_tok, y, ldy, decoded);
+    default: break;
+  }
+  SHARDLM_CHECK(false, "no int8 kernel for ", type_name(type));
 }
 
 }  // namespace shardlm::quant_detail
@@ -422,6 +643,10 @@ void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_r
 namespace shardlm::quant_detail {
 void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                  const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                      const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 }  // namespace shardlm::quant_detail

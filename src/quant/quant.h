@@ -30,8 +30,9 @@ void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_
 // matrix), so that callers refuse before any work.
 bool can_quantize(GgmlType type);
 
-// Dot product of one weight row (`type`, n elements) with an fp32 vector. Dequantizes in registers;
-// SIMD (AVX2/AVX-512) selected at run time, portable fallback otherwise.
+// Dot product of one weight row (`type`, n elements) with an fp32 vector. Dequantizes in registers (or
+// rounds the activations to int8: quantizes_activations); SIMD (AVX2/AVX-512) selected at run time,
+// portable fallback otherwise.
 float dot_row(GgmlType type, const void* row, const float* x /* (n) */, int64_t n);
 
 // y[r] = dot(row r of w, x) for r in [0, n_rows). `w` holds n_rows rows of n_cols elements, each
@@ -59,6 +60,17 @@ bool cpu_isa_supported(CpuIsa isa);  // avx2 needs AVX2+FMA+F16C; avx512 needs A
 // Parses "scalar", "avx2", "avx512"; throws Error on an unknown name or an ISA this CPU lacks.
 CpuIsa parse_cpu_isa(const char* name);
 CpuIsa cpu_isa();  // the default family (environment override or best supported)
+
+// Whether family `isa`'s kernels for `type` round the activations to int8, as llama.cpp's CPU kernels do:
+// Q8_0, Q4_0, Q4_K and Q6_K on avx2. Each token's row is rounded once per call by
+// quantize_activation_q8, and each 32-element block's dot is an exact integer sum times the two scales, so
+// the result is within sum over blocks of sum|w| * d / 2 of the exact dot (d the block's activation scale),
+// and it does not depend on the other tokens of the call (batch invariance). Other types and the scalar
+// family multiply the fp32 activations.
+bool quantizes_activations(CpuIsa isa, GgmlType type);
+// The rounding of those kernels, bit for bit: per block of 32 (n a multiple of 32), d = max|x| / 127 and
+// q = x * (1 / d) rounded to the nearest integer, ties to even (0 where d is 0).
+void quantize_activation_q8(const float* x /* (n) */, int64_t n, int8_t* q /* (n) */, float* d /* (n / 32) */);
 
 float dot_row(CpuIsa isa, GgmlType type, const void* row, const float* x /* (n) */, int64_t n);
 void matvec_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,

@@ -2,10 +2,13 @@
 // tp*pp ranks, or alone) and writes what the sampler rank saw to a JSON file, per model:
 //   reference-RoPE engine (ReferenceRopeSource: frequencies as transformers computed them): logits at the first and last position;
 //   the engine as it runs the model (exact frequencies): argmax at every position, the last position's
-//   logits and 32 greedy tokens (no stop token).
+//   logits and 32 greedy tokens (no stop token); where the fixture has no greedy margins, the fp64 reference
+//   backend's margins along transformers' greedy tokens (fp64_margins).
 // Several models per launch, so that a layout costs one mpirun start.
 //   hf_worker OUT.json TP PP MODEL FIXTURE_DIR [MODEL FIXTURE_DIR ...]
 // MODEL is an HF directory or a GGUF file; FIXTURE_DIR holds the reference.json to take prompts from.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -67,6 +70,30 @@ int main(int argc, char** argv) {
         cases[i]["first"] = std::vector<float>(all.begin(), all.begin() + nv);
         cases[i]["last"] = std::vector<float>(all.end() - nv, all.end());
         cases[i]["greedy"] = gen;
+      }
+      if (sampler && ref.size() > 0 && ref[0].greedy_margins.empty()) {
+        // Fixtures without transformers' greedy margins: the fp64 reference backend's, on this same file, one
+        // rank, teacher-forced along transformers' greedy tokens. Margin k = logit of greedy token k minus the
+        // best other logit; the test takes a parting at token k as a near-tie only where it is small.
+        auto solo = make_single_rank_communicator();
+        EngineOptions ro;
+        ro.backend = "reference";
+        Engine fp64(*src, *solo, ro);
+        for (size_t i = 0; i < ref.size(); ++i) {
+          std::vector<int32_t> ids = ref[i].prompt_ids;
+          const auto& g = ref[i].greedy_32;
+          ids.insert(ids.end(), g.begin(), g.end() - (g.empty() ? 0 : 1));
+          const std::vector<float> all = fp64.all_logits(ids);
+          std::vector<float> margins;
+          for (size_t k = 0; k < g.size(); ++k) {
+            const float* l = all.data() + (ref[i].prompt_ids.size() - 1 + k) * size_t(nv);
+            float other = -INFINITY;
+            for (int64_t v = 0; v < nv; ++v)
+              if (v != g[k]) other = std::max(other, l[v]);
+            margins.push_back(l[g[k]] - other);
+          }
+          cases[i]["fp64_margins"] = margins;
+        }
       }
       out[argv[a]] = {{"cases", cases}, {"layout", e.layout_report()}};
     }

@@ -163,10 +163,19 @@ TEST_P(HfLayouts, MatchesTransformers) {
       EXPECT_LE(am_diff * 8, am.size()) << "argmax differs at " << am_diff << " of " << am.size() << " positions";
       // Greedy: the first 16 tokens equal, unless they part where the reference's top-2 margin is below
       // twice the largest logit error Q8_0 made at the last prompt position (a near-tie at Q8_0's precision,
-      // where either token is right: tiny-mixtral parts at margins 0.012 and 0.009 with errors of 0.02).
+      // where either token is right: tiny-mixtral parts at margins 0.012 and 0.009 with errors of 0.02). The
+      // margins are transformers' where the fixture has them, else the fp64 reference backend's on the same
+      // file (hf_worker): tiny-mistral parts at token 7 on AVX2, whose int8-rounded activations move its 0.0025
+      // margin by 0.008 (its Q8_0 logit errors against transformers are 0.04).
       float err = 0;
       for (size_t i = 0; i < last.size(); ++i) err = std::max(err, std::abs(last[i] - ref[c].logits_last[i]));
-      const bool near_tie = greedy_same < ref[c].greedy_margins.size() && ref[c].greedy_margins[greedy_same] < 2 * err;
+      const std::vector<float> margins = !ref[c].greedy_margins.empty() ? ref[c].greedy_margins
+                                         : got[c].contains("fp64_margins") ? got[c]["fp64_margins"].get<std::vector<float>>()
+                                                                           : std::vector<float>{};
+      const bool near_tie = greedy_same < margins.size() && margins[greedy_same] < 2 * err;
+      if (near_tie)
+        std::printf("  parts at token %zu: margin %.4g below twice the logit error %.4g (a near-tie)\n", greedy_same,
+                    margins[greedy_same], err);
       if (!near_tie) {
         EXPECT_GE(greedy_same, 16u) << "greedy tokens differ from token " << greedy_same;
       }

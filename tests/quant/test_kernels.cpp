@@ -2,6 +2,7 @@
 // *dequantized* weights, so the tolerance measures the kernel, not the quantization.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -104,6 +105,24 @@ struct Check {
   }
 };
 
+// The activations a kernel multiplies: x itself, or its int8 rounding (quantize_activation_q8) dequantized,
+// for the families and types that round them (quantizes_activations). Returns, per token and block, half the
+// rounding step (d / 2, the largest error of one rounded value; 0 without rounding) in `half_step`.
+std::vector<float> kernel_activations(CpuIsa isa, GgmlType type, const std::vector<float>& x, int64_t n_tok,
+                                      int64_t ldx, int64_t n_cols, std::vector<double>& half_step) {
+  std::vector<float> xr = x;
+  half_step.assign(static_cast<size_t>(n_tok * (n_cols / 32 + 1)), 0.0);
+  if (!quantizes_activations(isa, type)) return xr;
+  std::vector<int8_t> q(static_cast<size_t>(n_cols));
+  std::vector<float> d(static_cast<size_t>(n_cols / 32));
+  for (int64_t t = 0; t < n_tok; ++t) {
+    quantize_activation_q8(x.data() + t * ldx, n_cols, q.data(), d.data());
+    for (int64_t i = 0; i < n_cols; ++i) xr[t * ldx + i] = static_cast<float>(q[i]) * d[i / 32];
+    for (int64_t b = 0; b < n_cols / 32; ++b) half_step[t * (n_cols / 32 + 1) + b] = d[b] / 2;
+  }
+  return xr;
+}
+
 void run_case(CpuIsa isa, GgmlType type, int64_t n_rows, int64_t n_cols, int64_t n_tok) {
   const std::string name = std::string(cpu_isa_name(isa)) + " " + type_name(type) + " rows=" +
                            std::to_string(n_rows) + " cols=" + std::to_string(n_cols) + " tok=" +
@@ -114,21 +133,37 @@ void run_case(CpuIsa isa, GgmlType type, int64_t n_rows, int64_t n_cols, int64_t
   const auto x = random_floats(static_cast<size_t>(n_tok * ldx), static_cast<uint32_t>(n_tok + 7));
   std::vector<float> y(static_cast<size_t>(n_tok * ldy), kSentinel);
   matmul_rows(isa, type, w.base, w.stride, n_rows, n_cols, x.data(), ldx, n_tok, y.data(), ldy);
+  // Checked twice: tightly against the activations the kernel multiplies (its rounding reproduced, so
+  // any decode or rounding bug shows), and against the exact x within the rounding's own bound.
+  std::vector<double> half_step;
+  const auto xk = kernel_activations(isa, type, x, n_tok, ldx, n_cols, half_step);
   Check c;
+  double worst_raw = 0;
+  std::string worst_raw_where;
   for (int64_t t = 0; t < n_tok; ++t) {
     for (int64_t r = 0; r < n_rows; ++r) {
-      double ref = 0, sum_abs = 0;
+      double ref = 0, sum_abs = 0, exact = 0, rounding = 0;
       for (int64_t i = 0; i < n_cols; ++i) {
-        const double p = static_cast<double>(w.deq[r * n_cols + i]) * x[t * ldx + i];
+        const double wi = w.deq[r * n_cols + i];
+        const double p = wi * xk[t * ldx + i];
         ref += p;
         sum_abs += std::fabs(p);
+        exact += wi * x[t * ldx + i];
+        rounding += std::fabs(wi) * half_step[t * (n_cols / 32 + 1) + i / 32];
       }
-      c.add(y[t * ldy + r], ref, sum_abs, "token " + std::to_string(t) + " row " + std::to_string(r));
+      const double got = y[t * ldy + r];
+      c.add(got, ref, sum_abs, "token " + std::to_string(t) + " row " + std::to_string(r));
+      const double raw_share = std::fabs(got - exact) / (1e-6 + 1e-5 * sum_abs + rounding);
+      if (!(raw_share <= worst_raw)) {
+        worst_raw = std::isnan(raw_share) ? 1e30 : raw_share;
+        worst_raw_where = "token " + std::to_string(t) + " row " + std::to_string(r);
+      }
     }
     for (int64_t r = n_rows; r < ldy; ++r)
       ASSERT_EQ(y[t * ldy + r], kSentinel) << name << ": wrote past n_rows at token " << t;
   }
   EXPECT_LE(c.worst_share, 1.0) << name << ": worst " << c.worst << " (share " << c.worst_share << ")";
+  EXPECT_LE(worst_raw, 1.0) << name << ": against the unrounded activations, worst at " << worst_raw_where;
 
   // matvec_rows and dot_row must agree with the same reference (token 0).
   std::vector<float> yv(static_cast<size_t>(n_rows) + 1, kSentinel);
@@ -138,7 +173,7 @@ void run_case(CpuIsa isa, GgmlType type, int64_t n_rows, int64_t n_cols, int64_t
   for (int64_t r = 0; r < n_rows; ++r) {
     double ref = 0, sum_abs = 0;
     for (int64_t i = 0; i < n_cols; ++i) {
-      const double p = static_cast<double>(w.deq[r * n_cols + i]) * x[i];
+      const double p = static_cast<double>(w.deq[r * n_cols + i]) * xk[i];
       ref += p;
       sum_abs += std::fabs(p);
     }
@@ -182,16 +217,68 @@ TEST(KernelIsa, AllFamiliesAgreeOnALargeMatmul) {
     for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx512}) {
       if (!cpu_isa_supported(isa)) continue;
       matmul_rows(isa, type, w.base, w.stride, 19, 512, x.data(), 512, 23, yi.data(), 19);
+      std::vector<double> half_step;
+      kernel_activations(isa, type, x, 23, 512, 512, half_step);
       for (size_t i = 0; i < ys.size(); ++i) {
-        double sum_abs = 0;
+        double sum_abs = 0, rounding = 0;
         const size_t t = i / 19, r = i % 19;
-        for (int k = 0; k < 512; ++k) sum_abs += std::fabs(double(w.deq[r * 512 + k]) * x[t * 512 + k]);
-        // Both are within 1e-5*sum|w*x| of the exact value (see Check), so within twice that apart.
-        ASSERT_NEAR(yi[i], ys[i], 2e-6 + 2e-5 * sum_abs)
+        for (int k = 0; k < 512; ++k) {
+          sum_abs += std::fabs(double(w.deq[r * 512 + k]) * x[t * 512 + k]);
+          rounding += std::fabs(double(w.deq[r * 512 + k])) * half_step[t * 17 + k / 32];
+        }
+        // Both are within 1e-5*sum|w*x| of the exact value (see Check), so within twice that apart, plus
+        // the activation rounding's bound where the family rounds them.
+        ASSERT_NEAR(yi[i], ys[i], 2e-6 + 2e-5 * sum_abs + rounding)
             << cpu_isa_name(isa) << " " << type_name(type) << " token " << t << " row " << r;
       }
     }
   }
+}
+
+TEST(KernelIsa, ATokensResultDoesNotDependOnTheOtherTokens) {
+  // Batch invariance: a token's outputs have the same bits alone (decode) and inside a 7- or 23-token call
+  // (prefill tiles and tails), in every family and type.
+  for (CpuIsa isa : kIsas) {
+    if (!cpu_isa_supported(isa)) continue;
+    for (GgmlType type : kTypes) {
+      const int64_t n_rows = 13, n_cols = 256;
+      const auto w = make_weights(type, n_rows, n_cols, 0, 0, 7);
+      for (int64_t n_tok : {int64_t{7}, int64_t{23}}) {
+        const auto x = random_floats(static_cast<size_t>(n_tok * n_cols), 11);
+        std::vector<float> all(static_cast<size_t>(n_tok * n_rows)), one(static_cast<size_t>(n_rows));
+        matmul_rows(isa, type, w.base, w.stride, n_rows, n_cols, x.data(), n_cols, n_tok, all.data(), n_rows);
+        for (int64_t t = 0; t < n_tok; ++t) {
+          matvec_rows(isa, type, w.base, w.stride, n_rows, n_cols, x.data() + t * n_cols, one.data());
+          for (int64_t r = 0; r < n_rows; ++r)
+            ASSERT_EQ(one[r], all[t * n_rows + r]) << cpu_isa_name(isa) << " " << type_name(type) << " token " << t
+                                                   << " of " << n_tok << " row " << r;
+        }
+      }
+    }
+  }
+}
+
+TEST(KernelIsa, ActivationRoundingIsLlamaCppsQ8_0) {
+  // The rounding equals the reference quantizer's Q8_0 (ggml's quantize_row_q8_0) apart from the scale's
+  // fp16 storage: same amax / 127 step, same round-to-nearest.
+  const auto x = random_floats(96, 3);
+  std::vector<int8_t> q(96);
+  std::vector<float> d(3);
+  quantize_activation_q8(x.data(), 96, q.data(), d.data());
+  std::vector<uint8_t> q8(static_cast<size_t>(row_bytes(GgmlType::Q8_0, 96)));
+  quantize_row(GgmlType::Q8_0, x.data(), q8.data(), 96);
+  for (int b = 0; b < 3; ++b) {
+    float amax = 0;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[32 * b + i]));
+    EXPECT_EQ(d[b], amax / 127.0f);
+    for (int i = 0; i < 32; ++i)
+      EXPECT_EQ(q[32 * b + i], static_cast<int8_t>(q8[34 * b + 2 + i])) << "block " << b << " element " << i;
+  }
+  std::vector<float> zeros(32, 0.0f);
+  quantize_activation_q8(zeros.data(), 32, q.data(), d.data());
+  EXPECT_EQ(d[0], 0.0f);
+  EXPECT_EQ(q[0], 0);
+  EXPECT_THROW(quantize_activation_q8(x.data(), 31, q.data(), d.data()), Error);
 }
 
 TEST(KernelIsa, ParseAndSelect) {
