@@ -423,38 +423,27 @@ TEST(Service, BadRequests) {
   EXPECT_EQ(json::parse(d.body)["prompt"], "Once upon");
 }
 
-TEST(Service, CancelledStreamIsAborted) {
+// A streaming client of `n` choices leaves after the first chunk: every one of its sequences is aborted.
+void expect_cancelled_stream_aborted(int n) {
   Server s;
   s.start();
   auto st = s.service->completions(json{{"prompt", "Once"}, {"max_tokens", 120}, {"ignore_eos", true},
-                                        {"stream", true}}.dump());
+                                        {"n", n}, {"stream", true}}.dump());
   ASSERT_TRUE(st.stream);
+  EXPECT_EQ(s.loop->outstanding(), n);
   std::string out;
   st.stream->next(&out, 1000ms);
   st.stream.reset();  // the client left
   const auto t0 = std::chrono::steady_clock::now();
   while (s.loop->outstanding() > 0 && std::chrono::steady_clock::now() - t0 < 10s) std::this_thread::sleep_for(10ms);
   EXPECT_EQ(s.loop->outstanding(), 0);
-  EXPECT_NE(s.metrics.render("tiny").find("finished_reason=\"abort\"} 1"), std::string::npos);
-}
-
-// A client that leaves a request of n choices: every one of its sequences is aborted.
-TEST(Service, CancelledSeveralChoicesAreAllAborted) {
-  Server s;
-  s.start();
-  auto st = s.service->completions(json{{"prompt", "Once"}, {"max_tokens", 120}, {"ignore_eos", true},
-                                        {"n", 3}, {"stream", true}}.dump());
-  ASSERT_TRUE(st.stream);
-  EXPECT_EQ(s.loop->outstanding(), 3);
-  std::string out;
-  st.stream->next(&out, 1000ms);
-  st.stream.reset();  // the client left
-  const auto t0 = std::chrono::steady_clock::now();
-  while (s.loop->outstanding() > 0 && std::chrono::steady_clock::now() - t0 < 10s) std::this_thread::sleep_for(10ms);
-  EXPECT_EQ(s.loop->outstanding(), 0);
-  EXPECT_NE(s.metrics.render("tiny").find("finished_reason=\"abort\"} 3"), std::string::npos)
+  EXPECT_NE(s.metrics.render("tiny").find("finished_reason=\"abort\"} " + std::to_string(n)), std::string::npos)
       << s.metrics.render("tiny");
 }
+
+TEST(Service, CancelledStreamIsAborted) { expect_cancelled_stream_aborted(1); }
+
+TEST(Service, CancelledSeveralChoicesAreAllAborted) { expect_cancelled_stream_aborted(3); }
 
 // A request's choices are admitted together or not at all: 3 choices do not fit a queue of 2 sequences
 // (429, nothing queued), 2 do.
