@@ -469,8 +469,19 @@ constexpr bool kSigned = T == GgmlType::Q8_0;
 template <GgmlType T>
 constexpr bool kHasMin = T == GgmlType::Q4_K;
 
+// Q4_K: the scales of a super-block's eight sub-blocks, unpacked once per super-block and row where rows are
+// decoded whole (prefill: 10% faster for Q4_K_M); decode's 4-row tiles unpack per chunk, which measured faster
+// there (6.5 against 5.5 tokens/s). Both compute each scale by the same expression: the same bits.
+struct Q4kScales {
+  float d[8];  // d * sc_j
+  float m[8];  // dmin * m_j
+};
+
+// Always inlined: GCC otherwise leaves the Q4_K and Q6_K decoders out of line, and a call per chunk and row
+// (with the chunk's round trip through memory and a vzeroupper) costs as much as the chunk's dot. st: null, or
+// Q4_K's scales kept across the chunks of a row taken in order from a super-block's first.
 template <GgmlType T>
-void decode_i8(const uint8_t* row, int64_t c, WChunk& w) {
+[[gnu::always_inline]] inline void decode_i8(const uint8_t* row, int64_t c, WChunk& w, Q4kScales* st) {
   if constexpr (T == GgmlType::Q8_0) {
     const uint8_t* b = row + c * kQ8_0Bytes;
     w.d = half(b);
@@ -484,12 +495,26 @@ void decode_i8(const uint8_t* row, int64_t c, WChunk& w) {
   } else if constexpr (T == GgmlType::Q4_K) {
     const uint8_t* b = row + (c >> 3) * kQ4_KBytes;
     const int j = static_cast<int>(c & 7);
-    int sc, m;
-    q4k_scale_min(j, b + kQ4_KScales, sc, m);
-    w.d = half(b) * static_cast<float>(sc);
-    w.m = half(b + kQ4_KDmin) * static_cast<float>(m);
+    if (st == nullptr) {
+      int sc, m;
+      q4k_scale_min(j, b + kQ4_KScales, sc, m);
+      w.d = half(b) * static_cast<float>(sc);
+      w.m = half(b + kQ4_KDmin) * static_cast<float>(m);
+    } else {
+      if (j == 0) {
+        const float d = half(b), dmin = half(b + kQ4_KDmin);
+        for (int k = 0; k < 8; ++k) {
+          int sc, m;
+          q4k_scale_min(k, b + kQ4_KScales, sc, m);
+          st->d[k] = d * static_cast<float>(sc);
+          st->m[k] = dmin * static_cast<float>(m);
+        }
+      }
+      w.d = st->d[j];
+      w.m = st->m[j];
+    }
     const __m256i raw = ld256(b + kQ4_KQs + (j >> 1) * 32);
-    w.q = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+    w.q = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(4 * (j & 1))), _mm256_set1_epi8(0x0F));
     w.sc = _mm256_set1_epi16(1);
   } else if constexpr (T == GgmlType::Q6_K) {
     const uint8_t* b = row + (c >> 3) * kQ6_KBytes;
@@ -513,7 +538,7 @@ void decode_i8(const uint8_t* row, int64_t c, WChunk& w) {
 // below int16's limit: 2 * 128 * 127 = 32,512; Q6_K's 2 * 63 * 127, times a scale below 128 after madd,
 // is well inside int32.
 template <GgmlType T>
-__m256i dot_i8(const WChunk& w, __m256i xq, __m256i bias) {
+[[gnu::always_inline]] inline __m256i dot_i8(const WChunk& w, __m256i xq, __m256i bias) {
   __m256i p;
   if constexpr (kSigned<T>) {
     p = _mm256_maddubs_epi16(_mm256_sign_epi8(w.q, w.q), _mm256_sign_epi8(xq, w.q));
@@ -546,7 +571,7 @@ void itile(const void* w /* (R rows) */, size_t stride, int64_t n_chunks, const 
         wc[r] = static_cast<const WChunk*>(w)[r * n_chunks + c];
         if constexpr (T != GgmlType::Q6_K) wc[r].sc = _mm256_set1_epi16(1);  // a constant, not a load
       } else {
-        decode_i8<T>(static_cast<const uint8_t*>(w) + r * stride, c, wc[r]);
+        decode_i8<T>(static_cast<const uint8_t*>(w) + r * stride, c, wc[r], nullptr);
       }
     }
     __m256 wd[R];  // the rows' scales, broadcast once for all tokens
@@ -590,8 +615,10 @@ void imatmul(const uint8_t* w, size_t stride, int64_t n_rows, int64_t n_cols, co
   // Several tokens: decode each pair of rows once, then run every token tile over the decoded chunks.
   for (; r < n_rows; r += 2) {
     const int rows = n_rows - r >= 2 ? 2 : 1;
-    for (int k = 0; k < rows; ++k)
-      for (int64_t c = 0; c < n_chunks; ++c) decode_i8<T>(w + (r + k) * stride, c, decoded[k * n_chunks + c]);
+    for (int k = 0; k < rows; ++k) {
+      Q4kScales q4k;
+      for (int64_t c = 0; c < n_chunks; ++c) decode_i8<T>(w + (r + k) * stride, c, decoded[k * n_chunks + c], &q4k);
+    }
     if (rows == 2) irows<T, 2, true>(decoded, 0, n_chunks, a, n_tok, y + r, ldy);
     else irows<T, 1, true>(decoded, 0, n_chunks, a, n_tok, y + r, ldy);
   }
