@@ -117,6 +117,17 @@ float iq1_delta(uint32_t sign) {
   return f;
 }
 
+// Q6_K chunk s (0..3) of half g of super-block b, as 32 unsigned 6-bit quants in element order (value =
+// d * scale * (q - 32)): low 4 bits from ql[g*64 + (s&1)*32 + l] (high nibble for s >= 2), top 2 bits from
+// qh[g*32 + l] at bit 2s.
+__m256i q6k_quants(const uint8_t* b, int g, int s) {
+  __m256i ql = ld256(b + g * 64 + (s & 1) * 32);
+  __m256i qh = ld256(b + kQ6_KQh + g * 32);
+  ql = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((s >> 1) * 4)), _mm256_set1_epi8(0x0F));
+  qh = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(3));
+  return _mm256_or_si256(ql, _mm256_slli_epi16(qh, 4));
+}
+
 // A 16-entry int8 table in both lanes, for _mm256_shuffle_epi8 lookups of nibble indices.
 __m256i table16(const int8_t* t) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
@@ -191,17 +202,12 @@ struct Avx2 {
       for (int k = 0; k < 4; ++k)
         out[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k])), neg_min);
     } else if constexpr (T == GgmlType::Q6_K) {
-      // Chunk s (0..3) of half g: low 4 bits from ql[g*64 + (s&1)*32 + l] (high nibble for s >= 2),
-      // top 2 bits from qh[g*32 + l] at bit 2s; 16 elements per 8-bit scale.
+      // Chunk s (0..3) of half g (q6k_quants); 16 elements per 8-bit scale.
       const uint8_t* b = row + (c >> 3) * kQ6_KBytes;
       const int q8 = static_cast<int>(c & 7), g = q8 >> 2, s = q8 & 3;
       const auto* scales = reinterpret_cast<const int8_t*>(b + kQ6_KScales) + g * 8 + 2 * s;
       const float d = half(b + kQ6_KD);
-      __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + (s & 1) * 32));
-      __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQ6_KQh + g * 32));
-      ql = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((s >> 1) * 4)), _mm256_set1_epi8(0x0F));
-      qh = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(3));
-      const __m256i q = _mm256_sub_epi8(_mm256_or_si256(ql, _mm256_slli_epi16(qh, 4)), _mm256_set1_epi8(32));
+      const __m256i q = _mm256_sub_epi8(q6k_quants(b, g, s), _mm256_set1_epi8(32));
       const __m128i q0 = _mm256_castsi256_si128(q), q1 = _mm256_extracti128_si256(q, 1);
       const V d0 = _mm256_set1_ps(d * scales[0]), d1 = _mm256_set1_ps(d * scales[1]);
       out[0] = _mm256_mul_ps(d0, i8x8(q0));
@@ -520,11 +526,7 @@ template <GgmlType T>
     const uint8_t* b = row + (c >> 3) * kQ6_KBytes;
     const int q8 = static_cast<int>(c & 7), g = q8 >> 2, s = q8 & 3;
     const auto* scales = reinterpret_cast<const int8_t*>(b + kQ6_KScales) + g * 8 + 2 * s;
-    __m256i ql = ld256(b + g * 64 + (s & 1) * 32);
-    __m256i qh = ld256(b + kQ6_KQh + g * 32);
-    ql = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((s >> 1) * 4)), _mm256_set1_epi8(0x0F));
-    qh = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(3));
-    w.q = _mm256_or_si256(ql, _mm256_slli_epi16(qh, 4));
+    w.q = q6k_quants(b, g, s);
     // maddubs pair lanes 0..7 hold elements 0..15 (scale 2s), lanes 8..15 elements 16..31 (scale 2s+1).
     w.sc = _mm256_setr_m128i(_mm_set1_epi16(scales[0]), _mm_set1_epi16(scales[1]));
     w.d = half(b + kQ6_KD);
