@@ -297,7 +297,7 @@ std::string KlStats::report() const {
   const double ppl = std::exp(lp.first), ppl_base = std::exp(lb.first);
   const double ratio = lp.first - lb.first;
   const double ratio_err = std::sqrt(std::max(0.0, lp.second * lp.second + lb.second * lb.second - 2 * cov));
-  put("====== Perplexity statistics ======\n");
+  out += "====== Perplexity statistics ======\n";
   put("Mean PPL(Q)                   : %10.6f ± %10.6f\n", ppl, ppl * lp.second);
   put("Mean PPL(base)                : %10.6f ± %10.6f\n", ppl_base, ppl_base * lb.second);
   put("Cor(ln(PPL(Q)), ln(PPL(base))): %6.2f%%\n", lp.second * lb.second > 0 ? 100.0 * cov / (lp.second * lb.second) : 100.0);
@@ -310,7 +310,7 @@ std::string KlStats::report() const {
   std::sort(k.begin(), k.end());
   std::sort(d.begin(), d.end());
   const auto kl = mean_err(sum_kld, sum_kld2, count);
-  put("====== KL divergence statistics ======\n");
+  out += "====== KL divergence statistics ======\n";
   put("Mean    KLD: %10.6f ± %10.6f\n", kl.first, kl.second);
   put("Maximum KLD: %10.6f\n", static_cast<double>(k.back()));
   for (float f : {0.999f, 0.99f, 0.95f, 0.90f}) put("%4.1f%%   KLD: %10.6f\n", 100.0 * f, static_cast<double>(percentile(k, f)));
@@ -319,7 +319,7 @@ std::string KlStats::report() const {
   put("Minimum KLD: %10.6f\n\n", static_cast<double>(k.front()));
   const auto pd = mean_err(sum_p_diff, sum_p_diff2, count), mse = mean_err(sum_p_diff2, sum_p_diff4, count);
   const double rms = std::sqrt(mse.first);
-  put("====== Token probability statistics ======\n");
+  out += "====== Token probability statistics ======\n";
   put("Mean    Δp: %6.3f ± %5.3f %%\n", 100.0 * pd.first, 100.0 * pd.second);
   put("Maximum Δp: %6.3f%%\n", 100.0 * d.back());
   for (float f : {0.999f, 0.99f, 0.95f, 0.90f, 0.75f}) put("%4.1f%%   Δp: %6.3f%%\n", 100.0 * f, 100.0 * percentile(d, f));
