@@ -21,6 +21,7 @@
 
 #include "core/error.h"
 #include "core/units.h"
+#include "quant/quant.h"
 #ifdef SHARDLM_HAVE_MPI
 #include "comm/mpi/mpi_comm.h"
 #ifdef SHARDLM_HAVE_NCCL
@@ -196,6 +197,52 @@ double measure_host_bandwidth(int threads, size_t bytes) {
     best = std::max(best, 2.0 * double(bytes) / std::max(s, 1e-9));
   }
   return best;
+}
+
+std::optional<CpuKernelRate> measure_cpu_kernels(GgmlType type, int threads) {
+  threads = std::max(1, threads);
+  if (!can_quantize(type)) return std::nullopt;
+  constexpr int64_t kCols = 4096, kTok = 64, kPrefillRows = 2048;
+  // 64 distinct rows of real quantized values (no NaN scales or denormals) repeated over 256 MiB.
+  constexpr int64_t kDistinct = 64;
+  const int64_t rb = row_bytes(type, kCols);
+  const int64_t n_rows = std::max<int64_t>(kPrefillRows, (int64_t{128} << 20) / rb / kDistinct * kDistinct);
+  std::vector<uint8_t> w(static_cast<size_t>(n_rows * rb));  // (n_rows, rb) bytes
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> row(kCols);
+  for (int64_t r = 0; r < kDistinct; ++r) {
+    for (float& v : row) v = nd(rng);
+    quantize_row(type, row.data(), w.data() + r * rb, kCols);
+  }
+  for (int64_t r = kDistinct; r < n_rows; ++r)
+    std::memcpy(w.data() + r * rb, w.data() + (r % kDistinct) * rb, static_cast<size_t>(rb));
+  std::vector<float> x(kCols * kTok);  // (kTok, kCols)
+  for (float& v : x) v = nd(rng);
+  std::vector<float> y(static_cast<size_t>(n_rows * kTok));  // (kTok, rows)
+  const auto best_s = [&](int64_t rows, int64_t n_tok) {
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {  // the first warms the caches and the page tables
+      const auto t0 = std::chrono::steady_clock::now();
+      std::vector<std::thread> pool;
+      for (int k = 0; k < threads; ++k)
+        pool.emplace_back([&, k] {
+          const int64_t lo = rows * k / threads, hi = rows * (k + 1) / threads;
+          matmul_rows(type, w.data() + lo * rb, static_cast<size_t>(rb), hi - lo, kCols, x.data(), kCols, n_tok,
+                      y.data() + lo, rows);
+        });
+      for (auto& t : pool) t.join();
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (rep > 0) best = std::min(best, std::max(s, 1e-9));
+    }
+    return best;
+  };
+  CpuKernelRate k;
+  k.type = type;
+  k.threads = threads;
+  k.decode_bytes_per_s = static_cast<double>(n_rows * rb) / best_s(n_rows, 1);
+  k.prefill_flops = 2.0 * kPrefillRows * kCols * kTok / best_s(kPrefillRows, kTok);
+  return k;
 }
 
 std::unique_ptr<ModelSource> open_model(const std::string& path) { return open_model_source(path); }

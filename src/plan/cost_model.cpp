@@ -55,6 +55,12 @@ const TensorDesc* ModelDesc::find(std::string_view name) const {
   return nullptr;
 }
 
+const TensorDesc* ModelDesc::ffn_gate() const {
+  for (const char* n : {"blk.0.ffn_gate.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight"})
+    if (const TensorDesc* t = find(n)) return t;
+  return nullptr;
+}
+
 ModelDesc model_desc_from_config(const ModelConfig& c, std::string_view scheme) {
   if (!is_known_scheme(scheme))
     fail("quantization (--quant): '", scheme, "' is unknown; known: ", scheme_names());

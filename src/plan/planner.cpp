@@ -97,12 +97,7 @@ class Search {
     const int comms = (tp > 1 ? 1 : 0) + (pp > 1 ? ((stage == 0 || stage == pp - 1) ? 1 : 2) : 0);
     return p_.gpu_reserve_bytes + static_cast<uint64_t>(comms) * p_.gpu_comm_reserve_bytes;
   }
-  // Layer 0's FFN gate: the dense one or, in a mixture of experts, the experts' (3-D or expert 0's).
-  const TensorDesc* ffn_gate() const {
-    for (const char* n : {"blk.0.ffn_gate.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight"})
-      if (const TensorDesc* t = m_.find(n)) return t;
-    return nullptr;
-  }
+  const TensorDesc* ffn_gate() const { return m_.ffn_gate(); }
   bool block_weights() const {
     const TensorDesc* t = ffn_gate();
     return t && block_size(t->type) > 1;
@@ -134,6 +129,17 @@ class Search {
       case GgmlType::IQ1_S: case GgmlType::IQ1_M: return p_.cpu_q4_efficiency * p_.cpu_q1_factor;
       default: return p_.cpu_q4_efficiency;  // q4_0, q4_K, q6_K and the 4-5 bit types
     }
+  }
+  // The CPU kernels of this model's weight type timed on this machine, when they were (Device).
+  bool cpu_kernel_measured(const Device& dev) const {
+    return dev.kind == PlanDeviceKind::kCpu && dev.kernel_type && dev.kernel_type == ffn_type() &&
+           dev.kernel_decode_bytes_per_s > 0 && dev.kernel_prefill_flops > 0;
+  }
+  // Weight bytes per second a decode step reads on `dev`: the measured kernels' rate, else the bandwidth at
+  // the type's efficiency.
+  double decode_rate(const Device& dev) const {
+    if (cpu_kernel_measured(dev)) return dev.kernel_decode_bytes_per_s;
+    return dev.bandwidth * (dev.kind == PlanDeviceKind::kGpu ? gpu_efficiency() : cpu_efficiency());
   }
   // GPU decode efficiency for this model's weight type: the packed kernels' types reach
   // gpu_bandwidth_efficiency, the others run the generic group kernel (see CostParams).
@@ -186,6 +192,10 @@ std::vector<Stage> Search::stages(const Layout& L) {
       d.capacity_bytes = cpu_usable() / static_cast<uint64_t>(world);
       d.bandwidth = inv_.cpu.bandwidth / L.tp;  // a stage's ranks read memory at the same time
       d.matmul_flops = inv_.cpu.matmul_flops / world;
+      // Measured kernels: each rank runs on its share of the threads (the engine divides the cores among
+      // the host's ranks), whatever the layout.
+      d.kernel_decode_bytes_per_s = inv_.cpu.kernel_decode_bytes_per_s / world;
+      d.kernel_prefill_flops = inv_.cpu.kernel_prefill_flops / world;
       devs.push_back(d);
     }
   } else {
@@ -319,18 +329,20 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
         return static_cast<double>(ram_w) * read_share(tokens) / (inv_.cpu.bandwidth / s.tp * cpu_efficiency()) +
                ram_layers * p_.cpu_moe_layer_overhead_s;
       };
-      const double eff = dev.kind == PlanDeviceKind::kGpu ? gpu_efficiency() : cpu_efficiency();
+      const double rate = decode_rate(dev);
       const double overhead_s = dev.kind == PlanDeviceKind::kGpu ? nl * p_.gpu_layer_overhead_s : 0.0;
-      stage_read_s = std::max(stage_read_s, d.decode_read_bytes / (dev.bandwidth * eff) + overhead_s + ram_s(1.0));
+      stage_read_s = std::max(stage_read_s, d.decode_read_bytes / rate + overhead_s + ram_s(1.0));
       // A step of N sequences: the weights once, every sequence's KV (the whole pool, each sequence at the
       // full context) and embedding row, the per-layer overhead once. At N = 1 this is the batch-1 figure.
       const double step_read = dense_w + expert_read(n_seqs) + static_cast<double>(d.kv_bytes) + n_seqs * embd_row + out_part;
-      stage_step_s = std::max(stage_step_s, step_read / (dev.bandwidth * eff) + overhead_s + ram_s(n_seqs));
+      stage_step_s = std::max(stage_step_s, step_read / rate + overhead_s + ram_s(n_seqs));
       // Prefill: the experts of layers in RAM are multiplied by the CPU (all ranks' shares together).
       const double ram_flops = ram_layers * expert_flops_per_token(c) / s.tp;
       const double flops = nl * layer_flops_per_token(c, std::max<int64_t>(1, ctx / 2)) / s.tp - ram_flops +
                            (s.last ? 2.0 * static_cast<double>(c.n_embd) * static_cast<double>(c.n_vocab) / s.tp : 0.0);
-      stage_flop_s = std::max(stage_flop_s, flops / (dev.matmul_flops * matmul_efficiency(dev, s.tp)) +
+      const double flop_rate =
+          cpu_kernel_measured(dev) ? dev.kernel_prefill_flops : dev.matmul_flops * matmul_efficiency(dev, s.tp);
+      stage_flop_s = std::max(stage_flop_s, flops / flop_rate +
                                                 ram_flops * s.tp / (inv_.cpu.matmul_flops * p_.cpu_matmul_efficiency));
       if (!d.fits && cand.fits) {
         cand.fits = false;

@@ -59,6 +59,7 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
   // Collective over this host's ranks, so every rank asks, whatever its -t.
   const int host_threads = host_default_cpu_threads(comm);
   const int threads = options_.n_threads > 0 ? options_.n_threads : host_threads;
+  cpu_threads_ = threads;
   const LayerRange stage = mapping.layers();
   Placement placement;
   if (options_.backend == "cpu") {

@@ -97,6 +97,9 @@ class Engine {
   int64_t kv_block_size() const { return model_->kv_block_size(); }
   // The CUDA device this rank runs on; -1 for the CPU and reference backends.
   int cuda_device() const { return cuda_device_; }
+  // The threads of this rank's CPU work (the cpu backend, or the layers -ngl leaves on the CPU): -t, else the
+  // host's default share.
+  int cpu_threads() const { return cpu_threads_; }
   // The rank that owns the sequences and samples: results of generate/all_logits/step events are here.
   bool is_sampler() const { return comm_.rank() == 0; }
 
@@ -154,6 +157,7 @@ class Engine {
   void retire_oldest_plan();  // waits until the oldest plan in flight was delivered
   std::vector<int32_t> receive_plan();
 
+  int cpu_threads_ = 1;
   Communicator& comm_;
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;      // where layers run (cpu, reference or cuda)
