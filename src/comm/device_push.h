@@ -5,9 +5,10 @@
 // that a receiver polls the words themselves. Nothing requires that kernel to be the sender: the matvec
 // that produces the row can store the same words as each of its outputs is ready, and the all-reduce
 // kernel then only receives. The send then overlaps the matvec's tail, the all-reduce kernel's launch and
-// its first loads instead of following them (70B tp 4: ~4.2 us from the all-reduce's PDL wait to every
-// peer's data, 2026-11-26). This header is the contract between the two kernels: where output i goes and
-// with which tag. Host and device code include it; it has no CUDA dependency.
+// its first loads instead of following them (70B tp 4: waiting for every peer's data was most of the
+// all-reduce's time in context; docs/BENCHMARKS.md, Decisions in the source). This header is the contract
+// between the two kernels: where output i goes and with which tag. Host and device code include it; it has
+// no CUDA dependency.
 #pragma once
 
 #include <cstddef>

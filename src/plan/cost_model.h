@@ -53,9 +53,9 @@ ModelDesc model_desc_from_gguf(const GgufFile& f);
 
 // Device memory one weight allocation of n bytes takes on a GPU. The CUDA backend gives every matrix shard
 // its own cudaMalloc, and the driver hands out allocations of 1 MiB and more in whole 2 MiB pages: 70B Q4_0
-// at tp 4 has k/v shards of 1.125 MiB and q/o/gate/up/down shards of 9 or 31.5 MiB, 0.41 GiB of rounding per
-// rank, which is what its ranks used beyond those of the same model in BF16 (whose shards are whole pages);
-// at tp 2, 0.51 against 0.52 measured (4 x H100, 2026-11-26/27). Smaller ones are counted as they are.
+// at tp 4 has k/v shards of 1.125 MiB and q/o/gate/up/down shards of 9 or 31.5 MiB, ~0.4 GiB of rounding per
+// rank, which is what its ranks used beyond those of the same model in BF16 (whose shards are whole pages;
+// docs/planner.md, Calibration). Smaller ones are counted as they are.
 uint64_t gpu_alloc_bytes(uint64_t n);
 // What that adds to n: gpu_alloc_bytes(n) - n.
 uint64_t gpu_alloc_pad(uint64_t n);

@@ -212,8 +212,9 @@ const std::vector<LinkSpec>& link_table() {
   // Small-message all-reduce latencies of the order NCCL/MPI reach on each link, and one-direction
   // bandwidth in practice (not the wire rate).
   static const std::vector<LinkSpec> kLinks = {
-      // The fused one-shot all-reduce in a decode step on H100s, its matvecs pushing the shares (2026-11-26
-      // 23:18Z): ~4.3 us after its wait at tp 4 (trace); the planner's tp figures then fit within 7%.
+      // nvlink: the fused one-shot all-reduce inside a decode step on H100s, its matvecs pushing the shares,
+      // takes a few us after its wait; at this latency the planner's tensor-parallel figures fit the
+      // measurements (docs/planner.md, Calibration).
       {"nvlink", 4e-6, 300e9, true},
       {"pcie5", 15e-6, 40e9, true},
       {"pcie4", 20e-6, 20e9, true},

@@ -51,35 +51,36 @@ struct PlanRequest {
 // The constants of the cost model, stated once so that reports can print them.
 struct CostParams {
   // GPU decode: weights read at this share of the datasheet bandwidth, plus a fixed time per layer (its
-  // ~8 kernels' launch, ramp and tail beyond their bytes). Refitted on H100 SXMs after the greedy tokens
-  // stayed on the device and the decode attention took 4 blocks per KV head (2026-11-27 03:49Z;
-  // docs/planner.md): 16 us per layer puts llama-3.1-8b bf16 tp 1/2/4 and pp 2 and 70b q4_0 tp 2/4
-  // within 7% (20 us before, 24 before that, 50 at first).
+  // ~8 kernels' launch, ramp and tail beyond their bytes). Fitted on H100 SXMs to llama-3.1-8b bf16 and 70b
+  // q4_0 on one to four GPUs, and lowered each time the decode kernels shortened a layer, last after the
+  // greedy tokens stayed on the device and the decode attention took 4 blocks per KV head
+  // (docs/planner.md, Calibration).
   double gpu_bandwidth_efficiency = 0.90;
   double gpu_layer_overhead_s = 16e-6;
   double cpu_bandwidth_efficiency = 0.80;  // share of the configured CPU bandwidth (plain f32/f16/bf16 weights)
-  // Block types are decoded in registers and the CPU kernels are bound by that work, not by memory:
-  // measured decode shares of the copy roofline (docs/BENCHMARKS.md, 2026-11-26): f16 83%, q8_0 55%,
-  // q4_0 33-45%. Applied to the CPU's weight reads by the type of the model's FFN matrices.
+  // Block types are decoded in registers and the CPU kernels are bound by that work, not by memory: the
+  // decode's share of the copy roofline falls from f16's ~80% to about half for q8_0 and less for the 4-bit
+  // types (docs/planner.md, Calibration). Applied to the CPU's weight reads by the type of the model's FFN
+  // matrices.
   double cpu_q8_efficiency = 0.55;
   double cpu_q4_efficiency = 0.42;  // q4_0, q4_K, q6_K
   // The other block types, as a share of cpu_q4_efficiency: one AVX2 thread's decode throughput of a 4096 x
-  // 4096 weight relative to q4_K's (2026-12-06, this 2-core machine: q5_K 1.05, q5_0/q5_1/q4_1/iq4_nl 1.25,
-  // iq4_xs/mxfp4 1.1, q3_K 0.68, q2_K 0.55, iq3/iq2 0.40-0.52, iq1 0.26-0.35 x q4_K's 1.86 GB/s).
+  // 4096 weight relative to q4_K's. The 4-5 bit types decode as fast as q4_K or faster (counted as it); below
+  // 4 bits the decoding costs more per weight (docs/planner.md, Calibration).
   double cpu_q3_factor = 0.68;  // q3_K
   double cpu_q2_factor = 0.50;  // q2_K, iq3_*, iq2_*
   double cpu_q1_factor = 0.30;  // iq1_s, iq1_m
   // GPU decode of the types without packed kernels (all but f32/f16/bf16/q8_0/q4_0/q4_K/q6_K): the generic
-  // group kernel, as a share of gpu_bandwidth_efficiency, fitted to tg64 of llama-3.1-8b from gen-model on one
-  // H100 (2026-12-06, build f391742; the per-layer overhead kept): q5_k_m 145.6 (0.28), q5_0 159.5 (0.31),
-  // iq4_xs 155.0 (0.24), q3_k_m 183.5 (0.26), q2_k 175.5 (0.20) tokens/s, where q4_k_m reaches 436.2 (1.0).
+  // group kernel, as a share of gpu_bandwidth_efficiency, fitted to the decode of llama-3.1-8b from gen-model
+  // on one H100 with the per-layer overhead kept: these types reach a fifth to a third of the packed kernels'
+  // share of the bandwidth (docs/planner.md, Calibration).
   double gpu_generic_factor = 0.29;      // q5_K, q5_0/1, q4_1, iq4_nl, mxfp4
   double gpu_generic_mid_factor = 0.25;  // iq4_xs, q3_K
   double gpu_generic_low_factor = 0.20;  // q2_K and the IQ3/IQ2/IQ1 types
   // Prefill (512-token steps): share of the dense matmul rate for 16-bit weights and for block types
   // (dequantized to 16 bits before each GEMM) at 4096 or more rows per GPU; narrower tensor-parallel
-  // shards run smaller GEMMs and the share scales by (rows / 4096)^0.65. Fitted on H100s (2026-11-26):
-  // 8b bf16 at tp 1/2/4, 8b q8_0/q4_0/q4_k_m at tp 1, 70b q4_0 at tp 2/4, all within 6%.
+  // shards run smaller GEMMs and the share scales by (rows / 4096)^0.65. Fitted on H100s to 8b and 70b
+  // prefill on one to four GPUs (docs/planner.md, Calibration).
   double matmul_efficiency = 0.33;
   double quant_matmul_efficiency = 0.22;
   double cpu_matmul_efficiency = 0.50;  // CPU ranks and offloaded layers
@@ -89,8 +90,8 @@ struct CostParams {
   double cpu_moe_layer_overhead_s = 40e-6;
   uint64_t gpu_reserve_bytes = 768ull << 20;  // CUDA context, cuBLAS workspace, allocator slack
   // Plus, per NCCL communicator a GPU rank joins (its tensor-parallel group, each pipeline neighbour):
-  // NCCL's buffers and the one-shot all-reduce's. Device memory in use beyond allocations measured
-  // 0.63 GiB on one H100 and 1.3-2.0 GiB per rank at tp 2/4, pp 2/4, tp 2 x pp 2 (2026-11-26).
+  // NCCL's buffers and the one-shot all-reduce's. Multi-GPU ranks use 1-2 GiB beyond their allocations
+  // where one GPU stays within gpu_reserve_bytes (docs/planner.md, Calibration).
   uint64_t gpu_comm_reserve_bytes = 600ull << 20;
   double cpu_reserve_fraction = 0.10;         // RAM kept for the OS and other programs ...
   uint64_t cpu_reserve_min_bytes = 2ull << 30;  // ... at least this much

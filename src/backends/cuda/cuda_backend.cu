@@ -106,8 +106,8 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   flag("SHARDLM_CUDA_ATTN_OUT4", attn_out4_, "default 1");
   // The decode attention's query heads of a KV head over 1, 2 or 4 blocks (never more than the group). Unset:
   // chosen by the local KV heads in attention_impl (more blocks shorten each warp's chain of products where a
-  // short context has few KV heads' blocks to run at all, e.g. 2 per rank for 70B at tp 4: 178.6 / 184.4 ->
-  // 189.9 / 188.2 tok/s with 4, 2026-11-27).
+  // short context has few KV heads' blocks to run at all, e.g. 2 per rank for 70B at tp 4, where 4 gained a
+  // few percent; docs/BENCHMARKS.md, Decisions in the source).
   if (const auto p = env_value("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD")) {
     const std::string& v = *p;
     if (v != "1" && v != "2" && v != "4")
@@ -785,8 +785,8 @@ void CudaBackend::attention_seq(const float* q, const KvLayerView& kv, int64_t s
     auto* part = static_cast<float*>(
         scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
     // Default: about 8 block columns (4 per KV head at 2 local KV heads, 1 at 8), because at long contexts
-    // more columns than that cost more than they give (8B at tp 1 after a 3,000-token prompt: 166.4 tok/s with
-    // 4 per KV head against 172.4 with 1; at tp 4 437.6 against 418.3; 2026-11-27 04:01Z).
+    // more columns than that cost more than they give (8B after a 3,000-token prompt: 4 per KV head slower than
+    // 1 on one GPU's 8 KV heads, faster at tp 4's 2; docs/BENCHMARKS.md, Decisions in the source).
     const int64_t want = attn_qsplit_ > 0 ? attn_qsplit_ : std::clamp<int64_t>(8 / kv.n_head_kv, 1, 4);
     const int qsplit = static_cast<int>(std::min<int64_t>(want, n_head / kv.n_head_kv));  // powers of two
     // Sequences of one batch share the partials and the counters: their launches are stream-ordered, and each

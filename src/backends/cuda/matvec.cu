@@ -1051,8 +1051,8 @@ bool launch_rows(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, c
 template <GgmlType T>
 void launch_block_format(const void* w, size_t stride, int64_t n_rows, int64_t n_cols, const float* x, float* y,
                          cudaStream_t s) {
-  // Q6_K: the rows-across-lanes variant measured slower than the chunk kernel (20-40% vs 27-45% of copy
-  // bandwidth on H100, 2026-11-26), so it stays on matvec_quant_kernel until that is understood.
+  // Q6_K: the rows-across-lanes variant measured slower than the chunk kernel on H100 (docs/BENCHMARKS.md,
+  // Decisions in the source), so it stays on matvec_quant_kernel until that is understood.
   if (T == GgmlType::Q6_K || !launch_rows<T>(w, stride, n_rows, n_cols, x, y, s))
     launch_quant<T>(w, stride, n_rows, n_cols, x, y, s);
 }

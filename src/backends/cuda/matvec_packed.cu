@@ -327,7 +327,8 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
   Unit cur[R][U], nxt[R][U];
   const uint8_t* rows[R] = {};
   // The first chunk does not depend on the previous kernel: on its way before the wait. (Two chunks before
-  // the wait measured 1-12% slower end to end for Q4_0/Q4_K_M, equal for Q8_0; H100, 2026-11-26.)
+  // the wait measured slower end to end for Q4_0/Q4_K_M and equal for Q8_0: the second delays the kernel
+  // before, whose tail it competes with; docs/BENCHMARKS.md, Decisions in the source.)
   if (item < n_items) {
     rows_of(item, rows);
     load(cur, rows, 0);
@@ -533,17 +534,17 @@ void launch_pipe(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const
 }
 
 // Variant 0 (default): the pipelined kernel, one row per warp. 1: the two-rows register kernel without
-// pipelining. 2: pipelined with two rows per warp for Q4_0 (x loads shared by two rows; measured equal to
-// 0 on an H100, 2026-11-26; the other types' units would spill). Kept to be measured against
-// (shardlm_cuda_bench with SHARDLM_PK_VARIANT).
+// pipelining. 2: pipelined with two rows per warp for Q4_0 (x loads shared by two rows; measured no faster
+// than 0; the other types' units would spill). Kept to be measured against (shardlm_cuda_bench with
+// SHARDLM_PK_VARIANT; docs/BENCHMARKS.md, Decisions in the source).
 template <GgmlType T>
 void launch_variant(int variant, MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const float* x, int sm,
                     cudaStream_t s, const int* xpre, const DevicePush* push) {
   if constexpr (T == GgmlType::Q4_0) {
     if (variant == 2) return launch_pipe<T, 2, 4, 2>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
   }
-  // 3, 4: more resident warps per SM (3 or 4 blocks of 8), fewer registers. Measured on an H100
-  // (2026-11-26): equal to 0 within 2% for Q4_0, 3-17% slower for Q8_0.
+  // 3, 4: more resident warps per SM (3 or 4 blocks of 8), fewer registers. Measured no faster than 0 for
+  // Q4_0 and slower for Q8_0 (docs/BENCHMARKS.md, Decisions in the source).
   if (variant == 3) return launch_pipe<T, 1, 4, 3>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
   if (variant == 4) return launch_pipe<T, 1, 4, 4>(g, n_rows, n, n_cols, x, sm, s, xpre, push);
   // The register kernel of variant 1 has no push epilogue: a push needs the pipelined one.

@@ -28,7 +28,7 @@ unsigned grid_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
 // The weight row is loaded before the PDL wait (it is a weight: no kernel writes it), so its DRAM latency
 // overlaps the previous kernel; blocks are as small as the row allows (norm_threads) so that one fits on
 // an SM beside the persistent matvec blocks and can start early. (A 1024-thread block that loaded w after
-// the wait cost 3.8 us per norm, 243 us of a 2.4 ms Q4_0 token; H100, 2026-11-26.)
+// the wait made the norms a tenth of a Q4_0 token; docs/BENCHMARKS.md, Decisions in the source.)
 constexpr int kNormThreads = 512, kNormVec = 8;
 // 16 elements per thread where the row allows (a 4096 row: 256 threads), up to kNormVec * 4.
 int norm_threads(int64_t n) {
@@ -287,7 +287,8 @@ __global__ void rope_kv_store_kernel(float* __restrict__ q /* (n_tok, n_head, he
 // past len have nothing to do and leave at once; the combine kernel reads only the splits before them.
 // Each warp takes 32-position tiles and requests all of a tile's key and value pieces before it uses the
 // first: the cache rows of a layer have left L2 by the next token, and the earlier version's ~8 dependent
-// rounds of loads per tile made attention + combine ~12 us of a ~75 us Q4_0 layer (H100, 2026-11-26).
+// rounds of loads per tile made attention + combine a sixth of a Q4_0 layer (docs/BENCHMARKS.md, Decisions
+// in the source).
 // Scores: lane = position (its key row in registers, q from shared memory). Values: a row is KP lanes
 // (lane c holds elements cE..cE+E-1), PG rows at once; the PG partial sums meet by shuffles at the end.
 // Fused form (rp.k_new set, rope_attention): the kernel also rotates q and the new key (rope_pair's double
@@ -341,7 +342,7 @@ __device__ __forceinline__ uint4 ld_piece(const void* p) { return *reinterpret_c
 // 4 * attn_head_split(G) warps), which halves each warp's chain of products; at short contexts a block has
 // one tile and its work was one warp's (70B at tp 2, G = 8: ~14 us of a ~130 us layer).
 // (Four warps per tile slot at G >= 4, with the loads in flight halved to fit 128 registers, measured no
-// faster at 70B tp 4 and 8B tp 4: 173.5 / 172.9 against 174.9 / 172.6 tok/s; H100, 2026-11-26.)
+// faster at tp 4; docs/BENCHMARKS.md, Decisions in the source.)
 __host__ __device__ constexpr int attn_head_split(int g) { return g >= 2 ? 2 : 1; }
 
 // QS: blocks per KV head, each with G of its query heads (grid.x = n_head_kv * QS; a template argument so that

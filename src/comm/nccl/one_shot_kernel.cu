@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(kThreads) one_shot_all_reduce(const __grid_con
   const uint64_t t_waited = a.trace ? global_ns() : 0;
   Flags* const mine = reinterpret_cast<Flags*>(a.base[a.rank] + a.channel);
   // This thread's first group of buf and of the residual row are requested now, together with thread 0's
-  // counters below, instead of one L2 round trip after the other (~0.6 us of the ~4.2 us from the wait to
-  // the peers' data, 70B tp 4 trace, 2026-11-26).
+  // counters below, instead of one L2 round trip after the other (a seventh of the time from the wait to
+  // the peers' data at 70B tp 4; docs/BENCHMARKS.md, Decisions in the source).
   const float4 x_first = first < n4 ? load4(a.buf, 4 * first, a.n, aligned) : make_float4(0.f, 0.f, 0.f, 0.f);
   const bool x_aligned = (reinterpret_cast<uintptr_t>(a.norm.x) & 15u) == 0;
   float4 xv = make_float4(0.f, 0.f, 0.f, 0.f);
