@@ -199,9 +199,9 @@ double measure_host_bandwidth(int threads, size_t bytes) {
   return best;
 }
 
-std::optional<CpuKernelRate> measure_cpu_kernels(GgmlType type, int threads) {
-  threads = std::max(1, threads);
-  if (!can_quantize(type)) return std::nullopt;
+namespace {
+
+CpuKernelRate time_cpu_kernels(GgmlType type, int threads) {
   constexpr int64_t kCols = 4096, kTok = 64, kPrefillRows = 2048;
   // 64 distinct rows of real quantized values (no NaN scales or denormals) repeated over 256 MiB.
   constexpr int64_t kDistinct = 64;
@@ -243,6 +243,18 @@ std::optional<CpuKernelRate> measure_cpu_kernels(GgmlType type, int threads) {
   k.decode_bytes_per_s = static_cast<double>(n_rows * rb) / best_s(n_rows, 1);
   k.prefill_flops = 2.0 * kPrefillRows * kCols * kTok / best_s(kPrefillRows, kTok);
   return k;
+}
+
+}  // namespace
+
+std::vector<CpuKernelRate> measure_cpu_kernels(const ModelDesc& m, int threads) {
+  threads = std::max(1, threads);
+  std::vector<CpuKernelRate> out;
+  for (const ModelDesc::TypeShare& t : m.matmul_types()) {
+    if (!can_quantize(t.type)) return {};
+    out.push_back(time_cpu_kernels(t.type, threads));
+  }
+  return out;
 }
 
 std::unique_ptr<ModelSource> open_model(const std::string& path) { return open_model_source(path); }

@@ -15,6 +15,7 @@
 #include "comm/communicator.h"
 #include "core/units.h"
 #include "loader/model_source.h"
+#include "plan/cost_model.h"
 #include "plan/devices.h"
 
 namespace shardlm {
@@ -45,10 +46,11 @@ std::string default_model_path();
 // `bytes` buffer, best of 5: the ceiling a memory-bound CPU decode step can approach on this machine.
 double measure_host_bandwidth(int threads, size_t bytes);
 
-// The CPU kernels of `type` timed on `threads` threads (~0.3 s): decode as one token against 128 MiB of
-// weights (beyond the last-level cache of most CPUs), prefill as 64 tokens against 2048 rows; rows of
-// 4096, the better of 2 after a warm-up. Nullopt for a type the CPU cannot quantize (its test weights cannot be made).
-std::optional<CpuKernelRate> measure_cpu_kernels(GgmlType type, int threads);
+// The CPU kernels of each type the model multiplies (ModelDesc::matmul_types) timed on `threads` threads
+// (~0.3 s per type): decode as one token against 128 MiB of weights (beyond the last-level cache of most
+// CPUs), prefill as 64 tokens against 2048 rows; rows of 4096, the better of 2 after a warm-up. Empty when
+// a type cannot be quantized here (its test weights cannot be made): the planner then models them all.
+std::vector<CpuKernelRate> measure_cpu_kernels(const ModelDesc& m, int threads);
 
 // Opens a model path (GGUF file or HF directory) with a clear error when it is missing.
 std::unique_ptr<ModelSource> open_model(const std::string& path);

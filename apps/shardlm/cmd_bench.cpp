@@ -93,7 +93,7 @@ const GpuSpec* gpu_spec_for(const std::string& cuda_name) {
 struct Prediction {
   std::optional<Plan> plan;
   std::string basis;  // what the prediction assumed, or why there is none
-  std::optional<CpuKernelRate> kernels;  // the CPU kernels timed for it (CPU ranks, -ngl offload)
+  std::vector<CpuKernelRate> kernels;  // the CPU kernels timed for it (CPU ranks, -ngl offload)
 };
 
 Prediction predict(const ModelSource& src, const Engine& engine, const EngineOptions& eo, const RunFlags& rf,
@@ -111,18 +111,17 @@ Prediction predict(const ModelSource& src, const Engine& engine, const EngineOpt
   const int64_t ctx = engine.n_ctx(), batch = std::min<int64_t>(eo.n_batch, ctx);
   try {
     const ModelDesc desc = model_desc_from_source(src);
-    // The CPU's kernels of the model's weight type, timed here on the threads the run's CPU work used (every
-    // CPU rank's): on a CPU where decoding the blocks costs more than reading them they, not the copy
+    // The CPU's kernels of the model's weight types, timed here on the threads the run's CPU work used
+    // (every CPU rank's): on a CPU where decoding the blocks costs more than reading them they, not the copy
     // bandwidth, bound the decode.
-    std::optional<CpuKernelRate>& kernels = out.kernels;
-    const TensorDesc* gate = desc.ffn_gate();
-    if (gate && (eo.backend == "cpu" || offload))
-      kernels = measure_cpu_kernels(gate->type, engine.cpu_threads() * (eo.backend == "cpu" ? eo.tp * eo.pp : 1));
-    const std::string timed =
-        kernels ? cat("; ", type_name(kernels->type), " kernels timed here on ", kernels->threads, " threads: decode ",
-                      std::lround(kernels->decode_bytes_per_s / 1e8) / 10.0, " GB/s, prefill ",
-                      std::lround(kernels->prefill_flops / 1e8) / 10.0, " GFLOP/s")
-                : std::string();
+    std::vector<CpuKernelRate>& kernels = out.kernels;
+    if (eo.backend == "cpu" || offload)
+      kernels = measure_cpu_kernels(desc, engine.cpu_threads() * (eo.backend == "cpu" ? eo.tp * eo.pp : 1));
+    std::string timed;
+    for (const CpuKernelRate& k : kernels)
+      timed += cat(timed.empty() ? cat("; kernels timed here on ", k.threads, " threads: ") : std::string(", "),
+                   type_name(k.type), " decode ", std::lround(k.decode_bytes_per_s / 1e8) / 10.0, " GB/s, prefill ",
+                   std::lround(k.prefill_flops / 1e8) / 10.0, " GFLOP/s");
     if (eo.backend == "cuda") {
       const std::string bn = engine.backend_name();  // "cuda:0 (NVIDIA H100 80GB HBM3), CUDA graphs"
       const size_t a = bn.find('('), b = a == std::string::npos ? a : bn.find(')', a);
@@ -136,7 +135,7 @@ Prediction predict(const ModelSource& src, const Engine& engine, const EngineOpt
       if (!rf.cpu_mem.empty()) dreq.cpu_mem = rf.cpu_mem;
       // Offloaded layers run on this host's CPU: plan them with the bandwidth measured here, as CPU ranks.
       if (offload && host_bw > 0) dreq.cpu_bandwidth_gbs = host_bw / 1e9;
-      if (offload) dreq.cpu_kernel = kernels;
+      if (offload) dreq.cpu_kernels = kernels;
       PlanRequest req;
       req.ctx = ctx;
       req.batch = batch;
@@ -163,7 +162,7 @@ Prediction predict(const ModelSource& src, const Engine& engine, const EngineOpt
       rq.kv_type = eo.kv_type;
       if (!rf.cpu_mem.empty()) rq.cpu_mem = rf.cpu_mem;
       rq.cpu_bandwidth_gbs = host_bw / 1e9;
-      rq.cpu_kernel = kernels;
+      rq.cpu_kernels = kernels;
       out.plan = plan_run(desc, rq).plan;
       out.basis = cat("CPU ranks of this host, host copy bandwidth ", std::lround(host_bw / 1e8) / 10.0,
                       " GB/s as measured here, ctx ", ctx, ", batch ", batch, ", KV ", type_name(eo.kv_type), timed);
@@ -465,10 +464,9 @@ int cmd_bench(int argc, const char* const* argv) {
   }
   j["ranks"] = jr;
   nlohmann::json jp = {{"basis", pred.basis}};
-  if (pred.kernels)
-    jp["cpu_kernels"] = {{"type", type_name(pred.kernels->type)}, {"threads", pred.kernels->threads},
-                         {"decode_bytes_per_s", pred.kernels->decode_bytes_per_s},
-                         {"prefill_flops", pred.kernels->prefill_flops}};
+  for (const CpuKernelRate& k : pred.kernels)
+    jp["cpu_kernels"].push_back({{"type", type_name(k.type)}, {"threads", k.threads},
+                                 {"decode_bytes_per_s", k.decode_bytes_per_s}, {"prefill_flops", k.prefill_flops}});
   if (pred.plan) {
     const Candidate& c = pred.plan->chosen;
     jp["fits"] = pred.plan->fits;

@@ -210,11 +210,9 @@ int cmd_plan(int argc, const char* const* argv) {
       measured_gbs.reset();
     }
   }
-  // And, on this machine, the CPU kernels of the model's weight type (~0.3 s, bench does the same): where
+  // And, on this machine, the CPU kernels of the model's weight types (~0.3 s each, as bench does): where
   // decoding the blocks costs more than reading them, they bound CPU layers' decode, not the bandwidth.
-  if (dreq.cpu_is_this_machine)
-    if (const TensorDesc* gate = desc.ffn_gate())
-      dreq.cpu_kernel = measure_cpu_kernels(gate->type, dreq.cpu_cores.value_or(cpu_core_count()));
+  if (dreq.cpu_is_this_machine) dreq.cpu_kernels = measure_cpu_kernels(desc, dreq.cpu_cores.value_or(cpu_core_count()));
   dreq.link = link;
   DeviceInventory inv = make_inventory(dreq);  // GPU detection joins with the CUDA backend
   if (measured_gbs)

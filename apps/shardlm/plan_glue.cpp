@@ -55,7 +55,7 @@ RunPlan plan_run(const ModelDesc& m, const RunPlanRequest& req) {
   dreq.cpu_cores = req.cpu_cores;
   dreq.cpu_bandwidth_gbs = req.cpu_bandwidth_gbs;
   dreq.cpu_bandwidth_measured = req.cpu_bandwidth_gbs.has_value();  // bench's own copy of this host
-  dreq.cpu_kernel = req.cpu_kernel;
+  dreq.cpu_kernels = req.cpu_kernels;
   DeviceInventory inv = make_inventory(dreq, nullptr);
   inv.gpus.clear();  // the CPU product: every rank is a CPU process of this host
   if (inv.cpu.capacity_bytes == 0) fail("the RAM of this machine is unknown: give --cpu-mem (e.g. 16G)");

@@ -29,7 +29,7 @@ struct RunPlanRequest {
   std::optional<std::string> cpu_mem; // --cpu-mem; unset = /proc/meminfo
   std::optional<int> cpu_cores;       // for tests; detected otherwise
   std::optional<double> cpu_bandwidth_gbs;  // measured host bandwidth (bench); unset = the planner's default
-  std::optional<CpuKernelRate> cpu_kernel;  // the model type's CPU kernels timed here (bench); unset = modelled
+  std::vector<CpuKernelRate> cpu_kernels;  // the model's types' CPU kernels timed here (bench); empty = modelled
   int world_size = 0;                 // ranks already launched by mpirun (0 or 1 = not launched)
 };
 

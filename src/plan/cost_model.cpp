@@ -61,6 +61,18 @@ const TensorDesc* ModelDesc::ffn_gate() const {
   return nullptr;
 }
 
+std::vector<ModelDesc::TypeShare> ModelDesc::matmul_types() const {
+  std::vector<TypeShare> out;
+  for (const TensorDesc& t : tensors) {
+    if (t.ne.size() < 2 || (t.name == "token_embd.weight" && !config.tied_output)) continue;
+    auto it = std::find_if(out.begin(), out.end(), [&](const TypeShare& s) { return s.type == t.type; });
+    if (it == out.end()) it = out.insert(out.end(), TypeShare{t.type});
+    it->bytes += static_cast<double>(t.n_bytes);
+    it->params += static_cast<double>(t.n_elements());
+  }
+  return out;
+}
+
 ModelDesc model_desc_from_config(const ModelConfig& c, std::string_view scheme) {
   if (!is_known_scheme(scheme))
     fail("quantization (--quant): '", scheme, "' is unknown; known: ", scheme_names());

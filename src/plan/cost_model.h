@@ -37,6 +37,13 @@ struct ModelDesc {
   // Layer 0's FFN gate, the dense one or, in a mixture of experts, the experts' (3-D or expert 0's): its
   // type is the model's weight type (most of its bytes). nullptr if absent.
   const TensorDesc* ffn_gate() const;
+  // The matrices a decode step multiplies, by type: every tensor of two or more dimensions but the token
+  // embedding (of which a step reads one row), which with a tied output is the output matrix and counts.
+  struct TypeShare {
+    GgmlType type;
+    double bytes = 0, params = 0;
+  };
+  std::vector<TypeShare> matmul_types() const;
 };
 
 // The layer a GGUF tensor name belongs to ("blk.{i}.…" gives i), or -1 outside the repeating blocks.

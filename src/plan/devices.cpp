@@ -417,20 +417,17 @@ DeviceInventory make_inventory(const DeviceRequest& req, const GpuDetector& dete
   }
   inv.cpu.bandwidth_source = inv.cpu_bandwidth_source;
   inv.cpu.matmul_flops = kCpuFlopsPerCore * inv.cpu_cores;
-  if (req.cpu_kernel) {
-    const CpuKernelRate& k = *req.cpu_kernel;
-    if (!req.cpu_is_this_machine)
-      fail("CPU kernel rates are measured on this machine; they do not apply to a plan for another CPU");
+  if (!req.cpu_kernels.empty() && !req.cpu_is_this_machine)
+    fail("CPU kernel rates are measured on this machine; they do not apply to a plan for another CPU");
+  for (const CpuKernelRate& k : req.cpu_kernels) {
     if (!(k.decode_bytes_per_s > 0 && k.decode_bytes_per_s < 1e14) || !(k.prefill_flops > 0 && k.prefill_flops < 1e17))
-      fail("CPU kernel rates: decode ", k.decode_bytes_per_s, " B/s and prefill ", k.prefill_flops,
-           " FLOP/s must be positive and finite");
-    inv.cpu.kernel_type = k.type;
-    inv.cpu.kernel_decode_bytes_per_s = k.decode_bytes_per_s;
-    inv.cpu.kernel_prefill_flops = k.prefill_flops;
-    inv.notes.push_back(cat("CPU ", type_name(k.type), " kernels measured here on ", k.threads, " threads: decode reads ",
+      fail("CPU kernel rates of ", type_name(k.type), ": decode ", k.decode_bytes_per_s, " B/s and prefill ",
+           k.prefill_flops, " FLOP/s must be positive and finite");
+    inv.notes.push_back(cat("CPU ", type_name(k.type), " kernels timed here on ", k.threads, " threads: decode reads ",
                             std::lround(k.decode_bytes_per_s / 1e8) / 10.0, " GB/s of weights, prefill ",
                             std::lround(k.prefill_flops / 1e8) / 10.0, " GFLOP/s"));
   }
+  inv.cpu.kernels = req.cpu_kernels;
   if (!req.cpu_mem && ci.mem_bytes != 0) inv.notes.push_back("CPU RAM from /proc/meminfo (MemTotal)");
   if (preset && !req.cpu_mem)
     inv.notes.push_back(cat("--cpu ", preset->key, " without --cpu-mem: the RAM is this machine's; give --cpu-mem "

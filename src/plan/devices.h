@@ -17,6 +17,16 @@ namespace shardlm {
 // Named apart from ops/backend.h's DeviceKind (where a backend runs) so both headers can meet in one file.
 enum class PlanDeviceKind { kGpu, kCpu };
 
+// The CPU kernels of one of the model's weight types, timed on this machine by the command that plans (plan,
+// bench): they, not the copy bandwidth, bound a CPU's decode when decoding the blocks costs more than
+// reading them (docs/planner.md, "CPU kernels timed here").
+struct CpuKernelRate {
+  GgmlType type = GgmlType::F32;
+  double decode_bytes_per_s = 0;  // weight bytes read per second, one token, every thread; > 0
+  double prefill_flops = 0;       // FLOP/s of a 64-token matmul, every thread; > 0
+  int threads = 1;                // the threads they ran on
+};
+
 struct Device {
   PlanDeviceKind kind = PlanDeviceKind::kGpu;
   std::string name;             // "RTX 3090", "GPU (24 GiB)", "CPU"
@@ -27,22 +37,12 @@ struct Device {
   // Where bandwidth and matmul_flops came from: "datasheet", "assumed (...)", "--gpu-bandwidth" ...
   std::string bandwidth_source = "datasheet";
   std::string flops_source = "datasheet";
-  // CPU only: the kernels of one weight type timed on this machine (CpuKernelRate); 0 = not measured, and the
-  // planner models that type from bandwidth and its efficiency constants instead.
-  std::optional<GgmlType> kernel_type;
-  double kernel_decode_bytes_per_s = 0;  // weight bytes read per second, one token, every thread
-  double kernel_prefill_flops = 0;       // FLOP/s of a many-token matmul, every thread
+  // CPU only: the kernels of the model's weight types timed on this machine (CpuKernelRate, this device's
+  // share of the threads); empty = not measured, and the planner models the CPU from bandwidth and its
+  // per-type efficiency constants instead.
+  std::vector<CpuKernelRate> kernels;
 };
 
-// The CPU kernels of the model's weight type, timed on this machine by the command that plans (plan, bench):
-// they, not the copy bandwidth, bound a CPU's decode when decoding the blocks costs more than reading them
-// (docs/planner.md, "CPU kernels measured here").
-struct CpuKernelRate {
-  GgmlType type = GgmlType::F32;
-  double decode_bytes_per_s = 0;  // > 0
-  double prefill_flops = 0;       // > 0
-  int threads = 1;                // the threads they ran on (the engine's default)
-};
 
 // Datasheet figures. Memory is the total nvidia-smi reports (MiB), bandwidth and dense FP16 tensor rate
 // are NVIDIA's published numbers.
@@ -140,7 +140,7 @@ struct DeviceRequest {
   std::optional<std::string> cpu;           // --cpu PRESET: cores and bandwidth unless given
   std::optional<double> gpu_bandwidth_gbs;  // --gpu-bandwidth: every GPU's, replacing the datasheet's
   std::optional<double> gpu_tflops;         // --gpu-tflops: every GPU's dense FP16 rate
-  std::optional<CpuKernelRate> cpu_kernel;  // measured here (only when the CPU is this machine's)
+  std::vector<CpuKernelRate> cpu_kernels;   // timed here, per weight type (only when the CPU is this machine's)
   // False when planning for another machine (`plan --cpu-mem` without --cpu): its cores are not this
   // machine's, so kAssumedCpuCores stands in (and is reported as assumed) unless --cpu-cores is given.
   bool cpu_is_this_machine = true;

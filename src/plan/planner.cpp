@@ -39,7 +39,7 @@ struct Stage {
 class Search {
  public:
   Search(const ModelDesc& m, const DeviceInventory& inv, const PlanRequest& req, const CostParams& p)
-      : m_(m), inv_(inv), req_(req), p_(p) {
+      : m_(m), inv_(inv), req_(req), p_(p), mix_(m.matmul_types()) {
     if (req.n_cpu_moe || !req.tensor_overrides.empty()) {
       std::vector<std::string> names;
       for (const TensorDesc& t : m.tensors) names.push_back(t.name);
@@ -130,16 +130,42 @@ class Search {
       default: return p_.cpu_q4_efficiency;  // q4_0, q4_K, q6_K and the 4-5 bit types
     }
   }
-  // The CPU kernels of this model's weight type timed on this machine, when they were (Device).
-  bool cpu_kernel_measured(const Device& dev) const {
-    return dev.kind == PlanDeviceKind::kCpu && dev.kernel_type && dev.kernel_type == ffn_type() &&
-           dev.kernel_decode_bytes_per_s > 0 && dev.kernel_prefill_flops > 0;
+  // The CPU kernels timed on this machine (Device::kernels) cover every weight type this model multiplies.
+  bool cpu_kernels_timed(const Device& dev) const {
+    if (dev.kind != PlanDeviceKind::kCpu || dev.kernels.empty()) return false;
+    for (const ModelDesc::TypeShare& t : mix_)
+      if (std::none_of(dev.kernels.begin(), dev.kernels.end(), [&](const CpuKernelRate& k) { return k.type == t.type; }))
+        return false;
+    return true;
   }
-  // Weight bytes per second a decode step reads on `dev`: the measured kernels' rate, else the bandwidth at
-  // the type's efficiency.
+  const CpuKernelRate& kernel(const Device& dev, GgmlType t) const {
+    return *std::find_if(dev.kernels.begin(), dev.kernels.end(), [&](const CpuKernelRate& k) { return k.type == t; });
+  }
+  // Bytes per second a decode step reads on `dev`: with timed kernels, each type's bytes at its kernel's rate
+  // (the model's mix of types: a tied Q6_K output beside Q4_0 layers weighs by its bytes); else the
+  // bandwidth at the type's efficiency.
   double decode_rate(const Device& dev) const {
-    if (cpu_kernel_measured(dev)) return dev.kernel_decode_bytes_per_s;
+    if (cpu_kernels_timed(dev)) {
+      double bytes = 0, s = 0;
+      for (const ModelDesc::TypeShare& t : mix_) {
+        bytes += t.bytes;
+        s += t.bytes / kernel(dev, t.type).decode_bytes_per_s;
+      }
+      return bytes / s;
+    }
     return dev.bandwidth * (dev.kind == PlanDeviceKind::kGpu ? gpu_efficiency() : cpu_efficiency());
+  }
+  // FLOP/s of a prefill on `dev`: timed kernels weighted by each type's parameters, else the modelled rate.
+  double prefill_rate(const Device& dev, int tp) const {
+    if (cpu_kernels_timed(dev)) {
+      double params = 0, s = 0;
+      for (const ModelDesc::TypeShare& t : mix_) {
+        params += t.params;
+        s += t.params / kernel(dev, t.type).prefill_flops;
+      }
+      return params / s;
+    }
+    return dev.matmul_flops * matmul_efficiency(dev, tp);
   }
   // GPU decode efficiency for this model's weight type: the packed kernels' types reach
   // gpu_bandwidth_efficiency, the others run the generic group kernel (see CostParams).
@@ -162,6 +188,7 @@ class Search {
   const DeviceInventory& inv_;
   const PlanRequest& req_;
   const CostParams& p_;
+  const std::vector<ModelDesc::TypeShare> mix_;  // the matrices' types (ModelDesc::matmul_types)
   std::map<int, std::vector<RankWeights>> rw_;
   std::map<int, std::string> bad_tp_;
   bool ram_pinned_ = false;        // --n-cpu-moe / --cpu-moe / -ot given
@@ -192,10 +219,12 @@ std::vector<Stage> Search::stages(const Layout& L) {
       d.capacity_bytes = cpu_usable() / static_cast<uint64_t>(world);
       d.bandwidth = inv_.cpu.bandwidth / L.tp;  // a stage's ranks read memory at the same time
       d.matmul_flops = inv_.cpu.matmul_flops / world;
-      // Measured kernels: each rank runs on its share of the threads (the engine divides the cores among
-      // the host's ranks), whatever the layout.
-      d.kernel_decode_bytes_per_s = inv_.cpu.kernel_decode_bytes_per_s / world;
-      d.kernel_prefill_flops = inv_.cpu.kernel_prefill_flops / world;
+      // Timed kernels: each rank runs on its share of the threads (the engine divides the cores among the
+      // host's ranks), whatever the layout.
+      for (CpuKernelRate& k : d.kernels) {
+        k.decode_bytes_per_s /= world;
+        k.prefill_flops /= world;
+      }
       devs.push_back(d);
     }
   } else {
@@ -340,9 +369,7 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
       const double ram_flops = ram_layers * expert_flops_per_token(c) / s.tp;
       const double flops = nl * layer_flops_per_token(c, std::max<int64_t>(1, ctx / 2)) / s.tp - ram_flops +
                            (s.last ? 2.0 * static_cast<double>(c.n_embd) * static_cast<double>(c.n_vocab) / s.tp : 0.0);
-      const double flop_rate =
-          cpu_kernel_measured(dev) ? dev.kernel_prefill_flops : dev.matmul_flops * matmul_efficiency(dev, s.tp);
-      stage_flop_s = std::max(stage_flop_s, flops / flop_rate +
+      stage_flop_s = std::max(stage_flop_s, flops / prefill_rate(dev, s.tp) +
                                                 ram_flops * s.tp / (inv_.cpu.matmul_flops * p_.cpu_matmul_efficiency));
       if (!d.fits && cand.fits) {
         cand.fits = false;

@@ -130,55 +130,62 @@ TEST(Planner, CpuOnlyMachinePlansCpuRanks) {
   EXPECT_LE(p2.chosen.devices[0].capacity_bytes * 2, 64 * GiB);
 }
 
-// The CPU kernels of the model's weight type timed on this machine (bench, plan) replace the bandwidth model
-// for CPU ranks: a decode step reads the rank's bytes at their rate, a prefill runs at their FLOP/s; a rate
-// timed for another type is not this model's and is ignored.
+// The CPU kernels of the model's weight types timed on this machine (bench, plan) replace the bandwidth model
+// for CPU ranks: a decode step reads each type's bytes at its kernel's rate, a prefill runs each type's
+// parameters at its FLOP/s; rates that leave one of the model's types untimed are not used.
 TEST(Planner, CpuKernelsTimedHereSetCpuDecodeAndPrefill) {
-  const ModelDesc m = model_desc_from_preset("llama-3.1-8b", "q4_0");
+  const ModelDesc m = model_desc_from_preset("llama-3.2-1b", "q4_0");
+  const std::vector<ModelDesc::TypeShare> mix = m.matmul_types();
+  ASSERT_EQ(mix.size(), 2u);  // q4_0 layers and the tied q6_K output (the embedding)
   PlanRequest req;
   req.ctx = 4096;
   DeviceRequest r;
   r.cpu_mem = "64G";
   r.cpu_cores = 16;
   const Plan modelled = make_plan(m, make_inventory(r), req);
-  r.cpu_kernel = CpuKernelRate{GgmlType::Q4_0, 10e9, 200e9, 16};
-  const Plan timed = make_plan(m, make_inventory(r), req);
+  const auto timed_at = [&](double q4_decode, double q6_decode, double flops) {
+    r.cpu_kernels = {{GgmlType::Q4_0, q4_decode, flops, 16}, {GgmlType::Q6_K, q6_decode, flops, 16}};
+    return make_plan(m, make_inventory(r), req);
+  };
+  const Plan timed = timed_at(10e9, 10e9, 200e9);
   ASSERT_TRUE(timed.fits);
   ASSERT_EQ(timed.chosen.devices.size(), 1u);  // one CPU rank: nothing but its reads and its FLOPs
   const DevicePlan& d = timed.chosen.devices[0];
   // 1e-9: the planner's own arithmetic on the same doubles.
   EXPECT_NEAR(timed.chosen.decode_tps * d.decode_read_bytes / 10e9, 1.0, 1e-9);
   EXPECT_NE(timed.chosen.decode_tps, modelled.chosen.decode_tps);
-  r.cpu_kernel = CpuKernelRate{GgmlType::Q4_0, 20e9, 400e9, 16};
-  const Plan twice = make_plan(m, make_inventory(r), req);
+  const Plan twice = timed_at(20e9, 20e9, 400e9);
   EXPECT_NEAR(twice.chosen.decode_tps / timed.chosen.decode_tps, 2.0, 1e-9);
   EXPECT_NEAR(twice.chosen.prefill_tps / timed.chosen.prefill_tps, 2.0, 1e-9);
-  r.cpu_kernel = CpuKernelRate{GgmlType::Q8_0, 10e9, 200e9, 16};  // not the model's type
-  const Plan other = make_plan(m, make_inventory(r), req);
-  EXPECT_EQ(other.chosen.decode_tps, modelled.chosen.decode_tps);
-  EXPECT_EQ(other.chosen.prefill_tps, modelled.chosen.prefill_tps);
+  // A slower q6_K kernel costs in proportion to the q6_K bytes: rate = bytes / sum(bytes_t / rate_t).
+  const double b4 = mix[0].type == GgmlType::Q4_0 ? mix[0].bytes : mix[1].bytes, b6 = mix[0].bytes + mix[1].bytes - b4;
+  const Plan slow6 = timed_at(10e9, 2e9, 200e9);
+  EXPECT_NEAR(slow6.chosen.decode_tps / timed.chosen.decode_tps, ((b4 + b6) / 10e9) / (b4 / 10e9 + b6 / 2e9), 1e-9);
+  r.cpu_kernels = {{GgmlType::Q4_0, 10e9, 200e9, 16}};  // q6_K untimed
+  const Plan partial = make_plan(m, make_inventory(r), req);
+  EXPECT_EQ(partial.chosen.decode_tps, modelled.chosen.decode_tps);
+  EXPECT_EQ(partial.chosen.prefill_tps, modelled.chosen.prefill_tps);
   // Two tensor-parallel ranks share the threads that were timed: no faster than one.
   req.tp = 2;
-  r.cpu_kernel = CpuKernelRate{GgmlType::Q4_0, 10e9, 200e9, 16};
-  const Plan tp2 = make_plan(m, make_inventory(r), req);
+  const Plan tp2 = timed_at(10e9, 10e9, 200e9);
   EXPECT_LE(tp2.chosen.decode_tps, timed.chosen.decode_tps * (1 + 1e-9));
 }
 
 TEST(Devices, CpuKernelRatesAreThisMachinesAndPositive) {
   DeviceRequest r;
   r.cpu_mem = "64G";
-  r.cpu_kernel = CpuKernelRate{GgmlType::Q4_0, 0, 200e9, 2};
+  r.cpu_kernels = {{GgmlType::Q4_0, 0, 200e9, 2}};
   EXPECT_THROW(make_inventory(r), Error);
-  r.cpu_kernel = CpuKernelRate{GgmlType::Q4_0, 1e9, std::nan(""), 2};
+  r.cpu_kernels = {{GgmlType::Q4_0, 1e9, std::nan(""), 2}};
   EXPECT_THROW(make_inventory(r), Error);
-  r.cpu_kernel = CpuKernelRate{GgmlType::Q4_0, 1e9, 2e9, 2};
+  r.cpu_kernels = {{GgmlType::Q4_0, 1e9, 2e9, 2}};
   r.cpu_is_this_machine = false;
   EXPECT_THROW(make_inventory(r), Error);  // a rate timed here, for another machine's CPU
   r.cpu_is_this_machine = true;
   const DeviceInventory inv = make_inventory(r);
-  ASSERT_TRUE(inv.cpu.kernel_type.has_value());
-  EXPECT_EQ(*inv.cpu.kernel_type, GgmlType::Q4_0);
-  EXPECT_EQ(inv.cpu.kernel_decode_bytes_per_s, 1e9);
+  ASSERT_EQ(inv.cpu.kernels.size(), 1u);
+  EXPECT_EQ(inv.cpu.kernels[0].type, GgmlType::Q4_0);
+  EXPECT_EQ(inv.cpu.kernels[0].decode_bytes_per_s, 1e9);
 }
 
 TEST(Planner, TensorParallelChoicesRespectHeadsAndBlocks) {
