@@ -1,8 +1,37 @@
 #include "backends/cpu/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace shardlm {
+namespace {
+
+// How long a thread polls before it sleeps: longer than the serial work between a decode step's calls
+// (microseconds), far shorter than a token, so an idle pool sleeps and oversubscribed cores lose little.
+constexpr auto kSpin = std::chrono::microseconds(100);
+
+void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// Polls `done` for up to kSpin; true if it became true.
+template <typename F>
+bool spin_until(F done) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 1;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > kSpin) return done();
+  }
+}
+
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
   for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker(i); });
@@ -11,7 +40,7 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   start_cv_.notify_all();
   for (auto& t : workers_) t.join();
@@ -26,39 +55,51 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
     return;
   }
   {
+    // Under the mutex so that a worker about to sleep sees either the new generation or the notify.
     std::lock_guard<std::mutex> lock(mu_);
     job_ = &fn;
     job_n_ = n;
     job_parts_ = parts;
-    pending_ = parts - 1;
-    ++generation_;
+    pending_.store(parts - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
   }
   start_cv_.notify_all();
   fn(0, n / parts);  // part 0 runs on the caller
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [this] { return pending_ == 0; });
-  job_ = nullptr;
+  if (!spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+  }
 }
 
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
+  const auto changed = [&] {
+    return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+  };
   for (;;) {
+    if (!spin_until(changed)) {
+      std::unique_lock<std::mutex> lock(mu_);
+      start_cv_.wait(lock, changed);
+    }
+    if (stop_.load(std::memory_order_acquire)) return;
     const std::function<void(int64_t, int64_t)>* job;
     int64_t n;
     int parts;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      start_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+      std::lock_guard<std::mutex> lock(mu_);
+      seen = generation_.load(std::memory_order_relaxed);
       job = job_;
       n = job_n_;
       parts = job_parts_;
     }
     if (index < parts) {
       (*job)(n * index / parts, n * (index + 1) / parts);
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        // The caller may be asleep: notify under the mutex so that the wake-up cannot fall between its
+        // check and its wait.
+        std::lock_guard<std::mutex> lock(mu_);
+        done_cv_.notify_one();
+      }
     }
   }
 }

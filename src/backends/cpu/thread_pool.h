@@ -2,6 +2,7 @@
 // of n threads has n-1 workers. Owned by the CPU backend (no global pool).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -28,14 +29,17 @@ class ThreadPool {
 
   int n_threads_;
   std::vector<std::thread> workers_;
+  // A decode step is hundreds of short parallel_for calls a few microseconds apart: workers and the caller
+  // spin for a while (kSpin in thread_pool.cpp) before they sleep on the condition variables, so that the
+  // next call or the last chunk is seen without a futex wake-up per call.
   std::mutex mu_;
   std::condition_variable start_cv_, done_cv_;
-  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+  const std::function<void(int64_t, int64_t)>* job_ = nullptr;  // written before generation_ is bumped
   int64_t job_n_ = 0;
   int job_parts_ = 0;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace shardlm
