@@ -138,33 +138,28 @@ class Search {
         return false;
     return true;
   }
-  const CpuKernelRate& kernel(const Device& dev, GgmlType t) const {
-    return *std::find_if(dev.kernels.begin(), dev.kernels.end(), [&](const CpuKernelRate& k) { return k.type == t; });
-  }
-  // Bytes per second a decode step reads on `dev`: with timed kernels, each type's bytes at its kernel's rate
-  // (the model's mix of types: a tied Q6_K output beside Q4_0 layers weighs by its bytes); else the
-  // bandwidth at the type's efficiency.
-  double decode_rate(const Device& dev) const {
-    if (cpu_kernels_timed(dev)) {
-      double bytes = 0, s = 0;
-      for (const ModelDesc::TypeShare& t : mix_) {
-        bytes += t.bytes;
-        s += t.bytes / kernel(dev, t.type).decode_bytes_per_s;
-      }
-      return bytes / s;
+  // The timed rate over the model's mix of types, each type weighing by `weight` (its bytes for decode, its
+  // parameters for prefill): sum(w) / sum(w_t / rate_t), so a tied Q6_K output beside Q4_0 layers counts by
+  // its share.
+  double timed_rate(const Device& dev, double ModelDesc::TypeShare::*weight, double CpuKernelRate::*rate) const {
+    double total = 0, s = 0;
+    for (const ModelDesc::TypeShare& t : mix_) {
+      const auto k = std::find_if(dev.kernels.begin(), dev.kernels.end(),
+                                  [&](const CpuKernelRate& r) { return r.type == t.type; });
+      total += t.*weight;
+      s += t.*weight / ((*k).*rate);
     }
+    return total / s;
+  }
+  // Bytes per second a decode step reads on `dev`: the timed kernels', else the bandwidth at the type's
+  // efficiency.
+  double decode_rate(const Device& dev) const {
+    if (cpu_kernels_timed(dev)) return timed_rate(dev, &ModelDesc::TypeShare::bytes, &CpuKernelRate::decode_bytes_per_s);
     return dev.bandwidth * (dev.kind == PlanDeviceKind::kGpu ? gpu_efficiency() : cpu_efficiency());
   }
-  // FLOP/s of a prefill on `dev`: timed kernels weighted by each type's parameters, else the modelled rate.
+  // FLOP/s of a prefill on `dev`: the timed kernels', else the modelled rate.
   double prefill_rate(const Device& dev, int tp) const {
-    if (cpu_kernels_timed(dev)) {
-      double params = 0, s = 0;
-      for (const ModelDesc::TypeShare& t : mix_) {
-        params += t.params;
-        s += t.params / kernel(dev, t.type).prefill_flops;
-      }
-      return params / s;
-    }
+    if (cpu_kernels_timed(dev)) return timed_rate(dev, &ModelDesc::TypeShare::params, &CpuKernelRate::prefill_flops);
     return dev.matmul_flops * matmul_efficiency(dev, tp);
   }
   // GPU decode efficiency for this model's weight type: the packed kernels' types reach
