@@ -230,17 +230,40 @@ TEST(Tokens, TokenizeWithoutTextIsEmpty) {
   EXPECT_EQ(parse_json(r)["ids"], nlohmann::json::array());
 }
 
-TEST(GenModel, SmallPresetRuns) {
-  const std::string path = tmp("tiny-q8_0.gguf");
+// gen-model is deterministic (the same file twice, byte for byte: benchmarks compare runs on "the same
+// file"), and what it writes runs: greedy tokens do not depend on the CPU thread count, since every row of a
+// matmul and every head is computed whole by one thread (a thread pool that skipped or repeated a chunk would
+// change them), and a seeded sample repeats.
+TEST(GenModel, SmallPresetIsReproducibleAndRunsAlikeOnOneAndTwoThreads) {
+  const std::string path = tmp("tiny-q8_0.gguf"), again = tmp("tiny-q8_0-again.gguf");
   Result r = run({"gen-model", "--arch", "tiny", "--type", "q8_0", "-o", path, "-q"});
   ASSERT_EQ(r.rc, 0) << r.err;
-  r = run({"generate", "-m", path, "-n", "4", "--prompt-ids", "1,2,3", "--json", "--ignore-eos"});
+  r = run({"gen-model", "--arch", "tiny", "--type", "q8_0", "-o", again, "-q"});
   ASSERT_EQ(r.rc, 0) << r.err;
-  const auto j = parse_json(r);
-  EXPECT_EQ(j["prompt_ids"], nlohmann::json::array({1, 2, 3}));
-  const auto ids = j["generated_ids"].get<std::vector<int32_t>>();
-  ASSERT_EQ(ids.size(), 4u);
-  for (int32_t id : ids) EXPECT_TRUE(id >= 0 && id < 512) << id;
+  const auto bytes = [](const std::string& p) {
+    std::ifstream f(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  const std::string a = bytes(path);
+  EXPECT_GT(a.size(), 100000u);
+  EXPECT_TRUE(a == bytes(again)) << "gen-model wrote two different files for the same arguments";
+  std::remove(again.c_str());
+  const auto generate = [&](const char* threads, const char* temp) {
+    Result g = run({"generate", "-m", path, "-n", "8", "--prompt-ids", "1,2,3", "--json", "--ignore-eos", "--temp", temp,
+                    "--seed", "5", "-t", threads});
+    EXPECT_EQ(g.rc, 0) << g.err;
+    const auto j = parse_json(g);
+    EXPECT_EQ(j["prompt_ids"], nlohmann::json::array({1, 2, 3}));
+    return j["generated_ids"].get<std::vector<int32_t>>();
+  };
+  const std::vector<int32_t> greedy = generate("1", "0");
+  ASSERT_EQ(greedy.size(), 8u);
+  for (int32_t id : greedy) EXPECT_TRUE(id >= 0 && id < 512) << id;
+  EXPECT_EQ(generate("1", "0.8"), generate("1", "0.8"));
+  if (std::thread::hardware_concurrency() >= 2) {
+    EXPECT_EQ(generate("2", "0"), greedy);
+    EXPECT_EQ(generate("2", "0.8"), generate("1", "0.8"));
+  }
   std::remove(path.c_str());
 }
 
