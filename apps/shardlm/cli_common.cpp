@@ -180,30 +180,26 @@ std::string default_model_path() {
             "found; set SHARDLM_DEFAULT_MODEL or pass -m");
 }
 
-double measure_host_bandwidth(int threads, size_t bytes) {
-  threads = std::max(1, threads);
-  std::vector<uint8_t> a(bytes, 1), b(bytes, 2);
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
+namespace {
+
+// The shortest wall time of `reps` runs of part(0 .. threads-1), one std::thread per part, not counting the
+// first `warmup` runs (they fault the pages in and warm the caches).
+double best_parallel_s(int threads, int reps, int warmup, const std::function<void(int)>& part) {
+  double best = 1e30;
+  for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<std::thread> pool;
-    for (int k = 0; k < threads; ++k)
-      pool.emplace_back([&, k] {
-        const size_t lo = bytes * size_t(k) / size_t(threads), hi = bytes * size_t(k + 1) / size_t(threads);
-        std::memcpy(b.data() + lo, a.data() + lo, hi - lo);
-      });
+    for (int k = 0; k < threads; ++k) pool.emplace_back(part, k);
     for (auto& t : pool) t.join();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, 2.0 * double(bytes) / std::max(s, 1e-9));
+    if (rep >= warmup) best = std::min(best, std::max(s, 1e-9));
   }
   return best;
 }
 
-namespace {
-
 CpuKernelRate time_cpu_kernels(GgmlType type, int threads) {
   constexpr int64_t kCols = 4096, kTok = 64, kPrefillRows = 2048;
-  // 64 distinct rows of real quantized values (no NaN scales or denormals) repeated over 256 MiB.
+  // 64 distinct rows of real quantized values (no NaN scales or denormals) repeated over 128 MiB.
   constexpr int64_t kDistinct = 64;
   const int64_t rb = row_bytes(type, kCols);
   const int64_t n_rows = std::max<int64_t>(kPrefillRows, (int64_t{128} << 20) / rb / kDistinct * kDistinct);
@@ -220,22 +216,13 @@ CpuKernelRate time_cpu_kernels(GgmlType type, int threads) {
   std::vector<float> x(kCols * kTok);  // (kTok, kCols)
   for (float& v : x) v = nd(rng);
   std::vector<float> y(static_cast<size_t>(n_rows * kTok));  // (kTok, rows)
+  // Each thread multiplies its slice of `rows` rows; the better of 2 runs after a warm-up.
   const auto best_s = [&](int64_t rows, int64_t n_tok) {
-    double best = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {  // the first warms the caches and the page tables
-      const auto t0 = std::chrono::steady_clock::now();
-      std::vector<std::thread> pool;
-      for (int k = 0; k < threads; ++k)
-        pool.emplace_back([&, k] {
-          const int64_t lo = rows * k / threads, hi = rows * (k + 1) / threads;
-          matmul_rows(type, w.data() + lo * rb, static_cast<size_t>(rb), hi - lo, kCols, x.data(), kCols, n_tok,
-                      y.data() + lo, rows);
-        });
-      for (auto& t : pool) t.join();
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (rep > 0) best = std::min(best, std::max(s, 1e-9));
-    }
-    return best;
+    return best_parallel_s(threads, 3, 1, [&](int k) {
+      const int64_t lo = rows * k / threads, hi = rows * (k + 1) / threads;
+      matmul_rows(type, w.data() + lo * rb, static_cast<size_t>(rb), hi - lo, kCols, x.data(), kCols, n_tok,
+                  y.data() + lo, rows);
+    });
   };
   CpuKernelRate k;
   k.type = type;
@@ -246,6 +233,16 @@ CpuKernelRate time_cpu_kernels(GgmlType type, int threads) {
 }
 
 }  // namespace
+
+double measure_host_bandwidth(int threads, size_t bytes) {
+  threads = std::max(1, threads);
+  std::vector<uint8_t> a(bytes, 1), b(bytes, 2);
+  // Read plus written bytes over the best of 5 copies.
+  return 2.0 * double(bytes) / best_parallel_s(threads, 5, 0, [&](int k) {
+           const size_t lo = bytes * size_t(k) / size_t(threads), hi = bytes * size_t(k + 1) / size_t(threads);
+           std::memcpy(b.data() + lo, a.data() + lo, hi - lo);
+         });
+}
 
 std::vector<CpuKernelRate> measure_cpu_kernels(const ModelDesc& m, int threads) {
   threads = std::max(1, threads);

@@ -120,8 +120,7 @@ Prediction predict(const ModelSource& src, const Engine& engine, const EngineOpt
     std::string timed;
     for (const CpuKernelRate& k : kernels)
       timed += cat(timed.empty() ? cat("; kernels timed here on ", k.threads, " threads: ") : std::string(", "),
-                   type_name(k.type), " decode ", std::lround(k.decode_bytes_per_s / 1e8) / 10.0, " GB/s, prefill ",
-                   std::lround(k.prefill_flops / 1e8) / 10.0, " GFLOP/s");
+                   describe(k));
     if (eo.backend == "cuda") {
       const std::string bn = engine.backend_name();  // "cuda:0 (NVIDIA H100 80GB HBM3), CUDA graphs"
       const size_t a = bn.find('('), b = a == std::string::npos ? a : bn.find(')', a);

@@ -55,12 +55,6 @@ const TensorDesc* ModelDesc::find(std::string_view name) const {
   return nullptr;
 }
 
-const TensorDesc* ModelDesc::ffn_gate() const {
-  for (const char* n : {"blk.0.ffn_gate.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight"})
-    if (const TensorDesc* t = find(n)) return t;
-  return nullptr;
-}
-
 std::vector<ModelDesc::TypeShare> ModelDesc::matmul_types() const {
   std::vector<TypeShare> out;
   for (const TensorDesc& t : tensors) {

@@ -34,9 +34,6 @@ struct ModelDesc {
   uint64_t weight_bytes() const;  // sum over all tensors
   int64_t n_params() const;       // sum of elements
   const TensorDesc* find(std::string_view name) const;  // nullptr if absent
-  // Layer 0's FFN gate, the dense one or, in a mixture of experts, the experts' (3-D or expert 0's): its
-  // type is the model's weight type (most of its bytes). nullptr if absent.
-  const TensorDesc* ffn_gate() const;
   // The matrices a decode step multiplies, by type: every tensor of two or more dimensions but the token
   // embedding (of which a step reads one row), which with a tied output is the output matrix and counts.
   struct TypeShare {

@@ -341,6 +341,11 @@ CpuInfo detect_cpu() {
   return c;
 }
 
+std::string describe(const CpuKernelRate& k) {
+  return cat(type_name(k.type), " decode ", std::lround(k.decode_bytes_per_s / 1e8) / 10.0, " GB/s, prefill ",
+             std::lround(k.prefill_flops / 1e8) / 10.0, " GFLOP/s");
+}
+
 DeviceInventory make_inventory(const DeviceRequest& req, const GpuDetector& detect) {
   DeviceInventory inv;
   if (req.gpus) {
@@ -423,9 +428,7 @@ DeviceInventory make_inventory(const DeviceRequest& req, const GpuDetector& dete
     if (!(k.decode_bytes_per_s > 0 && k.decode_bytes_per_s < 1e14) || !(k.prefill_flops > 0 && k.prefill_flops < 1e17))
       fail("CPU kernel rates of ", type_name(k.type), ": decode ", k.decode_bytes_per_s, " B/s and prefill ",
            k.prefill_flops, " FLOP/s must be positive and finite");
-    inv.notes.push_back(cat("CPU ", type_name(k.type), " kernels timed here on ", k.threads, " threads: decode reads ",
-                            std::lround(k.decode_bytes_per_s / 1e8) / 10.0, " GB/s of weights, prefill ",
-                            std::lround(k.prefill_flops / 1e8) / 10.0, " GFLOP/s"));
+    inv.notes.push_back(cat("CPU kernels timed here on ", k.threads, " threads: ", describe(k)));
   }
   inv.cpu.kernels = req.cpu_kernels;
   if (!req.cpu_mem && ci.mem_bytes != 0) inv.notes.push_back("CPU RAM from /proc/meminfo (MemTotal)");

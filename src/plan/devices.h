@@ -26,6 +26,8 @@ struct CpuKernelRate {
   double prefill_flops = 0;       // FLOP/s of a 64-token matmul, every thread; > 0
   int threads = 1;                // the threads they ran on
 };
+// "q4_0 decode 9.4 GB/s, prefill 106.6 GFLOP/s", for reports.
+std::string describe(const CpuKernelRate& k);
 
 struct Device {
   PlanDeviceKind kind = PlanDeviceKind::kGpu;

@@ -97,7 +97,12 @@ class Search {
     const int comms = (tp > 1 ? 1 : 0) + (pp > 1 ? ((stage == 0 || stage == pp - 1) ? 1 : 2) : 0);
     return p_.gpu_reserve_bytes + static_cast<uint64_t>(comms) * p_.gpu_comm_reserve_bytes;
   }
-  const TensorDesc* ffn_gate() const { return m_.ffn_gate(); }
+  // Layer 0's FFN gate: the dense one or, in a mixture of experts, the experts' (3-D or expert 0's).
+  const TensorDesc* ffn_gate() const {
+    for (const char* n : {"blk.0.ffn_gate.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight"})
+      if (const TensorDesc* t = m_.find(n)) return t;
+    return nullptr;
+  }
   bool block_weights() const {
     const TensorDesc* t = ffn_gate();
     return t && block_size(t->type) > 1;
@@ -130,36 +135,32 @@ class Search {
       default: return p_.cpu_q4_efficiency;  // q4_0, q4_K, q6_K and the 4-5 bit types
     }
   }
-  // The CPU kernels timed on this machine (Device::kernels) cover every weight type this model multiplies.
-  bool cpu_kernels_timed(const Device& dev) const {
-    if (dev.kind != PlanDeviceKind::kCpu || dev.kernels.empty()) return false;
-    for (const ModelDesc::TypeShare& t : mix_)
-      if (std::none_of(dev.kernels.begin(), dev.kernels.end(), [&](const CpuKernelRate& k) { return k.type == t.type; }))
-        return false;
-    return true;
-  }
-  // The timed rate over the model's mix of types, each type weighing by `weight` (its bytes for decode, its
-  // parameters for prefill): sum(w) / sum(w_t / rate_t), so a tied Q6_K output beside Q4_0 layers counts by
-  // its share.
+  // The rate of the CPU kernels timed on this machine (Device::kernels) over the model's mix of types, each
+  // type weighing by `weight` (its bytes for decode, its parameters for prefill): sum(w) / sum(w_t / rate_t),
+  // so a tied Q6_K output beside Q4_0 layers counts by its share. 0 when `dev` is no CPU or a type is untimed.
   double timed_rate(const Device& dev, double ModelDesc::TypeShare::*weight, double CpuKernelRate::*rate) const {
+    if (dev.kind != PlanDeviceKind::kCpu || dev.kernels.empty()) return 0;
     double total = 0, s = 0;
     for (const ModelDesc::TypeShare& t : mix_) {
       const auto k = std::find_if(dev.kernels.begin(), dev.kernels.end(),
                                   [&](const CpuKernelRate& r) { return r.type == t.type; });
+      if (k == dev.kernels.end()) return 0;
       total += t.*weight;
       s += t.*weight / ((*k).*rate);
     }
-    return total / s;
+    return s > 0 ? total / s : 0;
   }
   // Bytes per second a decode step reads on `dev`: the timed kernels', else the bandwidth at the type's
   // efficiency.
   double decode_rate(const Device& dev) const {
-    if (cpu_kernels_timed(dev)) return timed_rate(dev, &ModelDesc::TypeShare::bytes, &CpuKernelRate::decode_bytes_per_s);
+    const double timed = timed_rate(dev, &ModelDesc::TypeShare::bytes, &CpuKernelRate::decode_bytes_per_s);
+    if (timed > 0) return timed;
     return dev.bandwidth * (dev.kind == PlanDeviceKind::kGpu ? gpu_efficiency() : cpu_efficiency());
   }
   // FLOP/s of a prefill on `dev`: the timed kernels', else the modelled rate.
   double prefill_rate(const Device& dev, int tp) const {
-    if (cpu_kernels_timed(dev)) return timed_rate(dev, &ModelDesc::TypeShare::params, &CpuKernelRate::prefill_flops);
+    const double timed = timed_rate(dev, &ModelDesc::TypeShare::params, &CpuKernelRate::prefill_flops);
+    if (timed > 0) return timed;
     return dev.matmul_flops * matmul_efficiency(dev, tp);
   }
   // GPU decode efficiency for this model's weight type: the packed kernels' types reach
