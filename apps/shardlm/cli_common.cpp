@@ -216,12 +216,25 @@ CpuKernelRate time_cpu_kernels(GgmlType type, int threads) {
   std::vector<float> x(kCols * kTok);  // (kTok, kCols)
   for (float& v : x) v = nd(rng);
   std::vector<float> y(static_cast<size_t>(n_rows * kTok));  // (kTok, rows)
-  // Each thread multiplies its slice of `rows` rows; the better of 2 runs after a warm-up.
+  // Packed as the CPU backend packs it, where it does (quant.h's packs_rows).
+  const bool packed = packs_rows(cpu_isa(), type);
+  if (packed) {
+    std::vector<uint8_t> p(w.size());
+    pack_rows(type, w.data(), static_cast<size_t>(rb), n_rows, kCols, p.data());
+    w = std::move(p);
+  }
+  // Each thread multiplies its slice of `rows` rows (whole packed groups); the better of 2 runs after a
+  // warm-up.
   const auto best_s = [&](int64_t rows, int64_t n_tok) {
     return best_parallel_s(threads, 3, 1, [&](int k) {
-      const int64_t lo = rows * k / threads, hi = rows * (k + 1) / threads;
-      matmul_rows(type, w.data() + lo * rb, static_cast<size_t>(rb), hi - lo, kCols, x.data(), kCols, n_tok,
-                  y.data() + lo, rows);
+      const int64_t lo = rows * k / threads / kPackRows * kPackRows;
+      const int64_t hi = k + 1 == threads ? rows : rows * (k + 1) / threads / kPackRows * kPackRows;
+      const uint8_t* rows_lo = w.data() + lo * rb;
+      if (packed)
+        matmul_packed_rows(type, rows_lo, hi - lo, kCols, x.data(), kCols, n_tok, y.data() + lo, rows);
+      else
+        matmul_rows(type, rows_lo, static_cast<size_t>(rb), hi - lo, kCols, x.data(), kCols, n_tok, y.data() + lo,
+                    rows);
     });
   };
   CpuKernelRate k;

@@ -50,6 +50,7 @@ double median(std::vector<double> v) {
 struct RankFigures {
   double rank = 0, tp_rank = 0, pp_rank = 0, layer_begin = 0, layer_end = 0;
   double weight_bytes = 0;    // weights this rank loaded (LlamaModel's count)
+  double mapped_bytes = 0;    // of which read in place from the file's mapping
   double backend_bytes = 0;   // Backend::allocated_bytes() of the main backend (device memory on CUDA)
   double offload_bytes = 0;   // the CPU backend of offloaded layers (-ngl)
   double cuda_device = -1;
@@ -351,6 +352,7 @@ int cmd_bench(int argc, const char* const* argv) {
     mine.layer_begin = engine.mapping().layers().begin;
     mine.layer_end = engine.mapping().layers().end;
     mine.weight_bytes = double(my_bytes);
+    mine.mapped_bytes = double(engine.model().weights().mapped_bytes);
     mine.backend_bytes = double(engine.device_bytes());
     mine.offload_bytes = double(engine.offload_bytes());
     mine.cuda_device = engine.cuda_device();
@@ -429,9 +431,10 @@ int cmd_bench(int argc, const char* const* argv) {
         if (d.rank == rank) return &d;
     return no_plan;
   };
-  // CPU ranks map their weights from the file (not counted by the backend); GPU ranks copy them.
+  // CPU ranks read most weights in place from the file's mapping (not counted by the backend; packed and
+  // converted ones are); GPU ranks copy them.
   const auto resident = [&](const RankFigures& f) {
-    return f.cuda_device >= 0 ? f.backend_bytes : f.weight_bytes + f.backend_bytes;
+    return f.cuda_device >= 0 ? f.backend_bytes : f.mapped_bytes + f.backend_bytes;
   };
   const auto null_if_unknown = [](double x) { return x < 0 ? nlohmann::json() : nlohmann::json(uint64_t(x)); };
   nlohmann::json jr = nlohmann::json::array();
@@ -441,6 +444,7 @@ int cmd_bench(int argc, const char* const* argv) {
                         {"pp_rank", int(f.pp_rank)},
                         {"layers", {int(f.layer_begin), int(f.layer_end)}},
                         {"weight_bytes", uint64_t(f.weight_bytes)},
+                        {"mapped_weight_bytes", uint64_t(f.mapped_bytes)},
                         {"backend_allocated_bytes", uint64_t(f.backend_bytes)},
                         {"offload_allocated_bytes", uint64_t(f.offload_bytes)},
                         // what the planner's figure is compared with: allocations (+ mapped weights on CPU)

@@ -111,7 +111,8 @@ class Loader {
       gathered = std::move(permuted);
       bytes = gathered.data();
     }
-    const bool mapped = host && gathered.empty();
+    // Read in place from the mapping unless the backend packs it (get_rows' table never is).
+    const bool mapped = host && gathered.empty() && (name == "token_embd.weight" || !b_->packs_matmul_weight(v));
     if (mapped) {
       v.data = bytes;
     } else if (name == "token_embd.weight") {
@@ -121,6 +122,7 @@ class Loader {
       v = b_->place_matmul_weight(v, w_.storage);
     }
     count(name, t.type, s, (already_mapped && mapped) ? 0 : s.n_bytes);
+    if (mapped && !already_mapped) w_.mapped_bytes += s.n_bytes;
     return v;
   }
 

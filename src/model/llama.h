@@ -55,6 +55,7 @@ struct ModelWeights {
   // Owns whatever had to be copied or converted; mapped weights point into the source instead.
   std::vector<std::unique_ptr<DeviceBuffer>> storage;
   uint64_t weight_bytes = 0;             // bytes of weights this rank holds (mapped or copied)
+  uint64_t mapped_bytes = 0;             // of which read in place from the file's mapping (not allocated)
   uint64_t expert_host_bytes = 0;        // of which experts held apart from their layer (in RAM)
 };
 

@@ -66,6 +66,9 @@ class Backend {
   virtual void synchronize() = 0;
   // Bytes this backend has allocated and still holds (for per-device memory reports).
   virtual size_t allocated_bytes() const = 0;
+  // Whether place_matmul_weight rearranges w (its type) for this backend's kernels: a host backend's loader
+  // then places the weight instead of reading the file's mapping in place.
+  virtual bool packs_matmul_weight(const WeightView& /*w*/) const { return false; }
   // Copies a weight that only matmul/matmul_group will read (host memory, ggml rows) into this backend's
   // memory; `storage` receives the allocation. A backend may keep it in a layout its kernels read faster
   // (the returned view then has packed = true). The default copies the rows as they are.

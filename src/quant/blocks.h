@@ -19,6 +19,13 @@ inline constexpr int kQ4_0Block = 32;
 inline constexpr int kQ4_0Bytes = 18;
 inline constexpr int kQ4_0Qs = 2;
 
+// Q4_0 packed in groups of 8 rows (pack_rows; matmul_packed_avx2 says why), per 32-column block
+// kQ4x8Block bytes: the 8 rows' fp16 d (row r at 2r), then for k = 0..3 the 32 bytes qs[4k..4k+3] of row 0,
+// of row 1, ..., of row 7.
+inline constexpr int kQ4x8Rows = 8;
+inline constexpr int kQ4x8Block = kQ4x8Rows * kQ4_0Bytes;
+inline constexpr int kQ4x8Qs = 2 * kQ4x8Rows;
+
 // Q4_K: fp16 d; fp16 dmin; uint8 scales[12]; uint8 qs[128].
 inline constexpr int kQK = 256;
 inline constexpr int kQ4_KBytes = 144;
@@ -52,6 +59,16 @@ inline int nearest_int(float v) {
   const float t = v + 12582912.f;
   return static_cast<int>(std::bit_cast<uint32_t>(t) & 0x007fffffu) - 0x00400000;
 }
+
+// Q4_K packed in groups of 8 rows (pack_rows; matmul_packed_avx2 says why), per super-block kQ4Kx8Block bytes
+// (the 8 rows' super-blocks' bytes): the 8 rows' fp16 d (row r at 2r), their fp16 dmin, then the 12 scale
+// bytes of each row as three 32-byte words: bytes 4w..4w+3 of row r at kQ4Kx8Scales + 32w + 4r (so one
+// shift and mask give sub-block j's scale or min of all 8 rows, one per 32-bit lane); then for each
+// sub-block j (32 elements q[0..31]) 128 bytes in kQ4x8's order of the 16 bytes q[i] | q[i + 16] << 4.
+inline constexpr int kQ4Kx8Block = kQ4x8Rows * kQ4_KBytes;
+inline constexpr int kQ4Kx8Dmin = 2 * kQ4x8Rows;
+inline constexpr int kQ4Kx8Scales = 4 * kQ4x8Rows;
+inline constexpr int kQ4Kx8Qs = kQ4Kx8Scales + 12 * kQ4x8Rows;
 
 // The 6-bit scale and min of sub-block j (0..7) of a Q4_K super-block (ggml's get_scale_min_k4): the
 // first four sit in the low 6 bits of bytes 0..3 / 4..7; the last four keep their low 4 bits in bytes

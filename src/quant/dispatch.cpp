@@ -1,6 +1,7 @@
 // Public kernel entry points: validate every argument once, pick the ISA, hand off to one kernel family.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "quant/blocks.h"
 #include "quant/kernels.h"
 #include "quant/quant.h"
 
@@ -132,10 +134,10 @@ CpuIsa cpu_isa() {
 const char* cpu_kernel_isa() { return cpu_isa_name(cpu_isa()); }
 
 bool quantizes_activations(CpuIsa isa, GgmlType type) {
-  // avx2 only: its float path spends ~16 instructions per 32 weights and token, the integer one ~8 (1.7x
-  // less CPU time per decoded token on a Zen 1 EPYC, docs/BENCHMARKS.md). The avx512 family keeps its
-  // 16-wide float kernels until an integer path with VNNI is written and measured against them.
-  if (isa != CpuIsa::kAvx2) return false;
+  // avx2: its float path spends ~16 instructions per 32 weights and token, the integer one ~8 (docs/BENCHMARKS.md,
+  // "integer dot products for decode"). The avx512 family takes the same avx2 integer kernels: its 16-wide float
+  // kernels decoded slower than them on a Sapphire Rapids Xeon (docs/BENCHMARKS.md, "Packed Q4_0 rows").
+  if (isa != CpuIsa::kAvx2 && isa != CpuIsa::kAvx512) return false;
   switch (type) {
     case GgmlType::Q8_0:
     case GgmlType::Q4_0:
@@ -168,6 +170,92 @@ void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, in
   const bool plain = type == GgmlType::F32 || type == GgmlType::F16 || type == GgmlType::BF16;
   if (plain && n_cols % 64 != 0) fn = matmul_scalar;
   fn(type, static_cast<const uint8_t*>(w), row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+
+static_assert(kPackRows == kQ4x8Rows, "quant.h promises the packed group of blocks.h");
+
+bool packs_rows(CpuIsa isa, GgmlType type) {
+  // Q4_0 and Q4_K wherever the avx2 integer kernels run (docs/BENCHMARKS.md, "Packed Q4_0 and Q4_K rows").
+  return quantizes_activations(isa, type) && (type == GgmlType::Q4_0 || type == GgmlType::Q4_K);
+}
+
+namespace {
+
+// Row r's 16 Q4_0-order quant bytes (element i low, i + 16 high) into a kQ4x8-ordered group block.
+void interleave_q4(const uint8_t* qs /* (16) */, int r, uint8_t* group /* (128) */) {
+  for (int k = 0; k < 4; ++k) std::memcpy(group + 32 * k + 4 * r, qs + 4 * k, 4);
+}
+
+void pack_q4_0_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* blk = out + b * kQ4x8Block;
+    for (int r = 0; r < kQ4x8Rows; ++r) {
+      const uint8_t* src = rows[r] + b * kQ4_0Bytes;
+      std::memcpy(blk + 2 * r, src, 2);
+      interleave_q4(src + kQ4_0Qs, r, blk + kQ4x8Qs);
+    }
+  }
+}
+
+void pack_q4_k_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* blk = out + b * kQ4Kx8Block;
+    for (int r = 0; r < kQ4x8Rows; ++r) {
+      const uint8_t* src = rows[r] + b * kQ4_KBytes;
+      std::memcpy(blk + 2 * r, src, 2);
+      std::memcpy(blk + kQ4Kx8Dmin + 2 * r, src + kQ4_KDmin, 2);
+      for (int w = 0; w < 3; ++w) std::memcpy(blk + kQ4Kx8Scales + 32 * w + 4 * r, src + kQ4_KScales + 4 * w, 4);
+      for (int j = 0; j < 8; ++j) {
+        // Sub-block j: nibble (j & 1) of qs[32 * (j / 2) + l] is element l.
+        const uint8_t* q = src + kQ4_KQs + 32 * (j / 2);
+        const int shift = 4 * (j & 1);
+        uint8_t qs[16];
+        for (int i = 0; i < 16; ++i)
+          qs[i] = static_cast<uint8_t>(((q[i] >> shift) & 0xF) | (((q[i + 16] >> shift) & 0xF) << 4));
+        interleave_q4(qs, r, blk + kQ4Kx8Qs + 128 * j);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void pack_rows(GgmlType type, const void* src, size_t row_stride, int64_t n_rows, int64_t n_cols, void* dst) {
+  if (type != GgmlType::Q4_0 && type != GgmlType::Q4_K)
+    fail_kind(ErrorKind::kUnsupported, "pack_rows: no packed layout for ", type_name(type));
+  const int64_t rb = row_bytes(type, n_cols);  // throws on a bad n_cols
+  if (n_rows < 0) fail("pack_rows: n_rows ", n_rows, " is negative");
+  if (n_rows > 1 && row_stride < static_cast<uint64_t>(rb))
+    fail("pack_rows: row_stride ", row_stride, " is smaller than one row of ", rb, " bytes");
+  if (n_rows > 0 && (src == nullptr || dst == nullptr)) fail("pack_rows: null ", src == nullptr ? "src" : "dst");
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<uint8_t*>(dst);
+  const int64_t full = n_rows / kQ4x8Rows * kQ4x8Rows;
+  for (int64_t g = 0; g < full; g += kQ4x8Rows) {
+    const uint8_t* rows[kQ4x8Rows];
+    for (int r = 0; r < kQ4x8Rows; ++r) rows[r] = in + static_cast<size_t>(g + r) * row_stride;
+    if (type == GgmlType::Q4_0) pack_q4_0_group(rows, n_cols / kQ4_0Block, out + g * rb);
+    else pack_q4_k_group(rows, n_cols / kQK, out + g * rb);
+  }
+  for (int64_t r = full; r < n_rows; ++r)
+    std::memcpy(out + r * rb, in + static_cast<size_t>(r) * row_stride, static_cast<size_t>(rb));
+}
+
+void matmul_packed_rows(CpuIsa isa, GgmlType type, const void* w, int64_t n_rows, int64_t n_cols, const float* x,
+                        int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  if (!packs_rows(isa, type))
+    fail_kind(ErrorKind::kUnsupported, "no packed ", type_name(type), " kernel in the ", cpu_isa_name(isa),
+              " family");
+  const size_t rb = static_cast<size_t>(row_bytes(type, n_cols));
+  check_matmul_args(type, w, rb, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+  kernel_for(isa);  // throws where the CPU lacks the family
+  if (n_rows == 0 || n_tok == 0) return;
+  matmul_packed_avx2(type, static_cast<const uint8_t*>(w), rb, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+
+void matmul_packed_rows(GgmlType type, const void* w, int64_t n_rows, int64_t n_cols, const float* x, int64_t ldx,
+                        int64_t n_tok, float* y, int64_t ldy) {
+  matmul_packed_rows(cpu_isa(), type, w, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 
 void matvec_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,

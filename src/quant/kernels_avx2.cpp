@@ -422,13 +422,14 @@ struct Avx2 {
 
 // One token's rounded activations.
 struct ActRow {
-  const int8_t* q;  // (n_cols) int8 values
-  const float* d;   // (n_cols / 32) block scales
-  const float* s;   // (n_cols / 32) d * (sum of the block's q): the block-minimum term of Q4_K
+  const int8_t* q;     // (n_cols) int8 values
+  const float* d;      // (n_cols / 32) block scales
+  const float* s;      // (n_cols / 32) d * (sum of the block's q): the block-minimum term of Q4_K
+  const int32_t* sum;  // (n_cols / 32) sum of the block's q: the offset term of packed Q4_0
 };
 
-// x (n, a multiple of 32) -> q (n) int8, d and s (n / 32); the same bits as quantize_activation_q8.
-void quantize_act(const float* x, int64_t n, int8_t* q, float* d, float* s) {
+// x (n, a multiple of 32) -> q (n) int8, d, s and sum (n / 32); the same bits as quantize_activation_q8.
+void quantize_act(const float* x, int64_t n, int8_t* q, float* d, float* s, int32_t* sum) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t b = 0; b < n / 32; ++b) {
     __m256 v[4];
@@ -453,7 +454,8 @@ void quantize_act(const float* x, int64_t n, int8_t* q, float* d, float* s) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b),
                         _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     d[b] = db;
-    s[b] = db * static_cast<float>(_mm_cvtsi128_si32(s4));
+    sum[b] = _mm_cvtsi128_si32(s4);
+    s[b] = db * static_cast<float>(sum[b]);
   }
 }
 
@@ -626,6 +628,157 @@ void imatmul(const uint8_t* w, size_t stride, int64_t n_rows, int64_t n_cols, co
   }
 }
 
+
+// ---- Q4_0 and Q4_K in groups of 8 rows (pack_rows, blocks.h's kQ4x8 and kQ4Kx8 layouts) ----
+// Row-by-row decode spends a float convert, multiply and FMA, a scale load and a broadcast per row and chunk,
+// and reads 8 rows from 8 places. A packed group puts one row in each 32-bit lane instead: a 32-byte load
+// holds 4 quant bytes (8 weights) of every row, maddubs + madd against the 4 activations broadcast to every
+// lane leave each row's sum in its own lane, and one convert and FMA per block serve all 8 rows, read from
+// one place. Low nibbles are elements 4k..4k+3, high nibbles 16+4k..16+4k+3 (ggml's Q4_0 order).
+
+__m256i srl32(__m256i v, int bits) { return _mm256_srl_epi32(v, _mm_cvtsi32_si128(bits)); }
+// 4 activation bytes in every 32-bit lane.
+__m256i bcast4(const int8_t* x) { return _mm256_set1_epi32(static_cast<int>(load_u32(reinterpret_cast<const uint8_t*>(x)))); }
+
+// A 128-byte kQ4x8 block of 32 columns as 4 + 4 vectors of unsigned nibbles.
+struct Q4x8 {
+  __m256i lo[4], hi[4];
+};
+[[gnu::always_inline]] inline Q4x8 q4x8_nibbles(const uint8_t* q /* (128) */) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  Q4x8 n;
+  for (int k = 0; k < 4; ++k) {
+    const __m256i raw = ld256(q + 32 * k);
+    n.lo[k] = _mm256_and_si256(raw, m4);
+    n.hi[k] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+  }
+  return n;
+}
+// Each lane's (row's) 16 int16 pair sums of its 32 nibbles times the block's 32 activations xq: the 8 maddubs
+// products of a lane added (each at most 2 * 15 * 127 = 3810 in magnitude: 8 of them, 30,480, fit int16).
+[[gnu::always_inline]] inline __m256i q4x8_pairs(const Q4x8& n, const int8_t* xq /* (32) */) {
+  // Activations 4k..4k+3 (and 16+4k..) in every lane, against each row's 4 quant bytes.
+  __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo[0], bcast4(xq)), _mm256_maddubs_epi16(n.hi[0], bcast4(xq + 16)));
+  for (int k = 1; k < 4; ++k) {
+    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(n.lo[k], bcast4(xq + 4 * k)));
+    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(n.hi[k], bcast4(xq + 16 + 4 * k)));
+  }
+  return s16;
+}
+
+// Q4_0: the 8 rows' results for TB tokens. Per block and token: the pair sums madd to int32, minus 8 * sum(q)
+// (the offset 8 of the unsigned quants), then acc += float(isum) * (d_w * d_x): the same operations for a
+// token whatever TB is (batch invariance).
+template <int TB>
+void q4x8_tile(const uint8_t* g /* (n_blocks, kQ4x8Block) */, int64_t n_blocks, const ActRow* a /* (TB) */,
+               float* y /* (TB, ldy) */, int64_t ldy) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* blk = g + b * kQ4x8Block;
+    const __m256 dw = _mm256_cvtph_ps(ld128(blk));
+    const Q4x8 n = q4x8_nibbles(blk + kQ4x8Qs);
+    for (int t = 0; t < TB; ++t) {
+      const __m256i s16 = q4x8_pairs(n, a[t].q + 32 * b);
+      const __m256i isum = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * a[t].sum[b]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_broadcast_ss(a[t].d + b)), acc[t]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+// Q4_K: sub-block j's pair sums madd with each row's 6-bit scale (the int16 pair (sc, sc) in its lane), and
+// the minimum's term kept apart; per token and super-block
+//   acc += d * sum_j float(isum_j) * dx_j - dmin * sum_j m_j * s_j   (s_j = dx_j * sum(q_j), ActRow::s),
+// the same operations for a token whatever TB is.
+template <int TB>
+void q4kx8_tile(const uint8_t* g /* (n_super, kQ4Kx8Block) */, int64_t n_super, const ActRow* a /* (TB) */,
+                float* y /* (TB, ldy) */, int64_t ldy) {
+  const __m256i m6 = _mm256_set1_epi32(63), m4 = _mm256_set1_epi32(0x0F), m2 = _mm256_set1_epi32(3);
+  __m256 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < n_super; ++sb) {
+    const uint8_t* blk = g + sb * kQ4Kx8Block;
+    const __m256 d = _mm256_cvtph_ps(ld128(blk)), dmin = _mm256_cvtph_ps(ld128(blk + kQ4Kx8Dmin));
+    const __m256i w0 = ld256(blk + kQ4Kx8Scales), w1 = ld256(blk + kQ4Kx8Scales + 32),
+                  w2 = ld256(blk + kQ4Kx8Scales + 64);
+    __m256 sd[TB], sm[TB];
+    for (int t = 0; t < TB; ++t) sd[t] = sm[t] = _mm256_setzero_ps();
+    for (int j = 0; j < 8; ++j) {
+      // q4k_scale_min on 8 rows at once: byte j & 3 of the rows' scale words.
+      __m256i sc, mn;
+      if (j < 4) {
+        sc = _mm256_and_si256(srl32(w0, 8 * j), m6);
+        mn = _mm256_and_si256(srl32(w1, 8 * j), m6);
+      } else {
+        const int b = 8 * (j - 4);
+        sc = _mm256_or_si256(_mm256_and_si256(srl32(w2, b), m4),
+                             _mm256_slli_epi32(_mm256_and_si256(srl32(w0, b + 6), m2), 4));
+        mn = _mm256_or_si256(_mm256_and_si256(srl32(w2, b + 4), m4),
+                             _mm256_slli_epi32(_mm256_and_si256(srl32(w1, b + 6), m2), 4));
+      }
+      const __m256i sc2 = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+      const __m256 mf = _mm256_cvtepi32_ps(mn);
+      const Q4x8 n = q4x8_nibbles(blk + kQ4Kx8Qs + 128 * j);
+      const int64_t c = 8 * sb + j;  // the activation block
+      for (int t = 0; t < TB; ++t) {
+        const __m256i isum = _mm256_madd_epi16(q4x8_pairs(n, a[t].q + 32 * c), sc2);
+        sd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_broadcast_ss(a[t].d + c), sd[t]);
+        sm[t] = _mm256_fmadd_ps(mf, _mm256_broadcast_ss(a[t].s + c), sm[t]);
+      }
+    }
+    for (int t = 0; t < TB; ++t) acc[t] = _mm256_fnmadd_ps(sm[t], dmin, _mm256_fmadd_ps(sd[t], d, acc[t]));
+  }
+  for (int t = 0; t < TB; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+// Every token tile of one packed group: TB tokens at a time, then the tail.
+template <template <int> class Tile>
+void group_tiles(const uint8_t* g, int64_t n_blocks, const ActRow* a, int64_t n_tok, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 4 <= n_tok; t += 4) Tile<4>::run(g, n_blocks, a + t, y + t * ldy, ldy);
+  switch (n_tok - t) {
+    case 3: Tile<3>::run(g, n_blocks, a + t, y + t * ldy, ldy); break;
+    case 2: Tile<2>::run(g, n_blocks, a + t, y + t * ldy, ldy); break;
+    case 1: Tile<1>::run(g, n_blocks, a + t, y + t * ldy, ldy); break;
+    default: break;
+  }
+}
+template <int TB>
+struct Q4x8Tile {
+  static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q4x8_tile<TB>(g, n, a, y, ldy); }
+};
+template <int TB>
+struct Q4Kx8Tile {
+  static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q4kx8_tile<TB>(g, n, a, y, ldy); }
+};
+
+// Each token's rounded activations (quantize_act) in decode_scratch, after `lead` floats (32-byte aligned)
+// that the caller may use; returns the table of n_tok rows.
+ActRow* round_activations(const float* x, int64_t ldx, int64_t n_tok, int64_t n_cols, int64_t lead, float** lead_out) {
+  // Scratch: `lead`, the token table, then per token n_cols int8 values and n_cols / 32 scales, sums d*q and
+  // integer sums.
+  const int64_t nb = n_cols / 32;
+  const int64_t per_tok = n_cols / 4 + 3 * nb;  // in floats (int32 sums are float-sized)
+  static_assert(sizeof(ActRow) % sizeof(float) == 0 && sizeof(int32_t) == sizeof(float));
+  constexpr int64_t kRowFloats = sizeof(ActRow) / sizeof(float);
+  float* raw = decode_scratch(static_cast<size_t>(8 + lead + n_tok * (kRowFloats + per_tok)));
+  float* buf = raw + (8 - (reinterpret_cast<uintptr_t>(raw) / sizeof(float)) % 8) % 8;  // 32-byte aligned
+  *lead_out = buf;
+  auto* rows = reinterpret_cast<ActRow*>(buf + lead);  // (n_tok)
+  for (int64_t t = 0; t < n_tok; ++t) {
+    float* base = buf + lead + n_tok * kRowFloats + t * per_tok;
+    auto* q = reinterpret_cast<int8_t*>(base);
+    float* d = base + n_cols / 4;
+    float* s = d + nb;
+    auto* sum = reinterpret_cast<int32_t*>(s + nb);
+    quantize_act(x + t * ldx, n_cols, q, d, s, sum);
+    rows[t] = ActRow{q, d, s, sum};
+  }
+  return rows;
+}
+
 }  // namespace
 
 void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
@@ -635,25 +788,13 @@ void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_r
 
 void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                       const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
-  // Scratch: the token table, then per token n_cols int8 values, n_cols / 32 scales and as many sums.
-  const int64_t nb = n_cols / 32;
-  const int64_t per_tok = n_cols / 4 + 2 * nb;  // in floats
-  // Then two decoded rows (prefill), placed first for their 32-byte alignment.
-  static_assert(sizeof(ActRow) % sizeof(float) == 0 && sizeof(WChunk) % sizeof(float) == 0);
-  constexpr int64_t kRowFloats = sizeof(ActRow) / sizeof(float), kChunkFloats = sizeof(WChunk) / sizeof(float);
-  const int64_t dec_floats = n_tok > 1 ? 2 * nb * kChunkFloats : 0;
-  float* raw = decode_scratch(static_cast<size_t>(8 + dec_floats + n_tok * (kRowFloats + per_tok)));
-  float* buf = raw + (8 - (reinterpret_cast<uintptr_t>(raw) / sizeof(float)) % 8) % 8;  // 32-byte aligned
-  auto* decoded = reinterpret_cast<WChunk*>(buf);
-  auto* rows = reinterpret_cast<ActRow*>(buf + dec_floats);  // (n_tok)
-  for (int64_t t = 0; t < n_tok; ++t) {
-    float* base = buf + dec_floats + n_tok * kRowFloats + t * per_tok;
-    auto* q = reinterpret_cast<int8_t*>(base);
-    float* d = base + n_cols / 4;
-    float* s = d + nb;
-    quantize_act(x + t * ldx, n_cols, q, d, s);
-    rows[t] = ActRow{q, d, s};
-  }
+  // Two decoded rows (prefill) lead the scratch, for their 32-byte alignment.
+  static_assert(sizeof(WChunk) % sizeof(float) == 0);
+  constexpr int64_t kChunkFloats = sizeof(WChunk) / sizeof(float);
+  const int64_t dec_floats = n_tok > 1 ? 2 * (n_cols / 32) * kChunkFloats : 0;
+  float* lead = nullptr;
+  const ActRow* rows = round_activations(x, ldx, n_tok, n_cols, dec_floats, &lead);
+  auto* decoded = reinterpret_cast<WChunk*>(lead);
   switch (type) {
     case GgmlType::Q8_0: return imatmul<GgmlType::Q8_0>(w, row_stride, n_rows, n_cols, rows, n_tok, y, ldy, decoded);
     case GgmlType::Q4_0: return imatmul<GgmlType::Q4_0>(w, row_stride, n_rows, n_cols, rows, n_tok, y, ldy, decoded);
@@ -662,6 +803,34 @@ void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_
     default: break;
   }
   SHARDLM_CHECK(false, "no int8 kernel for ", type_name(type));
+}
+
+void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                        const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  const int64_t n_blocks = n_cols / 32, full = n_rows / kQ4x8Rows * kQ4x8Rows;
+  // The tail rows' prefill decodes two rows at a time into scratch ahead of the activations (imatmul).
+  const int64_t tail_floats =
+      n_tok > 1 && full < n_rows ? 2 * n_blocks * static_cast<int64_t>(sizeof(WChunk) / sizeof(float)) : 0;
+  float* lead = nullptr;
+  const ActRow* a = round_activations(x, ldx, n_tok, n_cols, tail_floats, &lead);
+  auto* decoded = reinterpret_cast<WChunk*>(lead);
+  const uint8_t* tail = w + full * row_stride;  // the last n_rows % 8 rows stay in ggml's layout
+  switch (type) {
+    case GgmlType::Q4_0:
+      for (int64_t r = 0; r < full; r += kQ4x8Rows)
+        group_tiles<Q4x8Tile>(w + r * row_stride, n_blocks, a, n_tok, y + r, ldy);
+      if (full < n_rows)
+        imatmul<GgmlType::Q4_0>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
+      return;
+    case GgmlType::Q4_K:
+      for (int64_t r = 0; r < full; r += kQ4x8Rows)
+        group_tiles<Q4Kx8Tile>(w + r * row_stride, n_cols / kQK, a, n_tok, y + r, ldy);
+      if (full < n_rows)
+        imatmul<GgmlType::Q4_K>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
+      return;
+    default: break;
+  }
+  SHARDLM_CHECK(false, "no packed kernel for ", type_name(type));
 }
 
 }  // namespace shardlm::quant_detail
@@ -677,6 +846,10 @@ void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_r
 void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                       const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+void matmul_packed_avx2(GgmlType, const uint8_t*, size_t, int64_t, int64_t, const float*, int64_t, int64_t, float*,
+                        int64_t) {
+  SHARDLM_CHECK(false, "packed rows exist only where the avx2 family runs");
 }
 }  // namespace shardlm::quant_detail
 #endif

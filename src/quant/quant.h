@@ -62,8 +62,9 @@ CpuIsa parse_cpu_isa(const char* name);
 CpuIsa cpu_isa();  // the default family (environment override or best supported)
 
 // Whether family `isa`'s kernels for `type` round the activations to int8, as llama.cpp's CPU kernels do:
-// Q8_0, Q4_0, Q4_K and Q6_K on avx2. Each token's row is rounded once per call by
-// quantize_activation_q8, and each 32-element block's dot is an exact integer sum times the two scales, so
+// Q8_0, Q4_0, Q4_K and Q6_K on avx2 and avx512 (both run the avx2 integer kernels). Each token's row is
+// rounded once per call by quantize_activation_q8, and each 32-element block's dot is an exact integer sum
+// times the two scales, so
 // the result is within sum over blocks of sum|w| * d / 2 of the exact dot (d the block's activation scale),
 // and it does not depend on the other tokens of the call (batch invariance). Other types and the scalar
 // family multiply the fp32 activations.
@@ -71,6 +72,24 @@ bool quantizes_activations(CpuIsa isa, GgmlType type);
 // The rounding of those kernels, bit for bit: per block of 32 (n a multiple of 32), d = max|x| / 127 and
 // q = x * (1 / d) rounded to the nearest integer, ties to even (0 where d is 0).
 void quantize_activation_q8(const float* x /* (n) */, int64_t n, int8_t* q /* (n) */, float* d /* (n / 32) */);
+
+// Packed rows: where packs_rows(isa, type) is true, family `isa` multiplies a matrix of `type` faster after
+// pack_rows has rearranged it (Q4_0 on avx2 and avx512: the blocks of 8 rows interleaved, so that one load
+// feeds all 8 rows' dot products). A backend packs a matrix once, at load, and multiplies it with
+// matmul_packed_rows only. The result is within the same bound as matmul_rows' and does not depend on the other tokens.
+inline constexpr int kPackRows = 8;  // rows per packed group; the last n_rows % kPackRows rows stay as they are
+bool packs_rows(CpuIsa isa, GgmlType type);
+// n_rows rows of n_cols elements (src rows row_stride bytes apart) -> dst, row_bytes(type, n_cols) * n_rows
+// bytes. Throws on a type packs_rows is false for in every family, or on bad sizes.
+void pack_rows(GgmlType type, const void* src, size_t row_stride, int64_t n_rows, int64_t n_cols, void* dst);
+// matmul_rows on packed rows: w is pack_rows' output from a row that is a multiple of kPackRows on, rows
+// row_bytes(type, n_cols) apart, and n_rows reaches either a multiple of kPackRows or the matrix's end.
+void matmul_packed_rows(CpuIsa isa, GgmlType type, const void* w, int64_t n_rows, int64_t n_cols,
+                        const float* x /* (n_tok, ldx) */, int64_t ldx, int64_t n_tok, float* y /* (n_tok, ldy) */,
+                        int64_t ldy);
+void matmul_packed_rows(GgmlType type, const void* w, int64_t n_rows, int64_t n_cols,
+                        const float* x /* (n_tok, ldx) */, int64_t ldx, int64_t n_tok, float* y /* (n_tok, ldy) */,
+                        int64_t ldy);
 
 float dot_row(CpuIsa isa, GgmlType type, const void* row, const float* x /* (n) */, int64_t n);
 void matvec_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,

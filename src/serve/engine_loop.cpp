@@ -180,14 +180,15 @@ void EngineLoop::publish_gauges() {
                        nb > 0 ? double(s->blocks().n_used()) / nb : 0);
   if (s) metrics_->set_prefix_cache(s->prefix_query_tokens(), s->prefix_hit_tokens());
   // This rank's memory, counted as `shardlm bench` counts it: a CUDA rank copies its weights to the device,
-  // so the backend's allocations are all of it; a CPU rank maps its weights from the file, beside what the
-  // backend allocated (KV cache, workspace). Offloaded layers (-ngl) keep their KV on the CPU backend.
+  // so the backend's allocations are all of it; a CPU rank reads most weights in place from the file's
+  // mapping, beside what the backend allocated (packed weights, KV cache, workspace). Offloaded layers (-ngl)
+  // keep their KV on the CPU backend.
   std::vector<DeviceMemory> mem;
   if (engine_.cuda_device() >= 0) {
     mem.push_back({"cuda" + std::to_string(engine_.cuda_device()), double(engine_.device_bytes())});
     if (engine_.offload_bytes() > 0) mem.push_back({"cpu", double(engine_.offload_bytes())});
   } else {
-    mem.push_back({"cpu", double(engine_.model().weights().weight_bytes) + double(engine_.device_bytes())});
+    mem.push_back({"cpu", double(engine_.model().weights().mapped_bytes) + double(engine_.device_bytes())});
   }
   metrics_->set_device_memory(std::move(mem));
 }

@@ -131,39 +131,52 @@ void run_case(CpuIsa isa, GgmlType type, int64_t n_rows, int64_t n_cols, int64_t
                               /*offset=*/1, static_cast<uint32_t>(n_rows * 31 + n_cols));
   const int64_t ldx = n_cols + 5, ldy = n_rows + 2;  // padded so stray writes/reads show up
   const auto x = random_floats(static_cast<size_t>(n_tok * ldx), static_cast<uint32_t>(n_tok + 7));
-  std::vector<float> y(static_cast<size_t>(n_tok * ldy), kSentinel);
-  matmul_rows(isa, type, w.base, w.stride, n_rows, n_cols, x.data(), ldx, n_tok, y.data(), ldy);
   // Checked twice: tightly against the activations the kernel multiplies (its rounding reproduced, so
   // any decode or rounding bug shows), and against the exact x within the rounding's own bound.
   std::vector<double> half_step;
   const auto xk = kernel_activations(isa, type, x, n_tok, ldx, n_cols, half_step);
-  Check c;
-  double worst_raw = 0;
-  std::string worst_raw_where;
-  for (int64_t t = 0; t < n_tok; ++t) {
-    for (int64_t r = 0; r < n_rows; ++r) {
-      double ref = 0, sum_abs = 0, exact = 0, rounding = 0;
-      for (int64_t i = 0; i < n_cols; ++i) {
-        const double wi = w.deq[r * n_cols + i];
-        const double p = wi * xk[t * ldx + i];
-        ref += p;
-        sum_abs += std::fabs(p);
-        exact += wi * x[t * ldx + i];
-        rounding += std::fabs(wi) * half_step[t * (n_cols / 32 + 1) + i / 32];
+  const auto check = [&](const std::vector<float>& y, const std::string& what) {
+    Check c;
+    double worst_raw = 0;
+    std::string worst_raw_where;
+    for (int64_t t = 0; t < n_tok; ++t) {
+      for (int64_t r = 0; r < n_rows; ++r) {
+        double ref = 0, sum_abs = 0, exact = 0, rounding = 0;
+        for (int64_t i = 0; i < n_cols; ++i) {
+          const double wi = w.deq[r * n_cols + i];
+          const double p = wi * xk[t * ldx + i];
+          ref += p;
+          sum_abs += std::fabs(p);
+          exact += wi * x[t * ldx + i];
+          rounding += std::fabs(wi) * half_step[t * (n_cols / 32 + 1) + i / 32];
+        }
+        const double got = y[t * ldy + r];
+        c.add(got, ref, sum_abs, "token " + std::to_string(t) + " row " + std::to_string(r));
+        const double raw_share = std::fabs(got - exact) / (1e-6 + 1e-5 * sum_abs + rounding);
+        if (!(raw_share <= worst_raw)) {
+          worst_raw = std::isnan(raw_share) ? 1e30 : raw_share;
+          worst_raw_where = "token " + std::to_string(t) + " row " + std::to_string(r);
+        }
       }
-      const double got = y[t * ldy + r];
-      c.add(got, ref, sum_abs, "token " + std::to_string(t) + " row " + std::to_string(r));
-      const double raw_share = std::fabs(got - exact) / (1e-6 + 1e-5 * sum_abs + rounding);
-      if (!(raw_share <= worst_raw)) {
-        worst_raw = std::isnan(raw_share) ? 1e30 : raw_share;
-        worst_raw_where = "token " + std::to_string(t) + " row " + std::to_string(r);
-      }
+      for (int64_t r = n_rows; r < ldy; ++r)
+        ASSERT_EQ(y[t * ldy + r], kSentinel) << name << what << ": wrote past n_rows at token " << t;
     }
-    for (int64_t r = n_rows; r < ldy; ++r)
-      ASSERT_EQ(y[t * ldy + r], kSentinel) << name << ": wrote past n_rows at token " << t;
+    EXPECT_LE(c.worst_share, 1.0) << name << what << ": worst " << c.worst << " (share " << c.worst_share << ")";
+    EXPECT_LE(worst_raw, 1.0) << name << what << ": against the unrounded activations, worst at " << worst_raw_where;
+  };
+  std::vector<float> y(static_cast<size_t>(n_tok * ldy), kSentinel);
+  matmul_rows(isa, type, w.base, w.stride, n_rows, n_cols, x.data(), ldx, n_tok, y.data(), ldy);
+  check(y, "");
+  if (packs_rows(isa, type)) {
+    // The packed layout: groups of kPackRows rows and a tail in ggml's (n_rows 8, 13 and 21 here).
+    const size_t rb = static_cast<size_t>(row_bytes(type, n_cols));
+    std::vector<uint8_t> packed(rb * static_cast<size_t>(n_rows) + 1, 0xA5);
+    pack_rows(type, w.base, w.stride, n_rows, n_cols, packed.data() + 1);  // odd address, as unaligned as a row
+    ASSERT_EQ(packed[0], 0xA5) << name;
+    std::vector<float> yp(static_cast<size_t>(n_tok * ldy), kSentinel);
+    matmul_packed_rows(isa, type, packed.data() + 1, n_rows, n_cols, x.data(), ldx, n_tok, yp.data(), ldy);
+    check(yp, " packed");
   }
-  EXPECT_LE(c.worst_share, 1.0) << name << ": worst " << c.worst << " (share " << c.worst_share << ")";
-  EXPECT_LE(worst_raw, 1.0) << name << ": against the unrounded activations, worst at " << worst_raw_where;
 
   // matvec_rows and dot_row must agree with the same reference (token 0).
   std::vector<float> yv(static_cast<size_t>(n_rows) + 1, kSentinel);
@@ -191,7 +204,7 @@ TEST_P(KernelTest, MatchesFp64OnDequantizedWeights) {
   const int64_t bs = std::max<int64_t>(block_size(type), 32);
   // One block, a few blocks (odd count), and a real hidden size; odd row counts hit the row-tile tail.
   for (int64_t n_cols : {bs, 3 * bs, int64_t{4096}})
-    for (int64_t n_rows : {int64_t{1}, int64_t{3}, int64_t{8}, int64_t{13}})
+    for (int64_t n_rows : {int64_t{1}, int64_t{3}, int64_t{8}, int64_t{13}, int64_t{21}})
       for (int64_t n_tok = 1; n_tok <= 7; ++n_tok) {
         if (n_cols == 4096 && n_tok % 3 != 1) continue;  // keep the big shape to n_tok 1, 4, 7
         run_case(isa, type, n_rows, n_cols, n_tok);
@@ -252,6 +265,18 @@ TEST(KernelIsa, ATokensResultDoesNotDependOnTheOtherTokens) {
           for (int64_t r = 0; r < n_rows; ++r)
             ASSERT_EQ(one[r], all[t * n_rows + r]) << cpu_isa_name(isa) << " " << type_name(type) << " token " << t
                                                    << " of " << n_tok << " row " << r;
+        }
+        if (!packs_rows(isa, type)) continue;
+        // Packed rows: 8 in a group and 5 in ggml's layout, decoded alone and in the 4-token tiles and tails.
+        std::vector<uint8_t> packed(static_cast<size_t>(row_bytes(type, n_cols) * n_rows));
+        pack_rows(type, w.base, w.stride, n_rows, n_cols, packed.data());
+        matmul_packed_rows(isa, type, packed.data(), n_rows, n_cols, x.data(), n_cols, n_tok, all.data(), n_rows);
+        for (int64_t t = 0; t < n_tok; ++t) {
+          matmul_packed_rows(isa, type, packed.data(), n_rows, n_cols, x.data() + t * n_cols, n_cols, 1, one.data(),
+                             n_rows);
+          for (int64_t r = 0; r < n_rows; ++r)
+            ASSERT_EQ(one[r], all[t * n_rows + r]) << cpu_isa_name(isa) << " packed " << type_name(type) << " token "
+                                                   << t << " of " << n_tok << " row " << r;
         }
       }
     }

@@ -53,6 +53,27 @@ class CpuBackend final : public Backend {
     allocated_ += bytes;
     return std::make_unique<AlignedBuffer>(bytes);
   }
+  // Types whose kernels read packed rows faster (quant.h's packs_rows) are packed here, once; the rest keep
+  // ggml's layout, mapped from the file where the loader can (packs_matmul_weight).
+  bool packs_matmul_weight(const WeightView& w) const override { return packs_rows(cpu_isa(), w.type); }
+  WeightView place_matmul_weight(const WeightView& host, std::vector<std::unique_ptr<DeviceBuffer>>& storage) override {
+    if (host.packed || !packs_matmul_weight(host)) return Backend::place_matmul_weight(host, storage);
+    const size_t rb = static_cast<size_t>(row_bytes(host.type, host.n_cols));
+    auto buf = alloc(rb * static_cast<size_t>(host.n_rows));
+    auto* dst = static_cast<uint8_t*>(buf->data());
+    const int64_t n_groups = (host.n_rows + kPackRows - 1) / kPackRows;
+    pool_.parallel_for(n_groups, 64, [&](int64_t b, int64_t e) {
+      const int64_t r0 = b * kPackRows, r1 = std::min(host.n_rows, e * kPackRows);
+      pack_rows(host.type, static_cast<const uint8_t*>(host.data) + host.row_stride * r0, host.row_stride,
+                r1 - r0, host.n_cols, dst + rb * r0);
+    });
+    WeightView v = host;
+    v.data = dst;
+    v.row_stride = rb;
+    v.packed = true;
+    storage.push_back(std::move(buf));
+    return v;
+  }
   void upload(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
   void download(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
   void synchronize() override {}
@@ -99,14 +120,12 @@ class CpuBackend final : public Backend {
   }
 
   void matmul(const WeightView& w, const float* x, float* y, int64_t n_tok) override {
-    // Rows are split across threads; every thread reads its rows once for all tokens.
-    const int64_t grain = std::max<int64_t>(16, w.n_rows / (pool_.size() * 4));
-    pool_.parallel_for(w.n_rows, grain, [&](int64_t b, int64_t e) {
-      const auto* rows = static_cast<const uint8_t*>(w.data) + w.row_stride * b;
-      if (n_tok == 1)
-        matvec_rows(w.type, rows, w.row_stride, e - b, w.n_cols, x, y + b);
-      else
-        matmul_rows(w.type, rows, w.row_stride, e - b, w.n_cols, x, w.n_cols, n_tok, y + b, w.n_rows);
+    // Rows are split across threads in whole packed groups; every thread reads its rows once for all tokens.
+    const int64_t n_groups = (w.n_rows + kPackRows - 1) / kPackRows;
+    const int64_t grain = std::max<int64_t>(2, n_groups / (pool_.size() * 4));
+    pool_.parallel_for(n_groups, grain, [&](int64_t b, int64_t e) {
+      const int64_t r0 = b * kPackRows, r1 = std::min(w.n_rows, e * kPackRows);
+      rows_matmul(w, r0, r1, x, n_tok, y + r0);
     });
   }
 
@@ -123,7 +142,8 @@ class CpuBackend final : public Backend {
       for (int e = 0; e < n_experts; ++e)
         if (bounds[e + 1] > bounds[e]) total_rows += sets[s][e].n_rows;
     if (total_rows == 0) return;
-    const int64_t grain = std::max<int64_t>(16, total_rows / (pool_.size() * 4));
+    // A multiple of kPackRows: a chunk of a packed matrix starts at a group.
+    const int64_t grain = std::max<int64_t>(16, total_rows / (pool_.size() * 4) / kPackRows * kPackRows);
     for (int s = 0; s < n_sets; ++s)
       for (int e = 0; e < n_experts; ++e) {
         if (bounds[e + 1] <= bounds[e]) continue;
@@ -135,13 +155,7 @@ class CpuBackend final : public Backend {
         const Item& it = items[static_cast<size_t>(i)];
         const WeightView& w = sets[it.set][it.expert];
         const int64_t t0 = bounds[it.expert], n_tok = bounds[it.expert + 1] - t0;
-        const auto* rows = static_cast<const uint8_t*>(w.data) + w.row_stride * it.r0;
-        const float* xe = x + t0 * w.n_cols;
-        float* ye = ys[it.set] + t0 * w.n_rows + it.r0;
-        if (n_tok == 1)
-          matvec_rows(w.type, rows, w.row_stride, it.r1 - it.r0, w.n_cols, xe, ye);
-        else
-          matmul_rows(w.type, rows, w.row_stride, it.r1 - it.r0, w.n_cols, xe, w.n_cols, n_tok, ye, w.n_rows);
+        rows_matmul(w, it.r0, it.r1, x + t0 * w.n_cols, n_tok, ys[it.set] + t0 * w.n_rows + it.r0);
       }
     });
   }
@@ -246,6 +260,17 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // Rows [r0, r1) of w times n_tok tokens of x into y (n_tok rows n_rows apart, from row r0); on one thread.
+  // A packed w's r0 is a multiple of kPackRows.
+  static void rows_matmul(const WeightView& w, int64_t r0, int64_t r1, const float* x /* (n_tok, n_cols) */,
+                          int64_t n_tok, float* y /* (n_tok, w.n_rows) from row r0 */) {
+    const auto* rows = static_cast<const uint8_t*>(w.data) + w.row_stride * r0;
+    if (w.packed)
+      matmul_packed_rows(w.type, rows, r1 - r0, w.n_cols, x, w.n_cols, n_tok, y, w.n_rows);
+    else
+      matmul_rows(w.type, rows, w.row_stride, r1 - r0, w.n_cols, x, w.n_cols, n_tok, y, w.n_rows);
+  }
+
   ThreadPool pool_;
   BatchInfo batch_;
   std::vector<int32_t> pos_;  // (n_tok) each token's position
