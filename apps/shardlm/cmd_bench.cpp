@@ -343,6 +343,7 @@ int cmd_bench(int argc, const char* const* argv) {
   // read here, after the runs (KV cache, workspaces and graphs all exist) and before rank 0's bandwidth
   // test allocates its buffers.
   uint64_t my_bytes = engine.model().weights().weight_bytes, all_bytes = 0;
+  uint64_t my_step_bytes = engine.model().weights().step_bytes, step_bytes = 0;  // the roofline's
   std::vector<RankFigures> ranks(size_t(comm->world_size()));
   {
     RankFigures mine;
@@ -367,6 +368,9 @@ int cmd_bench(int argc, const char* const* argv) {
       uint64_t b = my_bytes;
       world->broadcast(&b, sizeof b, r);
       all_bytes += b;
+      uint64_t sb = my_step_bytes;
+      world->broadcast(&sb, sizeof sb, r);
+      step_bytes += sb;
       RankFigures f = mine;
       world->broadcast(&f, sizeof f, r);
       ranks[size_t(r)] = f;
@@ -385,18 +389,19 @@ int cmd_bench(int argc, const char* const* argv) {
   // Tensor-parallel GPUs read their shards at the same time, each from its own memory; pipeline stages
   // take turns at batch 1, and CPU ranks on one host share one memory bus.
   const int parallel_readers = bw_what == "host copy" ? 1 : eo.tp;
-  const double roof = parallel_readers * bw / double(all_bytes);
+  const double roof = parallel_readers * bw / double(step_bytes);
   // KV bytes one sequence reads per step per position of context: K and V rows of every layer, all ranks.
   const ModelConfig& mc = src->config();
   const double kv_pos = 2.0 * double(mc.n_layer) * double(mc.n_head_kv) * double(mc.head_dim) *
                         double(type_size(eo.kv_type)) / double(block_size(eo.kv_type));
   // tg at depth: each token reads the weights and the cache of depth + (on average) n_gen / 2 positions.
-  const double roof_kv = parallel_readers * bw / (double(all_bytes) + (double(depth) + double(n_gen) / 2) * kv_pos);
+  const double roof_kv = parallel_readers * bw / (double(step_bytes) + (double(depth) + double(n_gen) / 2) * kv_pos);
   nlohmann::json j;
   j["model"] = path;
   j["backend"] = engine.backend_name();
   // The layout is under "layout" only: a top-level "pp" would collide with the prefill test's results.
   j["weight_bytes"] = all_bytes;
+  j["step_weight_bytes"] = step_bytes;  // what the roofline counts: the embedding table only as a tied output
   j["bandwidth_bytes_per_s"] = bw;
   j["bandwidth_source"] = bw_what;
   j["roofline_tokens_per_s"] = roof;
@@ -412,8 +417,8 @@ int cmd_bench(int argc, const char* const* argv) {
   if (!batched.empty()) {
     nlohmann::json jb = nlohmann::json::array();
     for (const Batched& bt : batched) {
-      const double step_bytes = double(all_bytes) + double(bt.seqs) * bt.avg_ctx * kv_pos;
-      const double roof_b = double(bt.seqs) * parallel_readers * bw / step_bytes;
+      const double batch_bytes = double(step_bytes) + double(bt.seqs) * bt.avg_ctx * kv_pos;
+      const double roof_b = double(bt.seqs) * parallel_readers * bw / batch_bytes;
       jb.push_back({{"sequences", bt.seqs}, {"tg_tokens_per_s", bt.tg}, {"pp_tokens_per_s", bt.pp},
                     {"roofline_tokens_per_s", roof_b}, {"roofline_share", bt.tg / roof_b}});
     }

@@ -123,6 +123,7 @@ class Loader {
     }
     count(name, t.type, s, (already_mapped && mapped) ? 0 : s.n_bytes);
     if (mapped && !already_mapped) w_.mapped_bytes += s.n_bytes;
+    if (name != "token_embd.weight") w_.step_bytes += s.n_bytes;  // a tied output's too, aliased or packed
     return v;
   }
 
@@ -187,6 +188,7 @@ class Loader {
     s.ne1 = 1;
     s.n_bytes = bytes;
     count(name, GgmlType::F32, s, bytes);
+    w_.step_bytes += bytes;
     return static_cast<const float*>(place(f.data() + r.begin, bytes));
   }
 

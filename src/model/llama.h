@@ -56,6 +56,9 @@ struct ModelWeights {
   std::vector<std::unique_ptr<DeviceBuffer>> storage;
   uint64_t weight_bytes = 0;             // bytes of weights this rank holds (mapped or copied)
   uint64_t mapped_bytes = 0;             // of which read in place from the file's mapping (not allocated)
+  // What a decode step reads: every tensor once, the embedding table only as the output matrix of a tied model
+  // (get_rows reads one row of it a token).
+  uint64_t step_bytes = 0;
   uint64_t expert_host_bytes = 0;        // of which experts held apart from their layer (in RAM)
 };
 

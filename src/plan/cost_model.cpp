@@ -165,11 +165,13 @@ std::vector<RankWeights> rank_weights(const ModelDesc& m, int tp, bool expert_pa
         w.token_embd_row_bytes = static_cast<uint64_t>(row_bytes(t.type, t.ne[0]));
         // Tied: the output is token_embd sliced by vocabulary rows like output.weight.
         if (c.tied_output) {
+          w.output_type = t.type;
           w.output_bytes = tensor_shard("output.weight", t.type, t.ne[0], ne1, c, dt, tp, r).n_bytes;
           w.output_gpu_pad = gpu_alloc_pad(w.output_bytes);
         }
       } else if (t.name == "output.weight") {
         if (!c.tied_output) {  // a tied model's loader never reads it
+          w.output_type = t.type;
           w.output_bytes = s.n_bytes;
           w.output_gpu_pad = pad;
         }

@@ -78,6 +78,7 @@ struct RankWeights {
   uint64_t token_embd_row_bytes = 0;  // what a lookup of one token reads
   uint64_t output_bytes = 0;          // this rank's vocabulary rows of the output matrix (last stage);
                                       // tied models: those rows of token_embd (the loader's slice)
+  GgmlType output_type = GgmlType::F32;  // the output matrix's (token_embd's for tied models)
   uint64_t output_norm_bytes = 0;     // last stage
   uint64_t other_bytes = 0;           // tensors outside the blocks (rope_freqs): the loader keeps them in
                                       // the config (host), so they are reported but not counted per rank

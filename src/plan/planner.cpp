@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "config/presets.h"
+#include "quant/quant.h"
 #include "core/error.h"
 #include "plan/expert_offload.h"
 #include "plan/mapping.h"
@@ -310,8 +311,10 @@ Candidate Search::evaluate(const Layout& L, int64_t ctx) {
         ram.workspace_bytes += static_cast<uint64_t>(4 * b * (2 * c.n_embd + 2 * k * c.n_embd + 2 * k * w.ff_units));
       }
       // As load_weights counts: a tied output on a CPU rank that also maps the embedding costs nothing
-      // extra (it points into the mapped table); a device copies it. rope_freqs stays in the config.
-      const bool tied_in_place = c.tied_output && s.first && dev.kind == PlanDeviceKind::kCpu;
+      // extra (it points into the mapped table) unless the CPU kernels pack its type (quant.h's packs_rows,
+      // this machine's kernel family); a device copies it. rope_freqs stays in the config.
+      const bool tied_in_place = c.tied_output && s.first && dev.kind == PlanDeviceKind::kCpu &&
+                                 !packs_rows(cpu_isa(), w.output_type);
       d.weight_bytes = layer_w + (s.first ? w.token_embd_bytes : 0) +
                        (s.last ? w.output_norm_bytes + (tied_in_place ? 0 : w.output_bytes) : 0);
       if (dev.kind == PlanDeviceKind::kGpu) {

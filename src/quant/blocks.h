@@ -39,6 +39,27 @@ inline constexpr int kQ6_KQh = 128;
 inline constexpr int kQ6_KScales = 192;
 inline constexpr int kQ6_KD = 208;
 
+// Q6_K packed in groups of 8 rows (pack_rows; matmul_packed_avx2 says why), per super-block kQ6Kx8Block bytes
+// (the 8 rows' super-blocks' bytes): the 8 rows' fp16 d (row r at 2r); for each 32-element chunk j the 16
+// bytes sc[2j], sc[2j + 1] of row 0, of row 1, ..., of row 7; then per chunk j (6-bit quants q[0..31])
+// kQ6Kx8Chunk bytes: the low 4 bits as kQ4x8's 128 bytes (q[i] & 15 | (q[i + 16] & 15) << 4), then the top 2
+// bits as two 32-byte words, one for q[0..15] and one for q[16..31], each row r's 32-bit word at 4r: byte i
+// of the word holds the top bits of q[4k + i] (of q[16 + 4k + i]) at bits 2k, 2k + 1, for k = 0..3.
+inline constexpr int kQ6Kx8Block = 8 * kQ6_KBytes;
+inline constexpr int kQ6Kx8Scales = 16;
+inline constexpr int kQ6Kx8Qs = kQ6Kx8Scales + 8 * 16;
+inline constexpr int kQ6Kx8Chunk = 128 + 64;
+static_assert(kQ6Kx8Qs + 8 * kQ6Kx8Chunk == kQ6Kx8Block, "packed Q6_K keeps the rows' size");
+
+// Element e (0..255) of a Q6_K super-block as its unsigned 6-bit quant (value = d * sc[e / 16] * (q - 32)):
+// ggml's dequantize_row_q6_K order, 128 elements per half, four 32-element runs per half.
+inline int q6k_quant(const uint8_t* b /* (kQ6_KBytes) */, int e) {
+  const int h = e / 128, run = (e % 128) / 32, l = e % 32;
+  const uint8_t ql = b[64 * h + l + 32 * (run & 1)];
+  const int lo = run < 2 ? ql & 0xF : ql >> 4;
+  return lo | ((b[kQ6_KQh + 32 * h + l] >> (2 * run)) & 3) << 4;
+}
+
 inline uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
   std::memcpy(&v, p, sizeof v);

@@ -175,8 +175,8 @@ void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, in
 static_assert(kPackRows == kQ4x8Rows, "quant.h promises the packed group of blocks.h");
 
 bool packs_rows(CpuIsa isa, GgmlType type) {
-  // Q4_0 and Q4_K wherever the avx2 integer kernels run (docs/BENCHMARKS.md, "Packed Q4_0 and Q4_K rows").
-  return quantizes_activations(isa, type) && (type == GgmlType::Q4_0 || type == GgmlType::Q4_K);
+  // Q4_0, Q4_K and Q6_K wherever the avx2 integer kernels run (docs/BENCHMARKS.md, "Packed rows").
+  return quantizes_activations(isa, type) && type != GgmlType::Q8_0;
 }
 
 namespace {
@@ -218,10 +218,35 @@ void pack_q4_k_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* 
   }
 }
 
+void pack_q6_k_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* blk = out + b * kQ6Kx8Block;
+    for (int r = 0; r < kQ4x8Rows; ++r) {
+      const uint8_t* src = rows[r] + b * kQ6_KBytes;
+      std::memcpy(blk + 2 * r, src + kQ6_KD, 2);
+      for (int j = 0; j < 8; ++j) std::memcpy(blk + kQ6Kx8Scales + 16 * j + 2 * r, src + kQ6_KScales + 2 * j, 2);
+      for (int j = 0; j < 8; ++j) {
+        int q[32];
+        for (int i = 0; i < 32; ++i) q[i] = q6k_quant(src, 32 * j + i);
+        uint8_t* chunk = blk + kQ6Kx8Qs + j * kQ6Kx8Chunk;
+        uint8_t lo[16];
+        for (int i = 0; i < 16; ++i) lo[i] = static_cast<uint8_t>((q[i] & 0xF) | (q[i + 16] & 0xF) << 4);
+        interleave_q4(lo, r, chunk);
+        for (int half = 0; half < 2; ++half)
+          for (int i = 0; i < 4; ++i) {
+            int byte = 0;
+            for (int k = 0; k < 4; ++k) byte |= (q[16 * half + 4 * k + i] >> 4) << (2 * k);
+            chunk[128 + 32 * half + 4 * r + i] = static_cast<uint8_t>(byte);
+          }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void pack_rows(GgmlType type, const void* src, size_t row_stride, int64_t n_rows, int64_t n_cols, void* dst) {
-  if (type != GgmlType::Q4_0 && type != GgmlType::Q4_K)
+  if (type != GgmlType::Q4_0 && type != GgmlType::Q4_K && type != GgmlType::Q6_K)
     fail_kind(ErrorKind::kUnsupported, "pack_rows: no packed layout for ", type_name(type));
   const int64_t rb = row_bytes(type, n_cols);  // throws on a bad n_cols
   if (n_rows < 0) fail("pack_rows: n_rows ", n_rows, " is negative");
@@ -235,7 +260,8 @@ void pack_rows(GgmlType type, const void* src, size_t row_stride, int64_t n_rows
     const uint8_t* rows[kQ4x8Rows];
     for (int r = 0; r < kQ4x8Rows; ++r) rows[r] = in + static_cast<size_t>(g + r) * row_stride;
     if (type == GgmlType::Q4_0) pack_q4_0_group(rows, n_cols / kQ4_0Block, out + g * rb);
-    else pack_q4_k_group(rows, n_cols / kQK, out + g * rb);
+    else if (type == GgmlType::Q4_K) pack_q4_k_group(rows, n_cols / kQK, out + g * rb);
+    else pack_q6_k_group(rows, n_cols / kQK, out + g * rb);
   }
   for (int64_t r = full; r < n_rows; ++r)
     std::memcpy(out + r * rb, in + static_cast<size_t>(r) * row_stride, static_cast<size_t>(rb));

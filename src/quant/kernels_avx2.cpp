@@ -422,14 +422,15 @@ struct Avx2 {
 
 // One token's rounded activations.
 struct ActRow {
-  const int8_t* q;     // (n_cols) int8 values
-  const float* d;      // (n_cols / 32) block scales
-  const float* s;      // (n_cols / 32) d * (sum of the block's q): the block-minimum term of Q4_K
-  const int32_t* sum;  // (n_cols / 32) sum of the block's q: the offset term of packed Q4_0
+  const int8_t* q;      // (n_cols) int8 values
+  const float* d;       // (n_cols / 32) block scales
+  const float* s;       // (n_cols / 32) d * (sum of the block's q): the block-minimum term of Q4_K
+  const int32_t* sum;   // (n_cols / 32) sum of the block's q: the offset term of packed Q4_0
+  const int32_t* sums;  // (n_cols / 32) the sums of q[0..15] and q[16..31] as two int16 (low, high): packed Q6_K's
 };
 
-// x (n, a multiple of 32) -> q (n) int8, d, s and sum (n / 32); the same bits as quantize_activation_q8.
-void quantize_act(const float* x, int64_t n, int8_t* q, float* d, float* s, int32_t* sum) {
+// x (n, a multiple of 32) -> q (n) int8, d, s, sum and sums (n / 32); the same bits as quantize_activation_q8.
+void quantize_act(const float* x, int64_t n, int8_t* q, float* d, float* s, int32_t* sum, int32_t* sums) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t b = 0; b < n / 32; ++b) {
     __m256 v[4];
@@ -445,16 +446,21 @@ void quantize_act(const float* x, int64_t n, int8_t* q, float* d, float* s, int3
     __m256i iv[4];
     for (int k = 0; k < 4; ++k)
       iv[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    const __m256i sum4 = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum4), _mm256_extracti128_si256(sum4, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    // The two halves' sums (elements 0..15 in iv[0..1], 16..31 in iv[2..3]) in the low and high 128 bits.
+    const __m256i h01 = _mm256_add_epi32(iv[0], iv[1]), h23 = _mm256_add_epi32(iv[2], iv[3]);
+    __m256i hs = _mm256_add_epi32(_mm256_permute2x128_si256(h01, h23, 0x20), _mm256_permute2x128_si256(h01, h23, 0x31));
+    hs = _mm256_add_epi32(hs, _mm256_shuffle_epi32(hs, 0x4E));
+    hs = _mm256_add_epi32(hs, _mm256_shuffle_epi32(hs, 0xB1));
+    const int32_t sum_lo = _mm256_cvtsi256_si32(hs), sum_hi = _mm_cvtsi128_si32(_mm256_extracti128_si256(hs, 1));
+    // Each half is at most 16 * 127 in magnitude: an int16 each.
+    sums[b] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(sum_lo)) |
+                                   static_cast<uint32_t>(static_cast<uint16_t>(sum_hi)) << 16);
     // packs work within 128-bit lanes: the bytes come out as 4-element groups 0,2,4,6,1,3,5,7 of the block.
     const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b),
                         _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     d[b] = db;
-    sum[b] = _mm_cvtsi128_si32(s4);
+    sum[b] = sum_lo + sum_hi;
     s[b] = db * static_cast<float>(sum[b]);
   }
 }
@@ -733,6 +739,61 @@ void q4kx8_tile(const uint8_t* g /* (n_super, kQ4Kx8Block) */, int64_t n_super, 
   for (int t = 0; t < TB; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
+// Q6_K: per chunk j the 6-bit quants rebuilt from the low nibbles and the top-bit words; elements 0..15 and
+// 16..31 have their own scales, so their pair sums (each maddubs pair at most 2 * 63 * 127 = 16,002: two
+// added fit int16) madd with (sc_a, sc_a) and (sc_b, sc_b); the offset 32 of the quants comes off as
+// 32 * (sc_a * sum(x[0..15]) + sc_b * sum(x[16..31])), one madd of (sc_a, sc_b) with the two half sums. Per
+// token and super-block: acc += d * sum_j float(isum_j) * dx_j, the same operations whatever TB is.
+template <int TB>
+void q6kx8_tile(const uint8_t* g /* (n_super, kQ6Kx8Block) */, int64_t n_super, const ActRow* a /* (TB) */,
+                float* y /* (TB, ldy) */, int64_t ldy) {
+  const __m256i m30 = _mm256_set1_epi8(0x30);
+  // Within each 32-bit lane: (sc_a, sc_b) -> (sc_a, sc_a) and (sc_b, sc_b).
+  const __m256i dup_a = _mm256_setr_epi8(0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5,
+                                         8, 9, 8, 9, 12, 13, 12, 13);
+  const __m256i dup_b = _mm256_setr_epi8(2, 3, 2, 3, 6, 7, 6, 7, 10, 11, 10, 11, 14, 15, 14, 15, 2, 3, 2, 3, 6, 7,
+                                         6, 7, 10, 11, 10, 11, 14, 15, 14, 15);
+  __m256 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < n_super; ++sb) {
+    const uint8_t* blk = g + sb * kQ6Kx8Block;
+    const __m256 d = _mm256_cvtph_ps(ld128(blk));
+    __m256 sd[TB];
+    for (int t = 0; t < TB; ++t) sd[t] = _mm256_setzero_ps();
+    for (int j = 0; j < 8; ++j) {
+      const __m256i sc = _mm256_cvtepi8_epi16(ld128(blk + kQ6Kx8Scales + 16 * j));  // (sc_a, sc_b) per lane
+      const __m256i sa = _mm256_shuffle_epi8(sc, dup_a), sbv = _mm256_shuffle_epi8(sc, dup_b);
+      const uint8_t* chunk = blk + kQ6Kx8Qs + j * kQ6Kx8Chunk;
+      Q4x8 n = q4x8_nibbles(chunk);
+      const __m256i h_lo = ld256(chunk + 128), h_hi = ld256(chunk + 160);
+      // Top bits of elements 4k + i to bits 4, 5 of byte i: shifts within 16-bit lanes, the bits that cross
+      // into the next byte masked off.
+      n.lo[0] = _mm256_or_si256(n.lo[0], _mm256_and_si256(_mm256_slli_epi16(h_lo, 4), m30));
+      n.hi[0] = _mm256_or_si256(n.hi[0], _mm256_and_si256(_mm256_slli_epi16(h_hi, 4), m30));
+      n.lo[1] = _mm256_or_si256(n.lo[1], _mm256_and_si256(_mm256_slli_epi16(h_lo, 2), m30));
+      n.hi[1] = _mm256_or_si256(n.hi[1], _mm256_and_si256(_mm256_slli_epi16(h_hi, 2), m30));
+      n.lo[2] = _mm256_or_si256(n.lo[2], _mm256_and_si256(h_lo, m30));
+      n.hi[2] = _mm256_or_si256(n.hi[2], _mm256_and_si256(h_hi, m30));
+      n.lo[3] = _mm256_or_si256(n.lo[3], _mm256_and_si256(_mm256_srli_epi16(h_lo, 2), m30));
+      n.hi[3] = _mm256_or_si256(n.hi[3], _mm256_and_si256(_mm256_srli_epi16(h_hi, 2), m30));
+      const int64_t c = 8 * sb + j;  // the activation block
+      for (int t = 0; t < TB; ++t) {
+        const int8_t* xq = a[t].q + 32 * c;
+        const __m256i pa0 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo[0], bcast4(xq)), _mm256_maddubs_epi16(n.lo[1], bcast4(xq + 4)));
+        const __m256i pa1 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo[2], bcast4(xq + 8)), _mm256_maddubs_epi16(n.lo[3], bcast4(xq + 12)));
+        const __m256i pb0 = _mm256_add_epi16(_mm256_maddubs_epi16(n.hi[0], bcast4(xq + 16)), _mm256_maddubs_epi16(n.hi[1], bcast4(xq + 20)));
+        const __m256i pb1 = _mm256_add_epi16(_mm256_maddubs_epi16(n.hi[2], bcast4(xq + 24)), _mm256_maddubs_epi16(n.hi[3], bcast4(xq + 28)));
+        const __m256i dot = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(pa0, sa), _mm256_madd_epi16(pa1, sa)),
+                                             _mm256_add_epi32(_mm256_madd_epi16(pb0, sbv), _mm256_madd_epi16(pb1, sbv)));
+        const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(sc, _mm256_set1_epi32(a[t].sums[c])), 5);
+        sd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot, off)), _mm256_broadcast_ss(a[t].d + c), sd[t]);
+      }
+    }
+    for (int t = 0; t < TB; ++t) acc[t] = _mm256_fmadd_ps(sd[t], d, acc[t]);
+  }
+  for (int t = 0; t < TB; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
 // Every token tile of one packed group: TB tokens at a time, then the tail.
 template <template <int> class Tile>
 void group_tiles(const uint8_t* g, int64_t n_blocks, const ActRow* a, int64_t n_tok, float* y, int64_t ldy) {
@@ -750,6 +811,10 @@ struct Q4x8Tile {
   static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q4x8_tile<TB>(g, n, a, y, ldy); }
 };
 template <int TB>
+struct Q6Kx8Tile {
+  static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q6kx8_tile<TB>(g, n, a, y, ldy); }
+};
+template <int TB>
 struct Q4Kx8Tile {
   static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q4kx8_tile<TB>(g, n, a, y, ldy); }
 };
@@ -757,10 +822,10 @@ struct Q4Kx8Tile {
 // Each token's rounded activations (quantize_act) in decode_scratch, after `lead` floats (32-byte aligned)
 // that the caller may use; returns the table of n_tok rows.
 ActRow* round_activations(const float* x, int64_t ldx, int64_t n_tok, int64_t n_cols, int64_t lead, float** lead_out) {
-  // Scratch: `lead`, the token table, then per token n_cols int8 values and n_cols / 32 scales, sums d*q and
-  // integer sums.
+  // Scratch: `lead`, the token table, then per token n_cols int8 values and n_cols / 32 scales, sums d*q,
+  // integer sums and half sums.
   const int64_t nb = n_cols / 32;
-  const int64_t per_tok = n_cols / 4 + 3 * nb;  // in floats (int32 sums are float-sized)
+  const int64_t per_tok = n_cols / 4 + 4 * nb;  // in floats (int32 sums are float-sized)
   static_assert(sizeof(ActRow) % sizeof(float) == 0 && sizeof(int32_t) == sizeof(float));
   constexpr int64_t kRowFloats = sizeof(ActRow) / sizeof(float);
   float* raw = decode_scratch(static_cast<size_t>(8 + lead + n_tok * (kRowFloats + per_tok)));
@@ -773,8 +838,9 @@ ActRow* round_activations(const float* x, int64_t ldx, int64_t n_tok, int64_t n_
     float* d = base + n_cols / 4;
     float* s = d + nb;
     auto* sum = reinterpret_cast<int32_t*>(s + nb);
-    quantize_act(x + t * ldx, n_cols, q, d, s, sum);
-    rows[t] = ActRow{q, d, s, sum};
+    int32_t* sums = sum + nb;
+    quantize_act(x + t * ldx, n_cols, q, d, s, sum, sums);
+    rows[t] = ActRow{q, d, s, sum, sums};
   }
   return rows;
 }
@@ -827,6 +893,12 @@ void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int6
         group_tiles<Q4Kx8Tile>(w + r * row_stride, n_cols / kQK, a, n_tok, y + r, ldy);
       if (full < n_rows)
         imatmul<GgmlType::Q4_K>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
+      return;
+    case GgmlType::Q6_K:
+      for (int64_t r = 0; r < full; r += kQ4x8Rows)
+        group_tiles<Q6Kx8Tile>(w + r * row_stride, n_cols / kQK, a, n_tok, y + r, ldy);
+      if (full < n_rows)
+        imatmul<GgmlType::Q6_K>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
       return;
     default: break;
   }

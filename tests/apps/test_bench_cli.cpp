@@ -123,6 +123,12 @@ TEST(BenchCli, JsonKeepsItsKeysAndAddsRanksPlannerAndAllReduce) {
   for (const char* k : {"model", "backend", "weight_bytes", "bandwidth_bytes_per_s", "bandwidth_source",
                         "roofline_tokens_per_s", "pp", "tg", "layout"})
     EXPECT_TRUE(j.contains(k)) << k;
+  // The roofline counts what a decode step reads: the embedding table only as a tied output (the bundled
+  // model's), so here all of the weights.
+  EXPECT_EQ(j["step_weight_bytes"].get<uint64_t>(), j["weight_bytes"].get<uint64_t>());
+  EXPECT_NEAR(j["roofline_tokens_per_s"].get<double>(),
+              j["bandwidth_bytes_per_s"].get<double>() / j["step_weight_bytes"].get<double>(),
+              1e-9 * j["roofline_tokens_per_s"].get<double>());
   for (const char* k : {"n_gen", "tokens_per_s", "runs", "roofline_share", "comm_share", "fixed_cost_us_per_token"})
     EXPECT_TRUE(j["tg"].contains(k)) << k;
   EXPECT_TRUE(j["pp"].contains("tokens_per_s"));
