@@ -14,6 +14,11 @@ inline constexpr int kQ8_0Block = 32;
 inline constexpr int kQ8_0Bytes = 34;
 inline constexpr int kQ8_0Qs = 2;
 
+// Q8_0 packed in groups of 8 rows (pack_rows; matmul_packed_avx2 says why), per 32-column block kQ8x8Block
+// bytes: the 8 rows' fp16 d (row r at 2r), then for k = 0..7 the 32 bytes qs[4k..4k+3] of row 0, ..., of row 7.
+inline constexpr int kQ8x8Block = 8 * kQ8_0Bytes;
+inline constexpr int kQ8x8Qs = 16;
+
 // Q4_0: fp16 d; uint8 qs[16]; element j in the low nibble of qs[j], element j+16 in the high nibble.
 inline constexpr int kQ4_0Block = 32;
 inline constexpr int kQ4_0Bytes = 18;

@@ -175,8 +175,8 @@ void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, in
 static_assert(kPackRows == kQ4x8Rows, "quant.h promises the packed group of blocks.h");
 
 bool packs_rows(CpuIsa isa, GgmlType type) {
-  // Q4_0, Q4_K and Q6_K wherever the avx2 integer kernels run (docs/BENCHMARKS.md, "Packed rows").
-  return quantizes_activations(isa, type) && type != GgmlType::Q8_0;
+  // Every type the avx2 integer kernels take, wherever they run (docs/BENCHMARKS.md, "Packed rows").
+  return quantizes_activations(isa, type);
 }
 
 namespace {
@@ -184,6 +184,17 @@ namespace {
 // Row r's 16 Q4_0-order quant bytes (element i low, i + 16 high) into a kQ4x8-ordered group block.
 void interleave_q4(const uint8_t* qs /* (16) */, int r, uint8_t* group /* (128) */) {
   for (int k = 0; k < 4; ++k) std::memcpy(group + 32 * k + 4 * r, qs + 4 * k, 4);
+}
+
+void pack_q8_0_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t* blk = out + b * kQ8x8Block;
+    for (int r = 0; r < kQ4x8Rows; ++r) {
+      const uint8_t* src = rows[r] + b * kQ8_0Bytes;
+      std::memcpy(blk + 2 * r, src, 2);
+      for (int k = 0; k < 8; ++k) std::memcpy(blk + kQ8x8Qs + 32 * k + 4 * r, src + kQ8_0Qs + 4 * k, 4);
+    }
+  }
 }
 
 void pack_q4_0_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* out) {
@@ -246,7 +257,7 @@ void pack_q6_k_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* 
 }  // namespace
 
 void pack_rows(GgmlType type, const void* src, size_t row_stride, int64_t n_rows, int64_t n_cols, void* dst) {
-  if (type != GgmlType::Q4_0 && type != GgmlType::Q4_K && type != GgmlType::Q6_K)
+  if (type != GgmlType::Q8_0 && type != GgmlType::Q4_0 && type != GgmlType::Q4_K && type != GgmlType::Q6_K)
     fail_kind(ErrorKind::kUnsupported, "pack_rows: no packed layout for ", type_name(type));
   const int64_t rb = row_bytes(type, n_cols);  // throws on a bad n_cols
   if (n_rows < 0) fail("pack_rows: n_rows ", n_rows, " is negative");
@@ -259,7 +270,8 @@ void pack_rows(GgmlType type, const void* src, size_t row_stride, int64_t n_rows
   for (int64_t g = 0; g < full; g += kQ4x8Rows) {
     const uint8_t* rows[kQ4x8Rows];
     for (int r = 0; r < kQ4x8Rows; ++r) rows[r] = in + static_cast<size_t>(g + r) * row_stride;
-    if (type == GgmlType::Q4_0) pack_q4_0_group(rows, n_cols / kQ4_0Block, out + g * rb);
+    if (type == GgmlType::Q8_0) pack_q8_0_group(rows, n_cols / kQ8_0Block, out + g * rb);
+    else if (type == GgmlType::Q4_0) pack_q4_0_group(rows, n_cols / kQ4_0Block, out + g * rb);
     else if (type == GgmlType::Q4_K) pack_q4_k_group(rows, n_cols / kQK, out + g * rb);
     else pack_q6_k_group(rows, n_cols / kQK, out + g * rb);
   }

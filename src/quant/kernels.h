@@ -28,8 +28,8 @@ void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n
 void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                       const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
 
-// Rows packed by pack_rows (quant.h; Q4_0 or Q4_K): the first n_rows / 8 * 8 rows in groups of 8 (blocks.h's
-// kQ4x8 / kQ4Kx8 layouts), row_stride bytes a row; the rest in ggml's layout.
+// Rows packed by pack_rows (quant.h; Q8_0, Q4_0, Q4_K or Q6_K): the first n_rows / 8 * 8 rows in groups of 8
+// (blocks.h's kQ8x8 / kQ4x8 / kQ4Kx8 / kQ6Kx8 layouts), row_stride bytes a row; the rest in ggml's layout.
 void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                         const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
 

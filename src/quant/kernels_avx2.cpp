@@ -635,7 +635,7 @@ void imatmul(const uint8_t* w, size_t stride, int64_t n_rows, int64_t n_cols, co
 }
 
 
-// ---- Q4_0 and Q4_K in groups of 8 rows (pack_rows, blocks.h's kQ4x8 and kQ4Kx8 layouts) ----
+// ---- Q8_0, Q4_0, Q4_K and Q6_K in groups of 8 rows (pack_rows, blocks.h's kQ8x8, kQ4x8, kQ4Kx8, kQ6Kx8) ----
 // Row-by-row decode spends a float convert, multiply and FMA, a scale load and a broadcast per row and chunk,
 // and reads 8 rows from 8 places. A packed group puts one row in each 32-bit lane instead: a 32-byte load
 // holds 4 quant bytes (8 weights) of every row, maddubs + madd against the 4 activations broadcast to every
@@ -688,6 +688,32 @@ void q4x8_tile(const uint8_t* g /* (n_blocks, kQ4x8Block) */, int64_t n_blocks, 
     for (int t = 0; t < TB; ++t) {
       const __m256i s16 = q4x8_pairs(n, a[t].q + 32 * b);
       const __m256i isum = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * a[t].sum[b]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_broadcast_ss(a[t].d + b)), acc[t]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
+}
+
+// Q8_0: signed quants, so each 4-byte group takes the sign trick (maddubs(|w|, sign(x, w))) and its own madd
+// (a pair reaches 2 * 127 * 127 = 32,258: two would overflow int16); acc += float(isum) * (d_w * d_x) per
+// block, the same operations for a token whatever TB is.
+template <int TB>
+void q8x8_tile(const uint8_t* g /* (n_blocks, kQ8x8Block) */, int64_t n_blocks, const ActRow* a /* (TB) */,
+               float* y /* (TB, ldy) */, int64_t ldy) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* blk = g + b * kQ8x8Block;
+    const __m256 dw = _mm256_cvtph_ps(ld128(blk));
+    for (int t = 0; t < TB; ++t) {
+      const int8_t* xq = a[t].q + 32 * b;
+      __m256i isum = _mm256_setzero_si256();
+      for (int k = 0; k < 8; ++k) {
+        const __m256i w = ld256(blk + kQ8x8Qs + 32 * k);
+        const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(bcast4(xq + 4 * k), w));
+        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+      }
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_broadcast_ss(a[t].d + b)), acc[t]);
     }
   }
@@ -811,6 +837,10 @@ struct Q4x8Tile {
   static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q4x8_tile<TB>(g, n, a, y, ldy); }
 };
 template <int TB>
+struct Q8x8Tile {
+  static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q8x8_tile<TB>(g, n, a, y, ldy); }
+};
+template <int TB>
 struct Q6Kx8Tile {
   static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q6kx8_tile<TB>(g, n, a, y, ldy); }
 };
@@ -882,6 +912,12 @@ void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int6
   auto* decoded = reinterpret_cast<WChunk*>(lead);
   const uint8_t* tail = w + full * row_stride;  // the last n_rows % 8 rows stay in ggml's layout
   switch (type) {
+    case GgmlType::Q8_0:
+      for (int64_t r = 0; r < full; r += kQ4x8Rows)
+        group_tiles<Q8x8Tile>(w + r * row_stride, n_blocks, a, n_tok, y + r, ldy);
+      if (full < n_rows)
+        imatmul<GgmlType::Q8_0>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
+      return;
     case GgmlType::Q4_0:
       for (int64_t r = 0; r < full; r += kQ4x8Rows)
         group_tiles<Q4x8Tile>(w + r * row_stride, n_blocks, a, n_tok, y + r, ldy);

@@ -74,8 +74,8 @@ bool quantizes_activations(CpuIsa isa, GgmlType type);
 void quantize_activation_q8(const float* x /* (n) */, int64_t n, int8_t* q /* (n) */, float* d /* (n / 32) */);
 
 // Packed rows: where packs_rows(isa, type) is true, family `isa` multiplies a matrix of `type` faster after
-// pack_rows has rearranged it (Q4_0 on avx2 and avx512: the blocks of 8 rows interleaved, so that one load
-// feeds all 8 rows' dot products). A backend packs a matrix once, at load, and multiplies it with
+// pack_rows has rearranged it (Q8_0, Q4_0, Q4_K and Q6_K on avx2 and avx512: the blocks of 8 rows
+// interleaved, so that one load feeds all 8 rows' dot products). A backend packs a matrix once, at load, and multiplies it with
 // matmul_packed_rows only. The result is within the same bound as matmul_rows' and does not depend on the other tokens.
 inline constexpr int kPackRows = 8;  // rows per packed group; the last n_rows % kPackRows rows stay as they are
 bool packs_rows(CpuIsa isa, GgmlType type);
