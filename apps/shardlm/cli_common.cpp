@@ -223,19 +223,22 @@ CpuKernelRate time_cpu_kernels(GgmlType type, int threads) {
     pack_rows(type, w.data(), static_cast<size_t>(rb), n_rows, kCols, p.data());
     w = std::move(p);
   }
-  // Each thread multiplies its slice of `rows` rows (whole packed groups); the better of 2 runs after a
-  // warm-up.
+  // Each thread multiplies its slice of `rows` rows (whole packed groups) kPasses times; the better of 2 runs
+  // after a warm-up, per pass.
+  constexpr int kPasses = 4;
   const auto best_s = [&](int64_t rows, int64_t n_tok) {
     return best_parallel_s(threads, 3, 1, [&](int k) {
       const int64_t lo = rows * k / threads / kPackRows * kPackRows;
       const int64_t hi = k + 1 == threads ? rows : rows * (k + 1) / threads / kPackRows * kPackRows;
       const uint8_t* rows_lo = w.data() + lo * rb;
-      if (packed)
-        matmul_packed_rows(type, rows_lo, hi - lo, kCols, x.data(), kCols, n_tok, y.data() + lo, rows);
-      else
-        matmul_rows(type, rows_lo, static_cast<size_t>(rb), hi - lo, kCols, x.data(), kCols, n_tok, y.data() + lo,
-                    rows);
-    });
+      for (int pass = 0; pass < kPasses; ++pass) {
+        if (packed)
+          matmul_packed_rows(type, rows_lo, hi - lo, kCols, x.data(), kCols, n_tok, y.data() + lo, rows);
+        else
+          matmul_rows(type, rows_lo, static_cast<size_t>(rb), hi - lo, kCols, x.data(), kCols, n_tok, y.data() + lo,
+                      rows);
+      }
+    }) / kPasses;
   };
   CpuKernelRate k;
   k.type = type;
