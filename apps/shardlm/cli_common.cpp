@@ -197,32 +197,54 @@ double best_parallel_s(int threads, int reps, int warmup, const std::function<vo
   return best;
 }
 
+// The largest CPU cache's size in bytes (sysfs, else sysconf), 0 if neither says.
+uint64_t largest_cache_bytes() {
+  uint64_t best = 0;
+  for (int i = 0; i < 8; ++i) {
+    std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/size");
+    uint64_t v = 0;
+    char unit = 0;
+    if (!(f >> v)) continue;
+    f >> unit;
+    best = std::max(best, v << (unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0));
+  }
+  if (best == 0) best = static_cast<uint64_t>(std::max(0L, sysconf(_SC_LEVEL3_CACHE_SIZE)));
+  return best;
+}
+
 CpuKernelRate time_cpu_kernels(GgmlType type, int threads) {
   constexpr int64_t kCols = 4096, kTok = 64, kPrefillRows = 2048;
-  // 64 distinct rows of real quantized values (no NaN scales or denormals) repeated over 128 MiB.
+  // 64 distinct rows of real quantized values (no NaN scales or denormals) repeated over four times the largest
+  // cache, at least 128 MiB and at most 1 GiB: the timed passes must come from memory (a 16-core Xeon's cache
+  // held much of 128 MiB: rates 1.5-2x its copy bandwidth).
   constexpr int64_t kDistinct = 64;
+  static_assert(kDistinct % kPackRows == 0 && kPrefillRows % kDistinct == 0);
   const int64_t rb = row_bytes(type, kCols);
-  const int64_t n_rows = std::max<int64_t>(kPrefillRows, (int64_t{128} << 20) / rb / kDistinct * kDistinct);
-  std::vector<uint8_t> w(static_cast<size_t>(n_rows * rb));  // (n_rows, rb) bytes
+  const int64_t bytes = std::clamp<int64_t>(4 * static_cast<int64_t>(largest_cache_bytes()), int64_t{128} << 20,
+                                            int64_t{1} << 30);
+  const int64_t n_rows = std::max<int64_t>(kPrefillRows, bytes / rb / kDistinct * kDistinct);
+  std::vector<uint8_t> distinct(static_cast<size_t>(kDistinct * rb));  // (kDistinct, rb) bytes
   std::mt19937 rng(1);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> row(kCols);
   for (int64_t r = 0; r < kDistinct; ++r) {
     for (float& v : row) v = nd(rng);
-    quantize_row(type, row.data(), w.data() + r * rb, kCols);
+    quantize_row(type, row.data(), distinct.data() + r * rb, kCols);
   }
-  for (int64_t r = kDistinct; r < n_rows; ++r)
-    std::memcpy(w.data() + r * rb, w.data() + (r % kDistinct) * rb, static_cast<size_t>(rb));
-  std::vector<float> x(kCols * kTok);  // (kTok, kCols)
-  for (float& v : x) v = nd(rng);
-  std::vector<float> y(static_cast<size_t>(n_rows * kTok));  // (kTok, rows)
-  // Packed as the CPU backend packs it, where it does (quant.h's packs_rows).
+  // Packed as the CPU backend packs it, where it does (quant.h's packs_rows): whole groups, so the packed
+  // distinct rows repeat as they are.
   const bool packed = packs_rows(cpu_isa(), type);
   if (packed) {
-    std::vector<uint8_t> p(w.size());
-    pack_rows(type, w.data(), static_cast<size_t>(rb), n_rows, kCols, p.data());
-    w = std::move(p);
+    std::vector<uint8_t> p(distinct.size());
+    pack_rows(type, distinct.data(), static_cast<size_t>(rb), kDistinct, kCols, p.data());
+    distinct = std::move(p);
   }
+  std::vector<uint8_t> w(static_cast<size_t>(n_rows * rb));  // (n_rows, rb) bytes
+  for (int64_t r = 0; r < n_rows; r += kDistinct)
+    std::memcpy(w.data() + r * rb, distinct.data(), distinct.size());
+  std::vector<float> x(kCols * kTok);  // (kTok, kCols)
+  for (float& v : x) v = nd(rng);
+  std::vector<float> y(static_cast<size_t>(std::max(n_rows, kPrefillRows * kTok)));  // (n_tok, rows)
   // Each thread multiplies its slice of `rows` rows (whole packed groups) kPasses times; the better of 2 runs
   // after a warm-up, per pass.
   constexpr int kPasses = 4;

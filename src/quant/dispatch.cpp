@@ -136,7 +136,7 @@ const char* cpu_kernel_isa() { return cpu_isa_name(cpu_isa()); }
 bool quantizes_activations(CpuIsa isa, GgmlType type) {
   // avx2: its float path spends ~16 instructions per 32 weights and token, the integer one ~8 (docs/BENCHMARKS.md,
   // "integer dot products for decode"). The avx512 family takes the same avx2 integer kernels: its 16-wide float
-  // kernels decoded slower than them on a Sapphire Rapids Xeon (docs/BENCHMARKS.md, "Packed Q4_0 rows").
+  // kernels decoded slower than them on the H100 machine's 16-core Xeon (docs/BENCHMARKS.md, "Packed rows").
   if (isa != CpuIsa::kAvx2 && isa != CpuIsa::kAvx512) return false;
   switch (type) {
     case GgmlType::Q8_0:
