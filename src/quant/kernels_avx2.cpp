@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.h"
 #include "quant/blocks.h"
@@ -644,7 +645,9 @@ void imatmul(const uint8_t* w, size_t stride, int64_t n_rows, int64_t n_cols, co
 
 __m256i srl32(__m256i v, int bits) { return _mm256_srl_epi32(v, _mm_cvtsi32_si128(bits)); }
 // 4 activation bytes in every 32-bit lane.
-__m256i bcast4(const int8_t* x) { return _mm256_set1_epi32(static_cast<int>(load_u32(reinterpret_cast<const uint8_t*>(x)))); }
+__m256i bcast4(const int8_t* x) {
+  return _mm256_set1_epi32(static_cast<int>(load_u32(reinterpret_cast<const uint8_t*>(x))));
+}
 
 // A 128-byte kQ4x8 block of 32 columns as 4 + 4 vectors of unsigned nibbles.
 struct Q4x8 {
@@ -664,7 +667,8 @@ struct Q4x8 {
 // products of a lane added (each at most 2 * 15 * 127 = 3810 in magnitude: 8 of them, 30,480, fit int16).
 [[gnu::always_inline]] inline __m256i q4x8_pairs(const Q4x8& n, const int8_t* xq /* (32) */) {
   // Activations 4k..4k+3 (and 16+4k..) in every lane, against each row's 4 quant bytes.
-  __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo[0], bcast4(xq)), _mm256_maddubs_epi16(n.hi[0], bcast4(xq + 16)));
+  __m256i s16 =
+      _mm256_add_epi16(_mm256_maddubs_epi16(n.lo[0], bcast4(xq)), _mm256_maddubs_epi16(n.hi[0], bcast4(xq + 16)));
   for (int k = 1; k < 4; ++k) {
     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(n.lo[k], bcast4(xq + 4 * k)));
     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(n.hi[k], bcast4(xq + 16 + 4 * k)));
@@ -805,14 +809,19 @@ void q6kx8_tile(const uint8_t* g /* (n_super, kQ6Kx8Block) */, int64_t n_super, 
       const int64_t c = 8 * sb + j;  // the activation block
       for (int t = 0; t < TB; ++t) {
         const int8_t* xq = a[t].q + 32 * c;
-        const __m256i pa0 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo[0], bcast4(xq)), _mm256_maddubs_epi16(n.lo[1], bcast4(xq + 4)));
-        const __m256i pa1 = _mm256_add_epi16(_mm256_maddubs_epi16(n.lo[2], bcast4(xq + 8)), _mm256_maddubs_epi16(n.lo[3], bcast4(xq + 12)));
-        const __m256i pb0 = _mm256_add_epi16(_mm256_maddubs_epi16(n.hi[0], bcast4(xq + 16)), _mm256_maddubs_epi16(n.hi[1], bcast4(xq + 20)));
-        const __m256i pb1 = _mm256_add_epi16(_mm256_maddubs_epi16(n.hi[2], bcast4(xq + 24)), _mm256_maddubs_epi16(n.hi[3], bcast4(xq + 28)));
-        const __m256i dot = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(pa0, sa), _mm256_madd_epi16(pa1, sa)),
-                                             _mm256_add_epi32(_mm256_madd_epi16(pb0, sbv), _mm256_madd_epi16(pb1, sbv)));
+        // Two maddubs products of vectors v and v + 1 of `q`, against activations xq[i..i+3] and xq[i+4..i+7].
+        const auto pair = [xq](const __m256i* q, int v, int i) {
+          return _mm256_add_epi16(_mm256_maddubs_epi16(q[v], bcast4(xq + i)),
+                                  _mm256_maddubs_epi16(q[v + 1], bcast4(xq + i + 4)));
+        };
+        const __m256i dot_a = _mm256_add_epi32(_mm256_madd_epi16(pair(n.lo, 0, 0), sa),  // elements 0..15
+                                               _mm256_madd_epi16(pair(n.lo, 2, 8), sa));
+        const __m256i dot_b = _mm256_add_epi32(_mm256_madd_epi16(pair(n.hi, 0, 16), sbv),  // 16..31
+                                               _mm256_madd_epi16(pair(n.hi, 2, 24), sbv));
+        const __m256i dot = _mm256_add_epi32(dot_a, dot_b);
         const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(sc, _mm256_set1_epi32(a[t].sums[c])), 5);
-        sd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot, off)), _mm256_broadcast_ss(a[t].d + c), sd[t]);
+        sd[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot, off)), _mm256_broadcast_ss(a[t].d + c),
+                                sd[t]);
       }
     }
     for (int t = 0; t < TB; ++t) acc[t] = _mm256_fmadd_ps(sd[t], d, acc[t]);
@@ -820,34 +829,20 @@ void q6kx8_tile(const uint8_t* g /* (n_super, kQ6Kx8Block) */, int64_t n_super, 
   for (int t = 0; t < TB; ++t) _mm256_storeu_ps(y + t * ldy, acc[t]);
 }
 
-// Every token tile of one packed group: TB tokens at a time, then the tail.
-template <template <int> class Tile>
-void group_tiles(const uint8_t* g, int64_t n_blocks, const ActRow* a, int64_t n_tok, float* y, int64_t ldy) {
+// Every token tile of one packed group: TB tokens at a time, then the tail. tile(std::integral_constant<int, TB>,
+// g, n_blocks, a, y, ldy) runs one tile kernel.
+template <class Tile>
+void group_tiles(Tile tile, const uint8_t* g, int64_t n_blocks, const ActRow* a, int64_t n_tok, float* y,
+                 int64_t ldy) {
   int64_t t = 0;
-  for (; t + 4 <= n_tok; t += 4) Tile<4>::run(g, n_blocks, a + t, y + t * ldy, ldy);
+  for (; t + 4 <= n_tok; t += 4) tile(std::integral_constant<int, 4>{}, g, n_blocks, a + t, y + t * ldy, ldy);
   switch (n_tok - t) {
-    case 3: Tile<3>::run(g, n_blocks, a + t, y + t * ldy, ldy); break;
-    case 2: Tile<2>::run(g, n_blocks, a + t, y + t * ldy, ldy); break;
-    case 1: Tile<1>::run(g, n_blocks, a + t, y + t * ldy, ldy); break;
+    case 3: tile(std::integral_constant<int, 3>{}, g, n_blocks, a + t, y + t * ldy, ldy); break;
+    case 2: tile(std::integral_constant<int, 2>{}, g, n_blocks, a + t, y + t * ldy, ldy); break;
+    case 1: tile(std::integral_constant<int, 1>{}, g, n_blocks, a + t, y + t * ldy, ldy); break;
     default: break;
   }
 }
-template <int TB>
-struct Q4x8Tile {
-  static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q4x8_tile<TB>(g, n, a, y, ldy); }
-};
-template <int TB>
-struct Q8x8Tile {
-  static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q8x8_tile<TB>(g, n, a, y, ldy); }
-};
-template <int TB>
-struct Q6Kx8Tile {
-  static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q6kx8_tile<TB>(g, n, a, y, ldy); }
-};
-template <int TB>
-struct Q4Kx8Tile {
-  static void run(const uint8_t* g, int64_t n, const ActRow* a, float* y, int64_t ldy) { q4kx8_tile<TB>(g, n, a, y, ldy); }
-};
 
 // Each token's rounded activations (quantize_act) in decode_scratch, after `lead` floats (32-byte aligned)
 // that the caller may use; returns the table of n_tok rows.
@@ -903,39 +898,32 @@ void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_
 
 void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                         const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
-  const int64_t n_blocks = n_cols / 32, full = n_rows / kQ4x8Rows * kQ4x8Rows;
+  const int64_t full = n_rows / kQ4x8Rows * kQ4x8Rows;
   // The tail rows' prefill decodes two rows at a time into scratch ahead of the activations (imatmul).
   const int64_t tail_floats =
-      n_tok > 1 && full < n_rows ? 2 * n_blocks * static_cast<int64_t>(sizeof(WChunk) / sizeof(float)) : 0;
+      n_tok > 1 && full < n_rows ? 2 * (n_cols / 32) * static_cast<int64_t>(sizeof(WChunk) / sizeof(float)) : 0;
   float* lead = nullptr;
   const ActRow* a = round_activations(x, ldx, n_tok, n_cols, tail_floats, &lead);
-  auto* decoded = reinterpret_cast<WChunk*>(lead);
-  const uint8_t* tail = w + full * row_stride;  // the last n_rows % 8 rows stay in ggml's layout
+  // The groups, then the last n_rows % 8 rows in ggml's layout. n_blocks: the tile's blocks per row.
+  const auto rows = [&]<GgmlType T>(int64_t n_blocks, auto tile) {
+    for (int64_t r = 0; r < full; r += kQ4x8Rows) group_tiles(tile, w + r * row_stride, n_blocks, a, n_tok, y + r, ldy);
+    if (full < n_rows)
+      imatmul<T>(w + full * row_stride, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy,
+                 reinterpret_cast<WChunk*>(lead));
+  };
   switch (type) {
     case GgmlType::Q8_0:
-      for (int64_t r = 0; r < full; r += kQ4x8Rows)
-        group_tiles<Q8x8Tile>(w + r * row_stride, n_blocks, a, n_tok, y + r, ldy);
-      if (full < n_rows)
-        imatmul<GgmlType::Q8_0>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
-      return;
+      return rows.template operator()<GgmlType::Q8_0>(
+          n_cols / 32, [](auto tb, auto... p) { q8x8_tile<decltype(tb)::value>(p...); });
     case GgmlType::Q4_0:
-      for (int64_t r = 0; r < full; r += kQ4x8Rows)
-        group_tiles<Q4x8Tile>(w + r * row_stride, n_blocks, a, n_tok, y + r, ldy);
-      if (full < n_rows)
-        imatmul<GgmlType::Q4_0>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
-      return;
+      return rows.template operator()<GgmlType::Q4_0>(
+          n_cols / 32, [](auto tb, auto... p) { q4x8_tile<decltype(tb)::value>(p...); });
     case GgmlType::Q4_K:
-      for (int64_t r = 0; r < full; r += kQ4x8Rows)
-        group_tiles<Q4Kx8Tile>(w + r * row_stride, n_cols / kQK, a, n_tok, y + r, ldy);
-      if (full < n_rows)
-        imatmul<GgmlType::Q4_K>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
-      return;
+      return rows.template operator()<GgmlType::Q4_K>(
+          n_cols / kQK, [](auto tb, auto... p) { q4kx8_tile<decltype(tb)::value>(p...); });
     case GgmlType::Q6_K:
-      for (int64_t r = 0; r < full; r += kQ4x8Rows)
-        group_tiles<Q6Kx8Tile>(w + r * row_stride, n_cols / kQK, a, n_tok, y + r, ldy);
-      if (full < n_rows)
-        imatmul<GgmlType::Q6_K>(tail, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy, decoded);
-      return;
+      return rows.template operator()<GgmlType::Q6_K>(
+          n_cols / kQK, [](auto tb, auto... p) { q6kx8_tile<decltype(tb)::value>(p...); });
     default: break;
   }
   SHARDLM_CHECK(false, "no packed kernel for ", type_name(type));

@@ -75,8 +75,9 @@ void quantize_activation_q8(const float* x /* (n) */, int64_t n, int8_t* q /* (n
 
 // Packed rows: where packs_rows(isa, type) is true, family `isa` multiplies a matrix of `type` faster after
 // pack_rows has rearranged it (Q8_0, Q4_0, Q4_K and Q6_K on avx2 and avx512: the blocks of 8 rows
-// interleaved, so that one load feeds all 8 rows' dot products). A backend packs a matrix once, at load, and multiplies it with
-// matmul_packed_rows only. The result is within the same bound as matmul_rows' and does not depend on the other tokens.
+// interleaved, so that one load feeds all 8 rows' dot products). A backend packs a matrix once, at load, and
+// multiplies it with matmul_packed_rows only. The result is within the same bound as matmul_rows' and does not
+// depend on the other tokens.
 inline constexpr int kPackRows = 8;  // rows per packed group; the last n_rows % kPackRows rows stay as they are
 bool packs_rows(CpuIsa isa, GgmlType type);
 // n_rows rows of n_cols elements (src rows row_stride bytes apart) -> dst, row_bytes(type, n_cols) * n_rows
