@@ -1,11 +1,16 @@
 #include "plan/expert_offload.h"
 
 // -ot patterns are ECMAScript regexes, as llama.cpp reads them. With -fsanitize=address GCC 12-14 report a false
-// -Wmaybe-uninitialized inside <regex> itself (std::function in _State; GCC bug 105616), hence the pragma.
+// -Wmaybe-uninitialized inside <regex> itself (std::function in _State; GCC bug 105616), hence the pragma (GCC's
+// only: clang has no such warning and warns about the unknown name).
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <regex>
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 
 #include "core/error.h"
 #include "plan/shard.h"
