@@ -51,6 +51,7 @@ struct RankFigures {
   double rank = 0, tp_rank = 0, pp_rank = 0, layer_begin = 0, layer_end = 0;
   double weight_bytes = 0;    // weights this rank loaded (LlamaModel's count)
   double mapped_bytes = 0;    // of which read in place from the file's mapping
+  double step_bytes = 0;      // what a decode step reads of them (ModelWeights::step_bytes): the roofline's
   double backend_bytes = 0;   // Backend::allocated_bytes() of the main backend (device memory on CUDA)
   double offload_bytes = 0;   // the CPU backend of offloaded layers (-ngl)
   double cuda_device = -1;
@@ -342,8 +343,7 @@ int cmd_bench(int argc, const char* const* argv) {
   // Every rank reads its own weights once per token; on one host they share the memory bus. Memory is
   // read here, after the runs (KV cache, workspaces and graphs all exist) and before rank 0's bandwidth
   // test allocates its buffers.
-  uint64_t my_bytes = engine.model().weights().weight_bytes, all_bytes = 0;
-  uint64_t my_step_bytes = engine.model().weights().step_bytes, step_bytes = 0;  // the roofline's
+  uint64_t all_bytes = 0, step_bytes = 0;  // summed over the ranks' figures
   std::vector<RankFigures> ranks(size_t(comm->world_size()));
   {
     RankFigures mine;
@@ -352,8 +352,9 @@ int cmd_bench(int argc, const char* const* argv) {
     mine.pp_rank = engine.mapping().pp_rank();
     mine.layer_begin = engine.mapping().layers().begin;
     mine.layer_end = engine.mapping().layers().end;
-    mine.weight_bytes = double(my_bytes);
+    mine.weight_bytes = double(engine.model().weights().weight_bytes);
     mine.mapped_bytes = double(engine.model().weights().mapped_bytes);
+    mine.step_bytes = double(engine.model().weights().step_bytes);
     mine.backend_bytes = double(engine.device_bytes());
     mine.offload_bytes = double(engine.offload_bytes());
     mine.cuda_device = engine.cuda_device();
@@ -365,15 +366,11 @@ int cmd_bench(int argc, const char* const* argv) {
       return v;
     }());
     for (int r = 0; r < comm->world_size(); ++r) {
-      uint64_t b = my_bytes;
-      world->broadcast(&b, sizeof b, r);
-      all_bytes += b;
-      uint64_t sb = my_step_bytes;
-      world->broadcast(&sb, sizeof sb, r);
-      step_bytes += sb;
       RankFigures f = mine;
       world->broadcast(&f, sizeof f, r);
       ranks[size_t(r)] = f;
+      all_bytes += uint64_t(f.weight_bytes);
+      step_bytes += uint64_t(f.step_bytes);
     }
   }
   if (!rank0) return 0;
