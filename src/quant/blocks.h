@@ -31,6 +31,13 @@ inline constexpr int kQ4x8Rows = 8;
 inline constexpr int kQ4x8Block = kQ4x8Rows * kQ4_0Bytes;
 inline constexpr int kQ4x8Qs = 2 * kQ4x8Rows;
 
+// F16 and BF16 packed in groups of 8 rows (pack_rows; fx8_rows in kernels_avx2.cpp says why), 16 * n_cols bytes
+// a group (the 8 rows' bytes). F16: column k's 8 values (row r at 2r) at 16k, so one vcvtph2ps gives a column of
+// all 8 rows. BF16: columns 2p and 2p + 1 share the 32 bytes at 32p, row r's pair at 4r (column 2p in the low
+// half), so a shift and a mask give the two columns as floats; an odd last column's 8 values follow at
+// 32 * (n_cols / 2), row r at 2r.
+inline constexpr int kFx8ColBytes = 2 * kQ4x8Rows;  // one column of a group
+
 // Q4_K: fp16 d; fp16 dmin; uint8 scales[12]; uint8 qs[128].
 inline constexpr int kQK = 256;
 inline constexpr int kQ4_KBytes = 144;

@@ -175,7 +175,9 @@ void matmul_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, in
 static_assert(kPackRows == kQ4x8Rows, "quant.h promises the packed group of blocks.h");
 
 bool packs_rows(CpuIsa isa, GgmlType type) {
-  // Every type the avx2 integer kernels take, wherever they run (docs/BENCHMARKS.md, "Packed rows").
+  // Every type the avx2 integer kernels take, wherever they run (docs/BENCHMARKS.md, "Packed rows"), and F16 /
+  // BF16, whose packed kernels are a column-broadcast GEMM (fx8_rows in kernels_avx2.cpp).
+  if (type == GgmlType::F16 || type == GgmlType::BF16) return isa == CpuIsa::kAvx2 || isa == CpuIsa::kAvx512;
   return quantizes_activations(isa, type);
 }
 
@@ -184,6 +186,16 @@ namespace {
 // Row r's 16 Q4_0-order quant bytes (element i low, i + 16 high) into a kQ4x8-ordered group block.
 void interleave_q4(const uint8_t* qs /* (16) */, int r, uint8_t* group /* (128) */) {
   for (int k = 0; k < 4; ++k) std::memcpy(group + 32 * k + 4 * r, qs + 4 * k, 4);
+}
+
+// F16: column k of the 8 rows at 16k. BF16: columns 2p, 2p + 1 of row r at 32p + 4r, an odd last column as F16's.
+void pack_fx8_group(GgmlType type, const uint8_t* const* rows /* (8) */, int64_t n_cols, uint8_t* out) {
+  const int64_t paired = type == GgmlType::BF16 ? n_cols / 2 * 2 : 0;
+  for (int r = 0; r < kQ4x8Rows; ++r) {
+    for (int64_t k = 0; k < paired; ++k)
+      std::memcpy(out + 32 * (k / 2) + 4 * r + 2 * (k & 1), rows[r] + 2 * k, 2);
+    for (int64_t k = paired; k < n_cols; ++k) std::memcpy(out + kFx8ColBytes * k + 2 * r, rows[r] + 2 * k, 2);
+  }
 }
 
 void pack_q8_0_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* out) {
@@ -257,7 +269,8 @@ void pack_q6_k_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* 
 }  // namespace
 
 void pack_rows(GgmlType type, const void* src, size_t row_stride, int64_t n_rows, int64_t n_cols, void* dst) {
-  if (type != GgmlType::Q8_0 && type != GgmlType::Q4_0 && type != GgmlType::Q4_K && type != GgmlType::Q6_K)
+  if (type != GgmlType::Q8_0 && type != GgmlType::Q4_0 && type != GgmlType::Q4_K && type != GgmlType::Q6_K &&
+      type != GgmlType::F16 && type != GgmlType::BF16)
     fail_kind(ErrorKind::kUnsupported, "pack_rows: no packed layout for ", type_name(type));
   const int64_t rb = row_bytes(type, n_cols);  // throws on a bad n_cols
   if (n_rows < 0) fail("pack_rows: n_rows ", n_rows, " is negative");
@@ -273,7 +286,8 @@ void pack_rows(GgmlType type, const void* src, size_t row_stride, int64_t n_rows
     if (type == GgmlType::Q8_0) pack_q8_0_group(rows, n_cols / kQ8_0Block, out + g * rb);
     else if (type == GgmlType::Q4_0) pack_q4_0_group(rows, n_cols / kQ4_0Block, out + g * rb);
     else if (type == GgmlType::Q4_K) pack_q4_k_group(rows, n_cols / kQK, out + g * rb);
-    else pack_q6_k_group(rows, n_cols / kQK, out + g * rb);
+    else if (type == GgmlType::Q6_K) pack_q6_k_group(rows, n_cols / kQK, out + g * rb);
+    else pack_fx8_group(type, rows, n_cols, out + g * rb);
   }
   for (int64_t r = full; r < n_rows; ++r)
     std::memcpy(out + r * rb, in + static_cast<size_t>(r) * row_stride, static_cast<size_t>(rb));
@@ -288,7 +302,8 @@ void matmul_packed_rows(CpuIsa isa, GgmlType type, const void* w, int64_t n_rows
   check_matmul_args(type, w, rb, n_rows, n_cols, x, ldx, n_tok, y, ldy);
   kernel_for(isa);  // throws where the CPU lacks the family
   if (n_rows == 0 || n_tok == 0) return;
-  matmul_packed_avx2(type, static_cast<const uint8_t*>(w), rb, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+  (isa == CpuIsa::kAvx512 ? matmul_packed_avx512 : matmul_packed_avx2)(type, static_cast<const uint8_t*>(w), rb, n_rows,
+                                                                       n_cols, x, ldx, n_tok, y, ldy);
 }
 
 void matmul_packed_rows(GgmlType type, const void* w, int64_t n_rows, int64_t n_cols, const float* x, int64_t ldx,

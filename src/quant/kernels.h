@@ -32,5 +32,8 @@ void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_
 // (blocks.h's kQ8x8 / kQ4x8 / kQ4Kx8 / kQ6Kx8 layouts), row_stride bytes a row; the rest in ggml's layout.
 void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                         const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
+// The same in the avx512 family: its own F16 / BF16 kernels (the same bits as avx2's), avx2's for the others.
+void matmul_packed_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                          const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
 
 }  // namespace shardlm::quant_detail

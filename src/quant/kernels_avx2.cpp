@@ -870,6 +870,99 @@ ActRow* round_activations(const float* x, int64_t ldx, int64_t n_tok, int64_t n_
   return rows;
 }
 
+// F16 / BF16 packed rows (blocks.h's kFx8 layouts): a GEMM that broadcasts one activation to the 8 rows of a group
+// and multiplies it with their column, converted in one instruction (F16's vcvtph2ps) or two columns in two
+// (BF16's shift and mask). Each (row, token) dot is a sum over slabs of kFx8Slab columns in order, each slab one
+// FMA chain from zero added to the running total in y: the same operations whatever the tile, so decode and
+// prefill give a token the same bits (batch invariance), and no chain is longer than a slab (its rounding error
+// grows with the chain). The unpacked float tile spends ~14 instructions per 32 weights and token, 4 of them a
+// dependent FMA chain; here 2-3 per column of 8 rows, and prefill tiles reuse each converted column for 6 tokens.
+constexpr int64_t kFx8Slab = 256;
+
+// Column k of the G groups (gb bytes apart) as 8 floats each.
+template <GgmlType T, int G>
+void fx8_column(const uint8_t* g, size_t gb, int64_t k, int64_t n_cols, __m256* w /* (G) */) {
+  if constexpr (T == GgmlType::F16) {
+    for (int i = 0; i < G; ++i) w[i] = _mm256_cvtph_ps(ld128(g + i * gb + kFx8ColBytes * k));
+  } else {
+    // An unpaired last column: 8 bf16 -> the top halves of 8 floats.
+    if (k == n_cols / 2 * 2) {
+      for (int i = 0; i < G; ++i)
+        w[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(ld128(g + i * gb + 32 * (k / 2))), 16));
+      return;
+    }
+    for (int i = 0; i < G; ++i) {
+      const __m256i v = ld256(g + i * gb + 32 * (k / 2));
+      w[i] = _mm256_castsi256_ps(k & 1 ? _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))
+                                       : _mm256_slli_epi32(v, 16));
+    }
+  }
+}
+
+// G groups x TB tokens over columns [k0, k1) (one slab): y (TB tokens ldy apart, G * 8 rows) = the slab's chain,
+// or y + it after the first slab.
+template <GgmlType T, int G, int TB>
+void fx8_tile(const uint8_t* g /* G groups, gb bytes apart */, size_t gb, int64_t k0, int64_t k1, int64_t n_cols,
+              const float* x /* (TB, ldx) */, int64_t ldx, float* y /* (TB, ldy) */, int64_t ldy) {
+  __m256 acc[G][TB];
+  for (int i = 0; i < G; ++i)
+    for (int t = 0; t < TB; ++t) acc[i][t] = _mm256_setzero_ps();
+  for (int64_t k = k0; k < k1; ++k) {
+    __m256 w[G];
+    fx8_column<T, G>(g, gb, k, n_cols, w);
+    for (int t = 0; t < TB; ++t) {
+      const __m256 xb = _mm256_broadcast_ss(x + t * ldx + k);
+      for (int i = 0; i < G; ++i) acc[i][t] = _mm256_fmadd_ps(w[i], xb, acc[i][t]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int i = 0; i < G; ++i) {
+      float* out = y + t * ldy + 8 * i;
+      _mm256_storeu_ps(out, k0 == 0 ? acc[i][t] : _mm256_add_ps(_mm256_loadu_ps(out), acc[i][t]));
+    }
+}
+
+// n_groups packed groups (gb bytes each) times n_tok tokens. Decode walks 4 groups at once (4 chains in flight,
+// 4 streams); prefill tiles are 2 groups x 6 tokens (12 chains: two FMA pipes of 4 cycles' latency stay busy),
+// each slab of the 2 groups (8 KiB of F16) staying in L1 while every token tile passes over it.
+template <GgmlType T>
+void fx8_rows(const uint8_t* w, size_t gb, int64_t n_groups, int64_t n_cols, const float* x, int64_t ldx,
+              int64_t n_tok, float* y, int64_t ldy) {
+  const auto slabs = [&](auto tile, const uint8_t* g, float* yg) {
+    for (int64_t k0 = 0; k0 < n_cols; k0 += kFx8Slab) tile(g, k0, k0 + kFx8Slab < n_cols ? k0 + kFx8Slab : n_cols, yg);
+  };
+  int64_t i = 0;
+  if (n_tok == 1) {
+    for (; i + 4 <= n_groups; i += 4)
+      slabs([&](const uint8_t* g, int64_t k0, int64_t k1, float* yg) { fx8_tile<T, 4, 1>(g, gb, k0, k1, n_cols, x, ldx, yg, ldy); },
+            w + i * gb, y + 8 * i);
+    for (; i < n_groups; ++i)
+      slabs([&](const uint8_t* g, int64_t k0, int64_t k1, float* yg) { fx8_tile<T, 1, 1>(g, gb, k0, k1, n_cols, x, ldx, yg, ldy); },
+            w + i * gb, y + 8 * i);
+    return;
+  }
+  const auto tokens = [&]<int G>(const uint8_t* g, int64_t k0, int64_t k1, float* yg) {
+    int64_t t = 0;
+    for (; t + 6 <= n_tok; t += 6) fx8_tile<T, G, 6>(g, gb, k0, k1, n_cols, x + t * ldx, ldx, yg + t * ldy, ldy);
+    const float* xt = x + t * ldx;
+    float* yt = yg + t * ldy;
+    switch (n_tok - t) {
+      case 5: return fx8_tile<T, G, 5>(g, gb, k0, k1, n_cols, xt, ldx, yt, ldy);
+      case 4: return fx8_tile<T, G, 4>(g, gb, k0, k1, n_cols, xt, ldx, yt, ldy);
+      case 3: return fx8_tile<T, G, 3>(g, gb, k0, k1, n_cols, xt, ldx, yt, ldy);
+      case 2: return fx8_tile<T, G, 2>(g, gb, k0, k1, n_cols, xt, ldx, yt, ldy);
+      case 1: return fx8_tile<T, G, 1>(g, gb, k0, k1, n_cols, xt, ldx, yt, ldy);
+      default: return;
+    }
+  };
+  for (; i + 2 <= n_groups; i += 2)
+    slabs([&](const uint8_t* g, int64_t k0, int64_t k1, float* yg) { tokens.template operator()<2>(g, k0, k1, yg); },
+          w + i * gb, y + 8 * i);
+  for (; i < n_groups; ++i)
+    slabs([&](const uint8_t* g, int64_t k0, int64_t k1, float* yg) { tokens.template operator()<1>(g, k0, k1, yg); },
+          w + i * gb, y + 8 * i);
+}
+
 }  // namespace
 
 void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
@@ -899,6 +992,16 @@ void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_
 void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                         const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   const int64_t full = n_rows / kQ4x8Rows * kQ4x8Rows;
+  if (type == GgmlType::F16 || type == GgmlType::BF16) {
+    const size_t gb = row_stride * kQ4x8Rows;
+    if (type == GgmlType::F16) fx8_rows<GgmlType::F16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
+    else fx8_rows<GgmlType::BF16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
+    // The last n_rows % 8 rows in ggml's layout: the float tiles where a row is whole 64-element chunks.
+    if (full < n_rows)
+      (n_cols % 64 == 0 ? matmul_avx2 : matmul_scalar)(type, w + full * row_stride, row_stride, n_rows - full, n_cols,
+                                                       x, ldx, n_tok, y + full, ldy);
+    return;
+  }
   // The tail rows' prefill decodes two rows at a time into scratch ahead of the activations (imatmul).
   const int64_t tail_floats =
       n_tok > 1 && full < n_rows ? 2 * (n_cols / 32) * static_cast<int64_t>(sizeof(WChunk) / sizeof(float)) : 0;

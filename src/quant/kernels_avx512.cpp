@@ -387,11 +387,123 @@ struct Avx512 {
   }
 };
 
+// F16 / BF16 packed rows (blocks.h's kFx8 layouts) in 16 lanes: one vector holds a column of two groups (lanes
+// 0-7 the first group's rows, 8-15 the second's), so every row runs the same FMA chain over the same slabs as in
+// the avx2 family's fx8_rows (kernels_avx2.cpp says why that order), and gives the same bits.
+constexpr int64_t kFx8Slab = 256;
+
+// Columns k (and k + 1 where `two`) of the groups at a and b as 16 floats each.
+template <GgmlType T>
+void fx16_columns(const uint8_t* a, const uint8_t* b, int64_t k, int64_t n_cols, __m512* c0, __m512* c1) {
+  if constexpr (T == GgmlType::F16) {
+    *c0 = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(ld128(a + kFx8ColBytes * k)),
+                                                  ld128(b + kFx8ColBytes * k), 1));
+    if (c1)
+      *c1 = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(ld128(a + kFx8ColBytes * (k + 1))),
+                                                    ld128(b + kFx8ColBytes * (k + 1)), 1));
+  } else if (k == n_cols / 2 * 2) {  // an unpaired last column
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(ld128(a + 32 * (k / 2))), ld128(b + 32 * (k / 2)), 1);
+    *c0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  } else {  // k even: the pair's 32 bytes of each group
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(ld256(a + 32 * (k / 2))), ld256(b + 32 * (k / 2)), 1);
+    *c0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    if (c1) *c1 = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+}
+
+// P pairs of groups (group j at g + j * gb; with `lone`, P is 1 and the one group fills both halves, of which
+// only the first is stored) x TB tokens over the slab [k0, k1): y = the slab's chain, or y + it after the first.
+template <GgmlType T, int P, int TB>
+void fx16_tile(const uint8_t* g, size_t gb, bool lone, int64_t k0, int64_t k1, int64_t n_cols,
+               const float* x /* (TB, ldx) */, int64_t ldx, float* y /* (TB, ldy) */, int64_t ldy) {
+  __m512 acc[P][TB];
+  for (int i = 0; i < P; ++i)
+    for (int t = 0; t < TB; ++t) acc[i][t] = _mm512_setzero_ps();
+  const auto step = [&](const __m512* w, int64_t k) {
+    for (int t = 0; t < TB; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t * ldx + k]);
+      for (int i = 0; i < P; ++i) acc[i][t] = _mm512_fmadd_ps(w[i], xb, acc[i][t]);
+    }
+  };
+  int64_t k = k0;
+  const int64_t pairs_end = k0 + (k1 - k0) / 2 * 2;  // k0 is even (slabs are)
+  for (; k < pairs_end; k += 2) {
+    __m512 w0[P], w1[P];
+    for (int i = 0; i < P; ++i) {
+      const uint8_t* a = g + 2 * i * gb;
+      fx16_columns<T>(a, lone ? a : a + gb, k, n_cols, &w0[i], &w1[i]);
+    }
+    step(w0, k);
+    step(w1, k + 1);
+  }
+  if (k < k1) {
+    __m512 w0[P];
+    for (int i = 0; i < P; ++i) {
+      const uint8_t* a = g + 2 * i * gb;
+      fx16_columns<T>(a, lone ? a : a + gb, k, n_cols, &w0[i], nullptr);
+    }
+    step(w0, k);
+  }
+  const __mmask16 m = lone ? 0x00FF : 0xFFFF;
+  for (int t = 0; t < TB; ++t)
+    for (int i = 0; i < P; ++i) {
+      float* out = y + t * ldy + 16 * i;
+      const __m512 v = k0 == 0 ? acc[i][t] : _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), acc[i][t]);
+      _mm512_mask_storeu_ps(out, m, v);
+    }
+}
+
+// n_groups packed groups (gb bytes each) times n_tok tokens: decode 2 pairs (4 groups) at a time, prefill tiles of
+// 2 pairs x 8 tokens (16 chains, each converted column used 8 times), a slab of them in L1 while the tokens pass.
+template <GgmlType T>
+void fx16_rows(const uint8_t* w, size_t gb, int64_t n_groups, int64_t n_cols, const float* x, int64_t ldx,
+               int64_t n_tok, float* y, int64_t ldy) {
+  constexpr int kTb = 8;
+  const auto run = [&]<int P>(const uint8_t* g, bool lone, float* yg) {
+    for (int64_t k0 = 0; k0 < n_cols; k0 += kFx8Slab) {
+      const int64_t k1 = k0 + kFx8Slab < n_cols ? k0 + kFx8Slab : n_cols;
+      int64_t t = 0;
+      if (n_tok > 1)
+        for (; t + kTb <= n_tok; t += kTb) fx16_tile<T, P, kTb>(g, gb, lone, k0, k1, n_cols, x + t * ldx, ldx, yg + t * ldy, ldy);
+      const float* xt = x + t * ldx;
+      float* yt = yg + t * ldy;
+      switch (n_tok - t) {
+        case 7: fx16_tile<T, P, 7>(g, gb, lone, k0, k1, n_cols, xt, ldx, yt, ldy); break;
+        case 6: fx16_tile<T, P, 6>(g, gb, lone, k0, k1, n_cols, xt, ldx, yt, ldy); break;
+        case 5: fx16_tile<T, P, 5>(g, gb, lone, k0, k1, n_cols, xt, ldx, yt, ldy); break;
+        case 4: fx16_tile<T, P, 4>(g, gb, lone, k0, k1, n_cols, xt, ldx, yt, ldy); break;
+        case 3: fx16_tile<T, P, 3>(g, gb, lone, k0, k1, n_cols, xt, ldx, yt, ldy); break;
+        case 2: fx16_tile<T, P, 2>(g, gb, lone, k0, k1, n_cols, xt, ldx, yt, ldy); break;
+        case 1: fx16_tile<T, P, 1>(g, gb, lone, k0, k1, n_cols, xt, ldx, yt, ldy); break;
+        default: break;
+      }
+    }
+  };
+  int64_t i = 0;
+  for (; i + 4 <= n_groups; i += 4) run.template operator()<2>(w + i * gb, false, y + 8 * i);
+  for (; i + 2 <= n_groups; i += 2) run.template operator()<1>(w + i * gb, false, y + 8 * i);
+  if (i < n_groups) run.template operator()<1>(w + i * gb, true, y + 8 * i);
+}
+
 }  // namespace
 
 void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                    const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   matmul_dispatch<Avx512>(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+
+void matmul_packed_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                          const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+  if (type != GgmlType::F16 && type != GgmlType::BF16)
+    return matmul_packed_avx2(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+  const int64_t full = n_rows / kQ4x8Rows * kQ4x8Rows;
+  const size_t gb = row_stride * kQ4x8Rows;
+  if (type == GgmlType::F16) fx16_rows<GgmlType::F16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
+  else fx16_rows<GgmlType::BF16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
+  // The last n_rows % 8 rows in ggml's layout: the float tiles where a row is whole 64-element chunks.
+  if (full < n_rows)
+    (n_cols % 64 == 0 ? matmul_avx512 : matmul_scalar)(type, w + full * row_stride, row_stride, n_rows - full, n_cols,
+                                                       x, ldx, n_tok, y + full, ldy);
 }
 
 }  // namespace shardlm::quant_detail
@@ -403,6 +515,10 @@ namespace shardlm::quant_detail {
 void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                    const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+void matmul_packed_avx512(GgmlType, const uint8_t*, size_t, int64_t, int64_t, const float*, int64_t, int64_t, float*,
+                          int64_t) {
+  SHARDLM_CHECK(false, "packed rows exist only where the avx512 family runs");
 }
 }  // namespace shardlm::quant_detail
 #endif

@@ -196,6 +196,45 @@ void run_case(CpuIsa isa, GgmlType type, int64_t n_rows, int64_t n_cols, int64_t
   EXPECT_LE(cv.worst_share, 1.0) << name << ": worst " << cv.worst << " (share " << cv.worst_share << ")";
 }
 
+TEST(KernelPacked, FloatGroupsAtOddWidthsAndSlabEdges) {
+  // F16 / BF16 packed groups take any width: BF16 pairs columns, so an odd width leaves one unpaired column, and
+  // the kernels sum slabs of 256 columns, so widths just below, at and past a slab edge change the chain split.
+  // 45 rows: decode's 4-group step, one group alone, prefill's 2-group tiles and a 5-row tail.
+  for (CpuIsa isa : kIsas) {
+    if (!cpu_isa_supported(isa)) continue;
+    for (GgmlType type : {GgmlType::F16, GgmlType::BF16}) {
+      if (!packs_rows(isa, type)) continue;
+      for (int64_t n_cols : {int64_t{1}, int64_t{7}, int64_t{33}, int64_t{255}, int64_t{256}, int64_t{257}, int64_t{513}})
+        for (int64_t n_tok : {int64_t{1}, int64_t{6}, int64_t{11}}) run_case(isa, type, 45, n_cols, n_tok);
+    }
+  }
+}
+
+TEST(KernelPacked, FloatGroupsGiveTheSameBitsInBothFamilies) {
+  // The avx512 family runs two groups per vector, the avx2 family one, but every row is the same FMA chain over the
+  // same slabs: a model gives the same tokens on either. 45 rows (5 groups: pairs, a lone group, a tail), widths
+  // around a slab edge and odd, tokens alone and in full and partial tiles.
+  if (!cpu_isa_supported(CpuIsa::kAvx512)) GTEST_SKIP() << "avx512 not supported by this CPU";
+  for (GgmlType type : {GgmlType::F16, GgmlType::BF16})
+    for (int64_t n_cols : {int64_t{7}, int64_t{257}, int64_t{640}})
+      for (int64_t n_tok : {int64_t{1}, int64_t{5}, int64_t{17}}) {
+        const int64_t n_rows = 45;
+        const auto w = make_weights(type, n_rows, n_cols, 0, 0, 3);
+        const auto x = random_floats(static_cast<size_t>(n_tok * n_cols), 4);
+        std::vector<uint8_t> packed(static_cast<size_t>(row_bytes(type, n_cols) * n_rows));
+        pack_rows(type, w.base, w.stride, n_rows, n_cols, packed.data());
+        std::vector<float> y2(static_cast<size_t>(n_tok * n_rows)), y5(y2.size());
+        matmul_packed_rows(CpuIsa::kAvx2, type, packed.data(), n_rows, n_cols, x.data(), n_cols, n_tok, y2.data(), n_rows);
+        matmul_packed_rows(CpuIsa::kAvx512, type, packed.data(), n_rows, n_cols, x.data(), n_cols, n_tok, y5.data(),
+                           n_rows);
+        // The tail rows run each family's unpacked kernel, whose order differs: only the groups' rows compare.
+        for (int64_t t = 0; t < n_tok; ++t)
+          for (int64_t r = 0; r < n_rows / kPackRows * kPackRows; ++r)
+            ASSERT_EQ(y2[t * n_rows + r], y5[t * n_rows + r])
+                << type_name(type) << " cols " << n_cols << " tokens " << n_tok << " token " << t << " row " << r;
+      }
+}
+
 class KernelTest : public ::testing::TestWithParam<std::tuple<CpuIsa, GgmlType>> {};
 
 TEST_P(KernelTest, MatchesFp64OnDequantizedWeights) {
