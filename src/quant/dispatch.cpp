@@ -131,7 +131,21 @@ CpuIsa cpu_isa() {
   return isa;
 }
 
-const char* cpu_kernel_isa() { return cpu_isa_name(cpu_isa()); }
+namespace {
+// Whether the avx512 family's packed integer groups take the VNNI kernels (kernels_vnni.cpp: the same bits).
+bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__)
+  return cpu_isa_supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+const char* cpu_kernel_isa() {
+  if (cpu_isa() == CpuIsa::kAvx512 && cpu_has_avx512_vnni()) return "avx512+vnni";
+  return cpu_isa_name(cpu_isa());
+}
 
 bool quantizes_activations(CpuIsa isa, GgmlType type) {
   // avx2: its float path spends ~16 instructions per 32 weights and token, the integer one ~8 (docs/BENCHMARKS.md,
@@ -190,12 +204,13 @@ void interleave_q4(const uint8_t* qs /* (16) */, int r, uint8_t* group /* (128) 
 
 // F16: column k of the 8 rows at 16k. BF16: columns 2p, 2p + 1 of row r at 32p + 4r, an odd last column as F16's.
 void pack_fx8_group(GgmlType type, const uint8_t* const* rows /* (8) */, int64_t n_cols, uint8_t* out) {
-  const int64_t paired = type == GgmlType::BF16 ? n_cols / 2 * 2 : 0;
-  for (int r = 0; r < kQ4x8Rows; ++r) {
-    for (int64_t k = 0; k < paired; ++k)
-      std::memcpy(out + 32 * (k / 2) + 4 * r + 2 * (k & 1), rows[r] + 2 * k, 2);
-    for (int64_t k = paired; k < n_cols; ++k) std::memcpy(out + kFx8ColBytes * k + 2 * r, rows[r] + 2 * k, 2);
-  }
+  // Column order outside, rows inside: the 8 rows are read as 8 sequential streams and the group written once, in
+  // order (a 1B model's F16 weights pack at memory speed).
+  const int64_t paired = type == GgmlType::BF16 ? n_cols / 2 : 0;  // BF16 column pairs: 4 bytes of each row
+  for (int64_t p = 0; p < paired; ++p)
+    for (int r = 0; r < kQ4x8Rows; ++r) std::memcpy(out + 32 * p + 4 * r, rows[r] + 4 * p, 4);
+  for (int64_t k = 2 * paired; k < n_cols; ++k)
+    for (int r = 0; r < kQ4x8Rows; ++r) std::memcpy(out + kFx8ColBytes * k + 2 * r, rows[r] + 2 * k, 2);
 }
 
 void pack_q8_0_group(const uint8_t* const* rows /* (8) */, int64_t nb, uint8_t* out) {
@@ -302,8 +317,11 @@ void matmul_packed_rows(CpuIsa isa, GgmlType type, const void* w, int64_t n_rows
   check_matmul_args(type, w, rb, n_rows, n_cols, x, ldx, n_tok, y, ldy);
   kernel_for(isa);  // throws where the CPU lacks the family
   if (n_rows == 0 || n_tok == 0) return;
-  (isa == CpuIsa::kAvx512 ? matmul_packed_avx512 : matmul_packed_avx2)(type, static_cast<const uint8_t*>(w), rb, n_rows,
-                                                                       n_cols, x, ldx, n_tok, y, ldy);
+  const auto* wb = static_cast<const uint8_t*>(w);
+  if (isa == CpuIsa::kAvx512 && (type == GgmlType::F16 || type == GgmlType::BF16))
+    return matmul_packed_avx512(type, wb, rb, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+  const bool vnni = isa == CpuIsa::kAvx512 && cpu_has_avx512_vnni();
+  matmul_packed_avx2(type, wb, rb, n_rows, n_cols, x, ldx, n_tok, y, ldy, vnni ? packed_pairs_vnni : nullptr);
 }
 
 void matmul_packed_rows(GgmlType type, const void* w, int64_t n_rows, int64_t n_cols, const float* x, int64_t ldx,

@@ -421,15 +421,6 @@ struct Avx2 {
 // to int8 blocks of 32 (quantize_activation_q8's rule, bit for bit), and a chunk's dot is maddubs + madd on 32
 // byte lanes at once: an exact int32 sum, then one fp32 multiply-add with the two block scales.
 
-// One token's rounded activations.
-struct ActRow {
-  const int8_t* q;      // (n_cols) int8 values
-  const float* d;       // (n_cols / 32) block scales
-  const float* s;       // (n_cols / 32) d * (sum of the block's q): the block-minimum term of Q4_K
-  const int32_t* sum;   // (n_cols / 32) sum of the block's q: the offset term of packed Q4_0
-  const int32_t* sums;  // (n_cols / 32) the sums of q[0..15] and q[16..31] as two int16 (low, high): packed Q6_K's
-};
-
 // x (n, a multiple of 32) -> q (n) int8, d, s, sum and sums (n / 32); the same bits as quantize_activation_q8.
 void quantize_act(const float* x, int64_t n, int8_t* q, float* d, float* s, int32_t* sum, int32_t* sums) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -990,7 +981,7 @@ void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_
 }
 
 void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
-                        const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
+                        const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy, PairTilesFn pairs) {
   const int64_t full = n_rows / kQ4x8Rows * kQ4x8Rows;
   if (type == GgmlType::F16 || type == GgmlType::BF16) {
     const size_t gb = row_stride * kQ4x8Rows;
@@ -1007,9 +998,12 @@ void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int6
       n_tok > 1 && full < n_rows ? 2 * (n_cols / 32) * static_cast<int64_t>(sizeof(WChunk) / sizeof(float)) : 0;
   float* lead = nullptr;
   const ActRow* a = round_activations(x, ldx, n_tok, n_cols, tail_floats, &lead);
-  // The groups, then the last n_rows % 8 rows in ggml's layout. n_blocks: the tile's blocks per row.
+  // The groups `pairs` takes (a wider family's kernels, two groups at a time), the rest here, then the last
+  // n_rows % 8 rows in ggml's layout. n_blocks: the tile's blocks per row.
+  const int64_t first =
+      pairs ? kQ4x8Rows * pairs(type, w, row_stride * kQ4x8Rows, full / kQ4x8Rows, n_cols, a, n_tok, y, ldy) : 0;
   const auto rows = [&]<GgmlType T>(int64_t n_blocks, auto tile) {
-    for (int64_t r = 0; r < full; r += kQ4x8Rows) group_tiles(tile, w + r * row_stride, n_blocks, a, n_tok, y + r, ldy);
+    for (int64_t r = first; r < full; r += kQ4x8Rows) group_tiles(tile, w + r * row_stride, n_blocks, a, n_tok, y + r, ldy);
     if (full < n_rows)
       imatmul<T>(w + full * row_stride, row_stride, n_rows - full, n_cols, a, n_tok, y + full, ldy,
                  reinterpret_cast<WChunk*>(lead));
@@ -1047,7 +1041,7 @@ void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_
   matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 void matmul_packed_avx2(GgmlType, const uint8_t*, size_t, int64_t, int64_t, const float*, int64_t, int64_t, float*,
-                        int64_t) {
+                        int64_t, PairTilesFn) {
   SHARDLM_CHECK(false, "packed rows exist only where the avx2 family runs");
 }
 }  // namespace shardlm::quant_detail

@@ -494,11 +494,13 @@ void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n
 
 void matmul_packed_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                           const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
-  if (type != GgmlType::F16 && type != GgmlType::BF16)
-    return matmul_packed_avx2(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+  SHARDLM_CHECK(type == GgmlType::F16 || type == GgmlType::BF16, "no avx512 packed kernel for ", type_name(type));
   const int64_t full = n_rows / kQ4x8Rows * kQ4x8Rows;
   const size_t gb = row_stride * kQ4x8Rows;
-  if (type == GgmlType::F16) fx16_rows<GgmlType::F16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
+  // The groups: prefill here; one token through the avx2 family's 8-lane groups (the same bits), which decoded
+  // faster than these 16-lane ones on the Zen 5 (docs/BENCHMARKS.md, "VNNI").
+  if (n_tok == 1) matmul_packed_avx2(type, w, row_stride, full, n_cols, x, ldx, n_tok, y, ldy);
+  else if (type == GgmlType::F16) fx16_rows<GgmlType::F16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
   else fx16_rows<GgmlType::BF16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
   // The last n_rows % 8 rows in ggml's layout: the float tiles where a row is whole 64-element chunks.
   if (full < n_rows)

@@ -7,6 +7,8 @@
 #include <new>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "backends/cpu/cpu_threads.h"
 #include "backends/cpu/thread_pool.h"
 #include "core/error.h"
@@ -15,13 +17,20 @@
 namespace shardlm {
 namespace {
 
-// 64-byte aligned so SIMD kernels never straddle cache lines on activation rows.
+// 64-byte aligned so SIMD kernels never straddle cache lines on activation rows. Large buffers (packed weights,
+// KV caches) are aligned to and advised into 2 MiB pages where the kernel offers them (transparent huge pages in
+// "madvise" mode): 512x fewer page faults when a multi-GiB model is packed, and fewer TLB misses as decode
+// streams it. `zero` = false leaves the bytes as the allocator gives them, for a buffer its owner fills at once.
 class AlignedBuffer final : public DeviceBuffer {
  public:
-  explicit AlignedBuffer(size_t n) : size_(n) {
-    ptr_ = n ? std::aligned_alloc(64, (n + 63) / 64 * 64) : nullptr;
+  explicit AlignedBuffer(size_t n, bool zero = true) : size_(n) {
+    constexpr size_t kHuge = size_t{2} << 20;
+    const size_t align = n >= 2 * kHuge ? kHuge : 64;
+    const size_t bytes = (n + align - 1) / align * align;
+    ptr_ = n ? std::aligned_alloc(align, bytes) : nullptr;
     if (n && !ptr_) fail_kind(ErrorKind::kResource, "out of host memory allocating ", n, " bytes");
-    if (ptr_) std::memset(ptr_, 0, n);
+    if (ptr_ && align == kHuge) madvise(ptr_, bytes, MADV_HUGEPAGE);  // advice only: ignored where unsupported
+    if (ptr_ && zero) std::memset(ptr_, 0, n);
   }
   ~AlignedBuffer() override { std::free(ptr_); }
   void* data() override { return ptr_; }
@@ -59,7 +68,10 @@ class CpuBackend final : public Backend {
   WeightView place_matmul_weight(const WeightView& host, std::vector<std::unique_ptr<DeviceBuffer>>& storage) override {
     if (host.packed || !packs_matmul_weight(host)) return Backend::place_matmul_weight(host, storage);
     const size_t rb = static_cast<size_t>(row_bytes(host.type, host.n_cols));
-    auto buf = alloc(rb * static_cast<size_t>(host.n_rows));
+    // Not zeroed: every byte is written by pack_rows, on the threads (first touch spread over them).
+    const size_t bytes = rb * static_cast<size_t>(host.n_rows);
+    allocated_ += bytes;
+    auto buf = std::make_unique<AlignedBuffer>(bytes, /*zero=*/false);
     auto* dst = static_cast<uint8_t*>(buf->data());
     const int64_t n_groups = (host.n_rows + kPackRows - 1) / kPackRows;
     pool_.parallel_for(n_groups, 64, [&](int64_t b, int64_t e) {
