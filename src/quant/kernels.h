@@ -28,6 +28,9 @@ void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n
 void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                       const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
 
+// n F16 or BF16 values at src -> dst (n) floats, 8 at a time (exact conversions: the reference's values).
+void convert_halves_avx2(GgmlType type, const uint8_t* src, float* dst, int64_t n);
+
 // One token's activations rounded for the integer kernels (kernels_avx2.cpp's round_activations).
 struct ActRow {
   const int8_t* q;      // (n_cols) int8 values

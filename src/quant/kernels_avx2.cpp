@@ -961,6 +961,21 @@ void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_r
   matmul_dispatch<Avx2>(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 
+void convert_halves_avx2(GgmlType type, const uint8_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  if (type == GgmlType::F16) {
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(ld128(src + 2 * i)));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(load_u16(src + 2 * i));
+  } else {
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(ld128(src + 2 * i)), 16)));
+    for (; i < n; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(load_u16(src + 2 * i)) << 16;
+      std::memcpy(dst + i, &bits, sizeof bits);
+    }
+  }
+}
+
 void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                       const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   // Two decoded rows (prefill) lead the scratch, for their 32-byte alignment.
@@ -1035,6 +1050,9 @@ namespace shardlm::quant_detail {
 void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                  const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+}
+void convert_halves_avx2(GgmlType, const uint8_t*, float*, int64_t) {
+  SHARDLM_CHECK(false, "the avx2 family exists only on x86-64");
 }
 void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                       const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {

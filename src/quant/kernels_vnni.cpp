@@ -198,6 +198,12 @@ template <int TB, class F>
 void tiles(F tile, const uint8_t* g, int64_t n_tok, const ActRow* a, float* y, int64_t ldy) {
   int64_t t = 0;
   for (; t + TB <= n_tok; t += TB) tile(std::integral_constant<int, TB>{}, g, a + t, y + t * ldy);
+  if constexpr (TB > 4) {
+    if (n_tok - t >= 4) {
+      tile(std::integral_constant<int, 4>{}, g, a + t, y + t * ldy);
+      t += 4;
+    }
+  }
   switch (n_tok - t) {
     case 3: tile(std::integral_constant<int, 3>{}, g, a + t, y + t * ldy); break;
     case 2: tile(std::integral_constant<int, 2>{}, g, a + t, y + t * ldy); break;
@@ -214,22 +220,24 @@ int64_t packed_pairs_vnni(GgmlType type, const uint8_t* w, size_t gb, int64_t n_
   // the Zen 5 (docs/BENCHMARKS.md, "VNNI"), while prefill's token tiles gain (dispatch.cpp does the same for F16).
   if (n_tok == 1) return 0;
   const int64_t n_pairs = n_groups / 2;
-  const auto run = [&](auto tile) {
-    for (int64_t p = 0; p < n_pairs; ++p) tiles<4>(tile, w + 2 * p * gb, n_tok, a, y + 16 * p, ldy);
+  // Tiles of 8 tokens where the weights' registers leave room (Q4_0, Q8_0: 8 weight vectors, 8 accumulators),
+  // 4 for the K-quants (three accumulators a token).
+  const auto run = [&]<int TB>(auto tile) {
+    for (int64_t p = 0; p < n_pairs; ++p) tiles<TB>(tile, w + 2 * p * gb, n_tok, a, y + 16 * p, ldy);
   };
   const int64_t nb = n_cols / 32, ns = n_cols / 256;
   switch (type) {
     case GgmlType::Q4_0:
-      run([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q4_pair<decltype(tb)::value>(g, gb, nb, at, yt, ldy); });
+      run.template operator()<8>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q4_pair<decltype(tb)::value>(g, gb, nb, at, yt, ldy); });
       break;
     case GgmlType::Q8_0:
-      run([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q8_pair<decltype(tb)::value>(g, gb, nb, at, yt, ldy); });
+      run.template operator()<8>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q8_pair<decltype(tb)::value>(g, gb, nb, at, yt, ldy); });
       break;
     case GgmlType::Q4_K:
-      run([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q4k_pair<decltype(tb)::value>(g, gb, ns, at, yt, ldy); });
+      run.template operator()<4>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q4k_pair<decltype(tb)::value>(g, gb, ns, at, yt, ldy); });
       break;
     case GgmlType::Q6_K:
-      run([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q6k_pair<decltype(tb)::value>(g, gb, ns, at, yt, ldy); });
+      run.template operator()<4>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q6k_pair<decltype(tb)::value>(g, gb, ns, at, yt, ldy); });
       break;
     default: return 0;
   }

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "quant/blocks.h"
 #include "quant/codecs.h"
+#include "quant/kernels.h"
 #include "quant/quant.h"
 
 namespace shardlm {
@@ -303,9 +304,13 @@ void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_
   switch (type) {
     case GgmlType::F32: std::memcpy(dst, x, static_cast<size_t>(n) * 4); return;
     case GgmlType::F16:
+      // The CPU's own conversion where the avx2 family runs (exact, so the same values): attention reads every
+      // f16 KV row through here.
+      if (cpu_isa() != CpuIsa::kScalar) return quant_detail::convert_halves_avx2(type, x, dst, n);
       for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_fp32(load_u16(x + 2 * i));
       return;
     case GgmlType::BF16:
+      if (cpu_isa() != CpuIsa::kScalar) return quant_detail::convert_halves_avx2(type, x, dst, n);
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_fp32(load_u16(x + 2 * i));
       return;
     case GgmlType::Q8_0:

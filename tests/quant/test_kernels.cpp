@@ -216,7 +216,7 @@ TEST(KernelPacked, IntegerGroupsGiveTheSameBitsInBothFamilies) {
   // a lone group, a 5-row tail), tokens alone and in full and partial tiles.
   if (!cpu_isa_supported(CpuIsa::kAvx512)) GTEST_SKIP() << "avx512 not supported by this CPU";
   for (GgmlType type : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K})
-    for (int64_t n_tok : {int64_t{1}, int64_t{3}, int64_t{4}, int64_t{11}}) {
+    for (int64_t n_tok : {int64_t{1}, int64_t{3}, int64_t{4}, int64_t{11}, int64_t{13}}) {
       const int64_t n_rows = 45, n_cols = 512;
       const auto w = make_weights(type, n_rows, n_cols, 0, 0, 5);
       // Large and small activations, so that some blocks reach the int8 extremes.

@@ -41,15 +41,6 @@ class AlignedBuffer final : public DeviceBuffer {
   size_t size_;
 };
 
-// One head's K or V row (head_dim values at element `elem`) as f32: in place for an f32 cache, else
-// converted or dequantized into `buf` (quantized blocks are read inside attention; no dequantized copy of
-// the cache exists).
-inline const float* kv_row(const KvLayerView& kv, const void* base, int64_t elem, float* buf) {
-  if (kv.type == GgmlType::F32) return static_cast<const float*>(base) + elem;
-  dequantize_row(kv.type, kv.at(base, elem), buf, kv.head_dim);
-  return buf;
-}
-
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int n_threads) : pool_(n_threads > 0 ? n_threads : cpu_core_count()) {}
@@ -235,38 +226,60 @@ class CpuBackend final : public Backend {
     const std::vector<int32_t> seq_of = batch_.token_seqs();
     int64_t longest = 0;
     for (const BatchSeq& s : batch_.seqs) longest = std::max<int64_t>(longest, s.ctx());
-    // One job per (token, head): every job reads its own sequence's blocks, so sequences of any lengths
-    // share the threads.
-    pool_.parallel_for(n_tok * n_head, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> p(static_cast<size_t>(longest));
-      std::vector<int64_t> rows(static_cast<size_t>(longest));
-      std::vector<float> acc(static_cast<size_t>(hd));
-      std::vector<float> row_buf(static_cast<size_t>(hd));  // one head's K or V row, converted to f32
+    // One job per (token, KV head): its `group` query heads share every K and V row it reads, and every job reads
+    // its own sequence's blocks, so sequences of any lengths share the threads. Each run of positions in one cache
+    // block (consecutive rows) is converted to f32 once (dequantize_row: SIMD for f16 / bf16), and its scores are
+    // one F32 matmul_rows call with the group's heads as the tokens (scalar dot products with f16 conversions spent
+    // half of a 512-token prefill here). F32, not the cache type's kernels: those round q to int8 for q8_0 / q4_0,
+    // and the scores keep the stored values' precision.
+    pool_.parallel_for(n_tok * kv.n_head_kv, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> p(static_cast<size_t>(group * longest));  // (group, longest) scores, then weights
+      std::vector<float> acc(static_cast<size_t>(group * hd)), inv(static_cast<size_t>(group));
+      std::vector<float> rows(static_cast<size_t>(kv.block_size * hd));  // one run's K or V rows of this head, f32
+      const size_t row_bytes = static_cast<size_t>(kv.row_bytes());
       for (int64_t job = b; job < e; ++job) {
-        const int64_t t = job / n_head, h = job % n_head, kvh = h / group;
+        const int64_t t = job / kv.n_head_kv, kvh = job % kv.n_head_kv;
         const int64_t s = seq_of[static_cast<size_t>(t)];
         const int64_t n_pos = pos_[static_cast<size_t>(t)] + 1;
-        for (int64_t j = 0; j < n_pos; ++j) rows[j] = batch_.cache_row(kv, s, j) + kvh * hd;
-        const float* qh = q + (t * n_head + h) * hd;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n_pos; ++j) {
-          float d = 0;
-          const float* kr = kv_row(kv, kv.k, rows[j], row_buf.data());
-          for (int64_t i = 0; i < hd; ++i) d += qh[i] * kr[i];
-          p[j] = d * scale;
-          mx = std::max(mx, p[j]);
-        }
-        float sum = 0;
-        for (int64_t j = 0; j < n_pos; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        const float* qg = q + (t * n_head + kvh * group) * hd;  // (group, hd) this KV head's query heads
+        // Runs [j0, j1) of positions within one cache block (consecutive rows, row_bytes apart), this head's slice
+        // of each in `rows` as f32 (j1 - j0, hd).
+        const auto runs = [&](const void* base, auto body) {
+          for (int64_t j0 = 0; j0 < n_pos;) {
+            const int64_t j1 = std::min(n_pos, (j0 / kv.block_size + 1) * kv.block_size);
+            const auto* first = static_cast<const uint8_t*>(kv.at(base, batch_.cache_row(kv, s, j0) + kvh * hd));
+            for (int64_t j = j0; j < j1; ++j)
+              dequantize_row(kv.type, first + (j - j0) * row_bytes, rows.data() + (j - j0) * hd, hd);
+            body(j0, j1);
+            j0 = j1;
+          }
+        };
+        runs(kv.k, [&](int64_t j0, int64_t j1) {
+          matmul_rows(GgmlType::F32, rows.data(), static_cast<size_t>(hd) * sizeof(float), j1 - j0, hd, qg, hd, group,
+                      p.data() + j0, longest);
+        });
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < n_pos; ++j) {
-          const float pj = p[j];
-          const float* vr = kv_row(kv, kv.v, rows[j], row_buf.data());
-          for (int64_t i = 0; i < hd; ++i) acc[i] += pj * vr[i];
+        for (int64_t g = 0; g < group; ++g) {
+          float* pg = p.data() + g * longest;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n_pos; ++j) mx = std::max(mx, pg[j] *= scale);
+          float sum = 0;
+          for (int64_t j = 0; j < n_pos; ++j) sum += (pg[j] = std::exp(pg[j] - mx));
+          inv[static_cast<size_t>(g)] = 1.0f / sum;
         }
-        float* o = out + (t * n_head + h) * hd;
-        const float inv = 1.0f / sum;
-        for (int64_t i = 0; i < hd; ++i) o[i] = acc[i] * inv;
+        runs(kv.v, [&](int64_t j0, int64_t j1) {
+          for (int64_t g = 0; g < group; ++g) {
+            float* ag = acc.data() + g * hd;
+            const float* pg = p.data() + g * longest;
+            for (int64_t j = j0; j < j1; ++j) {
+              const float pj = pg[j];
+              const float* vr = rows.data() + (j - j0) * hd;
+              for (int64_t i = 0; i < hd; ++i) ag[i] += pj * vr[i];
+            }
+          }
+        });
+        float* og = out + (t * n_head + kvh * group) * hd;
+        for (int64_t i = 0; i < group * hd; ++i) og[i] = acc[static_cast<size_t>(i)] * inv[static_cast<size_t>(i / hd)];
       }
     });
   }
