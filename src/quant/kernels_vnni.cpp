@@ -228,16 +228,24 @@ int64_t packed_pairs_vnni(GgmlType type, const uint8_t* w, size_t gb, int64_t n_
   const int64_t nb = n_cols / 32, ns = n_cols / 256;
   switch (type) {
     case GgmlType::Q4_0:
-      run.template operator()<8>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q4_pair<decltype(tb)::value>(g, gb, nb, at, yt, ldy); });
+      run.template operator()<8>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) {
+        q4_pair<decltype(tb)::value>(g, gb, nb, at, yt, ldy);
+      });
       break;
     case GgmlType::Q8_0:
-      run.template operator()<8>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q8_pair<decltype(tb)::value>(g, gb, nb, at, yt, ldy); });
+      run.template operator()<8>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) {
+        q8_pair<decltype(tb)::value>(g, gb, nb, at, yt, ldy);
+      });
       break;
     case GgmlType::Q4_K:
-      run.template operator()<4>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q4k_pair<decltype(tb)::value>(g, gb, ns, at, yt, ldy); });
+      run.template operator()<4>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) {
+        q4k_pair<decltype(tb)::value>(g, gb, ns, at, yt, ldy);
+      });
       break;
     case GgmlType::Q6_K:
-      run.template operator()<4>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) { q6k_pair<decltype(tb)::value>(g, gb, ns, at, yt, ldy); });
+      run.template operator()<4>([&](auto tb, const uint8_t* g, const ActRow* at, float* yt) {
+        q6k_pair<decltype(tb)::value>(g, gb, ns, at, yt, ldy);
+      });
       break;
     default: return 0;
   }
