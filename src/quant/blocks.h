@@ -37,6 +37,9 @@ inline constexpr int kQ4x8Qs = 2 * kQ4x8Rows;
 // half), so a shift and a mask give the two columns as floats; an odd last column's 8 values follow at
 // 32 * (n_cols / 2), row r at 2r.
 inline constexpr int kFx8ColBytes = 2 * kQ4x8Rows;  // one column of a group
+// Columns a packed F16 / BF16 dot sums as one FMA chain before adding it to the row's total (fx8_rows in
+// kernels_avx2.cpp says why); both families' kernels take this one value, so they give the same bits.
+inline constexpr int64_t kFx8Slab = 256;
 
 // Q4_K: fp16 d; fp16 dmin; uint8 scales[12]; uint8 qs[128].
 inline constexpr int kQK = 256;

@@ -135,7 +135,8 @@ namespace {
 // Whether the avx512 family's packed integer groups take the VNNI kernels (kernels_vnni.cpp: the same bits).
 bool cpu_has_avx512_vnni() {
 #if defined(__x86_64__)
-  return cpu_isa_supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512vnni");
+  static const bool has = cpu_isa_supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512vnni");  // every matmul
+  return has;
 #else
   return false;
 #endif
@@ -318,8 +319,19 @@ void matmul_packed_rows(CpuIsa isa, GgmlType type, const void* w, int64_t n_rows
   kernel_for(isa);  // throws where the CPU lacks the family
   if (n_rows == 0 || n_tok == 0) return;
   const auto* wb = static_cast<const uint8_t*>(w);
-  if (isa == CpuIsa::kAvx512 && (type == GgmlType::F16 || type == GgmlType::BF16))
-    return matmul_packed_avx512(type, wb, rb, n_rows, n_cols, x, ldx, n_tok, y, ldy);
+  if (type == GgmlType::F16 || type == GgmlType::BF16) {
+    // The groups: the avx512 family's 16-lane tiles for prefill; one token through the avx2 family's 8-lane ones
+    // (the same bits), which decoded faster on the Zen 5 (docs/BENCHMARKS.md, "Decisions in the source"). The last
+    // n_rows % 8 rows, in ggml's layout, take the family's unpacked kernels.
+    const int64_t full = n_rows / kPackRows * kPackRows;
+    if (full > 0 && isa == CpuIsa::kAvx512 && n_tok > 1)
+      matmul_packed_avx512(type, wb, rb, full, n_cols, x, ldx, n_tok, y, ldy);
+    else if (full > 0)
+      matmul_packed_avx2(type, wb, rb, full, n_cols, x, ldx, n_tok, y, ldy);
+    if (full < n_rows)
+      matmul_rows(isa, type, wb + full * rb, rb, n_rows - full, n_cols, x, ldx, n_tok, y + full, ldy);
+    return;
+  }
   const bool vnni = isa == CpuIsa::kAvx512 && cpu_has_avx512_vnni();
   matmul_packed_avx2(type, wb, rb, n_rows, n_cols, x, ldx, n_tok, y, ldy, vnni ? packed_pairs_vnni : nullptr);
 }

@@ -48,15 +48,16 @@ using PairTilesFn = int64_t (*)(GgmlType type, const uint8_t* w, size_t gb, int6
 
 // Rows packed by pack_rows (quant.h; Q8_0, Q4_0, Q4_K, Q6_K, F16 or BF16): the first n_rows / 8 * 8 rows in groups
 // of 8 (blocks.h's kQ8x8 / kQ4x8 / kQ4Kx8 / kQ6Kx8 / kFx8 layouts), row_stride bytes a row; the rest in ggml's
-// layout. `pairs`, where given, takes the integer types' groups it can.
+// layout, which only the integer types take here (F16 / BF16: whole groups; dispatch.cpp runs their tail rows).
+// `pairs`, where given, takes the integer types' groups it can.
 void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                         const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy, PairTilesFn pairs = nullptr);
 // AVX-512 VNNI (vpdpbusd on 16 lanes: two groups, one row a lane) for Q8_0, Q4_0, Q4_K and Q6_K groups: a
 // PairTilesFn. Only called where the CPU has AVX-512 F, BW, VL and VNNI.
 int64_t packed_pairs_vnni(GgmlType type, const uint8_t* w, size_t gb, int64_t n_groups, int64_t n_cols,
                           const ActRow* a, int64_t n_tok, float* y, int64_t ldy);
-// The avx512 family's F16 / BF16 packed kernels (the same bits as avx2's); its integer types take
-// matmul_packed_avx2, with packed_pairs_vnni where the CPU has VNNI.
+// The avx512 family's F16 / BF16 packed kernels for prefill (n_tok > 1, whole groups; the same bits as avx2's); its
+// integer types take matmul_packed_avx2, with packed_pairs_vnni where the CPU has VNNI.
 void matmul_packed_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                           const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
 

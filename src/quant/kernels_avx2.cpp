@@ -868,7 +868,6 @@ ActRow* round_activations(const float* x, int64_t ldx, int64_t n_tok, int64_t n_
 // prefill give a token the same bits (batch invariance), and no chain is longer than a slab (its rounding error
 // grows with the chain). The unpacked float tile spends ~14 instructions per 32 weights and token, 4 of them a
 // dependent FMA chain; here 2-3 per column of 8 rows, and prefill tiles reuse each converted column for 6 tokens.
-constexpr int64_t kFx8Slab = 256;
 
 // Column k of the G groups (gb bytes apart) as 8 floats each.
 template <GgmlType T, int G>
@@ -999,13 +998,10 @@ void matmul_packed_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int6
                         const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy, PairTilesFn pairs) {
   const int64_t full = n_rows / kQ4x8Rows * kQ4x8Rows;
   if (type == GgmlType::F16 || type == GgmlType::BF16) {
+    SHARDLM_CHECK(full == n_rows, "packed ", type_name(type), ": ", n_rows, " rows are not whole groups");
     const size_t gb = row_stride * kQ4x8Rows;
     if (type == GgmlType::F16) fx8_rows<GgmlType::F16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
     else fx8_rows<GgmlType::BF16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
-    // The last n_rows % 8 rows in ggml's layout: the float tiles where a row is whole 64-element chunks.
-    if (full < n_rows)
-      (n_cols % 64 == 0 ? matmul_avx2 : matmul_scalar)(type, w + full * row_stride, row_stride, n_rows - full, n_cols,
-                                                       x, ldx, n_tok, y + full, ldy);
     return;
   }
   // The tail rows' prefill decodes two rows at a time into scratch ahead of the activations (imatmul).

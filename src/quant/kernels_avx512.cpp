@@ -390,9 +390,8 @@ struct Avx512 {
 // F16 / BF16 packed rows (blocks.h's kFx8 layouts) in 16 lanes: one vector holds a column of two groups (lanes
 // 0-7 the first group's rows, 8-15 the second's), so every row runs the same FMA chain over the same slabs as in
 // the avx2 family's fx8_rows (kernels_avx2.cpp says why that order), and gives the same bits.
-constexpr int64_t kFx8Slab = 256;
 
-// Columns k (and k + 1 where `two`) of the groups at a and b as 16 floats each.
+// Column k of the groups at a and b as 16 floats in c0, and column k + 1 in c1 where c1 is given (k even).
 template <GgmlType T>
 void fx16_columns(const uint8_t* a, const uint8_t* b, int64_t k, int64_t n_cols, __m512* c0, __m512* c1) {
   if constexpr (T == GgmlType::F16) {
@@ -453,8 +452,8 @@ void fx16_tile(const uint8_t* g, size_t gb, bool lone, int64_t k0, int64_t k1, i
     }
 }
 
-// n_groups packed groups (gb bytes each) times n_tok tokens: decode 2 pairs (4 groups) at a time, prefill tiles of
-// 2 pairs x 8 tokens (16 chains, each converted column used 8 times), a slab of them in L1 while the tokens pass.
+// n_groups packed groups (gb bytes each) times n_tok > 1 tokens (decode takes the avx2 tiles: dispatch.cpp): tiles
+// of 2 pairs x 8 tokens (16 chains, each converted column used 8 times), a slab of them in L1 while the tokens pass.
 template <GgmlType T>
 void fx16_rows(const uint8_t* w, size_t gb, int64_t n_groups, int64_t n_cols, const float* x, int64_t ldx,
                int64_t n_tok, float* y, int64_t ldy) {
@@ -463,8 +462,7 @@ void fx16_rows(const uint8_t* w, size_t gb, int64_t n_groups, int64_t n_cols, co
     for (int64_t k0 = 0; k0 < n_cols; k0 += kFx8Slab) {
       const int64_t k1 = k0 + kFx8Slab < n_cols ? k0 + kFx8Slab : n_cols;
       int64_t t = 0;
-      if (n_tok > 1)
-        for (; t + kTb <= n_tok; t += kTb) fx16_tile<T, P, kTb>(g, gb, lone, k0, k1, n_cols, x + t * ldx, ldx, yg + t * ldy, ldy);
+      for (; t + kTb <= n_tok; t += kTb) fx16_tile<T, P, kTb>(g, gb, lone, k0, k1, n_cols, x + t * ldx, ldx, yg + t * ldy, ldy);
       const float* xt = x + t * ldx;
       float* yt = yg + t * ldy;
       switch (n_tok - t) {
@@ -495,17 +493,11 @@ void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n
 void matmul_packed_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                           const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   SHARDLM_CHECK(type == GgmlType::F16 || type == GgmlType::BF16, "no avx512 packed kernel for ", type_name(type));
-  const int64_t full = n_rows / kQ4x8Rows * kQ4x8Rows;
+  SHARDLM_CHECK(n_rows % kQ4x8Rows == 0 && n_tok > 1, "avx512 packed ", type_name(type), ": ", n_rows, " rows, ",
+                n_tok, " tokens (whole groups, prefill)");
   const size_t gb = row_stride * kQ4x8Rows;
-  // The groups: prefill here; one token through the avx2 family's 8-lane groups (the same bits), which decoded
-  // faster than these 16-lane ones on the Zen 5 (docs/BENCHMARKS.md, "VNNI").
-  if (n_tok == 1) matmul_packed_avx2(type, w, row_stride, full, n_cols, x, ldx, n_tok, y, ldy);
-  else if (type == GgmlType::F16) fx16_rows<GgmlType::F16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
-  else fx16_rows<GgmlType::BF16>(w, gb, full / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
-  // The last n_rows % 8 rows in ggml's layout: the float tiles where a row is whole 64-element chunks.
-  if (full < n_rows)
-    (n_cols % 64 == 0 ? matmul_avx512 : matmul_scalar)(type, w + full * row_stride, row_stride, n_rows - full, n_cols,
-                                                       x, ldx, n_tok, y + full, ldy);
+  if (type == GgmlType::F16) fx16_rows<GgmlType::F16>(w, gb, n_rows / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
+  else fx16_rows<GgmlType::BF16>(w, gb, n_rows / kQ4x8Rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 
 }  // namespace shardlm::quant_detail

@@ -23,7 +23,7 @@ namespace {
 // streams it. `zero` = false leaves the bytes as the allocator gives them, for a buffer its owner fills at once.
 class AlignedBuffer final : public DeviceBuffer {
  public:
-  explicit AlignedBuffer(size_t n, bool zero = true) : size_(n) {
+  AlignedBuffer(size_t n, bool zero) : size_(n) {
     constexpr size_t kHuge = size_t{2} << 20;
     const size_t align = n >= 2 * kHuge ? kHuge : 64;
     const size_t bytes = (n + align - 1) / align * align;
@@ -49,10 +49,7 @@ class CpuBackend final : public Backend {
   DeviceKind device() const override { return DeviceKind::kCpu; }
   bool supports(GgmlType t) const override { return type_traits(t).compute; }
 
-  std::unique_ptr<DeviceBuffer> alloc(size_t bytes) override {
-    allocated_ += bytes;
-    return std::make_unique<AlignedBuffer>(bytes);
-  }
+  std::unique_ptr<DeviceBuffer> alloc(size_t bytes) override { return buffer(bytes, /*zero=*/true); }
   // Types whose kernels read packed rows faster (quant.h's packs_rows) are packed here, once; the rest keep
   // ggml's layout, mapped from the file where the loader can (packs_matmul_weight).
   bool packs_matmul_weight(const WeightView& w) const override { return packs_rows(cpu_isa(), w.type); }
@@ -60,9 +57,7 @@ class CpuBackend final : public Backend {
     if (host.packed || !packs_matmul_weight(host)) return Backend::place_matmul_weight(host, storage);
     const size_t rb = static_cast<size_t>(row_bytes(host.type, host.n_cols));
     // Not zeroed: every byte is written by pack_rows, on the threads (first touch spread over them).
-    const size_t bytes = rb * static_cast<size_t>(host.n_rows);
-    allocated_ += bytes;
-    auto buf = std::make_unique<AlignedBuffer>(bytes, /*zero=*/false);
+    auto buf = buffer(rb * static_cast<size_t>(host.n_rows), /*zero=*/false);
     auto* dst = static_cast<uint8_t*>(buf->data());
     const int64_t n_groups = (host.n_rows + kPackRows - 1) / kPackRows;
     pool_.parallel_for(n_groups, 64, [&](int64_t b, int64_t e) {
@@ -285,6 +280,11 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // A counted host buffer (allocated_bytes), zeroed or left for its owner to fill.
+  std::unique_ptr<DeviceBuffer> buffer(size_t bytes, bool zero) {
+    allocated_ += bytes;
+    return std::make_unique<AlignedBuffer>(bytes, zero);
+  }
   // Rows [r0, r1) of w times n_tok tokens of x into y (n_tok rows n_rows apart, from row r0); on one thread.
   // A packed w's r0 is a multiple of kPackRows.
   static void rows_matmul(const WeightView& w, int64_t r0, int64_t r1, const float* x /* (n_tok, n_cols) */,
