@@ -2,7 +2,7 @@
 //
 // 1. 200 completion requests at concurrency 64 against a server of 16 running sequences (the rest wait in
 //    its queue), with mixed prompt and output lengths: most whole, some streamed to the end, and every
-//    seventh streamed and cancelled by the client after its first chunks. Every request that was not
+//    seventh streamed and cancelled by the client after its first chunk. Every request that was not
 //    cancelled must complete with exactly max_tokens tokens (ignore_eos) and finish_reason "length"; greedy
 //    ones must give the same text as the same request sent alone (batch invariance); afterwards /metrics must
 //    show nothing running or waiting and an empty KV cache (the cancelled sequences freed their blocks), and
@@ -105,7 +105,10 @@ async function run(req) {
         if (j.choices[0].finish_reason) finish = j.choices[0].finish_reason;
         ++chunks;
       }
-      if (req.cancel && chunks >= 2) {
+      // After the first chunk: the server may carry several tokens in one chunk when its HTTP thread lags the
+      // engine (a 15-token request once arrived whole in one chunk on a loaded 2-core machine), so a second chunk
+      // is not promised; the first always comes before the end.
+      if (req.cancel && chunks >= 1) {
         ac.abort();  // the client goes away mid-stream
         return { cancelled: true };
       }
@@ -157,7 +160,7 @@ for (const req of reqs) {
     ++cancelled;
     continue;
   }
-  assert.ok(!req.cancel, `request ${req.i} should have been cancelled after 2 chunks`);
+  assert.ok(!req.cancel, `request ${req.i} should have been cancelled after its first chunk`);
   assert.equal(res.tokens, req.body.max_tokens, `request ${req.i}: ${res.tokens} tokens for max_tokens ${req.body.max_tokens}`);
   assert.equal(res.finish, 'length', `request ${req.i}`);
   if (alone.has(req.i)) assert.equal(res.text, alone.get(req.i), `request ${req.i}: greedy text differs from the request alone`);
