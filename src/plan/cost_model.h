@@ -104,7 +104,8 @@ void check_kv_type(GgmlType t);
 // allocates it: hidden state, its norm and the attention output (3 x batch x n_embd), q and the attention
 // result (2 x batch x q_heads x head_dim), k and v, FFN gate and up (2 x batch x ff_units), and on the
 // last stage one row of local and one of gathered logits. `attention_scores` adds batch x q_heads x ctx
-// scores (GPU kernels without flash attention); the CPU backend keeps one context-long row per thread.
+// scores (GPU kernels without flash attention); the CPU backend's attention works in fixed chunks of
+// positions (a few hundred KiB a thread, whatever the context).
 uint64_t workspace_bytes(const ModelConfig& c, const RankWeights& r, int64_t batch, int64_t ctx,
                          bool last_stage, bool attention_scores = true);
 

@@ -341,6 +341,35 @@ void matmul_packed_rows(GgmlType type, const void* w, int64_t n_rows, int64_t n_
   matmul_packed_rows(cpu_isa(), type, w, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 
+void attend_chunk(CpuIsa isa, float* s, int64_t lds, const int32_t* n_valid, int64_t n_q, const float* v, int64_t ldv,
+                  int64_t hd, float scale, float* m, float* l, float* acc) {
+  SHARDLM_CHECK(s && n_valid && v && m && l && acc && n_q >= 0 && hd > 0 && ldv >= hd,
+                "attend_chunk: bad arguments (n_q ", n_q, ", hd ", hd, ", ldv ", ldv, ")");
+  for (int64_t r = 0; r < n_q; ++r)
+    SHARDLM_CHECK(n_valid[r] <= lds, "attend_chunk: row ", r, " has ", n_valid[r], " positions, more than lds ", lds);
+  kernel_for(isa);  // throws where the CPU lacks the family
+  if (isa == CpuIsa::kAvx512) return attend_chunk_avx512(s, lds, n_valid, n_q, v, ldv, hd, scale, m, l, acc);
+  if (isa == CpuIsa::kAvx2) return attend_chunk_avx2(s, lds, n_valid, n_q, v, ldv, hd, scale, m, l, acc);
+  for (int64_t r = 0; r < n_q; ++r) {
+    const int64_t n = n_valid[r];
+    if (n <= 0) continue;
+    float* sr = s + r * lds;
+    float mx = m[r];
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j] *= scale);
+    const float alpha = std::exp(m[r] - mx);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += (sr[j] = std::exp(sr[j] - mx));
+    l[r] = l[r] * alpha + sum;
+    m[r] = mx;
+    float* ar = acc + r * hd;
+    for (int64_t i = 0; i < hd; ++i) {
+      float a = ar[i] * alpha;
+      for (int64_t j = 0; j < n; ++j) a += sr[j] * v[j * ldv + i];
+      ar[i] = a;
+    }
+  }
+}
+
 void matvec_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,
                  int64_t n_cols, const float* x, float* y) {
   matmul_rows(isa, type, w, row_stride, n_rows, n_cols, x, n_cols, 1, y, n_rows);

@@ -61,4 +61,10 @@ int64_t packed_pairs_vnni(GgmlType type, const uint8_t* w, size_t gb, int64_t n_
 void matmul_packed_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                           const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy);
 
+// attend_chunk (quant.h) in each family (kernels_attend.h).
+void attend_chunk_avx2(float* s, int64_t lds, const int32_t* n_valid, int64_t n_q, const float* v, int64_t ldv,
+                       int64_t hd, float scale, float* m, float* l, float* acc);
+void attend_chunk_avx512(float* s, int64_t lds, const int32_t* n_valid, int64_t n_q, const float* v, int64_t ldv,
+                         int64_t hd, float scale, float* m, float* l, float* acc);
+
 }  // namespace shardlm::quant_detail

@@ -22,6 +22,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include "quant/kernels_attend.h"
 #include "quant/kernels_tile.h"
 
 namespace shardlm::quant_detail {
@@ -148,11 +149,40 @@ struct Avx2 {
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static float lane0(V v) { return _mm256_cvtss_f32(v); }
   static float hsum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  static float hmax(V v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // exp(x) for x <= 0 as 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p Cephes' expf polynomial (about 1 ulp);
+  // 0 below -87, where fp32's normal range ends (and for -inf).
+  static V exp(V x) {
+    const V tiny = _mm256_cmp_ps(x, set1(-87.0f), _CMP_LT_OQ);
+    x = max(x, set1(-87.0f));
+    const V n = _mm256_round_ps(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);  // ln 2 in two parts: n * 0.693359375 is exact
+    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    V p = set1(1.9875691500e-4f);
+    p = fma(p, r, set1(1.3981999507e-3f));
+    p = fma(p, r, set1(8.3334519073e-3f));
+    p = fma(p, r, set1(4.1665795894e-2f));
+    p = fma(p, r, set1(1.6666665459e-1f));
+    p = fma(p, r, set1(5.0000001201e-1f));
+    p = fma(p, mul(r, r), add(r, set1(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, mul(p, _mm256_castsi256_ps(e)));
   }
 
   // Chunk c of a row: 32 elements starting at element 32*c, dequantized into out[0..3].
@@ -960,6 +990,11 @@ void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_r
   matmul_dispatch<Avx2>(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 
+void attend_chunk_avx2(float* s, int64_t lds, const int32_t* n_valid, int64_t n_q, const float* v, int64_t ldv,
+                       int64_t hd, float scale, float* m, float* l, float* acc) {
+  attend_chunk_rows<Avx2>(s, lds, n_valid, n_q, v, ldv, hd, scale, m, l, acc);
+}
+
 void convert_halves_avx2(GgmlType type, const uint8_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   if (type == GgmlType::F16) {
@@ -1048,6 +1083,10 @@ void matmul_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_r
   matmul_scalar(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 void convert_halves_avx2(GgmlType, const uint8_t*, float*, int64_t) {
+  SHARDLM_CHECK(false, "the avx2 family exists only on x86-64");
+}
+void attend_chunk_avx2(float*, int64_t, const int32_t*, int64_t, const float*, int64_t, int64_t, float, float*, float*,
+                       float*) {
   SHARDLM_CHECK(false, "the avx2 family exists only on x86-64");
 }
 void matmul_int8_avx2(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,

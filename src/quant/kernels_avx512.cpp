@@ -26,6 +26,7 @@
 #endif
 #include <immintrin.h>
 
+#include "quant/kernels_attend.h"
 #include "quant/kernels_tile.h"
 
 namespace shardlm::quant_detail {
@@ -130,7 +131,29 @@ struct Avx512 {
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V set1(float f) { return _mm512_set1_ps(f); }
+  static float lane0(V v) { return _mm512_cvtss_f32(v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  // exp(x) for x <= 0: the avx2 family's method (Cephes' expf polynomial), 2^n applied by scalef.
+  static V exp(V x) {
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, set1(-87.0f), _CMP_LT_OQ);
+    x = max(x, set1(-87.0f));
+    const V n = _mm512_roundscale_ps(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
+    V p = set1(1.9875691500e-4f);
+    p = fma(p, r, set1(1.3981999507e-3f));
+    p = fma(p, r, set1(8.3334519073e-3f));
+    p = fma(p, r, set1(4.1665795894e-2f));
+    p = fma(p, r, set1(1.6666665459e-1f));
+    p = fma(p, r, set1(5.0000001201e-1f));
+    p = fma(p, mul(r, r), add(r, set1(1.0f)));
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+  }
 
   template <GgmlType T>
   static void decode(const uint8_t* row, int64_t c, V* out) {
@@ -490,6 +513,11 @@ void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n
   matmul_dispatch<Avx512>(type, w, row_stride, n_rows, n_cols, x, ldx, n_tok, y, ldy);
 }
 
+void attend_chunk_avx512(float* s, int64_t lds, const int32_t* n_valid, int64_t n_q, const float* v, int64_t ldv,
+                         int64_t hd, float scale, float* m, float* l, float* acc) {
+  attend_chunk_rows<Avx512>(s, lds, n_valid, n_q, v, ldv, hd, scale, m, l, acc);
+}
+
 void matmul_packed_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
                           const float* x, int64_t ldx, int64_t n_tok, float* y, int64_t ldy) {
   SHARDLM_CHECK(type == GgmlType::F16 || type == GgmlType::BF16, "no avx512 packed kernel for ", type_name(type));
@@ -513,6 +541,10 @@ void matmul_avx512(GgmlType type, const uint8_t* w, size_t row_stride, int64_t n
 void matmul_packed_avx512(GgmlType, const uint8_t*, size_t, int64_t, int64_t, const float*, int64_t, int64_t, float*,
                           int64_t) {
   SHARDLM_CHECK(false, "packed rows exist only where the avx512 family runs");
+}
+void attend_chunk_avx512(float*, int64_t, const int32_t*, int64_t, const float*, int64_t, int64_t, float, float*,
+                         float*, float*) {
+  SHARDLM_CHECK(false, "the avx512 family exists only on x86-64");
 }
 }  // namespace shardlm::quant_detail
 #endif

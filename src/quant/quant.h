@@ -25,6 +25,10 @@ void quantize_row(GgmlType type, const float* src /* (n) */, void* dst, int64_t 
 void quantize_row_imatrix(GgmlType type, const float* src /* (n) */, void* dst, int64_t n,
                           const float* imatrix /* (n) */);
 void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_t n);
+// n_rows rows of n elements, `stride` bytes apart from src, into dst rows ldd floats apart (checked once: the CPU
+// attention converts a cache block's rows of one head with one call).
+void dequantize_rows(GgmlType type, const void* src, size_t stride, int64_t n_rows, int64_t n,
+                     float* dst /* (n_rows, ldd) */, int64_t ldd);
 
 // Whether quantize_row can write `type` (every compute type except the IQ types that need an importance
 // matrix), so that callers refuse before any work.
@@ -91,6 +95,19 @@ void matmul_packed_rows(CpuIsa isa, GgmlType type, const void* w, int64_t n_rows
 void matmul_packed_rows(GgmlType type, const void* w, int64_t n_rows, int64_t n_cols,
                         const float* x /* (n_tok, ldx) */, int64_t ldx, int64_t n_tok, float* y /* (n_tok, ldy) */,
                         int64_t ldy);
+
+// One chunk of positions of attention's online softmax (flash attention's update) for n_q query rows:
+//   s (n_q, lds): the chunk's scores q . k, unscaled; row r's first n_valid[r] entries are its positions (a row with
+//     none is left alone). They are overwritten with the weights exp(scale * s - m').
+//   v (c, ldv): the chunk's V rows, hd floats each.
+//   m, l (n_q): each row's running maximum of scale * s (-inf before its first chunk) and running sum of weights;
+//   acc (n_q, hd): its running weighted sum of V rows. When a row's maximum grows to m', l and acc are first scaled
+//     by exp(m - m'); the attention output is acc / l after the last chunk.
+// Each row depends only on its own scores, the V rows and n_valid[r]: a query's result does not depend on the
+// other rows of the call, as long as its positions are cut into the same chunks. The SIMD families' exp is a
+// polynomial within about 2 ulp of the exact one.
+void attend_chunk(CpuIsa isa, float* s, int64_t lds, const int32_t* n_valid /* (n_q) */, int64_t n_q, const float* v,
+                  int64_t ldv, int64_t hd, float scale, float* m, float* l, float* acc);
 
 float dot_row(CpuIsa isa, GgmlType type, const void* row, const float* x /* (n) */, int64_t n);
 void matvec_rows(CpuIsa isa, GgmlType type, const void* w, size_t row_stride, int64_t n_rows,

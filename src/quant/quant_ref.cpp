@@ -297,10 +297,10 @@ void quantize_row_imatrix(GgmlType type, const float* src /* (n) */, void* dst, 
   fail_kind(ErrorKind::kUnsupported, "type ", type_name(type), " has no importance-matrix quantizer");
 }
 
-void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_t n) {
-  check_row(type, src, "dequantize_row source", n);
-  if (n > 0 && dst == nullptr) fail("dequantize_row destination is null for a row of ", n, " elements");
-  const auto* x = static_cast<const uint8_t*>(src);
+namespace {
+
+// dequantize_row after its checks.
+void dequantize_checked(GgmlType type, const uint8_t* x, float* dst /* (n) */, int64_t n) {
   switch (type) {
     case GgmlType::F32: std::memcpy(dst, x, static_cast<size_t>(n) * 4); return;
     case GgmlType::F16:
@@ -368,6 +368,25 @@ void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_
   }
   if (dequantize_basic(type, x, dst, n) || dequantize_iq(type, x, dst, n)) return;
   SHARDLM_CHECK(false, "unhandled type ", type_name(type));
+}
+
+}  // namespace
+
+void dequantize_row(GgmlType type, const void* src, float* dst /* (n) */, int64_t n) {
+  check_row(type, src, "dequantize_row source", n);
+  if (n > 0 && dst == nullptr) fail("dequantize_row destination is null for a row of ", n, " elements");
+  dequantize_checked(type, static_cast<const uint8_t*>(src), dst, n);
+}
+
+void dequantize_rows(GgmlType type, const void* src, size_t stride, int64_t n_rows, int64_t n, float* dst,
+                     int64_t ldd) {
+  check_row(type, src, "dequantize_rows source", n);
+  if (n_rows < 0 || ldd < n || stride < static_cast<size_t>(row_bytes(type, n)))
+    fail("dequantize_rows: ", n_rows, " rows of ", n, " elements, source stride ", stride, " bytes, destination ",
+         ldd, " floats apart");
+  if (n_rows > 0 && n > 0 && dst == nullptr) fail("dequantize_rows destination is null");
+  const auto* x = static_cast<const uint8_t*>(src);
+  for (int64_t r = 0; r < n_rows; ++r) dequantize_checked(type, x + static_cast<size_t>(r) * stride, dst + r * ldd, n);
 }
 
 }  // namespace shardlm

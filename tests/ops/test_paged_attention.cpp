@@ -177,5 +177,93 @@ INSTANTIATE_TEST_SUITE_P(
                       Shape{128, 1, 4, {32768}, {1}}),
     [](const ::testing::TestParamInfo<Shape>& i) { return name(i.param); });
 
+
+// A token's attention output is the same bits whatever else its step holds: a 40-token prompt chunk in one step,
+// the same tokens over three steps (13, 1 and 26 tokens: other tiles), and the 40 tokens behind another sequence's
+// decode token and a short chunk (other jobs, other threads). The CPU backend cuts positions at cache-block
+// boundaries and computes every query row on its own (CpuBackend::attention); the serving engine relies on this
+// (a request's tokens do not depend on the other requests, and a preempted sequence recomputes exactly).
+TEST(PagedAttentionBatch, ATokensOutputDoesNotDependOnTheStep) {
+  const int64_t bs = Backend::kKvBlockSize;
+  for (const GgmlType type : {GgmlType::F32, GgmlType::Q8_0}) {
+    for (const int64_t hd : {64, 128}) {
+      const int64_t nkv = 2, group = 4, nh = nkv * group, row = nkv * hd;
+      // Sequence 0: the chunk's, positions [0, 75); sequence 1: 100 positions; sequence 2: 9. Blocks shuffled.
+      const std::vector<int32_t> ctx = {75, 100, 9};
+      const int64_t max_blocks = (100 + bs - 1) / bs, n_blocks = 3 * max_blocks;
+      std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+      std::iota(ids.begin(), ids.end(), 0);
+      std::mt19937 rng(static_cast<uint32_t>(hd + static_cast<int>(type)));
+      std::shuffle(ids.begin(), ids.end(), rng);
+      // Every position's K/V row already in the pool (no kv_store: the steps below only read).
+      std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+      const KvLayerView shape{type, n_blocks, bs, nkv, hd, nullptr, nullptr};
+      std::vector<float> vals(static_cast<size_t>(row));
+      auto cpu = make_cpu_backend(2);
+      auto kb = cpu->alloc(static_cast<size_t>(n_blocks * bs * shape.row_bytes()));
+      auto vb = cpu->alloc(static_cast<size_t>(n_blocks * bs * shape.row_bytes()));
+      for (int64_t r = 0; r < n_blocks * bs; ++r) {
+        for (auto& x : vals) x = u(rng);
+        quantize_row(type, vals.data(), kb->as<uint8_t>() + r * shape.row_bytes(), row);
+        for (auto& x : vals) x = u(rng);
+        quantize_row(type, vals.data(), vb->as<uint8_t>() + r * shape.row_bytes(), row);
+      }
+      const KvLayerView kv{type, n_blocks, bs, nkv, hd, kb->data(), vb->data()};
+      // Queries of every position of every sequence, 2 * U(-1, 1).
+      std::vector<std::vector<float>> qs(ctx.size());
+      for (size_t s = 0; s < ctx.size(); ++s) {
+        qs[s].resize(static_cast<size_t>(ctx[s] * nh * hd));
+        for (auto& x : qs[s]) x = 2.0f * u(rng);
+      }
+      // One step of (sequence, first position, tokens) parts; returns each part's outputs.
+      struct Part {
+        int32_t seq, pos0, n_tok;
+      };
+      const auto step = [&](const std::vector<Part>& parts) {
+        BatchInfo batch;
+        batch.max_blocks = max_blocks;
+        std::vector<float> q;
+        for (const Part& p : parts) {
+          BatchSeq bq;
+          bq.tok0 = static_cast<int32_t>(batch.n_tok);
+          bq.n_tok = p.n_tok;
+          bq.pos0 = p.pos0;
+          batch.seqs.push_back(bq);
+          batch.n_tok += p.n_tok;
+          for (int64_t b = 0; b < max_blocks; ++b)
+            batch.block_table.push_back(b < (p.pos0 + p.n_tok + bs - 1) / bs ? ids[static_cast<size_t>(p.seq * max_blocks + b)] : -1);
+          const float* from = qs[static_cast<size_t>(p.seq)].data() + p.pos0 * nh * hd;
+          q.insert(q.end(), from, from + p.n_tok * nh * hd);
+        }
+        batch.validate(n_blocks, bs);
+        std::vector<float> out(q.size());
+        cpu->begin_step(batch);
+        cpu->attention(q.data(), kv, batch.n_tok, nh, out.data());
+        std::vector<std::vector<float>> per_part;
+        size_t at = 0;
+        for (const Part& p : parts) {
+          per_part.emplace_back(out.begin() + static_cast<std::ptrdiff_t>(at),
+                                out.begin() + static_cast<std::ptrdiff_t>(at + static_cast<size_t>(p.n_tok * nh * hd)));
+          at += static_cast<size_t>(p.n_tok * nh * hd);
+        }
+        return per_part;
+      };
+      const std::vector<float> whole = step({{0, 35, 40}})[0];
+      std::vector<float> split;
+      for (const Part& p : {Part{0, 35, 13}, Part{0, 48, 1}, Part{0, 49, 26}}) {
+        const std::vector<float> o = step({p})[0];
+        split.insert(split.end(), o.begin(), o.end());
+      }
+      const std::vector<float> mixed = step({{1, 99, 1}, {2, 0, 9}, {0, 35, 40}})[2];
+      const std::string what = std::string(type_name(type)) + " hd " + std::to_string(hd);
+      ASSERT_EQ(whole.size(), split.size());
+      EXPECT_EQ(0, std::memcmp(whole.data(), split.data(), whole.size() * sizeof(float))) << what << ": over three steps";
+      EXPECT_EQ(0, std::memcmp(whole.data(), mixed.data(), whole.size() * sizeof(float))) << what << ": in a mixed step";
+      // Not all zeros or copies of one row: the outputs differ from token to token.
+      EXPECT_NE(0, std::memcmp(whole.data(), whole.data() + nh * hd, static_cast<size_t>(nh * hd) * sizeof(float)));
+    }
+  }
+}
+
 }  // namespace
 }  // namespace shardlm::test

@@ -412,5 +412,110 @@ TEST(KernelValidation, RejectsBadArguments) {
   EXPECT_NO_THROW(matmul_rows(s, GgmlType::Q4_0, w.base, w.stride, 4, 64, x.data(), 64, 0, y.data(), 4));
 }
 
+
+// attend_chunk (the CPU attention's online softmax) in every family against an fp64 softmax over all of a row's
+// positions at once. Rows of 1 to 300 positions, cut into chunks of 16 as the CPU backend cuts a sequence into
+// cache blocks; scores drift upwards over the chunks (so the running maximum grows and earlier sums are rescaled)
+// and one chunk lies 200 below the rest (weights that underflow to 0). head_dim 8 to 136: whole vectors, blocks of
+// 8/4/2/1 vectors and lanes past the last vector.
+TEST(KernelAttend, OnlineSoftmaxMatchesFp64) {
+  constexpr int64_t kChunk = 16;
+  const std::vector<int64_t> n_pos = {1, 15, 16, 17, 100, 300};  // per query row
+  const int64_t n_q = static_cast<int64_t>(n_pos.size()), n_max = 300;
+  for (int64_t hd : {8, 24, 64, 128, 136}) {
+    const float scale = 1.0f / std::sqrt(float(hd));
+    std::mt19937 rng(static_cast<uint32_t>(hd));
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> scores(static_cast<size_t>(n_q * n_max)), v(static_cast<size_t>(n_max * hd));
+    for (int64_t r = 0; r < n_q; ++r)
+      for (int64_t j = 0; j < n_max; ++j)
+        scores[static_cast<size_t>(r * n_max + j)] = 8.0f * u(rng) + 0.05f * float(j) - (j / kChunk == 3 ? 200.0f : 0.0f);
+    for (auto& x : v) x = u(rng);
+    // fp64: softmax of scale * s over the row's positions, weights times V.
+    std::vector<double> want(static_cast<size_t>(n_q * hd));
+    for (int64_t r = 0; r < n_q; ++r) {
+      double mx = -INFINITY, sum = 0;
+      for (int64_t j = 0; j < n_pos[r]; ++j) mx = std::max(mx, double(scale) * scores[static_cast<size_t>(r * n_max + j)]);
+      for (int64_t j = 0; j < n_pos[r]; ++j) {
+        const double p = std::exp(double(scale) * scores[static_cast<size_t>(r * n_max + j)] - mx);
+        sum += p;
+        for (int64_t i = 0; i < hd; ++i) want[static_cast<size_t>(r * hd + i)] += p * v[static_cast<size_t>(j * hd + i)];
+      }
+      for (int64_t i = 0; i < hd; ++i) want[static_cast<size_t>(r * hd + i)] /= sum;
+    }
+    // rows [r0, r1) through every chunk; returns their outputs (rows r0.., hd each).
+    const auto run = [&](CpuIsa isa, int64_t r0, int64_t r1) {
+      const int64_t nq = r1 - r0;
+      std::vector<float> m(static_cast<size_t>(nq), -INFINITY), l(static_cast<size_t>(nq), 0.0f),
+          acc(static_cast<size_t>(nq * hd), 0.0f), sc(static_cast<size_t>(nq * kChunk));
+      std::vector<int32_t> valid(static_cast<size_t>(nq));
+      for (int64_t j0 = 0; j0 < n_max; j0 += kChunk) {
+        for (int64_t r = 0; r < nq; ++r) {
+          valid[static_cast<size_t>(r)] = static_cast<int32_t>(std::clamp<int64_t>(n_pos[r0 + r] - j0, 0, kChunk));
+          for (int64_t j = 0; j < kChunk; ++j)
+            sc[static_cast<size_t>(r * kChunk + j)] = scores[static_cast<size_t>((r0 + r) * n_max + j0 + j)];
+        }
+        attend_chunk(isa, sc.data(), kChunk, valid.data(), nq, v.data() + j0 * hd, hd, hd, scale, m.data(), l.data(),
+                     acc.data());
+      }
+      for (int64_t r = 0; r < nq; ++r)
+        for (int64_t i = 0; i < hd; ++i) acc[static_cast<size_t>(r * hd + i)] /= l[static_cast<size_t>(r)];
+      return acc;
+    };
+    for (CpuIsa isa : kIsas) {
+      if (!cpu_isa_supported(isa)) continue;
+      const std::vector<float> got = run(isa, 0, n_q);
+      for (size_t i = 0; i < got.size(); ++i) {
+        // 3e-7 + 1e-6 * |ref|: fp32 weights (exp within a few ulp), rescaled up to 19 times, summed over up to 300
+        // positions of values in [-1, 1); the outputs are weighted means of those values, mostly below 0.1.
+        // Measured worst here (Zen 5, every family and head_dim): 1.0e-7 absolute.
+        ASSERT_NEAR(got[i], want[i], 3e-7 + 1e-6 * std::abs(want[i]))
+            << cpu_isa_name(isa) << " hd " << hd << " row " << i / hd << " (" << n_pos[i / hd] << " positions)";
+      }
+      // A row computed alone gives the same bits as inside the call (the CPU backend's batch invariance).
+      for (int64_t r = 0; r < n_q; ++r) {
+        const std::vector<float> alone = run(isa, r, r + 1);
+        EXPECT_EQ(0, std::memcmp(alone.data(), got.data() + r * hd, static_cast<size_t>(hd) * sizeof(float)))
+            << cpu_isa_name(isa) << " hd " << hd << " row " << r;
+      }
+    }
+  }
+}
+
+// The weights attend_chunk leaves in the score rows are exp(scale * s - max) within 3 ulp (the SIMD families' exp
+// is a polynomial; the scalar family's is std::exp), 0 (or a subnormal) below fp32's normal range.
+TEST(KernelAttend, WeightsAreExpWithinThreeUlp) {
+  constexpr int64_t kN = 37, kHd = 16;  // whole vectors and a tail in both families
+  std::vector<float> s0(kN), v(kN * kHd, 0.5f);
+  for (int64_t j = 0; j < kN; ++j) s0[j] = -0.37f * float(j * j) / 4.0f + (j == 5 ? 10.0f : 0.0f);  // down to -123
+  const int32_t n = kN;
+  for (CpuIsa isa : kIsas) {
+    if (!cpu_isa_supported(isa)) continue;
+    std::vector<float> s = s0, m(1, -INFINITY), l(1, 0.0f), acc(kHd, 0.0f);
+    attend_chunk(isa, s.data(), kN, &n, 1, v.data(), kHd, kHd, 1.0f, m.data(), l.data(), acc.data());
+    EXPECT_EQ(m[0], 10.0f - 0.37f * 25.0f / 4.0f) << cpu_isa_name(isa);
+    for (int64_t j = 0; j < kN; ++j) {
+      const float x = s0[j] - m[0];  // the kernel's argument, rounded as it rounds it
+      if (x < -87.0f) {  // below the normal range: 0, or std::exp's subnormal
+        EXPECT_TRUE(s[j] >= 0.0f && s[j] < 1.2e-38f) << cpu_isa_name(isa) << " exp(" << x << ") = " << s[j];
+        continue;
+      }
+      const double want = std::exp(double(x));
+      EXPECT_NEAR(s[j], want, 3.0 * 1.2e-7 * want) << cpu_isa_name(isa) << " exp(" << x << ")";
+    }
+  }
+}
+
+TEST(KernelAttend, RejectsMorePositionsThanTheScoreRow) {
+  std::vector<float> s(16), v(64), m(1, -INFINITY), l(1), acc(64);
+  const int32_t n = 17;
+  EXPECT_THROW(attend_chunk(CpuIsa::kScalar, s.data(), 16, &n, 1, v.data(), 64, 64, 1.0f, m.data(), l.data(),
+                            acc.data()),
+               Error);
+  EXPECT_THROW(attend_chunk(CpuIsa::kScalar, s.data(), 16, &n, 1, v.data(), 32, 64, 1.0f, m.data(), l.data(),
+                            acc.data()),
+               Error);  // ldv < hd
+}
+
 }  // namespace
 }  // namespace shardlm

@@ -1,6 +1,7 @@
 #include "backends/cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -16,6 +17,15 @@
 
 namespace shardlm {
 namespace {
+
+// Tokens of one sequence whose attention shares one pass over its K and V rows (CpuBackend::attention): each row is
+// converted to f32 once per tile instead of once per token. With a group of 4 query heads, 64 query rows a
+// matmul_rows call; the scores and weights of a chunk, (64, kAttendChunk) floats, stay within L2.
+constexpr int32_t kAttendTile = 16;
+// Positions per online-softmax step of the CPU attention: one matmul_rows and one attend_chunk call serve this many.
+// One step per 16-position cache block paid the calls' fixed costs 16 times as often (docs/BENCHMARKS.md,
+// "Decisions in the source").
+constexpr int64_t kAttendChunk = 256;
 
 // 64-byte aligned so SIMD kernels never straddle cache lines on activation rows. Large buffers (packed weights,
 // KV caches) are aligned to and advised into 2 MiB pages where the kernel offers them (transparent huge pages in
@@ -215,66 +225,75 @@ class CpuBackend final : public Backend {
   }
 
   void attention(const float* q, const KvLayerView& kv, int64_t n_tok, int64_t n_head, float* out) override {
-    const int64_t hd = kv.head_dim, group = n_head / kv.n_head_kv;
+    const int64_t hd = kv.head_dim, group = n_head / kv.n_head_kv, bs = kv.block_size;
     const float scale = 1.0f / std::sqrt(float(hd));
     SHARDLM_CHECK(n_tok == batch_.n_tok, "attention of ", n_tok, " tokens in a step of ", batch_.n_tok);
-    const std::vector<int32_t> seq_of = batch_.token_seqs();
-    int64_t longest = 0;
-    for (const BatchSeq& s : batch_.seqs) longest = std::max<int64_t>(longest, s.ctx());
-    // One job per (token, KV head): its `group` query heads share every K and V row it reads, and every job reads
-    // its own sequence's blocks, so sequences of any lengths share the threads. Each run of positions in one cache
-    // block (consecutive rows) is converted to f32 once (dequantize_row: SIMD for f16 / bf16), and its scores are
-    // one F32 matmul_rows call with the group's heads as the tokens (scalar dot products with f16 conversions spent
-    // half of a 512-token prefill here). F32, not the cache type's kernels: those round q to int8 for q8_0 / q4_0,
-    // and the scores keep the stored values' precision.
-    pool_.parallel_for(n_tok * kv.n_head_kv, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> p(static_cast<size_t>(group * longest));  // (group, longest) scores, then weights
-      std::vector<float> acc(static_cast<size_t>(group * hd)), inv(static_cast<size_t>(group));
-      std::vector<float> rows(static_cast<size_t>(kv.block_size * hd));  // one run's K or V rows of this head, f32
-      const size_t row_bytes = static_cast<size_t>(kv.row_bytes());
-      for (int64_t job = b; job < e; ++job) {
-        const int64_t t = job / kv.n_head_kv, kvh = job % kv.n_head_kv;
-        const int64_t s = seq_of[static_cast<size_t>(t)];
-        const int64_t n_pos = pos_[static_cast<size_t>(t)] + 1;
-        const float* qg = q + (t * n_head + kvh * group) * hd;  // (group, hd) this KV head's query heads
-        // Runs [j0, j1) of positions within one cache block (consecutive rows, row_bytes apart), this head's slice
-        // of each in `rows` as f32 (j1 - j0, hd).
-        const auto runs = [&](const void* base, auto body) {
-          for (int64_t j0 = 0; j0 < n_pos;) {
-            const int64_t j1 = std::min(n_pos, (j0 / kv.block_size + 1) * kv.block_size);
-            const auto* first = static_cast<const uint8_t*>(kv.at(base, batch_.cache_row(kv, s, j0) + kvh * hd));
-            for (int64_t j = j0; j < j1; ++j)
-              dequantize_row(kv.type, first + (j - j0) * row_bytes, rows.data() + (j - j0) * hd, hd);
-            body(j0, j1);
-            j0 = j1;
+    // One job per (sequence, tile of up to kAttendTile of its tokens, KV head): the tile's tokens and the group of
+    // query heads of that KV head are the job's query rows, so each K and V row of the sequence is converted to f32
+    // once per tile rather than once per token. The positions are taken kAttendChunk at a time (flash attention's
+    // online softmax: attend_chunk), their rows gathered from the cache blocks into f32 (one dequantize_rows call a
+    // block) and scored by one F32 matmul_rows call with the query rows as its tokens. F32, not the cache type's
+    // kernels: those round q to int8 for q8_0 / q4_0, and the scores keep the stored values' precision. Chunks
+    // start at multiples of kAttendChunk whatever the tile, and every query row is computed on its own, so a token's
+    // output does not depend on the rest of the batch.
+    struct Job {
+      int32_t s, t0, t1, kvh;  // sequence, its tokens [t0, t1) in the step, KV head
+      int64_t cost;            // query rows x positions read: the dearest jobs start first
+    };
+    std::vector<Job> jobs;
+    for (int64_t s = 0; s < batch_.n_seq(); ++s) {
+      const BatchSeq& sq = batch_.seqs[static_cast<size_t>(s)];
+      for (int32_t t0 = sq.tok0; t0 < sq.tok0 + sq.n_tok; t0 += kAttendTile) {
+        const int32_t t1 = std::min(t0 + kAttendTile, sq.tok0 + sq.n_tok);
+        for (int32_t kvh = 0; kvh < kv.n_head_kv; ++kvh)
+          jobs.push_back({static_cast<int32_t>(s), t0, t1, kvh, int64_t{t1 - t0} * (pos_[t1 - 1] + 1)});
+      }
+    }
+    std::stable_sort(jobs.begin(), jobs.end(), [](const Job& a, const Job& b) { return a.cost > b.cost; });
+    const int64_t chunk = std::max<int64_t>(bs, kAttendChunk / bs * bs);  // positions a step, whole blocks
+    const size_t row_bytes = static_cast<size_t>(kv.row_bytes());
+    const CpuIsa isa = cpu_isa();
+    std::atomic<size_t> next{0};
+    // Each thread takes the next job as it finishes one (job costs differ by the tiles' positions).
+    pool_.parallel_for(pool_.size(), 1, [&](int64_t, int64_t) {
+      const int64_t max_q = kAttendTile * group;
+      std::vector<float> qt(static_cast<size_t>(max_q * hd));          // (n_q, hd) the job's query rows
+      std::vector<float> sc(static_cast<size_t>(max_q * chunk));       // (n_q, chunk) scores, then weights
+      std::vector<float> acc(static_cast<size_t>(max_q * hd));         // (n_q, hd) weighted V sums
+      std::vector<float> m(static_cast<size_t>(max_q)), l(m.size());  // (n_q) running max and weight sums
+      std::vector<int32_t> n_valid(m.size());                          // (n_q) each row's positions in the chunk
+      std::vector<float> kf(static_cast<size_t>(chunk * hd)), vf(kf.size());  // (chunk, hd) K / V rows as f32
+      for (size_t ji; (ji = next.fetch_add(1, std::memory_order_relaxed)) < jobs.size();) {
+        const Job& job = jobs[ji];
+        const int64_t n_q = int64_t{job.t1 - job.t0} * group;
+        for (int64_t t = job.t0; t < job.t1; ++t)
+          std::memcpy(qt.data() + (t - job.t0) * group * hd, q + (t * n_head + job.kvh * group) * hd,
+                      static_cast<size_t>(group * hd) * sizeof(float));
+        std::fill_n(m.begin(), n_q, -INFINITY);
+        std::fill_n(l.begin(), n_q, 0.0f);
+        std::fill_n(acc.begin(), n_q * hd, 0.0f);
+        const int64_t n_max = pos_[static_cast<size_t>(job.t1 - 1)] + 1;  // the tile's last token sees the most
+        for (int64_t j0 = 0; j0 < n_max; j0 += chunk) {
+          const int64_t c = std::min(chunk, n_max - j0);
+          // This head's slice of the chunk's rows, block by block (consecutive rows within a block).
+          for (int64_t b0 = j0; b0 < j0 + c; b0 += bs) {
+            const int64_t elem = batch_.cache_row(kv, job.s, b0) + job.kvh * hd, rows = std::min(bs, j0 + c - b0);
+            dequantize_rows(kv.type, kv.at(kv.k, elem), row_bytes, rows, hd, kf.data() + (b0 - j0) * hd, hd);
+            dequantize_rows(kv.type, kv.at(kv.v, elem), row_bytes, rows, hd, vf.data() + (b0 - j0) * hd, hd);
           }
-        };
-        runs(kv.k, [&](int64_t j0, int64_t j1) {
-          matmul_rows(GgmlType::F32, rows.data(), static_cast<size_t>(hd) * sizeof(float), j1 - j0, hd, qg, hd, group,
-                      p.data() + j0, longest);
-        });
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t g = 0; g < group; ++g) {
-          float* pg = p.data() + g * longest;
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < n_pos; ++j) mx = std::max(mx, pg[j] *= scale);
-          float sum = 0;
-          for (int64_t j = 0; j < n_pos; ++j) sum += (pg[j] = std::exp(pg[j] - mx));
-          inv[static_cast<size_t>(g)] = 1.0f / sum;
+          for (int64_t r = 0; r < n_q; ++r)
+            n_valid[static_cast<size_t>(r)] = static_cast<int32_t>(
+                std::clamp<int64_t>(pos_[static_cast<size_t>(job.t0 + r / group)] + 1 - j0, 0, c));
+          matmul_rows(isa, GgmlType::F32, kf.data(), static_cast<size_t>(hd) * sizeof(float), c, hd, qt.data(), hd,
+                      n_q, sc.data(), chunk);
+          attend_chunk(isa, sc.data(), chunk, n_valid.data(), n_q, vf.data(), hd, hd, scale, m.data(), l.data(),
+                       acc.data());
         }
-        runs(kv.v, [&](int64_t j0, int64_t j1) {
-          for (int64_t g = 0; g < group; ++g) {
-            float* ag = acc.data() + g * hd;
-            const float* pg = p.data() + g * longest;
-            for (int64_t j = j0; j < j1; ++j) {
-              const float pj = pg[j];
-              const float* vr = rows.data() + (j - j0) * hd;
-              for (int64_t i = 0; i < hd; ++i) ag[i] += pj * vr[i];
-            }
-          }
-        });
-        float* og = out + (t * n_head + kvh * group) * hd;
-        for (int64_t i = 0; i < group * hd; ++i) og[i] = acc[static_cast<size_t>(i)] * inv[static_cast<size_t>(i / hd)];
+        for (int64_t r = 0; r < n_q; ++r) {
+          const int64_t t = job.t0 + r / group, h = job.kvh * group + r % group;
+          const float inv = 1.0f / l[static_cast<size_t>(r)];
+          for (int64_t i = 0; i < hd; ++i) out[(t * n_head + h) * hd + i] = acc[static_cast<size_t>(r * hd + i)] * inv;
+        }
       }
     });
   }
