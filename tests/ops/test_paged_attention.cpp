@@ -230,8 +230,9 @@ TEST(PagedAttentionBatch, ATokensOutputDoesNotDependOnTheStep) {
           bq.pos0 = p.pos0;
           batch.seqs.push_back(bq);
           batch.n_tok += p.n_tok;
+          const int64_t used = (p.pos0 + p.n_tok + bs - 1) / bs;
           for (int64_t b = 0; b < max_blocks; ++b)
-            batch.block_table.push_back(b < (p.pos0 + p.n_tok + bs - 1) / bs ? ids[static_cast<size_t>(p.seq * max_blocks + b)] : -1);
+            batch.block_table.push_back(b < used ? ids[static_cast<size_t>(p.seq * max_blocks + b)] : -1);
           const float* from = qs[static_cast<size_t>(p.seq)].data() + p.pos0 * nh * hd;
           q.insert(q.end(), from, from + p.n_tok * nh * hd);
         }
@@ -257,8 +258,9 @@ TEST(PagedAttentionBatch, ATokensOutputDoesNotDependOnTheStep) {
       const std::vector<float> mixed = step({{1, 99, 1}, {2, 0, 9}, {0, 35, 40}})[2];
       const std::string what = std::string(type_name(type)) + " hd " + std::to_string(hd);
       ASSERT_EQ(whole.size(), split.size());
-      EXPECT_EQ(0, std::memcmp(whole.data(), split.data(), whole.size() * sizeof(float))) << what << ": over three steps";
-      EXPECT_EQ(0, std::memcmp(whole.data(), mixed.data(), whole.size() * sizeof(float))) << what << ": in a mixed step";
+      const size_t bytes = whole.size() * sizeof(float);
+      EXPECT_EQ(0, std::memcmp(whole.data(), split.data(), bytes)) << what << ": over three steps";
+      EXPECT_EQ(0, std::memcmp(whole.data(), mixed.data(), bytes)) << what << ": in a mixed step";
       // Not all zeros or copies of one row: the outputs differ from token to token.
       EXPECT_NE(0, std::memcmp(whole.data(), whole.data() + nh * hd, static_cast<size_t>(nh * hd) * sizeof(float)));
     }

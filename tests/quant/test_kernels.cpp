@@ -429,17 +429,20 @@ TEST(KernelAttend, OnlineSoftmaxMatchesFp64) {
     std::vector<float> scores(static_cast<size_t>(n_q * n_max)), v(static_cast<size_t>(n_max * hd));
     for (int64_t r = 0; r < n_q; ++r)
       for (int64_t j = 0; j < n_max; ++j)
-        scores[static_cast<size_t>(r * n_max + j)] = 8.0f * u(rng) + 0.05f * float(j) - (j / kChunk == 3 ? 200.0f : 0.0f);
+        scores[static_cast<size_t>(r * n_max + j)] =
+            8.0f * u(rng) + 0.05f * float(j) - (j / kChunk == 3 ? 200.0f : 0.0f);
     for (auto& x : v) x = u(rng);
     // fp64: softmax of scale * s over the row's positions, weights times V.
     std::vector<double> want(static_cast<size_t>(n_q * hd));
     for (int64_t r = 0; r < n_q; ++r) {
       double mx = -INFINITY, sum = 0;
-      for (int64_t j = 0; j < n_pos[r]; ++j) mx = std::max(mx, double(scale) * scores[static_cast<size_t>(r * n_max + j)]);
+      const float* sr = scores.data() + r * n_max;
+      double* wr = want.data() + r * hd;
+      for (int64_t j = 0; j < n_pos[r]; ++j) mx = std::max(mx, double(scale) * sr[j]);
       for (int64_t j = 0; j < n_pos[r]; ++j) {
-        const double p = std::exp(double(scale) * scores[static_cast<size_t>(r * n_max + j)] - mx);
+        const double p = std::exp(double(scale) * sr[j] - mx);
         sum += p;
-        for (int64_t i = 0; i < hd; ++i) want[static_cast<size_t>(r * hd + i)] += p * v[static_cast<size_t>(j * hd + i)];
+        for (int64_t i = 0; i < hd; ++i) wr[i] += p * v[static_cast<size_t>(j * hd + i)];
       }
       for (int64_t i = 0; i < hd; ++i) want[static_cast<size_t>(r * hd + i)] /= sum;
     }
