@@ -254,45 +254,53 @@ class CpuBackend final : public Backend {
     const size_t row_bytes = static_cast<size_t>(kv.row_bytes());
     const CpuIsa isa = cpu_isa();
     std::atomic<size_t> next{0};
-    // Each thread takes the next job as it finishes one (job costs differ by the tiles' positions).
-    pool_.parallel_for(pool_.size(), 1, [&](int64_t, int64_t) {
+    // Each thread takes the next job as it finishes one (job costs differ by the tiles' positions); no more threads
+    // than jobs are woken.
+    const int64_t n_parts = std::min<int64_t>(pool_.size(), static_cast<int64_t>(jobs.size()));
+    pool_.parallel_for(n_parts, 1, [&](int64_t, int64_t) {
       const int64_t max_q = kAttendTile * group;
-      std::vector<float> qt(static_cast<size_t>(max_q * hd));          // (n_q, hd) the job's query rows
-      std::vector<float> sc(static_cast<size_t>(max_q * chunk));       // (n_q, chunk) scores, then weights
-      std::vector<float> acc(static_cast<size_t>(max_q * hd));         // (n_q, hd) weighted V sums
-      std::vector<float> m(static_cast<size_t>(max_q)), l(m.size());  // (n_q) running max and weight sums
-      std::vector<int32_t> n_valid(m.size());                          // (n_q) each row's positions in the chunk
-      std::vector<float> kf(static_cast<size_t>(chunk * hd)), vf(kf.size());  // (chunk, hd) K / V rows as f32
+      // The thread's buffers, kept from call to call (pool threads live as long as the backend) and never zeroed:
+      // every element is written before it is read.
+      thread_local std::vector<float> scratch;
+      thread_local std::vector<int32_t> n_valid;  // (n_q) each row's positions in the chunk
+      const size_t need = static_cast<size_t>(max_q * (2 * hd + chunk + 2) + 2 * chunk * hd);
+      if (scratch.size() < need) scratch.resize(need);
+      if (n_valid.size() < static_cast<size_t>(max_q)) n_valid.resize(static_cast<size_t>(max_q));
+      float* const qt = scratch.data();            // (n_q, hd) the job's query rows
+      float* const acc = qt + max_q * hd;          // (n_q, hd) weighted V sums
+      float* const sc = acc + max_q * hd;          // (n_q, chunk) scores, then weights
+      float* const m = sc + max_q * chunk;         // (n_q) running maxima
+      float* const l = m + max_q;                  // (n_q) running weight sums
+      float* const kf = l + max_q;                 // (chunk, hd) K rows as f32
+      float* const vf = kf + chunk * hd;           // (chunk, hd) V rows as f32
       for (size_t ji; (ji = next.fetch_add(1, std::memory_order_relaxed)) < jobs.size();) {
         const Job& job = jobs[ji];
         const int64_t n_q = int64_t{job.t1 - job.t0} * group;
         for (int64_t t = job.t0; t < job.t1; ++t)
-          std::memcpy(qt.data() + (t - job.t0) * group * hd, q + (t * n_head + job.kvh * group) * hd,
+          std::memcpy(qt + (t - job.t0) * group * hd, q + (t * n_head + job.kvh * group) * hd,
                       static_cast<size_t>(group * hd) * sizeof(float));
-        std::fill_n(m.begin(), n_q, -INFINITY);
-        std::fill_n(l.begin(), n_q, 0.0f);
-        std::fill_n(acc.begin(), n_q * hd, 0.0f);
+        std::fill_n(m, n_q, -INFINITY);
+        std::fill_n(l, n_q, 0.0f);
+        std::fill_n(acc, n_q * hd, 0.0f);
         const int64_t n_max = pos_[static_cast<size_t>(job.t1 - 1)] + 1;  // the tile's last token sees the most
         for (int64_t j0 = 0; j0 < n_max; j0 += chunk) {
           const int64_t c = std::min(chunk, n_max - j0);
           // This head's slice of the chunk's rows, block by block (consecutive rows within a block).
           for (int64_t b0 = j0; b0 < j0 + c; b0 += bs) {
             const int64_t elem = batch_.cache_row(kv, job.s, b0) + job.kvh * hd, rows = std::min(bs, j0 + c - b0);
-            dequantize_rows(kv.type, kv.at(kv.k, elem), row_bytes, rows, hd, kf.data() + (b0 - j0) * hd, hd);
-            dequantize_rows(kv.type, kv.at(kv.v, elem), row_bytes, rows, hd, vf.data() + (b0 - j0) * hd, hd);
+            dequantize_rows(kv.type, kv.at(kv.k, elem), row_bytes, rows, hd, kf + (b0 - j0) * hd, hd);
+            dequantize_rows(kv.type, kv.at(kv.v, elem), row_bytes, rows, hd, vf + (b0 - j0) * hd, hd);
           }
           for (int64_t r = 0; r < n_q; ++r)
             n_valid[static_cast<size_t>(r)] = static_cast<int32_t>(
                 std::clamp<int64_t>(pos_[static_cast<size_t>(job.t0 + r / group)] + 1 - j0, 0, c));
-          matmul_rows(isa, GgmlType::F32, kf.data(), static_cast<size_t>(hd) * sizeof(float), c, hd, qt.data(), hd,
-                      n_q, sc.data(), chunk);
-          attend_chunk(isa, sc.data(), chunk, n_valid.data(), n_q, vf.data(), hd, hd, scale, m.data(), l.data(),
-                       acc.data());
+          matmul_rows(isa, GgmlType::F32, kf, static_cast<size_t>(hd) * sizeof(float), c, hd, qt, hd, n_q, sc, chunk);
+          attend_chunk(isa, sc, chunk, n_valid.data(), n_q, vf, hd, hd, scale, m, l, acc);
         }
         for (int64_t r = 0; r < n_q; ++r) {
           const int64_t t = job.t0 + r / group, h = job.kvh * group + r % group;
-          const float inv = 1.0f / l[static_cast<size_t>(r)];
-          for (int64_t i = 0; i < hd; ++i) out[(t * n_head + h) * hd + i] = acc[static_cast<size_t>(r * hd + i)] * inv;
+          const float inv = 1.0f / l[r];
+          for (int64_t i = 0; i < hd; ++i) out[(t * n_head + h) * hd + i] = acc[r * hd + i] * inv;
         }
       }
     });
