@@ -13,6 +13,20 @@
 namespace shardlm::quant_detail {
 namespace {
 
+// exp(r) for |r| <= ln2 / 2: Cephes' expf polynomial (about 1 ulp); each family's K::exp reduces x = n ln2 + r
+// (ln 2 in two parts, n * 0.693359375 exact) and scales the result by 2^n.
+inline constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kLog2e = 1.44269504088896341f;
+template <class K>
+typename K::V exp_reduced(typename K::V r) {
+  typename K::V p = K::set1(1.9875691500e-4f);
+  p = K::fma(p, r, K::set1(1.3981999507e-3f));
+  p = K::fma(p, r, K::set1(8.3334519073e-3f));
+  p = K::fma(p, r, K::set1(4.1665795894e-2f));
+  p = K::fma(p, r, K::set1(1.6666665459e-1f));
+  p = K::fma(p, r, K::set1(5.0000001201e-1f));
+  return K::fma(p, K::mul(r, r), K::add(r, K::set1(1.0f)));
+}
+
 // a (NV * L) = a * alpha + sum_j p[j] * v[j] over n rows of v (ldv floats apart): NV accumulators in registers.
 template <class K, int NV>
 void attend_accumulate(const float* p /* (n) */, int64_t n, const float* v /* (n, ldv) */, int64_t ldv, float alpha,

@@ -166,21 +166,14 @@ struct Avx2 {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  // exp(x) for x <= 0 as 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p Cephes' expf polynomial (about 1 ulp);
-  // 0 below -87, where fp32's normal range ends (and for -inf).
+  // exp(x) for x <= 0 as 2^n * exp_reduced(r) (kernels_attend.h), 2^n built in the exponent field; 0 below -87,
+  // where fp32's normal range ends (and for -inf).
   static V exp(V x) {
     const V tiny = _mm256_cmp_ps(x, set1(-87.0f), _CMP_LT_OQ);
     x = max(x, set1(-87.0f));
-    const V n = _mm256_round_ps(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);  // ln 2 in two parts: n * 0.693359375 is exact
-    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    V p = set1(1.9875691500e-4f);
-    p = fma(p, r, set1(1.3981999507e-3f));
-    p = fma(p, r, set1(8.3334519073e-3f));
-    p = fma(p, r, set1(4.1665795894e-2f));
-    p = fma(p, r, set1(1.6666665459e-1f));
-    p = fma(p, r, set1(5.0000001201e-1f));
-    p = fma(p, mul(r, r), add(r, set1(1.0f)));
+    const V n = _mm256_round_ps(mul(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V r = _mm256_fnmadd_ps(n, set1(kLn2Lo), _mm256_fnmadd_ps(n, set1(kLn2Hi), x));
+    const V p = exp_reduced<Avx2>(r);
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(tiny, mul(p, _mm256_castsi256_ps(e)));
   }
