@@ -455,7 +455,7 @@ TEST(KernelAttend, OnlineSoftmaxMatchesFp64) {
       for (int64_t j0 = 0; j0 < n_max; j0 += kChunk) {
         for (int64_t r = 0; r < nq; ++r) {
           valid[static_cast<size_t>(r)] = static_cast<int32_t>(std::clamp<int64_t>(n_pos[r0 + r] - j0, 0, kChunk));
-          for (int64_t j = 0; j < kChunk; ++j)
+          for (int64_t j = 0; j < valid[static_cast<size_t>(r)]; ++j)  // the row's positions only: n_max is 300
             sc[static_cast<size_t>(r * kChunk + j)] = scores[static_cast<size_t>((r0 + r) * n_max + j0 + j)];
         }
         attend_chunk(isa, sc.data(), kChunk, valid.data(), nq, v.data() + j0 * hd, hd, hd, scale, m.data(), l.data(),
