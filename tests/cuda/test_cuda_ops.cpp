@@ -376,7 +376,10 @@ void run_matmul(Backend& be, std::mt19937_64& rng, GgmlType t, const MatCase& c,
   // Decode kernels and f32 GEMMs accumulate in f32: 1e-5 of sum|w x|. The cuBLAS path of F16/BF16/quant
   // weights rounds x (and dequantized weights) to 16 bits first: 2^-10 (fp16, both operands) or 2^-8
   // (bf16, x only) of sum|w x| bounds that rounding.
-  const bool gemm = c.n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : c.n_tok > 8);
+  // Packed weights take the several-token kernel (int8 x, as one token) up to the type's limit, other
+  // quantized layouts the per-token matvec up to 8; cuBLAS beyond.
+  const int64_t matvec_max = pack ? cuda_tokens_max_default(t) : 8;
+  const bool gemm = c.n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : c.n_tok > matvec_max);
   if (pack && !gemm) {
     for (int64_t tk = 0; tk < c.n_tok; ++tk) {
       const std::vector<float> yt(y.begin() + tk * c.rows, y.begin() + (tk + 1) * c.rows);
@@ -422,6 +425,49 @@ TEST_F(CudaOps, PackedMatvecAndPrefill) {
   for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K})
     for (const auto& c : cases)
       if (cuda_detail::packable(t, c.cols)) run_matmul(*be_, rng_, t, c, true);
+}
+
+// Batch invariance of the packed matmul: a step of n_tok tokens (the several-token kernel, in passes of 8, 4
+// or 2 tokens by the row width) gives each token the bytes of its own one-token matvec, for a single weight and
+// a group sharing x. Widths: 96 (3 units, an odd count: padded x rows), 4096, 14336 (8 tokens a pass) and
+// 28672 (4 a pass).
+TEST_F(CudaOps, SeveralTokensGiveEachTokenItsOneTokenBits) {
+  struct Shape {
+    int64_t rows, cols;
+  };
+  const Shape shapes[] = {{37, 96}, {300, 4096}, {65, 14336}, {9, 28672}};
+  cuda_set_tokens_max(*be_, 64);  // 17 and 64 tokens too (the default sends them to cuBLAS)
+  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
+    for (const Shape& sh : shapes) {
+      if (!cuda_detail::packable(t, sh.cols)) continue;
+      const HostWeight a = make_host_weight(rng_, t, sh.rows, sh.cols, 0), b = make_host_weight(rng_, t, 24, sh.cols, 0);
+      std::vector<std::unique_ptr<DeviceBuffer>> storage;
+      const WeightView wa = be_->place_matmul_weight(WeightView{t, sh.cols, sh.rows, a.stride, a.bytes.data()}, storage);
+      const WeightView wb = be_->place_matmul_weight(WeightView{t, sh.cols, 24, b.stride, b.bytes.data()}, storage);
+      ASSERT_TRUE(wa.packed && wb.packed);
+      for (int64_t n_tok : {int64_t{2}, int64_t{3}, int64_t{8}, int64_t{9}, int64_t{17}, int64_t{64}}) {
+        const std::string what = std::string(type_name(t)) + " " + std::to_string(sh.rows) + "x" +
+                                 std::to_string(sh.cols) + " n_tok " + std::to_string(n_tok);
+        SCOPED_TRACE(what);
+        const auto x = rand_floats(rng_, n_tok * sh.cols, -3.0f, 3.0f);
+        Guarded xb(*be_, x.size() * 4), ya(*be_, n_tok * sh.rows * 4), yb(*be_, n_tok * 24 * 4),
+            ga(*be_, n_tok * sh.rows * 4), gb(*be_, n_tok * 24 * 4), one(*be_, n_tok * sh.rows * 4),
+            oneb(*be_, n_tok * 24 * 4);
+        xb.put(x.data());
+        be_->matmul(wa, xb.f(), ya.f(), n_tok);
+        const WeightView ws[2] = {wa, wb};
+        float* ys[2] = {ga.f(), gb.f()};
+        be_->matmul_group(ws, 2, xb.f(), ys, n_tok);
+        for (int64_t k = 0; k < n_tok; ++k) {
+          be_->matmul(wa, xb.f() + k * sh.cols, one.f() + k * sh.rows, 1);
+          be_->matmul(wb, xb.f() + k * sh.cols, oneb.f() + k * 24, 1);
+        }
+        expect_same_bytes(ya, one, "matmul of n_tok tokens against one-token matmuls");
+        expect_same_bytes(ga, one, "matmul_group's first weight against one-token matmuls");
+        expect_same_bytes(gb, oneb, "matmul_group's second weight against one-token matmuls");
+      }
+    }
+  }
 }
 
 TEST_F(CudaOps, MatmulPrefill) {
@@ -477,7 +523,7 @@ void run_matmul_group(Backend& be, std::mt19937_64& rng, const std::vector<GgmlT
         scale[tk * rows[i] + r] = a;
       }
     const GgmlType t = types[i];
-    const bool gemm = n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : n_tok > 8);
+    const bool gemm = n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : n_tok > (packed[i] ? cuda_tokens_max_default(t) : 8));
     if (packed[i] && !gemm) {
       for (int64_t tk = 0; tk < n_tok; ++tk) {
         const std::vector<float> yt(y.begin() + tk * rows[i], y.begin() + (tk + 1) * rows[i]);
@@ -1172,6 +1218,58 @@ TEST_F(CudaOps, BatchOfSequencesInPoolBlocksMatchesTheReference) {
           expect_close(got, std::vector<double>(oref.begin(), oref.end()), 2e-5, 1e-4, "rope_attention " + what);
       }
     }
+  }
+}
+
+// One launch of the decode kernel serves every decoding sequence of a step (each block reads its sequence's
+// row and cache block from the step's StepDev): each sequence's output, and the K/V rows it stores, must have
+// the bytes of the same sequence stepped alone. 17 sequences (positions 0, 31, 32, 33, ..., 159: one split
+// and several) in shuffled blocks of a pool of 20, and a prompt chunk among them (its blocks skip).
+TEST_F(CudaOps, DecodeSequencesInOneLaunchEqualEachAlone) {
+  const int64_t HKV = 2, G = 4, H = HKV * G, D = 128, row = HKV * D, n_blocks = 20, block = 160;
+  std::vector<SeqSpec> spec;
+  const int32_t pos[] = {0, 31, 32, 33, 5, 159, 64, 1, 100, 127, 128, 129, 2, 90, 158, 17, 40};
+  for (int i = 0; i < 17; ++i) spec.push_back({1, pos[i], static_cast<int32_t>((i * 7 + 3) % n_blocks)});
+  spec.insert(spec.begin() + 5, SeqSpec{6, 20, 16});  // a prompt chunk (block 16: no decode sequence uses it)
+  const BatchInfo batch = batch_of(spec);
+  ASSERT_NO_THROW(batch.validate(n_blocks, block)) << "the test's batch is malformed";
+  const int64_t n_tok = batch.n_tok;
+  const std::vector<uint8_t> kraw = cache_bytes(GgmlType::F16, rand_floats(rng_, n_blocks * block * row)),
+                             vraw = cache_bytes(GgmlType::F16, rand_floats(rng_, n_blocks * block * row));
+  const auto q = rand_floats(rng_, n_tok * H * D, -2.0f, 2.0f), k = rand_floats(rng_, n_tok * row),
+             v = rand_floats(rng_, n_tok * row);
+  Guarded qb(*be_, q.size() * 4), kb(*be_, k.size() * 4), vb(*be_, v.size() * 4), kc(*be_, kraw.size()),
+      vc(*be_, vraw.size()), ob(*be_, q.size() * 4), kc1(*be_, kraw.size()), vc1(*be_, vraw.size()),
+      o1(*be_, H * D * 4);
+  qb.put(q.data());
+  kb.put(k.data());
+  vb.put(v.data());
+  kc.put(kraw.data());
+  vc.put(vraw.data());
+  const KvLayerView kv{GgmlType::F16, n_blocks, block, HKV, D, kc.ptr(), vc.ptr()};
+  be_->begin_step(batch);
+  be_->rope_attention(qb.f(), kb.f(), vb.f(), kv, n_tok, H, 500000.0f, nullptr, ob.f());
+  const auto all = ob.get<float>();
+  const auto kall = kc.get<uint8_t>(), vall = vc.get<uint8_t>();
+  for (int64_t s = 0; s < batch.n_seq(); ++s) {
+    const BatchSeq& sq = batch.seqs[static_cast<size_t>(s)];
+    if (sq.n_tok != 1) continue;
+    SCOPED_TRACE("sequence " + std::to_string(s) + " at position " + std::to_string(sq.pos0));
+    kc1.put(kraw.data());
+    vc1.put(vraw.data());
+    const KvLayerView kv1{GgmlType::F16, n_blocks, block, HKV, D, kc1.ptr(), vc1.ptr()};
+    const int32_t blk = batch.blocks(s)[0];
+    be_->begin_step(BatchInfo::single(sq.pos0, 1, {blk}, false));
+    be_->rope_attention(qb.f() + sq.tok0 * H * D, kb.f() + sq.tok0 * row, vb.f() + sq.tok0 * row, kv1, 1, H,
+                        500000.0f, nullptr, o1.f());
+    const auto alone = o1.get<float>();
+    EXPECT_EQ(std::memcmp(alone.data(), all.data() + sq.tok0 * H * D, alone.size() * 4), 0)
+        << "output differs from the sequence stepped alone";
+    const auto k1 = kc1.get<uint8_t>(), v1 = vc1.get<uint8_t>();
+    const size_t off = static_cast<size_t>((blk * block + sq.pos0) * row) * 2, bytes = static_cast<size_t>(row) * 2;
+    EXPECT_EQ(std::memcmp(k1.data() + off, kall.data() + off, bytes), 0) << "stored K row differs";
+    EXPECT_EQ(std::memcmp(v1.data() + off, vall.data() + off, bytes), 0) << "stored V row differs";
+    EXPECT_NE(std::memcmp(k1.data() + off, kraw.data() + off, bytes), 0) << "the K row was not stored";
   }
 }
 

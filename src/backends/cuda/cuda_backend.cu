@@ -122,6 +122,14 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     if (v.size() != 1 || v[0] < '0' || v[0] > '4') fail("SHARDLM_PK_VARIANT = '", v, "': expected 0 to 4");
     pk_variant_ = v[0] - '0';
   }
+  if (const auto p = env_value("SHARDLM_CUDA_TOKENS_MAX")) {
+    const std::string& v = *p;
+    char* end = nullptr;
+    const long n = std::strtol(v.c_str(), &end, 10);
+    if (v.empty() || *end != '\0' || n < 1 || n > 4096)
+      fail("SHARDLM_CUDA_TOKENS_MAX = '", v, "': expected 1 to 4096 (tokens per step for the several-token kernel)");
+    tokens_max_ = n;
+  }
   // Measurement only, the outputs become meaningless: one-token kernels of the listed kinds are not launched,
   // so that a decode step's time without them shows what they cost inside the graph (scripts/gpu/x1env.sh).
   if (const auto p = env_value("SHARDLM_CUDA_SKIP")) {
@@ -155,7 +163,7 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
   step_host_ = PinnedMem(kStepSlots * sizeof(StepDev));
   for (auto& e : step_ev_) e = std::make_unique<Event>(cudaEventDisableTiming);
   for (auto& e : tok_ev_) e = std::make_unique<Event>(cudaEventDisableTiming);
-  const StepDev zero{0, 0};
+  const StepDev zero{0, 0, 0, 0};
   SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), &zero, sizeof zero, cudaMemcpyHostToDevice, stream_->get()));
   xq_ = DevMem(static_cast<size_t>(quant_x_words(kXqMaxCols)) * sizeof(int32_t));
   argmax_dev_ = DevMem(sizeof(int32_t));
@@ -379,7 +387,7 @@ void CudaBackend::begin_step(const BatchInfo& batch) {
   StepDev* d = step_host_.as<StepDev>() + slot * step_cap_;
   for (int64_t s = 0; s < n_seq; ++s) {
     const BatchSeq& q = batch.seqs[static_cast<size_t>(s)];
-    d[s] = StepDev{q.pos0, q.n_tok};
+    d[s] = StepDev{q.pos0, q.n_tok, q.tok0, batch.blocks(s)[0]};
   }
   SHARDLM_CUDA_CHECK(cudaMemcpyAsync(step_dev_.get(), d, static_cast<size_t>(n_seq) * sizeof(StepDev),
                                      cudaMemcpyHostToDevice, stream()));
@@ -476,6 +484,11 @@ void CudaBackend::matmul_impl(const WeightView& w, const float* x, float* y, int
   if (n_tok <= 0) return;
   DeviceGuard g(device_);
   if ((skip_ & kSkipMatvec) && n_tok == 1 && w.n_rows < kSkipKeepRows) return;
+  if (uses_tokens_kernel(w, n_tok)) {
+    const int* xq = quantize_rows(x, n_tok, w.n_cols);
+    launch_matvec_tokens(w.type, 1, &w.data, &w.row_stride, &w.n_rows, w.n_cols, xq, n_tok, &y, sm_count_, stream());
+    return;
+  }
   if (w.packed && uses_matvec(w, n_tok)) {
     for (int64_t t = 0; t < n_tok; ++t) {
       float* yt = y + t * w.n_rows;
@@ -496,6 +509,18 @@ void CudaBackend::matmul_impl(const WeightView& w, const float* x, float* y, int
 
 bool CudaBackend::uses_matvec(const WeightView& w, int64_t n_tok) const {
   return n_tok == 1 || (block_size(w.type) > 1 && n_tok <= kQuantMatvecMaxTok) || force_generic_;
+}
+
+bool CudaBackend::uses_tokens_kernel(const WeightView& w, int64_t n_tok) const {
+  const int64_t max = tokens_max_ > 0 ? tokens_max_ : cuda_tokens_max_default(w.type);
+  return w.packed && n_tok >= 2 && n_tok <= max && !force_generic_ && !(skip_ & kSkipMatvec) &&
+         matvec_tokens_per_pass(w.n_cols) > 0;
+}
+
+const int* CudaBackend::quantize_rows(const float* x, int64_t n_tok, int64_t n_cols) {
+  int* buf = static_cast<int*>(scratch(xrows_, quant_rows_bytes(n_tok, n_cols), "xrows"));
+  launch_quantize_rows(x, n_tok, n_cols, buf, stream());
+  return buf;
 }
 
 void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, float* const* ys, int64_t n_tok) {
@@ -519,6 +544,33 @@ void CudaBackend::matmul_group(const WeightView* ws, int n, const float* x, floa
   }
   bool same = true;
   for (int i = 1; i < n && same; ++i) same = ws[i].type == ws[0].type && ws[i].n_cols == ws[0].n_cols;
+  if (uses_tokens_kernel(ws[0], n_tok)) {
+    // x quantized once for the group; one launch per run of weights of one type and layout.
+    DeviceGuard g(device_);
+    const int* xq = quantize_rows(x, n_tok, ws[0].n_cols);
+    for (int i = 0; i < n;) {
+      int j = i + 1;
+      while (j < n && j - i < MvGroup::kMax && ws[j].type == ws[i].type && ws[j].n_cols == ws[0].n_cols &&
+             ws[j].packed)
+        ++j;
+      if (!uses_tokens_kernel(ws[i], n_tok) || ws[i].n_cols != ws[0].n_cols) {
+        matmul_impl(ws[i], x, ys[i], n_tok, nullptr);
+        ++i;
+        continue;
+      }
+      const void* w[MvGroup::kMax];
+      size_t stride[MvGroup::kMax];
+      int64_t rows[MvGroup::kMax];
+      for (int k = i; k < j; ++k) {
+        w[k - i] = ws[k].data;
+        stride[k - i] = ws[k].row_stride;
+        rows[k - i] = ws[k].n_rows;
+      }
+      launch_matvec_tokens(ws[i].type, j - i, w, stride, rows, ws[i].n_cols, xq, n_tok, ys + i, sm_count_, stream());
+      i = j;
+    }
+    return;
+  }
   if (!same || uses_matvec(ws[0], n_tok) || ws[0].type == GgmlType::F32) {
     for (int i = 0; i < n; ++i) matmul_impl(ws[i], x, ys[i], n_tok, nullptr);
     return;
@@ -734,15 +786,13 @@ void CudaBackend::rope_attention(float* q, float* k, const float* v, const KvLay
   check_kv(kv, n_tok, "rope_attention");
   DeviceGuard g(device_);
   const float* ff = freq_factors_on_device(freq_factors, kv.head_dim / 2);
-  // One sequence after the other: a decode sequence in one kernel, any other by rope_kv_store's kernel and
-  // then attention's (the sequences' rows and cache blocks are disjoint, so the order between them is free).
+  // Every decode sequence in one launch of the decode kernel, any other by rope_kv_store's kernel and then
+  // attention's (the sequences' rows and cache blocks are disjoint, so the order between them is free).
+  attention_decode(q, kv, n_head, out, k, v, freq_base, ff);
   for (int64_t s = 0; s < batch_.n_seq(); ++s) {
-    if (uses_decode_attention(kv, batch_.seqs[static_cast<size_t>(s)].n_tok, n_head)) {
-      attention_seq(q, kv, s, n_head, out, k, v, freq_base, ff);
-    } else {
-      rope_kv_store_seq(q, k, v, kv, s, n_head, freq_base, ff);
-      attention_seq(q, kv, s, n_head, out, nullptr, nullptr, 0.0f, nullptr);
-    }
+    if (uses_decode_attention(kv, batch_.seqs[static_cast<size_t>(s)].n_tok, n_head)) continue;
+    rope_kv_store_seq(q, k, v, kv, s, n_head, freq_base, ff);
+    attention_seq(q, kv, s, n_head, out);
   }
 }
 
@@ -755,11 +805,43 @@ void CudaBackend::attention(const float* q, const KvLayerView& kv, int64_t n_tok
   note_write();
   check_kv(kv, n_tok, "attention");
   DeviceGuard g(device_);
-  for (int64_t s = 0; s < batch_.n_seq(); ++s) attention_seq(q, kv, s, n_head, out, nullptr, nullptr, 0.0f, nullptr);
+  attention_decode(q, kv, n_head, out, nullptr, nullptr, 0.0f, nullptr);
+  for (int64_t s = 0; s < batch_.n_seq(); ++s)
+    if (!uses_decode_attention(kv, batch_.seqs[static_cast<size_t>(s)].n_tok, n_head)) attention_seq(q, kv, s, n_head, out);
 }
 
-void CudaBackend::attention_seq(const float* q, const KvLayerView& kv, int64_t s, int64_t n_head, float* out,
-                                const float* k_new, const float* v_new, float freq_base, const float* ff_device) {
+void CudaBackend::attention_decode(const float* q, const KvLayerView& kv, int64_t n_head, float* out,
+                                   const float* k_new, const float* v_new, float freq_base, const float* ff_device) {
+  if (kv.n_head_kv <= 0 || n_head % kv.n_head_kv != 0)
+    fail("cuda attention: n_head ", n_head, " is not a multiple of n_head_kv ", kv.n_head_kv);
+  bool any = false;
+  for (const BatchSeq& sq : batch_.seqs) any = any || uses_decode_attention(kv, sq.n_tok, n_head);
+  if (!any) return;
+  const int64_t qrow = n_head * kv.head_dim, n_seq = batch_.n_seq();
+  // The output is quantized for the o projection only when it is the step's one row (a one-token matvec).
+  const bool one_row = batch_.n_tok == 1;
+  if (skip_ & kSkipAttn) {
+    if (one_row && xq_target(1, qrow)) mark_quantized(out, qrow);
+    return;
+  }
+  const int n_split = attention_decode_splits(kv.block_size, kv.n_head_kv, sm_count_);
+  auto* part = static_cast<float*>(scratch(
+      attn_part_, static_cast<size_t>(n_seq * n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
+  // Default: about 8 block columns (4 per KV head at 2 local KV heads, 1 at 8), because at long contexts
+  // more columns than that cost more than they give (8B after a 3,000-token prompt: 4 per KV head slower than
+  // 1 on one GPU's 8 KV heads, faster at tp 4's 2; docs/BENCHMARKS.md, Decisions in the source).
+  const int64_t want = attn_qsplit_ > 0 ? attn_qsplit_ : std::clamp<int64_t>(8 / kv.n_head_kv, 1, 4);
+  const int qsplit = static_cast<int>(std::min<int64_t>(want, n_head / kv.n_head_kv));  // powers of two
+  int* done = attn_last_block_combine_ ? attention_counters(n_seq * kv.n_head_kv * qsplit) : nullptr;
+  // The pool's base: each sequence's block comes from its StepDev.
+  const bool quantized =
+      launch_attention_decode(kv.type, q, kv.k, kv.v, kv.block_size, kv.n_head_kv, kv.head_dim, n_head, n_split, part,
+                              out, seq_step(0), n_seq, stream(), one_row ? xq_target(1, qrow) : nullptr, k_new, v_new,
+                              freq_base, ff_device, attn_out4_, qsplit, done);
+  if (quantized) mark_quantized(out, qrow);  // note_write() came first
+}
+
+void CudaBackend::attention_seq(const float* q, const KvLayerView& kv, int64_t s, int64_t n_head, float* out) {
   if (kv.n_head_kv <= 0 || n_head % kv.n_head_kv != 0)
     fail("cuda attention: n_head ", n_head, " is not a multiple of n_head_kv ", kv.n_head_kv);
   const BatchSeq& sq = batch_.seqs[static_cast<size_t>(s)];
@@ -768,38 +850,8 @@ void CudaBackend::attention_seq(const float* q, const KvLayerView& kv, int64_t s
   const int64_t qrow = n_head * kv.head_dim;
   q += int64_t{sq.tok0} * qrow;
   out += int64_t{sq.tok0} * qrow;
-  if (k_new) {
-    k_new += int64_t{sq.tok0} * kv.row_width();
-    v_new += int64_t{sq.tok0} * kv.row_width();
-  }
   const SeqCache c = seq_cache(kv, s);
   const StepDev* sd = seq_step(s);
-  // The output is quantized for the o projection only when it is the step's one row (a one-token matvec).
-  const bool one_row = batch_.n_tok == 1;
-  if (uses_decode_attention(kv, n_tok, n_head)) {
-    if (skip_ & kSkipAttn) {
-      if (one_row && xq_target(1, qrow)) mark_quantized(out, qrow);
-      return;
-    }
-    const int n_split = attention_decode_splits(kv.block_size, kv.n_head_kv, sm_count_);
-    auto* part = static_cast<float*>(
-        scratch(attn_part_, static_cast<size_t>(n_head) * n_split * (kv.head_dim + 2) * sizeof(float), "attention"));
-    // Default: about 8 block columns (4 per KV head at 2 local KV heads, 1 at 8), because at long contexts
-    // more columns than that cost more than they give (8B after a 3,000-token prompt: 4 per KV head slower than
-    // 1 on one GPU's 8 KV heads, faster at tp 4's 2; docs/BENCHMARKS.md, Decisions in the source).
-    const int64_t want = attn_qsplit_ > 0 ? attn_qsplit_ : std::clamp<int64_t>(8 / kv.n_head_kv, 1, 4);
-    const int qsplit = static_cast<int>(std::min<int64_t>(want, n_head / kv.n_head_kv));  // powers of two
-    // Sequences of one batch share the partials and the counters: their launches are stream-ordered, and each
-    // kernel touches them only after its PDL wait, which covers the previous sequence's kernel.
-    int* done = attn_last_block_combine_ ? attention_counters(kv.n_head_kv * qsplit) : nullptr;
-    const bool quantized =
-        launch_attention_decode(kv.type, q, c.k, c.v, kv.block_size, kv.n_head_kv, kv.head_dim, n_head, n_split, part,
-                                out, sd, stream(), one_row ? xq_target(1, qrow) : nullptr, k_new, v_new, freq_base,
-                                ff_device, attn_out4_, qsplit, done);
-    if (quantized) mark_quantized(out, qrow);  // note_write() came first
-    return;
-  }
-  if (k_new) fail_kind(ErrorKind::kInternal, "cuda attention: the fused rope form is for the decode kernel only");
   if (kv.head_dim > 256)
     fail_kind(ErrorKind::kUnsupported, "cuda attention: head_dim ", kv.head_dim, " > 256 is not implemented");
   if (n_tok > 1 && !force_generic_attn_ &&
@@ -1007,6 +1059,18 @@ void* cuda_stream(Backend& backend) { return cuda_detail::as_cuda(backend, "cuda
 
 void cuda_set_attention_out4(Backend& backend, bool on) {
   cuda_detail::as_cuda(backend, "cuda_set_attention_out4").set_attention_out4(on);
+}
+
+int64_t cuda_tokens_max_default(GgmlType type) {
+  // The crossover with dequantize-then-cuBLAS, measured end to end (8B, 4 to 64 sequences decoding on an
+  // H100; docs/BENCHMARKS.md, Decisions in the source): Q4_0 faster at 32 tokens, slower at 64; the Q4_K_M
+  // file (Q4_K and Q6_K) faster at 16, slower at 32. Q8_0 and the rest take the lower, unmeasured.
+  return type == GgmlType::Q4_0 ? 32 : 16;
+}
+
+void cuda_set_tokens_max(Backend& backend, int64_t n) {
+  if (n < 0) fail("cuda_set_tokens_max: ", n, " is negative");
+  cuda_detail::as_cuda(backend, "cuda_set_tokens_max").set_tokens_max(n);
 }
 
 void cuda_set_attention_last_block_combine(Backend& backend, bool on) {

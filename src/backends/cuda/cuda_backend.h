@@ -50,6 +50,10 @@ void cuda_set_attention_out4(Backend& backend, bool on);
 // What SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD sets at construction: the decode attention's query heads of a KV
 // head over 1, 2 or 4 blocks (never more than the group's size).
 void cuda_set_attention_blocks_per_kv_head(Backend& backend, int blocks);
+// What SHARDLM_CUDA_TOKENS_MAX sets at construction: steps of 2 .. n tokens multiply packed weights with the
+// several-token kernel (1: never), longer ones through cuBLAS; 0 puts back the default, by weight type:
+int64_t cuda_tokens_max_default(GgmlType type);
+void cuda_set_tokens_max(Backend& backend, int64_t n);
 // SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE for tests: the decode attention merges its splits in its last block.
 void cuda_set_attention_last_block_combine(Backend& backend, bool on);
 

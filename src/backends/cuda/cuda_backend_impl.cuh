@@ -90,6 +90,7 @@ class CudaBackend final : public Backend {
   void argmax_async(const float* logits, int64_t n, int32_t* out);
   // Forces the element-by-element matvec (tests compare it with the fast kernels).
   void set_force_generic_matvec(bool on) { force_generic_ = on; }
+  void set_tokens_max(int64_t n) { tokens_max_ = n; }
   // Whether place_matmul_weight packs (default on; SHARDLM_CUDA_PACK=0 turns it off at construction).
   void set_pack_weights(bool on) { pack_weights_ = on; }
   // Forces the generic attention kernel for n_tok == 1 too.
@@ -102,6 +103,11 @@ class CudaBackend final : public Backend {
   const float* freq_factors_on_device(const float* host, int64_t n);
   int* attention_counters(int64_t n);  // attn_done_ with at least n zeroed counters
   bool uses_matvec(const WeightView& w, int64_t n_tok) const;  // matvec per token rather than cuBLAS
+  // Whether n_tok >= 2 tokens times packed weights take the several-token kernel (launch_matvec_tokens):
+  // each weight read once per pass, every token's outputs the bits of its one-token matvec.
+  bool uses_tokens_kernel(const WeightView& w, int64_t n_tok) const;
+  // x's n_tok rows quantized once into xrows_ for the several-token kernel (all weights of a group share it).
+  const int* quantize_rows(const float* x, int64_t n_tok, int64_t n_cols);
   void matmul_impl(const WeightView& w, const float* x, float* y, int64_t n_tok, const int* xpre);
   // One token, n <= MvGroup::kMax (4) weights of one type, width and layout: one launch where a kernel allows.
   void matvec_group(const WeightView* ws, int n, const float* x, float* const* ys, const int* xpre);
@@ -121,8 +127,9 @@ class CudaBackend final : public Backend {
   // n_tok is the batch's (the ops take the step's tokens, grouped by sequence).
   void check_tokens(int64_t n_tok, const char* op) const;
   // ---- one sequence of the batch (batch_.seqs[s]) ----
-  // Multi-sequence batches launch the kernels once per sequence (each kernel reads one StepDev and one
-  // contiguous cache range); a single-sequence batch launches exactly what a single step did before batches.
+  // Decode attention runs every decoding sequence of a step in one launch (each block reads its sequence's
+  // StepDev); the other kernels of the KV path launch once per sequence (one StepDev, one contiguous cache
+  // range each).
   const StepDev* seq_step(int64_t s) const { return step_dev_.as<StepDev>() + s; }  // its StepDev (device)
   // Its cache range in the pool: the K and V rows of block blocks(s)[0], (block_size, n_head_kv, head_dim).
   struct SeqCache {
@@ -133,10 +140,14 @@ class CudaBackend final : public Backend {
   // rope_kv_store's kernel for sequence s (q, k, v are the step's, offset here by the sequence's tok0).
   void rope_kv_store_seq(float* q, float* k, const float* v, const KvLayerView& kv, int64_t s, int64_t n_head,
                          float freq_base, const float* ff_device);
-  // Attention of sequence s's tokens (q, out: the step's rows, offset here by tok0). k_new (with v_new): the
-  // fused rope form of the decode kernel, the step's unrotated k and its v.
-  void attention_seq(const float* q, const KvLayerView& kv, int64_t s, int64_t n_head, float* out,
-                     const float* k_new, const float* v_new, float freq_base, const float* ff_device);
+  // Attention of sequence s's tokens when they are not a decode token (q, out: the step's rows, offset here
+  // by tok0): the prefill or generic kernel.
+  void attention_seq(const float* q, const KvLayerView& kv, int64_t s, int64_t n_head, float* out);
+  // Every decode sequence of the step (uses_decode_attention) in one launch of the flash-decoding kernel
+  // (q, out: the step's rows; each sequence's row and cache block from its StepDev); nothing if there is none.
+  // k_new (with v_new): the fused rope form, the step's unrotated k and its v.
+  void attention_decode(const float* q, const KvLayerView& kv, int64_t n_head, float* out, const float* k_new,
+                        const float* v_new, float freq_base, const float* ff_device);
   // step_dev_ and the pinned slots for at least n sequences (outside captures; bumps scratch_gen_ on growth,
   // since graphs hold step_dev_'s address).
   void reserve_steps(int64_t n);
@@ -191,6 +202,7 @@ class CudaBackend final : public Backend {
   DevMem attn_part_;   // decode attention partials
   DevMem attn_done_;   // (n_head_kv * qsplit) int: finished splits per attention block column, 0 between calls
   DevMem x16_;         // activations converted to 16 bits for cuBLAS
+  DevMem xrows_;       // (n_tok, quant_x_ld(n_cols)) words: activations as int8 rows for launch_matvec_tokens
   DevMem w16_;         // weights dequantized to 16 bits for cuBLAS (row chunks)
   struct FreqFactors {
     const float* key;
@@ -205,6 +217,10 @@ class CudaBackend final : public Backend {
   bool force_generic_attn_ = false;
   bool pack_weights_ = true;
   int pk_variant_ = 0;
+  // Steps of 2 .. this many tokens take the several-token kernel for packed weights, longer ones dequantize
+  // to 16 bits for cuBLAS (SHARDLM_CUDA_TOKENS_MAX, 1 turns the kernel off); 0: by weight type,
+  // cuda_tokens_max_default.
+  int64_t tokens_max_ = 0;
   // SHARDLM_CUDA_SKIP (measurement only): one-token kernels of these kinds are not launched.
   enum Skip : int { kSkipNorm = 1, kSkipSwiglu = 2, kSkipRope = 4, kSkipAttn = 8, kSkipMatvec = 16, kSkipAllReduce = 32 };
   // Matmuls with at least this many rows still run under kSkipMatvec: the output head, whose logits the

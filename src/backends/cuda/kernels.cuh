@@ -20,6 +20,8 @@ namespace shardlm::cuda_detail {
 struct StepDev {
   int64_t pos0;   // position of the sequence's first token in this step
   int64_t n_tok;  // its tokens in this step
+  int64_t tok0;   // its first token's row in the step (batched kernels offset q, k, v and out by it)
+  int64_t block;  // its cache block (batched kernels offset the pool by it)
 };
 
 // The KV launchers below work on one sequence: `step` is its StepDev, q/k/v/out its rows of the step, and
@@ -78,6 +80,17 @@ void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size
                           int sm_count, cudaStream_t stream, int variant = 0,
                           const int* xpre /* (quant_x_words(n_cols)) or null */ = nullptr,
                           const DevicePush* push /* one weight (n == 1): its outputs also pushed, or null */ = nullptr);
+
+// Several tokens (n_tok >= 2) times packed weights: y[k] (n_tok, n_rows[k]) = x W[k]^T, each weight read once
+// per pass of matvec_tokens_per_pass(n_cols) tokens; every output has the bits launch_matvec_packed gives
+// for its token alone. xq: x's rows quantized by launch_quantize_rows (16-byte aligned).
+int matvec_tokens_per_pass(int64_t n_cols);  // 8, 4 or 2 (what fits shared memory), 0: not available
+size_t quant_rows_bytes(int64_t n_tok, int64_t n_cols);
+void launch_quantize_rows(const float* x /* (n_tok, n_cols) */, int64_t n_tok, int64_t n_cols,
+                          int* out /* quant_rows_bytes(n_tok, n_cols) */, cudaStream_t stream);
+void launch_matvec_tokens(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
+                          int64_t n_cols, const int* xq, int64_t n_tok, float* const* y /* (n_tok, n_rows[k]) each */,
+                          int sm_count, cudaStream_t stream);
 
 // ---- conversions for the cuBLAS (prefill) path ----
 // dst[r, c] = W[row0 + r, c] as fp16 (or bf16 when to_bf16), for r in [0, n_rows).
@@ -139,17 +152,22 @@ bool attention_decode_supported(int64_t head_dim, int64_t group);
 // Decode (n_tok == 1): flash-decoding over `n_split` slices of [0, pos0], then a combine kernel; with `done`
 // (counters left at zero between calls) the last block of each KV head to finish combines instead, and
 // there is no combine kernel.
-// `partial` holds n_head * n_split * (head_dim + 2) floats.
 // xq (optional): the output also quantized for the packed matvecs (quant_x.cuh); returns whether it was.
 // k_new (optional, with v_new): the fused rope_attention form. q and k_new are not yet rotated; the kernel
 // rotates them (rope_pair's angles) and stores the rotated key and v_new at position pos0 of the caches
 // (q and k_new are left as they were).
-bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_head, head_dim) */, void* k_cache,
-                             void* v_cache, int64_t n_ctx, int64_t n_head_kv, int64_t head_dim,
-                             int64_t n_head, int n_split, float* partial, float* out /* (n_head, head_dim) */,
-                             const StepDev* step, cudaStream_t stream, int* xq = nullptr,
-                             const float* k_new = nullptr /* (n_head_kv, head_dim) */,
-                             const float* v_new = nullptr /* (n_head_kv, head_dim) */, float freq_base = 0.0f,
+// Batched: one launch serves the step's sequences step[0 .. n_seq) whose n_tok is 1 (others are skipped: a
+// prompt chunk in the same step has its own kernels). Sequence s reads row step[s].tok0 of q (and k_new,
+// v_new) and writes that row of out; its cache is block step[s].block of the pool (n_ctx positions each).
+// `partial` holds n_seq * n_head * n_split * (head_dim + 2) floats, `done` n_seq * n_head_kv * qsplit
+// counters; xq only for a one-row step (n_seq 1).
+bool launch_attention_decode(GgmlType kv_type, const float* q /* (n_tok, n_head, head_dim) */,
+                             void* k_cache /* (n_blocks, n_ctx, n_head_kv, head_dim) */, void* v_cache, int64_t n_ctx,
+                             int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split, float* partial,
+                             float* out /* (n_tok, n_head, head_dim) */, const StepDev* step /* (n_seq) */,
+                             int64_t n_seq, cudaStream_t stream, int* xq = nullptr,
+                             const float* k_new = nullptr /* (n_tok, n_head_kv, head_dim) */,
+                             const float* v_new = nullptr /* (n_tok, n_head_kv, head_dim) */, float freq_base = 0.0f,
                              const float* freq_factors = nullptr /* (head_dim/2) device, or null */,
                              bool out4 = true /* false: the one-element output step (A/B only) */,
                              int qsplit = 1 /* blocks per KV head: 1, or 2 / 4 for groups of at least that */,

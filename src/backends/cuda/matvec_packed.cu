@@ -31,6 +31,10 @@ namespace {
 
 constexpr int kThreads = 256;  // 8 warps per block
 constexpr int kWarps = kThreads / 32;
+// Shared memory of the several-token kernel: at most this much per block (x's rows of one pass), and the
+// budget per SM that sets how many blocks run together (an H100 SM has 228 KB).
+constexpr size_t kTokensSmemMax = 200 * 1024;
+constexpr size_t kTokensSmemPerSm = 220 * 1024;
 
 __device__ __forceinline__ float h2f(uint32_t bits) { return __half2float(__ushort_as_half(static_cast<unsigned short>(bits))); }
 __device__ __forceinline__ uint32_t ld_u16(const uint8_t* p) { return __ldg(reinterpret_cast<const unsigned short*>(p)); }
@@ -420,6 +424,108 @@ __global__ void __launch_bounds__(kThreads, B) matvec_pipe_kernel(
   }
 }
 
+// ---- steps of several tokens (2 .. a few dozen): each weight unit read once per pass of up to NT tokens ----
+// Why: a step that decodes several sequences ran one matvec per token, reading every weight once per
+// sequence (8 sequences on an H100 decoded 363 tokens/s in all, below one sequence's 436; docs/BENCHMARKS.md).
+// Here a warp loads R rows' units once and multiplies them with each token's int8 row, all of the pass's rows
+// held in shared memory. Every (row, token) product is the decode kernel's: the same Pk<T>::dot per unit,
+// the units of a lane summed in the same order (u = lane, lane + 32, ...), the lanes by warp_sum, from the
+// same int8 rows (quantize_store4): a token's outputs have the same bits alone or in a step of many
+// (tested), so batching never changes a sequence's tokens on this path.
+// x rows arrive quantized in global memory (quantize_rows_kernel, once per matmul or group), each padded to
+// a multiple of 4 words so that a block copies them with 16-byte loads.
+__host__ __device__ constexpr int64_t quant_x_ld(int64_t n_cols) { return (quant_x_words(n_cols) + 3) / 4 * 4; }
+
+__global__ void quantize_rows_kernel(const float* __restrict__ x,  // (n_tok, n_cols)
+                                     int64_t n_cols, int64_t n_tok,
+                                     int* __restrict__ out) {        // (n_tok, quant_x_ld(n_cols)) words
+  pdl_trigger();
+  pdl_wait();
+  const int64_t nb = n_cols / 32, per_tok = (nb + 3) / 4;  // a warp quantizes 4 units (lanes 8g..8g+7: one)
+  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (gw >= n_tok * per_tok) return;  // uniform per warp
+  const int lane = threadIdx.x % 32;
+  const int64_t t = gw / per_tok, u = (gw % per_tok) * 4 + lane / 8;
+  const bool valid = u < nb;
+  const int64_t e4 = u * 8 + lane % 8;
+  const float* xr = x + t * n_cols;
+  const float4 v = valid ? make_float4(xr[4 * e4], xr[4 * e4 + 1], xr[4 * e4 + 2], xr[4 * e4 + 3])
+                         : make_float4(0.f, 0.f, 0.f, 0.f);
+  quantize_store4(v, e4, valid, out + t * quant_x_ld(n_cols), n_cols);
+}
+
+template <GgmlType T, int R, int NT>
+__global__ void __launch_bounds__(kThreads) matvec_tokens_kernel(
+    const __grid_constant__ MvGroup grp,  // packed weights (n_rows, stride bytes) each; y: (n_tok, n_rows) each
+    int64_t n_cols,                       // columns of every weight
+    int64_t n_items,                      // groups of R rows of one weight, over all segments
+    const int* __restrict__ xq,           // (n_tok, quant_x_ld(n_cols)) x's rows as int8 (quant_x.cuh)
+    int n_tok) {                          // tokens of this pass, 1..NT
+  // Shared memory, per token: lo (nb int4: words 0..3 of each unit), hi (nb int4: words 4..7), d (nb
+  // floats), s (nb floats), the row padded to quant_x_ld words. Units split into two planes so that the 32
+  // lanes' 16-byte reads of 32 consecutive units are consecutive (4 wavefronts, not 8 with 32-byte strides).
+  extern __shared__ int4 smem[];
+  pdl_trigger();
+  const int nb = static_cast<int>(n_cols / 32);
+  const int ld = static_cast<int>(quant_x_ld(n_cols));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  using Unit = typename Pk<T>::U;
+  pdl_wait();  // x is the previous kernel's output
+  {
+    // int4 i of a global row: i < 2 nb are unit i / 2's half i % 2; the rest (d, s, padding) keep their place.
+    const int per = ld / 4, n16 = n_tok * per;
+    const int4* src = reinterpret_cast<const int4*>(xq);
+    for (int i = threadIdx.x; i < n16; i += kThreads) {
+      const int t = i / per, j = i % per;
+      const int dst = j < 2 * nb ? (j % 2) * nb + j / 2 : j;
+      smem[t * per + dst] = __ldg(src + i);
+    }
+  }
+  __syncthreads();
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + warp; item < n_items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const MvSeg sg = mv_seg(grp, item);
+    const uint8_t* rows[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) rows[r] = sg.w + min(R * sg.local + r, sg.n_rows - 1) * sg.stride;
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < NT; ++t) acc[r][t] = 0.0f;
+    for (int u = lane; u < nb; u += 32) {
+      Unit a[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) a[r] = Pk<T>::load(rows[r], u, nb);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        if (t >= n_tok) break;
+        const int4* xt = smem + t * (ld / 4);
+        const int4 lo = xt[u], hi = xt[nb + u];
+        const int xw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        const float* xd = reinterpret_cast<const float*>(xt + 2 * nb);
+        const float d = xd[u], s = xd[nb + u];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][t] += Pk<T>::dot(a[r], u, xw, d, s);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < NT; ++t) acc[r][t] = warp_sum(acc[r][t]);
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = R * sg.local + r;
+        if (row >= sg.n_rows) continue;
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+          if (t < n_tok) sg.y[t * sg.n_rows + row] = acc[r][t];
+      }
+    }
+  }
+}
+
 // ---- prefill: packed rows -> fp16/bf16 (one thread per 8 elements: one 16-byte store) ----
 template <GgmlType T>
 __device__ __forceinline__ void packed_dequant8(const uint8_t* row, int64_t nb, int64_t u, int k, float (&v)[8]) {
@@ -557,7 +663,87 @@ void launch_variant(int variant, MvGroup& g, const int64_t* n_rows, int n, int64
   launch_kernel<T, 2, 4>(g, n_cols, items, x, sm, s);
 }
 
+template <GgmlType T, int NT>
+void launch_tokens(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const int* xq, int n_tok, int sm,
+                   cudaStream_t s) {
+  // 4 rows a warp: each token's x unit, read from shared memory, serves 4 rows (2 rows a warp measured
+  // 1,617-1,639 aggregate tokens/s for 8 sequences of 8B Q4_0 on an H200, x in one plane).
+  constexpr int R = 4;
+  int64_t items = 0;
+  for (int k = 0; k < n; ++k) {
+    g.first[k] = items;
+    items += (n_rows[k] + R - 1) / R;
+  }
+  const size_t smem = static_cast<size_t>(n_tok) * static_cast<size_t>(quant_x_ld(n_cols)) * 4;
+  auto kernel = matvec_tokens_kernel<T, R, NT>;
+  if (smem > 48 * 1024)
+    SHARDLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // As many blocks as fit an SM's shared memory (each copies the pass's x rows once), at most 4 per SM.
+  const int per_sm = static_cast<int>(std::clamp<size_t>(kTokensSmemPerSm / std::max<size_t>(smem, 1), 1, 4));
+  const int64_t want = (items + kWarps - 1) / kWarps;
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t{per_sm} * sm)));
+  launch_pdl(kernel, dim3(blocks), dim3(kThreads), smem, s, g, n_cols, items, xq, n_tok);
+}
+
+template <GgmlType T>
+void launch_tokens_pass(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols, const int* xq, int n_tok, int sm,
+                        cudaStream_t s) {
+  if (n_tok <= 2) return launch_tokens<T, 2>(g, n_rows, n, n_cols, xq, n_tok, sm, s);
+  if (n_tok <= 4) return launch_tokens<T, 4>(g, n_rows, n, n_cols, xq, n_tok, sm, s);
+  return launch_tokens<T, 8>(g, n_rows, n, n_cols, xq, n_tok, sm, s);
+}
+
 }  // namespace
+
+int matvec_tokens_per_pass(int64_t n_cols) {
+  const size_t per_tok = static_cast<size_t>(quant_x_ld(n_cols)) * 4;
+  const int fit = static_cast<int>(kTokensSmemMax / per_tok);
+  return fit >= 8 ? 8 : fit >= 4 ? 4 : fit >= 2 ? 2 : 0;
+}
+
+size_t quant_rows_bytes(int64_t n_tok, int64_t n_cols) {
+  return static_cast<size_t>(n_tok) * static_cast<size_t>(quant_x_ld(n_cols)) * 4;
+}
+
+void launch_quantize_rows(const float* x, int64_t n_tok, int64_t n_cols, int* out, cudaStream_t stream) {
+  if (n_tok <= 0) return;
+  if (n_cols % 32 != 0 || !aligned16(out))
+    fail_kind(ErrorKind::kInternal, "launch_quantize_rows: ", n_cols, " columns (multiple of 32), aligned output");
+  const int64_t warps = n_tok * ((n_cols / 32 + 3) / 4);
+  const int threads = 256;
+  const auto blocks = static_cast<unsigned>((warps * 32 + threads - 1) / threads);
+  launch_pdl(quantize_rows_kernel, dim3(blocks), dim3(threads), 0, stream, x, n_cols, n_tok, out);
+}
+
+void launch_matvec_tokens(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
+                          int64_t n_cols, const int* xq, int64_t n_tok, float* const* y, int sm_count,
+                          cudaStream_t stream) {
+  const int per_pass = matvec_tokens_per_pass(n_cols);
+  if (n < 1 || n > MvGroup::kMax || !packable(type, n_cols) || per_pass < 2 || !aligned16(xq))
+    fail_kind(ErrorKind::kInternal, "launch_matvec_tokens: ", n, " weights of ", type_name(type), " x ", n_cols);
+  MvGroup g;
+  g.n = n;
+  for (int k = 0; k < n; ++k) {
+    if (row_stride[k] % 16 != 0 || !aligned16(w[k]))
+      fail_kind(ErrorKind::kInternal, "launch_matvec_tokens: packed rows must be 16-byte aligned");
+    g.w[k] = static_cast<const uint8_t*>(w[k]);
+    g.stride[k] = row_stride[k];
+    g.n_rows[k] = n_rows[k];
+  }
+  const int64_t ld = quant_x_ld(n_cols);
+  for (int64_t t0 = 0; t0 < n_tok; t0 += per_pass) {
+    const int nt = static_cast<int>(std::min<int64_t>(per_pass, n_tok - t0));
+    for (int k = 0; k < n; ++k) g.y[k] = y[k] + t0 * n_rows[k];
+    const int* xp = xq + t0 * ld;
+    switch (type) {
+      case GgmlType::Q4_0: launch_tokens_pass<GgmlType::Q4_0>(g, n_rows, n, n_cols, xp, nt, sm_count, stream); break;
+      case GgmlType::Q8_0: launch_tokens_pass<GgmlType::Q8_0>(g, n_rows, n, n_cols, xp, nt, sm_count, stream); break;
+      case GgmlType::Q4_K: launch_tokens_pass<GgmlType::Q4_K>(g, n_rows, n, n_cols, xp, nt, sm_count, stream); break;
+      case GgmlType::Q6_K: launch_tokens_pass<GgmlType::Q6_K>(g, n_rows, n, n_cols, xp, nt, sm_count, stream); break;
+      default: fail_kind(ErrorKind::kInternal, "launch_matvec_tokens: ", type_name(type));
+    }
+  }
+}
 
 void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows,
                           int64_t n_cols, const float* x, float* const* y, int sm_count, cudaStream_t stream,

@@ -349,16 +349,18 @@ __host__ __device__ constexpr int attn_head_split(int g) { return g >= 2 ? 2 : 1
 // the one-block form's code is what it was).
 template <typename KV, int D, int G, int QS>
 __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attention_decode_kernel(
-    const float* __restrict__ q,   // (n_head, D), n_head = n_head_kv * QS * G; not yet rotated in the fused form
-    KV* __restrict__ kc,           // (n_ctx, n_head_kv, D)
-    KV* __restrict__ vc,           // (n_ctx, n_head_kv, D)
+    const float* __restrict__ q,   // (n_tok, n_head, D) the step's rows, n_head = n_head_kv * QS * G; not yet
+                                   // rotated in the fused form
+    KV* __restrict__ kc,           // (n_blocks, n_ctx, n_head_kv, D) the pool: one block of n_ctx per sequence
+    KV* __restrict__ vc,           // (n_blocks, n_ctx, n_head_kv, D)
     int64_t n_ctx, int64_t n_head_kv, int n_split,
-    float* __restrict__ partial,   // (n_head, n_split, D + 2): acc[D], m, l
-    float* __restrict__ out,       // (n_head, D): written here when one split covers the context
-    int* __restrict__ xq,          // (quant_x_words(n_head * D)) or null: out quantized (quant_x.cuh)
-    const StepDev* __restrict__ step, AttnRope rp,
+    float* __restrict__ partial,   // (n_seq, n_head, n_split, D + 2): acc[D], m, l
+    float* __restrict__ out,       // (n_tok, n_head, D): written here when one split covers the context
+    int* __restrict__ xq,          // (quant_x_words(n_head * D)) or null (one-row steps): out quantized (quant_x.cuh)
+    const StepDev* __restrict__ step,  // (n_seq) grid.z = sequence; its tok0 row of q/out/k_new, its block
+    AttnRope rp,                   // k_new, v_new: (n_tok, n_head_kv, D) the step's rows
     bool out4,                     // the output step with one float4 per thread where it applies
-    int* __restrict__ done) {      // (gridDim.x) zeros, or null: the in-kernel combine (see its step below)
+    int* __restrict__ done) {      // (n_seq, gridDim.x) zeros, or null: the in-kernel combine (see its step below)
   constexpr int HS = attn_head_split(G), GW = G / HS;   // warps per tile slot, heads per warp
   constexpr int E = 16 / static_cast<int>(sizeof(KV));  // cache elements per 16-byte piece
   constexpr int KP = D / E;                             // pieces per cache row: 8, 16 or 32
@@ -379,7 +381,24 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
   const int hb = static_cast<int>(blockIdx.x) * G;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int ts = warp / HS, g0 = (warp % HS) * GW;  // tile slot; first head of this warp
-  // The step's position is copied by the host before the graph runs, not by a kernel: readable before the wait.
+  // This block's sequence (one launch serves every decoding sequence of a step): its StepDev, like the
+  // position, is copied by the host before the graph runs, not by a kernel: readable before the wait. A
+  // sequence with a prompt chunk in the step has its own kernels.
+  step += blockIdx.z;
+  if (step->n_tok != 1) return;
+  {
+    const int64_t qrow = n_head_kv * QS * G * D, kvr = n_head_kv * D, t = step->tok0;
+    q += t * qrow;
+    out += t * qrow;
+    if (rp.k_new) {
+      rp.k_new += t * kvr;
+      rp.v_new += t * kvr;
+    }
+    kc += step->block * n_ctx * kvr;
+    vc += step->block * n_ctx * kvr;
+    partial += static_cast<int64_t>(blockIdx.z) * n_head_kv * QS * G * n_split * (D + 2);
+    if (done) done += static_cast<int64_t>(blockIdx.z) * gridDim.x;
+  }
   const int64_t pos = step->pos0;
   const int64_t len = min(pos + 1, n_ctx);  // the host checks pos0 < n_ctx; this keeps a replay in bounds
   const int64_t chunk = attn_chunk(len, n_split);
@@ -603,18 +622,22 @@ __global__ void __launch_bounds__(kAttnWarps * 32 * attn_head_split(G)) attentio
 }
 
 // One block per query head, one thread per element: the splits that had positions (combine_splits).
-__global__ void attention_combine_kernel(const float* __restrict__ partial /* (n_head, n_split, D + 2) */,
-                                         int n_split, int64_t D, int64_t n_ctx, const StepDev* __restrict__ step,
-                                         float* __restrict__ out /* (n_head, D) */,
+// grid.y: the sequence, as the attention kernel's grid.z.
+__global__ void attention_combine_kernel(const float* __restrict__ partial /* (n_seq, n_head, n_split, D + 2) */,
+                                         int n_split, int64_t D, int64_t n_ctx,
+                                         const StepDev* __restrict__ step /* (n_seq) */,
+                                         float* __restrict__ out /* (n_tok, n_head, D) */,
                                          int* __restrict__ xq /* (quant_x_words(n_head * D)) or null; D % 32 == 0 */) {
   pdl_trigger();
+  step += blockIdx.y;
   const int64_t len = min(step->pos0 + 1, n_ctx);  // host-written before the graph: readable before the wait
   const int64_t chunk = attn_chunk(len, n_split);
   const int n_active = static_cast<int>(min(static_cast<int64_t>(n_split), (len + chunk - 1) / chunk));
   pdl_wait();  // also when there is nothing to do: the next kernel's wait must cover the attention kernel
-  if (n_active == 1) return;  // the attention kernel wrote the output
+  if (n_active == 1 || step->n_tok != 1) return;  // the attention kernel wrote the output, or not its sequence
   const int h = blockIdx.x;
-  const float* ph = partial + static_cast<int64_t>(h) * n_split * (D + 2);
+  out += step->tok0 * static_cast<int64_t>(gridDim.x) * D;
+  const float* ph = partial + (static_cast<int64_t>(blockIdx.y) * gridDim.x + h) * n_split * (D + 2);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const float r = combine_splits(ph, n_active, D, d);
     out[h * D + d] = r;
@@ -1337,11 +1360,12 @@ bool attention_decode_supported(int64_t head_dim, int64_t group) {
 
 template <typename KV, int D>
 static void decode_d(int64_t group, int qsplit, const float* q, void* kc, void* vc, int64_t n_ctx, int64_t n_head_kv,
-                     int n_split, float* partial, float* out, int* xq, const StepDev* step, const AttnRope& rp, bool out4,
-                     int* done, cudaStream_t s) {
-  // qsplit blocks per KV head, each with group / qsplit query heads (the kernel's G).
+                     int n_split, float* partial, float* out, int* xq, const StepDev* step, int64_t n_seq,
+                     const AttnRope& rp, bool out4, int* done, cudaStream_t s) {
+  // qsplit blocks per KV head, each with group / qsplit query heads (the kernel's G); grid.z: the sequences.
   const int64_t per_block = group / qsplit;
-  const dim3 grid(static_cast<unsigned>(n_head_kv * qsplit), static_cast<unsigned>(n_split));
+  const dim3 grid(static_cast<unsigned>(n_head_kv * qsplit), static_cast<unsigned>(n_split),
+                  static_cast<unsigned>(n_seq));
   auto* k = static_cast<KV*>(kc);
   auto* v = static_cast<KV*>(vc);
   const dim3 block(kAttnWarps * 32 * attn_head_split(static_cast<int>(per_block)));
@@ -1371,10 +1395,13 @@ static void decode_d(int64_t group, int qsplit, const float* q, void* kc, void* 
 
 bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, void* v_cache, int64_t n_ctx,
                              int64_t n_head_kv, int64_t head_dim, int64_t n_head, int n_split, float* partial,
-                             float* out, const StepDev* step, cudaStream_t s, int* xq, const float* k_new,
-                             const float* v_new, float freq_base, const float* freq_factors, bool out4, int qsplit, int* done) {
-  // Whole warps of one head each (head_dim 64 or 128 here, one thread per element).
-  if (!(xq && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
+                             float* out, const StepDev* step, int64_t n_seq, cudaStream_t s, int* xq,
+                             const float* k_new, const float* v_new, float freq_base, const float* freq_factors,
+                             bool out4, int qsplit, int* done) {
+  if (n_seq < 1 || n_seq > 65535)
+    fail_kind(ErrorKind::kInternal, "launch_attention_decode: ", n_seq, " sequences (1 to 65,535 per launch)");
+  // Whole warps of one head each (head_dim 64 or 128 here, one thread per element); one row only.
+  if (!(xq && n_seq == 1 && aligned16(xq) && head_dim % 32 == 0 && head_dim <= 256)) xq = nullptr;
   const int64_t group = n_head / n_head_kv;
   // A split of a KV head's query heads needs whole supported groups on each side.
   if (!(qsplit == 1 || ((qsplit == 2 || qsplit == 4) && group >= qsplit)))
@@ -1382,14 +1409,14 @@ bool launch_attention_decode(GgmlType kv_type, const float* q, void* k_cache, vo
   const bool f16 = kv_type == GgmlType::F16;
   const AttnRope rp{k_new, k_new ? v_new : nullptr, freq_factors, freq_base};
   if (head_dim == 64) {
-    if (f16) decode_d<__half, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done, s);
-    else decode_d<float, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done, s);
+    if (f16) decode_d<__half, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, n_seq, rp, out4, done, s);
+    else decode_d<float, 64>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, n_seq, rp, out4, done, s);
   } else {
-    if (f16) decode_d<__half, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done, s);
-    else decode_d<float, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, rp, out4, done, s);
+    if (f16) decode_d<__half, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, n_seq, rp, out4, done, s);
+    else decode_d<float, 128>(group, qsplit, q, k_cache, v_cache, n_ctx, n_head_kv, n_split, partial, out, xq, step, n_seq, rp, out4, done, s);
   }
   if (done) return xq != nullptr;  // the attention kernel combined its splits itself
-  launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head)),
+  launch_pdl(attention_combine_kernel, dim3(static_cast<unsigned>(n_head), static_cast<unsigned>(n_seq)),
              dim3(static_cast<unsigned>(std::min<int64_t>(head_dim, 256))), 0, s, partial, n_split, head_dim, n_ctx,
              step, out, xq);
   SHARDLM_CUDA_CHECK_LAUNCH("attention_combine_kernel");
