@@ -122,12 +122,12 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
     if (v.size() != 1 || v[0] < '0' || v[0] > '4') fail("SHARDLM_PK_VARIANT = '", v, "': expected 0 to 4");
     pk_variant_ = v[0] - '0';
   }
+  // The several-token kernel's token limit (measurement; the default is by weight type).
   if (const auto p = env_value("SHARDLM_CUDA_TOKENS_MAX")) {
-    const std::string& v = *p;
     char* end = nullptr;
-    const long n = std::strtol(v.c_str(), &end, 10);
-    if (v.empty() || *end != '\0' || n < 1 || n > 4096)
-      fail("SHARDLM_CUDA_TOKENS_MAX = '", v, "': expected 1 to 4096 (tokens per step for the several-token kernel)");
+    const long n = std::strtol(p->c_str(), &end, 10);
+    if (p->empty() || *end != '\0' || n < 1 || n > 4096)
+      fail("SHARDLM_CUDA_TOKENS_MAX = '", *p, "': expected 1 to 4096 (tokens per step for the several-token kernel)");
     tokens_max_ = n;
   }
   // Measurement only, the outputs become meaningless: one-token kernels of the listed kinds are not launched,

@@ -693,6 +693,22 @@ void launch_tokens_pass(MvGroup& g, const int64_t* n_rows, int n, int64_t n_cols
   return launch_tokens<T, 8>(g, n_rows, n, n_cols, xq, n_tok, sm, s);
 }
 
+// The group table of n packed weights (16-byte aligned rows) and their outputs.
+MvGroup packed_group(int n, const void* const* w, const size_t* row_stride, const int64_t* n_rows, float* const* y,
+                     const char* caller) {
+  MvGroup g;
+  g.n = n;
+  for (int k = 0; k < n; ++k) {
+    if (row_stride[k] % 16 != 0 || !aligned16(w[k]))
+      fail_kind(ErrorKind::kInternal, caller, ": packed rows must be 16-byte aligned");
+    g.w[k] = static_cast<const uint8_t*>(w[k]);
+    g.stride[k] = row_stride[k];
+    g.n_rows[k] = n_rows[k];
+    g.y[k] = y[k];
+  }
+  return g;
+}
+
 }  // namespace
 
 int matvec_tokens_per_pass(int64_t n_cols) {
@@ -721,15 +737,7 @@ void launch_matvec_tokens(GgmlType type, int n, const void* const* w, const size
   const int per_pass = matvec_tokens_per_pass(n_cols);
   if (n < 1 || n > MvGroup::kMax || !packable(type, n_cols) || per_pass < 2 || !aligned16(xq))
     fail_kind(ErrorKind::kInternal, "launch_matvec_tokens: ", n, " weights of ", type_name(type), " x ", n_cols);
-  MvGroup g;
-  g.n = n;
-  for (int k = 0; k < n; ++k) {
-    if (row_stride[k] % 16 != 0 || !aligned16(w[k]))
-      fail_kind(ErrorKind::kInternal, "launch_matvec_tokens: packed rows must be 16-byte aligned");
-    g.w[k] = static_cast<const uint8_t*>(w[k]);
-    g.stride[k] = row_stride[k];
-    g.n_rows[k] = n_rows[k];
-  }
+  MvGroup g = packed_group(n, w, row_stride, n_rows, y, "launch_matvec_tokens");
   const int64_t ld = quant_x_ld(n_cols);
   for (int64_t t0 = 0; t0 < n_tok; t0 += per_pass) {
     const int nt = static_cast<int>(std::min<int64_t>(per_pass, n_tok - t0));
@@ -750,16 +758,7 @@ void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size
                           int variant, const int* xpre, const DevicePush* push) {
   if (n < 1 || n > MvGroup::kMax || !packable(type, n_cols))
     fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", n, " weights of ", type_name(type), " x ", n_cols);
-  MvGroup g;
-  g.n = n;
-  for (int k = 0; k < n; ++k) {
-    if (row_stride[k] % 16 != 0 || !aligned16(w[k]))
-      fail_kind(ErrorKind::kInternal, "launch_matvec_packed: packed rows must be 16-byte aligned");
-    g.w[k] = static_cast<const uint8_t*>(w[k]);
-    g.stride[k] = row_stride[k];
-    g.n_rows[k] = n_rows[k];
-    g.y[k] = y[k];
-  }
+  MvGroup g = packed_group(n, w, row_stride, n_rows, y, "launch_matvec_packed");
   switch (type) {
     case GgmlType::Q4_0: return launch_variant<GgmlType::Q4_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
     case GgmlType::Q8_0: return launch_variant<GgmlType::Q8_0>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
