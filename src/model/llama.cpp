@@ -543,27 +543,31 @@ void LlamaModel::rows(const std::vector<RowRequest>& reqs, std::vector<RowCandid
   size_t per = 0;
   for (const RowRequest& q : reqs) per += words(q);
   std::vector<float> send(per, 0.0f);
+  // Every row's candidates from one call (one wait), the extra ids this rank's slice holds as local ids.
+  std::vector<CandidateQuery> queries(reqs.size());
+  std::vector<std::vector<size_t>> extra_at(reqs.size());  // index into reqs[r].extra of each local extra
+  for (size_t r = 0; r < reqs.size(); ++r) {
+    queries[r].k = reqs[r].k;
+    for (size_t i = 0; i < reqs[r].extra.size(); ++i)
+      if (reqs[r].extra[i] >= vocab_.begin && reqs[r].extra[i] < vocab_.end) {
+        queries[r].extra.push_back(static_cast<int32_t>(reqs[r].extra[i] - vocab_.begin));
+        extra_at[r].push_back(i);
+      }
+  }
+  std::vector<CandidateAnswer> mine;
+  b.top_candidates(logits, n_local, queries, mine);
   size_t at = 0;
   for (size_t r = 0; r < reqs.size(); ++r) {
     const RowRequest& q = reqs[r];
-    std::vector<int32_t> local_extra;
-    std::vector<size_t> extra_at;  // index into q.extra of each local_extra entry
-    for (size_t i = 0; i < q.extra.size(); ++i)
-      if (q.extra[i] >= vocab_.begin && q.extra[i] < vocab_.end) {
-        local_extra.push_back(static_cast<int32_t>(q.extra[i] - vocab_.begin));
-        extra_at.push_back(i);
-      }
-    std::vector<TokenCandidate> mine;
-    std::vector<float> mine_extra(local_extra.size());
-    b.top_candidates(logits + r * static_cast<size_t>(n_local), n_local, q.k, local_extra.data(),
-                     static_cast<int>(local_extra.size()), mine, mine_extra.data());
     for (int i = 0; i < q.k; ++i) {
-      TokenCandidate c = static_cast<size_t>(i) < mine.size() ? mine[static_cast<size_t>(i)] : TokenCandidate{__builtin_nanf(""), -1};
+      TokenCandidate c = static_cast<size_t>(i) < mine[r].top.size() ? mine[r].top[static_cast<size_t>(i)]
+                                                                     : TokenCandidate{__builtin_nanf(""), -1};
       if (c.id >= 0) c.id += static_cast<int32_t>(vocab_.begin);
       send[at + 2 * static_cast<size_t>(i)] = c.logit;
       std::memcpy(&send[at + 2 * static_cast<size_t>(i) + 1], &c.id, sizeof c.id);
     }
-    for (size_t i = 0; i < local_extra.size(); ++i) send[at + 2 * static_cast<size_t>(q.k) + extra_at[i]] = mine_extra[i];
+    for (size_t i = 0; i < extra_at[r].size(); ++i)
+      send[at + 2 * static_cast<size_t>(q.k) + extra_at[r][i]] = mine[r].extra_values[i];
     if (q.lse) {
       // The slice's max and sum of exp(x - max); floats on the wire (the exchange is floats), the sum
       // rescaled to the max so it stays in range.

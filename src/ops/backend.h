@@ -83,16 +83,24 @@ class Backend {
     return v;
   }
 
-  // Token selection without moving the logits: the min(k, n) first entries of logits (n, this backend's
-  // memory) in candidate order (ops/candidates.h; ids are indices into logits) into `top`, then the
-  // logits at `extra` (n_extra indices in [0, n), host) into extra_values. Waits for the result. The
-  // default downloads the logits and ranks them on the host.
-  virtual void top_candidates(const float* logits /* (n) */, int64_t n, int k, const int32_t* extra /* (n_extra) */,
-                              int n_extra, std::vector<TokenCandidate>& top, float* extra_values /* (n_extra), host */) {
-    std::vector<float> host(static_cast<size_t>(n));
+  // Token selection without moving the logits: for each row r of logits (rows.size(), n; this backend's
+  // memory), the min(k, n) first entries in candidate order (ops/candidates.h; ids are indices into the row)
+  // and the row's logits at rows[r].extra, into out[r]. Waits once, for all rows (a step's rows are asked
+  // together: one wait per step, not per sequence). The default downloads the rows and ranks them on the host.
+  virtual void top_candidates(const float* logits /* (rows.size(), n) */, int64_t n, const std::vector<CandidateQuery>& rows,
+                              std::vector<CandidateAnswer>& out) {
+    std::vector<float> host(static_cast<size_t>(n) * rows.size());
     download(host.data(), logits, host.size() * sizeof(float));
-    top = top_candidates_host(host.data(), n, k);
-    for (int i = 0; i < n_extra; ++i) extra_values[i] = host[static_cast<size_t>(extra[i])];
+    top_candidates_of_host_rows(host.data(), n, rows, out);
+  }
+  static void top_candidates_of_host_rows(const float* logits /* (rows.size(), n), host */, int64_t n,
+                                          const std::vector<CandidateQuery>& rows, std::vector<CandidateAnswer>& out) {
+    out.assign(rows.size(), CandidateAnswer{});
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const float* row = logits + r * static_cast<size_t>(n);
+      out[r].top = top_candidates_host(row, n, rows[r].k);
+      for (int32_t e : rows[r].extra) out[r].extra_values.push_back(row[e]);
+    }
   }
 
   // The row's largest finite value (-inf if none) and sum(exp(logits - max)) in double, for log-probabilities;

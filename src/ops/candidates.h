@@ -48,6 +48,16 @@ inline bool candidate_before(const TokenCandidate& a, const TokenCandidate& b) {
   return candidate_key(a.logit, static_cast<uint32_t>(a.id)) > candidate_key(b.logit, static_cast<uint32_t>(b.id));
 }
 
+// One row's question to Backend::top_candidates: its k >= 1 first candidates and its logits at `extra`.
+struct CandidateQuery {
+  int k = 1;
+  std::vector<int32_t> extra;  // indices into the row, each in [0, n)
+};
+struct CandidateAnswer {
+  std::vector<TokenCandidate> top;  // min(k, n) candidates in candidate order, ids = indices into the row
+  std::vector<float> extra_values;  // (extra.size()) the row's logits at the extra ids
+};
+
 // The min(k, n) first candidates of logits (n, host) in candidate order, ids = indices; k >= 1.
 std::vector<TokenCandidate> top_candidates_host(const float* logits /* (n) */, int64_t n, int k);
 

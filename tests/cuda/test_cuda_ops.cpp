@@ -1378,15 +1378,50 @@ TEST_F(CudaOps, TopCandidatesMatchAHostSort) {
     xb.put(x.data());
     const std::vector<int32_t> extra = {0, static_cast<int32_t>(n - 1), static_cast<int32_t>(n / 2)};
     for (int k : {1, 2, 40, 256, 300}) {
-      std::vector<TokenCandidate> top;
-      float ev[3] = {};
-      be_->top_candidates(xb.f(), n, k, extra.data(), 3, top, ev);
-      testing_support::expect_candidates(top, order, x.data(), n, k,
+      std::vector<CandidateAnswer> ans;
+      be_->top_candidates(xb.f(), n, {CandidateQuery{k, extra}}, ans);
+      ASSERT_EQ(ans.size(), 1u);
+      testing_support::expect_candidates(ans[0].top, order, x.data(), n, k,
                                          "n " + std::to_string(n) + " k " + std::to_string(k));
-      for (int e = 0; e < 3; ++e) EXPECT_EQ(std::memcmp(&ev[e], &x[size_t(extra[size_t(e)])], 4), 0) << "extra " << e;
+      ASSERT_EQ(ans[0].extra_values.size(), 3u);
+      for (int e = 0; e < 3; ++e)
+        EXPECT_EQ(std::memcmp(&ans[0].extra_values[size_t(e)], &x[size_t(extra[size_t(e)])], 4), 0) << "extra " << e;
     }
     (void)xb.get<float>();  // guards intact
   }
+}
+
+// A step's rows asked together (one wait): each row's answer is the one a plain sort of that row gives.
+TEST_F(CudaOps, TopCandidatesOfSeveralRowsEachMatchAHostSort) {
+  const int64_t n = 4099, n_rows = 5;
+  std::vector<float> x = rand_floats(rng_, n * n_rows, -4.0f, 4.0f);
+  for (auto& v : x) v = std::round(v * 8.0f) / 8.0f;  // many exact ties
+  Guarded xb(*be_, n * n_rows * 4);
+  xb.put(x.data());
+  // all k = 1 (one argmax launch for the rows), mixed (a kernel per row), one row past the device's k (host)
+  for (const std::vector<int>& ks :
+       {std::vector<int>{1, 1, 1, 1, 1}, std::vector<int>{1, 7, 1, 256, 2}, std::vector<int>{1, 300, 3, 1, 1}}) {
+    std::vector<CandidateQuery> q(n_rows);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      q[size_t(r)].k = ks[size_t(r)];
+      for (int64_t e = 0; e < r; ++e) q[size_t(r)].extra.push_back(static_cast<int32_t>((e * 977 + r * 31) % n));
+    }
+    std::vector<CandidateAnswer> ans;
+    be_->top_candidates(xb.f(), n, q, ans);
+    ASSERT_EQ(ans.size(), size_t(n_rows));
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const float* row = x.data() + r * n;
+      std::vector<int> order(static_cast<size_t>(n));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return row[a] > row[b]; });  // no NaN here
+      testing_support::expect_candidates(ans[size_t(r)].top, order, row, n, ks[size_t(r)],
+                                         "row " + std::to_string(r) + " k " + std::to_string(ks[size_t(r)]));
+      ASSERT_EQ(ans[size_t(r)].extra_values.size(), q[size_t(r)].extra.size());
+      for (size_t e = 0; e < q[size_t(r)].extra.size(); ++e)
+        EXPECT_EQ(ans[size_t(r)].extra_values[e], row[q[size_t(r)].extra[e]]) << "row " << r << " extra " << e;
+    }
+  }
+  (void)xb.get<float>();  // guards intact
 }
 
 TEST_F(CudaOps, GraphReplayMatchesEagerSteps) {

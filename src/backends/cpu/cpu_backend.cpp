@@ -90,11 +90,10 @@ class CpuBackend final : public Backend {
     batch_ = b;
     pos_ = b.token_positions();
   }
-  // The logits are host memory already: ranked in place (the default would copy the row first).
-  void top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
-                      std::vector<TokenCandidate>& top, float* extra_values) override {
-    top = top_candidates_host(logits, n, k);
-    for (int i = 0; i < n_extra; ++i) extra_values[i] = logits[extra[i]];
+  // The logits are host memory already: ranked in place (the default would copy the rows first).
+  void top_candidates(const float* logits, int64_t n, const std::vector<CandidateQuery>& rows,
+                      std::vector<CandidateAnswer>& out) override {
+    top_candidates_of_host_rows(logits, n, rows, out);
   }
 
   void log_sum_exp_parts(const float* logits, int64_t n, double* max_out, double* sum_out) override {

@@ -893,55 +893,97 @@ int32_t CudaBackend::argmax(const float* logits, int64_t n) {
   return *argmax_host_.as<int32_t>();
 }
 
-void CudaBackend::top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
-                                 std::vector<TokenCandidate>& top, float* extra_values) {
+void CudaBackend::top_candidates(const float* logits, int64_t n, const std::vector<CandidateQuery>& rows,
+                                 std::vector<CandidateAnswer>& out) {
   not_while_capturing("top_candidates (waits for the result)");
-  if (n < 1 || n > INT32_MAX || k < 1 || n_extra < 0)
-    fail_kind(ErrorKind::kInternal, "cuda top_candidates: n = ", n, ", k = ", k, ", extra ", n_extra);
-  for (int i = 0; i < n_extra; ++i)
-    if (extra[i] < 0 || extra[i] >= n) fail_kind(ErrorKind::kInternal, "cuda top_candidates: extra id ", extra[i]);
-  const int kk = static_cast<int>(std::min<int64_t>(k, n));
-  // More candidates than one sorting block keeps: ranked on the host from the downloaded row.
-  if (kk > kTopMaxK) return Backend::top_candidates(logits, n, k, extra, n_extra, top, extra_values);
+  out.clear();
+  if (rows.empty()) return;
+  const int64_t n_rows = static_cast<int64_t>(rows.size());
+  if (n < 1 || n > INT32_MAX || n_rows * n > INT32_MAX)
+    fail_kind(ErrorKind::kInternal, "cuda top_candidates: ", n_rows, " rows of ", n);
+  bool host_rank = false;  // some row wants more candidates than one sorting block keeps
+  size_t n_keys = 0, n_extra = 0;
+  for (const CandidateQuery& q : rows) {
+    if (q.k < 1) fail_kind(ErrorKind::kInternal, "cuda top_candidates: k = ", q.k);
+    for (int32_t e : q.extra)
+      if (e < 0 || e >= n) fail_kind(ErrorKind::kInternal, "cuda top_candidates: extra id ", e, " of ", n);
+    const int kk = static_cast<int>(std::min<int64_t>(q.k, n));
+    host_rank = host_rank || kk > kTopMaxK;
+    n_keys += static_cast<size_t>(kk);
+    n_extra += q.extra.size();
+  }
+  // Ranked on the host from the downloaded rows.
+  if (host_rank) return Backend::top_candidates(logits, n, rows, out);
   DeviceGuard g(device_);
   const auto grow = [](DevMem& m, size_t bytes) {
     if (m.size() < bytes) m = DevMem(bytes);
   };
-  const size_t key_bytes = static_cast<size_t>(kk) * sizeof(unsigned long long);
-  const size_t host_bytes = key_bytes + static_cast<size_t>(n_extra) * sizeof(float);
+  // Pinned host side: every row's keys, then every extra value (rows in order).
+  const size_t key_bytes = n_keys * sizeof(unsigned long long), host_bytes = key_bytes + n_extra * sizeof(float);
   if (topk_host_bytes_ < host_bytes) {
     topk_host_ = PinnedMem(host_bytes);
     topk_host_bytes_ = host_bytes;
   }
-  const unsigned long long* keys = nullptr;
-  if (kk == 1) {
-    launch_argmax_key(logits, n, argmax_key_.as<unsigned long long>(), stream());
-    keys = argmax_key_.as<unsigned long long>();
-  } else {
-    const size_t scratch_bytes = static_cast<size_t>(topk_scratch_keys(n, kk)) * sizeof(unsigned long long);
-    grow(topk_a_, scratch_bytes);
-    grow(topk_b_, scratch_bytes);
-    keys = launch_topk(logits, n, kk, topk_a_.as<unsigned long long>(), topk_b_.as<unsigned long long>(), stream());
-  }
   auto* host = topk_host_.as<unsigned char>();
-  SHARDLM_CUDA_CHECK(cudaMemcpyAsync(host, keys, key_bytes, cudaMemcpyDeviceToHost, stream()));
+  // Each row's kernels and its download are queued one after the other on the stream, so the next row may
+  // reuse the scratch keys; the one wait is at the end. Greedy steps (k = 1 everywhere): one launch, one copy.
+  const bool one_launch = n_rows <= 65535 &&
+                          std::all_of(rows.begin(), rows.end(), [](const CandidateQuery& q) { return q.k == 1; });
+  if (one_launch) {
+    grow(topk_a_, key_bytes);
+    launch_argmax_keys(logits, n, n_rows, topk_a_.as<unsigned long long>(), stream());
+    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(host, topk_a_.get(), key_bytes, cudaMemcpyDeviceToHost, stream()));
+  }
+  size_t at = 0;
+  for (int64_t r = 0; r < n_rows && !one_launch; ++r) {
+    const float* row = logits + r * n;
+    const int kk = static_cast<int>(std::min<int64_t>(rows[static_cast<size_t>(r)].k, n));
+    const unsigned long long* keys = nullptr;
+    if (kk == 1) {
+      launch_argmax_key(row, n, argmax_key_.as<unsigned long long>(), stream());
+      keys = argmax_key_.as<unsigned long long>();
+    } else {
+      const size_t scratch_bytes = static_cast<size_t>(topk_scratch_keys(n, kk)) * sizeof(unsigned long long);
+      grow(topk_a_, scratch_bytes);
+      grow(topk_b_, scratch_bytes);
+      keys = launch_topk(row, n, kk, topk_a_.as<unsigned long long>(), topk_b_.as<unsigned long long>(), stream());
+    }
+    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(host + at, keys, static_cast<size_t>(kk) * sizeof(unsigned long long),
+                                       cudaMemcpyDeviceToHost, stream()));
+    at += static_cast<size_t>(kk) * sizeof(unsigned long long);
+  }
   if (n_extra > 0) {
-    grow(extra_ids_, static_cast<size_t>(n_extra) * sizeof(int32_t));
-    grow(extra_vals_, static_cast<size_t>(n_extra) * sizeof(float));
-    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(extra_ids_.get(), extra, static_cast<size_t>(n_extra) * sizeof(int32_t),
-                                       cudaMemcpyHostToDevice, stream()));
-    launch_gather_f32(logits, extra_ids_.as<int32_t>(), n_extra, extra_vals_.as<float>(), stream());
-    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(host + key_bytes, extra_vals_.get(), static_cast<size_t>(n_extra) * sizeof(float),
+    // One gather for all rows: ids as offsets into the whole (n_rows, n) block (below 2^31, checked above).
+    std::vector<int32_t> ids;
+    ids.reserve(n_extra);
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int32_t e : rows[static_cast<size_t>(r)].extra) ids.push_back(static_cast<int32_t>(r * n + e));
+    grow(extra_ids_, n_extra * sizeof(int32_t));
+    grow(extra_vals_, n_extra * sizeof(float));
+    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(extra_ids_.get(), ids.data(), n_extra * sizeof(int32_t), cudaMemcpyHostToDevice,
+                                       stream()));
+    launch_gather_f32(logits, extra_ids_.as<int32_t>(), static_cast<int>(n_extra), extra_vals_.as<float>(), stream());
+    SHARDLM_CUDA_CHECK(cudaMemcpyAsync(host + key_bytes, extra_vals_.get(), n_extra * sizeof(float),
                                        cudaMemcpyDeviceToHost, stream()));
   }
   SHARDLM_CUDA_CHECK(cudaStreamSynchronize(stream()));
-  top.resize(static_cast<size_t>(kk));
-  for (int i = 0; i < kk; ++i) {
-    unsigned long long key;
-    std::memcpy(&key, host + static_cast<size_t>(i) * sizeof key, sizeof key);
-    top[static_cast<size_t>(i)] = candidate_from_key(key);
+  out.assign(rows.size(), CandidateAnswer{});
+  at = 0;
+  size_t ex = 0;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const int kk = static_cast<int>(std::min<int64_t>(rows[r].k, n));
+    out[r].top.resize(static_cast<size_t>(kk));
+    for (int i = 0; i < kk; ++i) {
+      unsigned long long key;
+      std::memcpy(&key, host + at, sizeof key);
+      at += sizeof key;
+      out[r].top[static_cast<size_t>(i)] = candidate_from_key(key);
+    }
+    out[r].extra_values.resize(rows[r].extra.size());
+    if (!rows[r].extra.empty())
+      std::memcpy(out[r].extra_values.data(), host + key_bytes + ex * sizeof(float), rows[r].extra.size() * sizeof(float));
+    ex += rows[r].extra.size();
   }
-  if (n_extra > 0) std::memcpy(extra_values, host + key_bytes, static_cast<size_t>(n_extra) * sizeof(float));
 }
 
 void CudaBackend::set_device_token(int32_t id) {

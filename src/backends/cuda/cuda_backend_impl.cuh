@@ -63,8 +63,8 @@ class CudaBackend final : public Backend {
   // batch take rope_kv_store's kernel and the attention kernels.
   void rope_attention(float* q, float* k, const float* v, const KvLayerView& kv, int64_t n_tok, int64_t n_head,
                       float freq_base, const float* freq_factors, float* out) override;
-  void top_candidates(const float* logits, int64_t n, int k, const int32_t* extra, int n_extra,
-                      std::vector<TokenCandidate>& top, float* extra_values) override;
+  void top_candidates(const float* logits, int64_t n, const std::vector<CandidateQuery>& rows,
+                      std::vector<CandidateAnswer>& out) override;
   bool device_tokens() const override { return true; }
   void set_device_token(int32_t id) override;
   void get_rows_device_token(const WeightView& table, float* out) override;

@@ -193,6 +193,9 @@ void launch_argmax(const float* x /* (n) */, int64_t n, int32_t* out /* (1) */, 
                    cudaStream_t stream);
 // The largest candidate key (ops/candidates.h order) of x into *key (device u64; zeroed here).
 void launch_argmax_key(const float* x /* (n) */, int64_t n, unsigned long long* key, cudaStream_t stream);
+// The same for each of n_rows rows (1 to 65,535) of x: keys[r] = row r's key.
+void launch_argmax_keys(const float* x /* (n_rows, n) */, int64_t n, int64_t n_rows, unsigned long long* keys /* (n_rows) */,
+                        cudaStream_t stream);
 // Greedy decoding with the token in device memory: this member's best candidate of x (ids + id_offset) into
 // slot `slot` of cands (n_slots, 4), the other slots zeroed (Backend::greedy_candidate's encoding); `key` is
 // one device u64 of scratch.

@@ -1062,9 +1062,12 @@ __device__ __forceinline__ unsigned long long cand_key(float v, int64_t i) {
 __device__ __forceinline__ int64_t key_index(unsigned long long k) {
   return static_cast<int64_t>(~static_cast<uint32_t>(k & 0xffffffffu));
 }
-__global__ void argmax_partial_kernel(const float* __restrict__ x /* (n) */, int64_t n,
-                                      unsigned long long* __restrict__ best /* (1), zeroed */) {
+// Row blockIdx.y of x (gridDim.y rows of n) into best[blockIdx.y].
+__global__ void argmax_partial_kernel(const float* __restrict__ x /* (gridDim.y, n) */, int64_t n,
+                                      unsigned long long* __restrict__ best /* (gridDim.y), zeroed */) {
   pdl_enter();
+  x += blockIdx.y * n;
+  best += blockIdx.y;
   unsigned long long k = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -1549,8 +1552,15 @@ void launch_argmax(const float* x, int64_t n, int32_t* out, unsigned long long* 
 }
 
 void launch_argmax_key(const float* x, int64_t n, unsigned long long* key, cudaStream_t s) {
-  SHARDLM_CUDA_CHECK(cudaMemsetAsync(key, 0, sizeof(unsigned long long), s));
-  launch_pdl(argmax_partial_kernel, dim3(grid_for(n, 256, 264)), dim3(256), 0, s, x, n, key);
+  launch_argmax_keys(x, n, 1, key, s);
+}
+
+void launch_argmax_keys(const float* x, int64_t n, int64_t n_rows, unsigned long long* keys, cudaStream_t s) {
+  if (n_rows < 1 || n_rows > 65535) fail_kind(ErrorKind::kInternal, "launch_argmax_keys: ", n_rows, " rows");
+  SHARDLM_CUDA_CHECK(cudaMemsetAsync(keys, 0, static_cast<size_t>(n_rows) * sizeof(unsigned long long), s));
+  // About 264 blocks in all (two waves of 132 SMs), at least one a row.
+  const unsigned per_row = grid_for(n, 256, std::max<int64_t>(1, 264 / n_rows));
+  launch_pdl(argmax_partial_kernel, dim3(per_row, static_cast<unsigned>(n_rows)), dim3(256), 0, s, x, n, keys);
   SHARDLM_CUDA_CHECK_LAUNCH("argmax_partial_kernel");
 }
 
