@@ -6,6 +6,7 @@
 
 #include "cli_common.h"
 #include "comm/launcher.h"
+#include "core/cuda_tuning.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "plan_glue.h"
@@ -63,6 +64,7 @@ EngineOptions RunFlags::engine_options() const {
   // A switch for measuring only (docs/cuda_kernels.md): the application reads it, the library takes the field.
   if (const auto on = env_switch("SHARDLM_DEVICE_GREEDY", "1: greedy tokens stay on the device, the default"))
     o.device_greedy = *on;
+  o.cuda = cuda_tuning_from_env();
   if (tp < 1 || tp > 1024) fail("--tp ", tp, " is outside [1, 1024]");
   if (pp < 1 || pp > 1024) fail("--pp ", pp, " is outside [1, 1024]");
   o.tp = tp;

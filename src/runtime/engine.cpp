@@ -76,7 +76,7 @@ Engine::Engine(const ModelSource& src, Communicator& comm, const EngineOptions& 
     if (n_dev == 0) fail_kind(ErrorKind::kUnsupported, "--backend cuda: no CUDA GPU is visible to this process");
     int dev = options_.device;
     if (dev < 0) dev = comm.local_rank() % n_dev;
-    backend_ = make_cuda_backend(dev, options_.kv_type);
+    backend_ = make_cuda_backend(dev, options_.kv_type, options_.cuda);
     cuda_device_ = dev;
     // A device communicator (NCCL) enqueues its collectives on the backend's stream.
     comm.bind_stream(cuda_stream(*backend_));

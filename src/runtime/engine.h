@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "core/cuda_tuning.h"
 #include "loader/model_source.h"
 #include "loader/weights.h"
 #include "model/llama.h"
@@ -60,6 +61,7 @@ struct EngineOptions {
   // enqueues the next step before reading this one's (LlamaModel::step_greedy).
   bool device_greedy = true;
   int device = -1;                  // cuda: device index; -1 = local rank modulo the devices
+  CudaTuning cuda;                  // cuda: kernel switches for measurements (core/cuda_tuning.h)
 };
 
 struct StepTimes {

@@ -379,7 +379,7 @@ void run_matmul(Backend& be, std::mt19937_64& rng, GgmlType t, const MatCase& c,
   // Packed weights take the several-token kernel (int8 x, as one token) up to the type's limit, other
   // quantized layouts the per-token matvec up to 8; cuBLAS beyond.
   const int64_t matvec_max = pack ? cuda_tokens_max_default(t) : 8;
-  const bool gemm = c.n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : c.n_tok > matvec_max);
+  const bool gemm = c.n_tok > 1 && (block_size(t) == 1 ? t != GgmlType::F32 : c.n_tok > matvec_max);  // cuBLAS or the tensor-core kernel: the same 16-bit operands
   if (pack && !gemm) {
     for (int64_t tk = 0; tk < c.n_tok; ++tk) {
       const std::vector<float> yt(y.begin() + tk * c.rows, y.begin() + (tk + 1) * c.rows);
@@ -421,10 +421,66 @@ TEST_F(CudaOps, PackedMatvecAndPrefill) {
       {4097, 4096, 1, 0, 0, 0},  {129, 14336, 1, 0, 0, 0},  {5, 768, 1, 0, 0, 0},     {8451, 768, 1, 0, 0, 0},
       {23, 512, 1, 0, 0, 1},     {31, 1280, 3, 0, 0, 0},    {129, 512, 7, 0, 0, 0},   {257, 1024, 64, 0, 0, 0},
       {65, 28672, 1, 0, 0, 0},   {17, 96, 1, 0, 0, 0},
+      // the tensor-core kernel (above the several-token kernel's limit): rows and tokens not multiples of its
+      // 128-row x 64-token tiles, columns over several slices; 300 tokens go to cuBLAS
+      {129, 4096, 100, 0, 0, 0}, {70, 1024, 300, 0, 0, 0},
   };
   for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K})
     for (const auto& c : cases)
       if (cuda_detail::packable(t, c.cols)) run_matmul(*be_, rng_, t, c, true);
+  // Steps above the several-token kernel's limit by each many-token path, whatever the default: the
+  // tensor-core kernel up to 256 tokens, dequantize-then-cuBLAS.
+  for (int64_t mma_max : {int64_t{256}, int64_t{0}}) {
+    CudaTuning tuning;
+    tuning.mma_max = mma_max;
+    auto be = make_cuda_backend(0, GgmlType::F16, tuning);
+    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K})
+      for (const MatCase& c : {MatCase{129, 4096, 100, 0, 0, 0}, MatCase{257, 1024, 64, 0, 0, 0}})
+        run_matmul(*be, rng_, t, c, true);
+  }
+}
+
+// The 16-bit operands of many-token steps, seen through one-hot rows of x: token t's x is 1 at column j_t and 0
+// elsewhere, so y[t, r] is the weight W[r, j_t] as the kernel holds it (one product with 1, fp32 sums of zeros).
+// Both the tensor-core kernel (100 tokens) and dequantize-then-cuBLAS (300 tokens) must hold the fp64 reference
+// value rounded to fp16: exactly for Q8_0 and Q4_0 (their products d * q are exact in fp32, so one rounding to
+// fp16 is the only one), within one fp16 step for the K types (the kernels form d * sc * q - dmin * m in fp32,
+// a second rounding before fp16's).
+TEST_F(CudaOps, ManyTokenStepsSeeEachWeightAsItsFp16) {
+  const int64_t rows = 130, cols = 1024;
+  CudaTuning tuning;
+  tuning.mma_max = 256;  // 100 tokens by the tensor-core kernel, whatever the default
+  auto be_mma = make_cuda_backend(0, GgmlType::F16, tuning);
+  Backend& b = *be_mma;
+  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K}) {
+    const HostWeight hw = make_host_weight(rng_, t, rows, cols, 0);
+    std::vector<std::unique_ptr<DeviceBuffer>> storage;
+    const WeightView w = b.place_matmul_weight(WeightView{t, cols, rows, hw.stride, hw.bytes.data()}, storage);
+    ASSERT_TRUE(w.packed);
+    for (int64_t n_tok : {int64_t{100}, int64_t{300}}) {
+      std::vector<float> x(static_cast<size_t>(n_tok * cols), 0.0f);
+      auto col = [&](int64_t tk) { return (tk * 37 + 5) % cols; };
+      for (int64_t tk = 0; tk < n_tok; ++tk) x[static_cast<size_t>(tk * cols + col(tk))] = 1.0f;
+      Guarded xb(b, x.size() * 4), yb(b, n_tok * rows * 4);
+      xb.put(x.data());
+      b.matmul(w, xb.f(), yb.f(), n_tok);
+      const auto y = yb.get<float>();
+      int bad = 0;
+      for (int64_t tk = 0; tk < n_tok; ++tk)
+        for (int64_t r = 0; r < rows; ++r) {
+          const double ref = hw.deq[static_cast<size_t>(r)][static_cast<size_t>(col(tk))];
+          const double want = f16(to_f16(static_cast<float>(ref)));
+          const double got = y[static_cast<size_t>(tk * rows + r)];
+          // one fp16 step at |ref| (2^-24 below the normal range) for the K types; none for Q8_0 and Q4_0
+          const double step = std::ldexp(1.0, std::max(std::ilogb(std::max(std::fabs(ref), 1e-30)), -14) - 10);
+          const double tol = (t == GgmlType::Q8_0 || t == GgmlType::Q4_0) ? 0.0 : step;
+          if (std::fabs(got - want) > tol && ++bad <= 5)
+            ADD_FAILURE() << type_name(t) << " " << n_tok << " tokens: W[" << r << ", " << col(tk) << "] = " << ref
+                          << ", fp16 " << want << ", kernel " << got;
+        }
+      EXPECT_EQ(bad, 0) << type_name(t) << " " << n_tok << " tokens";
+    }
+  }
 }
 
 // Batch invariance of the packed matmul: a step of n_tok tokens (the several-token kernel, in passes of 8, 4

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "core/cuda_tuning.h"
 #include "core/env.h"
 #include "core/error.h"
 
@@ -47,6 +48,40 @@ TEST(Env, AnythingElseFailsNamingTheVariableTheValueAndTheMeaning) {
     }
   }
   unsetenv(kVar);
+}
+
+// The CUDA kernel switches: the applications read them here, the library takes the struct. Unset variables
+// leave the defaults; set ones land in their fields; a number outside its range fails naming the variable.
+TEST(Env, CudaTuningFromTheEnvironment) {
+  const char* vars[] = {"SHARDLM_CUDA_PACK", "SHARDLM_CUDA_TOKENS_MAX", "SHARDLM_CUDA_MMA_MAX", "SHARDLM_CUDA_SKIP",
+                        "SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD"};
+  for (const char* v : vars) unsetenv(v);
+  const CudaTuning d = cuda_tuning_from_env(), plain;
+  EXPECT_EQ(d.pack_weights, plain.pack_weights);
+  EXPECT_EQ(d.tokens_max, plain.tokens_max);
+  EXPECT_EQ(d.mma_max, plain.mma_max);
+  EXPECT_TRUE(d.skip.empty());
+  setenv("SHARDLM_CUDA_PACK", "0", 1);
+  setenv("SHARDLM_CUDA_TOKENS_MAX", "12", 1);
+  setenv("SHARDLM_CUDA_MMA_MAX", "64", 1);
+  setenv("SHARDLM_CUDA_SKIP", "norm,attn", 1);
+  const CudaTuning t = cuda_tuning_from_env();
+  EXPECT_FALSE(t.pack_weights);
+  EXPECT_EQ(t.tokens_max, 12);
+  EXPECT_EQ(t.mma_max, 64);
+  EXPECT_EQ(t.skip, "norm,attn");
+  for (const char* bad : {"0", "4097", "12x", "-1"}) {
+    setenv("SHARDLM_CUDA_TOKENS_MAX", bad, 1);
+    try {
+      cuda_tuning_from_env();
+      ADD_FAILURE() << "no error for SHARDLM_CUDA_TOKENS_MAX='" << bad << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("SHARDLM_CUDA_TOKENS_MAX='") + bad + "': expected 1 to 4096"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  for (const char* v : vars) unsetenv(v);
 }
 
 }  // namespace

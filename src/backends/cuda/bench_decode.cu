@@ -7,9 +7,11 @@
 //     layer, KV cache f16 at position ~1000) captured once in a CUDA graph and replayed: tokens/s.
 //
 // Usage: shardlm_cuda_bench [--quick] [--device N] [--matvec-only|--decode-only] [--types ...] [--no-pack]
+//                           [--tokens 1,16,64] (the matmuls of steps of that many tokens; default 1)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -70,12 +72,15 @@ Mat make_weight(CudaBackend& be, GgmlType type, int64_t rows, int64_t cols, uint
   return m;
 }
 
-void bench_matvecs(CudaBackend& be, double copy_gbs, bool quick, const std::vector<GgmlType>& types) {
+// n_tok > 1: the matmul of a step of n_tok tokens (batched decode), by whichever kernel the backend picks for
+// it (the limits' environment switches choose another); TFLOP/s counts 2 * rows * cols * n_tok.
+void bench_matvecs(CudaBackend& be, double copy_gbs, bool quick, const std::vector<GgmlType>& types, int64_t n_tok) {
   const int64_t shapes[][2] = {{4096, 4096}, {14336, 4096}, {4096, 14336}};
-  std::printf("\n%-6s %-12s %10s %10s %8s %8s\n", "type", "rows x cols", "MB", "us", "GB/s", "of copy");
-  auto x = be.alloc(14336 * sizeof(float));
-  auto y = be.alloc(14336 * sizeof(float));
-  launch_fill_random(GgmlType::F32, x->data(), 1, 14336 * 4, 14336, 7, be.stream());
+  std::printf("\n%-6s %-12s %6s %10s %10s %8s %8s %8s\n", "type", "rows x cols", "tokens", "MB", "us", "GB/s", "of copy",
+              "TFLOP/s");
+  auto x = be.alloc(n_tok * 14336 * sizeof(float));
+  auto y = be.alloc(n_tok * 14336 * sizeof(float));
+  launch_fill_random(GgmlType::F32, x->data(), 1, n_tok * 14336 * 4, n_tok * 14336, 7, be.stream());
   for (GgmlType t : types)
     for (const auto& sh : shapes) {
       const int64_t rows = sh[0], cols = sh[1];
@@ -85,10 +90,10 @@ void bench_matvecs(CudaBackend& be, double copy_gbs, bool quick, const std::vect
       for (int c = 0; c < copies; ++c) ws.push_back(make_weight(be, t, rows, cols, 100 + c));
       const int iters = quick ? 50 : 200;
       std::vector<Event> ev(2 * iters);
-      for (int i = 0; i < 10; ++i) be.matmul(ws[i % copies].view, x->as<float>(), y->as<float>(), 1);
+      for (int i = 0; i < 10; ++i) be.matmul(ws[i % copies].view, x->as<float>(), y->as<float>(), n_tok);
       for (int i = 0; i < iters; ++i) {
         SHARDLM_CUDA_CHECK(cudaEventRecord(ev[2 * i].get(), be.stream()));
-        be.matmul(ws[i % copies].view, x->as<float>(), y->as<float>(), 1);
+        be.matmul(ws[i % copies].view, x->as<float>(), y->as<float>(), n_tok);
         SHARDLM_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1].get(), be.stream()));
       }
       be.synchronize();
@@ -99,8 +104,9 @@ void bench_matvecs(CudaBackend& be, double copy_gbs, bool quick, const std::vect
         us.push_back(ms * 1e3);
       }
       const double m = median(us), gbs = mb * 1e6 / (m * 1e-6) / 1e9;
-      std::printf("%-6s %5lldx%-6lld %10.1f %10.2f %8.0f %7.1f%%\n", type_name(t), static_cast<long long>(rows),
-                  static_cast<long long>(cols), mb, m, gbs, 100.0 * gbs / copy_gbs);
+      std::printf("%-6s %5lldx%-6lld %6lld %10.1f %10.2f %8.0f %7.1f%% %8.1f\n", type_name(t),
+                  static_cast<long long>(rows), static_cast<long long>(cols), static_cast<long long>(n_tok), mb, m, gbs,
+                  100.0 * gbs / copy_gbs, 2.0 * rows * cols * n_tok / (m * 1e-6) / 1e12);
     }
 }
 
@@ -207,6 +213,7 @@ void bench_decode(CudaBackend& be, GgmlType wt, GgmlType out_t, double copy_gbs,
 int main(int argc, char** argv) {
   bool quick = false, matvec = true, decode = true, pack = true;
   int device = 0, layers = 0;
+  std::vector<int64_t> tokens = {1};
   std::vector<GgmlType> types = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
                                  GgmlType::Q6_K, GgmlType::Q4_K, GgmlType::Q4_0};
   std::vector<GgmlType> decode_types = {GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K};
@@ -217,6 +224,19 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--decode-only")) matvec = false;
     else if (!std::strcmp(argv[i], "--layers") && i + 1 < argc) layers = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--no-pack")) pack = false;
+    else if (!std::strcmp(argv[i], "--tokens") && i + 1 < argc) {
+      tokens.clear();
+      for (const char* p = argv[++i]; *p;) {
+        char* end = nullptr;
+        const long n = std::strtol(p, &end, 10);
+        if (end == p || n < 1 || n > 4096) {
+          std::fprintf(stderr, "--tokens: '%s' is not a list of numbers in [1, 4096]\n", argv[i]);
+          return 2;
+        }
+        tokens.push_back(n);
+        p = *end == ',' ? end + 1 : end;
+      }
+    }
     else if (!std::strcmp(argv[i], "--types") && i + 1 < argc) {  // e.g. q4_0,bf16
       types.clear();
       std::string list = argv[++i];
@@ -228,7 +248,7 @@ int main(int argc, char** argv) {
       decode_types = types;
     } else {
       std::fprintf(stderr, "usage: shardlm_cuda_bench [--quick] [--device N] [--matvec-only|--decode-only] "
-                           "[--types q4_0,bf16,...] [--layers N] [--no-pack]\n");
+                           "[--types q4_0,bf16,...] [--layers N] [--no-pack] [--tokens 1,16,64]\n");
       return 2;
     }
   }
@@ -237,13 +257,14 @@ int main(int argc, char** argv) {
       std::printf("no CUDA device: nothing to measure\n");
       return 0;
     }
-    auto backend = make_cuda_backend(device, GgmlType::F16);
+    auto backend = make_cuda_backend(device, GgmlType::F16, cuda_tuning_from_env());
     auto& be = as_cuda(*backend, "bench");
     be.set_pack_weights(pack);
     std::printf("device: %s; quantized weights %s\n", be.name().c_str(), pack ? "packed (int8 x, dp4a)" : "in ggml's layout");
     const double copy = copy_bandwidth(be.stream());
     std::printf("device-to-device copy (1 GiB, read+write): %.0f GB/s\n", copy);
-    if (matvec) bench_matvecs(be, copy, quick, types);
+    if (matvec)
+      for (int64_t n : tokens) bench_matvecs(be, copy, quick, types, n);
     std::printf("\n");
     // Output head as llama.cpp's files carry it: Q6_K for the 4-bit types, else the weights' own type.
     if (decode)

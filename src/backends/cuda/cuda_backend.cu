@@ -3,7 +3,6 @@
 #include "backends/cuda/mv_common.cuh"
 #include "backends/cuda/pack.h"
 #include "backends/cuda/quant_x.cuh"
-#include "core/env.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -85,55 +84,42 @@ CudaBackend& as_cuda(Backend& b, const char* caller) {
   return *c;
 }
 
-CudaBackend::CudaBackend(int device, GgmlType kv_type)
+CudaBackend::CudaBackend(int device, GgmlType kv_type, const CudaTuning& tuning)
     : device_(device), kv_type_(kv_type), user_bytes_(std::make_shared<std::atomic<int64_t>>(0)) {
   const int count = cuda_device_count();
   if (device < 0 || device >= count)
     fail("cuda backend: device index ", device, " is out of range (", count, " CUDA device(s) visible)");
   if (kv_type != GgmlType::F16 && kv_type != GgmlType::F32)
     fail("cuda backend: KV cache type must be f16 or f32, got ", type_name(kv_type));
-  // On/off switches for comparisons; each names its default.
-  const auto flag = [](const char* name, bool& out, const char* meaning) {
-    if (const auto on = env_switch(name, meaning)) out = *on;
+  // Kernel switches (core/cuda_tuning.h), each checked: the struct may come from any caller.
+  const auto bad = [](const char* field, const char* var, auto value, const char* allowed) {
+    fail("cuda backend: CudaTuning::", field, " (", var, ") = ", value, ": expected ", allowed);
   };
-  // Packing changes only speed (and, through int8 x, rounding): the switch is for measuring that.
-  flag("SHARDLM_CUDA_PACK", pack_weights_, "0: ggml layout, 1: packed, the default");
-  // Activations quantized by their producers for the packed matvecs (0 lets every matvec block quantize x).
-  flag("SHARDLM_CUDA_PREQUANT", prequant_, "default 1");
-  // Decode rope folded into the attention kernel (0 runs rope_kv_store's kernel first).
-  flag("SHARDLM_CUDA_FUSE_ROPE", fuse_rope_, "default 1");
-  // The decode attention's output step with one float4 per thread (0: one element per thread).
-  flag("SHARDLM_CUDA_ATTN_OUT4", attn_out4_, "default 1");
-  // The decode attention's query heads of a KV head over 1, 2 or 4 blocks (never more than the group). Unset:
-  // chosen by the local KV heads in attention_impl (more blocks shorten each warp's chain of products where a
-  // short context has few KV heads' blocks to run at all, e.g. 2 per rank for 70B at tp 4, where 4 gained a
-  // few percent; docs/BENCHMARKS.md, Decisions in the source).
-  if (const auto p = env_value("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD")) {
-    const std::string& v = *p;
-    if (v != "1" && v != "2" && v != "4")
-      fail("SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD='", v, "' is not 1, 2 or 4 (decode attention blocks per KV head)");
-    attn_qsplit_ = v[0] - '0';  // else 0: by the number of local KV heads
-  }
-  // The decode attention's splits merged by the kernel's last block per KV head (1) or by a combine kernel (0).
-  flag("SHARDLM_CUDA_ATTN_LAST_BLOCK_COMBINE", attn_last_block_combine_, "1: no combine kernel, the default");
-  // Rows-per-warp / loads-in-flight variant of the packed matvec (measurements only; 0 is the default).
-  if (const auto p = env_value("SHARDLM_PK_VARIANT")) {
-    const std::string& v = *p;
-    if (v.size() != 1 || v[0] < '0' || v[0] > '4') fail("SHARDLM_PK_VARIANT = '", v, "': expected 0 to 4");
-    pk_variant_ = v[0] - '0';
-  }
-  // The several-token kernel's token limit (measurement; the default is by weight type).
-  if (const auto p = env_value("SHARDLM_CUDA_TOKENS_MAX")) {
-    char* end = nullptr;
-    const long n = std::strtol(p->c_str(), &end, 10);
-    if (p->empty() || *end != '\0' || n < 1 || n > 4096)
-      fail("SHARDLM_CUDA_TOKENS_MAX = '", *p, "': expected 1 to 4096 (tokens per step for the several-token kernel)");
-    tokens_max_ = n;
-  }
+  if (tuning.attn_blocks_per_kv_head != 0 && tuning.attn_blocks_per_kv_head != 1 &&
+      tuning.attn_blocks_per_kv_head != 2 && tuning.attn_blocks_per_kv_head != 4)
+    bad("attn_blocks_per_kv_head", "SHARDLM_CUDA_ATTN_BLOCKS_PER_KV_HEAD", tuning.attn_blocks_per_kv_head,
+        "0 (by the local KV heads), 1, 2 or 4");
+  if (tuning.pk_variant < 0 || tuning.pk_variant > 4) bad("pk_variant", "SHARDLM_PK_VARIANT", tuning.pk_variant, "0 to 4");
+  if (tuning.tokens_max < 0 || tuning.tokens_max > 4096)
+    bad("tokens_max", "SHARDLM_CUDA_TOKENS_MAX", tuning.tokens_max, "0 (by weight type) to 4096");
+  if (tuning.mma_max < 0) bad("mma_max", "SHARDLM_CUDA_MMA_MAX", tuning.mma_max, "0 (never) or more");
+  pack_weights_ = tuning.pack_weights;
+  prequant_ = tuning.prequant;
+  fuse_rope_ = tuning.fuse_rope;
+  attn_out4_ = tuning.attn_out4;
+  // Unset (0): chosen by the local KV heads in attention_decode (more blocks shorten each warp's chain of
+  // products where a short context has few KV heads' blocks to run at all, e.g. 2 per rank for 70B at tp 4,
+  // where 4 gained a few percent; docs/BENCHMARKS.md, Decisions in the source).
+  attn_qsplit_ = tuning.attn_blocks_per_kv_head;
+  attn_last_block_combine_ = tuning.attn_last_block_combine;
+  pk_variant_ = tuning.pk_variant;
+  tokens_max_ = tuning.tokens_max;
+  mma_max_ = tuning.mma_max;
+  graph_timing_ = tuning.graph_timing;
   // Measurement only, the outputs become meaningless: one-token kernels of the listed kinds are not launched,
   // so that a decode step's time without them shows what they cost inside the graph (scripts/gpu/x1env.sh).
-  if (const auto p = env_value("SHARDLM_CUDA_SKIP")) {
-    const std::string& v = *p;
+  if (!tuning.skip.empty()) {
+    const std::string& v = tuning.skip;
     static constexpr std::pair<const char*, int> kKinds[] = {{"none", 0},         {"norm", kSkipNorm},
                                                              {"swiglu", kSkipSwiglu}, {"rope", kSkipRope},
                                                              {"attn", kSkipAttn},     {"mv", kSkipMatvec},
@@ -143,7 +129,8 @@ CudaBackend::CudaBackend(int device, GgmlType kv_type)
       const std::string kind = v.substr(b, e - b);
       const auto* k = std::find_if(std::begin(kKinds), std::end(kKinds), [&](const auto& kk) { return kind == kk.first; });
       if (k == std::end(kKinds))
-        fail("SHARDLM_CUDA_SKIP = '", v, "': '", kind, "' is not one of none, norm, swiglu, rope, attn, mv, ar");
+        fail("cuda backend: CudaTuning::skip (SHARDLM_CUDA_SKIP) = '", v, "': '", kind,
+             "' is not one of none, norm, swiglu, rope, attn, mv, ar");
       skip_ |= k->second;
       b = e + 1;
     }
@@ -634,6 +621,13 @@ void CudaBackend::gemm(const WeightView& w, const float* x, const void* x16_read
                                       y, CUDA_R_32F, m_all, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return;
   }
+  if (w.packed && !bf16 && n_tok <= mma_max_ && w.n_cols % 8 == 0) {
+    // Dequantized tiles in shared memory and tensor-core products: no 16-bit copy of the weight.
+    const size_t part = matmul_mma_scratch_floats(w.n_rows, w.n_cols, n_tok, sm_count_);
+    float* sp = part > 0 ? static_cast<float*>(scratch(mma_part_, part * sizeof(float), "mma partials")) : nullptr;
+    launch_matmul_mma(w.type, w.data, w.row_stride, w.n_rows, w.n_cols, x16, n_tok, y, sp, sm_count_, stream());
+    return;
+  }
   const int64_t chunk_rows = std::clamp<int64_t>(static_cast<int64_t>(kDequantScratch) / (2 * w.n_cols), 1, w.n_rows);
   void* w16 = scratch(w16_, static_cast<size_t>(chunk_rows * w.n_cols) * 2, "w16");
   for (int64_t r0 = 0; r0 < w.n_rows; r0 += chunk_rows) {
@@ -1093,8 +1087,8 @@ double cuda_copy_bandwidth(int device_index) {
   return 2.0 * double(n) / (double(best_ms) * 1e-3);  // bytes read plus bytes written
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type) {
-  return std::make_unique<cuda_detail::CudaBackend>(device_index, kv_type);
+std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type, const CudaTuning& tuning) {
+  return std::make_unique<cuda_detail::CudaBackend>(device_index, kv_type, tuning);
 }
 
 void* cuda_stream(Backend& backend) { return cuda_detail::as_cuda(backend, "cuda_stream").stream(); }
@@ -1139,7 +1133,7 @@ void cuda_argmax_async(Backend& backend, const float* logits, int64_t n, int32_t
   cuda_detail::as_cuda(backend, "cuda_argmax_async").argmax_async(logits, n, out);
 }
 
-// SHARDLM_GRAPH_TIMING=1 (measurement only): events before and after each replay, so that the teardown can
+// CudaTuning::graph_timing (SHARDLM_GRAPH_TIMING=1, measurement only): events before and after each replay, so that the teardown can
 // say how much of a decode step's period the graph's own GPU time is; the rest is the time between graphs
 // (the candidates' kernel and copy, the host's exchange and sampling, the next launch).
 struct GraphTiming {
@@ -1208,12 +1202,12 @@ struct CudaGraphRunner::Impl {
   GraphShape graph_shape;  // shape the graph was captured for
   GraphShape warm_shape;   // shape of the last eager run
   int64_t captures = 0, replays = 0;
-  std::unique_ptr<GraphTiming> timing;  // SHARDLM_GRAPH_TIMING=1
+  std::unique_ptr<GraphTiming> timing;  // CudaTuning::graph_timing
 };
 
 CudaGraphRunner::CudaGraphRunner(Backend& backend) : impl_(std::make_unique<Impl>()) {
   impl_->backend = &cuda_detail::as_cuda(backend, "CudaGraphRunner");
-  if (env_switch("SHARDLM_GRAPH_TIMING", "1: time each decode graph; default 0").value_or(false)) {
+  if (impl_->backend->graph_timing()) {
     cuda_detail::DeviceGuard g(impl_->backend->device_index());
     impl_->timing = std::make_unique<GraphTiming>();
   }

@@ -7,14 +7,16 @@
 // can be captured once into a CUDA graph and replayed for every later token (CudaGraphRunner below).
 //
 // KV cache: one pool block per sequence (kv_block_size(n_ctx) = n_ctx), read as one contiguous range by the
-// kernels. A batch of several sequences launches the position-aware kernels (rope, kv_store, attention)
-// once per sequence; paged kernels that take a whole batch in one launch come later.
+// kernels. The decode attention (with its rope and cache store) serves every decoding sequence of a step in one
+// launch, each block finding its sequence's row and cache block in that sequence's StepDev; a sequence's prompt
+// chunk still launches rope, kv_store and the prefill attention for that sequence alone.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <memory>
 
+#include "core/cuda_tuning.h"
 #include "core/dtype.h"
 #include "ops/backend.h"
 
@@ -25,8 +27,11 @@ int cuda_device_count();
 
 // A backend on device `device_index` (0-based). `kv_type` is the element type the caller will give the
 // KV cache (F16 default, F32 on request); it only sets defaults, since every KvLayerView carries its type.
-// Throws Error (kInvalidInput for a bad index or type, kResource when the device cannot be initialized).
-std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type = GgmlType::F16);
+// `tuning`: the kernel switches (core/cuda_tuning.h; the defaults are the measured choices).
+// Throws Error (kInvalidInput for a bad index, type or tuning value, kResource when the device cannot be
+// initialized).
+std::unique_ptr<Backend> make_cuda_backend(int device_index, GgmlType kv_type = GgmlType::F16,
+                                           const CudaTuning& tuning = CudaTuning{});
 
 // Device-to-device copy bandwidth of a 1 GiB cudaMemcpy, counting bytes read plus written (best of five
 // after a warm-up): the ceiling decode's weight reads are measured against.

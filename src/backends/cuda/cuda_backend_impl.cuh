@@ -13,7 +13,7 @@ namespace shardlm::cuda_detail {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, GgmlType kv_type);
+  CudaBackend(int device, GgmlType kv_type, const CudaTuning& tuning);
   ~CudaBackend() override;
 
   std::string name() const override;
@@ -93,6 +93,7 @@ class CudaBackend final : public Backend {
   void set_tokens_max(int64_t n) { tokens_max_ = n; }
   // Whether place_matmul_weight packs (default on; SHARDLM_CUDA_PACK=0 turns it off at construction).
   void set_pack_weights(bool on) { pack_weights_ = on; }
+  bool graph_timing() const { return graph_timing_; }
   // Forces the generic attention kernel for n_tok == 1 too.
   void set_force_generic_attention(bool on) { force_generic_attn_ = on; }
 
@@ -202,6 +203,7 @@ class CudaBackend final : public Backend {
   DevMem attn_part_;   // decode attention partials
   DevMem attn_done_;   // (n_head_kv * qsplit) int: finished splits per attention block column, 0 between calls
   DevMem x16_;         // activations converted to 16 bits for cuBLAS
+  DevMem mma_part_;     // launch_matmul_mma's column-slice partial sums
   DevMem xrows_;       // (n_tok, quant_x_ld(n_cols)) words: activations as int8 rows for launch_matvec_tokens
   DevMem w16_;         // weights dequantized to 16 bits for cuBLAS (row chunks)
   struct FreqFactors {
@@ -221,12 +223,17 @@ class CudaBackend final : public Backend {
   // to 16 bits for cuBLAS (SHARDLM_CUDA_TOKENS_MAX, 1 turns the kernel off); 0: by weight type,
   // cuda_tokens_max_default.
   int64_t tokens_max_ = 0;
+  // Steps of more tokens than the several-token kernel takes, up to this many, multiply packed weights with
+  // the tensor-core kernel (launch_matmul_mma) rather than dequantizing them for cuBLAS (CudaTuning::mma_max;
+  // 0: never).
+  int64_t mma_max_ = 0;
   // SHARDLM_CUDA_SKIP (measurement only): one-token kernels of these kinds are not launched.
   enum Skip : int { kSkipNorm = 1, kSkipSwiglu = 2, kSkipRope = 4, kSkipAttn = 8, kSkipMatvec = 16, kSkipAllReduce = 32 };
   // Matmuls with at least this many rows still run under kSkipMatvec: the output head, whose logits the
   // step's token selection reads.
   static constexpr int64_t kSkipKeepRows = 100000;
   int skip_ = 0;
+  bool graph_timing_ = false;  // CudaTuning::graph_timing: graph runners on this backend time their replays
   int64_t scratch_gen_ = 0;
 };
 

@@ -92,6 +92,15 @@ void launch_matvec_tokens(GgmlType type, int n, const void* const* w, const size
                           int64_t n_cols, const int* xq, int64_t n_tok, float* const* y /* (n_tok, n_rows[k]) each */,
                           int sm_count, cudaStream_t stream);
 
+// Steps of many tokens times packed weights on the tensor cores: y (n_tok, n_rows) = x W^T, W dequantized to
+// fp16 in shared memory (the cuBLAS path's values), x16 the step's x in fp16 (launch_f32_to_16, 16-byte aligned),
+// fp32 accumulation. `scratch` holds matmul_mma_scratch_floats(...) floats (the column slices' partial sums;
+// 0: none needed).
+size_t matmul_mma_scratch_floats(int64_t n_rows, int64_t n_cols, int64_t n_tok, int sm_count);
+void launch_matmul_mma(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                       const void* x16 /* (n_tok, n_cols) fp16 */, int64_t n_tok, float* y /* (n_tok, n_rows) */,
+                       float* scratch, int sm_count, cudaStream_t stream);
+
 // ---- conversions for the cuBLAS (prefill) path ----
 // dst[r, c] = W[row0 + r, c] as fp16 (or bf16 when to_bf16), for r in [0, n_rows).
 void launch_dequant_rows(GgmlType type, const void* w, size_t row_stride, int64_t row0, int64_t n_rows,

@@ -527,46 +527,234 @@ __global__ void __launch_bounds__(kThreads) matvec_tokens_kernel(
 }
 
 // ---- prefill: packed rows -> fp16/bf16 (one thread per 8 elements: one 16-byte store) ----
+// Elements 8k..8k+7 of unit u of a row: packed_load8 reads the bytes they need (so that a kernel can hold the
+// next tile's bytes in registers while it computes), packed_values8 turns them into floats.
 template <GgmlType T>
-__device__ __forceinline__ void packed_dequant8(const uint8_t* row, int64_t nb, int64_t u, int k, float (&v)[8]) {
+struct Packed8 {
+  uint2 q;              // the 8 elements' 8 (Q8_0) or 4-bit-pair bytes
+  uint4 hdr;            // Q4_K: the unit's 16-byte super-block header; Q6_K: x,y = high bits, z = scale, w = d
+  uint32_t d;           // Q8_0, Q4_0: the unit's fp16 scale
+};
+
+template <GgmlType T>
+__device__ __forceinline__ Packed8<T> packed_load8(const uint8_t* row, int64_t nb, int64_t u, int k) {
+  Packed8<T> p{};
   if constexpr (T == GgmlType::Q8_0) {
-    const uint2 q = *reinterpret_cast<const uint2*>(row + 32 * u + 8 * k);
-    const float d = h2f(ld_u16(row + 32 * nb + 2 * u));
+    p.q = *reinterpret_cast<const uint2*>(row + 32 * u + 8 * k);
+    p.d = ld_u16(row + 32 * nb + 2 * u);
+  } else {
+    // 4-bit units (Q4_0, Q4_K, Q6_K's low bits): elements 8k..8k+7 are the low (k < 2) or high nibbles of
+    // bytes 8 * (k & 1)...
+    p.q = *reinterpret_cast<const uint2*>(row + 16 * u + 8 * (k & 1));
+    if constexpr (T == GgmlType::Q4_0) {
+      p.d = ld_u16(row + 16 * nb + 2 * u);
+    } else if constexpr (T == GgmlType::Q4_K) {
+      p.hdr = *reinterpret_cast<const uint4*>(row + 16 * nb + 16 * (u / 8));
+    } else {  // Q6_K
+      const uint2 hi = *reinterpret_cast<const uint2*>(row + 16 * nb + 8 * u);
+      p.hdr = make_uint4(hi.x, hi.y, static_cast<uint32_t>(row[24 * nb + 2 * u + k / 2]),
+                         ld_u16(row + 26 * nb + 2 * (u / 8)));
+    }
+  }
+  return p;
+}
+
+template <GgmlType T>
+__device__ __forceinline__ void packed_values8(const Packed8<T>& p, int64_t u, int k, float (&v)[8]) {
+  const uint2 q = p.q;
+  if constexpr (T == GgmlType::Q8_0) {
+    const float d = h2f(static_cast<uint16_t>(p.d));
 #pragma unroll
     for (int i = 0; i < 8; ++i)
       v[i] = static_cast<float>(static_cast<int8_t>(((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xFF)) * d;
   } else {
-    // 4-bit units (Q4_0, Q4_K, Q6_K's low bits): elements 8k..8k+7 are the low (k < 2) or high nibbles of
-    // bytes 8 * (k & 1)...
-    const uint2 q = *reinterpret_cast<const uint2*>(row + 16 * u + 8 * (k & 1));
     const int sh = 4 * (k >> 1);
     int nib[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) nib[i] = static_cast<int>((((i < 4 ? q.x : q.y) >> (8 * (i & 3))) >> sh) & 0xF);
     if constexpr (T == GgmlType::Q4_0) {
-      const float d = h2f(ld_u16(row + 16 * nb + 2 * u));
+      const float d = h2f(static_cast<uint16_t>(p.d));
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(nib[i] - 8) * d;
     } else if constexpr (T == GgmlType::Q4_K) {
-      const uint4 hdr = *reinterpret_cast<const uint4*>(row + 16 * nb + 16 * (u / 8));
       uint32_t sc, m;
-      q4k_sc_m(hdr, static_cast<int>(u & 7), sc, m);
-      const float d1 = h2f(hdr.x & 0xFFFFu) * static_cast<float>(sc);
-      const float m1 = h2f(hdr.x >> 16) * static_cast<float>(m);
+      q4k_sc_m(p.hdr, static_cast<int>(u & 7), sc, m);
+      const float d1 = h2f(p.hdr.x & 0xFFFFu) * static_cast<float>(sc);
+      const float m1 = h2f(p.hdr.x >> 16) * static_cast<float>(m);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = d1 * static_cast<float>(nib[i]) - m1;
     } else {  // Q6_K
-      const uint2 hi = *reinterpret_cast<const uint2*>(row + 16 * nb + 8 * u);
-      const float d = h2f(ld_u16(row + 26 * nb + 2 * (u / 8)));
-      const float dsc = d * static_cast<float>(static_cast<int8_t>(row[24 * nb + 2 * u + k / 2]));
+      const float dsc = h2f(static_cast<uint16_t>(p.hdr.w)) * static_cast<float>(static_cast<int8_t>(p.hdr.z & 0xFF));
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int e = 8 * k + i, w = e / 4, byte = e % 4;
-        const int h = static_cast<int>((((w < 4) ? hi.x : hi.y) >> (8 * byte + 2 * (w & 3))) & 3);
+        const int h = static_cast<int>((((w < 4) ? p.hdr.x : p.hdr.y) >> (8 * byte + 2 * (w & 3))) & 3);
         v[i] = dsc * static_cast<float>((nib[i] | (h << 4)) - 32);
       }
     }
   }
+}
+
+template <GgmlType T>
+__device__ __forceinline__ void packed_dequant8(const uint8_t* row, int64_t nb, int64_t u, int k, float (&v)[8]) {
+  packed_values8<T>(packed_load8<T>(row, nb, u, k), u, k, v);
+}
+
+// The 8 values as fp16 (4 half2 words), each the fp32 value of packed_values8 rounded to nearest. Q4_0 in half2
+// arithmetic: 0x6400 | nibble is the half 1024 + nibble, minus 1032 gives nibble - 8 exactly, and one multiply
+// by the fp16 scale rounds the exact product once, as the fp32 product (exact: 4 x 11 bits) rounded to fp16
+// does: the same bits in 4 instructions per pair instead of ~10.
+template <GgmlType T>
+__device__ __forceinline__ uint4 packed_half8(const Packed8<T>& p, int64_t u, int k) {
+  uint32_t o[4];
+  if constexpr (T == GgmlType::Q4_0) {
+    const __half2 d2 = __half2half2(__ushort_as_half(static_cast<unsigned short>(p.d)));
+    const __half2 bias = __float2half2_rn(1032.0f);
+    const int sh = 4 * (k >> 1);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t w = (((j < 2) ? p.q.x : p.q.y) >> sh) & 0x0F0F0F0Fu;
+      // bytes 2 (j & 1) and 2 (j & 1) + 1 of w into the low bytes of the two halves, 0x64 into the high bytes
+      const uint32_t pair = __byte_perm(w, 0x64u, (j & 1) ? 0x4342u : 0x4140u);  // 0x64 above each
+      const __half2 h = __hmul2(__hsub2(*reinterpret_cast<const __half2*>(&pair), bias), d2);
+      o[j] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+  } else {
+    float v[8];
+    packed_values8<T>(p, u, k, v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const __half2 h = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+      o[j] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// ---- steps of many tokens: packed weights dequantized into fp16 tiles in shared memory, tensor-core products --
+// Why: above a few dozen tokens the several-token kernel is bound by its integer products, and the cuBLAS path
+// writes every weight out as 16 bits and reads it back (8B Q4_0, 64 sequences decoding: ~4.5 bytes moved per
+// weight instead of 0.56). Here a block turns kMmaUnits 32-column units of kMmaRows rows into fp16 in shared
+// memory (packed_half8: the values of the cuBLAS path's dequantization), with kMmaTok tokens' fp16 x beside them,
+// and 8 warps multiply them with mma.m16n8k16 (fp16 in, fp32 accumulation), each warp 16 rows x kMmaTok tokens;
+// the next stage's bytes are loaded into registers while the tensor cores work. 128 rows a block: x's tile is
+// read from L2 once per 128 rows (about 1 byte per weight at 64 tokens, against Q4_0's 0.56 bytes of weights; 64
+// rows would double it). The columns are split over grid.z slices so that small row counts still fill the GPU;
+// each slice writes its partial sums and matmul_mma_sum_kernel adds them in slice order (no atomics: the
+// same bits every run).
+constexpr int kMmaThreads = 256, kMmaRows = 128, kMmaTok = 64, kMmaUnits = 2, kMmaK = 32 * kMmaUnits, kMmaPad = 8;
+// Launch bounds: two blocks an SM (128 registers a thread); Q6_K's prefetched bytes need more than that without
+// spilling, so it asks for one.
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <GgmlType T>
+__global__ void __launch_bounds__(kMmaThreads, T == GgmlType::Q6_K ? 1 : 2) matmul_mma_kernel(
+    const uint8_t* __restrict__ w,    // packed (n_rows, stride bytes)
+    size_t stride, int64_t n_rows, int64_t n_cols,
+    const __half* __restrict__ x16,   // (n_tok, n_cols) x in fp16
+    int64_t n_tok,
+    int64_t units_per_slice,          // 32-column units of each grid.z slice (a multiple of kMmaUnits)
+    float* __restrict__ y) {          // (gridDim.z, n_tok, n_rows): slice z's partial sums
+  __shared__ __align__(16) __half ws[kMmaRows][kMmaK + kMmaPad];  // (rows, columns) of the stage
+  __shared__ __align__(16) __half xs[kMmaTok][kMmaK + kMmaPad];   // (tokens, columns) of the stage
+  pdl_trigger();
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kMmaRows, tk0 = static_cast<int64_t>(blockIdx.y) * kMmaTok;
+  const int64_t nb = n_cols / 32;
+  const int64_t u_begin = static_cast<int64_t>(blockIdx.z) * units_per_slice;
+  const int64_t u_end = min(nb, u_begin + units_per_slice);
+  float acc[kMmaTok / 8][4];
+#pragma unroll
+  for (int n = 0; n < kMmaTok / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
+  // A stage's weight pieces (8 columns of a row) and x pieces (8 columns of a token) of each thread, held in
+  // registers from their load until the stage before has been multiplied: the loads of stage s + 1 are in flight
+  // while the tensor cores work on stage s.
+  constexpr int kWp = kMmaRows * kMmaUnits * 4 / kMmaThreads, kXp = kMmaTok * kMmaK / 8 / kMmaThreads;
+  Packed8<T> wr[kWp];
+  uint4 xr[kXp];
+  const auto load = [&](int64_t u0) {
+#pragma unroll
+    for (int i = 0; i < kWp; ++i) {
+      const int p = tid + kMmaThreads * i, row = p / (4 * kMmaUnits), piece = p % (4 * kMmaUnits);
+      const int64_t u = u0 + piece / 4;
+      if (r0 + row < n_rows && u < u_end) wr[i] = packed_load8<T>(w + (r0 + row) * stride, nb, u, piece % 4);
+    }
+#pragma unroll
+    for (int i = 0; i < kXp; ++i) {
+      const int p = tid + kMmaThreads * i, tok = p / (kMmaK / 8), piece = p % (kMmaK / 8);
+      const int64_t col = u0 * 32 + 8 * piece;
+      xr[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (tk0 + tok < n_tok && col < u_end * 32) xr[i] = *reinterpret_cast<const uint4*>(x16 + (tk0 + tok) * n_cols + col);
+    }
+  };
+  // Registers -> shared memory: weights dequantized (packed_values8, the cuBLAS path's values) and rounded to
+  // fp16; pieces outside the matrix are zeros.
+  const auto store = [&](int64_t u0) {
+#pragma unroll
+    for (int i = 0; i < kWp; ++i) {
+      const int p = tid + kMmaThreads * i, row = p / (4 * kMmaUnits), piece = p % (4 * kMmaUnits);
+      const int64_t u = u0 + piece / 4;
+      const uint4 h = r0 + row < n_rows && u < u_end ? packed_half8<T>(wr[i], u, piece % 4) : make_uint4(0u, 0u, 0u, 0u);
+      *reinterpret_cast<uint4*>(&ws[row][8 * piece]) = h;
+    }
+#pragma unroll
+    for (int i = 0; i < kXp; ++i) {
+      const int p = tid + kMmaThreads * i, tok = p / (kMmaK / 8), piece = p % (kMmaK / 8);
+      *reinterpret_cast<uint4*>(&xs[tok][8 * piece]) = xr[i];
+    }
+  };
+  pdl_wait();  // x16 is the previous kernel's output
+  if (u_begin < u_end) load(u_begin);
+  for (int64_t u0 = u_begin; u0 < u_end; u0 += kMmaUnits) {
+    store(u0);
+    __syncthreads();
+    if (u0 + kMmaUnits < u_end) load(u0 + kMmaUnits);
+#pragma unroll
+    for (int ks = 0; ks < kMmaK / 16; ++ks) {
+      const int c = ks * 16 + 2 * t4, ra = warp * 16 + g;
+      const uint32_t a0 = *reinterpret_cast<const uint32_t*>(&ws[ra][c]);
+      const uint32_t a1 = *reinterpret_cast<const uint32_t*>(&ws[ra + 8][c]);
+      const uint32_t a2 = *reinterpret_cast<const uint32_t*>(&ws[ra][c + 8]);
+      const uint32_t a3 = *reinterpret_cast<const uint32_t*>(&ws[ra + 8][c + 8]);
+#pragma unroll
+      for (int n = 0; n < kMmaTok / 8; ++n) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&xs[n * 8 + g][c]);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&xs[n * 8 + g][c + 8]);
+        mma_16816(acc[n], a0, a1, a2, a3, b0, b1);
+      }
+    }
+    __syncthreads();
+  }
+  // Accumulator (row g or g + 8 of the warp's 16, tokens 2 t4 and 2 t4 + 1 of the n-tile).
+  float* ys = y + static_cast<int64_t>(blockIdx.z) * n_tok * n_rows;
+#pragma unroll
+  for (int n = 0; n < kMmaTok / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = r0 + warp * 16 + g + (i >= 2 ? 8 : 0), tok = tk0 + n * 8 + 2 * t4 + (i & 1);
+      if (row < n_rows && tok < n_tok) ys[tok * n_rows + row] = acc[n][i];
+    }
+}
+
+// y = the sum of the n_slices partials, in slice order.
+__global__ void matmul_mma_sum_kernel(const float* __restrict__ part /* (n_slices, n) */, int n_slices, int64_t n,
+                                      float* __restrict__ y /* (n) */) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float s = part[i];
+  for (int z = 1; z < n_slices; ++z) s += part[z * n + i];
+  y[i] = s;
 }
 
 template <GgmlType T, bool kBf16>
@@ -578,20 +766,20 @@ __global__ void dequant_packed_kernel(const uint8_t* __restrict__ w,  // packed 
   if (idx >= n_rows * nb * 4) return;
   const int k = static_cast<int>(idx & 3);
   const int64_t u = (idx >> 2) % nb, r = (idx >> 2) / nb;
-  float v[8];
-  packed_dequant8<T>(w + (row0 + r) * stride, nb, u, k, v);
-  uint32_t o[4];
+  if constexpr (!kBf16) {
+    // fp16: the values the tensor-core kernel puts in its tiles (packed_half8)
+    dst[idx] = packed_half8<T>(packed_load8<T>(w + (row0 + r) * stride, nb, u, k), u, k);
+  } else {
+    float v[8];
+    packed_dequant8<T>(w + (row0 + r) * stride, nb, u, k, v);
+    uint32_t o[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (kBf16) {
+    for (int i = 0; i < 4; ++i) {
       const __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
       o[i] = *reinterpret_cast<const uint32_t*>(&p);
-    } else {
-      const __half2 p = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-      o[i] = *reinterpret_cast<const uint32_t*>(&p);
     }
+    dst[idx] = make_uint4(o[0], o[1], o[2], o[3]);
   }
-  dst[idx] = make_uint4(o[0], o[1], o[2], o[3]);
 }
 
 template <GgmlType T, int R, int U>
@@ -765,6 +953,51 @@ void launch_matvec_packed(GgmlType type, int n, const void* const* w, const size
     case GgmlType::Q4_K: return launch_variant<GgmlType::Q4_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
     case GgmlType::Q6_K: return launch_variant<GgmlType::Q6_K>(variant, g, n_rows, n, n_cols, x, sm_count, stream, xpre, push);
     default: fail_kind(ErrorKind::kInternal, "launch_matvec_packed: ", type_name(type));
+  }
+}
+
+// Column slices of a launch: about kMmaBlocksPerSm blocks per SM in all (each block has one stage of loads in
+// flight, so more blocks hide more latency; each slice's partial sums cost a write and a read of n_tok x
+// n_rows floats), each slice at least 4 stages of columns.
+constexpr int kMmaBlocksPerSm = 2;
+static int64_t mma_slices(int64_t n_rows, int64_t n_cols, int64_t n_tok, int sm_count) {
+  const int64_t tiles = ((n_rows + kMmaRows - 1) / kMmaRows) * ((n_tok + kMmaTok - 1) / kMmaTok);
+  const int64_t stages = (n_cols / 32 + kMmaUnits - 1) / kMmaUnits;
+  return std::clamp<int64_t>((int64_t{kMmaBlocksPerSm} * sm_count + tiles - 1) / tiles, 1,
+                             std::max<int64_t>(1, stages / 4));
+}
+
+size_t matmul_mma_scratch_floats(int64_t n_rows, int64_t n_cols, int64_t n_tok, int sm_count) {
+  const int64_t slices = mma_slices(n_rows, n_cols, n_tok, sm_count);
+  return slices > 1 ? static_cast<size_t>(slices * n_tok * n_rows) : 0;
+}
+
+void launch_matmul_mma(GgmlType type, const void* w, size_t row_stride, int64_t n_rows, int64_t n_cols,
+                       const void* x16, int64_t n_tok, float* y, float* scratch, int sm_count, cudaStream_t stream) {
+  if (!packable(type, n_cols) || n_rows <= 0 || n_tok <= 0 || n_cols % 8 != 0 || !aligned16(x16))
+    fail_kind(ErrorKind::kInternal, "launch_matmul_mma: ", type_name(type), " ", n_rows, " x ", n_cols);
+  const int64_t tiles_r = (n_rows + kMmaRows - 1) / kMmaRows, tiles_t = (n_tok + kMmaTok - 1) / kMmaTok;
+  const int64_t stages = (n_cols / 32 + kMmaUnits - 1) / kMmaUnits;
+  const int64_t slices = mma_slices(n_rows, n_cols, n_tok, sm_count);
+  const int64_t per_slice = (stages + slices - 1) / slices * kMmaUnits;
+  const int64_t used = (n_cols / 32 + per_slice - 1) / per_slice;  // slices that have columns
+  if (tiles_r > INT32_MAX || tiles_t > 65535)
+    fail_kind(ErrorKind::kInternal, "launch_matmul_mma: ", n_rows, " rows, ", n_tok, " tokens");
+  float* out = used > 1 ? scratch : y;
+  const dim3 grid(static_cast<unsigned>(tiles_r), static_cast<unsigned>(tiles_t), static_cast<unsigned>(used));
+  const auto* wp = static_cast<const uint8_t*>(w);
+  const auto* xp = static_cast<const __half*>(x16);
+  switch (type) {
+    case GgmlType::Q4_0: launch_pdl(matmul_mma_kernel<GgmlType::Q4_0>, grid, dim3(kMmaThreads), 0, stream, wp, row_stride, n_rows, n_cols, xp, n_tok, per_slice, out); break;
+    case GgmlType::Q8_0: launch_pdl(matmul_mma_kernel<GgmlType::Q8_0>, grid, dim3(kMmaThreads), 0, stream, wp, row_stride, n_rows, n_cols, xp, n_tok, per_slice, out); break;
+    case GgmlType::Q4_K: launch_pdl(matmul_mma_kernel<GgmlType::Q4_K>, grid, dim3(kMmaThreads), 0, stream, wp, row_stride, n_rows, n_cols, xp, n_tok, per_slice, out); break;
+    case GgmlType::Q6_K: launch_pdl(matmul_mma_kernel<GgmlType::Q6_K>, grid, dim3(kMmaThreads), 0, stream, wp, row_stride, n_rows, n_cols, xp, n_tok, per_slice, out); break;
+    default: fail_kind(ErrorKind::kInternal, "launch_matmul_mma: ", type_name(type));
+  }
+  if (used > 1) {
+    const int64_t n = n_tok * n_rows;
+    launch_pdl(matmul_mma_sum_kernel, dim3(static_cast<unsigned>((n + 255) / 256)), dim3(256), 0, stream, scratch,
+               static_cast<int>(used), n, y);
   }
 }
 
